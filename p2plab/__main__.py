@@ -1,0 +1,3 @@
+from p2plab.cli import main
+
+raise SystemExit(main())

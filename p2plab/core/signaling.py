@@ -1,0 +1,159 @@
+"""Rendezvous message models, shared by the worker and ``rendezvous_service_code``.
+
+Every message is a JSON object with a string ``type`` (see contracts.md).  Unknown fields are
+ignored; unknown types raise :class:`~p2plab.errors.RemoteProtocolError` from
+:func:`parse_message`, and the receiver replies with an ``error`` message.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
+
+from p2plab.errors import RemoteProtocolError
+
+__all__ = [
+    "MAX_MESSAGE_BYTES",
+    "Candidate",
+    "ErrorMessage",
+    "P2PConnectionOffer",
+    "PeerDisconnected",
+    "Register",
+    "Registered",
+    "RendezvousToWorker",
+    "UpdateUdpEndpoint",
+    "WorkerToRendezvous",
+    "dump_message",
+    "parse_rendezvous_message",
+    "parse_worker_message",
+]
+
+#: Largest signaling message accepted, in bytes (bounded to protect the services).
+MAX_MESSAGE_BYTES = 16 * 1024
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="ignore", frozen=True)
+
+
+class Candidate(_Model):
+    """One transport address a peer may be reached at."""
+
+    ip: str = Field(max_length=64)
+    port: int = Field(ge=0, le=65535)
+
+
+class Register(_Model):
+    """First message of a worker: who it is and where it thinks it is."""
+
+    type: Literal["register"] = "register"
+    http_public_ip: str | None = Field(default=None, max_length=64)
+    room: str = Field(default="default", min_length=1, max_length=64)
+    token: str | None = Field(default=None, max_length=256)
+    public_key: str | None = Field(default=None, max_length=128)
+
+
+class UpdateUdpEndpoint(_Model):
+    """The worker's STUN-learnt UDP endpoint and its LAN candidates."""
+
+    type: Literal["update_udp_endpoint"] = "update_udp_endpoint"
+    udp_ip: str = Field(max_length=64)
+    udp_port: int = Field(ge=0, le=65535)
+    local_candidates: list[Candidate] = Field(default_factory=list, max_length=16)
+
+
+class Registered(_Model):
+    """The rendezvous's answer to ``register``, with the address it saw."""
+
+    type: Literal["registered"] = "registered"
+    worker_id: str
+    observed_ip: str | None = None
+    observed_port: int | None = None
+
+
+class P2PConnectionOffer(_Model):
+    """Sent to both workers of a new pair."""
+
+    type: Literal["p2p_connection_offer"] = "p2p_connection_offer"
+    peer_worker_id: str
+    peer_udp_ip: str
+    peer_udp_port: int = Field(ge=0, le=65535)
+    peer_candidates: list[Candidate] = Field(default_factory=list)
+    role: Literal["controlling", "controlled"] = "controlling"
+    peer_public_key: str | None = None
+
+
+class PeerDisconnected(_Model):
+    """The worker's peer left the rendezvous."""
+
+    type: Literal["peer_disconnected"] = "peer_disconnected"
+    peer_worker_id: str
+
+
+class ErrorMessage(_Model):
+    """A request could not be handled."""
+
+    type: Literal["error"] = "error"
+    code: str = "bad_message"
+    message: str = ""
+
+
+WorkerToRendezvous = Annotated[Register | UpdateUdpEndpoint, Field(discriminator="type")]
+RendezvousToWorker = Annotated[
+    Registered | P2PConnectionOffer | PeerDisconnected | ErrorMessage,
+    Field(discriminator="type"),
+]
+
+_worker_adapter: TypeAdapter[Register | UpdateUdpEndpoint] = TypeAdapter(WorkerToRendezvous)
+_rendezvous_adapter: TypeAdapter[
+    Registered | P2PConnectionOffer | PeerDisconnected | ErrorMessage
+] = TypeAdapter(RendezvousToWorker)
+
+
+def _load(raw: str | bytes) -> dict[str, Any]:
+    if len(raw) > MAX_MESSAGE_BYTES:
+        raise RemoteProtocolError(f"message too large: {len(raw)} bytes > {MAX_MESSAGE_BYTES}")
+    try:
+        obj = json.loads(raw)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise RemoteProtocolError(f"message is not JSON: {exc}") from None
+    if not isinstance(obj, dict) or not isinstance(obj.get("type"), str):
+        raise RemoteProtocolError("message must be a JSON object with a string 'type'")
+    return obj
+
+
+def _validate(adapter: TypeAdapter[Any], raw: str | bytes) -> Any:
+    obj = _load(raw)
+    try:
+        return adapter.validate_python(obj)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        if first.get("type") == "union_tag_invalid":
+            raise RemoteProtocolError(f"unknown message type {obj['type']!r}") from None
+        where = ".".join(str(p) for p in first.get("loc", ()))
+        raise RemoteProtocolError(
+            f"invalid {obj['type']!r} message: {where}: {first.get('msg')}"
+        ) from None
+
+
+def parse_worker_message(raw: str | bytes) -> Register | UpdateUdpEndpoint:
+    """Parse a message a worker sent to the rendezvous."""
+    result: Register | UpdateUdpEndpoint = _validate(_worker_adapter, raw)
+    return result
+
+
+def parse_rendezvous_message(
+    raw: str | bytes,
+) -> Registered | P2PConnectionOffer | PeerDisconnected | ErrorMessage:
+    """Parse a message the rendezvous sent to a worker."""
+    result: Registered | P2PConnectionOffer | PeerDisconnected | ErrorMessage = _validate(
+        _rendezvous_adapter, raw
+    )
+    return result
+
+
+def dump_message(msg: BaseModel) -> str:
+    """Serialise a message model to JSON text."""
+    return msg.model_dump_json()

@@ -1,0 +1,79 @@
+"""One exception tree for p2plab.
+
+::
+
+    P2PLabError
+     +-- ConfigError            a setting given by the user is invalid
+     +-- LocalProtocolError     this side tried something the protocol forbids (h11 style)
+     |    +-- ChatTooLong       a chat message over the 4 KiB limit
+     |    +-- NotConnected      an operation needs a connected peer
+     +-- RemoteProtocolError    the peer or a server sent something malformed
+     |    +-- StunError         a STUN message could not be parsed / error response
+     +-- StunTimeout            no STUN server answered in time
+     +-- RendezvousError        the rendezvous service refused or dropped us
+     +-- LabError               the kernel NAT lab could not be set up (e.g. not root)
+     +-- BenchmarkError         a benchmark could not run or was aborted
+
+Bad input from the network is never raised through the event loop: it is dropped, counted
+and logged.  ``RemoteProtocolError`` is what parsers raise, and callers at the I/O edge catch it.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "BenchmarkError",
+    "ChatTooLong",
+    "ConfigError",
+    "LabError",
+    "LocalProtocolError",
+    "NotConnected",
+    "P2PLabError",
+    "RemoteProtocolError",
+    "RendezvousError",
+    "StunError",
+    "StunTimeout",
+]
+
+
+class P2PLabError(Exception):
+    """Root of every exception p2plab raises on purpose."""
+
+
+class ConfigError(P2PLabError, ValueError):
+    """A user-supplied setting is invalid."""
+
+
+class LocalProtocolError(P2PLabError):
+    """This side attempted something the protocol does not allow."""
+
+
+class ChatTooLong(LocalProtocolError, ValueError):
+    """A chat message exceeds the maximum encoded size."""
+
+
+class NotConnected(LocalProtocolError):
+    """The operation needs an established peer link."""
+
+
+class RemoteProtocolError(P2PLabError):
+    """The peer or a server sent something malformed."""
+
+
+class StunError(RemoteProtocolError):
+    """A STUN message could not be parsed, or a server answered with an error."""
+
+
+class StunTimeout(P2PLabError, TimeoutError):
+    """No STUN server answered within the retransmission schedule."""
+
+
+class RendezvousError(P2PLabError):
+    """The rendezvous service refused the worker or the connection failed."""
+
+
+class LabError(P2PLabError):
+    """The kernel NAT lab cannot run (missing root, missing tools, setup failure)."""
+
+
+class BenchmarkError(P2PLabError):
+    """A benchmark could not run or was aborted."""
