@@ -1,0 +1,161 @@
+"""Rendezvous client: one WebSocket to the rendezvous service, re-established with backoff.
+
+The client keeps the connection for the life of the worker.  If it drops, it reconnects with
+exponential backoff and full jitter (so a rendezvous restart is not met by a thundering herd) and
+registers again; the worker's peer link, which does not depend on the rendezvous once punched,
+is left alone meanwhile.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+
+import websockets
+from websockets.asyncio.client import ClientConnection, connect
+from websockets.exceptions import ConnectionClosed, InvalidStatus, InvalidURI
+
+from p2plab.core.signaling import (
+    ErrorMessage,
+    P2PConnectionOffer,
+    PeerDisconnected,
+    Register,
+    Registered,
+    UpdateUdpEndpoint,
+    dump_message,
+    parse_rendezvous_message,
+)
+from p2plab.errors import ConfigError, RemoteProtocolError, RendezvousError
+
+__all__ = ["Backoff", "RendezvousClient"]
+
+log = logging.getLogger(__name__)
+
+RendezvousMessage = Registered | P2PConnectionOffer | PeerDisconnected | ErrorMessage
+
+
+@dataclass(frozen=True)
+class Backoff:
+    """Reconnection schedule: exponential with full jitter."""
+
+    initial_s: float = 0.5
+    """Delay before the first reconnection attempt (upper bound of the jittered delay)."""
+    maximum_s: float = 30.0
+    """Largest delay between attempts."""
+    factor: float = 2.0
+    """Growth of the delay per failed attempt."""
+
+    def delay(self, attempt: int, rng: Callable[[], float] = random.random) -> float:
+        """Delay before attempt number ``attempt`` (0-based), jittered in [50%, 100%]."""
+        ceiling = min(self.maximum_s, self.initial_s * self.factor**attempt)
+        return ceiling * (0.5 + 0.5 * rng())
+
+
+def registration_url(base: str, worker_id: str) -> str:
+    """``ws://host:port`` (optionally with a path prefix) -> ``.../ws/register/<id>``."""
+    if not base.startswith(("ws://", "wss://")):
+        if base.startswith("http://"):
+            base = "ws://" + base[len("http://") :]
+        elif base.startswith("https://"):
+            base = "wss://" + base[len("https://") :]
+        else:
+            raise ConfigError(f"rendezvous URL must start with ws:// or wss://, got {base!r}")
+    return f"{base.rstrip('/')}/ws/register/{worker_id}"
+
+
+class RendezvousClient:
+    """Keeps a worker registered; hands every message from the rendezvous to ``on_message``."""
+
+    def __init__(
+        self,
+        url: str,
+        worker_id: str,
+        *,
+        make_register: Callable[[], Register],
+        on_message: Callable[[RendezvousMessage], Awaitable[None]],
+        on_state: Callable[[bool], None] | None = None,
+        backoff: Backoff | None = None,
+    ) -> None:
+        self.url = registration_url(url, worker_id)
+        self.worker_id = worker_id
+        self._make_register = make_register
+        self._on_message = on_message
+        self._on_state = on_state
+        self._backoff = backoff or Backoff()
+        self._ws: ClientConnection | None = None
+        self.connected = False
+        self.connections = 0
+        self.last_error: str | None = None
+        self.stats = {"messages_in": 0, "messages_out": 0, "bad_messages": 0, "reconnects": 0}
+
+    async def send(self, msg: UpdateUdpEndpoint | Register) -> bool:
+        """Send a message if connected; returns False when there is no connection right now."""
+        ws = self._ws
+        if ws is None:
+            return False
+        try:
+            await ws.send(dump_message(msg))
+        except ConnectionClosed:
+            return False
+        self.stats["messages_out"] += 1
+        return True
+
+    async def run(self) -> None:
+        """Connect, register and dispatch until cancelled; reconnect on failures.
+
+        Raises RendezvousError when the rendezvous refuses us for good (bad token, close 1008).
+        """
+        attempt = 0
+        while True:
+            try:
+                async with connect(self.url, open_timeout=10, max_size=2**20) as ws:
+                    self._ws = ws
+                    self.connections += 1
+                    await ws.send(dump_message(self._make_register()))
+                    self.stats["messages_out"] += 1
+                    self._set_state(True)
+                    attempt = 0
+                    async for raw in ws:
+                        self.stats["messages_in"] += 1
+                        try:
+                            msg = parse_rendezvous_message(raw)
+                        except RemoteProtocolError as exc:
+                            self.stats["bad_messages"] += 1
+                            log.warning("dropping bad message from rendezvous: %s", exc)
+                            continue
+                        await self._on_message(msg)
+                    close = ws.close_code
+                    reason = ws.close_reason
+                if close == 1008:
+                    raise RendezvousError(f"rendezvous refused this worker: {reason or 'policy'}")
+                self.last_error = f"closed ({close} {reason})"
+            except (OSError, asyncio.TimeoutError, ConnectionClosed, InvalidStatus) as exc:
+                if isinstance(exc, ConnectionClosed) and exc.rcvd and exc.rcvd.code == 1008:
+                    self._set_state(False)
+                    raise RendezvousError(
+                        f"rendezvous refused this worker: {exc.rcvd.reason or 'policy'}"
+                    ) from None
+                self.last_error = f"{type(exc).__name__}: {exc}"
+            except InvalidURI as exc:
+                raise ConfigError(f"bad rendezvous URL {self.url!r}: {exc}") from None
+            except websockets.exceptions.WebSocketException as exc:
+                self.last_error = f"{type(exc).__name__}: {exc}"
+            finally:
+                self._ws = None
+            self._set_state(False)
+            delay = self._backoff.delay(attempt)
+            attempt += 1
+            self.stats["reconnects"] += 1
+            log.info(
+                "rendezvous %s unavailable (%s); retrying in %.1f s", self.url, self.last_error, delay
+            )
+            await asyncio.sleep(delay)
+
+    def _set_state(self, connected: bool) -> None:
+        if connected != self.connected:
+            self.connected = connected
+            if self._on_state is not None:
+                self._on_state(connected)

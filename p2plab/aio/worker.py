@@ -1,0 +1,573 @@
+"""Worker: ties the UDP endpoint, the rendezvous client, STUN, punching and the UI together.
+
+Life of a worker::
+
+    starting -> registering -> discovering -> waiting_for_peer -> punching -> connected
+                                                   ^                  |           |
+                                                   +------ lost <-----+-----------+
+
+The UDP endpoint is bound once and never changes: STUN learns the mapping of that very socket,
+and that mapping is what the peer punches towards.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import socket
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+from typing import Any
+from urllib.parse import urlsplit
+
+from p2plab.aio.endpoint import Address, UdpEndpoint
+from p2plab.aio.punch import HolePuncher
+from p2plab.aio.rendezvous import Backoff, RendezvousClient
+from p2plab.config import SessionConfig
+from p2plab.core import events as ev
+from p2plab.core.signaling import (
+    Candidate,
+    ErrorMessage,
+    P2PConnectionOffer,
+    PeerDisconnected,
+    Register,
+    Registered,
+    UpdateUdpEndpoint,
+)
+from p2plab.errors import ConfigError, NotConnected, P2PLabError, RendezvousError
+
+__all__ = ["Worker", "WorkerConfig"]
+
+log = logging.getLogger(__name__)
+
+STATES = (
+    "starting",
+    "registering",
+    "discovering",
+    "waiting_for_peer",
+    "punching",
+    "connected",
+    "relayed",
+    "lost",
+    "stopped",
+)
+
+
+@dataclass(frozen=True)
+class WorkerConfig:
+    """Settings of one worker (the CLI and the container environment fill these in)."""
+
+    rendezvous_url: str
+    """``ws://host:port`` or ``wss://...`` of the rendezvous service."""
+    stun_servers: tuple[str, ...] = ()
+    """STUN servers as ``host:port``; empty means: use the address the rendezvous observed."""
+    udp_host: str = "0.0.0.0"
+    """Address the peer UDP socket binds to."""
+    udp_port: int = 0
+    """Port the peer UDP socket binds to (0: chosen by the OS)."""
+    http_host: str = "127.0.0.1"
+    """Address of the worker's HTTP server (UI); the container sets 0.0.0.0."""
+    http_port: int | None = 8080
+    """Port of the HTTP server; 0 picks a free port; None runs no HTTP server."""
+    room: str = "default"
+    """Rendezvous room: workers are paired within a room."""
+    token: str | None = None
+    """Token the rendezvous asks for, if it was started with one."""
+    worker_id: str | None = None
+    """Worker id; a fresh UUID when None."""
+    public_ip_url: str | None = None
+    """An IP-echo URL to learn the HTTP-derived public IP; never contacted unless set."""
+    nat_report: bool = True
+    """Classify the NAT (RFC 5780) in the background when the STUN server supports it."""
+    session: SessionConfig = field(default_factory=SessionConfig)
+    """Timers of the peer link (keep-alive, lost-peer timeout, chat retransmission)."""
+    backoff: Backoff = field(default_factory=Backoff)
+    """Reconnection schedule of the rendezvous client."""
+    stun_timeout_s: float = 5.0
+    """How long the STUN step may take before the worker falls back to the observed address."""
+
+
+def _split_hostport(text: str) -> tuple[str, int]:
+    host, sep, port = text.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ConfigError(f"expected host:port, got {text!r}")
+    return host.strip("[]"), int(port)
+
+
+def _route_source(host: str) -> str | None:
+    """Local address the kernel would use to reach ``host`` (UDP connect sends nothing)."""
+    try:
+        infos = socket.getaddrinfo(host, 9, socket.AF_INET, socket.SOCK_DGRAM)
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+            s.connect(infos[0][4])
+            return str(s.getsockname()[0])
+    except OSError:
+        return None
+
+
+class Worker:
+    """One p2plab worker.  Use ``async with Worker(config) as w:`` or ``await w.start()``."""
+
+    def __init__(self, config: WorkerConfig) -> None:
+        self.config = config
+        self.worker_id = config.worker_id or str(uuid.uuid4())
+        self.state = "starting"
+        self.endpoint: UdpEndpoint | None = None
+        self.punch: HolePuncher | None = None
+        self.peer_id: str | None = None
+        self.udp_public: Address | None = None
+        self.observed_ip: str | None = None
+        self.http_public_ip: str | None = None
+        self.nat: dict[str, Any] | None = None
+        self.stun_info: dict[str, Any] | None = None
+        self.error: str | None = None
+        self.http_address: Address | None = None
+        self.stats: dict[str, int] = {"offers": 0, "chats_in": 0, "chats_out": 0}
+        self.benchmark: Any = None  # set by p2plab.aio.bench when a run is active
+        self.datagram_hooks: list[Callable[[bytes, Address], bool]] = []
+        self._subscribers: set[asyncio.Queue[dict[str, Any]]] = set()
+        self._tasks: list[asyncio.Task[Any]] = []
+        self._rendezvous: RendezvousClient | None = None
+        self._http_server: Any = None
+        self._discovered = asyncio.Event()
+        self._state_changed = asyncio.Condition()
+        self._stopped = False
+
+    # -- lifecycle ------------------------------------------------------------------------------
+
+    async def start(self) -> Worker:
+        """Bind the UDP socket, start the HTTP server and the rendezvous client."""
+        self.endpoint = await UdpEndpoint.bind(self.config.udp_host, self.config.udp_port)
+        self.endpoint.peer_handler = self._on_datagram
+        if self.config.http_port is not None:
+            from p2plab.server.worker_app import start_http_server
+
+            self._http_server, self.http_address = await start_http_server(
+                self, self.config.http_host, self.config.http_port
+            )
+        self._rendezvous = RendezvousClient(
+            self.config.rendezvous_url,
+            self.worker_id,
+            make_register=self._make_register,
+            on_message=self._on_rendezvous_message,
+            on_state=self._on_rendezvous_state,
+            backoff=self.config.backoff,
+        )
+        self._spawn(self._run_rendezvous(), "rendezvous")
+        await self._set_state("registering")
+        log.info(
+            "worker %s: UDP on %s, UI on %s",
+            self.worker_id,
+            self.udp_local,
+            self.ui_url or "(none)",
+        )
+        return self
+
+    async def stop(self) -> None:
+        """Say goodbye to the peer, close sockets and stop all tasks."""
+        if self._stopped:
+            return
+        self._stopped = True
+        if self.punch is not None:
+            self.punch.close()
+        if self._http_server is not None:
+            self._http_server.should_exit = True
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(asyncio.shield(self._http_server.p2plab_task), 3)
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+        if self._http_server is not None:
+            self._http_server.p2plab_task.cancel()
+        if self.endpoint is not None:
+            self.endpoint.close()
+        await self._set_state("stopped")
+
+    async def __aenter__(self) -> Worker:
+        return await self.start()
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.stop()
+
+    def _spawn(self, coro: Any, name: str) -> asyncio.Task[Any]:
+        task = asyncio.get_running_loop().create_task(coro, name=f"worker-{name}")
+        self._tasks.append(task)
+        return task
+
+    # -- properties ---------------------------------------------------------------------------
+
+    @property
+    def udp_local(self) -> str:
+        if self.endpoint is None:
+            return ""
+        host, port = self.endpoint.local_address
+        return f"{host}:{port}"
+
+    @property
+    def ui_url(self) -> str | None:
+        if self.http_address is None:
+            return None
+        host, port = self.http_address
+        shown = "127.0.0.1" if host in ("0.0.0.0", "") else host
+        return f"http://{shown}:{port}/"
+
+    @property
+    def rtt(self) -> float | None:
+        return self.punch.rtt if self.punch is not None else None
+
+    def status(self) -> dict[str, Any]:
+        """The ``status`` message of contracts.md (also served at ``GET /status``)."""
+        peer = None
+        if self.peer_id is not None:
+            addr = self.punch.peer_address if self.punch is not None else None
+            rtt = self.rtt
+            peer = {
+                "worker_id": self.peer_id,
+                "endpoint": f"{addr[0]}:{addr[1]}" if addr else None,
+                "rtt_ms": round(rtt * 1000, 3) if rtt is not None else None,
+            }
+        session_stats = dict(self.punch.session.stats) if self.punch is not None else {}
+        return {
+            "type": "status",
+            "worker_id": self.worker_id,
+            "state": self.state,
+            "udp_local": self.udp_local,
+            "udp_public": f"{self.udp_public[0]}:{self.udp_public[1]}" if self.udp_public else None,
+            "nat": self.nat,
+            "peer": peer,
+            "path": "direct" if self.state == "connected" else None,
+            "room": self.config.room,
+            "rendezvous": "connected" if self._rendezvous and self._rendezvous.connected else "down",
+            "http_public_ip": self.http_public_ip,
+            "stun": self.stun_info,
+            "error": self.error,
+            "stats": {
+                **self.stats,
+                "udp": dict(self.endpoint.stats) if self.endpoint else {},
+                "session": session_stats,
+            },
+        }
+
+    # -- events for the UI / notebooks ----------------------------------------------------------
+
+    def subscribe(self) -> asyncio.Queue[dict[str, Any]]:
+        """A queue that receives every UI message (status, chat, benchmark_*) from now on."""
+        q: asyncio.Queue[dict[str, Any]] = asyncio.Queue(maxsize=10000)
+        self._subscribers.add(q)
+        return q
+
+    def unsubscribe(self, q: asyncio.Queue[dict[str, Any]]) -> None:
+        self._subscribers.discard(q)
+
+    async def events(self) -> AsyncIterator[dict[str, Any]]:
+        """Async iterator over UI messages (status, chat, chat_delivered, benchmark_*)."""
+        q = self.subscribe()
+        try:
+            while True:
+                yield await q.get()
+        finally:
+            self.unsubscribe(q)
+
+    def publish(self, msg: dict[str, Any]) -> None:
+        """Send a UI message to every subscriber (slow subscribers lose the oldest messages)."""
+        for q in list(self._subscribers):
+            if q.full():
+                with contextlib.suppress(asyncio.QueueEmpty):
+                    q.get_nowait()
+            q.put_nowait(msg)
+
+    def publish_status(self) -> None:
+        self.publish(self.status())
+
+    async def _set_state(self, state: str) -> None:
+        assert state in STATES, state
+        if state != self.state:
+            log.info("worker %s: %s -> %s", self.worker_id[:8], self.state, state)
+            self.state = state
+        self.publish_status()
+        async with self._state_changed:
+            self._state_changed.notify_all()
+
+    def _set_state_soon(self, state: str) -> None:
+        asyncio.get_running_loop().create_task(self._set_state(state))
+
+    async def wait_for_state(self, *states: str, timeout: float | None = None) -> str:
+        """Wait until the worker is in one of ``states``; returns it."""
+
+        async def _wait() -> str:
+            async with self._state_changed:
+                await self._state_changed.wait_for(lambda: self.state in states)
+                return self.state
+
+        return await asyncio.wait_for(_wait(), timeout)
+
+    async def wait_connected(self, timeout: float | None = None) -> None:
+        """Wait until a peer link is up."""
+        await self.wait_for_state("connected", timeout=timeout)
+
+    # -- chat -----------------------------------------------------------------------------------
+
+    def send_chat(self, text: str) -> str:
+        """Send a chat message reliably to the peer; returns its id.
+
+        Raises NotConnected without a peer link and ChatTooLong over 4 KiB.
+        """
+        if self.punch is None or self.state != "connected":
+            raise NotConnected("no peer connected: chat needs a connected peer")
+        msg_id = self.punch.send_chat(text)
+        self.stats["chats_out"] += 1
+        self.publish(
+            {
+                "type": "chat",
+                "direction": "out",
+                "from": self.worker_id,
+                "id": msg_id,
+                "text": text,
+                "ts": time.time(),
+            }
+        )
+        return msg_id
+
+    # -- rendezvous -----------------------------------------------------------------------------
+
+    def _make_register(self) -> Register:
+        return Register(
+            http_public_ip=self.http_public_ip, room=self.config.room, token=self.config.token
+        )
+
+    async def _run_rendezvous(self) -> None:
+        assert self._rendezvous is not None
+        if self.config.public_ip_url:
+            self.http_public_ip = await self._fetch_public_ip(self.config.public_ip_url)
+        try:
+            await self._rendezvous.run()
+        except RendezvousError as exc:
+            self.error = str(exc)
+            log.error("%s", exc)
+            await self._set_state("stopped")
+
+    async def _fetch_public_ip(self, url: str) -> str | None:
+        import httpx
+
+        try:
+            async with httpx.AsyncClient(timeout=2.0) as client:
+                resp = await client.get(url)
+                resp.raise_for_status()
+                return resp.text.strip()[:64] or None
+        except (httpx.HTTPError, OSError) as exc:
+            log.warning("could not learn the public IP from %s: %s", url, exc)
+            return None
+
+    def _on_rendezvous_state(self, connected: bool) -> None:
+        if not connected and self.state in ("registering", "discovering", "waiting_for_peer"):
+            self._set_state_soon("registering")
+        else:
+            self.publish_status()
+
+    async def _on_rendezvous_message(
+        self, msg: Registered | P2PConnectionOffer | PeerDisconnected | ErrorMessage
+    ) -> None:
+        if isinstance(msg, Registered):
+            self.observed_ip = msg.observed_ip
+            if self.http_public_ip is None:
+                self.http_public_ip = msg.observed_ip
+            if self.udp_public is None:
+                await self._set_state("discovering")
+                await self._discover()
+            await self._report_endpoint()
+            if self.state not in ("punching", "connected"):
+                await self._set_state("waiting_for_peer")
+        elif isinstance(msg, P2PConnectionOffer):
+            await self._on_offer(msg)
+        elif isinstance(msg, PeerDisconnected):
+            if msg.peer_worker_id == self.peer_id:
+                log.info("peer %s left the rendezvous", msg.peer_worker_id)
+                self._drop_peer()
+                await self._set_state("lost")
+                await self._set_state("waiting_for_peer")
+        elif isinstance(msg, ErrorMessage):
+            log.warning("rendezvous error: %s: %s", msg.code, msg.message)
+            self.publish({"type": "error", "message": f"rendezvous: {msg.message}"})
+
+    async def _discover(self) -> None:
+        """Learn the public UDP endpoint of our socket with STUN (or fall back)."""
+        assert self.endpoint is not None
+        local_port = self.endpoint.local_address[1]
+        if not self.config.stun_servers:
+            log.warning(
+                "no STUN server configured (--stun host:port): using the address the rendezvous "
+                "observed (%s) with the local port %d. For NATs, configure a STUN server, e.g. "
+                "a public one such as stun.l.google.com:19302.",
+                self.observed_ip,
+                local_port,
+            )
+            self.udp_public = (self.observed_ip or "127.0.0.1", local_port)
+            return
+        from p2plab.aio.stun import StunProbe
+
+        probe = StunProbe(self.endpoint, list(self.config.stun_servers))
+        try:
+            result = await asyncio.wait_for(probe.mapped_address(), self.config.stun_timeout_s)
+        except (P2PLabError, asyncio.TimeoutError) as exc:
+            self.error = f"STUN failed: {exc}"
+            log.warning("STUN failed (%s); falling back to the observed address", exc)
+            self.udp_public = (self.observed_ip or "127.0.0.1", local_port)
+            return
+        self.udp_public = (result.mapped[0], result.mapped[1])
+        self.stun_info = {
+            "server": f"{result.server[0]}:{result.server[1]}"
+            if isinstance(result.server, tuple)
+            else str(result.server),
+            "rtt_ms": round(result.rtt_s * 1000, 3),
+        }
+        if self.config.nat_report:
+            self._spawn(self._classify(), "nat-report")
+
+    async def _classify(self) -> None:
+        from p2plab.aio.stun import StunProbe
+
+        assert self.endpoint is not None
+        try:
+            report = await StunProbe(self.endpoint, list(self.config.stun_servers)).nat_report(
+                classic=False
+            )
+        except Exception as exc:
+            log.info("NAT classification unavailable: %s", exc)
+            return
+        d = report.to_dict()
+        self.nat = {k: d.get(k) for k in ("mapping", "filtering", "classic")}
+        self.publish_status()
+
+    def _local_candidates(self) -> list[Candidate]:
+        assert self.endpoint is not None
+        host, port = self.endpoint.local_address
+        addrs: list[str] = []
+        if host not in ("0.0.0.0", "::"):
+            addrs.append(host)
+        else:
+            targets = [urlsplit(self.config.rendezvous_url).hostname or ""]
+            targets += [_split_hostport(s)[0] for s in self.config.stun_servers]
+            for target in targets:
+                src = _route_source(target) if target else None
+                if src and src not in addrs:
+                    addrs.append(src)
+        public = self.udp_public
+        return [
+            Candidate(ip=a, port=port) for a in addrs if public is None or (a, port) != public
+        ][:8]
+
+    async def _report_endpoint(self) -> None:
+        if self.udp_public is None or self._rendezvous is None:
+            return
+        await self._rendezvous.send(
+            UpdateUdpEndpoint(
+                udp_ip=self.udp_public[0],
+                udp_port=self.udp_public[1],
+                local_candidates=self._local_candidates(),
+            )
+        )
+
+    # -- peer link ------------------------------------------------------------------------------
+
+    async def _on_offer(self, offer: P2PConnectionOffer) -> None:
+        self.stats["offers"] += 1
+        assert self.endpoint is not None
+        if (
+            offer.peer_worker_id == self.peer_id
+            and self.punch is not None
+            and self.state in ("punching", "connected")
+        ):
+            log.info("offer for the current peer %s: keeping the link", self.peer_id)
+            return
+        self._drop_peer()
+        candidates: list[Address] = [(offer.peer_udp_ip, offer.peer_udp_port)]
+        for c in offer.peer_candidates:
+            if (c.ip, c.port) not in candidates and c.port:
+                candidates.append((c.ip, c.port))
+        log.info(
+            "offer: peer %s at %s (role %s)", offer.peer_worker_id, candidates, offer.role
+        )
+        self.peer_id = offer.peer_worker_id
+        self.punch = HolePuncher(
+            self.endpoint,
+            local_id=self.worker_id,
+            peer_id=offer.peer_worker_id,
+            candidates=candidates,
+            role=offer.role,
+            config=self.config.session,
+            on_event=self._on_peer_event,
+        )
+        await self._set_state("punching")
+
+    def _drop_peer(self) -> None:
+        if self.punch is not None:
+            self.punch.close()
+        self.punch = None
+        self.peer_id = None
+
+    def _on_datagram(self, data: bytes, addr: Address) -> None:
+        for hook in self.datagram_hooks:
+            if hook(data, addr):
+                return
+        if self.punch is not None:
+            self.punch.datagram_received(data, addr)
+        else:
+            self.endpoint.stats["dropped_no_handler"] += 1  # type: ignore[union-attr]
+
+    def _on_peer_event(self, event: ev.Event) -> None:
+        if isinstance(event, ev.PeerConnected):
+            log.info("connected to %s at %s", self.peer_id, event.address)
+            self._set_state_soon("connected")
+        elif isinstance(event, ev.PathChanged | ev.RttUpdated):
+            self.publish_status()
+        elif isinstance(event, ev.ChatReceived):
+            self.stats["chats_in"] += 1
+            self.publish(
+                {
+                    "type": "chat",
+                    "direction": "in",
+                    "from": self.peer_id,
+                    "id": event.msg_id,
+                    "text": event.text,
+                    "ts": time.time(),
+                }
+            )
+        elif isinstance(event, ev.ChatDelivered):
+            self.publish({"type": "chat_delivered", "id": event.msg_id})
+        elif isinstance(event, ev.ChatFailed):
+            self.publish({"type": "chat_failed", "id": event.msg_id, "reason": event.reason})
+        elif isinstance(event, ev.ControlReceived):
+            self._on_control(event.obj)
+        elif isinstance(event, ev.PeerLost | ev.PeerClosed):
+            reason = getattr(event, "reason", "peer closed")
+            log.info("peer %s lost: %s", self.peer_id, reason)
+            self.punch = None
+            self.peer_id = None
+            self._spawn(self._after_loss(), "after-loss")
+
+    async def _after_loss(self) -> None:
+        await self._set_state("lost")
+        # The rendezvous re-pairs us when it learns the peer left; meanwhile we wait.
+        await self._set_state("waiting_for_peer")
+
+    # -- control channel (used by benchmarks) -----------------------------------------------------
+
+    control_handlers: dict[str, Callable[[Worker, dict[str, Any]], None]] = {}
+
+    def send_control(self, obj: dict[str, Any]) -> str:
+        if self.punch is None or self.state != "connected":
+            raise NotConnected("no peer connected")
+        return self.punch.send_control(obj)
+
+    def _on_control(self, obj: dict[str, Any]) -> None:
+        kind = obj.get("type")
+        handler = self.control_handlers.get(str(kind))
+        if handler is None:
+            log.debug("dropping control message of unknown type %r", kind)
+            return
+        handler(self, obj)

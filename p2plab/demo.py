@@ -1,0 +1,92 @@
+"""``p2plab demo``: a rendezvous with embedded STUN and two workers, all on loopback."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import socket
+import sys
+import time
+
+from p2plab.aio.worker import Worker, WorkerConfig
+
+__all__ = ["free_port", "run_demo"]
+
+log = logging.getLogger(__name__)
+
+
+def free_port(kind: int = socket.SOCK_STREAM, host: str = "127.0.0.1") -> int:
+    """A port that is free right now on ``host`` (TCP by default)."""
+    with socket.socket(socket.AF_INET, kind) as s:
+        s.bind((host, 0))
+        return int(s.getsockname()[1])
+
+
+def _port_or_free(preferred: int) -> int:
+    if preferred == 0:
+        return 0
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        try:
+            s.bind(("127.0.0.1", preferred))
+        except OSError:
+            return 0
+    return preferred
+
+
+async def run_demo(duration: float | None = None, http_port: int = 8080) -> int:
+    from rendezvous_service_code.main import serve
+
+    host = "127.0.0.1"
+    rv_port = free_port()
+    stun_port = free_port(socket.SOCK_DGRAM)
+    ready = asyncio.Event()
+    started = time.monotonic()
+    rv_task = asyncio.create_task(serve(host, rv_port, stun_port=stun_port, ready=ready))
+    workers: list[Worker] = []
+    try:
+        await asyncio.wait_for(ready.wait(), 15)
+        url = f"ws://{host}:{rv_port}"
+        print(f"rendezvous on {url}, STUN on udp://{host}:{stun_port}", flush=True)
+        ports = [_port_or_free(http_port), _port_or_free(http_port + 1 if http_port else 0)]
+        for p in ports:
+            w = Worker(
+                WorkerConfig(
+                    rendezvous_url=url,
+                    stun_servers=(f"{host}:{stun_port}",),
+                    udp_host=host,
+                    http_host=host,
+                    http_port=p,
+                )
+            )
+            await w.start()
+            workers.append(w)
+        a, b = workers
+        for w, name in ((a, "A"), (b, "B")):
+            print(f"worker {name} {w.worker_id}: {w.ui_url}", flush=True)
+        try:
+            await asyncio.gather(a.wait_connected(20), b.wait_connected(20))
+        except asyncio.TimeoutError:
+            print(f"workers did not connect: A {a.state}, B {b.state}", file=sys.stderr)
+            return 1
+        elapsed = time.monotonic() - started
+        await asyncio.sleep(0.2)  # let a keep-alive or two refine the RTT
+        rtt = a.rtt
+        rtt_text = f"{rtt * 1000:.3f} ms" if rtt is not None else "n/a"
+        print(
+            f"connected in {elapsed:.2f} s: A {a.udp_public} <-> B {b.udp_public}, RTT {rtt_text}",
+            flush=True,
+        )
+        print("open the two UI addresses above; Ctrl-C stops the demo", flush=True)
+        if duration is None:
+            await asyncio.Event().wait()
+        else:
+            await asyncio.sleep(max(0.0, duration - (time.monotonic() - started)))
+        return 0
+    finally:
+        for w in workers:
+            with contextlib.suppress(Exception):
+                await w.stop()
+        rv_task.cancel()
+        with contextlib.suppress(asyncio.CancelledError, Exception):
+            await rv_task
