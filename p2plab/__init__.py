@@ -1,7 +1,52 @@
-"""p2plab: NAT traversal lab.  Public API is re-exported here (see ``__all__``)."""
+"""p2plab: get two machines behind NATs talking directly over UDP, and measure the link.
+
+Public API (imported lazily, so ``import p2plab`` stays cheap in notebooks)::
+
+    Worker, WorkerConfig      a worker: rendezvous, STUN, punching, chat, UI
+    StunProbe, NatReport      mapped address and NAT behaviour discovery
+    HolePuncher               punches a path to one peer and keeps it alive
+    Benchmark, BenchResult    UDP throughput and RTT over the punched link
+    SessionConfig             timers of the peer link
+"""
 
 from __future__ import annotations
 
+import importlib
+from typing import TYPE_CHECKING, Any
+
 __version__ = "0.1.0"
 
-__all__ = ["__version__"]
+_EXPORTS = {
+    "Worker": "p2plab.aio.worker",
+    "WorkerConfig": "p2plab.aio.worker",
+    "StunProbe": "p2plab.aio.stun",
+    "NatReport": "p2plab.core.nat",
+    "HolePuncher": "p2plab.aio.punch",
+    "Benchmark": "p2plab.aio.bench",
+    "BenchResult": "p2plab.results",
+    "SessionConfig": "p2plab.config",
+}
+
+__all__ = [*sorted(_EXPORTS), "__version__"]
+
+if TYPE_CHECKING:
+    from p2plab.aio.bench import Benchmark
+    from p2plab.aio.punch import HolePuncher
+    from p2plab.aio.stun import StunProbe
+    from p2plab.aio.worker import Worker, WorkerConfig
+    from p2plab.config import SessionConfig
+    from p2plab.core.nat import NatReport
+    from p2plab.results import BenchResult
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'p2plab' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))
