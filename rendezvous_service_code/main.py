@@ -1,0 +1,647 @@
+"""The rendezvous service: FastAPI app, WebSocket handling and the ``serve()`` entry point.
+
+``uvicorn rendezvous_service_code.main:app`` serves an app configured from the environment
+(``P2P_TOKEN``, ``P2P_ROOM_TOKENS`` as ``room=token,...``, ``ADMIN_TOKEN``, ``REDIS_URL``,
+``MAX_WORKERS``, ``TRUST_PROXY_HEADERS``).  ``p2plab rendezvous`` calls :func:`serve`.
+
+Endpoints (contracts.md): ``GET /health``, ``GET /debug/list_workers`` and the WebSocket
+``/ws/register/{worker_id}``.  Pairing rules live in :mod:`.registry`; storage in
+:mod:`.backends` (in memory) or :mod:`.redis_store` (several instances through Redis).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hmac
+import itertools
+import logging
+import os
+import re
+import socket
+import time
+from collections.abc import AsyncIterator, Callable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import uvicorn
+from fastapi import FastAPI, Request, WebSocket
+from fastapi.responses import JSONResponse
+from starlette.websockets import WebSocketDisconnect
+
+from p2plab.core.signaling import (
+    MAX_MESSAGE_BYTES,
+    ErrorMessage,
+    Register,
+    UpdateUdpEndpoint,
+    dump_message,
+    parse_worker_message,
+)
+from p2plab.errors import RemoteProtocolError
+
+from .backends import Backend, MemoryBackend
+from .registry import Action, CloseConnection, SendMessage
+
+__all__ = [
+    "CLOSE_POLICY",
+    "CLOSE_TRY_AGAIN",
+    "RendezvousServer",
+    "ServeAddresses",
+    "app",
+    "create_app",
+    "serve",
+    "settings_from_env",
+]
+
+logger = logging.getLogger(__name__)
+
+#: WebSocket close code for policy violations (bad token, bad worker id, abuse).
+CLOSE_POLICY = 1008
+#: WebSocket close code when the service is full.
+CLOSE_TRY_AGAIN = 1013
+
+_WORKER_ID_RE = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+#: Messages queued for one connection before it is considered stuck and closed.
+_SEND_QUEUE_LIMIT = 256
+
+
+class TokenBucket:
+    """Per-connection rate limit with an abuse score that decays at the same rate."""
+
+    def __init__(self, rate: float, burst: float, abuse_threshold: float, now: float) -> None:
+        self.rate = rate
+        self.burst = burst
+        self.abuse_threshold = abuse_threshold
+        self.tokens = burst
+        self.abuse = 0.0
+        self.last = now
+        self.dropped = 0
+        self.limited = False  # currently dropping (one error per episode)
+
+    def allow(self, now: float) -> bool:
+        """Take a token if there is one; otherwise count a drop."""
+        elapsed = max(0.0, now - self.last)
+        self.last = now
+        self.tokens = min(self.burst, self.tokens + elapsed * self.rate)
+        self.abuse = max(0.0, self.abuse - elapsed * self.rate)
+        if self.tokens >= 1.0:
+            self.tokens -= 1.0
+            self.limited = False
+            return True
+        self.dropped += 1
+        self.abuse += 1.0
+        return False
+
+    @property
+    def abusive(self) -> bool:
+        """Sustained flooding: the connection should be closed."""
+        return self.abuse > self.abuse_threshold
+
+
+class _Connection:
+    """One accepted WebSocket and its writer task (sends never block other handlers)."""
+
+    def __init__(self, websocket: WebSocket, worker_id: str, conn_id: str) -> None:
+        self.websocket = websocket
+        self.worker_id = worker_id
+        self.conn_id = conn_id
+        self.queue: asyncio.Queue[str | tuple[int, str]] = asyncio.Queue()
+        self.closed = False
+        self.writer = asyncio.create_task(self._write(), name=f"rv-writer-{conn_id}")
+
+    def send_text(self, text: str) -> None:
+        if self.closed:
+            return
+        if self.queue.qsize() >= _SEND_QUEUE_LIMIT:
+            logger.warning("worker %s does not read its messages; closing", self.worker_id)
+            self.close(CLOSE_POLICY, "not reading")
+            return
+        self.queue.put_nowait(text)
+
+    def close(self, code: int, reason: str) -> None:
+        if not self.closed:
+            self.closed = True
+            self.queue.put_nowait((code, reason))
+
+    async def _write(self) -> None:
+        try:
+            while True:
+                item = await self.queue.get()
+                if isinstance(item, tuple):
+                    with contextlib.suppress(Exception):
+                        await self.websocket.close(code=item[0], reason=item[1])
+                    return
+                await self.websocket.send_text(item)
+        except Exception as exc:  # the peer went away; the reader notices too
+            logger.debug("writer of %s stopped: %r", self.conn_id, exc)
+
+
+@dataclass
+class _Stats:
+    connections: int = 0
+    registered: int = 0
+    bad_messages: int = 0
+    rate_limited: int = 0
+    closed_for_abuse: int = 0
+    refused_token: int = 0
+    refused_worker_id: int = 0
+    refused_capacity: int = 0
+    register_timeouts: int = 0
+
+
+class _Hub:
+    """Connections of this instance and delivery of backend actions to them."""
+
+    def __init__(self, backend: Backend) -> None:
+        self.backend = backend
+        self.connections: dict[str, _Connection] = {}
+        self.stats = _Stats()
+        self._ids = itertools.count(1)
+
+    def new_conn_id(self) -> str:
+        return f"{self.backend.instance_id}/{next(self._ids)}"
+
+    def deliver_local(self, action: Action) -> bool:
+        conn = self.connections.get(action.conn_id)
+        if conn is None or conn.worker_id != action.worker_id:
+            return False
+        if isinstance(action, SendMessage):
+            conn.send_text(dump_message(action.message))
+        elif isinstance(action, CloseConnection):
+            conn.close(action.code, action.reason)
+        return True
+
+    async def dispatch(self, actions: list[Action]) -> None:
+        for action in actions:
+            if not self.deliver_local(action):
+                await self.backend.forward(action)
+
+
+def _env_bool(name: str) -> bool:
+    return os.environ.get(name, "").strip().lower() in {"1", "true", "yes", "on"}
+
+
+def _parse_room_tokens(text: str) -> dict[str, str]:
+    out: dict[str, str] = {}
+    for item in text.split(","):
+        room, sep, tok = item.strip().partition("=")
+        if sep and room and tok:
+            out[room] = tok
+    return out
+
+
+def settings_from_env(environ: dict[str, str] | None = None) -> dict[str, Any]:
+    """``create_app`` keyword arguments from contracts.md's environment variables."""
+    env = os.environ if environ is None else environ
+    settings: dict[str, Any] = {
+        "token": env.get("P2P_TOKEN") or None,
+        "room_tokens": _parse_room_tokens(env.get("P2P_ROOM_TOKENS", "")) or None,
+        "admin_token": env.get("ADMIN_TOKEN") or None,
+        "redis_url": env.get("REDIS_URL") or None,
+    }
+    if env.get("MAX_WORKERS"):
+        settings["max_workers"] = int(env["MAX_WORKERS"])
+    return settings
+
+
+def _observed_address(websocket: WebSocket, trust_forwarded: bool) -> tuple[str | None, int | None]:
+    if trust_forwarded:
+        forwarded = websocket.headers.get("x-forwarded-for")
+        if forwarded:
+            # Proxies append the address they saw: the last entry is the one a trusted proxy
+            # (Cloud Run's front end) added; earlier entries are whatever the client claimed.
+            last = forwarded.split(",")[-1].strip()
+            if last:
+                return last[:64], None
+    client = websocket.client
+    if client is None:
+        return None, None
+    return client.host, client.port
+
+
+def _token_ok(expected: str | None, given: str | None) -> bool:
+    if expected is None:
+        return True
+    return given is not None and hmac.compare_digest(expected.encode(), given.encode())
+
+
+def create_app(
+    *,
+    token: str | None = None,
+    room_tokens: dict[str, str] | None = None,
+    admin_token: str | None = None,
+    max_workers: int = 20000,
+    redis_url: str | None = None,
+    trust_forwarded: bool | None = None,
+    rate_limit_per_s: float = 50.0,
+    rate_limit_burst: float = 100.0,
+    abuse_threshold: float = 500.0,
+    register_timeout_s: float = 30.0,
+    backend: Backend | None = None,
+    redis_options: dict[str, Any] | None = None,
+) -> FastAPI:
+    """Build the rendezvous FastAPI app.
+
+    ``token`` is required in every ``register`` unless the room has its own in ``room_tokens``
+    (then that one is).  ``admin_token`` protects ``/debug/*``.  ``redis_url`` selects the
+    Redis backend (several instances); ``backend`` injects one directly.  ``trust_forwarded``
+    (default: env ``TRUST_PROXY_HEADERS``) takes the observed address from X-Forwarded-For.
+    Each connection may send ``rate_limit_per_s`` messages per second with bursts of
+    ``rate_limit_burst``; excess is dropped (one ``rate_limited`` error per episode) and a
+    connection whose dropped messages outrun the rate by ``abuse_threshold`` is closed (1008).
+    """
+    if trust_forwarded is None:
+        trust_forwarded = _env_bool("TRUST_PROXY_HEADERS")
+    if backend is None:
+        if redis_url:
+            from .redis_store import RedisBackend
+
+            backend = RedisBackend(redis_url, **(redis_options or {}))
+        else:
+            backend = MemoryBackend()
+    hub = _Hub(backend)
+    room_tokens = dict(room_tokens or {})
+
+    @contextlib.asynccontextmanager
+    async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
+        await hub.backend.start(hub.deliver_local)
+        try:
+            yield
+        finally:
+            await hub.backend.close()
+
+    app = FastAPI(title="p2plab rendezvous", lifespan=lifespan)
+    app.state.hub = hub
+
+    def admin_denied(request: Request) -> JSONResponse | None:
+        if admin_token is None:
+            return None
+        header = request.headers.get("authorization", "")
+        scheme, _, given = header.partition(" ")
+        if scheme.lower() == "bearer" and _token_ok(admin_token, given.strip()):
+            return None
+        return JSONResponse(
+            {"detail": "admin token required"},
+            status_code=401,
+            headers={"WWW-Authenticate": "Bearer"},
+        )
+
+    @app.get("/health")
+    async def health() -> dict[str, str]:
+        return {"status": "ok"}
+
+    @app.get("/debug/list_workers", response_model=None)
+    async def list_workers(request: Request) -> JSONResponse | dict[str, Any]:
+        denied = admin_denied(request)
+        if denied is not None:
+            return denied
+        workers = await hub.backend.list_workers()
+        return {"count": len(workers), "workers": workers}
+
+    @app.get("/debug/stats", response_model=None)
+    async def stats(request: Request) -> JSONResponse | dict[str, Any]:
+        denied = admin_denied(request)
+        if denied is not None:
+            return denied
+        return {"instance_id": hub.backend.instance_id, **vars(hub.stats)}
+
+    def expected_token(room: str) -> str | None:
+        return room_tokens.get(room, token)
+
+    async def send_error(conn: _Connection, code: str, message: str) -> None:
+        conn.send_text(dump_message(ErrorMessage(code=code, message=message)))
+
+    @app.websocket("/ws/register/{worker_id}")
+    async def ws_register(websocket: WebSocket, worker_id: str) -> None:
+        await websocket.accept()
+        if not _WORKER_ID_RE.match(worker_id):
+            hub.stats.refused_worker_id += 1
+            await websocket.close(code=CLOSE_POLICY, reason="invalid worker id")
+            return
+        if len(hub.connections) >= max_workers:
+            hub.stats.refused_capacity += 1
+            logger.warning("refusing worker %s: %d connections", worker_id, max_workers)
+            await websocket.close(code=CLOSE_TRY_AGAIN, reason="try again later")
+            return
+        conn = _Connection(websocket, worker_id, hub.new_conn_id())
+        hub.connections[conn.conn_id] = conn
+        hub.stats.connections += 1
+        observed_ip, observed_port = _observed_address(websocket, trust_forwarded)
+        bucket = TokenBucket(rate_limit_per_s, rate_limit_burst, abuse_threshold, time.monotonic())
+        registered = False
+        try:
+            while not conn.closed:
+                timeout = None if registered else register_timeout_s
+                try:
+                    event = await asyncio.wait_for(websocket.receive(), timeout)
+                except TimeoutError:
+                    hub.stats.register_timeouts += 1
+                    conn.close(CLOSE_POLICY, "register expected")
+                    break
+                if event["type"] == "websocket.disconnect":
+                    break
+                raw = event.get("text")
+                if raw is None:
+                    raw = event.get("bytes") or b""
+                if not bucket.allow(time.monotonic()):
+                    hub.stats.rate_limited += 1
+                    if bucket.abusive:
+                        hub.stats.closed_for_abuse += 1
+                        logger.warning("worker %s floods; closing", worker_id)
+                        conn.close(CLOSE_POLICY, "rate limit exceeded")
+                        break
+                    if not bucket.limited:
+                        bucket.limited = True
+                        await send_error(conn, "rate_limited", "too many messages; dropped")
+                    continue
+                if len(raw) > MAX_MESSAGE_BYTES:
+                    hub.stats.bad_messages += 1
+                    await send_error(
+                        conn,
+                        "bad_message",
+                        f"message too large: {len(raw)} bytes > {MAX_MESSAGE_BYTES}",
+                    )
+                    continue
+                try:
+                    msg = parse_worker_message(raw)
+                except RemoteProtocolError as exc:
+                    hub.stats.bad_messages += 1
+                    logger.debug("bad message from %s: %s", worker_id, exc)
+                    await send_error(conn, "bad_message", str(exc))
+                    continue
+                if isinstance(msg, Register):
+                    if registered:
+                        hub.stats.bad_messages += 1
+                        await send_error(conn, "bad_message", "already registered")
+                        continue
+                    if not _token_ok(expected_token(msg.room), msg.token):
+                        hub.stats.refused_token += 1
+                        logger.info("worker %s: invalid token for room %r", worker_id, msg.room)
+                        conn.close(CLOSE_POLICY, "invalid token")
+                        break
+                    registered = True
+                    hub.stats.registered += 1
+                    logger.info(
+                        "worker %s registered in room %r from %s:%s",
+                        worker_id,
+                        msg.room,
+                        observed_ip,
+                        observed_port,
+                    )
+                    await hub.dispatch(
+                        await hub.backend.register(
+                            worker_id,
+                            conn.conn_id,
+                            room=msg.room,
+                            now=time.time(),
+                            ws_observed_ip=observed_ip,
+                            ws_observed_port=observed_port,
+                            http_public_ip=msg.http_public_ip,
+                            public_key=msg.public_key,
+                        )
+                    )
+                elif isinstance(msg, UpdateUdpEndpoint):
+                    if not registered:
+                        hub.stats.bad_messages += 1
+                        await send_error(conn, "bad_message", "send 'register' first")
+                        continue
+                    await hub.dispatch(
+                        await hub.backend.update_udp_endpoint(
+                            worker_id, conn.conn_id, msg.udp_ip, msg.udp_port, msg.local_candidates
+                        )
+                    )
+        except WebSocketDisconnect:
+            pass
+        except Exception:
+            logger.exception("connection of worker %s failed", worker_id)
+        finally:
+            hub.connections.pop(conn.conn_id, None)
+            conn.close(1000, "bye")
+            if registered:
+                logger.info("worker %s left", worker_id)
+                try:
+                    await hub.dispatch(await hub.backend.unregister(worker_id, conn.conn_id))
+                except Exception:
+                    logger.exception("unregistering %s failed", worker_id)
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(conn.writer, 5.0)
+
+    return app
+
+
+# --- running it ----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ServeAddresses:
+    """Where a started rendezvous listens."""
+
+    http_host: str
+    """Host the HTTP/WebSocket server is bound to."""
+    http_port: int
+    """Actual HTTP port (useful when 0 was asked for)."""
+    stun_host: str | None
+    """Host of the embedded STUN server, or None without one."""
+    stun_port: int | None
+    """Actual UDP port of the embedded STUN server, or None without one."""
+
+    @property
+    def url(self) -> str:
+        """``http://host:port`` (0.0.0.0 shown as 127.0.0.1 so it can be opened locally)."""
+        host = "127.0.0.1" if self.http_host in ("0.0.0.0", "") else self.http_host
+        if ":" in host:
+            host = f"[{host}]"
+        return f"http://{host}:{self.http_port}"
+
+    @property
+    def ws_url(self) -> str:
+        """``ws://host:port``, what workers take as ``--rendezvous``."""
+        return "ws" + self.url[len("http") :]
+
+
+class _UvicornServer(uvicorn.Server):
+    def __init__(self, config: uvicorn.Config, *, handle_signals: bool) -> None:
+        super().__init__(config)
+        self._handle_signals = handle_signals
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        if self._handle_signals:
+            with super().capture_signals():
+                yield
+        else:
+            yield
+
+
+def _bind_tcp(host: str, port: int) -> socket.socket:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError:
+        sock.close()
+        raise
+    sock.set_inheritable(True)
+    return sock
+
+
+class RendezvousServer:
+    """A running rendezvous (uvicorn in the current event loop) plus optional STUN server."""
+
+    def __init__(self) -> None:
+        self.app: FastAPI | None = None
+        self.addresses: ServeAddresses | None = None
+        self._server: _UvicornServer | None = None
+        self._task: asyncio.Task[None] | None = None
+        self._stun: Any = None
+
+    @classmethod
+    async def start(
+        cls,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        *,
+        stun_port: int | None = None,
+        handle_signals: bool = False,
+        ws_max_size: int = 4 * MAX_MESSAGE_BYTES,
+        backlog: int = 4096,
+        **app_options: Any,
+    ) -> RendezvousServer:
+        """Bind, start serving and return; ``app_options`` go to :func:`create_app`."""
+        self = cls()
+        self.app = create_app(**app_options)
+        sock = _bind_tcp(host, port)
+        http_port = sock.getsockname()[1]
+        config = uvicorn.Config(
+            self.app,
+            lifespan="on",
+            log_config=None,
+            access_log=False,
+            proxy_headers=False,  # trust_forwarded decides, not uvicorn
+            ws_max_size=ws_max_size,
+            ws_per_message_deflate=False,  # zlib state per connection costs memory
+            timeout_graceful_shutdown=3,
+            backlog=backlog,
+        )
+        self._server = _UvicornServer(config, handle_signals=handle_signals)
+        self._task = asyncio.create_task(self._server.serve(sockets=[sock]), name="rendezvous")
+        while not self._server.started:
+            if self._task.done():
+                sock.close()
+                self._task.result()  # raises the startup error
+                raise RuntimeError("rendezvous server stopped during startup")
+            await asyncio.sleep(0.01)
+        stun_host: str | None = None
+        actual_stun_port: int | None = None
+        if stun_port is not None:
+            try:
+                from p2plab.server.stun_server import StunServer
+
+                self._stun = await StunServer.start(host, stun_port)
+                stun_host, actual_stun_port = _first_address(self._stun.addresses)
+            except BaseException:
+                await self.close()
+                raise
+        self.addresses = ServeAddresses(host, http_port, stun_host, actual_stun_port)
+        logger.info("rendezvous on %s (WebSocket %s/ws/register/<id>)", self.url, self.ws_url)
+        if actual_stun_port is not None:
+            logger.info("STUN on udp://%s:%d", stun_host, actual_stun_port)
+        return self
+
+    @property
+    def http_port(self) -> int:
+        assert self.addresses is not None
+        return self.addresses.http_port
+
+    @property
+    def stun_port(self) -> int | None:
+        assert self.addresses is not None
+        return self.addresses.stun_port
+
+    @property
+    def url(self) -> str:
+        assert self.addresses is not None
+        return self.addresses.url
+
+    @property
+    def ws_url(self) -> str:
+        assert self.addresses is not None
+        return self.addresses.ws_url
+
+    async def wait_closed(self) -> None:
+        """Until the HTTP server stops (Ctrl-C when ``handle_signals``, or :meth:`close`)."""
+        if self._task is not None:
+            await asyncio.shield(self._task)
+
+    async def close(self) -> None:
+        """Stop STUN and HTTP (connections are closed, uvicorn shuts down gracefully)."""
+        if self._stun is not None:
+            stun, self._stun = self._stun, None
+            res = stun.close()
+            if asyncio.iscoroutine(res):
+                await res
+        if self._server is not None and self._task is not None:
+            self._server.should_exit = True
+            with contextlib.suppress(Exception, asyncio.CancelledError):
+                await self._task
+
+
+def _first_address(addresses: Any) -> tuple[str, int]:
+    first = addresses[0] if isinstance(addresses, (list, tuple)) and addresses else addresses
+    if isinstance(first, (list, tuple)) and len(first) >= 2 and isinstance(first[1], int):
+        return str(first[0]), int(first[1])
+    if isinstance(addresses, (list, tuple)) and len(addresses) >= 2:
+        return str(addresses[0]), int(addresses[1])
+    raise RuntimeError(f"cannot read the STUN server's address from {addresses!r}")
+
+
+async def serve(
+    host: str = "0.0.0.0",
+    port: int = 8000,
+    *,
+    stun_port: int | None = None,
+    token: str | None = None,
+    admin_token: str | None = None,
+    redis_url: str | None = None,
+    ready: asyncio.Event | None = None,
+    on_started: Callable[[ServeAddresses], object] | None = None,
+    handle_signals: bool = True,
+    **app_options: Any,
+) -> None:
+    """Run the rendezvous until Ctrl-C/SIGTERM (or cancellation).
+
+    With ``stun_port`` (0 = OS-chosen) an embedded STUN server answers on that UDP port of the
+    same host.  Once listening, ``on_started`` is called with the actual
+    :class:`ServeAddresses` (how the CLI learns the ports) and ``ready`` is set.
+    """
+    server = await RendezvousServer.start(
+        host,
+        port,
+        stun_port=stun_port,
+        handle_signals=handle_signals,
+        token=token,
+        admin_token=admin_token,
+        redis_url=redis_url,
+        **app_options,
+    )
+    try:
+        assert server.addresses is not None
+        if on_started is not None:
+            on_started(server.addresses)
+        if ready is not None:
+            ready.set()
+        await server.wait_closed()
+    finally:
+        await server.close()
+
+
+def _app_from_env() -> FastAPI:
+    try:
+        return create_app(**settings_from_env())
+    except Exception:
+        logger.exception("invalid rendezvous settings in the environment")
+        raise
+
+
+app = _app_from_env()

@@ -1,0 +1,113 @@
+"""Helpers shared by the rendezvous tests: a running service and a worker-like client."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import uuid
+from collections.abc import AsyncIterator
+from typing import Any
+
+from websockets.asyncio.client import ClientConnection, connect
+from websockets.exceptions import ConnectionClosed
+
+from rendezvous_service_code.main import RendezvousServer
+
+__all__ = ["TIMEOUT", "WsWorker", "running_rendezvous"]
+
+#: Generous unit for waits in these tests (never a timing assertion).
+TIMEOUT = 10.0
+
+
+@contextlib.asynccontextmanager
+async def running_rendezvous(**options: Any) -> AsyncIterator[RendezvousServer]:
+    """A rendezvous on 127.0.0.1 with an OS-chosen port, closed afterwards."""
+    server = await RendezvousServer.start("127.0.0.1", 0, **options)
+    try:
+        yield server
+    finally:
+        await server.close()
+
+
+class WsWorker:
+    """A minimal worker: registers over the WebSocket and reads messages."""
+
+    def __init__(self, ws: ClientConnection, worker_id: str) -> None:
+        self.ws = ws
+        self.worker_id = worker_id
+
+    @classmethod
+    async def connect(
+        cls, base_ws_url: str, worker_id: str | None = None, **connect_options: Any
+    ) -> WsWorker:
+        worker_id = worker_id or str(uuid.uuid4())
+        ws = await connect(
+            f"{base_ws_url}/ws/register/{worker_id}",
+            open_timeout=TIMEOUT,
+            max_size=None,
+            **connect_options,
+        )
+        return cls(ws, worker_id)
+
+    async def send(self, obj: Any) -> None:
+        await self.ws.send(obj if isinstance(obj, (str, bytes)) else json.dumps(obj))
+
+    async def recv(self, wait_s: float = TIMEOUT) -> dict[str, Any]:
+        raw = await asyncio.wait_for(self.ws.recv(), wait_s)
+        msg: dict[str, Any] = json.loads(raw)
+        return msg
+
+    async def expect(self, msg_type: str, wait_s: float = TIMEOUT) -> dict[str, Any]:
+        """The next message, which must be of ``msg_type``."""
+        msg = await self.recv(wait_s)
+        assert msg["type"] == msg_type, msg
+        return msg
+
+    async def register(
+        self,
+        room: str = "default",
+        token: str | None = None,
+        http_public_ip: str | None = None,
+        public_key: str | None = None,
+    ) -> dict[str, Any]:
+        await self.send(
+            {
+                "type": "register",
+                "room": room,
+                "token": token,
+                "http_public_ip": http_public_ip,
+                "public_key": public_key,
+            }
+        )
+        return await self.expect("registered")
+
+    async def update_endpoint(
+        self, ip: str, port: int, candidates: list[tuple[str, int]] | None = None
+    ) -> None:
+        await self.send(
+            {
+                "type": "update_udp_endpoint",
+                "udp_ip": ip,
+                "udp_port": port,
+                "local_candidates": [{"ip": i, "port": p} for i, p in candidates or []],
+            }
+        )
+
+    async def assert_silent(self, seconds: float = 0.3) -> None:
+        """Nothing arrives within ``seconds`` (used only to show a worker keeps waiting)."""
+        with contextlib.suppress(TimeoutError):
+            msg = await asyncio.wait_for(self.ws.recv(), seconds)
+            raise AssertionError(f"unexpected message {msg!r}")
+
+    async def wait_closed(self, wait_s: float = TIMEOUT) -> tuple[int | None, str | None]:
+        """Read until the server closes; return (code, reason)."""
+        with contextlib.suppress(ConnectionClosed):
+            async with asyncio.timeout(wait_s):
+                while True:
+                    await self.ws.recv()
+        assert self.ws.close_code is not None or self.ws.close_reason is not None
+        return self.ws.close_code, self.ws.close_reason
+
+    async def close(self) -> None:
+        await self.ws.close()

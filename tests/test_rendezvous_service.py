@@ -1,0 +1,340 @@
+"""The rendezvous service over real WebSockets on loopback (uvicorn on port 0)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import uuid
+
+import httpx
+import pytest
+from rendezvous_fixtures import TIMEOUT, WsWorker, running_rendezvous
+
+from p2plab.core.signaling import MAX_MESSAGE_BYTES, parse_rendezvous_message
+from rendezvous_service_code.main import create_app, settings_from_env
+
+
+async def paired_pair(url: str, room: str = "default") -> tuple[WsWorker, WsWorker]:
+    a = await WsWorker.connect(url)
+    b = await WsWorker.connect(url)
+    await a.register(room=room)
+    await b.register(room=room)
+    await a.update_endpoint("203.0.113.1", 1111)
+    await b.update_endpoint("203.0.113.2", 2222)
+    await a.expect("p2p_connection_offer")
+    await b.expect("p2p_connection_offer")
+    return a, b
+
+
+async def test_health_and_registration_reports_observed_address() -> None:
+    async with running_rendezvous() as rv:
+        async with httpx.AsyncClient() as http:
+            r = await http.get(f"{rv.url}/health")
+        assert r.status_code == 200 and r.json() == {"status": "ok"}
+        w = await WsWorker.connect(rv.ws_url)
+        reg = await w.register(http_public_ip="198.51.100.7")
+        parse_rendezvous_message(json.dumps(reg))
+        assert reg["worker_id"] == w.worker_id
+        local_ip, local_port = w.ws.local_address[:2]
+        assert (reg["observed_ip"], reg["observed_port"]) == (local_ip, local_port)
+        async with httpx.AsyncClient() as http:
+            listing = (await http.get(f"{rv.url}/debug/list_workers")).json()
+        assert listing["count"] == 1
+        entry = listing["workers"][0]
+        assert entry["worker_id"] == w.worker_id
+        assert entry["http_public_ip"] == "198.51.100.7"
+        assert entry["ws_observed_port"] == local_port
+        assert entry["udp_port"] is None and entry["paired_with"] is None
+        await w.close()
+
+
+async def test_pairing_offers_both_ways_then_third_waits_then_repairs() -> None:
+    async with running_rendezvous() as rv:
+        a = await WsWorker.connect(rv.ws_url)
+        b = await WsWorker.connect(rv.ws_url)
+        c = await WsWorker.connect(rv.ws_url)
+        await a.register(public_key="A" * 44)
+        await b.register(public_key="B" * 44)
+        await a.update_endpoint("203.0.113.1", 1111, [("198.18.0.1", 1111), ("203.0.113.1", 1111)])
+        await a.assert_silent()
+        await b.update_endpoint("203.0.113.2", 2222, [("198.18.0.2", 2222)])
+        offer_a = await a.expect("p2p_connection_offer")
+        offer_b = await b.expect("p2p_connection_offer")
+        parse_rendezvous_message(json.dumps(offer_a))
+        assert offer_a["peer_worker_id"] == b.worker_id and offer_a["role"] == "controlling"
+        assert offer_b["peer_worker_id"] == a.worker_id and offer_b["role"] == "controlled"
+        assert (offer_a["peer_udp_ip"], offer_a["peer_udp_port"]) == ("203.0.113.2", 2222)
+        assert offer_b["peer_candidates"] == [
+            {"ip": "203.0.113.1", "port": 1111},
+            {"ip": "198.18.0.1", "port": 1111},
+        ]
+        assert offer_a["peer_public_key"] == "B" * 44
+        assert offer_b["peer_public_key"] == "A" * 44
+
+        await c.register()
+        await c.update_endpoint("203.0.113.3", 3333)
+        await c.assert_silent()
+
+        await b.close()
+        gone = await a.expect("peer_disconnected")
+        assert gone["peer_worker_id"] == b.worker_id
+        again = await a.expect("p2p_connection_offer")
+        offer_c = await c.expect("p2p_connection_offer")
+        assert again["peer_worker_id"] == c.worker_id and again["role"] == "controlling"
+        assert offer_c["peer_worker_id"] == a.worker_id and offer_c["role"] == "controlled"
+        assert offer_c["peer_udp_port"] == 1111
+        await a.close()
+        await c.close()
+
+
+async def test_rooms_isolate() -> None:
+    async with running_rendezvous() as rv:
+        a = await WsWorker.connect(rv.ws_url)
+        b = await WsWorker.connect(rv.ws_url)
+        await a.register(room="red")
+        await b.register(room="blue")
+        await a.update_endpoint("203.0.113.1", 1)
+        await b.update_endpoint("203.0.113.2", 2)
+        await a.assert_silent()
+        await b.assert_silent()
+        c = await WsWorker.connect(rv.ws_url)
+        await c.register(room="blue")
+        await c.update_endpoint("203.0.113.3", 3)
+        assert (await b.expect("p2p_connection_offer"))["peer_worker_id"] == c.worker_id
+        await a.assert_silent()
+        for w in (a, b, c):
+            await w.close()
+
+
+async def test_bad_messages_get_errors_and_harm_nobody() -> None:
+    async with running_rendezvous() as rv:
+        other_a, other_b = await paired_pair(rv.ws_url)
+        w = await WsWorker.connect(rv.ws_url)
+        # before registering, an update is refused but the connection lives on
+        await w.update_endpoint("203.0.113.9", 9)
+        assert (await w.expect("error"))["code"] == "bad_message"
+        await w.register()
+        bad_inputs: list[str | bytes] = [
+            "not json",
+            b"\xff\xfe\x00",
+            "[1, 2]",
+            json.dumps({"no": "type"}),
+            json.dumps({"type": "launch_missiles"}),
+            json.dumps({"type": "update_udp_endpoint", "udp_ip": "1.2.3.4", "udp_port": 70000}),
+            json.dumps({"type": "update_udp_endpoint", "udp_port": 1}),
+            json.dumps({"type": "register"}),  # second register on one connection
+            "x" * (MAX_MESSAGE_BYTES + 1),
+        ]
+        for raw in bad_inputs:
+            await w.send(raw)
+            err = await w.expect("error")
+            assert err["code"] == "bad_message" and err["message"], raw
+        oversize = json.dumps({"type": "update_udp_endpoint", "pad": "y" * MAX_MESSAGE_BYTES})
+        await w.send(oversize)
+        assert "too large" in (await w.expect("error"))["message"]
+        # the same connection still works
+        v = await WsWorker.connect(rv.ws_url)
+        await v.register()
+        await v.update_endpoint("203.0.113.5", 5)
+        await w.update_endpoint("203.0.113.4", 4)
+        assert (await w.expect("p2p_connection_offer"))["peer_worker_id"] == v.worker_id
+        # and the pair made before is untouched
+        await other_b.close()
+        assert (await other_a.expect("peer_disconnected"))["peer_worker_id"] == other_b.worker_id
+        for x in (w, v, other_a):
+            await x.close()
+
+
+@pytest.mark.parametrize("bad_id", ["has space", "x" * 65, "semi;colon", "%00"])
+async def test_invalid_worker_id_closed_1008(bad_id: str) -> None:
+    async with running_rendezvous() as rv:
+        w = await WsWorker.connect(rv.ws_url, worker_id=bad_id.replace(" ", "%20"))
+        code, reason = await w.wait_closed()
+        assert code == 1008 and reason == "invalid worker id"
+
+
+async def test_uuid_and_simple_ids_accepted() -> None:
+    async with running_rendezvous() as rv:
+        for wid in (str(uuid.uuid4()), "worker_A-1"):
+            w = await WsWorker.connect(rv.ws_url, worker_id=wid)
+            assert (await w.register())["worker_id"] == wid
+            await w.close()
+
+
+async def test_reregister_same_id_replaces_old_connection() -> None:
+    async with running_rendezvous() as rv:
+        old = await WsWorker.connect(rv.ws_url)
+        await old.register()
+        new = await WsWorker.connect(rv.ws_url, worker_id=old.worker_id)
+        await new.register()
+        code, _ = await old.wait_closed()
+        assert code == 4000
+        async with httpx.AsyncClient() as http:
+            listing = (await http.get(f"{rv.url}/debug/list_workers")).json()
+        assert [x["worker_id"] for x in listing["workers"]] == [old.worker_id]
+        assert listing["workers"][0]["ws_observed_port"] == new.ws.local_address[1]
+        await new.close()
+
+
+async def test_global_token_refuses_missing_or_wrong_token() -> None:
+    async with running_rendezvous(token="s3cret") as rv:
+        for given in (None, "wrong"):
+            w = await WsWorker.connect(rv.ws_url)
+            await w.send({"type": "register", "token": given})
+            assert await w.wait_closed() == (1008, "invalid token")
+        ok = await WsWorker.connect(rv.ws_url)
+        assert (await ok.register(token="s3cret"))["worker_id"] == ok.worker_id
+        await ok.close()
+
+
+async def test_room_tokens() -> None:
+    async with running_rendezvous(room_tokens={"lab": "labtok"}) as rv:
+        w = await WsWorker.connect(rv.ws_url)
+        await w.send({"type": "register", "room": "lab", "token": "nope"})
+        assert (await w.wait_closed())[0] == 1008
+        ok = await WsWorker.connect(rv.ws_url)
+        await ok.register(room="lab", token="labtok")
+        open_room = await WsWorker.connect(rv.ws_url)
+        await open_room.register(room="elsewhere")
+        await ok.close()
+        await open_room.close()
+
+
+async def test_admin_token_protects_debug_endpoints() -> None:
+    async with running_rendezvous(admin_token="adm") as rv:
+        async with httpx.AsyncClient(base_url=rv.url) as http:
+            assert (await http.get("/debug/list_workers")).status_code == 401
+            bad = {"Authorization": "Bearer nope"}
+            assert (await http.get("/debug/list_workers", headers=bad)).status_code == 401
+            good = {"Authorization": "Bearer adm"}
+            r = await http.get("/debug/list_workers", headers=good)
+            assert r.status_code == 200 and r.json() == {"count": 0, "workers": []}
+            assert (await http.get("/health")).status_code == 200
+
+
+async def test_worker_cap_refuses_with_1013_and_frees_slots() -> None:
+    async with running_rendezvous(max_workers=2) as rv:
+        a = await WsWorker.connect(rv.ws_url)
+        b = await WsWorker.connect(rv.ws_url)
+        await a.register()
+        await b.register()
+        c = await WsWorker.connect(rv.ws_url)
+        assert await c.wait_closed() == (1013, "try again later")
+        await a.close()
+        await asyncio.sleep(0.2)
+        d = await WsWorker.connect(rv.ws_url)
+        for _ in range(50):  # the slot frees once the server has seen the close
+            try:
+                await d.register()
+                break
+            except Exception:
+                await asyncio.sleep(0.1)
+                d = await WsWorker.connect(rv.ws_url)
+        else:
+            raise AssertionError("slot never freed")
+        await b.close()
+        await d.close()
+
+
+async def test_rate_limit_drops_with_one_error_then_closes_abuser() -> None:
+    async with running_rendezvous(
+        rate_limit_per_s=5, rate_limit_burst=10, abuse_threshold=300
+    ) as rv:
+        bystander_a, bystander_b = await paired_pair(rv.ws_url)
+        w = await WsWorker.connect(rv.ws_url)
+        await w.register()  # 1 token used
+        update = json.dumps({"type": "update_udp_endpoint", "udp_ip": "203.0.113.8", "udp_port": 8})
+        for _ in range(60):
+            await w.send(update)
+        # one rate_limited error for the whole burst, nothing else (endpoint updates of an
+        # unpaired worker with nobody waiting produce no reply)
+        err = await w.expect("error")
+        assert err["code"] == "rate_limited"
+        await w.assert_silent(0.5)
+        # after the bucket refills the connection works again
+        await asyncio.sleep(2.5)
+        await w.send("garbage")
+        assert (await w.expect("error"))["code"] == "bad_message"
+        # sustained flood: closed with 1008
+        flood = [w.send(update) for _ in range(2000)]
+        try:
+            await asyncio.gather(*flood)
+        except Exception:
+            pass  # the server may close while we still send
+        code, reason = await w.wait_closed()
+        assert code == 1008 and reason == "rate limit exceeded"
+        # nobody else noticed
+        await bystander_b.close()
+        assert (await bystander_a.expect("peer_disconnected"))["peer_worker_id"]
+        async with httpx.AsyncClient() as http:
+            listing = (await http.get(f"{rv.url}/debug/list_workers")).json()
+        assert [x["worker_id"] for x in listing["workers"]] == [bystander_a.worker_id]
+        await bystander_a.close()
+
+
+async def test_register_timeout_closes_silent_connection() -> None:
+    async with running_rendezvous(register_timeout_s=0.3) as rv:
+        w = await WsWorker.connect(rv.ws_url)
+        assert await w.wait_closed() == (1008, "register expected")
+
+
+async def test_forwarded_header_only_when_trusted() -> None:
+    hdrs = {"X-Forwarded-For": "192.0.2.1, 198.51.100.44"}
+    async with running_rendezvous(trust_forwarded=False) as rv:
+        w = await WsWorker.connect(rv.ws_url, additional_headers=hdrs)
+        assert (await w.register())["observed_ip"] == "127.0.0.1"
+        await w.close()
+    async with running_rendezvous(trust_forwarded=True) as rv:
+        w = await WsWorker.connect(rv.ws_url, additional_headers=hdrs)
+        reg = await w.register()
+        assert reg["observed_ip"] == "198.51.100.44" and reg["observed_port"] is None
+        await w.close()
+
+
+def test_settings_from_env() -> None:
+    s = settings_from_env(
+        {
+            "P2P_TOKEN": "t",
+            "ADMIN_TOKEN": "a",
+            "REDIS_URL": "redis://127.0.0.1:1/0",
+            "P2P_ROOM_TOKENS": "r1=x, r2=y,broken",
+            "MAX_WORKERS": "7",
+        }
+    )
+    assert s == {
+        "token": "t",
+        "admin_token": "a",
+        "redis_url": "redis://127.0.0.1:1/0",
+        "room_tokens": {"r1": "x", "r2": "y"},
+        "max_workers": 7,
+    }
+    assert settings_from_env({})["token"] is None
+
+
+def test_testclient_works_too() -> None:
+    from fastapi.testclient import TestClient
+
+    with TestClient(create_app()) as client:
+        assert client.get("/health").json() == {"status": "ok"}
+        with client.websocket_connect("/ws/register/abc") as ws:
+            ws.send_text(json.dumps({"type": "register"}))
+            assert ws.receive_json()["type"] == "registered"
+            ws.send_text("{")
+            assert ws.receive_json()["code"] == "bad_message"
+
+
+async def test_serve_reports_addresses_and_stops_on_cancel() -> None:
+    from rendezvous_service_code.main import ServeAddresses, serve
+
+    ready = asyncio.Event()
+    seen: list[ServeAddresses] = []
+    task = asyncio.create_task(
+        serve("127.0.0.1", 0, ready=ready, on_started=seen.append, handle_signals=False)
+    )
+    await asyncio.wait_for(ready.wait(), TIMEOUT)
+    assert seen and seen[0].http_port > 0 and seen[0].stun_port is None
+    async with httpx.AsyncClient() as http:
+        assert (await http.get(f"{seen[0].url}/health")).status_code == 200
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
