@@ -1,0 +1,192 @@
+"""``p2plab lab ...``: build, inspect, classify and clean the kernel NAT lab.
+
+The main CLI calls :func:`register_cli` with its subparsers; each subcommand sets ``func`` (a plain
+function ``func(args) -> int``).  ``python -m p2plab.lab.cli`` runs the same commands standalone.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import signal
+import sys
+import threading
+from typing import Any
+
+from p2plab.errors import P2PLabError
+from p2plab.lab.profiles import EXPECTED_CLASSIC, PROFILES
+
+__all__ = ["main", "register_cli"]
+
+
+def _out(text: str = "") -> None:
+    sys.stdout.write(text + "\n")
+    sys.stdout.flush()
+
+
+def _profiles_arg(value: str) -> list[str]:
+    names = [v.strip() for v in value.split(",") if v.strip()]
+    for name in names:
+        if name not in PROFILES:
+            raise argparse.ArgumentTypeError(
+                f"unknown profile {name!r}; choose from {', '.join(PROFILES)}"
+            )
+    return names
+
+
+def _add_impairments(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("impairments (on each NAT's WAN, both directions, UDP)")
+    g.add_argument("--loss-a", type=float, default=0.0, metavar="P", help="loss fraction, site A")
+    g.add_argument("--loss-b", type=float, default=0.0, metavar="P", help="loss fraction, site B")
+    g.add_argument("--rate-a-mbit", type=float, default=None, metavar="R", help="tbf rate, site A")
+    g.add_argument("--rate-b-mbit", type=float, default=None, metavar="R", help="tbf rate, site B")
+
+
+def register_cli(subparsers: Any) -> argparse.ArgumentParser:
+    """Add the ``lab`` command (and its subcommands) to ``subparsers``."""
+    lab: argparse.ArgumentParser = subparsers.add_parser(
+        "lab",
+        help="kernel NAT lab in network namespaces (root)",
+        description="Real Linux NATs in network namespaces (root, iproute2, iptables, coturn).",
+    )
+    sub = lab.add_subparsers(dest="lab_command", metavar="{up,clean,classify,matrix}")
+    sub.required = True
+
+    up = sub.add_parser("up", help="build a lab and keep it until Ctrl-C")
+    up.add_argument("--a", dest="profile_a", default="port-restricted", choices=PROFILES)
+    up.add_argument("--b", dest="profile_b", default="port-restricted", choices=PROFILES)
+    up.add_argument("--same-lan", action="store_true", help="hosts a and b behind site A's NAT")
+    up.add_argument("--no-stun", action="store_true", help="do not start coturn")
+    up.add_argument("--json", action="store_true", help="print the lab description as JSON")
+    _add_impairments(up)
+    up.set_defaults(func=cmd_up)
+
+    clean = sub.add_parser("clean", help="remove namespaces left by earlier runs")
+    clean.add_argument(
+        "--force", action="store_true", help="also remove labs whose creating process still runs"
+    )
+    clean.set_defaults(func=cmd_clean)
+
+    classify = sub.add_parser("classify", help="classify every profile (pystun3 against coturn)")
+    classify.add_argument("--profiles", type=_profiles_arg, default=list(PROFILES))
+    classify.add_argument("--json", action="store_true")
+    classify.set_defaults(func=cmd_classify)
+
+    matrix = sub.add_parser("matrix", help="punch between every pair of profiles; CSV + heatmap")
+    matrix.add_argument("--profiles", type=_profiles_arg, default=list(PROFILES))
+    matrix.add_argument("--out", default="lab-matrix", help="output directory (CSV and PNG)")
+    matrix.add_argument("--timeout", type=float, default=20.0, help="seconds to wait per pair")
+    matrix.add_argument("--jobs", type=int, default=3, help="labs built at the same time")
+    matrix.add_argument("--no-same-lan", action="store_true", help="skip the same-LAN row")
+    _add_impairments(matrix)
+    matrix.set_defaults(func=cmd_matrix)
+    return lab
+
+
+def _guard(fn: Any) -> Any:
+    def wrapper(args: argparse.Namespace) -> int:
+        try:
+            result: int = fn(args)
+        except P2PLabError as exc:
+            sys.stderr.write(f"p2plab lab: {exc}\n")
+            return 2
+        return result
+
+    wrapper.__name__ = fn.__name__
+    wrapper.__doc__ = fn.__doc__
+    return wrapper
+
+
+@_guard
+def cmd_up(args: argparse.Namespace) -> int:
+    """Build a lab and keep it until interrupted."""
+    from p2plab.lab.netns import Lab
+
+    with Lab.create(
+        args.profile_a,
+        args.profile_b,
+        same_lan=args.same_lan,
+        loss_a=args.loss_a,
+        loss_b=args.loss_b,
+        rate_a_mbit=args.rate_a_mbit,
+        rate_b_mbit=args.rate_b_mbit,
+        stun=not args.no_stun,
+    ) as lab:
+        desc = lab.describe()
+        if args.json:
+            _out(json.dumps(desc))
+        else:
+            _out(f"lab {lab.prefix} is up (profiles: a={desc['profile_a']} b={desc['profile_b']})")
+            for name, host in desc["hosts"].items():
+                _out(f"  {name:<11} {host['address']:<15} ip netns exec {host['ns']} bash")
+            if desc["stun"]:
+                _out(f"  STUN (coturn): {lab.stun_server}, alternate {lab.stun_addresses[1]}:3479")
+            _out("Ctrl-C removes the lab.")
+        stop = threading.Event()
+        try:
+            signal.signal(signal.SIGTERM, lambda *_: stop.set())
+        except ValueError:  # not the main thread
+            pass
+        try:
+            while not stop.wait(0.5):
+                pass
+        except KeyboardInterrupt:
+            pass
+    return 0
+
+
+@_guard
+def cmd_clean(args: argparse.Namespace) -> int:
+    """Remove leftovers of earlier runs."""
+    from p2plab.lab.netns import clean_leftovers
+
+    removed = clean_leftovers(force=args.force)
+    _out(f"removed {len(removed)} namespace(s)" + (": " + " ".join(removed) if removed else ""))
+    return 0
+
+
+@_guard
+def cmd_classify(args: argparse.Namespace) -> int:
+    """Classify every profile and print a table."""
+    from p2plab.lab.netns import classify_profiles
+
+    results = classify_profiles(args.profiles)
+    if args.json:
+        _out(json.dumps(results))
+        return 0
+    _out(f"{'profile':<16} {'pystun3 (RFC 3489)':<20} {'expected':<20} ok")
+    bad = 0
+    for profile, res in results.items():
+        ok = res["classic"] == EXPECTED_CLASSIC[profile]
+        bad += not ok
+        mark = "yes" if ok else "NO"
+        _out(f"{profile:<16} {res['classic']:<20} {EXPECTED_CLASSIC[profile]:<20} {mark}")
+    return 1 if bad else 0
+
+
+@_guard
+def cmd_matrix(args: argparse.Namespace) -> int:
+    """Punch between every pair of profiles; write CSV and heatmap."""
+    try:
+        from p2plab.lab import matrix
+    except ImportError:
+        sys.stderr.write("p2plab lab matrix: not available yet\n")
+        return 2
+    return int(matrix.run_from_args(args))
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Standalone entry point: ``python -m p2plab.lab.cli lab ...`` (or without ``lab``)."""
+    parser = argparse.ArgumentParser(prog="p2plab")
+    sub = parser.add_subparsers(dest="command")
+    sub.required = True
+    register_cli(sub)
+    args_list = list(sys.argv[1:] if argv is None else argv)
+    if not args_list or args_list[0] != "lab":
+        args_list.insert(0, "lab")
+    args = parser.parse_args(args_list)
+    return int(args.func(args))
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
