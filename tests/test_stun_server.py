@@ -1,0 +1,248 @@
+"""The embedded STUN server on loopback: answers, CHANGE-REQUEST, legacy clients, garbage."""
+
+from __future__ import annotations
+
+import os
+import struct
+
+import pytest
+
+from p2plab.core.stun import (
+    CHANGE_IP,
+    CHANGE_PORT,
+    Class,
+    Message,
+    Method,
+    make_binding_request,
+    parse_message,
+)
+from p2plab.errors import ConfigError
+from p2plab.server.stun_server import StunServer
+
+try:
+    from tests.conftest import TIMEOUT_UNIT
+    from tests.stun_fixtures import RawClient, random_bytes
+except ImportError:  # pragma: no cover - tests run from inside tests/
+    from conftest import TIMEOUT_UNIT  # type: ignore[no-redef]
+    from stun_fixtures import RawClient, random_bytes  # type: ignore[no-redef]
+
+T = 2.0 * TIMEOUT_UNIT
+
+
+async def test_answers_binding_request() -> None:
+    server = await StunServer.start("127.0.0.1", 0)
+    client = RawClient()
+    try:
+        assert len(server.addresses) == 1
+        assert server.other_address is None
+        request = make_binding_request(random_bytes)
+        reply, src = await client.request(request, server.primary_address, T)
+        assert src == server.primary_address
+        assert reply.message_class == Class.RESPONSE
+        assert reply.attributes["XOR-MAPPED-ADDRESS"] == client.address
+        assert reply.attributes["MAPPED-ADDRESS"] == client.address
+        assert reply.attributes["RESPONSE-ORIGIN"] == server.primary_address
+        assert reply.attributes["SOFTWARE"]
+        assert "FINGERPRINT" in reply.attributes  # parse_message verified it
+        assert "OTHER-ADDRESS" not in reply.attributes
+        assert server.stats["requests"] >= 1
+        assert server.stats["responses"] >= 1
+    finally:
+        client.close()
+        server.close()
+
+
+async def test_garbage_is_dropped_and_counted_and_service_continues() -> None:
+    server = await StunServer.start("127.0.0.1", 0)
+    client = RawClient()
+    try:
+        addr = server.primary_address
+        junk = [
+            os.urandom(100),
+            b"",
+            b"\x00\x01\x00",
+            bytes(make_binding_request(random_bytes))[:-3],  # truncated
+            b"\x00\x01\x00\x08\x21\x12\xa4\x42" + os.urandom(12) + b"\x80\x28\x00\x04abcd",
+        ]
+        for data in junk:
+            client.send(data, addr)
+        # a Binding indication and a response: valid STUN, but not requests
+        indication = Message(Method.BINDING, Class.INDICATION, os.urandom(12))
+        client.send(bytes(indication), addr)
+        response = Message(Method.BINDING, Class.RESPONSE, os.urandom(12))
+        client.send(bytes(response), addr)
+        request = make_binding_request(random_bytes)
+        reply, _ = await client.request(request, addr, T)
+        assert reply.attributes["XOR-MAPPED-ADDRESS"] == client.address
+        assert server.stats["malformed_dropped"] == len(junk)
+        assert server.stats["not_request_dropped"] == 2
+        assert server.stats["datagrams_in"] >= len(junk) + 3
+        assert await client.silence(0.05) == []  # nothing answered the junk
+    finally:
+        client.close()
+        server.close()
+
+
+async def test_change_request_with_alternate_address() -> None:
+    server = await StunServer.start("127.0.0.1", 0, alt_host="127.0.0.2", alt_port=0)
+    client = RawClient()
+    try:
+        assert len(server.addresses) == 4
+        (a1, p1), (a1b, p2), (a2, p1b), (a2b, p2b) = server.addresses
+        assert (a1, a1b, a2, a2b) == ("127.0.0.1", "127.0.0.1", "127.0.0.2", "127.0.0.2")
+        assert p1 == p1b and p2 == p2b and p1 != p2
+        assert server.other_address == ("127.0.0.2", p2)
+        primary = (a1, p1)
+        cases = {
+            0: (a1, p1),
+            CHANGE_PORT: (a1, p2),
+            CHANGE_IP: (a2, p1),
+            CHANGE_IP | CHANGE_PORT: (a2, p2),
+        }
+        for flags, expected_source in cases.items():
+            request = make_binding_request(
+                random_bytes,
+                change_ip=bool(flags & CHANGE_IP),
+                change_port=bool(flags & CHANGE_PORT),
+            )
+            reply, src = await client.request(request, primary, T)
+            assert src == expected_source, flags
+            assert reply.attributes["RESPONSE-ORIGIN"] == expected_source
+            assert reply.attributes["OTHER-ADDRESS"] == (a2, p2)
+            assert reply.attributes["CHANGED-ADDRESS"] == (a2, p2)
+            assert reply.attributes["XOR-MAPPED-ADDRESS"] == client.address
+        # a request to the alternate address sees the primary one as "other"
+        reply, src = await client.request(make_binding_request(random_bytes), (a2, p2), T)
+        assert src == (a2, p2)
+        assert reply.attributes["OTHER-ADDRESS"] == (a1, p1)
+        assert server.stats["change_requests"] == 3
+    finally:
+        client.close()
+        server.close()
+
+
+async def test_port_only_alternate_answers_420_for_ip_change() -> None:
+    server = await StunServer.start("127.0.0.1", 0, alt_port=0)
+    client = RawClient()
+    try:
+        assert len(server.addresses) == 2
+        primary, alt = server.addresses
+        reply, src = await client.request(
+            make_binding_request(random_bytes, change_port=True), primary, T
+        )
+        assert src == alt
+        assert reply.message_class == Class.RESPONSE
+        assert reply.attributes["OTHER-ADDRESS"] == alt
+
+        reply, src = await client.request(
+            make_binding_request(random_bytes, change_ip=True), primary, T
+        )
+        assert reply.message_class == Class.ERROR
+        assert reply.attributes["ERROR-CODE"][0] == 420
+        assert reply.attributes["UNKNOWN-ATTRIBUTES"] == (0x0003,)
+        assert server.stats["change_unsupported"] == 1
+        assert server.stats["error_responses"] == 1
+    finally:
+        client.close()
+        server.close()
+
+
+def _legacy_request(tid16: bytes, change: int | None = None) -> bytes:
+    body = b"" if change is None else struct.pack("!HHI", 0x0003, 4, change)
+    return struct.pack("!HH", 0x0001, len(body)) + tid16 + body
+
+
+async def test_rfc3489_client_gets_plain_attributes_and_its_id_back() -> None:
+    server = await StunServer.start("127.0.0.1", 0, alt_host="127.0.0.2", alt_port=0)
+    client = RawClient()
+    try:
+        tid = os.urandom(16)
+        client.send(_legacy_request(tid), server.primary_address)
+        data, src = await client.recv(T)
+        assert data[4:20] == tid
+        reply = parse_message(data)
+        assert reply.legacy
+        assert set(reply.attributes) == {"MAPPED-ADDRESS", "SOURCE-ADDRESS", "CHANGED-ADDRESS"}
+        assert reply.attributes["MAPPED-ADDRESS"] == client.address
+        assert reply.attributes["SOURCE-ADDRESS"] == src == server.primary_address
+        # every attribute length a multiple of 4 (RFC 3489 parsers do not skip padding)
+        pos = 20
+        while pos < len(data):
+            length = struct.unpack("!H", data[pos + 2 : pos + 4])[0]
+            assert length % 4 == 0
+            pos += 4 + length
+        assert server.stats["legacy_requests"] == 1
+    finally:
+        client.close()
+        server.close()
+
+
+async def test_rfc3489_ip_change_without_alternate_is_dropped() -> None:
+    server = await StunServer.start("127.0.0.1", 0)
+    client = RawClient()
+    try:
+        client.send(
+            _legacy_request(os.urandom(16), CHANGE_IP | CHANGE_PORT), server.primary_address
+        )
+        assert await client.silence(0.2 * TIMEOUT_UNIT) == []
+        assert server.stats["change_unsupported"] == 1
+        client.send(_legacy_request(os.urandom(16)), server.primary_address)
+        data, _ = await client.recv(T)
+        assert parse_message(data).attributes["MAPPED-ADDRESS"] == client.address
+    finally:
+        client.close()
+        server.close()
+
+
+async def test_unknown_comprehension_required_attribute_gets_420() -> None:
+    server = await StunServer.start("127.0.0.1", 0)
+    client = RawClient()
+    try:
+        request = Message(Method.BINDING, Class.REQUEST, os.urandom(12), {"UNKNOWN-0x7F01": b"x"})
+        reply, _ = await client.request(request, server.primary_address, T)
+        assert reply.message_class == Class.ERROR
+        assert reply.attributes["ERROR-CODE"] == (420, "Unknown Attribute")
+        assert reply.attributes["UNKNOWN-ATTRIBUTES"] == (0x7F01,)
+    finally:
+        client.close()
+        server.close()
+
+
+async def test_response_port_redirects_the_answer() -> None:
+    server = await StunServer.start("127.0.0.1", 0)
+    client = RawClient()
+    other = RawClient()
+    try:
+        request = make_binding_request(random_bytes, fingerprint=False)
+        request.attributes["RESPONSE-PORT"] = other.address[1]
+        client.send(bytes(request), server.primary_address)
+        data, _ = await other.recv(T)
+        reply = parse_message(data)
+        assert reply.transaction_id == request.transaction_id
+        assert reply.attributes["XOR-MAPPED-ADDRESS"] == client.address
+    finally:
+        client.close()
+        other.close()
+        server.close()
+
+
+async def test_wildcard_bind_reports_the_address_it_was_reached_at() -> None:
+    server = await StunServer.start("0.0.0.0", 0, alt_port=0)
+    client = RawClient()
+    try:
+        port, alt = server.addresses[0][1], server.addresses[1][1]
+        reply, _ = await client.request(make_binding_request(random_bytes), ("127.0.0.1", port), T)
+        assert reply.attributes["RESPONSE-ORIGIN"] == ("127.0.0.1", port)
+        assert reply.attributes["OTHER-ADDRESS"] == ("127.0.0.1", alt)
+    finally:
+        client.close()
+        server.close()
+
+
+async def test_bad_configuration() -> None:
+    with pytest.raises(ConfigError, match="must be a concrete address"):
+        await StunServer.start("0.0.0.0", 0, alt_host="127.0.0.2")
+    with pytest.raises(ConfigError, match="must be a different address"):
+        await StunServer.start("127.0.0.1", 0, alt_host="127.0.0.1")
+    with pytest.raises(ConfigError, match="equals the primary port"):
+        await StunServer.start("127.0.0.1", 40000, alt_port=40000)
