@@ -1,0 +1,107 @@
+"""Settings as frozen dataclasses, one docstring per field.
+
+Every class validates itself in ``__post_init__`` and raises :class:`~p2plab.errors.ConfigError`
+with a message naming the field, so a bad value fails where it is given, not deep in a timer.
+Times are in seconds.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+
+from p2plab.errors import ConfigError
+
+__all__ = ["SessionConfig"]
+
+
+def _require_positive(obj: object, *names: str) -> None:
+    for name in names:
+        value = getattr(obj, name)
+        if not value > 0:
+            raise ConfigError(f"{type(obj).__name__}.{name} must be > 0, got {value!r}")
+
+
+@dataclass(frozen=True)
+class SessionConfig:
+    """Timers and limits of one peer link (:class:`p2plab.core.session.PeerSession`)."""
+
+    punch_timeout: float = 10.0
+    """Give up punching (``PeerLost(reason="punch timeout")``) if no path is up after this long."""
+
+    probe_interval: float = 0.1
+    """First retry interval of the probes sent to each candidate address."""
+
+    probe_backoff: float = 1.5
+    """Factor applied to a candidate's probe interval after each probe (>= 1)."""
+
+    probe_max_interval: float = 1.0
+    """Ceiling of a candidate's probe interval while punching."""
+
+    probe_pacing: float = 0.02
+    """Stagger between the first probes of successive candidates (ICE's Ta, RFC 8445 14.2)."""
+
+    keepalive_interval: float = 5.0
+    """Send a keep-alive after this long without sending anything (well under a 30 s NAT
+    timeout)."""
+
+    peer_timeout: float = 15.0
+    """Declare the peer lost (``PeerLost(reason="peer timeout")``) after this long without
+    hearing from it."""
+
+    rto_initial: float = 1.0
+    """Retransmission timeout before any RTT sample exists (RFC 6298 section 2.1)."""
+
+    rto_min: float = 0.2
+    """Lower bound of the retransmission timeout (RFC 6298 says 1 s; a LAN chat wants less)."""
+
+    rto_max: float = 3.0
+    """Upper bound of the retransmission timeout after exponential backoff."""
+
+    max_retransmits: int = 12
+    """Give up a reliable message (``ChatFailed``) after this many retransmissions."""
+
+    chat_give_up_s: float = 30.0
+    """Give up a reliable message (``ChatFailed``) this long after its first transmission."""
+
+    max_in_flight: int = 64
+    """Most reliable messages sent and not yet acknowledged; later ones wait in a queue."""
+
+    recv_window: int = 1024
+    """Most out-of-order messages buffered by the receiver ahead of the next expected one."""
+
+    max_control_bytes: int = 16 * 1024
+    """Largest encoded JSON control message accepted by ``send_control``."""
+
+    def __post_init__(self) -> None:
+        _require_positive(
+            self,
+            *(
+                f.name
+                for f in fields(self)
+                if f.name not in ("probe_backoff", "probe_pacing", "max_retransmits")
+            ),
+        )
+        if self.probe_backoff < 1:
+            raise ConfigError(
+                f"SessionConfig.probe_backoff must be >= 1, got {self.probe_backoff!r}"
+            )
+        if self.probe_pacing < 0:
+            raise ConfigError(f"SessionConfig.probe_pacing must be >= 0, got {self.probe_pacing!r}")
+        if self.max_retransmits < 0:
+            raise ConfigError(
+                f"SessionConfig.max_retransmits must be >= 0, got {self.max_retransmits!r}"
+            )
+        if self.rto_min > self.rto_max:
+            raise ConfigError(
+                f"SessionConfig.rto_min ({self.rto_min}) must not exceed rto_max ({self.rto_max})"
+            )
+        if self.probe_interval > self.probe_max_interval:
+            raise ConfigError(
+                f"SessionConfig.probe_interval ({self.probe_interval}) must not exceed "
+                f"probe_max_interval ({self.probe_max_interval})"
+            )
+        if self.keepalive_interval >= self.peer_timeout:
+            raise ConfigError(
+                f"SessionConfig.keepalive_interval ({self.keepalive_interval}) must be shorter "
+                f"than peer_timeout ({self.peer_timeout})"
+            )

@@ -1,0 +1,156 @@
+"""Events a :class:`~p2plab.core.session.PeerSession` hands to its driver (``next_event()``).
+
+Small frozen dataclasses, one docstring per field (the aioquic ``events.py`` style).  Times are
+in the driver's clock (the ``now`` it passes in), except ``ChatReceived.sent_at`` which is
+whatever the sender chose to stamp (normally its wall clock).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+__all__ = [
+    "Address",
+    "ChatDelivered",
+    "ChatFailed",
+    "ChatReceived",
+    "ControlDelivered",
+    "ControlFailed",
+    "ControlReceived",
+    "Event",
+    "PathChanged",
+    "PeerClosed",
+    "PeerConnected",
+    "PeerLost",
+    "RttUpdated",
+]
+
+Address = tuple[str, int]
+
+
+@dataclass(frozen=True)
+class Event:
+    """Base class of every session event."""
+
+
+@dataclass(frozen=True)
+class PeerConnected(Event):
+    """A path to the peer passed a full probe round trip and is nominated."""
+
+    address: Address
+    """The peer's address on the nominated path (where our datagrams now go)."""
+
+    rtt: float | None
+    """Round-trip time of the probe exchange that validated the path, in seconds."""
+
+
+@dataclass(frozen=True)
+class PathChanged(Event):
+    """The nominated path moved to another peer address (NAT rebinding or re-nomination)."""
+
+    address: Address
+    """The new peer address."""
+
+    previous: Address | None
+    """The peer address used before the change."""
+
+
+@dataclass(frozen=True)
+class ChatReceived(Event):
+    """A chat message from the peer, delivered exactly once and in order."""
+
+    msg_id: str
+    """The sender's id of the message."""
+
+    text: str
+    """The message text."""
+
+    sent_at: float
+    """The sender's timestamp of the message (its wall clock, as the sender's driver chose)."""
+
+
+@dataclass(frozen=True)
+class ChatDelivered(Event):
+    """The peer acknowledged one of our chat messages."""
+
+    msg_id: str
+    """The id returned by ``send_chat``."""
+
+    latency: float
+    """Seconds from the message's first transmission to its acknowledgement."""
+
+
+@dataclass(frozen=True)
+class ChatFailed(Event):
+    """One of our chat messages was given up (never acknowledged)."""
+
+    msg_id: str
+    """The id returned by ``send_chat``."""
+
+    reason: str
+    """Why: ``"retransmit limit"``, ``"timeout"``, ``"peer lost"``, ``"peer closed"``,
+    ``"closed"`` or ``"punch timeout"``."""
+
+
+@dataclass(frozen=True)
+class ControlReceived(Event):
+    """A control message (a JSON object) from the peer, exactly once and in order with chat."""
+
+    msg_id: str
+    """The sender's id of the message."""
+
+    obj: dict[str, Any]
+    """The decoded JSON object."""
+
+
+@dataclass(frozen=True)
+class ControlDelivered(Event):
+    """The peer acknowledged one of our control messages."""
+
+    msg_id: str
+    """The id returned by ``send_control``."""
+
+    latency: float
+    """Seconds from the message's first transmission to its acknowledgement."""
+
+
+@dataclass(frozen=True)
+class ControlFailed(Event):
+    """One of our control messages was given up."""
+
+    msg_id: str
+    """The id returned by ``send_control``."""
+
+    reason: str
+    """Why (same values as :attr:`ChatFailed.reason`)."""
+
+
+@dataclass(frozen=True)
+class RttUpdated(Event):
+    """A keep-alive round trip produced a new RTT sample."""
+
+    rtt: float
+    """Smoothed round-trip time (RFC 6298 SRTT), in seconds."""
+
+    latest: float
+    """The sample just taken, in seconds."""
+
+    min_rtt: float
+    """The smallest sample seen on this session, in seconds."""
+
+
+@dataclass(frozen=True)
+class PeerLost(Event):
+    """The link is down for good: punching failed or the peer fell silent."""
+
+    reason: str
+    """``"punch timeout"`` or ``"peer timeout"``."""
+
+
+@dataclass(frozen=True)
+class PeerClosed(Event):
+    """The peer said goodbye (BYE); the session is now ``closed``."""
+
+    reason: str = ""
+    """The reason the peer gave, possibly empty."""

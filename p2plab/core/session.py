@@ -1,0 +1,749 @@
+"""The peer link state machine, sans-I/O (shaped like aioquic's ``QuicConnection`` and h11).
+
+::
+
+    punching --(probe round trip + nomination)--> connected --(silence / give-up)--> lost
+        |                                            |
+        +--(punch_timeout)--> lost                   +--(BYE either way)--> closed
+
+The driver feeds datagrams with :meth:`PeerSession.receive_datagram`, calls
+:meth:`~PeerSession.datagrams_to_send` and sends what it returns, arms one timer at
+:meth:`~PeerSession.get_timer` and calls :meth:`~PeerSession.handle_timer` when it fires, and drains
+:meth:`~PeerSession.next_event`.  ``datagrams_to_send`` also runs whatever timer work is due, so a
+driver that calls it after every input can never stall.
+
+Decisions worth knowing:
+
+* **Connected** means a full round trip: the controlling side connects on the first PROBE_ACK
+  that echoes its nonce from the address the probe went to, then nominates that address with
+  flagged probes; the controlled side connects when the address the controlling side nominated
+  (explicitly, or implicitly by sending keep-alives or data from it) has passed its own round trip.
+* **Chat and control** share one reliable, ordered stream (u32 sequence numbers, cumulative plus
+  selective ACKs, RFC 6298 retransmission timer with exponential backoff, Karn's rule for RTT
+  samples).  ``send_chat``/``send_control`` while punching queue the message until connected;
+  after ``lost``/``closed`` they raise :class:`~p2plab.errors.NotConnected`.
+* **Giving up** one message breaks the ordered stream (the receiver would wait for it forever), so
+  it fails that message and every later one and declares the peer lost (``"delivery failed"``).
+  With the default settings the peer timeout (15 s) always comes first.
+* **Keep-alives** go out only when we have sent nothing of our own (probes, messages,
+  keep-alives; acks do not count) for ``keepalive_interval``, so both ends send them on an idle
+  link and both measure the RTT; their round trips (and ACKs of never-retransmitted messages)
+  feed the RTT estimate.
+* **BYE** from the peer ends in state ``closed`` with a :class:`PeerClosed` event; our own
+  :meth:`close` ends in ``closed`` too, without an event.
+* Bad datagrams never raise: they are dropped and counted in :attr:`PeerSession.stats`.
+  Benchmark types (0x20..0x2F) are the I/O layer's: if one reaches the session it is counted
+  (``bench_ignored``) and dropped.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from p2plab.config import SessionConfig
+from p2plab.core import events as ev
+from p2plab.core.punch import Checklist
+from p2plab.core.wire import (
+    MAX_CHAT_BYTES,
+    MAX_SELECTIVE_ACKS,
+    Ack,
+    BenchDatagram,
+    Bye,
+    Chat,
+    Control,
+    Datagram,
+    Keepalive,
+    KeepaliveAck,
+    Probe,
+    ProbeAck,
+    Sealer,
+    SessionDatagram,
+    UnknownDatagramType,
+    encode_datagram,
+    parse_datagram,
+)
+from p2plab.errors import ChatTooLong, ConfigError, LocalProtocolError, NotConnected
+
+__all__ = ["Address", "PeerSession", "Role", "State"]
+
+log = logging.getLogger(__name__)
+
+Address = tuple[str, int]
+Role = Literal["controlling", "controlled"]
+State = Literal["punching", "connected", "lost", "closed"]
+
+_INF = float("inf")
+_NOMINATION_PROBES = 10  # flagged probes before relying on implicit nomination
+_PATH_CHECK_PROBES = 10  # probes to a new peer address seen once connected
+_KEEPALIVES_REMEMBERED = 16
+_CLOCK_GRANULARITY = 0.001  # G of RFC 6298 section 2
+_U32 = 1 << 32
+
+_STAT_NAMES = (
+    "datagrams_in",
+    "bytes_in",
+    "datagrams_out",
+    "bytes_out",
+    "dropped_malformed",
+    "dropped_unknown_type",
+    "dropped_wrong_peer",
+    "dropped_not_connected",
+    "dropped_after_close",
+    "dropped_out_of_window",
+    "bench_ignored",
+    "probes_sent",
+    "probes_received",
+    "probe_acks_received",
+    "probe_acks_unmatched",
+    "prflx_learned",
+    "keepalives_sent",
+    "keepalives_received",
+    "keepalive_acks_received",
+    "chats_sent",
+    "chats_received",
+    "controls_sent",
+    "controls_received",
+    "controls_malformed",
+    "acks_sent",
+    "acks_received",
+    "retransmits",
+    "duplicates",
+    "delivered",
+    "failed",
+    "path_changes",
+)
+
+
+@dataclass
+class _Outgoing:
+    seq: int
+    kind: Literal["chat", "control"]
+    msg_id: str
+    data: bytes
+    first_sent: float = _INF
+    last_sent: float = _INF
+    retransmits: int = 0
+    rto: float = 0.0
+    deadline: float = _INF
+
+
+def _norm(addr: Any) -> Address:
+    return (str(addr[0]), int(addr[1]))
+
+
+class PeerSession:
+    """One peer link: punching, nomination, keep-alives, RTT and a reliable message stream."""
+
+    def __init__(
+        self,
+        local_id: str,
+        peer_id: str,
+        role: Role,
+        candidates: list[Address],
+        config: SessionConfig,
+        now: float,
+        rand_bytes: Callable[[int], bytes],
+        *,
+        sealer: Sealer | None = None,
+    ) -> None:
+        if role not in ("controlling", "controlled"):
+            raise ConfigError(f"role must be 'controlling' or 'controlled', got {role!r}")
+        if local_id == peer_id:
+            raise ConfigError(f"local_id and peer_id are the same: {local_id!r}")
+        self.local_id = local_id
+        self.peer_id = peer_id
+        self.role: Role = role
+        self.config = config
+        self._rand_bytes = rand_bytes
+        self._sealer = sealer
+        self._state: State = "punching"
+        self.stats: dict[str, int] = dict.fromkeys(_STAT_NAMES, 0)
+
+        usable: list[Address] = []
+        for c in candidates:
+            a = _norm(c)
+            if 0 < a[1] < 65536 and a[0] and a not in usable:
+                usable.append(a)
+        self._checklist = Checklist.start(usable, config, now)
+        self._punch_deadline = now + config.punch_timeout
+        self._peer_address: Address | None = None
+        self._nominated: Address | None = None  # controlled: what the controlling side chose
+        self._nomination_done = False  # controlling: a flagged probe was acknowledged
+        self._data_source: Address | None = None  # where the peer's last non-probe came from
+
+        self._outbox: list[tuple[bytes, Address]] = []
+        self._events: deque[ev.Event] = deque()
+
+        # RTT (RFC 6298)
+        self._srtt: float | None = None
+        self._rttvar = 0.0
+        self._latest_rtt: float | None = None
+        self._min_rtt: float | None = None
+
+        # liveness
+        self._last_sent = now
+        self._last_received = now
+        self._ka_seq = 0
+        self._ka_sent: dict[int, float] = {}
+
+        # reliable stream, sending side
+        self._next_seq = 0
+        self._unsent: deque[_Outgoing] = deque()
+        self._in_flight: dict[int, _Outgoing] = {}
+        # receiving side
+        self._expected = 0
+        self._recv_buf: dict[int, Chat | Control] = {}
+        self._ack_pending: Address | None = None
+
+    # ------------------------------------------------------------------------------------------
+    # read-only state
+
+    @property
+    def state(self) -> State:
+        """``"punching"``, ``"connected"``, ``"lost"`` or ``"closed"``."""
+        return self._state
+
+    @property
+    def peer_address(self) -> Address | None:
+        """The peer's address on the nominated path (None until connected)."""
+        return self._peer_address
+
+    @property
+    def rtt(self) -> float | None:
+        """Smoothed RTT (RFC 6298 SRTT) in seconds, None before the first sample."""
+        return self._srtt
+
+    @property
+    def latest_rtt(self) -> float | None:
+        """The most recent RTT sample."""
+        return self._latest_rtt
+
+    @property
+    def min_rtt(self) -> float | None:
+        """The smallest RTT sample seen."""
+        return self._min_rtt
+
+    @property
+    def rto(self) -> float:
+        """Current retransmission timeout (RFC 6298 section 2), before backoff."""
+        if self._srtt is None:
+            return self.config.rto_initial
+        rto = self._srtt + max(_CLOCK_GRANULARITY, 4 * self._rttvar)
+        return min(max(rto, self.config.rto_min), self.config.rto_max)
+
+    @property
+    def candidates(self) -> list[Address]:
+        """Every peer address known (given and peer-reflexive), in the order learnt."""
+        return list(self._checklist.candidates)
+
+    @property
+    def pending_messages(self) -> int:
+        """Reliable messages not yet acknowledged (queued or in flight)."""
+        return len(self._unsent) + len(self._in_flight)
+
+    # ------------------------------------------------------------------------------------------
+    # commands
+
+    def send_chat(self, text: str, now: float, sent_at: float | None = None) -> str:
+        """Queue a chat message; returns its id.  ``sent_at`` defaults to ``now``.
+
+        Raises :class:`ChatTooLong` over 4096 bytes of UTF-8 and :class:`NotConnected` once the
+        session is ``lost`` or ``closed``.  While punching the message waits for the link.
+        """
+        try:
+            raw = text.encode("utf-8")
+        except UnicodeEncodeError as exc:
+            raise LocalProtocolError(f"chat text is not valid Unicode: {exc}") from None
+        if len(raw) > MAX_CHAT_BYTES:
+            raise ChatTooLong(
+                f"chat message is {len(raw)} bytes of UTF-8; the limit is {MAX_CHAT_BYTES} bytes"
+            )
+        self._check_open("send a chat message")
+        msg_id = self._new_id()
+        seq = self._take_seq()
+        datagram = Chat(
+            self.local_id,
+            self.peer_id,
+            seq=seq,
+            msg_id=msg_id,
+            sent_at=now if sent_at is None else sent_at,
+            text=text,
+        )
+        self._unsent.append(_Outgoing(seq, "chat", msg_id, self._encode(datagram)))
+        return msg_id
+
+    def send_control(self, obj: dict[str, Any], now: float, sent_at: float | None = None) -> str:
+        """Queue a reliable JSON control message; returns its id (same stream as chat).
+
+        Raises :class:`LocalProtocolError` if ``obj`` is not a JSON-serialisable dict or encodes
+        to more than ``config.max_control_bytes``; :class:`NotConnected` once lost or closed.
+        """
+        if not isinstance(obj, dict):
+            raise LocalProtocolError(f"a control message must be a dict, got {type(obj).__name__}")
+        try:
+            payload = json.dumps(obj, separators=(",", ":"), allow_nan=False).encode("utf-8")
+        except (TypeError, ValueError) as exc:
+            raise LocalProtocolError(f"control message is not JSON-serialisable: {exc}") from None
+        if len(payload) > self.config.max_control_bytes:
+            raise LocalProtocolError(
+                f"control message is {len(payload)} bytes; the limit is "
+                f"{self.config.max_control_bytes} bytes"
+            )
+        self._check_open("send a control message")
+        msg_id = self._new_id()
+        seq = self._take_seq()
+        datagram = Control(
+            self.local_id,
+            self.peer_id,
+            seq=seq,
+            msg_id=msg_id,
+            sent_at=now if sent_at is None else sent_at,
+            payload=payload,
+        )
+        self._unsent.append(_Outgoing(seq, "control", msg_id, self._encode(datagram)))
+        return msg_id
+
+    def close(self, now: float, reason: str = "") -> None:
+        """Close the session: a best-effort BYE to the peer, pending messages fail ("closed")."""
+        if self._state in ("lost", "closed"):
+            return
+        reason = reason.encode("utf-8")[:255].decode("utf-8", "ignore")
+        bye = self._encode(Bye(self.local_id, self.peer_id, reason=reason))
+        targets: list[Address]
+        if self._peer_address is not None:
+            targets = [self._peer_address]
+        else:
+            targets = list(self._checklist.candidates)
+        for addr in targets:
+            self._send(bye, addr, now)
+        self._finish("closed", "closed")
+        log.debug("session %s -> %s closed", self.local_id, self.peer_id)
+
+    # ------------------------------------------------------------------------------------------
+    # driver interface
+
+    def receive_datagram(self, data: bytes, addr: Address, now: float) -> None:
+        """Handle one datagram from ``addr``.  Never raises on bad input: drops and counts."""
+        self.stats["datagrams_in"] += 1
+        self.stats["bytes_in"] += len(data)
+        if self._state in ("lost", "closed"):
+            self.stats["dropped_after_close"] += 1
+            return
+        try:
+            addr = _norm(addr)
+            datagram = parse_datagram(data, self._sealer)
+        except UnknownDatagramType:
+            self.stats["dropped_unknown_type"] += 1
+            return
+        except Exception as exc:  # RemoteProtocolError, or a sealer's failure
+            self.stats["dropped_malformed"] += 1
+            log.debug("dropped malformed datagram from %s: %s", addr, exc)
+            return
+        if isinstance(datagram, BenchDatagram):
+            self.stats["bench_ignored"] += 1
+            return
+        assert isinstance(datagram, SessionDatagram)
+        if datagram.sender_id != self.peer_id or datagram.receiver_id != self.local_id:
+            self.stats["dropped_wrong_peer"] += 1
+            log.debug(
+                "dropped datagram %s -> %s from %s (we are %s <- %s)",
+                datagram.sender_id,
+                datagram.receiver_id,
+                addr,
+                self.local_id,
+                self.peer_id,
+            )
+            return
+        self._dispatch(datagram, addr, now)
+
+    def datagrams_to_send(self, now: float) -> list[tuple[bytes, Address]]:
+        """Datagrams to send now, with their destinations (runs due timer work first)."""
+        self._service(now)
+        out, self._outbox = self._outbox, []
+        return out
+
+    def get_timer(self) -> float | None:
+        """When :meth:`handle_timer` must next be called, or None."""
+        if self._state in ("lost", "closed"):
+            return None
+        deadlines = [self._checklist.next_deadline() or _INF]
+        if self._state == "punching":
+            deadlines.append(self._punch_deadline)
+        else:
+            deadlines.append(self._last_sent + self.config.keepalive_interval)
+            deadlines.append(self._last_received + self.config.peer_timeout)
+            for o in self._in_flight.values():
+                deadlines.append(min(o.deadline, o.first_sent + self.config.chat_give_up_s))
+            if self._ack_pending is not None or self._sendable():
+                deadlines.append(-_INF)
+        when = min(deadlines)
+        if when == -_INF:
+            return self._last_sent  # something to send right away
+        return None if when == _INF else when
+
+    def handle_timer(self, now: float) -> None:
+        """Run the timer work due at ``now`` (probes, retransmissions, keep-alives, timeouts)."""
+        self._service(now)
+
+    def next_event(self) -> ev.Event | None:
+        """The next event, or None."""
+        return self._events.popleft() if self._events else None
+
+    # ------------------------------------------------------------------------------------------
+    # internals: helpers
+
+    def _new_id(self) -> str:
+        return self._rand_bytes(8).hex()
+
+    def _take_seq(self) -> int:
+        seq = self._next_seq
+        self._next_seq = (seq + 1) % _U32
+        return seq
+
+    def _check_open(self, what: str) -> None:
+        if self._state in ("lost", "closed"):
+            raise NotConnected(f"cannot {what}: the session is {self._state}")
+
+    def _encode(self, datagram: Datagram) -> bytes:
+        return encode_datagram(datagram, self._sealer)
+
+    def _send(self, data: bytes, addr: Address, now: float, *, reply: bool = False) -> None:
+        self._outbox.append((data, addr))
+        self.stats["datagrams_out"] += 1
+        self.stats["bytes_out"] += len(data)
+        if not reply:
+            # Replies (acks) do not count as activity for the keep-alive timer, so both ends
+            # keep sending their own keep-alives and both measure the RTT.
+            self._last_sent = max(self._last_sent, now)
+
+    def _rtt_sample(self, sample: float) -> None:
+        # RFC 6298 section 2.2 / 2.3
+        sample = max(sample, 0.0)
+        self._latest_rtt = sample
+        self._min_rtt = sample if self._min_rtt is None else min(self._min_rtt, sample)
+        if self._srtt is None:
+            self._srtt = sample
+            self._rttvar = sample / 2
+        else:
+            self._rttvar = 0.75 * self._rttvar + 0.25 * abs(self._srtt - sample)
+            self._srtt = 0.875 * self._srtt + 0.125 * sample
+
+    def _finish(self, state: State, reason: str) -> None:
+        """Enter ``lost``/``closed``: fail every pending message with ``reason``."""
+        self._state = state
+        self._checklist.stop_all()
+        pending = list(self._in_flight.values()) + list(self._unsent)
+        pending.sort(key=lambda o: o.seq)
+        self._in_flight.clear()
+        self._unsent.clear()
+        for o in pending:
+            self._fail(o, reason)
+        self._ack_pending = None
+
+    def _fail(self, o: _Outgoing, reason: str) -> None:
+        self.stats["failed"] += 1
+        if o.kind == "chat":
+            self._events.append(ev.ChatFailed(o.msg_id, reason))
+        else:
+            self._events.append(ev.ControlFailed(o.msg_id, reason))
+
+    def _lose(self, reason: str) -> None:
+        log.info("peer %s lost: %s", self.peer_id, reason)
+        self._finish("lost", "peer lost" if reason != "punch timeout" else "punch timeout")
+        self._events.append(ev.PeerLost(reason))
+
+    def _connect(self, addr: Address, now: float, rtt: float | None) -> None:
+        self._state = "connected"
+        self._peer_address = addr
+        self._last_received = now
+        self._checklist.stop_all()
+        if self.role == "controlling":
+            self._checklist.restart(addr, now, budget=_NOMINATION_PROBES)
+        log.info("peer %s connected at %s (rtt %s)", self.peer_id, addr, rtt)
+        self._events.append(ev.PeerConnected(addr, rtt))
+
+    def _change_path(self, addr: Address, now: float) -> None:
+        previous = self._peer_address
+        self._peer_address = addr
+        self.stats["path_changes"] += 1
+        if self.role == "controlling":
+            self._nomination_done = False
+            self._checklist.restart(addr, now, budget=_NOMINATION_PROBES)
+        log.info("peer %s path changed %s -> %s", self.peer_id, previous, addr)
+        self._events.append(ev.PathChanged(addr, previous))
+
+    # ------------------------------------------------------------------------------------------
+    # internals: timers and sending
+
+    def _sendable(self) -> bool:
+        if self._state != "connected" or not self._unsent:
+            return False
+        lowest = min(self._in_flight) if self._in_flight else self._unsent[0].seq
+        return (self._unsent[0].seq - lowest) % _U32 < self.config.max_in_flight
+
+    def _service(self, now: float) -> None:
+        if self._state in ("lost", "closed"):
+            return
+        if self._state == "punching" and now >= self._punch_deadline:
+            self._lose("punch timeout")
+            return
+        if self._state == "connected" and now >= self._last_received + self.config.peer_timeout:
+            self._lose("peer timeout")
+            return
+        self._send_probes(now)
+        if self._state != "connected":
+            return
+        assert self._peer_address is not None
+        self._retransmit(now)
+        if self._state != "connected":
+            return
+        while self._sendable():
+            o = self._unsent.popleft()
+            o.first_sent = o.last_sent = now
+            o.rto = self.rto
+            o.deadline = now + o.rto
+            self._in_flight[o.seq] = o
+            self.stats["chats_sent" if o.kind == "chat" else "controls_sent"] += 1
+            self._send(o.data, self._peer_address, now)
+        if self._ack_pending is not None:
+            self._send_ack(now)
+        if now >= self._last_sent + self.config.keepalive_interval:
+            self._send_keepalive(now)
+
+    def _send_probes(self, now: float) -> None:
+        for cand in self._checklist.due(now):
+            nominate = (
+                self.role == "controlling"
+                and self._state == "connected"
+                and cand.address == self._peer_address
+            )
+            nonce = self._rand_bytes(8)
+            probe = Probe(
+                self.local_id, self.peer_id, nonce=nonce, nominate=nominate, target=cand.address
+            )
+            self._checklist.record_probe(cand, nonce, now, nominate)
+            self.stats["probes_sent"] += 1
+            self._send(self._encode(probe), cand.address, now)
+
+    def _retransmit(self, now: float) -> None:
+        assert self._peer_address is not None
+        for o in sorted(self._in_flight.values(), key=lambda o: o.first_sent):
+            if now < o.deadline and now < o.first_sent + self.config.chat_give_up_s:
+                continue
+            if now >= o.first_sent + self.config.chat_give_up_s:
+                self._give_up(o, "timeout")
+                return
+            if o.retransmits >= self.config.max_retransmits:
+                self._give_up(o, "retransmit limit")
+                return
+            o.retransmits += 1
+            o.last_sent = now
+            o.rto = min(o.rto * 2, self.config.rto_max)
+            o.deadline = now + o.rto
+            self.stats["retransmits"] += 1
+            self._send(o.data, self._peer_address, now)
+
+    def _give_up(self, o: _Outgoing, reason: str) -> None:
+        # The ordered stream cannot skip a message, so giving one up ends the session.
+        log.info("giving up message %s to %s: %s", o.msg_id, self.peer_id, reason)
+        del self._in_flight[o.seq]
+        self._fail(o, reason)
+        self._finish("lost", "peer lost")
+        self._events.append(ev.PeerLost("delivery failed"))
+
+    def _send_ack(self, now: float) -> None:
+        addr = self._ack_pending
+        self._ack_pending = None
+        if addr is None:
+            return
+        selective = tuple(sorted(self._recv_buf, key=lambda s: (s - self._expected) % _U32))
+        ack = Ack(
+            self.local_id,
+            self.peer_id,
+            cumulative=self._expected,
+            selective=selective[:MAX_SELECTIVE_ACKS],
+        )
+        self.stats["acks_sent"] += 1
+        self._send(self._encode(ack), addr, now, reply=True)
+
+    def _send_keepalive(self, now: float) -> None:
+        assert self._peer_address is not None
+        seq = self._ka_seq
+        self._ka_seq = (seq + 1) % _U32
+        self._ka_sent[seq] = now
+        while len(self._ka_sent) > _KEEPALIVES_REMEMBERED:
+            del self._ka_sent[next(iter(self._ka_sent))]
+        ka = Keepalive(self.local_id, self.peer_id, seq=seq, timestamp=now)
+        self.stats["keepalives_sent"] += 1
+        self._send(self._encode(ka), self._peer_address, now)
+
+    # ------------------------------------------------------------------------------------------
+    # internals: input
+
+    def _dispatch(self, d: SessionDatagram, addr: Address, now: float) -> None:
+        if isinstance(d, Probe):
+            self._on_probe(d, addr, now)
+        elif isinstance(d, ProbeAck):
+            self._on_probe_ack(d, addr, now)
+        elif isinstance(d, Bye):
+            self._finish("closed", "peer closed")
+            self._events.append(ev.PeerClosed(d.reason))
+        else:
+            self._on_traffic(d, addr, now)
+
+    def _on_probe(self, d: Probe, addr: Address, now: float) -> None:
+        self.stats["probes_received"] += 1
+        self._last_received = now
+        # Answer where it really came from (RFC 8445 section 7.3.1.3).
+        ack = ProbeAck(
+            self.local_id, self.peer_id, nonce=d.nonce, nominate=d.nominate, observed=addr
+        )
+        self._send(self._encode(ack), addr, now, reply=True)
+        if self._state == "punching":
+            _, new = self._checklist.add(addr, "prflx", now)  # triggered check (7.3.1.4)
+            if new:
+                self.stats["prflx_learned"] += 1
+                log.debug("learnt peer-reflexive candidate %s", addr)
+        if d.nominate and self.role == "controlled":
+            self._follow_nomination(addr, now)
+
+    def _follow_nomination(self, addr: Address, now: float) -> None:
+        self._nominated = addr
+        cand = self._checklist.candidates.get(addr)
+        if cand is not None and cand.succeeded:
+            if self._state == "punching":
+                self._connect(addr, now, cand.rtt)
+            elif self._state == "connected" and addr != self._peer_address:
+                self._change_path(addr, now)
+        elif cand is None:
+            self._checklist.restart(addr, now, budget=_PATH_CHECK_PROBES)
+            self.stats["prflx_learned"] += 1
+        else:
+            if self._state == "connected" and cand.next_probe_at == _INF:
+                self._checklist.restart(addr, now, budget=_PATH_CHECK_PROBES)
+            else:
+                self._checklist.trigger(addr, now)
+
+    def _on_probe_ack(self, d: ProbeAck, addr: Address, now: float) -> None:
+        match = self._checklist.match_ack(d.nonce, addr, now)
+        if match is None:
+            self.stats["probe_acks_unmatched"] += 1
+            return
+        self.stats["probe_acks_received"] += 1
+        self._last_received = now
+        cand, rtt, nominate = match
+        self._rtt_sample(rtt)
+        if self._state == "punching":
+            if self.role == "controlling":
+                self._connect(cand.address, now, rtt)
+            else:
+                self._checklist.stop(cand.address)
+                if self._nominated == cand.address:
+                    self._connect(cand.address, now, rtt)
+            return
+        # connected
+        if cand.address == self._peer_address:
+            if nominate:
+                self._nomination_done = True
+                self._checklist.stop(cand.address)
+            return
+        self._checklist.stop(cand.address)
+        if self.role == "controlling":
+            if self._data_source == cand.address:
+                self._change_path(cand.address, now)  # the peer's NAT rebound
+        elif self._nominated == cand.address:
+            self._change_path(cand.address, now)
+
+    def _on_traffic(self, d: SessionDatagram, addr: Address, now: float) -> None:
+        """KEEPALIVE, KEEPALIVE_ACK, CHAT, CONTROL, ACK."""
+        if self._state == "punching":
+            # Only the controlling side sends these before we connect: it uses ``addr``.
+            self.stats["dropped_not_connected"] += 1
+            if self.role == "controlled":
+                self._follow_nomination(addr, now)
+            return
+        self._last_received = now
+        self._data_source = addr
+        if addr != self._peer_address:
+            cand = self._checklist.candidates.get(addr)
+            if self.role == "controlled":
+                self._follow_nomination(addr, now)
+            elif cand is not None and cand.succeeded:
+                self._change_path(addr, now)
+            elif cand is None or cand.next_probe_at == _INF:
+                self._checklist.restart(addr, now, budget=_PATH_CHECK_PROBES)
+        if isinstance(d, Keepalive):
+            self.stats["keepalives_received"] += 1
+            reply = KeepaliveAck(self.local_id, self.peer_id, seq=d.seq, timestamp=d.timestamp)
+            self._send(self._encode(reply), addr, now, reply=True)
+        elif isinstance(d, KeepaliveAck):
+            sent = self._ka_sent.pop(d.seq, None)
+            if sent is None:
+                return
+            self.stats["keepalive_acks_received"] += 1
+            self._rtt_sample(now - sent)
+            assert self._srtt is not None and self._latest_rtt is not None
+            assert self._min_rtt is not None
+            self._events.append(ev.RttUpdated(self._srtt, self._latest_rtt, self._min_rtt))
+        elif isinstance(d, Chat | Control):
+            self._on_message(d, now)
+        elif isinstance(d, Ack):
+            self._on_ack(d, now)
+
+    def _on_message(self, d: Chat | Control, now: float) -> None:
+        self._ack_pending = self._peer_address
+        offset = (d.seq - self._expected) % _U32
+        if offset >= _U32 // 2 or d.seq in self._recv_buf:
+            self.stats["duplicates"] += 1
+            return
+        if offset >= self.config.recv_window:
+            self.stats["dropped_out_of_window"] += 1
+            return
+        self._recv_buf[d.seq] = d
+        while self._expected in self._recv_buf:
+            msg = self._recv_buf.pop(self._expected)
+            self._expected = (self._expected + 1) % _U32
+            self._deliver(msg)
+
+    def _deliver(self, msg: Chat | Control) -> None:
+        if isinstance(msg, Chat):
+            self.stats["chats_received"] += 1
+            self._events.append(ev.ChatReceived(msg.msg_id, msg.text, msg.sent_at))
+            return
+        try:
+            obj = json.loads(msg.payload.decode("utf-8"))
+        except (UnicodeDecodeError, ValueError):
+            obj = None
+        if not isinstance(obj, dict):
+            self.stats["controls_malformed"] += 1
+            return
+        self.stats["controls_received"] += 1
+        self._events.append(ev.ControlReceived(msg.msg_id, obj))
+
+    def _on_ack(self, d: Ack, now: float) -> None:
+        self.stats["acks_received"] += 1
+        acked: list[_Outgoing] = []
+        selective = set(d.selective)
+        for seq, o in list(self._in_flight.items()):
+            if 0 < (d.cumulative - seq) % _U32 < _U32 // 2 or seq in selective:
+                acked.append(o)
+                del self._in_flight[seq]
+        if not acked:
+            return
+        acked.sort(key=lambda o: o.seq)
+        fresh = [o for o in acked if o.retransmits == 0]
+        if fresh:
+            # Karn's rule: only never-retransmitted messages give a sample.
+            self._rtt_sample(now - max(o.first_sent for o in fresh))
+        for o in acked:
+            self.stats["delivered"] += 1
+            latency = now - o.first_sent
+            if o.kind == "chat":
+                self._events.append(ev.ChatDelivered(o.msg_id, latency))
+            else:
+                self._events.append(ev.ControlDelivered(o.msg_id, latency))
