@@ -1,0 +1,515 @@
+"""The worker's web UI in headless Chromium, against real rendezvous and worker processes.
+
+Debian's ``/usr/bin/chromium`` is driven through Playwright's Python API (never a downloaded
+browser).  Screenshots of the pages are kept in ``test-artifacts/browser/``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import http.server
+import io
+import os
+import socket
+import threading
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.conftest import TIMEOUT_UNIT, require
+from tests.procs import (
+    Proc,
+    free_port,
+    get_json,
+    start_rendezvous,
+    start_worker,
+    status,
+    wait_until,
+)
+
+pytestmark = [pytest.mark.browser, pytest.mark.slow]
+
+CHROMIUM = "/usr/bin/chromium"
+CHROMIUM_ARGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
+ARTIFACTS = Path(__file__).resolve().parent.parent / "test-artifacts" / "browser"
+VIEWPORT = {"width": 1360, "height": 1000}
+# Columns of the CSV download: contracts.md "Benchmark result records".
+CSV_COLUMNS = [
+    "run_id",
+    "started_at",
+    "local_worker",
+    "peer_worker",
+    "path",
+    "role",
+    "payload_size",
+    "duration_s",
+    "packets_sent",
+    "packets_received",
+    "lost",
+    "lost_percent",
+    "out_of_order",
+    "duplicates",
+    "jitter_ms",
+    "mbps",
+    "rtt_ms",
+]
+
+
+def ms(seconds: float) -> float:
+    """A Playwright timeout in milliseconds, scaled by the suite's timeout unit."""
+    return seconds * 1000 * TIMEOUT_UNIT
+
+
+def tid(name: str) -> str:
+    return f'[data-testid="{name}"]'
+
+
+def shot(page: Any, name: str) -> None:
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    page.screenshot(path=str(ARTIFACTS / f"{name}.png"), full_page=True)
+
+
+# -- fixtures ---------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def browser() -> Iterator[Any]:
+    require(os.path.exists(CHROMIUM), f"Chromium at {CHROMIUM}")
+    try:
+        from playwright.sync_api import sync_playwright
+    except ImportError:
+        require(False, "the playwright Python package")
+        raise
+    with sync_playwright() as pw:
+        b = pw.chromium.launch(executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS)
+        try:
+            yield b
+        finally:
+            b.close()
+
+
+class Cluster:
+    """A rendezvous (with STUN) and two workers A and B connected to each other."""
+
+    def __init__(self) -> None:
+        self.procs: list[Proc] = []
+        self.a_id = str(uuid.uuid4())
+        self.b_id = str(uuid.uuid4())
+        rv, self.rv_port, self.stun_port = start_rendezvous()
+        self.procs.append(rv)
+        self.a, self.a_http = start_worker(
+            self.rv_port, self.stun_port, "ui-worker-a", ["--id", self.a_id]
+        )
+        self.procs.append(self.a)
+        self.b, self.b_http = start_worker(
+            self.rv_port, self.stun_port, "ui-worker-b", ["--id", self.b_id]
+        )
+        self.procs.append(self.b)
+        for port, peer, proc in (
+            (self.a_http, self.b_id, self.a),
+            (self.b_http, self.a_id, self.b),
+        ):
+            wait_until(
+                lambda port=port, peer=peer: (
+                    status(port)["state"] == "connected"
+                    and (status(port)["peer"] or {}).get("worker_id") == peer
+                ),
+                20,
+                f"{proc.name} connected",
+                proc,
+            )
+
+    def url(self, http_port: int) -> str:
+        return f"http://127.0.0.1:{http_port}/"
+
+    def close(self) -> None:
+        for proc in reversed(self.procs):
+            proc.stop()
+
+
+@pytest.fixture(scope="module")
+def cluster(browser: Any) -> Iterator[Cluster]:
+    c = Cluster()
+    try:
+        yield c
+    finally:
+        c.close()
+
+
+class Page:
+    """A browser context with one page, collecting uncaught page errors."""
+
+    def __init__(self, browser: Any, url: str | None = None) -> None:
+        self.context = browser.new_context(
+            viewport=VIEWPORT, color_scheme="light", accept_downloads=True
+        )
+        self.page = self.context.new_page()
+        self.errors: list[str] = []
+        self.page.on("pageerror", lambda exc: self.errors.append(str(exc)))
+        if url is not None:
+            self.page.goto(url)
+
+    def close(self) -> None:
+        self.context.close()
+
+
+@contextlib.contextmanager
+def open_page(browser: Any, url: str | None = None) -> Iterator[Any]:
+    p = Page(browser, url)
+    try:
+        yield p.page
+        assert p.errors == [], f"uncaught errors in the page: {p.errors}"
+    finally:
+        p.close()
+
+
+def wait_linked(page: Any, timeout: float = 20) -> None:
+    page.wait_for_selector(f'{tid("status-state")}[data-state="connected"]', timeout=ms(timeout))
+
+
+def result_rows(page: Any) -> list[dict[str, str]]:
+    """The result table as ``data-field -> data-value`` dicts (raw values, not display text)."""
+    rows: list[dict[str, str]] = page.eval_on_selector_all(
+        tid("bench-row"),
+        """rows => rows.map(r => Object.fromEntries(
+            Array.from(r.querySelectorAll('td[data-field]'),
+                       td => [td.dataset.field, td.dataset.value])))""",
+    )
+    return rows
+
+
+# -- status and chat ----------------------------------------------------------------------------
+
+
+def test_status_and_chat_between_two_pages(cluster: Cluster, browser: Any) -> None:
+    with (
+        open_page(browser, cluster.url(cluster.a_http)) as a,
+        open_page(browser, cluster.url(cluster.b_http)) as b,
+    ):
+        wait_linked(a)
+        wait_linked(b)
+        assert not a.is_visible(tid("conn-banner"))
+        # the status card shows what the worker reports
+        st = status(cluster.a_http)
+        assert a.inner_text(tid("status-worker-id")) == cluster.a_id
+        assert a.inner_text(tid("peer-id")) == cluster.b_id
+        assert a.inner_text(tid("udp-public")) == st["udp_public"]
+        assert a.inner_text(tid("path")) == "direct"
+        assert cluster.a_id in b.inner_text(tid("peer-id"))
+        # RTT arrives with a later status message once the link measured it
+        a.wait_for_selector(f'{tid("rtt")}:not([data-rtt-ms=""])', timeout=ms(15))
+        assert float(a.get_attribute(tid("rtt"), "data-rtt-ms")) >= 0
+
+        # Enter sends; the text goes through the real workers to B
+        box = a.locator(tid("chat-input"))
+        box.click()
+        box.press_sequentially("hello from A ✓")
+        assert a.get_attribute(tid("chat-counter"), "data-bytes") == str(
+            len("hello from A ✓".encode())
+        )
+        box.press("Enter")
+        incoming = b.locator(f'{tid("chat-msg")}[data-direction="in"]')
+        incoming.first.wait_for(timeout=ms(10))
+        assert incoming.first.locator(tid("chat-text")).inner_text() == "hello from A ✓"
+        outgoing = a.locator(f'{tid("chat-msg")}[data-direction="out"]')
+        a.wait_for_selector(
+            f'{tid("chat-msg")}[data-direction="out"][data-status="delivered"]', timeout=ms(10)
+        )
+        assert outgoing.count() == 1
+        assert outgoing.first.locator(tid("chat-text")).inner_text() == "hello from A ✓"
+        # the id the page matched the delivery on is the id B received
+        assert outgoing.first.get_attribute("data-id") == incoming.first.get_attribute("data-id")
+        assert box.input_value() == ""
+
+        # Shift+Enter is a new line inside one message; a reply comes back the other way
+        box.press_sequentially("line one")
+        box.press("Shift+Enter")
+        box.press_sequentially("line two")
+        box.press("Enter")
+        b.wait_for_function(
+            "n => document.querySelectorAll("
+            "'[data-testid=chat-msg][data-direction=in]').length >= n",
+            arg=2,
+            timeout=ms(10),
+        )
+        assert incoming.nth(1).locator(tid("chat-text")).text_content() == "line one\nline two"
+        reply = b.locator(tid("chat-input"))
+        reply.fill("hi A, B here")
+        b.click(tid("chat-send"))
+        a.wait_for_selector(f'{tid("chat-msg")}[data-direction="in"]', timeout=ms(10))
+        assert a.locator(
+            f'{tid("chat-msg")}[data-direction="in"] {tid("chat-text")}'
+        ).inner_text() == ("hi A, B here")
+        a.wait_for_selector(
+            f'{tid("chat-msg")}[data-direction="out"][data-status="delivered"] >> nth=1',
+            timeout=ms(10),
+        )
+        box.fill("a draft, not sent")
+        shot(a, "chat-worker-a")
+        shot(b, "chat-worker-b")
+
+
+def test_chat_input_refuses_more_than_4096_utf8_bytes(cluster: Cluster, browser: Any) -> None:
+    with open_page(browser, cluster.url(cluster.a_http)) as a:
+        wait_linked(a)
+        box = a.locator(tid("chat-input"))
+        box.fill("é" * 2048)  # 4096 bytes in UTF-8, 2048 characters
+        assert a.get_attribute(tid("chat-counter"), "data-bytes") == "4096"
+        assert "4,096 / 4,096" in a.inner_text(tid("chat-counter")) or "4096 / 4096" in (
+            a.inner_text(tid("chat-counter"))
+        )
+        box.press("End")
+        box.press_sequentially("x")
+        assert box.input_value() == "é" * 2048
+        assert "4096 bytes" in a.inner_text(tid("chat-error"))
+        box.fill("é" * 2049)  # a paste over the limit is refused as a whole
+        assert box.input_value() == "é" * 2048
+        box.fill("short again")
+        assert a.inner_text(tid("chat-error")) == ""
+        assert a.get_attribute(tid("chat-counter"), "data-bytes") == str(len("short again"))
+
+
+# -- benchmark ----------------------------------------------------------------------------------
+
+
+CHART_PIXELS_JS = """
+() => {
+  const c = document.querySelector('[data-testid=bench-chart]');
+  const d = c.getContext('2d').getImageData(0, 0, c.width, c.height).data;
+  const css = getComputedStyle(document.documentElement);
+  const cols = ['--series-sender', '--series-receiver'].map(v => {
+    const h = css.getPropertyValue(v).trim().slice(1);
+    return [0, 2, 4].map(i => parseInt(h.slice(i, i + 2), 16));
+  });
+  let n = 0;
+  for (let i = 0; i < d.length; i += 4) {
+    if (d[i + 3] < 200) continue;
+    for (const [r, g, b] of cols) {
+      if (Math.abs(d[i] - r) < 24 && Math.abs(d[i + 1] - g) < 24 && Math.abs(d[i + 2] - b) < 24) {
+        n++;
+        break;
+      }
+    }
+  }
+  return n;
+}
+"""
+
+
+def test_benchmark_from_page_fills_table_chart_and_csv(cluster: Cluster, browser: Any) -> None:
+    with (
+        open_page(browser, cluster.url(cluster.a_http)) as a,
+        open_page(browser, cluster.url(cluster.b_http)) as b,
+    ):
+        wait_linked(a)
+        wait_linked(b)
+        assert a.evaluate(CHART_PIXELS_JS) == 0  # nothing plotted before a run
+        a.fill(tid("bench-size"), "1200")
+        a.fill(tid("bench-rate"), "20")
+        a.fill(tid("bench-duration"), "2")
+        a.click(tid("bench-start"))
+        a.wait_for_selector(tid("bench-row"), timeout=ms(30))
+        rows = result_rows(a)
+        assert rows, "no result row"
+        assert all(r["payload_size"] == "1200" for r in rows)
+        assert max(float(r["mbps"]) for r in rows) > 0
+        assert max(int(r["packets_sent"] or 0) for r in rows) > 0
+        assert max(int(r["packets_received"] or 0) for r in rows) > 0
+        assert {r["role"] for r in rows} <= {"sender", "receiver"}
+        # the live chart was fed by benchmark_progress messages and drew the series
+        assert int(a.get_attribute(tid("bench-chart"), "data-points")) > 0
+        assert a.evaluate(CHART_PIXELS_JS) > 50
+        assert a.get_attribute(tid("bench-status"), "data-running") == "false"
+        b.wait_for_timeout(500)
+        shot(a, "bench-worker-a")
+        shot(b, "bench-worker-b")
+
+        # the CSV is built in the browser from the same rows, with the contract's columns
+        with a.expect_download(timeout=ms(10)) as dl:
+            a.click(tid("csv-download"))
+        download = dl.value
+        assert download.suggested_filename.endswith(".csv")
+        text = Path(download.path()).read_text("utf-8")
+        table = list(csv.DictReader(io.StringIO(text)))
+        assert list(table[0].keys()) == CSV_COLUMNS
+        assert len(table) == len(rows)
+        # the table lists the newest run first, the CSV in arrival order
+        for rec, row in zip(table, reversed(rows), strict=True):
+            assert rec["mbps"] == row["mbps"]
+            assert rec["role"] == row["role"]
+            assert rec["local_worker"] == cluster.a_id
+            assert rec["peer_worker"] == cluster.b_id
+            assert rec["path"] == "direct"
+            assert rec["run_id"]
+            assert rec["started_at"][:4].isdigit() and "T" in rec["started_at"]
+
+
+def test_benchmark_stop_ends_a_long_run_early(cluster: Cluster, browser: Any) -> None:
+    with open_page(browser, cluster.url(cluster.a_http)) as a:
+        wait_linked(a)
+        a.fill(tid("bench-size"), "800")
+        a.fill(tid("bench-rate"), "5")
+        a.fill(tid("bench-duration"), "120")
+        a.click(tid("bench-start"))
+        a.wait_for_function(
+            "() => +document.querySelector('[data-testid=bench-chart]').dataset.points > 0",
+            timeout=ms(20),
+        )
+        assert a.is_enabled(tid("bench-stop"))
+        assert not a.is_enabled(tid("bench-start"))
+        a.click(tid("bench-stop"))
+        a.wait_for_selector(tid("bench-row"), timeout=ms(30))
+        rows = result_rows(a)
+        assert all(r["payload_size"] == "800" for r in rows)
+        assert min(float(r["duration_s"]) for r in rows) < 120
+        a.wait_for_selector(f"{tid('bench-start')}:enabled", timeout=ms(10))
+
+
+def test_benchmark_form_rejects_bad_payload_size(cluster: Cluster, browser: Any) -> None:
+    with open_page(browser, cluster.url(cluster.a_http)) as a:
+        wait_linked(a)
+        a.fill(tid("bench-size"), "65508")
+        a.click(tid("bench-start"))
+        assert "65507" in a.inner_text(tid("bench-error"))
+        assert a.get_attribute(tid("bench-status"), "data-running") != "true"
+        assert a.locator(tid("bench-row")).count() == 0
+
+
+# -- origin check -------------------------------------------------------------------------------
+
+
+PROBE_JS = """
+url => new Promise(resolve => {
+  const events = [];
+  let ws;
+  try { ws = new WebSocket(url); } catch (e) { resolve(['throw:' + e]); return; }
+  ws.onopen = () => events.push('open');
+  ws.onmessage = (m) => { events.push('message'); ws.close(); };
+  ws.onerror = () => events.push('error');
+  ws.onclose = (e) => { events.push('close:' + e.code); resolve(events); };
+  setTimeout(() => resolve(events.concat(['timeout'])), 8000);
+})
+"""
+
+
+@contextlib.contextmanager
+def foreign_site() -> Iterator[str]:
+    """A page served from another origin (another port on 127.0.0.1)."""
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            body = b"<!doctype html><title>another site</title><p>not the worker</p>"
+            self.send_response(200)
+            self.send_header("Content-Type", "text/html; charset=utf-8")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args: Any) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}/"
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_page_from_another_origin_cannot_open_ui_ws(cluster: Cluster, browser: Any) -> None:
+    ws_url = f"ws://127.0.0.1:{cluster.a_http}/ui_ws"
+    with foreign_site() as other, open_page(browser, other) as evil:
+        events = evil.evaluate(PROBE_JS, ws_url)
+        assert "open" not in events and "message" not in events, events
+        assert any(e.startswith("close:") for e in events), events
+    # the same script from the worker's own page is let in (so the refusal above was the origin)
+    with open_page(browser, cluster.url(cluster.a_http)) as own:
+        events = own.evaluate(PROBE_JS, ws_url)
+        assert events[:2] == ["open", "message"], events
+    assert status(cluster.a_http)["state"] == "connected"
+
+
+# -- reconnect after a worker restart -------------------------------------------------------------
+
+
+def test_banner_while_worker_is_down_and_recovery_after_restart(
+    cluster: Cluster, browser: Any
+) -> None:
+    http_port = free_port(socket.SOCK_STREAM)
+    c_id = str(uuid.uuid4())
+    args = [
+        "worker",
+        "--rendezvous",
+        f"ws://127.0.0.1:{cluster.rv_port}",
+        "--stun",
+        f"127.0.0.1:{cluster.stun_port}",
+        "--udp-port",
+        "0",
+        "--http-host",
+        "127.0.0.1",
+        "--http-port",
+        str(http_port),
+        "--id",
+        c_id,
+    ]
+
+    def start() -> Proc:
+        proc = Proc("ui-worker-c", args)
+        wait_until(
+            lambda: get_json(f"http://127.0.0.1:{http_port}/health")["worker_id"] == c_id,
+            15,
+            "worker C health",
+            proc,
+        )
+        return proc
+
+    c = start()
+    try:
+        with open_page(browser, f"http://127.0.0.1:{http_port}/") as page:
+            page.wait_for_selector(f'{tid("ws-state")}:text("live")', timeout=ms(10))
+            page.wait_for_selector(f'{tid("status-worker-id")}:text("{c_id}")', timeout=ms(10))
+            assert not page.is_visible(tid("conn-banner"))
+            c.kill()
+            page.wait_for_selector(tid("conn-banner"), state="visible", timeout=ms(10))
+            assert "reconnecting" in page.inner_text(tid("conn-banner")).lower()
+            assert page.is_disabled(tid("chat-send"))
+            assert page.is_disabled(tid("bench-start"))
+            shot(page, "worker-down-banner")
+            c = start()
+            page.wait_for_selector(tid("conn-banner"), state="hidden", timeout=ms(20))
+            page.wait_for_selector(f'{tid("ws-state")}:text("live")', timeout=ms(10))
+            assert page.inner_text(tid("status-worker-id")) == c_id
+            assert page.get_attribute(tid("status-state"), "data-state") != ""
+            shot(page, "worker-restarted")
+    finally:
+        c.stop()
+
+
+def test_status_endpoint_matches_the_page(cluster: Cluster, browser: Any) -> None:
+    """The page renders the same status object ``GET /status`` returns (no hidden fields)."""
+    with open_page(browser, cluster.url(cluster.b_http)) as b:
+        wait_linked(b)
+        st = status(cluster.b_http)
+        assert b.inner_text(tid("status-worker-id")) == st["worker_id"]
+        assert b.inner_text(tid("udp-local")) == st["udp_local"]
+        assert b.inner_text(tid("udp-public")) == st["udp_public"]
+        assert b.inner_text(tid("peer-id")) == st["peer"]["worker_id"]
+        assert st["peer"]["endpoint"] in b.inner_text(tid("peer-endpoint"))
+        nat = st.get("nat")
+        if isinstance(nat, dict) and nat.get("classic"):
+            b.wait_for_selector(f'{tid("nat")}:text("{nat["classic"]}")', timeout=ms(10))
