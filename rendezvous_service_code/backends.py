@@ -34,8 +34,12 @@ class Backend(Protocol):
 
     instance_id: str
 
-    async def start(self, deliver: Deliver) -> None:
-        """Connect and start background tasks; ``deliver`` receives remote actions."""
+    async def start(self, deliver: Deliver, on_reset: Callable[[], None] | None = None) -> None:
+        """Connect and start background tasks; ``deliver`` receives remote actions.
+
+        ``on_reset`` is called when the shared state of this instance was lost (its
+        registrations expired): every connection should then be closed so workers re-register.
+        """
 
     async def close(self) -> None:
         """Stop background tasks; registrations of this instance are dropped."""
@@ -85,7 +89,7 @@ class MemoryBackend:
         self.instance_id = instance_id
         self.registry = Registry()
 
-    async def start(self, deliver: Deliver) -> None:
+    async def start(self, deliver: Deliver, on_reset: Callable[[], None] | None = None) -> None:
         return None
 
     async def close(self) -> None:

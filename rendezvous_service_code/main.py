@@ -44,11 +44,13 @@ from .registry import Action, CloseConnection, SendMessage
 
 __all__ = [
     "CLOSE_POLICY",
+    "CLOSE_RESTART",
     "CLOSE_TRY_AGAIN",
     "RendezvousServer",
     "ServeAddresses",
     "app",
     "create_app",
+    "main",
     "serve",
     "settings_from_env",
 ]
@@ -59,6 +61,8 @@ logger = logging.getLogger(__name__)
 CLOSE_POLICY = 1008
 #: WebSocket close code when the service is full.
 CLOSE_TRY_AGAIN = 1013
+#: WebSocket close code asking the worker to reconnect (service restart / state lost).
+CLOSE_RESTART = 1012
 
 _WORKER_ID_RE = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 #: Messages queued for one connection before it is considered stuck and closed.
@@ -171,6 +175,11 @@ class _Hub:
             conn.close(action.code, action.reason)
         return True
 
+    def reset_all(self) -> None:
+        """The shared state lost this instance's workers: make them all register again."""
+        for conn in list(self.connections.values()):
+            conn.close(CLOSE_RESTART, "rendezvous state lost; register again")
+
     async def dispatch(self, actions: list[Action]) -> None:
         for action in actions:
             if not self.deliver_local(action):
@@ -264,7 +273,7 @@ def create_app(
 
     @contextlib.asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
-        await hub.backend.start(hub.deliver_local)
+        await hub.backend.start(hub.deliver_local, hub.reset_all)
         try:
             yield
         finally:
@@ -636,6 +645,64 @@ async def serve(
         await server.close()
 
 
+def main(argv: list[str] | None = None) -> int:
+    """``python -m rendezvous_service_code.main``: a bare runner for tests and benchmarks.
+
+    Prints one JSON line with the actual addresses on stdout once listening (``p2plab
+    rendezvous`` is the user-facing command).
+    """
+    import argparse
+    import json
+    import sys
+
+    parser = argparse.ArgumentParser(prog="python -m rendezvous_service_code.main")
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=8000)
+    parser.add_argument("--stun-port", type=int, default=None)
+    parser.add_argument("--token", default=os.environ.get("P2P_TOKEN") or None)
+    parser.add_argument("--admin-token", default=os.environ.get("ADMIN_TOKEN") or None)
+    parser.add_argument("--redis", default=os.environ.get("REDIS_URL") or None)
+    parser.add_argument("--redis-heartbeat", type=float, default=2.0)
+    parser.add_argument("--redis-ttl", type=float, default=10.0)
+    parser.add_argument("--max-workers", type=int, default=20000)
+    parser.add_argument("--log-level", default="INFO")
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+
+    def started(addresses: ServeAddresses) -> None:
+        info = {
+            "http_port": addresses.http_port,
+            "stun_port": addresses.stun_port,
+            "url": addresses.url,
+            "ws_url": addresses.ws_url,
+        }
+        sys.stdout.write(json.dumps(info) + "\n")
+        sys.stdout.flush()
+
+    coro = serve(
+        args.host,
+        args.port,
+        stun_port=args.stun_port,
+        token=args.token,
+        admin_token=args.admin_token,
+        redis_url=args.redis,
+        on_started=started,
+        max_workers=args.max_workers,
+        redis_options={"heartbeat_s": args.redis_heartbeat, "ttl_s": args.redis_ttl},
+    )
+    try:
+        import uvloop
+
+        uvloop.run(coro)
+    except ImportError:
+        asyncio.run(coro)
+    except KeyboardInterrupt:
+        pass
+    return 0
+
+
 def _app_from_env() -> FastAPI:
     try:
         return create_app(**settings_from_env())
@@ -645,3 +712,7 @@ def _app_from_env() -> FastAPI:
 
 
 app = _app_from_env()
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

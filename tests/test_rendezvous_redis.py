@@ -1,0 +1,214 @@
+"""Scale-out rendezvous: several instances sharing state through a real redis-server."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import AsyncIterator, Iterator
+
+import httpx
+import pytest
+from rendezvous_fixtures import TIMEOUT, WsWorker, running_rendezvous
+
+from rendezvous_service_code.main import RendezvousServer
+
+FAST = {"heartbeat_s": 0.3, "ttl_s": 1.5}
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@pytest.fixture
+def redis_url() -> Iterator[str]:
+    exe = shutil.which("redis-server")
+    if exe is None:
+        if os.environ.get("CI") == "true":
+            pytest.fail("redis-server is required in CI")
+        pytest.skip("redis-server not installed")
+    port = _free_port()
+    proc = subprocess.Popen(
+        [exe, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        deadline = time.monotonic() + TIMEOUT
+        while True:
+            try:
+                with socket.create_connection(("127.0.0.1", port), timeout=1) as s:
+                    s.sendall(b"PING\r\n")
+                    if s.recv(16).startswith(b"+PONG"):
+                        break
+            except OSError:
+                pass
+            if time.monotonic() > deadline or proc.poll() is not None:
+                raise RuntimeError("redis-server did not start")
+            time.sleep(0.05)
+        yield f"redis://127.0.0.1:{port}/0"
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+@contextlib.asynccontextmanager
+async def instance_process(redis_url: str) -> AsyncIterator[tuple[subprocess.Popen[bytes], str]]:
+    """A rendezvous in its own process (so it can be killed), on an OS-chosen port."""
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "rendezvous_service_code.main",
+            "--port",
+            "0",
+            "--redis",
+            redis_url,
+            "--redis-heartbeat",
+            str(FAST["heartbeat_s"]),
+            "--redis-ttl",
+            str(FAST["ttl_s"]),
+            "--log-level",
+            "WARNING",
+        ],
+        stdout=subprocess.PIPE,
+    )
+    try:
+        assert proc.stdout is not None
+        line = await asyncio.wait_for(asyncio.to_thread(proc.stdout.readline), 30)
+        info = json.loads(line)
+        yield proc, info["ws_url"]
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                await asyncio.wait_for(asyncio.to_thread(proc.wait), 10)
+            except TimeoutError:
+                proc.kill()
+                proc.wait()
+
+
+async def test_workers_on_two_instances_get_offers_for_each_other(redis_url: str) -> None:
+    async with (
+        running_rendezvous(redis_url=redis_url, redis_options=FAST) as rv1,
+        running_rendezvous(redis_url=redis_url, redis_options=FAST) as rv2,
+    ):
+        a = await WsWorker.connect(rv1.ws_url)
+        b = await WsWorker.connect(rv2.ws_url)
+        await a.register(public_key="KA")
+        await b.register(public_key="KB")
+        await a.update_endpoint("203.0.113.1", 1111, [("198.18.0.1", 1111)])
+        await a.assert_silent()
+        await b.update_endpoint("203.0.113.2", 2222)
+        offer_a = await a.expect("p2p_connection_offer")
+        offer_b = await b.expect("p2p_connection_offer")
+        assert offer_a["peer_worker_id"] == b.worker_id and offer_a["role"] == "controlling"
+        assert offer_b["peer_worker_id"] == a.worker_id and offer_b["role"] == "controlled"
+        assert offer_b["peer_candidates"] == [
+            {"ip": "203.0.113.1", "port": 1111},
+            {"ip": "198.18.0.1", "port": 1111},
+        ]
+        assert offer_a["peer_public_key"] == "KB"
+        # both instances list both workers
+        async with httpx.AsyncClient() as http:
+            for rv in (rv1, rv2):
+                listing = (await http.get(f"{rv.url}/debug/list_workers")).json()
+                pairs = {w["worker_id"]: w["paired_with"] for w in listing["workers"]}
+                assert pairs == {a.worker_id: b.worker_id, b.worker_id: a.worker_id}
+        # a leaves on instance 1: b on instance 2 hears of it
+        await a.close()
+        assert (await b.expect("peer_disconnected"))["peer_worker_id"] == a.worker_id
+        # re-registering b's id on the other instance closes the old connection there
+        b2 = await WsWorker.connect(rv1.ws_url, worker_id=b.worker_id)
+        await b2.register()
+        assert (await b.wait_closed())[0] == 4000
+        await b2.close()
+
+
+async def test_fifty_workers_across_two_instances_make_25_disjoint_pairs(redis_url: str) -> None:
+    async with (
+        running_rendezvous(redis_url=redis_url, redis_options=FAST) as rv1,
+        running_rendezvous(redis_url=redis_url, redis_options=FAST) as rv2,
+    ):
+        workers = await asyncio.gather(*(WsWorker.connect(rv.ws_url) for rv in (rv1, rv2) * 25))
+
+        async def join(i: int, w: WsWorker) -> dict[str, object]:
+            await w.register()
+            await w.update_endpoint("203.0.113.1", 10000 + i)
+            return await w.expect("p2p_connection_offer")
+
+        offers = await asyncio.gather(*(join(i, w) for i, w in enumerate(workers)))
+        peer_of = {w.worker_id: o["peer_worker_id"] for w, o in zip(workers, offers, strict=True)}
+        port_of = {w.worker_id: 10000 + i for i, w in enumerate(workers)}
+        assert len(peer_of) == 50
+        for wid, peer in peer_of.items():
+            assert peer != wid and peer_of[peer] == wid  # symmetric: nobody in two pairs
+        for w, o in zip(workers, offers, strict=True):
+            assert o["peer_udp_port"] == port_of[str(o["peer_worker_id"])]
+        roles = {frozenset((w.worker_id, o["role"])) for w, o in zip(workers, offers, strict=True)}
+        assert len(roles) == 50
+        pairs = {frozenset((a, b)) for a, b in peer_of.items()}
+        assert len(pairs) == 25
+        # no extra offers are pending anywhere
+        await asyncio.gather(*(w.assert_silent(0.3) for w in workers))
+        for w in workers:
+            await w.close()
+
+
+async def test_killed_instance_is_reaped_and_its_worker_pairs_again_elsewhere(
+    redis_url: str,
+) -> None:
+    async with (
+        instance_process(redis_url) as (_p1, url1),
+        instance_process(redis_url) as (p2, url2),
+    ):
+        a = await WsWorker.connect(url1)
+        b = await WsWorker.connect(url2)
+        await a.register()
+        await b.register()
+        await a.update_endpoint("203.0.113.1", 1111)
+        await b.update_endpoint("203.0.113.2", 2222)
+        assert (await a.expect("p2p_connection_offer"))["peer_worker_id"] == b.worker_id
+        assert (await b.expect("p2p_connection_offer"))["peer_worker_id"] == a.worker_id
+
+        p2.kill()  # no goodbye: only the TTL tells the others
+        await asyncio.to_thread(p2.wait)
+        await b.wait_closed()
+        gone = await a.expect("peer_disconnected", wait_s=TIMEOUT + 3 * FAST["ttl_s"])
+        assert gone["peer_worker_id"] == b.worker_id
+
+        # b reconnects to the surviving instance (as the worker's backoff loop would)
+        b2 = await WsWorker.connect(url1, worker_id=b.worker_id)
+        await b2.register()
+        await b2.update_endpoint("203.0.113.2", 2223)
+        again = await a.expect("p2p_connection_offer")
+        assert again["peer_worker_id"] == b.worker_id and again["peer_udp_port"] == 2223
+        assert (await b2.expect("p2p_connection_offer"))["peer_worker_id"] == a.worker_id
+        await a.close()
+        await b2.close()
+
+
+async def test_instance_restart_with_same_redis_keeps_no_stale_workers(redis_url: str) -> None:
+    server = await RendezvousServer.start("127.0.0.1", 0, redis_url=redis_url, redis_options=FAST)
+    w = await WsWorker.connect(server.ws_url)
+    await w.register()
+    await w.update_endpoint("203.0.113.1", 1)
+    await server.close()  # graceful stop: its workers are removed from Redis
+    await w.wait_closed()
+    async with running_rendezvous(redis_url=redis_url, redis_options=FAST) as rv:
+        async with httpx.AsyncClient() as http:
+            assert (await http.get(f"{rv.url}/debug/list_workers")).json()["count"] == 0
+        v = await WsWorker.connect(rv.ws_url)
+        await v.register()
+        await v.update_endpoint("203.0.113.2", 2)
+        await v.assert_silent()  # nobody stale to be paired with
+        await v.close()
