@@ -27,7 +27,17 @@ _EXPORTS = {
     "SessionConfig": "p2plab.config",
 }
 
-__all__ = [*sorted(_EXPORTS), "__version__"]
+__all__ = [
+    "BenchResult",
+    "Benchmark",
+    "HolePuncher",
+    "NatReport",
+    "SessionConfig",
+    "StunProbe",
+    "Worker",
+    "WorkerConfig",
+    "__version__",
+]
 
 if TYPE_CHECKING:
     from p2plab.aio.bench import Benchmark

@@ -36,7 +36,9 @@ def _env_int(name: str, default: int | None) -> int | None:
     try:
         return int(value)
     except ValueError:
-        raise SystemExit(f"p2plab: environment variable {name} must be an integer, got {value!r}")
+        raise SystemExit(
+            f"p2plab: environment variable {name} must be an integer, got {value!r}"
+        ) from None
 
 
 def _stun_list(values: list[str] | None) -> tuple[str, ...]:
@@ -87,7 +89,11 @@ def _run(coro: Coroutine[Any, Any, int | None]) -> int:
 
 
 async def _cmd_rendezvous(args: argparse.Namespace) -> int:
-    from rendezvous_service_code.main import serve
+    from rendezvous_service_code.main import ServeAddresses, serve
+
+    def started(addr: ServeAddresses) -> None:
+        stun = f", STUN on udp://{addr.stun_host}:{addr.stun_port}" if addr.stun_port else ""
+        print(f"rendezvous on {addr.ws_url}{stun}", file=sys.stderr, flush=True)
 
     await serve(
         args.host,
@@ -96,6 +102,8 @@ async def _cmd_rendezvous(args: argparse.Namespace) -> int:
         token=args.token,
         admin_token=args.admin_token,
         redis_url=args.redis,
+        on_started=started,
+        handle_signals=False,
     )
     return 0
 
@@ -199,7 +207,9 @@ def build_parser() -> argparse.ArgumentParser:
         default=_env_int("STUN_PORT", None),
         help="also answer STUN on this UDP port (0: any free port)",
     )
-    p.add_argument("--redis", default=_env("REDIS_URL"), metavar="URL", help="share state via Redis")
+    p.add_argument(
+        "--redis", default=_env("REDIS_URL"), metavar="URL", help="share state via Redis"
+    )
     p.add_argument("--token", default=_env("P2P_TOKEN"), help="workers must present this token")
     p.add_argument(
         "--admin-token", default=_env("ADMIN_TOKEN"), help="bearer token for /debug/list_workers"

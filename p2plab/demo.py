@@ -35,18 +35,15 @@ def _port_or_free(preferred: int) -> int:
 
 
 async def run_demo(duration: float | None = None, http_port: int = 8080) -> int:
-    from rendezvous_service_code.main import serve
+    from rendezvous_service_code.main import RendezvousServer
 
     host = "127.0.0.1"
-    rv_port = free_port()
-    stun_port = free_port(socket.SOCK_DGRAM)
-    ready = asyncio.Event()
     started = time.monotonic()
-    rv_task = asyncio.create_task(serve(host, rv_port, stun_port=stun_port, ready=ready))
+    rv = await RendezvousServer.start(host, 0, stun_port=0, handle_signals=False)
+    stun_port = rv.stun_port
     workers: list[Worker] = []
     try:
-        await asyncio.wait_for(ready.wait(), 15)
-        url = f"ws://{host}:{rv_port}"
+        url = rv.ws_url
         print(f"rendezvous on {url}, STUN on udp://{host}:{stun_port}", flush=True)
         ports = [_port_or_free(http_port), _port_or_free(http_port + 1 if http_port else 0)]
         for p in ports:
@@ -66,7 +63,7 @@ async def run_demo(duration: float | None = None, http_port: int = 8080) -> int:
             print(f"worker {name} {w.worker_id}: {w.ui_url}", flush=True)
         try:
             await asyncio.gather(a.wait_connected(20), b.wait_connected(20))
-        except asyncio.TimeoutError:
+        except TimeoutError:
             print(f"workers did not connect: A {a.state}, B {b.state}", file=sys.stderr)
             return 1
         elapsed = time.monotonic() - started
@@ -87,6 +84,5 @@ async def run_demo(duration: float | None = None, http_port: int = 8080) -> int:
         for w in workers:
             with contextlib.suppress(Exception):
                 await w.stop()
-        rv_task.cancel()
-        with contextlib.suppress(asyncio.CancelledError, Exception):
-            await rv_task
+        with contextlib.suppress(Exception):
+            await rv.close()

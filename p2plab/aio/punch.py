@@ -2,7 +2,10 @@
 
 It punches (probes every candidate pair, answers at the address a probe really came from) and,
 once the link is up, keeps it: keep-alives, RTT, reliable chat and control messages are all core
-timers.  This layer only moves bytes, reads the loop's clock and arms one timer.
+timers.  This layer only moves bytes, reads the clock and arms one timer.
+
+The clock is ``time.monotonic()`` rather than ``loop.time()``: uvloop's loop clock has
+millisecond resolution, too coarse for loopback RTTs of tens of microseconds.
 """
 
 from __future__ import annotations
@@ -10,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import time
 from collections.abc import Callable, Sequence
 
 from p2plab.aio.endpoint import Address, UdpEndpoint
@@ -19,6 +23,8 @@ from p2plab.core.session import PeerSession
 from p2plab.errors import P2PLabError
 
 __all__ = ["HolePuncher"]
+
+_now = time.monotonic
 
 log = logging.getLogger(__name__)
 
@@ -50,7 +56,7 @@ class HolePuncher:
             role=role,  # type: ignore[arg-type]
             candidates=list(candidates),
             config=config or SessionConfig(),
-            now=self.loop.time(),
+            now=_now(),
             rand_bytes=os.urandom,
         )
         self._timer: asyncio.TimerHandle | None = None
@@ -66,12 +72,12 @@ class HolePuncher:
         """Feed one datagram from the endpoint into the session."""
         if self._closed:
             return
-        self.session.receive_datagram(data, addr, self.loop.time())
+        self.session.receive_datagram(data, addr, _now())
         self.pump()
 
     def pump(self) -> None:
         """Send what the core wants sent, deliver its events, re-arm its timer."""
-        now = self.loop.time()
+        now = _now()
         for data, addr in self.session.datagrams_to_send(now):
             self.endpoint.sendto(data, addr)
         while (event := self.session.next_event()) is not None:
@@ -83,13 +89,13 @@ class HolePuncher:
             return
         when = self.session.get_timer()
         if when is not None:
-            self._timer = self.loop.call_at(max(when, now), self._on_timer)
+            self._timer = self.loop.call_later(max(0.0, when - now), self._on_timer)
 
     def _on_timer(self) -> None:
         self._timer = None
         if self._closed:
             return
-        self.session.handle_timer(self.loop.time())
+        self.session.handle_timer(_now())
         self.pump()
 
     def _dispatch(self, event: ev.Event) -> None:
@@ -148,13 +154,13 @@ class HolePuncher:
 
     def send_chat(self, text: str) -> str:
         """Queue a reliable chat message; returns its id (ChatDelivered/ChatFailed follow)."""
-        msg_id = self.session.send_chat(text, self.loop.time())
+        msg_id = self.session.send_chat(text, _now())
         self.pump()
         return msg_id
 
     def send_control(self, obj: dict[str, object]) -> str:
         """Queue a reliable control message (JSON object) for the peer."""
-        msg_id = self.session.send_control(obj, self.loop.time())
+        msg_id = self.session.send_control(obj, _now())
         self.pump()
         return msg_id
 
@@ -163,7 +169,7 @@ class HolePuncher:
         if self._closed:
             return
         try:
-            self.session.close(self.loop.time())
+            self.session.close(_now())
             self.pump()
         finally:
             self._closed = True

@@ -132,7 +132,7 @@ class RendezvousClient:
                 if close == 1008:
                     raise RendezvousError(f"rendezvous refused this worker: {reason or 'policy'}")
                 self.last_error = f"closed ({close} {reason})"
-            except (OSError, asyncio.TimeoutError, ConnectionClosed, InvalidStatus) as exc:
+            except (TimeoutError, OSError, ConnectionClosed, InvalidStatus) as exc:
                 if isinstance(exc, ConnectionClosed) and exc.rcvd and exc.rcvd.code == 1008:
                     self._set_state(False)
                     raise RendezvousError(
@@ -150,7 +150,10 @@ class RendezvousClient:
             attempt += 1
             self.stats["reconnects"] += 1
             log.info(
-                "rendezvous %s unavailable (%s); retrying in %.1f s", self.url, self.last_error, delay
+                "rendezvous %s unavailable (%s); retrying in %.1f s",
+                self.url,
+                self.last_error,
+                delay,
             )
             await asyncio.sleep(delay)
 

@@ -242,7 +242,9 @@ class Worker:
             "peer": peer,
             "path": "direct" if self.state == "connected" else None,
             "room": self.config.room,
-            "rendezvous": "connected" if self._rendezvous and self._rendezvous.connected else "down",
+            "rendezvous": "connected"
+            if self._rendezvous and self._rendezvous.connected
+            else "down",
             "http_public_ip": self.http_public_ip,
             "stun": self.stun_info,
             "error": self.error,
@@ -413,7 +415,7 @@ class Worker:
         probe = StunProbe(self.endpoint, list(self.config.stun_servers))
         try:
             result = await asyncio.wait_for(probe.mapped_address(), self.config.stun_timeout_s)
-        except (P2PLabError, asyncio.TimeoutError) as exc:
+        except (TimeoutError, P2PLabError) as exc:
             self.error = f"STUN failed: {exc}"
             log.warning("STUN failed (%s); falling back to the observed address", exc)
             self.udp_public = (self.observed_ip or "127.0.0.1", local_port)
@@ -457,9 +459,9 @@ class Worker:
                 if src and src not in addrs:
                     addrs.append(src)
         public = self.udp_public
-        return [
-            Candidate(ip=a, port=port) for a in addrs if public is None or (a, port) != public
-        ][:8]
+        return [Candidate(ip=a, port=port) for a in addrs if public is None or (a, port) != public][
+            :8
+        ]
 
     async def _report_endpoint(self) -> None:
         if self.udp_public is None or self._rendezvous is None:
@@ -489,9 +491,7 @@ class Worker:
         for c in offer.peer_candidates:
             if (c.ip, c.port) not in candidates and c.port:
                 candidates.append((c.ip, c.port))
-        log.info(
-            "offer: peer %s at %s (role %s)", offer.peer_worker_id, candidates, offer.role
-        )
+        log.info("offer: peer %s at %s (role %s)", offer.peer_worker_id, candidates, offer.role)
         self.peer_id = offer.peer_worker_id
         self.punch = HolePuncher(
             self.endpoint,

@@ -48,7 +48,9 @@ def origin_allowed(origin: str | None, host: str | None) -> bool:
     if parts.scheme not in ("http", "https") or not parts.netloc:
         return False
     default = "443" if parts.scheme == "https" else "80"
-    o_host, _, o_port = parts.netloc.rpartition(":") if ":" in parts.netloc else (parts.netloc, "", "")
+    o_host, _, o_port = (
+        parts.netloc.rpartition(":") if ":" in parts.netloc else (parts.netloc, "", "")
+    )
     h_host, _, h_port = host.rpartition(":") if ":" in host else (host, "", "")
     return o_host.lower() == h_host.lower() and (o_port or default) == (h_port or default)
 
