@@ -16,9 +16,9 @@ from collections.abc import AsyncIterator, Iterator
 
 import httpx
 import pytest
-from rendezvous_fixtures import TIMEOUT, WsWorker, running_rendezvous
 
 from rendezvous_service_code.main import RendezvousServer
+from tests.rendezvous_fixtures import TIMEOUT, WsWorker, running_rendezvous
 
 FAST = {"heartbeat_s": 0.3, "ttl_s": 1.5}
 
@@ -62,39 +62,37 @@ def redis_url() -> Iterator[str]:
 
 
 @contextlib.asynccontextmanager
-async def instance_process(redis_url: str) -> AsyncIterator[tuple[subprocess.Popen[bytes], str]]:
+async def instance_process(redis_url: str) -> AsyncIterator[tuple[asyncio.subprocess.Process, str]]:
     """A rendezvous in its own process (so it can be killed), on an OS-chosen port."""
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "rendezvous_service_code.main",
-            "--port",
-            "0",
-            "--redis",
-            redis_url,
-            "--redis-heartbeat",
-            str(FAST["heartbeat_s"]),
-            "--redis-ttl",
-            str(FAST["ttl_s"]),
-            "--log-level",
-            "WARNING",
-        ],
-        stdout=subprocess.PIPE,
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "rendezvous_service_code.main",
+        "--port",
+        "0",
+        "--redis",
+        redis_url,
+        "--redis-heartbeat",
+        str(FAST["heartbeat_s"]),
+        "--redis-ttl",
+        str(FAST["ttl_s"]),
+        "--log-level",
+        "WARNING",
+        stdout=asyncio.subprocess.PIPE,
     )
     try:
         assert proc.stdout is not None
-        line = await asyncio.wait_for(asyncio.to_thread(proc.stdout.readline), 30)
+        line = await asyncio.wait_for(proc.stdout.readline(), 30)
         info = json.loads(line)
         yield proc, info["ws_url"]
     finally:
-        if proc.poll() is None:
+        if proc.returncode is None:
             proc.send_signal(signal.SIGTERM)
             try:
-                await asyncio.wait_for(asyncio.to_thread(proc.wait), 10)
+                await asyncio.wait_for(proc.wait(), 10)
             except TimeoutError:
                 proc.kill()
-                proc.wait()
+                await proc.wait()
 
 
 async def test_workers_on_two_instances_get_offers_for_each_other(redis_url: str) -> None:
@@ -152,10 +150,11 @@ async def test_fifty_workers_across_two_instances_make_25_disjoint_pairs(redis_u
         assert len(peer_of) == 50
         for wid, peer in peer_of.items():
             assert peer != wid and peer_of[peer] == wid  # symmetric: nobody in two pairs
-        for w, o in zip(workers, offers, strict=True):
+        role_of = {w.worker_id: o["role"] for w, o in zip(workers, offers, strict=True)}
+        for o in offers:
             assert o["peer_udp_port"] == port_of[str(o["peer_worker_id"])]
-        roles = {frozenset((w.worker_id, o["role"])) for w, o in zip(workers, offers, strict=True)}
-        assert len(roles) == 50
+        for wid, peer in peer_of.items():
+            assert {role_of[wid], role_of[str(peer)]} == {"controlling", "controlled"}
         pairs = {frozenset((a, b)) for a, b in peer_of.items()}
         assert len(pairs) == 25
         # no extra offers are pending anywhere
@@ -181,7 +180,7 @@ async def test_killed_instance_is_reaped_and_its_worker_pairs_again_elsewhere(
         assert (await b.expect("p2p_connection_offer"))["peer_worker_id"] == a.worker_id
 
         p2.kill()  # no goodbye: only the TTL tells the others
-        await asyncio.to_thread(p2.wait)
+        await p2.wait()
         await b.wait_closed()
         gone = await a.expect("peer_disconnected", wait_s=TIMEOUT + 3 * FAST["ttl_s"])
         assert gone["peer_worker_id"] == b.worker_id

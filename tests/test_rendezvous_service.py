@@ -8,10 +8,10 @@ import uuid
 
 import httpx
 import pytest
-from rendezvous_fixtures import TIMEOUT, WsWorker, running_rendezvous
 
 from p2plab.core.signaling import MAX_MESSAGE_BYTES, parse_rendezvous_message
 from rendezvous_service_code.main import create_app, settings_from_env
+from tests.rendezvous_fixtures import TIMEOUT, WsWorker, running_rendezvous
 
 
 async def paired_pair(url: str, room: str = "default") -> tuple[WsWorker, WsWorker]:
@@ -338,3 +338,44 @@ async def test_serve_reports_addresses_and_stops_on_cancel() -> None:
     task.cancel()
     with pytest.raises(asyncio.CancelledError):
         await task
+
+
+async def test_serve_with_embedded_stun_answers_binding_requests() -> None:
+    import os
+    import socket
+    import struct
+
+    from rendezvous_service_code.main import ServeAddresses, serve
+
+    ready = asyncio.Event()
+    seen: list[ServeAddresses] = []
+    task = asyncio.create_task(
+        serve(
+            "127.0.0.1", 0, stun_port=0, ready=ready, on_started=seen.append, handle_signals=False
+        )
+    )
+    try:
+        await asyncio.wait_for(ready.wait(), TIMEOUT)
+        stun_port = seen[0].stun_port
+        assert stun_port is not None and stun_port > 0
+        # a hand-built RFC 8489 Binding request, independent of p2plab's codec
+        txid = os.urandom(12)
+        request = struct.pack("!HHI", 0x0001, 0, 0x2112A442) + txid
+        loop = asyncio.get_running_loop()
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+            sock.bind(("127.0.0.1", 0))
+            sock.setblocking(False)
+            reply = b""
+            for _ in range(5):
+                sock.sendto(request, ("127.0.0.1", stun_port))
+                try:
+                    reply = await asyncio.wait_for(loop.sock_recv(sock, 2048), 1.0)
+                    break
+                except TimeoutError:
+                    continue
+        msg_type, _length, cookie = struct.unpack("!HHI", reply[:8])
+        assert (msg_type, cookie, reply[8:20]) == (0x0101, 0x2112A442, txid)
+    finally:
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
