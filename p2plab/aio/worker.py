@@ -116,6 +116,7 @@ class Worker:
         self.worker_id = config.worker_id or str(uuid.uuid4())
         self.state = "starting"
         self.endpoint: UdpEndpoint | None = None
+        self._udp_local: Address | None = None
         self.punch: HolePuncher | None = None
         self.peer_id: str | None = None
         self.udp_public: Address | None = None
@@ -141,6 +142,7 @@ class Worker:
     async def start(self) -> Worker:
         """Bind the UDP socket, start the HTTP server and the rendezvous client."""
         self.endpoint = await UdpEndpoint.bind(self.config.udp_host, self.config.udp_port)
+        self._udp_local = self.endpoint.local_address
         self.endpoint.peer_handler = self._on_datagram
         if self.config.http_port is not None:
             from p2plab.server.worker_app import start_http_server
@@ -203,9 +205,9 @@ class Worker:
 
     @property
     def udp_local(self) -> str:
-        if self.endpoint is None:
+        if self._udp_local is None:
             return ""
-        host, port = self.endpoint.local_address
+        host, port = self._udp_local
         return f"{host}:{port}"
 
     @property
