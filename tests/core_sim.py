@@ -137,15 +137,17 @@ class Network:
             for data, dest in node.session.datagrams_to_send(self.now):
                 self._transmit(node, data, dest)
 
-    def step(self) -> bool:
-        """Advance to the next due thing; False when nothing is left to do."""
+    def step(self, limit: float = float("inf")) -> bool:
+        """Advance to the next due thing, but not past ``limit``; False when nothing is due."""
         self.flush()
         timers = [(t, n) for n in self.nodes.values() if (t := n.session.get_timer()) is not None]
         next_delivery = self._queue[0][0] if self._queue else None
         candidates = [t for t, _ in timers]
         if next_delivery is not None:
             candidates.append(next_delivery)
-        if not candidates:
+        if not candidates or min(candidates) > limit:
+            if limit != float("inf"):
+                self.now = max(self.now, limit)  # time passes up to the limit
             return False
         self.now = max(self.now, min(candidates))
         while self._queue and self._queue[0][0] <= self.now:
@@ -168,9 +170,7 @@ class Network:
         stuck = 0
         while not predicate():
             before = self.now
-            if not self.step():
-                return predicate()
-            if self.now > deadline:
+            if not self.step(deadline):
                 return predicate()
             stuck = stuck + 1 if self.now == before else 0
             if stuck > 100_000:
@@ -179,9 +179,7 @@ class Network:
 
     def run_for(self, duration: float) -> None:
         """Run ``duration`` simulated seconds."""
-        deadline = self.now + duration
         self.run_until(lambda: False, duration)
-        self.now = max(self.now, deadline)
 
 
 def pair(
