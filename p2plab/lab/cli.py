@@ -167,12 +167,9 @@ def cmd_classify(args: argparse.Namespace) -> int:
 @_guard
 def cmd_matrix(args: argparse.Namespace) -> int:
     """Punch between every pair of profiles; write CSV and heatmap."""
-    try:
-        from p2plab.lab import matrix
-    except ImportError:
-        sys.stderr.write("p2plab lab matrix: not available yet\n")
-        return 2
-    return int(matrix.run_from_args(args))
+    from p2plab.lab.matrix import run_from_args
+
+    return run_from_args(args)
 
 
 def main(argv: list[str] | None = None) -> int:

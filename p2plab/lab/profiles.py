@@ -31,6 +31,7 @@ __all__ = [
     "EXPECTED_RFC5780",
     "NAT_PROFILES",
     "PROFILES",
+    "expected_outcome",
     "impairment_rules",
     "nat_ruleset",
     "validate_profile",
@@ -140,3 +141,21 @@ def _restore_text(nat: list[str], filt: list[str]) -> str:
     lines += ["*filter", ":INPUT ACCEPT [0:0]", ":FORWARD ACCEPT [0:0]", ":OUTPUT ACCEPT [0:0]"]
     lines += [*filt, "COMMIT", ""]
     return "\n".join(lines)
+
+
+def expected_outcome(profile_a: str, profile_b: str, same_lan: bool = False) -> str:
+    """What natlab.md's table predicts for punching between the two profiles.
+
+    ``direct``, ``failed`` (the table says: port prediction or a relay is needed), or ``unknown``
+    (``leaky`` is not in the table).  Two hosts behind one NAT reach each other over the LAN.
+    """
+    validate_profile(profile_a)
+    validate_profile(profile_b)
+    if same_lan:
+        return "direct"
+    if "leaky" in (profile_a, profile_b):
+        return "unknown"
+    hard = {"port-restricted", "symmetric"}
+    if "symmetric" in (profile_a, profile_b) and {profile_a, profile_b} <= hard:
+        return "failed"
+    return "direct"

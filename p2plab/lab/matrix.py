@@ -1,0 +1,425 @@
+"""The punching matrix: real rendezvous and worker processes between every pair of NAT profiles.
+
+For each pair the lab is built, ``p2plab rendezvous`` starts on the rendezvous host and
+``p2plab worker --events`` on hosts ``a`` and ``b``; the workers' JSON event lines (the same
+``status`` objects ``GET /status`` serves) are read until both say ``connected`` or the timeout
+passes.  Results go to ``matrix.csv`` and ``matrix.png`` (a heatmap) in the output directory,
+next to one log file per process.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import dataclasses
+import json
+import logging
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO, Any
+
+from p2plab.errors import LabError
+from p2plab.lab.netns import Lab, LabConfig, classify_profiles
+from p2plab.lab.profiles import PROFILES, expected_outcome, validate_profile
+
+__all__ = [
+    "PairResult",
+    "PairRun",
+    "plot_heatmap",
+    "run_from_args",
+    "run_matrix",
+    "run_pair",
+    "write_csv",
+]
+
+log = logging.getLogger(__name__)
+
+RENDEZVOUS_PORT = 8000
+WORKER_HTTP_PORT = 8080
+
+
+@dataclass(frozen=True)
+class PairResult:
+    """What happened between the workers on hosts ``a`` and ``b`` of one lab."""
+
+    profile_a: str
+    """NAT profile in front of host a."""
+    profile_b: str
+    """NAT profile in front of host b (equal to ``profile_a`` for the same-LAN case)."""
+    same_lan: bool
+    """Both hosts behind one NAT."""
+    outcome: str
+    """``direct`` when both workers reached ``connected``; ``failed`` otherwise; ``error`` when
+    the lab or a process broke."""
+    expected: str
+    """What natlab.md's table predicts (``direct``, ``failed`` or ``unknown``)."""
+    connect_s: float | None
+    """Seconds from starting the workers until both were connected."""
+    punch_s: float | None
+    """Seconds from the first ``punching`` state seen until both were connected."""
+    a_public: str | None
+    """Host a's public UDP endpoint as its worker learnt it (``udp_public``)."""
+    b_public: str | None
+    """Host b's public UDP endpoint."""
+    a_peer_endpoint: str | None
+    """The address host a's worker talks to its peer at."""
+    b_peer_endpoint: str | None
+    """The address host b's worker talks to its peer at."""
+    a_nat: str
+    """Host a's worker's own classification (``mapping/filtering``) from ``status["nat"]``."""
+    b_nat: str
+    """Host b's worker's own classification."""
+    a_classic: str
+    """pystun3's RFC 3489 type for host a's profile (classification step)."""
+    b_classic: str
+    """pystun3's RFC 3489 type for host b's profile."""
+    a_state: str
+    """Host a's last worker state."""
+    b_state: str
+    """Host b's last worker state."""
+    error: str = ""
+    """What went wrong, for outcome ``error``."""
+
+    @property
+    def agrees(self) -> bool:
+        """True when the outcome is what the table predicts (or the table does not say)."""
+        return self.expected == "unknown" or self.outcome == self.expected
+
+
+class _EventReader(threading.Thread):
+    """Reads one worker's ``--events`` JSON lines and keeps the latest status and timings."""
+
+    def __init__(self, stream: IO[str], t0: float, changed: threading.Condition) -> None:
+        super().__init__(daemon=True)
+        self.stream = stream
+        self.t0 = t0
+        self.changed = changed
+        self.status: dict[str, Any] = {}
+        self.first_punching: float | None = None
+        self.connected_at: float | None = None
+
+    def run(self) -> None:
+        for line in self.stream:
+            try:
+                msg = json.loads(line)
+            except ValueError:
+                continue
+            if not isinstance(msg, dict) or msg.get("type") != "status":
+                continue
+            now = time.monotonic()
+            with self.changed:
+                self.status = msg
+                state = msg.get("state")
+                if state == "punching" and self.first_punching is None:
+                    self.first_punching = now
+                if state == "connected" and self.connected_at is None:
+                    self.connected_at = now
+                self.changed.notify_all()
+
+
+def _nat_text(status: dict[str, Any]) -> str:
+    nat = status.get("nat") or {}
+    if not isinstance(nat, dict) or not nat:
+        return ""
+    return f"{nat.get('mapping')}/{nat.get('filtering')}"
+
+
+def _peer_endpoint(status: dict[str, Any]) -> str | None:
+    peer = status.get("peer")
+    return peer.get("endpoint") if isinstance(peer, dict) else None
+
+
+def _wait_listening(lab: Lab, host: str, addr: str, timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if addr in lab.run(host, ["ss", "-Hltn"]).stdout.split():
+            return True
+        time.sleep(0.05)
+    return False
+
+
+class PairRun:
+    """A rendezvous and two workers (hosts ``a`` and ``b``) running inside a lab."""
+
+    def __init__(self, lab: Lab, *, log_dir: Path | None = None, name: str = "pair") -> None:
+        self.lab = lab
+        self.log_dir = log_dir
+        self.name = name
+        self.changed = threading.Condition()
+        self.readers: dict[str, _EventReader] = {}
+        self.t0 = 0.0
+        self._logs: list[IO[Any]] = []
+
+    def _logfile(self, what: str) -> IO[Any] | int:
+        if self.log_dir is None:
+            return subprocess.DEVNULL
+        self.log_dir.mkdir(parents=True, exist_ok=True)
+        f = open(self.log_dir / f"{self.name}.{what}.log", "wb")  # closed in close()
+        self._logs.append(f)
+        return f
+
+    def start(self, *, worker_args: Sequence[str] = ()) -> PairRun:
+        """Start ``p2plab rendezvous`` and, once it listens, ``p2plab worker --events`` twice."""
+        lab = self.lab
+        rv = lab.rendezvous_address
+        lab.python(
+            "rendezvous",
+            ["-m", "p2plab", "rendezvous", "--host", rv, "--port", str(RENDEZVOUS_PORT)],
+            stdout=self._logfile("rendezvous"),
+            stderr=subprocess.STDOUT,
+        )
+        if not _wait_listening(lab, "rendezvous", f"{rv}:{RENDEZVOUS_PORT}", 30.0):
+            raise LabError("the rendezvous did not start listening within 30 s")
+        self.t0 = time.monotonic()
+        for host in ("a", "b"):
+            argv = ["-m", "p2plab", "worker", "--rendezvous", f"ws://{rv}:{RENDEZVOUS_PORT}"]
+            argv += ["--stun", lab.stun_server, "--http-host", "127.0.0.1"]
+            argv += ["--http-port", str(WORKER_HTTP_PORT), "--events", *worker_args]
+            proc = lab.python(
+                host,
+                argv,
+                stdout=subprocess.PIPE,
+                stderr=self._logfile(f"worker-{host}"),
+                text=True,
+            )
+            assert proc.stdout is not None
+            self.readers[host] = _EventReader(proc.stdout, self.t0, self.changed)
+            self.readers[host].start()
+        return self
+
+    def connected(self) -> bool:
+        """Both workers have reported ``connected`` at least once."""
+        return all(r.connected_at is not None for r in self.readers.values())
+
+    def wait_connected(self, timeout: float) -> bool:
+        """Wait until both workers were connected; False on timeout."""
+        with self.changed:
+            return self.changed.wait_for(self.connected, timeout=timeout)
+
+    def wait_classified(self, timeout: float) -> bool:
+        """Wait until both workers report their own NAT classification."""
+        with self.changed:
+            return self.changed.wait_for(
+                lambda: all(r.status.get("nat") for r in self.readers.values()), timeout=timeout
+            )
+
+    def status(self, host: str) -> dict[str, Any]:
+        """The latest ``status`` object of the worker on ``host``."""
+        with self.changed:
+            return dict(self.readers[host].status)
+
+    def close(self) -> None:
+        """Close the log files (the lab stops the processes)."""
+        for f in self._logs:
+            f.close()
+
+
+def run_pair(
+    config: LabConfig,
+    *,
+    timeout: float = 20.0,
+    classic: dict[str, str] | None = None,
+    log_dir: Path | None = None,
+    nat_wait: float = 10.0,
+) -> PairResult:
+    """Build one lab, run rendezvous and two workers in it, and report what happened.
+
+    ``classic`` maps profile -> pystun3 type (from :func:`p2plab.lab.netns.classify_profiles`);
+    ``nat_wait`` bounds the wait for both workers' own NAT classification once the outcome is
+    known.
+    """
+    pa = config.profile_a
+    pb = config.profile_a if config.same_lan else config.profile_b
+    classic = classic or {}
+    base: dict[str, Any] = {
+        "profile_a": pa,
+        "profile_b": pb,
+        "same_lan": config.same_lan,
+        "expected": expected_outcome(pa, pb, same_lan=config.same_lan),
+        "a_classic": classic.get(pa, ""),
+        "b_classic": classic.get(pb, ""),
+    }
+    run: PairRun | None = None
+    try:
+        with Lab.from_config(config) as lab:
+            name = f"{pa}__{'same-lan' if config.same_lan else pb}"
+            run = PairRun(lab, log_dir=log_dir, name=name).start()
+            run.wait_connected(timeout)
+            # The workers classify their NAT (RFC 5780) alongside punching; give that a moment.
+            run.wait_classified(nat_wait)
+            with run.changed:
+                sa, sb = run.status("a"), run.status("b")
+                done = run.connected() and sa.get("state") == sb.get("state") == "connected"
+                readers = run.readers.values()
+                ends = [r.connected_at for r in readers if r.connected_at is not None]
+                starts = [r.first_punching for r in readers if r.first_punching is not None]
+            connect_s = max(ends) - run.t0 if done else None
+            punch_s = max(ends) - min(starts) if done and starts else None
+            return PairResult(
+                **base,
+                outcome="direct" if done else "failed",
+                connect_s=None if connect_s is None else round(connect_s, 3),
+                punch_s=None if punch_s is None else round(punch_s, 3),
+                a_public=sa.get("udp_public"),
+                b_public=sb.get("udp_public"),
+                a_peer_endpoint=_peer_endpoint(sa),
+                b_peer_endpoint=_peer_endpoint(sb),
+                a_nat=_nat_text(sa),
+                b_nat=_nat_text(sb),
+                a_state=str(sa.get("state", "")),
+                b_state=str(sb.get("state", "")),
+            )
+    except Exception as exc:  # one broken pair must not end the matrix
+        log.exception("pair %s/%s failed to run", pa, pb)
+        return PairResult(
+            **base,
+            outcome="error",
+            connect_s=None,
+            punch_s=None,
+            a_public=None,
+            b_public=None,
+            a_peer_endpoint=None,
+            b_peer_endpoint=None,
+            a_nat="",
+            b_nat="",
+            a_state="",
+            b_state="",
+            error=str(exc),
+        )
+    finally:
+        if run is not None:
+            run.close()
+
+
+def run_matrix(
+    profiles: Sequence[str] = PROFILES,
+    *,
+    same_lan: bool = True,
+    timeout: float = 20.0,
+    jobs: int = 3,
+    out_dir: Path | None = None,
+    loss_a: float = 0.0,
+    loss_b: float = 0.0,
+    rate_a_mbit: float | None = None,
+    rate_b_mbit: float | None = None,
+) -> list[PairResult]:
+    """Run every unordered pair of ``profiles`` (and, with ``same_lan``, each profile's same-LAN
+    case), ``jobs`` labs at a time; write CSV and heatmap into ``out_dir`` when given."""
+    profiles = [validate_profile(p) for p in dict.fromkeys(profiles)]
+    classic = {p: str(r["classic"]) for p, r in classify_profiles(profiles).items()}
+    configs: list[LabConfig] = []
+    for i, pa in enumerate(profiles):
+        for pb in profiles[i:]:
+            configs.append(LabConfig(pa, pb, False, loss_a, loss_b, rate_a_mbit, rate_b_mbit))
+    if same_lan:
+        configs += [
+            LabConfig(p, p, True, loss_a, loss_b, rate_a_mbit, rate_b_mbit) for p in profiles
+        ]
+    log_dir = out_dir / "logs" if out_dir is not None else None
+    # Slow (failing) pairs first, so the pool does not end with one long straggler.
+    configs.sort(key=lambda c: expected_outcome(c.profile_a, c.profile_b, c.same_lan) == "direct")
+    with ThreadPoolExecutor(max(1, jobs)) as pool:
+        results = list(
+            pool.map(
+                lambda c: run_pair(c, timeout=timeout, classic=classic, log_dir=log_dir), configs
+            )
+        )
+    order = {p: i for i, p in enumerate(profiles)}
+    results.sort(key=lambda r: (r.same_lan, order[r.profile_a], order[r.profile_b]))
+    if out_dir is not None:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        write_csv(results, out_dir / "matrix.csv")
+        plot_heatmap(results, out_dir / "matrix.png", profiles)
+    return results
+
+
+def write_csv(results: Sequence[PairResult], path: Path) -> None:
+    """One row per pair, the :class:`PairResult` fields as columns (plus ``agrees``)."""
+    fields = [f.name for f in dataclasses.fields(PairResult)] + ["agrees"]
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=fields)
+        writer.writeheader()
+        for r in results:
+            writer.writerow({**dataclasses.asdict(r), "agrees": r.agrees})
+
+
+def plot_heatmap(results: Sequence[PairResult], path: Path, profiles: Sequence[str]) -> None:
+    """Profiles x profiles (plus a same-LAN row): green direct, red failed, grey error; each cell
+    shows the time to connect, and a ``!`` where the outcome disagrees with natlab.md."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.colors import ListedColormap
+
+    n = len(profiles)
+    has_same = any(r.same_lan for r in results)
+    rows = n + (1 if has_same else 0)
+    grid = [[float("nan")] * n for _ in range(rows)]
+    text = [[""] * n for _ in range(rows)]
+    code = {"failed": 0.0, "error": 1.0, "direct": 2.0}
+    idx = {p: i for i, p in enumerate(profiles)}
+    for r in results:
+        label = f"{r.connect_s:.1f}s" if r.connect_s is not None else r.outcome
+        if not r.agrees:
+            label += " !"
+        cells = [(n, idx[r.profile_a])] if r.same_lan else [
+            (idx[r.profile_a], idx[r.profile_b]),
+            (idx[r.profile_b], idx[r.profile_a]),
+        ]  # fmt: skip
+        for y, x in cells:
+            grid[y][x] = code[r.outcome]
+            text[y][x] = label
+    fig, ax = plt.subplots(figsize=(1.4 * n + 2, 1.0 * rows + 1.5))
+    cmap = ListedColormap(["#d9534f", "#aaaaaa", "#5cb85c"])
+    ax.imshow(grid, cmap=cmap, vmin=0, vmax=2)
+    ax.set_xticks(range(n), list(profiles), rotation=30, ha="right")
+    ylabels = list(profiles) + (["same LAN"] if has_same else [])
+    ax.set_yticks(range(rows), ylabels)
+    ax.set_xlabel("site B profile (same-LAN row: the shared NAT's profile)")
+    ax.set_ylabel("site A profile")
+    for y in range(rows):
+        for x in range(n):
+            if text[y][x]:
+                ax.text(x, y, text[y][x], ha="center", va="center", fontsize=8)
+    ax.set_title("UDP hole punching in the kernel NAT lab (green direct, red failed)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def run_from_args(args: argparse.Namespace) -> int:
+    """``p2plab lab matrix``: run, write, print a table; exit 1 when a pair disagrees."""
+    out = Path(args.out)
+    t0 = time.monotonic()
+    results = run_matrix(
+        args.profiles,
+        same_lan=not args.no_same_lan,
+        timeout=args.timeout,
+        jobs=args.jobs,
+        out_dir=out,
+        loss_a=args.loss_a,
+        loss_b=args.loss_b,
+        rate_a_mbit=args.rate_a_mbit,
+        rate_b_mbit=args.rate_b_mbit,
+    )
+    w = sys.stdout.write
+    head = f"{'site A':<16} {'site B':<16} {'outcome':<8} {'expected':<8} {'time':>6}"
+    w(head + "  a peer / b peer\n")
+    for r in results:
+        b = "same LAN" if r.same_lan else r.profile_b
+        t = f"{r.connect_s:.1f}s" if r.connect_s is not None else "-"
+        mark = "" if r.agrees else "  <-- disagrees with natlab.md"
+        w(
+            f"{r.profile_a:<16} {b:<16} {r.outcome:<8} {r.expected:<8} {t:>6}  "
+            f"{r.a_peer_endpoint} / {r.b_peer_endpoint}{mark}\n"
+        )
+    w(f"{len(results)} pairs in {time.monotonic() - t0:.0f} s; wrote {out}/matrix.csv and "
+      f"{out}/matrix.png\n")  # fmt: skip
+    return 0 if all(r.agrees and r.outcome != "error" for r in results) else 1
