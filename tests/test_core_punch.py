@@ -243,3 +243,26 @@ def test_nat_rebinding_moves_the_path() -> None:
         ev.PathChanged(new, ("198.51.100.2", 40000))
     ]
     assert a.session.state == b.session.state == "connected"
+
+
+def test_controlled_side_connects_on_implicit_nomination() -> None:
+    """Every flagged probe is lost: b still follows a once a's traffic comes from a checked path."""
+
+    def drop(node: Node, dest: object, data: bytes) -> bool:
+        if node.name != "a" or datagram_type(data) != MessageType.PROBE:
+            return False
+        probe = parse_datagram(data)
+        return isinstance(probe, Probe) and probe.nominate
+
+    net = Network(seed=9, latency=LATENCY)
+    net.drop = drop
+    a, b = pair(net)
+    assert net.run_until(lambda: a.session.state == "connected", timeout=5)
+    net.run_for(0.5)
+    assert b.session.state == "punching"  # no nomination yet
+    a.session.send_chat("hi", net.now)
+    assert net.run_until(lambda: b.session.state == "connected", timeout=5)
+    assert b.session.peer_address == a.local
+    assert net.run_until(lambda: bool(a.of_type(ev.ChatDelivered)), timeout=5)
+    assert [e.text for e in b.events if isinstance(e, ev.ChatReceived)] == ["hi"]
+    assert a.session.stats["retransmits"] == 0  # the first copy was accepted on connecting

@@ -5,14 +5,20 @@ from __future__ import annotations
 import itertools
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from p2plab.config import SessionConfig
 from p2plab.core import events as ev
 from p2plab.core.wire import (
+    Ack,
     Bye,
     Chat,
+    Control,
     Keepalive,
+    KeepaliveAck,
     MessageType,
+    ProbeAck,
     datagram_type,
     parse_datagram,
 )
@@ -318,3 +324,56 @@ def test_bad_configuration_is_refused() -> None:
     with pytest.raises(ConfigError, match="role must be"):
         net = Network()
         net.add("x", local_id="a", peer_id="b", role="boss", local=("198.18.0.1", 1), candidates=[])
+
+
+_FORGEABLE = st.one_of(
+    st.builds(
+        Ack,
+        st.just("alice"),
+        st.just("bob"),
+        st.integers(0, 2**32 - 1),
+        st.lists(st.integers(0, 2**32 - 1), max_size=64).map(tuple),
+    ),
+    st.builds(
+        Chat,
+        st.just("alice"),
+        st.just("bob"),
+        st.integers(0, 2**32 - 1),
+        st.text(max_size=8),
+        st.floats(allow_nan=True),
+        st.text(max_size=20),
+    ),
+    st.builds(
+        Control,
+        st.just("alice"),
+        st.just("bob"),
+        st.integers(0, 2**32 - 1),
+        st.text(max_size=8),
+        st.floats(),
+        st.binary(max_size=30),
+    ),
+    st.builds(
+        KeepaliveAck, st.just("alice"), st.just("bob"), st.integers(0, 2**32 - 1), st.floats()
+    ),
+    st.builds(
+        ProbeAck,
+        st.just("alice"),
+        st.just("bob"),
+        st.binary(min_size=8, max_size=8),
+        st.booleans(),
+        st.tuples(st.text(max_size=15), st.integers(0, 65535)),
+    ),
+)
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.lists(st.one_of(st.binary(max_size=64), _FORGEABLE.map(bytes)), max_size=20))
+def test_fuzz_session_never_raises_and_keeps_working(datagrams: list[bytes]) -> None:
+    net, a, b = connected_pair(seed=24)
+    for data in datagrams:
+        net.inject(b, data, a.local)
+        b.session.handle_timer(net.now)
+    assert b.session.state in ("connected", "closed", "lost")
+    if b.session.state == "connected":
+        b.session.send_chat("after fuzz", net.now)
+        assert net.run_until(lambda: "after fuzz" in texts(a), timeout=30)

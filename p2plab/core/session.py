@@ -662,11 +662,12 @@ class PeerSession:
     def _on_traffic(self, d: SessionDatagram, addr: Address, now: float) -> None:
         """KEEPALIVE, KEEPALIVE_ACK, CHAT, CONTROL, ACK."""
         if self._state == "punching":
-            # Only the controlling side sends these before we connect: it uses ``addr``.
-            self.stats["dropped_not_connected"] += 1
+            # Only a connected controlling side sends these: ``addr`` is its implicit nomination.
             if self.role == "controlled":
                 self._follow_nomination(addr, now)
-            return
+            if self._state != "connected":
+                self.stats["dropped_not_connected"] += 1
+                return
         self._last_received = now
         self._data_source = addr
         if addr != self._peer_address:
