@@ -225,3 +225,23 @@ def test_fuzz_mutated_valid_datagrams(data: bytes, pos: int, patch: bytes) -> No
 def test_round_trip_chat(sender: str, receiver: str, seq: int, sent_at: float, text: str) -> None:
     chat = Chat(sender, receiver, seq=seq, msg_id="id", sent_at=sent_at, text=text)
     assert parse_datagram(bytes(chat)) == chat
+
+
+def test_link_core_modules_import_no_io_or_clock() -> None:
+    import ast
+    import pathlib
+
+    import p2plab.core
+
+    forbidden = {"asyncio", "socket", "time", "random", "threading", "selectors"}
+    core = pathlib.Path(p2plab.core.__file__).parent
+    for name in ("wire.py", "punch.py", "session.py", "events.py"):
+        tree = ast.parse((core / name).read_text())
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Import):
+                roots = {alias.name.split(".")[0] for alias in node.names}
+            elif isinstance(node, ast.ImportFrom):
+                roots = {(node.module or "").split(".")[0]}
+            else:
+                continue
+            assert not roots & forbidden, f"{name} imports {roots & forbidden}"

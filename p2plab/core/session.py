@@ -467,6 +467,10 @@ class PeerSession:
         log.info("peer %s connected at %s (rtt %s)", self.peer_id, addr, rtt)
         self._events.append(ev.PeerConnected(addr, rtt))
 
+    def _is_connected(self) -> bool:
+        # a call, so that type checkers do not keep a narrowed ``_state`` across state changes
+        return self._state == "connected"
+
     def _change_path(self, addr: Address, now: float) -> None:
         previous = self._peer_address
         self._peer_address = addr
@@ -665,7 +669,7 @@ class PeerSession:
             # Only a connected controlling side sends these: ``addr`` is its implicit nomination.
             if self.role == "controlled":
                 self._follow_nomination(addr, now)
-            if self._state != "connected":
+            if not self._is_connected():
                 self.stats["dropped_not_connected"] += 1
                 return
         self._last_received = now
