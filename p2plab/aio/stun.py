@@ -6,10 +6,11 @@ traffic by the endpoint (magic cookie, then transaction id via ``add_stun_listen
 request is a core :class:`~p2plab.core.stun.StunTransaction`; this module only moves bytes,
 reads the loop clock and keeps one ``call_at`` timer for all of them.
 
-:meth:`StunProbe.nat_report` runs the RFC 5780 tests on the same socket (filtering tests first,
-so that the mapping tests, which send to the server's alternate address, cannot open the
-pinholes the filtering tests look for), and the RFC 3489 classic test through pystun3 in a
-thread on its own socket, with the host's real source address (natlab.md: 0.0.0.0 misleads it).
+:meth:`StunProbe.nat_report` runs the RFC 5780 tests on the same socket, and the RFC 3489
+classic test through pystun3 in a thread on its own socket, with the host's real source address
+(natlab.md: 0.0.0.0 misleads it).  In this order: filtering tests, pystun3, mapping tests.  The
+mapping tests send to the server's alternate IP, which would open the very pinholes the
+filtering tests (ours and pystun3's) look for, on NATs that filter per remote IP host-wide.
 """
 
 from __future__ import annotations
@@ -389,70 +390,67 @@ class StunProbe:
         primary = ok.resolved
         local = self._local_towards(primary)
 
-        classic_task: asyncio.Task[tuple[str | None, str | None]] | None = None
-        if classic:
-            classic_task = asyncio.ensure_future(self._classic(primary, local[0], classic_timeout))
-
-        try:
-            mapped2 = mapped3 = None
-            filter2 = filter3 = None
-            hairpin_result: bool | None = None
-            behind_nat = ok.mapped != local
-            if chosen is None:
-                notes.append(
-                    "no server gave an OTHER-ADDRESS with a different IP and port: RFC 5780 "
-                    "behaviour tests need a server with two addresses (e.g. p2plab stun-server "
-                    "--alt-host IP --alt-port N)"
-                )
-            else:
-                assert chosen.other_address is not None
-                alt_ip, alt_port = chosen.other_address
-                # Filtering first (RFC 5780 section 4.4), hairpin alongside.
-                jobs = [
-                    self._binding(chosen.server, primary, change_ip=True, change_port=True),
-                    self._binding(chosen.server, primary, change_port=True),
-                ]
-                if hairpin and behind_nat:
-                    jobs.append(self._binding(chosen.server, ok.mapped, expect_echo=True))
-                results = await asyncio.gather(*jobs)
-                (f2, p2), (f3, p3) = results[0], results[1]
-                filter2 = self._changed_ok(f2, p2, (alt_ip, alt_port), notes, "II")
-                filter3 = self._changed_ok(f3, p3, (primary[0], alt_port), notes, "III")
-                if len(results) > 2:
-                    hairpin_result = results[2][0].ok
-                if behind_nat:
-                    # Mapping tests II and III (RFC 5780 section 4.3).
-                    (m2, _), (m3, _) = await asyncio.gather(
-                        self._binding(chosen.server, (alt_ip, primary[1])),
-                        self._binding(chosen.server, (alt_ip, alt_port)),
-                    )
-                    mapped2, mapped3 = m2.mapped, m3.mapped
-                    if m2.mapped is None:
-                        notes.append(f"mapping test II failed: {m2.error}")
-                    if m3.mapped is None:
-                        notes.append(f"mapping test III failed: {m3.error}")
-            tests = BehaviorTests(
-                local=local,
-                mapped1=ok.mapped,
-                mapped2=mapped2,
-                mapped3=mapped3,
-                filter2=filter2,
-                filter3=filter3,
+        # Order matters (RFC 5780 section 4.4 and natlab.md): filtering tests first, before
+        # anything on this host has sent to the server's alternate IP; then pystun3, whose own
+        # test II also needs the alternate IP unseen (NATs that filter per remote IP host-wide,
+        # like the lab's "restricted" recipe, would let the answer in otherwise); the mapping
+        # tests, which send to the alternate IP, last.
+        mapped2 = mapped3 = None
+        filter2 = filter3 = None
+        hairpin_result: bool | None = None
+        classic_raw: str | None = None
+        behind_nat = ok.mapped != local
+        if chosen is None:
+            notes.append(
+                "no server gave an OTHER-ADDRESS with a different IP and port: RFC 5780 "
+                "behaviour tests need a server with two addresses (e.g. p2plab stun-server "
+                "--alt-host IP --alt-port N)"
             )
-            mapping, filtering, behind = derive_behavior(tests)
-            if not hairpin:
-                hairpin_result = None
-            elif not behind_nat:
-                notes.append("no NAT: hairpinning not applicable")
-
-            classic_raw: str | None = None
-            if classic_task is not None:
-                classic_raw, classic_note = await classic_task
-                if classic_note:
-                    notes.append(classic_note)
-        finally:
-            if classic_task is not None and not classic_task.done():
-                classic_task.cancel()
+        else:
+            assert chosen.other_address is not None
+            alt_ip, alt_port = chosen.other_address
+            jobs = [
+                self._binding(chosen.server, primary, change_ip=True, change_port=True),
+                self._binding(chosen.server, primary, change_port=True),
+            ]
+            if hairpin and behind_nat:
+                jobs.append(self._binding(chosen.server, ok.mapped, expect_echo=True))
+            results = await asyncio.gather(*jobs)
+            (f2, p2), (f3, p3) = results[0], results[1]
+            filter2 = self._changed_ok(f2, p2, (alt_ip, alt_port), notes, "II")
+            filter3 = self._changed_ok(f3, p3, (primary[0], alt_port), notes, "III")
+            if len(results) > 2:
+                hairpin_result = results[2][0].ok
+        if classic:
+            classic_raw, classic_note = await self._classic(primary, local[0], classic_timeout)
+            if classic_note:
+                notes.append(classic_note)
+        if chosen is not None and behind_nat:
+            assert chosen.other_address is not None
+            alt_ip, alt_port = chosen.other_address
+            # Mapping tests II and III (RFC 5780 section 4.3).
+            (m2, _), (m3, _) = await asyncio.gather(
+                self._binding(chosen.server, (alt_ip, primary[1])),
+                self._binding(chosen.server, (alt_ip, alt_port)),
+            )
+            mapped2, mapped3 = m2.mapped, m3.mapped
+            if m2.mapped is None:
+                notes.append(f"mapping test II failed: {m2.error}")
+            if m3.mapped is None:
+                notes.append(f"mapping test III failed: {m3.error}")
+        tests = BehaviorTests(
+            local=local,
+            mapped1=ok.mapped,
+            mapped2=mapped2,
+            mapped3=mapped3,
+            filter2=filter2,
+            filter3=filter3,
+        )
+        mapping, filtering, behind = derive_behavior(tests)
+        if not hairpin:
+            hairpin_result = None
+        elif not behind_nat:
+            notes.append("no NAT: hairpinning not applicable")
         report = NatReport(
             mapped=ok.mapped,
             local=local,
