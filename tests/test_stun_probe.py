@@ -382,3 +382,17 @@ async def test_server_ignoring_change_request_gives_unknown_filtering() -> None:
 def test_stun_error_is_what_the_codec_raises() -> None:
     with pytest.raises(StunError):
         parse_message(b"junk")
+
+
+async def test_ipv6_server_on_an_ipv4_endpoint_fails_cleanly() -> None:
+    server = await StunServer.start("127.0.0.1", 0)
+    endpoint = await UdpEndpoint.bind("127.0.0.1", 0)
+    try:
+        probe = StunProbe(endpoint, ["[2001:db8::1]:3478", server.primary_address], **FAST)
+        result = await asyncio.wait_for(probe.mapped_address(), LIMIT)
+        assert result.mapped == endpoint.local_address
+        v6 = result.answers[0]
+        assert not v6.ok and "IPv6 server" in (v6.error or "")
+    finally:
+        endpoint.close()
+        server.close()

@@ -246,3 +246,58 @@ async def test_bad_configuration() -> None:
         await StunServer.start("127.0.0.1", 0, alt_host="127.0.0.1")
     with pytest.raises(ConfigError, match="equals the primary port"):
         await StunServer.start("127.0.0.1", 40000, alt_port=40000)
+
+
+async def test_run_stun_server_logs_where_it_listens_and_stops_on_cancel(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    import asyncio
+    import re
+
+    from p2plab.server.stun_server import run_stun_server
+
+    caplog.set_level("INFO", logger="p2plab.server.stun_server")
+    task = asyncio.ensure_future(run_stun_server("127.0.0.1", 0))
+    client = RawClient()
+    try:
+        port = None
+        for _ in range(200):
+            found = re.search(r"listening on UDP 127\.0\.0\.1:(\d+)", caplog.text)
+            if found:
+                port = int(found.group(1))
+                break
+            await asyncio.sleep(0.01)
+        assert port is not None, caplog.text
+        reply, _ = await client.request(make_binding_request(random_bytes), ("127.0.0.1", port), T)
+        assert reply.attributes["XOR-MAPPED-ADDRESS"] == client.address
+    finally:
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        client.close()
+    assert "STUN server stopped" in caplog.text
+
+
+async def test_ipv6_loopback() -> None:
+    import socket
+
+    try:
+        probe = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)
+        probe.bind(("::1", 0))
+        probe.close()
+    except OSError:
+        # No IPv6 here (some containers): starting must fail cleanly, not half-bind.
+        with pytest.raises(OSError):
+            await StunServer.start("::1", 0)
+        return
+    from p2plab.aio.endpoint import UdpEndpoint
+    from p2plab.aio.stun import StunProbe
+
+    server = await StunServer.start("::1", 0)
+    endpoint = await UdpEndpoint.bind("::1", 0)
+    try:
+        result = await StunProbe(endpoint, [f"[::1]:{server.primary_address[1]}"]).mapped_address()
+        assert result.mapped == endpoint.local_address
+    finally:
+        endpoint.close()
+        server.close()
