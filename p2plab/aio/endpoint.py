@@ -8,17 +8,39 @@ asyncio loop fast (natlab.md).  Datagrams are demultiplexed:
   listener registered for their transaction id, else to the STUN fallback handler, else are counted
   as ``stun_unmatched`` and dropped;
 * everything else goes to the peer handler (or is counted as ``dropped_no_handler``).
+
+Fast path (natlab.md, issue 4).  The reader receives with ``recvmsg_into`` into one pre-allocated
+buffer.  On Linux the socket has UDP GRO (``UDP_GRO``) turned on when the kernel supports it: one
+read may then return several coalesced datagrams, and the ``UDP_GRO`` control message gives their
+segment size; this reader splits every such read, so every user of the socket still sees single
+datagrams.  A *bulk sink* (:meth:`UdpEndpoint.set_bulk_sink`, used by the benchmark) receives
+reads whose datagrams carry chosen p2p types without a copy or a callback per datagram: reads are
+batched in the buffer and handed over once per drain.  Sends of many equal-sized datagrams go
+through :meth:`UdpEndpoint.send_segments`, with UDP GSO (``UDP_SEGMENT`` as a per-call control
+message, since the socket is not connected) when available.  Both fall back cleanly to plain
+reads and sends when the kernel or platform lacks them.
 """
 
 from __future__ import annotations
 
 import asyncio
+import errno
 import logging
 import socket
+import struct
+import sys
+import time
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Protocol
 
-__all__ = ["Address", "UdpEndpoint", "is_stun_datagram"]
+__all__ = [
+    "Address",
+    "BulkSink",
+    "UdpEndpoint",
+    "gro_supported",
+    "gso_supported",
+    "is_stun_datagram",
+]
 
 log = logging.getLogger(__name__)
 
@@ -26,8 +48,56 @@ Address = tuple[str, int]
 DatagramHandler = Callable[[bytes, Address], None]
 
 _MAGIC_COOKIE = b"\x21\x12\xa4\x42"
-_RECV_SIZE = 65535
-_MAX_READS_PER_WAKEUP = 512
+_RECV_SIZE = 65536  # one read: a datagram, or a GRO batch (at most 64 KiB)
+_MAX_READS_PER_WAKEUP = 2048
+_BUF_SIZE = 4 * 1024 * 1024
+_P2P_MAGIC0, _P2P_MAGIC1 = 0xD7, 0x50
+
+# Linux values; older Pythons' socket module lacks the names.
+SOL_UDP = getattr(socket, "SOL_UDP", 17)
+UDP_SEGMENT = getattr(socket, "UDP_SEGMENT", 103)
+UDP_GRO = getattr(socket, "UDP_GRO", 104)
+UDP_MAX_SEGMENTS = 64
+"""Most segments one GSO send may carry (the kernel's UDP_MAX_SEGMENTS)."""
+_CMSG_SPACE = socket.CMSG_SPACE(4) if hasattr(socket, "CMSG_SPACE") else 0
+_U16 = struct.Struct("=H")
+_I32 = struct.Struct("=i")
+
+
+class BulkSink(Protocol):
+    """Receives batched reads of chosen p2p datagram types (see :meth:`UdpEndpoint.set_bulk_sink`).
+
+    ``reads`` are ``(offset, nbytes, segment_size, arrival_ns)`` into ``buf``: ``nbytes`` bytes
+    holding datagrams of ``segment_size`` bytes back to back (the last may be shorter).  Return the
+    ``(read_index, start, end)`` spans the sink did not take (datagrams of other types that a GRO
+    batch carried along); the endpoint dispatches them normally.
+    """
+
+    def __call__(
+        self, buf: memoryview, reads: list[tuple[int, int, int, int]]
+    ) -> list[tuple[int, int, int]]: ...
+
+
+def gso_supported(sock: socket.socket) -> bool:
+    """True if the kernel knows UDP_SEGMENT for this socket (Linux 4.18+)."""
+    if not sys.platform.startswith("linux") or sock.type != socket.SOCK_DGRAM:
+        return False
+    try:
+        sock.getsockopt(SOL_UDP, UDP_SEGMENT)
+    except OSError:
+        return False
+    return True
+
+
+def gro_supported(sock: socket.socket) -> bool:
+    """True if UDP_GRO can be turned on for this socket (Linux 5.0+)."""
+    if not sys.platform.startswith("linux") or sock.type != socket.SOCK_DGRAM:
+        return False
+    try:
+        sock.getsockopt(SOL_UDP, UDP_GRO)
+    except OSError:
+        return False
+    return True
 
 
 def is_stun_datagram(data: bytes) -> bool:
@@ -38,9 +108,22 @@ def is_stun_datagram(data: bytes) -> bool:
 class UdpEndpoint:
     """A bound, non-blocking UDP socket with a draining reader and a demultiplexer."""
 
-    def __init__(self, sock: socket.socket, loop: asyncio.AbstractEventLoop) -> None:
+    def __init__(
+        self, sock: socket.socket, loop: asyncio.AbstractEventLoop, *, gro: bool = True
+    ) -> None:
         self._sock = sock
         self._loop = loop
+        self._buf = bytearray(_BUF_SIZE)
+        self._view = memoryview(self._buf)
+        self._bulk_sink: BulkSink | None = None
+        self._bulk_types: frozenset[int] = frozenset()
+        self._writable: asyncio.Future[None] | None = None
+        self.gso = gso_supported(sock)
+        """The kernel supports UDP GSO on this socket (``send_segments`` may use it)."""
+        self.gro = False
+        """UDP GRO is on for this socket (reads may carry several datagrams)."""
+        if gro:
+            self.set_gro(True)
         self._stun_listeners: dict[bytes, DatagramHandler] = {}
         self.stun_fallback: DatagramHandler | None = None
         self.peer_handler: DatagramHandler | None = None
@@ -53,13 +136,17 @@ class UdpEndpoint:
             "stun_unmatched": 0,
             "dropped_no_handler": 0,
             "handler_errors": 0,
+            "gro_reads": 0,
+            "gso_sends": 0,
+            "truncated": 0,
+            "bulk_datagrams": 0,
         }
         self._closed = False
         loop.add_reader(sock.fileno(), self._on_readable)
 
     @classmethod
-    async def bind(cls, host: str = "0.0.0.0", port: int = 0) -> UdpEndpoint:
-        """Create and bind the socket (port 0: let the OS choose)."""
+    async def bind(cls, host: str = "0.0.0.0", port: int = 0, *, gro: bool = True) -> UdpEndpoint:
+        """Create and bind the socket (port 0: let the OS choose); ``gro``: use UDP GRO if any."""
         loop = asyncio.get_running_loop()
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
         sock = socket.socket(family, socket.SOCK_DGRAM)
@@ -74,7 +161,7 @@ class UdpEndpoint:
         except OSError:
             sock.close()
             raise
-        return cls(sock, loop)
+        return cls(sock, loop, gro=gro)
 
     @property
     def socket(self) -> socket.socket:
@@ -93,6 +180,29 @@ class UdpEndpoint:
     @property
     def closed(self) -> bool:
         return self._closed
+
+    def set_gro(self, on: bool) -> bool:
+        """Turn UDP GRO on or off; returns whether it is on now (False where unsupported)."""
+        if not gro_supported(self._sock):
+            self.gro = False
+            return False
+        try:
+            self._sock.setsockopt(SOL_UDP, UDP_GRO, 1 if on else 0)
+        except OSError as exc:
+            log.debug("UDP_GRO not available: %s", exc)
+            self.gro = False
+            return False
+        self.gro = on
+        return on
+
+    def set_bulk_sink(self, types: frozenset[int] | set[int], sink: BulkSink | None) -> None:
+        """Hand reads of p2p datagrams whose type is in ``types`` to ``sink`` in batches.
+
+        ``None`` removes the sink.  Datagrams of other types keep their usual path, in order:
+        pending batched reads are flushed before any other datagram is dispatched.
+        """
+        self._bulk_sink = sink
+        self._bulk_types = frozenset(types) if sink is not None else frozenset()
 
     def add_stun_listener(self, transaction_id: bytes, handler: DatagramHandler) -> None:
         """Route STUN messages with this 12-byte transaction id to ``handler``."""
@@ -118,18 +228,170 @@ class UdpEndpoint:
         self.stats["bytes_out"] += len(data)
         return True
 
+    def send_segments(
+        self,
+        buf: memoryview | bytearray | bytes,
+        size: int,
+        count: int,
+        addr: Address,
+        *,
+        gso: bool = True,
+    ) -> int:
+        """Send ``count`` datagrams of ``size`` bytes laid out back to back in ``buf``.
+
+        Uses UDP GSO (one ``sendmsg`` per up to 64 datagrams) when ``gso`` and the kernel allow,
+        plain ``sendto`` otherwise.  Returns how many went out; fewer than ``count`` means the
+        socket buffer is full (await :meth:`wait_writable`) or the OS refused (counted).
+        """
+        if self._closed or count <= 0:
+            return 0
+        mv = buf if isinstance(buf, memoryview) else memoryview(buf)
+        sock = self._sock
+        sent = 0
+        per = min(UDP_MAX_SEGMENTS, 65507 // size) if gso and self.gso else 1
+        try:
+            if per > 1:
+                cmsg = [(SOL_UDP, UDP_SEGMENT, _U16.pack(size))]
+                while sent < count:
+                    n = min(per, count - sent)
+                    chunk = mv[sent * size : (sent + n) * size]
+                    if n == 1:
+                        sock.sendto(chunk, addr)
+                    else:
+                        sock.sendmsg([chunk], cmsg, 0, addr)
+                        self.stats["gso_sends"] += 1
+                    sent += n
+            else:
+                sendto = sock.sendto
+                while sent < count:
+                    sendto(mv[sent * size : (sent + 1) * size], addr)
+                    sent += 1
+        except (BlockingIOError, InterruptedError):
+            pass
+        except OSError as exc:
+            if exc.errno in (errno.EINVAL, errno.EIO, errno.EMSGSIZE) and per > 1:
+                # GSO refused for this path (segment over the MTU, or no checksum offload):
+                # turn it off for this socket and carry on with plain sends.
+                log.info("UDP GSO refused (%s); falling back to plain sends", exc)
+                self.gso = False
+                return sent + self.send_segments(
+                    mv[sent * size :], size, count - sent, addr, gso=False
+                )
+            self.stats["send_errors"] += 1
+            log.debug("send to %s failed: %s", addr, exc)
+        self.stats["datagrams_out"] += sent
+        self.stats["bytes_out"] += sent * size
+        return sent
+
+    async def wait_writable(self) -> None:
+        """Wait until the socket can take more data (after a short ``send_segments``)."""
+        if self._closed:
+            return
+        if self._writable is None or self._writable.done():
+            fut: asyncio.Future[None] = self._loop.create_future()
+            self._writable = fut
+            fd = self._sock.fileno()
+
+            def ready() -> None:
+                self._loop.remove_writer(fd)
+                if not fut.done():
+                    fut.set_result(None)
+
+            self._loop.add_writer(fd, ready)
+        await asyncio.shield(self._writable)
+
     def _on_readable(self) -> None:
         sock = self._sock
-        for _ in range(_MAX_READS_PER_WAKEUP):
+        view = self._view
+        limit = _BUF_SIZE - _RECV_SIZE
+        anc = _CMSG_SPACE if self.gro else 0
+        bulk_types = self._bulk_types
+        buf = self._buf
+        reads: list[tuple[int, int, int, int]] = []
+        addrs: list[Address] = []
+        pos = 0
+        stats = self.stats
+        clock = time.monotonic_ns
+        try:
+            for _ in range(_MAX_READS_PER_WAKEUP):
+                try:
+                    n, ancdata, flags, addr = sock.recvmsg_into([view[pos : pos + _RECV_SIZE]], anc)
+                except (BlockingIOError, InterruptedError):
+                    return
+                except OSError as exc:
+                    # ICMP port unreachable surfaces as ECONNREFUSED on Linux: not fatal for UDP.
+                    log.debug("recvmsg: %s", exc)
+                    continue
+                if flags & socket.MSG_TRUNC:
+                    stats["truncated"] += 1
+                    continue
+                seg = n
+                if ancdata:
+                    for level, kind, data in ancdata:
+                        if level == SOL_UDP and kind == UDP_GRO and len(data) >= 2:
+                            seg = (
+                                _I32.unpack(data[:4])[0]
+                                if len(data) >= 4
+                                else _U16.unpack(data[:2])[0]
+                            )
+                            stats["gro_reads"] += 1
+                    if seg <= 0:
+                        seg = n
+                if (
+                    bulk_types
+                    and n >= 4
+                    and buf[pos] == _P2P_MAGIC0
+                    and buf[pos + 1] == _P2P_MAGIC1
+                    and buf[pos + 3] in bulk_types
+                ):
+                    reads.append((pos, n, seg, clock()))
+                    addrs.append((addr[0], addr[1]))
+                    pos += n
+                    if pos > limit:
+                        self._flush(reads, addrs)
+                        reads = []
+                        addrs = []
+                        pos = 0
+                    continue
+                if reads:
+                    self._flush(reads, addrs)
+                    reads = []
+                    addrs = []
+                    pos = 0
+                peer = (addr[0], addr[1])
+                if seg >= n:
+                    self._dispatch(bytes(view[pos : pos + n]), peer)
+                else:
+                    for start in range(pos, pos + n, seg):
+                        self._dispatch(bytes(view[start : min(start + seg, pos + n)]), peer)
+        finally:
+            if reads:
+                self._flush(reads, addrs)
+
+    def _flush(self, reads: list[tuple[int, int, int, int]], addrs: list[Address]) -> None:
+        sink = self._bulk_sink
+        view = self._view
+        if sink is None:  # removed mid-drain: dispatch as usual
+            rest = [(i, off, off + n) for i, (off, n, _, _) in enumerate(reads)]
+            left = [
+                (i, s, min(s + reads[i][2], e))
+                for i, a, e in rest
+                for s in range(a, e, reads[i][2])
+            ]
+        else:
             try:
-                data, addr = sock.recvfrom(_RECV_SIZE)
-            except (BlockingIOError, InterruptedError):
+                left = sink(view, reads)
+            except Exception:
+                self.stats["handler_errors"] += 1
+                log.exception("bulk sink failed on %d reads", len(reads))
                 return
-            except OSError as exc:
-                # ICMP port unreachable surfaces as ECONNREFUSED on Linux: not fatal for UDP.
-                log.debug("recvfrom: %s", exc)
-                continue
-            self._dispatch(data, (addr[0], addr[1]))
+        total = sum(-(-n // seg) for _, n, seg, _ in reads)
+        nbytes = sum(n for _, n, _, _ in reads)
+        self.stats["bulk_datagrams"] += total - len(left)
+        self.stats["datagrams_in"] += total - len(left)
+        self.stats["bytes_in"] += nbytes - sum(e - s for _, s, e in left)
+        for i, start, end in left:
+            self._dispatch(bytes(view[start:end]), addrs[i])
 
     def _dispatch(self, data: bytes, addr: Address) -> None:
         self.stats["datagrams_in"] += 1
@@ -158,8 +420,11 @@ class UdpEndpoint:
         self._closed = True
         try:
             self._loop.remove_reader(self._sock.fileno())
+            self._loop.remove_writer(self._sock.fileno())
         except Exception:  # pragma: no cover - loop already closed
             pass
+        if self._writable is not None and not self._writable.done():
+            self._writable.set_result(None)
         self._sock.close()
 
     async def __aenter__(self) -> UdpEndpoint:

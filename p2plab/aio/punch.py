@@ -154,13 +154,13 @@ class HolePuncher:
 
     def send_chat(self, text: str) -> str:
         """Queue a reliable chat message; returns its id (ChatDelivered/ChatFailed follow)."""
-        msg_id = self.session.send_chat(text, _now())
+        msg_id = self.session.send_chat(text, _now(), sent_at=time.time())
         self.pump()
         return msg_id
 
     def send_control(self, obj: dict[str, object]) -> str:
         """Queue a reliable control message (JSON object) for the peer."""
-        msg_id = self.session.send_control(obj, _now())
+        msg_id = self.session.send_control(obj, _now(), sent_at=time.time())
         self.pump()
         return msg_id
 

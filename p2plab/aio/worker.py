@@ -536,7 +536,7 @@ class Worker:
                     "from": self.peer_id,
                     "id": event.msg_id,
                     "text": event.text,
-                    "ts": time.time(),
+                    "ts": event.sent_at,
                 }
             )
         elif isinstance(event, ev.ChatDelivered):
