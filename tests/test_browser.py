@@ -180,6 +180,13 @@ def wait_linked(page: Any, timeout: float = 20) -> None:
     page.wait_for_selector(f'{tid("status-state")}[data-state="connected"]', timeout=ms(timeout))
 
 
+def wait_result_or_error(page: Any, timeout: float) -> None:
+    """Wait for a result row; an ``error`` from the worker (shown as a toast) fails at once."""
+    page.wait_for_selector(f"{tid('bench-row')}, {tid('toast')}", timeout=ms(timeout))
+    if page.locator(tid("bench-row")).count() == 0:
+        pytest.fail(f"the worker answered with an error: {page.inner_text(tid('toasts'))}")
+
+
 def result_rows(page: Any) -> list[dict[str, str]]:
     """The result table as ``data-field -> data-value`` dicts (raw values, not display text)."""
     rows: list[dict[str, str]] = page.eval_on_selector_all(
@@ -321,7 +328,7 @@ def test_benchmark_from_page_fills_table_chart_and_csv(cluster: Cluster, browser
         a.fill(tid("bench-rate"), "20")
         a.fill(tid("bench-duration"), "2")
         a.click(tid("bench-start"))
-        a.wait_for_selector(tid("bench-row"), timeout=ms(30))
+        wait_result_or_error(a, 30)
         rows = result_rows(a)
         assert rows, "no result row"
         assert all(r["payload_size"] == "1200" for r in rows)
@@ -365,13 +372,16 @@ def test_benchmark_stop_ends_a_long_run_early(cluster: Cluster, browser: Any) ->
         a.fill(tid("bench-duration"), "120")
         a.click(tid("bench-start"))
         a.wait_for_function(
-            "() => +document.querySelector('[data-testid=bench-chart]').dataset.points > 0",
+            "() => +document.querySelector('[data-testid=bench-chart]').dataset.points > 0"
+            " || document.querySelector('[data-testid=toast]') !== null",
             timeout=ms(20),
         )
+        if a.locator(tid("toast")).count():
+            pytest.fail(f"the worker answered with an error: {a.inner_text(tid('toasts'))}")
         assert a.is_enabled(tid("bench-stop"))
         assert not a.is_enabled(tid("bench-start"))
         a.click(tid("bench-stop"))
-        a.wait_for_selector(tid("bench-row"), timeout=ms(30))
+        wait_result_or_error(a, 30)
         rows = result_rows(a)
         assert all(r["payload_size"] == "800" for r in rows)
         assert min(float(r["duration_s"]) for r in rows) < 120
