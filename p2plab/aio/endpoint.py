@@ -354,16 +354,18 @@ class UdpEndpoint:
                         pos = 0
                     continue
                 if reads:
+                    # Keep arrival order: batched datagrams go first.  The flush does not touch
+                    # the bytes of this read (they lie after every batched read).
                     self._flush(reads, addrs)
                     reads = []
                     addrs = []
-                    pos = 0
                 peer = (addr[0], addr[1])
                 if seg >= n:
                     self._dispatch(bytes(view[pos : pos + n]), peer)
                 else:
                     for start in range(pos, pos + n, seg):
                         self._dispatch(bytes(view[start : min(start + seg, pos + n)]), peer)
+                pos = 0
         finally:
             if reads:
                 self._flush(reads, addrs)
