@@ -428,17 +428,21 @@ class PunchResult:
     """``"public"`` or ``"lan"``: which kind of address A reached B on (None when failed)."""
 
     def to_dict(self) -> dict[str, Any]:
+        """The kernel lab's matrix columns (:class:`p2plab.lab.matrix.PairResult`) that apply."""
+
         def fmt(addr: Address | None) -> str | None:
             return None if addr is None else f"{addr[0]}:{addr[1]}"
 
         return {
             "outcome": self.outcome,
-            "connect_time_s": self.connect_time_s,
+            "connect_s": self.connect_time_s,
             "path": self.path,
             "a_public": fmt(self.a_public),
             "b_public": fmt(self.b_public),
-            "a_sends_to": fmt(self.a_sends_to),
-            "b_sends_to": fmt(self.b_sends_to),
+            "a_peer_endpoint": fmt(self.a_sends_to),
+            "b_peer_endpoint": fmt(self.b_sends_to),
+            "a_state": self.a.state,
+            "b_state": self.b.state,
         }
 
 
@@ -732,19 +736,22 @@ def sim_matrix(
     profiles: Iterable[str] = PROFILES,
     *,
     seed: int = 1,
-    same_lan: Iterable[str] = ("port-restricted",),
+    same_lan: Iterable[str] | None = None,
     config: SessionConfig | None = None,
     skew: float = 0.0,
     classify: bool = True,
 ) -> list[dict[str, Any]]:
     """Punch every ordered pair of ``profiles`` (A controlling) in a fresh simulation each.
 
-    ``same_lan`` adds one row per profile with both hosts behind one NAT of it.  Rows carry
-    ``profile_a``, ``profile_b``, ``same_lan``, ``outcome`` (direct/failed), ``connect_time_s``
+    ``same_lan`` adds one row per profile with both hosts behind one NAT of it (default: every NAT
+    profile in ``profiles``).  Rows carry the kernel lab's columns where they apply
+    (``profile_a``, ``profile_b``, ``same_lan``, ``outcome`` (direct/failed), ``connect_s``
     (virtual), ``path``, the endpoints, both sides' classification (RFC 3489 and RFC 5780),
     ``expected`` (natlab.md, where it says) and ``seed``.
     """
     profiles = list(profiles)
+    if same_lan is None:
+        same_lan = [p for p in profiles if p != "open"]
     cases: list[tuple[str, str, bool]] = [(pa, pb, False) for pa in profiles for pb in profiles]
     cases += [(p, p, True) for p in same_lan]
     rows: list[dict[str, Any]] = []
@@ -766,6 +773,7 @@ def sim_matrix(
                 report = sim.probe(host)
                 row[f"{side}_mapping"] = report.mapping.value
                 row[f"{side}_filtering"] = report.filtering.value
+                row[f"{side}_nat"] = f"{report.mapping.value}/{report.filtering.value}"
                 row[f"{side}_classic"] = report.classic
                 row[f"{side}_classic_rfc5780"] = report.classic_rfc5780
         result = sim.punch(host_a, host_b, config=config, skew=skew)
