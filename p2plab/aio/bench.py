@@ -84,6 +84,7 @@ class _Receiving:
         self.started_at = str(params.get("started_at") or _now_iso())
         self.ticker: asyncio.Task[None] | None = None
         self.done = False
+        self.published = 0
 
     def sink(
         self, buf: memoryview, reads: list[tuple[int, int, int, int]]
@@ -257,18 +258,22 @@ class _BenchState:
         interval = rec.rx.interval_ns / 1e9
         while not rec.done:
             await asyncio.sleep(interval / 4)
-            for iv in rec.rx.advance(time.monotonic_ns()):
-                msg = {
-                    "type": "benchmark_progress",
-                    "role": "receiver",
-                    "elapsed_s": round(iv.t_end, 6),
-                    "mbps": round(iv.mbps, 3),
-                    "lost": iv.lost,
-                    "jitter_ms": round(iv.jitter_ms, 6),
-                    "run_id": str(rec.run_id),
-                }
-                self.worker.publish(msg)
-                self._control({"type": "bench_interval", "run_id": rec.run_id, **iv.to_dict()})
+            self._publish_intervals(rec, rec.rx.advance(time.monotonic_ns()))
+
+    def _publish_intervals(self, rec: _Receiving, records: Sequence[cb.IntervalRecord]) -> None:
+        for iv in records:
+            rec.published += 1
+            msg = {
+                "type": "benchmark_progress",
+                "role": "receiver",
+                "elapsed_s": round(iv.t_end, 6),
+                "mbps": round(iv.mbps, 3),
+                "lost": iv.lost,
+                "jitter_ms": round(iv.jitter_ms, 6),
+                "run_id": str(rec.run_id),
+            }
+            self.worker.publish(msg)
+            self._control({"type": "bench_interval", "run_id": rec.run_id, **iv.to_dict()})
 
     def on_end(self, obj: dict[str, Any]) -> None:
         rec = self.receiving
@@ -289,6 +294,7 @@ class _BenchState:
         rec.done = True
         self._disarm()
         report = rec.rx.report(packets_sent=sent)
+        self._publish_intervals(rec, report.intervals[rec.published :])
         d = report.to_dict()
         while len(json.dumps(d)) > _MAX_REPORT_BYTES and d["intervals"]:
             d["intervals"] = d["intervals"][: len(d["intervals"]) // 2]
@@ -716,7 +722,20 @@ class Benchmark:
                 )
                 iv_sent, iv_start = 0, now
                 next_report += int(interval_s * 1e9)
-        return seq, (clock() - t0) / 1e9
+        end = clock()
+        if iv_sent and end > iv_start:
+            self.worker.publish(
+                {
+                    "type": "benchmark_progress",
+                    "role": "sender",
+                    "elapsed_s": round((end - t0) / 1e9, 6),
+                    "mbps": round(iv_sent * size * 8 / ((end - iv_start) / 1e9) / 1e6, 3),
+                    "lost": 0,
+                    "run_id": str(rid),
+                    "duration_s": duration_s,
+                }
+            )
+        return seq, (end - t0) / 1e9
 
     async def rtt(
         self, count: int = 1000, payload_size: int = 64, timeout_s: float = 1.0

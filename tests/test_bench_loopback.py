@@ -1,0 +1,221 @@
+"""Benchmarks between two real Workers on loopback (rendezvous in-process).
+
+No timing assertions: every check is on counts, which must be exact.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import csv
+import json
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from websockets.asyncio.client import connect
+
+from p2plab.aio.bench import Benchmark
+from p2plab.aio.worker import Worker, WorkerConfig
+from p2plab.core import bench as cb
+from p2plab.results import (
+    CSV_COLUMNS,
+    INTERVAL_COLUMNS,
+    intervals_to_dataframe,
+    results_to_dataframe,
+    results_to_json,
+    write_csv,
+    write_intervals_csv,
+)
+from rendezvous_service_code.main import RendezvousServer
+from tests.conftest import TIMEOUT_UNIT
+
+T = 20 * TIMEOUT_UNIT
+
+
+@contextlib.asynccontextmanager
+async def two_workers(http: bool = False) -> AsyncIterator[tuple[Worker, Worker]]:
+    rv = await RendezvousServer.start("127.0.0.1", 0)
+    cfg = dict(
+        rendezvous_url=rv.ws_url,
+        http_port=0 if http else None,
+        udp_host="127.0.0.1",
+        nat_report=False,
+    )
+    a, b = Worker(WorkerConfig(**cfg)), Worker(WorkerConfig(**cfg))  # type: ignore[arg-type]
+    try:
+        await a.start()
+        await b.start()
+        await a.wait_connected(T)
+        await b.wait_connected(T)
+        yield a, b
+    finally:
+        await a.stop()
+        await b.stop()
+        await rv.close()
+
+
+def drop_every(worker: Worker, n: int) -> list[int]:
+    """Make ``worker``'s endpoint skip BENCH_DATA datagrams with seq % n == n - 1 (keeps GSO)."""
+    ep = worker.endpoint
+    assert ep is not None
+    orig = ep.send_segments
+    dropped: list[int] = []
+
+    def send_segments(buf: Any, size: int, count: int, addr: Any, *, gso: bool = True) -> int:
+        mv = memoryview(buf)
+        i = 0
+        while i < count:
+            j = i
+            while j < count:
+                h = cb.parse_bench(mv[j * size : j * size + cb.HEADER_SIZE])
+                if h is not None and h.seq % n == n - 1:
+                    break
+                j += 1
+            if j > i:
+                got = orig(mv[i * size : j * size], size, j - i, addr, gso=gso)
+                if got < j - i:
+                    return i + got
+            if j < count:
+                h = cb.parse_bench(mv[j * size : j * size + cb.HEADER_SIZE])
+                assert h is not None
+                dropped.append(h.seq)
+                j += 1
+            i = j
+        return count
+
+    ep.send_segments = send_segments  # type: ignore[method-assign]
+    return dropped
+
+
+@pytest.mark.parametrize("gso", [False, True])
+@pytest.mark.parametrize("gro", [False, True])
+async def test_run_with_injected_drops_counts_exactly(gso: bool, gro: bool) -> None:
+    async with two_workers() as (a, b):
+        assert b.endpoint is not None and a.endpoint is not None
+        b.endpoint.set_gro(gro)
+        dropped = drop_every(a, 7)
+        r = await asyncio.wait_for(
+            Benchmark(a, gso=gso).run(duration_s=1.0, payload_size=1200, rate_mbps=40), T
+        )
+        assert r.role == "sender" and r.peer_view is not None
+        rx = r.peer_view
+        assert r.packets_sent > 100
+        assert len(dropped) == r.packets_sent // 7
+        assert rx.packets_received == r.packets_sent - len(dropped)
+        assert rx.lost == len(dropped) == r.lost
+        assert rx.duplicates == 0
+        assert rx.bytes_received == rx.packets_received * 1200
+        assert sum(iv.packets for iv in rx.intervals) == rx.packets_received
+        assert r.gso == (gso and a.endpoint.gso)
+        assert rx.gro == b.endpoint.gro
+
+
+async def test_both_ends_publish_both_views_and_chat_flows_during_a_run() -> None:
+    async with two_workers() as (a, b):
+        qa, qb = a.subscribe(), b.subscribe()
+        run = asyncio.ensure_future(
+            Benchmark(a).run(duration_s=1.5, payload_size=1000, rate_mbps=30, interval_s=0.5)
+        )
+        await asyncio.sleep(0.3)
+        a.send_chat("during the run")
+        r = await asyncio.wait_for(run, T)
+
+        async def collect(q: asyncio.Queue[dict[str, Any]], want: int) -> list[dict[str, Any]]:
+            got: list[dict[str, Any]] = []
+            while sum(m["type"] == "benchmark_result" for m in got) < want:
+                got.append(await asyncio.wait_for(q.get(), T))
+            return got
+
+        ma, mb = await collect(qa, 2), await collect(qb, 2)
+        for msgs in (ma, mb):
+            results = [m for m in msgs if m["type"] == "benchmark_result"]
+            assert {m["role"] for m in results} == {"sender", "receiver"}
+            assert {m["run_id"] for m in results} == {r.run_id}
+            for m in results:
+                for key in ("payload_size", "duration_s", "packets_sent", "packets_received"):
+                    assert key in m
+                assert m["packets_sent"] == r.packets_sent
+                assert m["lost"] == 0
+        progress_b = [m for m in mb if m["type"] == "benchmark_progress"]
+        assert progress_b and all(m["role"] == "receiver" for m in progress_b)
+        assert any(m["type"] == "benchmark_progress" and m["role"] == "sender" for m in ma)
+        assert any(
+            m["type"] == "chat" and m["direction"] == "in" and m["text"] == "during the run"
+            for m in mb
+        ) or await _wait_chat(qb)
+
+
+async def _wait_chat(q: asyncio.Queue[dict[str, Any]]) -> bool:
+    while True:
+        m = await asyncio.wait_for(q.get(), T)
+        if m["type"] == "chat" and m["text"] == "during the run":
+            return True
+
+
+async def test_receive_direction_and_rtt() -> None:
+    async with two_workers() as (a, _b):
+        r = await asyncio.wait_for(
+            Benchmark(a).run(duration_s=0.5, payload_size=200, rate_mbps=10, direction="receive"),
+            T,
+        )
+        assert r.role == "receiver" and r.local_worker == a.worker_id
+        assert r.peer_view is not None and r.peer_view.role == "sender"
+        assert r.packets_received == r.packets_sent > 0
+        rtt = await asyncio.wait_for(Benchmark(a).rtt(count=200), T)
+        assert rtt.received == 200 and rtt.lost == 0
+        assert 0 < rtt.min_ms <= rtt.p50_ms <= rtt.p90_ms <= rtt.p99_ms <= rtt.max_ms
+
+
+async def test_ui_websocket_start_benchmark(tmp_path: Path) -> None:
+    async with two_workers(http=True) as (a, _b):
+        assert a.http_address is not None
+        port = a.http_address[1]
+        async with connect(f"ws://127.0.0.1:{port}/ui_ws", open_timeout=T) as ws:
+            await ws.send(json.dumps({"type": "start_benchmark", "duration_s": 0.2,
+                                      "payload_size": 64000, "rate_mbps": 0}))  # fmt: skip
+            await ws.send(json.dumps({"type": "start_benchmark", "duration_s": 1.5,
+                                      "payload_size": 1200, "rate_mbps": 20}))  # fmt: skip
+            seen: list[dict[str, Any]] = []
+            async with asyncio.timeout(T):
+                while sum(m["type"] == "benchmark_result" for m in seen) < 2:
+                    seen.append(json.loads(await ws.recv()))
+            # The second start came while the first ran: refused with an error.
+            assert any(m["type"] == "error" and "already running" in m["message"] for m in seen)
+            big = [m for m in seen if m["type"] == "benchmark_result"][:2]
+            assert {m["role"] for m in big} == {"sender", "receiver"}
+            assert all(m["payload_size"] == 64000 and m["fragmented"] for m in big)
+            assert any(m["type"] == "benchmark_progress" for m in seen)
+            await ws.send(json.dumps({"type": "start_benchmark", "payload_size": 10}))
+            async with asyncio.timeout(T):
+                while True:
+                    m = json.loads(await ws.recv())
+                    if m["type"] == "error":
+                        assert "payload_size" in m["message"]
+                        break
+
+
+async def test_results_export_columns(tmp_path: Path) -> None:
+    async with two_workers() as (a, _b):
+        rs = await asyncio.wait_for(
+            Benchmark(a).sweep([64, 1500], duration_s=0.4, rate_mbps=10, progress=True), T
+        )
+    assert [r.payload_size for r in rs] == [64, 1500]
+    assert rs[1].fragmented and not rs[0].fragmented
+    path = write_csv(rs, tmp_path / "runs.csv", both_views=True)
+    with path.open() as fh:
+        rows = list(csv.reader(fh))
+    assert tuple(rows[0][: len(CSV_COLUMNS)]) == CSV_COLUMNS
+    assert len(rows) == 1 + 4
+    ipath = write_intervals_csv(rs, tmp_path / "iv.csv")
+    with ipath.open() as fh:
+        irows = list(csv.reader(fh))
+    assert tuple(irows[0]) == INTERVAL_COLUMNS and len(irows) > 2
+    df = results_to_dataframe(rs, both_views=True)
+    assert tuple(df.columns[: len(CSV_COLUMNS)]) == CSV_COLUMNS and len(df) == 4
+    idf = intervals_to_dataframe(rs)
+    assert tuple(idf.columns) == INTERVAL_COLUMNS
+    assert int(idf["packets"].sum()) == sum(r.packets_received for r in rs)
+    data = json.loads(results_to_json(rs))
+    assert data[0]["peer_view"]["role"] == "receiver" and data[0]["intervals"]
