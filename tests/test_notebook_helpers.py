@@ -1,0 +1,127 @@
+"""p2plab.notebook: the local lab, the chat panel against real workers, and the plots."""
+
+from __future__ import annotations
+
+import asyncio
+import math
+
+import pandas as pd
+import pytest
+
+from p2plab.lab.sim import sim_matrix
+from p2plab.notebook import (
+    ChatPanel,
+    matrix_grid,
+    outcome_table,
+    plot_loss,
+    plot_matrix,
+    plot_throughput,
+    start_local_lab,
+)
+from tests.conftest import TIMEOUT_UNIT
+
+
+async def _until(predicate, timeout: float = 10.0) -> None:
+    """Poll ``predicate`` (widget state has no event to wait on) for up to ``timeout``."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout * TIMEOUT_UNIT
+    while not predicate():
+        assert loop.time() < deadline, "condition not reached in time"
+        await asyncio.sleep(0.02)
+
+
+@pytest.mark.timeout(60)
+async def test_chat_panel_sends_shows_and_benchmarks() -> None:
+    lab = await start_local_lab(connect_timeout=20 * TIMEOUT_UNIT)
+    pa = pb = None
+    try:
+        assert lab.a.state == lab.b.state == "connected"
+        pa, pb = ChatPanel(lab.a), ChatPanel(lab.b)
+        await _until(lambda: "connected" in pa.status_line.value)
+        pa.text.value = "hello from the panel"
+        pa.send_button.click()  # what a click in the notebook does
+        assert pa.text.value == ""
+        await _until(lambda: pb.lines and pa.lines and pa.lines[0]["delivered"])
+        assert [(x["direction"], x["text"]) for x in pb.lines] == [("in", "hello from the panel")]
+        assert "hello from the panel" in pb.log_view.value
+        assert "&#10003;" in pa.log_view.value  # the delivery mark
+        assert pa.send("") is None
+
+        pa.duration.value, pa.payload.value, pa.rate.value = 0.3, 1000, 20.0
+        result = await asyncio.wait_for(pa.start_benchmark(), 30 * TIMEOUT_UNIT)
+        assert result is not None, pa.errors
+        assert result.payload_size == 1000
+        assert result.peer_view is not None and result.peer_view.packets_received > 0
+        assert pa.last_result is not None and "1000 B" in pa.bench_view.value
+        assert pa.errors == []
+    finally:
+        for p in (pa, pb):
+            if p is not None:
+                p.close()
+        await lab.stop()
+    assert lab.a.state == "stopped"
+
+
+@pytest.mark.timeout(60)
+async def test_panel_reports_a_send_without_a_peer() -> None:
+    lab = await start_local_lab(workers=1)
+    try:
+        panel = ChatPanel(lab.a)
+        assert panel.send("nobody there") is None
+        assert panel.errors and "not sent" in panel.errors[0]
+        panel.close()
+    finally:
+        await lab.stop()
+
+
+def test_matrix_grid_from_simulator_rows() -> None:
+    rows = sim_matrix(["open", "port-restricted", "symmetric"], seed=3)
+    labels, columns, codes, texts = matrix_grid(rows)
+    assert columns == ["open", "port-restricted", "symmetric"]
+    assert labels == [*columns, "same LAN"]
+    for r in rows:
+        y = 3 if r["same_lan"] else columns.index(r["profile_a"])
+        x = columns.index(r["profile_b"])
+        assert codes[y][x] == (2.0 if r["outcome"] == "direct" else 0.0)
+    assert texts[1][2] == "failed" and texts[2][2] == "failed"
+    assert texts[0][0].endswith("s")  # time to connect
+    assert math.isnan(codes[3][0])  # no same-LAN case for "open"
+    table = outcome_table(rows)
+    assert table.loc["port-restricted", "symmetric"] == "failed"
+    assert table.loc["symmetric", "open"] == "direct"
+
+
+def test_matrix_grid_mirrors_unordered_kernel_rows_and_flags_disagreement() -> None:
+    rows = [
+        {"profile_a": "full", "profile_b": "symmetric", "same_lan": False, "outcome": "direct",
+         "expected": "direct", "connect_s": 0.5},
+        {"profile_a": "symmetric", "profile_b": "symmetric", "same_lan": False,
+         "outcome": "direct", "expected": "failed", "connect_s": 1.25},
+    ]  # fmt: skip
+    labels, columns, codes, texts = matrix_grid(rows)
+    assert columns == ["full", "symmetric"] and labels == columns
+    assert codes[0][1] == codes[1][0] == 2.0 and texts[1][0] == "0.50s"
+    assert texts[1][1] == "1.25s !"
+    assert math.isnan(codes[0][0])
+
+
+def test_plots_draw_what_they_are_given() -> None:
+    df = pd.DataFrame(
+        {
+            "role": ["sender", "receiver", "sender"],
+            "payload_size": [1200, 1200, 64],
+            "sent_mbps": [90.0, 90.0, 20.0],
+            "received_mbps": [80.0, 80.0, 19.0],
+            "lost_percent": [10.0, 10.0, 5.0],
+        }
+    )
+    fig = plot_throughput(df)
+    (ax,) = fig.axes
+    sent, received = ax.get_lines()
+    assert list(sent.get_xdata()) == [64, 1200]  # sender rows only, sorted by size
+    assert list(received.get_ydata()) == [19.0, 80.0]
+    fig = plot_loss(df)
+    heights = [p.get_height() for p in fig.axes[0].patches]
+    assert heights == [5.0, 10.0]
+    fig = plot_matrix(sim_matrix(["open", "symmetric"], same_lan=()))
+    assert [t.get_text() for t in fig.axes[0].get_xticklabels()] == ["open", "symmetric"]
