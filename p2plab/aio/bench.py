@@ -678,7 +678,7 @@ class Benchmark:
         clock = time.monotonic_ns
         t0 = clock()
         deadline = t0 + int(duration_s * 1e9)
-        pacer = cb.Pacer(rate, size, start=0.0, burst=batch)
+        pacer = cb.Pacer(rate, size, start=0.0, burst=8 * batch)
         seq = 0
         last_yield = t0
         next_report = t0 + int(interval_s * 1e9)
