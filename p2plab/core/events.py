@@ -23,6 +23,7 @@ __all__ = [
     "PeerClosed",
     "PeerConnected",
     "PeerLost",
+    "PeerRestarted",
     "RttUpdated",
 ]
 
@@ -154,3 +155,9 @@ class PeerClosed(Event):
 
     reason: str = ""
     """The reason the peer gave, possibly empty."""
+
+
+@dataclass(frozen=True)
+class PeerRestarted(Event):
+    """The peer started a new session on the same link (it re-punched, e.g. after its NAT lost
+    the mapping); the reliable stream starts over and unacknowledged messages are sent again."""

@@ -42,11 +42,12 @@ import json
 import logging
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Literal
 
 from p2plab.config import SessionConfig
 from p2plab.core import events as ev
+from p2plab.core.crypto import AuthenticationFailed, ReplayedDatagram
 from p2plab.core.punch import Checklist
 from p2plab.core.wire import (
     MAX_CHAT_BYTES,
@@ -116,6 +117,10 @@ _STAT_NAMES = (
     "delivered",
     "failed",
     "path_changes",
+    "dropped_unauthenticated",
+    "dropped_replayed",
+    "unexpected_source",
+    "peer_restarts",
 )
 
 
@@ -124,7 +129,7 @@ class _Outgoing:
     seq: int
     kind: Literal["chat", "control"]
     msg_id: str
-    data: bytes
+    datagram: Chat | Control  # sealed at each transmission: a sealer never repeats a nonce
     first_sent: float = _INF
     last_sent: float = _INF
     retransmits: int = 0
@@ -242,6 +247,12 @@ class PeerSession:
         return list(self._checklist.candidates)
 
     @property
+    def sealer(self) -> Sealer | None:
+        """The sealer of this session's datagrams (a :class:`~p2plab.core.crypto.PeerCipher` when
+        encrypted); the benchmark data path seals and opens its datagrams with it too."""
+        return self._sealer
+
+    @property
     def pending_messages(self) -> int:
         """Reliable messages not yet acknowledged (queued or in flight)."""
         return len(self._unsent) + len(self._in_flight)
@@ -274,7 +285,7 @@ class PeerSession:
             sent_at=now if sent_at is None else sent_at,
             text=text,
         )
-        self._unsent.append(_Outgoing(seq, "chat", msg_id, self._encode(datagram)))
+        self._unsent.append(_Outgoing(seq, "chat", msg_id, datagram))
         return msg_id
 
     def send_control(self, obj: dict[str, Any], now: float, sent_at: float | None = None) -> str:
@@ -305,7 +316,7 @@ class PeerSession:
             sent_at=now if sent_at is None else sent_at,
             payload=payload,
         )
-        self._unsent.append(_Outgoing(seq, "control", msg_id, self._encode(datagram)))
+        self._unsent.append(_Outgoing(seq, "control", msg_id, datagram))
         return msg_id
 
     def close(self, now: float, reason: str = "") -> None:
@@ -340,6 +351,14 @@ class PeerSession:
         except UnknownDatagramType:
             self.stats["dropped_unknown_type"] += 1
             return
+        except AuthenticationFailed as exc:
+            self.stats["dropped_unauthenticated"] += 1
+            log.debug("dropped unauthenticated datagram from %s: %s", addr, exc)
+            return
+        except ReplayedDatagram as exc:
+            self.stats["dropped_replayed"] += 1
+            log.debug("dropped replayed datagram from %s: %s", addr, exc)
+            return
         except Exception as exc:  # RemoteProtocolError, or a sealer's failure
             self.stats["dropped_malformed"] += 1
             log.debug("dropped malformed datagram from %s: %s", addr, exc)
@@ -359,6 +378,9 @@ class PeerSession:
                 self.peer_id,
             )
             return
+        take_restart = getattr(self._sealer, "take_peer_restart", None)
+        if take_restart is not None and take_restart():
+            self._on_peer_restart(now)
         self._dispatch(datagram, addr, now)
 
     def datagrams_to_send(self, now: float) -> list[tuple[bytes, Address]]:
@@ -457,6 +479,31 @@ class PeerSession:
         self._finish("lost", "peer lost" if reason != "punch timeout" else "punch timeout")
         self._events.append(ev.PeerLost(reason))
 
+    def _on_peer_restart(self, now: float) -> None:
+        """The peer started a new session (its sealer saw a new session tag): restart our stream.
+
+        The new peer session expects sequence numbers from 0 and knows nothing of ours, so every
+        message not yet acknowledged is renumbered from 0 and sent again; the receive side starts
+        over at 0 too.  A controlling side nominates its path again for the new session.
+        """
+        self.stats["peer_restarts"] += 1
+        log.info("peer %s restarted its session", self.peer_id)
+        self._expected = 0
+        self._recv_buf.clear()
+        self._ka_sent.clear()
+        pending = sorted(self._in_flight.values(), key=lambda o: (o.seq - self._next_seq) % _U32)
+        pending += list(self._unsent)
+        self._in_flight.clear()
+        self._unsent = deque(
+            _Outgoing(i, o.kind, o.msg_id, replace(o.datagram, seq=i))
+            for i, o in enumerate(pending)
+        )
+        self._next_seq = len(pending) % _U32
+        if self.role == "controlling" and self._is_connected() and self._peer_address:
+            self._nomination_done = False
+            self._checklist.restart(self._peer_address, now, budget=_NOMINATION_PROBES)
+        self._events.append(ev.PeerRestarted())
+
     def _connect(self, addr: Address, now: float, rtt: float | None) -> None:
         self._state = "connected"
         self._peer_address = addr
@@ -513,7 +560,7 @@ class PeerSession:
             o.deadline = now + o.rto
             self._in_flight[o.seq] = o
             self.stats["chats_sent" if o.kind == "chat" else "controls_sent"] += 1
-            self._send(o.data, self._peer_address, now)
+            self._send(self._encode(o.datagram), self._peer_address, now)
         if self._ack_pending is not None:
             self._send_ack(now)
         if now >= self._last_sent + self.config.keepalive_interval:
@@ -550,7 +597,7 @@ class PeerSession:
             o.rto = min(o.rto * 2, self.config.rto_max)
             o.deadline = now + o.rto
             self.stats["retransmits"] += 1
-            self._send(o.data, self._peer_address, now)
+            self._send(self._encode(o.datagram), self._peer_address, now)
 
     def _give_up(self, o: _Outgoing, reason: str) -> None:
         # The ordered stream cannot skip a message, so giving one up ends the session.
@@ -672,7 +719,6 @@ class PeerSession:
             if not self._is_connected():
                 self.stats["dropped_not_connected"] += 1
                 return
-        self._last_received = now
         self._data_source = addr
         if addr != self._peer_address:
             cand = self._checklist.candidates.get(addr)
@@ -682,6 +728,13 @@ class PeerSession:
                 self._change_path(addr, now)
             elif cand is None or cand.next_probe_at == _INF:
                 self._checklist.restart(addr, now, budget=_PATH_CHECK_PROBES)
+            if addr != self._peer_address:
+                # Outside punching, only the nominated path carries traffic: anything else is
+                # at most a hint (a rebinding NAT) that the probe round trip above checks.
+                self.stats["unexpected_source"] += 1
+                log.debug("dropped %s from unexpected address %s", type(d).__name__, addr)
+                return
+        self._last_received = now
         if isinstance(d, Keepalive):
             self.stats["keepalives_received"] += 1
             reply = KeepaliveAck(self.local_id, self.peer_id, seq=d.seq, timestamp=d.timestamp)
