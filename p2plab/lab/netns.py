@@ -431,7 +431,7 @@ class Lab:
                 self._tbf(wan, peer, rate)
         if cfg.stun:
             self._start_coturn()
-        log.info("lab %s up: %s", self.prefix, self.describe())
+        log.debug("lab %s up: %s", self.prefix, self.describe())
 
     def _start_coturn(self) -> None:
         st = self._hosts["stun"]
@@ -476,7 +476,7 @@ class Lab:
         for name in (f"{self.prefix}.pid", f"{self.prefix}-turnserver.pid"):
             (_MARKER_DIR / name).unlink(missing_ok=True)
         _LIVE.discard(self)
-        log.info("lab %s removed", self.prefix)
+        log.debug("lab %s removed", self.prefix)
 
     @property
     def closed(self) -> bool:
