@@ -692,10 +692,13 @@ class PeerSession:
         if self._state == "punching":
             if self.role == "controlling":
                 self._connect(cand.address, now, rtt)
-            else:
+            elif self._nominated == cand.address:
+                self._connect(cand.address, now, rtt)
+            elif self._sealer is None:
                 self._checklist.stop(cand.address)
-                if self._nominated == cand.address:
-                    self._connect(cand.address, now, rtt)
+            # With session tags, a checked path keeps a few slow probes going until the
+            # nomination comes: they name the peer's session now, and that is how a peer
+            # whose old session is still connected learns that we restarted ours.
             return
         # connected
         if cand.address == self._peer_address:

@@ -1,0 +1,479 @@
+"""Sealed peer datagrams: keys, ChaCha20-Poly1305, replay window, session tags, in-memory links."""
+
+from __future__ import annotations
+
+import base64
+import random
+
+import pytest
+from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from p2plab.config import SessionConfig
+from p2plab.core import events as ev
+from p2plab.core.crypto import (
+    SEAL_OVERHEAD,
+    AuthenticationFailed,
+    Identity,
+    PeerCipher,
+    PlainEnvelope,
+    ReplayedDatagram,
+    ReplayWindow,
+    decode_public_key,
+    fingerprint,
+)
+from p2plab.core.session import PeerSession
+from p2plab.core.wire import (
+    Chat,
+    MessageType,
+    Probe,
+    ProbeAck,
+    datagram_type,
+    encode_datagram,
+    parse_datagram,
+)
+from p2plab.errors import RemoteProtocolError
+from tests.core_sim import Network, Node
+
+LATENCY = 0.01
+
+
+def ciphers(seed: int = 1) -> tuple[PeerCipher, PeerCipher, Identity, Identity]:
+    r = random.Random(seed)
+    ia, ib = Identity.generate(r.randbytes), Identity.generate(r.randbytes)
+    ca = PeerCipher(ia, "alice", "bob", ib.public_bytes, r.randbytes)
+    cb = PeerCipher(ib, "bob", "alice", ia.public_bytes, r.randbytes)
+    return ca, cb, ia, ib
+
+
+PROBE = Probe("alice", "bob", nonce=b"n" * 8, nominate=False, target=("198.18.0.2", 1))
+CHAT = Chat("alice", "bob", seq=0, msg_id="m", sent_at=0.0, text="secret words")
+
+
+# -- keys and fingerprints ---------------------------------------------------------------------
+
+
+def test_identity_from_injected_randomness_and_its_fingerprint() -> None:
+    a = Identity.generate(lambda n: bytes(range(n)))
+    b = Identity.generate(lambda n: bytes(range(n)))
+    assert a.public_bytes == b.public_bytes and len(a.public_bytes) == 32
+    assert decode_public_key(a.public_b64) == a.public_bytes
+    fp = a.fingerprint
+    assert len(fp.split(" ")) == 4 and all(len(g) == 4 for g in fp.split(" "))
+    assert fp == fingerprint(a.public_bytes)
+    other = Identity.generate(lambda n: bytes(n - i for i in range(n)))
+    assert other.fingerprint != fp
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("not base64!", "not valid base64"),
+        (base64.b64encode(bytes(31)).decode(), "must be 32 bytes, got 31"),
+        ("é", "not valid base64"),
+    ],
+)
+def test_bad_public_keys_are_refused(text: str, message: str) -> None:
+    with pytest.raises(RemoteProtocolError, match=message):
+        decode_public_key(text)
+
+
+def test_low_order_peer_key_is_refused() -> None:
+    ident = Identity.generate(random.Random(3).randbytes)
+    with pytest.raises(RemoteProtocolError, match="low-order"):
+        PeerCipher(ident, "a", "b", bytes(32), random.Random(4).randbytes)
+
+
+def test_key_derivation_matches_the_documented_construction() -> None:
+    ca, _cb, ia, ib = ciphers(5)
+    header = b"\xd7\x50\x01\x10"
+    sealed = ca.seal(header, b"hello")
+    ts, tr, ctr = sealed[:8], sealed[8:16], sealed[16:24]
+    assert ts == ca.local_tag and tr == bytes(8) and ctr == bytes(8)
+    import hashlib
+
+    shared = ia.private_key.exchange(ib.private_key.public_key())
+    salt = hashlib.sha256(
+        b"p2plab/v1 salt" + b"".join(sorted((ia.public_bytes, ib.public_bytes)))
+    ).digest()
+    info = (
+        b"p2plab/v1 datagram"
+        + b"\x00\x05alice\x00\x03bob"
+        + ia.public_bytes
+        + ib.public_bytes
+        + ts
+        + tr
+    )
+    from cryptography.hazmat.primitives import hashes
+
+    key = HKDF(algorithm=hashes.SHA256(), length=32, salt=salt, info=info).derive(shared)
+    plain = ChaCha20Poly1305(key).decrypt(bytes(4) + ctr, sealed[24:], header + ts + tr)
+    assert plain == b"hello"
+    assert len(sealed) == len(b"hello") + SEAL_OVERHEAD
+
+
+# -- sealing and opening -----------------------------------------------------------------------
+
+
+def test_round_trip_hides_the_text_and_directions_use_different_keys() -> None:
+    ca, cb, _, _ = ciphers()
+    data = encode_datagram(PROBE, ca)
+    assert b"alice" not in data and b"198.18.0.2" not in data
+    assert parse_datagram(data, cb) == PROBE
+    # b now knows a's tag; its answer names it, and a learns b's tag
+    back = encode_datagram(Chat("bob", "alice", 0, "x", 0.0, "hi"), cb)
+    assert back[4 + 8 : 4 + 16] == ca.local_tag
+    # a's own sealer cannot open what it sealed (the key of the other direction)
+    with pytest.raises(AuthenticationFailed):
+        parse_datagram(data, ca)
+    assert parse_datagram(back, ca).text == "hi"  # type: ignore[attr-defined]
+    assert ca.peer_tag == cb.local_tag and cb.peer_tag == ca.local_tag
+    assert ca.stats["auth_failures"] == 1
+
+
+def test_every_flipped_bit_fails_authentication() -> None:
+    ca, cb, _, _ = ciphers()
+    data = encode_datagram(PROBE, ca)
+    for i in range(2, len(data)):  # magic bytes are checked by the codec before the sealer
+        for bit in (0, 7):
+            forged = bytearray(data)
+            forged[i] ^= 1 << bit
+            with pytest.raises(RemoteProtocolError):
+                parse_datagram(bytes(forged), cb)
+    assert parse_datagram(data, cb) == PROBE  # the original is still fresh
+    assert cb.stats["auth_failures"] >= 2 * (len(data) - 3)
+
+
+def test_replay_is_refused_and_counted() -> None:
+    ca, cb, _, _ = ciphers()
+    first = encode_datagram(PROBE, ca)
+    second = encode_datagram(PROBE, ca)
+    assert parse_datagram(second, cb) == PROBE
+    assert parse_datagram(first, cb) == PROBE  # reordered, not replayed
+    for data in (first, second):
+        with pytest.raises(ReplayedDatagram, match="replayed"):
+            parse_datagram(data, cb)
+    assert cb.stats["replays"] == 2 and cb.stats["opened"] == 2
+
+
+def test_a_third_party_with_other_keys_cannot_forge() -> None:
+    _ca, cb, _ia, ib = ciphers()
+    mallory = Identity.generate(random.Random(99).randbytes)
+    # mallory knows both ids and b's public key, but not a's private key
+    cm = PeerCipher(mallory, "alice", "bob", ib.public_bytes, random.Random(98).randbytes)
+    with pytest.raises(AuthenticationFailed):
+        parse_datagram(encode_datagram(PROBE, cm), cb)
+    assert cb.stats["auth_failures"] == 1
+
+
+def test_datagrams_for_an_earlier_session_are_stale() -> None:
+    r = random.Random(7)
+    ia, ib = Identity.generate(r.randbytes), Identity.generate(r.randbytes)
+    a1 = PeerCipher(ia, "alice", "bob", ib.public_bytes, r.randbytes)
+    b1 = PeerCipher(ib, "bob", "alice", ia.public_bytes, r.randbytes)
+    parse_datagram(encode_datagram(PROBE, a1), b1)
+    old_chat = encode_datagram(Chat("bob", "alice", 0, "x", 0.0, "old"), b1)
+    parse_datagram(old_chat, a1)
+    # a restarts its session: the chat sealed for a1's tag is stale for a2
+    a2 = PeerCipher(ia, "alice", "bob", ib.public_bytes, r.randbytes)
+    with pytest.raises(ReplayedDatagram, match="earlier session of ours"):
+        parse_datagram(old_chat, a2)
+    assert a2.stats["replays"] == 1
+
+
+def test_peer_restart_is_reported_once_and_the_old_tag_is_retired() -> None:
+    r = random.Random(8)
+    ia, ib = Identity.generate(r.randbytes), Identity.generate(r.randbytes)
+    a = PeerCipher(ia, "alice", "bob", ib.public_bytes, r.randbytes)
+    b1 = PeerCipher(ib, "bob", "alice", ia.public_bytes, r.randbytes)
+    parse_datagram(encode_datagram(PROBE, a), b1)
+    parse_datagram(encode_datagram(Chat("bob", "alice", 0, "x", 0.0, "1"), b1), a)
+    old = encode_datagram(Chat("bob", "alice", 1, "y", 0.0, "2"), b1)
+    assert not a.take_peer_restart()
+    b2 = PeerCipher(ib, "bob", "alice", ia.public_bytes, r.randbytes)
+    # b2 does not know a's tag yet: only a probe may name no tag
+    with pytest.raises(ReplayedDatagram):
+        parse_datagram(encode_datagram(Chat("bob", "alice", 0, "x", 0.0, "z"), b2), a)
+    parse_datagram(encode_datagram(Probe("bob", "alice", b"p" * 8, False, ("h", 1)), b2), a)
+    assert not a.take_peer_restart()  # a zero-tag probe does not switch a confirmed peer
+    # a's ordinary datagrams still name b1; only its answer to the probe names b2
+    with pytest.raises(ReplayedDatagram, match="earlier session of ours"):
+        parse_datagram(encode_datagram(PROBE, a), b2)
+    ack = encode_datagram(ProbeAck("alice", "bob", b"p" * 8, False, ("h", 2)), a)
+    assert ack[4 + 8 : 4 + 16] == b2.local_tag
+    parse_datagram(ack, b2)
+    parse_datagram(encode_datagram(Chat("bob", "alice", 0, "x", 0.0, "new"), b2), a)
+    assert a.take_peer_restart() and not a.take_peer_restart()
+    assert a.stats["peer_restarts"] == 1 and a.peer_tag == b2.local_tag
+    with pytest.raises(ReplayedDatagram, match="earlier session of the peer"):
+        parse_datagram(old, a)
+
+
+def test_whole_datagram_helpers_for_the_benchmark_path() -> None:
+    ca, cb, _, _ = ciphers()
+    lone = ca.seal_datagram(b"\xd7\x50\x01\x20" + bytes(10))
+    assert cb.open_datagram(lone) is None  # names no session of b's: only probes may
+    parse_datagram(encode_datagram(PROBE, ca), cb)  # the tags travel with the probe round trip
+    parse_datagram(encode_datagram(ProbeAck("bob", "alice", b"n" * 8, False, ("h", 1)), cb), ca)
+    plain = b"\xd7\x50\x01\x20" + bytes(range(200))
+    sealed = ca.seal_datagram(plain)
+    assert datagram_type(sealed) == MessageType.BENCH_DATA
+    assert len(sealed) == len(plain) + SEAL_OVERHEAD
+    assert cb.open_datagram(sealed) == plain
+    assert cb.open_datagram(sealed) is None  # replay
+    assert cb.open_datagram(sealed[:-1] + bytes([sealed[-1] ^ 1])) is None
+    assert cb.open_datagram(b"\xd7") is None
+    assert cb.stats["replays"] == 2 and cb.stats["auth_failures"] == 2
+
+
+def test_plain_envelope_keeps_tags_without_cryptography() -> None:
+    r = random.Random(2)
+    pa, pb = PlainEnvelope(r.randbytes), PlainEnvelope(r.randbytes)
+    assert not pa.encrypted and PeerCipher.encrypted
+    data = encode_datagram(PROBE, pa)
+    assert b"alice" in data  # not encrypted
+    assert parse_datagram(data, pb) == PROBE
+    assert pb.peer_tag == pa.local_tag
+    with pytest.raises(AuthenticationFailed):
+        pb.open(b"\xd7\x50\x01\x10", b"short")
+    assert pb.open_datagram(b"\xd7\x50\x01\x20" + bytes(20)) is None  # names no tag: stale
+
+
+# -- replay window -----------------------------------------------------------------------------
+
+
+def test_replay_window_edges() -> None:
+    w = ReplayWindow(8)
+    assert w.fresh(0)
+    w.accept(0)
+    assert not w.fresh(0)
+    w.accept(5)
+    assert w.fresh(3) and not w.fresh(5)
+    w.accept(12)  # 5 is still inside (12 - 5 < 8), 4 is not
+    assert not w.fresh(5) and not w.fresh(4) and w.fresh(6) and w.fresh(13)
+    w.accept(1000)  # a jump larger than the window clears it
+    assert not w.fresh(1000) and w.fresh(999) and not w.fresh(992)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.integers(0, 3000), max_size=200), st.sampled_from([1, 7, 64, 1024]))
+def test_replay_window_matches_a_reference_model(counters: list[int], size: int) -> None:
+    w = ReplayWindow(size)
+    seen: set[int] = set()
+    top = -1
+    for c in counters:
+        expected = c not in seen and c > top - size
+        assert w.fresh(c) == expected
+        if expected:
+            w.accept(c)
+            seen.add(c)
+            top = max(top, c)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.binary(max_size=200))
+def test_fuzz_sealed_path_only_raises_remote_protocol_error(junk: bytes) -> None:
+    _, cb, _, _ = ciphers()
+    for data in (junk, b"\xd7\x50\x01\x10" + junk, b"\xd7\x50\x01\x01" + junk):
+        try:
+            parse_datagram(data, cb)
+        except RemoteProtocolError:
+            pass
+        else:  # pragma: no cover - would be a forgery
+            raise AssertionError("random bytes authenticated")
+        assert cb.open_datagram(data) is None
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.integers(0, 10_000), st.binary(min_size=1, max_size=8))
+def test_fuzz_mutated_sealed_datagrams_never_open(pos: int, patch: bytes) -> None:
+    ca, cb, _, _ = ciphers()
+    data = encode_datagram(CHAT, ca)
+    pos %= len(data)
+    mutated = data[:pos] + patch + data[pos + len(patch) :]
+    if mutated == data:
+        return
+    with pytest.raises(RemoteProtocolError):
+        parse_datagram(mutated, cb)
+
+
+# -- sessions through an in-memory network -------------------------------------------------
+
+
+def add_node(
+    net: Network,
+    name: str,
+    local_id: str,
+    peer_id: str,
+    role: str,
+    local: tuple[str, int],
+    candidates: list[tuple[str, int]],
+    sealer: object,
+    config: SessionConfig | None = None,
+) -> Node:
+    session = PeerSession(
+        local_id,
+        peer_id,
+        role,  # type: ignore[arg-type]
+        candidates,
+        config or SessionConfig(),
+        net.now,
+        net.rand_bytes,
+        sealer=sealer,  # type: ignore[arg-type]
+    )
+    node = Node(name, session, local)
+    net.nodes[name] = node
+    net._by_addr[local] = node
+    return node
+
+
+A_LOCAL = ("198.18.0.1", 40000)
+B_LOCAL = ("198.18.0.2", 40000)
+M_LOCAL = ("198.18.0.66", 40000)
+
+
+def sealed_pair(
+    seed: int = 0, config: SessionConfig | None = None, **link: float
+) -> tuple[Network, Node, Node, Identity, Identity]:
+    net = Network(seed=seed, latency=LATENCY, **link)
+    ia, ib = Identity.generate(net.rand_bytes), Identity.generate(net.rand_bytes)
+    ca = PeerCipher(ia, "alice", "bob", ib.public_bytes, net.rand_bytes)
+    cb = PeerCipher(ib, "bob", "alice", ia.public_bytes, net.rand_bytes)
+    a = add_node(net, "a", "alice", "bob", "controlling", A_LOCAL, [B_LOCAL], ca, config)
+    b = add_node(net, "b", "bob", "alice", "controlled", B_LOCAL, [A_LOCAL], cb, config)
+    return net, a, b, ia, ib
+
+
+def texts(node: Node) -> list[str]:
+    return [e.text for e in node.events if isinstance(e, ev.ChatReceived)]
+
+
+def both_connected(a: Node, b: Node) -> bool:
+    return a.session.state == b.session.state == "connected"
+
+
+def test_sealed_sessions_connect_and_chat_reliably_through_loss() -> None:
+    net, a, b, _, _ = sealed_pair(seed=3, loss=0.2, duplicate=0.1, jitter=0.02)
+    assert net.run_until(lambda: both_connected(a, b), timeout=10)
+    for i in range(30):
+        a.session.send_chat(f"a{i}", net.now)
+        b.session.send_chat(f"b{i}", net.now)
+    assert net.run_until(lambda: len(texts(a)) == 30 and len(texts(b)) == 30, timeout=60)
+    assert texts(b) == [f"a{i}" for i in range(30)] and texts(a) == [f"b{i}" for i in range(30)]
+    # duplicated datagrams never reached the stream: the replay window took them
+    assert b.session.stats["dropped_replayed"] > 0
+    chat_datagrams = [d for _, d, _ in a.sent if datagram_type(d) == MessageType.CHAT]
+    assert chat_datagrams and not any(b"a1" in d for d in chat_datagrams)
+
+
+def test_forged_and_replayed_datagrams_from_a_third_host_are_dropped() -> None:
+    net, a, b, _ia, ib = sealed_pair(seed=4)
+    assert net.run_until(lambda: both_connected(a, b), timeout=10)
+    net.run_for(0.5)
+    events_before = list(b.events)
+    # Mallory knows both ids and both public keys, and recorded a's datagrams.
+    mallory = Identity.generate(random.Random(66).randbytes)
+    cm = PeerCipher(mallory, "alice", "bob", ib.public_bytes, random.Random(67).randbytes)
+    forged = [
+        bytes(Chat("alice", "bob", seq=0, msg_id="evil", sent_at=0.0, text="pwned")),
+        encode_datagram(Chat("alice", "bob", 0, "evil", 0.0, "pwned"), cm),
+        encode_datagram(Probe("alice", "bob", b"m" * 8, True, B_LOCAL), cm),
+    ]
+    recorded = [d for _, d, _ in a.sent][-5:]
+    before = dict(b.session.stats)
+    for data in forged:
+        net.inject(b, data, M_LOCAL)
+    for data in recorded:
+        net.inject(b, data, M_LOCAL)
+        net.inject(b, data, A_LOCAL)
+    got = {k: b.session.stats[k] - before[k] for k in before}
+    assert got["dropped_unauthenticated"] == 3
+    assert got["dropped_replayed"] == 2 * len(recorded)
+    assert got["probes_received"] == 0 and got["chats_received"] == 0
+    assert b.events == events_before
+    assert b.session.peer_address == A_LOCAL
+    a.session.send_chat("still here", net.now)
+    assert net.run_until(lambda: texts(b) == ["still here"], timeout=5)
+    assert M_LOCAL not in b.session.candidates
+
+
+def test_unauthenticated_plaintext_session_accepts_nothing_from_elsewhere() -> None:
+    """Without a sealer, traffic from a third address is dropped and counted, not delivered."""
+    net, a, b, _, _ = sealed_pair(seed=5)
+    assert net.run_until(lambda: both_connected(a, b), timeout=10)
+    net2 = Network(seed=5, latency=LATENCY)
+    p = add_node(net2, "a", "alice", "bob", "controlling", A_LOCAL, [B_LOCAL], None)
+    q = add_node(net2, "b", "bob", "alice", "controlled", B_LOCAL, [A_LOCAL], None)
+    assert net2.run_until(lambda: both_connected(p, q), timeout=10)
+    net2.inject(q, bytes(Chat("alice", "bob", 0, "evil", 0.0, "pwned")), M_LOCAL)
+    assert q.session.stats["unexpected_source"] == 1
+    assert texts(q) == []
+
+
+def test_both_ends_restarting_their_sessions_reconnect() -> None:
+    config = SessionConfig(keepalive_interval=0.5, peer_timeout=2.0, punch_timeout=5.0)
+    net, a, b, ia, ib = sealed_pair(seed=6, config=config)
+    assert net.run_until(lambda: both_connected(a, b), timeout=10)
+    a.session.send_chat("before", net.now)
+    assert net.run_until(lambda: texts(b) == ["before"], timeout=5)
+    # cut the link until both time out, then both start new sessions with the same keys
+    net.drop = lambda node, dest, data: True
+    assert net.run_until(lambda: a.session.state == b.session.state == "lost", timeout=10)
+    net.drop = None
+    ca = PeerCipher(ia, "alice", "bob", ib.public_bytes, net.rand_bytes)
+    cb = PeerCipher(ib, "bob", "alice", ia.public_bytes, net.rand_bytes)
+    a2 = add_node(net, "a", "alice", "bob", "controlling", A_LOCAL, [B_LOCAL], ca, config)
+    net.run_for(0.3)  # a's new session probes alone for a while: b has not restarted yet
+    b2 = add_node(net, "b", "bob", "alice", "controlled", B_LOCAL, [A_LOCAL], cb, config)
+    assert net.run_until(lambda: both_connected(a2, b2), timeout=10)
+    a2.session.send_chat("after", net.now)
+    assert net.run_until(lambda: texts(b2) == ["after"], timeout=5)
+
+
+@pytest.mark.parametrize("restarting", ["a", "b"])
+def test_one_end_restarting_its_session_is_tolerated(restarting: str) -> None:
+    """The other end is still connected: it renumbers its stream for the new session."""
+    config = SessionConfig(keepalive_interval=0.5, peer_timeout=3.0)
+    net, a, b, ia, ib = sealed_pair(seed=7, config=config)
+    assert net.run_until(lambda: both_connected(a, b), timeout=10)
+    for i in range(3):
+        a.session.send_chat(f"a{i}", net.now)
+        b.session.send_chat(f"b{i}", net.now)
+    assert net.run_until(lambda: len(texts(a)) == len(texts(b)) == 3, timeout=5)
+    if restarting == "a":
+        new = add_node(
+            net,
+            "a",
+            "alice",
+            "bob",
+            "controlling",
+            A_LOCAL,
+            [B_LOCAL],
+            PeerCipher(ia, "alice", "bob", ib.public_bytes, net.rand_bytes),
+            config,
+        )
+        other = b
+    else:
+        new = add_node(
+            net,
+            "b",
+            "bob",
+            "alice",
+            "controlled",
+            B_LOCAL,
+            [A_LOCAL],
+            PeerCipher(ib, "bob", "alice", ia.public_bytes, net.rand_bytes),
+            config,
+        )
+        other = a
+    # the surviving side has a message in flight for the old session
+    other.session.send_chat("across the restart", net.now)
+    assert net.run_until(lambda: both_connected(new, other), timeout=10)
+    assert net.run_until(lambda: texts(new) == ["across the restart"], timeout=10)
+    new.session.send_chat("hello again", net.now)
+    assert net.run_until(lambda: texts(other)[-1:] == ["hello again"], timeout=10)
+    assert other.session.state == "connected"
+    assert other.session.stats["peer_restarts"] == 1
+    assert any(isinstance(e, ev.PeerRestarted) for e in other.events)
