@@ -158,7 +158,10 @@ class Page:
         )
         self.page = self.context.new_page()
         self.errors: list[str] = []
+        self.requests: list[str] = []
         self.page.on("pageerror", lambda exc: self.errors.append(str(exc)))
+        self.page.on("request", lambda req: self.requests.append(req.url))
+        self.page.on("websocket", lambda ws: self.requests.append(ws.url))
         if url is not None:
             self.page.goto(url)
 
@@ -167,11 +170,21 @@ class Page:
 
 
 @contextlib.contextmanager
-def open_page(browser: Any, url: str | None = None) -> Iterator[Any]:
+def open_page(browser: Any, url: str | None = None, own_origin_only: bool = True) -> Iterator[Any]:
+    """A page at ``url``; afterwards no uncaught JS error and (by default) no request that left
+    the page's own origin: the UI loads nothing from a CDN or any other site."""
     p = Page(browser, url)
     try:
         yield p.page
         assert p.errors == [], f"uncaught errors in the page: {p.errors}"
+        if url is not None and own_origin_only:
+            origin = url.split("/")[2]
+            foreign = [
+                r
+                for r in p.requests
+                if not r.startswith(("data:", "blob:")) and r.split("/")[2:3] != [origin]
+            ]
+            assert foreign == [], f"requests outside {origin}: {foreign}"
     finally:
         p.close()
 
@@ -445,7 +458,7 @@ def foreign_site() -> Iterator[str]:
 
 def test_page_from_another_origin_cannot_open_ui_ws(cluster: Cluster, browser: Any) -> None:
     ws_url = f"ws://127.0.0.1:{cluster.a_http}/ui_ws"
-    with foreign_site() as other, open_page(browser, other) as evil:
+    with foreign_site() as other, open_page(browser, other, own_origin_only=False) as evil:
         events = evil.evaluate(PROBE_JS, ws_url)
         assert "open" not in events and "message" not in events, events
         assert any(e.startswith("close:") for e in events), events
