@@ -85,7 +85,7 @@ def test_matrix_grid_from_simulator_rows() -> None:
         assert codes[y][x] == (2.0 if r["outcome"] == "direct" else 0.0)
     assert texts[1][2] == "failed" and texts[2][2] == "failed"
     assert texts[0][0].endswith("s")  # time to connect
-    assert math.isnan(codes[3][0])  # no same-LAN case for "open"
+    assert codes[3][0] == 2.0  # same-LAN "open": two public hosts
     table = outcome_table(rows)
     assert table.loc["port-restricted", "symmetric"] == "failed"
     assert table.loc["symmetric", "open"] == "direct"

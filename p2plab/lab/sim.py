@@ -743,24 +743,27 @@ def sim_matrix(
 ) -> list[dict[str, Any]]:
     """Punch every ordered pair of ``profiles`` (A controlling) in a fresh simulation each.
 
-    ``same_lan`` adds one row per profile with both hosts behind one NAT of it (default: every NAT
-    profile in ``profiles``).  Rows carry the kernel lab's columns where they apply
+    ``same_lan`` adds one row per profile with both hosts behind one NAT of it (for ``open``: both
+    on the public segment), by default for every profile in ``profiles``.  Rows carry the
+    kernel lab's columns where they apply
     (``profile_a``, ``profile_b``, ``same_lan``, ``outcome`` (direct/failed), ``connect_s``
     (virtual), ``path``, the endpoints, both sides' classification (RFC 3489 and RFC 5780),
     ``expected`` (natlab.md, where it says) and ``seed``.
     """
     profiles = list(profiles)
     if same_lan is None:
-        same_lan = [p for p in profiles if p != "open"]
+        same_lan = profiles
     cases: list[tuple[str, str, bool]] = [(pa, pb, False) for pa in profiles for pb in profiles]
     cases += [(p, p, True) for p in same_lan]
     rows: list[dict[str, Any]] = []
     for index, (prof_a, prof_b, lan) in enumerate(cases):
         run_seed = seed * 1000 + index
         sim = Simulation(seed=run_seed)
-        if lan:
-            if prof_a == "open":
-                raise ConfigError("same-LAN needs a NAT profile, not 'open'")
+        if lan and prof_a == "open":
+            # The kernel lab's same-LAN "open" case: two hosts on the public segment.
+            host_a = sim.add_host(name="a")
+            host_b = sim.add_host(name="b")
+        elif lan:
             nat = sim.add_nat(prof_a, name="nat_a")
             host_a = sim.add_host(behind=nat, name="a")
             host_b = sim.add_host(behind=nat, name="b")

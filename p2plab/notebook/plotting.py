@@ -68,7 +68,9 @@ def plot_loss(df: Any, ax: Any = None, *, title: str | None = None) -> Any:
     """Lost datagrams (percent, receiver's count) against payload size."""
     df = _sender_rows(_frame(df))
     fig, ax = _axes(ax, (6.0, 3.8))
-    ax.bar([str(s) for s in df["payload_size"]], df["lost_percent"], color="#d9534f")
+    positions = list(range(len(df)))
+    ax.bar(positions, df["lost_percent"], color="#d9534f")
+    ax.set_xticks(positions, [str(s) for s in df["payload_size"]])
     ax.set_xlabel("UDP payload size (bytes)")
     ax.set_ylabel("lost (%)")
     ax.set_title(title or "Loss by packet size")
