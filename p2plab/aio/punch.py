@@ -20,6 +20,7 @@ from p2plab.aio.endpoint import Address, UdpEndpoint
 from p2plab.config import SessionConfig
 from p2plab.core import events as ev
 from p2plab.core.session import PeerSession
+from p2plab.core.wire import Sealer
 from p2plab.errors import P2PLabError
 
 __all__ = ["HolePuncher"]
@@ -33,6 +34,8 @@ class HolePuncher:
     """Punch a path to one peer over ``endpoint`` and keep it alive.
 
     ``on_event`` receives every core event (PeerConnected, ChatReceived, PeerLost, ...).
+    ``sealer`` seals every datagram (a :class:`~p2plab.core.crypto.PeerCipher` for an encrypted
+    link); without one the datagrams travel as plain :mod:`p2plab.core.wire` datagrams.
     """
 
     def __init__(
@@ -45,6 +48,7 @@ class HolePuncher:
         role: str = "controlling",
         config: SessionConfig | None = None,
         on_event: Callable[[ev.Event], None] | None = None,
+        sealer: Sealer | None = None,
     ) -> None:
         self.endpoint = endpoint
         self.loop = endpoint.loop
@@ -58,6 +62,7 @@ class HolePuncher:
             config=config or SessionConfig(),
             now=_now(),
             rand_bytes=os.urandom,
+            sealer=sealer,
         )
         self._timer: asyncio.TimerHandle | None = None
         self._connected = asyncio.Event()
@@ -126,6 +131,11 @@ class HolePuncher:
     @property
     def rtt(self) -> float | None:
         return self.session.rtt
+
+    @property
+    def sealer(self) -> Sealer | None:
+        """The session's sealer (seal/open for the benchmark data path too)."""
+        return self.session.sealer
 
     async def wait_connected(self, timeout: float | None = None) -> Address:
         """Wait until the link is up; raises P2PLabError if punching fails or times out."""

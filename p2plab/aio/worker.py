@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import socket
 import time
 import uuid
@@ -28,6 +29,13 @@ from p2plab.aio.punch import HolePuncher
 from p2plab.aio.rendezvous import Backoff, RendezvousClient
 from p2plab.config import SessionConfig
 from p2plab.core import events as ev
+from p2plab.core.crypto import (
+    Identity,
+    PeerCipher,
+    PlainEnvelope,
+    decode_public_key,
+    fingerprint,
+)
 from p2plab.core.signaling import (
     Candidate,
     ErrorMessage,
@@ -88,6 +96,18 @@ class WorkerConfig:
     """Reconnection schedule of the rendezvous client."""
     stun_timeout_s: float = 5.0
     """How long the STUN step may take before the worker falls back to the observed address."""
+    encrypt: bool = True
+    """Seal every peer datagram (X25519 + ChaCha20-Poly1305, see :mod:`p2plab.core.crypto`).
+    False is the explicit plaintext mode: no key is advertised, and a peer is accepted only if
+    it runs without encryption too (marked ``"encrypted": false`` in ``status()["security"]``)."""
+    repunch: bool = True
+    """After a peer timeout on a link that was up (e.g. a NAT dropped its mapping), punch the same
+    peer again with the same candidates until it answers or the rendezvous says it left."""
+    repunch_max_delay_s: float = 10.0
+    """Longest pause between two re-punch attempts (they back off from 0.5 s)."""
+
+
+_SECURITY_COUNTERS = ("auth_failures", "replays", "unexpected_source", "peer_restarts")
 
 
 def _split_hostport(text: str) -> tuple[str, int]:
@@ -136,6 +156,13 @@ class Worker:
         self._discovered = asyncio.Event()
         self._state_changed = asyncio.Condition()
         self._stopped = False
+        self.identity: Identity | None = Identity.generate(os.urandom) if config.encrypt else None
+        """This worker's X25519 key pair (None in plaintext mode)."""
+        self.peer_public_key: bytes | None = None
+        self._offer: P2PConnectionOffer | None = None
+        self._punch_gen = 0
+        self._repunch_attempts = 0
+        self._security_totals: dict[str, int] = dict.fromkeys(_SECURITY_COUNTERS, 0)
 
     # -- lifecycle ------------------------------------------------------------------------------
 
@@ -222,6 +249,52 @@ class Worker:
     def rtt(self) -> float | None:
         return self.punch.rtt if self.punch is not None else None
 
+    @property
+    def peer_sealer(self) -> PeerCipher | PlainEnvelope | None:
+        """The sealer of the current peer link (None without one).
+
+        The benchmark data path seals with ``peer_sealer.seal_datagram(plain)`` and opens with
+        ``peer_sealer.open_datagram(data)`` (None: drop, already counted).
+        """
+        if self.punch is None:
+            return None
+        sealer = self.punch.sealer
+        return sealer if isinstance(sealer, PeerCipher | PlainEnvelope) else None
+
+    def _security_counts(self, punch: HolePuncher | None) -> dict[str, int]:
+        counts: dict[str, int] = dict.fromkeys(_SECURITY_COUNTERS, 0)
+        if punch is None:
+            return counts
+        sealer = punch.sealer
+        stats = getattr(sealer, "stats", {})
+        counts["auth_failures"] = stats.get("auth_failures", 0)
+        counts["replays"] = stats.get("replays", 0)
+        counts["peer_restarts"] = stats.get("peer_restarts", 0)
+        counts["unexpected_source"] = punch.session.stats.get("unexpected_source", 0)
+        return counts
+
+    def _retire_punch(self, punch: HolePuncher | None) -> None:
+        """Keep the security counters of a finished link in the worker's totals."""
+        for k, v in self._security_counts(punch).items():
+            self._security_totals[k] += v
+
+    def security(self) -> dict[str, Any]:
+        """The ``security`` block of ``status()``: encryption, both fingerprints, drop counters.
+
+        Counters are totals over every link this worker had (datagrams dropped because they did
+        not authenticate, were replays or stale, or came from an unexpected address).
+        """
+        current = self._security_counts(self.punch)
+        sealer = self.punch.sealer if self.punch is not None else None
+        return {
+            "encrypted": bool(getattr(sealer, "encrypted", self.config.encrypt)),
+            "local_fingerprint": self.identity.fingerprint if self.identity else None,
+            "peer_fingerprint": fingerprint(self.peer_public_key)
+            if self.peer_public_key and self.peer_id
+            else None,
+            **{k: self._security_totals[k] + current[k] for k in _SECURITY_COUNTERS},
+        }
+
     def status(self) -> dict[str, Any]:
         """The ``status`` message of contracts.md (also served at ``GET /status``)."""
         peer = None
@@ -250,6 +323,7 @@ class Worker:
             "http_public_ip": self.http_public_ip,
             "stun": self.stun_info,
             "error": self.error,
+            "security": self.security(),
             "stats": {
                 **self.stats,
                 "udp": dict(self.endpoint.stats) if self.endpoint else {},
@@ -341,7 +415,10 @@ class Worker:
 
     def _make_register(self) -> Register:
         return Register(
-            http_public_ip=self.http_public_ip, room=self.config.room, token=self.config.token
+            http_public_ip=self.http_public_ip,
+            room=self.config.room,
+            token=self.config.token,
+            public_key=self.identity.public_b64 if self.identity else None,
         )
 
     async def _run_rendezvous(self) -> None:
@@ -489,12 +566,56 @@ class Worker:
             log.info("offer for the current peer %s: keeping the link", self.peer_id)
             return
         self._drop_peer()
+        peer_key: bytes | None = None
+        refusal: str | None = None
+        if offer.peer_public_key is not None:
+            try:
+                peer_key = decode_public_key(offer.peer_public_key)
+            except P2PLabError as exc:
+                refusal = f"peer {offer.peer_worker_id} sent an unusable public key: {exc}"
+        if refusal is None and self.identity is not None and peer_key is None:
+            refusal = (
+                f"peer {offer.peer_worker_id} offers no public key: refusing an unencrypted "
+                "link (both workers must run with encryption disabled to allow plaintext)"
+            )
+        if refusal is None and self.identity is None and peer_key is not None:
+            refusal = (
+                f"peer {offer.peer_worker_id} requires encryption, but this worker runs with "
+                "encryption disabled"
+            )
+        if refusal is not None:
+            log.warning("%s", refusal)
+            self.error = refusal
+            self.publish({"type": "error", "message": refusal})
+            await self._set_state("waiting_for_peer")
+            return
+        self._offer = offer
+        self.peer_public_key = peer_key
+        self._repunch_attempts = 0
         candidates: list[Address] = [(offer.peer_udp_ip, offer.peer_udp_port)]
         for c in offer.peer_candidates:
             if (c.ip, c.port) not in candidates and c.port:
                 candidates.append((c.ip, c.port))
         log.info("offer: peer %s at %s (role %s)", offer.peer_worker_id, candidates, offer.role)
+        self._start_punch(offer, candidates)
+        await self._set_state("punching")
+
+    def _start_punch(self, offer: P2PConnectionOffer, candidates: list[Address]) -> None:
+        assert self.endpoint is not None
+        sealer: PeerCipher | PlainEnvelope
+        if self.identity is not None and self.peer_public_key is not None:
+            sealer = PeerCipher(
+                self.identity,
+                self.worker_id,
+                offer.peer_worker_id,
+                self.peer_public_key,
+                os.urandom,
+            )
+        else:
+            sealer = PlainEnvelope(os.urandom)  # explicit plaintext mode on both sides
         self.peer_id = offer.peer_worker_id
+        self._punch_gen += 1
+        gen = self._punch_gen
         self.punch = HolePuncher(
             self.endpoint,
             local_id=self.worker_id,
@@ -502,15 +623,19 @@ class Worker:
             candidates=candidates,
             role=offer.role,
             config=self.config.session,
-            on_event=self._on_peer_event,
+            on_event=lambda event: self._on_peer_event(event, gen),
+            sealer=sealer,
         )
-        await self._set_state("punching")
 
     def _drop_peer(self) -> None:
+        self._punch_gen += 1  # events of the old link are stale from now on
         if self.punch is not None:
             self.punch.close()
+        self._retire_punch(self.punch)
         self.punch = None
         self.peer_id = None
+        self.peer_public_key = None
+        self._offer = None
 
     def _on_datagram(self, data: bytes, addr: Address) -> None:
         for hook in self.datagram_hooks:
@@ -521,9 +646,13 @@ class Worker:
         else:
             self.endpoint.stats["dropped_no_handler"] += 1  # type: ignore[union-attr]
 
-    def _on_peer_event(self, event: ev.Event) -> None:
+    def _on_peer_event(self, event: ev.Event, gen: int | None = None) -> None:
+        if gen is not None and gen != self._punch_gen:
+            return  # from a link we already dropped
         if isinstance(event, ev.PeerConnected):
             log.info("connected to %s at %s", self.peer_id, event.address)
+            self._repunch_attempts = 0
+            self.error = None
             self._set_state_soon("connected")
         elif isinstance(event, ev.PathChanged | ev.RttUpdated):
             self.publish_status()
@@ -545,17 +674,65 @@ class Worker:
             self.publish({"type": "chat_failed", "id": event.msg_id, "reason": event.reason})
         elif isinstance(event, ev.ControlReceived):
             self._on_control(event.obj)
+        elif isinstance(event, ev.PeerRestarted):
+            log.info("peer %s restarted its session", self.peer_id)
+            self.publish_status()
         elif isinstance(event, ev.PeerLost | ev.PeerClosed):
             reason = getattr(event, "reason", "peer closed")
             log.info("peer %s lost: %s", self.peer_id, reason)
+            offer, punch = self._offer, self.punch
+            # Re-punch a link that was up (or is being re-punched) and fell silent: its NAT may
+            # have dropped the mapping.  The rendezvous says when the peer really left.
+            again = (
+                self.config.repunch
+                and offer is not None
+                and isinstance(event, ev.PeerLost)
+                and (
+                    event.reason == "peer timeout"
+                    or (event.reason == "punch timeout" and self._repunch_attempts > 0)
+                )
+            )
+            self._retire_punch(punch)
             self.punch = None
-            self.peer_id = None
-            self._spawn(self._after_loss(), "after-loss")
+            if again and offer is not None:
+                last = punch.session.peer_address if punch is not None else None
+                known = punch.session.candidates if punch is not None else []
+                self._spawn(self._repunch(offer, last, known), "repunch")
+            else:
+                self.peer_id = None
+                self.peer_public_key = None
+                self._offer = None
+                self._spawn(self._after_loss(), "after-loss")
 
     async def _after_loss(self) -> None:
         await self._set_state("lost")
         # The rendezvous re-pairs us when it learns the peer left; meanwhile we wait.
         await self._set_state("waiting_for_peer")
+
+    async def _repunch(
+        self, offer: P2PConnectionOffer, last: Address | None, known: list[Address]
+    ) -> None:
+        """Punch the same peer again (both sides do this on their own after a peer timeout)."""
+        gen = self._punch_gen
+        await self._set_state("lost")
+        delay = min(0.5 * 2 ** max(self._repunch_attempts - 1, 0), self.config.repunch_max_delay_s)
+        if self._repunch_attempts > 0:
+            await asyncio.sleep(delay)
+        if gen != self._punch_gen or self._offer is not offer or self._stopped:
+            return  # a new offer or the peer's departure came first
+        self._repunch_attempts += 1
+        candidates: list[Address] = [last] if last is not None else []
+        for c in known:
+            if c not in candidates:
+                candidates.append(c)
+        log.info(
+            "re-punching peer %s (attempt %d) at %s",
+            offer.peer_worker_id,
+            self._repunch_attempts,
+            candidates,
+        )
+        self._start_punch(offer, candidates)
+        await self._set_state("punching")
 
     # -- control channel (used by benchmarks) -----------------------------------------------------
 
