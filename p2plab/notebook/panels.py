@@ -30,7 +30,7 @@ class ChatPanel:
     """Chat log, input, status line and benchmark controls for ``worker``."""
 
     def __init__(self, worker: Worker, *, title: str | None = None) -> None:
-        import ipywidgets as w
+        import ipywidgets as w  # type: ignore[import-untyped]
 
         self.worker = worker
         self.lines: list[dict[str, Any]] = []
