@@ -157,7 +157,7 @@ def plot_matrix(
 
 def outcome_table(data: Any, profiles: Iterable[str] | None = None) -> Any:
     """The matrix as a DataFrame of outcomes (rows A, columns B) for a quick look or a diff."""
-    import pandas as pd  # type: ignore[import-untyped]
+    import pandas as pd
 
     ylabels, xlabels, codes, _ = matrix_grid(data, list(profiles) if profiles else None)
     names = {0.0: "failed", 1.0: "error", 2.0: "direct"}
