@@ -108,7 +108,14 @@ class BenchResult:
     fragmented: bool = False
     """Datagrams were larger than the path MTU estimate (1472 bytes of UDP payload over IPv4)."""
     encrypted: bool = False
-    """The data path was encrypted (placeholder until the link has encryption)."""
+    """The benchmark datagrams were sealed (ChaCha20-Poly1305 with the link's session keys);
+    False only for the explicit unencrypted mode (``encrypt=False`` / ``--no-encrypt``) or a
+    link without encryption."""
+    auth_failures: int = 0
+    """Benchmark datagrams the receiver dropped because they did not open (forged, corrupted or
+    replayed); never counted as received."""
+    flow_control: bool = False
+    """The sender obeyed the receiver's credit (feedback) so as not to overrun its socket."""
     note: str = ""
     """Free text: warnings (fragmentation, early stop, missing report)."""
     intervals: tuple[IntervalRecord, ...] = field(default=(), compare=False)
@@ -173,6 +180,10 @@ class RttResult:
     """Worker that sent the pings."""
     peer_worker: str = ""
     """Worker that echoed them."""
+    encrypted: bool = False
+    """Pings and pongs were sealed with the link's session keys."""
+    auth_failures: int = 0
+    """Pongs dropped because they did not open."""
     samples_ms: tuple[float, ...] = field(default=(), compare=False, repr=False)
     """Every RTT sample, milliseconds, in order."""
 

@@ -18,7 +18,6 @@ from websockets.asyncio.client import connect
 
 from p2plab.aio.bench import Benchmark
 from p2plab.aio.worker import Worker, WorkerConfig
-from p2plab.core import bench as cb
 from p2plab.results import (
     CSV_COLUMNS,
     INTERVAL_COLUMNS,
@@ -57,30 +56,33 @@ async def two_workers(http: bool = False) -> AsyncIterator[tuple[Worker, Worker]
 
 
 def drop_every(worker: Worker, n: int) -> list[int]:
-    """Make ``worker``'s endpoint skip BENCH_DATA datagrams with seq % n == n - 1 (keeps GSO)."""
+    """Make ``worker``'s endpoint skip every n-th datagram handed to ``send_segments``.
+
+    Datagrams go out in seq order, so the k-th one (from 0) carries seq k: drop those with
+    ``k % n == n - 1``.  Works on sealed datagrams too (it never reads them) and keeps GSO.
+    """
     ep = worker.endpoint
     assert ep is not None
     orig = ep.send_segments
     dropped: list[int] = []
+    k = 0  # datagrams consumed so far (sent or dropped)
 
     def send_segments(buf: Any, size: int, count: int, addr: Any, *, gso: bool = True) -> int:
+        nonlocal k
         mv = memoryview(buf)
         i = 0
         while i < count:
             j = i
-            while j < count:
-                h = cb.parse_bench(mv[j * size : j * size + cb.HEADER_SIZE])
-                if h is not None and h.seq % n == n - 1:
-                    break
+            while j < count and (k + j - i) % n != n - 1:
                 j += 1
             if j > i:
                 got = orig(mv[i * size : j * size], size, j - i, addr, gso=gso)
+                k += got
                 if got < j - i:
                     return i + got
             if j < count:
-                h = cb.parse_bench(mv[j * size : j * size + cb.HEADER_SIZE])
-                assert h is not None
-                dropped.append(h.seq)
+                dropped.append(k)
+                k += 1
                 j += 1
             i = j
         return count
@@ -89,15 +91,27 @@ def drop_every(worker: Worker, n: int) -> list[int]:
     return dropped
 
 
-@pytest.mark.parametrize("gso", [False, True])
-@pytest.mark.parametrize("gro", [False, True])
-async def test_run_with_injected_drops_counts_exactly(gso: bool, gro: bool) -> None:
+@pytest.mark.parametrize(
+    ("gso", "gro", "encrypt"),
+    [
+        (False, False, True),
+        (False, True, True),
+        (True, False, True),
+        (True, True, True),
+        (True, True, False),
+        (False, False, False),
+    ],
+)
+async def test_run_with_injected_drops_counts_exactly(gso: bool, gro: bool, encrypt: bool) -> None:
     async with two_workers() as (a, b):
         assert b.endpoint is not None and a.endpoint is not None
         b.endpoint.set_gro(gro)
         dropped = drop_every(a, 7)
         r = await asyncio.wait_for(
-            Benchmark(a, gso=gso).run(duration_s=1.0, payload_size=1200, rate_mbps=40), T
+            Benchmark(a, gso=gso, encrypt=encrypt).run(
+                duration_s=1.0, payload_size=1200, rate_mbps=40
+            ),
+            T,
         )
         assert r.role == "sender" and r.peer_view is not None
         rx = r.peer_view
@@ -110,6 +124,8 @@ async def test_run_with_injected_drops_counts_exactly(gso: bool, gro: bool) -> N
         assert sum(iv.packets for iv in rx.intervals) == rx.packets_received
         assert r.gso == (gso and a.endpoint.gso)
         assert rx.gro == b.endpoint.gro
+        assert r.encrypted is encrypt and rx.encrypted is encrypt
+        assert rx.auth_failures == 0 and r.flow_control
 
 
 async def test_both_ends_publish_both_views_and_chat_flows_during_a_run() -> None:

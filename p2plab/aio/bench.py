@@ -6,37 +6,56 @@ messages, so chat and keep-alives keep flowing during a run::
 
     sender                                   receiver
     bench_start {run_id, params}    ->       arms accounting (bulk sink on the endpoint)
-                                    <-       bench_ready {run_id}
+                                    <-       bench_ready {run_id, window, encrypted}
     BENCH_DATA datagrams ...        ->       counted (vectorised, exact)
+                                    <-       BENCH_CREDIT datagrams (every ~2 ms: flow control)
                                     <-       bench_interval {run_id, record}   (each interval)
     bench_end {run_id, packets_sent, ...} -> closes the books after a short grace
                                     <-       bench_report {run_id, report}
 
 Both ends then hold both views and publish ``benchmark_result`` for both roles; each publishes
-``benchmark_progress`` once per interval (the sender also relays the receiver's).  RTT mode sends
-``BENCH_PING`` datagrams one at a time; the peer echoes them as ``BENCH_PONG`` straight from its
-reader callback, and the next ping leaves from ours (no task switch per round trip).
+``benchmark_progress`` once per interval (the sender also relays the receiver's).
 
-Data path: the sender fills headers of a pre-built batch in place (numpy), sends with UDP GSO when
-the kernel has it (``UdpEndpoint.send_segments``), paces with a token bucket and loop timers, and
-waits for writability on EAGAIN.  The receiver gets reads in batches from the endpoint (GRO
-aware) and parses and counts them with numpy.
+Encryption (issue 8).  By default every benchmark datagram (data, ping, pong, credit) is sealed
+whole with the link's sealer (``worker.peer_sealer``, a ChaCha20-Poly1305
+:class:`~p2plab.core.crypto.PeerCipher`) and opened by the receiver; datagrams that do not open
+are counted (``auth_failures``) and never enter the accounting.  The UDP payload keeps the size
+asked for (the sealed plaintext is ``SEAL_OVERHEAD`` bytes shorter).  ``Benchmark(worker,
+encrypt=False)`` is the explicit unencrypted mode; every result says which mode it measured
+(``encrypted``).  A link without an encrypting sealer runs unencrypted and says so.
+
+Flow control.  The receiver sizes its socket buffer (``SO_RCVBUFFORCE`` as root), grants the
+sender a window of datagrams that fits in it (``bench_ready.window``), and reports how far it has
+read the stream in ``BENCH_CREDIT`` datagrams; the sender never has more than the window beyond
+that point (:class:`p2plab.core.bench.CreditWindow`).  So "as fast as possible" (``rate_mbps=0``)
+means as fast as the receiver reads, without overrunning it; a target rate is paced on top.
+``flow_control=False`` drops the window (the sender then overruns a slower receiver, as iperf3
+does).
+
+RTT mode sends ``BENCH_PING`` datagrams one at a time.  Both ends handle ping and pong in the
+endpoint's *fast handler* (straight from the read, no copy or demultiplexing, no task switch): the
+peer answers a ping with a ``sock.sendto`` from its reader callback, and our next ping leaves from
+ours when the pong arrives; one future completes at the end.  Nothing busy-polls (like sockperf's
+default ping-pong, each side sleeps in the kernel between datagrams).
+
+Data path: the sender fills headers of a pre-built batch in place (numpy), seals each datagram
+into the send buffer when encrypted, sends with UDP GSO when the kernel has it
+(``UdpEndpoint.send_segments``), paces with a token bucket and loop timers, and waits for
+writability on EAGAIN.  The receiver gets reads in batches from the endpoint (GRO aware) and
+parses and counts them with numpy.
 """
 
 from __future__ import annotations
 
-import argparse
 import asyncio
-import contextlib
 import datetime as _dt
 import json
 import logging
 import os
-import sys
 import time
 from collections.abc import Sequence
 from dataclasses import replace
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from p2plab.core import bench as cb
 from p2plab.errors import NotConnected, P2PLabError
@@ -48,6 +67,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "BenchResult",
+    "BenchSealer",
     "Benchmark",
     "RttResult",
     "register_cli",
@@ -60,6 +80,11 @@ log = logging.getLogger(__name__)
 _PATH_MTU_PAYLOAD = 1472  # 1500 - IPv4 20 - UDP 8: larger datagrams fragment on Ethernet paths
 _MAX_REPORT_BYTES = 12_000  # the session caps control messages at 16 KiB
 _YIELD_NS = 2_000_000  # a sender yields to the loop at least this often
+_RCVBUF = 64 * 1024 * 1024  # asked for by a receiving endpoint (granted up to rmem_max unless root)
+_SKB_OVERHEAD = 1024  # kernel bytes charged per queued datagram beyond its payload (conservative)
+_CREDIT_NS = 2_000_000  # the receiver reports credit at least this often while data arrive
+_CREDIT_TIMER_S = 0.01  # ... and this often from a timer (so a stalled sender hears of it)
+_CREDIT_TIMEOUT_NS = 500_000_000  # no credit this long: the sender writes off what is in flight
 
 
 def _now_iso() -> str:
@@ -70,26 +95,105 @@ def _new_run_id() -> int:
     return int.from_bytes(os.urandom(4), "big") or 1
 
 
+class BenchSealer(Protocol):
+    """What a benchmark needs of a sealer (:class:`~p2plab.core.crypto.PeerCipher` has it)."""
+
+    encrypted: bool
+    """True if the sealer encrypts and authenticates (only then are runs ``encrypted``)."""
+
+    def seal_datagram(self, datagram: bytes) -> bytes:
+        """The sealed form of a whole datagram (its 4-byte header stays in clear)."""
+        ...
+
+    def open_datagram(self, data: bytes) -> bytes | None:
+        """The plaintext datagram, or None if it does not open (the sealer counts it)."""
+        ...
+
+
+def _link_sealer(worker: Worker) -> BenchSealer | None:
+    """The link's encrypting sealer, if it has one."""
+    sealer = getattr(worker, "peer_sealer", None)
+    if sealer is None:
+        sealer = getattr(getattr(worker.punch, "session", None), "sealer", None)
+    if sealer is None or not getattr(sealer, "encrypted", False):
+        return None
+    if not hasattr(sealer, "seal_datagram") or not hasattr(sealer, "open_datagram"):
+        return None
+    return sealer  # type: ignore[no-any-return]
+
+
+def _overhead(sealer: BenchSealer | None) -> int:
+    """Bytes a sealed datagram carries beyond its plaintext (measured on a dummy datagram)."""
+    if sealer is None:
+        return 0
+    probe = cb.encode_bench(0x2F, 0, 0, 0, cb.HEADER_SIZE)
+    return len(sealer.seal_datagram(probe)) - len(probe)
+
+
+def _same(a: Address, b: Address | None) -> bool:
+    return b is not None and a[1] == b[1] and a[0] == b[0]
+
+
 # -- per-worker state ---------------------------------------------------------------------------
 
 
 class _Receiving:
     """A run this worker receives."""
 
-    def __init__(self, state: _BenchState, run_id: int, params: dict[str, Any]) -> None:
+    def __init__(
+        self,
+        state: _BenchState,
+        run_id: int,
+        params: dict[str, Any],
+        sealer: BenchSealer | None,
+        addr: Address | None,
+    ) -> None:
         self.state = state
         self.run_id = run_id
         self.params = params
+        self.sealer = sealer
+        self.addr = addr
         self.rx = cb.BenchReceiver(run_id, interval_s=float(params.get("interval_s", 1.0)))
         self.started_at = str(params.get("started_at") or _now_iso())
         self.ticker: asyncio.Task[None] | None = None
+        self.credit_timer: asyncio.TimerHandle | None = None
         self.done = False
         self.published = 0
+        self.last_credit = 0
+        self.credits_sent = 0
 
     def sink(
         self, buf: memoryview, reads: list[tuple[int, int, int, int]]
     ) -> list[tuple[int, int, int]]:
-        return _account(self.rx, buf, reads)
+        if self.sealer is not None:
+            left = _account_sealed(self.rx, self.sealer, buf, reads)
+        else:
+            left = _account(self.rx, buf, reads)
+        now = time.monotonic_ns()
+        if now - self.last_credit >= _CREDIT_NS:
+            self.send_credit(now)
+        return left
+
+    def send_credit(self, now: int | None = None) -> None:
+        """Tell the sender how far we have read (a BENCH_CREDIT datagram, sealed if encrypted)."""
+        ep = self.state.worker.endpoint
+        if ep is None or self.addr is None or self.done:
+            return
+        self.last_credit = time.monotonic_ns() if now is None else now
+        data = cb.encode_credit(self.run_id, self.rx.highest + 1, self.rx.packets)
+        if self.sealer is not None:
+            data = self.sealer.seal_datagram(data)
+        if ep.sendto(data, self.addr):
+            self.credits_sent += 1
+
+    def credit_tick(self) -> None:
+        if self.done:
+            return
+        if time.monotonic_ns() - self.last_credit >= _CREDIT_NS:
+            self.send_credit()
+        loop = self.state.worker.endpoint.loop if self.state.worker.endpoint else None
+        if loop is not None:
+            self.credit_timer = loop.call_later(_CREDIT_TIMER_S, self.credit_tick)
 
 
 def _account(
@@ -133,21 +237,67 @@ def _account(
     return left
 
 
+def _account_sealed(
+    rx: cb.BenchReceiver,
+    sealer: BenchSealer,
+    buf: memoryview,
+    reads: list[tuple[int, int, int, int]],
+) -> list[tuple[int, int, int]]:
+    """Bulk sink body for sealed runs: open every datagram, count those that open."""
+    left: list[tuple[int, int, int]] = []
+    runs: list[int] = []
+    seqs: list[int] = []
+    tss: list[int] = []
+    sizes: list[int] = []
+    arrs: list[int] = []
+    opener = sealer.open_datagram
+    unpack = cb.HEADER.unpack_from
+    for i, (off, n, seg, arr) in enumerate(reads):
+        for s in range(off, off + n, seg):
+            e = min(s + seg, off + n)
+            if buf[s + 3] != cb.BENCH_DATA:  # another type carried along in a GRO batch
+                left.append((i, s, e))
+                continue
+            pt = opener(bytes(buf[s:e]))
+            if pt is None or len(pt) < cb.HEADER_SIZE:
+                rx.auth_failures += 1
+                continue
+            _, _, _, run, seq, ts = unpack(pt)
+            runs.append(run)
+            seqs.append(seq)
+            tss.append(ts)
+            sizes.append(e - s)  # the UDP payload, as in plain runs and as iperf3 counts
+            arrs.append(arr)
+    if seqs:
+        rx.receive_batch(runs, seqs, tss, sizes, arrs)
+    return left
+
+
 class _Pinger:
     """Callback-driven ping-pong: each pong sends the next ping from the reader callback."""
 
     def __init__(
-        self, endpoint: UdpEndpoint, addr: Address, run_id: int, count: int, size: int
+        self,
+        endpoint: UdpEndpoint,
+        addr: Address,
+        run_id: int,
+        count: int,
+        size: int,
+        sealer: BenchSealer | None,
     ) -> None:
         self.endpoint = endpoint
+        self.sock = endpoint.socket
         self.addr = addr
         self.run_id = run_id
         self.count = count
-        self.size = size
-        self.packet = bytearray(cb.encode_bench(cb.BENCH_PING, run_id, 0, 0, size))
+        self.sealer = sealer
+        plain = size - _overhead(sealer)
+        self.packet = bytearray(cb.encode_bench(cb.BENCH_PING, run_id, 0, 0, plain))
         self.seq = -1
-        self.samples: list[float] = []
+        self.samples: list[int] = []
         self.lost = 0
+        self.auth_failures = 0
+        self.foreign = 0
         self.done: asyncio.Future[None] = endpoint.loop.create_future()
 
     def send_next(self) -> None:
@@ -157,13 +307,125 @@ class _Pinger:
                 self.done.set_result(None)
             return
         cb._TAIL.pack_into(self.packet, 8, self.seq, time.perf_counter_ns())
-        self.endpoint.sendto(bytes(self.packet), self.addr)
+        data = bytes(self.packet)
+        if self.sealer is not None:
+            data = self.sealer.seal_datagram(data)
+        try:
+            self.sock.sendto(data, self.addr)
+        except OSError as exc:  # counted as lost by the timeout
+            self.endpoint.stats["send_errors"] += 1
+            log.debug("ping send failed: %s", exc)
+            return
+        self.endpoint.stats["datagrams_out"] += 1
+        self.endpoint.stats["bytes_out"] += len(data)
 
-    def on_pong(self, h: cb.BenchHeader) -> None:
-        if h.run_id != self.run_id or h.seq != self.seq:
+    def on_pong(self, view: memoryview, addr: Address) -> None:
+        """Fast handler for BENCH_PONG."""
+        if not _same(addr, self.addr):
+            self.foreign += 1
+            return
+        if self.sealer is not None:
+            pt: bytes | memoryview | None = self.sealer.open_datagram(bytes(view))
+            if pt is None:
+                self.auth_failures += 1
+                return
+        else:
+            pt = view
+        if len(pt) < cb.HEADER_SIZE:
+            return
+        _, _, _, run, seq, ts = cb.HEADER.unpack_from(pt)
+        if run != self.run_id or seq != self.seq:
             return  # a late pong of a ping we gave up on
-        self.samples.append((time.perf_counter_ns() - h.send_ts_ns) / 1e9)
+        self.samples.append(time.perf_counter_ns() - ts)
         self.send_next()
+
+
+class _Responder:
+    """Answers one run's pings from the endpoint's fast handler (the pong is sent at once)."""
+
+    def __init__(
+        self, endpoint: UdpEndpoint, addr: Address, run_id: int, sealer: BenchSealer | None
+    ) -> None:
+        self.endpoint = endpoint
+        self.sock = endpoint.socket
+        self.addr = addr
+        self.run_id = run_id.to_bytes(4, "big")
+        self.sealer = sealer
+        self.answered = 0
+        self.dropped = 0
+        """Pings not answered: other source, other run, or (sealed) not opening."""
+
+    def __call__(self, view: memoryview, addr: Address) -> None:
+        if not _same(addr, self.addr):
+            self.dropped += 1
+            return
+        if self.sealer is not None:
+            opened = self.sealer.open_datagram(bytes(view))
+            if opened is None:
+                self.dropped += 1
+                return
+            pong = bytearray(opened)
+        else:
+            pong = bytearray(view)
+        if len(pong) < cb.HEADER_SIZE or pong[4:8] != self.run_id:
+            self.dropped += 1
+            return
+        pong[3] = cb.BENCH_PONG
+        out: bytes | bytearray = pong
+        if self.sealer is not None:
+            out = self.sealer.seal_datagram(bytes(pong))
+        try:
+            self.sock.sendto(out, addr)
+        except OSError as exc:
+            self.endpoint.stats["send_errors"] += 1
+            log.debug("pong send failed: %s", exc)
+            return
+        self.answered += 1
+        self.endpoint.stats["datagrams_out"] += 1
+        self.endpoint.stats["bytes_out"] += len(out)
+
+
+class _Sending:
+    """The sender's side of a run: the credit window, fed by BENCH_CREDIT datagrams."""
+
+    def __init__(
+        self,
+        endpoint: UdpEndpoint,
+        addr: Address,
+        run_id: int,
+        window: cb.CreditWindow | None,
+        sealer: BenchSealer | None,
+    ) -> None:
+        self.endpoint = endpoint
+        self.addr = addr
+        self.run_id = run_id
+        self.window = window
+        self.sealer = sealer
+        self.waiter: asyncio.Future[None] | None = None
+        self.auth_failures = 0
+        self.last_credit_ns = time.monotonic_ns()
+
+    def on_credit(self, view: memoryview, addr: Address) -> None:
+        """Fast handler for BENCH_CREDIT."""
+        if self.window is None or not _same(addr, self.addr):
+            return
+        if self.sealer is not None:
+            pt: bytes | memoryview | None = self.sealer.open_datagram(bytes(view))
+            if pt is None:
+                self.auth_failures += 1
+                return
+        else:
+            pt = view
+        if len(pt) < cb.HEADER_SIZE:
+            return
+        _, _, _, run, consumed, received = cb.HEADER.unpack_from(pt)
+        if run != self.run_id:
+            return
+        self.window.update(consumed, received)
+        self.last_credit_ns = time.monotonic_ns()
+        w = self.waiter
+        if w is not None and not w.done():
+            w.set_result(None)
 
 
 class _BenchState:
@@ -176,6 +438,9 @@ class _BenchState:
         self.waiters: dict[tuple[str, int], asyncio.Future[dict[str, Any]]] = {}
         self.received_results: dict[int, asyncio.Future[BenchResult]] = {}
         self.pinger: _Pinger | None = None
+        self.responder: _Responder | None = None
+        self.sealer_override: BenchSealer | None = None
+        """A sealer given to :class:`Benchmark` (else the link's own is used)."""
         self.late = 0
         """Benchmark datagrams that arrived outside any run (dropped)."""
         self.stop_requested = False
@@ -189,23 +454,26 @@ class _BenchState:
             worker.benchmark = state
         return state
 
+    def sealer(self) -> BenchSealer | None:
+        """The encrypting sealer runs use by default (None: the link has none)."""
+        if self.sealer_override is not None:
+            return self.sealer_override
+        return _link_sealer(self.worker)
+
+    def peer_address(self) -> Address | None:
+        punch = self.worker.punch
+        return punch.peer_address if punch is not None else None
+
     # -- datagrams ----------------------------------------------------------------------------
 
     def hook(self, data: bytes, addr: Address) -> bool:
+        """Benchmark datagrams that did not take a fast path (no run armed for them)."""
         if len(data) < 4 or data[0] != 0xD7 or data[1] != 0x50 or data[3] not in range(0x20, 0x30):
             return False
-        h = cb.parse_bench(data)
-        if h is not None and h.type == cb.BENCH_PING:
-            # Echo at once: the pong is the ping with its type changed.
-            ep = self.worker.endpoint
-            if ep is not None:
-                ep.sendto(data[:3] + bytes((cb.BENCH_PONG,)) + data[4:], addr)
-            return True
-        if h is not None and h.type == cb.BENCH_PONG and self.pinger is not None:
-            self.pinger.on_pong(h)
-            return True
-        if h is not None and h.type == cb.BENCH_DATA and self.receiving is not None:
-            self.receiving.rx.receive(h.run_id, h.seq, h.send_ts_ns, len(data), time.monotonic_ns())
+        rec = self.receiving
+        if data[3] == cb.BENCH_DATA and rec is not None and not rec.done:
+            # Only when the bulk sink is not armed (it normally takes these).
+            _ = rec.sink(memoryview(data), [(0, len(data), len(data), time.monotonic_ns())])
             return True
         self.late += 1
         return True
@@ -231,24 +499,55 @@ class _BenchState:
         try:
             run_id = int(obj["run_id"])
             mode = str(obj.get("mode", "throughput"))
+            want_sealed = bool(obj.get("encrypted", False))
+            size = int(obj.get("payload_size", 1200))
         except (KeyError, TypeError, ValueError):
             log.debug("bad bench_start %r", obj)
             return
         ep = self.worker.endpoint
         if ep is None:
             return
+        sealer = self.sealer() if want_sealed else None
+        if want_sealed and sealer is None:
+            self._control(
+                {
+                    "type": "bench_ready",
+                    "run_id": run_id,
+                    "error": "this end has no encrypting sealer for the link",
+                }
+            )
+            return
+        addr = self.peer_address()
+        ready: dict[str, Any] = {
+            "type": "bench_ready",
+            "run_id": run_id,
+            "gro": ep.gro,
+            "encrypted": sealer is not None,
+        }
         if mode == "throughput":
             self._disarm()
-            rec = _Receiving(self, run_id, obj)
+            rec = _Receiving(self, run_id, obj, sealer, addr)
             self.receiving = rec
+            rcvbuf, _ = ep.set_buffer_sizes(_RCVBUF)
+            # The kernel reports twice the usable size; keep half of that for our window.
+            ready["window"] = max(16, (rcvbuf // 4) // (max(size, 64) + _SKB_OVERHEAD))
             ep.set_bulk_sink({cb.BENCH_DATA}, rec.sink)
-            rec.ticker = asyncio.get_running_loop().create_task(self._tick(rec))
-        self._control({"type": "bench_ready", "run_id": run_id, "gro": ep.gro})
+            loop = asyncio.get_running_loop()
+            rec.ticker = loop.create_task(self._tick(rec))
+            rec.credit_timer = loop.call_later(_CREDIT_TIMER_S, rec.credit_tick)
+        elif mode == "rtt" and addr is not None:
+            self.responder = _Responder(ep, addr, run_id, sealer)
+            ep.set_fast_handler(cb.BENCH_PING, self.responder)
+        self._control(ready)
 
     def _disarm(self) -> None:
         rec = self.receiving
-        if rec is not None and rec.ticker is not None:
-            rec.ticker.cancel()
+        if rec is not None:
+            rec.done = True
+            if rec.ticker is not None:
+                rec.ticker.cancel()
+            if rec.credit_timer is not None:
+                rec.credit_timer.cancel()
         self.receiving = None
         if self.worker.endpoint is not None:
             self.worker.endpoint.set_bulk_sink(set(), None)
@@ -276,6 +575,16 @@ class _BenchState:
             self._control({"type": "bench_interval", "run_id": rec.run_id, **iv.to_dict()})
 
     def on_end(self, obj: dict[str, Any]) -> None:
+        if obj.get("mode") == "rtt":
+            resp = self.responder
+            ep = self.worker.endpoint
+            if resp is not None and str(obj.get("run_id")) == str(
+                int.from_bytes(resp.run_id, "big")
+            ):
+                self.responder = None
+                if ep is not None:
+                    ep.set_fast_handler(cb.BENCH_PING, None)
+            return
         rec = self.receiving
         try:
             run_id = int(obj["run_id"])
@@ -291,7 +600,8 @@ class _BenchState:
         )
 
     def _finish(self, rec: _Receiving, end: dict[str, Any], sent: int) -> None:
-        rec.done = True
+        if rec.done:
+            return
         self._disarm()
         report = rec.rx.report(packets_sent=sent)
         self._publish_intervals(rec, report.intervals[rec.published :])
@@ -329,12 +639,19 @@ class _BenchState:
                 "interval_s": float(obj.get("interval_s", 1.0)),
                 "run_id": int(obj["run_id"]),
             }
+            encrypt = obj.get("encrypt")
+            flow = bool(obj.get("flow_control", True))
             cb.validate_params(kwargs["payload_size"], kwargs["rate_mbps"], kwargs["duration_s"])
         except (KeyError, TypeError, ValueError) as exc:
             log.info("refusing bench_request: %s", exc)
             return
+        bench = Benchmark(
+            self.worker,
+            encrypt=None if encrypt is None else bool(encrypt),
+            flow_control=flow,
+        )
         self.sending = asyncio.get_running_loop().create_task(
-            Benchmark(self.worker).run(**kwargs)  # type: ignore[arg-type]
+            bench.run(**kwargs)  # type: ignore[arg-type]
         )
 
     def on_stop(self, obj: dict[str, Any]) -> None:
@@ -400,6 +717,9 @@ def _receiver_row(
         gso=bool(params.get("gso", False)),
         gro=gro,
         fragmented=size > _PATH_MTU_PAYLOAD,
+        encrypted=bool(params.get("encrypted", False)),
+        auth_failures=report.auth_failures,
+        flow_control=bool(params.get("flow_control", False)),
         note="over the path MTU: IP fragments" if size > _PATH_MTU_PAYLOAD else "",
         intervals=report.intervals,
     )
@@ -449,6 +769,9 @@ def _sender_row(
         gso=bool(end.get("gso", False)),
         gro=bool(gro),
         fragmented=size > _PATH_MTU_PAYLOAD,
+        encrypted=bool(params.get("encrypted", False)),
+        auth_failures=report.auth_failures if report else 0,
+        flow_control=bool(params.get("flow_control", False)),
         note=note,
         intervals=report.intervals if report else (),
     )
@@ -516,12 +839,32 @@ _register_handlers()
 class Benchmark:
     """UDP throughput and RTT measurements over ``worker``'s connected peer link."""
 
-    def __init__(self, worker: Worker, *, gso: bool | None = None, timeout_s: float = 10.0) -> None:
-        """``gso``: None uses UDP GSO where the kernel has it; False forces plain sends."""
+    def __init__(
+        self,
+        worker: Worker,
+        *,
+        gso: bool | None = None,
+        timeout_s: float = 10.0,
+        encrypt: bool | None = None,
+        sealer: BenchSealer | None = None,
+        flow_control: bool = True,
+    ) -> None:
+        """Measure over ``worker``'s link.
+
+        ``gso``: None uses UDP GSO where the kernel has it; False forces plain sends.
+        ``encrypt``: None seals benchmark datagrams when the link has an encrypting sealer; True
+        requires one (:class:`~p2plab.errors.P2PLabError` otherwise); False is the explicit
+        unencrypted mode.  ``sealer``: use this sealer on this worker instead of the link's (the
+        peer must hold the matching one).  ``flow_control``: obey the receiver's credit window.
+        """
         self.worker = worker
         self.gso = gso
         self.timeout_s = timeout_s
+        self.encrypt = encrypt
+        self.flow_control = flow_control
         self.state = _BenchState.of(worker)
+        if sealer is not None:
+            self.state.sealer_override = sealer
 
     def _link(self) -> tuple[UdpEndpoint, Address]:
         w = self.worker
@@ -530,17 +873,29 @@ class Benchmark:
             raise NotConnected("no peer connected: a benchmark needs a connected peer")
         return w.endpoint, addr
 
+    def _sealer(self) -> BenchSealer | None:
+        """The sealer this run uses (None: unencrypted)."""
+        if self.encrypt is False:
+            return None
+        sealer = self.state.sealer()
+        if sealer is None and self.encrypt:
+            raise P2PLabError("encrypt=True but the link has no encrypting sealer")
+        return sealer
+
     async def _ask(self, obj: dict[str, Any], reply: str, timeout: float) -> dict[str, Any]:
         fut = self.state.wait_for(reply, int(obj["run_id"]))
         self.worker.send_control(obj)
         try:
-            return await asyncio.wait_for(fut, timeout)
+            answer = await asyncio.wait_for(fut, timeout)
         except TimeoutError:
             raise P2PLabError(
                 f"peer did not answer {obj['type']} with {reply} in {timeout} s"
             ) from None
         finally:
             self.state.waiters.pop((reply, int(obj["run_id"])), None)
+        if answer.get("error"):
+            raise P2PLabError(f"peer refused {obj['type']}: {answer['error']}")
+        return answer
 
     async def run(
         self,
@@ -583,6 +938,8 @@ class Benchmark:
                 "payload_size": size,
                 "rate_mbps": rate,
                 "interval_s": interval_s,
+                "encrypt": self.encrypt,
+                "flow_control": self.flow_control,
             }
         )
         try:
@@ -595,6 +952,12 @@ class Benchmark:
     ) -> BenchResult:
         w = self.worker
         ep, addr = self._link()
+        sealer = self._sealer()
+        overhead = _overhead(sealer)
+        if size - overhead < cb.HEADER_SIZE:
+            raise ValueError(
+                f"payload_size must be >= {cb.HEADER_SIZE + overhead} bytes when encrypted"
+            )
         started_at = _now_iso()
         use_gso = ep.gso if self.gso is None else (self.gso and ep.gso)
         params = {
@@ -607,15 +970,30 @@ class Benchmark:
             "interval_s": interval_s,
             "started_at": started_at,
             "gso": use_gso,
+            "encrypted": sealer is not None,
+            "flow_control": self.flow_control,
         }
         ready = await self._ask(params, "bench_ready", self.timeout_s)
+        window = ready.get("window") if self.flow_control else None
+        if self.flow_control and not isinstance(window, int):
+            params["flow_control"] = False  # a peer without credit reports
+        sending = _Sending(
+            ep,
+            addr,
+            rid,
+            cb.CreditWindow(window) if params["flow_control"] and isinstance(window, int) else None,
+            sealer,
+        )
+        if sending.window is not None:
+            ep.set_fast_handler(cb.BENCH_CREDIT, sending.on_credit)
         sent, send_s = 0, 0.0
         self.state.stop_requested = False
         try:
             sent, send_s = await self._stream(
-                ep, addr, rid, size, rate, duration_s, interval_s, use_gso
+                ep, addr, rid, size, rate, duration_s, interval_s, use_gso, sending
             )
         finally:
+            ep.set_fast_handler(cb.BENCH_CREDIT, None)
             end = {
                 "type": "bench_end",
                 "run_id": rid,
@@ -624,8 +1002,10 @@ class Benchmark:
                 "duration_s": send_s,
                 "gso": use_gso,
             }
-            with contextlib.suppress(P2PLabError):
+            try:
                 w.send_control(end)
+            except P2PLabError as exc:
+                log.info("cannot send bench_end: %s", exc)
         report: cb.ReceiverReport | None = None
         try:
             reply = await self._ask_wait("bench_report", rid, self.timeout_s + 2 * (w.rtt or 0))
@@ -667,15 +1047,22 @@ class Benchmark:
         duration_s: float,
         interval_s: float,
         gso: bool,
+        sending: _Sending,
     ) -> tuple[int, float]:
         """Send BENCH_DATA for ``duration_s``; returns (datagrams sent, seconds spent)."""
         # The report future must exist before bench_end can be answered.
         self.state.wait_for("bench_report", rid)
+        sealer = sending.sealer
+        window = sending.window
+        plain = size - _overhead(sealer)
         per_call = min(64, 65507 // size) if gso else 1
         batch = max(1, min(256, (256 * 1024) // size)) if not gso else per_call * 4
-        template = cb.make_template(cb.BENCH_DATA, rid, size, batch)
-        view = memoryview(template)
+        template = cb.make_template(cb.BENCH_DATA, rid, plain, batch)
+        tview = memoryview(template)
+        out = bytearray(size * batch) if sealer is not None else template
+        view = memoryview(out)
         clock = time.monotonic_ns
+        loop = asyncio.get_running_loop()
         t0 = clock()
         deadline = t0 + int(duration_s * 1e9)
         pacer = cb.Pacer(rate, size, start=0.0, burst=8 * batch)
@@ -692,8 +1079,30 @@ class Benchmark:
                 await asyncio.sleep(wait if wait > 0.0002 else 0)
                 last_yield = now = clock()
                 continue
+            if window is not None:
+                credit = window.allowance(seq)
+                if credit == 0:
+                    if now - sending.last_credit_ns > _CREDIT_TIMEOUT_NS:
+                        # No credit for long: what is in flight is lost; start afresh.
+                        window.update(seq, window.received)
+                        sending.last_credit_ns = now
+                        continue
+                    fut: asyncio.Future[None] = loop.create_future()
+                    sending.waiter = fut
+                    try:
+                        await asyncio.wait_for(fut, max(0.001, (deadline - now) / 1e9))
+                    except TimeoutError:
+                        pass
+                    sending.waiter = None
+                    last_yield = now = clock()
+                    continue
+                allow = min(allow, credit)
             n = min(allow, batch)
-            cb.fill_headers(template, size, n, seq, now)
+            cb.fill_headers(template, plain, n, seq, now)
+            if sealer is not None:
+                seal = sealer.seal_datagram
+                for i in range(n):
+                    out[i * size : (i + 1) * size] = seal(bytes(tview[i * plain : (i + 1) * plain]))
             got = ep.send_segments(view, size, n, addr, gso=gso)
             seq += got
             iv_sent += got
@@ -745,21 +1154,33 @@ class Benchmark:
             raise ValueError("count must be >= 1")
         cb.validate_params(payload_size, 0, 1)
         ep, addr = self._link()
+        sealer = self._sealer()
+        if payload_size - _overhead(sealer) < cb.HEADER_SIZE:
+            raise ValueError(f"payload_size too small for sealed pings: {payload_size}")
         rid = _new_run_id()
         started_at = _now_iso()
         await self._ask(
-            {"type": "bench_start", "mode": "rtt", "run_id": rid, "payload_size": payload_size},
+            {
+                "type": "bench_start",
+                "mode": "rtt",
+                "run_id": rid,
+                "payload_size": payload_size,
+                "encrypted": sealer is not None,
+            },
             "bench_ready",
             self.timeout_s,
         )
-        pinger = _Pinger(ep, addr, rid, count, payload_size)
+        pinger = _Pinger(ep, addr, rid, count, payload_size, sealer)
         self.state.pinger = pinger
+        ep.set_fast_handler(cb.BENCH_PONG, pinger.on_pong)
         try:
             pinger.send_next()
             last = -1
             while not pinger.done.done():
-                with contextlib.suppress(TimeoutError):
+                try:
                     await asyncio.wait_for(asyncio.shield(pinger.done), timeout_s)
+                except TimeoutError:
+                    pass
                 if pinger.done.done():
                     break
                 if pinger.seq == last:  # no progress: that ping is lost
@@ -767,18 +1188,23 @@ class Benchmark:
                     pinger.send_next()
                 last = pinger.seq
         finally:
+            ep.set_fast_handler(cb.BENCH_PONG, None)
             self.state.pinger = None
-        stats = cb.rtt_percentiles(pinger.samples)
+            self.state._control({"type": "bench_end", "mode": "rtt", "run_id": rid})
+        samples = [ns / 1e9 for ns in pinger.samples]
+        stats = cb.rtt_percentiles(samples)
         return RttResult(
             count=count,
-            received=len(pinger.samples),
+            received=len(samples),
             lost=pinger.lost,
             payload_size=payload_size,
             run_id=str(rid),
             started_at=started_at,
             local_worker=self.worker.worker_id,
             peer_worker=self.worker.peer_id or "",
-            samples_ms=tuple(s * 1000 for s in pinger.samples),
+            encrypted=sealer is not None,
+            auth_failures=pinger.auth_failures,
+            samples_ms=tuple(s * 1000 for s in samples),
             **stats,
         )
 
@@ -863,97 +1289,7 @@ async def stop_benchmark_from_ui(worker: Worker) -> dict[str, Any] | None:
 
 
 def register_cli(subparsers: Any) -> None:
-    """Add ``p2plab bench`` to the CLI."""
-    p: argparse.ArgumentParser = subparsers.add_parser(
-        "bench", help="run UDP benchmarks against a peer worker (both sides run this command)"
-    )
-    p.add_argument("--rendezvous", required=True, help="ws://HOST:PORT of the rendezvous")
-    p.add_argument("--stun", action="append", default=[], help="STUN server HOST:PORT")
-    p.add_argument("--room", default="default")
-    p.add_argument("--token", default=None)
-    p.add_argument("--udp-port", type=int, default=0)
-    p.add_argument("--duration", type=float, default=5.0, help="seconds per run")
-    p.add_argument("--size", type=int, default=1200, help="UDP payload bytes (64..65507)")
-    p.add_argument("--rate", type=float, default=0.0, help="target Mbit/s (0: as fast as possible)")
-    p.add_argument("--interval", type=float, default=1.0, help="report interval, seconds")
-    p.add_argument("--sweep", default=None, help="comma-separated payload sizes, one run each")
-    p.add_argument("--rtt", type=int, default=0, help="also ping-pong this many times")
-    p.add_argument("--no-gso", action="store_true", help="plain sends even where GSO exists")
-    p.add_argument(
-        "--role",
-        choices=("auto", "send", "receive"),
-        default="auto",
-        help="auto: the worker with the smaller id sends, the other answers",
-    )
-    p.add_argument("--connect-timeout", type=float, default=60.0)
-    p.add_argument("--csv", default=None, help="write the results (both views) to this CSV")
-    p.add_argument("--json", action="store_true", help="print the results as JSON")
-    p.set_defaults(func=_cmd_bench)
+    """Add ``p2plab bench`` to the CLI (the command lives in :mod:`p2plab.aio.bench_cli`)."""
+    from p2plab.aio.bench_cli import register_cli as _register
 
-
-def _table(results: Sequence[BenchResult]) -> str:
-    head = f"{'size':>6} {'sent':>9} {'recv':>9} {'lost%':>7} {'ooo':>5} {'dup':>4} "
-    head += f"{'jit ms':>7} {'send Mb/s':>10} {'recv Mb/s':>10} {'gso':>4} {'gro':>4}"
-    lines = [head]
-    for r in results:
-        lines.append(
-            f"{r.payload_size:>6} {r.packets_sent:>9} {r.packets_received:>9} "
-            f"{r.lost_percent:>7.3f} {r.out_of_order:>5} {r.duplicates:>4} {r.jitter_ms:>7.3f} "
-            f"{r.sent_mbps:>10.1f} {r.received_mbps:>10.1f} {r.gso!s:>4} {r.gro!s:>4}"
-        )
-    return "\n".join(lines)
-
-
-async def _cmd_bench(args: argparse.Namespace) -> int:
-    from p2plab.aio.worker import Worker, WorkerConfig
-    from p2plab.results import results_to_json, write_csv
-
-    config = WorkerConfig(
-        rendezvous_url=args.rendezvous,
-        stun_servers=tuple(s for v in args.stun for s in v.split(",") if s),
-        udp_port=args.udp_port,
-        http_port=None,
-        room=args.room,
-        token=args.token,
-        nat_report=False,
-    )
-    worker = Worker(config)
-    await worker.start()
-    try:
-        await worker.wait_connected(timeout=args.connect_timeout)
-        state = _BenchState.of(worker)
-        role = args.role
-        if role == "auto":
-            role = "send" if worker.worker_id < (worker.peer_id or "") else "receive"
-        if role == "receive":
-            done = state.wait_for("bench_finished", 0)
-            print(f"worker {worker.worker_id}: answering benchmarks", file=sys.stderr, flush=True)
-            await done
-            return 0
-        bench = Benchmark(worker, gso=False if args.no_gso else None)
-        sizes = [int(s) for s in args.sweep.split(",")] if args.sweep else [args.size]
-        if len(sizes) > 1:
-            results = await bench.sweep(sizes, args.duration, args.rate, args.interval)
-        else:
-            results = [await bench.run(args.duration, sizes[0], args.rate, args.interval)]
-        rtt = await bench.rtt(args.rtt) if args.rtt else None
-        with contextlib.suppress(P2PLabError):
-            worker.send_control({"type": "bench_finished", "run_id": 0})
-            await asyncio.sleep(0.2)
-        if args.csv:
-            write_csv(results, args.csv, both_views=True)
-        if args.json:
-            out: dict[str, Any] = {"results": json.loads(results_to_json(results))}
-            if rtt is not None:
-                out["rtt"] = rtt.to_dict()
-            print(json.dumps(out, indent=2))
-        else:
-            print(_table(results))
-            if rtt is not None:
-                print(
-                    f"rtt: {rtt.received}/{rtt.count} p50 {rtt.p50_ms:.3f} ms "
-                    f"p90 {rtt.p90_ms:.3f} ms p99 {rtt.p99_ms:.3f} ms min {rtt.min_ms:.3f} ms"
-                )
-        return 0
-    finally:
-        await worker.stop()
+    _register(subparsers)

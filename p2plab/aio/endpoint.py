@@ -19,6 +19,12 @@ batched in the buffer and handed over once per drain.  Sends of many equal-sized
 through :meth:`UdpEndpoint.send_segments`, with UDP GSO (``UDP_SEGMENT`` as a per-call control
 message, since the socket is not connected) when available.  Both fall back cleanly to plain
 reads and sends when the kernel or platform lacks them.
+
+Latency path.  A *fast handler* (:meth:`UdpEndpoint.set_fast_handler`) gets p2p datagrams of one
+type straight from the read, before any copy or demultiplexing (the benchmark's ping-pong answers
+and sends from there); after such a datagram the reader returns to the loop instead of trying one
+more read that would only say ``EAGAIN`` (the loop's readiness check is level-triggered, so
+nothing queued is missed).
 """
 
 from __future__ import annotations
@@ -36,6 +42,7 @@ from typing import Any, Protocol
 __all__ = [
     "Address",
     "BulkSink",
+    "FastHandler",
     "UdpEndpoint",
     "gro_supported",
     "gso_supported",
@@ -46,11 +53,14 @@ log = logging.getLogger(__name__)
 
 Address = tuple[str, int]
 DatagramHandler = Callable[[bytes, Address], None]
+FastHandler = Callable[[memoryview, Address], None]
+"""Gets one datagram as a view into the read buffer (valid only during the call)."""
 
 _MAGIC_COOKIE = b"\x21\x12\xa4\x42"
 _RECV_SIZE = 65536  # one read: a datagram, or a GRO batch (at most 64 KiB)
 _MAX_READS_PER_WAKEUP = 2048
 _BUF_SIZE = 4 * 1024 * 1024
+_SOCK_BUF = 4 * 1024 * 1024
 _P2P_MAGIC0, _P2P_MAGIC1 = 0xD7, 0x50
 
 # Linux values; older Pythons' socket module lacks the names.
@@ -100,6 +110,37 @@ def gro_supported(sock: socket.socket) -> bool:
     return True
 
 
+def set_buffer_sizes(sock: socket.socket, rcvbuf: int, sndbuf: int) -> tuple[int, int]:
+    """Ask for socket buffers of these sizes; returns what the kernel granted (as it reports).
+
+    Beyond ``net.core.rmem_max``/``wmem_max`` plain ``SO_RCVBUF``/``SO_SNDBUF`` are capped; as
+    root (CAP_NET_ADMIN) ``SO_RCVBUFFORCE``/``SO_SNDBUFFORCE`` are tried first, which are not.
+    Never raises for refused sizes.
+    """
+    for size, force, plain in (
+        (rcvbuf, getattr(socket, "SO_RCVBUFFORCE", None), socket.SO_RCVBUF),
+        (sndbuf, getattr(socket, "SO_SNDBUFFORCE", None), socket.SO_SNDBUF),
+    ):
+        if size <= 0:
+            continue
+        done = False
+        if force is not None:
+            try:
+                sock.setsockopt(socket.SOL_SOCKET, force, size)
+                done = True
+            except OSError:
+                pass
+        if not done:
+            try:
+                sock.setsockopt(socket.SOL_SOCKET, plain, size)
+            except OSError:  # pragma: no cover - platform limits
+                pass
+    return (
+        sock.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF),
+        sock.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF),
+    )
+
+
 def is_stun_datagram(data: bytes) -> bool:
     """True if ``data`` looks like a STUN message (RFC 8489 section 6 / RFC 7983 demux)."""
     return len(data) >= 20 and data[0] < 4 and data[4:8] == _MAGIC_COOKIE
@@ -117,6 +158,7 @@ class UdpEndpoint:
         self._view = memoryview(self._buf)
         self._bulk_sink: BulkSink | None = None
         self._bulk_types: frozenset[int] = frozenset()
+        self._fast: dict[int, FastHandler] = {}
         self._writable: asyncio.Future[None] | None = None
         self.gso = gso_supported(sock)
         """The kernel supports UDP GSO on this socket (``send_segments`` may use it)."""
@@ -140,6 +182,7 @@ class UdpEndpoint:
             "gso_sends": 0,
             "truncated": 0,
             "bulk_datagrams": 0,
+            "fast_datagrams": 0,
         }
         self._closed = False
         loop.add_reader(sock.fileno(), self._on_readable)
@@ -150,11 +193,7 @@ class UdpEndpoint:
         loop = asyncio.get_running_loop()
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
         sock = socket.socket(family, socket.SOCK_DGRAM)
-        try:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 * 1024 * 1024)
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4 * 1024 * 1024)
-        except OSError:  # pragma: no cover - platform limits
-            pass
+        set_buffer_sizes(sock, _SOCK_BUF, _SOCK_BUF)
         sock.setblocking(False)
         try:
             sock.bind((host, port))
@@ -203,6 +242,22 @@ class UdpEndpoint:
         """
         self._bulk_sink = sink
         self._bulk_types = frozenset(types) if sink is not None else frozenset()
+
+    def set_fast_handler(self, kind: int, handler: FastHandler | None) -> None:
+        """Hand p2p datagrams of type ``kind`` to ``handler`` straight from the read.
+
+        The handler gets a memoryview into the read buffer (copy what it keeps) and the source
+        address; it runs before any other demultiplexing, so it must check the source itself.
+        ``None`` removes it.  Meant for latency-critical single datagrams (ping-pong).
+        """
+        if handler is None:
+            self._fast.pop(kind, None)
+        else:
+            self._fast[kind] = handler
+
+    def set_buffer_sizes(self, rcvbuf: int, sndbuf: int = 0) -> tuple[int, int]:
+        """:func:`set_buffer_sizes` on this socket (0 leaves that buffer alone)."""
+        return set_buffer_sizes(self._sock, rcvbuf, sndbuf)
 
     def add_stun_listener(self, transaction_id: bytes, handler: DatagramHandler) -> None:
         """Route STUN messages with this 12-byte transaction id to ``handler``."""
@@ -306,6 +361,7 @@ class UdpEndpoint:
         limit = _BUF_SIZE - _RECV_SIZE
         anc = _CMSG_SPACE if self.gro else 0
         bulk_types = self._bulk_types
+        fast = self._fast
         buf = self._buf
         reads: list[tuple[int, int, int, int]] = []
         addrs: list[Address] = []
@@ -338,6 +394,20 @@ class UdpEndpoint:
                     if seg <= 0:
                         seg = n
                 if (
+                    fast
+                    and n >= 4
+                    and buf[pos] == _P2P_MAGIC0
+                    and buf[pos + 1] == _P2P_MAGIC1
+                    and buf[pos + 3] in fast
+                ):
+                    if reads:
+                        self._flush(reads, addrs)
+                        reads = []
+                        addrs = []
+                    peer = (addr[0], addr[1])
+                    self._fast_dispatch(pos, n, seg, peer)
+                    return  # level-triggered: the loop calls again if more is queued
+                if (
                     bulk_types
                     and n >= 4
                     and buf[pos] == _P2P_MAGIC0
@@ -369,6 +439,24 @@ class UdpEndpoint:
         finally:
             if reads:
                 self._flush(reads, addrs)
+
+    def _fast_dispatch(self, pos: int, n: int, seg: int, addr: Address) -> None:
+        view = self._view
+        stats = self.stats
+        for start in range(pos, pos + n, seg):
+            end = min(start + seg, pos + n)
+            handler = self._fast.get(view[start + 3]) if end - start >= 4 else None
+            if handler is None:  # another type inside the same GRO batch
+                self._dispatch(bytes(view[start:end]), addr)
+                continue
+            stats["datagrams_in"] += 1
+            stats["bytes_in"] += end - start
+            stats["fast_datagrams"] += 1
+            try:
+                handler(view[start:end], addr)
+            except Exception:
+                stats["handler_errors"] += 1
+                log.exception("fast handler failed for %d bytes from %s", end - start, addr)
 
     def _flush(self, reads: list[tuple[int, int, int, int]], addrs: list[Address]) -> None:
         sink = self._bulk_sink

@@ -11,6 +11,14 @@ classifies them; all fields big-endian)::
 ``run_id`` (u32) ties a datagram to one run, ``seq`` (u64) counts from 0, ``send_ts_ns`` (u64) is
 the sender's clock in nanoseconds (any origin: only differences are used).  ``BENCH_DATA`` carries
 the throughput stream, ``BENCH_PING``/``BENCH_PONG`` the RTT ping-pong (the pong echoes the ping).
+``BENCH_CREDIT`` is the receiver's flow-control feedback: ``seq`` is how far the receiver has
+consumed the stream (highest seq seen + 1) and ``send_ts_ns`` how many datagrams it counted; the
+sender keeps at most a window of datagrams beyond the consumed point in flight
+(:class:`CreditWindow`), so it never overruns the receiver's socket buffer.
+
+Encrypted runs seal every such datagram whole with the link's sealer (the 4-byte p2p header stays
+in clear as associated data, the rest is ChaCha20-Poly1305 ciphertext); the plaintext is then
+``SEAL_OVERHEAD`` bytes shorter so that the UDP payload keeps the requested size.
 
 Accounting is exact: every sequence number has one bit in a growable bitmap, so loss
 (``packets_sent - unique received``), duplicates and out-of-order arrivals (a unique packet whose
@@ -38,6 +46,7 @@ except ImportError:  # pragma: no cover - exercised only where numpy is missing
     np = None  # type: ignore[assignment]
 
 __all__ = [
+    "BENCH_CREDIT",
     "BENCH_DATA",
     "BENCH_PING",
     "BENCH_PONG",
@@ -47,10 +56,12 @@ __all__ = [
     "MIN_PAYLOAD",
     "BenchHeader",
     "BenchReceiver",
+    "CreditWindow",
     "IntervalRecord",
     "Pacer",
     "ReceiverReport",
     "encode_bench",
+    "encode_credit",
     "fill_headers",
     "make_template",
     "parse_bench",
@@ -65,6 +76,8 @@ BENCH_PING = 0x21
 """RTT probe; answered by a BENCH_PONG with the same run id, seq and timestamp."""
 BENCH_PONG = 0x22
 """RTT answer."""
+BENCH_CREDIT = 0x23
+"""Receiver to sender flow-control feedback (consumed point and count)."""
 
 HEADER = struct.Struct("!2sBBIQQ")
 """magic, version, type, run_id (u32), seq (u64), send_ts_ns (u64)."""
@@ -75,6 +88,7 @@ MIN_PAYLOAD = 64
 MAX_PAYLOAD = 65507
 """Largest UDP payload over IPv4."""
 
+_KINDS = (BENCH_DATA, BENCH_PING, BENCH_PONG, BENCH_CREDIT)
 _TAIL = struct.Struct("!QQ")  # seq, send_ts_ns at offset 8
 _JITTER_R = 15.0 / 16.0
 _NS = 1_000_000_000
@@ -121,9 +135,14 @@ def parse_bench(data: bytes | bytearray | memoryview) -> BenchHeader | None:
     if len(data) < HEADER_SIZE:
         return None
     magic, version, kind, run_id, seq, ts = HEADER.unpack_from(data)
-    if magic != MAGIC or version != VERSION or kind not in (BENCH_DATA, BENCH_PING, BENCH_PONG):
+    if magic != MAGIC or version != VERSION or kind not in _KINDS:
         return None
     return BenchHeader(kind, run_id, seq, ts)
+
+
+def encode_credit(run_id: int, consumed: int, received: int) -> bytes:
+    """BENCH_CREDIT: the receiver consumed seqs below ``consumed`` and counted ``received``."""
+    return HEADER.pack(MAGIC, VERSION, BENCH_CREDIT, run_id, consumed, received)
 
 
 def make_template(kind: int, run_id: int, size: int, count: int) -> bytearray:
@@ -230,6 +249,40 @@ class Pacer:
         return self._start + self._sent * self.interval
 
 
+class CreditWindow:
+    """Receiver-driven flow control: at most ``window`` datagrams beyond the consumed point.
+
+    The receiver reports (``BENCH_CREDIT``) the point up to which it has read the stream (its
+    highest seq + 1: everything below was read or is lost for good); datagrams above it are in
+    flight or queued in its socket buffer.  Sizing ``window`` below what that buffer holds means
+    the sender can go as fast as the receiver reads, never faster, whatever the rate: it is the
+    UDP analogue of TCP's receive window.  Stale or reordered reports never move it back.
+    """
+
+    def __init__(self, window: int) -> None:
+        if window < 1:
+            raise ValueError(f"window must be >= 1, got {window}")
+        self.window = window
+        """Datagrams allowed beyond the consumed point."""
+        self.consumed = 0
+        """Highest consumed point reported so far."""
+        self.received = 0
+        """The receiver's count at the last report."""
+        self.reports = 0
+        """Credit reports taken."""
+
+    def update(self, consumed: int, received: int) -> None:
+        """Take a report (out-of-date ones are ignored)."""
+        if consumed >= self.consumed:
+            self.consumed = consumed
+            self.received = max(self.received, received)
+            self.reports += 1
+
+    def allowance(self, sent: int) -> int:
+        """Datagrams that may go out now, having sent ``sent`` (seqs 0..sent-1)."""
+        return max(0, self.consumed + self.window - sent)
+
+
 # -- receiver ---------------------------------------------------------------------------------
 
 
@@ -291,10 +344,13 @@ class ReceiverReport:
     """Goodput: payload bits received / duration, megabits per second."""
     intervals: tuple[IntervalRecord, ...] = field(default=())
     """One record per interval."""
+    auth_failures: int = 0
+    """Datagrams of the run that did not open (forged, corrupted, replayed): not counted."""
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready dict (intervals as a list of dicts)."""
         return {
+            "auth_failures": self.auth_failures,
             "packets_sent": self.packets_sent,
             "packets_received": self.packets_received,
             "bytes_received": self.bytes_received,
@@ -323,6 +379,7 @@ class ReceiverReport:
             duration_s=float(d["duration_s"]),
             mbps=float(d["mbps"]),
             intervals=tuple(IntervalRecord(**r) for r in d.get("intervals", [])),
+            auth_failures=int(d.get("auth_failures", 0)),
         )
 
 
@@ -351,6 +408,8 @@ class BenchReceiver:
         self.out_of_order = 0
         self.bad = 0
         """Datagrams dropped: wrong run id or absurd seq."""
+        self.auth_failures = 0
+        """Datagrams the driver could not open (it counts them here; they are not received)."""
         self.jitter_ns = 0.0
         self.highest = -1
         self.first_arrival: int | None = None
@@ -579,6 +638,7 @@ class BenchReceiver:
             duration_s=duration,
             mbps=_mbps(self.bytes, duration),
             intervals=tuple(self.intervals),
+            auth_failures=self.auth_failures,
         )
 
     def _count_seen(self, below: int) -> int:
