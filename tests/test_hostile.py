@@ -34,8 +34,10 @@ FAST = Backoff(initial_s=0.05, maximum_s=0.2)
 
 
 @contextlib.asynccontextmanager
-async def rendezvous(**options: Any) -> AsyncIterator[RendezvousServer]:
-    server = await RendezvousServer.start("127.0.0.1", 0, stun_port=0, **options)
+async def rendezvous(
+    port: int = 0, stun_port: int = 0, **options: Any
+) -> AsyncIterator[RendezvousServer]:
+    server = await RendezvousServer.start("127.0.0.1", port, stun_port=stun_port, **options)
     try:
         yield server
     finally:
