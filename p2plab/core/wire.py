@@ -28,7 +28,7 @@ before the session (use :func:`datagram_type`).  :func:`parse_datagram` returns 
 Authentication hook: :func:`encode_datagram` and :func:`parse_datagram` take an optional
 :class:`Sealer`; with one, the body is replaced by ``sealer.seal(header, body)`` on the way out and
 recovered with ``sealer.open(header, sealed)`` on the way in, the header serving as associated data
-(issue 8 plugs ChaCha20-Poly1305 in here).
+(:class:`p2plab.core.crypto.PeerCipher` is the ChaCha20-Poly1305 sealer the worker uses).
 """
 
 from __future__ import annotations
