@@ -1,6 +1,6 @@
 """The punching matrix: the simulator always, the kernel lab too with --kernel (root).
 
-    python experiments/nat_matrix.py [--seed 1] [--skew 0] [--kernel [--profiles open,symmetric]]
+    python experiments/nat_matrix.py [--seed 1] [--skew 0.1] [--kernel [--profiles open,symmetric]]
 
 The code path of notebooks/03_nat_matrix.ipynb.  Writes sim_matrix.csv/.png, and with --kernel
 kernel_matrix/matrix.csv/.png plus sim_vs_kernel.csv, into experiments/results/ (or --out).
@@ -34,7 +34,7 @@ def write_rows(rows: list[dict[str, object]], path: Path) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seed", type=int, default=1)
-    parser.add_argument("--skew", type=float, default=0.0, help="B starts this much later (s)")
+    parser.add_argument("--skew", type=float, default=0.1, help="B starts this much later (s)")
     parser.add_argument("--profiles", default=",".join(PROFILES))
     parser.add_argument("--kernel", action="store_true", help="also run the kernel lab (root)")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT)

@@ -280,6 +280,19 @@ def test_leaky_pairs() -> None:
     staggered = sim_matrix(["leaky"], same_lan=(), skew=0.2)
     assert together[0]["outcome"] == "direct"
     assert staggered[0]["outcome"] == "failed"
+    # What the kernel lab measured (unordered pairs, a first): the default skew reproduces it.
+    kernel = {
+        ("open", "leaky"): "direct",
+        ("full", "leaky"): "direct",
+        ("restricted", "leaky"): "direct",
+        ("port-restricted", "leaky"): "failed",
+        ("symmetric", "leaky"): "failed",
+        ("leaky", "leaky"): "failed",
+    }
+    rows = sim_matrix([*dict.fromkeys(a for a, _ in kernel)], same_lan=["leaky"])
+    got = {(r["profile_a"], r["profile_b"]): r["outcome"] for r in rows if not r["same_lan"]}
+    assert {pair: got[pair] for pair in kernel} == kernel
+    assert [r["outcome"] for r in rows if r["same_lan"]] == ["direct"]
     # The RFC 5780 tests see port-restricted behaviour (test II goes to the alternate IP and
     # primary port, which no unsolicited answer touched); RFC 3489's test I to the changed
     # address does clash, hence "Symmetric NAT" as natlab.md measured with pystun3.
