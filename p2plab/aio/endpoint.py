@@ -67,6 +67,9 @@ _P2P_MAGIC0, _P2P_MAGIC1 = 0xD7, 0x50
 SOL_UDP = getattr(socket, "SOL_UDP", 17)
 UDP_SEGMENT = getattr(socket, "UDP_SEGMENT", 103)
 UDP_GRO = getattr(socket, "UDP_GRO", 104)
+_LINUX = sys.platform.startswith("linux")
+SO_RCVBUFFORCE: int | None = getattr(socket, "SO_RCVBUFFORCE", 33 if _LINUX else None)
+SO_SNDBUFFORCE: int | None = getattr(socket, "SO_SNDBUFFORCE", 32 if _LINUX else None)
 UDP_MAX_SEGMENTS = 64
 """Most segments one GSO send may carry (the kernel's UDP_MAX_SEGMENTS)."""
 _CMSG_SPACE = socket.CMSG_SPACE(4) if hasattr(socket, "CMSG_SPACE") else 0
@@ -118,8 +121,8 @@ def set_buffer_sizes(sock: socket.socket, rcvbuf: int, sndbuf: int) -> tuple[int
     Never raises for refused sizes.
     """
     for size, force, plain in (
-        (rcvbuf, getattr(socket, "SO_RCVBUFFORCE", None), socket.SO_RCVBUF),
-        (sndbuf, getattr(socket, "SO_SNDBUFFORCE", None), socket.SO_SNDBUF),
+        (rcvbuf, SO_RCVBUFFORCE, socket.SO_RCVBUF),
+        (sndbuf, SO_SNDBUFFORCE, socket.SO_SNDBUF),
     ):
         if size <= 0:
             continue
