@@ -6,7 +6,11 @@ Runs, all on 127.0.0.1 and each bounded in time:
   1. iperf3 UDP (``-b 0``: unlimited), receiver goodput and loss from its JSON;
   2. ``p2plab bench`` between two worker processes (rendezvous as a third), plain sends;
   3. the same with UDP GSO/GRO;
-  4. sockperf ping-pong (64 bytes) vs our RTT ping-pong.
+  4. sockperf ping-pong (64 bytes) vs our RTT ping-pong (sockperf's default ping-pong does not
+     busy-poll and neither do we: both sides sleep in the kernel between datagrams);
+each of ours sealed with the link's keys (the default) and in the explicit unencrypted mode, and
+all of it ``--rounds`` times interleaved (medians: this host is shared and noisy).  Our sender
+obeys the receiver's credit window (rate 0: as fast as the receiver reads, no overrun).
 Prints a table with the ratios the issue targets (goodput ours/iperf3 >= 1 plain with < 1% loss,
 >= 5 with GSO/GRO; RTT p50 ours/sockperf <= 2).
 """
@@ -18,11 +22,14 @@ import json
 import re
 import shutil
 import socket
+import statistics
 import subprocess
 import sys
 import time
+from typing import Any
 
 P2PLAB = [sys.executable, "-m", "p2plab"]
+RX_LOG: Any = subprocess.DEVNULL  # where the receiving worker logs (a file to debug a run)
 
 
 def free_port(kind: int = socket.SOCK_STREAM) -> int:
@@ -83,7 +90,9 @@ def sockperf(duration: float) -> dict[str, float]:
         server.wait(5)
 
 
-def ours(duration: float, size: int, rate: float, gso: bool, rtt: int) -> dict[str, object]:
+def ours(
+    duration: float, size: int, rate: float, gso: bool, rtt: int, encrypt: bool = True
+) -> dict[str, object]:
     port = free_port()
     rv = subprocess.Popen(
         [*P2PLAB, "rendezvous", "--host", "127.0.0.1", "--port", str(port), "--stun-port", "0"],
@@ -95,7 +104,7 @@ def ours(duration: float, size: int, rate: float, gso: bool, rtt: int) -> dict[s
         time.sleep(2.0)
         rx = subprocess.Popen(
             [*P2PLAB, "bench", "--rendezvous", url, "--role", "receive"],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL, stderr=RX_LOG,
         )  # fmt: skip
         procs.append(rx)
         args = [*P2PLAB, "bench", "--rendezvous", url, "--role", "send", "--json",
@@ -104,6 +113,8 @@ def ours(duration: float, size: int, rate: float, gso: bool, rtt: int) -> dict[s
             args += ["--rtt", str(rtt)]
         if not gso:
             args.append("--no-gso")
+        if not encrypt:
+            args.append("--no-encrypt")
         out = subprocess.run(args, capture_output=True, text=True, timeout=duration + 60)
         if out.returncode != 0:
             raise RuntimeError(out.stderr[-2000:])
@@ -117,6 +128,14 @@ def ours(duration: float, size: int, rate: float, gso: bool, rtt: int) -> dict[s
                 p.kill()
 
 
+CONFIGS = (  # name, gso, encrypt, with RTT
+    ("plain", False, True, True),
+    ("plain/noenc", False, False, True),
+    ("gso-gro", True, True, False),
+    ("gso-gro/noenc", True, False, False),
+)
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--duration", type=float, default=5.0)
@@ -124,36 +143,62 @@ def main() -> int:
     ap.add_argument("--rate", type=float, default=0.0, help="our target Mbit/s (0: unlimited)")
     ap.add_argument("--iperf-rate", default="0", help="iperf3 -b (0: unlimited)")
     ap.add_argument("--rtt-count", type=int, default=20000)
+    ap.add_argument("--rounds", type=int, default=3, help="rounds (medians; the host is noisy)")
     a = ap.parse_args()
     for tool in ("iperf3", "sockperf"):
         if shutil.which(tool) is None:
             print(f"{tool} not found", file=sys.stderr)
             return 2
-    ip = iperf3(a.duration, a.size, a.iperf_rate)
-    sp = sockperf(a.duration)
-    plain = ours(a.duration, a.size, a.rate, gso=False, rtt=a.rtt_count)
-    fast = ours(a.duration, a.size, a.rate, gso=True, rtt=0)
-    rows = []
-    for name, res in (("plain", plain), ("gso/gro", fast)):
-        r = res["results"][0]  # type: ignore[index]
-        rx = r["peer_view"]
-        rows.append((name, rx["mbps"], rx["lost_percent"], r["mbps"], r["gso"], rx["gro"]))
-    print(f"payload {a.size} B, {a.duration} s, loopback")
-    print(f"{'':>10} {'recv Mb/s':>10} {'lost %':>8} {'sent Mb/s':>10} {'vs iperf3':>9}")
-    print(f"{'iperf3':>10} {ip['mbps']:>10.1f} {ip['lost_percent']:>8.3f} {ip['sent_mbps']:>10.1f}")
-    for name, mbps, lost, sent, gso, gro in rows:
-        ratio = mbps / ip["mbps"] if ip["mbps"] else float("nan")
-        print(
-            f"{name:>10} {mbps:>10.1f} {lost:>8.3f} {sent:>10.1f} {ratio:>8.2f}x"
-            f"  gso={gso} gro={gro}"
+    ip_runs: list[dict[str, float]] = []
+    sp_runs: list[dict[str, float]] = []
+    ours_runs: dict[str, list[dict[str, object]]] = {c[0]: [] for c in CONFIGS}
+    for rnd in range(a.rounds):
+        # Interleaved, so that a busy spell of the host hits every tool alike.
+        ip_runs.append(iperf3(a.duration, a.size, a.iperf_rate))
+        sp_runs.append(sockperf(a.duration))
+        for name, gso, enc, rtt in CONFIGS:
+            ours_runs[name].append(
+                ours(a.duration, a.size, a.rate, gso=gso, rtt=a.rtt_count if rtt else 0,
+                     encrypt=enc)
+            )  # fmt: skip
+        print(f"round {rnd + 1}/{a.rounds} done", file=sys.stderr, flush=True)
+    ip_mbps = statistics.median(r["mbps"] for r in ip_runs)
+    ip_loss = statistics.median(r["lost_percent"] for r in ip_runs)
+    ip_sent = statistics.median(r["sent_mbps"] for r in ip_runs)
+    sp50 = statistics.median(r.get("p50_ms", float("nan")) for r in sp_runs)
+    print(f"payload {a.size} B, {a.duration} s per run, loopback, medians of {a.rounds} rounds")
+    print(f"{'':>14} {'recv Mb/s':>10} {'lost %':>8} {'sent Mb/s':>10} {'vs iperf3':>9} "
+          f"{'RTT p50 ms':>10} {'vs sockperf':>11}")  # fmt: skip
+    print(f"{'iperf3':>14} {ip_mbps:>10.1f} {ip_loss:>8.3f} {ip_sent:>10.1f}")
+    print(f"{'sockperf':>14} {'':>10} {'':>8} {'':>10} {'':>9} {sp50:>10.4f}")
+    for name, _gso, _enc, rtt in CONFIGS:
+        runs = ours_runs[name]
+        tx = [r["results"][0] for r in runs]  # type: ignore[index]
+        rx = [t["peer_view"] for t in tx]
+        mbps = statistics.median(float(r["mbps"]) for r in rx)
+        lost = statistics.median(float(r["lost_percent"]) for r in rx)
+        sent = statistics.median(float(t["mbps"]) for t in tx)
+        line = (
+            f"{name:>14} {mbps:>10.1f} {lost:>8.3f} {sent:>10.1f} {mbps / ip_mbps:>8.2f}x"
+            if ip_mbps
+            else f"{name:>14} {mbps:>10.1f} {lost:>8.3f} {sent:>10.1f} {'':>9}"
         )
-    rtt = plain.get("rtt") or {}
-    sp50 = sp.get("p50_ms")
-    o50 = rtt.get("p50_ms") if isinstance(rtt, dict) else None
-    print(f"RTT p50: ours {o50} ms, sockperf {sp50} ms, ratio "
-          f"{(o50 / sp50) if o50 and sp50 else float('nan'):.2f}")  # fmt: skip
-    if isinstance(rtt, dict):
-        print(f"RTT ours p90 {rtt.get('p90_ms')} p99 {rtt.get('p99_ms')}; sockperf {sp}")
+        if rtt:
+            p50 = statistics.median(float(r["rtt"]["p50_ms"]) for r in runs)  # type: ignore[index]
+            line += f" {p50:>10.4f} {p50 / sp50:>10.2f}x"
+        print(
+            line,
+            f" gso={tx[0]['gso']} gro={rx[0]['gro']} encrypted={rx[0]['encrypted']}"
+            f" flow_control={tx[0]['flow_control']}",
+        )
+    print("per round: iperf3", [round(r["mbps"]) for r in ip_runs], "sockperf p50",
+          [r.get("p50_ms") for r in sp_runs])  # fmt: skip
+    for name, *_ in CONFIGS:
+        print(f"per round: {name}", [
+            (round(r["results"][0]["peer_view"]["mbps"]),  # type: ignore[index]
+             round(r["results"][0]["peer_view"]["lost_percent"], 3))  # type: ignore[index]
+            for r in ours_runs[name]
+        ], [r["rtt"]["p50_ms"] for r in ours_runs[name] if r.get("rtt")])  # type: ignore[index]  # fmt: skip
     return 0
 
 

@@ -9,6 +9,8 @@ import asyncio
 import contextlib
 import csv
 import json
+import os
+import socket
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -235,3 +237,51 @@ async def test_results_export_columns(tmp_path: Path) -> None:
     assert int(idf["packets"].sum()) == sum(r.packets_received for r in rs)
     data = json.loads(results_to_json(rs))
     assert data[0]["peer_view"]["role"] == "receiver" and data[0]["intervals"]
+
+
+async def test_forged_benchmark_datagrams_are_counted_not_accepted() -> None:
+    """A third host sprays BENCH_DATA-typed garbage at the receiver during an encrypted run."""
+    async with two_workers() as (a, b):
+        assert b.endpoint is not None
+        target = b.endpoint.local_address
+        forged = 0
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as evil:
+            evil.bind(("127.0.0.1", 0))
+            run = asyncio.ensure_future(
+                Benchmark(a, encrypt=True).run(duration_s=1.0, payload_size=1200, rate_mbps=20)
+            )
+            while not run.done():
+                # Header of a sealed BENCH_DATA datagram, then bytes that cannot authenticate.
+                evil.sendto(b"\xd7\x50\x01\x20" + os.urandom(1196), target)
+                forged += 1
+                await asyncio.sleep(0.01)
+            r = await asyncio.wait_for(run, T)
+        assert r.peer_view is not None and r.encrypted and r.peer_view.encrypted
+        rx = r.peer_view
+        assert rx.packets_received == r.packets_sent and rx.lost == 0 and rx.duplicates == 0
+        # Those that arrived while the run was armed were opened, failed, and were counted.
+        assert 0 < rx.auth_failures <= forged
+        assert rx.auth_failures == r.auth_failures
+
+
+async def test_encrypted_and_plain_rtt_and_explicit_unencrypted_mode() -> None:
+    async with two_workers() as (a, _b):
+        sealed = await asyncio.wait_for(Benchmark(a).rtt(count=100, payload_size=64), T)
+        plain = await asyncio.wait_for(
+            Benchmark(a, encrypt=False).rtt(count=100, payload_size=64), T
+        )
+        assert sealed.encrypted and not plain.encrypted
+        for rtt in (sealed, plain):
+            assert rtt.received == 100 and rtt.lost == 0 and rtt.auth_failures == 0
+        # The smallest payload still holds the header once sealed (64 - 40 bytes of overhead).
+        small = await asyncio.wait_for(
+            Benchmark(a, encrypt=True).run(duration_s=0.3, payload_size=64, rate_mbps=5), T
+        )
+        assert small.encrypted and small.peer_view is not None
+        assert small.peer_view.packets_received == small.packets_sent > 0
+        assert small.peer_view.bytes_received == 64 * small.packets_sent
+        r = await asyncio.wait_for(
+            Benchmark(a, encrypt=False).run(duration_s=0.3, payload_size=64, rate_mbps=5), T
+        )
+        assert not r.encrypted and r.peer_view is not None and not r.peer_view.encrypted
+        assert r.peer_view.packets_received == r.packets_sent > 0
