@@ -252,3 +252,26 @@ def test_rtt_percentiles_nearest_rank() -> None:
     )
     assert p["mean_ms"] == pytest.approx(50.5)
     assert cb.rtt_percentiles([])["p50_ms"] == 0.0
+
+
+def test_credit_window_and_credit_datagram() -> None:
+    w = cb.CreditWindow(100)
+    assert w.allowance(0) == 100 and w.allowance(100) == 0
+    w.update(40, 38)  # read up to seq 39 (two lost)
+    assert w.allowance(100) == 40 and w.received == 38
+    w.update(30, 30)  # an out-of-date report never moves the window back
+    assert w.consumed == 40 and w.allowance(100) == 40 and w.reports == 1
+    assert w.allowance(200) == 0
+    h = cb.parse_bench(cb.encode_credit(7, 40, 38))
+    assert h == cb.BenchHeader(cb.BENCH_CREDIT, 7, 40, 38)
+    with pytest.raises(ValueError):
+        cb.CreditWindow(0)
+
+
+def test_receiver_report_carries_auth_failures() -> None:
+    rx = cb.BenchReceiver(1)
+    rx.receive(1, 0, 0, 100, 10)
+    rx.auth_failures += 3
+    rep = rx.report(packets_sent=1)
+    assert rep.auth_failures == 3 and rep.packets_received == 1
+    assert cb.ReceiverReport.from_dict(rep.to_dict()) == rep
