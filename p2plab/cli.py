@@ -117,10 +117,20 @@ async def _cmd_stun_server(args: argparse.Namespace) -> int:
 
 def _worker_config(args: argparse.Namespace) -> Any:
     from p2plab.aio.worker import WorkerConfig
+    from p2plab.config import SessionConfig
 
     stun = _stun_list(args.stun) or _stun_list([_env("STUN_SERVERS", "")])
     for s in stun:
         _check_hostport(s)
+    timers: dict[str, float] = {}
+    if args.keepalive is not None:
+        timers["keepalive_interval"] = args.keepalive
+    if args.peer_timeout is not None:
+        timers["peer_timeout"] = args.peer_timeout
+        # a short peer timeout needs keep-alives well inside it (three per timeout)
+        timers.setdefault("keepalive_interval", min(5.0, args.peer_timeout / 3))
+    if args.punch_timeout is not None:
+        timers["punch_timeout"] = args.punch_timeout
     return WorkerConfig(
         rendezvous_url=args.rendezvous,
         stun_servers=stun,
@@ -132,6 +142,8 @@ def _worker_config(args: argparse.Namespace) -> Any:
         worker_id=args.id,
         public_ip_url=_env("PUBLIC_IP_URL"),
         nat_report=not args.no_nat_report,
+        encrypt=not args.no_encrypt,
+        session=SessionConfig(**timers),
     )
 
 
@@ -235,6 +247,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--token", default=_env("P2P_TOKEN"))
     p.add_argument("--id", default=_env("WORKER_ID"), help="worker id (default: a new UUID)")
     p.add_argument("--no-nat-report", action="store_true", help="skip RFC 5780 classification")
+    p.add_argument(
+        "--no-encrypt",
+        action="store_true",
+        help="plaintext peer datagrams (only pairs with a peer that also says so)",
+    )
+    p.add_argument("--keepalive", type=float, metavar="S", help="keep-alive interval (default 5)")
+    p.add_argument(
+        "--peer-timeout", type=float, metavar="S", help="silence before the peer is lost (15)"
+    )
+    p.add_argument(
+        "--punch-timeout", type=float, metavar="S", help="give up punching after S seconds (10)"
+    )
     p.add_argument(
         "--events", action="store_true", help="print every status/chat event as a JSON line"
     )

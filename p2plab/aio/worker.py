@@ -501,25 +501,36 @@ class Worker:
             return
         self.udp_public = (result.mapped[0], result.mapped[1])
         self.stun_info = {
-            "server": f"{result.server[0]}:{result.server[1]}"
-            if isinstance(result.server, tuple)
-            else str(result.server),
+            "server": f"{result.server[0]}:{result.server[1]}",
             "rtt_ms": round(result.rtt_s * 1000, 3),
         }
         if self.config.nat_report:
             self._spawn(self._classify(), "nat-report")
 
     async def _classify(self) -> None:
+        """RFC 5780 classification, on a socket of its own.
+
+        The behaviour tests (CHANGE-REQUEST, the alternate address) make some NATs hand out new
+        mappings (natlab.md's "leaky" profile); on the punching socket that would change the very
+        mapping the peer was told to punch towards.  A NAT's behaviour is per NAT, not per
+        socket, so a second socket classifies it just as well.
+        """
         from p2plab.aio.stun import StunProbe
 
-        assert self.endpoint is not None
         try:
-            report = await StunProbe(self.endpoint, list(self.config.stun_servers)).nat_report(
+            probe_endpoint = await UdpEndpoint.bind(self.config.udp_host, 0)
+        except OSError as exc:
+            log.info("NAT classification unavailable: %s", exc)
+            return
+        try:
+            report = await StunProbe(probe_endpoint, list(self.config.stun_servers)).nat_report(
                 classic=False
             )
         except Exception as exc:
             log.info("NAT classification unavailable: %s", exc)
             return
+        finally:
+            probe_endpoint.close()
         d = report.to_dict()
         self.nat = {k: d.get(k) for k in ("mapping", "filtering", "classic")}
         self.publish_status()
