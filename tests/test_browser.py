@@ -538,3 +538,24 @@ def test_status_endpoint_matches_the_page(cluster: Cluster, browser: Any) -> Non
         nat = st.get("nat")
         if isinstance(nat, dict) and nat.get("classic"):
             b.wait_for_selector(f'{tid("nat")}:text("{nat["classic"]}")', timeout=ms(10))
+
+
+def test_page_shows_both_fingerprints_matching_the_peer(browser: Any, cluster: Cluster) -> None:
+    """Two people compare fingerprints: A's page shows A's key and B's, B's page the same pair."""
+    a_sec = status(cluster.a_http)["security"]
+    b_sec = status(cluster.b_http)["security"]
+    assert a_sec["encrypted"] and b_sec["encrypted"]
+    assert a_sec["peer_fingerprint"] == b_sec["local_fingerprint"]
+    assert b_sec["peer_fingerprint"] == a_sec["local_fingerprint"]
+    for port, sec in ((cluster.a_http, a_sec), (cluster.b_http, b_sec)):
+        with open_page(browser, cluster.url(port)) as page:
+            fp = page.get_by_test_id("fingerprints")
+            page.wait_for_function(
+                "fp => document.querySelector('[data-testid=fingerprints]')"
+                ".textContent.includes(fp)",
+                arg=sec["peer_fingerprint"],
+                timeout=10000 * TIMEOUT_UNIT,
+            )
+            text = fp.text_content() or ""
+            assert sec["local_fingerprint"] in text and sec["peer_fingerprint"] in text
+            assert (page.get_by_test_id("security").text_content() or "").startswith("on")
