@@ -81,6 +81,13 @@ class Backend(Protocol):
     async def forward(self, action: Action) -> None:
         """Deliver an action for a connection that is not on this instance."""
 
+    async def relay_target(self, worker_id: str, conn_id: str, to: str) -> str | None:
+        """The connection id of ``to`` if it and ``worker_id`` (on ``conn_id``) are paired.
+
+        None when the two are not currently a pair: the rendezvous relays only within a pair.
+        """
+        ...
+
 
 class MemoryBackend:
     """Registrations in this process only (the default)."""
@@ -135,6 +142,9 @@ class MemoryBackend:
 
     async def list_workers(self) -> list[dict[str, Any]]:
         return [w.to_public_dict() for w in self.registry.workers()]
+
+    async def relay_target(self, worker_id: str, conn_id: str, to: str) -> str | None:
+        return self.registry.relay_target(worker_id, conn_id, to)
 
     async def forward(self, action: Action) -> None:
         # Only one instance: a connection that is not here has already gone.

@@ -2,11 +2,21 @@
 
 ``uvicorn rendezvous_service_code.main:app`` serves an app configured from the environment
 (``P2P_TOKEN``, ``P2P_ROOM_TOKENS`` as ``room=token,...``, ``ADMIN_TOKEN``, ``REDIS_URL``,
-``MAX_WORKERS``, ``TRUST_PROXY_HEADERS``).  ``p2plab rendezvous`` calls :func:`serve`.
+``MAX_WORKERS``, ``TRUST_PROXY_HEADERS``, ``P2P_RELAY=0`` to turn the relay off).
+``p2plab rendezvous`` calls :func:`serve`.
 
 Endpoints (contracts.md): ``GET /health``, ``GET /debug/list_workers`` and the WebSocket
-``/ws/register/{worker_id}``.  Pairing rules live in :mod:`.registry`; storage in
-:mod:`.backends` (in memory) or :mod:`.redis_store` (several instances through Redis).
+``/ws/register/{worker_id}``.
+
+Relay fallback (optional extension): a worker whose hole punching failed sends its peer
+datagrams as ``{"type": "relay", "to": <peer id>, "data": <base64>}``; the service passes them on
+as ``{"type": "relay", "from": <sender id>, "data": ...}``, only between the two workers of a
+pair, at most ``MAX_RELAY_BYTES`` per datagram, and within a per-connection byte budget on top
+of the message rate limit (chat and keep-alives fit; bulk transfer does not).  The datagrams
+are sealed end to end: the service only sees ciphertext.
+
+Pairing rules live in :mod:`.registry`; storage in :mod:`.backends` (in memory) or
+:mod:`.redis_store` (several instances through Redis).
 """
 
 from __future__ import annotations
@@ -31,6 +41,8 @@ from p2plab.core.signaling import (
     MAX_MESSAGE_BYTES,
     ErrorMessage,
     Register,
+    RelayIn,
+    RelayOut,
     UpdateUdpEndpoint,
     dump_message,
     parse_worker_message,
@@ -80,14 +92,14 @@ class TokenBucket:
         self.dropped = 0
         self.limited = False  # currently dropping (one error per episode)
 
-    def allow(self, now: float) -> bool:
-        """Take a token if there is one; otherwise count a drop."""
+    def allow(self, now: float, cost: float = 1.0) -> bool:
+        """Take ``cost`` tokens if there are that many; otherwise count a drop."""
         elapsed = max(0.0, now - self.last)
         self.last = now
         self.tokens = min(self.burst, self.tokens + elapsed * self.rate)
         self.abuse = max(0.0, self.abuse - elapsed * self.rate)
-        if self.tokens >= 1.0:
-            self.tokens -= 1.0
+        if self.tokens >= cost:
+            self.tokens -= cost
             self.limited = False
             return True
         self.dropped += 1
@@ -149,6 +161,10 @@ class _Stats:
     refused_worker_id: int = 0
     refused_capacity: int = 0
     register_timeouts: int = 0
+    relayed: int = 0
+    relayed_bytes: int = 0
+    relay_refused: int = 0
+    relay_rate_limited: int = 0
 
 
 class _Hub:
@@ -208,6 +224,8 @@ def settings_from_env(environ: dict[str, str] | None = None) -> dict[str, Any]:
     }
     if env.get("MAX_WORKERS"):
         settings["max_workers"] = int(env["MAX_WORKERS"])
+    if env.get("P2P_RELAY"):
+        settings["relay"] = env["P2P_RELAY"].strip().lower() not in {"0", "false", "no", "off"}
     return settings
 
 
@@ -246,6 +264,9 @@ def create_app(
     register_timeout_s: float = 30.0,
     backend: Backend | None = None,
     redis_options: dict[str, Any] | None = None,
+    relay: bool = True,
+    relay_bytes_per_s: float = 32 * 1024,
+    relay_burst_bytes: float = 128 * 1024,
 ) -> FastAPI:
     """Build the rendezvous FastAPI app.
 
@@ -256,6 +277,9 @@ def create_app(
     Each connection may send ``rate_limit_per_s`` messages per second with bursts of
     ``rate_limit_burst``; excess is dropped (one ``rate_limited`` error per episode) and a
     connection whose dropped messages outrun the rate by ``abuse_threshold`` is closed (1008).
+    With ``relay`` the service passes ``relay`` messages between the two workers of a pair
+    (see the module docstring); each connection may relay ``relay_bytes_per_s`` bytes per second
+    (decoded) with bursts of ``relay_burst_bytes``, and excess datagrams are dropped and counted.
     """
     if trust_forwarded is None:
         trust_forwarded = _env_bool("TRUST_PROXY_HEADERS")
@@ -318,6 +342,42 @@ def create_app(
     async def send_error(conn: _Connection, code: str, message: str) -> None:
         conn.send_text(dump_message(ErrorMessage(code=code, message=message)))
 
+    async def relay_datagram(
+        conn: _Connection, msg: RelayOut, budget: TokenBucket, reported: set[str]
+    ) -> None:
+        """Pass one datagram to the sender's peer; drop (and count) anything else.
+
+        ``reported`` holds the refusal kinds already answered with an error on this connection
+        (one error per kind until a datagram goes through again).
+        """
+        if not relay:
+            hub.stats.relay_refused += 1
+            if "disabled" not in reported:
+                reported.add("disabled")
+                await send_error(conn, "relay_disabled", "this rendezvous does not relay")
+            return
+        data = msg.payload()
+        if not budget.allow(time.monotonic(), cost=float(len(data))):
+            hub.stats.relay_rate_limited += 1
+            if "rate" not in reported:
+                reported.add("rate")
+                await send_error(conn, "relay_rate_limited", "relay byte budget exceeded; dropped")
+            return
+        target = await hub.backend.relay_target(conn.worker_id, conn.conn_id, msg.to)
+        if target is None:
+            hub.stats.relay_refused += 1
+            if "unpaired" not in reported:
+                reported.add("unpaired")
+                await send_error(
+                    conn, "relay_refused", f"not paired with {msg.to!r}: relay refused"
+                )
+            return
+        reported.clear()
+        hub.stats.relayed += 1
+        hub.stats.relayed_bytes += len(data)
+        out = RelayIn.model_validate({"from": conn.worker_id, "data": msg.data})
+        await hub.dispatch([SendMessage(msg.to, target, out)])
+
     @app.websocket("/ws/register/{worker_id}")
     async def ws_register(websocket: WebSocket, worker_id: str) -> None:
         await websocket.accept()
@@ -335,6 +395,10 @@ def create_app(
         hub.stats.connections += 1
         observed_ip, observed_port = _observed_address(websocket, trust_forwarded)
         bucket = TokenBucket(rate_limit_per_s, rate_limit_burst, abuse_threshold, time.monotonic())
+        relay_budget = TokenBucket(
+            relay_bytes_per_s, relay_burst_bytes, float("inf"), time.monotonic()
+        )
+        relay_reported: set[str] = set()
         registered = False
         try:
             while not conn.closed:
@@ -407,6 +471,12 @@ def create_app(
                             public_key=msg.public_key,
                         )
                     )
+                elif isinstance(msg, RelayOut):
+                    if not registered:
+                        hub.stats.bad_messages += 1
+                        await send_error(conn, "bad_message", "send 'register' first")
+                        continue
+                    await relay_datagram(conn, msg, relay_budget, relay_reported)
                 elif isinstance(msg, UpdateUdpEndpoint):
                     if not registered:
                         hub.stats.bad_messages += 1

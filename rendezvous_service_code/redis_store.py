@@ -324,6 +324,19 @@ class RedisBackend:
         orphan, pair = await self._unregister(args=[self.prefix, worker_id, conn_id])
         return _orphan_actions(orphan, worker_id) + _pair_actions(pair)
 
+    async def relay_target(self, worker_id: str, conn_id: str, to: str) -> str | None:
+        async with self.redis.pipeline(transaction=False) as pipe:
+            pipe.hmget(self._k(f"w:{worker_id}"), ["conn", "paired_with"])
+            pipe.hmget(self._k(f"w:{to}"), ["conn", "paired_with"])
+            (own_conn, own_peer), (peer_conn, peer_peer) = await pipe.execute()
+        if own_conn is None or peer_conn is None or _s(own_conn) != conn_id:
+            return None
+        if own_peer is None or peer_peer is None:
+            return None
+        if _s(own_peer) != to or _s(peer_peer) != worker_id:
+            return None
+        return _s(peer_conn)
+
     async def list_workers(self) -> list[dict[str, Any]]:
         ids = [_s(i) for i in await self.redis.smembers(self._k("workers"))]
         async with self.redis.pipeline(transaction=False) as pipe:

@@ -195,6 +195,16 @@ class Registry:
         """The worker waiting for a peer in ``room``, if any."""
         return self._waiting.get(room)
 
+    def relay_target(self, worker_id: str, conn_id: str, to: str) -> str | None:
+        """The connection of ``to`` if ``worker_id`` (connected as ``conn_id``) is its pair."""
+        rec = self._workers.get(worker_id)
+        peer = self._workers.get(to)
+        if rec is None or peer is None or rec.conn_id != conn_id:
+            return None
+        if rec.paired_with != to or peer.paired_with != worker_id:
+            return None
+        return peer.conn_id
+
     def register(
         self,
         worker_id: str,

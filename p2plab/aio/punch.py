@@ -23,7 +23,12 @@ from p2plab.core.session import PeerSession
 from p2plab.core.wire import Sealer
 from p2plab.errors import P2PLabError
 
-__all__ = ["HolePuncher"]
+__all__ = ["RELAY", "HolePuncher"]
+
+#: Pseudo-address of the relay path: a session whose only candidate is RELAY talks to its peer
+#: through the rendezvous (``relay_send``) instead of the UDP socket.  The core session is
+#: address-agnostic; the port is 1 because the core ignores candidates with port 0.
+RELAY: tuple[str, int] = ("relay", 1)
 
 _now = time.monotonic
 
@@ -36,6 +41,8 @@ class HolePuncher:
     ``on_event`` receives every core event (PeerConnected, ChatReceived, PeerLost, ...).
     ``sealer`` seals every datagram (a :class:`~p2plab.core.crypto.PeerCipher` for an encrypted
     link); without one the datagrams travel as plain :mod:`p2plab.core.wire` datagrams.
+    ``relay_send`` carries datagrams addressed to :data:`RELAY` (the relay fallback: the worker
+    passes them to the rendezvous and feeds relayed datagrams back with ``address=RELAY``).
     """
 
     def __init__(
@@ -49,11 +56,13 @@ class HolePuncher:
         config: SessionConfig | None = None,
         on_event: Callable[[ev.Event], None] | None = None,
         sealer: Sealer | None = None,
+        relay_send: Callable[[bytes], object] | None = None,
     ) -> None:
         self.endpoint = endpoint
         self.loop = endpoint.loop
         self.peer_id = peer_id
         self._on_event = on_event
+        self._relay_send = relay_send
         self.session = PeerSession(
             local_id=local_id,
             peer_id=peer_id,
@@ -84,7 +93,11 @@ class HolePuncher:
         """Send what the core wants sent, deliver its events, re-arm its timer."""
         now = _now()
         for data, addr in self.session.datagrams_to_send(now):
-            self.endpoint.sendto(data, addr)
+            if addr == RELAY:
+                if self._relay_send is not None:
+                    self._relay_send(data)
+            else:
+                self.endpoint.sendto(data, addr)
         while (event := self.session.next_event()) is not None:
             self._dispatch(event)
         if self._timer is not None:
@@ -119,6 +132,11 @@ class HolePuncher:
                 log.exception("event handler failed for %r", event)
 
     # -- public API ---------------------------------------------------------------------------
+
+    @property
+    def relayed(self) -> bool:
+        """Whether this link runs through the rendezvous relay."""
+        return self._relay_send is not None
 
     @property
     def state(self) -> str:

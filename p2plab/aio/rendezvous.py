@@ -4,6 +4,10 @@ The client keeps the connection for the life of the worker.  If it drops, it rec
 exponential backoff and full jitter (so a rendezvous restart is not met by a thundering herd) and
 registers again; the worker's peer link, which does not depend on the rendezvous once punched,
 is left alone meanwhile.
+
+When hole punching fails, the worker relays its (sealed) peer datagrams through this connection
+with :meth:`RendezvousClient.send_relay` (the ``relay`` message, an optional extension of the
+contracts).
 """
 
 from __future__ import annotations
@@ -19,13 +23,17 @@ from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus, InvalidURI
 
 from p2plab.core.signaling import (
+    MAX_RELAY_BYTES,
     ErrorMessage,
     P2PConnectionOffer,
     PeerDisconnected,
     Register,
     Registered,
+    RelayIn,
+    RelayOut,
     UpdateUdpEndpoint,
     dump_message,
+    encode_relay_data,
     parse_rendezvous_message,
 )
 from p2plab.errors import ConfigError, RemoteProtocolError, RendezvousError
@@ -34,7 +42,11 @@ __all__ = ["Backoff", "RendezvousClient"]
 
 log = logging.getLogger(__name__)
 
-RendezvousMessage = Registered | P2PConnectionOffer | PeerDisconnected | ErrorMessage
+RendezvousMessage = Registered | P2PConnectionOffer | PeerDisconnected | ErrorMessage | RelayIn
+
+#: Relayed datagrams queued for sending before further ones are dropped (a datagram path: late
+#: datagrams are worth little, and the rendezvous rate-limits anyway).
+_RELAY_QUEUE_LIMIT = 64
 
 
 @dataclass(frozen=True)
@@ -89,7 +101,16 @@ class RendezvousClient:
         self.connected = False
         self.connections = 0
         self.last_error: str | None = None
-        self.stats = {"messages_in": 0, "messages_out": 0, "bad_messages": 0, "reconnects": 0}
+        self.stats = {
+            "messages_in": 0,
+            "messages_out": 0,
+            "bad_messages": 0,
+            "reconnects": 0,
+            "relay_out": 0,
+            "relay_out_dropped": 0,
+        }
+        self._relay_queue: asyncio.Queue[str] | None = None
+        self._relay_task: asyncio.Task[None] | None = None
 
     async def send(self, msg: UpdateUdpEndpoint | Register) -> bool:
         """Send a message if connected; returns False when there is no connection right now."""
@@ -103,6 +124,32 @@ class RendezvousClient:
         self.stats["messages_out"] += 1
         return True
 
+    def send_relay(self, to: str, data: bytes) -> bool:
+        """Queue one peer datagram to be relayed to ``to`` (the paired peer); never blocks.
+
+        Returns False (and counts a drop) without a connection, when the queue is full or for a
+        datagram over ``MAX_RELAY_BYTES``.
+        """
+        if self._ws is None or self._relay_queue is None:
+            self.stats["relay_out_dropped"] += 1
+            return False
+        if len(data) > MAX_RELAY_BYTES or self._relay_queue.qsize() >= _RELAY_QUEUE_LIMIT:
+            self.stats["relay_out_dropped"] += 1
+            return False
+        self._relay_queue.put_nowait(dump_message(RelayOut(to=to, data=encode_relay_data(data))))
+        return True
+
+    async def _send_relayed(self, ws: ClientConnection, queue: asyncio.Queue[str]) -> None:
+        """Send queued relay messages in order on ``ws`` until it closes."""
+        while True:
+            text = await queue.get()
+            try:
+                await ws.send(text)
+            except ConnectionClosed:
+                return
+            self.stats["messages_out"] += 1
+            self.stats["relay_out"] += 1
+
     async def run(self) -> None:
         """Connect, register and dispatch until cancelled; reconnect on failures.
 
@@ -113,6 +160,10 @@ class RendezvousClient:
             try:
                 async with connect(self.url, open_timeout=10, max_size=2**20) as ws:
                     self._ws = ws
+                    self._relay_queue = asyncio.Queue()
+                    self._relay_task = asyncio.get_running_loop().create_task(
+                        self._send_relayed(ws, self._relay_queue), name="rendezvous-relay-out"
+                    )
                     self.connections += 1
                     await ws.send(dump_message(self._make_register()))
                     self.stats["messages_out"] += 1
@@ -145,6 +196,10 @@ class RendezvousClient:
                 self.last_error = f"{type(exc).__name__}: {exc}"
             finally:
                 self._ws = None
+                self._relay_queue = None
+                if self._relay_task is not None:
+                    self._relay_task.cancel()
+                    self._relay_task = None
             self._set_state(False)
             delay = self._backoff.delay(attempt)
             attempt += 1

@@ -5,6 +5,14 @@ Life of a worker::
     starting -> registering -> discovering -> waiting_for_peer -> punching -> connected
                                                    ^                  |           |
                                                    +------ lost <-----+-----------+
+                                                                      |
+                                               (punch timeout) --> relayed
+
+When punching fails (``PeerLost("punch timeout")`` on a first attempt) and ``relay`` is on, the
+link moves to the rendezvous relay: a new session whose only candidate is the pseudo-address
+:data:`~p2plab.aio.punch.RELAY`; its datagrams (still sealed end to end) travel as ``relay``
+messages over the rendezvous WebSocket.  A worker that receives a relayed datagram from its
+peer while it still punches switches at once, so the two sides need not time out together.
 
 The UDP endpoint is bound once and never changes: STUN learns the mapping of that very socket,
 and that mapping is what the peer punches towards.
@@ -25,7 +33,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from p2plab.aio.endpoint import Address, UdpEndpoint
-from p2plab.aio.punch import HolePuncher
+from p2plab.aio.punch import RELAY, HolePuncher
 from p2plab.aio.rendezvous import Backoff, RendezvousClient
 from p2plab.config import SessionConfig
 from p2plab.core import events as ev
@@ -43,6 +51,7 @@ from p2plab.core.signaling import (
     PeerDisconnected,
     Register,
     Registered,
+    RelayIn,
     UpdateUdpEndpoint,
 )
 from p2plab.errors import ConfigError, NotConnected, P2PLabError, RendezvousError
@@ -105,6 +114,10 @@ class WorkerConfig:
     peer again with the same candidates until it answers or the rendezvous says it left."""
     repunch_max_delay_s: float = 10.0
     """Longest pause between two re-punch attempts (they back off from 0.5 s)."""
+    relay: bool = True
+    """When punching fails, carry the (still sealed) peer datagrams through the rendezvous
+    (state ``relayed``, ``status()["path"] == "relayed"``): chat, keep-alives and RTT work,
+    benchmarks do not.  False keeps the old behaviour (``lost``, then ``waiting_for_peer``)."""
 
 
 _SECURITY_COUNTERS = ("auth_failures", "replays", "unexpected_source", "peer_restarts")
@@ -146,7 +159,15 @@ class Worker:
         self.stun_info: dict[str, Any] | None = None
         self.error: str | None = None
         self.http_address: Address | None = None
-        self.stats: dict[str, int] = {"offers": 0, "chats_in": 0, "chats_out": 0}
+        self.stats: dict[str, int] = {
+            "offers": 0,
+            "chats_in": 0,
+            "chats_out": 0,
+            "relay_in": 0,
+            "relay_dropped": 0,
+            "relay_switches": 0,
+            "udp_dropped_while_relayed": 0,
+        }
         self.benchmark: Any = None  # set by p2plab.aio.bench when a run is active
         self.datagram_hooks: list[Callable[[bytes, Address], bool]] = []
         self._subscribers: set[asyncio.Queue[dict[str, Any]]] = set()
@@ -303,7 +324,9 @@ class Worker:
             rtt = self.rtt
             peer = {
                 "worker_id": self.peer_id,
-                "endpoint": f"{addr[0]}:{addr[1]}" if addr else None,
+                "endpoint": "relay"
+                if addr == RELAY
+                else (f"{addr[0]}:{addr[1]}" if addr else None),
                 "rtt_ms": round(rtt * 1000, 3) if rtt is not None else None,
             }
         session_stats = dict(self.punch.session.stats) if self.punch is not None else {}
@@ -315,7 +338,7 @@ class Worker:
             "udp_public": f"{self.udp_public[0]}:{self.udp_public[1]}" if self.udp_public else None,
             "nat": self.nat,
             "peer": peer,
-            "path": "direct" if self.state == "connected" else None,
+            "path": {"connected": "direct", "relayed": "relayed"}.get(self.state),
             "room": self.config.room,
             "rendezvous": "connected"
             if self._rendezvous and self._rendezvous.connected
@@ -385,7 +408,7 @@ class Worker:
         return await asyncio.wait_for(_wait(), timeout)
 
     async def wait_connected(self, timeout: float | None = None) -> None:
-        """Wait until a peer link is up."""
+        """Wait until a direct peer link is up (``wait_for_state("relayed")`` for the relay)."""
         await self.wait_for_state("connected", timeout=timeout)
 
     # -- chat -----------------------------------------------------------------------------------
@@ -395,7 +418,7 @@ class Worker:
 
         Raises NotConnected without a peer link and ChatTooLong over 4 KiB.
         """
-        if self.punch is None or self.state != "connected":
+        if self.punch is None or self.state not in ("connected", "relayed"):
             raise NotConnected("no peer connected: chat needs a connected peer")
         msg_id = self.punch.send_chat(text)
         self.stats["chats_out"] += 1
@@ -451,9 +474,11 @@ class Worker:
             self.publish_status()
 
     async def _on_rendezvous_message(
-        self, msg: Registered | P2PConnectionOffer | PeerDisconnected | ErrorMessage
+        self, msg: Registered | P2PConnectionOffer | PeerDisconnected | ErrorMessage | RelayIn
     ) -> None:
-        if isinstance(msg, Registered):
+        if isinstance(msg, RelayIn):
+            self._on_relayed(msg)
+        elif isinstance(msg, Registered):
             self.observed_ip = msg.observed_ip
             if self.http_public_ip is None:
                 self.http_public_ip = msg.observed_ip
@@ -461,7 +486,7 @@ class Worker:
                 await self._set_state("discovering")
                 await self._discover()
             await self._report_endpoint()
-            if self.state not in ("punching", "connected"):
+            if self.state not in ("punching", "connected", "relayed"):
                 await self._set_state("waiting_for_peer")
         elif isinstance(msg, P2PConnectionOffer):
             await self._on_offer(msg)
@@ -572,7 +597,7 @@ class Worker:
         if (
             offer.peer_worker_id == self.peer_id
             and self.punch is not None
-            and self.state in ("punching", "connected")
+            and self.state in ("punching", "connected", "relayed")
         ):
             log.info("offer for the current peer %s: keeping the link", self.peer_id)
             return
@@ -611,19 +636,20 @@ class Worker:
         self._start_punch(offer, candidates)
         await self._set_state("punching")
 
-    def _start_punch(self, offer: P2PConnectionOffer, candidates: list[Address]) -> None:
-        assert self.endpoint is not None
-        sealer: PeerCipher | PlainEnvelope
+    def _new_sealer(self, offer: P2PConnectionOffer) -> PeerCipher | PlainEnvelope:
         if self.identity is not None and self.peer_public_key is not None:
-            sealer = PeerCipher(
+            return PeerCipher(
                 self.identity,
                 self.worker_id,
                 offer.peer_worker_id,
                 self.peer_public_key,
                 os.urandom,
             )
-        else:
-            sealer = PlainEnvelope(os.urandom)  # explicit plaintext mode on both sides
+        return PlainEnvelope(os.urandom)  # explicit plaintext mode on both sides
+
+    def _start_punch(self, offer: P2PConnectionOffer, candidates: list[Address]) -> None:
+        assert self.endpoint is not None
+        sealer = self._new_sealer(offer)
         self.peer_id = offer.peer_worker_id
         self._punch_gen += 1
         gen = self._punch_gen
@@ -637,6 +663,52 @@ class Worker:
             on_event=lambda event: self._on_peer_event(event, gen),
             sealer=sealer,
         )
+
+    def _start_relay(self, offer: P2PConnectionOffer) -> None:
+        """Move the link to ``offer``'s peer onto the rendezvous relay (a fresh session)."""
+        assert self.endpoint is not None
+        if self.punch is not None:
+            self._punch_gen += 1  # the direct attempt's events are stale from now on
+            self.punch.close()
+            self._retire_punch(self.punch)
+        self.stats["relay_switches"] += 1
+        self.peer_id = offer.peer_worker_id
+        self._punch_gen += 1
+        gen = self._punch_gen
+        peer_id = offer.peer_worker_id
+        log.info("punching to %s failed: relaying through the rendezvous", peer_id)
+
+        def relay_send(data: bytes) -> None:
+            if self._rendezvous is not None:
+                self._rendezvous.send_relay(peer_id, data)
+
+        self.punch = HolePuncher(
+            self.endpoint,
+            local_id=self.worker_id,
+            peer_id=peer_id,
+            candidates=[RELAY],
+            role=offer.role,
+            config=self.config.session,
+            on_event=lambda event: self._on_peer_event(event, gen),
+            sealer=self._new_sealer(offer),
+            relay_send=relay_send,
+        )
+
+    def _on_relayed(self, msg: RelayIn) -> None:
+        """A datagram the peer relayed through the rendezvous."""
+        punch = self.punch
+        offer = self._offer
+        if not self.config.relay or offer is None or msg.from_ != self.peer_id:
+            self.stats["relay_dropped"] += 1
+            return
+        if punch is None or not punch.relayed:
+            # The peer gave up punching first: follow it onto the relay now.
+            self._start_relay(offer)
+            self._set_state_soon("punching")
+            punch = self.punch
+            assert punch is not None
+        self.stats["relay_in"] += 1
+        punch.datagram_received(msg.payload(), RELAY)
 
     def _drop_peer(self) -> None:
         self._punch_gen += 1  # events of the old link are stale from now on
@@ -652,7 +724,10 @@ class Worker:
         for hook in self.datagram_hooks:
             if hook(data, addr):
                 return
-        if self.punch is not None:
+        if self.punch is not None and self.punch.relayed:
+            # A relayed link runs over the rendezvous only (late direct probes end here).
+            self.stats["udp_dropped_while_relayed"] += 1
+        elif self.punch is not None:
             self.punch.datagram_received(data, addr)
         else:
             self.endpoint.stats["dropped_no_handler"] += 1  # type: ignore[union-attr]
@@ -661,10 +736,11 @@ class Worker:
         if gen is not None and gen != self._punch_gen:
             return  # from a link we already dropped
         if isinstance(event, ev.PeerConnected):
+            relayed = self.punch is not None and self.punch.relayed
             log.info("connected to %s at %s", self.peer_id, event.address)
             self._repunch_attempts = 0
             self.error = None
-            self._set_state_soon("connected")
+            self._set_state_soon("relayed" if relayed else "connected")
         elif isinstance(event, ev.PathChanged | ev.RttUpdated):
             self.publish_status()
         elif isinstance(event, ev.ChatReceived):
@@ -692,6 +768,19 @@ class Worker:
             reason = getattr(event, "reason", "peer closed")
             log.info("peer %s lost: %s", self.peer_id, reason)
             offer, punch = self._offer, self.punch
+            if punch is not None and punch.relayed:
+                self._on_relay_lost(event, offer, punch)
+                return
+            if (
+                self.config.relay
+                and offer is not None
+                and isinstance(event, ev.PeerLost)
+                and event.reason == "punch timeout"
+                and self._repunch_attempts == 0
+            ):
+                # Direct punching failed (e.g. symmetric x symmetric): fall back to the relay.
+                self._start_relay(offer)
+                return
             # Re-punch a link that was up (or is being re-punched) and fell silent: its NAT may
             # have dropped the mapping.  The rendezvous says when the peer really left.
             again = (
@@ -714,6 +803,33 @@ class Worker:
                 self.peer_public_key = None
                 self._offer = None
                 self._spawn(self._after_loss(), "after-loss")
+
+    def _on_relay_lost(
+        self, event: ev.Event, offer: P2PConnectionOffer | None, punch: HolePuncher
+    ) -> None:
+        """A relayed link ended: set it up again after a peer timeout, else give up."""
+        self._retire_punch(punch)
+        self.punch = None
+        if (
+            offer is not None
+            and isinstance(event, ev.PeerLost)
+            and event.reason == "peer timeout"
+            and not self._stopped
+        ):
+            self._spawn(self._rerelay(offer), "rerelay")
+            return
+        self.peer_id = None
+        self.peer_public_key = None
+        self._offer = None
+        self._spawn(self._after_loss(), "after-loss")
+
+    async def _rerelay(self, offer: P2PConnectionOffer) -> None:
+        gen = self._punch_gen
+        await self._set_state("lost")
+        if gen != self._punch_gen or self._offer is not offer or self._stopped:
+            return
+        self._start_relay(offer)
+        await self._set_state("punching")
 
     async def _after_loss(self) -> None:
         await self._set_state("lost")
@@ -750,6 +866,11 @@ class Worker:
     control_handlers: dict[str, Callable[[Worker, dict[str, Any]], None]] = {}
 
     def send_control(self, obj: dict[str, Any]) -> str:
+        if self.punch is not None and self.state == "relayed":
+            raise NotConnected(
+                "the link to the peer is relayed through the rendezvous: benchmarks need a "
+                "direct path"
+            )
         if self.punch is None or self.state != "connected":
             raise NotConnected("no peer connected")
         return self.punch.send_control(obj)

@@ -7,31 +7,67 @@ ignored; unknown types raise :class:`~p2plab.errors.RemoteProtocolError` from
 
 from __future__ import annotations
 
+import binascii
 import json
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    TypeAdapter,
+    ValidationError,
+    field_validator,
+)
 
 from p2plab.errors import RemoteProtocolError
 
 __all__ = [
     "MAX_MESSAGE_BYTES",
+    "MAX_RELAY_BYTES",
     "Candidate",
     "ErrorMessage",
     "P2PConnectionOffer",
     "PeerDisconnected",
     "Register",
     "Registered",
+    "RelayIn",
+    "RelayOut",
     "RendezvousToWorker",
     "UpdateUdpEndpoint",
     "WorkerToRendezvous",
+    "decode_relay_data",
     "dump_message",
+    "encode_relay_data",
     "parse_rendezvous_message",
     "parse_worker_message",
 ]
 
 #: Largest signaling message accepted, in bytes (bounded to protect the services).
 MAX_MESSAGE_BYTES = 16 * 1024
+#: Largest datagram carried by a ``relay`` message, in bytes after base64 decoding (a sealed chat
+#: datagram is at most about 4.2 KiB).
+MAX_RELAY_BYTES = 8 * 1024
+_MAX_RELAY_B64 = 4 * ((MAX_RELAY_BYTES + 2) // 3)
+
+
+def decode_relay_data(text: str) -> bytes:
+    """The datagram carried in a ``relay`` message's ``data`` (strict base64).
+
+    Raises ValueError when ``text`` is not base64 or decodes to more than MAX_RELAY_BYTES.
+    """
+    try:
+        raw = binascii.a2b_base64(text.encode("ascii"), strict_mode=True)
+    except (binascii.Error, UnicodeEncodeError) as exc:
+        raise ValueError(f"data is not base64: {exc}") from None
+    if len(raw) > MAX_RELAY_BYTES:
+        raise ValueError(f"relayed datagram too large: {len(raw)} bytes > {MAX_RELAY_BYTES}")
+    return raw
+
+
+def encode_relay_data(data: bytes) -> str:
+    """Base64 text for a ``relay`` message's ``data``."""
+    return binascii.b2a_base64(data, newline=False).decode("ascii")
 
 
 class _Model(BaseModel):
@@ -62,6 +98,49 @@ class UpdateUdpEndpoint(_Model):
     udp_ip: str = Field(max_length=64)
     udp_port: int = Field(ge=0, le=65535)
     local_candidates: list[Candidate] = Field(default_factory=list, max_length=16)
+
+
+class RelayOut(_Model):
+    """A worker asks the rendezvous to pass one peer datagram to its paired peer.
+
+    Optional extension (relay fallback when hole punching fails): ``data`` is the base64 of the
+    datagram, which stays sealed end to end; the rendezvous forwards it only between the two
+    workers of a pair and only up to MAX_RELAY_BYTES.
+    """
+
+    type: Literal["relay"] = "relay"
+    to: str = Field(min_length=1, max_length=64)
+    data: str = Field(max_length=_MAX_RELAY_B64)
+
+    @field_validator("data")
+    @classmethod
+    def _check_data(cls, value: str) -> str:
+        decode_relay_data(value)
+        return value
+
+    def payload(self) -> bytes:
+        """The relayed datagram."""
+        return decode_relay_data(self.data)
+
+
+class RelayIn(_Model):
+    """The rendezvous passes on a datagram the paired peer ``from`` relayed (see RelayOut)."""
+
+    model_config = ConfigDict(extra="ignore", frozen=True, populate_by_name=True)
+
+    type: Literal["relay"] = "relay"
+    from_: str = Field(alias="from", min_length=1, max_length=64)
+    data: str = Field(max_length=_MAX_RELAY_B64)
+
+    @field_validator("data")
+    @classmethod
+    def _check_data(cls, value: str) -> str:
+        decode_relay_data(value)
+        return value
+
+    def payload(self) -> bytes:
+        """The relayed datagram."""
+        return decode_relay_data(self.data)
 
 
 class Registered(_Model):
@@ -100,15 +179,17 @@ class ErrorMessage(_Model):
     message: str = ""
 
 
-WorkerToRendezvous = Annotated[Register | UpdateUdpEndpoint, Field(discriminator="type")]
+WorkerToRendezvous = Annotated[Register | UpdateUdpEndpoint | RelayOut, Field(discriminator="type")]
 RendezvousToWorker = Annotated[
-    Registered | P2PConnectionOffer | PeerDisconnected | ErrorMessage,
+    Registered | P2PConnectionOffer | PeerDisconnected | ErrorMessage | RelayIn,
     Field(discriminator="type"),
 ]
 
-_worker_adapter: TypeAdapter[Register | UpdateUdpEndpoint] = TypeAdapter(WorkerToRendezvous)
+_worker_adapter: TypeAdapter[Register | UpdateUdpEndpoint | RelayOut] = TypeAdapter(
+    WorkerToRendezvous
+)
 _rendezvous_adapter: TypeAdapter[
-    Registered | P2PConnectionOffer | PeerDisconnected | ErrorMessage
+    Registered | P2PConnectionOffer | PeerDisconnected | ErrorMessage | RelayIn
 ] = TypeAdapter(RendezvousToWorker)
 
 
@@ -138,17 +219,17 @@ def _validate(adapter: TypeAdapter[Any], raw: str | bytes) -> Any:
         ) from None
 
 
-def parse_worker_message(raw: str | bytes) -> Register | UpdateUdpEndpoint:
+def parse_worker_message(raw: str | bytes) -> Register | UpdateUdpEndpoint | RelayOut:
     """Parse a message a worker sent to the rendezvous."""
-    result: Register | UpdateUdpEndpoint = _validate(_worker_adapter, raw)
+    result: Register | UpdateUdpEndpoint | RelayOut = _validate(_worker_adapter, raw)
     return result
 
 
 def parse_rendezvous_message(
     raw: str | bytes,
-) -> Registered | P2PConnectionOffer | PeerDisconnected | ErrorMessage:
+) -> Registered | P2PConnectionOffer | PeerDisconnected | ErrorMessage | RelayIn:
     """Parse a message the rendezvous sent to a worker."""
-    result: Registered | P2PConnectionOffer | PeerDisconnected | ErrorMessage = _validate(
+    result: Registered | P2PConnectionOffer | PeerDisconnected | ErrorMessage | RelayIn = _validate(
         _rendezvous_adapter, raw
     )
     return result
@@ -156,4 +237,4 @@ def parse_rendezvous_message(
 
 def dump_message(msg: BaseModel) -> str:
     """Serialise a message model to JSON text."""
-    return msg.model_dump_json()
+    return msg.model_dump_json(by_alias=True)
