@@ -228,6 +228,105 @@ def test_whole_datagram_helpers_for_the_benchmark_path() -> None:
     assert cb.stats["replays"] == 2 and cb.stats["auth_failures"] == 2
 
 
+def linked_ciphers(seed: int = 1) -> tuple[PeerCipher, PeerCipher]:
+    """Two ciphers whose tags went through the probe round trip (the benchmark's starting point)."""
+    ca, cb, _, _ = ciphers(seed)
+    parse_datagram(encode_datagram(PROBE, ca), cb)
+    parse_datagram(encode_datagram(ProbeAck("bob", "alice", b"n" * 8, False, ("h", 1)), cb), ca)
+    return ca, cb
+
+
+def batch(count: int, size: int, kind: int = 0x20) -> bytes:
+    """``count`` plaintext datagrams of ``size`` bytes, each with its index in the body."""
+    return b"".join(
+        b"\xd7\x50\x01" + bytes((kind,)) + i.to_bytes(4, "big") + bytes([i & 0xFF]) * (size - 8)
+        for i in range(count)
+    )
+
+
+def test_seal_many_gives_what_seal_datagram_gives_and_open_many_opens_it() -> None:
+    ca, cb = linked_ciphers()
+    ref_a, ref_b = linked_ciphers()  # the same keys and tags: seeded alike
+    size, count = 300, 10
+    src = batch(count, size)
+    out = bytearray((size + SEAL_OVERHEAD) * count)
+    ca.seal_many(src, size, count, out)
+    osz = size + SEAL_OVERHEAD
+    for i in range(count):
+        # Byte for byte what the one-at-a-time path gives (same counter sequence).
+        assert bytes(out[i * osz : (i + 1) * osz]) == ref_a.seal_datagram(
+            src[i * size : (i + 1) * size]
+        )
+    bodies = cb.open_many(out, [(i * osz, (i + 1) * osz) for i in range(count)])
+    assert bodies == [src[i * size + 4 : (i + 1) * size] for i in range(count)]
+    assert cb.stats["opened"] == count + 1 and cb.stats["auth_failures"] == 0
+    assert ca.stats["sealed"] == ref_a.stats["sealed"]
+    # The single-datagram path opens the batch's datagrams too (and refuses them now: replays).
+    assert ref_b.open_datagram(bytes(out[:osz])) == src[:size]
+    assert cb.open_datagram(bytes(out[:osz])) is None and cb.stats["replays"] == 1
+
+
+def test_open_many_rejects_forgeries_replays_and_stale_datagrams_one_by_one() -> None:
+    ca, cb = linked_ciphers(3)
+    size, count = 120, 8
+    osz = size + SEAL_OVERHEAD
+    sealed = bytearray(osz * count)
+    ca.seal_many(batch(count, size), size, count, sealed)
+    spans = [(i * osz, (i + 1) * osz) for i in range(count)]
+    # Forge datagram 2 (body bit), datagram 5 (a tag byte: associated data), truncate one.
+    forged = bytearray(sealed)
+    forged[2 * osz + 40] ^= 0x10
+    forged[5 * osz + 6] ^= 0x01
+    third = cb.open_many(forged, [*spans, (0, SEAL_OVERHEAD + 3)])
+    assert [b is None for b in third] == [i in (2, 5) for i in range(count)] + [True]
+    assert cb.stats["auth_failures"] == 3 and cb.stats["opened"] == 1 + count - 2
+    # The authentic 2 and 5 still open (a forgery does not burn their counters) ...
+    assert [b is not None for b in cb.open_many(sealed, [spans[2], spans[5]])] == [True, True]
+    # ... and everything again is a replay, counted once each, in the same batch too.
+    again = cb.open_many(sealed, [*spans, spans[0]])
+    assert again == [None] * (count + 1)
+    assert cb.stats["replays"] == count + 1
+    # A third host with other keys cannot forge a batch either.
+    mallory = PeerCipher(
+        Identity.generate(random.Random(5).randbytes), "alice", "bob",
+        cb.local_public, random.Random(6).randbytes,
+    )  # fmt: skip
+    m_out = bytearray(osz * 2)
+    mallory.seal_many(batch(2, size), size, 2, m_out)
+    assert cb.open_many(m_out, [(0, osz), (osz, 2 * osz)]) == [None, None]
+    assert cb.stats["auth_failures"] == 5
+
+
+def test_open_many_mixes_the_fast_path_with_first_contact_and_older_sessions() -> None:
+    r = random.Random(11)
+    ia, ib = Identity.generate(r.randbytes), Identity.generate(r.randbytes)
+    a = PeerCipher(ia, "alice", "bob", ib.public_bytes, r.randbytes)
+    b = PeerCipher(ib, "bob", "alice", ia.public_bytes, r.randbytes)
+    # Before any probe: a data datagram names no session of b's (only probes may).
+    early = a.seal_datagram(b"\xd7\x50\x01\x20" + bytes(30))
+    probe = encode_datagram(PROBE, a)
+    buf = early + probe
+    spans = [(0, len(early)), (len(early), len(buf))]
+    res = b.open_many(buf, spans)
+    assert res[0] is None and res[1] is not None
+    assert b.stats["replays"] == 1  # stale: counted as :meth:`open` counts it
+    parse_datagram(encode_datagram(ProbeAck("bob", "alice", b"n" * 8, False, ("h", 1)), b), a)
+    # Now a batch with an old-session datagram in the middle: only it is refused.
+    a_old = PeerCipher(ia, "alice", "bob", ib.public_bytes, r.randbytes)
+    stale = a_old.seal_datagram(b"\xd7\x50\x01\x20" + bytes(30))
+    size = 40
+    fresh = bytearray((size + SEAL_OVERHEAD) * 4)
+    a.seal_many(batch(4, size), size, 4, fresh)
+    osz = size + SEAL_OVERHEAD
+    mixed = bytes(fresh[: 2 * osz]) + stale + bytes(fresh[2 * osz :])
+    sp = [(0, osz), (osz, 2 * osz), (2 * osz, 2 * osz + len(stale))]
+    sp += [(sp[-1][1], sp[-1][1] + osz), (sp[-1][1] + osz, sp[-1][1] + 2 * osz)]
+    out = b.open_many(mixed, sp)
+    assert [o is not None for o in out] == [True, True, False, True, True]
+    assert out[3] == batch(4, size)[2 * size + 4 : 3 * size]
+    assert b.stats["opened"] == 1 + 4
+
+
 def test_plain_envelope_keeps_tags_without_cryptography() -> None:
     r = random.Random(2)
     pa, pb = PlainEnvelope(r.randbytes), PlainEnvelope(r.randbytes)
