@@ -22,6 +22,7 @@ from p2plab.aio.endpoint import (
     UDP_SEGMENT,
     UdpEndpoint,
     gso_supported,
+    mmsg_supported,
     set_buffer_sizes,
 )
 from tests.conftest import TIMEOUT_UNIT
@@ -309,3 +310,84 @@ def test_buffer_sizes_are_granted() -> None:
             except OSError:
                 floor = min(want, rmem_max)
         assert rcv >= 2 * floor and snd > 0
+
+
+# -- sendmmsg / recvmmsg ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("mmsg", [True, False])
+async def test_plain_sends_batch_with_sendmmsg_and_lose_nothing(mmsg: bool) -> None:
+    ep = await UdpEndpoint.bind("127.0.0.1", 0, mmsg=mmsg)
+    rx = receiver()
+    try:
+        assert ep.mmsg is (mmsg and mmsg_supported())
+        size, count = 700, 150  # more than two sendmmsg calls of 64
+        data = bytearray(b"".join(p2p(0x20, i, size) for i in range(count)))
+        assert ep.send_segments(data, size, count, rx.getsockname(), gso=False) == count
+        got = await receive_all(rx, count)
+        assert got == [p2p(0x20, i, size) for i in range(count)]
+        assert ep.stats["datagrams_out"] == count and ep.stats["bytes_out"] == count * size
+        assert ep.stats["mmsg_sends"] == (3 if ep.mmsg else 0)  # 64 + 64 + 22
+        # Read-only buffers (bytes) take one sendto per datagram, with the same result.
+        assert ep.send_segments(bytes(data[: 3 * size]), size, 3, rx.getsockname(), gso=False) == 3
+        assert await receive_all(rx, 3) == [p2p(0x20, i, size) for i in range(3)]
+    finally:
+        ep.close()
+        rx.close()
+
+
+@pytest.mark.parametrize("mmsg", [True, False])
+async def test_bulk_reads_with_recvmmsg_count_exactly_among_other_traffic(mmsg: bool) -> None:
+    ep = await UdpEndpoint.bind("127.0.0.1", 0, mmsg=mmsg)
+    ep.set_buffer_sizes(8 * 1024 * 1024)
+    tx = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    tx.bind(("127.0.0.1", 0))
+    tx2 = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)  # a second source
+    tx2.bind(("127.0.0.1", 0))
+    try:
+        rec = Recorder(ep, bulk_types={0x20})
+        fast: list[bytes] = []
+        ep.set_fast_handler(0x21, lambda view, a: fast.append(bytes(view)))
+        addr = ep.local_address
+        sent: list[tuple[str, bytes]] = []
+        sent_fast: list[bytes] = []
+        # More bulk datagrams than the reader's slots (256), so batches span several calls.
+        # Hold the reader off while they queue, so that recvmmsg finds full batches.
+        ep.loop.remove_reader(ep.socket.fileno())
+        for i in range(700):
+            if i % 97 == 0:
+                d = stun(i)
+                sent.append(("stun", d))
+            elif i % 50 == 0:
+                d = p2p(0x03, i, size=90)
+                sent.append(("peer", d))
+            elif i % 71 == 0:
+                d = p2p(0x21, i, size=64)
+                sent_fast.append(d)
+            else:
+                d = p2p(0x20, i, size=SIZE if i % 3 else 1200)
+                sent.append(("bulk", d))
+            (tx2 if i % 13 == 0 else tx).sendto(d, addr)
+        ep.loop.add_reader(ep.socket.fileno(), ep._on_readable)
+        await until(lambda: len(rec.log) == len(sent) and len(fast) == len(sent_fast))
+        assert rec.log == sent  # every path, in arrival order (one reader, flushed in order)
+        assert fast == sent_fast
+        nbulk = sum(k == "bulk" for k, _ in sent)
+        assert ep.stats["bulk_datagrams"] == nbulk
+        assert ep.stats["datagrams_in"] == len(sent) + len(sent_fast)
+        assert ep.stats["bytes_in"] == sum(len(d) for _, d in sent) + sum(map(len, sent_fast))
+        assert ep.stats["truncated"] == 0 and ep.stats["handler_errors"] == 0
+        if ep.mmsg:
+            assert 0 < ep.stats["mmsg_reads"] < 700  # batched: fewer calls than datagrams
+        else:
+            assert ep.stats["mmsg_reads"] == 0
+        # Without a bulk sink the ordinary reader takes over again.
+        ep.set_bulk_sink(set(), None)
+        reads = ep.stats["mmsg_reads"]
+        tx.sendto(p2p(0x20, 1000), addr)
+        await until(lambda: rec.log[-1] == ("peer", p2p(0x20, 1000)))
+        assert ep.stats["mmsg_reads"] == reads
+    finally:
+        ep.close()
+        tx.close()
+        tx2.close()

@@ -30,8 +30,11 @@ nothing queued is missed).
 from __future__ import annotations
 
 import asyncio
+import ctypes
+import ctypes.util
 import errno
 import logging
+import os
 import socket
 import struct
 import sys
@@ -47,6 +50,7 @@ __all__ = [
     "gro_supported",
     "gso_supported",
     "is_stun_datagram",
+    "mmsg_supported",
 ]
 
 log = logging.getLogger(__name__)
@@ -75,6 +79,200 @@ UDP_MAX_SEGMENTS = 64
 _CMSG_SPACE = socket.CMSG_SPACE(4) if hasattr(socket, "CMSG_SPACE") else 0
 _U16 = struct.Struct("=H")
 _I32 = struct.Struct("=i")
+
+
+# -- sendmmsg(2) / recvmmsg(2) through ctypes (Linux) -------------------------------------------
+
+
+class _Iovec(ctypes.Structure):
+    _fields_ = (("base", ctypes.c_void_p), ("len", ctypes.c_size_t))
+
+
+class _Msghdr(ctypes.Structure):
+    _fields_ = (
+        ("name", ctypes.c_void_p),
+        ("namelen", ctypes.c_uint32),
+        ("iov", ctypes.c_void_p),
+        ("iovlen", ctypes.c_size_t),
+        ("control", ctypes.c_void_p),
+        ("controllen", ctypes.c_size_t),
+        ("flags", ctypes.c_int),
+    )
+
+
+class _Mmsghdr(ctypes.Structure):
+    _fields_ = (("hdr", _Msghdr), ("len", ctypes.c_uint))
+
+
+MMSG_BATCH = 64
+"""Datagrams per sendmmsg/recvmmsg call."""
+MMSG_RECV_SLOTS = 256
+"""Receive slots (of 64 KiB: 16 MiB, allocated once a bulk sink is armed): up to this many
+datagrams (or GRO reads) are accounted per batch, which keeps per-batch costs small."""
+_NAME_SIZE = 32  # a sockaddr_in6 (28) rounded up
+_MSG_DONTWAIT = getattr(socket, "MSG_DONTWAIT", 0x40)
+
+
+def _load_mmsg() -> tuple[Any, Any, Any] | None:
+    """(libc.sendmmsg, libc.recvmmsg, numpy) on Linux with 64-bit layouts, else None."""
+    if not _LINUX or ctypes.sizeof(ctypes.c_void_p) != 8 or ctypes.sizeof(_Mmsghdr) != 64:
+        return None
+    try:
+        import numpy
+    except ImportError:  # pragma: no cover - numpy is a dependency of the fast path only
+        return None
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+        send, recv = libc.sendmmsg, libc.recvmmsg
+    except (OSError, AttributeError):  # pragma: no cover - not glibc/musl
+        return None
+    send.argtypes = (ctypes.c_int, ctypes.c_void_p, ctypes.c_uint, ctypes.c_int)
+    send.restype = ctypes.c_int
+    recv.argtypes = (ctypes.c_int, ctypes.c_void_p, ctypes.c_uint, ctypes.c_int, ctypes.c_void_p)
+    recv.restype = ctypes.c_int
+    return send, recv, numpy
+
+
+_MMSG = _load_mmsg()
+
+
+def mmsg_supported() -> bool:
+    """True if batched sendmmsg/recvmmsg are available here (Linux, ctypes, numpy)."""
+    return _MMSG is not None
+
+
+def _sockaddr(addr: Address, family: int) -> bytes:
+    """The raw sockaddr_in/sockaddr_in6 of ``addr`` (little-endian family field, as on Linux)."""
+    if family == socket.AF_INET:
+        return (
+            struct.pack("<H", socket.AF_INET)
+            + struct.pack("!H", addr[1])
+            + socket.inet_aton(addr[0])
+            + bytes(8)
+        )
+    return (
+        struct.pack("<H", socket.AF_INET6)
+        + struct.pack("!HI", addr[1], 0)
+        + socket.inet_pton(socket.AF_INET6, addr[0])
+        + bytes(4)
+    )
+
+
+class _MmsgIO:
+    """Pre-built mmsghdr/iovec/sockaddr arrays for one socket (all allocated once).
+
+    Sends: every message of a batch points at one destination and at the next ``size`` bytes of
+    the caller's buffer.  Receives (set up on first use): message ``i`` reads into slot ``i`` of
+    a receive buffer of ``MMSG_RECV_SLOTS`` slots of ``slot`` bytes (a GRO read fits in one),
+    with its own sockaddr and control space (for the UDP_GRO segment size); calls fill the
+    slots ``MMSG_BATCH`` at a time, so several calls can be accounted in one batch.
+    """
+
+    def __init__(self, sock: socket.socket, slot: int) -> None:
+        assert _MMSG is not None
+        self.send_fn, self.recv_fn, np = _MMSG
+        self.np = np
+        self.fd = sock.fileno()
+        self.family = sock.family
+        n = MMSG_BATCH
+        self.slot = slot
+        self.s_iov = (_Iovec * n)()
+        self.s_msgs = (_Mmsghdr * n)()
+        self.s_name = ctypes.create_string_buffer(_NAME_SIZE)
+        self.s_addr: Address | None = None
+        self.s_iov_np = np.frombuffer(self.s_iov, dtype=np.uint64).reshape(n, 2)
+        iov0 = ctypes.addressof(self.s_iov)
+        for i in range(n):
+            h = self.s_msgs[i].hdr
+            h.name = ctypes.addressof(self.s_name)
+            h.iov = iov0 + i * ctypes.sizeof(_Iovec)
+            h.iovlen = 1
+        self.rbuf: bytearray | None = None
+
+    def setup_receive(self) -> None:
+        """Allocate the receive side (the buffer's pages are touched only as datagrams land)."""
+        if self.rbuf is not None:
+            return
+        np = self.np
+        n = MMSG_RECV_SLOTS
+        slot = self.slot
+        self.rbuf = bytearray(n * slot)
+        self.rview = memoryview(self.rbuf)
+        self.rnp = np.frombuffer(self.rbuf, dtype=np.uint8).reshape(n, slot)
+        self.r_iov = (_Iovec * n)()
+        self.r_msgs = (_Mmsghdr * n)()
+        self.r_names = ctypes.create_string_buffer(_NAME_SIZE * n)
+        self.ctrl_size = max(_CMSG_SPACE, 8)
+        self.r_ctrl = ctypes.create_string_buffer(self.ctrl_size * n)
+        self._pin = (ctypes.c_char * len(self.rbuf)).from_buffer(self.rbuf)  # never resized
+        base = ctypes.addressof(self._pin)
+        riov0 = ctypes.addressof(self.r_iov)
+        for i in range(n):
+            self.r_iov[i].base = base + i * slot
+            self.r_iov[i].len = slot
+            h = self.r_msgs[i].hdr
+            h.name = ctypes.addressof(self.r_names) + i * _NAME_SIZE
+            h.iov = riov0 + i * ctypes.sizeof(_Iovec)
+            h.iovlen = 1
+            h.control = ctypes.addressof(self.r_ctrl) + i * self.ctrl_size
+        self.r_base = ctypes.addressof(self.r_msgs)
+        raw = np.frombuffer(self.r_msgs, dtype=np.uint8).reshape(n, 64)
+        self.r_u32 = raw.view(np.uint32)  # [:, 2] namelen, [:, 12] flags, [:, 14] msg_len
+        self.r_u64 = raw.view(np.uint64)  # [:, 5] controllen
+        self.names = np.frombuffer(self.r_names, dtype=np.uint8).reshape(n, _NAME_SIZE)
+        self.ctrl = np.frombuffer(self.r_ctrl, dtype=np.uint8).reshape(n, self.ctrl_size)
+        self.addr_cache: dict[bytes, Address] = {}
+
+    def sendmmsg(self, mv: memoryview, size: int, count: int, addr: Address) -> int:
+        """Send up to MMSG_BATCH datagrams; returns how many went (0: EAGAIN); raises OSError."""
+        if addr != self.s_addr:
+            raw = _sockaddr(addr, self.family)
+            ctypes.memmove(self.s_name, raw, len(raw))
+            for i in range(MMSG_BATCH):
+                self.s_msgs[i].hdr.namelen = len(raw)
+            self.s_addr = addr
+        n = min(count, MMSG_BATCH)
+        cbuf = (ctypes.c_char * len(mv)).from_buffer(mv)
+        try:
+            base = ctypes.addressof(cbuf)
+            iov = self.s_iov_np
+            iov[:n, 0] = base + self.np.arange(n, dtype=self.np.uint64) * size
+            iov[:n, 1] = size
+            got = self.send_fn(self.fd, self.s_msgs, n, _MSG_DONTWAIT)
+        finally:
+            del cbuf
+        if got < 0:
+            err = ctypes.get_errno()
+            if err in (errno.EAGAIN, errno.EWOULDBLOCK, errno.EINTR):
+                return 0
+            raise OSError(err, os.strerror(err))
+        return int(got)
+
+    def recvmmsg(self, first: int) -> int:
+        """Receive up to MMSG_BATCH datagrams into slots ``first...``; -1 on EAGAIN."""
+        end = first + MMSG_BATCH
+        self.r_u32[first:end, 2] = _NAME_SIZE
+        self.r_u64[first:end, 5] = self.ctrl_size
+        got = self.recv_fn(self.fd, self.r_base + first * 64, MMSG_BATCH, _MSG_DONTWAIT, None)
+        if got < 0:
+            err = ctypes.get_errno()
+            if err in (errno.EAGAIN, errno.EWOULDBLOCK, errno.EINTR):
+                return -1
+            raise OSError(err, os.strerror(err))
+        return int(got)
+
+    def address(self, i: int) -> Address:
+        raw = self.names[i, : 8 if self.family == socket.AF_INET else 24].tobytes()
+        a = self.addr_cache.get(raw)
+        if a is None:
+            if self.family == socket.AF_INET:
+                a = (socket.inet_ntoa(raw[4:8]), int.from_bytes(raw[2:4], "big"))
+            else:
+                a = (socket.inet_ntop(socket.AF_INET6, raw[8:24]), int.from_bytes(raw[2:4], "big"))
+            if len(self.addr_cache) > 256:
+                self.addr_cache.clear()
+            self.addr_cache[raw] = a
+        return a
 
 
 class BulkSink(Protocol):
@@ -153,7 +351,12 @@ class UdpEndpoint:
     """A bound, non-blocking UDP socket with a draining reader and a demultiplexer."""
 
     def __init__(
-        self, sock: socket.socket, loop: asyncio.AbstractEventLoop, *, gro: bool = True
+        self,
+        sock: socket.socket,
+        loop: asyncio.AbstractEventLoop,
+        *,
+        gro: bool = True,
+        mmsg: bool = True,
     ) -> None:
         self._sock = sock
         self._loop = loop
@@ -165,6 +368,15 @@ class UdpEndpoint:
         self._writable: asyncio.Future[None] | None = None
         self.gso = gso_supported(sock)
         """The kernel supports UDP GSO on this socket (``send_segments`` may use it)."""
+        self._mm: _MmsgIO | None = None
+        if mmsg and _MMSG is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
+            try:
+                self._mm = _MmsgIO(sock, _RECV_SIZE)
+            except (OSError, ValueError, TypeError) as exc:  # pragma: no cover - odd platforms
+                log.debug("sendmmsg/recvmmsg not usable: %s", exc)
+        self.mmsg = self._mm is not None
+        """Batched ``sendmmsg``/``recvmmsg`` are used (plain sends of many datagrams, and reads
+        while a bulk sink is armed); set False to compare with one syscall per datagram."""
         self.gro = False
         """UDP GRO is on for this socket (reads may carry several datagrams)."""
         if gro:
@@ -186,13 +398,18 @@ class UdpEndpoint:
             "truncated": 0,
             "bulk_datagrams": 0,
             "fast_datagrams": 0,
+            "mmsg_sends": 0,
+            "mmsg_reads": 0,
         }
         self._closed = False
         loop.add_reader(sock.fileno(), self._on_readable)
 
     @classmethod
-    async def bind(cls, host: str = "0.0.0.0", port: int = 0, *, gro: bool = True) -> UdpEndpoint:
-        """Create and bind the socket (port 0: let the OS choose); ``gro``: use UDP GRO if any."""
+    async def bind(
+        cls, host: str = "0.0.0.0", port: int = 0, *, gro: bool = True, mmsg: bool = True
+    ) -> UdpEndpoint:
+        """Create and bind the socket (port 0: let the OS choose); ``gro``: use UDP GRO if any;
+        ``mmsg``: batch with sendmmsg/recvmmsg where available."""
         loop = asyncio.get_running_loop()
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
         sock = socket.socket(family, socket.SOCK_DGRAM)
@@ -203,7 +420,7 @@ class UdpEndpoint:
         except OSError:
             sock.close()
             raise
-        return cls(sock, loop, gro=gro)
+        return cls(sock, loop, gro=gro, mmsg=mmsg)
 
     @property
     def socket(self) -> socket.socket:
@@ -320,6 +537,15 @@ class UdpEndpoint:
                         self.stats["gso_sends"] += 1
                     sent += n
             else:
+                mm = self._mm if self.mmsg and count > 1 and not mv.readonly else None
+                if mm is not None:
+                    while sent < count:
+                        got = mm.sendmmsg(mv[sent * size :], size, count - sent, addr)
+                        self.stats["mmsg_sends"] += 1
+                        sent += got
+                        if got == 0:
+                            break
+                    count = sent  # what is left waits for writability
                 sendto = sock.sendto
                 while sent < count:
                     sendto(mv[sent * size : (sent + 1) * size], addr)
@@ -359,6 +585,9 @@ class UdpEndpoint:
         await asyncio.shield(self._writable)
 
     def _on_readable(self) -> None:
+        if self._bulk_types and self._mm is not None and self.mmsg:
+            self._on_readable_mmsg(self._mm)
+            return
         sock = self._sock
         view = self._view
         limit = _BUF_SIZE - _RECV_SIZE
@@ -443,8 +672,121 @@ class UdpEndpoint:
             if reads:
                 self._flush(reads, addrs)
 
-    def _fast_dispatch(self, pos: int, n: int, seg: int, addr: Address) -> None:
-        view = self._view
+    def _on_readable_mmsg(self, mm: _MmsgIO) -> None:
+        """The reader while a bulk sink is armed: ``recvmmsg`` of up to 64 datagrams per call.
+
+        Each message lands in its own 64 KiB slot of the receive buffer (a GRO read fits);
+        reads of the sink's types accumulate over up to ``MMSG_RECV_SLOTS`` slots and go to the
+        sink in one batch (earlier if another datagram must be dispatched first, to keep the
+        order).  Every datagram of one call shares one arrival time (as the datagrams of one GRO
+        read do).
+        """
+        mm.setup_receive()
+        np = mm.np
+        slot = mm.slot
+        buf = mm.rbuf
+        assert buf is not None
+        view = mm.rview
+        heads = mm.rnp
+        stats = self.stats
+        bulk_list = list(self._bulk_types)
+        fast = self._fast
+        trunc = int(socket.MSG_TRUNC)
+        reads: list[tuple[int, int, int, int]] = []
+        addrs: list[Address] = []
+        first = 0
+        try:
+            for _ in range(_MAX_READS_PER_WAKEUP // MMSG_BATCH):
+                if first + MMSG_BATCH > MMSG_RECV_SLOTS:
+                    if reads:
+                        self._flush(reads, addrs, view)
+                        reads, addrs = [], []
+                    first = 0
+                try:
+                    k = mm.recvmmsg(first)
+                except OSError as exc:
+                    log.debug("recvmmsg: %s", exc)  # e.g. ECONNREFUSED from an ICMP error
+                    continue
+                if k <= 0:
+                    return
+                stats["mmsg_reads"] += 1
+                arrival = time.monotonic_ns()
+                end = first + k
+                lens = mm.r_u32[first:end, 14].tolist()
+                flags = mm.r_u32[first:end, 12].tolist()
+                segs = list(lens)
+                if self.gro:
+                    for i in np.flatnonzero(mm.r_u64[first:end, 5]).tolist():
+                        c = mm.ctrl[first + i]
+                        lvl = int(c[8:12].view(np.int32)[0])
+                        typ = int(c[12:16].view(np.int32)[0])
+                        if lvl == SOL_UDP and typ == UDP_GRO:
+                            seg = int(c[16:20].view(np.int32)[0])
+                            if seg > 0:
+                                segs[i] = seg
+                                stats["gro_reads"] += 1
+                h = heads[first:end, :4]
+                names = mm.names[first:end, :8]
+                if (
+                    not fast
+                    and not any(flags)
+                    and bool((names == names[0]).all())
+                    and bool(
+                        (
+                            (h[:, 0] == _P2P_MAGIC0)
+                            & (h[:, 1] == _P2P_MAGIC1)
+                            & np.isin(h[:, 3], bulk_list)
+                            & (mm.r_u32[first:end, 14] >= 4)
+                        ).all()
+                    )
+                ):
+                    # The common case at full speed: benchmark data only, from one source.
+                    reads.extend(
+                        zip(
+                            range(first * slot, end * slot, slot),
+                            lens,
+                            segs,
+                            [arrival] * k,
+                            strict=True,
+                        )
+                    )
+                    addrs.extend([mm.address(first)] * k)
+                    first = end
+                    continue
+                for i in range(k):
+                    pos = (first + i) * slot
+                    n = lens[i]
+                    if flags[i] & trunc:
+                        stats["truncated"] += 1
+                        continue
+                    addr = mm.address(first + i)
+                    kind = buf[pos + 3] if n >= 4 else -1
+                    is_p2p = n >= 4 and buf[pos] == _P2P_MAGIC0 and buf[pos + 1] == _P2P_MAGIC1
+                    if is_p2p and kind in fast:
+                        if reads:
+                            self._flush(reads, addrs, view)
+                            reads, addrs = [], []
+                        self._fast_dispatch(pos, n, segs[i], addr, view)
+                        continue
+                    if is_p2p and kind in self._bulk_types:
+                        reads.append((pos, n, segs[i], arrival))
+                        addrs.append(addr)
+                        continue
+                    if reads:
+                        self._flush(reads, addrs, view)
+                        reads, addrs = [], []
+                    seg = segs[i]
+                    for start in range(pos, pos + n, seg):
+                        self._dispatch(bytes(buf[start : min(start + seg, pos + n)]), addr)
+                first = end
+        finally:
+            if reads:
+                self._flush(reads, addrs, view)
+
+    def _fast_dispatch(
+        self, pos: int, n: int, seg: int, addr: Address, view: memoryview | None = None
+    ) -> None:
+        view = self._view if view is None else view
         stats = self.stats
         for start in range(pos, pos + n, seg):
             end = min(start + seg, pos + n)
@@ -461,9 +803,14 @@ class UdpEndpoint:
                 stats["handler_errors"] += 1
                 log.exception("fast handler failed for %d bytes from %s", end - start, addr)
 
-    def _flush(self, reads: list[tuple[int, int, int, int]], addrs: list[Address]) -> None:
+    def _flush(
+        self,
+        reads: list[tuple[int, int, int, int]],
+        addrs: list[Address],
+        view: memoryview | None = None,
+    ) -> None:
         sink = self._bulk_sink
-        view = self._view
+        view = self._view if view is None else view
         if sink is None:  # removed mid-drain: dispatch as usual
             rest = [(i, off, off + n) for i, (off, n, _, _) in enumerate(reads)]
             left = [
