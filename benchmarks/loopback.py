@@ -29,7 +29,7 @@ import time
 from typing import Any
 
 P2PLAB = [sys.executable, "-m", "p2plab"]
-RX_LOG: Any = subprocess.DEVNULL  # where the receiving worker logs (a file to debug a run)
+RX_LOG: Any = open("/tmp/rxlog.txt", "w")  # noqa
 
 
 def free_port(kind: int = socket.SOCK_STREAM) -> int:
@@ -144,19 +144,23 @@ def main() -> int:
     ap.add_argument("--iperf-rate", default="0", help="iperf3 -b (0: unlimited)")
     ap.add_argument("--rtt-count", type=int, default=20000)
     ap.add_argument("--rounds", type=int, default=3, help="rounds (medians; the host is noisy)")
+    ap.add_argument(
+        "--only", default="", help="comma-separated configs of ours to run (default: all)"
+    )
     a = ap.parse_args()
+    configs = [c for c in CONFIGS if not a.only or c[0] in a.only.split(",")]
     for tool in ("iperf3", "sockperf"):
         if shutil.which(tool) is None:
             print(f"{tool} not found", file=sys.stderr)
             return 2
     ip_runs: list[dict[str, float]] = []
     sp_runs: list[dict[str, float]] = []
-    ours_runs: dict[str, list[dict[str, object]]] = {c[0]: [] for c in CONFIGS}
+    ours_runs: dict[str, list[dict[str, object]]] = {c[0]: [] for c in configs}
     for rnd in range(a.rounds):
         # Interleaved, so that a busy spell of the host hits every tool alike.
         ip_runs.append(iperf3(a.duration, a.size, a.iperf_rate))
         sp_runs.append(sockperf(a.duration))
-        for name, gso, enc, rtt in CONFIGS:
+        for name, gso, enc, rtt in configs:
             ours_runs[name].append(
                 ours(a.duration, a.size, a.rate, gso=gso, rtt=a.rtt_count if rtt else 0,
                      encrypt=enc)
@@ -171,7 +175,7 @@ def main() -> int:
           f"{'RTT p50 ms':>10} {'vs sockperf':>11}")  # fmt: skip
     print(f"{'iperf3':>14} {ip_mbps:>10.1f} {ip_loss:>8.3f} {ip_sent:>10.1f}")
     print(f"{'sockperf':>14} {'':>10} {'':>8} {'':>10} {'':>9} {sp50:>10.4f}")
-    for name, _gso, _enc, rtt in CONFIGS:
+    for name, _gso, _enc, rtt in configs:
         runs = ours_runs[name]
         tx = [r["results"][0] for r in runs]  # type: ignore[index]
         rx = [t["peer_view"] for t in tx]
@@ -193,7 +197,7 @@ def main() -> int:
         )
     print("per round: iperf3", [round(r["mbps"]) for r in ip_runs], "sockperf p50",
           [r.get("p50_ms") for r in sp_runs])  # fmt: skip
-    for name, *_ in CONFIGS:
+    for name, *_ in configs:
         print(f"per round: {name}", [
             (round(r["results"][0]["peer_view"]["mbps"]),  # type: ignore[index]
              round(r["results"][0]["peer_view"]["lost_percent"], 3))  # type: ignore[index]

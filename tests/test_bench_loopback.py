@@ -19,6 +19,7 @@ import pytest
 from websockets.asyncio.client import connect
 
 from p2plab.aio.bench import Benchmark
+from p2plab.aio.endpoint import mmsg_supported
 from p2plab.aio.worker import Worker, WorkerConfig
 from p2plab.results import (
     CSV_COLUMNS,
@@ -94,20 +95,25 @@ def drop_every(worker: Worker, n: int) -> list[int]:
 
 
 @pytest.mark.parametrize(
-    ("gso", "gro", "encrypt"),
+    ("gso", "gro", "encrypt", "mmsg"),
     [
-        (False, False, True),
-        (False, True, True),
-        (True, False, True),
-        (True, True, True),
-        (True, True, False),
-        (False, False, False),
+        (False, False, True, True),
+        (False, False, True, False),
+        (False, True, True, True),
+        (True, False, True, True),
+        (True, True, True, True),
+        (True, True, False, True),
+        (False, False, False, True),
+        (False, False, False, False),
     ],
 )
-async def test_run_with_injected_drops_counts_exactly(gso: bool, gro: bool, encrypt: bool) -> None:
+async def test_run_with_injected_drops_counts_exactly(
+    gso: bool, gro: bool, encrypt: bool, mmsg: bool
+) -> None:
     async with two_workers() as (a, b):
         assert b.endpoint is not None and a.endpoint is not None
         b.endpoint.set_gro(gro)
+        a.endpoint.mmsg = b.endpoint.mmsg = mmsg and mmsg_supported()
         dropped = drop_every(a, 7)
         r = await asyncio.wait_for(
             Benchmark(a, gso=gso, encrypt=encrypt).run(
@@ -128,6 +134,10 @@ async def test_run_with_injected_drops_counts_exactly(gso: bool, gro: bool, encr
         assert rx.gro == b.endpoint.gro
         assert r.encrypted is encrypt and rx.encrypted is encrypt
         assert rx.auth_failures == 0 and r.flow_control
+        # Which batching ran: sendmmsg for plain sends, the recvmmsg reader for the data.
+        batched = mmsg and mmsg_supported()
+        assert (a.endpoint.stats["mmsg_sends"] > 0) is (batched and not r.gso)
+        assert (b.endpoint.stats["mmsg_reads"] > 0) is batched
 
 
 async def test_both_ends_publish_both_views_and_chat_flows_during_a_run() -> None:
