@@ -2,9 +2,13 @@
 
 For each pair the lab is built, ``p2plab rendezvous`` starts on the rendezvous host and
 ``p2plab worker --events`` on hosts ``a`` and ``b``; the workers' JSON event lines (the same
-``status`` objects ``GET /status`` serves) are read until both say ``connected`` or the timeout
-passes.  Results go to ``matrix.csv`` and ``matrix.png`` (a heatmap) in the output directory,
-next to one log file per process.
+``status`` objects ``GET /status`` serves) are read until both say ``connected`` (or both fell
+back to ``relayed``) or the timeout passes.  Results go to ``matrix.csv`` and ``matrix.png`` (a
+heatmap) in the output directory, next to one log file per process.
+
+``outcome`` is about direct hole punching only (``direct``/``failed``, natlab.md's table);
+``fallback`` records the relay through the rendezvous: ``relayed`` when a failed pair ended
+relayed and a chat message from a reached b exactly once and was acknowledged.
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ import json
 import logging
 import subprocess
 import sys
+import textwrap
 import threading
 import time
 from collections.abc import Sequence
@@ -83,6 +88,10 @@ class PairResult:
     """Host a's last worker state."""
     b_state: str
     """Host b's last worker state."""
+    fallback: str = ""
+    """``relayed`` when direct punching failed but the pair ended relayed through the rendezvous
+    and chat worked over the relay (a message from a reached b exactly once, acknowledged);
+    empty otherwise."""
     error: str = ""
     """What went wrong, for outcome ``error``."""
 
@@ -103,6 +112,8 @@ class _EventReader(threading.Thread):
         self.status: dict[str, Any] = {}
         self.first_punching: float | None = None
         self.connected_at: float | None = None
+        self.relayed_at: float | None = None
+        self.chats_in: list[str] = []
 
     def run(self) -> None:
         for line in self.stream:
@@ -110,7 +121,14 @@ class _EventReader(threading.Thread):
                 msg = json.loads(line)
             except ValueError:
                 continue
-            if not isinstance(msg, dict) or msg.get("type") != "status":
+            if not isinstance(msg, dict):
+                continue
+            if msg.get("type") == "chat" and msg.get("direction") == "in":
+                with self.changed:
+                    self.chats_in.append(str(msg.get("text")))
+                    self.changed.notify_all()
+                continue
+            if msg.get("type") != "status":
                 continue
             now = time.monotonic()
             with self.changed:
@@ -120,6 +138,8 @@ class _EventReader(threading.Thread):
                     self.first_punching = now
                 if state == "connected" and self.connected_at is None:
                     self.connected_at = now
+                if state == "relayed" and self.relayed_at is None:
+                    self.relayed_at = now
                 self.changed.notify_all()
 
 
@@ -133,6 +153,31 @@ def _nat_text(status: dict[str, Any]) -> str:
 def _peer_endpoint(status: dict[str, Any]) -> str | None:
     peer = status.get("peer")
     return peer.get("endpoint") if isinstance(peer, dict) else None
+
+
+# Sends one chat through the worker UI on 127.0.0.1:8080 of its host and waits for the peer's
+# acknowledgement ("delivered" on stdout).
+_CHAT_PROBE = """
+import asyncio, json, sys
+import websockets
+
+async def main():
+    text, limit, url = sys.argv[1], float(sys.argv[2]), sys.argv[3]
+    async with websockets.connect(url) as ws:
+        await ws.send(json.dumps({"type": "chat", "text": text}))
+        msg_id = None
+        async with asyncio.timeout(limit):
+            while True:
+                msg = json.loads(await ws.recv())
+                if msg.get("type") == "chat" and msg.get("direction") == "out":
+                    if msg.get("text") == text:
+                        msg_id = msg.get("id")
+                elif msg.get("type") == "chat_delivered" and msg.get("id") == msg_id:
+                    print("delivered", flush=True)
+                    return
+
+asyncio.run(main())
+"""
 
 
 def _wait_listening(lab: Lab, host: str, addr: str, timeout: float) -> bool:
@@ -202,6 +247,37 @@ class PairRun:
         with self.changed:
             return self.changed.wait_for(self.connected, timeout=timeout)
 
+    def relayed(self) -> bool:
+        """Both workers say ``relayed`` right now (punching failed, the relay carries the link)."""
+        return all(r.status.get("state") == "relayed" for r in self.readers.values())
+
+    def wait_settled(self, timeout: float) -> bool:
+        """Wait until both workers were connected or both are relayed; False on timeout."""
+        with self.changed:
+            return self.changed.wait_for(
+                lambda: self.connected() or self.relayed(), timeout=timeout
+            )
+
+    def chat_exactly_once(self, sender: str, receiver: str, timeout: float = 15.0) -> bool:
+        """Send one chat from ``sender``'s worker: acknowledged, and received exactly once."""
+        text = f"p2plab matrix probe {time.monotonic_ns()}"
+        url = f"ws://127.0.0.1:{WORKER_HTTP_PORT}/ui_ws"
+        argv = [sys.executable, "-c", textwrap.dedent(_CHAT_PROBE), text, str(timeout), url]
+        try:
+            proc = self.lab.run(sender, argv, timeout=timeout + 15)
+        except subprocess.TimeoutExpired:
+            log.info("chat probe from %s did not finish", sender)
+            return False
+        if proc.returncode != 0 or "delivered" not in proc.stdout:
+            log.info("chat probe from %s not delivered: %s", sender, proc.stderr.strip()[-300:])
+            return False
+        reader = self.readers[receiver]
+        with self.changed:
+            self.changed.wait_for(lambda: text in reader.chats_in, timeout=timeout)
+        time.sleep(0.5)  # a duplicate would come right after
+        with self.changed:
+            return reader.chats_in.count(text) == 1
+
     def wait_classified(self, timeout: float) -> bool:
         """Wait until both workers report their own NAT classification."""
         with self.changed:
@@ -250,7 +326,7 @@ def run_pair(
         with Lab.from_config(config) as lab:
             name = f"{pa}__{'same-lan' if config.same_lan else pb}"
             run = PairRun(lab, log_dir=log_dir, name=name).start()
-            run.wait_connected(timeout)
+            run.wait_settled(timeout)
             # The workers classify their NAT (RFC 5780) alongside punching; give that a moment.
             run.wait_classified(nat_wait)
             with run.changed:
@@ -259,6 +335,10 @@ def run_pair(
                 readers = run.readers.values()
                 ends = [r.connected_at for r in readers if r.connected_at is not None]
                 starts = [r.first_punching for r in readers if r.first_punching is not None]
+                relayed = not done and run.relayed()
+            fallback = "relayed" if relayed and run.chat_exactly_once("a", "b") else ""
+            with run.changed:
+                sa, sb = run.status("a"), run.status("b")
             connect_s = max(ends) - run.t0 if done else None
             punch_s = max(ends) - min(starts) if done and starts else None
             return PairResult(
@@ -274,6 +354,7 @@ def run_pair(
                 b_nat=_nat_text(sb),
                 a_state=str(sa.get("state", "")),
                 b_state=str(sb.get("state", "")),
+                fallback=fallback,
             )
     except Exception as exc:  # one broken pair must not end the matrix
         log.exception("pair %s/%s failed to run", pa, pb)
@@ -350,8 +431,9 @@ def write_csv(results: Sequence[PairResult], path: Path) -> None:
 
 
 def plot_heatmap(results: Sequence[PairResult], path: Path, profiles: Sequence[str]) -> None:
-    """Profiles x profiles (plus a same-LAN row): green direct, red failed, grey error; each cell
-    shows the time to connect, and a ``!`` where the outcome disagrees with natlab.md."""
+    """Profiles x profiles (plus a same-LAN row): green direct, orange failed but relayed (the
+    fallback through the rendezvous), red failed, grey error; each cell shows the time to
+    connect (or ``failed → relay``), and a ``!`` where the outcome disagrees with natlab.md."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -363,10 +445,12 @@ def plot_heatmap(results: Sequence[PairResult], path: Path, profiles: Sequence[s
     rows = n + (1 if has_same else 0)
     grid = [[float("nan")] * n for _ in range(rows)]
     text = [[""] * n for _ in range(rows)]
-    code = {"failed": 0.0, "error": 1.0, "direct": 2.0}
+    code = {"failed": 0.0, "relayed": 1.0, "error": 2.0, "direct": 3.0}
     idx = {p: i for i, p in enumerate(profiles)}
     for r in results:
         label = f"{r.connect_s:.1f}s" if r.connect_s is not None else r.outcome
+        if r.outcome == "failed" and r.fallback:
+            label = "failed\n→ relay"
         if not r.agrees:
             label += " !"
         cells = [(n, idx[r.profile_a])] if r.same_lan else [
@@ -374,11 +458,11 @@ def plot_heatmap(results: Sequence[PairResult], path: Path, profiles: Sequence[s
             (idx[r.profile_b], idx[r.profile_a]),
         ]  # fmt: skip
         for y, x in cells:
-            grid[y][x] = code[r.outcome]
+            grid[y][x] = code["relayed" if r.outcome == "failed" and r.fallback else r.outcome]
             text[y][x] = label
     fig, ax = plt.subplots(figsize=(1.4 * n + 2, 1.0 * rows + 1.5))
-    cmap = ListedColormap(["#d9534f", "#aaaaaa", "#5cb85c"])
-    ax.imshow(grid, cmap=cmap, vmin=0, vmax=2)
+    cmap = ListedColormap(["#d9534f", "#f0ad4e", "#aaaaaa", "#5cb85c"])
+    ax.imshow(grid, cmap=cmap, vmin=0, vmax=3)
     ax.set_xticks(range(n), list(profiles), rotation=30, ha="right")
     ylabels = list(profiles) + (["same LAN"] if has_same else [])
     ax.set_yticks(range(rows), ylabels)
@@ -388,7 +472,10 @@ def plot_heatmap(results: Sequence[PairResult], path: Path, profiles: Sequence[s
         for x in range(n):
             if text[y][x]:
                 ax.text(x, y, text[y][x], ha="center", va="center", fontsize=8)
-    ax.set_title("UDP hole punching in the kernel NAT lab (green direct, red failed)")
+    ax.set_title(
+        "UDP hole punching in the kernel NAT lab\n"
+        "(green direct, orange failed → relayed, red failed)"
+    )
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -410,14 +497,15 @@ def run_from_args(args: argparse.Namespace) -> int:
         rate_b_mbit=args.rate_b_mbit,
     )
     w = sys.stdout.write
-    head = f"{'site A':<16} {'site B':<16} {'outcome':<8} {'expected':<8} {'time':>6}"
+    head = f"{'site A':<16} {'site B':<16} {'outcome':<15} {'expected':<8} {'time':>6}"
     w(head + "  a peer / b peer\n")
     for r in results:
         b = "same LAN" if r.same_lan else r.profile_b
         t = f"{r.connect_s:.1f}s" if r.connect_s is not None else "-"
         mark = "" if r.agrees else "  <-- disagrees with natlab.md"
+        outcome = f"{r.outcome} → relay" if r.fallback else r.outcome
         w(
-            f"{r.profile_a:<16} {b:<16} {r.outcome:<8} {r.expected:<8} {t:>6}  "
+            f"{r.profile_a:<16} {b:<16} {outcome:<15} {r.expected:<8} {t:>6}  "
             f"{r.a_peer_endpoint} / {r.b_peer_endpoint}{mark}\n"
         )
     w(f"{len(results)} pairs in {time.monotonic() - t0:.0f} s; wrote {out}/matrix.csv and "
