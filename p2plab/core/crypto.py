@@ -266,6 +266,12 @@ class PeerCipher:
         self._windows: OrderedDict[bytes, ReplayWindow] = OrderedDict()
         self._keys: OrderedDict[tuple[bool, bytes, bytes], ChaCha20Poly1305] = OrderedDict()
         self._counter = 0
+        # Fast paths of the established session pair (dropped whenever :meth:`open` runs, the
+        # only place where tags, windows and retirements change): for opening, the peer's and
+        # our tag, the replay window and the cipher; for sealing, per header, the receiver tag
+        # it was built for, the cipher, the associated data and the two tags.
+        self._open_fast: tuple[bytes, ReplayWindow, ChaCha20Poly1305] | None = None
+        self._seal_fast: dict[bytes, tuple[bytes | None, ChaCha20Poly1305, bytes, bytes]] = {}
         self.stats: dict[str, int] = {
             "sealed": 0,
             "opened": 0,
@@ -346,6 +352,8 @@ class PeerCipher:
 
     def open(self, header: bytes, sealed: bytes) -> bytes:
         """Decrypt and check; raises :class:`AuthenticationFailed` or :class:`ReplayedDatagram`."""
+        self._open_fast = None
+        self._seal_fast.clear()
         if len(sealed) < SEAL_OVERHEAD or len(header) != HEADER_SIZE:
             self.stats["auth_failures"] += 1
             raise AuthenticationFailed(f"sealed body too short: {len(sealed)} bytes")
@@ -386,7 +394,34 @@ class PeerCipher:
     def seal_datagram(self, datagram: bytes) -> bytes:
         """Seal a whole plaintext datagram (4-byte header, then body): header + sealed body."""
         header = bytes(datagram[:HEADER_SIZE])
-        return header + self.seal(header, bytes(datagram[HEADER_SIZE:]))
+        fast = self._seal_fast.get(header)
+        if fast is None or fast[0] != self._tags.peer_tag or header[3] == _PROBE_ACK:
+            sealed = header + self.seal(header, bytes(datagram[HEADER_SIZE:]))
+            if len(header) == HEADER_SIZE and header[3] != _PROBE_ACK and len(self._seal_fast) < 8:
+                tags = self._tags
+                rtag = tags.receiver_tag_for(header[3])
+                aead = self._aead(True, tags.local_tag, rtag)
+                pair = tags.local_tag + rtag
+                self._seal_fast[header] = (tags.peer_tag, aead, header + pair, pair)
+            return sealed
+        _, aead, aad, pair = fast
+        ctr = self._counter.to_bytes(_COUNTER_SIZE, "big")
+        self._counter += 1
+        self.stats["sealed"] += 1
+        return header + pair + ctr + aead.encrypt(_NONCE_PAD + ctr, datagram[HEADER_SIZE:], aad)
+
+    def _fast_open(self) -> tuple[bytes, ReplayWindow, ChaCha20Poly1305] | None:
+        """The fast path of the established session pair, if there is one."""
+        st = self._open_fast
+        if st is None:
+            tags = self._tags
+            peer = tags.peer_tag
+            if tags._confirmed and peer is not None and peer not in tags.retired:
+                win = self._windows.get(peer)
+                if win is not None:
+                    aead = self._aead(False, peer, tags.local_tag)
+                    st = self._open_fast = (peer + tags.local_tag, win, aead)
+        return st
 
     def open_datagram(self, data: bytes) -> bytes | None:
         """The plaintext datagram (header + body), or None if it fails (counted in ``stats``)."""
@@ -394,6 +429,26 @@ class PeerCipher:
             self.stats["auth_failures"] += 1
             return None
         header = bytes(data[:HEADER_SIZE])
+        fast = self._fast_open()
+        if fast is not None and len(data) >= HEADER_SIZE + SEAL_OVERHEAD:
+            key, window, aead = fast
+            mv = memoryview(data)
+            if mv[HEADER_SIZE : HEADER_SIZE + 2 * TAG_SIZE] == key:
+                ctr = bytes(mv[HEADER_SIZE + 2 * TAG_SIZE : HEADER_SIZE + _PREFIX])
+                try:
+                    body = aead.decrypt(_NONCE_PAD + ctr, mv[HEADER_SIZE + _PREFIX :], header + key)
+                except InvalidTag:
+                    self.stats["auth_failures"] += 1
+                    return None
+                c = int.from_bytes(ctr, "big")
+                if not window.fresh(c):
+                    self.stats["replays"] += 1
+                    return None
+                window.accept(c)
+                self._tags._reply_tag = key[:TAG_SIZE]
+                self._windows.move_to_end(key[:TAG_SIZE])
+                self.stats["opened"] += 1
+                return header + body
         try:
             return header + self.open(header, bytes(data[HEADER_SIZE:]))
         except RemoteProtocolError:
@@ -479,12 +534,10 @@ class PeerCipher:
                 continue
             header = bytes(mv[start : start + HEADER_SIZE])
             pair = bytes(mv[start + HEADER_SIZE : start + ctr_at])
-            if key is None and tags._confirmed and tags.peer_tag is not None:
-                cand = tags.peer_tag + tags.local_tag
-                win = self._windows.get(tags.peer_tag)
-                if win is not None and tags.peer_tag not in tags.retired:
-                    key, window = cand, win
-                    aead = self._aead(False, tags.peer_tag, tags.local_tag)
+            if key is None:
+                fast = self._fast_open()
+                if fast is not None:
+                    key, window, aead = fast
             if pair == key and (header == head or head is None) and aead is not None:
                 if head is None:
                     head = header
