@@ -26,7 +26,7 @@ __all__ = ["Backend", "Deliver", "MemoryBackend"]
 logger = logging.getLogger(__name__)
 
 #: Callback a backend uses to hand the web layer an action that arrived from elsewhere.
-Deliver = Callable[[Action], None]
+Deliver = Callable[[Action], object]
 
 
 class Backend(Protocol):

@@ -415,3 +415,49 @@ async def test_redis_backend_refuses_unpaired_relay(redis_url: str) -> None:
         finally:
             for w in (a, b, c):
                 await w.close()
+
+
+async def test_worker_drops_relayed_datagrams_it_cannot_use() -> None:
+    """From a stranger, garbage from the peer, or with relay off: dropped, counted, no crash."""
+    async with running_rendezvous(stun_port=0) as rv:
+        async with blocked_workers(rv, rv) as (a, b, _, _):
+            await a.wait_for_state("relayed", timeout=T)
+            await b.wait_for_state("relayed", timeout=T)
+            stranger = RelayIn.model_validate(
+                {"from": "someone-else", "data": base64.b64encode(b"x" * 40).decode()}
+            )
+            await a._on_rendezvous_message(stranger)
+            assert a.stats["relay_dropped"] == 1
+            assert b.worker_id == a.peer_id
+            session = a.status()["stats"]["session"]
+            bad_before = session["dropped_malformed"] + session["dropped_unauthenticated"]
+            for junk in (b"", b"\x00" * 3, os.urandom(200), b"\xd7\x50\x01\x01" + os.urandom(60)):
+                forged = RelayIn.model_validate(
+                    {"from": b.worker_id, "data": base64.b64encode(junk).decode()}
+                )
+                await a._on_rendezvous_message(forged)
+            session = a.status()["stats"]["session"]
+            dropped = (
+                session["dropped_malformed"]
+                + session["dropped_unauthenticated"]
+                + session["dropped_unknown_type"]
+            )
+            assert dropped - bad_before >= 3
+            assert a.state == "relayed" and a.stats["relay_switches"] == 1
+            await chat_both_ways(a, b, n=2)
+    async with running_rendezvous(stun_port=0) as rv:
+        async with blocked_workers(rv, rv, a_relay=False) as (a, b, _, _):
+            in_b = Inbox(b)
+            # b falls back to the relay, but a does not relay: b's relayed probes go unanswered
+            # and b gives up too.
+            await in_b.wait(
+                lambda seen: any(
+                    m["type"] == "status"
+                    and m["state"] == "waiting_for_peer"
+                    and m["stats"]["relay_switches"] == 1
+                    for m in seen
+                ),
+                T,
+            )
+            assert a.stats["relay_dropped"] > 0 and a.stats["relay_switches"] == 0
+            assert a.state != "relayed" and b.state != "relayed"
