@@ -29,7 +29,7 @@ import time
 from typing import Any
 
 P2PLAB = [sys.executable, "-m", "p2plab"]
-RX_LOG: Any = open("/tmp/rxlog.txt", "w")  # noqa
+RX_LOG: Any = subprocess.DEVNULL  # where the receiving worker logs (a file to debug a run)
 
 
 def free_port(kind: int = socket.SOCK_STREAM) -> int:
@@ -91,7 +91,13 @@ def sockperf(duration: float) -> dict[str, float]:
 
 
 def ours(
-    duration: float, size: int, rate: float, gso: bool, rtt: int, encrypt: bool = True
+    duration: float,
+    size: int,
+    rate: float,
+    gso: bool,
+    rtt: int,
+    encrypt: bool = True,
+    mmsg: bool = True,
 ) -> dict[str, object]:
     port = free_port()
     rv = subprocess.Popen(
@@ -103,7 +109,8 @@ def ours(
     try:
         time.sleep(2.0)
         rx = subprocess.Popen(
-            [*P2PLAB, "bench", "--rendezvous", url, "--role", "receive"],
+            [*P2PLAB, "bench", "--rendezvous", url, "--role", "receive"]
+            + ([] if mmsg else ["--no-mmsg"]),
             stdout=subprocess.DEVNULL, stderr=RX_LOG,
         )  # fmt: skip
         procs.append(rx)
@@ -115,6 +122,8 @@ def ours(
             args.append("--no-gso")
         if not encrypt:
             args.append("--no-encrypt")
+        if not mmsg:
+            args.append("--no-mmsg")
         out = subprocess.run(args, capture_output=True, text=True, timeout=duration + 60)
         if out.returncode != 0:
             raise RuntimeError(out.stderr[-2000:])
@@ -128,11 +137,17 @@ def ours(
                 p.kill()
 
 
-CONFIGS = (  # name, gso, encrypt, with RTT
-    ("plain", False, True, True),
-    ("plain/noenc", False, False, True),
-    ("gso-gro", True, True, False),
-    ("gso-gro/noenc", True, False, False),
+CONFIGS = (  # name, gso, encrypt, with RTT, sendmmsg/recvmmsg
+    ("plain", False, True, True, True),
+    ("plain/noenc", False, False, True, True),
+    ("gso-gro", True, True, False, True),
+    ("gso-gro/noenc", True, False, False, True),
+)
+EXTRA_CONFIGS = (  # only with --only: one syscall per datagram, for comparisons
+    ("plain/nommsg", False, True, False, False),
+    ("plain/noenc/nommsg", False, False, False, False),
+    ("gso-gro/nommsg", True, True, False, False),
+    ("gso-gro/noenc/nommsg", True, False, False, False),
 )
 
 
@@ -148,7 +163,8 @@ def main() -> int:
         "--only", default="", help="comma-separated configs of ours to run (default: all)"
     )
     a = ap.parse_args()
-    configs = [c for c in CONFIGS if not a.only or c[0] in a.only.split(",")]
+    wanted = a.only.split(",") if a.only else [c[0] for c in CONFIGS]
+    configs = [c for c in CONFIGS + EXTRA_CONFIGS if c[0] in wanted]
     for tool in ("iperf3", "sockperf"):
         if shutil.which(tool) is None:
             print(f"{tool} not found", file=sys.stderr)
@@ -160,10 +176,10 @@ def main() -> int:
         # Interleaved, so that a busy spell of the host hits every tool alike.
         ip_runs.append(iperf3(a.duration, a.size, a.iperf_rate))
         sp_runs.append(sockperf(a.duration))
-        for name, gso, enc, rtt in configs:
+        for name, gso, enc, rtt, mmsg in configs:
             ours_runs[name].append(
                 ours(a.duration, a.size, a.rate, gso=gso, rtt=a.rtt_count if rtt else 0,
-                     encrypt=enc)
+                     encrypt=enc, mmsg=mmsg)
             )  # fmt: skip
         print(f"round {rnd + 1}/{a.rounds} done", file=sys.stderr, flush=True)
     ip_mbps = statistics.median(r["mbps"] for r in ip_runs)
@@ -171,11 +187,11 @@ def main() -> int:
     ip_sent = statistics.median(r["sent_mbps"] for r in ip_runs)
     sp50 = statistics.median(r.get("p50_ms", float("nan")) for r in sp_runs)
     print(f"payload {a.size} B, {a.duration} s per run, loopback, medians of {a.rounds} rounds")
-    print(f"{'':>14} {'recv Mb/s':>10} {'lost %':>8} {'sent Mb/s':>10} {'vs iperf3':>9} "
+    print(f"{'':>20} {'recv Mb/s':>10} {'lost %':>8} {'sent Mb/s':>10} {'vs iperf3':>9} "
           f"{'RTT p50 ms':>10} {'vs sockperf':>11}")  # fmt: skip
-    print(f"{'iperf3':>14} {ip_mbps:>10.1f} {ip_loss:>8.3f} {ip_sent:>10.1f}")
-    print(f"{'sockperf':>14} {'':>10} {'':>8} {'':>10} {'':>9} {sp50:>10.4f}")
-    for name, _gso, _enc, rtt in configs:
+    print(f"{'iperf3':>20} {ip_mbps:>10.1f} {ip_loss:>8.3f} {ip_sent:>10.1f}")
+    print(f"{'sockperf':>20} {'':>10} {'':>8} {'':>10} {'':>9} {sp50:>10.4f}")
+    for name, _gso, _enc, rtt, mmsg in configs:
         runs = ours_runs[name]
         tx = [r["results"][0] for r in runs]  # type: ignore[index]
         rx = [t["peer_view"] for t in tx]
@@ -183,9 +199,9 @@ def main() -> int:
         lost = statistics.median(float(r["lost_percent"]) for r in rx)
         sent = statistics.median(float(t["mbps"]) for t in tx)
         line = (
-            f"{name:>14} {mbps:>10.1f} {lost:>8.3f} {sent:>10.1f} {mbps / ip_mbps:>8.2f}x"
+            f"{name:>20} {mbps:>10.1f} {lost:>8.3f} {sent:>10.1f} {mbps / ip_mbps:>8.2f}x"
             if ip_mbps
-            else f"{name:>14} {mbps:>10.1f} {lost:>8.3f} {sent:>10.1f} {'':>9}"
+            else f"{name:>20} {mbps:>10.1f} {lost:>8.3f} {sent:>10.1f} {'':>9}"
         )
         if rtt:
             p50 = statistics.median(float(r["rtt"]["p50_ms"]) for r in runs)  # type: ignore[index]
@@ -193,7 +209,7 @@ def main() -> int:
         print(
             line,
             f" gso={tx[0]['gso']} gro={rx[0]['gro']} encrypted={rx[0]['encrypted']}"
-            f" flow_control={tx[0]['flow_control']}",
+            f" flow_control={tx[0]['flow_control']} mmsg={mmsg}",
         )
     print("per round: iperf3", [round(r["mbps"]) for r in ip_runs], "sockperf p50",
           [r.get("p50_ms") for r in sp_runs])  # fmt: skip

@@ -42,6 +42,11 @@ def register_cli(subparsers: Any) -> None:
     p.add_argument("--rtt", type=int, default=0, help="also ping-pong this many times")
     p.add_argument("--no-gso", action="store_true", help="plain sends even where GSO exists")
     p.add_argument(
+        "--no-mmsg",
+        action="store_true",
+        help="one syscall per datagram: no sendmmsg/recvmmsg batching (for comparisons)",
+    )
+    p.add_argument(
         "--no-encrypt",
         action="store_true",
         help="explicit unencrypted mode: benchmark datagrams are not sealed (marked in results)",
@@ -92,6 +97,8 @@ async def _cmd_bench(args: argparse.Namespace) -> int:
     )
     worker = Worker(config)
     await worker.start()
+    if args.no_mmsg and worker.endpoint is not None:
+        worker.endpoint.mmsg = False
     try:
         await worker.wait_connected(timeout=args.connect_timeout)
         state = _BenchState.of(worker)

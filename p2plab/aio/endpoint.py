@@ -110,6 +110,7 @@ MMSG_RECV_SLOTS = 256
 """Receive slots (of 64 KiB: 16 MiB, allocated once a bulk sink is armed): up to this many
 datagrams (or GRO reads) are accounted per batch, which keeps per-batch costs small."""
 _NAME_SIZE = 32  # a sockaddr_in6 (28) rounded up
+_MMSG_FLUSH_BYTES = 2 * 1024 * 1024  # hand a batch over once this much has landed
 _MSG_DONTWAIT = getattr(socket, "MSG_DONTWAIT", 0x40)
 
 
@@ -695,13 +696,14 @@ class UdpEndpoint:
         reads: list[tuple[int, int, int, int]] = []
         addrs: list[Address] = []
         first = 0
+        filled = 0  # bytes in the slots since the last flush: keep the batch cache-sized
         try:
             for _ in range(_MAX_READS_PER_WAKEUP // MMSG_BATCH):
-                if first + MMSG_BATCH > MMSG_RECV_SLOTS:
+                if first + MMSG_BATCH > MMSG_RECV_SLOTS or filled > _MMSG_FLUSH_BYTES:
                     if reads:
                         self._flush(reads, addrs, view)
                         reads, addrs = [], []
-                    first = 0
+                    first = filled = 0
                 try:
                     k = mm.recvmmsg(first)
                 except OSError as exc:
@@ -713,6 +715,7 @@ class UdpEndpoint:
                 arrival = time.monotonic_ns()
                 end = first + k
                 lens = mm.r_u32[first:end, 14].tolist()
+                filled += sum(lens)
                 flags = mm.r_u32[first:end, 12].tolist()
                 segs = list(lens)
                 if self.gro:
