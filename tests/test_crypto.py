@@ -327,6 +327,50 @@ def test_open_many_mixes_the_fast_path_with_first_contact_and_older_sessions() -
     assert b.stats["opened"] == 1 + 4
 
 
+def test_open_many_into_writes_bodies_and_refuses_what_open_refuses() -> None:
+    ca, cb = linked_ciphers(4)
+    size, count = 200, 12
+    osz = size + SEAL_OVERHEAD
+    src = batch(count, size)
+    sealed = bytearray(osz * count)
+    ca.seal_many(src, size, count, sealed)
+    spans = [(i * osz, (i + 1) * osz) for i in range(count)]
+    order = [0, 1, 2, 5, 3, 4, 4, 6, 7, 8, 9, 10, 11, 0]  # reordered, a duplicate, a replay
+    sealed[9 * osz + 100] ^= 0x40  # datagram 9 forged
+    stride = size - 4 + 8  # room to spare
+    out = bytearray(stride * len(order))
+    oks = cb.open_many_into(sealed, [spans[j] for j in order], out, stride)
+    want = [True, True, True, True, True, True, False, True, True, True, False, True, True, False]
+    assert oks == want
+    for i, j in enumerate(order):
+        if oks[i]:
+            assert (
+                bytes(out[i * stride : i * stride + size - 4]) == src[j * size + 4 : (j + 1) * size]
+            )
+    assert cb.stats["replays"] == 2 and cb.stats["auth_failures"] == 1
+    assert cb.stats["opened"] == 1 + sum(want)
+    # The window took every accepted counter: all of them are replays now, one by one too.
+    assert cb.open_many_into(sealed, spans, out, stride) == [False] * count
+    assert cb.open_datagram(bytes(sealed[:osz])) is None
+    assert cb.stats["replays"] == 2 + (count - 1) + 1
+    # A body longer than the stride is refused (counted), never written past it.
+    assert cb.open_many_into(sealed, spans[:1], bytearray(10), 10) == [False]
+
+
+@pytest.mark.parametrize(("first", "count"), [(0, 1), (5, 3), (40, 100), (3000, 2000), (2, 5)])
+def test_replay_window_accept_run_equals_accepting_one_by_one(first: int, count: int) -> None:
+    a, b = ReplayWindow(64), ReplayWindow(64)
+    for w in (a, b):
+        for c in (0, 2, 3, 7):
+            w.accept(c)
+    a.accept_run(first, count)
+    for c in range(first, first + count):
+        if b.fresh(c):
+            b.accept(c)
+    assert a.top == b.top
+    assert [a.fresh(c) for c in range(b.top + 2)] == [b.fresh(c) for c in range(b.top + 2)]
+
+
 def test_plain_envelope_keeps_tags_without_cryptography() -> None:
     r = random.Random(2)
     pa, pb = PlainEnvelope(r.randbytes), PlainEnvelope(r.randbytes)

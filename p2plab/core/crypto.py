@@ -165,6 +165,21 @@ class ReplayWindow:
             return False
         return not (self._bits >> offset) & 1
 
+    def accept_run(self, first: int, count: int) -> None:
+        """Mark ``first .. first + count - 1`` as seen, all above :attr:`top` (one update)."""
+        if count <= 0:
+            return
+        if first <= self.top:
+            for c in range(first, first + count):
+                if self.fresh(c):
+                    self.accept(c)
+            return
+        last = first + count - 1
+        shift = last - self.top
+        run = (1 << min(count, self.size)) - 1
+        self._bits = ((self._bits << shift) | run) & self._mask if shift < self.size else run
+        self.top = last
+
     def accept(self, counter: int) -> None:
         """Mark ``counter`` as seen (call after the datagram authenticated)."""
         if counter > self.top:
@@ -577,6 +592,109 @@ class PeerCipher:
         self.stats["auth_failures"] += failed
         self.stats["replays"] += replayed
         return out
+
+    def open_many_into(
+        self,
+        buf: Buffer,
+        spans: Sequence[tuple[int, int]],
+        out: bytearray | memoryview,
+        stride: int,
+    ) -> list[bool]:
+        """:meth:`open_many` without a bytes object per datagram: body ``i`` goes to ``out``.
+
+        The plaintext body of span ``i`` (its length is the span's minus ``HEADER_SIZE +
+        SEAL_OVERHEAD``) is written at ``i * stride`` in ``out``; returns, per span, whether it
+        opened.  Same rules and counting as :meth:`open`; a run of consecutive counters above
+        the replay window is accepted in one update.  Bodies longer than ``stride`` fail.
+        """
+        mv = memoryview(buf)
+        ov = memoryview(out)
+        if len(ov) < stride * len(spans):
+            raise ValueError("output buffer too small for the batch")
+        oks: list[bool] = []
+        append = oks.append
+        ctr_at = HEADER_SIZE + 2 * TAG_SIZE
+        body_at = HEADER_SIZE + _PREFIX
+        overhead = HEADER_SIZE + SEAL_OVERHEAD
+        opened = failed = replayed = 0
+        fast = self._fast_open()
+        headpair: bytes | None = None
+        run_first = run_next = -1  # a pending run of fresh counters (accepted at once)
+        top = fast[1].top if fast is not None else -1
+        for i, (start, end) in enumerate(spans):
+            n = end - start - overhead
+            if n < 0 or n > stride:
+                failed += 1
+                append(False)
+                continue
+            if fast is not None:
+                key, window, aead = fast
+                hp = mv[start : ctr_at + start]
+                if headpair is None and hp[HEADER_SIZE:] == key:
+                    headpair = bytes(hp)
+                if headpair is not None and hp == headpair:
+                    ctr = bytes(mv[start + ctr_at : start + body_at])
+                    try:
+                        aead.decrypt_into(
+                            _NONCE_PAD + ctr, mv[start + body_at : end], headpair,
+                            ov[i * stride : i * stride + n],
+                        )  # fmt: skip
+                    except InvalidTag:
+                        failed += 1
+                        append(False)
+                        continue
+                    c = int.from_bytes(ctr, "big")
+                    if c > top:
+                        if c != run_next:
+                            if run_next >= 0:
+                                window.accept_run(run_first, run_next - run_first)
+                            run_first = c
+                        run_next = c + 1
+                        top = c
+                    else:
+                        if run_next >= 0:
+                            window.accept_run(run_first, run_next - run_first)
+                            run_first = run_next = -1
+                        if not window.fresh(c):
+                            replayed += 1
+                            append(False)
+                            continue
+                        window.accept(c)
+                    opened += 1
+                    append(True)
+                    continue
+            # Anything else: the full rules (which may change tags and windows).
+            if fast is not None and run_next >= 0:
+                fast[1].accept_run(run_first, run_next - run_first)
+            run_first = run_next = -1
+            if opened and fast is not None:
+                self._tags._reply_tag = fast[0][:TAG_SIZE]
+                self._windows.move_to_end(fast[0][:TAG_SIZE])
+            self.stats["opened"] += opened
+            self.stats["auth_failures"] += failed
+            self.stats["replays"] += replayed
+            opened = failed = replayed = 0
+            header = bytes(mv[start : start + HEADER_SIZE])
+            try:
+                body = self.open(header, bytes(mv[start + HEADER_SIZE : end]))
+            except RemoteProtocolError:
+                append(False)
+            else:
+                ov[i * stride : i * stride + len(body)] = body
+                append(True)
+            fast = self._fast_open()
+            headpair = None
+            top = fast[1].top if fast is not None else -1
+        if fast is not None:
+            if run_next >= 0:
+                fast[1].accept_run(run_first, run_next - run_first)
+            if opened:
+                self._tags._reply_tag = fast[0][:TAG_SIZE]
+                self._windows.move_to_end(fast[0][:TAG_SIZE])
+        self.stats["opened"] += opened
+        self.stats["auth_failures"] += failed
+        self.stats["replays"] += replayed
+        return oks
 
 
 class PlainEnvelope:
