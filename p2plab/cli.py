@@ -104,6 +104,7 @@ async def _cmd_rendezvous(args: argparse.Namespace) -> int:
         redis_url=args.redis,
         on_started=started,
         handle_signals=False,
+        relay=not args.no_relay,
     )
     return 0
 
@@ -143,6 +144,7 @@ def _worker_config(args: argparse.Namespace) -> Any:
         public_ip_url=_env("PUBLIC_IP_URL"),
         nat_report=not args.no_nat_report,
         encrypt=not args.no_encrypt,
+        relay=not args.no_relay,
         session=SessionConfig(**timers),
     )
 
@@ -226,6 +228,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--admin-token", default=_env("ADMIN_TOKEN"), help="bearer token for /debug/list_workers"
     )
+    p.add_argument(
+        "--no-relay", action="store_true", help="refuse to relay for pairs that cannot punch"
+    )
     p.set_defaults(func=_cmd_rendezvous)
 
     p = sub.add_parser("stun-server", help="run a standalone STUN server")
@@ -251,6 +256,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--no-encrypt",
         action="store_true",
         help="plaintext peer datagrams (only pairs with a peer that also says so)",
+    )
+    p.add_argument(
+        "--no-relay",
+        action="store_true",
+        help="no relay fallback through the rendezvous when punching fails",
     )
     p.add_argument("--keepalive", type=float, metavar="S", help="keep-alive interval (default 5)")
     p.add_argument(

@@ -40,9 +40,11 @@ def test_worker_flags_win_over_environment(monkeypatch: pytest.MonkeyPatch) -> N
     assert cfg.room == "flagroom"
     assert cfg.http_port == 9999 and cfg.udp_port == 40000
     assert cfg.session.peer_timeout == 3.0 and cfg.session.keepalive_interval == 1.0
-    args = build_parser().parse_args(["worker", "--stun", "c:3", "--stun", "d:4", "--no-encrypt"])
+    args = build_parser().parse_args(
+        ["worker", "--stun", "c:3", "--stun", "d:4", "--no-encrypt", "--no-relay"]
+    )
     cfg = _worker_config(args)
-    assert cfg.stun_servers == ("c:3", "d:4") and cfg.encrypt is False
+    assert cfg.stun_servers == ("c:3", "d:4") and cfg.encrypt is False and cfg.relay is False
 
 
 def test_bad_input_gives_one_clear_line() -> None:
