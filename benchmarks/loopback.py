@@ -177,10 +177,19 @@ def main() -> int:
         ip_runs.append(iperf3(a.duration, a.size, a.iperf_rate))
         sp_runs.append(sockperf(a.duration))
         for name, gso, enc, rtt, mmsg in configs:
-            ours_runs[name].append(
-                ours(a.duration, a.size, a.rate, gso=gso, rtt=a.rtt_count if rtt else 0,
-                     encrypt=enc, mmsg=mmsg)
-            )  # fmt: skip
+            for attempt in (1, 2):
+                try:
+                    ours_runs[name].append(
+                        ours(a.duration, a.size, a.rate, gso=gso, rtt=a.rtt_count if rtt else 0,
+                             encrypt=enc, mmsg=mmsg)
+                    )  # fmt: skip
+                    break
+                except (RuntimeError, subprocess.TimeoutExpired) as exc:
+                    # Seen rarely: the pair connects but bench_start goes unanswered.  Say so
+                    # and run that configuration again (a second failure ends the script).
+                    print(f"{name}: run failed ({str(exc).strip()[-200:]})", file=sys.stderr)
+                    if attempt == 2:
+                        raise
         print(f"round {rnd + 1}/{a.rounds} done", file=sys.stderr, flush=True)
     ip_mbps = statistics.median(r["mbps"] for r in ip_runs)
     ip_loss = statistics.median(r["lost_percent"] for r in ip_runs)
