@@ -4,13 +4,15 @@
 
 Runs, all on 127.0.0.1 and each bounded in time:
   1. iperf3 UDP (``-b 0``: unlimited), receiver goodput and loss from its JSON;
-  2. ``p2plab bench`` between two worker processes (rendezvous as a third), plain sends;
+  2. ``p2plab bench`` between two worker processes (rendezvous as a third), plain sends: one
+     datagram (one skb) each, batched 64 per ``sendmmsg``/``recvmmsg`` call, no GSO coalescing;
   3. the same with UDP GSO/GRO;
   4. sockperf ping-pong (64 bytes) vs our RTT ping-pong (sockperf's default ping-pong does not
      busy-poll and neither do we: both sides sleep in the kernel between datagrams);
 each of ours sealed with the link's keys (the default) and in the explicit unencrypted mode, and
 all of it ``--rounds`` times interleaved (medians: this host is shared and noisy).  Our sender
 obeys the receiver's credit window (rate 0: as fast as the receiver reads, no overrun).
+``--only plain/nommsg,...`` adds runs with one syscall per datagram, for comparison.
 Prints a table with the ratios the issue targets (goodput ours/iperf3 >= 1 plain with < 1% loss,
 >= 5 with GSO/GRO; RTT p50 ours/sockperf <= 2).
 """

@@ -38,11 +38,13 @@ peer answers a ping with a ``sock.sendto`` from its reader callback, and our nex
 ours when the pong arrives; one future completes at the end.  Nothing busy-polls (like sockperf's
 default ping-pong, each side sleeps in the kernel between datagrams).
 
-Data path: the sender fills headers of a pre-built batch in place (numpy), seals each datagram
-into the send buffer when encrypted, sends with UDP GSO when the kernel has it
+Data path: the sender fills headers of a pre-built batch in place (numpy), seals the batch
+straight into the send buffer when encrypted (``PeerCipher.seal_many``: one counter range, one
+cipher), sends with UDP GSO when the kernel has it and with ``sendmmsg`` otherwise
 (``UdpEndpoint.send_segments``), paces with a token bucket and loop timers, and waits for
-writability on EAGAIN.  The receiver gets reads in batches from the endpoint (GRO aware) and
-parses and counts them with numpy.
+writability on EAGAIN.  The receiver gets reads in batches from the endpoint (``recvmmsg``, GRO
+aware), opens sealed ones into one scratch buffer (``PeerCipher.open_many_into``) and parses and
+counts them with numpy.
 """
 
 from __future__ import annotations

@@ -20,6 +20,13 @@ through :meth:`UdpEndpoint.send_segments`, with UDP GSO (``UDP_SEGMENT`` as a pe
 message, since the socket is not connected) when available.  Both fall back cleanly to plain
 reads and sends when the kernel or platform lacks them.
 
+Batching without GSO (Linux, through ctypes): plain sends of many datagrams go out with
+``sendmmsg(2)``, 64 per call (still one datagram, one skb each: what "plain" means in the
+benchmark), and while a bulk sink is armed the reader uses ``recvmmsg(2)`` into 256 pre-allocated
+64 KiB slots (GRO aware), handing the sink batches that span several calls.  The mmsghdr, iovec
+and sockaddr arrays are built once per socket.  ``UdpEndpoint(..., mmsg=False)`` (or setting
+:attr:`UdpEndpoint.mmsg`) keeps one syscall per datagram, as does a platform without them.
+
 Latency path.  A *fast handler* (:meth:`UdpEndpoint.set_fast_handler`) gets p2p datagrams of one
 type straight from the read, before any copy or demultiplexing (the benchmark's ping-pong answers
 and sends from there); after such a datagram the reader returns to the loop instead of trying one
