@@ -81,6 +81,10 @@ class Backend(Protocol):
     async def forward(self, action: Action) -> None:
         """Deliver an action for a connection that is not on this instance."""
 
+    async def registered_key(self, worker_id: str) -> tuple[bool, str | None]:
+        """Whether ``worker_id`` is registered now, and the public key it registered with."""
+        ...
+
     async def relay_target(self, worker_id: str, conn_id: str, to: str) -> str | None:
         """The connection id of ``to`` if it and ``worker_id`` (on ``conn_id``) are paired.
 
@@ -142,6 +146,10 @@ class MemoryBackend:
 
     async def list_workers(self) -> list[dict[str, Any]]:
         return [w.to_public_dict() for w in self.registry.workers()]
+
+    async def registered_key(self, worker_id: str) -> tuple[bool, str | None]:
+        record = self.registry.get(worker_id)
+        return (record is not None, record.public_key if record is not None else None)
 
     async def relay_target(self, worker_id: str, conn_id: str, to: str) -> str | None:
         return self.registry.relay_target(worker_id, conn_id, to)

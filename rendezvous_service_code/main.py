@@ -161,6 +161,7 @@ class _Stats:
     refused_worker_id: int = 0
     refused_capacity: int = 0
     register_timeouts: int = 0
+    refused_takeover: int = 0
     relayed: int = 0
     relayed_bytes: int = 0
     relay_refused: int = 0
@@ -449,6 +450,17 @@ def create_app(
                         hub.stats.refused_token += 1
                         logger.info("worker %s: invalid token for room %r", worker_id, msg.room)
                         conn.close(CLOSE_POLICY, "invalid token")
+                        break
+                    live, known_key = await hub.backend.registered_key(worker_id)
+                    if live and known_key is not None and known_key != msg.public_key:
+                        # A reconnecting worker presents the key it registered with; someone
+                        # else who merely knows the id must not take its place in pairing.
+                        hub.stats.refused_takeover += 1
+                        logger.warning(
+                            "worker %s: refusing a second connection with another public key",
+                            worker_id,
+                        )
+                        conn.close(CLOSE_POLICY, "worker id in use")
                         break
                     registered = True
                     hub.stats.registered += 1

@@ -324,6 +324,10 @@ class RedisBackend:
         orphan, pair = await self._unregister(args=[self.prefix, worker_id, conn_id])
         return _orphan_actions(orphan, worker_id) + _pair_actions(pair)
 
+    async def registered_key(self, worker_id: str) -> tuple[bool, str | None]:
+        conn, key = await self.redis.hmget(self._k(f"w:{worker_id}"), ["conn", "public_key"])
+        return (conn is not None, _opt(_s(key)) if key is not None else None)
+
     async def relay_target(self, worker_id: str, conn_id: str, to: str) -> str | None:
         async with self.redis.pipeline(transaction=False) as pipe:
             pipe.hmget(self._k(f"w:{worker_id}"), ["conn", "paired_with"])

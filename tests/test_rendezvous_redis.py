@@ -125,9 +125,9 @@ async def test_workers_on_two_instances_get_offers_for_each_other(redis_url: str
         # a leaves on instance 1: b on instance 2 hears of it
         await a.close()
         assert (await b.expect("peer_disconnected"))["peer_worker_id"] == a.worker_id
-        # re-registering b's id on the other instance closes the old connection there
+        # re-registering b's id (with b's key) on the other instance closes the old connection
         b2 = await WsWorker.connect(rv1.ws_url, worker_id=b.worker_id)
-        await b2.register()
+        await b2.register(public_key="KB")
         assert (await b.wait_closed())[0] == 4000
         await b2.close()
 

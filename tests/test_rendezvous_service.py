@@ -176,6 +176,26 @@ async def test_reregister_same_id_replaces_old_connection() -> None:
         await new.close()
 
 
+async def test_a_live_id_with_a_key_cannot_be_taken_over_by_another_key() -> None:
+    async with running_rendezvous() as rv:
+        owner = await WsWorker.connect(rv.ws_url)
+        await owner.register(public_key="A" * 43 + "=")
+        for other_key in (None, "B" * 43 + "="):
+            thief = await WsWorker.connect(rv.ws_url, worker_id=owner.worker_id)
+            await thief.send({"type": "register", "public_key": other_key})
+            assert await thief.wait_closed() == (1008, "worker id in use")
+        # the owner is untouched, and its own reconnect (same key) still replaces it
+        async with httpx.AsyncClient() as http:
+            listing = (await http.get(f"{rv.url}/debug/list_workers")).json()
+            stats = (await http.get(f"{rv.url}/debug/stats")).json()
+        assert [x["worker_id"] for x in listing["workers"]] == [owner.worker_id]
+        assert stats["refused_takeover"] == 2
+        again = await WsWorker.connect(rv.ws_url, worker_id=owner.worker_id)
+        await again.register(public_key="A" * 43 + "=")
+        assert (await owner.wait_closed())[0] == 4000
+        await again.close()
+
+
 async def test_global_token_refuses_missing_or_wrong_token() -> None:
     async with running_rendezvous(token="s3cret") as rv:
         for given in (None, "wrong"):
