@@ -86,6 +86,7 @@ _MAX_KEYS = 8  # derived keys cached
 _PROBE = int(MessageType.PROBE)
 _PROBE_ACK = int(MessageType.PROBE_ACK)
 _NONCE = struct.Struct(">IQ")  # four zero bytes, then the counter
+_COUNTER = struct.Struct(">Q")
 _SEALED_HEAD = struct.Struct(">4s8s8sQ")  # p2p header, sender tag, receiver tag, counter
 _NONCE_PAD = b"\x00\x00\x00\x00"
 Buffer = bytes | bytearray | memoryview
@@ -639,6 +640,8 @@ class PeerCipher:
         opened = failed = replayed = 0
         fast = self._fast_open()
         headpair: bytes | None = None
+        unpack_ctr = _COUNTER.unpack_from
+        pack_nonce = _NONCE.pack
         run_first = run_next = -1  # a pending run of fresh counters (accepted at once)
         top = fast[1].top if fast is not None else -1
         for i, (start, end) in enumerate(spans):
@@ -653,17 +656,16 @@ class PeerCipher:
                 if headpair is None and hp[HEADER_SIZE:] == key:
                     headpair = bytes(hp)
                 if headpair is not None and hp == headpair:
-                    ctr = bytes(mv[start + ctr_at : start + body_at])
+                    c = unpack_ctr(mv, start + ctr_at)[0]
                     try:
                         aead.decrypt_into(
-                            _NONCE_PAD + ctr, mv[start + body_at : end], headpair,
+                            pack_nonce(0, c), mv[start + body_at : end], headpair,
                             ov[i * stride : i * stride + n],
                         )  # fmt: skip
                     except InvalidTag:
                         failed += 1
                         append(False)
                         continue
-                    c = int.from_bytes(ctr, "big")
                     if c > top:
                         if c != run_next:
                             if run_next >= 0:
