@@ -21,6 +21,7 @@ from websockets.asyncio.client import connect
 from p2plab.aio.bench import Benchmark
 from p2plab.aio.endpoint import mmsg_supported
 from p2plab.aio.worker import Worker, WorkerConfig
+from p2plab.errors import NotConnected
 from p2plab.results import (
     CSV_COLUMNS,
     INTERVAL_COLUMNS,
@@ -247,6 +248,30 @@ async def test_results_export_columns(tmp_path: Path) -> None:
     assert int(idf["packets"].sum()) == sum(r.packets_received for r in rs)
     data = json.loads(results_to_json(rs))
     assert data[0]["peer_view"]["role"] == "receiver" and data[0]["intervals"]
+
+
+async def test_answers_refused_as_not_connected_yet_are_queued_and_sent_in_order() -> None:
+    # The race seen in benchmarks/loopback.py: the peer's bench_start arrives between the
+    # receiver's session connecting and its worker calling itself connected.
+    async with two_workers() as (a, b):
+        orig = b.send_control
+        refused: list[str] = []
+        sent: list[str] = []
+
+        def flaky(obj: dict[str, Any]) -> None:
+            if len(refused) < 3:
+                refused.append(str(obj.get("type")))
+                raise NotConnected("not connected yet")
+            sent.append(str(obj.get("type")))
+            orig(obj)
+
+        b.send_control = flaky  # type: ignore[method-assign]
+        r = await asyncio.wait_for(
+            Benchmark(a).run(duration_s=0.5, payload_size=1200, rate_mbps=20), T
+        )
+        assert refused[0] == "bench_ready"  # refused first, then delivered
+        assert sent[0] == "bench_ready" and sent[-1] == "bench_report"
+        assert r.peer_view is not None and r.peer_view.packets_received == r.packets_sent > 0
 
 
 async def test_forged_benchmark_datagrams_are_counted_not_accepted() -> None:

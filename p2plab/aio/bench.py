@@ -89,6 +89,8 @@ _SKB_OVERHEAD = 1024  # kernel bytes charged per queued datagram beyond its payl
 _CREDIT_NS = 2_000_000  # the receiver reports credit at least this often while data arrive
 _CREDIT_TIMER_S = 0.01  # ... and this often from a timer (so a stalled sender hears of it)
 _CREDIT_TIMEOUT_NS = 500_000_000  # no credit this long: the sender writes off what is in flight
+_CONTROL_RETRY_S = 0.02  # a control message refused as "not connected" is retried this often
+_CONTROL_PATIENCE_S = 2.0  # ... for this long
 
 
 _BODY = struct.Struct("!IQQ")  # run_id, seq, send_ts_ns: a benchmark header after its 4 bytes
@@ -583,6 +585,8 @@ class _BenchState:
         self.late = 0
         """Benchmark datagrams that arrived outside any run (dropped)."""
         self.stop_requested = False
+        self.pending_control: list[dict[str, Any]] = []
+        """Control messages waiting for the worker to call itself connected (in order)."""
         worker.datagram_hooks.insert(0, self.hook)
 
     @staticmethod
@@ -800,10 +804,41 @@ class _BenchState:
             self.sending.cancel()
 
     def _control(self, obj: dict[str, Any]) -> None:
+        """Send a control message; while the worker is not connected yet, queue and retry.
+
+        A peer's ``bench_start`` can arrive in the instant between its session connecting and
+        this worker calling itself connected (``send_control`` refuses then): the answer is
+        queued, in order, and retried every ``_CONTROL_RETRY_S`` for ``_CONTROL_PATIENCE_S``.
+        """
+        if self.pending_control:
+            self.pending_control.append(obj)
+            return
         try:
             self.worker.send_control(obj)
-        except (NotConnected, P2PLabError) as exc:
+        except NotConnected as exc:
+            log.debug("queueing %s until the worker is connected: %s", obj.get("type"), exc)
+            self.pending_control.append(obj)
+            loop = asyncio.get_running_loop()
+            loop.call_later(_CONTROL_RETRY_S, self._retry_control, loop.time())
+        except P2PLabError as exc:
             log.info("cannot send %s: %s", obj.get("type"), exc)
+
+    def _retry_control(self, since: float) -> None:
+        loop = asyncio.get_running_loop()
+        while self.pending_control:
+            obj = self.pending_control[0]
+            try:
+                self.worker.send_control(obj)
+            except NotConnected as exc:
+                if loop.time() - since > _CONTROL_PATIENCE_S:
+                    log.info("cannot send %d control messages: %s", len(self.pending_control), exc)
+                    self.pending_control.clear()
+                    return
+                loop.call_later(_CONTROL_RETRY_S, self._retry_control, since)
+                return
+            except P2PLabError as exc:
+                log.info("cannot send %s: %s", obj.get("type"), exc)
+            self.pending_control.pop(0)
 
 
 def _peer_worker(w: Worker) -> str:
