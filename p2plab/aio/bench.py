@@ -97,6 +97,11 @@ _BODY = struct.Struct("!IQQ")  # run_id, seq, send_ts_ns: a benchmark header aft
 _P2P_HEADER = 4  # the p2p header (magic, version, type) that stays in clear when sealed
 
 
+def _np() -> Any:
+    """numpy as the core benchmark module found it (None without numpy)."""
+    return getattr(cb, "np", None)
+
+
 def _now_iso() -> str:
     return _dt.datetime.now(_dt.UTC).isoformat(timespec="milliseconds")
 
@@ -211,7 +216,7 @@ def _account(
     rx: cb.BenchReceiver, buf: memoryview, reads: list[tuple[int, int, int, int]]
 ) -> list[tuple[int, int, int]]:
     """Bulk sink body: split GRO reads, parse headers, count BENCH_DATA; return the rest."""
-    np = cb.np
+    np = _np()
     left: list[tuple[int, int, int]] = []
     if np is None:
         for i, (off, n, seg, arr) in enumerate(reads):
@@ -257,7 +262,7 @@ def _account_sealed_np(
 ) -> list[tuple[int, int, int]]:
     """Sealed bulk sink with numpy: spans and types vectorised, bodies opened into ``scratch``
     (``PeerCipher.open_many_into``), their headers parsed as one array."""
-    np = cb.np
+    np = _np()
     r = np.array(reads, dtype=np.int64)
     off, n, seg, arr = r[:, 0], r[:, 1], r[:, 2], r[:, 3]
     if bool((seg >= n).all()):
@@ -325,7 +330,7 @@ def _account_sealed(
     sizes: list[int] = []
     arrs: list[int] = []
     open_into = getattr(sealer, "open_many_into", None)
-    if open_into is not None and cb.np is not None and scratch is not None:
+    if open_into is not None and _np() is not None and scratch is not None:
         return _account_sealed_np(rx, open_into, buf, reads, scratch)
     open_many = getattr(sealer, "open_many", None)
     if open_many is not None:
@@ -785,7 +790,9 @@ class _BenchState:
             }
             encrypt = obj.get("encrypt")
             flow = bool(obj.get("flow_control", True))
-            cb.validate_params(kwargs["payload_size"], kwargs["rate_mbps"], kwargs["duration_s"])
+            cb.validate_params(
+                int(kwargs["payload_size"]), kwargs["rate_mbps"], kwargs["duration_s"]
+            )
         except (KeyError, TypeError, ValueError) as exc:
             log.info("refusing bench_request: %s", exc)
             return
@@ -1405,7 +1412,7 @@ class Benchmark:
         results: list[BenchResult] = []
         bar: Any = None
         if progress:
-            from tqdm.auto import tqdm
+            from tqdm.auto import tqdm  # type: ignore[import-untyped]
 
             bar = tqdm(total=len(sizes), desc="sweep", unit="run")
         try:
