@@ -20,6 +20,7 @@ from typing import Any
 
 import pytest
 
+from p2plab.aio.bench import Benchmark, start_benchmark_from_ui
 from p2plab.aio.endpoint import Address
 from p2plab.aio.rendezvous import Backoff
 from p2plab.aio.worker import Worker, WorkerConfig
@@ -180,6 +181,12 @@ async def test_failed_punch_falls_back_to_the_relay_and_chat_works() -> None:
             # Benchmarks need a direct path: the worker refuses the control channel clearly.
             with pytest.raises(NotConnected, match="relayed"):
                 a.send_control({"type": "bench_start"})
+            with pytest.raises(NotConnected, match="need a direct path"):
+                await Benchmark(a).run(duration_s=1, payload_size=1200)
+            refused = await start_benchmark_from_ui(
+                a, {"type": "start_benchmark", "duration_s": 1, "payload_size": 1200}
+            )
+            assert refused is not None and "relayed" in refused["message"]
         assert rv.app is not None
         stats = rv.app.state.hub.stats
         assert stats.relayed > 0 and stats.relayed_bytes > 0

@@ -1051,7 +1051,11 @@ class Benchmark:
     def _link(self) -> tuple[UdpEndpoint, Address]:
         w = self.worker
         addr = w.punch.peer_address if w.punch is not None else None
-        if w.endpoint is None or addr is None or w.state not in ("connected", "relayed"):
+        if w.state == "relayed":
+            raise NotConnected(
+                "the link is relayed through the rendezvous: benchmarks need a direct path"
+            )
+        if w.endpoint is None or addr is None or w.state != "connected":
             raise NotConnected("no peer connected: a benchmark needs a connected peer")
         return w.endpoint, addr
 
@@ -1443,7 +1447,13 @@ async def start_benchmark_from_ui(worker: Worker, msg: dict[str, Any]) -> dict[s
         cb.validate_params(size, rate, duration)
     except (TypeError, ValueError) as exc:
         return {"type": "error", "message": f"start_benchmark: {exc}"}
-    if worker.state not in ("connected", "relayed") or worker.punch is None:
+    if worker.state == "relayed":
+        return {
+            "type": "error",
+            "message": "start_benchmark: the link is relayed through the rendezvous; "
+            "benchmarks need a direct path",
+        }
+    if worker.state != "connected" or worker.punch is None:
         return {"type": "error", "message": "start_benchmark: no peer connected"}
     state = _BenchState.of(worker)
     if state.sending is not None and not state.sending.done():

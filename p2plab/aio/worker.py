@@ -395,6 +395,16 @@ class Worker:
             self._state_changed.notify_all()
 
     def _set_state_soon(self, state: str) -> None:
+        """Change the state now, from a callback; publish it and wake waiters soon.
+
+        The state itself must change synchronously: the core delivers PeerConnected and the
+        peer's first control messages in one pump, and their handlers (benchmarks answering a
+        bench_start) check ``state`` right away.
+        """
+        assert state in STATES, state
+        if state != self.state:
+            log.info("worker %s: %s -> %s", self.worker_id[:8], self.state, state)
+            self.state = state
         asyncio.get_running_loop().create_task(self._set_state(state))
 
     async def wait_for_state(self, *states: str, timeout: float | None = None) -> str:
