@@ -320,3 +320,98 @@ async def test_encrypted_and_plain_rtt_and_explicit_unencrypted_mode() -> None:
         )
         assert not r.encrypted and r.peer_view is not None and not r.peer_view.encrypted
         assert r.peer_view.packets_received == r.packets_sent > 0
+
+
+@contextlib.asynccontextmanager
+async def worker_on_own_loop(cfg: dict[str, Any]) -> AsyncIterator[tuple[Worker, Any]]:
+    """A Worker running on its own event loop in another thread (as a peer in another process
+    would: blocking on our loop does not stall it).  Yields it and its loop."""
+    import threading
+
+    box: dict[str, Any] = {}
+    started = threading.Event()
+
+    async def main() -> None:
+        w = Worker(WorkerConfig(**cfg))
+        stop = asyncio.Event()
+        box.update(worker=w, loop=asyncio.get_running_loop(), stop=stop)
+        try:
+            await w.start()
+            box["ok"] = True
+        finally:
+            started.set()
+        try:
+            await stop.wait()
+        finally:
+            await w.stop()
+
+    th = threading.Thread(target=asyncio.run, args=(main(),), daemon=True)
+    th.start()
+    await asyncio.to_thread(started.wait, T)
+    assert box.get("ok"), "the worker on its own loop did not start"
+    try:
+        yield box["worker"], box["loop"]
+    finally:
+        box["loop"].call_soon_threadsafe(box["stop"].set)
+        await asyncio.to_thread(th.join, T)
+
+
+@pytest.mark.parametrize("encrypt", [None, False])
+async def test_blocking_rtt_against_a_peer_on_another_loop_keeps_chat_flowing(
+    encrypt: bool | None,
+) -> None:
+    rv = await RendezvousServer.start("127.0.0.1", 0)
+    cfg = dict(rendezvous_url=rv.ws_url, http_port=None, udp_host="127.0.0.1", nat_report=False)
+    a = Worker(WorkerConfig(**cfg))  # type: ignore[arg-type]
+    try:
+        async with worker_on_own_loop(cfg) as (b, b_loop):
+            await a.start()
+            await a.wait_connected(T)
+            fut = asyncio.run_coroutine_threadsafe(b.wait_connected(T), b_loop)
+            await asyncio.wrap_future(fut)
+            qa = a.subscribe()
+            qb = await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(_subscribe(b), b_loop))
+            count = 3000
+
+            async def chat_mid_run() -> None:
+                # Runs on a's loop between blocking chunks, i.e. while the run is going on
+                # (polling: the pinger has no event to wait on).
+                state = getattr(a, "benchmark", None)
+                while state is None or state.pinger is None:
+                    await asyncio.sleep(0)
+                    state = getattr(a, "benchmark", None)
+                a.send_chat("from a")
+                b_loop.call_soon_threadsafe(b.send_chat, "from b")
+
+            chat = asyncio.ensure_future(chat_mid_run())
+            rtt = await asyncio.wait_for(
+                Benchmark(a, encrypt=encrypt).rtt(count=count, payload_size=64), T
+            )
+            await asyncio.wait_for(chat, T)
+            assert rtt.received == count and rtt.lost == 0 and rtt.auth_failures == 0
+            assert rtt.encrypted is (encrypt is None)
+            assert 0 < rtt.min_ms <= rtt.p50_ms <= rtt.max_ms
+            # The responder took the blocking path, and answered every ping.
+            state = b.benchmark
+            assert state.rtt_task is not None
+            await asyncio.wrap_future(
+                asyncio.run_coroutine_threadsafe(asyncio.wait_for(state.rtt_task, T), b_loop)
+            )
+            assert await _wait_text(qa, "from b")
+            assert await asyncio.wrap_future(
+                asyncio.run_coroutine_threadsafe(_wait_text(qb, "from a"), b_loop)
+            )
+    finally:
+        await a.stop()
+        await rv.close()
+
+
+async def _subscribe(w: Worker) -> asyncio.Queue[dict[str, Any]]:
+    return w.subscribe()
+
+
+async def _wait_text(q: asyncio.Queue[dict[str, Any]], text: str) -> bool:
+    while True:
+        m = await asyncio.wait_for(q.get(), T)
+        if m["type"] == "chat" and m.get("direction") == "in" and m["text"] == text:
+            return True

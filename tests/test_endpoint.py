@@ -22,6 +22,7 @@ from p2plab.aio.endpoint import (
     UDP_SEGMENT,
     UdpEndpoint,
     gso_supported,
+    local_endpoint_for,
     mmsg_supported,
     set_buffer_sizes,
 )
@@ -391,3 +392,41 @@ async def test_bulk_reads_with_recvmmsg_count_exactly_among_other_traffic(mmsg: 
         ep.close()
         tx.close()
         tx2.close()
+
+
+async def test_read_blocking_dispatches_everything_and_stops_when_told(
+    pair: tuple[UdpEndpoint, socket.socket],
+) -> None:
+    ep, tx = pair
+    rec = Recorder(ep)
+    fast: list[bytes] = []
+    ep.set_fast_handler(0x21, lambda view, a: fast.append(bytes(view)))
+    listened: list[bytes] = []
+    ep.add_stun_listener((7).to_bytes(12, "big"), lambda data, a: listened.append(data))
+    addr = ep.local_address
+    sent = [p2p(0x21, 1, 64), p2p(0x01, 2, 64), stun(7), stun(8), p2p(0x21, 3, 64)]
+    for d in sent:
+        tx.sendto(d, addr)
+    # Blocks on the socket (not the event loop) until both fast datagrams are in: every
+    # datagram read on the way took its usual path.
+    ep.read_blocking(lambda: len(fast) == 2, T)
+    assert fast == [p2p(0x21, 1, 64), p2p(0x21, 3, 64)]
+    assert listened == [stun(7)]
+    assert rec.log == [("peer", p2p(0x01, 2, 64)), ("stun", stun(8))]
+    assert ep.stats["datagrams_in"] == 5 and ep.stats["fast_datagrams"] == 2
+    # Nothing to read: it returns after its time limit; already true: at once.
+    ep.read_blocking(lambda: False, 0.01)
+    ep.read_blocking(lambda: True, T)
+    assert ep.stats["datagrams_in"] == 5
+    # The event loop's reader still works afterwards.
+    tx.sendto(p2p(0x01, 9, 64), addr)
+    await until(lambda: len(rec.log) == 3)
+    assert rec.log[-1] == ("peer", p2p(0x01, 9, 64))
+
+
+async def test_local_endpoint_for_finds_open_endpoints_of_this_process() -> None:
+    ep = await UdpEndpoint.bind("127.0.0.1", 0)
+    addr = ep.local_address
+    assert local_endpoint_for(addr) is ep
+    ep.close()
+    assert local_endpoint_for(addr) is None

@@ -34,9 +34,17 @@ does).
 
 RTT mode sends ``BENCH_PING`` datagrams one at a time.  Both ends handle ping and pong in the
 endpoint's *fast handler* (straight from the read, no copy or demultiplexing, no task switch): the
-peer answers a ping with a ``sock.sendto`` from its reader callback, and our next ping leaves from
-ours when the pong arrives; one future completes at the end.  Nothing busy-polls (like sockperf's
-default ping-pong, each side sleeps in the kernel between datagrams).
+peer answers a ping with a ``sock.sendto`` from its read, and our next ping leaves from ours when
+the pong arrives.  For the length of a run both ends wait for the next datagram the way sockperf
+does, blocked on the socket alone (``UdpEndpoint.read_blocking``: ``poll(2)`` on the loop thread,
+in chunks of at most ``_RTT_BLOCK_S``, with a yield to the event loop between chunks), instead of
+going through the event loop's wake-up for every datagram.  The responder learns the run's
+``count`` from ``bench_start`` and stops blocking once it has answered that many pings, on
+``bench_end``, or after ``idle_s`` without a ping.  Every other datagram read meanwhile (chat,
+keep-alives, control, STUN) takes its usual path at once; timers and other sockets wait at most
+one chunk.  When the peer is an endpoint on this same event loop (two workers on one loop), blocking
+would stall the peer itself, so both ends then stay on the event loop's reader.  Nothing
+busy-polls: like sockperf's default ping-pong, each side sleeps in the kernel between datagrams.
 
 Data path: the sender fills headers of a pre-built batch in place (numpy), seals the batch
 straight into the send buffer when encrypted (``PeerCipher.seal_many``: one counter range, one
@@ -60,6 +68,7 @@ from collections.abc import Sequence
 from dataclasses import replace
 from typing import TYPE_CHECKING, Any, Protocol
 
+from p2plab.aio.endpoint import local_endpoint_for
 from p2plab.core import bench as cb
 from p2plab.core.crypto import SEAL_OVERHEAD
 from p2plab.errors import NotConnected, P2PLabError
@@ -91,6 +100,8 @@ _CREDIT_TIMER_S = 0.01  # ... and this often from a timer (so a stalled sender h
 _CREDIT_TIMEOUT_NS = 500_000_000  # no credit this long: the sender writes off what is in flight
 _CONTROL_RETRY_S = 0.02  # a control message refused as "not connected" is retried this often
 _CONTROL_PATIENCE_S = 2.0  # ... for this long
+_RTT_BLOCK_S = 0.05  # RTT runs block on the socket at most this long before yielding to the loop
+_RTT_IDLE_S = 3.0  # a responder stops blocking after this long without a ping (default)
 
 
 _BODY = struct.Struct("!IQQ")  # run_id, seq, send_ts_ns: a benchmark header after its 4 bytes
@@ -143,6 +154,13 @@ def _overhead(sealer: BenchSealer | None) -> int:
         return 0
     probe = cb.encode_bench(0x2F, 0, 0, 0, cb.HEADER_SIZE)
     return len(sealer.seal_datagram(probe)) - len(probe)
+
+
+def _peer_on_loop(ep: UdpEndpoint, addr: Address) -> bool:
+    """True if ``addr`` is an endpoint of this process on ``ep``'s event loop (blocking on the
+    socket would then stall the peer itself)."""
+    peer = local_endpoint_for(addr)
+    return peer is not None and peer.loop is ep.loop
 
 
 def _same(a: Address, b: Address | None) -> bool:
@@ -585,6 +603,8 @@ class _BenchState:
         self.received_results: dict[int, asyncio.Future[BenchResult]] = {}
         self.pinger: _Pinger | None = None
         self.responder: _Responder | None = None
+        self.rtt_task: asyncio.Task[None] | None = None
+        """The responder's blocking ping-pong loop of the current RTT run, if any."""
         self.sealer_override: BenchSealer | None = None
         """A sealer given to :class:`Benchmark` (else the link's own is used)."""
         self.late = 0
@@ -685,9 +705,42 @@ class _BenchState:
             rec.ticker = loop.create_task(self._tick(rec))
             rec.credit_timer = loop.call_later(_CREDIT_TIMER_S, rec.credit_tick)
         elif mode == "rtt" and addr is not None:
-            self.responder = _Responder(ep, addr, run_id, sealer)
-            ep.set_fast_handler(cb.BENCH_PING, self.responder)
+            resp = _Responder(ep, addr, run_id, sealer)
+            self.responder = resp
+            ep.set_fast_handler(cb.BENCH_PING, resp)
+            try:
+                count = int(obj.get("count", 0))
+                idle_s = min(max(float(obj.get("idle_s", _RTT_IDLE_S)), 0.1), 60.0)
+            except (TypeError, ValueError):
+                count, idle_s = 0, _RTT_IDLE_S
+            blocking = bool(obj.get("blocking", False)) and count > 0
+            if blocking and not _peer_on_loop(ep, addr):
+                ready["blocking"] = True
+                self.rtt_task = asyncio.get_running_loop().create_task(
+                    self._respond_blocking(resp, count, idle_s)
+                )
         self._control(ready)
+
+    async def _respond_blocking(self, resp: _Responder, count: int, idle_s: float) -> None:
+        """Answer pings blocked on the socket (chunks of ``_RTT_BLOCK_S``) until the run ends."""
+        ep = self.worker.endpoint
+        if ep is None:
+            return
+        await asyncio.sleep(0)  # let bench_ready leave first
+
+        def over() -> bool:
+            return resp.answered >= count or self.responder is not resp
+
+        last, since = resp.answered, time.perf_counter()
+        while not over() and not ep.closed:
+            ep.read_blocking(over, _RTT_BLOCK_S)
+            await asyncio.sleep(0)
+            now = time.perf_counter()
+            if resp.answered != last:
+                last, since = resp.answered, now
+            elif now - since > idle_s:
+                log.debug("rtt responder: no ping for %.1f s, back to the loop", idle_s)
+                return
 
     def _disarm(self) -> None:
         rec = self.receiving
@@ -1340,9 +1393,19 @@ class Benchmark:
         return seq, (end - t0) / 1e9
 
     async def rtt(
-        self, count: int = 1000, payload_size: int = 64, timeout_s: float = 1.0
+        self,
+        count: int = 1000,
+        payload_size: int = 64,
+        timeout_s: float = 1.0,
+        *,
+        blocking: bool = True,
     ) -> RttResult:
-        """Ping-pong ``count`` datagrams one at a time (unanswered in ``timeout_s``: lost)."""
+        """Ping-pong ``count`` datagrams one at a time (unanswered in ``timeout_s``: lost).
+
+        ``blocking``: both ends wait for the next datagram blocked on the socket (in chunks of
+        at most 50 ms, yielding to the event loop between them), as sockperf does; False waits
+        through the event loop.  Against a peer in this same process both ends use the loop.
+        """
         if count < 1:
             raise ValueError("count must be >= 1")
         cb.validate_params(payload_size, 0, 1)
@@ -1359,27 +1422,41 @@ class Benchmark:
                 "run_id": rid,
                 "payload_size": payload_size,
                 "encrypted": sealer is not None,
+                "count": count,
+                "blocking": blocking,
+                "idle_s": max(_RTT_IDLE_S, 3 * timeout_s),
             },
             "bench_ready",
             self.timeout_s,
         )
+        blocking = blocking and not _peer_on_loop(ep, addr)
         pinger = _Pinger(ep, addr, rid, count, payload_size, sealer)
         self.state.pinger = pinger
         ep.set_fast_handler(cb.BENCH_PONG, pinger.on_pong)
+        done = pinger.done.done
         try:
             pinger.send_next()
-            last = -1
-            while not pinger.done.done():
-                try:
-                    await asyncio.wait_for(asyncio.shield(pinger.done), timeout_s)
-                except TimeoutError:
-                    pass
-                if pinger.done.done():
+            last, since = pinger.seq, time.perf_counter()
+            while not done():
+                if blocking:
+                    ep.read_blocking(done, min(_RTT_BLOCK_S, timeout_s))
+                    await asyncio.sleep(0)
+                    if ep.closed:
+                        raise NotConnected("the endpoint closed during an RTT run")
+                else:
+                    try:
+                        await asyncio.wait_for(asyncio.shield(pinger.done), timeout_s)
+                    except TimeoutError:
+                        pass
+                if done():
                     break
-                if pinger.seq == last:  # no progress: that ping is lost
+                now = time.perf_counter()
+                if pinger.seq != last:
+                    last, since = pinger.seq, now
+                elif now - since >= timeout_s:  # no progress: that ping is lost
                     pinger.lost += 1
                     pinger.send_next()
-                last = pinger.seq
+                    last, since = pinger.seq, now
         finally:
             ep.set_fast_handler(cb.BENCH_PONG, None)
             self.state.pinger = None

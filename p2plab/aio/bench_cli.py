@@ -40,6 +40,11 @@ def register_cli(subparsers: Any) -> None:
     p.add_argument("--interval", type=float, default=1.0, help="report interval, seconds")
     p.add_argument("--sweep", default=None, help="comma-separated payload sizes, one run each")
     p.add_argument("--rtt", type=int, default=0, help="also ping-pong this many times")
+    p.add_argument(
+        "--rtt-via-loop",
+        action="store_true",
+        help="ping-pong through the event loop instead of blocking on the socket (comparisons)",
+    )
     p.add_argument("--no-gso", action="store_true", help="plain sends even where GSO exists")
     p.add_argument(
         "--no-mmsg",
@@ -121,7 +126,7 @@ async def _cmd_bench(args: argparse.Namespace) -> int:
             results = await bench.sweep(sizes, args.duration, args.rate, args.interval)
         else:
             results = [await bench.run(args.duration, sizes[0], args.rate, args.interval)]
-        rtt = await bench.rtt(args.rtt) if args.rtt else None
+        rtt = await bench.rtt(args.rtt, blocking=not args.rtt_via_loop) if args.rtt else None
         with contextlib.suppress(P2PLabError):
             worker.send_control({"type": "bench_finished", "run_id": 0})
             await asyncio.sleep(0.2)

@@ -42,10 +42,12 @@ import ctypes.util
 import errno
 import logging
 import os
+import select
 import socket
 import struct
 import sys
 import time
+import weakref
 from collections.abc import Callable
 from typing import Any, Protocol
 
@@ -57,6 +59,7 @@ __all__ = [
     "gro_supported",
     "gso_supported",
     "is_stun_datagram",
+    "local_endpoint_for",
     "mmsg_supported",
 ]
 
@@ -355,6 +358,27 @@ def is_stun_datagram(data: bytes) -> bool:
     return len(data) >= 20 and data[0] < 4 and data[4:8] == _MAGIC_COOKIE
 
 
+_ENDPOINTS: weakref.WeakSet[UdpEndpoint] = weakref.WeakSet()
+
+
+def local_endpoint_for(addr: Address) -> UdpEndpoint | None:
+    """An open endpoint of this process bound to ``addr`` (a wildcard bind matches any host).
+
+    Lets a latency path tell a peer in the same process (and so, usually, on the same event
+    loop, where blocking for it would stall it) from a peer elsewhere.
+    """
+    for ep in list(_ENDPOINTS):
+        if ep.closed:
+            continue
+        try:
+            host, port = ep.local_address
+        except OSError:
+            continue
+        if port == addr[1] and host in (addr[0], "0.0.0.0", "::"):
+            return ep
+    return None
+
+
 class UdpEndpoint:
     """A bound, non-blocking UDP socket with a draining reader and a demultiplexer."""
 
@@ -410,7 +434,9 @@ class UdpEndpoint:
             "mmsg_reads": 0,
         }
         self._closed = False
+        self._poller: Any = None
         loop.add_reader(sock.fileno(), self._on_readable)
+        _ENDPOINTS.add(self)
 
     @classmethod
     async def bind(
@@ -482,6 +508,36 @@ class UdpEndpoint:
             self._fast.pop(kind, None)
         else:
             self._fast[kind] = handler
+
+    def read_blocking(self, until: Callable[[], bool], max_block_s: float) -> None:
+        """Run this endpoint's reader on the calling (loop) thread, blocking in ``poll(2)``.
+
+        Returns once ``until()`` is true (checked after every wake-up) or after ``max_block_s``
+        seconds.  Every datagram read meanwhile takes its usual path (fast handlers, bulk sink,
+        STUN listeners, peer handler), exactly as from the event loop's reader; only the wake-up
+        differs: a blocking wait on the socket alone, as a ping-pong tool does, instead of a
+        trip through the event loop.  The loop is stalled meanwhile, so keep ``max_block_s``
+        short and yield to the loop between calls (the benchmark's RTT mode uses 50 ms).
+        """
+        if self._closed:
+            return
+        poller = self._poller
+        if poller is None:
+            poller = self._poller = select.poll()
+            poller.register(self._sock.fileno(), select.POLLIN)
+        clock = time.perf_counter
+        deadline = clock() + max_block_s
+        while not until() and not self._closed:
+            left = deadline - clock()
+            if left <= 0:
+                return
+            try:
+                ready = poller.poll(left * 1000.0)
+            except OSError as exc:  # pragma: no cover - fd gone under us
+                log.debug("poll: %s", exc)
+                return
+            if ready:
+                self._on_readable()
 
     def set_buffer_sizes(self, rcvbuf: int, sndbuf: int = 0) -> tuple[int, int]:
         """:func:`set_buffer_sizes` on this socket (0 leaves that buffer alone)."""
