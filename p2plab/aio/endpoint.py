@@ -361,6 +361,14 @@ def is_stun_datagram(data: bytes) -> bool:
 _ENDPOINTS: weakref.WeakSet[UdpEndpoint] = weakref.WeakSet()
 
 
+def _timeval(seconds: float) -> bytes:
+    """A struct timeval (for SO_RCVTIMEO); at least 1 us unless 0 (0 means no limit)."""
+    if seconds <= 0:
+        return struct.pack("@ll", 0, 0)
+    us = max(1, int(seconds * 1e6))
+    return struct.pack("@ll", us // 1_000_000, us % 1_000_000)
+
+
 def local_endpoint_for(addr: Address) -> UdpEndpoint | None:
     """An open endpoint of this process bound to ``addr`` (a wildcard bind matches any host).
 
@@ -510,34 +518,45 @@ class UdpEndpoint:
             self._fast[kind] = handler
 
     def read_blocking(self, until: Callable[[], bool], max_block_s: float) -> None:
-        """Run this endpoint's reader on the calling (loop) thread, blocking in ``poll(2)``.
+        """Run this endpoint's reader on the calling (loop) thread, blocked in the socket read.
 
         Returns once ``until()`` is true (checked after every wake-up) or after ``max_block_s``
         seconds.  Every datagram read meanwhile takes its usual path (fast handlers, bulk sink,
         STUN listeners, peer handler), exactly as from the event loop's reader; only the wake-up
-        differs: a blocking wait on the socket alone, as a ping-pong tool does, instead of a
-        trip through the event loop.  The loop is stalled meanwhile, so keep ``max_block_s``
-        short and yield to the loop between calls (the benchmark's RTT mode uses 50 ms).
+        differs: a blocking ``recvmsg`` on the socket alone (put in blocking mode with
+        ``SO_RCVTIMEO`` for the call, non-blocking again on return), as a ping-pong tool does,
+        instead of a trip through the event loop.  A read that is not a fast handler's keeps
+        the read blocking until the next datagram or the time limit.  The loop is stalled
+        meanwhile, so keep ``max_block_s`` short and yield to the loop between calls (the
+        benchmark's RTT mode uses 50 ms).  While a bulk sink is armed it waits in ``poll(2)``.
         """
         if self._closed:
             return
-        poller = self._poller
-        if poller is None:
-            poller = self._poller = select.poll()
-            poller.register(self._sock.fileno(), select.POLLIN)
+        sock = self._sock
         clock = time.perf_counter
         deadline = clock() + max_block_s
-        while not until() and not self._closed:
-            left = deadline - clock()
-            if left <= 0:
-                return
-            try:
-                ready = poller.poll(left * 1000.0)
-            except OSError as exc:  # pragma: no cover - fd gone under us
-                log.debug("poll: %s", exc)
-                return
-            if ready:
+        try:
+            while not until() and not self._closed:
+                left = deadline - clock()
+                if left <= 0:
+                    return
+                if self._bulk_types:
+                    # The batched reader never blocks (MSG_DONTWAIT): wait in poll(2) for it.
+                    if self._poller is None:
+                        self._poller = select.poll()
+                        self._poller.register(sock.fileno(), select.POLLIN)
+                    sock.setblocking(False)
+                    if self._poller.poll(left * 1000.0):
+                        self._on_readable()
+                    continue
+                # A blocking read that gives up after ``left`` (SO_RCVTIMEO: EAGAIN then).
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, _timeval(left))
+                sock.setblocking(True)
                 self._on_readable()
+        finally:
+            if not self._closed:
+                sock.setblocking(False)
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, _timeval(0.0))
 
     def set_buffer_sizes(self, rcvbuf: int, sndbuf: int = 0) -> tuple[int, int]:
         """:func:`set_buffer_sizes` on this socket (0 leaves that buffer alone)."""
