@@ -147,6 +147,9 @@ return {orphan, pair}
 )
 
 
+_CLOSE_STEP_S = 2.0
+
+
 def _s(value: Any) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
 
@@ -243,20 +246,24 @@ class RedisBackend:
         logger.info("rendezvous instance %s sharing state through Redis", self.instance_id)
 
     async def close(self) -> None:
+        # Every step is bounded: shutdown must finish even when Redis or a cancelled
+        # subscription misbehaves (an unbounded await here once hung a whole shutdown).
         for task in self._tasks:
             task.cancel()
-        for task in self._tasks:
-            with contextlib.suppress(BaseException):
-                await task
+        if self._tasks:
+            await asyncio.wait(self._tasks, timeout=_CLOSE_STEP_S)
         self._tasks = []
         with contextlib.suppress(Exception):
-            await self.reap(self.instance_id)
-            await self.redis.delete(self._k(f"inst:{self.instance_id}"))
+            await asyncio.wait_for(self._forget_self(), _CLOSE_STEP_S)
         if self._pubsub is not None:
             with contextlib.suppress(Exception):
-                await self._pubsub.aclose()
+                await asyncio.wait_for(self._pubsub.aclose(), _CLOSE_STEP_S)
         with contextlib.suppress(Exception):
-            await self.redis.aclose()
+            await asyncio.wait_for(self.redis.aclose(), _CLOSE_STEP_S)
+
+    async def _forget_self(self) -> None:
+        await self.reap(self.instance_id)
+        await self.redis.delete(self._k(f"inst:{self.instance_id}"))
 
     # -- operations ---------------------------------------------------------------------------
 

@@ -25,6 +25,8 @@ __all__ = ["RendezvousServer", "ServeAddresses", "main", "serve"]
 
 logger = logging.getLogger("rendezvous_service_code.main")
 
+_CLOSE_TIMEOUT_S = 10.0
+
 
 @dataclass(frozen=True)
 class ServeAddresses:
@@ -179,8 +181,16 @@ class RendezvousServer:
                 await res
         if self._server is not None and self._task is not None:
             self._server.should_exit = True
-            with contextlib.suppress(Exception, asyncio.CancelledError):
-                await self._task
+            done, _ = await asyncio.wait({self._task}, timeout=_CLOSE_TIMEOUT_S)
+            if not done:
+                # uvicorn's graceful shutdown is bounded, its lifespan shutdown is not.
+                logger.warning("rendezvous did not stop in %.0f s; forcing it", _CLOSE_TIMEOUT_S)
+                self._server.force_exit = True
+                self._task.cancel()
+                await asyncio.wait({self._task}, timeout=_CLOSE_TIMEOUT_S)
+            if self._task.done() and not self._task.cancelled():
+                with contextlib.suppress(Exception):
+                    self._task.result()
 
 
 def _first_address(addresses: Any) -> tuple[str, int]:

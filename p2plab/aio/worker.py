@@ -229,9 +229,14 @@ class Worker:
                 await asyncio.wait_for(asyncio.shield(self._http_server.p2plab_task), 3)
         for task in self._tasks:
             task.cancel()
-        for task in self._tasks:
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await task
+        if self._tasks:
+            # bounded: a task stuck in a close handshake must not hang stop()
+            done, stuck = await asyncio.wait(self._tasks, timeout=5.0)
+            for task in done:
+                if not task.cancelled() and task.exception() is not None:
+                    log.debug("worker task %s ended with %r", task.get_name(), task.exception())
+            for task in stuck:
+                log.warning("worker %s: task %s did not stop", self.worker_id[:8], task.get_name())
         if self._http_server is not None:
             self._http_server.p2plab_task.cancel()
         if self.endpoint is not None:
