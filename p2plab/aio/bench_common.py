@@ -1,0 +1,211 @@
+"""Shared pieces of the benchmark (:mod:`p2plab.aio.bench`): constants, the sealer protocol,
+link helpers and the result rows both ends publish.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import logging
+import os
+import struct
+from typing import TYPE_CHECKING, Any, Protocol
+
+from p2plab.aio.endpoint import local_endpoint_for
+from p2plab.core import bench as cb
+from p2plab.results import BenchResult
+
+if TYPE_CHECKING:
+    from p2plab.aio.endpoint import Address, UdpEndpoint
+    from p2plab.aio.worker import Worker
+
+log = logging.getLogger(__name__)
+
+__all__ = ["BenchSealer"]
+
+
+_PATH_MTU_PAYLOAD = 1472  # 1500 - IPv4 20 - UDP 8: larger datagrams fragment on Ethernet paths
+_MAX_REPORT_BYTES = 12_000  # the session caps control messages at 16 KiB
+_YIELD_NS = 2_000_000  # a sender yields to the loop at least this often
+_RCVBUF = 32 * 1024 * 1024  # asked for by a receiving endpoint (beyond rmem_max only as root)
+_SKB_OVERHEAD = 1024  # kernel bytes charged per queued datagram beyond its payload (conservative)
+_CREDIT_NS = 2_000_000  # the receiver reports credit at least this often while data arrive
+_CREDIT_TIMER_S = 0.01  # ... and this often from a timer (so a stalled sender hears of it)
+_CREDIT_TIMEOUT_NS = 500_000_000  # no credit this long: the sender writes off what is in flight
+_CONTROL_RETRY_S = 0.02  # a control message refused as "not connected" is retried this often
+_CONTROL_PATIENCE_S = 2.0  # ... for this long
+_RTT_BLOCK_S = 0.05  # RTT runs block on the socket at most this long before yielding to the loop
+_RTT_IDLE_S = 3.0  # a responder stops blocking after this long without a ping (default)
+
+
+_BODY = struct.Struct("!IQQ")  # run_id, seq, send_ts_ns: a benchmark header after its 4 bytes
+_P2P_HEADER = 4  # the p2p header (magic, version, type) that stays in clear when sealed
+
+
+def _np() -> Any:
+    """numpy as the core benchmark module found it (None without numpy)."""
+    return getattr(cb, "np", None)
+
+
+def _now_iso() -> str:
+    return _dt.datetime.now(_dt.UTC).isoformat(timespec="milliseconds")
+
+
+def _new_run_id() -> int:
+    return int.from_bytes(os.urandom(4), "big") or 1
+
+
+class BenchSealer(Protocol):
+    """What a benchmark needs of a sealer (:class:`~p2plab.core.crypto.PeerCipher` has it)."""
+
+    encrypted: bool
+    """True if the sealer encrypts and authenticates (only then are runs ``encrypted``)."""
+
+    def seal_datagram(self, datagram: bytes) -> bytes:
+        """The sealed form of a whole datagram (its 4-byte header stays in clear)."""
+        ...
+
+    def open_datagram(self, data: bytes) -> bytes | None:
+        """The plaintext datagram, or None if it does not open (the sealer counts it)."""
+        ...
+
+
+def _link_sealer(worker: Worker) -> BenchSealer | None:
+    """The link's encrypting sealer, if it has one."""
+    sealer = getattr(worker, "peer_sealer", None)
+    if sealer is None:
+        sealer = getattr(getattr(worker.punch, "session", None), "sealer", None)
+    if sealer is None or not getattr(sealer, "encrypted", False):
+        return None
+    if not hasattr(sealer, "seal_datagram") or not hasattr(sealer, "open_datagram"):
+        return None
+    return sealer  # type: ignore[no-any-return]
+
+
+def _overhead(sealer: BenchSealer | None) -> int:
+    """Bytes a sealed datagram carries beyond its plaintext (measured on a dummy datagram)."""
+    if sealer is None:
+        return 0
+    probe = cb.encode_bench(0x2F, 0, 0, 0, cb.HEADER_SIZE)
+    return len(sealer.seal_datagram(probe)) - len(probe)
+
+
+def _peer_on_loop(ep: UdpEndpoint, addr: Address) -> bool:
+    """True if ``addr`` is an endpoint of this process on ``ep``'s event loop (blocking on the
+    socket would then stall the peer itself)."""
+    peer = local_endpoint_for(addr)
+    return peer is not None and peer.loop is ep.loop
+
+
+def _same(a: Address, b: Address | None) -> bool:
+    return b is not None and a[1] == b[1] and a[0] == b[0]
+
+
+def _peer_worker(w: Worker) -> str:
+    return w.peer_id or ""
+
+
+def _path(w: Worker) -> str | None:
+    try:
+        return str(w.status().get("path"))
+    except Exception:  # status is best effort here
+        return None
+
+
+def _rtt_ms(w: Worker) -> float | None:
+    rtt = w.rtt
+    return round(rtt * 1000, 3) if rtt is not None else None
+
+
+def _receiver_row(
+    w: Worker,
+    run_id: int,
+    started_at: str,
+    params: dict[str, Any],
+    report: cb.ReceiverReport,
+    *,
+    gro: bool,
+) -> BenchResult:
+    size = int(params.get("payload_size", 0))
+    return BenchResult(
+        role="receiver",
+        payload_size=size,
+        duration_s=report.duration_s,
+        packets_sent=report.packets_sent,
+        packets_received=report.packets_received,
+        lost=report.lost,
+        lost_percent=report.lost_percent,
+        out_of_order=report.out_of_order,
+        duplicates=report.duplicates,
+        jitter_ms=report.jitter_ms,
+        mbps=report.mbps,
+        rtt_ms=_rtt_ms(w),
+        run_id=str(run_id),
+        started_at=started_at,
+        local_worker=w.worker_id,
+        peer_worker=_peer_worker(w),
+        path=_path(w),
+        rate_mbps=float(params.get("rate_mbps", 0)),
+        bytes_received=report.bytes_received,
+        sent_mbps=float(params.get("sent_mbps", 0.0)),
+        received_mbps=report.mbps,
+        gso=bool(params.get("gso", False)),
+        gro=gro,
+        fragmented=size > _PATH_MTU_PAYLOAD,
+        encrypted=bool(params.get("encrypted", False)),
+        auth_failures=report.auth_failures,
+        flow_control=bool(params.get("flow_control", False)),
+        note="over the path MTU: IP fragments" if size > _PATH_MTU_PAYLOAD else "",
+        intervals=report.intervals,
+    )
+
+
+def _sender_row(
+    w: Worker,
+    run_id: int,
+    started_at: str,
+    params: dict[str, Any],
+    end: dict[str, Any],
+    report: cb.ReceiverReport | None,
+    *,
+    local: bool,
+    gro: bool = False,
+) -> BenchResult:
+    size = int(params.get("payload_size", 0))
+    sent = int(end.get("packets_sent", 0))
+    send_s = float(end.get("duration_s", 0.0))
+    sent_mbps = sent * size * 8 / send_s / 1e6 if send_s > 0 else 0.0
+    note = "over the path MTU: IP fragments" if size > _PATH_MTU_PAYLOAD else ""
+    if report is None:
+        note = (note + "; " if note else "") + "no report from the receiver"
+    me, peer = (w.worker_id, _peer_worker(w)) if local else (_peer_worker(w), w.worker_id)
+    return BenchResult(
+        role="sender",
+        payload_size=size,
+        duration_s=send_s,
+        packets_sent=sent,
+        packets_received=report.packets_received if report else 0,
+        lost=report.lost if report else sent,
+        lost_percent=report.lost_percent if report else (100.0 if sent else 0.0),
+        out_of_order=report.out_of_order if report else 0,
+        duplicates=report.duplicates if report else 0,
+        jitter_ms=report.jitter_ms if report else 0.0,
+        mbps=sent_mbps,
+        rtt_ms=_rtt_ms(w),
+        run_id=str(run_id),
+        started_at=started_at,
+        local_worker=me,
+        peer_worker=peer,
+        path=_path(w),
+        rate_mbps=float(params.get("rate_mbps", 0)),
+        bytes_received=report.bytes_received if report else 0,
+        sent_mbps=sent_mbps,
+        received_mbps=report.mbps if report else 0.0,
+        gso=bool(end.get("gso", False)),
+        gro=bool(gro),
+        fragmented=size > _PATH_MTU_PAYLOAD,
+        encrypted=bool(params.get("encrypted", False)),
+        auth_failures=report.auth_failures if report else 0,
+        flow_control=bool(params.get("flow_control", False)),
+        note=note,
+        intervals=report.intervals if report else (),
+    )
