@@ -521,37 +521,38 @@ class UdpEndpoint:
         """Run this endpoint's reader on the calling (loop) thread, blocked in the socket read.
 
         Returns once ``until()`` is true (checked after every wake-up) or after ``max_block_s``
-        seconds.  Every datagram read meanwhile takes its usual path (fast handlers, bulk sink,
-        STUN listeners, peer handler), exactly as from the event loop's reader; only the wake-up
-        differs: a blocking ``recvmsg`` on the socket alone (put in blocking mode with
-        ``SO_RCVTIMEO`` for the call, non-blocking again on return), as a ping-pong tool does,
-        instead of a trip through the event loop.  A read that is not a fast handler's keeps
-        the read blocking until the next datagram or the time limit.  The loop is stalled
-        meanwhile, so keep ``max_block_s`` short and yield to the loop between calls (the
-        benchmark's RTT mode uses 50 ms).  While a bulk sink is armed it waits in ``poll(2)``.
+        seconds (up to twice that: one read may start just before the limit).  Every datagram
+        read meanwhile takes its usual path (fast handlers, bulk sink, STUN listeners, peer
+        handler), exactly as from the event loop's reader; only the wake-up differs: a blocking
+        ``recvmsg`` on the socket alone (blocking mode and ``SO_RCVTIMEO`` set once per call,
+        non-blocking again on return), as a ping-pong tool does, instead of a trip through the
+        event loop.  The loop is stalled meanwhile, so keep ``max_block_s`` short and yield to
+        the loop between calls (the benchmark's RTT mode uses 50 ms).  While a bulk sink is
+        armed (its batched reader never blocks) it waits in ``poll(2)`` instead.
         """
         if self._closed:
             return
         sock = self._sock
         clock = time.perf_counter
         deadline = clock() + max_block_s
-        try:
+        if self._bulk_types:
+            # The batched reader never blocks (MSG_DONTWAIT): wait in poll(2) for it.
+            if self._poller is None:
+                self._poller = select.poll()
+                self._poller.register(sock.fileno(), select.POLLIN)
             while not until() and not self._closed:
                 left = deadline - clock()
                 if left <= 0:
                     return
-                if self._bulk_types:
-                    # The batched reader never blocks (MSG_DONTWAIT): wait in poll(2) for it.
-                    if self._poller is None:
-                        self._poller = select.poll()
-                        self._poller.register(sock.fileno(), select.POLLIN)
-                    sock.setblocking(False)
-                    if self._poller.poll(left * 1000.0):
-                        self._on_readable()
-                    continue
-                # A blocking read that gives up after ``left`` (SO_RCVTIMEO: EAGAIN then).
-                sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, _timeval(left))
-                sock.setblocking(True)
+                if self._poller.poll(left * 1000.0):
+                    self._on_readable()
+            return
+        # Blocking reads that give up after max_block_s each (SO_RCVTIMEO: EAGAIN then), set
+        # once per call: no extra syscall per datagram (a call may so last up to twice as long).
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, _timeval(max_block_s))
+        sock.setblocking(True)
+        try:
+            while not until() and not self._closed and clock() < deadline:
                 self._on_readable()
         finally:
             if not self._closed:
