@@ -11,11 +11,7 @@ import asyncio
 import base64
 import contextlib
 import os
-import shutil
-import socket
-import subprocess
-import time
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import pytest
@@ -30,7 +26,7 @@ from p2plab.errors import NotConnected
 from rendezvous_service_code.main import RendezvousServer
 from rendezvous_service_code.registry import SendMessage
 from tests.conftest import TIMEOUT_UNIT
-from tests.rendezvous_fixtures import TIMEOUT, WsWorker, running_rendezvous
+from tests.rendezvous_fixtures import WsWorker, running_rendezvous
 
 T = 15 * TIMEOUT_UNIT
 FAST = Backoff(initial_s=0.05, maximum_s=0.2)
@@ -340,44 +336,6 @@ async def test_relay_can_be_turned_off_at_the_rendezvous() -> None:
 
 
 # -- several instances through Redis ------------------------------------------------------------
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-@pytest.fixture
-def redis_url() -> Iterator[str]:
-    exe = shutil.which("redis-server")
-    if exe is None:
-        if os.environ.get("CI") == "true":
-            pytest.fail("redis-server is required in CI")
-        pytest.skip("redis-server not installed")
-    port = _free_port()
-    proc = subprocess.Popen(
-        [exe, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    try:
-        deadline = time.monotonic() + TIMEOUT
-        while True:
-            try:
-                with socket.create_connection(("127.0.0.1", port), timeout=1) as s:
-                    s.sendall(b"PING\r\n")
-                    if s.recv(16).startswith(b"+PONG"):
-                        break
-            except OSError:
-                pass
-            if time.monotonic() > deadline or proc.poll() is not None:
-                raise RuntimeError("redis-server did not start")
-            time.sleep(0.05)
-        yield f"redis://127.0.0.1:{port}/0"
-    finally:
-        proc.kill()
-        proc.wait()
 
 
 async def test_relay_across_two_rendezvous_instances(redis_url: str) -> None:
