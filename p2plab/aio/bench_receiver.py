@@ -90,6 +90,25 @@ class _Receiving:
             self.credit_timer = loop.call_later(_CREDIT_TIMER_S, self.credit_tick)
 
 
+def _segment_spans(np: Any, reads: list[tuple[int, int, int, int]]) -> tuple[Any, Any, Any, Any]:
+    """Expand (offset, length, segment size, arrival) reads into one span per datagram.
+
+    A GRO read holds several datagrams of ``segment size`` bytes (the last may be shorter);
+    returns, per datagram, the index of its read, its offset, its length and its arrival time.
+    """
+    r = np.array(reads, dtype=np.int64)
+    off, n, seg, arr = r[:, 0], r[:, 1], r[:, 2], r[:, 3]
+    if bool((seg >= n).all()):
+        return np.arange(len(reads)), off, n, arr
+    counts = -(-n // seg)
+    ridx = np.repeat(np.arange(len(reads)), counts)
+    first = np.cumsum(counts) - counts
+    k = np.arange(int(counts.sum())) - first[ridx]
+    offs = off[ridx] + k * seg[ridx]
+    lens = np.minimum(seg[ridx], off[ridx] + n[ridx] - offs)
+    return ridx, offs, lens, arr[ridx]
+
+
 def _account(
     rx: cb.BenchReceiver, buf: memoryview, reads: list[tuple[int, int, int, int]]
 ) -> list[tuple[int, int, int]]:
@@ -106,19 +125,7 @@ def _account(
                 else:
                     rx.receive(h.run_id, h.seq, h.send_ts_ns, e - s, arr)
         return left
-    r = np.array(reads, dtype=np.int64)
-    off, n, seg, arr = r[:, 0], r[:, 1], r[:, 2], r[:, 3]
-    if bool((seg >= n).all()):
-        ridx = np.arange(len(reads))
-        offs, lens, arrs = off, n, arr
-    else:
-        counts = -(-n // seg)
-        ridx = np.repeat(np.arange(len(reads)), counts)
-        first = np.cumsum(counts) - counts
-        k = np.arange(int(counts.sum())) - first[ridx]
-        offs = off[ridx] + k * seg[ridx]
-        lens = np.minimum(seg[ridx], off[ridx] + n[ridx] - offs)
-        arrs = arr[ridx]
+    ridx, offs, lens, arrs = _segment_spans(np, reads)
     ok = lens >= cb.HEADER_SIZE
     kinds, runs, seqs, ts = cb.parse_headers(buf, np.where(ok, offs, 0))
     data = ok & (kinds == cb.BENCH_DATA)
@@ -141,19 +148,7 @@ def _account_sealed_np(
     """Sealed bulk sink with numpy: spans and types vectorised, bodies opened into ``scratch``
     (``PeerCipher.open_many_into``), their headers parsed as one array."""
     np = _np()
-    r = np.array(reads, dtype=np.int64)
-    off, n, seg, arr = r[:, 0], r[:, 1], r[:, 2], r[:, 3]
-    if bool((seg >= n).all()):
-        ridx = np.arange(len(reads))
-        offs, lens, arrs = off, n, arr
-    else:
-        counts = -(-n // seg)
-        ridx = np.repeat(np.arange(len(reads)), counts)
-        first = np.cumsum(counts) - counts
-        k = np.arange(int(counts.sum())) - first[ridx]
-        offs = off[ridx] + k * seg[ridx]
-        lens = np.minimum(seg[ridx], off[ridx] + n[ridx] - offs)
-        arrs = arr[ridx]
+    ridx, offs, lens, arrs = _segment_spans(np, reads)
     raw = np.frombuffer(buf, dtype=np.uint8)
     data = (lens >= 4) & (raw[np.where(lens >= 4, offs + 3, 0)] == cb.BENCH_DATA)
     left: list[tuple[int, int, int]] = []
