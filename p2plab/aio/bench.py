@@ -80,6 +80,7 @@ from p2plab.aio.bench_common import (
     _link_sealer,
     _new_run_id,
     _now_iso,
+    _open,
     _overhead,
     _peer_on_loop,
     _receiver_row,
@@ -147,13 +148,10 @@ class _Sending:
         """Fast handler for BENCH_CREDIT."""
         if self.window is None or not _same(addr, self.addr):
             return
-        if self.sealer is not None:
-            pt: bytes | memoryview | None = self.sealer.open_datagram(bytes(view))
-            if pt is None:
-                self.auth_failures += 1
-                return
-        else:
-            pt = view
+        pt = _open(self.sealer, view)
+        if pt is None:
+            self.auth_failures += 1
+            return
         if len(pt) < cb.HEADER_SIZE:
             return
         _, _, _, run, consumed, received = cb.HEADER.unpack_from(pt)

@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING
 
 from p2plab.aio.bench_common import (
     BenchSealer,
+    _open,
     _overhead,
     _same,
 )
@@ -87,13 +88,10 @@ class _Pinger:
         if not _same(addr, self.addr):
             self.foreign += 1
             return
-        if self.sealer is not None:
-            pt: bytes | memoryview | None = self.sealer.open_datagram(bytes(view))
-            if pt is None:
-                self.auth_failures += 1
-                return
-        else:
-            pt = view
+        pt = _open(self.sealer, view)
+        if pt is None:
+            self.auth_failures += 1
+            return
         if len(pt) < cb.HEADER_SIZE:
             return
         _, _, _, run, seq, _ts = cb.HEADER.unpack_from(pt)
@@ -134,13 +132,10 @@ class _Responder:
         if not _same(addr, self.addr):
             self.dropped += 1
             return
-        if self.sealer is not None:
-            ping: bytes | memoryview | None = self.sealer.open_datagram(bytes(view))
-            if ping is None:
-                self.dropped += 1
-                return
-        else:
-            ping = view
+        ping = _open(self.sealer, view)
+        if ping is None:
+            self.dropped += 1
+            return
         if len(ping) < cb.HEADER_SIZE or ping[4:8] != self.run_id:
             self.dropped += 1
             return
