@@ -12,6 +12,8 @@ from typing import Any
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed
 
+from p2plab.aio.rendezvous import Backoff
+from p2plab.aio.worker import WorkerConfig
 from rendezvous_service_code.main import RendezvousServer
 
 __all__ = ["TIMEOUT", "WsWorker", "running_rendezvous"]
@@ -21,9 +23,9 @@ TIMEOUT = 10.0
 
 
 @contextlib.asynccontextmanager
-async def running_rendezvous(**options: Any) -> AsyncIterator[RendezvousServer]:
-    """A rendezvous on 127.0.0.1 with an OS-chosen port, closed afterwards."""
-    server = await RendezvousServer.start("127.0.0.1", 0, **options)
+async def running_rendezvous(port: int = 0, **options: Any) -> AsyncIterator[RendezvousServer]:
+    """A rendezvous on 127.0.0.1 (port 0: OS-chosen), closed afterwards."""
+    server = await RendezvousServer.start("127.0.0.1", port, **options)
     try:
         yield server
     finally:
@@ -111,3 +113,21 @@ class WsWorker:
 
     async def close(self) -> None:
         await self.ws.close()
+
+
+#: Reconnect quickly in tests.
+FAST_BACKOFF = Backoff(initial_s=0.05, maximum_s=0.2)
+
+
+def loopback_worker_config(rv: RendezvousServer, **kw: Any) -> WorkerConfig:
+    """An in-process worker on loopback for ``rv`` (its STUN server if it has one, no HTTP)."""
+    base: dict[str, Any] = dict(
+        rendezvous_url=rv.ws_url,
+        udp_host="127.0.0.1",
+        http_port=None,
+        backoff=FAST_BACKOFF,
+    )
+    if rv.stun_port is not None:
+        base["stun_servers"] = (f"127.0.0.1:{rv.stun_port}",)
+    base.update(kw)
+    return WorkerConfig(**base)

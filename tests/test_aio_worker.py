@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import random
-from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
@@ -19,30 +17,17 @@ from p2plab.core import events as ev
 from p2plab.errors import ChatTooLong, ConfigError, NotConnected
 from rendezvous_service_code.main import RendezvousServer
 from tests.conftest import TIMEOUT_UNIT
+from tests.rendezvous_fixtures import loopback_worker_config, running_rendezvous
 
 T = 10 * TIMEOUT_UNIT
-FAST = Backoff(initial_s=0.05, maximum_s=0.2)
 
 
-@contextlib.asynccontextmanager
-async def rendezvous(port: int = 0, **options: Any) -> AsyncIterator[RendezvousServer]:
-    server = await RendezvousServer.start("127.0.0.1", port, stun_port=0, **options)
-    try:
-        yield server
-    finally:
-        await server.close()
+def rendezvous(port: int = 0, **options: Any) -> Any:
+    return running_rendezvous(port, stun_port=0, **options)
 
 
 def worker_config(rv: RendezvousServer, **kw: Any) -> WorkerConfig:
-    base: dict[str, Any] = dict(
-        rendezvous_url=rv.ws_url,
-        stun_servers=(f"127.0.0.1:{rv.stun_port}",),
-        udp_host="127.0.0.1",
-        http_port=None,
-        backoff=FAST,
-    )
-    base.update(kw)
-    return WorkerConfig(**base)
+    return loopback_worker_config(rv, **kw)
 
 
 async def test_two_punchers_connect_and_chat_on_loopback() -> None:

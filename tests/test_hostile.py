@@ -17,7 +17,6 @@ import httpx
 import pytest
 from websockets.exceptions import ConnectionClosed
 
-from p2plab.aio.rendezvous import Backoff
 from p2plab.aio.worker import Worker, WorkerConfig
 from p2plab.core.crypto import Identity, PeerCipher, fingerprint
 from p2plab.core.signaling import MAX_MESSAGE_BYTES
@@ -26,35 +25,18 @@ from p2plab.core.wire import Chat, MessageType, Probe, datagram_type, encode_dat
 from p2plab.server.stun_server import StunServer
 from rendezvous_service_code.main import RendezvousServer
 from tests.conftest import TIMEOUT_UNIT
-from tests.rendezvous_fixtures import WsWorker
+from tests.rendezvous_fixtures import WsWorker, loopback_worker_config, running_rendezvous
 from tests.stun_fixtures import RawClient, random_bytes
 
 T = 10 * TIMEOUT_UNIT
-FAST = Backoff(initial_s=0.05, maximum_s=0.2)
 
 
-@contextlib.asynccontextmanager
-async def rendezvous(
-    port: int = 0, stun_port: int = 0, **options: Any
-) -> AsyncIterator[RendezvousServer]:
-    server = await RendezvousServer.start("127.0.0.1", port, stun_port=stun_port, **options)
-    try:
-        yield server
-    finally:
-        await server.close()
+def rendezvous(port: int = 0, stun_port: int = 0, **options: Any) -> Any:
+    return running_rendezvous(port, stun_port=stun_port, **options)
 
 
 def config(rv: RendezvousServer, **kw: Any) -> WorkerConfig:
-    base: dict[str, Any] = dict(
-        rendezvous_url=rv.ws_url,
-        stun_servers=(f"127.0.0.1:{rv.stun_port}",),
-        udp_host="127.0.0.1",
-        http_port=None,
-        backoff=FAST,
-        nat_report=False,
-    )
-    base.update(kw)
-    return WorkerConfig(**base)
+    return loopback_worker_config(rv, **{"nat_report": False, **kw})
 
 
 @contextlib.asynccontextmanager

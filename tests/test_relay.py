@@ -18,7 +18,6 @@ import pytest
 
 from p2plab.aio.bench import Benchmark, start_benchmark_from_ui
 from p2plab.aio.endpoint import Address
-from p2plab.aio.rendezvous import Backoff
 from p2plab.aio.worker import Worker, WorkerConfig
 from p2plab.config import SessionConfig
 from p2plab.core.signaling import MAX_RELAY_BYTES, RelayIn
@@ -26,10 +25,9 @@ from p2plab.errors import NotConnected
 from rendezvous_service_code.main import RendezvousServer
 from rendezvous_service_code.registry import SendMessage
 from tests.conftest import TIMEOUT_UNIT
-from tests.rendezvous_fixtures import WsWorker, running_rendezvous
+from tests.rendezvous_fixtures import WsWorker, loopback_worker_config, running_rendezvous
 
 T = 15 * TIMEOUT_UNIT
-FAST = Backoff(initial_s=0.05, maximum_s=0.2)
 REDIS_FAST = {"heartbeat_s": 0.3, "ttl_s": 1.5}
 
 
@@ -45,18 +43,8 @@ class DropAll:
 
 
 def worker_config(rv: RendezvousServer, **kw: Any) -> WorkerConfig:
-    base: dict[str, Any] = dict(
-        rendezvous_url=rv.ws_url,
-        udp_host="127.0.0.1",
-        http_port=None,
-        backoff=FAST,
-        nat_report=False,
-        session=SessionConfig(punch_timeout=1.0),
-    )
-    if rv.stun_port is not None:
-        base["stun_servers"] = (f"127.0.0.1:{rv.stun_port}",)
-    base.update(kw)
-    return WorkerConfig(**base)
+    defaults = {"nat_report": False, "session": SessionConfig(punch_timeout=1.0)}
+    return loopback_worker_config(rv, **{**defaults, **kw})
 
 
 @contextlib.asynccontextmanager
