@@ -424,9 +424,10 @@ class BenchReceiver:
 
     # -- intervals ----------------------------------------------------------------------------
 
-    def _close_interval(self) -> None:
+    def _close_interval(self, end_s: float | None = None) -> None:
+        """Record the current interval; ``end_s`` cuts a partial last one short."""
         t0 = self._iv_index * self.interval_ns / _NS
-        t1 = (self._iv_index + 1) * self.interval_ns / _NS
+        t1 = (self._iv_index + 1) * self.interval_ns / _NS if end_s is None else max(end_s, t0)
         gaps = (self.highest - self._iv_highest) - self._iv_packets
         self.intervals.append(
             IntervalRecord(
@@ -599,22 +600,7 @@ class BenchReceiver:
                 if self.last_arrival is not None and self.first_arrival is not None
                 else t0
             )
-            t1 = max(t1, t0)
-            gaps = (self.highest - self._iv_highest) - self._iv_packets
-            self.intervals.append(
-                IntervalRecord(
-                    t_start=t0,
-                    t_end=t1,
-                    bytes=self._iv_bytes,
-                    packets=self._iv_packets,
-                    mbps=_mbps(self._iv_bytes, t1 - t0),
-                    lost=max(0, gaps),
-                    jitter_ms=self.jitter_ns / 1e6,
-                )
-            )
-            self._iv_index += 1
-            self._iv_bytes = self._iv_packets = 0
-            self._iv_highest = self.highest
+            self._close_interval(t1)
         sent = packets_sent if packets_sent is not None else self.highest + 1
         received_in_range = self.packets
         if packets_sent is not None and self.highest >= packets_sent:
