@@ -394,9 +394,11 @@ async def test_bulk_reads_with_recvmmsg_count_exactly_among_other_traffic(mmsg: 
         tx2.close()
 
 
+@pytest.mark.parametrize("spin_s", [0.0, 0.002])
 async def test_read_blocking_dispatches_everything_and_stops_when_told(
-    pair: tuple[UdpEndpoint, socket.socket],
+    pair: tuple[UdpEndpoint, socket.socket], spin_s: float
 ) -> None:
+    """Sleeping in the read (spin_s 0) or busy-polling first: the same deliveries."""
     ep, tx = pair
     rec = Recorder(ep)
     fast: list[bytes] = []
@@ -409,18 +411,28 @@ async def test_read_blocking_dispatches_everything_and_stops_when_told(
         tx.sendto(d, addr)
     # Blocks on the socket (not the event loop) until both fast datagrams are in: every
     # datagram read on the way took its usual path.
-    ep.read_blocking(lambda: len(fast) == 2, T)
+    ep.read_blocking(lambda: len(fast) == 2, T, spin_s)
     assert fast == [p2p(0x21, 1, 64), p2p(0x21, 3, 64)]
     assert listened == [stun(7)]
     assert rec.log == [("peer", p2p(0x01, 2, 64)), ("stun", stun(8))]
     assert ep.stats["datagrams_in"] == 5 and ep.stats["fast_datagrams"] == 2
+    # GRO-merged batches: of the fast type, each datagram reaches the fast handler; of another
+    # type, the peer handler.  (Sent before the read starts, so the kernel may merge them.)
+    merged = [p2p(0x21, 10 + i, 64) for i in range(4)]
+    other = [p2p(0x02, 20 + i, 64) for i in range(3)]
+    gso_send(tx, merged, addr)
+    gso_send(tx, other, addr)
+    ep.read_blocking(lambda: len(rec.log) == 5, T, spin_s)
+    assert fast[2:] == merged
+    assert rec.log[2:] == [("peer", d) for d in other]
+    assert ep.stats["datagrams_in"] == 12 and ep.stats["fast_datagrams"] == 6
     # Nothing to read: it returns after its time limit; already true: at once.
-    ep.read_blocking(lambda: False, 0.01)
-    ep.read_blocking(lambda: True, T)
-    assert ep.stats["datagrams_in"] == 5
+    ep.read_blocking(lambda: False, 0.01, spin_s)
+    ep.read_blocking(lambda: True, T, spin_s)
+    assert ep.stats["datagrams_in"] == 12
     # The event loop's reader still works afterwards.
     tx.sendto(p2p(0x01, 9, 64), addr)
-    await until(lambda: len(rec.log) == 3)
+    await until(lambda: len(rec.log) == 6)
     assert rec.log[-1] == ("peer", p2p(0x01, 9, 64))
 
 
