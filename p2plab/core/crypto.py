@@ -89,6 +89,8 @@ _NONCE = struct.Struct(">IQ")  # four zero bytes, then the counter
 _COUNTER = struct.Struct(">Q")
 _SEALED_HEAD = struct.Struct(">4s8s8sQ")  # p2p header, sender tag, receiver tag, counter
 _NONCE_PAD = b"\x00\x00\x00\x00"
+_CTR_AT = HEADER_SIZE + 2 * TAG_SIZE  # where a sealed datagram's counter starts
+_BODY_AT = HEADER_SIZE + _PREFIX  # and its ciphertext
 Buffer = bytes | bytearray | memoryview
 
 
@@ -444,29 +446,34 @@ class PeerCipher:
         if len(data) < HEADER_SIZE:
             self.stats["auth_failures"] += 1
             return None
-        header = bytes(data[:HEADER_SIZE])
-        fast = self._fast_open()
-        if fast is not None and len(data) >= HEADER_SIZE + SEAL_OVERHEAD:
+        data = bytes(data)
+        fast = self._open_fast or self._fast_open()
+        # The established pair's fast path (the benchmark's pings and pongs): the associated
+        # data is the datagram's first 20 bytes as they stand (header, sender and receiver tag).
+        if (
+            fast is not None
+            and len(data) >= HEADER_SIZE + SEAL_OVERHEAD
+            and data[HEADER_SIZE:_CTR_AT] == fast[0]
+        ):
             key, window, aead = fast
-            mv = memoryview(data)
-            if mv[HEADER_SIZE : HEADER_SIZE + 2 * TAG_SIZE] == key:
-                ctr = bytes(mv[HEADER_SIZE + 2 * TAG_SIZE : HEADER_SIZE + _PREFIX])
-                try:
-                    body = aead.decrypt(_NONCE_PAD + ctr, mv[HEADER_SIZE + _PREFIX :], header + key)
-                except InvalidTag:
-                    self.stats["auth_failures"] += 1
-                    return None
-                c = int.from_bytes(ctr, "big")
-                if not window.fresh(c):
-                    self.stats["replays"] += 1
-                    return None
-                window.accept(c)
-                self._tags._reply_tag = key[:TAG_SIZE]
-                self._windows.move_to_end(key[:TAG_SIZE])
-                self.stats["opened"] += 1
-                return header + body
+            ctr = data[_CTR_AT:_BODY_AT]
+            try:
+                body = aead.decrypt(_NONCE_PAD + ctr, data[_BODY_AT:], data[:_CTR_AT])
+            except InvalidTag:
+                self.stats["auth_failures"] += 1
+                return None
+            c = int.from_bytes(ctr, "big")
+            if not window.fresh(c):
+                self.stats["replays"] += 1
+                return None
+            window.accept(c)
+            self._tags._reply_tag = key[:TAG_SIZE]
+            self._windows.move_to_end(key[:TAG_SIZE])
+            self.stats["opened"] += 1
+            return data[:HEADER_SIZE] + body
+        header = data[:HEADER_SIZE]
         try:
-            return header + self.open(header, bytes(data[HEADER_SIZE:]))
+            return header + self.open(header, data[HEADER_SIZE:])
         except RemoteProtocolError:
             return None
 
