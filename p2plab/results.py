@@ -184,6 +184,11 @@ class RttResult:
     """Pings and pongs were sealed with the link's session keys."""
     auth_failures: int = 0
     """Pongs dropped because they did not open."""
+    wait: str = "blocking"
+    """How the two ends waited for each datagram: ``busy-poll`` (both read without sleeping,
+    see ``busy_poll_us``), ``blocking`` (both slept on the socket) or ``event-loop``."""
+    busy_poll_us: float = 0.0
+    """Microseconds each end spun after a datagram before sleeping (0: it slept at once)."""
     samples_ms: tuple[float, ...] = field(default=(), compare=False, repr=False)
     """Every RTT sample, milliseconds, in order."""
 

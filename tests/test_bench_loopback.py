@@ -195,6 +195,8 @@ async def test_receive_direction_and_rtt() -> None:
         rtt = await asyncio.wait_for(Benchmark(a).rtt(count=200), T)
         assert rtt.received == 200 and rtt.lost == 0
         assert 0 < rtt.min_ms <= rtt.p50_ms <= rtt.p90_ms <= rtt.p99_ms <= rtt.max_ms
+        # Both workers share this loop: neither may block or spin in it.
+        assert rtt.wait == "event-loop" and rtt.busy_poll_us == 0
 
 
 async def test_ui_websocket_start_benchmark(tmp_path: Path) -> None:
@@ -356,10 +358,14 @@ async def worker_on_own_loop(cfg: dict[str, Any]) -> AsyncIterator[tuple[Worker,
         await asyncio.to_thread(th.join, T)
 
 
-@pytest.mark.parametrize("encrypt", [None, False])
+@pytest.mark.parametrize(
+    ("encrypt", "busy_poll_us", "wait"),
+    [(None, None, "busy-poll"), (False, None, "busy-poll"), (None, 0.0, "blocking")],
+)
 async def test_blocking_rtt_against_a_peer_on_another_loop_keeps_chat_flowing(
-    encrypt: bool | None,
+    encrypt: bool | None, busy_poll_us: float | None, wait: str
 ) -> None:
+    """Both ends read the socket itself, busy-polling first (the default) or sleeping at once."""
     rv = await RendezvousServer.start("127.0.0.1", 0)
     cfg = dict(rendezvous_url=rv.ws_url, http_port=None, udp_host="127.0.0.1", nat_report=False)
     a = Worker(WorkerConfig(**cfg))  # type: ignore[arg-type]
@@ -384,12 +390,15 @@ async def test_blocking_rtt_against_a_peer_on_another_loop_keeps_chat_flowing(
                 b_loop.call_soon_threadsafe(b.send_chat, "from b")
 
             chat = asyncio.ensure_future(chat_mid_run())
+            opts = {} if busy_poll_us is None else {"busy_poll_us": busy_poll_us}
             rtt = await asyncio.wait_for(
-                Benchmark(a, encrypt=encrypt).rtt(count=count, payload_size=64), T
+                Benchmark(a, encrypt=encrypt).rtt(count=count, payload_size=64, **opts), T
             )
             await asyncio.wait_for(chat, T)
             assert rtt.received == count and rtt.lost == 0 and rtt.auth_failures == 0
             assert rtt.encrypted is (encrypt is None)
+            assert rtt.wait == wait
+            assert rtt.busy_poll_us == (1000.0 if wait == "busy-poll" else 0.0)
             assert 0 < rtt.min_ms <= rtt.p50_ms <= rtt.max_ms
             # The responder took the blocking path, and answered every ping.
             state = b.benchmark

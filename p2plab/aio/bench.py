@@ -35,16 +35,20 @@ does).
 RTT mode sends ``BENCH_PING`` datagrams one at a time.  Both ends handle ping and pong in the
 endpoint's *fast handler* (straight from the read, no copy or demultiplexing, no task switch): the
 peer answers a ping with a ``sock.sendto`` from its read, and our next ping leaves from ours when
-the pong arrives.  For the length of a run both ends wait for the next datagram the way sockperf
-does, blocked on the socket alone (``UdpEndpoint.read_blocking``: ``poll(2)`` on the loop thread,
-in chunks of at most ``_RTT_BLOCK_S``, with a yield to the event loop between chunks), instead of
-going through the event loop's wake-up for every datagram.  The responder learns the run's
-``count`` from ``bench_start`` and stops blocking once it has answered that many pings, on
-``bench_end``, or after ``idle_s`` without a ping.  Every other datagram read meanwhile (chat,
-keep-alives, control, STUN) takes its usual path at once; timers and other sockets wait at most
-one chunk.  When the peer is an endpoint on this same event loop (two workers on one loop), blocking
-would stall the peer itself, so both ends then stay on the event loop's reader.  Nothing
-busy-polls: like sockperf's default ping-pong, each side sleeps in the kernel between datagrams.
+the pong arrives.  For the length of a run both ends wait for the next datagram on the socket
+itself (``UdpEndpoint.read_blocking``, on the loop thread, in chunks of at most ``_RTT_BLOCK_S``,
+with a yield to the event loop between chunks), not through the event loop's wake-up for every
+datagram.  By default they busy-poll: after each datagram each end keeps reading without sleeping
+for ``busy_poll_us`` (1 ms) before it sleeps in ``poll(2)``, so a loopback or LAN round trip is
+measured without the scheduler's wake-up of a sleeping process and the CPU's exit from its idle
+state, which on an idle host are most of such a round trip (sockperf's spinning mode, ``-F r
+--nonblocked``, does the same; ``busy_poll_us=0`` sleeps at once like its default ping-pong).
+Results say which (``RttResult.wait``).  The responder learns the run's ``count`` from
+``bench_start`` and stops once it has answered that many pings, on ``bench_end``, or after
+``idle_s`` without a ping.  Every other datagram read meanwhile (chat, keep-alives, control, STUN)
+takes its usual path at once; timers and other sockets wait at most one chunk.  When the peer is
+an endpoint on this same event loop (two workers on one loop), blocking would stall the peer
+itself, so both ends then stay on the event loop's reader (``wait="event-loop"``).
 
 Data path: the sender fills headers of a pre-built batch in place (numpy), seals the batch
 straight into the send buffer when encrypted (``PeerCipher.seal_many``: one counter range, one
@@ -74,6 +78,8 @@ from p2plab.aio.bench_common import (
     _RCVBUF,
     _RTT_BLOCK_S,
     _RTT_IDLE_S,
+    _RTT_SPIN_MAX_US,
+    _RTT_SPIN_US,
     _SKB_OVERHEAD,
     _YIELD_NS,
     BenchSealer,
@@ -283,17 +289,21 @@ class _BenchState:
             try:
                 count = int(obj.get("count", 0))
                 idle_s = min(max(float(obj.get("idle_s", _RTT_IDLE_S)), 0.1), 60.0)
+                spin_us = min(max(float(obj.get("busy_poll_us", 0.0)), 0.0), _RTT_SPIN_MAX_US)
             except (TypeError, ValueError):
-                count, idle_s = 0, _RTT_IDLE_S
+                count, idle_s, spin_us = 0, _RTT_IDLE_S, 0.0
             blocking = bool(obj.get("blocking", False)) and count > 0
             if blocking and not _peer_on_loop(ep, addr):
                 ready["blocking"] = True
+                ready["busy_poll_us"] = spin_us
                 self.rtt_task = asyncio.get_running_loop().create_task(
-                    self._respond_blocking(resp, count, idle_s)
+                    self._respond_blocking(resp, count, idle_s, spin_us / 1e6)
                 )
         self._control(ready)
 
-    async def _respond_blocking(self, resp: _Responder, count: int, idle_s: float) -> None:
+    async def _respond_blocking(
+        self, resp: _Responder, count: int, idle_s: float, spin_s: float = 0.0
+    ) -> None:
         """Answer pings blocked on the socket (chunks of ``_RTT_BLOCK_S``) until the run ends."""
         ep = self.worker.endpoint
         if ep is None:
@@ -305,7 +315,7 @@ class _BenchState:
 
         last, since = resp.answered, time.perf_counter()
         while not over() and not ep.closed:
-            ep.read_blocking(over, _RTT_BLOCK_S)
+            ep.read_blocking(over, _RTT_BLOCK_S, spin_s)
             await asyncio.sleep(0)
             now = time.perf_counter()
             if resp.answered != last:
@@ -860,15 +870,24 @@ class Benchmark:
         timeout_s: float = 1.0,
         *,
         blocking: bool = True,
+        busy_poll_us: float = _RTT_SPIN_US,
     ) -> RttResult:
         """Ping-pong ``count`` datagrams one at a time (unanswered in ``timeout_s``: lost).
 
-        ``blocking``: both ends wait for the next datagram blocked on the socket (in chunks of
+        ``blocking``: both ends wait for the next datagram on the socket itself (in chunks of
         at most 50 ms, yielding to the event loop between them), as sockperf does; False waits
         through the event loop.  Against a peer in this same process both ends use the loop.
+        ``busy_poll_us`` (with ``blocking``): both ends read the socket without sleeping for up
+        to this long after each datagram before they sleep in ``poll(2)``, so a reply that
+        returns within it is measured without the wake-up of a sleeping process (on an idle
+        host that wake-up, not the path, is most of a loopback or LAN round trip).  It keeps a
+        core busy on each end for the length of the run; 0 sleeps at once, like sockperf's
+        default ping-pong (``-F r --nonblocked`` is sockperf's spinning mode).
         """
         if count < 1:
             raise ValueError("count must be >= 1")
+        if not 0 <= busy_poll_us <= _RTT_SPIN_MAX_US:
+            raise ValueError(f"busy_poll_us must be between 0 and {_RTT_SPIN_MAX_US:g}")
         cb.validate_params(payload_size, 0, 1)
         ep, addr = self._link()
         sealer = self._sealer()
@@ -876,7 +895,7 @@ class Benchmark:
             raise ValueError(f"payload_size too small for sealed pings: {payload_size}")
         rid = _new_run_id()
         started_at = _now_iso()
-        await self._ask(
+        ready = await self._ask(
             {
                 "type": "bench_start",
                 "mode": "rtt",
@@ -885,12 +904,20 @@ class Benchmark:
                 "encrypted": sealer is not None,
                 "count": count,
                 "blocking": blocking,
+                "busy_poll_us": busy_poll_us,
                 "idle_s": max(_RTT_IDLE_S, 3 * timeout_s),
             },
             "bench_ready",
             self.timeout_s,
         )
         blocking = blocking and not _peer_on_loop(ep, addr)
+        # Busy-polling only counts when both ends do it (a peer that sleeps adds its wake-up).
+        try:
+            peer_spin_us = float(ready.get("busy_poll_us", 0.0)) if ready.get("blocking") else 0.0
+        except (TypeError, ValueError):
+            peer_spin_us = 0.0
+        spin_us = min(busy_poll_us, peer_spin_us) if blocking else 0.0
+        wait = ("busy-poll" if spin_us else "blocking") if blocking else "event-loop"
         pinger = _Pinger(ep, addr, rid, count, payload_size, sealer)
         self.state.pinger = pinger
         ep.set_fast_handler(cb.BENCH_PONG, pinger.on_pong)
@@ -900,7 +927,7 @@ class Benchmark:
             last, since = pinger.seq, time.perf_counter()
             while not done():
                 if blocking:
-                    ep.read_blocking(done, min(_RTT_BLOCK_S, timeout_s))
+                    ep.read_blocking(done, min(_RTT_BLOCK_S, timeout_s), spin_us / 1e6)
                     await asyncio.sleep(0)
                     if ep.closed:
                         raise NotConnected("the endpoint closed during an RTT run")
@@ -935,6 +962,8 @@ class Benchmark:
             peer_worker=self.worker.peer_id or "",
             encrypted=sealer is not None,
             auth_failures=pinger.auth_failures,
+            wait=wait,
+            busy_poll_us=spin_us,
             samples_ms=tuple(s * 1000 for s in samples),
             **stats,
         )

@@ -18,6 +18,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from p2plab.aio.bench import Benchmark, _BenchState
+from p2plab.aio.bench_common import _RTT_SPIN_US
 from p2plab.errors import P2PLabError
 from p2plab.results import BenchResult
 
@@ -44,6 +45,13 @@ def register_cli(subparsers: Any) -> None:
         "--rtt-via-loop",
         action="store_true",
         help="ping-pong through the event loop instead of blocking on the socket (comparisons)",
+    )
+    p.add_argument(
+        "--busy-poll-us",
+        type=float,
+        default=_RTT_SPIN_US,
+        help="RTT mode: each end reads without sleeping this long after a datagram before it"
+        f" sleeps (0: sleep at once, like sockperf's default; default {_RTT_SPIN_US:g})",
     )
     p.add_argument("--no-gso", action="store_true", help="plain sends even where GSO exists")
     p.add_argument(
@@ -126,7 +134,13 @@ async def _cmd_bench(args: argparse.Namespace) -> int:
             results = await bench.sweep(sizes, args.duration, args.rate, args.interval)
         else:
             results = [await bench.run(args.duration, sizes[0], args.rate, args.interval)]
-        rtt = await bench.rtt(args.rtt, blocking=not args.rtt_via_loop) if args.rtt else None
+        rtt = (
+            await bench.rtt(
+                args.rtt, blocking=not args.rtt_via_loop, busy_poll_us=args.busy_poll_us
+            )
+            if args.rtt
+            else None
+        )
         with contextlib.suppress(P2PLabError):
             worker.send_control({"type": "bench_finished", "run_id": 0})
             await asyncio.sleep(0.2)
@@ -143,7 +157,7 @@ async def _cmd_bench(args: argparse.Namespace) -> int:
                 print(
                     f"rtt: {rtt.received}/{rtt.count} p50 {rtt.p50_ms:.3f} ms "
                     f"p90 {rtt.p90_ms:.3f} ms p99 {rtt.p99_ms:.3f} ms min {rtt.min_ms:.3f} ms "
-                    f"encrypted={rtt.encrypted}"
+                    f"encrypted={rtt.encrypted} wait={rtt.wait}"
                 )
         return 0
     finally:

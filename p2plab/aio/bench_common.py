@@ -35,6 +35,8 @@ _CONTROL_RETRY_S = 0.02  # a control message refused as "not connected" is retri
 _CONTROL_PATIENCE_S = 2.0  # ... for this long
 _RTT_BLOCK_S = 0.05  # RTT runs block on the socket at most this long before yielding to the loop
 _RTT_IDLE_S = 3.0  # a responder stops blocking after this long without a ping (default)
+_RTT_SPIN_US = 1000.0  # RTT runs busy-poll this long after each datagram before sleeping
+_RTT_SPIN_MAX_US = 100_000.0  # the most a peer may ask a responder to spin for
 
 
 _BODY = struct.Struct("!IQQ")  # run_id, seq, send_ts_ns: a benchmark header after its 4 bytes
