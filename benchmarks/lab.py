@@ -24,7 +24,9 @@ import re
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
+from pathlib import Path
 from typing import Any
 
 from p2plab.lab.matrix import RENDEZVOUS_PORT
@@ -32,11 +34,12 @@ from p2plab.lab.netns import Lab
 
 IPERF_PORT = 5201
 SOCKPERF_PORT = 11111
-CONFIGS = (  # name, gso, encrypt, with RTT
-    ("plain", False, True, True),
-    ("plain/noenc", False, False, True),
-    ("gso-gro", True, True, False),
-    ("gso-gro/noenc", True, False, False),
+CONFIGS = (  # name, gso, encrypt, with RTT, --busy-poll-us (None: our default, ~1 ms)
+    ("plain", False, True, True, None),
+    ("plain/noenc", False, False, True, None),
+    ("gso-gro", True, True, False, None),
+    ("gso-gro/noenc", True, False, False, None),
+    ("rtt/sleep", False, True, True, 0.0),  # both ends sleep between datagrams
 )
 
 
@@ -84,30 +87,47 @@ def iperf3(lab: Lab, duration: float, size: int) -> dict[str, float]:
         server.wait(5)
 
 
-def sockperf(lab: Lab, duration: float) -> float:
-    server = lab.popen(
-        "b",
-        ["sockperf", "server", "-i", lab.address("b"), "-p", str(SOCKPERF_PORT)],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    try:
-        time.sleep(0.5)
-        out = lab.run(
-            "a",
-            ["sockperf", "ping-pong", "-i", lab.address("nat_b"), "-p", str(SOCKPERF_PORT),
-             "-m", "64", "-t", str(int(duration)), "--full-rtt"],
-            timeout=duration + 30,
-        )  # fmt: skip
-        m = re.search(r"percentile 50.000 =\s+([\d.]+)", out.stdout + out.stderr)
-        return float(m.group(1)) / 1000.0 if m else float("nan")
-    finally:
-        server.kill()
-        server.wait(5)
+def sockperf(lab: Lab, duration: float, spin: bool = False) -> float:
+    """sockperf ping-pong p50 from a to b (``spin``: its busy-polling mode on both ends)."""
+
+    def target(host: str, tmp: str) -> list[str]:
+        if not spin:
+            return ["-i", host, "-p", str(SOCKPERF_PORT)]
+        feed = Path(tmp) / f"{host}.feed"  # sockperf takes -F only with a feed file
+        feed.write_text(f"U:{host}:{SOCKPERF_PORT}\n")
+        return ["-f", str(feed), "-F", "r", "--nonblocked"]
+
+    with tempfile.TemporaryDirectory() as tmp:
+        server = lab.popen(
+            "b",
+            ["sockperf", "server", *target(lab.address("b"), tmp)],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        try:
+            time.sleep(0.5)
+            out = lab.run(
+                "a",
+                ["sockperf", "ping-pong", *target(lab.address("nat_b"), tmp), "-m", "64", "-t",
+                 str(int(duration)), "--full-rtt"],
+                timeout=duration + 30,
+            )  # fmt: skip
+            m = re.search(r"percentile 50.000 =\s+([\d.]+)", out.stdout + out.stderr)
+            return float(m.group(1)) / 1000.0 if m else float("nan")
+        finally:
+            server.kill()
+            server.wait(5)
 
 
 def ours(
-    lab: Lab, url: str, duration: float, size: int, gso: bool, encrypt: bool, rtt: int
+    lab: Lab,
+    url: str,
+    duration: float,
+    size: int,
+    gso: bool,
+    encrypt: bool,
+    rtt: int,
+    busy_poll_us: float | None = None,
 ) -> dict[str, Any]:
     common = ["-m", "p2plab", "bench", "--rendezvous", url, "--stun", lab.stun_server]
     rx = lab.python(
@@ -118,6 +138,8 @@ def ours(
                 "--size", str(size)]  # fmt: skip
         if rtt:
             args += ["--rtt", str(rtt)]
+        if busy_poll_us is not None:
+            args += ["--busy-poll-us", str(busy_poll_us)]
         if not gso:
             args.append("--no-gso")
         if not encrypt:
@@ -156,34 +178,42 @@ def main() -> int:
         url = f"ws://{rv}:{RENDEZVOUS_PORT}"
         ip_runs: list[dict[str, float]] = []
         sp_runs: list[float] = []
+        spin_runs: list[float] = []
         runs: dict[str, list[dict[str, Any]]] = {c[0]: [] for c in CONFIGS}
         for rnd in range(a.rounds):
             ip_runs.append(iperf3(lab, a.duration, a.size))
             sp_runs.append(sockperf(lab, a.duration))
-            for name, gso, enc, rtt in CONFIGS:
+            spin_runs.append(sockperf(lab, a.duration, spin=True))
+            for name, gso, enc, rtt, spin_us in CONFIGS:
                 runs[name].append(
-                    ours(lab, url, a.duration, a.size, gso, enc, a.rtt_count if rtt else 0)
-                )
+                    ours(lab, url, a.duration, a.size, gso, enc, a.rtt_count if rtt else 0,
+                         spin_us)
+                )  # fmt: skip
             print(f"round {rnd + 1}/{a.rounds} done", file=sys.stderr, flush=True)
     ip = statistics.median(r["mbps"] for r in ip_runs)
     ip_loss = statistics.median(r["lost_percent"] for r in ip_runs)
     sp = statistics.median(sp_runs)
+    spin = statistics.median(spin_runs)
     print(f"lab {a.profile_a} <-> {a.profile_b}, payload {a.size} B, {a.duration} s per run, "
           f"medians of {a.rounds} rounds")  # fmt: skip
+    print("RTT: ours busy-polls both ends by default (rtt/sleep: both sleep in poll(2)); sockperf")
+    print("sleeps by default, 'sockperf spin' is its busy-polling mode (-F r --nonblocked)")
     print(f"{'':>14} {'recv Mb/s':>10} {'lost %':>8} {'vs iperf3':>9} {'RTT p50 ms':>10} "
-          f"{'vs sockperf':>11}")  # fmt: skip
+          f"{'vs sockperf':>11} {'vs spin':>8}")  # fmt: skip
     print(f"{'iperf3':>14} {ip:>10.1f} {ip_loss:>8.3f}")
     print(f"{'sockperf':>14} {'':>10} {'':>8} {'':>9} {sp:>10.4f}")
-    for name, _gso, _enc, rtt in CONFIGS:
+    print(f"{'sockperf spin':>14} {'':>10} {'':>8} {'':>9} {spin:>10.4f}")
+    for name, _gso, _enc, rtt, _spin_us in CONFIGS:
         rx = [r["results"][0]["peer_view"] for r in runs[name]]
         mbps = statistics.median(float(r["mbps"]) for r in rx)
         lost = statistics.median(float(r["lost_percent"]) for r in rx)
         line = f"{name:>14} {mbps:>10.1f} {lost:>8.3f} {mbps / ip if ip else float('nan'):>8.2f}x"
         if rtt:
             p50 = statistics.median(float(r["rtt"]["p50_ms"]) for r in runs[name])
-            line += f" {p50:>10.4f} {p50 / sp:>10.2f}x"
+            line += f" {p50:>10.4f} {p50 / sp:>10.2f}x {p50 / spin:>7.2f}x"
         print(line, f" gso={runs[name][0]['results'][0]['gso']} encrypted={rx[0]['encrypted']}")
-    print("per round: iperf3", [round(r["mbps"]) for r in ip_runs], "sockperf p50", sp_runs)
+    print("per round: iperf3", [round(r["mbps"]) for r in ip_runs], "sockperf p50", sp_runs,
+          "sockperf spin p50", spin_runs)  # fmt: skip
     return 0
 
 
