@@ -16,13 +16,12 @@ from typing import Any
 
 import pytest
 
-from p2plab.aio.endpoint import (
+from p2plab.aio.endpoint import UdpEndpoint, local_endpoint_for
+from p2plab.aio.udp_os import (
     SO_RCVBUFFORCE,
     SOL_UDP,
     UDP_SEGMENT,
-    UdpEndpoint,
     gso_supported,
-    local_endpoint_for,
     mmsg_supported,
     set_buffer_sizes,
 )

@@ -24,8 +24,10 @@ Batching without GSO (Linux, through ctypes): plain sends of many datagrams go o
 ``sendmmsg(2)``, 64 per call (still one datagram, one skb each: what "plain" means in the
 benchmark), and while a bulk sink is armed the reader uses ``recvmmsg(2)`` into 256 pre-allocated
 64 KiB slots (GRO aware), handing the sink batches that span several calls.  The mmsghdr, iovec
-and sockaddr arrays are built once per socket.  ``UdpEndpoint(..., mmsg=False)`` (or setting
-:attr:`UdpEndpoint.mmsg`) keeps one syscall per datagram, as does a platform without them.
+and sockaddr arrays are built once per socket (:mod:`p2plab.aio.udp_os` holds these OS-level
+pieces: the GSO/GRO probes, buffer sizes and the ctypes mmsg calls).
+``UdpEndpoint(..., mmsg=False)`` (or setting :attr:`UdpEndpoint.mmsg`) keeps one syscall per
+datagram, as does a platform without them.
 
 Latency path.  A *fast handler* (:meth:`UdpEndpoint.set_fast_handler`) gets p2p datagrams of one
 type straight from the read, before any copy or demultiplexing (the benchmark's ping-pong answers
@@ -37,19 +39,34 @@ nothing queued is missed).
 from __future__ import annotations
 
 import asyncio
-import ctypes
-import ctypes.util
 import errno
 import logging
-import os
 import select
 import socket
 import struct
-import sys
 import time
 import weakref
 from collections.abc import Callable
 from typing import Any, Protocol
+
+from p2plab.aio.udp_os import (
+    _CMSG_SPACE,
+    _MMSG_FLUSH_BYTES,
+    _U16,
+    MMSG_BATCH,
+    MMSG_RECV_SLOTS,
+    SOL_UDP,
+    UDP_GRO,
+    UDP_MAX_SEGMENTS,
+    UDP_SEGMENT,
+    Address,
+    _gro_segment,
+    _MmsgIO,
+    gro_supported,
+    gso_supported,
+    mmsg_supported,
+    set_buffer_sizes,
+)
 
 __all__ = [
     "Address",
@@ -65,7 +82,6 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-Address = tuple[str, int]
 DatagramHandler = Callable[[bytes, Address], None]
 FastHandler = Callable[[memoryview, Address], None]
 """Gets one datagram as a view into the read buffer (valid only during the call)."""
@@ -76,214 +92,6 @@ _MAX_READS_PER_WAKEUP = 2048
 _BUF_SIZE = 4 * 1024 * 1024
 _SOCK_BUF = 4 * 1024 * 1024
 _P2P_MAGIC0, _P2P_MAGIC1 = 0xD7, 0x50
-
-# Linux values; older Pythons' socket module lacks the names.
-SOL_UDP = getattr(socket, "SOL_UDP", 17)
-UDP_SEGMENT = getattr(socket, "UDP_SEGMENT", 103)
-UDP_GRO = getattr(socket, "UDP_GRO", 104)
-_LINUX = sys.platform.startswith("linux")
-SO_RCVBUFFORCE: int | None = getattr(socket, "SO_RCVBUFFORCE", 33 if _LINUX else None)
-SO_SNDBUFFORCE: int | None = getattr(socket, "SO_SNDBUFFORCE", 32 if _LINUX else None)
-UDP_MAX_SEGMENTS = 64
-"""Most segments one GSO send may carry (the kernel's UDP_MAX_SEGMENTS)."""
-_CMSG_SPACE = socket.CMSG_SPACE(4) if hasattr(socket, "CMSG_SPACE") else 0
-_U16 = struct.Struct("=H")
-_I32 = struct.Struct("=i")
-
-
-# -- sendmmsg(2) / recvmmsg(2) through ctypes (Linux) -------------------------------------------
-
-
-class _Iovec(ctypes.Structure):
-    _fields_ = (("base", ctypes.c_void_p), ("len", ctypes.c_size_t))
-
-
-class _Msghdr(ctypes.Structure):
-    _fields_ = (
-        ("name", ctypes.c_void_p),
-        ("namelen", ctypes.c_uint32),
-        ("iov", ctypes.c_void_p),
-        ("iovlen", ctypes.c_size_t),
-        ("control", ctypes.c_void_p),
-        ("controllen", ctypes.c_size_t),
-        ("flags", ctypes.c_int),
-    )
-
-
-class _Mmsghdr(ctypes.Structure):
-    _fields_ = (("hdr", _Msghdr), ("len", ctypes.c_uint))
-
-
-MMSG_BATCH = 64
-"""Datagrams per sendmmsg/recvmmsg call."""
-MMSG_RECV_SLOTS = 256
-"""Receive slots (of 64 KiB: 16 MiB, allocated once a bulk sink is armed): up to this many
-datagrams (or GRO reads) are accounted per batch, which keeps per-batch costs small."""
-_NAME_SIZE = 32  # a sockaddr_in6 (28) rounded up
-_MMSG_FLUSH_BYTES = 2 * 1024 * 1024  # hand a batch over once this much has landed
-_MSG_DONTWAIT = getattr(socket, "MSG_DONTWAIT", 0x40)
-
-
-def _load_mmsg() -> tuple[Any, Any, Any] | None:
-    """(libc.sendmmsg, libc.recvmmsg, numpy) on Linux with 64-bit layouts, else None."""
-    if not _LINUX or ctypes.sizeof(ctypes.c_void_p) != 8 or ctypes.sizeof(_Mmsghdr) != 64:
-        return None
-    try:
-        import numpy
-    except ImportError:  # pragma: no cover - numpy is a dependency of the fast path only
-        return None
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
-        send, recv = libc.sendmmsg, libc.recvmmsg
-    except (OSError, AttributeError):  # pragma: no cover - not glibc/musl
-        return None
-    send.argtypes = (ctypes.c_int, ctypes.c_void_p, ctypes.c_uint, ctypes.c_int)
-    send.restype = ctypes.c_int
-    recv.argtypes = (ctypes.c_int, ctypes.c_void_p, ctypes.c_uint, ctypes.c_int, ctypes.c_void_p)
-    recv.restype = ctypes.c_int
-    return send, recv, numpy
-
-
-_MMSG = _load_mmsg()
-
-
-def mmsg_supported() -> bool:
-    """True if batched sendmmsg/recvmmsg are available here (Linux, ctypes, numpy)."""
-    return _MMSG is not None
-
-
-def _sockaddr(addr: Address, family: int) -> bytes:
-    """The raw sockaddr_in/sockaddr_in6 of ``addr`` (little-endian family field, as on Linux)."""
-    if family == socket.AF_INET:
-        return (
-            struct.pack("<H", socket.AF_INET)
-            + struct.pack("!H", addr[1])
-            + socket.inet_aton(addr[0])
-            + bytes(8)
-        )
-    return (
-        struct.pack("<H", socket.AF_INET6)
-        + struct.pack("!HI", addr[1], 0)
-        + socket.inet_pton(socket.AF_INET6, addr[0])
-        + bytes(4)
-    )
-
-
-class _MmsgIO:
-    """Pre-built mmsghdr/iovec/sockaddr arrays for one socket (all allocated once).
-
-    Sends: every message of a batch points at one destination and at the next ``size`` bytes of
-    the caller's buffer.  Receives (set up on first use): message ``i`` reads into slot ``i`` of
-    a receive buffer of ``MMSG_RECV_SLOTS`` slots of ``slot`` bytes (a GRO read fits in one),
-    with its own sockaddr and control space (for the UDP_GRO segment size); calls fill the
-    slots ``MMSG_BATCH`` at a time, so several calls can be accounted in one batch.
-    """
-
-    def __init__(self, sock: socket.socket, slot: int) -> None:
-        assert _MMSG is not None
-        self.send_fn, self.recv_fn, np = _MMSG
-        self.np = np
-        self.fd = sock.fileno()
-        self.family = sock.family
-        n = MMSG_BATCH
-        self.slot = slot
-        self.s_iov = (_Iovec * n)()
-        self.s_msgs = (_Mmsghdr * n)()
-        self.s_name = ctypes.create_string_buffer(_NAME_SIZE)
-        self.s_addr: Address | None = None
-        self.s_iov_np = np.frombuffer(self.s_iov, dtype=np.uint64).reshape(n, 2)
-        iov0 = ctypes.addressof(self.s_iov)
-        for i in range(n):
-            h = self.s_msgs[i].hdr
-            h.name = ctypes.addressof(self.s_name)
-            h.iov = iov0 + i * ctypes.sizeof(_Iovec)
-            h.iovlen = 1
-        self.rbuf: bytearray | None = None
-
-    def setup_receive(self) -> None:
-        """Allocate the receive side (the buffer's pages are touched only as datagrams land)."""
-        if self.rbuf is not None:
-            return
-        np = self.np
-        n = MMSG_RECV_SLOTS
-        slot = self.slot
-        self.rbuf = bytearray(n * slot)
-        self.rview = memoryview(self.rbuf)
-        self.rnp = np.frombuffer(self.rbuf, dtype=np.uint8).reshape(n, slot)
-        self.r_iov = (_Iovec * n)()
-        self.r_msgs = (_Mmsghdr * n)()
-        self.r_names = ctypes.create_string_buffer(_NAME_SIZE * n)
-        self.ctrl_size = max(_CMSG_SPACE, 8)
-        self.r_ctrl = ctypes.create_string_buffer(self.ctrl_size * n)
-        self._pin = (ctypes.c_char * len(self.rbuf)).from_buffer(self.rbuf)  # never resized
-        base = ctypes.addressof(self._pin)
-        riov0 = ctypes.addressof(self.r_iov)
-        for i in range(n):
-            self.r_iov[i].base = base + i * slot
-            self.r_iov[i].len = slot
-            h = self.r_msgs[i].hdr
-            h.name = ctypes.addressof(self.r_names) + i * _NAME_SIZE
-            h.iov = riov0 + i * ctypes.sizeof(_Iovec)
-            h.iovlen = 1
-            h.control = ctypes.addressof(self.r_ctrl) + i * self.ctrl_size
-        self.r_base = ctypes.addressof(self.r_msgs)
-        raw = np.frombuffer(self.r_msgs, dtype=np.uint8).reshape(n, 64)
-        self.r_u32 = raw.view(np.uint32)  # [:, 2] namelen, [:, 12] flags, [:, 14] msg_len
-        self.r_u64 = raw.view(np.uint64)  # [:, 5] controllen
-        self.names = np.frombuffer(self.r_names, dtype=np.uint8).reshape(n, _NAME_SIZE)
-        self.ctrl = np.frombuffer(self.r_ctrl, dtype=np.uint8).reshape(n, self.ctrl_size)
-        self.addr_cache: dict[bytes, Address] = {}
-
-    def sendmmsg(self, mv: memoryview, size: int, count: int, addr: Address) -> int:
-        """Send up to MMSG_BATCH datagrams; returns how many went (0: EAGAIN); raises OSError."""
-        if addr != self.s_addr:
-            raw = _sockaddr(addr, self.family)
-            ctypes.memmove(self.s_name, raw, len(raw))
-            for i in range(MMSG_BATCH):
-                self.s_msgs[i].hdr.namelen = len(raw)
-            self.s_addr = addr
-        n = min(count, MMSG_BATCH)
-        cbuf = (ctypes.c_char * len(mv)).from_buffer(mv)
-        try:
-            base = ctypes.addressof(cbuf)
-            iov = self.s_iov_np
-            iov[:n, 0] = base + self.np.arange(n, dtype=self.np.uint64) * size
-            iov[:n, 1] = size
-            got = self.send_fn(self.fd, self.s_msgs, n, _MSG_DONTWAIT)
-        finally:
-            del cbuf
-        if got < 0:
-            err = ctypes.get_errno()
-            if err in (errno.EAGAIN, errno.EWOULDBLOCK, errno.EINTR):
-                return 0
-            raise OSError(err, os.strerror(err))
-        return int(got)
-
-    def recvmmsg(self, first: int) -> int:
-        """Receive up to MMSG_BATCH datagrams into slots ``first...``; -1 on EAGAIN."""
-        end = first + MMSG_BATCH
-        self.r_u32[first:end, 2] = _NAME_SIZE
-        self.r_u64[first:end, 5] = self.ctrl_size
-        got = self.recv_fn(self.fd, self.r_base + first * 64, MMSG_BATCH, _MSG_DONTWAIT, None)
-        if got < 0:
-            err = ctypes.get_errno()
-            if err in (errno.EAGAIN, errno.EWOULDBLOCK, errno.EINTR):
-                return -1
-            raise OSError(err, os.strerror(err))
-        return int(got)
-
-    def address(self, i: int) -> Address:
-        raw = self.names[i, : 8 if self.family == socket.AF_INET else 24].tobytes()
-        a = self.addr_cache.get(raw)
-        if a is None:
-            if self.family == socket.AF_INET:
-                a = (socket.inet_ntoa(raw[4:8]), int.from_bytes(raw[2:4], "big"))
-            else:
-                a = (socket.inet_ntop(socket.AF_INET6, raw[8:24]), int.from_bytes(raw[2:4], "big"))
-            if len(self.addr_cache) > 256:
-                self.addr_cache.clear()
-            self.addr_cache[raw] = a
-        return a
 
 
 class BulkSink(Protocol):
@@ -300,59 +108,6 @@ class BulkSink(Protocol):
     ) -> list[tuple[int, int, int]]: ...
 
 
-def gso_supported(sock: socket.socket) -> bool:
-    """True if the kernel knows UDP_SEGMENT for this socket (Linux 4.18+)."""
-    if not sys.platform.startswith("linux") or sock.type != socket.SOCK_DGRAM:
-        return False
-    try:
-        sock.getsockopt(SOL_UDP, UDP_SEGMENT)
-    except OSError:
-        return False
-    return True
-
-
-def gro_supported(sock: socket.socket) -> bool:
-    """True if UDP_GRO can be turned on for this socket (Linux 5.0+)."""
-    if not sys.platform.startswith("linux") or sock.type != socket.SOCK_DGRAM:
-        return False
-    try:
-        sock.getsockopt(SOL_UDP, UDP_GRO)
-    except OSError:
-        return False
-    return True
-
-
-def set_buffer_sizes(sock: socket.socket, rcvbuf: int, sndbuf: int) -> tuple[int, int]:
-    """Ask for socket buffers of these sizes; returns what the kernel granted (as it reports).
-
-    Beyond ``net.core.rmem_max``/``wmem_max`` plain ``SO_RCVBUF``/``SO_SNDBUF`` are capped; as
-    root (CAP_NET_ADMIN) ``SO_RCVBUFFORCE``/``SO_SNDBUFFORCE`` are tried first, which are not.
-    Never raises for refused sizes.
-    """
-    for size, force, plain in (
-        (rcvbuf, SO_RCVBUFFORCE, socket.SO_RCVBUF),
-        (sndbuf, SO_SNDBUFFORCE, socket.SO_SNDBUF),
-    ):
-        if size <= 0:
-            continue
-        done = False
-        if force is not None:
-            try:
-                sock.setsockopt(socket.SOL_SOCKET, force, size)
-                done = True
-            except OSError:
-                pass
-        if not done:
-            try:
-                sock.setsockopt(socket.SOL_SOCKET, plain, size)
-            except OSError:  # pragma: no cover - platform limits
-                pass
-    return (
-        sock.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF),
-        sock.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF),
-    )
-
-
 def is_stun_datagram(data: bytes) -> bool:
     """True if ``data`` looks like a STUN message (RFC 8489 section 6 / RFC 7983 demux)."""
     return len(data) >= 20 and data[0] < 4 and data[4:8] == _MAGIC_COOKIE
@@ -367,16 +122,6 @@ def _timeval(seconds: float) -> bytes:
         return struct.pack("@ll", 0, 0)
     us = max(1, int(seconds * 1e6))
     return struct.pack("@ll", us // 1_000_000, us % 1_000_000)
-
-
-def _gro_segment(ancdata: list[tuple[int, int, bytes]], n: int, stats: dict[str, int]) -> int:
-    """The segment size of a read from its ``UDP_GRO`` control message (``n``: not merged)."""
-    seg = n
-    for level, kind, data in ancdata:
-        if level == SOL_UDP and kind == UDP_GRO and len(data) >= 2:
-            seg = _I32.unpack(data[:4])[0] if len(data) >= 4 else _U16.unpack(data[:2])[0]
-            stats["gro_reads"] += 1
-    return seg if seg > 0 else n
 
 
 def local_endpoint_for(addr: Address) -> UdpEndpoint | None:
@@ -420,7 +165,7 @@ class UdpEndpoint:
         self.gso = gso_supported(sock)
         """The kernel supports UDP GSO on this socket (``send_segments`` may use it)."""
         self._mm: _MmsgIO | None = None
-        if mmsg and _MMSG is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
+        if mmsg and mmsg_supported() and sock.family in (socket.AF_INET, socket.AF_INET6):
             try:
                 self._mm = _MmsgIO(sock, _RECV_SIZE)
             except (OSError, ValueError, TypeError) as exc:  # pragma: no cover - odd platforms
