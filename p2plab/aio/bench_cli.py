@@ -17,8 +17,9 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
-from p2plab.aio.bench import Benchmark, _BenchState
+from p2plab.aio.bench import Benchmark
 from p2plab.aio.bench_common import _RTT_SPIN_US
+from p2plab.aio.bench_state import _BenchState
 from p2plab.errors import P2PLabError
 from p2plab.results import BenchResult
 

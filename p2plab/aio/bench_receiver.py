@@ -22,7 +22,7 @@ from p2plab.core import bench as cb
 from p2plab.core.crypto import SEAL_OVERHEAD
 
 if TYPE_CHECKING:
-    from p2plab.aio.bench import _BenchState
+    from p2plab.aio.bench_state import _BenchState
     from p2plab.aio.endpoint import Address
 
 log = logging.getLogger(__name__)

@@ -21,7 +21,8 @@ __all__ = ["register_cli", "start_benchmark_from_ui", "stop_benchmark_from_ui"]
 
 async def start_benchmark_from_ui(worker: Worker, msg: dict[str, Any]) -> dict[str, Any] | None:
     """Start a run in the background for a ``start_benchmark`` UI message; error dict or None."""
-    from p2plab.aio.bench import Benchmark, _BenchState
+    from p2plab.aio.bench import Benchmark
+    from p2plab.aio.bench_state import _BenchState
 
     try:
         duration = float(msg.get("duration_s", 5))
@@ -57,7 +58,7 @@ async def start_benchmark_from_ui(worker: Worker, msg: dict[str, Any]) -> dict[s
 
 async def stop_benchmark_from_ui(worker: Worker) -> dict[str, Any] | None:
     """Stop the running run early (its result is still published); error dict or None."""
-    from p2plab.aio.bench import _BenchState
+    from p2plab.aio.bench_state import _BenchState
 
     state = _BenchState.of(worker)
     if state.sending is None or state.sending.done():
