@@ -19,6 +19,7 @@ issue asks for (ours/iperf3 goodput, ours/sockperf RTT p50).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import re
 import statistics
@@ -26,6 +27,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -60,15 +62,20 @@ def forward_ports(lab: Lab) -> None:
         subprocess.run(["ip", "netns", "exec", ns, "iptables", *r], check=True)
 
 
-def iperf3(lab: Lab, duration: float, size: int) -> dict[str, float]:
-    server = lab.popen(
-        "b",
-        ["iperf3", "-s", "-1", "-p", str(IPERF_PORT)],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
+@contextlib.contextmanager
+def serving(lab: Lab, argv: list[str]) -> Iterator[None]:
+    """A server on host b for the length of the block (given half a second to start)."""
+    server = lab.popen("b", argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         time.sleep(0.5)
+        yield
+    finally:
+        server.kill()
+        server.wait(5)
+
+
+def iperf3(lab: Lab, duration: float, size: int) -> dict[str, float]:
+    with serving(lab, ["iperf3", "-s", "-1", "-p", str(IPERF_PORT)]):
         out = lab.run(
             "a",
             ["iperf3", "-c", lab.address("nat_b"), "-p", str(IPERF_PORT), "-u", "-b", "0",
@@ -82,9 +89,6 @@ def iperf3(lab: Lab, duration: float, size: int) -> dict[str, float]:
             "mbps": float(recv.get("bits_per_second", s["bits_per_second"])) / 1e6,
             "lost_percent": float(s.get("lost_percent", 0.0)),
         }
-    finally:
-        server.kill()
-        server.wait(5)
 
 
 def sockperf(lab: Lab, duration: float, spin: bool = False) -> float:
@@ -97,26 +101,18 @@ def sockperf(lab: Lab, duration: float, spin: bool = False) -> float:
         feed.write_text(f"U:{host}:{SOCKPERF_PORT}\n")
         return ["-f", str(feed), "-F", "r", "--nonblocked"]
 
-    with tempfile.TemporaryDirectory() as tmp:
-        server = lab.popen(
-            "b",
-            ["sockperf", "server", *target(lab.address("b"), tmp)],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
-        try:
-            time.sleep(0.5)
-            out = lab.run(
-                "a",
-                ["sockperf", "ping-pong", *target(lab.address("nat_b"), tmp), "-m", "64", "-t",
-                 str(int(duration)), "--full-rtt"],
-                timeout=duration + 30,
-            )  # fmt: skip
-            m = re.search(r"percentile 50.000 =\s+([\d.]+)", out.stdout + out.stderr)
-            return float(m.group(1)) / 1000.0 if m else float("nan")
-        finally:
-            server.kill()
-            server.wait(5)
+    with (
+        tempfile.TemporaryDirectory() as tmp,
+        serving(lab, ["sockperf", "server", *target(lab.address("b"), tmp)]),
+    ):
+        out = lab.run(
+            "a",
+            ["sockperf", "ping-pong", *target(lab.address("nat_b"), tmp), "-m", "64", "-t",
+             str(int(duration)), "--full-rtt"],
+            timeout=duration + 30,
+        )  # fmt: skip
+        m = re.search(r"percentile 50.000 =\s+([\d.]+)", out.stdout + out.stderr)
+        return float(m.group(1)) / 1000.0 if m else float("nan")
 
 
 def ours(

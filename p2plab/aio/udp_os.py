@@ -244,26 +244,25 @@ class _MmsgIO:
         return a
 
 
-def gso_supported(sock: socket.socket) -> bool:
-    """True if the kernel knows UDP_SEGMENT for this socket (Linux 4.18+)."""
+def _udp_option_known(sock: socket.socket, option: int) -> bool:
+    """True if the kernel knows this SOL_UDP option for this (Linux, datagram) socket."""
     if not sys.platform.startswith("linux") or sock.type != socket.SOCK_DGRAM:
         return False
     try:
-        sock.getsockopt(SOL_UDP, UDP_SEGMENT)
+        sock.getsockopt(SOL_UDP, option)
     except OSError:
         return False
     return True
+
+
+def gso_supported(sock: socket.socket) -> bool:
+    """True if the kernel knows UDP_SEGMENT for this socket (Linux 4.18+)."""
+    return _udp_option_known(sock, UDP_SEGMENT)
 
 
 def gro_supported(sock: socket.socket) -> bool:
     """True if UDP_GRO can be turned on for this socket (Linux 5.0+)."""
-    if not sys.platform.startswith("linux") or sock.type != socket.SOCK_DGRAM:
-        return False
-    try:
-        sock.getsockopt(SOL_UDP, UDP_GRO)
-    except OSError:
-        return False
-    return True
+    return _udp_option_known(sock, UDP_GRO)
 
 
 def set_buffer_sizes(sock: socket.socket, rcvbuf: int, sndbuf: int) -> tuple[int, int]:
