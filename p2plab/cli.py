@@ -1,8 +1,9 @@
 """``p2plab`` command line (also ``python -m p2plab``).  See contracts.md for the contract.
 
 Containers pass the same settings through the environment (PORT, RENDEZVOUS_URL, STUN_SERVERS,
-INTERNAL_UDP_PORT, P2P_ROOM, P2P_TOKEN, ADMIN_TOKEN, REDIS_URL, PUBLIC_IP_URL, HTTP_HOST);
-flags win over environment variables.
+INTERNAL_UDP_PORT, P2P_ROOM, P2P_TOKEN, ADMIN_TOKEN, REDIS_URL, PUBLIC_IP_URL; and ours: HTTP_HOST,
+HOST, STUN_PORT, WORKER_ID, P2P_ROOM_TOKENS, MAX_WORKERS, P2P_RELAY, TRUST_PROXY_HEADERS; see
+docs/protocol.md); flags win over environment variables.
 """
 
 from __future__ import annotations
@@ -104,9 +105,29 @@ async def _cmd_rendezvous(args: argparse.Namespace) -> int:
         redis_url=args.redis,
         on_started=started,
         handle_signals=False,
-        relay=not args.no_relay,
+        **_rendezvous_options(args),
     )
     return 0
+
+
+def _rendezvous_options(args: argparse.Namespace) -> dict[str, Any]:
+    """``create_app`` options the environment also sets (flags win; the image has no flags)."""
+    from rendezvous_service_code.main import parse_room_tokens, settings_from_env
+
+    try:
+        env = settings_from_env()
+    except ValueError as exc:
+        raise SystemExit(f"p2plab rendezvous: {exc}") from None
+    opts = {k: env[k] for k in ("room_tokens", "max_workers", "relay") if k in env}
+    if args.room_tokens is not None:
+        opts["room_tokens"] = parse_room_tokens(args.room_tokens) or None
+    if args.max_workers is not None:
+        if args.max_workers < 1:
+            raise SystemExit("p2plab rendezvous: --max-workers must be >= 1")
+        opts["max_workers"] = args.max_workers
+    if args.no_relay:
+        opts["relay"] = False
+    return opts
 
 
 async def _cmd_stun_server(args: argparse.Namespace) -> int:
@@ -229,7 +250,21 @@ def build_parser() -> argparse.ArgumentParser:
         "--admin-token", default=_env("ADMIN_TOKEN"), help="bearer token for /debug/list_workers"
     )
     p.add_argument(
-        "--no-relay", action="store_true", help="refuse to relay for pairs that cannot punch"
+        "--room-tokens",
+        default=None,
+        metavar="ROOM=TOKEN,...",
+        help="per-room tokens, replacing --token in those rooms (env P2P_ROOM_TOKENS)",
+    )
+    p.add_argument(
+        "--max-workers",
+        type=int,
+        default=None,
+        help="connections held at once; more are closed with 1013 (env MAX_WORKERS; 20000)",
+    )
+    p.add_argument(
+        "--no-relay",
+        action="store_true",
+        help="refuse to relay for pairs that cannot punch (env P2P_RELAY=0)",
     )
     p.set_defaults(func=_cmd_rendezvous)
 

@@ -61,6 +61,7 @@ __all__ = [
     "app",
     "create_app",
     "main",
+    "parse_room_tokens",
     "serve",
     "settings_from_env",
 ]
@@ -205,7 +206,8 @@ def _env_bool(name: str) -> bool:
     return os.environ.get(name, "").strip().lower() in {"1", "true", "yes", "on"}
 
 
-def _parse_room_tokens(text: str) -> dict[str, str]:
+def parse_room_tokens(text: str) -> dict[str, str]:
+    """``{room: token}`` from ``"room=token,room2=token2"`` (items without both halves skipped)."""
     out: dict[str, str] = {}
     for item in text.split(","):
         room, sep, tok = item.strip().partition("=")
@@ -215,16 +217,25 @@ def _parse_room_tokens(text: str) -> dict[str, str]:
 
 
 def settings_from_env(environ: dict[str, str] | None = None) -> dict[str, Any]:
-    """``create_app`` keyword arguments from contracts.md's environment variables."""
+    """``create_app`` keyword arguments from the environment (contracts.md's and ours).
+
+    Raises ValueError, with the variable's name, for a value it cannot use.
+    """
     env = os.environ if environ is None else environ
     settings: dict[str, Any] = {
         "token": env.get("P2P_TOKEN") or None,
-        "room_tokens": _parse_room_tokens(env.get("P2P_ROOM_TOKENS", "")) or None,
+        "room_tokens": parse_room_tokens(env.get("P2P_ROOM_TOKENS", "")) or None,
         "admin_token": env.get("ADMIN_TOKEN") or None,
         "redis_url": env.get("REDIS_URL") or None,
     }
     if env.get("MAX_WORKERS"):
-        settings["max_workers"] = int(env["MAX_WORKERS"])
+        try:
+            settings["max_workers"] = int(env["MAX_WORKERS"])
+        except ValueError:
+            got = env["MAX_WORKERS"]
+            raise ValueError(f"MAX_WORKERS must be an integer, got {got!r}") from None
+        if settings["max_workers"] < 1:
+            raise ValueError(f"MAX_WORKERS must be >= 1, got {settings['max_workers']}")
     if env.get("P2P_RELAY"):
         settings["relay"] = env["P2P_RELAY"].strip().lower() not in {"0", "false", "no", "off"}
     return settings

@@ -84,13 +84,16 @@ def get_json(url: str, timeout: float = 2.0) -> Any:
         return json.load(resp)
 
 
-def start_rendezvous(extra: list[str] | None = None) -> tuple[Proc, int, int]:
+def start_rendezvous(
+    extra: list[str] | None = None, env: dict[str, str] | None = None
+) -> tuple[Proc, int, int]:
     """A rendezvous with embedded STUN on loopback; returns (proc, http port, stun port)."""
     port, stun = free_port(), free_port(socket.SOCK_DGRAM)
     proc = Proc(
         "rendezvous",
         ["rendezvous", "--host", "127.0.0.1", "--port", str(port), "--stun-port", str(stun)]
         + (extra or []),
+        env=env,
     )
     wait_until(
         lambda: get_json(f"http://127.0.0.1:{port}/health")["status"] == "ok",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import subprocess
 import sys
 
@@ -64,3 +65,55 @@ def test_bad_environment_integer_is_reported() -> None:
 
     res = run("worker", "--help", env={**os.environ, "PORT": "eighty"})
     assert res.returncode != 0 and "PORT must be an integer" in res.stderr
+
+
+def test_rendezvous_flags_win_over_our_environment_variables(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from p2plab.cli import _rendezvous_options
+
+    monkeypatch.setenv("MAX_WORKERS", "7")
+    monkeypatch.setenv("P2P_ROOM_TOKENS", "lab=envtok")
+    monkeypatch.delenv("P2P_RELAY", raising=False)
+    opts = _rendezvous_options(build_parser().parse_args(["rendezvous"]))
+    assert opts == {"room_tokens": {"lab": "envtok"}, "max_workers": 7}
+    args = build_parser().parse_args(
+        ["rendezvous", "--max-workers", "3", "--room-tokens", "a=1,b=2", "--no-relay"]
+    )
+    opts = _rendezvous_options(args)
+    assert opts == {"room_tokens": {"a": "1", "b": "2"}, "max_workers": 3, "relay": False}
+    monkeypatch.setenv("P2P_RELAY", "off")
+    assert _rendezvous_options(build_parser().parse_args(["rendezvous"]))["relay"] is False
+    monkeypatch.setenv("MAX_WORKERS", "many")
+    with pytest.raises(SystemExit, match="MAX_WORKERS must be an integer"):
+        _rendezvous_options(build_parser().parse_args(["rendezvous"]))
+
+
+async def test_rendezvous_command_honours_room_tokens_cap_and_relay_from_the_environment() -> None:
+    """What the rendezvous image runs (`p2plab rendezvous`, no flags) reads these variables."""
+    from tests.procs import start_rendezvous
+    from tests.rendezvous_fixtures import WsWorker
+
+    proc, port, _ = start_rendezvous(
+        env={"MAX_WORKERS": "1", "P2P_ROOM_TOKENS": "lab=s3cret", "P2P_RELAY": "0"}
+    )
+    try:
+        base = f"ws://127.0.0.1:{port}"
+        a = await WsWorker.connect(base)
+        await a.register(room="lab", token="s3cret")  # the room's own token
+        b = await WsWorker.connect(base)
+        assert (await b.wait_closed())[0] == 1013  # MAX_WORKERS=1
+        await a.send({"type": "relay", "to": b.worker_id, "data": "AAAA"})
+        err = await a.expect("error")
+        assert err["code"] == "relay_disabled", err  # P2P_RELAY=0
+        await a.close()
+        for _ in range(50):  # until a's slot is free (1013 before that)
+            c = await WsWorker.connect(base)
+            await c.send({"type": "register", "room": "lab", "token": "wrong"})
+            code = (await c.wait_closed())[0]
+            if code != 1013:
+                break
+            await asyncio.sleep(0.1)
+        assert code == 1008  # a room token replaces the global one, and is checked
+    finally:
+        proc.stop()
