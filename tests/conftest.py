@@ -6,12 +6,14 @@ a slow machine with ``P2PLAB_TIMEOUT_UNIT=2``.
 
 from __future__ import annotations
 
+import asyncio
 import os
 import shutil
 import socket
 import subprocess
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from typing import Any
 
 import pytest
 
@@ -26,6 +28,16 @@ def require(condition: bool, what: str) -> None:
     if IN_CI:
         pytest.fail(f"{what} is required in CI (CI=true) but is missing")
     pytest.skip(f"{what} is missing")
+
+
+async def until(cond: Callable[[], Any], what: str, timeout: float = 20.0) -> None:
+    """Poll ``cond`` (state no event reports) until it holds; else fail naming ``what``."""
+    try:
+        async with asyncio.timeout(timeout * TIMEOUT_UNIT):
+            while not cond():  # noqa: ASYNC110 - polls state that no event reports
+                await asyncio.sleep(0.005)
+    except TimeoutError:
+        raise AssertionError(f"timed out waiting for {what}") from None
 
 
 @pytest.fixture

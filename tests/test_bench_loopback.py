@@ -19,9 +19,11 @@ import pytest
 from websockets.asyncio.client import connect
 
 from p2plab.aio.bench import Benchmark
+from p2plab.aio.bench_state import _BenchState
+from p2plab.aio.bench_ui import stop_benchmark_from_ui
 from p2plab.aio.endpoint import mmsg_supported
 from p2plab.aio.worker import Worker, WorkerConfig
-from p2plab.errors import NotConnected
+from p2plab.errors import BenchmarkError, NotConnected
 from p2plab.results import (
     CSV_COLUMNS,
     INTERVAL_COLUMNS,
@@ -32,7 +34,7 @@ from p2plab.results import (
     write_intervals_csv,
 )
 from rendezvous_service_code.main import RendezvousServer
-from tests.conftest import TIMEOUT_UNIT
+from tests.conftest import TIMEOUT_UNIT, until
 
 T = 20 * TIMEOUT_UNIT
 
@@ -197,6 +199,46 @@ async def test_receive_direction_and_rtt() -> None:
         assert 0 < rtt.min_ms <= rtt.p50_ms <= rtt.p90_ms <= rtt.p99_ms <= rtt.max_ms
         # Both workers share this loop: neither may block or spin in it.
         assert rtt.wait == "event-loop" and rtt.busy_poll_us == 0
+
+
+async def test_peer_refuses_a_request_it_cannot_serve_and_says_why() -> None:
+    async with two_workers() as (a, b):
+        busy = asyncio.create_task(Benchmark(b).run(duration_s=30, payload_size=200, rate_mbps=5))
+        try:
+            await until(lambda: _BenchState.of(a).receiving is not None, "b's run to start")
+            # Not a timeout: b answers at once that it is busy.
+            with pytest.raises(BenchmarkError, match="already running"):
+                await asyncio.wait_for(
+                    Benchmark(a).run(duration_s=0.5, payload_size=200, direction="receive"), T
+                )
+        finally:
+            _BenchState.of(b).stop_requested = True
+            await asyncio.wait_for(busy, T)
+
+
+async def test_stop_from_the_receiving_ui_still_gives_both_ends_a_result() -> None:
+    async with two_workers() as (a, b):
+        q = b.subscribe()
+        run = asyncio.create_task(Benchmark(a).run(duration_s=60, payload_size=200, rate_mbps=5))
+        await until(lambda: _BenchState.of(b).receiving is not None, "a's run to start")
+        assert await stop_benchmark_from_ui(b) is None
+        r = await asyncio.wait_for(run, T)  # the sender's run returns, with the peer's report
+        assert r.role == "sender" and r.duration_s < 60
+        assert r.peer_view is not None and r.peer_view.packets_received == r.packets_sent > 0
+        roles = set()
+        async with asyncio.timeout(T):
+            while roles != {"sender", "receiver"}:
+                m = await q.get()
+                if m["type"] == "benchmark_result" and m["run_id"] == r.run_id:
+                    roles.add(m["role"])
+
+
+async def test_unknown_control_messages_are_dropped_and_counted() -> None:
+    async with two_workers() as (a, b):
+        a.send_control({"type": "no_such_control", "x": 1})
+        await until(lambda: b.status()["stats"]["controls_unknown"] == 1, "the count")
+        r = await asyncio.wait_for(Benchmark(a).run(duration_s=0.2, payload_size=200), T)
+        assert r.packets_received == r.packets_sent > 0  # and the link carries on
 
 
 async def test_ui_websocket_start_benchmark(tmp_path: Path) -> None:

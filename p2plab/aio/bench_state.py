@@ -38,7 +38,7 @@ from p2plab.aio.bench_common import (
 from p2plab.aio.bench_receiver import _Receiving
 from p2plab.aio.bench_rtt import _Pinger, _Responder
 from p2plab.core import bench as cb
-from p2plab.errors import NotConnected, P2PLabError
+from p2plab.errors import BenchmarkError, NotConnected, P2PLabError
 from p2plab.results import BenchResult
 
 if TYPE_CHECKING:
@@ -292,8 +292,13 @@ class _BenchState:
             fut.set_result(mine)
 
     def on_request(self, obj: dict[str, Any]) -> None:
-        """The peer asks us to send to it (``direction="receive"`` on its side)."""
+        """The peer asks us to send to it (``direction="receive"`` on its side).
+
+        A request we cannot serve is answered with ``bench_refused`` (and the reason), so the
+        asking side fails at once instead of at its timeout.
+        """
         if self.sending is not None and not self.sending.done():
+            self._refuse(obj, "a benchmark is already running on this end")
             return
         try:
             kwargs = {
@@ -310,6 +315,7 @@ class _BenchState:
             )
         except (KeyError, TypeError, ValueError) as exc:
             log.info("refusing bench_request: %s", exc)
+            self._refuse(obj, f"bad request: {exc}")
             return
         from p2plab.aio.bench import Benchmark  # the public API builds on this module
 
@@ -322,10 +328,22 @@ class _BenchState:
             bench.run(**kwargs)  # type: ignore[arg-type]
         )
 
+    def _refuse(self, obj: dict[str, Any], reason: str) -> None:
+        run_id = obj.get("run_id")
+        if isinstance(run_id, int):
+            self._control({"type": "bench_refused", "run_id": run_id, "error": reason})
+
+    def on_refused(self, obj: dict[str, Any]) -> None:
+        try:
+            fut = self.received_results.get(int(obj["run_id"]))
+        except (KeyError, TypeError, ValueError):
+            return
+        if fut is not None and not fut.done():
+            fut.set_exception(BenchmarkError(f"the peer refused to send: {obj.get('error')}"))
+
     def on_stop(self, obj: dict[str, Any]) -> None:
+        """The receiving end's UI stopped the run: end the stream, still collect the report."""
         self.stop_requested = True
-        if self.sending is not None:
-            self.sending.cancel()
 
     def _control(self, obj: dict[str, Any]) -> None:
         """Send a control message; while the worker is not connected yet, queue and retry.
@@ -376,6 +394,8 @@ def _on_control(kind: str) -> Any:
             state.on_request(obj)
         elif kind == "bench_stop":
             state.on_stop(obj)
+        elif kind == "bench_refused":
+            state.on_refused(obj)
         elif kind == "bench_interval":
             state.resolve(kind, obj)  # only the sender's progress relay waits on these
             _relay_interval(worker, obj)
@@ -413,6 +433,7 @@ def _register_handlers() -> None:
         "bench_interval",
         "bench_request",
         "bench_stop",
+        "bench_refused",
         "bench_finished",
     ):
         Worker.control_handlers[kind] = _on_control(kind)

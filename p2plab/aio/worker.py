@@ -167,6 +167,7 @@ class Worker:
             "relay_dropped": 0,
             "relay_switches": 0,
             "udp_dropped_while_relayed": 0,
+            "controls_unknown": 0,
         }
         self.benchmark: Any = None  # set by p2plab.aio.bench when a run is active
         self.datagram_hooks: list[Callable[[bytes, Address], bool]] = []
@@ -894,6 +895,7 @@ class Worker:
         kind = obj.get("type")
         handler = self.control_handlers.get(str(kind))
         if handler is None:
+            self.stats["controls_unknown"] += 1
             log.debug("dropping control message of unknown type %r", kind)
             return
         handler(self, obj)
