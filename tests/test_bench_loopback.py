@@ -192,6 +192,7 @@ async def test_receive_direction_and_rtt() -> None:
             T,
         )
         assert r.role == "receiver" and r.local_worker == a.worker_id
+        assert r.path == "direct" and r.peer_view is not None and r.peer_view.path == "direct"
         assert r.peer_view is not None and r.peer_view.role == "sender"
         assert r.packets_received == r.packets_sent > 0
         rtt = await asyncio.wait_for(Benchmark(a).rtt(count=200), T)

@@ -117,10 +117,7 @@ def _peer_worker(w: Worker) -> str:
 
 
 def _path(w: Worker) -> str | None:
-    try:
-        return str(w.status().get("path"))
-    except Exception:  # status is best effort here
-        return None
+    return w.path  # None (an empty CSV cell) if the link went down during the run
 
 
 def _rtt_ms(w: Worker) -> float | None:

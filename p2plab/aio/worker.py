@@ -273,6 +273,11 @@ class Worker:
         return f"http://{shown}:{port}/"
 
     @property
+    def path(self) -> str | None:
+        """``"direct"`` while connected, ``"relayed"`` while relayed, else None."""
+        return {"connected": "direct", "relayed": "relayed"}.get(self.state)
+
+    @property
     def rtt(self) -> float | None:
         return self.punch.rtt if self.punch is not None else None
 
@@ -344,7 +349,7 @@ class Worker:
             "udp_public": f"{self.udp_public[0]}:{self.udp_public[1]}" if self.udp_public else None,
             "nat": self.nat,
             "peer": peer,
-            "path": {"connected": "direct", "relayed": "relayed"}.get(self.state),
+            "path": self.path,
             "room": self.config.room,
             "rendezvous": "connected"
             if self._rendezvous and self._rendezvous.connected
