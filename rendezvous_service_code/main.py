@@ -53,6 +53,7 @@ from .backends import Backend, MemoryBackend
 from .registry import Action, CloseConnection, SendMessage
 
 __all__ = [
+    "CLOSE_ID_IN_USE",
     "CLOSE_POLICY",
     "CLOSE_RESTART",
     "CLOSE_TRY_AGAIN",
@@ -74,6 +75,10 @@ CLOSE_POLICY = 1008
 CLOSE_TRY_AGAIN = 1013
 #: WebSocket close code asking the worker to reconnect (service restart / state lost).
 CLOSE_RESTART = 1012
+#: WebSocket close code for a worker id that is live with another public key.  Not 1008 (which a
+#: worker takes as final): an earlier run of the same worker (a fixed WORKER_ID, a fresh key) may
+#: still be registered until the rendezvous notices it is gone, so the worker retries.
+CLOSE_ID_IN_USE = 4409
 
 _WORKER_ID_RE = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 #: Messages queued for one connection before it is considered stuck and closed.
@@ -471,7 +476,7 @@ def create_app(
                             "worker %s: refusing a second connection with another public key",
                             worker_id,
                         )
-                        conn.close(CLOSE_POLICY, "worker id in use")
+                        conn.close(CLOSE_ID_IN_USE, "worker id in use")
                         break
                     registered = True
                     hub.stats.registered += 1

@@ -183,7 +183,7 @@ async def test_a_live_id_with_a_key_cannot_be_taken_over_by_another_key() -> Non
         for other_key in (None, "B" * 43 + "="):
             thief = await WsWorker.connect(rv.ws_url, worker_id=owner.worker_id)
             await thief.send({"type": "register", "public_key": other_key})
-            assert await thief.wait_closed() == (1008, "worker id in use")
+            assert await thief.wait_closed() == (4409, "worker id in use")
         # the owner is untouched, and its own reconnect (same key) still replaces it
         async with httpx.AsyncClient() as http:
             listing = (await http.get(f"{rv.url}/debug/list_workers")).json()
@@ -399,3 +399,28 @@ async def test_serve_with_embedded_stun_answers_binding_requests() -> None:
         task.cancel()
         with pytest.raises(asyncio.CancelledError):
             await task
+
+
+async def test_a_restarted_worker_with_a_fixed_id_retries_until_its_old_registration_goes() -> None:
+    # WORKER_ID fixed, a fresh key per start: the earlier run may still be registered for a while
+    # (a dead connection not noticed yet, a Redis TTL). The new run must retry, not stop for good.
+    from p2plab.aio.worker import Worker
+    from tests.conftest import until
+    from tests.rendezvous_fixtures import loopback_worker_config
+
+    async with running_rendezvous() as rv:
+        cfg = loopback_worker_config(rv, worker_id="fixed-id", nat_report=False)
+        old, new = Worker(cfg), Worker(cfg)
+        try:
+            await old.start()
+            await old.wait_for_state("waiting_for_peer", timeout=TIMEOUT)
+            await new.start()
+            rz = new._rendezvous
+            assert rz is not None
+            await until(lambda: rz.stats["reconnects"] >= 2, "the new run to be refused twice")
+            assert new.state != "stopped" and "4409" in str(rz.last_error)
+            await old.stop()
+            await new.wait_for_state("waiting_for_peer", timeout=TIMEOUT)
+        finally:
+            await new.stop()
+            await old.stop()
