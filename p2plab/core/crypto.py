@@ -14,8 +14,8 @@ Every datagram on the punched path, probes included, is sealed::
   SHA-256("p2plab/v1 salt" | the two public keys sorted), info = "p2plab/v1 datagram" | u16
   length | sender id | u16 length | receiver id (ids in UTF-8) | sender public key | receiver
   public key | sender_tag | receiver_tag)``: one key per direction, bound to both ids, both keys
-  and both sessions.  Fresh session tags give fresh
-  keys, so a counter that starts again at 0 in a new session never reuses a nonce.
+  and both sessions.  Fresh session tags give fresh keys, so a counter that starts again at 0 in
+  a new session never reuses a nonce.
 * The nonce is four zero bytes and the 64-bit big-endian counter (RFC 8439 section 2.8 leaves the
   construction to the protocol; the key is never shared between directions or sessions).  The
   associated data is the 4-byte header and both tags, so nothing outside the ciphertext can be
