@@ -3,7 +3,8 @@
 Layout (all keys under ``prefix``, default ``p2plab:rv:``):
 
 * ``w:<id>``        hash: the worker's record (``conn``, ``inst``, ``room``, ``seq``, endpoint...)
-* ``waiting:<room>`` the one unpaired worker with an endpoint waiting in a room
+* ``waiting:<room>`` the one unpaired encrypting worker with an endpoint waiting in a room;
+  ``waitingplain:<room>`` the same for workers without a public key (they pair only together)
 * ``workers``       set of all worker ids; ``instw:<inst>`` the ids held by one instance
 * ``inst:<inst>``   liveness key of an instance, refreshed every ``heartbeat_s`` with ``ttl_s``
 * ``instances``     set of instance ids; ``seq`` registration counter (roles)
@@ -52,16 +53,23 @@ logger = logging.getLogger(__name__)
 
 _LUA_COMMON = """
 local P = ARGV[1]
+local function waiting_key(w)
+  local room = redis.call('HGET', w, 'room')
+  if not room then return nil end
+  local pk = redis.call('HGET', w, 'public_key')
+  if pk and pk ~= '' then return P .. 'waiting:' .. room end
+  return P .. 'waitingplain:' .. room
+end
 local function remove(id)
   local w = P .. 'w:' .. id
-  local room = redis.call('HGET', w, 'room')
+  local wk = waiting_key(w)
   local peer = redis.call('HGET', w, 'paired_with')
   local inst = redis.call('HGET', w, 'inst')
   redis.call('DEL', w)
   redis.call('SREM', P .. 'workers', id)
   if inst then redis.call('SREM', P .. 'instw:' .. inst, id) end
-  if room and redis.call('GET', P .. 'waiting:' .. room) == id then
-    redis.call('DEL', P .. 'waiting:' .. room)
+  if wk and redis.call('GET', wk) == id then
+    redis.call('DEL', wk)
   end
   if peer and peer ~= '' then
     local pw = P .. 'w:' .. peer
@@ -78,7 +86,7 @@ local function try_pair(id)
   local port = redis.call('HGET', w, 'udp_port')
   if (not port) or port == '' then return {} end
   local room = redis.call('HGET', w, 'room')
-  local wk = P .. 'waiting:' .. room
+  local wk = waiting_key(w)
   local other = redis.call('GET', wk)
   if other and other ~= id then
     local ow = P .. 'w:' .. other

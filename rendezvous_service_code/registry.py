@@ -6,6 +6,9 @@ That keeps the rules testable in memory:
 
 * workers of the same room that have reported a UDP endpoint and are unpaired are paired two by
   two, first come first served; the earlier registered of the pair is ``controlling``;
+* only workers of the same mode are paired: with a public key (encrypting) or without one
+  (``--no-encrypt``); each side would refuse the other's offer, and both would stay paired to
+  a peer they cannot talk to;
 * when a worker leaves, its peer gets ``peer_disconnected``, becomes unpaired and is paired again
   with the next waiting worker of the room;
 * a worker re-sending ``update_udp_endpoint`` while paired only updates the stored endpoint;
@@ -13,7 +16,8 @@ That keeps the rules testable in memory:
   counts as the old one leaving.
 
 Because pairing happens as soon as two workers are eligible, a room never has more than one
-waiting worker; the Redis backend relies on that to pair atomically with one key per room.
+waiting worker per mode; the Redis backend relies on that to pair atomically with one key per
+room and mode.
 """
 
 from __future__ import annotations
@@ -173,8 +177,8 @@ class Registry:
 
     def __init__(self) -> None:
         self._workers: dict[str, WorkerRecord] = {}
-        # room -> id of the one worker waiting there (see module docstring).
-        self._waiting: dict[str, str] = {}
+        # (room, encrypting) -> id of the one worker waiting there (see module docstring).
+        self._waiting: dict[tuple[str, bool], str] = {}
         self._seq = 0
 
     def __len__(self) -> int:
@@ -191,9 +195,10 @@ class Registry:
         """All records in registration order."""
         return sorted(self._workers.values(), key=lambda w: w.seq)
 
-    def waiting(self, room: str) -> str | None:
-        """The worker waiting for a peer in ``room``, if any."""
-        return self._waiting.get(room)
+    def waiting(self, room: str, encrypting: bool | None = None) -> str | None:
+        """The worker waiting for a peer in ``room`` (of that mode; None: either), if any."""
+        modes = (True, False) if encrypting is None else (encrypting,)
+        return next((w for m in modes if (w := self._waiting.get((room, m)))), None)
 
     def relay_target(self, worker_id: str, conn_id: str, to: str) -> str | None:
         """The connection of ``to`` if ``worker_id`` (connected as ``conn_id``) is its pair."""
@@ -280,8 +285,8 @@ class Registry:
 
     def _remove(self, rec: WorkerRecord) -> list[Action]:
         del self._workers[rec.worker_id]
-        if self._waiting.get(rec.room) == rec.worker_id:
-            del self._waiting[rec.room]
+        if self._waiting.get(_pool(rec)) == rec.worker_id:
+            del self._waiting[_pool(rec)]
         actions: list[Action] = []
         peer = self._workers.get(rec.paired_with) if rec.paired_with else None
         if peer is not None:
@@ -297,12 +302,18 @@ class Registry:
     def _try_pair(self, rec: WorkerRecord) -> list[Action]:
         if rec.paired_with is not None or not rec.has_endpoint:
             return []
-        other_id = self._waiting.get(rec.room)
+        pool = _pool(rec)
+        other_id = self._waiting.get(pool)
         if other_id is None or other_id == rec.worker_id:
-            self._waiting[rec.room] = rec.worker_id
+            self._waiting[pool] = rec.worker_id
             return []
         other = self._workers[other_id]
-        del self._waiting[rec.room]
+        del self._waiting[pool]
         rec.paired_with = other.worker_id
         other.paired_with = rec.worker_id
         return offers_for_pair(rec, other)
+
+
+def _pool(rec: WorkerRecord) -> tuple[str, bool]:
+    """Who may be paired with whom: the same room, and both encrypting or both not."""
+    return rec.room, rec.public_key is not None

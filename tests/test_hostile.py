@@ -19,7 +19,7 @@ from websockets.exceptions import ConnectionClosed
 
 from p2plab.aio.worker import Worker, WorkerConfig
 from p2plab.core.crypto import Identity, PeerCipher, fingerprint
-from p2plab.core.signaling import MAX_MESSAGE_BYTES
+from p2plab.core.signaling import MAX_MESSAGE_BYTES, P2PConnectionOffer
 from p2plab.core.stun import make_binding_request
 from p2plab.core.wire import Chat, MessageType, Probe, datagram_type, encode_datagram
 from p2plab.server.stun_server import StunServer
@@ -113,21 +113,37 @@ async def test_plaintext_only_when_both_sides_disable_encryption() -> None:
 
 
 @pytest.mark.parametrize("plain_side", ["first", "second"])
-async def test_mixed_encryption_settings_refuse_to_connect(plain_side: str) -> None:
+async def test_mixed_encryption_settings_are_not_paired_and_refuse_offers(plain_side: str) -> None:
     async with rendezvous() as rv:
         a = await Worker(config(rv, encrypt=plain_side != "first")).start()
         b = await Worker(config(rv, encrypt=plain_side == "first")).start()
+        c = None
         try:
-            await eventually(lambda: a.stats["offers"] and b.stats["offers"], "offers")
-            await eventually(lambda: a.error and b.error, "both refusals")
-            assert a.state == b.state == "waiting_for_peer"
-            assert a.punch is None and b.punch is None
-            errors = {a.error, b.error}
-            assert any("offers no public key" in str(e) for e in errors)
-            assert any("encryption disabled" in str(e) for e in errors)
+            await a.wait_for_state("waiting_for_peer", timeout=T)
+            await b.wait_for_state("waiting_for_peer", timeout=T)
+            # The rendezvous pairs a with a newcomer of its own mode, never with b.
+            c = await Worker(config(rv, encrypt=plain_side != "first")).start()
+            await a.wait_connected(T)
+            await c.wait_connected(T)
+            assert a.peer_id == c.worker_id and b.stats["offers"] == 0
+            assert b.state == "waiting_for_peer"
+            # A rendezvous that offers across modes anyway (an old or hostile one) is refused:
+            # b (sealed when a is plain, and the other way round) gets such an offer.
+            b_encrypts = plain_side == "first"
+            offer = P2PConnectionOffer(
+                peer_worker_id="rogue",
+                peer_udp_ip="127.0.0.1",
+                peer_udp_port=9,
+                peer_public_key=None if b_encrypts else "A" * 43 + "=",
+            )
+            await b._on_offer(offer)
+            words = "offers no public key" if b_encrypts else "encryption disabled"
+            assert words in str(b.error) and b.punch is None
+            assert b.state == "waiting_for_peer" and b.stats["offers"] == 1
         finally:
-            await a.stop()
-            await b.stop()
+            for w in (a, b, c):
+                if w is not None:
+                    await w.stop()
 
 
 # -- hostile datagrams at a worker --------------------------------------------------------------

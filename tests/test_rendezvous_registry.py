@@ -170,3 +170,14 @@ def test_list_view_has_contract_fields() -> None:
         "registered_at",
     ):
         assert key in view
+
+
+def test_only_workers_of_the_same_encryption_mode_are_paired() -> None:
+    reg = Registry()
+    assert join(reg, "enc1", 1000, key="K1") == []
+    assert join(reg, "plain1", 2000) == []  # would refuse enc1's offer (and enc1 its)
+    assert reg.waiting("default", encrypting=True) == "enc1"
+    assert reg.waiting("default", encrypting=False) == "plain1"
+    assert set(offers(join(reg, "enc2", 3000, key="K2"))) == {"enc1", "enc2"}
+    assert set(offers(join(reg, "plain2", 4000))) == {"plain1", "plain2"}
+    assert reg.waiting("default") is None

@@ -71,7 +71,7 @@ async def test_pairing_offers_both_ways_then_third_waits_then_repairs() -> None:
         assert offer_a["peer_public_key"] == "B" * 44
         assert offer_b["peer_public_key"] == "A" * 44
 
-        await c.register()
+        await c.register(public_key="C" * 44)
         await c.update_endpoint("203.0.113.3", 3333)
         await c.assert_silent()
 
@@ -424,3 +424,36 @@ async def test_a_restarted_worker_with_a_fixed_id_retries_until_its_old_registra
         finally:
             await new.stop()
             await old.stop()
+
+
+@pytest.mark.parametrize("backend", ["memory", "redis"])
+async def test_workers_pair_only_with_the_same_encryption_mode(
+    backend: str, request: pytest.FixtureRequest
+) -> None:
+    opts: dict[str, object] = {}
+    if backend == "redis":
+        opts = {
+            "redis_url": request.getfixturevalue("redis_url"),
+            "redis_options": {"heartbeat_s": 0.3, "ttl_s": 1.5},
+        }
+    async with running_rendezvous(**opts) as rv:
+        ws: dict[str, WsWorker] = {}
+        for i, (name, key) in enumerate(
+            [("enc1", "A" * 43 + "="), ("plain1", None), ("enc2", "B" * 43 + "="), ("plain2", None)]
+        ):
+            ws[name] = await WsWorker.connect(rv.ws_url)
+            await ws[name].register(public_key=key)
+            await ws[name].update_endpoint("203.0.113.1", 1000 + i)
+            if name == "plain1":  # enc1 and plain1 could not talk: no offer
+                await ws["enc1"].assert_silent()
+                await ws["plain1"].assert_silent()
+        for me, peer in [
+            ("enc1", "enc2"),
+            ("enc2", "enc1"),
+            ("plain1", "plain2"),
+            ("plain2", "plain1"),
+        ]:
+            offer = await ws[me].expect("p2p_connection_offer")
+            assert offer["peer_worker_id"] == ws[peer].worker_id
+        for w in ws.values():
+            await w.close()
