@@ -122,9 +122,7 @@ def _rendezvous_options(args: argparse.Namespace) -> dict[str, Any]:
     if args.room_tokens is not None:
         opts["room_tokens"] = parse_room_tokens(args.room_tokens) or None
     if args.max_workers is not None:
-        if args.max_workers < 1:
-            raise SystemExit("p2plab rendezvous: --max-workers must be >= 1")
-        opts["max_workers"] = args.max_workers
+        opts["max_workers"] = args.max_workers  # create_app checks the value
     if args.no_relay:
         opts["relay"] = False
     return opts

@@ -47,7 +47,7 @@ from p2plab.core.signaling import (
     dump_message,
     parse_worker_message,
 )
-from p2plab.errors import RemoteProtocolError
+from p2plab.errors import ConfigError, RemoteProtocolError
 
 from .backends import Backend, MemoryBackend
 from .registry import Action, CloseConnection, SendMessage
@@ -224,7 +224,7 @@ def parse_room_tokens(text: str) -> dict[str, str]:
 def settings_from_env(environ: dict[str, str] | None = None) -> dict[str, Any]:
     """``create_app`` keyword arguments from the environment (contracts.md's and ours).
 
-    Raises ValueError, with the variable's name, for a value it cannot use.
+    Raises ConfigError (a ValueError), with the variable's name, for a value it cannot use.
     """
     env = os.environ if environ is None else environ
     settings: dict[str, Any] = {
@@ -238,9 +238,7 @@ def settings_from_env(environ: dict[str, str] | None = None) -> dict[str, Any]:
             settings["max_workers"] = int(env["MAX_WORKERS"])
         except ValueError:
             got = env["MAX_WORKERS"]
-            raise ValueError(f"MAX_WORKERS must be an integer, got {got!r}") from None
-        if settings["max_workers"] < 1:
-            raise ValueError(f"MAX_WORKERS must be >= 1, got {settings['max_workers']}")
+            raise ConfigError(f"MAX_WORKERS must be an integer, got {got!r}") from None
     if env.get("P2P_RELAY"):
         settings["relay"] = env["P2P_RELAY"].strip().lower() not in {"0", "false", "no", "off"}
     return settings
@@ -298,6 +296,8 @@ def create_app(
     (see the module docstring); each connection may relay ``relay_bytes_per_s`` bytes per second
     (decoded) with bursts of ``relay_burst_bytes``, and excess datagrams are dropped and counted.
     """
+    if max_workers < 1:
+        raise ConfigError(f"max_workers (MAX_WORKERS) must be >= 1, got {max_workers}")
     if trust_forwarded is None:
         trust_forwarded = _env_bool("TRUST_PROXY_HEADERS")
     if backend is None:
@@ -537,9 +537,8 @@ def create_app(
 def _app_from_env() -> FastAPI:
     try:
         return create_app(**settings_from_env())
-    except Exception:
-        logger.exception("invalid rendezvous settings in the environment")
-        raise
+    except ConfigError as exc:  # one clear line from `p2plab rendezvous`, and in uvicorn's log
+        raise ConfigError(f"invalid rendezvous settings in the environment: {exc}") from None
 
 
 app = _app_from_env()
