@@ -30,7 +30,7 @@ def require(condition: bool, what: str) -> None:
     pytest.skip(f"{what} is missing")
 
 
-async def until(cond: Callable[[], Any], what: str, timeout: float = 20.0) -> None:
+async def until(cond: Callable[[], Any], what: str = "a condition", timeout: float = 20.0) -> None:
     """Poll ``cond`` (state no event reports) until it holds; else fail naming ``what``."""
     try:
         async with asyncio.timeout(timeout * TIMEOUT_UNIT):

@@ -11,7 +11,7 @@ import errno
 import os
 import socket
 import struct
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
@@ -25,7 +25,7 @@ from p2plab.aio.udp_os import (
     mmsg_supported,
     set_buffer_sizes,
 )
-from tests.conftest import TIMEOUT_UNIT
+from tests.conftest import TIMEOUT_UNIT, until
 
 T = 10 * TIMEOUT_UNIT
 MAGIC = b"\xd7\x50\x01"
@@ -53,12 +53,6 @@ async def pair() -> AsyncIterator[tuple[UdpEndpoint, socket.socket]]:
     finally:
         ep.close()
         tx.close()
-
-
-async def until(cond: Callable[[], bool]) -> None:
-    async with asyncio.timeout(T):
-        while not cond():  # noqa: ASYNC110 - polls counters that no event reports
-            await asyncio.sleep(0.005)
 
 
 def gso_send(tx: socket.socket, datagrams: list[bytes], addr: tuple[str, int]) -> bool:

@@ -10,7 +10,7 @@ import json
 import os
 import random
 import socket
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from typing import Any
 
 import httpx
@@ -24,7 +24,7 @@ from p2plab.core.stun import make_binding_request
 from p2plab.core.wire import Chat, MessageType, Probe, datagram_type, encode_datagram
 from p2plab.server.stun_server import StunServer
 from rendezvous_service_code.main import RendezvousServer
-from tests.conftest import TIMEOUT_UNIT
+from tests.conftest import TIMEOUT_UNIT, until
 from tests.rendezvous_fixtures import WsWorker, loopback_worker_config, running_rendezvous
 from tests.stun_fixtures import RawClient, random_bytes
 
@@ -59,15 +59,6 @@ async def next_chat(q: asyncio.Queue[dict[str, Any]], timeout: float = T) -> dic
                 return msg
 
     return await asyncio.wait_for(_loop(), timeout)
-
-
-async def eventually(cond: Callable[[], Any], what: str, timeout: float = T) -> None:
-    loop = asyncio.get_running_loop()
-    end = loop.time() + timeout
-    while not cond():
-        if loop.time() > end:
-            raise AssertionError(f"timed out waiting for {what}")
-        await asyncio.sleep(0.02)
 
 
 def udp_socket() -> socket.socket:
@@ -200,15 +191,15 @@ async def test_forged_and_replayed_chat_from_a_third_host_is_dropped_never_shown
             ]
             for data in forged:
                 attacker.sendto(data, udp_addr(b))
-            await eventually(
+            await until(
                 lambda: b.status()["security"]["auth_failures"] >= 3, "auth failures counted"
             )
             # 2. a genuine chat datagram, stolen on its way and sent from the attacker's address
             b.datagram_hooks.append(steal_one_chat)
             a.send_chat("genuine")
-            await eventually(lambda: bool(captured), "a captured chat")
+            await until(lambda: bool(captured), "a captured chat")
             attacker.sendto(captured[0], udp_addr(b))
-            await eventually(
+            await until(
                 lambda: b.status()["security"]["unexpected_source"] >= 1, "unexpected source"
             )
             # 3. and the same datagram again, replayed from the attacker and from the peer path
@@ -216,7 +207,7 @@ async def test_forged_and_replayed_chat_from_a_third_host_is_dropped_never_shown
             # the reliable stream retransmits the genuine chat over the real path
             msg = await next_chat(q)
             assert msg["text"] == "genuine"
-            await eventually(lambda: b.status()["security"]["replays"] >= 1, "replay counted")
+            await until(lambda: b.status()["security"]["replays"] >= 1, "replay counted")
             await asyncio.sleep(0.2)
             assert q.empty() or all(
                 m.get("type") != "chat" or "pwned" not in m.get("text", "")
@@ -256,7 +247,7 @@ async def test_random_datagram_flood_at_the_stun_server_does_not_stop_it() -> No
             make_binding_request(random_bytes), server.primary_address, T
         )
         assert reply.attributes["XOR-MAPPED-ADDRESS"] == client.address
-        await eventually(lambda: server.stats["malformed_dropped"] >= 1000, "drops counted")
+        await until(lambda: server.stats["malformed_dropped"] >= 1000, "drops counted")
         assert server.stats["datagrams_in"] >= 1000
     finally:
         attacker.close()
