@@ -8,8 +8,8 @@ from typing import Any
 
 from p2plab.aio.worker import Worker
 from p2plab.config import SessionConfig
-from tests.conftest import TIMEOUT_UNIT
-from tests.test_hostile import T, config, eventually, next_chat, rendezvous
+from tests.conftest import TIMEOUT_UNIT, until
+from tests.test_hostile import T, config, next_chat, rendezvous
 
 FAST_LINK = SessionConfig(keepalive_interval=0.2, peer_timeout=1.0, punch_timeout=1.5)
 
@@ -35,7 +35,7 @@ async def test_waiting_workers_pair_after_a_rendezvous_restart() -> None:
         try:
             await a.wait_for_state("waiting_for_peer", timeout=T)
             await rv.close()
-            await eventually(lambda: a.status()["rendezvous"] == "down", "a sees it down")
+            await until(lambda: a.status()["rendezvous"] == "down", "a sees it down")
             b = await Worker(config(rv)).start()  # starts while the rendezvous is down
             try:
                 await asyncio.sleep(0.3)
@@ -68,11 +68,11 @@ async def test_silently_vanished_peer_is_lost_after_peer_timeout_then_a_new_peer
             assert b.endpoint is not None
             b.endpoint.sendto = lambda data, addr: None  # type: ignore[method-assign]
             b.datagram_hooks.insert(0, lambda data, addr: True)
-            await eventually(lambda: "lost" in seen, "a reports lost", timeout=T)
+            await until(lambda: "lost" in seen, "a reports lost", timeout=10)
             assert a.peer_id == b.worker_id  # still its peer as far as the rendezvous knows
             # a punches the same peer again, in vain
-            await eventually(lambda: a.state == "punching", "a re-punches", timeout=T)
-            await eventually(lambda: a._repunch_attempts >= 2, "a second attempt", timeout=T)
+            await until(lambda: a.state == "punching", "a re-punches", timeout=10)
+            await until(lambda: a._repunch_attempts >= 2, "a second attempt", timeout=10)
             assert a.state != "connected"
             # the peer leaves the rendezvous: a waits, then takes a new peer
             await b.stop()
@@ -107,8 +107,8 @@ async def test_link_that_goes_dark_comes_back_by_punching_again() -> None:
 
             a.datagram_hooks.insert(0, blackhole)
             b.datagram_hooks.insert(0, blackhole)
-            await eventually(lambda: "lost" in seen_a and "lost" in seen_b, "both lost", T)
-            await eventually(lambda: "punching" in seen_a and "punching" in seen_b, "re-punch", T)
+            await until(lambda: "lost" in seen_a and "lost" in seen_b, "both lost", timeout=10)
+            await until(lambda: "punching" in seen_a and "punching" in seen_b, "re-punch", 10)
             dark = False
             await asyncio.gather(a.wait_connected(T), b.wait_connected(T))
             assert seen_a[-1] == "connected" and seen_b[-1] == "connected"
@@ -139,13 +139,13 @@ async def test_one_side_restarting_its_session_keeps_chat_exactly_once() -> None
             a_gets_nothing = True
             a.datagram_hooks.insert(0, lambda data, addr: a_gets_nothing)
             _, seen_a = states_seen(a)
-            await eventually(lambda: "punching" in seen_a, "a re-punches", T)
+            await until(lambda: "punching" in seen_a, "a re-punches", timeout=10)
             a_gets_nothing = False
             await a.wait_connected(T)
-            await eventually(
+            await until(
                 lambda: b.punch is not None and b.punch.session.stats["peer_restarts"] >= 1,
                 "b sees a's new session",
-                T,
+                timeout=10,
             )
             assert b.state == "connected"
             b.send_chat("two")
