@@ -12,6 +12,8 @@ from typing import Any
 
 __all__ = [
     "Address",
+    "BenchmarkFinished",
+    "BenchmarkProgress",
     "ChatDelivered",
     "ChatFailed",
     "ChatReceived",
@@ -25,6 +27,7 @@ __all__ = [
     "PeerLost",
     "PeerRestarted",
     "RttUpdated",
+    "StateChanged",
 ]
 
 Address = tuple[str, int]
@@ -161,3 +164,51 @@ class PeerClosed(Event):
 class PeerRestarted(Event):
     """The peer started a new session on the same link (it re-punched, e.g. after its NAT lost
     the mapping); the reliable stream starts over and unacknowledged messages are sent again."""
+
+
+# -- worker-level events (the link engine and extensions emit these; ``Worker.subscribe``) ------
+
+
+@dataclass(frozen=True)
+class StateChanged(Event):
+    """The worker's lifecycle state changed (contracts.md's ``state`` values)."""
+
+    state: str
+    """The new state."""
+
+    previous: str
+    """The state before the change."""
+
+
+@dataclass(frozen=True)
+class BenchmarkProgress(Event):
+    """One interval of a running benchmark, on the end that measures it."""
+
+    run_id: int
+    """The run this interval belongs to."""
+
+    role: str
+    """``"sender"`` or ``"receiver"``: which end's view this is."""
+
+    elapsed_s: float
+    """Seconds since the run started."""
+
+    mbps: float
+    """Throughput over the interval, in Mbit/s."""
+
+    lost: int
+    """Datagrams lost so far (receiver's view; 0 on the sender)."""
+
+
+@dataclass(frozen=True)
+class BenchmarkFinished(Event):
+    """A benchmark ended; ``result`` is its row (contracts.md's ``benchmark_result`` columns)."""
+
+    run_id: int
+    """The run that ended."""
+
+    result: dict[str, Any]
+    """The result row of this end (``role`` says which view)."""
+
+    error: str | None = None
+    """Why the run ended early, or None when it ran to its end."""
