@@ -1,0 +1,63 @@
+"""In-process NAT simulator: the real sans-I/O core over a simulated network, on a virtual clock.
+
+No root, no sockets, no real time: :class:`Simulation` builds hosts, NAT boxes (RFC 4787 mapping,
+filtering, port allocation, mapping timeout, hairpinning; see :mod:`p2plab.lab.simnet`) and a STUN
+server with two addresses, then drives the very code the workers run:
+:class:`~p2plab.core.session.PeerSession` for punching, keep-alives and chat, and
+:class:`~p2plab.core.stun.StunTransaction` plus :func:`~p2plab.core.nat.derive_behavior` for
+STUN discovery and RFC 5780 classification.  One seed makes a run reproducible.
+
+::
+
+    sim = Simulation(seed=1)
+    a = sim.add_host(behind=sim.add_nat("port-restricted"))
+    b = sim.add_host(behind=sim.add_nat("symmetric"))
+    result = sim.punch(a, b)            # PunchResult: outcome "direct" or "failed", connect_time_s
+    result.a.send_chat("hello")
+    sim.run_for(300)                    # five virtual minutes, a few milliseconds of real time
+    sim.probe(a).mapping                # MappingBehavior.ENDPOINT_INDEPENDENT
+
+:func:`sim_matrix` punches every pair of profiles (plus two hosts behind one NAT) and returns
+rows shaped like the kernel lab's matrix.
+
+The package, one concern per module (imports run one way, top to bottom):
+
+* :mod:`~p2plab.lab.sim.stun_server`: the STUN server (two IPs x two ports);
+* :mod:`~p2plab.lab.sim.peer`: :class:`SimPeer`, the driver of one socket and its core session;
+* :mod:`~p2plab.lab.sim.probe`: RFC 5780 discovery and the RFC 3489 classic sequence;
+* :mod:`~p2plab.lab.sim.report`: :class:`PunchResult`;
+* :mod:`~p2plab.lab.sim.world`: :class:`Simulation` (topology, clock, profiles, probe, punch);
+* :mod:`~p2plab.lab.sim.matrix`: :func:`sim_matrix`, :func:`matrix_dataframe`.
+"""
+
+from __future__ import annotations
+
+from p2plab.lab.sim.matrix import matrix_dataframe, sim_matrix
+from p2plab.lab.sim.peer import SimPeer
+from p2plab.lab.sim.report import PunchResult
+from p2plab.lab.sim.world import (
+    EXPECTED_OUTCOMES,
+    PROFILES,
+    SIM_PROFILES,
+    STUN_IPS,
+    STUN_PORTS,
+    Simulation,
+    profile_behavior,
+)
+from p2plab.lab.simnet import LinkConfig, NatBehavior
+
+__all__ = [
+    "EXPECTED_OUTCOMES",
+    "PROFILES",
+    "SIM_PROFILES",
+    "STUN_IPS",
+    "STUN_PORTS",
+    "LinkConfig",
+    "NatBehavior",
+    "PunchResult",
+    "SimPeer",
+    "Simulation",
+    "matrix_dataframe",
+    "profile_behavior",
+    "sim_matrix",
+]

@@ -1,0 +1,53 @@
+"""What one simulated punch reports: :class:`PunchResult`, with the kernel lab's matrix columns."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from p2plab.lab.sim.peer import SimPeer
+from p2plab.lab.simnet import Address
+
+__all__ = ["PunchResult"]
+
+
+@dataclass(frozen=True)
+class PunchResult:
+    """The outcome of :meth:`Simulation.punch`."""
+
+    outcome: str
+    """``"direct"`` when both sides connected, else ``"failed"``."""
+    connect_time_s: float | None
+    """Virtual seconds from the offers to both sides connected (None when failed)."""
+    a: SimPeer
+    """Side A (controlling): its session keeps running as the simulation runs on."""
+    b: SimPeer
+    """Side B (controlled)."""
+    a_public: Address | None
+    """A's public address as STUN saw it."""
+    b_public: Address | None
+    """B's public address as STUN saw it."""
+    a_sends_to: Address | None
+    """The address A's nominated path sends to (B's endpoint as A sees it)."""
+    b_sends_to: Address | None
+    """The address B's nominated path sends to."""
+    path: str | None
+    """``"public"`` or ``"lan"``: which kind of address A reached B on (None when failed)."""
+
+    def to_dict(self) -> dict[str, Any]:
+        """The kernel lab's matrix columns (:class:`p2plab.lab.matrix.PairResult`) that apply."""
+
+        def fmt(addr: Address | None) -> str | None:
+            return None if addr is None else f"{addr[0]}:{addr[1]}"
+
+        return {
+            "outcome": self.outcome,
+            "connect_s": self.connect_time_s,
+            "path": self.path,
+            "a_public": fmt(self.a_public),
+            "b_public": fmt(self.b_public),
+            "a_peer_endpoint": fmt(self.a_sends_to),
+            "b_peer_endpoint": fmt(self.b_sends_to),
+            "a_state": self.a.state,
+            "b_state": self.b.state,
+        }

@@ -1,0 +1,290 @@
+"""The simulated internet: topology (NATs, hosts, the STUN server), the virtual clock, the NAT
+profiles, and the two things a run does with them: probing and punching."""
+
+from __future__ import annotations
+
+import ipaddress
+import random
+from dataclasses import replace
+from typing import Any
+
+from p2plab.config import SessionConfig
+from p2plab.core.nat import NatReport
+from p2plab.errors import ConfigError
+from p2plab.lab.sim.peer import SimPeer
+from p2plab.lab.sim.probe import classic_probe, nat_report, rfc5780_tests
+from p2plab.lab.sim.report import PunchResult
+from p2plab.lab.sim.stun_server import SimStunServer
+from p2plab.lab.simnet import (
+    ADF,
+    ADM,
+    APDF,
+    APDM,
+    EIF,
+    EIM,
+    Host,
+    LinkConfig,
+    Nat,
+    NatBehavior,
+    Network,
+    Scheduler,
+)
+
+__all__ = [
+    "EXPECTED_OUTCOMES",
+    "PROFILES",
+    "SIM_PROFILES",
+    "STUN_IPS",
+    "STUN_PORTS",
+    "Simulation",
+    "profile_behavior",
+]
+
+#: The kernel lab's profiles, in its order ("open" means no NAT).
+PROFILES: tuple[str, ...] = ("open", "full", "restricted", "port-restricted", "symmetric", "leaky")
+
+#: The NAT behaviour behind each profile name (the kernel lab's iptables recipes, natlab.md).
+SIM_PROFILES: dict[str, NatBehavior] = {
+    "full": NatBehavior(mapping=EIM, filtering=EIF),
+    "restricted": NatBehavior(mapping=EIM, filtering=ADF),
+    "port-restricted": NatBehavior(mapping=EIM, filtering=APDF),
+    # MASQUERADE --random-fully
+    "symmetric": NatBehavior(mapping=APDM, filtering=APDF, port_allocation="random"),
+    # MASQUERADE without the INPUT conntrack rule
+    "leaky": NatBehavior(mapping=EIM, filtering=APDF, leaky=True),
+    # Not in the kernel lab: RFC 4787's middle case.
+    "address-dependent": NatBehavior(mapping=ADM, filtering=ADF, port_allocation="sequential"),
+}
+
+#: natlab.md, "What punching should give" (A's profile, B's profile) -> outcome; symmetric pairs.
+EXPECTED_OUTCOMES: dict[tuple[str, str], str] = {}
+_TABLE_ROWS = {
+    "open": ("direct",) * 5,
+    "full": ("direct",) * 5,
+    "restricted": ("direct",) * 5,
+    "port-restricted": ("direct", "direct", "direct", "direct", "failed"),
+    "symmetric": ("direct", "direct", "direct", "failed", "failed"),
+}
+for _a, _row in _TABLE_ROWS.items():
+    for _b, _outcome in zip(PROFILES[:5], _row, strict=True):
+        EXPECTED_OUTCOMES[(_a, _b)] = _outcome
+
+_PUBLIC_NET = "203.0.113"
+STUN_IPS = (f"{_PUBLIC_NET}.10", f"{_PUBLIC_NET}.11")
+STUN_PORTS = (3478, 3479)
+
+
+def profile_behavior(profile: str | NatBehavior, **overrides: Any) -> NatBehavior:
+    """The :class:`NatBehavior` of a profile name (or a behaviour), with fields overridden."""
+    if isinstance(profile, NatBehavior):
+        base = profile
+    else:
+        found = SIM_PROFILES.get(profile)
+        if found is None:
+            choices = ", ".join(SIM_PROFILES)
+            raise ConfigError(f"unknown NAT profile {profile!r}; choose one of {choices}")
+        base = found
+    return replace(base, **overrides) if overrides else base
+
+
+class Simulation:
+    """A simulated internet with NATs, hosts and a STUN server, on a virtual clock."""
+
+    def __init__(self, seed: int = 1, *, wan: LinkConfig | None = None) -> None:
+        self.seed = seed
+        self.rng = random.Random(seed)
+        self.clock = Scheduler()
+        self.net = Network(self.clock, self.rng)
+        self.default_wan = wan or LinkConfig(delay=0.01)
+        self.nats: list[Nat] = []
+        self.hosts: list[Host] = []
+        self._public_next = 201
+        self._nat_next = 101
+        self._lan_next = 1
+        self._probe_ports: dict[str, int] = {}
+        stun_host = Host(self.net, "stun", STUN_IPS, None, LinkConfig(delay=0.005))
+        for ip in STUN_IPS:
+            self.net.public[ip] = stun_host
+        self.stun = SimStunServer(stun_host, STUN_IPS, STUN_PORTS)
+
+    # -- time -----------------------------------------------------------------------------------
+
+    @property
+    def now(self) -> float:
+        """Virtual seconds since the simulation started."""
+        return self.clock.now
+
+    def run_until(self, t: float, stop: Any = None) -> bool:
+        """Advance the virtual clock to ``t`` (or until ``stop()`` is true); see
+        :meth:`Scheduler.run_until`."""
+        return self.clock.run_until(t, stop)
+
+    def run_for(self, seconds: float, stop: Any = None) -> bool:
+        """Advance the virtual clock by ``seconds``."""
+        return self.clock.run_until(self.clock.now + seconds, stop)
+
+    # -- topology -------------------------------------------------------------------------------
+
+    def add_nat(
+        self,
+        profile: str | NatBehavior = "port-restricted",
+        *,
+        name: str | None = None,
+        public_ip: str | None = None,
+        wan: LinkConfig | None = None,
+        **overrides: Any,
+    ) -> Nat:
+        """A NAT box of ``profile`` (a name from :data:`SIM_PROFILES` or a :class:`NatBehavior`).
+
+        Keyword ``overrides`` change single fields (``mapping_timeout=30``, ``hairpinning=True``).
+        """
+        behavior = profile_behavior(profile, **overrides)
+        if public_ip is None:
+            public_ip = f"{_PUBLIC_NET}.{self._nat_next}"
+            self._nat_next += 1
+        if public_ip in self.net.public:
+            raise ConfigError(f"{public_ip} is already in use")
+        lan = ipaddress.IPv4Network(f"198.18.{self._lan_next}.0/24")
+        self._lan_next += 1
+        nat = Nat(
+            self.net,
+            name or f"nat{len(self.nats) + 1}",
+            public_ip,
+            lan,
+            behavior,
+            wan or self.default_wan,
+            profile=profile if isinstance(profile, str) else None,
+        )
+        self.net.public[public_ip] = nat
+        self.nats.append(nat)
+        return nat
+
+    def add_host(
+        self,
+        behind: Nat | None = None,
+        *,
+        name: str | None = None,
+        ip: str | None = None,
+        link: LinkConfig | None = None,
+    ) -> Host:
+        """A host behind ``behind`` (a LAN address), or on the public internet when None."""
+        name = name or f"h{len(self.hosts) + 1}"
+        if behind is None:
+            if ip is None:
+                ip = f"{_PUBLIC_NET}.{self._public_next}"
+                self._public_next += 1
+            if ip in self.net.public:
+                raise ConfigError(f"{ip} is already in use")
+            host = Host(self.net, name, (ip,), None, link or self.default_wan)
+            self.net.public[ip] = host
+        else:
+            ip = ip or behind.allocate_lan_ip()
+            host = Host(self.net, name, (ip,), behind, link or LinkConfig(delay=0.001))
+            behind.hosts[ip] = host
+        self.hosts.append(host)
+        return host
+
+    def peer(self, host: Host, *, port: int = 0, name: str | None = None) -> SimPeer:
+        """A :class:`SimPeer` on a new socket of ``host``."""
+        return SimPeer(self, host, host.bind(port), name or host.name)
+
+    # -- STUN and classification ------------------------------------------------------------------
+
+    def _probe_peer(self, host: Host) -> SimPeer:
+        # Probe sockets live at 50000 and up, away from the 40000s the peers use, and a port is
+        # never reused: the NAT may still hold the previous probe's mapping and permissions.
+        port = self._probe_ports.get(host.name, 50000)
+        while (host.ip, port) in host.sockets:
+            port += 1
+        self._probe_ports[host.name] = port + 1
+        return SimPeer(self, host, host.bind(port), f"{host.name}-probe")
+
+    def classic_probe(self, host: Host) -> str:
+        """The RFC 3489 section 10.1 test sequence as pystun3 runs it; returns pystun3's words
+        (``"Restric Port NAT"``, ...), on a fresh socket of ``host``."""
+        p = self._probe_peer(host)
+        try:
+            return classic_probe(p, self.stun.primary, self.stun.other)
+        finally:
+            p.socket.close()
+
+    def probe(self, host: Host, *, classic: bool = True) -> NatReport:
+        """RFC 5780 NAT behaviour discovery for ``host`` against the simulated STUN server.
+
+        Filtering tests (section 4.4) run first, then the mapping tests (section 4.3) on the same
+        socket, which is what makes a leaky NAT show its remapping.
+        """
+        p = self._probe_peer(host)
+        try:
+            answer, other, tests = rfc5780_tests(p, self.stun.primary, self.stun.other)
+        finally:
+            p.socket.close()
+        if tests is None:
+            return NatReport(mapped=None, local=p.local_address, servers=(answer,), notes=("no",))
+        classic_raw = self.classic_probe(host) if classic else None
+        return nat_report(answer, other, tests, classic_raw)
+
+    # -- punching -------------------------------------------------------------------------------
+
+    def punch(
+        self,
+        a: Host | SimPeer,
+        b: Host | SimPeer,
+        *,
+        timeout: float | None = None,
+        config: SessionConfig | None = None,
+        config_b: SessionConfig | None = None,
+        skew: float = 0.0,
+    ) -> PunchResult:
+        """Do what two workers and the rendezvous do, and run until both connect or give up.
+
+        Each side learns its public address with a STUN Binding request, the "rendezvous" hands
+        each the other's candidates (public, then LAN), A starts as the controlling side and B
+        ``skew`` seconds later.  The sessions keep running afterwards (keep-alives, chat) as the
+        simulation runs on.
+        """
+        pa = a if isinstance(a, SimPeer) else self.peer(a)
+        pb = b if isinstance(b, SimPeer) else self.peer(b)
+        if pa.name == pb.name:
+            pb.name = f"{pb.name}-b"
+        for p in (pa, pb):
+            if p.public_address is None:
+                p.discover()
+        config = config or SessionConfig()
+        config_b = config_b or config
+        start = self.now
+        pa.start_session(pb.name, "controlling", pb.candidates, config)
+
+        def start_b() -> None:
+            pb.start_session(pa.name, "controlled", pa.candidates, config_b)
+
+        self.clock.call_later(skew, start_b)
+        limit = (
+            timeout if timeout is not None else max(config.punch_timeout, config_b.punch_timeout)
+        )
+
+        def settled() -> bool:
+            states = (pa.state, pb.state)
+            return states == ("connected", "connected") or any(
+                s in ("lost", "closed") for s in states
+            )
+
+        self.run_until(start + skew + limit + 1.0, stop=settled)
+        ok = pa.state == "connected" and pb.state == "connected"
+        connect_time = None
+        path = None
+        if ok and pa.connected_at is not None and pb.connected_at is not None:
+            connect_time = max(pa.connected_at, pb.connected_at) - start
+            lan = pb.local_address != pb.public_address
+            path = "lan" if lan and pa.peer_address == pb.local_address else "public"
+        return PunchResult(
+            outcome="direct" if ok else "failed",
+            connect_time_s=connect_time,
+            a=pa,
+            b=pb,
+            a_public=pa.public_address,
+            b_public=pb.public_address,
+            a_sends_to=pa.peer_address,
+            b_sends_to=pb.peer_address,
+            path=path,
+        )
