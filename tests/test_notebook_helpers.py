@@ -125,3 +125,27 @@ def test_plots_draw_what_they_are_given() -> None:
     assert heights == [5.0, 10.0]
     fig = plot_matrix(sim_matrix(["open", "symmetric"], same_lan=()))
     assert [t.get_text() for t in fig.axes[0].get_xticklabels()] == ["open", "symmetric"]
+
+
+@pytest.mark.timeout(60)
+async def test_local_lab_as_a_context_manager_and_awaited(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    from p2plab.notebook import local_lab
+
+    async with local_lab(http=True, connect_timeout=20 * TIMEOUT_UNIT) as lab:
+        a, b = lab.workers
+        assert a.state == b.state == "connected"
+        assert a.peer_id == b.worker_id
+        printed = capsys.readouterr().out
+        for w in (a, b):
+            assert w.ui_url is not None and w.ui_url in printed
+    assert a.state == b.state == "stopped"
+
+    lab = await local_lab(workers=1)  # a notebook keeps it across cells
+    try:
+        assert [w.state for w in lab.workers] != ["stopped"]
+        assert lab.workers[0].ui_url is None  # no HTTP unless asked
+    finally:
+        await lab.stop()
+    assert lab.workers[0].state == "stopped"

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 _EXPORTS = {
     "ChatPanel": "p2plab.notebook.panels",
     "LocalLab": "p2plab.notebook.local",
+    "local_lab": "p2plab.notebook.local",
     "start_local_lab": "p2plab.notebook.local",
     "plot_loss": "p2plab.notebook.plotting",
     "plot_matrix": "p2plab.notebook.plotting",
@@ -28,6 +29,7 @@ _EXPORTS = {
 __all__ = [
     "ChatPanel",
     "LocalLab",
+    "local_lab",
     "matrix_grid",
     "outcome_table",
     "plot_loss",
@@ -37,7 +39,7 @@ __all__ = [
 ]
 
 if TYPE_CHECKING:
-    from p2plab.notebook.local import LocalLab, start_local_lab
+    from p2plab.notebook.local import LocalLab, local_lab, start_local_lab
     from p2plab.notebook.panels import ChatPanel
     from p2plab.notebook.plotting import (
         matrix_grid,

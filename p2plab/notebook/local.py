@@ -1,7 +1,15 @@
 """A rendezvous (with STUN) and connected workers on loopback, in the current event loop.
 
-For notebooks (top-level ``await``) and the experiment scripts: the same public API a user
-would call, bundled so the notebooks stay short.
+For notebooks (top-level ``await``) and scripts (``asyncio.run``)::
+
+    async with p2plab.local_lab() as lab:   # rendezvous + STUN + two connected workers
+        a, b = lab.workers
+
+    lab = await p2plab.local_lab()          # or keep it running across notebook cells
+    ...
+    await lab.stop()
+
+Nothing leaves loopback: the workers use the rendezvous's embedded STUN server.
 """
 
 from __future__ import annotations
@@ -9,12 +17,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from collections.abc import Generator
 from dataclasses import dataclass, field
 from typing import Any
 
 from p2plab.aio.worker import Worker, WorkerConfig
 
-__all__ = ["LocalLab", "start_local_lab"]
+__all__ = ["LocalLab", "local_lab", "start_local_lab"]
 
 log = logging.getLogger(__name__)
 
@@ -96,4 +105,53 @@ async def start_local_lab(
         await lab.stop()
         raise
     log.info("local lab: rendezvous %s, %d workers connected", lab.rendezvous_url, len(paired))
+    if http:
+        # Asked for explicitly: the addresses are what the user opens next.
+        for w in lab.workers:
+            print(f"worker {w.worker_id[:8]}: {w.ui_url}")
     return lab
+
+
+class _LocalLabStarter:
+    """What :func:`local_lab` returns: ``async with`` it, or ``await`` it."""
+
+    def __init__(self, options: dict[str, Any]) -> None:
+        self._options = options
+        self._lab: LocalLab | None = None
+
+    def __await__(self) -> Generator[Any, None, LocalLab]:
+        return start_local_lab(**self._options).__await__()
+
+    async def __aenter__(self) -> LocalLab:
+        self._lab = await start_local_lab(**self._options)
+        return self._lab
+
+    async def __aexit__(self, *exc: object) -> None:
+        if self._lab is not None:
+            await self._lab.stop()
+
+
+def local_lab(
+    workers: int = 2,
+    *,
+    host: str = "127.0.0.1",
+    http: bool = False,
+    connect_timeout: float = 20.0,
+    **worker_options: Any,
+) -> _LocalLabStarter:
+    """A rendezvous with STUN and ``workers`` connected workers on loopback.
+
+    ``async with local_lab() as lab:`` stops everything at the end of the block;
+    ``lab = await local_lab()`` keeps it running until ``await lab.stop()`` (handy across
+    notebook cells).  ``http=True`` serves each worker's page and prints its address.  Other
+    keyword arguments go to :class:`~p2plab.aio.worker.WorkerConfig`.
+    """
+    return _LocalLabStarter(
+        {
+            "workers": workers,
+            "host": host,
+            "http": http,
+            "connect_timeout": connect_timeout,
+            **worker_options,
+        }
+    )
