@@ -6,11 +6,13 @@ traffic by the endpoint (magic cookie, then transaction id via ``add_stun_listen
 request is a core :class:`~p2plab.core.stun.StunTransaction`; this module only moves bytes,
 reads the loop clock and keeps one ``call_at`` timer for all of them.
 
-:meth:`StunProbe.nat_report` runs the RFC 5780 tests on the same socket, and the RFC 3489
-classic test through pystun3 in a thread on its own socket, with the host's real source address
-(natlab.md: 0.0.0.0 misleads it).  In this order: filtering tests, pystun3, mapping tests.  The
-mapping tests send to the server's alternate IP, which would open the very pinholes the
-filtering tests (ours and pystun3's) look for, on NATs that filter per remote IP host-wide.
+:meth:`StunProbe.nat_report` drives the core's RFC 5780 procedure
+(:class:`~p2plab.core.discovery.Rfc5780Discovery`, which says which tests, in which order) on
+the same socket, and runs the RFC 3489 classic test through pystun3 in a thread on its own
+socket, with the host's real source address (natlab.md: 0.0.0.0 misleads it).  In this order:
+filtering tests, pystun3, mapping tests.  The mapping tests send to the server's alternate IP,
+which would open the very pinholes the filtering tests (ours and pystun3's) look for, on NATs
+that filter per remote IP host-wide.
 """
 
 from __future__ import annotations
