@@ -6,11 +6,13 @@ traffic by the endpoint (magic cookie, then transaction id via ``add_stun_listen
 request is a core :class:`~p2plab.core.stun.StunTransaction`; this module only moves bytes,
 reads the loop clock and keeps one ``call_at`` timer for all of them.
 
-:meth:`StunProbe.nat_report` runs the RFC 5780 tests on the same socket, and the RFC 3489
-classic test through pystun3 in a thread on its own socket, with the host's real source address
-(natlab.md: 0.0.0.0 misleads it).  In this order: filtering tests, pystun3, mapping tests.  The
-mapping tests send to the server's alternate IP, which would open the very pinholes the
-filtering tests (ours and pystun3's) look for, on NATs that filter per remote IP host-wide.
+:meth:`StunProbe.nat_report` drives the core's RFC 5780 procedure
+(:class:`~p2plab.core.discovery.Rfc5780Discovery`, which says which tests, in which order) on
+the same socket, and runs the RFC 3489 classic test through pystun3 in a thread on its own
+socket, with the host's real source address (natlab.md: 0.0.0.0 misleads it).  In this order:
+filtering tests, pystun3, mapping tests.  The mapping tests send to the server's alternate IP,
+which would open the very pinholes the filtering tests (ours and pystun3's) look for, on NATs
+that filter per remote IP host-wide.
 """
 
 from __future__ import annotations
@@ -25,20 +27,19 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from p2plab.aio.endpoint import UdpEndpoint
-from p2plab.core.nat import (
-    BehaviorTests,
-    NatReport,
-    ServerAnswer,
-    classic_from_behavior,
-    classic_name,
-    derive_behavior,
+from p2plab.core.discovery import (
+    BindingOutcome,
+    BindingTest,
+    DiscoveryPhase,
+    Rfc5780Discovery,
+    outcome_from_transaction,
 )
+from p2plab.core.nat import NatReport, ServerAnswer
 from p2plab.core.stun import (
     Class,
     Message,
     RetransmissionPolicy,
     StunTransaction,
-    TransactionState,
     make_binding_request,
     parse_message,
     parse_server_address,
@@ -236,12 +237,12 @@ class StunProbe:
         change_ip: bool = False,
         change_port: bool = False,
         expect_echo: bool = False,
-    ) -> tuple[ServerAnswer, _Pending | None]:
+    ) -> BindingOutcome:
         """One Binding transaction to ``target`` (default: ``server`` resolved)."""
         try:
             resolved = target if target is not None else await self._resolve(server)
         except OSError as exc:
-            return ServerAnswer(server, False, error=f"cannot resolve: {exc}"), None
+            return BindingOutcome(ServerAnswer(server, False, error=f"cannot resolve: {exc}"))
         request = make_binding_request(
             self._random_bytes,
             change_ip=change_ip,
@@ -249,53 +250,20 @@ class StunProbe:
             software=self.software,
         )
         pending = await self._driver.run(request, resolved, self.policy, expect_echo)
-        tx = pending.tx
-        if tx.state is TransactionState.SUCCEEDED and tx.response is not None:
-            attrs = tx.response.attributes
-            mapped = attrs.get("XOR-MAPPED-ADDRESS") or attrs.get("MAPPED-ADDRESS")
-            other = attrs.get("OTHER-ADDRESS") or attrs.get("CHANGED-ADDRESS")
-            software = attrs.get("SOFTWARE")
-            if mapped is None:
-                answer = ServerAnswer(
-                    server,
-                    False,
-                    rtt_s=tx.rtt,
-                    attempts=tx.attempts,
-                    error="response without a mapped address",
-                    resolved=resolved,
-                )
-            else:
-                answer = ServerAnswer(
-                    server,
-                    True,
-                    rtt_s=tx.rtt,
-                    mapped=mapped,
-                    attempts=tx.attempts,
-                    other_address=other,
-                    software=software if isinstance(software, str) else None,
-                    resolved=resolved,
-                )
-        elif tx.state is TransactionState.FAILED:
-            code, reason = tx.error or (0, "")
-            answer = ServerAnswer(
-                server,
-                False,
-                rtt_s=tx.rtt,
-                attempts=tx.attempts,
-                error=f"error response {code} {reason}".strip(),
-                resolved=resolved,
-            )
-        elif pending.echoed:
-            answer = ServerAnswer(server, True, attempts=tx.attempts, resolved=resolved)
-        else:
-            answer = ServerAnswer(
-                server,
-                False,
-                attempts=tx.attempts,
-                error=f"no answer after {tx.attempts} requests",
-                resolved=resolved,
-            )
-        return answer, pending
+        if pending.echoed:
+            # Our own request came back (hairpin test): that is the answer we wanted.
+            answer = ServerAnswer(server, True, attempts=pending.tx.attempts, resolved=resolved)
+            return BindingOutcome(answer, pending.source)
+        return outcome_from_transaction(server, resolved, pending.tx, pending.source)
+
+    async def _run_test(self, test: BindingTest) -> BindingOutcome:
+        return await self._binding(
+            test.server,
+            test.target,
+            change_ip=test.change_ip,
+            change_port=test.change_port,
+            expect_echo=test.expect_echo,
+        )
 
     # -- public API -------------------------------------------------------------------------
 
@@ -316,7 +284,7 @@ class StunProbe:
                     done, remaining = await asyncio.wait(
                         remaining, return_when=asyncio.FIRST_COMPLETED
                     )
-                    if any(t.result()[0].ok for t in done):
+                    if any(t.result().answer.ok for t in done):
                         break
         finally:
             for t in tasks:
@@ -324,35 +292,12 @@ class StunProbe:
                     t.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
         answers = tuple(
-            t.result()[0]
+            t.result().answer
             if not t.cancelled()
             else ServerAnswer(server, False, error="not waited for (another server answered)")
             for t, server in zip(tasks, self.servers, strict=True)
         )
-        ok = [a for a in answers if a.ok and a.mapped is not None]
-        if not ok:
-            detail = "; ".join(f"{a.server[0]}:{a.server[1]}: {a.error}" for a in answers)
-            raise StunTimeout(f"no STUN server answered ({detail})")
-        best = min(ok, key=lambda a: a.rtt_s if a.rtt_s is not None else float("inf"))
-        assert best.mapped is not None
-        result = StunResult(
-            mapped=best.mapped,
-            server=best.server,
-            rtt_s=best.rtt_s or 0.0,
-            answers=answers,
-            other_address=best.other_address,
-        )
-        log.info(
-            "STUN: mapped %s:%d via %s:%d in %.1f ms (%d/%d servers answered)",
-            result.mapped[0],
-            result.mapped[1],
-            result.server[0],
-            result.server[1],
-            result.rtt_s * 1000.0,
-            len(ok),
-            len(answers),
-        )
-        return result
+        return _stun_result(answers)
 
     def _local_towards(self, target: Address) -> Address:
         """Our real source address towards ``target`` (connecting a UDP socket sends nothing)."""
@@ -369,102 +314,31 @@ class StunProbe:
     ) -> NatReport:
         """Mapped address plus RFC 5780 mapping/filtering behaviour, hairpinning and (with
         ``classic``) the RFC 3489 type from pystun3.  Raises :class:`StunTimeout` if no server
-        answers at all."""
-        first = await self.mapped_address()
-        notes: list[str] = []
-        if not first.consistent:
-            notes.append("servers saw different mapped addresses (address-dependent mapping)")
-        # The behaviour tests need a server with an alternate IP and port.
-        chosen: ServerAnswer | None = None
-        for answer in first.answers:
-            if answer.ok and answer.other_address is not None and answer.resolved is not None:
-                other = answer.other_address
-                if other[0] != answer.resolved[0] and other[1] != answer.resolved[1]:
-                    chosen = answer
-                    break
-        if chosen is None:
-            ok = next(a for a in first.answers if a.ok)
-        else:
-            ok = chosen
-        assert ok.resolved is not None and ok.mapped is not None
-        primary = ok.resolved
-        local = self._local_towards(primary)
+        answers at all.
 
-        # Order matters (RFC 5780 section 4.4 and natlab.md): filtering tests first, before
-        # anything on this host has sent to the server's alternate IP; then pystun3, whose own
-        # test II also needs the alternate IP unseen (NATs that filter per remote IP host-wide,
-        # like the lab's "restricted" recipe, would let the answer in otherwise); the mapping
-        # tests, which send to the alternate IP, last.
-        mapped2 = mapped3 = None
-        filter2 = filter3 = None
-        hairpin_result: bool | None = None
+        The procedure (which tests, in which order) is the core's
+        :class:`~p2plab.core.discovery.Rfc5780Discovery`; this runs each phase's transactions
+        in parallel on our endpoint, and pystun3 between the filtering and the mapping tests.
+        """
+        discovery = Rfc5780Discovery(
+            self.servers, local_towards=self._local_towards, hairpin=hairpin
+        )
         classic_raw: str | None = None
-        behind_nat = ok.mapped != local
-        if chosen is None:
-            notes.append(
-                "no server gave an OTHER-ADDRESS with a different IP and port: RFC 5780 "
-                "behaviour tests need a server with two addresses (e.g. p2plab stun-server "
-                "--alt-host IP --alt-port N)"
-            )
-        else:
-            assert chosen.other_address is not None
-            alt_ip, alt_port = chosen.other_address
-            jobs = [
-                self._binding(chosen.server, primary, change_ip=True, change_port=True),
-                self._binding(chosen.server, primary, change_port=True),
-            ]
-            if hairpin and behind_nat:
-                jobs.append(self._binding(chosen.server, ok.mapped, expect_echo=True))
-            results = await asyncio.gather(*jobs)
-            (f2, p2), (f3, p3) = results[0], results[1]
-            filter2 = self._changed_ok(f2, p2, (alt_ip, alt_port), notes, "II")
-            filter3 = self._changed_ok(f3, p3, (primary[0], alt_port), notes, "III")
-            if len(results) > 2:
-                hairpin_result = results[2][0].ok
-        if classic:
-            classic_raw, classic_note = await self._classic(primary, local[0], classic_timeout)
-            if classic_note:
-                notes.append(classic_note)
-        if chosen is not None and behind_nat:
-            assert chosen.other_address is not None
-            alt_ip, alt_port = chosen.other_address
-            # Mapping tests II and III (RFC 5780 section 4.3).
-            (m2, _), (m3, _) = await asyncio.gather(
-                self._binding(chosen.server, (alt_ip, primary[1])),
-                self._binding(chosen.server, (alt_ip, alt_port)),
-            )
-            mapped2, mapped3 = m2.mapped, m3.mapped
-            if m2.mapped is None:
-                notes.append(f"mapping test II failed: {m2.error}")
-            if m3.mapped is None:
-                notes.append(f"mapping test III failed: {m3.error}")
-        tests = BehaviorTests(
-            local=local,
-            mapped1=ok.mapped,
-            mapped2=mapped2,
-            mapped3=mapped3,
-            filter2=filter2,
-            filter3=filter3,
-        )
-        mapping, filtering, behind = derive_behavior(tests)
-        if not hairpin:
-            hairpin_result = None
-        elif not behind_nat:
-            notes.append("no NAT: hairpinning not applicable")
-        report = NatReport(
-            mapped=ok.mapped,
-            local=local,
-            mapping=mapping,
-            filtering=filtering,
-            classic=classic_name(classic_raw),
-            classic_raw=classic_raw,
-            classic_rfc5780=classic_from_behavior(mapping, filtering, behind),
-            behind_nat=behind,
-            servers=first.answers,
-            other_address=None if chosen is None else chosen.other_address,
-            hairpin=hairpin_result,
-            notes=tuple(notes),
-        )
+        classic_due = classic
+        while not discovery.done:
+            if discovery.phase is DiscoveryPhase.MAPPING and classic_due:
+                classic_due = False
+                classic_raw = await self._classic_step(discovery, classic_timeout)
+            tests = discovery.next_tests()
+            outcomes = await asyncio.gather(*(self._run_test(t) for t in tests))
+            for test, outcome in zip(tests, outcomes, strict=True):
+                discovery.receive(test, outcome)
+        result = discovery.result()
+        _stun_result(result.first)  # raises StunTimeout when no server answered; logs
+        if classic_due:
+            classic_raw = await self._classic_step(discovery, classic_timeout)
+            result = discovery.result()
+        report = result.report(classic_raw)
         log.info(
             "NAT report: mapped %s, mapping %s, filtering %s, classic %s",
             report.mapped,
@@ -474,28 +348,14 @@ class StunProbe:
         )
         return report
 
-    @staticmethod
-    def _changed_ok(
-        answer: ServerAnswer,
-        pending: _Pending | None,
-        expected_source: Address,
-        notes: list[str],
-        test: str,
-    ) -> bool | None:
-        """Filtering test outcome; None if the server did not honour CHANGE-REQUEST."""
-        if answer.error and answer.error.startswith("error response"):
-            notes.append(f"filtering test {test}: server refused CHANGE-REQUEST ({answer.error})")
-            return None
-        if not answer.ok:
-            return False
-        source = pending.source if pending is not None else None
-        if source is not None and source != expected_source:
-            notes.append(
-                f"filtering test {test}: answer came from {source[0]}:{source[1]}, not "
-                f"{expected_source[0]}:{expected_source[1]}; server ignored CHANGE-REQUEST"
-            )
-            return None
-        return True
+    async def _classic_step(self, discovery: Rfc5780Discovery, limit: float) -> str | None:
+        """pystun3 against the server the behaviour tests use, from our real source IP."""
+        primary, local = discovery.primary, discovery.local
+        assert primary is not None and local is not None
+        raw, note = await self._classic(primary, local[0], limit)
+        if note:
+            discovery.note(note)
+        return raw
 
     async def _classic(
         self, server: Address, source_ip: str, limit: float
@@ -545,3 +405,32 @@ async def probe_nat(
         return await probe.nat_report(classic=classic, hairpin=hairpin)
     finally:
         endpoint.close()
+
+
+def _stun_result(answers: tuple[ServerAnswer, ...]) -> StunResult:
+    """The fastest answer of ``answers``; raises :class:`StunTimeout` naming the servers when
+    none answered."""
+    ok = [a for a in answers if a.ok and a.mapped is not None]
+    if not ok:
+        detail = "; ".join(f"{a.server[0]}:{a.server[1]}: {a.error}" for a in answers)
+        raise StunTimeout(f"no STUN server answered ({detail})")
+    best = min(ok, key=lambda a: a.rtt_s if a.rtt_s is not None else float("inf"))
+    assert best.mapped is not None
+    result = StunResult(
+        mapped=best.mapped,
+        server=best.server,
+        rtt_s=best.rtt_s or 0.0,
+        answers=answers,
+        other_address=best.other_address,
+    )
+    log.info(
+        "STUN: mapped %s:%d via %s:%d in %.1f ms (%d/%d servers answered)",
+        result.mapped[0],
+        result.mapped[1],
+        result.server[0],
+        result.server[1],
+        result.rtt_s * 1000.0,
+        len(ok),
+        len(answers),
+    )
+    return result

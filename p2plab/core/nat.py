@@ -2,7 +2,7 @@
 
 RFC 5780 section 4.3 (mapping behaviour) and 4.4 (filtering behaviour) as pure functions over the
 test outcomes, the RFC 3489 "classic" names, and the :class:`NatReport` that ``StunProbe`` and
-``p2plab probe`` produce.
+``p2plab probe`` produce.  The procedure that runs the tests is :mod:`p2plab.core.discovery`.
 
 Test outcomes, for a server with primary address ``(A1, P1)`` and OTHER-ADDRESS ``(A2, P2)``:
 

@@ -61,7 +61,8 @@ EXPECTED_RFC5780: dict[str, tuple[str, str]] = {
     "port-restricted": ("endpoint-independent", "address-and-port-dependent"),
     "symmetric": ("address-and-port-dependent", "address-and-port-dependent"),
     # The leaky NAT maps like port-restricted until an unsolicited packet has hit its port.  RFC
-    # 5780 runs the mapping tests first, so a fresh probe sees EIM; pystun3 runs a filtering test
+    # 5780's mapping test II goes to (alternate IP, primary port), which no unsolicited answer of
+    # the filtering tests came from, so a fresh probe sees EIM; pystun3 runs a filtering test
     # (CHANGE-REQUEST) first and then sees the remapping ("Symmetric NAT").
     "leaky": ("endpoint-independent", "address-and-port-dependent"),
 }

@@ -2,22 +2,10 @@
 
 Sockets: one on ``(host, port)``; with ``alt_host`` and/or ``alt_port`` one for every combination
 of ``{host, alt_host} x {port, alt_port}`` (the four sockets RFC 5780 needs when both are given).
-A request is answered from the socket it arrived on, or, with CHANGE-REQUEST, from the socket
-whose IP and/or port differ from that one as asked.
-
-Answers carry XOR-MAPPED-ADDRESS, MAPPED-ADDRESS, RESPONSE-ORIGIN, SOFTWARE and FINGERPRINT,
-plus OTHER-ADDRESS and the RFC 3489 CHANGED-ADDRESS when an alternate address exists.  RFC 3489
-clients (no magic cookie, e.g. pystun3) get MAPPED-ADDRESS, SOURCE-ADDRESS and CHANGED-ADDRESS
-only, with their 16-byte transaction id echoed (RFC 8489 section 12 / RFC 5389 section 12.2):
-pystun3 walks attributes without padding, so nothing with an unaligned length is sent to them.
-
-A CHANGE-REQUEST this server cannot honour (e.g. "change IP" with no ``alt_host``): RFC 5780
-section 6.1 asks for a 420 (Unknown Attribute) error response listing CHANGE-REQUEST, which is
-what RFC 5389+ clients get.  RFC 3489 clients get no answer instead: that is what an RFC 3489
-server without the alternate address looked like to them, and pystun3 resends forever when it
-gets an error response.  Both cases are counted in ``stats["change_unsupported"]``.
-
-Malformed datagrams and anything that is not a Binding request are dropped and counted.
+What to answer, from which socket, to where, is decided by the sans-I/O
+:class:`~p2plab.core.stun_server.StunResponder` (which also serves the simulator); this module
+only owns the sockets, learns which address a wildcard socket was reached on (``IP_PKTINFO``)
+and counts what the network did (datagrams in, responses sent, send errors).
 """
 
 from __future__ import annotations
@@ -31,15 +19,8 @@ import socket
 from dataclasses import dataclass
 from typing import Any
 
-from p2plab.core.stun import (
-    CHANGE_IP,
-    CHANGE_PORT,
-    Class,
-    Message,
-    Method,
-    parse_message,
-)
-from p2plab.errors import ConfigError, StunError
+from p2plab.core.stun_server import DEFAULT_SOFTWARE, StunResponder
+from p2plab.errors import ConfigError
 
 __all__ = ["DEFAULT_SOFTWARE", "StunServer", "run_stun_server"]
 
@@ -47,7 +28,6 @@ log = logging.getLogger(__name__)
 
 Address = tuple[str, int]
 
-DEFAULT_SOFTWARE = "p2plab STUN server"
 _RECV_SIZE = 2048
 _MAX_READS_PER_WAKEUP = 256
 _BIND_ATTEMPTS = 50
@@ -55,6 +35,8 @@ _BIND_ATTEMPTS = 50
 _IP_PKTINFO = getattr(socket, "IP_PKTINFO", 8)
 _IPV6_RECVPKTINFO = getattr(socket, "IPV6_RECVPKTINFO", 49)
 _IPV6_PKTINFO = getattr(socket, "IPV6_PKTINFO", 50)
+# What the socket side counts; the responder counts the rest (RESPONDER_COUNTERS).
+_IO_COUNTERS = ("datagrams_in", "responses", "error_responses", "send_errors", "handler_errors")
 
 
 @dataclass
@@ -84,21 +66,12 @@ class StunServer:
     def __init__(self, sockets: list[_Socket], software: str | None) -> None:
         self._sockets = sockets
         self._by_index = {(s.ip_index, s.port_index): s for s in sockets}
-        self._software = software
+        self.responder = StunResponder(
+            {key: (s.ip, s.port) for key, s in self._by_index.items()}, software=software
+        )
         self._loop = asyncio.get_running_loop()
         self._closed = False
-        self.stats: dict[str, int] = {
-            "datagrams_in": 0,
-            "requests": 0,
-            "legacy_requests": 0,
-            "responses": 0,
-            "error_responses": 0,
-            "change_requests": 0,
-            "change_unsupported": 0,
-            "malformed_dropped": 0,
-            "not_request_dropped": 0,
-            "send_errors": 0,
-        }
+        self._io: dict[str, int] = dict.fromkeys(_IO_COUNTERS, 0)
         for s in sockets:
             self._loop.add_reader(s.sock.fileno(), self._on_readable, s)
 
@@ -158,8 +131,27 @@ class StunServer:
     @property
     def other_address(self) -> Address | None:
         """The alternate address (OTHER-ADDRESS) seen from the primary socket, if any."""
-        other = self._other(self._sockets[0])
-        return None if other is None else (other.ip, other.port)
+        other = self.responder.other_slot((0, 0))
+        return None if other is None else self.responder.addresses[other]
+
+    @property
+    def stats(self) -> dict[str, int]:
+        """Counters: the socket side's (datagrams in, responses, errors sent, send errors) and
+        the responder's (requests, change requests, dropped junk), as one dict."""
+        io, core = self._io, self.responder.stats
+        return {
+            "datagrams_in": io["datagrams_in"],
+            "requests": core["requests"],
+            "legacy_requests": core["legacy_requests"],
+            "responses": io["responses"],
+            "error_responses": io["error_responses"],
+            "change_requests": core["change_requests"],
+            "change_unsupported": core["change_unsupported"],
+            # A datagram the responder failed on (a bug) is dropped like junk.
+            "malformed_dropped": core["malformed_dropped"] + io["handler_errors"],
+            "not_request_dropped": core["not_request_dropped"],
+            "send_errors": io["send_errors"],
+        }
 
     @property
     def closed(self) -> bool:
@@ -196,136 +188,24 @@ class StunServer:
             except OSError as exc:
                 log.debug("STUN server recv on %s:%d: %s", s.ip, s.port, exc)
                 continue
-            self.stats["datagrams_in"] += 1
+            self._io["datagrams_in"] += 1
             try:
                 self._handle(s, local_ip, data, (str(addr[0]), int(addr[1])))
             except Exception:  # a bug here must not kill the reader
-                self.stats["malformed_dropped"] += 1
+                self._io["handler_errors"] += 1
                 log.exception("STUN server failed on %d bytes from %s", len(data), addr)
 
-    def _other(self, s: _Socket) -> _Socket | None:
-        """The socket differing in IP and port (or in whichever of the two has an alternate)."""
-        ips = {k[0] for k in self._by_index}
-        ports = {k[1] for k in self._by_index}
-        if len(ips) == 1 and len(ports) == 1:
-            return None
-        key = (
-            s.ip_index ^ (1 if len(ips) > 1 else 0),
-            s.port_index ^ (1 if len(ports) > 1 else 0),
-        )
-        return self._by_index.get(key)
-
-    @staticmethod
-    def _public(s: _Socket, local_ip: str) -> Address:
-        """Address to advertise for socket ``s``.  Wildcard binds happen only without an
-        alternate IP, so every socket shares the IP the request was sent to."""
-        return (local_ip if s.wildcard else s.ip, s.port)
-
     def _handle(self, s: _Socket, local_ip: str, data: bytes, addr: Address) -> None:
+        reply = self.responder.handle_datagram(data, (s.ip_index, s.port_index), addr, local_ip)
+        if reply is None:
+            return
         try:
-            request = parse_message(data)
-        except StunError as exc:
-            self.stats["malformed_dropped"] += 1
-            log.debug("STUN server: dropped %d bytes from %s: %s", len(data), addr, exc)
-            return
-        if request.message_method != Method.BINDING or request.message_class != Class.REQUEST:
-            self.stats["not_request_dropped"] += 1
-            log.debug("STUN server: dropped %r from %s", request, addr)
-            return
-        self.stats["requests"] += 1
-        legacy = request.legacy
-        if legacy:
-            self.stats["legacy_requests"] += 1
-
-        unknown = request.unknown_comprehension_required()
-        if unknown:
-            self._send_error(s, request, addr, 420, "Unknown Attribute", unknown)
-            return
-
-        target = s
-        change = request.attributes.get("CHANGE-REQUEST", 0)
-        if change & (CHANGE_IP | CHANGE_PORT):
-            self.stats["change_requests"] += 1
-            key = (
-                s.ip_index ^ (1 if change & CHANGE_IP else 0),
-                s.port_index ^ (1 if change & CHANGE_PORT else 0),
-            )
-            found = self._by_index.get(key)
-            if found is None:
-                self.stats["change_unsupported"] += 1
-                if legacy:
-                    log.debug("STUN server: cannot honour CHANGE-REQUEST %#x (RFC 3489)", change)
-                    return
-                self._send_error(s, request, addr, 420, "Unknown Attribute", (0x0003,))
-                return
-            target = found
-
-        destination = addr
-        response_port = request.attributes.get("RESPONSE-PORT")
-        if isinstance(response_port, int) and response_port > 0 and not legacy:
-            destination = (addr[0], response_port)  # RFC 5780 section 7.5
-
-        origin = self._public(target, local_ip)
-        other = self._other(s)
-        other_address = None if other is None else self._public(other, local_ip)
-        response = Message(
-            Method.BINDING,
-            Class.RESPONSE,
-            request.transaction_id,
-            magic_cookie=request.magic_cookie,
-        )
-        attrs = response.attributes
-        if legacy:
-            attrs["MAPPED-ADDRESS"] = addr
-            attrs["SOURCE-ADDRESS"] = origin
-            if other_address is not None:
-                attrs["CHANGED-ADDRESS"] = other_address
-        else:
-            attrs["XOR-MAPPED-ADDRESS"] = addr
-            attrs["MAPPED-ADDRESS"] = addr
-            attrs["RESPONSE-ORIGIN"] = origin
-            if other_address is not None:
-                attrs["OTHER-ADDRESS"] = other_address
-                attrs["CHANGED-ADDRESS"] = other_address
-            if self._software:
-                attrs["SOFTWARE"] = self._software
-            response.add_fingerprint()
-        if self._sendto(target, bytes(response), destination):
-            self.stats["responses"] += 1
-
-    def _send_error(
-        self,
-        s: _Socket,
-        request: Message,
-        addr: Address,
-        code: int,
-        reason: str,
-        unknown: tuple[int, ...] = (),
-    ) -> None:
-        response = Message(
-            Method.BINDING,
-            Class.ERROR,
-            request.transaction_id,
-            {"ERROR-CODE": (code, reason)},
-            magic_cookie=request.magic_cookie,
-        )
-        if unknown:
-            response.attributes["UNKNOWN-ATTRIBUTES"] = unknown
-        if not request.legacy:
-            if self._software:
-                response.attributes["SOFTWARE"] = self._software
-            response.add_fingerprint()
-        if self._sendto(s, bytes(response), addr):
-            self.stats["error_responses"] += 1
-
-    def _sendto(self, s: _Socket, data: bytes, addr: Address) -> bool:
-        try:
-            s.sock.sendto(data, addr)
+            self._by_index[reply.slot].sock.sendto(reply.data, reply.destination)
         except OSError as exc:
-            self.stats["send_errors"] += 1
-            log.debug("STUN server: send to %s failed: %s", addr, exc)
-            return False
-        return True
+            self._io["send_errors"] += 1
+            log.debug("STUN server: send to %s failed: %s", reply.destination, exc)
+            return
+        self._io["error_responses" if reply.error else "responses"] += 1
 
 
 def _pktinfo_destination(ancdata: list[tuple[int, int, bytes]]) -> str | None:

@@ -3,9 +3,11 @@
 No root, no sockets, no real time: :class:`Simulation` builds hosts, NAT boxes (RFC 4787 mapping,
 filtering, port allocation, mapping timeout, hairpinning; see :mod:`p2plab.lab.simnet`) and a STUN
 server with two addresses, then drives the very code the workers run:
-:class:`~p2plab.core.session.PeerSession` for punching, keep-alives and chat, and
-:class:`~p2plab.core.stun.StunTransaction` plus :func:`~p2plab.core.nat.derive_behavior` for
-STUN discovery and RFC 5780 classification.  One seed makes a run reproducible.
+:class:`~p2plab.core.session.PeerSession` for punching, keep-alives and chat,
+:class:`~p2plab.core.stun.StunTransaction` and
+:class:`~p2plab.core.discovery.Rfc5780Discovery` for STUN discovery and RFC 5780
+classification, and :class:`~p2plab.core.stun_server.StunResponder` as the STUN server.  One
+seed makes a run reproducible.
 
 ::
 

@@ -68,6 +68,8 @@ class SimPeer:
         self.stats: Counter[str] = Counter()
         self._timer: TimerHandle | None = None
         self._stun: dict[bytes, tuple[StunTransaction, list[TimerHandle]]] = {}
+        #: Where the response of each answered STUN transaction came from, by transaction id.
+        self.stun_sources: dict[bytes, Address] = {}
         sock.on_datagram = self._on_datagram
 
     # -- properties -----------------------------------------------------------------------
@@ -111,6 +113,7 @@ class SimPeer:
             if entry is None or not entry[0].receive(msg, now):
                 self.stats["stun_unmatched"] += 1
                 return
+            self.stun_sources[msg.transaction_id] = addr
             for handle in entry[1]:
                 handle.cancel()
             return

@@ -12,7 +12,7 @@ from p2plab.config import SessionConfig
 from p2plab.core.nat import NatReport
 from p2plab.errors import ConfigError
 from p2plab.lab.sim.peer import SimPeer
-from p2plab.lab.sim.probe import classic_probe, nat_report, rfc5780_tests
+from p2plab.lab.sim.probe import classic_probe, rfc5780_discovery
 from p2plab.lab.sim.report import PunchResult
 from p2plab.lab.sim.stun_server import SimStunServer
 from p2plab.lab.simnet import (
@@ -209,20 +209,21 @@ class Simulation:
             p.socket.close()
 
     def probe(self, host: Host, *, classic: bool = True) -> NatReport:
-        """RFC 5780 NAT behaviour discovery for ``host`` against the simulated STUN server.
+        """RFC 5780 NAT behaviour discovery for ``host`` against the simulated STUN server, on a
+        fresh socket: the core's procedure (:class:`~p2plab.core.discovery.Rfc5780Discovery`,
+        the one workers run), then with ``classic`` the RFC 3489 sequence on another socket.
 
-        Filtering tests (section 4.4) run first, then the mapping tests (section 4.3) on the same
-        socket, which is what makes a leaky NAT show its remapping.
+        Filtering tests run first, then the mapping tests on the same socket, which is what
+        makes a leaky NAT show its remapping.
         """
         p = self._probe_peer(host)
         try:
-            answer, other, tests = rfc5780_tests(p, self.stun.primary, self.stun.other)
+            result = rfc5780_discovery(p, [self.stun.primary])
         finally:
             p.socket.close()
-        if tests is None:
-            return NatReport(mapped=None, local=p.local_address, servers=(answer,), notes=("no",))
-        classic_raw = self.classic_probe(host) if classic else None
-        return nat_report(answer, other, tests, classic_raw)
+        if result.mapped is None:
+            return replace(result.report(), local=p.local_address)
+        return result.report(self.classic_probe(host) if classic else None)
 
     # -- punching -------------------------------------------------------------------------------
 
