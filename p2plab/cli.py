@@ -89,43 +89,53 @@ def _run(coro: Coroutine[Any, Any, int | None]) -> int:
 # -- commands -----------------------------------------------------------------------------------
 
 
-async def _cmd_rendezvous(args: argparse.Namespace) -> int:
-    from rendezvous_service_code.main import ServeAddresses, serve
+def _rendezvous_settings(args: argparse.Namespace) -> Any:
+    """The rendezvous's :class:`Settings`, read once: flags win over the environment."""
+    from rendezvous_service_code.settings import Settings
+
+    return Settings.load(
+        {
+            "host": args.host,
+            "port": args.port,
+            "stun_port": args.stun_port,
+            "redis_url": args.redis,
+            "token": args.token,
+            "admin_token": args.admin_token,
+            "room_tokens": (
+                None if args.room_tokens is None else _parse_room_tokens(args.room_tokens)
+            ),
+            "max_workers": args.max_workers,
+            "relay": False if args.no_relay else None,
+        }
+    )
+
+
+def _parse_room_tokens(text: str) -> dict[str, str]:
+    from rendezvous_service_code.settings import parse_room_tokens
+
+    return parse_room_tokens(text)
+
+
+def _cmd_rendezvous(args: argparse.Namespace) -> int:
+    from p2plab.errors import ConfigError
+
+    try:
+        settings = _rendezvous_settings(args)
+    except ConfigError as exc:  # a bad flag or variable: one line, the usage-error status
+        print(f"p2plab rendezvous: error: {exc}", file=sys.stderr)
+        return 2
+    return _run(_serve_rendezvous(settings))
+
+
+async def _serve_rendezvous(settings: Any) -> int:
+    from rendezvous_service_code.server import ServeAddresses, serve
 
     def started(addr: ServeAddresses) -> None:
         stun = f", STUN on udp://{addr.stun_host}:{addr.stun_port}" if addr.stun_port else ""
         print(f"rendezvous on {addr.ws_url}{stun}", file=sys.stderr, flush=True)
 
-    await serve(
-        args.host,
-        args.port,
-        stun_port=args.stun_port,
-        token=args.token,
-        admin_token=args.admin_token,
-        redis_url=args.redis,
-        on_started=started,
-        handle_signals=False,
-        **_rendezvous_options(args),
-    )
+    await serve(settings, on_started=started, handle_signals=False)
     return 0
-
-
-def _rendezvous_options(args: argparse.Namespace) -> dict[str, Any]:
-    """``create_app`` options the environment also sets (flags win; the image has no flags)."""
-    from rendezvous_service_code.main import parse_room_tokens, settings_from_env
-
-    try:
-        env = settings_from_env()
-    except ValueError as exc:
-        raise SystemExit(f"p2plab rendezvous: {exc}") from None
-    opts = {k: env[k] for k in ("room_tokens", "max_workers", "relay") if k in env}
-    if args.room_tokens is not None:
-        opts["room_tokens"] = parse_room_tokens(args.room_tokens) or None
-    if args.max_workers is not None:
-        opts["max_workers"] = args.max_workers  # create_app checks the value
-    if args.no_relay:
-        opts["relay"] = False
-    return opts
 
 
 async def _cmd_stun_server(args: argparse.Namespace) -> int:
@@ -231,21 +241,23 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
 
-    p = sub.add_parser("rendezvous", help="run the rendezvous service")
-    p.add_argument("--host", default=_env("HOST", "0.0.0.0"))
-    p.add_argument("--port", type=int, default=_env_int("PORT", 8000))
+    p = sub.add_parser(
+        "rendezvous",
+        help="run the rendezvous service",
+        description="Flags win over the environment variables named in their help.",
+    )
+    p.add_argument("--host", default=None, help="bind address (env HOST; 0.0.0.0)")
+    p.add_argument("--port", type=int, default=None, help="HTTP port (env PORT; 8000)")
     p.add_argument(
         "--stun-port",
         type=int,
-        default=_env_int("STUN_PORT", None),
-        help="also answer STUN on this UDP port (0: any free port)",
+        default=None,
+        help="also answer STUN on this UDP port, 0: any free port (env STUN_PORT)",
     )
+    p.add_argument("--redis", default=None, metavar="URL", help="share state via Redis (REDIS_URL)")
+    p.add_argument("--token", default=None, help="workers must present this token (P2P_TOKEN)")
     p.add_argument(
-        "--redis", default=_env("REDIS_URL"), metavar="URL", help="share state via Redis"
-    )
-    p.add_argument("--token", default=_env("P2P_TOKEN"), help="workers must present this token")
-    p.add_argument(
-        "--admin-token", default=_env("ADMIN_TOKEN"), help="bearer token for /debug/list_workers"
+        "--admin-token", default=None, help="bearer token for /debug/list_workers (ADMIN_TOKEN)"
     )
     p.add_argument(
         "--room-tokens",

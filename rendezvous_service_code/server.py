@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
-import os
 import socket
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -20,10 +20,15 @@ import uvicorn
 from fastapi import FastAPI
 
 from p2plab.core.signaling import MAX_MESSAGE_BYTES
+from p2plab.errors import ConfigError
+
+from .app import create_app
+from .backends import Backend
+from .settings import Settings
 
 __all__ = ["RendezvousServer", "ServeAddresses", "main", "serve"]
 
-logger = logging.getLogger("rendezvous_service_code.main")
+logger = logging.getLogger(__name__)
 
 _CLOSE_TIMEOUT_S = 10.0
 
@@ -99,16 +104,23 @@ class RendezvousServer:
         port: int = 0,
         *,
         stun_port: int | None = None,
+        settings: Settings | None = None,
+        backend: Backend | None = None,
         handle_signals: bool = False,
         ws_max_size: int = 4 * MAX_MESSAGE_BYTES,
         backlog: int = 4096,
-        **app_options: Any,
+        **changes: Any,
     ) -> RendezvousServer:
-        """Bind, start serving and return; ``app_options`` go to :func:`create_app`."""
-        self = cls()
-        from .main import create_app  # main.py re-exports this module: import late
+        """Bind ``host:port``, start serving and return (the in-process form).
 
-        self.app = create_app(**app_options)
+        The app is built from ``settings`` (default ``Settings()``) with ``changes`` applied
+        (Settings field names, e.g. ``token="t", relay=False``: a short form for tests and
+        notebooks); its ``host``, ``port`` and ``stun_port`` are not used here, the arguments
+        are.  ``backend`` injects the shared state (see :func:`.app.create_app`).
+        """
+        self = cls()
+        base = Settings() if settings is None else settings
+        self.app = create_app(dataclasses.replace(base, **changes), backend=backend)
         sock = _bind_tcp(host, port)
         http_port = sock.getsockname()[1]
         config = uvicorn.Config(
@@ -203,33 +215,26 @@ def _first_address(addresses: Any) -> tuple[str, int]:
 
 
 async def serve(
-    host: str = "0.0.0.0",
-    port: int = 8000,
+    settings: Settings,
     *,
-    stun_port: int | None = None,
-    token: str | None = None,
-    admin_token: str | None = None,
-    redis_url: str | None = None,
+    backend: Backend | None = None,
     ready: asyncio.Event | None = None,
     on_started: Callable[[ServeAddresses], object] | None = None,
     handle_signals: bool = True,
-    **app_options: Any,
 ) -> None:
-    """Run the rendezvous until Ctrl-C/SIGTERM (or cancellation).
+    """Run the rendezvous on ``settings.host:settings.port`` until Ctrl-C/SIGTERM (or cancel).
 
-    With ``stun_port`` (0 = OS-chosen) an embedded STUN server answers on that UDP port of the
-    same host.  Once listening, ``on_started`` is called with the actual
+    With ``settings.stun_port`` (0 = OS-chosen) an embedded STUN server answers on that UDP port
+    of the same host.  Once listening, ``on_started`` is called with the actual
     :class:`ServeAddresses` (how the CLI learns the ports) and ``ready`` is set.
     """
     server = await RendezvousServer.start(
-        host,
-        port,
-        stun_port=stun_port,
+        settings.host,
+        settings.port,
+        stun_port=settings.stun_port,
+        settings=settings,
+        backend=backend,
         handle_signals=handle_signals,
-        token=token,
-        admin_token=admin_token,
-        redis_url=redis_url,
-        **app_options,
     )
     try:
         assert server.addresses is not None
@@ -256,14 +261,30 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=8000)
     parser.add_argument("--stun-port", type=int, default=None)
-    parser.add_argument("--token", default=os.environ.get("P2P_TOKEN") or None)
-    parser.add_argument("--admin-token", default=os.environ.get("ADMIN_TOKEN") or None)
-    parser.add_argument("--redis", default=os.environ.get("REDIS_URL") or None)
-    parser.add_argument("--redis-heartbeat", type=float, default=2.0)
-    parser.add_argument("--redis-ttl", type=float, default=10.0)
-    parser.add_argument("--max-workers", type=int, default=20000)
+    parser.add_argument("--token", default=None)
+    parser.add_argument("--admin-token", default=None)
+    parser.add_argument("--redis", default=None)
+    parser.add_argument("--redis-heartbeat", type=float, default=None)
+    parser.add_argument("--redis-ttl", type=float, default=None)
+    parser.add_argument("--max-workers", type=int, default=None)
     parser.add_argument("--log-level", default="INFO")
     args = parser.parse_args(argv)
+    try:
+        settings = Settings.load(
+            {
+                "host": args.host,
+                "port": args.port,
+                "stun_port": args.stun_port,
+                "token": args.token,
+                "admin_token": args.admin_token,
+                "redis_url": args.redis,
+                "redis_heartbeat_s": args.redis_heartbeat,
+                "redis_ttl_s": args.redis_ttl,
+                "max_workers": args.max_workers,
+            }
+        )
+    except ConfigError as exc:
+        parser.error(str(exc))
     logging.basicConfig(
         level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
@@ -278,17 +299,7 @@ def main(argv: list[str] | None = None) -> int:
         sys.stdout.write(json.dumps(info) + "\n")
         sys.stdout.flush()
 
-    coro = serve(
-        args.host,
-        args.port,
-        stun_port=args.stun_port,
-        token=args.token,
-        admin_token=args.admin_token,
-        redis_url=args.redis,
-        on_started=started,
-        max_workers=args.max_workers,
-        redis_options={"heartbeat_s": args.redis_heartbeat, "ttl_s": args.redis_ttl},
-    )
+    coro = serve(settings, on_started=started)
     try:
         import uvloop
 

@@ -67,28 +67,6 @@ def test_bad_environment_integer_is_reported() -> None:
     assert res.returncode != 0 and "PORT must be an integer" in res.stderr
 
 
-def test_rendezvous_flags_win_over_our_environment_variables(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    from p2plab.cli import _rendezvous_options
-
-    monkeypatch.setenv("MAX_WORKERS", "7")
-    monkeypatch.setenv("P2P_ROOM_TOKENS", "lab=envtok")
-    monkeypatch.delenv("P2P_RELAY", raising=False)
-    opts = _rendezvous_options(build_parser().parse_args(["rendezvous"]))
-    assert opts == {"room_tokens": {"lab": "envtok"}, "max_workers": 7}
-    args = build_parser().parse_args(
-        ["rendezvous", "--max-workers", "3", "--room-tokens", "a=1,b=2", "--no-relay"]
-    )
-    opts = _rendezvous_options(args)
-    assert opts == {"room_tokens": {"a": "1", "b": "2"}, "max_workers": 3, "relay": False}
-    monkeypatch.setenv("P2P_RELAY", "off")
-    assert _rendezvous_options(build_parser().parse_args(["rendezvous"]))["relay"] is False
-    monkeypatch.setenv("MAX_WORKERS", "many")
-    with pytest.raises(SystemExit, match="MAX_WORKERS must be an integer"):
-        _rendezvous_options(build_parser().parse_args(["rendezvous"]))
-
-
 async def test_rendezvous_command_honours_room_tokens_cap_and_relay_from_the_environment() -> None:
     """What the rendezvous image runs (`p2plab rendezvous`, no flags) reads these variables."""
     from tests.procs import start_rendezvous

@@ -28,7 +28,7 @@ from tests.conftest import TIMEOUT_UNIT
 from tests.rendezvous_fixtures import WsWorker, loopback_worker_config, running_rendezvous
 
 T = 15 * TIMEOUT_UNIT
-REDIS_FAST = {"heartbeat_s": 0.3, "ttl_s": 1.5}
+REDIS_FAST = {"redis_heartbeat_s": 0.3, "redis_ttl_s": 1.5}
 
 
 class DropAll:
@@ -328,8 +328,8 @@ async def test_relay_can_be_turned_off_at_the_rendezvous() -> None:
 
 async def test_relay_across_two_rendezvous_instances(redis_url: str) -> None:
     async with (
-        running_rendezvous(redis_url=redis_url, redis_options=REDIS_FAST, stun_port=0) as rv1,
-        running_rendezvous(redis_url=redis_url, redis_options=REDIS_FAST, stun_port=0) as rv2,
+        running_rendezvous(redis_url=redis_url, **REDIS_FAST, stun_port=0) as rv1,
+        running_rendezvous(redis_url=redis_url, **REDIS_FAST, stun_port=0) as rv2,
     ):
         async with blocked_workers(rv1, rv2) as (a, b, _, _):
             await a.wait_for_state("relayed", timeout=T)
@@ -344,8 +344,8 @@ async def test_relay_across_two_rendezvous_instances(redis_url: str) -> None:
 
 async def test_redis_backend_refuses_unpaired_relay(redis_url: str) -> None:
     async with (
-        running_rendezvous(redis_url=redis_url, redis_options=REDIS_FAST) as rv1,
-        running_rendezvous(redis_url=redis_url, redis_options=REDIS_FAST) as rv2,
+        running_rendezvous(redis_url=redis_url, **REDIS_FAST) as rv1,
+        running_rendezvous(redis_url=redis_url, **REDIS_FAST) as rv2,
     ):
         a = await WsWorker.connect(rv1.ws_url)
         b = await WsWorker.connect(rv2.ws_url)

@@ -14,7 +14,7 @@ import httpx
 from rendezvous_service_code.main import RendezvousServer
 from tests.rendezvous_fixtures import TIMEOUT, WsWorker, running_rendezvous
 
-FAST = {"heartbeat_s": 0.3, "ttl_s": 1.5}
+FAST = {"redis_heartbeat_s": 0.3, "redis_ttl_s": 1.5}
 
 
 @contextlib.asynccontextmanager
@@ -29,9 +29,9 @@ async def instance_process(redis_url: str) -> AsyncIterator[tuple[asyncio.subpro
         "--redis",
         redis_url,
         "--redis-heartbeat",
-        str(FAST["heartbeat_s"]),
+        str(FAST["redis_heartbeat_s"]),
         "--redis-ttl",
-        str(FAST["ttl_s"]),
+        str(FAST["redis_ttl_s"]),
         "--log-level",
         "WARNING",
         stdout=asyncio.subprocess.PIPE,
@@ -53,8 +53,8 @@ async def instance_process(redis_url: str) -> AsyncIterator[tuple[asyncio.subpro
 
 async def test_workers_on_two_instances_get_offers_for_each_other(redis_url: str) -> None:
     async with (
-        running_rendezvous(redis_url=redis_url, redis_options=FAST) as rv1,
-        running_rendezvous(redis_url=redis_url, redis_options=FAST) as rv2,
+        running_rendezvous(redis_url=redis_url, **FAST) as rv1,
+        running_rendezvous(redis_url=redis_url, **FAST) as rv2,
     ):
         a = await WsWorker.connect(rv1.ws_url)
         b = await WsWorker.connect(rv2.ws_url)
@@ -90,8 +90,8 @@ async def test_workers_on_two_instances_get_offers_for_each_other(redis_url: str
 
 async def test_fifty_workers_across_two_instances_make_25_disjoint_pairs(redis_url: str) -> None:
     async with (
-        running_rendezvous(redis_url=redis_url, redis_options=FAST) as rv1,
-        running_rendezvous(redis_url=redis_url, redis_options=FAST) as rv2,
+        running_rendezvous(redis_url=redis_url, **FAST) as rv1,
+        running_rendezvous(redis_url=redis_url, **FAST) as rv2,
     ):
         workers = await asyncio.gather(*(WsWorker.connect(rv.ws_url) for rv in (rv1, rv2) * 25))
 
@@ -138,7 +138,7 @@ async def test_killed_instance_is_reaped_and_its_worker_pairs_again_elsewhere(
         p2.kill()  # no goodbye: only the TTL tells the others
         await p2.wait()
         await b.wait_closed()
-        gone = await a.expect("peer_disconnected", wait_s=TIMEOUT + 3 * FAST["ttl_s"])
+        gone = await a.expect("peer_disconnected", wait_s=TIMEOUT + 3 * FAST["redis_ttl_s"])
         assert gone["peer_worker_id"] == b.worker_id
 
         # b reconnects to the surviving instance (as the worker's backoff loop would)
@@ -153,13 +153,13 @@ async def test_killed_instance_is_reaped_and_its_worker_pairs_again_elsewhere(
 
 
 async def test_instance_restart_with_same_redis_keeps_no_stale_workers(redis_url: str) -> None:
-    server = await RendezvousServer.start("127.0.0.1", 0, redis_url=redis_url, redis_options=FAST)
+    server = await RendezvousServer.start("127.0.0.1", 0, redis_url=redis_url, **FAST)
     w = await WsWorker.connect(server.ws_url)
     await w.register()
     await w.update_endpoint("203.0.113.1", 1)
     await server.close()  # graceful stop: its workers are removed from Redis
     await w.wait_closed()
-    async with running_rendezvous(redis_url=redis_url, redis_options=FAST) as rv:
+    async with running_rendezvous(redis_url=redis_url, **FAST) as rv:
         async with httpx.AsyncClient() as http:
             assert (await http.get(f"{rv.url}/debug/list_workers")).json()["count"] == 0
         v = await WsWorker.connect(rv.ws_url)

@@ -10,7 +10,7 @@ import httpx
 import pytest
 
 from p2plab.core.signaling import MAX_MESSAGE_BYTES, parse_rendezvous_message
-from rendezvous_service_code.main import create_app, settings_from_env
+from rendezvous_service_code.main import Settings, create_app
 from tests.rendezvous_fixtures import TIMEOUT, WsWorker, running_rendezvous
 
 
@@ -311,26 +311,6 @@ async def test_forwarded_header_only_when_trusted() -> None:
         await w.close()
 
 
-def test_settings_from_env() -> None:
-    s = settings_from_env(
-        {
-            "P2P_TOKEN": "t",
-            "ADMIN_TOKEN": "a",
-            "REDIS_URL": "redis://127.0.0.1:1/0",
-            "P2P_ROOM_TOKENS": "r1=x, r2=y,broken",
-            "MAX_WORKERS": "7",
-        }
-    )
-    assert s == {
-        "token": "t",
-        "admin_token": "a",
-        "redis_url": "redis://127.0.0.1:1/0",
-        "room_tokens": {"r1": "x", "r2": "y"},
-        "max_workers": 7,
-    }
-    assert settings_from_env({})["token"] is None
-
-
 def test_testclient_works_too() -> None:
     from fastapi.testclient import TestClient
 
@@ -349,7 +329,12 @@ async def test_serve_reports_addresses_and_stops_on_cancel() -> None:
     ready = asyncio.Event()
     seen: list[ServeAddresses] = []
     task = asyncio.create_task(
-        serve("127.0.0.1", 0, ready=ready, on_started=seen.append, handle_signals=False)
+        serve(
+            Settings(host="127.0.0.1", port=0),
+            ready=ready,
+            on_started=seen.append,
+            handle_signals=False,
+        )
     )
     await asyncio.wait_for(ready.wait(), TIMEOUT)
     assert seen and seen[0].http_port > 0 and seen[0].stun_port is None
@@ -371,7 +356,10 @@ async def test_serve_with_embedded_stun_answers_binding_requests() -> None:
     seen: list[ServeAddresses] = []
     task = asyncio.create_task(
         serve(
-            "127.0.0.1", 0, stun_port=0, ready=ready, on_started=seen.append, handle_signals=False
+            Settings(host="127.0.0.1", port=0, stun_port=0),
+            ready=ready,
+            on_started=seen.append,
+            handle_signals=False,
         )
     )
     try:
@@ -434,7 +422,8 @@ async def test_workers_pair_only_with_the_same_encryption_mode(
     if backend == "redis":
         opts = {
             "redis_url": request.getfixturevalue("redis_url"),
-            "redis_options": {"heartbeat_s": 0.3, "ttl_s": 1.5},
+            "redis_heartbeat_s": 0.3,
+            "redis_ttl_s": 1.5,
         }
     async with running_rendezvous(**opts) as rv:
         ws: dict[str, WsWorker] = {}

@@ -20,8 +20,9 @@ Decisions worth knowing:
   (explicitly, or implicitly by sending keep-alives or data from it) has passed its own round trip.
 * **Chat and control** share one reliable, ordered stream (u32 sequence numbers, cumulative plus
   selective ACKs, RFC 6298 retransmission timer with exponential backoff, Karn's rule for RTT
-  samples).  ``send_chat``/``send_control`` while punching queue the message until connected;
-  after ``lost``/``closed`` they raise :class:`~p2plab.errors.NotConnected`.
+  samples): :class:`~p2plab.core.reliable.ReliableStream`, which the session feeds and drives.
+  ``send_chat``/``send_control`` while punching queue the message until connected; after
+  ``lost``/``closed`` they raise :class:`~p2plab.errors.NotConnected`.
 * **Giving up** one message breaks the ordered stream (the receiver would wait for it forever), so
   it fails that message and every later one and declares the peer lost (``"delivery failed"``).
   With the default settings the peer timeout (15 s) always comes first.
@@ -42,16 +43,15 @@ import json
 import logging
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass, replace
 from typing import Any, Literal
 
 from p2plab.config import SessionConfig
 from p2plab.core import events as ev
 from p2plab.core.crypto import AuthenticationFailed, ReplayedDatagram
 from p2plab.core.punch import Checklist
+from p2plab.core.reliable import ReliableStream, RttEstimator
 from p2plab.core.wire import (
     MAX_CHAT_BYTES,
-    MAX_SELECTIVE_ACKS,
     Ack,
     BenchDatagram,
     Bye,
@@ -82,7 +82,6 @@ _INF = float("inf")
 _NOMINATION_PROBES = 10  # flagged probes before relying on implicit nomination
 _PATH_CHECK_PROBES = 10  # probes to a new peer address seen once connected
 _KEEPALIVES_REMEMBERED = 16
-_CLOCK_GRANULARITY = 0.001  # G of RFC 6298 section 2
 _U32 = 1 << 32
 
 _STAT_NAMES = (
@@ -122,19 +121,6 @@ _STAT_NAMES = (
     "unexpected_source",
     "peer_restarts",
 )
-
-
-@dataclass
-class _Outgoing:
-    seq: int
-    kind: Literal["chat", "control"]
-    msg_id: str
-    datagram: Chat | Control  # sealed at each transmission: a sealer never repeats a nonce
-    first_sent: float = _INF
-    last_sent: float = _INF
-    retransmits: int = 0
-    rto: float = 0.0
-    deadline: float = _INF
 
 
 def _norm(addr: Any) -> Address:
@@ -184,11 +170,7 @@ class PeerSession:
         self._outbox: list[tuple[bytes, Address]] = []
         self._events: deque[ev.Event] = deque()
 
-        # RTT (RFC 6298)
-        self._srtt: float | None = None
-        self._rttvar = 0.0
-        self._latest_rtt: float | None = None
-        self._min_rtt: float | None = None
+        self._rtt = RttEstimator(config)  # RFC 6298, fed by probes, keep-alives and acks
 
         # liveness
         self._last_sent = now
@@ -196,14 +178,8 @@ class PeerSession:
         self._ka_seq = 0
         self._ka_sent: dict[int, float] = {}
 
-        # reliable stream, sending side
-        self._next_seq = 0
-        self._unsent: deque[_Outgoing] = deque()
-        self._in_flight: dict[int, _Outgoing] = {}
-        # receiving side
-        self._expected = 0
-        self._recv_buf: dict[int, Chat | Control] = {}
-        self._ack_pending: Address | None = None
+        self._stream = ReliableStream(config, self._rtt, self.stats, self._events.append)
+        self._ack_pending: Address | None = None  # where the next ACK of the stream goes
 
     # ------------------------------------------------------------------------------------------
     # read-only state
@@ -221,25 +197,22 @@ class PeerSession:
     @property
     def rtt(self) -> float | None:
         """Smoothed RTT (RFC 6298 SRTT) in seconds, None before the first sample."""
-        return self._srtt
+        return self._rtt.srtt
 
     @property
     def latest_rtt(self) -> float | None:
         """The most recent RTT sample."""
-        return self._latest_rtt
+        return self._rtt.latest
 
     @property
     def min_rtt(self) -> float | None:
         """The smallest RTT sample seen."""
-        return self._min_rtt
+        return self._rtt.min
 
     @property
     def rto(self) -> float:
         """Current retransmission timeout (RFC 6298 section 2), before backoff."""
-        if self._srtt is None:
-            return self.config.rto_initial
-        rto = self._srtt + max(_CLOCK_GRANULARITY, 4 * self._rttvar)
-        return min(max(rto, self.config.rto_min), self.config.rto_max)
+        return self._rtt.rto
 
     @property
     def candidates(self) -> list[Address]:
@@ -255,7 +228,7 @@ class PeerSession:
     @property
     def pending_messages(self) -> int:
         """Reliable messages not yet acknowledged (queued or in flight)."""
-        return len(self._unsent) + len(self._in_flight)
+        return self._stream.pending
 
     # ------------------------------------------------------------------------------------------
     # commands
@@ -276,7 +249,7 @@ class PeerSession:
             )
         self._check_open("send a chat message")
         msg_id = self._new_id()
-        seq = self._take_seq()
+        seq = self._stream.take_seq()
         datagram = Chat(
             self.local_id,
             self.peer_id,
@@ -285,7 +258,7 @@ class PeerSession:
             sent_at=now if sent_at is None else sent_at,
             text=text,
         )
-        self._unsent.append(_Outgoing(seq, "chat", msg_id, datagram))
+        self._stream.queue("chat", msg_id, datagram)
         return msg_id
 
     def send_control(self, obj: dict[str, Any], now: float, sent_at: float | None = None) -> str:
@@ -307,7 +280,7 @@ class PeerSession:
             )
         self._check_open("send a control message")
         msg_id = self._new_id()
-        seq = self._take_seq()
+        seq = self._stream.take_seq()
         datagram = Control(
             self.local_id,
             self.peer_id,
@@ -316,7 +289,7 @@ class PeerSession:
             sent_at=now if sent_at is None else sent_at,
             payload=payload,
         )
-        self._unsent.append(_Outgoing(seq, "control", msg_id, datagram))
+        self._stream.queue("control", msg_id, datagram)
         return msg_id
 
     def close(self, now: float, reason: str = "") -> None:
@@ -399,8 +372,7 @@ class PeerSession:
         else:
             deadlines.append(self._last_sent + self.config.keepalive_interval)
             deadlines.append(self._last_received + self.config.peer_timeout)
-            for o in self._in_flight.values():
-                deadlines.append(min(o.deadline, o.first_sent + self.config.chat_give_up_s))
+            deadlines.append(self._stream.next_deadline())
             if self._ack_pending is not None or self._sendable():
                 deadlines.append(-_INF)
         when = min(deadlines)
@@ -422,11 +394,6 @@ class PeerSession:
     def _new_id(self) -> str:
         return self._rand_bytes(8).hex()
 
-    def _take_seq(self) -> int:
-        seq = self._next_seq
-        self._next_seq = (seq + 1) % _U32
-        return seq
-
     def _check_open(self, what: str) -> None:
         if self._state in ("lost", "closed"):
             raise NotConnected(f"cannot {what}: the session is {self._state}")
@@ -443,36 +410,12 @@ class PeerSession:
             # keep sending their own keep-alives and both measure the RTT.
             self._last_sent = max(self._last_sent, now)
 
-    def _rtt_sample(self, sample: float) -> None:
-        # RFC 6298 section 2.2 / 2.3
-        sample = max(sample, 0.0)
-        self._latest_rtt = sample
-        self._min_rtt = sample if self._min_rtt is None else min(self._min_rtt, sample)
-        if self._srtt is None:
-            self._srtt = sample
-            self._rttvar = sample / 2
-        else:
-            self._rttvar = 0.75 * self._rttvar + 0.25 * abs(self._srtt - sample)
-            self._srtt = 0.875 * self._srtt + 0.125 * sample
-
     def _finish(self, state: State, reason: str) -> None:
         """Enter ``lost``/``closed``: fail every pending message with ``reason``."""
         self._state = state
         self._checklist.stop_all()
-        pending = list(self._in_flight.values()) + list(self._unsent)
-        pending.sort(key=lambda o: o.seq)
-        self._in_flight.clear()
-        self._unsent.clear()
-        for o in pending:
-            self._fail(o, reason)
+        self._stream.fail_all(reason)
         self._ack_pending = None
-
-    def _fail(self, o: _Outgoing, reason: str) -> None:
-        self.stats["failed"] += 1
-        if o.kind == "chat":
-            self._events.append(ev.ChatFailed(o.msg_id, reason))
-        else:
-            self._events.append(ev.ControlFailed(o.msg_id, reason))
 
     def _lose(self, reason: str) -> None:
         log.info("peer %s lost: %s", self.peer_id, reason)
@@ -488,17 +431,8 @@ class PeerSession:
         """
         self.stats["peer_restarts"] += 1
         log.info("peer %s restarted its session", self.peer_id)
-        self._expected = 0
-        self._recv_buf.clear()
+        self._stream.restart()
         self._ka_sent.clear()
-        pending = sorted(self._in_flight.values(), key=lambda o: (o.seq - self._next_seq) % _U32)
-        pending += list(self._unsent)
-        self._in_flight.clear()
-        self._unsent = deque(
-            _Outgoing(i, o.kind, o.msg_id, replace(o.datagram, seq=i))
-            for i, o in enumerate(pending)
-        )
-        self._next_seq = len(pending) % _U32
         if self.role == "controlling" and self._is_connected() and self._peer_address:
             self._nomination_done = False
             self._checklist.restart(self._peer_address, now, budget=_NOMINATION_PROBES)
@@ -532,10 +466,7 @@ class PeerSession:
     # internals: timers and sending
 
     def _sendable(self) -> bool:
-        if self._state != "connected" or not self._unsent:
-            return False
-        lowest = min(self._in_flight) if self._in_flight else self._unsent[0].seq
-        return (self._unsent[0].seq - lowest) % _U32 < self.config.max_in_flight
+        return self._state == "connected" and self._stream.sendable()
 
     def _service(self, now: float) -> None:
         if self._state in ("lost", "closed"):
@@ -550,17 +481,17 @@ class PeerSession:
         if self._state != "connected":
             return
         assert self._peer_address is not None
-        self._retransmit(now)
-        if self._state != "connected":
+        retransmissions, gave_up = self._stream.retransmit(now)
+        for datagram in retransmissions:
+            self._send(self._encode(datagram), self._peer_address, now)
+        if gave_up is not None:
+            # The ordered stream cannot skip a message, so giving one up ends the session.
+            log.info("gave up a message to %s: %s", self.peer_id, gave_up)
+            self._finish("lost", "peer lost")
+            self._events.append(ev.PeerLost("delivery failed"))
             return
-        while self._sendable():
-            o = self._unsent.popleft()
-            o.first_sent = o.last_sent = now
-            o.rto = self.rto
-            o.deadline = now + o.rto
-            self._in_flight[o.seq] = o
-            self.stats["chats_sent" if o.kind == "chat" else "controls_sent"] += 1
-            self._send(self._encode(o.datagram), self._peer_address, now)
+        for datagram in self._stream.transmit(now):
+            self._send(self._encode(datagram), self._peer_address, now)
         if self._ack_pending is not None:
             self._send_ack(now)
         if now >= self._last_sent + self.config.keepalive_interval:
@@ -581,44 +512,13 @@ class PeerSession:
             self.stats["probes_sent"] += 1
             self._send(self._encode(probe), cand.address, now)
 
-    def _retransmit(self, now: float) -> None:
-        assert self._peer_address is not None
-        for o in sorted(self._in_flight.values(), key=lambda o: o.first_sent):
-            if now < o.deadline and now < o.first_sent + self.config.chat_give_up_s:
-                continue
-            if now >= o.first_sent + self.config.chat_give_up_s:
-                self._give_up(o, "timeout")
-                return
-            if o.retransmits >= self.config.max_retransmits:
-                self._give_up(o, "retransmit limit")
-                return
-            o.retransmits += 1
-            o.last_sent = now
-            o.rto = min(o.rto * 2, self.config.rto_max)
-            o.deadline = now + o.rto
-            self.stats["retransmits"] += 1
-            self._send(self._encode(o.datagram), self._peer_address, now)
-
-    def _give_up(self, o: _Outgoing, reason: str) -> None:
-        # The ordered stream cannot skip a message, so giving one up ends the session.
-        log.info("giving up message %s to %s: %s", o.msg_id, self.peer_id, reason)
-        del self._in_flight[o.seq]
-        self._fail(o, reason)
-        self._finish("lost", "peer lost")
-        self._events.append(ev.PeerLost("delivery failed"))
-
     def _send_ack(self, now: float) -> None:
         addr = self._ack_pending
         self._ack_pending = None
         if addr is None:
             return
-        selective = tuple(sorted(self._recv_buf, key=lambda s: (s - self._expected) % _U32))
-        ack = Ack(
-            self.local_id,
-            self.peer_id,
-            cumulative=self._expected,
-            selective=selective[:MAX_SELECTIVE_ACKS],
-        )
+        cumulative, selective = self._stream.ack_fields()
+        ack = Ack(self.local_id, self.peer_id, cumulative=cumulative, selective=selective)
         self.stats["acks_sent"] += 1
         self._send(self._encode(ack), addr, now, reply=True)
 
@@ -688,7 +588,7 @@ class PeerSession:
         self.stats["probe_acks_received"] += 1
         self._last_received = now
         cand, rtt, nominate = match
-        self._rtt_sample(rtt)
+        self._rtt.sample(rtt)
         if self._state == "punching":
             if self.role == "controlling":
                 self._connect(cand.address, now, rtt)
@@ -747,64 +647,12 @@ class PeerSession:
             if sent is None:
                 return
             self.stats["keepalive_acks_received"] += 1
-            self._rtt_sample(now - sent)
-            assert self._srtt is not None and self._latest_rtt is not None
-            assert self._min_rtt is not None
-            self._events.append(ev.RttUpdated(self._srtt, self._latest_rtt, self._min_rtt))
+            self._rtt.sample(now - sent)
+            rtt = self._rtt
+            assert rtt.srtt is not None and rtt.latest is not None and rtt.min is not None
+            self._events.append(ev.RttUpdated(rtt.srtt, rtt.latest, rtt.min))
         elif isinstance(d, Chat | Control):
-            self._on_message(d, now)
+            self._ack_pending = self._peer_address
+            self._stream.on_message(d)
         elif isinstance(d, Ack):
-            self._on_ack(d, now)
-
-    def _on_message(self, d: Chat | Control, now: float) -> None:
-        self._ack_pending = self._peer_address
-        offset = (d.seq - self._expected) % _U32
-        if offset >= _U32 // 2 or d.seq in self._recv_buf:
-            self.stats["duplicates"] += 1
-            return
-        if offset >= self.config.recv_window:
-            self.stats["dropped_out_of_window"] += 1
-            return
-        self._recv_buf[d.seq] = d
-        while self._expected in self._recv_buf:
-            msg = self._recv_buf.pop(self._expected)
-            self._expected = (self._expected + 1) % _U32
-            self._deliver(msg)
-
-    def _deliver(self, msg: Chat | Control) -> None:
-        if isinstance(msg, Chat):
-            self.stats["chats_received"] += 1
-            self._events.append(ev.ChatReceived(msg.msg_id, msg.text, msg.sent_at))
-            return
-        try:
-            obj = json.loads(msg.payload.decode("utf-8"))
-        except (UnicodeDecodeError, ValueError):
-            obj = None
-        if not isinstance(obj, dict):
-            self.stats["controls_malformed"] += 1
-            return
-        self.stats["controls_received"] += 1
-        self._events.append(ev.ControlReceived(msg.msg_id, obj))
-
-    def _on_ack(self, d: Ack, now: float) -> None:
-        self.stats["acks_received"] += 1
-        acked: list[_Outgoing] = []
-        selective = set(d.selective)
-        for seq, o in list(self._in_flight.items()):
-            if 0 < (d.cumulative - seq) % _U32 < _U32 // 2 or seq in selective:
-                acked.append(o)
-                del self._in_flight[seq]
-        if not acked:
-            return
-        acked.sort(key=lambda o: o.seq)
-        fresh = [o for o in acked if o.retransmits == 0]
-        if fresh:
-            # Karn's rule: only never-retransmitted messages give a sample.
-            self._rtt_sample(now - max(o.first_sent for o in fresh))
-        for o in acked:
-            self.stats["delivered"] += 1
-            latency = now - o.first_sent
-            if o.kind == "chat":
-                self._events.append(ev.ChatDelivered(o.msg_id, latency))
-            else:
-                self._events.append(ev.ControlDelivered(o.msg_id, latency))
+            self._stream.on_ack(d, now)

@@ -1,0 +1,466 @@
+"""The rendezvous app: FastAPI endpoints and WebSocket handling, built by :func:`create_app`.
+
+Endpoints (contracts.md): ``GET /health``, ``GET /debug/list_workers`` and the WebSocket
+``/ws/register/{worker_id}``.
+
+Relay fallback (optional extension): a worker whose hole punching failed sends its peer
+datagrams as ``{"type": "relay", "to": <peer id>, "data": <base64>}``; the service passes them on
+as ``{"type": "relay", "from": <sender id>, "data": ...}``, only between the two workers of a
+pair, at most ``MAX_RELAY_BYTES`` per datagram, and within a per-connection byte budget on top
+of the message rate limit (chat and keep-alives fit; bulk transfer does not).  The datagrams
+are sealed end to end: the service only sees ciphertext.
+
+Pairing rules live in :mod:`.registry`; storage in :mod:`.backends` (in memory) or
+:mod:`.redis_store` (several instances through Redis); settings in :mod:`.settings`; running
+the app in :mod:`.server`.  Nothing here reads the environment.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hmac
+import itertools
+import logging
+import re
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Any
+
+from fastapi import FastAPI, Request, WebSocket
+from fastapi.responses import JSONResponse
+from starlette.websockets import WebSocketDisconnect
+
+from p2plab.core.signaling import (
+    MAX_MESSAGE_BYTES,
+    ErrorMessage,
+    Register,
+    RelayIn,
+    RelayOut,
+    UpdateUdpEndpoint,
+    dump_message,
+    parse_worker_message,
+)
+from p2plab.errors import RemoteProtocolError
+
+from .backends import Backend, MemoryBackend
+from .registry import Action, CloseConnection, SendMessage
+from .settings import Settings
+
+__all__ = [
+    "CLOSE_ID_IN_USE",
+    "CLOSE_POLICY",
+    "CLOSE_RESTART",
+    "CLOSE_TRY_AGAIN",
+    "TokenBucket",
+    "create_app",
+]
+
+logger = logging.getLogger(__name__)
+
+#: WebSocket close code for policy violations (bad token, bad worker id, abuse).
+CLOSE_POLICY = 1008
+#: WebSocket close code when the service is full.
+CLOSE_TRY_AGAIN = 1013
+#: WebSocket close code asking the worker to reconnect (service restart / state lost).
+CLOSE_RESTART = 1012
+#: WebSocket close code for a worker id that is live with another public key.  Not 1008 (which a
+#: worker takes as final): an earlier run of the same worker (a fixed WORKER_ID, a fresh key) may
+#: still be registered until the rendezvous notices it is gone, so the worker retries.
+CLOSE_ID_IN_USE = 4409
+
+_WORKER_ID_RE = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+#: Messages queued for one connection before it is considered stuck and closed.
+_SEND_QUEUE_LIMIT = 256
+
+
+class TokenBucket:
+    """Per-connection rate limit with an abuse score that decays at the same rate."""
+
+    def __init__(self, rate: float, burst: float, abuse_threshold: float, now: float) -> None:
+        self.rate = rate
+        self.burst = burst
+        self.abuse_threshold = abuse_threshold
+        self.tokens = burst
+        self.abuse = 0.0
+        self.last = now
+        self.dropped = 0
+        self.limited = False  # currently dropping (one error per episode)
+
+    def allow(self, now: float, cost: float = 1.0) -> bool:
+        """Take ``cost`` tokens if there are that many; otherwise count a drop."""
+        elapsed = max(0.0, now - self.last)
+        self.last = now
+        self.tokens = min(self.burst, self.tokens + elapsed * self.rate)
+        self.abuse = max(0.0, self.abuse - elapsed * self.rate)
+        if self.tokens >= cost:
+            self.tokens -= cost
+            self.limited = False
+            return True
+        self.dropped += 1
+        self.abuse += 1.0
+        return False
+
+    @property
+    def abusive(self) -> bool:
+        """Sustained flooding: the connection should be closed."""
+        return self.abuse > self.abuse_threshold
+
+
+class _Connection:
+    """One accepted WebSocket and its writer task (sends never block other handlers)."""
+
+    def __init__(self, websocket: WebSocket, worker_id: str, conn_id: str) -> None:
+        self.websocket = websocket
+        self.worker_id = worker_id
+        self.conn_id = conn_id
+        self.queue: asyncio.Queue[str | tuple[int, str]] = asyncio.Queue()
+        self.closed = False
+        self.writer = asyncio.create_task(self._write(), name=f"rv-writer-{conn_id}")
+
+    def send_text(self, text: str) -> None:
+        if self.closed:
+            return
+        if self.queue.qsize() >= _SEND_QUEUE_LIMIT:
+            logger.warning("worker %s does not read its messages; closing", self.worker_id)
+            self.close(CLOSE_POLICY, "not reading")
+            return
+        self.queue.put_nowait(text)
+
+    def close(self, code: int, reason: str) -> None:
+        if not self.closed:
+            self.closed = True
+            self.queue.put_nowait((code, reason))
+
+    async def _write(self) -> None:
+        try:
+            while True:
+                item = await self.queue.get()
+                if isinstance(item, tuple):
+                    with contextlib.suppress(Exception):
+                        await self.websocket.close(code=item[0], reason=item[1])
+                    return
+                await self.websocket.send_text(item)
+        except Exception as exc:  # the peer went away; the reader notices too
+            logger.debug("writer of %s stopped: %r", self.conn_id, exc)
+
+
+@dataclass
+class _Stats:
+    connections: int = 0
+    registered: int = 0
+    bad_messages: int = 0
+    rate_limited: int = 0
+    closed_for_abuse: int = 0
+    refused_token: int = 0
+    refused_worker_id: int = 0
+    refused_capacity: int = 0
+    register_timeouts: int = 0
+    refused_takeover: int = 0
+    relayed: int = 0
+    relayed_bytes: int = 0
+    relay_refused: int = 0
+    relay_rate_limited: int = 0
+
+
+class _Hub:
+    """Connections of this instance and delivery of backend actions to them."""
+
+    def __init__(self, backend: Backend) -> None:
+        self.backend = backend
+        self.connections: dict[str, _Connection] = {}
+        self.stats = _Stats()
+        self._ids = itertools.count(1)
+
+    def new_conn_id(self) -> str:
+        return f"{self.backend.instance_id}/{next(self._ids)}"
+
+    def deliver_local(self, action: Action) -> bool:
+        conn = self.connections.get(action.conn_id)
+        if conn is None or conn.worker_id != action.worker_id:
+            return False
+        if isinstance(action, SendMessage):
+            conn.send_text(dump_message(action.message))
+        elif isinstance(action, CloseConnection):
+            conn.close(action.code, action.reason)
+        return True
+
+    def reset_all(self) -> None:
+        """The shared state lost this instance's workers: make them all register again."""
+        for conn in list(self.connections.values()):
+            conn.close(CLOSE_RESTART, "rendezvous state lost; register again")
+
+    async def dispatch(self, actions: list[Action]) -> None:
+        for action in actions:
+            if not self.deliver_local(action):
+                await self.backend.forward(action)
+
+
+def _observed_address(websocket: WebSocket, trust_forwarded: bool) -> tuple[str | None, int | None]:
+    if trust_forwarded:
+        forwarded = websocket.headers.get("x-forwarded-for")
+        if forwarded:
+            # Proxies append the address they saw: the last entry is the one a trusted proxy
+            # (Cloud Run's front end) added; earlier entries are whatever the client claimed.
+            last = forwarded.split(",")[-1].strip()
+            if last:
+                return last[:64], None
+    client = websocket.client
+    if client is None:
+        return None, None
+    return client.host, client.port
+
+
+def _token_ok(expected: str | None, given: str | None) -> bool:
+    if expected is None:
+        return True
+    return given is not None and hmac.compare_digest(expected.encode(), given.encode())
+
+
+def create_app(settings: Settings | None = None, *, backend: Backend | None = None) -> FastAPI:
+    """Build the rendezvous FastAPI app from ``settings`` (default: ``Settings()``).
+
+    ``backend`` injects the shared state directly (tests); otherwise ``settings.redis_url``
+    selects Redis (several instances) or memory.  What each setting means:
+    :class:`~.settings.Settings`.  Per connection, messages beyond the rate limit are dropped
+    (one ``rate_limited`` error per episode) and a connection whose dropped messages outrun the
+    rate by ``abuse_threshold`` is closed (1008); relayed datagrams beyond the relay byte budget
+    are dropped and counted (see the module docstring).
+    """
+    s = Settings() if settings is None else settings
+    if backend is None:
+        if s.redis_url:
+            from .redis_store import RedisBackend
+
+            backend = RedisBackend(
+                s.redis_url, heartbeat_s=s.redis_heartbeat_s, ttl_s=s.redis_ttl_s
+            )
+        else:
+            backend = MemoryBackend()
+    hub = _Hub(backend)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
+        await hub.backend.start(hub.deliver_local, hub.reset_all)
+        try:
+            yield
+        finally:
+            await hub.backend.close()
+
+    app = FastAPI(title="p2plab rendezvous", lifespan=lifespan)
+    app.state.hub = hub
+
+    def admin_denied(request: Request) -> JSONResponse | None:
+        if s.admin_token is None:
+            return None
+        header = request.headers.get("authorization", "")
+        scheme, _, given = header.partition(" ")
+        if scheme.lower() == "bearer" and _token_ok(s.admin_token, given.strip()):
+            return None
+        return JSONResponse(
+            {"detail": "admin token required"},
+            status_code=401,
+            headers={"WWW-Authenticate": "Bearer"},
+        )
+
+    @app.get("/health")
+    async def health() -> dict[str, str]:
+        return {"status": "ok"}
+
+    @app.get("/debug/list_workers", response_model=None)
+    async def list_workers(request: Request) -> JSONResponse | dict[str, Any]:
+        denied = admin_denied(request)
+        if denied is not None:
+            return denied
+        workers = await hub.backend.list_workers()
+        return {"count": len(workers), "workers": workers}
+
+    @app.get("/debug/stats", response_model=None)
+    async def stats(request: Request) -> JSONResponse | dict[str, Any]:
+        denied = admin_denied(request)
+        if denied is not None:
+            return denied
+        return {"instance_id": hub.backend.instance_id, **vars(hub.stats)}
+
+    def expected_token(room: str) -> str | None:
+        return s.room_tokens.get(room, s.token)
+
+    async def send_error(conn: _Connection, code: str, message: str) -> None:
+        conn.send_text(dump_message(ErrorMessage(code=code, message=message)))
+
+    async def relay_datagram(
+        conn: _Connection, msg: RelayOut, budget: TokenBucket, reported: set[str]
+    ) -> None:
+        """Pass one datagram to the sender's peer; drop (and count) anything else.
+
+        ``reported`` holds the refusal kinds already answered with an error on this connection
+        (one error per kind until a datagram goes through again).
+        """
+        if not s.relay:
+            hub.stats.relay_refused += 1
+            if "disabled" not in reported:
+                reported.add("disabled")
+                await send_error(conn, "relay_disabled", "this rendezvous does not relay")
+            return
+        data = msg.payload()
+        if not budget.allow(time.monotonic(), cost=float(len(data))):
+            hub.stats.relay_rate_limited += 1
+            if "rate" not in reported:
+                reported.add("rate")
+                await send_error(conn, "relay_rate_limited", "relay byte budget exceeded; dropped")
+            return
+        target = await hub.backend.relay_target(conn.worker_id, conn.conn_id, msg.to)
+        if target is None:
+            hub.stats.relay_refused += 1
+            if "unpaired" not in reported:
+                reported.add("unpaired")
+                await send_error(
+                    conn, "relay_refused", f"not paired with {msg.to!r}: relay refused"
+                )
+            return
+        reported.clear()
+        hub.stats.relayed += 1
+        hub.stats.relayed_bytes += len(data)
+        out = RelayIn.model_validate({"from": conn.worker_id, "data": msg.data})
+        await hub.dispatch([SendMessage(msg.to, target, out)])
+
+    @app.websocket("/ws/register/{worker_id}")
+    async def ws_register(websocket: WebSocket, worker_id: str) -> None:
+        await websocket.accept()
+        if not _WORKER_ID_RE.match(worker_id):
+            hub.stats.refused_worker_id += 1
+            await websocket.close(code=CLOSE_POLICY, reason="invalid worker id")
+            return
+        if len(hub.connections) >= s.max_workers:
+            hub.stats.refused_capacity += 1
+            logger.warning("refusing worker %s: %d connections", worker_id, s.max_workers)
+            await websocket.close(code=CLOSE_TRY_AGAIN, reason="try again later")
+            return
+        conn = _Connection(websocket, worker_id, hub.new_conn_id())
+        hub.connections[conn.conn_id] = conn
+        hub.stats.connections += 1
+        observed_ip, observed_port = _observed_address(websocket, s.trust_forwarded)
+        bucket = TokenBucket(
+            s.rate_limit_per_s, s.rate_limit_burst, s.abuse_threshold, time.monotonic()
+        )
+        relay_budget = TokenBucket(
+            s.relay_bytes_per_s, s.relay_burst_bytes, float("inf"), time.monotonic()
+        )
+        relay_reported: set[str] = set()
+        registered = False
+        try:
+            while not conn.closed:
+                timeout = None if registered else s.register_timeout_s
+                try:
+                    event = await asyncio.wait_for(websocket.receive(), timeout)
+                except TimeoutError:
+                    hub.stats.register_timeouts += 1
+                    conn.close(CLOSE_POLICY, "register expected")
+                    break
+                if event["type"] == "websocket.disconnect":
+                    break
+                raw = event.get("text")
+                if raw is None:
+                    raw = event.get("bytes") or b""
+                if not bucket.allow(time.monotonic()):
+                    hub.stats.rate_limited += 1
+                    if bucket.abusive:
+                        hub.stats.closed_for_abuse += 1
+                        logger.warning("worker %s floods; closing", worker_id)
+                        conn.close(CLOSE_POLICY, "rate limit exceeded")
+                        break
+                    if not bucket.limited:
+                        bucket.limited = True
+                        await send_error(conn, "rate_limited", "too many messages; dropped")
+                    continue
+                if len(raw) > MAX_MESSAGE_BYTES:
+                    hub.stats.bad_messages += 1
+                    await send_error(
+                        conn,
+                        "bad_message",
+                        f"message too large: {len(raw)} bytes > {MAX_MESSAGE_BYTES}",
+                    )
+                    continue
+                try:
+                    msg = parse_worker_message(raw)
+                except RemoteProtocolError as exc:
+                    hub.stats.bad_messages += 1
+                    logger.debug("bad message from %s: %s", worker_id, exc)
+                    await send_error(conn, "bad_message", str(exc))
+                    continue
+                if isinstance(msg, Register):
+                    if registered:
+                        hub.stats.bad_messages += 1
+                        await send_error(conn, "bad_message", "already registered")
+                        continue
+                    if not _token_ok(expected_token(msg.room), msg.token):
+                        hub.stats.refused_token += 1
+                        logger.info("worker %s: invalid token for room %r", worker_id, msg.room)
+                        conn.close(CLOSE_POLICY, "invalid token")
+                        break
+                    live, known_key = await hub.backend.registered_key(worker_id)
+                    if live and known_key is not None and known_key != msg.public_key:
+                        # A reconnecting worker presents the key it registered with; someone
+                        # else who merely knows the id must not take its place in pairing.
+                        hub.stats.refused_takeover += 1
+                        logger.warning(
+                            "worker %s: refusing a second connection with another public key",
+                            worker_id,
+                        )
+                        conn.close(CLOSE_ID_IN_USE, "worker id in use")
+                        break
+                    registered = True
+                    hub.stats.registered += 1
+                    logger.info(
+                        "worker %s registered in room %r from %s:%s",
+                        worker_id,
+                        msg.room,
+                        observed_ip,
+                        observed_port,
+                    )
+                    await hub.dispatch(
+                        await hub.backend.register(
+                            worker_id,
+                            conn.conn_id,
+                            room=msg.room,
+                            now=time.time(),
+                            ws_observed_ip=observed_ip,
+                            ws_observed_port=observed_port,
+                            http_public_ip=msg.http_public_ip,
+                            public_key=msg.public_key,
+                        )
+                    )
+                elif isinstance(msg, RelayOut):
+                    if not registered:
+                        hub.stats.bad_messages += 1
+                        await send_error(conn, "bad_message", "send 'register' first")
+                        continue
+                    await relay_datagram(conn, msg, relay_budget, relay_reported)
+                elif isinstance(msg, UpdateUdpEndpoint):
+                    if not registered:
+                        hub.stats.bad_messages += 1
+                        await send_error(conn, "bad_message", "send 'register' first")
+                        continue
+                    await hub.dispatch(
+                        await hub.backend.update_udp_endpoint(
+                            worker_id, conn.conn_id, msg.udp_ip, msg.udp_port, msg.local_candidates
+                        )
+                    )
+        except WebSocketDisconnect:
+            pass
+        except Exception:
+            logger.exception("connection of worker %s failed", worker_id)
+        finally:
+            hub.connections.pop(conn.conn_id, None)
+            conn.close(1000, "bye")
+            if registered:
+                logger.info("worker %s left", worker_id)
+                try:
+                    await hub.dispatch(await hub.backend.unregister(worker_id, conn.conn_id))
+                except Exception:
+                    logger.exception("unregistering %s failed", worker_id)
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(conn.writer, 5.0)
+
+    return app
