@@ -620,3 +620,61 @@ def test_one_end_restarting_its_session_is_tolerated(restarting: str) -> None:
     assert other.session.state == "connected"
     assert other.session.stats["peer_restarts"] == 1
     assert any(isinstance(e, ev.PeerRestarted) for e in other.events)
+
+
+def test_every_open_path_applies_the_same_rules_as_open() -> None:
+    # One mixed stream, opened four ways by receivers in the same state: the full rules alone
+    # (``open`` per datagram), ``open_datagram`` (fast path), ``open_many`` and ``open_many_into``.
+    # Results and counters must agree exactly, whatever path each datagram took.
+    _, _, ia, ib = ciphers(7)
+    ca, first = linked_ciphers(7)
+    receivers = [first] + [linked_ciphers(7)[1] for _ in range(3)]  # seeded alike: one state
+    size = 96
+    plain = [batch(8, size)[i * size : (i + 1) * size] for i in range(8)]
+    d = [ca.seal_datagram(p) for p in plain]
+    other_kind = ca.seal_datagram(b"\xd7\x50\x01\x21" + bytes(size - 4))  # the pair, new header
+    forged = bytearray(d[4])
+    forged[60] ^= 0x01
+    restarted = PeerCipher(ia, "alice", "bob", ib.public_bytes, random.Random(99).randbytes)
+    first_contact = encode_datagram(PROBE, restarted)  # another session of alice, zero tag
+    mallory = PeerCipher(
+        Identity.generate(random.Random(5).randbytes), "alice", "bob",
+        ib.public_bytes, random.Random(6).randbytes,
+    )  # fmt: skip
+    stream = [
+        d[0], d[1], d[3], d[2], d[1],  # reordered, then a replay
+        bytes(forged), d[4],  # a forgery does not burn the counter
+        d[0][: 4 + SEAL_OVERHEAD - 1],  # too short
+        mallory.seal_datagram(plain[5]),  # other keys
+        other_kind, d[5], first_contact, d[6], d[6], d[7],
+    ]  # fmt: skip
+    bodies = [None if x is None else x[4:] for x in (receivers[1].open_datagram(s) for s in stream)]
+    full: list[bytes | None] = []
+    for s in stream:
+        try:
+            full.append(receivers[0].open(s[:4], s[4:]))
+        except RemoteProtocolError:
+            full.append(None)
+    spans, buf, at = [], b"", 0
+    for s in stream:
+        spans.append((at, at + len(s)))
+        buf += s
+        at += len(s)
+    many = receivers[2].open_many(buf, spans)
+    out = bytearray(size * len(stream))
+    oks = receivers[3].open_many_into(buf, spans, out, size)
+    into = [bytes(out[i * size : i * size + len(s) - 4 - SEAL_OVERHEAD]) if ok else None
+            for i, (s, ok) in enumerate(zip(stream, oks, strict=True))]  # fmt: skip
+    assert [b is not None for b in full] == [
+        True, True, True, True, False, False, True, False, False, True, True, True, True, False,
+        True,
+    ]  # fmt: skip
+    assert bodies == full and many == full and into == full
+    assert full[0] == plain[0][4:] and full[9] == bytes(size - 4)
+    stats = [r.stats for r in receivers]
+    assert stats[0]["replays"] == 2 and stats[0]["auth_failures"] == 3
+    assert stats[1] == stats[0] and stats[2] == stats[0] and stats[3] == stats[0]
+    # and they end in the same state: the next datagram opens (and replays refuse) alike
+    nxt = ca.seal_datagram(plain[3])
+    assert [r.open_datagram(nxt) is not None for r in receivers] == [True] * 4
+    assert [r.open_datagram(d[7]) for r in receivers] == [None] * 4
