@@ -775,3 +775,93 @@ def test_results_table_fits_1280_px_with_one_precision_per_column(browser: Any) 
         assert errors == []
     finally:
         context.close()
+
+
+def _rows_by_run(page: Any) -> dict[str, set[str]]:
+    runs: dict[str, set[str]] = {}
+    for r in result_rows(page):
+        runs.setdefault(r["run_id"], set()).add(r["role"])
+    return runs
+
+
+def _wait_rows(page: Any, n: int, timeout: float) -> None:
+    page.wait_for_function(
+        "n => document.querySelectorAll('[data-testid=bench-row]').length >= n"
+        " || document.querySelector('[data-testid=toast]') !== null",
+        arg=n,
+        timeout=ms(timeout),
+    )
+    if page.locator(tid("toast")).count():
+        pytest.fail(f"the worker answered with an error: {page.inner_text(tid('toasts'))}")
+
+
+def test_two_real_runs_keep_their_own_series_and_fit_1280_px(
+    cluster: Cluster, browser: Any
+) -> None:
+    """A runs, then B runs: A's page keeps A's run (sent and received) until B's starts, then
+    shows B's run alone; the table holds both runs by run id and fits a 1280 px window."""
+    context = browser.new_context(viewport={"width": 1280, "height": 900}, color_scheme="light")
+    a = context.new_page()
+    b = context.new_page()
+    errors: list[str] = []
+    for p in (a, b):
+        p.on("pageerror", lambda exc: errors.append(str(exc)))
+    try:
+        a.goto(cluster.url(cluster.a_http))
+        b.goto(cluster.url(cluster.b_http))
+        wait_linked(a)
+        wait_linked(b)
+        for page, rate in ((a, "20"), (b, "10")):
+            page.fill(tid("bench-size"), "1000")
+            page.fill(tid("bench-rate"), rate)
+            page.fill(tid("bench-duration"), "2")
+        a.click(tid("bench-start"))
+        _wait_rows(a, 2, 30)
+        first = _rows_by_run(a)
+        assert list(first.values()) == [{"sender", "receiver"}]
+        (r1,) = first
+        a.wait_for_function(
+            "rid => document.querySelector('[data-testid=bench-chart]').dataset.runId === rid",
+            arg=r1,
+            timeout=ms(5),
+        )
+        # the sender's page keeps both series of its run
+        assert int(chart(a, "sender-points")) > 0 and int(chart(a, "receiver-points")) > 0
+        assert a.evaluate(SERIES_PIXELS_JS, "sender") > 50
+        assert a.evaluate(SERIES_PIXELS_JS, "receiver") > 50
+        for role in ("sender", "receiver"):
+            elapsed = [float(t) for t in chart(a, f"{role}-elapsed").split(",")]
+            assert elapsed == sorted(elapsed)
+        assert a.inner_text(tid("legend-sender")) == "sent by this worker"
+        a.wait_for_selector(f"{tid('bench-start')}:enabled", timeout=ms(10))
+        b.wait_for_selector(f"{tid('bench-start')}:enabled", timeout=ms(10))
+
+        b.click(tid("bench-start"))  # B sends to A this time
+        _wait_rows(a, 4, 30)
+        runs = _rows_by_run(a)
+        assert len(runs) == 2 and all(v == {"sender", "receiver"} for v in runs.values())
+        (r2,) = set(runs) - {r1}
+        a.wait_for_function(
+            "rid => document.querySelector('[data-testid=bench-chart]').dataset.runId === rid",
+            arg=r2,
+            timeout=ms(5),
+        )
+        assert int(chart(a, "receiver-points")) > 0
+        assert int(chart(a, "sender-points")) == 0  # A did not send in B's run
+        assert a.inner_text(tid("legend-receiver")) == "received by this worker"
+        # who measured what, on A's page
+        for row in a.locator(tid("bench-row")).all():
+            role = row.locator('td[data-field="role"]').get_attribute("data-value")
+            rid = row.get_attribute("data-run-id")
+            who = row.locator(tid("result-who")).inner_text()
+            a_measured = (rid == r1) == (role == "sender")
+            assert who == (
+                f"this worker · {cluster.a_id[:8]}" if a_measured else f"peer · {cluster.b_id[:8]}"
+            )
+        sizes = a.locator(tid("results-wrap")).evaluate("e => [e.scrollWidth, e.clientWidth]")
+        assert sizes[0] <= sizes[1], f"the results table scrolls: {sizes}"
+        a.screenshot(path=str(ARTIFACTS / "two-runs-worker-a-1280.png"), full_page=True)
+        b.screenshot(path=str(ARTIFACTS / "two-runs-worker-b-1280.png"), full_page=True)
+        assert errors == []
+    finally:
+        context.close()
