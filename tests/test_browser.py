@@ -1,7 +1,7 @@
 """The worker's web UI in headless Chromium, against real rendezvous and worker processes.
 
-Debian's ``/usr/bin/chromium`` is driven through Playwright's Python API (never a downloaded
-browser).  Screenshots of the pages are kept in ``test-artifacts/browser/``.
+Chromium, Playwright and the page helpers are in ``tests/browser_support.py``; the page against a
+scripted worker is in ``tests/test_browser_page.py``.
 """
 
 from __future__ import annotations
@@ -10,8 +10,6 @@ import contextlib
 import csv
 import http.server
 import io
-import json
-import os
 import socket
 import threading
 import uuid
@@ -21,7 +19,19 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import TIMEOUT_UNIT, require
+from tests.browser_support import (
+    ARTIFACTS,
+    SERIES_PIXELS_JS,
+    chart,
+    launch_browser,
+    ms,
+    open_page,
+    result_rows,
+    shot,
+    tid,
+    wait_linked,
+)
+from tests.conftest import TIMEOUT_UNIT
 from tests.procs import (
     Proc,
     free_port,
@@ -34,19 +44,6 @@ from tests.procs import (
 
 pytestmark = [pytest.mark.browser, pytest.mark.slow]
 
-CHROMIUM = "/usr/bin/chromium"
-CHROMIUM_ARGS = [
-    "--headless",
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-quic",
-    "--no-first-run",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-]
-ARTIFACTS = Path(__file__).resolve().parent.parent / "test-artifacts" / "browser"
-VIEWPORT = {"width": 1360, "height": 1000}
 # Columns of the CSV download: contracts.md "Benchmark result records".
 CSV_COLUMNS = [
     "run_id",
@@ -69,37 +66,12 @@ CSV_COLUMNS = [
 ]
 
 
-def ms(seconds: float) -> float:
-    """A Playwright timeout in milliseconds, scaled by the suite's timeout unit."""
-    return seconds * 1000 * TIMEOUT_UNIT
-
-
-def tid(name: str) -> str:
-    return f'[data-testid="{name}"]'
-
-
-def shot(page: Any, name: str) -> None:
-    ARTIFACTS.mkdir(parents=True, exist_ok=True)
-    page.screenshot(path=str(ARTIFACTS / f"{name}.png"), full_page=True)
-
-
 # -- fixtures ---------------------------------------------------------------------------------
 
 
 @pytest.fixture(scope="module")
 def browser() -> Iterator[Any]:
-    require(os.path.exists(CHROMIUM), f"Chromium at {CHROMIUM}")
-    try:
-        from playwright.sync_api import sync_playwright
-    except ImportError:
-        require(False, "the playwright Python package")
-        raise
-    with sync_playwright() as pw:
-        b = pw.chromium.launch(executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS)
-        try:
-            yield b
-        finally:
-            b.close()
+    yield from launch_browser()
 
 
 class Cluster:
@@ -150,66 +122,11 @@ def cluster(browser: Any) -> Iterator[Cluster]:
         c.close()
 
 
-class Page:
-    """A browser context with one page, collecting uncaught page errors."""
-
-    def __init__(self, browser: Any, url: str | None = None) -> None:
-        self.context = browser.new_context(
-            viewport=VIEWPORT, color_scheme="light", accept_downloads=True
-        )
-        self.page = self.context.new_page()
-        self.errors: list[str] = []
-        self.requests: list[str] = []
-        self.page.on("pageerror", lambda exc: self.errors.append(str(exc)))
-        self.page.on("request", lambda req: self.requests.append(req.url))
-        self.page.on("websocket", lambda ws: self.requests.append(ws.url))
-        if url is not None:
-            self.page.goto(url)
-
-    def close(self) -> None:
-        self.context.close()
-
-
-@contextlib.contextmanager
-def open_page(browser: Any, url: str | None = None, own_origin_only: bool = True) -> Iterator[Any]:
-    """A page at ``url``; afterwards no uncaught JS error and (by default) no request that left
-    the page's own origin: the UI loads nothing from a CDN or any other site."""
-    p = Page(browser, url)
-    try:
-        yield p.page
-        assert p.errors == [], f"uncaught errors in the page: {p.errors}"
-        if url is not None and own_origin_only:
-            origin = url.split("/")[2]
-            foreign = [
-                r
-                for r in p.requests
-                if not r.startswith(("data:", "blob:")) and r.split("/")[2:3] != [origin]
-            ]
-            assert foreign == [], f"requests outside {origin}: {foreign}"
-    finally:
-        p.close()
-
-
-def wait_linked(page: Any, timeout: float = 20) -> None:
-    page.wait_for_selector(f'{tid("status-state")}[data-state="connected"]', timeout=ms(timeout))
-
-
 def wait_result_or_error(page: Any, timeout: float) -> None:
     """Wait for a result row; an ``error`` from the worker (shown as a toast) fails at once."""
     page.wait_for_selector(f"{tid('bench-row')}, {tid('toast')}", timeout=ms(timeout))
     if page.locator(tid("bench-row")).count() == 0:
         pytest.fail(f"the worker answered with an error: {page.inner_text(tid('toasts'))}")
-
-
-def result_rows(page: Any) -> list[dict[str, str]]:
-    """The result table as ``data-field -> data-value`` dicts (raw values, not display text)."""
-    rows: list[dict[str, str]] = page.eval_on_selector_all(
-        tid("bench-row"),
-        """rows => rows.map(r => Object.fromEntries(
-            Array.from(r.querySelectorAll('td[data-field]'),
-                       td => [td.dataset.field, td.dataset.value])))""",
-    )
-    return rows
 
 
 # -- status and chat ----------------------------------------------------------------------------
@@ -562,219 +479,7 @@ def test_page_shows_both_fingerprints_matching_the_peer(browser: Any, cluster: C
             assert (page.get_by_test_id("security").text_content() or "").startswith("on")
 
 
-# -- the page against a scripted worker (message order the real workers cannot be made to show) --
-
-PAGE = Path(__file__).resolve().parent.parent / "web" / "index.html"
-# Requests to this address are answered inside the browser (page.route), never sent anywhere.
-SCRIPTED = "http://127.0.0.1:9"
-OWN_ID = "a1b2c3d4-0000-4000-8000-00000000000a"
-PEER_ID = "e5f6a7b8-0000-4000-8000-00000000000b"
-SCRIPTED_STATUS = {
-    "type": "status",
-    "worker_id": OWN_ID,
-    "state": "connected",
-    "udp_local": "0.0.0.0:40000",
-    "udp_public": "203.0.113.11:40000",
-    "nat": {"classic": "Port-Restricted Cone"},
-    "peer": {"worker_id": PEER_ID, "endpoint": "203.0.113.12:40001", "rtt_ms": 0.4},
-    "path": "direct",
-    "room": "lab-7",
-    "rendezvous": "connected",
-}
-
-
-class ScriptedWorker:
-    """The page served from ``web/index.html`` with its ``/ui_ws`` answered by the test."""
-
-    def __init__(self, page: Any) -> None:
-        self.page = page
-        self.ws: Any = None
-        self.received: list[dict[str, Any]] = []
-        html = PAGE.read_text("utf-8")
-        page.route(f"{SCRIPTED}/", lambda route: route.fulfill(body=html, content_type="text/html"))
-        page.route_web_socket(SCRIPTED.replace("http", "ws") + "/ui_ws", self._accept)
-        page.goto(f"{SCRIPTED}/")
-        for _ in range(200):
-            if self.ws is not None:
-                break
-            page.wait_for_timeout(25)
-        assert self.ws is not None, "the page did not open /ui_ws"
-        self.send(SCRIPTED_STATUS)
-        wait_linked(page)
-
-    def _accept(self, ws: Any) -> None:
-        self.ws = ws
-        ws.on_message(lambda text: self.received.append(json.loads(text)))
-
-    def send(self, *messages: dict[str, Any]) -> None:
-        for m in messages:
-            self.ws.send(json.dumps(m))
-        self.page.wait_for_timeout(30)  # let the page handle them
-
-
-def progress(run_id: int, role: str, elapsed: float, mbps: float = 50.0) -> dict[str, Any]:
-    return {
-        "type": "benchmark_progress",
-        "role": role,
-        "elapsed_s": elapsed,
-        "mbps": mbps,
-        "lost": 0,
-        "run_id": str(run_id),
-        "duration_s": 5,
-    }
-
-
-def result(run_id: int, role: str, **extra: Any) -> dict[str, Any]:
-    local, peer = (OWN_ID, PEER_ID) if role == "sender" else (PEER_ID, OWN_ID)
-    row = {
-        "type": "benchmark_result",
-        "role": role,
-        "payload_size": 1200,
-        "duration_s": 5.0,
-        "packets_sent": 52083,
-        "packets_received": 52083,
-        "lost": 0,
-        "lost_percent": 0.0,
-        "out_of_order": 0,
-        "duplicates": 0,
-        "jitter_ms": 0.0123,
-        "mbps": 99.5,
-        "rtt_ms": 0.412,
-        "run_id": str(run_id),
-        "started_at": "2026-12-01T17:00:00+00:00",
-        "local_worker": local,
-        "peer_worker": peer,
-        "path": "direct",
-        "rate_mbps": 100.0,
-    }
-    row.update(extra)
-    return row
-
-
-def chart(page: Any, attr: str) -> str:
-    return str(page.get_attribute(tid("bench-chart"), f"data-{attr}"))
-
-
-SERIES_PIXELS_JS = """
-role => {
-  const c = document.querySelector('[data-testid=bench-chart]');
-  const d = c.getContext('2d').getImageData(0, 0, c.width, c.height).data;
-  const h = getComputedStyle(document.documentElement).getPropertyValue('--series-' + role).trim();
-  const [r, g, b] = [1, 3, 5].map(i => parseInt(h.slice(i, i + 2), 16));
-  let n = 0;
-  for (let i = 0; i < d.length; i += 4) {
-    if (d[i + 3] > 200 && Math.abs(d[i] - r) < 24 && Math.abs(d[i + 1] - g) < 24
-        && Math.abs(d[i + 2] - b) < 24) n++;
-  }
-  return n;
-}
-"""
-
-
-def test_late_out_of_order_progress_keeps_both_series_and_runs_apart(browser: Any) -> None:
-    """The sender's page gets the receiver's intervals relayed late and out of order: they stay
-    with their run (told by run id), in elapsed order, next to the sent series."""
-    with open_page(browser) as page:
-        w = ScriptedWorker(page)
-        w.send(*(progress(111, "sender", t) for t in (1.0, 2.0, 3.0, 4.0, 5.0)))
-        w.send(*(progress(111, "receiver", t, 40.0) for t in (5.0, 2.0, 3.0, 1.0, 4.0)))
-        w.send(result(111, "sender"), result(111, "receiver", mbps=99.0))
-        assert chart(page, "run-id") == "111"
-        assert chart(page, "sender-elapsed") == "1,2,3,4,5"
-        assert chart(page, "receiver-elapsed") == "1,2,3,4,5"
-        assert page.evaluate(SERIES_PIXELS_JS, "sender") > 50
-        assert page.evaluate(SERIES_PIXELS_JS, "receiver") > 50
-        assert page.inner_text(tid("legend-sender")) == "sent by this worker"
-        assert page.inner_text(tid("legend-receiver")) == "received by the peer"
-        assert page.is_visible(tid("legend-target"))  # the run asked for 100 Mbit/s
-        # a repeated late interval of the finished run neither starts a run nor adds a point
-        w.send(progress(111, "receiver", 2.0, 40.0))
-        assert chart(page, "run-id") == "111"
-        assert chart(page, "receiver-elapsed") == "1,2,3,4,5"
-        shot(page, "scripted-run-111")
-
-        # a new run (the peer started it): its own series; run 111's late news stays with 111
-        w.send(progress(222, "receiver", 1.0, 30.0))
-        assert chart(page, "run-id") == "222"
-        w.send(progress(111, "receiver", 3.0, 40.0))
-        assert chart(page, "run-id") == "222"
-        assert chart(page, "receiver-elapsed") == "1"
-        assert chart(page, "sender-elapsed") == ""
-        w.send(progress(222, "receiver", 2.0, 30.0), result(222, "receiver", mbps=30.0))
-        assert chart(page, "receiver-elapsed") == "1,2"
-        # both runs are in the table, each row with its run id
-        ids = [r["run_id"] for r in result_rows(page)]
-        assert ids == ["222", "111", "111"]
-
-        # Start here: a late interval of run 222 goes to 222, the next new id is this run's
-        page.click(tid("bench-start"))
-        assert w.received[-1]["type"] == "start_benchmark"
-        w.send(progress(222, "receiver", 3.0, 30.0))
-        assert chart(page, "run-id") == ""  # still waiting for its own first message
-        assert page.get_attribute(tid("bench-status"), "data-running") == "true"
-        w.send(progress(333, "sender", 1.0, 80.0))
-        assert chart(page, "run-id") == "333"
-        assert chart(page, "sender-elapsed") == "1"
-        assert page.inner_text(tid("legend-sender")) == "sent by this worker"
-
-
-def test_page_and_cli_share_the_default_rate(browser: Any) -> None:
-    """The page's rate default is the CLI's (``p2plab bench --rate``: 0, as fast as possible)."""
-    with open_page(browser) as page:
-        w = ScriptedWorker(page)
-        assert page.input_value(tid("bench-rate")) == "0"
-        page.fill(tid("bench-duration"), "2")
-        page.click(tid("bench-start"))
-        start = w.received[-1]
-        assert start["type"] == "start_benchmark" and start["rate_mbps"] == 0
-        w.send(progress(7, "sender", 1.0, 900.0), result(7, "sender", rate_mbps=0.0))
-        assert not page.is_visible(tid("legend-target"))  # no cap, no target line
-
-
-def test_results_table_fits_1280_px_with_one_precision_per_column(browser: Any) -> None:
-    context = browser.new_context(viewport={"width": 1280, "height": 900}, color_scheme="light")
-    page = context.new_page()
-    errors: list[str] = []
-    page.on("pageerror", lambda exc: errors.append(str(exc)))
-    try:
-        w = ScriptedWorker(page)
-        big = {"packets_sent": 123456789, "packets_received": 123450000, "lost": 6789,
-               "lost_percent": 0.0055, "out_of_order": 12345, "duplicates": 1234}  # fmt: skip
-        w.send(
-            result(3735928559, "sender", mbps=4567.891, **big),
-            result(3735928559, "receiver", mbps=4567.1, jitter_ms=0.5, rtt_ms=12.0, **big),
-            result(4294967295, "sender", mbps=99.5, jitter_ms=12.25),
-            result(4294967295, "receiver", mbps=7.0, duration_s=5.123456),
-        )
-        wrap = page.locator(tid("results-wrap"))
-        sizes = wrap.evaluate("e => [e.scrollWidth, e.clientWidth]")
-        assert sizes[0] <= sizes[1], f"the results table scrolls: {sizes}"
-        doc = page.evaluate("() => [document.documentElement.scrollWidth, innerWidth]")
-        assert doc[0] <= doc[1], f"the page scrolls sideways: {doc}"
-
-        def column(field: str) -> list[str]:
-            texts: list[str] = page.eval_on_selector_all(
-                f'{tid("bench-row")} td[data-field="{field}"]', "tds => tds.map(t => t.innerText)"
-            )
-            return texts
-
-        assert column("mbps") == ["7.00", "99.50", "4,567.10", "4,567.89"]
-        assert column("jitter_ms") == ["0.012", "12.250", "0.500", "0.012"]
-        assert column("duration_s") == ["5.12", "5.00", "5.00", "5.00"]
-        assert column("lost_percent") == ["0.00", "0.00", "0.01", "0.01"]
-        assert column("packets_sent")[-1] == "123,456,789"
-        # who measured each row, in words: this worker or the peer, and a short name
-        who = column("role")
-        assert who[-1].split() == ["sender", "this", "worker", "·", OWN_ID[:8]]
-        assert who[-2].split() == ["receiver", "peer", "·", PEER_ID[:8]]
-        worker = page.inner_text(tid("worker-detail"))
-        assert f"“{OWN_ID[:8]}”" in worker and "this worker" in worker and "room lab-7" in worker
-        peer = page.inner_text(tid("peer-detail"))
-        assert f"“{PEER_ID[:8]}”" in peer and "peer" in peer
-        page.screenshot(path=str(ARTIFACTS / "results-1280.png"), full_page=True)
-        assert errors == []
-    finally:
-        context.close()
+# -- two real runs ---------------------------------------------------------------------------------
 
 
 def _rows_by_run(page: Any) -> dict[str, set[str]]:
