@@ -237,3 +237,6 @@ def test_equal_sent_and_received_lines_both_stay_visible(browser: Any) -> None:
         assert page.evaluate(SERIES_PIXELS_JS, "sender") > 200
         assert page.evaluate(SERIES_PIXELS_JS, "receiver") > 200
         shot(page, "scripted-equal-series")
+        # this worker sends (the peer asked it to): the relayed receiver intervals do not make
+        # the page say it is receiving
+        assert "sending" in page.inner_text(tid("bench-status"))
