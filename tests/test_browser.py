@@ -1,7 +1,7 @@
 """The worker's web UI in headless Chromium, against real rendezvous and worker processes.
 
-Debian's ``/usr/bin/chromium`` is driven through Playwright's Python API (never a downloaded
-browser).  Screenshots of the pages are kept in ``test-artifacts/browser/``.
+Chromium, Playwright and the page helpers are in ``tests/browser_support.py``; the page against a
+scripted worker is in ``tests/test_browser_page.py``.
 """
 
 from __future__ import annotations
@@ -10,7 +10,6 @@ import contextlib
 import csv
 import http.server
 import io
-import os
 import socket
 import threading
 import uuid
@@ -20,7 +19,19 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import TIMEOUT_UNIT, require
+from tests.browser_support import (
+    ARTIFACTS,
+    SERIES_PIXELS_JS,
+    chart,
+    launch_browser,
+    ms,
+    open_page,
+    result_rows,
+    shot,
+    tid,
+    wait_linked,
+)
+from tests.conftest import TIMEOUT_UNIT
 from tests.procs import (
     Proc,
     free_port,
@@ -33,19 +44,6 @@ from tests.procs import (
 
 pytestmark = [pytest.mark.browser, pytest.mark.slow]
 
-CHROMIUM = "/usr/bin/chromium"
-CHROMIUM_ARGS = [
-    "--headless",
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-quic",
-    "--no-first-run",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-]
-ARTIFACTS = Path(__file__).resolve().parent.parent / "test-artifacts" / "browser"
-VIEWPORT = {"width": 1360, "height": 1000}
 # Columns of the CSV download: contracts.md "Benchmark result records".
 CSV_COLUMNS = [
     "run_id",
@@ -68,37 +66,12 @@ CSV_COLUMNS = [
 ]
 
 
-def ms(seconds: float) -> float:
-    """A Playwright timeout in milliseconds, scaled by the suite's timeout unit."""
-    return seconds * 1000 * TIMEOUT_UNIT
-
-
-def tid(name: str) -> str:
-    return f'[data-testid="{name}"]'
-
-
-def shot(page: Any, name: str) -> None:
-    ARTIFACTS.mkdir(parents=True, exist_ok=True)
-    page.screenshot(path=str(ARTIFACTS / f"{name}.png"), full_page=True)
-
-
 # -- fixtures ---------------------------------------------------------------------------------
 
 
 @pytest.fixture(scope="module")
 def browser() -> Iterator[Any]:
-    require(os.path.exists(CHROMIUM), f"Chromium at {CHROMIUM}")
-    try:
-        from playwright.sync_api import sync_playwright
-    except ImportError:
-        require(False, "the playwright Python package")
-        raise
-    with sync_playwright() as pw:
-        b = pw.chromium.launch(executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS)
-        try:
-            yield b
-        finally:
-            b.close()
+    yield from launch_browser()
 
 
 class Cluster:
@@ -149,66 +122,11 @@ def cluster(browser: Any) -> Iterator[Cluster]:
         c.close()
 
 
-class Page:
-    """A browser context with one page, collecting uncaught page errors."""
-
-    def __init__(self, browser: Any, url: str | None = None) -> None:
-        self.context = browser.new_context(
-            viewport=VIEWPORT, color_scheme="light", accept_downloads=True
-        )
-        self.page = self.context.new_page()
-        self.errors: list[str] = []
-        self.requests: list[str] = []
-        self.page.on("pageerror", lambda exc: self.errors.append(str(exc)))
-        self.page.on("request", lambda req: self.requests.append(req.url))
-        self.page.on("websocket", lambda ws: self.requests.append(ws.url))
-        if url is not None:
-            self.page.goto(url)
-
-    def close(self) -> None:
-        self.context.close()
-
-
-@contextlib.contextmanager
-def open_page(browser: Any, url: str | None = None, own_origin_only: bool = True) -> Iterator[Any]:
-    """A page at ``url``; afterwards no uncaught JS error and (by default) no request that left
-    the page's own origin: the UI loads nothing from a CDN or any other site."""
-    p = Page(browser, url)
-    try:
-        yield p.page
-        assert p.errors == [], f"uncaught errors in the page: {p.errors}"
-        if url is not None and own_origin_only:
-            origin = url.split("/")[2]
-            foreign = [
-                r
-                for r in p.requests
-                if not r.startswith(("data:", "blob:")) and r.split("/")[2:3] != [origin]
-            ]
-            assert foreign == [], f"requests outside {origin}: {foreign}"
-    finally:
-        p.close()
-
-
-def wait_linked(page: Any, timeout: float = 20) -> None:
-    page.wait_for_selector(f'{tid("status-state")}[data-state="connected"]', timeout=ms(timeout))
-
-
 def wait_result_or_error(page: Any, timeout: float) -> None:
     """Wait for a result row; an ``error`` from the worker (shown as a toast) fails at once."""
     page.wait_for_selector(f"{tid('bench-row')}, {tid('toast')}", timeout=ms(timeout))
     if page.locator(tid("bench-row")).count() == 0:
         pytest.fail(f"the worker answered with an error: {page.inner_text(tid('toasts'))}")
-
-
-def result_rows(page: Any) -> list[dict[str, str]]:
-    """The result table as ``data-field -> data-value`` dicts (raw values, not display text)."""
-    rows: list[dict[str, str]] = page.eval_on_selector_all(
-        tid("bench-row"),
-        """rows => rows.map(r => Object.fromEntries(
-            Array.from(r.querySelectorAll('td[data-field]'),
-                       td => [td.dataset.field, td.dataset.value])))""",
-    )
-    return rows
 
 
 # -- status and chat ----------------------------------------------------------------------------
@@ -559,3 +477,96 @@ def test_page_shows_both_fingerprints_matching_the_peer(browser: Any, cluster: C
             text = fp.text_content() or ""
             assert sec["local_fingerprint"] in text and sec["peer_fingerprint"] in text
             assert (page.get_by_test_id("security").text_content() or "").startswith("on")
+
+
+# -- two real runs ---------------------------------------------------------------------------------
+
+
+def _rows_by_run(page: Any) -> dict[str, set[str]]:
+    runs: dict[str, set[str]] = {}
+    for r in result_rows(page):
+        runs.setdefault(r["run_id"], set()).add(r["role"])
+    return runs
+
+
+def _wait_rows(page: Any, n: int, timeout: float) -> None:
+    page.wait_for_function(
+        "n => document.querySelectorAll('[data-testid=bench-row]').length >= n"
+        " || document.querySelector('[data-testid=toast]') !== null",
+        arg=n,
+        timeout=ms(timeout),
+    )
+    if page.locator(tid("toast")).count():
+        pytest.fail(f"the worker answered with an error: {page.inner_text(tid('toasts'))}")
+
+
+def test_two_real_runs_keep_their_own_series_and_fit_1280_px(
+    cluster: Cluster, browser: Any
+) -> None:
+    """A runs, then B runs: A's page keeps A's run (sent and received) until B's starts, then
+    shows B's run alone; the table holds both runs by run id and fits a 1280 px window."""
+    context = browser.new_context(viewport={"width": 1280, "height": 900}, color_scheme="light")
+    a = context.new_page()
+    b = context.new_page()
+    errors: list[str] = []
+    for p in (a, b):
+        p.on("pageerror", lambda exc: errors.append(str(exc)))
+    try:
+        a.goto(cluster.url(cluster.a_http))
+        b.goto(cluster.url(cluster.b_http))
+        wait_linked(a)
+        wait_linked(b)
+        for page, rate in ((a, "20"), (b, "10")):
+            page.fill(tid("bench-size"), "1000")
+            page.fill(tid("bench-rate"), rate)
+            page.fill(tid("bench-duration"), "2")
+        a.click(tid("bench-start"))
+        _wait_rows(a, 2, 30)
+        first = _rows_by_run(a)
+        assert list(first.values()) == [{"sender", "receiver"}]
+        (r1,) = first
+        a.wait_for_function(
+            "rid => document.querySelector('[data-testid=bench-chart]').dataset.runId === rid",
+            arg=r1,
+            timeout=ms(5),
+        )
+        # the sender's page keeps both series of its run
+        assert int(chart(a, "sender-points")) > 0 and int(chart(a, "receiver-points")) > 0
+        assert a.evaluate(SERIES_PIXELS_JS, "sender") > 50
+        assert a.evaluate(SERIES_PIXELS_JS, "receiver") > 50
+        for role in ("sender", "receiver"):
+            elapsed = [float(t) for t in chart(a, f"{role}-elapsed").split(",")]
+            assert elapsed == sorted(elapsed)
+        assert a.inner_text(tid("legend-sender")) == "sent by this worker"
+        a.wait_for_selector(f"{tid('bench-start')}:enabled", timeout=ms(10))
+        b.wait_for_selector(f"{tid('bench-start')}:enabled", timeout=ms(10))
+
+        b.click(tid("bench-start"))  # B sends to A this time
+        _wait_rows(a, 4, 30)
+        runs = _rows_by_run(a)
+        assert len(runs) == 2 and all(v == {"sender", "receiver"} for v in runs.values())
+        (r2,) = set(runs) - {r1}
+        a.wait_for_function(
+            "rid => document.querySelector('[data-testid=bench-chart]').dataset.runId === rid",
+            arg=r2,
+            timeout=ms(5),
+        )
+        assert int(chart(a, "receiver-points")) > 0
+        assert int(chart(a, "sender-points")) == 0  # A did not send in B's run
+        assert a.inner_text(tid("legend-receiver")) == "received by this worker"
+        # who measured what, on A's page
+        for row in a.locator(tid("bench-row")).all():
+            role = row.locator('td[data-field="role"]').get_attribute("data-value")
+            rid = row.get_attribute("data-run-id")
+            who = row.locator(tid("result-who")).inner_text()
+            a_measured = (rid == r1) == (role == "sender")
+            assert who == (
+                f"this worker · {cluster.a_id[:8]}" if a_measured else f"peer · {cluster.b_id[:8]}"
+            )
+        sizes = a.locator(tid("results-wrap")).evaluate("e => [e.scrollWidth, e.clientWidth]")
+        assert sizes[0] <= sizes[1], f"the results table scrolls: {sizes}"
+        a.screenshot(path=str(ARTIFACTS / "two-runs-worker-a-1280.png"), full_page=True)
+        b.screenshot(path=str(ARTIFACTS / "two-runs-worker-b-1280.png"), full_page=True)
+        assert errors == []
+    finally:
+        context.close()

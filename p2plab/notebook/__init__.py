@@ -24,11 +24,15 @@ _EXPORTS = {
     "plot_throughput": "p2plab.notebook.plotting",
     "matrix_grid": "p2plab.notebook.plotting",
     "outcome_table": "p2plab.notebook.plotting",
+    "disagreements": "p2plab.notebook.plotting",
+    "Disagreements": "p2plab.notebook.plotting",
 }
 
 __all__ = [
     "ChatPanel",
+    "Disagreements",
     "LocalLab",
+    "disagreements",
     "local_lab",
     "matrix_grid",
     "outcome_table",
@@ -42,6 +46,8 @@ if TYPE_CHECKING:
     from p2plab.notebook.local import LocalLab, local_lab, start_local_lab
     from p2plab.notebook.panels import ChatPanel
     from p2plab.notebook.plotting import (
+        Disagreements,
+        disagreements,
         matrix_grid,
         outcome_table,
         plot_loss,

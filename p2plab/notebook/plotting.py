@@ -2,18 +2,39 @@
 
 Every function takes the data as a DataFrame (or rows), draws on ``ax`` when given (else on a new
 figure), and returns the figure: a notebook shows it, a script saves it with ``fig.savefig``.
+Quantities that start at zero (Mbit/s, loss) are drawn from zero, so a small difference never
+looks like a large one; a rate cap is a dashed "target rate" line, never a bar or a point that
+could be read as the link's capacity.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Iterable, Sequence
 from typing import Any
 
-__all__ = ["matrix_grid", "outcome_table", "plot_loss", "plot_matrix", "plot_throughput"]
+__all__ = [
+    "Disagreements",
+    "disagreements",
+    "matrix_grid",
+    "outcome_table",
+    "plot_loss",
+    "plot_matrix",
+    "plot_throughput",
+]
 
 _PROFILE_ORDER = ("open", "full", "restricted", "port-restricted", "symmetric", "leaky")
-_OUTCOME_CODE = {"failed": 0.0, "error": 1.0, "direct": 2.0}
+_OUTCOME_CODE = {"failed": 0.0, "error": 1.0, "direct": 2.0, "relayed": 3.0}
+_RELAY_WORDS = ("relay", "relayed")  # the simulator's and the kernel lab's ``fallback`` values
+# One colour per code of matrix_grid, and what it means (the heatmap's legend).
+_OUTCOME_STYLE = (
+    (0.0, "#d9534f", "failed: no direct path"),
+    (1.0, "#aaaaaa", "error: the run broke"),
+    (2.0, "#5cb85c", "direct: hole punched"),
+    (3.0, "#f0ad4e", "failed → relay: chat over the rendezvous"),
+)
+_TARGET_STYLE = {"color": "#555555", "linestyle": "--", "linewidth": 1.2}
 
 
 def _axes(ax: Any, figsize: tuple[float, float]) -> tuple[Any, Any]:
@@ -43,40 +64,91 @@ def _sender_rows(df: Any) -> Any:
     return df.sort_values("payload_size")
 
 
-def plot_throughput(df: Any, ax: Any = None, *, title: str | None = None) -> Any:
+def _target_rates(df: Any, target_mbps: float | None) -> list[float]:
+    """The rate caps the runs were asked for (0 or missing: as fast as possible, no cap)."""
+    if target_mbps is not None:
+        return [float(target_mbps)] if target_mbps > 0 else []
+    if "rate_mbps" not in df.columns:
+        return []
+    rates = [float(r) for r in df["rate_mbps"] if isinstance(r, (int, float)) and r == r]
+    return [r for r in rates if r > 0]
+
+
+def plot_throughput(
+    df: Any, ax: Any = None, *, title: str | None = None, target_mbps: float | None = None
+) -> Any:
     """Sent and received Mbit/s against payload size, one point per run (sender rows of
-    :func:`p2plab.results.results_to_dataframe`)."""
+    :func:`p2plab.results.results_to_dataframe`).
+
+    The y axis starts at zero.  When the runs had a rate cap (``rate_mbps`` column, or
+    ``target_mbps``), it is drawn as a dashed line labelled "target rate": what was asked for,
+    not what the path can carry.
+    """
     df = _sender_rows(_frame(df))
     fig, ax = _axes(ax, (6.0, 3.8))
     x = df["payload_size"]
     if "sent_mbps" in df.columns and "received_mbps" in df.columns:
         ax.plot(x, df["sent_mbps"], "o-", label="sent")
         ax.plot(x, df["received_mbps"], "s-", label="received (goodput)")
-        ax.legend()
     else:
         ax.plot(x, df["mbps"], "o-", label="Mbit/s")
+    rates = _target_rates(df, target_mbps)
+    if rates and len(set(rates)) == 1:
+        ax.axhline(rates[0], label="target rate", **_TARGET_STYLE)
+    elif rates:  # a different cap per run: one step per point
+        ax.plot(x, df["rate_mbps"], drawstyle="steps-mid", label="target rate", **_TARGET_STYLE)
+    drawn = [float(v) for line in ax.get_lines() for v in line.get_ydata()]
+    top = max([*rates, *(v for v in drawn if v == v)], default=0.0)
+    ax.set_ylim(0, top * 1.12 or 1.0)  # from zero, with room above a target line
     ax.set_xscale("log")
     ax.set_xlabel("UDP payload size (bytes)")
     ax.set_ylabel("Mbit/s")
     ax.set_title(title or "Throughput by packet size")
     ax.grid(True, which="both", alpha=0.3)
+    ax.legend(loc="lower right")
     fig.tight_layout()
     return fig
 
 
 def plot_loss(df: Any, ax: Any = None, *, title: str | None = None) -> Any:
-    """Lost datagrams (percent, receiver's count) against payload size."""
+    """Lost datagrams (percent of those sent, receiver's count) against payload size.
+
+    The y axis starts at zero; when no run lost anything the axes say "no loss" instead of
+    showing an empty band around zero.
+    """
     df = _sender_rows(_frame(df))
     fig, ax = _axes(ax, (6.0, 3.8))
     positions = list(range(len(df)))
-    ax.bar(positions, df["lost_percent"], color="#d9534f")
+    loss = [float(v) if isinstance(v, (int, float)) and v == v else 0.0 for v in df["lost_percent"]]
+    ax.bar(positions, loss, color="#d9534f")
     ax.set_xticks(positions, [str(s) for s in df["payload_size"]])
     ax.set_xlabel("UDP payload size (bytes)")
-    ax.set_ylabel("lost (%)")
+    ax.set_ylabel("lost (% of datagrams sent)")
     ax.set_title(title or "Loss by packet size")
     ax.grid(True, axis="y", alpha=0.3)
+    if any(v > 0 for v in loss):
+        ax.set_ylim(bottom=0)
+    else:
+        ax.set_ylim(0, 1)
+        ax.text(
+            0.5,
+            0.5,
+            "no loss",
+            transform=ax.transAxes,
+            ha="center",
+            va="center",
+            fontsize=14,
+            color="#555555",
+        )
     fig.tight_layout()
     return fig
+
+
+def _relayed(rec: dict[str, Any]) -> bool:
+    """Direct punching failed and the pair fell back to the relay through the rendezvous."""
+    outcome = str(rec.get("outcome"))
+    fallback = rec.get("fallback")
+    return outcome in _RELAY_WORDS or (outcome == "failed" and fallback in _RELAY_WORDS)
 
 
 def matrix_grid(
@@ -86,8 +158,9 @@ def matrix_grid(
 
     ``data`` is the simulator's rows (:func:`p2plab.lab.sim.sim_matrix`, ordered pairs) or the
     kernel lab's (:class:`p2plab.lab.matrix.PairResult`, unordered pairs, mirrored here).  Codes:
-    0 failed, 1 error, 2 direct, NaN not run.  Texts: time to connect or the outcome, with ``!``
-    where the outcome disagrees with natlab.md's expectation.
+    0 failed, 1 error, 2 direct, 3 failed but relayed (a ``fallback`` of ``relay``/``relayed``),
+    NaN not run.  Texts: time to connect or the outcome, with ``!`` where the outcome disagrees
+    with natlab.md's expectation (a relay fallback is still a failed punch).
     """
     df = _frame(data)
     seen = set(df["profile_a"]) | set(df["profile_b"])
@@ -107,13 +180,17 @@ def matrix_grid(
         pa, pb = rec["profile_a"], rec["profile_b"]
         if pa not in idx or pb not in idx:
             continue
-        outcome = str(rec["outcome"])
+        relayed = _relayed(rec)
+        outcome = "failed" if relayed else str(rec["outcome"])
         t = rec.get(time_col)
-        label = f"{t:.2f}s" if isinstance(t, (int, float)) and t == t else outcome
+        if relayed:
+            label = "failed\n→ relay"
+        else:
+            label = f"{t:.2f}s" if isinstance(t, (int, float)) and t == t else outcome
         expected = rec.get("expected")
         if expected in ("direct", "failed") and outcome != expected:
             label += " !"
-        code = _OUTCOME_CODE.get(outcome, 1.0)
+        code = _OUTCOME_CODE["relayed"] if relayed else _OUTCOME_CODE.get(outcome, 1.0)
         if rec.get("same_lan"):
             cells = [(n, idx[pa])]
         else:
@@ -135,22 +212,55 @@ def plot_matrix(
     profiles: Sequence[str] | None = None,
     title: str | None = None,
 ) -> Any:
-    """The punching matrix as a heatmap: rows site A (controlling), columns site B; green
-    direct, red failed, grey error; each cell shows the time to connect."""
-    from matplotlib.colors import ListedColormap
+    """The punching matrix as a heatmap: rows site A (controlling), columns site B.
+
+    A legend beside it says what each colour means (green direct, orange failed but relayed
+    through the rendezvous, red failed, grey error, blank not run) and what a cell's text is:
+    the time to connect, ``!`` where natlab.md predicts another outcome.
+    """
+    from matplotlib.colors import BoundaryNorm, ListedColormap
+    from matplotlib.patches import Patch
 
     ylabels, xlabels, codes, texts = matrix_grid(data, profiles)
-    fig, ax = _axes(ax, (1.3 * len(xlabels) + 2.5, 0.8 * len(ylabels) + 1.8))
-    ax.imshow(codes, cmap=ListedColormap(["#d9534f", "#aaaaaa", "#5cb85c"]), vmin=0, vmax=2)
+    fig, ax = _axes(ax, (0.9 * len(xlabels) + 5.5, 0.8 * len(ylabels) + 1.8))
+    colours = [c for _, c, _ in _OUTCOME_STYLE]
+    bounds = [code - 0.5 for code, _, _ in _OUTCOME_STYLE] + [len(_OUTCOME_STYLE) - 0.5]
+    ax.imshow(codes, cmap=ListedColormap(colours), norm=BoundaryNorm(bounds, len(colours)))
     ax.set_xticks(range(len(xlabels)), xlabels, rotation=30, ha="right")
     ax.set_yticks(range(len(ylabels)), ylabels)
     ax.set_xlabel("site B profile (same-LAN row: the shared NAT)")
-    ax.set_ylabel("site A profile")
+    ax.set_ylabel("site A profile (controlling)")
     for y, row in enumerate(texts):
         for x, text in enumerate(row):
             if text:
                 ax.text(x, y, text, ha="center", va="center", fontsize=8)
-    ax.set_title(title or "UDP hole punching (green direct, red failed)")
+    present = {c for row in codes for c in row if not math.isnan(c)}
+    handles = [
+        Patch(facecolor=colour, edgecolor="#444444", label=meaning)
+        for code, colour, meaning in _OUTCOME_STYLE
+        if code in present or code in (0.0, 2.0)
+    ]
+    if any(math.isnan(c) for row in codes for c in row):
+        handles.append(Patch(facecolor="white", edgecolor="#444444", label="blank: not run"))
+    ax.legend(
+        handles=handles,
+        title="colour: outcome of the pair",
+        loc="upper left",
+        bbox_to_anchor=(1.02, 1.0),
+        fontsize=8,
+        title_fontsize=8,
+        alignment="left",
+    )
+    ax.text(
+        1.02,
+        0.0,
+        "cell text: seconds to connect\n!  natlab.md predicts the\n   other outcome",
+        transform=ax.transAxes,
+        ha="left",
+        va="bottom",
+        fontsize=8,
+    )
+    ax.set_title(title or "UDP hole punching between NAT profiles")
     fig.tight_layout()
     return fig
 
@@ -160,6 +270,68 @@ def outcome_table(data: Any, profiles: Iterable[str] | None = None) -> Any:
     import pandas as pd
 
     ylabels, xlabels, codes, _ = matrix_grid(data, list(profiles) if profiles else None)
-    names = {0.0: "failed", 1.0: "error", 2.0: "direct"}
+    names = {0.0: "failed", 1.0: "error", 2.0: "direct", 3.0: "failed → relay"}
     cells = [[names.get(c, "") for c in row] for row in codes]
     return pd.DataFrame(cells, index=ylabels, columns=xlabels)
+
+
+_DISAGREE_COLUMNS = ("profile_a", "profile_b", "same_lan", "outcome", "expected", "fallback")
+
+
+@dataclasses.dataclass(frozen=True)
+class Disagreements:
+    """The pairs whose outcome is not the one natlab.md predicts; a notebook shows a sentence
+    when there are none instead of an empty table."""
+
+    frame: Any
+    """The disagreeing rows (a DataFrame with the matrix's identifying columns)."""
+    checked: int
+    """Pairs that natlab.md has an expectation for (the others cannot disagree)."""
+
+    @property
+    def empty(self) -> bool:
+        """True when every checked pair ended as predicted."""
+        return bool(self.frame.empty)
+
+    def __len__(self) -> int:
+        return len(self.frame)
+
+    def sentence(self) -> str:
+        """One line saying how many pairs disagree, out of how many were checked."""
+        if self.empty:
+            return (
+                f"No disagreements: all {self.checked} pairs that natlab.md predicts "
+                "ended as predicted."
+            )
+        n = len(self.frame)
+        return f"{n} of {self.checked} pairs disagree with natlab.md:"
+
+    def __str__(self) -> str:
+        if self.empty:
+            return self.sentence()
+        return f"{self.sentence()}\n{self.frame.to_string(index=False)}"
+
+    __repr__ = __str__
+
+    def _repr_html_(self) -> str:
+        import html
+
+        if self.empty:
+            return f"<p>{html.escape(self.sentence())}</p>"
+        return f"<p>{html.escape(self.sentence())}</p>{self.frame.to_html(index=False)}"
+
+
+def disagreements(data: Any) -> Disagreements:
+    """The matrix rows whose outcome is not natlab.md's ``expected`` (``direct`` or ``failed``).
+
+    A relay fallback is a failed punch here.  Shown in a notebook it is one sentence when all
+    pairs agree, else that sentence and the rows.
+    """
+    df = _frame(data)
+    checked = df[df["expected"].isin(["direct", "failed"])] if "expected" in df.columns else df[:0]
+    punched = [
+        "failed" if _relayed(rec) else str(rec["outcome"]) for rec in checked.to_dict("records")
+    ]
+    bad = checked[[p != e for p, e in zip(punched, checked["expected"], strict=True)]]
+    cols = [c for c in _DISAGREE_COLUMNS if c in bad.columns]
+    return Disagreements(frame=bad[cols].reset_index(drop=True), checked=len(checked))
