@@ -12,13 +12,15 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import AsyncIterator, Iterable
-from typing import Any
+from typing import Any, Generic, TypeVar
 
 from p2plab.core import events as ev
 
-__all__ = ["EventHub", "Subscription"]
+__all__ = ["EventHub", "Subscription", "ui_message"]
 
 _QUEUE_LIMIT = 10000
+
+E = TypeVar("E", bound=ev.Event)
 
 
 def _put_dropping_oldest(q: asyncio.Queue[Any], item: Any) -> None:
@@ -28,22 +30,43 @@ def _put_dropping_oldest(q: asyncio.Queue[Any], item: Any) -> None:
     q.put_nowait(item)
 
 
-class Subscription:
+def ui_message(event: ev.Event) -> dict[str, Any] | None:
+    """The UI message (contracts.md) an engine event becomes, or None (status is the worker's)."""
+    if isinstance(event, ev.ChatReceived):
+        return {
+            "type": "chat",
+            "direction": "in",
+            "from": event.peer_id,
+            "id": event.msg_id,
+            "text": event.text,
+            "ts": event.sent_at,
+        }
+    if isinstance(event, ev.ChatDelivered):
+        return {"type": "chat_delivered", "id": event.msg_id}
+    if isinstance(event, ev.ChatFailed):
+        return {"type": "chat_failed", "id": event.msg_id, "reason": event.reason}
+    if isinstance(event, ev.ErrorReported):
+        return {"type": "error", "message": event.message}
+    return None
+
+
+class Subscription(Generic[E]):
     """An async iterator over the public events of some kinds (see :meth:`EventHub.subscribe`)."""
 
-    def __init__(self, kinds: tuple[type[ev.Event], ...]) -> None:
+    def __init__(self, kinds: tuple[type[E], ...]) -> None:
         self.kinds = kinds
         """The event classes delivered (all events when empty)."""
-        self.queue: asyncio.Queue[ev.Event] = asyncio.Queue(maxsize=_QUEUE_LIMIT)
+        self.queue: asyncio.Queue[E] = asyncio.Queue(maxsize=_QUEUE_LIMIT)
+        """Events delivered and not yet read."""
 
     def wants(self, event: ev.Event) -> bool:
         """Whether ``event`` is of a kind this subscription delivers."""
         return not self.kinds or isinstance(event, self.kinds)
 
-    def __aiter__(self) -> Subscription:
+    def __aiter__(self) -> Subscription[E]:
         return self
 
-    async def __anext__(self) -> ev.Event:
+    async def __anext__(self) -> E:
         return await self.queue.get()
 
 
@@ -52,7 +75,7 @@ class EventHub:
 
     def __init__(self) -> None:
         self._ui: set[asyncio.Queue[dict[str, Any]]] = set()
-        self._subs: set[Subscription] = set()
+        self._subs: set[Subscription[Any]] = set()
         self._state_waiters: list[tuple[frozenset[str], asyncio.Future[str]]] = []
 
     # -- UI messages ------------------------------------------------------------------------------
@@ -84,9 +107,9 @@ class EventHub:
     # -- public events ----------------------------------------------------------------------------
 
     @contextlib.asynccontextmanager
-    async def subscribe(self, *kinds: type[ev.Event]) -> AsyncIterator[AsyncIterator[ev.Event]]:
+    async def subscribe(self, *kinds: type[E]) -> AsyncIterator[Subscription[E]]:
         """Subscribe on entry (nothing emitted afterwards is missed), unsubscribe on exit."""
-        sub = Subscription(tuple(kinds))
+        sub: Subscription[E] = Subscription(tuple(kinds))
         self._subs.add(sub)
         try:
             yield sub

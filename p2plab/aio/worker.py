@@ -26,21 +26,20 @@ import os
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Coroutine, Iterable
-from dataclasses import dataclass, field
-from typing import Any
+from contextlib import AbstractAsyncContextManager
+from dataclasses import dataclass
+from typing import Any, TypeVar, overload
 
 from p2plab.aio import discovery
 from p2plab.aio.endpoint import Address, UdpEndpoint
 from p2plab.aio.extension import Extension
-from p2plab.aio.hub import EventHub
-from p2plab.aio.rendezvous import Backoff, RendezvousClient
-from p2plab.config import SessionConfig
+from p2plab.aio.hub import EventHub, Subscription, ui_message
+from p2plab.aio.rendezvous import RendezvousClient
+from p2plab.aio.status import peer_block, security_block
+from p2plab.aio.worker_config import WorkerConfig
 from p2plab.core import events as ev
-from p2plab.core.crypto import Identity, PeerCipher, PlainEnvelope, fingerprint
+from p2plab.core.crypto import Identity, PeerCipher, PlainEnvelope
 from p2plab.core.link import (
-    LINK_STATES,
-    RELAY,
-    SECURITY_COUNTERS,
     Command,
     DiscoverEndpoint,
     LinkConfig,
@@ -63,57 +62,9 @@ __all__ = ["Worker", "WorkerConfig"]
 
 log = logging.getLogger(__name__)
 
-STATES = LINK_STATES
-
 _now = time.monotonic
 
-
-@dataclass(frozen=True)
-class WorkerConfig:
-    """Settings of one worker (the CLI and the container environment fill these in)."""
-
-    rendezvous_url: str
-    """``ws://host:port`` or ``wss://...`` of the rendezvous service."""
-    stun_servers: tuple[str, ...] = ()
-    """STUN servers as ``host:port``; empty means: use the address the rendezvous observed."""
-    udp_host: str = "0.0.0.0"
-    """Address the peer UDP socket binds to."""
-    udp_port: int = 0
-    """Port the peer UDP socket binds to (0: chosen by the OS)."""
-    http_host: str = "127.0.0.1"
-    """Address of the worker's HTTP server (UI); the container sets 0.0.0.0."""
-    http_port: int | None = None
-    """Port of the HTTP server; 0 picks a free port; None (the default in Python) runs no HTTP
-    server.  The CLI (``p2plab worker``) and the container serve the UI on 8080."""
-    room: str = "default"
-    """Rendezvous room: workers are paired within a room."""
-    token: str | None = None
-    """Token the rendezvous asks for, if it was started with one."""
-    worker_id: str | None = None
-    """Worker id; a fresh UUID when None."""
-    public_ip_url: str | None = None
-    """An IP-echo URL to learn the HTTP-derived public IP; never contacted unless set."""
-    nat_report: bool = True
-    """Classify the NAT (RFC 5780) in the background when the STUN server supports it."""
-    session: SessionConfig = field(default_factory=SessionConfig)
-    """Timers of the peer link (keep-alive, lost-peer timeout, chat retransmission)."""
-    backoff: Backoff = field(default_factory=Backoff)
-    """Reconnection schedule of the rendezvous client."""
-    stun_timeout_s: float = 5.0
-    """How long the STUN step may take before the worker falls back to the observed address."""
-    encrypt: bool = True
-    """Seal every peer datagram (X25519 + ChaCha20-Poly1305, see :mod:`p2plab.core.crypto`).
-    False is the explicit plaintext mode: no key is advertised, and a peer is accepted only if
-    it runs without encryption too (marked ``"encrypted": false`` in ``status()["security"]``)."""
-    repunch: bool = True
-    """After a peer timeout on a link that was up (e.g. a NAT dropped its mapping), punch the same
-    peer again with the same candidates until it answers or the rendezvous says it left."""
-    repunch_max_delay_s: float = 10.0
-    """Longest pause between two re-punch attempts (they back off from 0.5 s)."""
-    relay: bool = True
-    """When punching fails, carry the (still sealed) peer datagrams through the rendezvous
-    (state ``relayed``, ``status()["path"] == "relayed"``): chat, keep-alives and RTT work,
-    benchmarks do not.  False keeps the old behaviour (``lost``, then ``waiting_for_peer``)."""
+E = TypeVar("E", bound=ev.Event)
 
 
 def _default_extensions() -> list[Extension]:
@@ -122,31 +73,16 @@ def _default_extensions() -> list[Extension]:
     return []
 
 
-def _hostport(addr: Address | None) -> str | None:
-    return f"{addr[0]}:{addr[1]}" if addr else None
-
-
+@dataclass(frozen=True)
 class _LegacyPunch:
-    """``worker.punch``: a read-only view of the current session for the old benchmark code.
+    """``worker.punch`` for the old benchmark code.  legacy: removed when the bench extension
+    lands (use ``peer_address`` / ``peer_sealer``)."""
 
-    legacy: removed when the bench extension lands.
-    """
-
-    def __init__(self, session: PeerSession, relayed: bool) -> None:
-        self.session = session
-        self.relayed = relayed
-
-    @property
-    def peer_address(self) -> Address | None:
-        return self.session.peer_address
-
-    @property
-    def sealer(self) -> Any:
-        return self.session.sealer
-
-    @property
-    def rtt(self) -> float | None:
-        return self.session.rtt
+    session: PeerSession
+    relayed: bool
+    peer_address: Address | None
+    sealer: Any
+    rtt: float | None
 
 
 class Worker:
@@ -243,18 +179,19 @@ class Worker:
         self._transmit()
         if self._timer is not None:
             self._timer.cancel()
-        for fut in self._chat_waiters.values():
+        for msg_id, fut in self._chat_waiters.items():
             if not fut.done():
-                fut.set_exception(ChatFailedError("?", "worker stopped"))
+                fut.set_exception(ChatFailedError(msg_id, "worker stopped"))
         if self._http_server is not None:
             self._http_server.should_exit = True
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(asyncio.shield(self._http_server.p2plab_task), 3)
-        for task in self._tasks:
+        tasks = list(self._tasks)
+        for task in tasks:
             task.cancel()
-        if self._tasks:
+        if tasks:
             # bounded: a task stuck in a close handshake must not hang stop()
-            done, stuck = await asyncio.wait(self._tasks, timeout=5.0)
+            done, stuck = await asyncio.wait(tasks, timeout=5.0)
             for task in done:
                 if not task.cancelled() and task.exception() is not None:
                     log.debug("worker task %s ended with %r", task.get_name(), task.exception())
@@ -340,31 +277,18 @@ class Worker:
                 ext.on_link_changed(event.state)
         elif isinstance(event, ev.PathChanged | ev.RttUpdated | ev.PeerRestarted):
             self.publish_status()
-        elif isinstance(event, ev.ChatReceived):
-            self.publish(
-                {
-                    "type": "chat",
-                    "direction": "in",
-                    "from": event.peer_id,
-                    "id": event.msg_id,
-                    "text": event.text,
-                    "ts": event.sent_at,
-                }
-            )
-        elif isinstance(event, ev.ChatDelivered):
-            self.publish({"type": "chat_delivered", "id": event.msg_id})
+        elif isinstance(event, ev.ChatDelivered | ev.ChatFailed):
             waiter = self._chat_waiters.pop(event.msg_id, None)
             if waiter is not None and not waiter.done():
-                waiter.set_result(event)
-        elif isinstance(event, ev.ChatFailed):
-            self.publish({"type": "chat_failed", "id": event.msg_id, "reason": event.reason})
-            waiter = self._chat_waiters.pop(event.msg_id, None)
-            if waiter is not None and not waiter.done():
-                waiter.set_exception(ChatFailedError(event.msg_id, event.reason))
+                if isinstance(event, ev.ChatDelivered):
+                    waiter.set_result(event)
+                else:
+                    waiter.set_exception(ChatFailedError(event.msg_id, event.reason))
         elif isinstance(event, ev.ControlReceived):
             self._on_control(event.obj)
-        elif isinstance(event, ev.ErrorReported):
-            self.publish({"type": "error", "message": event.message})
+        msg = ui_message(event)
+        if msg is not None:
+            self.publish(msg)
         self._hub.emit(event)
 
     def _on_control(self, obj: dict[str, Any]) -> None:
@@ -477,6 +401,11 @@ class Worker:
         return f"{host}:{port}"
 
     @property
+    def rendezvous_connected(self) -> bool:
+        """Whether the rendezvous WebSocket is up right now."""
+        return self._rendezvous is not None and self._rendezvous.connected
+
+    @property
     def ui_url(self) -> str | None:
         if self.http_address is None:
             return None
@@ -514,7 +443,11 @@ class Worker:
     def punch(self) -> _LegacyPunch | None:
         """legacy: removed when the bench extension lands (use peer_address / peer_sealer)."""
         session = self.link.session
-        return _LegacyPunch(session, self.link.relayed) if session is not None else None
+        if session is None:
+            return None
+        return _LegacyPunch(
+            session, self.link.relayed, session.peer_address, session.sealer, session.rtt
+        )
 
     @property
     def benchmark(self) -> Any:
@@ -536,21 +469,8 @@ class Worker:
         self.stats[name] = self.stats.get(name, 0) + n
 
     def security(self) -> dict[str, Any]:
-        """The ``security`` block of ``status()``: encryption, both fingerprints, drop counters.
-
-        Counters are totals over every link this worker had (datagrams dropped because they did
-        not authenticate, were replays or stale, or came from an unexpected address).
-        """
-        session = self.link.session
-        sealer = session.sealer if session is not None else None
-        counts = self.link.security_counts()
-        peer_key = self.link.peer_public_key
-        return {
-            "encrypted": bool(getattr(sealer, "encrypted", self.config.encrypt)),
-            "local_fingerprint": self.identity.fingerprint if self.identity else None,
-            "peer_fingerprint": fingerprint(peer_key) if peer_key and self.peer_id else None,
-            **{k: counts[k] for k in SECURITY_COUNTERS},
-        }
+        """The ``security`` block of ``status()`` (see :func:`p2plab.aio.status.security_block`)."""
+        return security_block(self.link, self.identity, self.config.encrypt)
 
     def status(self, *, state: str | None = None) -> dict[str, Any]:
         """The ``status`` message of contracts.md (also served at ``GET /status``).
@@ -560,17 +480,6 @@ class Worker:
         """
         state = self.state if state is None else state
         session = self.link.session
-        peer = None
-        if self.peer_id is not None:
-            addr = self.link.peer_address
-            rtt = self.rtt
-            peer = {
-                "worker_id": self.peer_id,
-                "endpoint": "relay"
-                if addr == RELAY
-                else (f"{addr[0]}:{addr[1]}" if addr else None),
-                "rtt_ms": round(rtt * 1000, 3) if rtt is not None else None,
-            }
         public = self.udp_public
         return {
             "type": "status",
@@ -579,7 +488,7 @@ class Worker:
             "udp_local": self.udp_local,
             "udp_public": f"{public[0]}:{public[1]}" if public else None,
             "nat": self.nat,
-            "peer": peer,
+            "peer": peer_block(self.link),
             "path": {"connected": "direct", "relayed": "relayed"}.get(state),
             "room": self.config.room,
             "rendezvous": "connected"
@@ -617,9 +526,11 @@ class Worker:
     def publish_status(self) -> None:
         self.publish(self.status())
 
-    def subscribe(
-        self, *kinds: type[ev.Event]
-    ) -> contextlib.AbstractAsyncContextManager[AsyncIterator[ev.Event]]:
+    @overload
+    def subscribe(self) -> AbstractAsyncContextManager[Subscription[ev.Event]]: ...
+    @overload
+    def subscribe(self, *kinds: type[E]) -> AbstractAsyncContextManager[Subscription[E]]: ...
+    def subscribe(self, *kinds: type[Any]) -> AbstractAsyncContextManager[Subscription[Any]]:
         """Public events of ``kinds`` (every kind when none is given), from entry on::
 
         async with worker.subscribe(p2plab.ChatReceived) as chats:
