@@ -69,14 +69,27 @@ class World:
         self.nodes: dict[str, Node] = {}
         self.drop: Callable[[str, str], bool] = lambda src, dst: False
         self.relay_on = True  # the fake rendezvous relays
+        self.answer_discovery = True  # the fake driver answers DiscoverEndpoint at once
 
     def add(
-        self, name: str, config: LinkConfig | None = None, *, encrypt: bool = True
+        self,
+        name: str,
+        config: LinkConfig | None = None,
+        *,
+        encrypt: bool = True,
+        upto: str = "waiting_for_peer",
     ) -> LinkEngine:
+        """A new engine, driven up to ``upto`` (``starting``, ``registering``, ``discovering``
+        or ``waiting_for_peer``)."""
         port = 40000 + len(self.nodes)
         node = Node(name, ("192.0.2.1", port), config or LinkConfig(session=FAST), encrypt)
         self.nodes[name] = node
+        if upto == "starting":
+            return node.engine
         node.engine.start(self.now)
+        if upto == "registering":
+            return node.engine
+        self.answer_discovery = upto != "discovering"
         node.engine.rendezvous_up(self.now)
         node.engine.receive_rendezvous(
             Registered(worker_id=name, observed_ip="192.0.2.1"), self.now
@@ -125,7 +138,7 @@ class World:
                     node.stamped.append((self.now, event))
 
     def _command(self, node: Node, cmd: object) -> None:
-        if isinstance(cmd, DiscoverEndpoint):
+        if isinstance(cmd, DiscoverEndpoint) and self.answer_discovery:
             node.engine.discovered(node.addr, [("10.0.0.2", node.addr[1])], self.now)
         elif isinstance(cmd, SendToRendezvous):
             node.reported = (cmd.message.udp_ip, cmd.message.udp_port)
@@ -180,7 +193,7 @@ def test_table_covers_every_state_and_only_known_inputs() -> None:
             assert next_state(state, kind) == target
     # every state can be stopped, nothing leaves stopped
     assert all(next_state(s, Input.STOP) == "stopped" for s in LINK_STATES)
-    assert set(TRANSITIONS["stopped"].values()) == {"stopped"}
+    assert TRANSITIONS["stopped"] == {Input.STOP: "stopped"}
 
 
 @pytest.mark.parametrize("state", LINK_STATES)
@@ -198,10 +211,23 @@ def test_engine_refuses_a_forbidden_input() -> None:
     e.start(0.0)
     with pytest.raises(LocalProtocolError, match="'start' is not allowed"):
         e.start(0.0)
-    e.stop(0.0)
-    with pytest.raises(LocalProtocolError):
+    with pytest.raises(LocalProtocolError, match="'rendezvous_up' is not allowed in state 'dis"):
         e.receive_rendezvous(Registered(worker_id="a"), 0.0)
+        e.rendezvous_up(0.0)  # the client says "up" only after "down"
+    e.stop(0.0)
+    with pytest.raises(LocalProtocolError, match="'rendezvous_down' is not allowed"):
+        e.rendezvous_down(0.0)
     assert e.state == "stopped" and e.get_timer() is None
+
+
+def test_rendezvous_messages_out_of_place_are_dropped_and_counted_not_raised() -> None:
+    w = World()
+    a = w.add("a", upto="discovering")
+    a.receive_rendezvous(Registered(worker_id="a"), w.now)  # a second registered
+    offer = P2PConnectionOffer(peer_worker_id="b", peer_udp_ip="192.0.2.1", peer_udp_port=1)
+    a.receive_rendezvous(offer, w.now)  # an offer before we reported an endpoint
+    assert a.state == "discovering" and a.stats["rendezvous_unexpected"] == 2
+    assert a.peer_id is None and a.stats["offers"] == 1
 
 
 # -- registering and discovery ----------------------------------------------------------------

@@ -54,12 +54,21 @@ from __future__ import annotations
 import logging
 from collections import deque
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 from typing import Any, Final
 
-from p2plab.config import SessionConfig
 from p2plab.core import events as ev
 from p2plab.core.crypto import Identity, PeerCipher, PlainEnvelope, decode_public_key
+from p2plab.core.link_commands import (
+    RELAY,
+    SECURITY_COUNTERS,
+    Command,
+    DiscoverEndpoint,
+    LinkConfig,
+    RelayDatagram,
+    SendToRendezvous,
+    session_security_counts,
+)
 from p2plab.core.link_table import LINK_STATES, TRANSITIONS, Input, next_state
 from p2plab.core.session import PeerSession
 from p2plab.core.signaling import (
@@ -90,67 +99,7 @@ log = logging.getLogger(__name__)
 
 Address = ev.Address
 
-#: Pseudo-address of the relay path: a session whose only candidate is RELAY talks to its peer
-#: through the rendezvous.  The session is address-agnostic; the port is 1 because the session
-#: ignores candidates with port 0.
-RELAY: Final[tuple[str, int]] = ("relay", 1)
-
-#: The drop counters of ``security()``, summed over every link the engine had.
-SECURITY_COUNTERS: Final = ("auth_failures", "replays", "unexpected_source", "peer_restarts")
-
 _RendezvousMessage = Registered | P2PConnectionOffer | PeerDisconnected | ErrorMessage | RelayIn
-
-
-@dataclass(frozen=True)
-class LinkConfig:
-    """How the engine keeps a link (the worker fills it in from its WorkerConfig)."""
-
-    session: SessionConfig = field(default_factory=SessionConfig)
-    """Timers of each peer session (punch timeout, keep-alive, peer timeout, chat)."""
-
-    relay: bool = True
-    """Fall back to the rendezvous relay when the first punch times out."""
-
-    repunch: bool = True
-    """After a peer timeout on a link that was up, punch the same peer again (with backoff)."""
-
-    repunch_initial_delay_s: float = 0.5
-    """Pause before the second re-punch attempt (the first one starts at once); doubles after."""
-
-    repunch_max_delay_s: float = 10.0
-    """Longest pause between two re-punch attempts."""
-
-
-@dataclass(frozen=True)
-class Command:
-    """Base class of what the engine asks its driver to do."""
-
-
-@dataclass(frozen=True)
-class SendToRendezvous(Command):
-    """Send ``message`` to the rendezvous (nothing happens if it is down)."""
-
-    message: UpdateUdpEndpoint
-    """The message to send."""
-
-
-@dataclass(frozen=True)
-class RelayDatagram(Command):
-    """Send one (sealed) peer datagram through the rendezvous relay."""
-
-    to: str
-    """The peer's worker id."""
-
-    data: bytes
-    """The datagram, exactly as the session produced it."""
-
-
-@dataclass(frozen=True)
-class DiscoverEndpoint(Command):
-    """Learn the public endpoint of the worker's UDP socket, then call ``discovered``."""
-
-    observed_ip: str | None
-    """The address the rendezvous saw us at (the fallback when there is no STUN server)."""
 
 
 class LinkEngine:
@@ -205,6 +154,7 @@ class LinkEngine:
             "udp_dropped_while_relayed": 0,
             "udp_dropped_no_link": 0,
             "peer_disconnected_ignored": 0,
+            "rendezvous_unexpected": 0,
             "rendezvous_errors": 0,
         }
         """Counters of the engine's decisions and drops (the worker shows them in ``status``)."""
@@ -228,7 +178,7 @@ class LinkEngine:
 
     def security_counts(self) -> dict[str, int]:
         """Drop counters (:data:`SECURITY_COUNTERS`) over every link, the current one included."""
-        current = _security_counts(self.session)
+        current = session_security_counts(self.session)
         return {k: self._security_totals[k] + current[k] for k in SECURITY_COUNTERS}
 
     # -- inputs: lifecycle --------------------------------------------------------------------
@@ -370,7 +320,18 @@ class LinkEngine:
 
     # -- rendezvous messages ------------------------------------------------------------------
 
+    def _unexpected(self, kind: str, what: object) -> bool:
+        """Whether a rendezvous message of ``kind`` has no place in this state (then counted)."""
+        if kind in TRANSITIONS[self._state]:
+            return False
+        self.stats["rendezvous_unexpected"] += 1
+        log.debug("dropping %r in state %s", what, self._state)
+        return True
+
     def _on_registered(self, msg: Registered) -> None:
+        kind = Input.REGISTERED if self.public_endpoint is not None else Input.REGISTERED_DISCOVER
+        if self._unexpected(kind, msg):
+            return
         self.observed_ip = msg.observed_ip
         if self.public_endpoint is None:
             target = next_state(self._state, Input.REGISTERED_DISCOVER)
@@ -408,7 +369,10 @@ class LinkEngine:
             self._set_state(next_state(self._state, Input.OFFER_CURRENT))
             return
         refusal, peer_key = self._check_offer(offer)
-        target = next_state(self._state, Input.OFFER_REFUSED if refusal else Input.OFFER)
+        kind = Input.OFFER_REFUSED if refusal else Input.OFFER
+        if self._unexpected(kind, offer):  # before discovery: an honest rendezvous cannot
+            return
+        target = next_state(self._state, kind)
         self._drop_peer(now)
         if refusal is not None:
             log.warning("%s", refusal)
@@ -471,6 +435,9 @@ class LinkEngine:
             return
         if self.session is None or not self.relayed:
             # The peer gave up punching first: follow it onto the relay now.
+            if Input.RELAY_SWITCH not in TRANSITIONS[self._state]:
+                self.stats["relay_dropped"] += 1
+                return
             target = next_state(self._state, Input.RELAY_SWITCH)
             self._start_relay(now)
             self._set_state(target)
@@ -521,7 +488,7 @@ class LinkEngine:
         while (event := s.next_event()) is not None:
             if isinstance(event, ev.ChatFailed | ev.ControlFailed):
                 self._events.append(event)
-        for k, v in _security_counts(s).items():
+        for k, v in session_security_counts(s).items():
             self._security_totals[k] += v
         self.session = None
         self.relayed = False
@@ -638,14 +605,3 @@ class LinkEngine:
 
 #: States in which the engine has a peer (a ``peer_disconnected`` about it ends the link).
 _STATES_WITH_PEER: Final = frozenset(s for s, row in TRANSITIONS.items() if Input.PEER_LEFT in row)
-
-
-def _security_counts(s: PeerSession | None) -> dict[str, int]:
-    counts = dict.fromkeys(SECURITY_COUNTERS, 0)
-    if s is None:
-        return counts
-    stats = getattr(s.sealer, "stats", {})
-    for k in ("auth_failures", "replays", "peer_restarts"):
-        counts[k] = int(stats.get(k, 0))
-    counts["unexpected_source"] = s.stats.get("unexpected_source", 0)
-    return counts

@@ -15,7 +15,8 @@
                                  punching --(first punch timeout)--> punching (relay) -> relayed
 
 Data-plane inputs (datagrams, timers, relayed datagrams, chat) never change the state and are
-not in the table; the engine drops and counts what arrives where nothing can use it.
+not in the table; the engine drops and counts what arrives where nothing can use it.  Driver
+inputs the table forbids (``start`` twice, ``discovered`` while connected) raise: they are bugs.
 """
 
 from __future__ import annotations
@@ -91,8 +92,10 @@ class Input:
 
 _I = Input
 
-#: {state: {input kind: next state}}; ``None`` as a value would be meaningless, so every
-#: entry names its target even when it is the same state.
+#: {state: {input kind: next state}}: every transition the engine makes, and only those.
+#: Rendezvous messages that arrive where the table has no entry (a second ``registered``, an
+#: offer before discovery, ...) are network junk: the engine drops and counts them
+#: (``stats["rendezvous_unexpected"]``) before they reach the table.
 TRANSITIONS: Final[dict[str, dict[str, str]]] = {
     "starting": {
         _I.START: "registering",
@@ -100,32 +103,21 @@ TRANSITIONS: Final[dict[str, dict[str, str]]] = {
     },
     "registering": {
         _I.RENDEZVOUS_UP: "registering",
-        _I.RENDEZVOUS_DOWN: "registering",
+        _I.RENDEZVOUS_DOWN: "registering",  # dropped again before ``registered``
         _I.REGISTERED_DISCOVER: "discovering",
         _I.REGISTERED: "waiting_for_peer",
         _I.DISCOVERED: "registering",  # the rendezvous dropped meanwhile; reported on register
-        _I.OFFER: "punching",
-        _I.OFFER_REFUSED: "waiting_for_peer",
         _I.REFUSED: "stopped",
         _I.STOP: "stopped",
     },
     "discovering": {
-        _I.RENDEZVOUS_UP: "discovering",
         _I.RENDEZVOUS_DOWN: "registering",
-        _I.REGISTERED_DISCOVER: "discovering",  # a re-register while discovery still runs
-        _I.REGISTERED: "waiting_for_peer",
         _I.DISCOVERED: "waiting_for_peer",
-        _I.OFFER: "punching",
-        _I.OFFER_REFUSED: "waiting_for_peer",
         _I.REFUSED: "stopped",
         _I.STOP: "stopped",
     },
     "waiting_for_peer": {
-        _I.RENDEZVOUS_UP: "waiting_for_peer",
         _I.RENDEZVOUS_DOWN: "registering",
-        _I.REGISTERED_DISCOVER: "discovering",
-        _I.REGISTERED: "waiting_for_peer",
-        _I.DISCOVERED: "waiting_for_peer",
         _I.OFFER: "punching",
         _I.OFFER_REFUSED: "waiting_for_peer",
         _I.REFUSED: "stopped",
@@ -133,10 +125,8 @@ TRANSITIONS: Final[dict[str, dict[str, str]]] = {
     },
     "punching": {
         _I.RENDEZVOUS_UP: "punching",
-        _I.RENDEZVOUS_DOWN: "punching",  # a punched link does not need the rendezvous
-        _I.REGISTERED_DISCOVER: "punching",
+        _I.RENDEZVOUS_DOWN: "punching",  # a peer link does not need the rendezvous
         _I.REGISTERED: "punching",
-        _I.DISCOVERED: "punching",
         _I.OFFER: "punching",
         _I.OFFER_CURRENT: "punching",
         _I.OFFER_REFUSED: "waiting_for_peer",
@@ -153,13 +143,10 @@ TRANSITIONS: Final[dict[str, dict[str, str]]] = {
     "connected": {
         _I.RENDEZVOUS_UP: "connected",
         _I.RENDEZVOUS_DOWN: "connected",
-        _I.REGISTERED_DISCOVER: "connected",
         _I.REGISTERED: "connected",
-        _I.DISCOVERED: "connected",
         _I.OFFER: "punching",
         _I.OFFER_CURRENT: "connected",
         _I.OFFER_REFUSED: "waiting_for_peer",
-        _I.LINK_UP: "connected",  # re-nomination after the peer restarted
         _I.RELAY_SWITCH: "punching",
         _I.LINK_LOST: "lost",
         _I.LINK_FAILED: "lost",
@@ -170,13 +157,10 @@ TRANSITIONS: Final[dict[str, dict[str, str]]] = {
     "relayed": {
         _I.RENDEZVOUS_UP: "relayed",
         _I.RENDEZVOUS_DOWN: "relayed",
-        _I.REGISTERED_DISCOVER: "relayed",
         _I.REGISTERED: "relayed",
-        _I.DISCOVERED: "relayed",
         _I.OFFER: "punching",
         _I.OFFER_CURRENT: "relayed",
         _I.OFFER_REFUSED: "waiting_for_peer",
-        _I.RELAY_UP: "relayed",
         _I.RELAY_LOST: "lost",
         _I.LINK_FAILED: "lost",
         _I.PEER_LEFT: "lost",
@@ -186,9 +170,7 @@ TRANSITIONS: Final[dict[str, dict[str, str]]] = {
     "lost": {
         _I.RENDEZVOUS_UP: "lost",
         _I.RENDEZVOUS_DOWN: "lost",
-        _I.REGISTERED_DISCOVER: "lost",
         _I.REGISTERED: "lost",
-        _I.DISCOVERED: "lost",
         _I.OFFER: "punching",
         _I.OFFER_REFUSED: "waiting_for_peer",
         _I.RELAY_SWITCH: "punching",
@@ -200,8 +182,7 @@ TRANSITIONS: Final[dict[str, dict[str, str]]] = {
         _I.STOP: "stopped",
     },
     "stopped": {
-        _I.STOP: "stopped",
-        _I.REFUSED: "stopped",
+        _I.STOP: "stopped",  # stop() is idempotent; the driver feeds nothing else once stopped
     },
 }
 
