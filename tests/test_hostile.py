@@ -129,7 +129,7 @@ async def test_mixed_encryption_settings_are_not_paired_and_refuse_offers(plain_
             )
             await b._on_rendezvous_message(offer)
             words = "offers no public key" if b_encrypts else "encryption disabled"
-            assert words in str(b.error) and b.punch is None
+            assert words in str(b.error) and b.link.session is None
             assert b.state == "waiting_for_peer" and b.stats["offers"] == 1
         finally:
             for w in (a, b, c):
@@ -149,11 +149,11 @@ async def test_random_datagrams_at_a_worker_are_dropped_and_counted() -> None:
             junk += [b"\xd7\x50\x01" + bytes([t]) + rng.randbytes(60) for t in range(256)]
             for data in junk:
                 attacker.sendto(data, udp_addr(b))
-            before_session = dict(b.punch.session.stats)  # type: ignore[union-attr]
+            before_session = dict(b.link.session.stats)  # type: ignore[union-attr]
             q = b.ui_subscribe()
             a.send_chat("still talking")
             assert (await next_chat(q))["text"] == "still talking"
-            assert b.state == "connected" and b.punch is not None
+            assert b.state == "connected" and b.link.session is not None
             stats = b.status()["stats"]
             dropped = (
                 stats["session"]["dropped_malformed"]
@@ -162,7 +162,7 @@ async def test_random_datagrams_at_a_worker_are_dropped_and_counted() -> None:
             )
             assert dropped >= 200
             assert b.status()["security"]["auth_failures"] >= 200
-            assert before_session["chats_received"] + 1 == b.punch.session.stats["chats_received"]
+            assert before_session["chats_received"] + 1 == b.link.session.stats["chats_received"]
         finally:
             attacker.close()
 
@@ -216,8 +216,8 @@ async def test_forged_and_replayed_chat_from_a_third_host_is_dropped_never_shown
             assert b.stats["chats_in"] == 1
             # the attacker's address got path checks (it relayed an authentic datagram),
             # but it cannot answer them: the path stays where it was
-            assert b.punch is not None and b.punch.peer_address == udp_addr(a)
-            assert b.punch.session.stats["path_changes"] == 0
+            assert b.link.session is not None and b.peer_address == udp_addr(a)
+            assert b.link.session.stats["path_changes"] == 0
         finally:
             attacker.close()
 

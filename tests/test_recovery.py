@@ -143,7 +143,7 @@ async def test_one_side_restarting_its_session_keeps_chat_exactly_once() -> None
             a_gets_nothing = False
             await a.wait_connected(T)
             await until(
-                lambda: b.punch is not None and b.punch.session.stats["peer_restarts"] >= 1,
+                lambda: b.link.session is not None and b.link.session.stats["peer_restarts"] >= 1,
                 "b sees a's new session",
                 timeout=10,
             )
