@@ -249,6 +249,22 @@ def test_register_discover_and_report_then_reregister_without_discovering_again(
     assert node.reported == node.addr  # reported again, without a second discovery
 
 
+def test_a_link_that_ends_while_the_rendezvous_is_down_registers_again_when_it_is_back() -> None:
+    w, a, b = connected_pair()
+    a.rendezvous_down(w.now)
+    assert a.state == "connected"  # a punched link does not need the rendezvous
+    b.stop(w.now)
+    w.flush()
+    assert a.state == "waiting_for_peer"
+    node = w.node(a)
+    node.reported = None
+    a.rendezvous_up(w.now)
+    a.receive_rendezvous(Registered(worker_id="a", observed_ip="192.0.2.1"), w.now)
+    w.flush()
+    assert node.reported == node.addr and a.state == "waiting_for_peer"
+    assert a.stats["rendezvous_unexpected"] == 0
+
+
 def test_rendezvous_drop_during_discovery_waits_for_the_next_register() -> None:
     e = LinkEngine("a", rand_bytes=random.Random(2).randbytes)
     e.start(0.0)

@@ -28,7 +28,8 @@ The driver contract (the asyncio worker, the simulator and the unit tests follow
     while (event := engine.next_event()) is not None: hand it on (UI, subscribers, extensions)
     re-arm ONE timer at engine.get_timer() (None: no timer)
 
-Commands (:class:`Command` subclasses) are what the engine needs from the outside world:
+Commands (:class:`Command` subclasses, defined with :class:`LinkConfig` in
+:mod:`p2plab.core.link_commands` and re-exported here) are what the engine needs from outside:
 
 - :class:`SendToRendezvous`: send ``message`` on the rendezvous WebSocket (dropped if down).
 - :class:`RelayDatagram`: send ``data`` to peer ``to`` as a rendezvous ``relay`` message.  Relayed
@@ -42,11 +43,17 @@ every state change (intermediate ones like ``lost`` included), the session's eve
 current link (``ChatReceived`` with ``peer_id`` filled in, ``ControlReceived``, ...), and
 :class:`~p2plab.core.events.ErrorReported` for things the user should see.
 
-Inputs are checked against the table; one the table forbids raises
-:class:`~p2plab.errors.LocalProtocolError` (a driver bug).  Network junk (a relayed datagram
-from a stranger, a ``peer_disconnected`` about someone else, a datagram with no link) is dropped
-and counted in :attr:`LinkEngine.stats` before it reaches the table.  After :meth:`stop` the only
-inputs allowed are ``stop`` and the data plane (datagrams, timers), which are dropped.
+Inputs are checked against the table; a driver input the table forbids (``start`` twice,
+``discovered`` while connected, ``rendezvous_up`` while discovering, anything but ``stop``
+after ``stop``) raises :class:`~p2plab.errors.LocalProtocolError`: a driver bug.  Network junk
+never raises: a relayed datagram from a stranger, a ``peer_disconnected`` about someone else, a
+rendezvous message with no place in the current state (``rendezvous_unexpected``), a datagram
+with no link are dropped and counted in :attr:`LinkEngine.stats` before they reach the table.
+A stopped engine drops datagrams and timers; the driver feeds it nothing else but ``stop``.
+
+Clock and randomness are injected (``now`` on every call, ``rand_bytes`` at construction): the
+same engine runs on real sockets, on the simulator's virtual clock and in memory in the tests
+(``tests/test_core_link.py`` has a complete in-memory driver, ``World``).
 """
 
 from __future__ import annotations

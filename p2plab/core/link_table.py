@@ -117,7 +117,11 @@ TRANSITIONS: Final[dict[str, dict[str, str]]] = {
         _I.STOP: "stopped",
     },
     "waiting_for_peer": {
+        # up/registered here: the rendezvous dropped while a link was up, and the link ended
+        # before it came back; ``registered`` then reports the endpoint again
+        _I.RENDEZVOUS_UP: "waiting_for_peer",
         _I.RENDEZVOUS_DOWN: "registering",
+        _I.REGISTERED: "waiting_for_peer",
         _I.OFFER: "punching",
         _I.OFFER_REFUSED: "waiting_for_peer",
         _I.REFUSED: "stopped",
