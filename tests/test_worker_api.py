@@ -173,3 +173,12 @@ def test_the_cli_keeps_serving_the_ui_on_8080(monkeypatch: pytest.MonkeyPatch) -
     monkeypatch.setenv("PORT", "9090")  # the container's setting still wins over the default
     args = cli.build_parser().parse_args(["worker", "--rendezvous", "ws://127.0.0.1:1"])
     assert cli._worker_config(args).http_port == 9090
+
+
+async def test_wait_for_state_sees_a_state_entered_right_after_it_starts_waiting() -> None:
+    w = Worker(WorkerConfig(rendezvous_url="ws://127.0.0.1:1"))
+    waiter = asyncio.ensure_future(w.wait_for_state("lost", timeout=T))
+    await asyncio.sleep(0)  # the waiter runs up to its first suspension
+    w.emit(ev.StateChanged("lost", "connected"))  # a transient state, gone again at once
+    w.emit(ev.StateChanged("punching", "lost"))
+    assert await waiter == "lost"

@@ -132,8 +132,13 @@ class EventHub:
                     waiting.append((states, fut))
             self._state_waiters = waiting
 
-    async def next_state(self, states: Iterable[str]) -> str:
-        """The next state among ``states`` the worker enters (transient ones included)."""
+    def next_state(self, states: Iterable[str]) -> asyncio.Future[str]:
+        """A future of the next state among ``states`` the worker enters (transient ones too).
+
+        Registered at once, not when first awaited: a state entered before the caller's task
+        runs again is not missed.
+        """
         fut: asyncio.Future[str] = asyncio.get_running_loop().create_future()
+        self._state_waiters = [(s, f) for s, f in self._state_waiters if not f.done()]
         self._state_waiters.append((frozenset(states), fut))
-        return await fut
+        return fut
