@@ -267,7 +267,9 @@ class Worker:
         for hook in self.datagram_hooks:  # legacy: removed when the bench extension lands
             if hook(data, addr):
                 return
-        self._feed(lambda now: self.link.receive_datagram(data, addr, now))
+        if self.link.state != "stopped":  # the hot path: no closure per datagram
+            self.link.receive_datagram(data, addr, _now())
+            self._transmit()
 
     def _on_event(self, event: ev.Event) -> None:
         """Turn one engine event into UI messages, public events and extension calls."""
