@@ -42,7 +42,6 @@ from p2plab.core.crypto import Identity, PeerCipher, PlainEnvelope
 from p2plab.core.link import (
     Command,
     DiscoverEndpoint,
-    LinkConfig,
     LinkEngine,
     RelayDatagram,
     SendToRendezvous,
@@ -98,12 +97,7 @@ class Worker:
         """This worker's X25519 key pair (None in plaintext mode)."""
         self.link = LinkEngine(
             self.worker_id,
-            config=LinkConfig(
-                session=config.session,
-                relay=config.relay,
-                repunch=config.repunch,
-                repunch_max_delay_s=config.repunch_max_delay_s,
-            ),
+            config=config.link_config(),
             identity=self.identity,
             rand_bytes=os.urandom,
         )

@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 
 from p2plab.aio.rendezvous import Backoff
 from p2plab.config import SessionConfig
+from p2plab.core.link import LinkConfig
 
 __all__ = ["WorkerConfig"]
 
@@ -56,3 +57,12 @@ class WorkerConfig:
     """When punching fails, carry the (still sealed) peer datagrams through the rendezvous
     (state ``relayed``, ``status()["path"] == "relayed"``): chat, keep-alives and RTT work,
     benchmarks do not.  False keeps the old behaviour (``lost``, then ``waiting_for_peer``)."""
+
+    def link_config(self) -> LinkConfig:
+        """The link engine's share of these settings."""
+        return LinkConfig(
+            session=self.session,
+            relay=self.relay,
+            repunch=self.repunch,
+            repunch_max_delay_s=self.repunch_max_delay_s,
+        )
