@@ -7,6 +7,10 @@ Public API (imported lazily, so ``import p2plab`` stays cheap in notebooks)::
     HolePuncher               punches a path to one peer and keeps it alive
     Benchmark, BenchResult    UDP throughput and RTT over the punched link
     SessionConfig             timers of the peer link
+    StateChanged, PeerConnected, PeerLost, PathChanged, ChatReceived, ChatDelivered,
+    ChatFailed, BenchmarkProgress, BenchmarkFinished
+                              public events (``async with worker.subscribe(kind) as it``)
+    ChatFailedError           ``await worker.chat(text)`` gave up
 """
 
 from __future__ import annotations
@@ -25,14 +29,34 @@ _EXPORTS = {
     "Benchmark": "p2plab.aio.bench",
     "BenchResult": "p2plab.results",
     "SessionConfig": "p2plab.config",
+    "BenchmarkFinished": "p2plab.core.events",
+    "BenchmarkProgress": "p2plab.core.events",
+    "ChatDelivered": "p2plab.core.events",
+    "ChatFailed": "p2plab.core.events",
+    "ChatReceived": "p2plab.core.events",
+    "PathChanged": "p2plab.core.events",
+    "PeerConnected": "p2plab.core.events",
+    "PeerLost": "p2plab.core.events",
+    "StateChanged": "p2plab.core.events",
+    "ChatFailedError": "p2plab.errors",
 }
 
 __all__ = [
     "BenchResult",
     "Benchmark",
+    "BenchmarkFinished",
+    "BenchmarkProgress",
+    "ChatDelivered",
+    "ChatFailed",
+    "ChatFailedError",
+    "ChatReceived",
     "HolePuncher",
     "NatReport",
+    "PathChanged",
+    "PeerConnected",
+    "PeerLost",
     "SessionConfig",
+    "StateChanged",
     "StunProbe",
     "Worker",
     "WorkerConfig",
@@ -45,7 +69,19 @@ if TYPE_CHECKING:
     from p2plab.aio.stun import StunProbe
     from p2plab.aio.worker import Worker, WorkerConfig
     from p2plab.config import SessionConfig
+    from p2plab.core.events import (
+        BenchmarkFinished,
+        BenchmarkProgress,
+        ChatDelivered,
+        ChatFailed,
+        ChatReceived,
+        PathChanged,
+        PeerConnected,
+        PeerLost,
+        StateChanged,
+    )
     from p2plab.core.nat import NatReport
+    from p2plab.errors import ChatFailedError
     from p2plab.results import BenchResult
 
 

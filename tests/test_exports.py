@@ -16,6 +16,17 @@ EXPECTED = {
     "Worker",
     "WorkerConfig",
     "__version__",
+    # public events (Worker.subscribe) and the error of Worker.chat
+    "BenchmarkFinished",
+    "BenchmarkProgress",
+    "ChatDelivered",
+    "ChatFailed",
+    "ChatFailedError",
+    "ChatReceived",
+    "PathChanged",
+    "PeerConnected",
+    "PeerLost",
+    "StateChanged",
 }
 
 
@@ -40,3 +51,47 @@ def test_unknown_attribute_raises() -> None:
         assert "NoSuchThing" in str(exc)
     else:
         raise AssertionError("expected AttributeError")
+
+
+PUBLIC_EVENTS = (
+    "StateChanged",
+    "PeerConnected",
+    "PeerLost",
+    "PathChanged",
+    "ChatReceived",
+    "ChatDelivered",
+    "ChatFailed",
+    "BenchmarkProgress",
+    "BenchmarkFinished",
+)
+
+
+def test_public_events_document_every_field() -> None:
+    """One docstring per field: each field's name is followed by a string literal in the source."""
+    import ast
+    import dataclasses
+    import inspect
+    import itertools
+
+    from p2plab.core import events
+
+    tree = ast.parse(inspect.getsource(events))
+    documented: dict[str, set[str]] = {}
+    for node in tree.body:
+        if isinstance(node, ast.ClassDef):
+            names = documented.setdefault(node.name, set())
+            for a, b in itertools.pairwise(node.body):
+                if (
+                    isinstance(a, ast.AnnAssign)
+                    and isinstance(a.target, ast.Name)
+                    and isinstance(b, ast.Expr)
+                    and isinstance(b.value, ast.Constant)
+                    and isinstance(b.value.value, str)
+                ):
+                    names.add(a.target.id)
+    for name in PUBLIC_EVENTS:
+        cls = getattr(p2plab, name)
+        assert cls.__doc__, name
+        fields = {f.name for f in dataclasses.fields(cls)}
+        assert fields and fields <= documented[name], (name, fields - documented[name])
+        assert cls.__dataclass_params__.frozen, name

@@ -1,0 +1,68 @@
+"""Settings of one worker (the CLI and the container environment fill these in)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from p2plab.aio.rendezvous import Backoff
+from p2plab.config import SessionConfig
+from p2plab.core.link import LinkConfig
+
+__all__ = ["WorkerConfig"]
+
+
+@dataclass(frozen=True)
+class WorkerConfig:
+    """Settings of one worker (the CLI and the container environment fill these in)."""
+
+    rendezvous_url: str
+    """``ws://host:port`` or ``wss://...`` of the rendezvous service."""
+    stun_servers: tuple[str, ...] = ()
+    """STUN servers as ``host:port``; empty means: use the address the rendezvous observed."""
+    udp_host: str = "0.0.0.0"
+    """Address the peer UDP socket binds to."""
+    udp_port: int = 0
+    """Port the peer UDP socket binds to (0: chosen by the OS)."""
+    http_host: str = "127.0.0.1"
+    """Address of the worker's HTTP server (UI); the container sets 0.0.0.0."""
+    http_port: int | None = None
+    """Port of the HTTP server; 0 picks a free port; None (the default in Python) runs no HTTP
+    server.  The CLI (``p2plab worker``) and the container serve the UI on 8080."""
+    room: str = "default"
+    """Rendezvous room: workers are paired within a room."""
+    token: str | None = None
+    """Token the rendezvous asks for, if it was started with one."""
+    worker_id: str | None = None
+    """Worker id; a fresh UUID when None."""
+    public_ip_url: str | None = None
+    """An IP-echo URL to learn the HTTP-derived public IP; never contacted unless set."""
+    nat_report: bool = True
+    """Classify the NAT (RFC 5780) in the background when the STUN server supports it."""
+    session: SessionConfig = field(default_factory=SessionConfig)
+    """Timers of the peer link (keep-alive, lost-peer timeout, chat retransmission)."""
+    backoff: Backoff = field(default_factory=Backoff)
+    """Reconnection schedule of the rendezvous client."""
+    stun_timeout_s: float = 5.0
+    """How long the STUN step may take before the worker falls back to the observed address."""
+    encrypt: bool = True
+    """Seal every peer datagram (X25519 + ChaCha20-Poly1305, see :mod:`p2plab.core.crypto`).
+    False is the explicit plaintext mode: no key is advertised, and a peer is accepted only if
+    it runs without encryption too (marked ``"encrypted": false`` in ``status()["security"]``)."""
+    repunch: bool = True
+    """After a peer timeout on a link that was up (e.g. a NAT dropped its mapping), punch the same
+    peer again with the same candidates until it answers or the rendezvous says it left."""
+    repunch_max_delay_s: float = 10.0
+    """Longest pause between two re-punch attempts (they back off from 0.5 s)."""
+    relay: bool = True
+    """When punching fails, carry the (still sealed) peer datagrams through the rendezvous
+    (state ``relayed``, ``status()["path"] == "relayed"``): chat, keep-alives and RTT work,
+    benchmarks do not.  False keeps the old behaviour (``lost``, then ``waiting_for_peer``)."""
+
+    def link_config(self) -> LinkConfig:
+        """The link engine's share of these settings."""
+        return LinkConfig(
+            session=self.session,
+            relay=self.relay,
+            repunch=self.repunch,
+            repunch_max_delay_s=self.repunch_max_delay_s,
+        )

@@ -1,0 +1,93 @@
+"""The link engine's settings and the commands it gives its driver (see :mod:`p2plab.core.link`)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Final
+
+from p2plab.config import SessionConfig
+from p2plab.core.session import PeerSession
+from p2plab.core.signaling import UpdateUdpEndpoint
+
+__all__ = [
+    "RELAY",
+    "SECURITY_COUNTERS",
+    "Command",
+    "DiscoverEndpoint",
+    "LinkConfig",
+    "RelayDatagram",
+    "SendToRendezvous",
+    "session_security_counts",
+]
+
+#: Pseudo-address of the relay path: a session whose only candidate is RELAY talks to its peer
+#: through the rendezvous.  The session is address-agnostic; the port is 1 because the session
+#: ignores candidates with port 0.
+RELAY: Final[tuple[str, int]] = ("relay", 1)
+
+#: The drop counters of ``security()``, summed over every link the engine had.
+SECURITY_COUNTERS: Final = ("auth_failures", "replays", "unexpected_source", "peer_restarts")
+
+
+@dataclass(frozen=True)
+class LinkConfig:
+    """How the engine keeps a link (the worker fills it in from its WorkerConfig)."""
+
+    session: SessionConfig = field(default_factory=SessionConfig)
+    """Timers of each peer session (punch timeout, keep-alive, peer timeout, chat)."""
+
+    relay: bool = True
+    """Fall back to the rendezvous relay when the first punch times out."""
+
+    repunch: bool = True
+    """After a peer timeout on a link that was up, punch the same peer again (with backoff)."""
+
+    repunch_initial_delay_s: float = 0.5
+    """Pause before the second re-punch attempt (the first one starts at once); doubles after."""
+
+    repunch_max_delay_s: float = 10.0
+    """Longest pause between two re-punch attempts."""
+
+
+@dataclass(frozen=True)
+class Command:
+    """Base class of what the engine asks its driver to do."""
+
+
+@dataclass(frozen=True)
+class SendToRendezvous(Command):
+    """Send ``message`` to the rendezvous (nothing happens if it is down)."""
+
+    message: UpdateUdpEndpoint
+    """The message to send."""
+
+
+@dataclass(frozen=True)
+class RelayDatagram(Command):
+    """Send one (sealed) peer datagram through the rendezvous relay."""
+
+    to: str
+    """The peer's worker id."""
+
+    data: bytes
+    """The datagram, exactly as the session produced it."""
+
+
+@dataclass(frozen=True)
+class DiscoverEndpoint(Command):
+    """Learn the public endpoint of the worker's UDP socket, then call ``discovered``."""
+
+    observed_ip: str | None
+    """The address the rendezvous saw us at (the fallback when there is no STUN server)."""
+
+
+def session_security_counts(s: PeerSession | None) -> dict[str, int]:
+    """One session's :data:`SECURITY_COUNTERS` (its sealer's drops and unexpected sources)."""
+    counts = dict.fromkeys(SECURITY_COUNTERS, 0)
+    if s is None:
+        return counts
+    stats = getattr(s.sealer, "stats", {})
+    for k in ("auth_failures", "replays", "peer_restarts"):
+        counts[k] = int(stats.get(k, 0))
+    counts["unexpected_source"] = s.stats.get("unexpected_source", 0)
+    return counts
