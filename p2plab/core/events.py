@@ -20,6 +20,7 @@ __all__ = [
     "ControlDelivered",
     "ControlFailed",
     "ControlReceived",
+    "ErrorReported",
     "Event",
     "PathChanged",
     "PeerClosed",
@@ -72,6 +73,9 @@ class ChatReceived(Event):
 
     sent_at: float
     """The sender's timestamp of the message (its wall clock, as the sender's driver chose)."""
+
+    peer_id: str = ""
+    """The sender's worker id (filled in by the link engine; empty from a bare session)."""
 
 
 @dataclass(frozen=True)
@@ -178,6 +182,15 @@ class StateChanged(Event):
 
     previous: str
     """The state before the change."""
+
+
+@dataclass(frozen=True)
+class ErrorReported(Event):
+    """Something the user should see went wrong (a refused offer, a rendezvous error, ...);
+    the worker shows it as contracts.md's ``{"type": "error", "message": ...}``."""
+
+    message: str
+    """A sentence saying what went wrong."""
 
 
 @dataclass(frozen=True)

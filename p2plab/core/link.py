@@ -1,0 +1,651 @@
+"""The link engine: a worker's whole lifecycle, sans-I/O (registering ... connected ... stopped).
+
+:class:`LinkEngine` decides everything a worker does about its peer link: when to discover its
+public endpoint, which offers to accept, when to punch, when to fall back to the rendezvous
+relay, when to re-punch after a peer timeout (with backoff, on its own timer), when to give up.
+It owns the :class:`~p2plab.core.session.PeerSession` of the current link and builds its sealer.
+Its states and transitions are one table, :data:`p2plab.core.link_table.TRANSITIONS`.
+
+The driver contract (the asyncio worker, the simulator and the unit tests follow it)::
+
+    engine = LinkEngine(worker_id, config=LinkConfig(...), identity=..., rand_bytes=...)
+    engine.start(now)
+
+    # inputs, each with the driver's monotonic clock `now`
+    engine.rendezvous_up(now) / engine.rendezvous_down(now)
+    engine.receive_rendezvous(msg, now)      # Registered, P2PConnectionOffer, PeerDisconnected,
+                                             # RelayIn, ErrorMessage (already parsed)
+    engine.discovered(public, local_candidates, now, error=None)   # answer to DiscoverEndpoint
+    engine.rendezvous_refused(reason, now)   # the rendezvous refused us for good
+    engine.receive_datagram(data, addr, now) # every UDP datagram of the worker's socket
+    engine.handle_timer(now)                 # when get_timer() is due
+    engine.send_chat(text, now, sent_at) / engine.send_control(obj, now, sent_at)
+    engine.stop(now)
+
+    # after every input, in this order (aioquic's ``transmit``):
+    for data, addr in engine.datagrams_to_send(now):  sock.sendto(data, addr)
+    while (cmd := engine.next_command()) is not None: carry it out (see below)
+    while (event := engine.next_event()) is not None: hand it on (UI, subscribers, extensions)
+    re-arm ONE timer at engine.get_timer() (None: no timer)
+
+Commands (:class:`Command` subclasses) are what the engine needs from the outside world:
+
+- :class:`SendToRendezvous`: send ``message`` on the rendezvous WebSocket (dropped if down).
+- :class:`RelayDatagram`: send ``data`` to peer ``to`` as a rendezvous ``relay`` message.  Relayed
+  sessions address their datagrams to the pseudo-address :data:`RELAY`; they never appear in
+  ``datagrams_to_send``.
+- :class:`DiscoverEndpoint`: learn the socket's public endpoint (STUN, else the observed address
+  ``observed_ip`` with the local port), then call :meth:`LinkEngine.discovered`.
+
+Events are :mod:`p2plab.core.events` dataclasses: :class:`~p2plab.core.events.StateChanged` for
+every state change (intermediate ones like ``lost`` included), the session's events of the
+current link (``ChatReceived`` with ``peer_id`` filled in, ``ControlReceived``, ...), and
+:class:`~p2plab.core.events.ErrorReported` for things the user should see.
+
+Inputs are checked against the table; one the table forbids raises
+:class:`~p2plab.errors.LocalProtocolError` (a driver bug).  Network junk (a relayed datagram
+from a stranger, a ``peer_disconnected`` about someone else, a datagram with no link) is dropped
+and counted in :attr:`LinkEngine.stats` before it reaches the table.  After :meth:`stop` the only
+inputs allowed are ``stop`` and the data plane (datagrams, timers), which are dropped.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import deque
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field, replace
+from typing import Any, Final
+
+from p2plab.config import SessionConfig
+from p2plab.core import events as ev
+from p2plab.core.crypto import Identity, PeerCipher, PlainEnvelope, decode_public_key
+from p2plab.core.link_table import LINK_STATES, TRANSITIONS, Input, next_state
+from p2plab.core.session import PeerSession
+from p2plab.core.signaling import (
+    Candidate,
+    ErrorMessage,
+    P2PConnectionOffer,
+    PeerDisconnected,
+    Registered,
+    RelayIn,
+    UpdateUdpEndpoint,
+)
+from p2plab.errors import NotConnected, P2PLabError
+
+__all__ = [
+    "LINK_STATES",
+    "RELAY",
+    "SECURITY_COUNTERS",
+    "TRANSITIONS",
+    "Command",
+    "DiscoverEndpoint",
+    "LinkConfig",
+    "LinkEngine",
+    "RelayDatagram",
+    "SendToRendezvous",
+]
+
+log = logging.getLogger(__name__)
+
+Address = ev.Address
+
+#: Pseudo-address of the relay path: a session whose only candidate is RELAY talks to its peer
+#: through the rendezvous.  The session is address-agnostic; the port is 1 because the session
+#: ignores candidates with port 0.
+RELAY: Final[tuple[str, int]] = ("relay", 1)
+
+#: The drop counters of ``security()``, summed over every link the engine had.
+SECURITY_COUNTERS: Final = ("auth_failures", "replays", "unexpected_source", "peer_restarts")
+
+_RendezvousMessage = Registered | P2PConnectionOffer | PeerDisconnected | ErrorMessage | RelayIn
+
+
+@dataclass(frozen=True)
+class LinkConfig:
+    """How the engine keeps a link (the worker fills it in from its WorkerConfig)."""
+
+    session: SessionConfig = field(default_factory=SessionConfig)
+    """Timers of each peer session (punch timeout, keep-alive, peer timeout, chat)."""
+
+    relay: bool = True
+    """Fall back to the rendezvous relay when the first punch times out."""
+
+    repunch: bool = True
+    """After a peer timeout on a link that was up, punch the same peer again (with backoff)."""
+
+    repunch_initial_delay_s: float = 0.5
+    """Pause before the second re-punch attempt (the first one starts at once); doubles after."""
+
+    repunch_max_delay_s: float = 10.0
+    """Longest pause between two re-punch attempts."""
+
+
+@dataclass(frozen=True)
+class Command:
+    """Base class of what the engine asks its driver to do."""
+
+
+@dataclass(frozen=True)
+class SendToRendezvous(Command):
+    """Send ``message`` to the rendezvous (nothing happens if it is down)."""
+
+    message: UpdateUdpEndpoint
+    """The message to send."""
+
+
+@dataclass(frozen=True)
+class RelayDatagram(Command):
+    """Send one (sealed) peer datagram through the rendezvous relay."""
+
+    to: str
+    """The peer's worker id."""
+
+    data: bytes
+    """The datagram, exactly as the session produced it."""
+
+
+@dataclass(frozen=True)
+class DiscoverEndpoint(Command):
+    """Learn the public endpoint of the worker's UDP socket, then call ``discovered``."""
+
+    observed_ip: str | None
+    """The address the rendezvous saw us at (the fallback when there is no STUN server)."""
+
+
+class LinkEngine:
+    """One worker's link lifecycle (see the module docstring for the driver contract)."""
+
+    def __init__(
+        self,
+        worker_id: str,
+        *,
+        config: LinkConfig | None = None,
+        identity: Identity | None = None,
+        rand_bytes: Callable[[int], bytes],
+    ) -> None:
+        self.worker_id = worker_id
+        self.config = config or LinkConfig()
+        self.identity = identity
+        """This worker's key pair; None is the explicit plaintext mode."""
+        self._rand_bytes = rand_bytes
+        self._state = "starting"
+        self.observed_ip: str | None = None
+        """The address the rendezvous saw us at."""
+        self.public_endpoint: Address | None = None
+        """The socket's public UDP endpoint, once discovered."""
+        self.local_candidates: list[Address] = []
+        """The socket's LAN addresses, reported beside the public endpoint."""
+        self.error: str | None = None
+        """The last error the user should see (cleared when a link comes up)."""
+        self.peer_id: str | None = None
+        self.peer_public_key: bytes | None = None
+        self.offer: P2PConnectionOffer | None = None
+        """The offer of the current peer (kept while re-punching and relaying)."""
+        self.session: PeerSession | None = None
+        """The session of the current link attempt (None between attempts)."""
+        self.relayed = False
+        """Whether :attr:`session` runs over the rendezvous relay."""
+        self.repunch_attempts = 0
+        """Re-punch attempts since the link was last up."""
+        self._repunch_at: float | None = None
+        self._repunch_candidates: list[Address] = []
+        self._discovery_pending = False
+        self._outbox: list[tuple[bytes, Address]] = []
+        self._commands: deque[Command] = deque()
+        self._events: deque[ev.Event] = deque()
+        self._security_totals = dict.fromkeys(SECURITY_COUNTERS, 0)
+        self.stats: dict[str, int] = {
+            "offers": 0,
+            "offers_refused": 0,
+            "chats_in": 0,
+            "relay_in": 0,
+            "relay_dropped": 0,
+            "relay_switches": 0,
+            "udp_dropped_while_relayed": 0,
+            "udp_dropped_no_link": 0,
+            "peer_disconnected_ignored": 0,
+            "rendezvous_errors": 0,
+        }
+        """Counters of the engine's decisions and drops (the worker shows them in ``status``)."""
+
+    # -- read-only state ----------------------------------------------------------------------
+
+    @property
+    def state(self) -> str:
+        """contracts.md's ``state``: one of :data:`LINK_STATES`."""
+        return self._state
+
+    @property
+    def path(self) -> str | None:
+        """``"direct"`` while connected, ``"relayed"`` while relayed, else None."""
+        return {"connected": "direct", "relayed": "relayed"}.get(self._state)
+
+    @property
+    def peer_address(self) -> Address | None:
+        """The peer's address on the current link (:data:`RELAY` when relayed), or None."""
+        return self.session.peer_address if self.session is not None else None
+
+    def security_counts(self) -> dict[str, int]:
+        """Drop counters (:data:`SECURITY_COUNTERS`) over every link, the current one included."""
+        current = _security_counts(self.session)
+        return {k: self._security_totals[k] + current[k] for k in SECURITY_COUNTERS}
+
+    # -- inputs: lifecycle --------------------------------------------------------------------
+
+    def start(self, now: float) -> None:
+        """The driver is up (socket bound, rendezvous client running)."""
+        self._set_state(next_state(self._state, Input.START))
+
+    def stop(self, now: float) -> None:
+        """Say goodbye to the peer (best effort) and stop; every later input but stop raises."""
+        target = next_state(self._state, Input.STOP)
+        self._drop_peer(now)
+        self._set_state(target)
+
+    def rendezvous_up(self, now: float) -> None:
+        """The rendezvous WebSocket connected (``registered`` follows)."""
+        self._set_state(next_state(self._state, Input.RENDEZVOUS_UP))
+
+    def rendezvous_down(self, now: float) -> None:
+        """The rendezvous WebSocket dropped; a punched link keeps going without it."""
+        self._set_state(next_state(self._state, Input.RENDEZVOUS_DOWN))
+
+    def rendezvous_refused(self, reason: str, now: float) -> None:
+        """The rendezvous refused this worker for good (e.g. a wrong token)."""
+        target = next_state(self._state, Input.REFUSED)
+        self.error = reason
+        self._drop_peer(now)
+        self._set_state(target)
+
+    def receive_rendezvous(self, msg: _RendezvousMessage, now: float) -> None:
+        """One parsed message from the rendezvous."""
+        if isinstance(msg, RelayIn):
+            self._on_relay_in(msg, now)
+        elif isinstance(msg, Registered):
+            self._on_registered(msg)
+        elif isinstance(msg, P2PConnectionOffer):
+            self._on_offer(msg, now)
+        elif isinstance(msg, PeerDisconnected):
+            self._on_peer_disconnected(msg, now)
+        elif isinstance(msg, ErrorMessage):
+            self.stats["rendezvous_errors"] += 1
+            log.warning("rendezvous error: %s: %s", msg.code, msg.message)
+            self._events.append(ev.ErrorReported(f"rendezvous: {msg.message}"))
+        self._pump(now)
+
+    def discovered(
+        self,
+        public: Address,
+        local_candidates: Sequence[Address],
+        now: float,
+        error: str | None = None,
+    ) -> None:
+        """The answer to :class:`DiscoverEndpoint`: the public endpoint and the LAN addresses.
+
+        ``error`` says why discovery fell back (e.g. STUN failed) and is shown to the user.
+        """
+        target = next_state(self._state, Input.DISCOVERED)
+        self._discovery_pending = False
+        self.public_endpoint = (str(public[0]), int(public[1]))
+        self.local_candidates = [(str(a[0]), int(a[1])) for a in local_candidates]
+        if error is not None:
+            self.error = error
+        if target != "registering":  # while the rendezvous is down, the next register reports
+            self._report_endpoint()
+        self._set_state(target)
+
+    # -- inputs: data plane -------------------------------------------------------------------
+
+    def receive_datagram(self, data: bytes, addr: Address, now: float) -> None:
+        """One datagram from the UDP socket (never raises: junk is dropped and counted)."""
+        if self.session is None or self._state == "stopped":
+            self.stats["udp_dropped_no_link"] += 1
+            return
+        if self.relayed:
+            # A relayed link runs over the rendezvous only (late direct probes end here).
+            self.stats["udp_dropped_while_relayed"] += 1
+            return
+        self.session.receive_datagram(data, addr, now)
+        self._pump(now)
+
+    def get_timer(self) -> float | None:
+        """When :meth:`handle_timer` must next be called (the session's and the engine's own)."""
+        if self._state == "stopped":
+            return None
+        when = [t for t in (self._repunch_at,) if t is not None]
+        if self.session is not None:
+            t = self.session.get_timer()
+            if t is not None:
+                when.append(t)
+        return min(when) if when else None
+
+    def handle_timer(self, now: float) -> None:
+        """Run what is due at ``now``: the session's timers, the re-punch timer."""
+        if self._state == "stopped":
+            return
+        if self.session is not None:
+            self.session.handle_timer(now)
+            self._pump(now)
+        if self._repunch_at is not None and now >= self._repunch_at:
+            self._repunch(now)
+            self._pump(now)
+
+    def send_chat(self, text: str, now: float, sent_at: float | None = None) -> str:
+        """Send a chat message reliably; returns its id.  Raises NotConnected without a link."""
+        if self.session is None or self._state not in ("connected", "relayed"):
+            raise NotConnected("no peer connected: chat needs a connected peer")
+        msg_id = self.session.send_chat(text, now, sent_at=sent_at)
+        self._pump(now)
+        return msg_id
+
+    def send_control(self, obj: dict[str, Any], now: float, sent_at: float | None = None) -> str:
+        """Send a reliable control message; needs a direct link (raises NotConnected)."""
+        if self.session is not None and self._state == "relayed":
+            raise NotConnected(
+                "the link to the peer is relayed through the rendezvous: benchmarks need a "
+                "direct path"
+            )
+        if self.session is None or self._state != "connected":
+            raise NotConnected("no peer connected")
+        msg_id = self.session.send_control(obj, now, sent_at=sent_at)
+        self._pump(now)
+        return msg_id
+
+    # -- outputs ------------------------------------------------------------------------------
+
+    def datagrams_to_send(self, now: float) -> list[tuple[bytes, Address]]:
+        """UDP datagrams to send now, with their destinations (never :data:`RELAY`)."""
+        self._pump(now)
+        out, self._outbox = self._outbox, []
+        return out
+
+    def next_command(self) -> Command | None:
+        """The next command for the driver, or None."""
+        return self._commands.popleft() if self._commands else None
+
+    def next_event(self) -> ev.Event | None:
+        """The next event, or None."""
+        return self._events.popleft() if self._events else None
+
+    # -- rendezvous messages ------------------------------------------------------------------
+
+    def _on_registered(self, msg: Registered) -> None:
+        self.observed_ip = msg.observed_ip
+        if self.public_endpoint is None:
+            target = next_state(self._state, Input.REGISTERED_DISCOVER)
+            if not self._discovery_pending:
+                self._discovery_pending = True
+                self._commands.append(DiscoverEndpoint(msg.observed_ip))
+        else:
+            target = next_state(self._state, Input.REGISTERED)
+            self._report_endpoint()
+        self._set_state(target)
+
+    def _report_endpoint(self) -> None:
+        if self.public_endpoint is None:
+            return
+        public = self.public_endpoint
+        lan = [a for a in self.local_candidates if a != public][:8]
+        self._commands.append(
+            SendToRendezvous(
+                UpdateUdpEndpoint(
+                    udp_ip=public[0],
+                    udp_port=public[1],
+                    local_candidates=[Candidate(ip=a[0], port=a[1]) for a in lan],
+                )
+            )
+        )
+
+    def _on_offer(self, offer: P2PConnectionOffer, now: float) -> None:
+        self.stats["offers"] += 1
+        if (
+            offer.peer_worker_id == self.peer_id
+            and self.session is not None
+            and self._state in ("punching", "connected", "relayed")
+        ):
+            log.info("offer for the current peer %s: keeping the link", self.peer_id)
+            self._set_state(next_state(self._state, Input.OFFER_CURRENT))
+            return
+        refusal, peer_key = self._check_offer(offer)
+        target = next_state(self._state, Input.OFFER_REFUSED if refusal else Input.OFFER)
+        self._drop_peer(now)
+        if refusal is not None:
+            log.warning("%s", refusal)
+            self.stats["offers_refused"] += 1
+            self.error = refusal
+            self._events.append(ev.ErrorReported(refusal))
+            self._set_state(target)
+            return
+        self.offer = offer
+        self.peer_id = offer.peer_worker_id
+        self.peer_public_key = peer_key
+        self.repunch_attempts = 0
+        candidates: list[Address] = [(offer.peer_udp_ip, offer.peer_udp_port)]
+        for c in offer.peer_candidates:
+            if (c.ip, c.port) not in candidates and c.port:
+                candidates.append((c.ip, c.port))
+        log.info("offer: peer %s at %s (role %s)", offer.peer_worker_id, candidates, offer.role)
+        self._new_session(candidates, now, relayed=False)
+        self._set_state(target)
+
+    def _check_offer(self, offer: P2PConnectionOffer) -> tuple[str | None, bytes | None]:
+        """(refusal or None, the peer's decoded public key or None)."""
+        peer = offer.peer_worker_id
+        peer_key: bytes | None = None
+        if offer.peer_public_key is not None:
+            try:
+                peer_key = decode_public_key(offer.peer_public_key)
+            except P2PLabError as exc:
+                return f"peer {peer} sent an unusable public key: {exc}", None
+        if self.identity is not None and peer_key is None:
+            return (
+                f"peer {peer} offers no public key: refusing an unencrypted link (both workers "
+                "must run with encryption disabled to allow plaintext)"
+            ), None
+        if self.identity is None and peer_key is not None:
+            return (
+                f"peer {peer} requires encryption, but this worker runs with encryption disabled"
+            ), None
+        return None, peer_key
+
+    def _on_peer_disconnected(self, msg: PeerDisconnected, now: float) -> None:
+        if msg.peer_worker_id != self.peer_id or self._state not in _STATES_WITH_PEER:
+            self.stats["peer_disconnected_ignored"] += 1
+            return
+        log.info("peer %s left the rendezvous", msg.peer_worker_id)
+        target = next_state(self._state, Input.PEER_LEFT)
+        self._drop_peer(now)
+        self._set_state(target)
+        self._set_state(next_state(self._state, Input.SETTLED))
+
+    def _on_relay_in(self, msg: RelayIn, now: float) -> None:
+        """A datagram the peer relayed through the rendezvous."""
+        if not self.config.relay or self.offer is None or msg.from_ != self.peer_id:
+            self.stats["relay_dropped"] += 1
+            return
+        try:
+            payload = msg.payload()
+        except ValueError:
+            self.stats["relay_dropped"] += 1
+            return
+        if self.session is None or not self.relayed:
+            # The peer gave up punching first: follow it onto the relay now.
+            target = next_state(self._state, Input.RELAY_SWITCH)
+            self._start_relay(now)
+            self._set_state(target)
+        assert self.session is not None
+        self.stats["relay_in"] += 1
+        self.session.receive_datagram(payload, RELAY, now)
+
+    # -- sessions -----------------------------------------------------------------------------
+
+    def _new_sealer(self) -> PeerCipher | PlainEnvelope:
+        assert self.peer_id is not None
+        if self.identity is not None and self.peer_public_key is not None:
+            return PeerCipher(
+                self.identity, self.worker_id, self.peer_id, self.peer_public_key, self._rand_bytes
+            )
+        return PlainEnvelope(self._rand_bytes)  # explicit plaintext mode on both sides
+
+    def _new_session(self, candidates: list[Address], now: float, *, relayed: bool) -> None:
+        assert self.offer is not None and self.peer_id is not None
+        self._repunch_at = None
+        self.relayed = relayed
+        self.session = PeerSession(
+            local_id=self.worker_id,
+            peer_id=self.peer_id,
+            role=self.offer.role,
+            candidates=candidates,
+            config=self.config.session,
+            now=now,
+            rand_bytes=self._rand_bytes,
+            sealer=self._new_sealer(),
+        )
+
+    def _start_relay(self, now: float) -> None:
+        """Move the link to the current peer onto the rendezvous relay (a fresh session)."""
+        log.info("punching to %s failed: relaying through the rendezvous", self.peer_id)
+        self._retire(now, bye=True)
+        self.stats["relay_switches"] += 1
+        self._new_session([RELAY], now, relayed=True)
+
+    def _retire(self, now: float, *, bye: bool) -> None:
+        """End the current session: BYE if asked, keep its counters, fail its pending messages."""
+        s = self.session
+        if s is None:
+            return
+        if bye:
+            s.close(now)
+        self._route(s, s.datagrams_to_send(now))
+        while (event := s.next_event()) is not None:
+            if isinstance(event, ev.ChatFailed | ev.ControlFailed):
+                self._events.append(event)
+        for k, v in _security_counts(s).items():
+            self._security_totals[k] += v
+        self.session = None
+        self.relayed = False
+
+    def _drop_peer(self, now: float) -> None:
+        self._retire(now, bye=True)
+        self._repunch_at = None
+        self.peer_id = None
+        self.peer_public_key = None
+        self.offer = None
+
+    def _repunch(self, now: float) -> None:
+        """Punch the same peer again (both sides do this on their own after a peer timeout)."""
+        target = next_state(self._state, Input.REPUNCH)
+        self._repunch_at = None
+        self.repunch_attempts += 1
+        log.info(
+            "re-punching peer %s (attempt %d) at %s",
+            self.peer_id,
+            self.repunch_attempts,
+            self._repunch_candidates,
+        )
+        self._new_session(self._repunch_candidates, now, relayed=False)
+        self._set_state(target)
+
+    def _route(self, s: PeerSession, datagrams: list[tuple[bytes, Address]]) -> None:
+        for data, addr in datagrams:
+            if addr == RELAY:
+                self._commands.append(RelayDatagram(s.peer_id, data))
+            else:
+                self._outbox.append((data, addr))
+
+    def _pump(self, now: float) -> None:
+        """Collect the session's datagrams and act on its events until it has nothing more."""
+        while (s := self.session) is not None:
+            self._route(s, s.datagrams_to_send(now))
+            events: list[ev.Event] = []
+            while (event := s.next_event()) is not None:
+                events.append(event)
+            if not events:
+                return
+            for event in events:
+                if self.session is s:
+                    self._on_session_event(s, event, now)
+                elif isinstance(event, ev.ChatFailed | ev.ControlFailed):
+                    self._events.append(event)  # of a session just replaced
+
+    def _on_session_event(self, s: PeerSession, event: ev.Event, now: float) -> None:
+        if isinstance(event, ev.PeerConnected):
+            log.info("connected to %s at %s", self.peer_id, event.address)
+            target = next_state(self._state, Input.RELAY_UP if self.relayed else Input.LINK_UP)
+            self.repunch_attempts = 0
+            self.error = None
+            self._set_state(target)
+            self._events.append(event)
+        elif isinstance(event, ev.ChatReceived):
+            self.stats["chats_in"] += 1
+            self._events.append(replace(event, peer_id=s.peer_id))
+        elif isinstance(event, ev.PeerLost | ev.PeerClosed):
+            self._events.append(event)
+            self._on_link_down(s, event, now)
+        else:
+            self._events.append(event)
+
+    def _on_link_down(self, s: PeerSession, event: ev.PeerLost | ev.PeerClosed, now: float) -> None:
+        reason = event.reason if isinstance(event, ev.PeerLost) else "peer closed"
+        log.info("peer %s lost: %s", self.peer_id, reason)
+        if self.relayed:
+            if reason == "peer timeout":  # set the relayed link up again at once
+                self._set_state(next_state(self._state, Input.RELAY_LOST))
+                self._start_relay(now)
+                self._set_state(next_state(self._state, Input.RERELAY))
+            else:
+                self._give_up(now)
+            return
+        if self.config.relay and reason == "punch timeout" and self.repunch_attempts == 0:
+            # Direct punching failed (e.g. symmetric x symmetric): fall back to the relay.
+            target = next_state(self._state, Input.RELAY_FALLBACK)
+            self._start_relay(now)
+            self._set_state(target)
+            return
+        if self.config.repunch and (
+            reason == "peer timeout" or (reason == "punch timeout" and self.repunch_attempts > 0)
+        ):
+            # Re-punch a link that was up (or is being re-punched) and fell silent: its NAT may
+            # have dropped the mapping.  The rendezvous says when the peer really left.
+            target = next_state(self._state, Input.LINK_LOST)
+            last = s.peer_address
+            self._repunch_candidates = [last] if last is not None else []
+            for c in s.candidates:
+                if c not in self._repunch_candidates:
+                    self._repunch_candidates.append(c)
+            self._retire(now, bye=False)
+            n = self.repunch_attempts
+            delay = 0.0 if n == 0 else self.config.repunch_initial_delay_s * 2 ** (n - 1)
+            self._repunch_at = now + min(delay, self.config.repunch_max_delay_s)
+            self._set_state(target)
+            return
+        self._give_up(now)
+
+    def _give_up(self, now: float) -> None:
+        target = next_state(self._state, Input.LINK_FAILED)
+        self._drop_peer(now)
+        self._set_state(target)
+        # The rendezvous re-pairs us when it learns the peer left; meanwhile we wait.
+        self._set_state(next_state(self._state, Input.SETTLED))
+
+    def _set_state(self, state: str) -> None:
+        if state != self._state:
+            log.info("worker %s: %s -> %s", self.worker_id[:8], self._state, state)
+            previous, self._state = self._state, state
+            self._events.append(ev.StateChanged(state=state, previous=previous))
+
+
+#: States in which the engine has a peer (a ``peer_disconnected`` about it ends the link).
+_STATES_WITH_PEER: Final = frozenset(s for s, row in TRANSITIONS.items() if Input.PEER_LEFT in row)
+
+
+def _security_counts(s: PeerSession | None) -> dict[str, int]:
+    counts = dict.fromkeys(SECURITY_COUNTERS, 0)
+    if s is None:
+        return counts
+    stats = getattr(s.sealer, "stats", {})
+    for k in ("auth_failures", "replays", "peer_restarts"):
+        counts[k] = int(stats.get(k, 0))
+    counts["unexpected_source"] = s.stats.get("unexpected_source", 0)
+    return counts
