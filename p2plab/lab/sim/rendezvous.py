@@ -137,7 +137,7 @@ class SimRendezvous:
             actions = self._relay(conn, msg)
         self._carry_out(actions)
 
-    def _relay(self, conn: _Connection, msg: RelayOut) -> Sequence[Action]:
+    def _relay(self, conn: _Connection, msg: RelayOut) -> list[Action]:
         wid = conn.client.worker_id
         if not self.relay:
             self.stats["relay_refused"] += 1
