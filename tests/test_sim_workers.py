@@ -7,7 +7,10 @@ one the engine made, not one the simulator imitated.
 
 from __future__ import annotations
 
+import pytest
+
 from p2plab.core import events as ev
+from p2plab.core.link import LinkConfig as EngineConfig
 from p2plab.lab.sim import Simulation, SimWorker, sim_matrix
 from p2plab.lab.simnet import Host, Nat
 
@@ -130,6 +133,20 @@ def test_mapping_loss_makes_the_engine_re_punch_and_the_link_comes_back() -> Non
     _chat(sim, wa, wb, "back again")
 
 
+def test_without_repunch_the_same_mapping_loss_ends_the_link() -> None:
+    """The contrast: with the engine's re-punch off, the reboot above loses the link for good,
+    so the recovery there is the engine's doing, not the network's."""
+    sim = Simulation(seed=6)
+    (a, nat_a), (b, _) = _site(sim, "port-restricted", "a"), _site(sim, "port-restricted", "b")
+    result = sim.pair(a, b, config=EngineConfig(repunch=False))
+    assert result.outcome == "direct"
+    sim.run_for(30.0)
+    nat_a.reboot(downtime=20.0)
+    sim.run_for(120.0)
+    for w in (result.a, result.b):
+        assert _changes(w)[-2:] == [("connected", "lost"), ("lost", "waiting_for_peer")]
+
+
 def test_peer_leaving_sends_the_other_back_to_waiting_and_it_pairs_again() -> None:
     sim = Simulation(seed=7)
     (a, _), (b, _) = _site(sim, "full", "a"), _site(sim, "port-restricted", "b")
@@ -191,3 +208,40 @@ def test_matrix_fallback_column_comes_from_the_engine() -> None:
         assert (row["fallback"] == "relayed") == (row["outcome"] == "failed"), row
     no_relay = sim_matrix(["symmetric"], same_lan=(), classify=False, relay=False)
     assert no_relay[0]["fallback"] == "" and no_relay[0]["a_state"] == "waiting_for_peer"
+
+
+def test_a_rendezvous_that_does_not_relay_leaves_the_engines_waiting() -> None:
+    sim = Simulation(seed=10)
+    (a, _), (b, _) = _site(sim, "symmetric", "a"), _site(sim, "symmetric", "b")
+    sim.rendezvous.relay = False
+    result = sim.pair(a, b)
+    assert (result.outcome, result.fallback) == ("failed", "")
+    for w in (result.a, result.b):
+        assert _changes(w)[-2:] == [("punching", "lost"), ("lost", "waiting_for_peer")]
+        errors = [e.message for _, e in w.events if isinstance(e, ev.ErrorReported)]
+        assert errors == ["rendezvous: this rendezvous does not relay"]  # once per connection
+    assert sim.rendezvous.stats["relay_refused"] > 2
+    assert sim.rendezvous.stats["relayed"] == 0
+
+
+@pytest.mark.parametrize("use_stun", [True, False])
+def test_discovery_over_stun_or_the_observed_address(use_stun: bool) -> None:
+    """Without STUN the worker reports the rendezvous-observed IP with its local port, which is
+    right behind a port-preserving NAT; with STUN it is what the NAT really mapped."""
+    sim = Simulation(seed=11)
+    (a, nat_a), (b, nat_b) = _site(sim, "full", "a"), _site(sim, "symmetric", "b")
+    wa = sim.worker(a, room="r", use_stun=use_stun)
+    wb = sim.worker(b, room="r", use_stun=use_stun)
+    assert sim.run_for(5.0, stop=lambda: wb.public_address is not None)
+    # Right after discovery the engine holds the reason for the fallback (cleared once linked).
+    if use_stun:
+        assert wb.engine.error is None
+    else:
+        assert wb.engine.error is not None and "no STUN" in wb.engine.error
+    assert sim.run_for(30.0, stop=lambda: wa.state == wb.state == "connected")
+    assert wa.public_address == (nat_a.public_ip, wa.local_address[1])
+    assert wb.public_address is not None and wb.public_address[0] == nat_b.public_ip
+    if use_stun:  # a random-port NAT: STUN saw the port it really picked
+        assert wb.public_address[1] != wb.local_address[1]
+    else:  # the guess keeps the local port, which this NAT did not
+        assert wb.public_address[1] == wb.local_address[1]

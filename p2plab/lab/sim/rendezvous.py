@@ -9,7 +9,8 @@ in both directions, so the simulated workers parse what real workers parse.
 A connection is a FIFO pipe with a one-way delay (the WebSocket's latency); the WebSocket is not
 routed through the simulated NATs (TCP through a NAT keeps its mapping while it is open), so the
 rendezvous's view of a worker is its NAT's public IP.  ``relay`` messages are passed only between
-the two workers of a pair, as the service does (its per-connection byte budget is not modelled).
+the two workers of a pair, and refusals answered as the service does (its per-connection byte
+budget is not modelled).
 """
 
 from __future__ import annotations
@@ -63,6 +64,7 @@ class _Connection:
         self.observed_ip = observed_ip
         self.delay = delay
         self.open = True
+        self.reported: set[str] = set()  # relay refusal kinds already answered with an error
 
 
 class SimRendezvous:
@@ -138,19 +140,30 @@ class SimRendezvous:
         self._carry_out(actions)
 
     def _relay(self, conn: _Connection, msg: RelayOut) -> list[Action]:
+        # As the service: refusals are counted, and answered with one error per kind on a
+        # connection until a datagram goes through again.
         wid = conn.client.worker_id
         if not self.relay:
-            self.stats["relay_refused"] += 1
-            err = ErrorMessage(code="relay_disabled", message="this rendezvous does not relay")
-            return [SendMessage(wid, conn.conn_id, err)]
+            return self._refuse(
+                conn, "disabled", "relay_disabled", "this rendezvous does not relay"
+            )
         target = self.registry.relay_target(wid, conn.conn_id, msg.to)
         if target is None:
-            self.stats["relay_refused"] += 1
-            return []
+            why = f"not paired with {msg.to!r}: relay refused"
+            return self._refuse(conn, "unpaired", "relay_refused", why)
+        conn.reported.clear()
         self.stats["relayed"] += 1
         return [
             SendMessage(msg.to, target, RelayIn.model_validate({"from": wid, "data": msg.data}))
         ]
+
+    def _refuse(self, conn: _Connection, kind: str, code: str, message: str) -> list[Action]:
+        self.stats["relay_refused"] += 1
+        if kind in conn.reported:
+            return []
+        conn.reported.add(kind)
+        err = ErrorMessage(code=code, message=message)
+        return [SendMessage(conn.client.worker_id, conn.conn_id, err)]
 
     def _carry_out(self, actions: Sequence[Action]) -> None:
         for action in actions:
