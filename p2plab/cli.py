@@ -184,7 +184,7 @@ async def _cmd_worker(args: argparse.Namespace) -> int:
             file=sys.stderr,
             flush=True,
         )
-    events = worker.subscribe() if args.events else None
+    events = worker.ui_subscribe() if args.events else None
     try:
         if events is None:
             await asyncio.Event().wait()

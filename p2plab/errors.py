@@ -13,6 +13,7 @@
      +-- RendezvousError        the rendezvous service refused or dropped us
      +-- LabError               the kernel NAT lab could not be set up (e.g. not root)
      +-- BenchmarkError         a benchmark could not run or was aborted
+     +-- ChatFailedError        a chat message was given up (``Worker.chat``)
 
 Bad input from the network is never raised through the event loop: it is dropped, counted
 and logged.  ``RemoteProtocolError`` is what parsers raise, and callers at the I/O edge catch it.
@@ -22,6 +23,7 @@ from __future__ import annotations
 
 __all__ = [
     "BenchmarkError",
+    "ChatFailedError",
     "ChatTooLong",
     "ConfigError",
     "LabError",
@@ -77,3 +79,14 @@ class LabError(P2PLabError):
 
 class BenchmarkError(P2PLabError):
     """A benchmark could not run or was aborted."""
+
+
+class ChatFailedError(P2PLabError):
+    """A chat message was given up before the peer acknowledged it (``Worker.chat``)."""
+
+    def __init__(self, msg_id: str, reason: str) -> None:
+        super().__init__(f"chat message {msg_id} failed: {reason}")
+        self.msg_id = msg_id
+        """The id of the message that failed."""
+        self.reason = reason
+        """Why (:attr:`p2plab.core.events.ChatFailed.reason`)."""

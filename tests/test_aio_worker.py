@@ -107,7 +107,7 @@ async def test_workers_pair_through_rendezvous_and_chat() -> None:
             assert a.peer_id == b.worker_id and b.peer_id == a.worker_id
             assert a.udp_public == a.endpoint.local_address  # type: ignore[union-attr]
             assert a.status()["stun"]["server"] == f"127.0.0.1:{rv.stun_port}"
-            events = b.subscribe()
+            events = b.ui_subscribe()
             a.send_chat("ping")
             msg = await asyncio.wait_for(_until(events, "chat"), T)
             assert msg["direction"] == "in" and msg["text"] == "ping"
@@ -134,7 +134,7 @@ async def test_link_survives_rendezvous_restart_and_workers_reregister() -> None
             # the punched link does not need the rendezvous
             await asyncio.sleep(0.3)
             assert a.state == "connected" and b.state == "connected"
-            q = b.subscribe()
+            q = b.ui_subscribe()
             a.send_chat("still here")
             assert (await asyncio.wait_for(_until(q, "chat"), T))["text"] == "still here"
             async with rendezvous(port):

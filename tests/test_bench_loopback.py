@@ -145,7 +145,7 @@ async def test_run_with_injected_drops_counts_exactly(
 
 async def test_both_ends_publish_both_views_and_chat_flows_during_a_run() -> None:
     async with two_workers() as (a, b):
-        qa, qb = a.subscribe(), b.subscribe()
+        qa, qb = a.ui_subscribe(), b.ui_subscribe()
         run = asyncio.ensure_future(
             Benchmark(a).run(duration_s=1.5, payload_size=1000, rate_mbps=30, interval_s=0.5)
         )
@@ -219,7 +219,7 @@ async def test_peer_refuses_a_request_it_cannot_serve_and_says_why() -> None:
 
 async def test_stop_from_the_receiving_ui_still_gives_both_ends_a_result() -> None:
     async with two_workers() as (a, b):
-        q = b.subscribe()
+        q = b.ui_subscribe()
         run = asyncio.create_task(Benchmark(a).run(duration_s=60, payload_size=200, rate_mbps=5))
         await until(lambda: _BenchState.of(b).receiving is not None, "a's run to start")
         assert await stop_benchmark_from_ui(b) is None
@@ -418,7 +418,7 @@ async def test_blocking_rtt_against_a_peer_on_another_loop_keeps_chat_flowing(
             await a.wait_connected(T)
             fut = asyncio.run_coroutine_threadsafe(b.wait_connected(T), b_loop)
             await asyncio.wrap_future(fut)
-            qa = a.subscribe()
+            qa = a.ui_subscribe()
             qb = await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(_subscribe(b), b_loop))
             count = 3000
 
@@ -459,7 +459,7 @@ async def test_blocking_rtt_against_a_peer_on_another_loop_keeps_chat_flowing(
 
 
 async def _subscribe(w: Worker) -> asyncio.Queue[dict[str, Any]]:
-    return w.subscribe()
+    return w.ui_subscribe()
 
 
 async def _wait_text(q: asyncio.Queue[dict[str, Any]], text: str) -> bool:

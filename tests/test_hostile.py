@@ -79,7 +79,7 @@ async def test_workers_encrypt_by_default_and_show_matching_fingerprints() -> No
     async with rendezvous() as rv, connected_pair(rv) as (a, b):
         seen: list[bytes] = []
         b.datagram_hooks.append(lambda data, addr: seen.append(bytes(data)) and False)
-        q = b.subscribe()
+        q = b.ui_subscribe()
         a.send_chat("the eagle lands at dawn")
         assert (await next_chat(q))["text"] == "the eagle lands at dawn"
         chats = [d for d in seen if datagram_type(d) == MessageType.CHAT]
@@ -98,7 +98,7 @@ async def test_plaintext_only_when_both_sides_disable_encryption() -> None:
     async with rendezvous() as rv, connected_pair(rv, encrypt=False) as (a, b):
         assert a.status()["security"]["encrypted"] is False
         assert a.status()["security"]["local_fingerprint"] is None
-        q = b.subscribe()
+        q = b.ui_subscribe()
         a.send_chat("in the clear")
         assert (await next_chat(q))["text"] == "in the clear"
 
@@ -127,7 +127,7 @@ async def test_mixed_encryption_settings_are_not_paired_and_refuse_offers(plain_
                 peer_udp_port=9,
                 peer_public_key=None if b_encrypts else "A" * 43 + "=",
             )
-            await b._on_offer(offer)
+            await b._on_rendezvous_message(offer)
             words = "offers no public key" if b_encrypts else "encryption disabled"
             assert words in str(b.error) and b.punch is None
             assert b.state == "waiting_for_peer" and b.stats["offers"] == 1
@@ -150,7 +150,7 @@ async def test_random_datagrams_at_a_worker_are_dropped_and_counted() -> None:
             for data in junk:
                 attacker.sendto(data, udp_addr(b))
             before_session = dict(b.punch.session.stats)  # type: ignore[union-attr]
-            q = b.subscribe()
+            q = b.ui_subscribe()
             a.send_chat("still talking")
             assert (await next_chat(q))["text"] == "still talking"
             assert b.state == "connected" and b.punch is not None
@@ -170,7 +170,7 @@ async def test_random_datagrams_at_a_worker_are_dropped_and_counted() -> None:
 async def test_forged_and_replayed_chat_from_a_third_host_is_dropped_never_shown() -> None:
     async with rendezvous() as rv, connected_pair(rv) as (a, b):
         attacker = udp_socket()
-        q = b.subscribe()
+        q = b.ui_subscribe()
         captured: list[bytes] = []
 
         def steal_one_chat(data: bytes, addr: tuple[str, int]) -> bool:
@@ -335,7 +335,7 @@ async def test_rendezvous_survives_hostile_clients_and_keeps_what_it_accepted() 
             pairs = {w["worker_id"]: w["paired_with"] for w in after["workers"]}
             assert pairs[a.worker_id] == b.worker_id and pairs[b.worker_id] == a.worker_id
             assert a.state == b.state == "connected"
-            q = b.subscribe()
+            q = b.ui_subscribe()
             a.send_chat("after the storm")
             assert (await next_chat(q))["text"] == "after the storm"
             await asyncio.sleep(0.3)  # let the refused sockets' slots free up

@@ -15,7 +15,7 @@ FAST_LINK = SessionConfig(keepalive_interval=0.2, peer_timeout=1.0, punch_timeou
 
 
 def states_seen(w: Worker) -> tuple[asyncio.Queue[dict[str, Any]], list[str]]:
-    q = w.subscribe()
+    q = w.ui_subscribe()
     seen: list[str] = []
 
     async def _collect() -> None:
@@ -44,7 +44,7 @@ async def test_waiting_workers_pair_after_a_rendezvous_restart() -> None:
                     # nobody acts: both reconnect with backoff, register again and get paired
                     await asyncio.gather(a.wait_connected(T), b.wait_connected(T))
                     assert a.peer_id == b.worker_id and b.peer_id == a.worker_id
-                    q = b.subscribe()
+                    q = b.ui_subscribe()
                     a.send_chat("paired after the restart")
                     assert (await next_chat(q))["text"] == "paired after the restart"
             finally:
@@ -72,7 +72,7 @@ async def test_silently_vanished_peer_is_lost_after_peer_timeout_then_a_new_peer
             assert a.peer_id == b.worker_id  # still its peer as far as the rendezvous knows
             # a punches the same peer again, in vain
             await until(lambda: a.state == "punching", "a re-punches", timeout=10)
-            await until(lambda: a._repunch_attempts >= 2, "a second attempt", timeout=10)
+            await until(lambda: a.link.repunch_attempts >= 2, "a second attempt", timeout=10)
             assert a.state != "connected"
             # the peer leaves the rendezvous: a waits, then takes a new peer
             await b.stop()
@@ -80,7 +80,7 @@ async def test_silently_vanished_peer_is_lost_after_peer_timeout_then_a_new_peer
             c = await Worker(config(rv, session=FAST_LINK)).start()
             await asyncio.gather(a.wait_connected(T), c.wait_connected(T))
             assert a.peer_id == c.worker_id
-            q = c.subscribe()
+            q = c.ui_subscribe()
             a.send_chat("hello newcomer")
             assert (await next_chat(q))["text"] == "hello newcomer"
         finally:
@@ -115,7 +115,7 @@ async def test_link_that_goes_dark_comes_back_by_punching_again() -> None:
             assert a.peer_id == b.worker_id and b.peer_id == a.worker_id
             # no new offer was needed: the workers did this on their own
             assert (a.stats["offers"], b.stats["offers"]) == offers
-            q = b.subscribe()
+            q = b.ui_subscribe()
             a.send_chat("back again")
             assert (await next_chat(q))["text"] == "back again"
             assert a.status()["security"]["encrypted"] is True
@@ -133,7 +133,7 @@ async def test_one_side_restarting_its_session_keeps_chat_exactly_once() -> None
         b = await Worker(config(rv, session=slow)).start()
         try:
             await asyncio.gather(a.wait_connected(T), b.wait_connected(T))
-            qa, qb = a.subscribe(), b.subscribe()
+            qa, qb = a.ui_subscribe(), b.ui_subscribe()
             b.send_chat("one")
             assert (await next_chat(qa))["text"] == "one"
             a_gets_nothing = True

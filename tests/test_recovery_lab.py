@@ -33,7 +33,7 @@ async def main():
         repunch_max_delay_s=1.0,
     )
     w = await Worker(cfg).start()
-    q = w.subscribe()
+    q = w.ui_subscribe()
     loop = asyncio.get_running_loop()
     reader = asyncio.StreamReader()
     await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), sys.stdin)

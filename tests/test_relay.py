@@ -75,7 +75,7 @@ class Inbox:
     """Every UI message of one worker from now on."""
 
     def __init__(self, worker: Worker) -> None:
-        self.queue = worker.subscribe()
+        self.queue = worker.ui_subscribe()
         self.seen: list[dict[str, Any]] = []
 
     def _drain(self) -> None:
@@ -198,7 +198,7 @@ async def test_without_relay_the_pair_ends_lost_as_before() -> None:
     async with running_rendezvous(stun_port=0) as rv:
         async with blocked_workers(rv, rv, relay=False) as (a, b, _, _):
             states: dict[str, list[str]] = {"a": [], "b": []}
-            qa, qb = a.subscribe(), b.subscribe()
+            qa, qb = a.ui_subscribe(), b.ui_subscribe()
             await a.wait_for_state("punching", timeout=T)
             await a.wait_for_state("waiting_for_peer", timeout=T)
             await b.wait_for_state("waiting_for_peer", timeout=T)

@@ -19,16 +19,12 @@ from collections.abc import Callable, Sequence
 from p2plab.aio.endpoint import Address, UdpEndpoint
 from p2plab.config import SessionConfig
 from p2plab.core import events as ev
+from p2plab.core.link import RELAY  # a session whose only candidate is RELAY uses relay_send
 from p2plab.core.session import PeerSession
 from p2plab.core.wire import Sealer
 from p2plab.errors import P2PLabError
 
 __all__ = ["RELAY", "HolePuncher"]
-
-#: Pseudo-address of the relay path: a session whose only candidate is RELAY talks to its peer
-#: through the rendezvous (``relay_send``) instead of the UDP socket.  The core session is
-#: address-agnostic; the port is 1 because the core ignores candidates with port 0.
-RELAY: tuple[str, int] = ("relay", 1)
 
 _now = time.monotonic
 

@@ -1,21 +1,20 @@
-"""Worker: ties the UDP endpoint, the rendezvous client, STUN, punching and the UI together.
+"""Worker: the asyncio driver of one :class:`~p2plab.core.link.LinkEngine`.
 
-Life of a worker::
+The engine decides the whole lifecycle (registering, discovering, waiting, punching, connected,
+relayed, lost, re-punching; see :mod:`p2plab.core.link_table`).  The worker only moves bytes:
+the UDP endpoint, the rendezvous client, the STUN and NAT-classification tasks and the HTTP UI
+server.  After every input it does what aioquic's ``transmit`` does: send the engine's
+datagrams, carry out its commands, hand its events on (UI messages, public events, extensions),
+and re-arm ONE timer.
 
-    starting -> registering -> discovering -> waiting_for_peer -> punching -> connected
-                                                   ^                  |           |
-                                                   +------ lost <-----+-----------+
-                                                                      |
-                                               (punch timeout) --> relayed
-
-When punching fails (``PeerLost("punch timeout")`` on a first attempt) and ``relay`` is on, the
-link moves to the rendezvous relay: a new session whose only candidate is the pseudo-address
-:data:`~p2plab.aio.punch.RELAY`; its datagrams (still sealed end to end) travel as ``relay``
-messages over the rendezvous WebSocket.  A worker that receives a relayed datagram from its
-peer while it still punches switches at once, so the two sides need not time out together.
+Features plug in as :class:`~p2plab.aio.extension.Extension` objects handed over at
+construction (``Worker(config, extensions=[...])``); the worker is their
+:class:`~p2plab.aio.extension.WorkerHost`.
 
 The UDP endpoint is bound once and never changes: STUN learns the mapping of that very socket,
-and that mapping is what the peer punches towards.
+and that mapping is what the peer punches towards.  The clock is ``time.monotonic()`` rather
+than ``loop.time()``: uvloop's loop clock has millisecond resolution, too coarse for loopback
+RTTs of tens of microseconds.
 """
 
 from __future__ import annotations
@@ -24,53 +23,49 @@ import asyncio
 import contextlib
 import logging
 import os
-import socket
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Coroutine, Iterable
 from dataclasses import dataclass, field
 from typing import Any
-from urllib.parse import urlsplit
 
+from p2plab.aio import discovery
 from p2plab.aio.endpoint import Address, UdpEndpoint
-from p2plab.aio.punch import RELAY, HolePuncher
+from p2plab.aio.extension import Extension
+from p2plab.aio.hub import EventHub
 from p2plab.aio.rendezvous import Backoff, RendezvousClient
 from p2plab.config import SessionConfig
 from p2plab.core import events as ev
-from p2plab.core.crypto import (
-    Identity,
-    PeerCipher,
-    PlainEnvelope,
-    decode_public_key,
-    fingerprint,
+from p2plab.core.crypto import Identity, PeerCipher, PlainEnvelope, fingerprint
+from p2plab.core.link import (
+    LINK_STATES,
+    RELAY,
+    SECURITY_COUNTERS,
+    Command,
+    DiscoverEndpoint,
+    LinkConfig,
+    LinkEngine,
+    RelayDatagram,
+    SendToRendezvous,
 )
+from p2plab.core.session import PeerSession
 from p2plab.core.signaling import (
-    Candidate,
     ErrorMessage,
     P2PConnectionOffer,
     PeerDisconnected,
     Register,
     Registered,
     RelayIn,
-    UpdateUdpEndpoint,
 )
-from p2plab.errors import ConfigError, NotConnected, P2PLabError, RendezvousError
+from p2plab.errors import ChatFailedError, RendezvousError
 
 __all__ = ["Worker", "WorkerConfig"]
 
 log = logging.getLogger(__name__)
 
-STATES = (
-    "starting",
-    "registering",
-    "discovering",
-    "waiting_for_peer",
-    "punching",
-    "connected",
-    "relayed",
-    "lost",
-    "stopped",
-)
+STATES = LINK_STATES
+
+_now = time.monotonic
 
 
 @dataclass(frozen=True)
@@ -87,8 +82,9 @@ class WorkerConfig:
     """Port the peer UDP socket binds to (0: chosen by the OS)."""
     http_host: str = "127.0.0.1"
     """Address of the worker's HTTP server (UI); the container sets 0.0.0.0."""
-    http_port: int | None = 8080
-    """Port of the HTTP server; 0 picks a free port; None runs no HTTP server."""
+    http_port: int | None = None
+    """Port of the HTTP server; 0 picks a free port; None (the default in Python) runs no HTTP
+    server.  The CLI (``p2plab worker``) and the container serve the UI on 8080."""
     room: str = "default"
     """Rendezvous room: workers are paired within a room."""
     token: str | None = None
@@ -120,81 +116,97 @@ class WorkerConfig:
     benchmarks do not.  False keeps the old behaviour (``lost``, then ``waiting_for_peer``)."""
 
 
-_SECURITY_COUNTERS = ("auth_failures", "replays", "unexpected_source", "peer_restarts")
+def _default_extensions() -> list[Extension]:
+    # The lead points this at the benchmark extension (p2plab/aio/bench/) when it lands, so
+    # that a worker built with the defaults answers benchmarks whatever its process imported.
+    return []
 
 
-def _split_hostport(text: str) -> tuple[str, int]:
-    host, sep, port = text.rpartition(":")
-    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
-        raise ConfigError(f"expected host:port, got {text!r}")
-    return host.strip("[]"), int(port)
+def _hostport(addr: Address | None) -> str | None:
+    return f"{addr[0]}:{addr[1]}" if addr else None
 
 
-def _route_source(host: str) -> str | None:
-    """Local address the kernel would use to reach ``host`` (UDP connect sends nothing)."""
-    try:
-        infos = socket.getaddrinfo(host, 9, socket.AF_INET, socket.SOCK_DGRAM)
-        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
-            s.connect(infos[0][4])
-            return str(s.getsockname()[0])
-    except OSError:
-        return None
+class _LegacyPunch:
+    """``worker.punch``: a read-only view of the current session for the old benchmark code.
+
+    legacy: removed when the bench extension lands.
+    """
+
+    def __init__(self, session: PeerSession, relayed: bool) -> None:
+        self.session = session
+        self.relayed = relayed
+
+    @property
+    def peer_address(self) -> Address | None:
+        return self.session.peer_address
+
+    @property
+    def sealer(self) -> Any:
+        return self.session.sealer
+
+    @property
+    def rtt(self) -> float | None:
+        return self.session.rtt
 
 
 class Worker:
     """One p2plab worker.  Use ``async with Worker(config) as w:`` or ``await w.start()``."""
 
-    def __init__(self, config: WorkerConfig) -> None:
+    # legacy: removed when the bench extension lands (p2plab.aio.bench_state registers here)
+    control_handlers: dict[str, Callable[[Worker, dict[str, Any]], None]] = {}
+
+    def __init__(self, config: WorkerConfig, extensions: Iterable[Extension] | None = None) -> None:
         self.config = config
         self.worker_id = config.worker_id or str(uuid.uuid4())
-        self.state = "starting"
+        self.identity: Identity | None = Identity.generate(os.urandom) if config.encrypt else None
+        """This worker's X25519 key pair (None in plaintext mode)."""
+        self.link = LinkEngine(
+            self.worker_id,
+            config=LinkConfig(
+                session=config.session,
+                relay=config.relay,
+                repunch=config.repunch,
+                repunch_max_delay_s=config.repunch_max_delay_s,
+            ),
+            identity=self.identity,
+            rand_bytes=os.urandom,
+        )
+        """The sans-I/O engine this worker drives."""
+        self.stats = self.link.stats  # one dict: the engine's counters and the driver's
+        self.stats.update(chats_out=0, controls_unknown=0)
         self.endpoint: UdpEndpoint | None = None
-        self._udp_local: Address | None = None
-        self.punch: HolePuncher | None = None
-        self.peer_id: str | None = None
-        self.udp_public: Address | None = None
-        self.observed_ip: str | None = None
         self.http_public_ip: str | None = None
         self.nat: dict[str, Any] | None = None
         self.stun_info: dict[str, Any] | None = None
-        self.error: str | None = None
         self.http_address: Address | None = None
-        self.stats: dict[str, int] = {
-            "offers": 0,
-            "chats_in": 0,
-            "chats_out": 0,
-            "relay_in": 0,
-            "relay_dropped": 0,
-            "relay_switches": 0,
-            "udp_dropped_while_relayed": 0,
-            "controls_unknown": 0,
-        }
-        self.benchmark: Any = None  # set by p2plab.aio.bench when a run is active
+        self._extensions: list[Extension] = list(
+            _default_extensions() if extensions is None else extensions
+        )
+        names = [e.name for e in self._extensions]
+        if len(set(names)) != len(names):
+            raise ValueError(f"extension names must be unique, got {names}")
+        self._hub = EventHub()
+        self._legacy_benchmark: Any = None
+        # legacy: removed when the bench extension lands (bench_state inserts its hook here)
         self.datagram_hooks: list[Callable[[bytes, Address], bool]] = []
-        self._subscribers: set[asyncio.Queue[dict[str, Any]]] = set()
-        self._tasks: list[asyncio.Task[Any]] = []
+        self._tasks: set[asyncio.Task[Any]] = set()
         self._rendezvous: RendezvousClient | None = None
         self._http_server: Any = None
-        self._discovered = asyncio.Event()
-        self._state_changed = asyncio.Condition()
+        self._timer: asyncio.TimerHandle | None = None
+        self._timer_at: float | None = None
+        self._chat_waiters: dict[str, asyncio.Future[ev.ChatDelivered]] = {}
         self._stopped = False
-        self.identity: Identity | None = Identity.generate(os.urandom) if config.encrypt else None
-        """This worker's X25519 key pair (None in plaintext mode)."""
-        self.peer_public_key: bytes | None = None
-        self._offer: P2PConnectionOffer | None = None
-        self._punch_gen = 0
-        self._repunch_attempts = 0
-        self._security_totals: dict[str, int] = dict.fromkeys(_SECURITY_COUNTERS, 0)
 
     # -- lifecycle ------------------------------------------------------------------------------
 
     async def start(self) -> Worker:
-        """Bind the UDP socket, start the HTTP server and the rendezvous client."""
+        """Bind the UDP socket, attach extensions, start the HTTP server and the rendezvous."""
         self.endpoint = await UdpEndpoint.bind(self.config.udp_host, self.config.udp_port)
-        self._udp_local = self.endpoint.local_address
         self.endpoint.peer_handler = self._on_datagram
+        for ext in self._extensions:
+            ext.attach(self)
         if self.config.http_port is not None:
-            from p2plab.server.worker_app import start_http_server
+            from p2plab.server.worker_app import start_http_server  # server builds on aio
 
             self._http_server, self.http_address = await start_http_server(
                 self, self.config.http_host, self.config.http_port
@@ -208,7 +220,7 @@ class Worker:
             backoff=self.config.backoff,
         )
         self._spawn(self._run_rendezvous(), "rendezvous")
-        await self._set_state("registering")
+        self._feed(self.link.start)
         log.info(
             "worker %s: UDP on %s, UI on %s",
             self.worker_id,
@@ -218,12 +230,22 @@ class Worker:
         return self
 
     async def stop(self) -> None:
-        """Say goodbye to the peer, close sockets and stop all tasks."""
+        """Say goodbye to the peer, close extensions, sockets and stop all tasks."""
         if self._stopped:
             return
         self._stopped = True
-        if self.punch is not None:
-            self.punch.close()
+        for ext in self._extensions:
+            try:
+                await asyncio.wait_for(ext.close(), 5.0)
+            except Exception:
+                log.exception("extension %r did not close cleanly", ext.name)
+        self.link.stop(_now())
+        self._transmit()
+        if self._timer is not None:
+            self._timer.cancel()
+        for fut in self._chat_waiters.values():
+            if not fut.done():
+                fut.set_exception(ChatFailedError("?", "worker stopped"))
         if self._http_server is not None:
             self._http_server.should_exit = True
             with contextlib.suppress(Exception):
@@ -242,7 +264,6 @@ class Worker:
             self._http_server.p2plab_task.cancel()
         if self.endpoint is not None:
             self.endpoint.close()
-        await self._set_state("stopped")
 
     async def __aenter__(self) -> Worker:
         return await self.start()
@@ -250,18 +271,209 @@ class Worker:
     async def __aexit__(self, *exc: object) -> None:
         await self.stop()
 
-    def _spawn(self, coro: Any, name: str) -> asyncio.Task[Any]:
+    def _spawn(self, coro: Coroutine[Any, Any, Any], name: str) -> asyncio.Task[Any]:
         task = asyncio.get_running_loop().create_task(coro, name=f"worker-{name}")
-        self._tasks.append(task)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
         return task
 
-    # -- properties ---------------------------------------------------------------------------
+    # -- driving the engine ---------------------------------------------------------------------
+
+    def _feed(self, input_: Callable[[float], object]) -> None:
+        """Give the engine one input (with the clock), then do what it asks."""
+        if self.link.state == "stopped":
+            return  # a stopped engine takes no input; late callbacks end here
+        input_(_now())
+        self._transmit()
+
+    def _transmit(self) -> None:
+        """Send what the engine says, carry out its commands, drain its events, re-arm the timer."""
+        endpoint = self.endpoint
+        now = _now()
+        for data, addr in self.link.datagrams_to_send(now):
+            if endpoint is not None:
+                endpoint.sendto(data, addr)
+        while (cmd := self.link.next_command()) is not None:
+            self._command(cmd)
+        while (event := self.link.next_event()) is not None:
+            self._on_event(event)
+        when = self.link.get_timer()
+        if when != self._timer_at or self._timer is None:
+            if self._timer is not None:
+                self._timer.cancel()
+                self._timer = None
+            self._timer_at = when
+            if when is not None and not self._stopped:
+                loop = asyncio.get_running_loop()
+                self._timer = loop.call_later(max(0.0, when - now), self._on_timer)
+
+    def _on_timer(self) -> None:
+        self._timer = None
+        self._timer_at = None
+        self._feed(self.link.handle_timer)
+
+    def _command(self, cmd: Command) -> None:
+        rendezvous = self._rendezvous
+        if isinstance(cmd, RelayDatagram):
+            if rendezvous is not None:
+                rendezvous.send_relay(cmd.to, cmd.data)
+        elif isinstance(cmd, SendToRendezvous):
+            if rendezvous is not None:
+                self._spawn(rendezvous.send(cmd.message), "rendezvous-send")
+        elif isinstance(cmd, DiscoverEndpoint):
+            self._spawn(self._discover(cmd.observed_ip), "discover")
+
+    def _on_datagram(self, data: bytes, addr: Address) -> None:
+        for ext in self._extensions:
+            if ext.on_datagram(data, addr):
+                return
+        for hook in self.datagram_hooks:  # legacy: removed when the bench extension lands
+            if hook(data, addr):
+                return
+        self._feed(lambda now: self.link.receive_datagram(data, addr, now))
+
+    def _on_event(self, event: ev.Event) -> None:
+        """Turn one engine event into UI messages, public events and extension calls."""
+        if isinstance(event, ev.StateChanged):
+            self.publish(self.status(state=event.state))
+            for ext in self._extensions:
+                ext.on_link_changed(event.state)
+        elif isinstance(event, ev.PathChanged | ev.RttUpdated | ev.PeerRestarted):
+            self.publish_status()
+        elif isinstance(event, ev.ChatReceived):
+            self.publish(
+                {
+                    "type": "chat",
+                    "direction": "in",
+                    "from": event.peer_id,
+                    "id": event.msg_id,
+                    "text": event.text,
+                    "ts": event.sent_at,
+                }
+            )
+        elif isinstance(event, ev.ChatDelivered):
+            self.publish({"type": "chat_delivered", "id": event.msg_id})
+            waiter = self._chat_waiters.pop(event.msg_id, None)
+            if waiter is not None and not waiter.done():
+                waiter.set_result(event)
+        elif isinstance(event, ev.ChatFailed):
+            self.publish({"type": "chat_failed", "id": event.msg_id, "reason": event.reason})
+            waiter = self._chat_waiters.pop(event.msg_id, None)
+            if waiter is not None and not waiter.done():
+                waiter.set_exception(ChatFailedError(event.msg_id, event.reason))
+        elif isinstance(event, ev.ControlReceived):
+            self._on_control(event.obj)
+        elif isinstance(event, ev.ErrorReported):
+            self.publish({"type": "error", "message": event.message})
+        self._hub.emit(event)
+
+    def _on_control(self, obj: dict[str, Any]) -> None:
+        kind = str(obj.get("type"))
+        for ext in self._extensions:
+            if kind in ext.control_types:
+                ext.on_control(obj)
+                return
+        handler = self.control_handlers.get(kind)  # legacy: removed with bench_state
+        if handler is not None:
+            handler(self, obj)
+            return
+        self.stats["controls_unknown"] += 1
+        log.debug("dropping control message of unknown type %r", kind)
+
+    # -- rendezvous and discovery ---------------------------------------------------------------
+
+    def _make_register(self) -> Register:
+        return Register(
+            http_public_ip=self.http_public_ip,
+            room=self.config.room,
+            token=self.config.token,
+            public_key=self.identity.public_b64 if self.identity else None,
+        )
+
+    async def _run_rendezvous(self) -> None:
+        assert self._rendezvous is not None
+        if self.config.public_ip_url:
+            self.http_public_ip = await discovery.fetch_public_ip(self.config.public_ip_url)
+        try:
+            await self._rendezvous.run()
+        except RendezvousError as exc:
+            log.error("%s", exc)
+            reason = str(exc)
+            self._feed(lambda now: self.link.rendezvous_refused(reason, now))
+
+    def _on_rendezvous_state(self, connected: bool) -> None:
+        self._feed(self.link.rendezvous_up if connected else self.link.rendezvous_down)
+        self.publish_status()
+
+    async def _on_rendezvous_message(
+        self, msg: Registered | P2PConnectionOffer | PeerDisconnected | ErrorMessage | RelayIn
+    ) -> None:
+        if isinstance(msg, Registered) and self.http_public_ip is None:
+            self.http_public_ip = msg.observed_ip
+        self._feed(lambda now: self.link.receive_rendezvous(msg, now))
+
+    async def _discover(self, observed_ip: str | None) -> None:
+        """Answer the engine's DiscoverEndpoint: STUN (or the observed address), LAN addresses."""
+        assert self.endpoint is not None
+        found = await discovery.discover_endpoint(
+            self.endpoint, self.config.stun_servers, observed_ip, self.config.stun_timeout_s
+        )
+        self.stun_info = found.stun_info
+        lan = discovery.local_candidates(
+            self.endpoint.local_address, self.config.rendezvous_url, self.config.stun_servers
+        )
+        self._feed(lambda now: self.link.discovered(found.public, lan, now, error=found.error))
+        if found.stun_info is not None and self.config.nat_report:
+            self._spawn(self._classify(), "nat-report")
+
+    async def _classify(self) -> None:
+        nat = await discovery.classify_nat(self.config.udp_host, self.config.stun_servers)
+        if nat is not None:
+            self.nat = nat
+            self.publish_status()
+
+    # -- properties (also the WorkerHost interface of extensions) -------------------------------
+
+    @property
+    def id(self) -> str:
+        """This worker's id (same as :attr:`worker_id`)."""
+        return self.worker_id
+
+    @property
+    def state(self) -> str:
+        """contracts.md's ``state`` (the engine's)."""
+        return self.link.state
+
+    @property
+    def peer_id(self) -> str | None:
+        """The current peer's id, or None without a peer."""
+        return self.link.peer_id
+
+    @property
+    def peer_public_key(self) -> bytes | None:
+        """The current peer's X25519 public key (None without a peer or in plaintext mode)."""
+        return self.link.peer_public_key
+
+    @property
+    def udp_public(self) -> Address | None:
+        """The public UDP endpoint, once discovered."""
+        return self.link.public_endpoint
+
+    @property
+    def observed_ip(self) -> str | None:
+        """The address the rendezvous saw this worker at."""
+        return self.link.observed_ip
+
+    @property
+    def error(self) -> str | None:
+        """The last error the user should see (cleared when a link comes up)."""
+        return self.link.error
 
     @property
     def udp_local(self) -> str:
-        if self._udp_local is None:
+        if self.endpoint is None:
             return ""
-        host, port = self._udp_local
+        host, port = self.endpoint.local_address
         return f"{host}:{port}"
 
     @property
@@ -275,11 +487,17 @@ class Worker:
     @property
     def path(self) -> str | None:
         """``"direct"`` while connected, ``"relayed"`` while relayed, else None."""
-        return {"connected": "direct", "relayed": "relayed"}.get(self.state)
+        return self.link.path
 
     @property
     def rtt(self) -> float | None:
-        return self.punch.rtt if self.punch is not None else None
+        """Smoothed RTT of the peer link in seconds, or None."""
+        return self.link.session.rtt if self.link.session is not None else None
+
+    @property
+    def peer_address(self) -> Address | None:
+        """Where the peer link's datagrams go (None without a direct link)."""
+        return None if self.link.relayed else self.link.peer_address
 
     @property
     def peer_sealer(self) -> PeerCipher | PlainEnvelope | None:
@@ -288,27 +506,34 @@ class Worker:
         The benchmark data path seals with ``peer_sealer.seal_datagram(plain)`` and opens with
         ``peer_sealer.open_datagram(data)`` (None: drop, already counted).
         """
-        if self.punch is None:
-            return None
-        sealer = self.punch.sealer
+        session = self.link.session
+        sealer = session.sealer if session is not None else None
         return sealer if isinstance(sealer, PeerCipher | PlainEnvelope) else None
 
-    def _security_counts(self, punch: HolePuncher | None) -> dict[str, int]:
-        counts: dict[str, int] = dict.fromkeys(_SECURITY_COUNTERS, 0)
-        if punch is None:
-            return counts
-        sealer = punch.sealer
-        stats = getattr(sealer, "stats", {})
-        counts["auth_failures"] = stats.get("auth_failures", 0)
-        counts["replays"] = stats.get("replays", 0)
-        counts["peer_restarts"] = stats.get("peer_restarts", 0)
-        counts["unexpected_source"] = punch.session.stats.get("unexpected_source", 0)
-        return counts
+    @property
+    def punch(self) -> _LegacyPunch | None:
+        """legacy: removed when the bench extension lands (use peer_address / peer_sealer)."""
+        session = self.link.session
+        return _LegacyPunch(session, self.link.relayed) if session is not None else None
 
-    def _retire_punch(self, punch: HolePuncher | None) -> None:
-        """Keep the security counters of a finished link in the worker's totals."""
-        for k, v in self._security_counts(punch).items():
-            self._security_totals[k] += v
+    @property
+    def benchmark(self) -> Any:
+        """The benchmark extension (``extension("benchmark")``), or None without one."""
+        ext = self.extension("benchmark")
+        return ext if ext is not None else self._legacy_benchmark
+
+    @benchmark.setter
+    def benchmark(self, value: Any) -> None:
+        # legacy: removed when the bench extension lands (bench_state keeps its state here)
+        self._legacy_benchmark = value
+
+    def extension(self, name: str) -> Extension | None:
+        """The extension called ``name``, or None."""
+        return next((e for e in self._extensions if e.name == name), None)
+
+    def count(self, name: str, n: int = 1) -> None:
+        """Add ``n`` to the counter ``stats[name]``."""
+        self.stats[name] = self.stats.get(name, 0) + n
 
     def security(self) -> dict[str, Any]:
         """The ``security`` block of ``status()``: encryption, both fingerprints, drop counters.
@@ -316,22 +541,28 @@ class Worker:
         Counters are totals over every link this worker had (datagrams dropped because they did
         not authenticate, were replays or stale, or came from an unexpected address).
         """
-        current = self._security_counts(self.punch)
-        sealer = self.punch.sealer if self.punch is not None else None
+        session = self.link.session
+        sealer = session.sealer if session is not None else None
+        counts = self.link.security_counts()
+        peer_key = self.link.peer_public_key
         return {
             "encrypted": bool(getattr(sealer, "encrypted", self.config.encrypt)),
             "local_fingerprint": self.identity.fingerprint if self.identity else None,
-            "peer_fingerprint": fingerprint(self.peer_public_key)
-            if self.peer_public_key and self.peer_id
-            else None,
-            **{k: self._security_totals[k] + current[k] for k in _SECURITY_COUNTERS},
+            "peer_fingerprint": fingerprint(peer_key) if peer_key and self.peer_id else None,
+            **{k: counts[k] for k in SECURITY_COUNTERS},
         }
 
-    def status(self) -> dict[str, Any]:
-        """The ``status`` message of contracts.md (also served at ``GET /status``)."""
+    def status(self, *, state: str | None = None) -> dict[str, Any]:
+        """The ``status`` message of contracts.md (also served at ``GET /status``).
+
+        ``state`` overrides the current state (a status published for a state the engine has
+        already moved past, e.g. ``lost`` on the way back to ``waiting_for_peer``).
+        """
+        state = self.state if state is None else state
+        session = self.link.session
         peer = None
         if self.peer_id is not None:
-            addr = self.punch.peer_address if self.punch is not None else None
+            addr = self.link.peer_address
             rtt = self.rtt
             peer = {
                 "worker_id": self.peer_id,
@@ -340,16 +571,16 @@ class Worker:
                 else (f"{addr[0]}:{addr[1]}" if addr else None),
                 "rtt_ms": round(rtt * 1000, 3) if rtt is not None else None,
             }
-        session_stats = dict(self.punch.session.stats) if self.punch is not None else {}
+        public = self.udp_public
         return {
             "type": "status",
             "worker_id": self.worker_id,
-            "state": self.state,
+            "state": state,
             "udp_local": self.udp_local,
-            "udp_public": f"{self.udp_public[0]}:{self.udp_public[1]}" if self.udp_public else None,
+            "udp_public": f"{public[0]}:{public[1]}" if public else None,
             "nat": self.nat,
             "peer": peer,
-            "path": self.path,
+            "path": {"connected": "direct", "relayed": "relayed"}.get(state),
             "room": self.config.room,
             "rendezvous": "connected"
             if self._rendezvous and self._rendezvous.connected
@@ -361,87 +592,64 @@ class Worker:
             "stats": {
                 **self.stats,
                 "udp": dict(self.endpoint.stats) if self.endpoint else {},
-                "session": session_stats,
+                "session": dict(session.stats) if session is not None else {},
             },
         }
 
-    # -- events for the UI / notebooks ----------------------------------------------------------
+    # -- UI messages and public events ----------------------------------------------------------
 
-    def subscribe(self) -> asyncio.Queue[dict[str, Any]]:
+    def ui_subscribe(self) -> asyncio.Queue[dict[str, Any]]:
         """A queue that receives every UI message (status, chat, benchmark_*) from now on."""
-        q: asyncio.Queue[dict[str, Any]] = asyncio.Queue(maxsize=10000)
-        self._subscribers.add(q)
-        return q
+        return self._hub.ui_subscribe()
 
-    def unsubscribe(self, q: asyncio.Queue[dict[str, Any]]) -> None:
-        self._subscribers.discard(q)
+    def ui_unsubscribe(self, q: asyncio.Queue[dict[str, Any]]) -> None:
+        """Stop feeding a queue from :meth:`ui_subscribe`."""
+        self._hub.ui_unsubscribe(q)
 
-    async def events(self) -> AsyncIterator[dict[str, Any]]:
+    def ui_messages(self) -> AsyncIterator[dict[str, Any]]:
         """Async iterator over UI messages (status, chat, chat_delivered, benchmark_*)."""
-        q = self.subscribe()
-        try:
-            while True:
-                yield await q.get()
-        finally:
-            self.unsubscribe(q)
+        return self._hub.ui_messages()
 
     def publish(self, msg: dict[str, Any]) -> None:
-        """Send a UI message to every subscriber (slow subscribers lose the oldest messages)."""
-        for q in list(self._subscribers):
-            if q.full():
-                with contextlib.suppress(asyncio.QueueEmpty):
-                    q.get_nowait()
-            q.put_nowait(msg)
+        """Send a UI message to every UI subscriber (slow ones lose the oldest messages)."""
+        self._hub.publish(msg)
 
     def publish_status(self) -> None:
         self.publish(self.status())
 
-    async def _set_state(self, state: str) -> None:
-        assert state in STATES, state
-        if state != self.state:
-            log.info("worker %s: %s -> %s", self.worker_id[:8], self.state, state)
-            self.state = state
-        self.publish_status()
-        async with self._state_changed:
-            self._state_changed.notify_all()
+    def subscribe(
+        self, *kinds: type[ev.Event]
+    ) -> contextlib.AbstractAsyncContextManager[AsyncIterator[ev.Event]]:
+        """Public events of ``kinds`` (every kind when none is given), from entry on::
 
-    def _set_state_soon(self, state: str) -> None:
-        """Change the state now, from a callback; publish it and wake waiters soon.
-
-        The state itself must change synchronously: the core delivers PeerConnected and the
-        peer's first control messages in one pump, and their handlers (benchmarks answering a
-        bench_start) check ``state`` right away.
+        async with worker.subscribe(p2plab.ChatReceived) as chats:
+            await other.chat("hello")
+            msg = await anext(chats)
         """
-        assert state in STATES, state
-        if state != self.state:
-            log.info("worker %s: %s -> %s", self.worker_id[:8], self.state, state)
-            self.state = state
-        asyncio.get_running_loop().create_task(self._set_state(state))
+        return self._hub.subscribe(*kinds)
+
+    def emit(self, event: ev.Event) -> None:
+        """Hand a public event to the subscribers of :meth:`subscribe` (extensions use this)."""
+        self._hub.emit(event)
 
     async def wait_for_state(self, *states: str, timeout: float | None = None) -> str:
-        """Wait until the worker is in one of ``states``; returns it."""
-
-        async def _wait() -> str:
-            async with self._state_changed:
-                await self._state_changed.wait_for(lambda: self.state in states)
-                return self.state
-
-        return await asyncio.wait_for(_wait(), timeout)
+        """Wait until the worker is in one of ``states`` (or passes through one); returns it."""
+        if self.state in states:
+            return self.state
+        return await asyncio.wait_for(self._hub.next_state(states), timeout)
 
     async def wait_connected(self, timeout: float | None = None) -> None:
         """Wait until a direct peer link is up (``wait_for_state("relayed")`` for the relay)."""
         await self.wait_for_state("connected", timeout=timeout)
 
-    # -- chat -----------------------------------------------------------------------------------
+    # -- chat and control -----------------------------------------------------------------------
 
     def send_chat(self, text: str) -> str:
-        """Send a chat message reliably to the peer; returns its id.
+        """Send a chat message reliably to the peer; returns its id at once.
 
         Raises NotConnected without a peer link and ChatTooLong over 4 KiB.
         """
-        if self.punch is None or self.state not in ("connected", "relayed"):
-            raise NotConnected("no peer connected: chat needs a connected peer")
-        msg_id = self.punch.send_chat(text)
+        msg_id = self.link.send_chat(text, _now(), sent_at=time.time())
         self.stats["chats_out"] += 1
         self.publish(
             {
@@ -453,454 +661,26 @@ class Worker:
                 "ts": time.time(),
             }
         )
+        self._transmit()
         return msg_id
 
-    # -- rendezvous -----------------------------------------------------------------------------
+    async def chat(self, text: str, timeout: float | None = None) -> ev.ChatDelivered:
+        """Send a chat message and wait until the peer acknowledges it.
 
-    def _make_register(self) -> Register:
-        return Register(
-            http_public_ip=self.http_public_ip,
-            room=self.config.room,
-            token=self.config.token,
-            public_key=self.identity.public_b64 if self.identity else None,
-        )
-
-    async def _run_rendezvous(self) -> None:
-        assert self._rendezvous is not None
-        if self.config.public_ip_url:
-            self.http_public_ip = await self._fetch_public_ip(self.config.public_ip_url)
-        try:
-            await self._rendezvous.run()
-        except RendezvousError as exc:
-            self.error = str(exc)
-            log.error("%s", exc)
-            await self._set_state("stopped")
-
-    async def _fetch_public_ip(self, url: str) -> str | None:
-        import httpx
-
-        try:
-            async with httpx.AsyncClient(timeout=2.0) as client:
-                resp = await client.get(url)
-                resp.raise_for_status()
-                return resp.text.strip()[:64] or None
-        except (httpx.HTTPError, OSError) as exc:
-            log.warning("could not learn the public IP from %s: %s", url, exc)
-            return None
-
-    def _on_rendezvous_state(self, connected: bool) -> None:
-        if not connected and self.state in ("registering", "discovering", "waiting_for_peer"):
-            self._set_state_soon("registering")
-        else:
-            self.publish_status()
-
-    async def _on_rendezvous_message(
-        self, msg: Registered | P2PConnectionOffer | PeerDisconnected | ErrorMessage | RelayIn
-    ) -> None:
-        if isinstance(msg, RelayIn):
-            self._on_relayed(msg)
-        elif isinstance(msg, Registered):
-            self.observed_ip = msg.observed_ip
-            if self.http_public_ip is None:
-                self.http_public_ip = msg.observed_ip
-            if self.udp_public is None:
-                await self._set_state("discovering")
-                await self._discover()
-            await self._report_endpoint()
-            if self.state not in ("punching", "connected", "relayed"):
-                await self._set_state("waiting_for_peer")
-        elif isinstance(msg, P2PConnectionOffer):
-            await self._on_offer(msg)
-        elif isinstance(msg, PeerDisconnected):
-            if msg.peer_worker_id == self.peer_id:
-                log.info("peer %s left the rendezvous", msg.peer_worker_id)
-                self._drop_peer()
-                await self._set_state("lost")
-                await self._set_state("waiting_for_peer")
-        elif isinstance(msg, ErrorMessage):
-            log.warning("rendezvous error: %s: %s", msg.code, msg.message)
-            self.publish({"type": "error", "message": f"rendezvous: {msg.message}"})
-
-    async def _discover(self) -> None:
-        """Learn the public UDP endpoint of our socket with STUN (or fall back)."""
-        assert self.endpoint is not None
-        local_port = self.endpoint.local_address[1]
-        if not self.config.stun_servers:
-            log.warning(
-                "no STUN server configured (--stun host:port): using the address the rendezvous "
-                "observed (%s) with the local port %d. For NATs, configure a STUN server, e.g. "
-                "a public one such as stun.l.google.com:19302.",
-                self.observed_ip,
-                local_port,
-            )
-            self.udp_public = (self.observed_ip or "127.0.0.1", local_port)
-            return
-        from p2plab.aio.stun import StunProbe
-
-        probe = StunProbe(self.endpoint, list(self.config.stun_servers))
-        try:
-            result = await asyncio.wait_for(probe.mapped_address(), self.config.stun_timeout_s)
-        except (TimeoutError, P2PLabError) as exc:
-            self.error = f"STUN failed: {exc}"
-            log.warning("STUN failed (%s); falling back to the observed address", exc)
-            self.udp_public = (self.observed_ip or "127.0.0.1", local_port)
-            return
-        self.udp_public = (result.mapped[0], result.mapped[1])
-        self.stun_info = {
-            "server": f"{result.server[0]}:{result.server[1]}",
-            "rtt_ms": round(result.rtt_s * 1000, 3),
-        }
-        if self.config.nat_report:
-            self._spawn(self._classify(), "nat-report")
-
-    async def _classify(self) -> None:
-        """RFC 5780 classification, on a socket of its own.
-
-        The behaviour tests (CHANGE-REQUEST, the alternate address) make some NATs hand out new
-        mappings (natlab.md's "leaky" profile); on the punching socket that would change the very
-        mapping the peer was told to punch towards.  A NAT's behaviour is per NAT, not per
-        socket, so a second socket classifies it just as well.
+        Returns the :class:`~p2plab.core.events.ChatDelivered` event; raises
+        :class:`~p2plab.errors.ChatFailedError` when the message is given up, NotConnected
+        without a link, TimeoutError after ``timeout`` seconds.
         """
-        from p2plab.aio.stun import StunProbe
-
+        msg_id = self.send_chat(text)  # an acknowledgement needs a round trip: not yet here
+        waiter: asyncio.Future[ev.ChatDelivered] = asyncio.get_running_loop().create_future()
+        self._chat_waiters[msg_id] = waiter
         try:
-            probe_endpoint = await UdpEndpoint.bind(self.config.udp_host, 0)
-        except OSError as exc:
-            log.info("NAT classification unavailable: %s", exc)
-            return
-        try:
-            report = await StunProbe(probe_endpoint, list(self.config.stun_servers)).nat_report(
-                classic=False
-            )
-        except Exception as exc:
-            log.info("NAT classification unavailable: %s", exc)
-            return
+            return await asyncio.wait_for(waiter, timeout)
         finally:
-            probe_endpoint.close()
-        d = report.to_dict()
-        self.nat = {k: d.get(k) for k in ("mapping", "filtering", "classic")}
-        self.publish_status()
-
-    def _local_candidates(self) -> list[Candidate]:
-        assert self.endpoint is not None
-        host, port = self.endpoint.local_address
-        addrs: list[str] = []
-        if host not in ("0.0.0.0", "::"):
-            addrs.append(host)
-        else:
-            targets = [urlsplit(self.config.rendezvous_url).hostname or ""]
-            targets += [_split_hostport(s)[0] for s in self.config.stun_servers]
-            for target in targets:
-                src = _route_source(target) if target else None
-                if src and src not in addrs:
-                    addrs.append(src)
-        public = self.udp_public
-        return [Candidate(ip=a, port=port) for a in addrs if public is None or (a, port) != public][
-            :8
-        ]
-
-    async def _report_endpoint(self) -> None:
-        if self.udp_public is None or self._rendezvous is None:
-            return
-        await self._rendezvous.send(
-            UpdateUdpEndpoint(
-                udp_ip=self.udp_public[0],
-                udp_port=self.udp_public[1],
-                local_candidates=self._local_candidates(),
-            )
-        )
-
-    # -- peer link ------------------------------------------------------------------------------
-
-    async def _on_offer(self, offer: P2PConnectionOffer) -> None:
-        self.stats["offers"] += 1
-        assert self.endpoint is not None
-        if (
-            offer.peer_worker_id == self.peer_id
-            and self.punch is not None
-            and self.state in ("punching", "connected", "relayed")
-        ):
-            log.info("offer for the current peer %s: keeping the link", self.peer_id)
-            return
-        self._drop_peer()
-        peer_key: bytes | None = None
-        refusal: str | None = None
-        if offer.peer_public_key is not None:
-            try:
-                peer_key = decode_public_key(offer.peer_public_key)
-            except P2PLabError as exc:
-                refusal = f"peer {offer.peer_worker_id} sent an unusable public key: {exc}"
-        if refusal is None and self.identity is not None and peer_key is None:
-            refusal = (
-                f"peer {offer.peer_worker_id} offers no public key: refusing an unencrypted "
-                "link (both workers must run with encryption disabled to allow plaintext)"
-            )
-        if refusal is None and self.identity is None and peer_key is not None:
-            refusal = (
-                f"peer {offer.peer_worker_id} requires encryption, but this worker runs with "
-                "encryption disabled"
-            )
-        if refusal is not None:
-            log.warning("%s", refusal)
-            self.error = refusal
-            self.publish({"type": "error", "message": refusal})
-            await self._set_state("waiting_for_peer")
-            return
-        self._offer = offer
-        self.peer_public_key = peer_key
-        self._repunch_attempts = 0
-        candidates: list[Address] = [(offer.peer_udp_ip, offer.peer_udp_port)]
-        for c in offer.peer_candidates:
-            if (c.ip, c.port) not in candidates and c.port:
-                candidates.append((c.ip, c.port))
-        log.info("offer: peer %s at %s (role %s)", offer.peer_worker_id, candidates, offer.role)
-        self._start_punch(offer, candidates)
-        await self._set_state("punching")
-
-    def _new_sealer(self, offer: P2PConnectionOffer) -> PeerCipher | PlainEnvelope:
-        if self.identity is not None and self.peer_public_key is not None:
-            return PeerCipher(
-                self.identity,
-                self.worker_id,
-                offer.peer_worker_id,
-                self.peer_public_key,
-                os.urandom,
-            )
-        return PlainEnvelope(os.urandom)  # explicit plaintext mode on both sides
-
-    def _start_punch(self, offer: P2PConnectionOffer, candidates: list[Address]) -> None:
-        assert self.endpoint is not None
-        sealer = self._new_sealer(offer)
-        self.peer_id = offer.peer_worker_id
-        self._punch_gen += 1
-        gen = self._punch_gen
-        self.punch = HolePuncher(
-            self.endpoint,
-            local_id=self.worker_id,
-            peer_id=offer.peer_worker_id,
-            candidates=candidates,
-            role=offer.role,
-            config=self.config.session,
-            on_event=lambda event: self._on_peer_event(event, gen),
-            sealer=sealer,
-        )
-
-    def _start_relay(self, offer: P2PConnectionOffer) -> None:
-        """Move the link to ``offer``'s peer onto the rendezvous relay (a fresh session)."""
-        assert self.endpoint is not None
-        if self.punch is not None:
-            self._punch_gen += 1  # the direct attempt's events are stale from now on
-            self.punch.close()
-            self._retire_punch(self.punch)
-        self.stats["relay_switches"] += 1
-        self.peer_id = offer.peer_worker_id
-        self._punch_gen += 1
-        gen = self._punch_gen
-        peer_id = offer.peer_worker_id
-        log.info("punching to %s failed: relaying through the rendezvous", peer_id)
-
-        def relay_send(data: bytes) -> None:
-            if self._rendezvous is not None:
-                self._rendezvous.send_relay(peer_id, data)
-
-        self.punch = HolePuncher(
-            self.endpoint,
-            local_id=self.worker_id,
-            peer_id=peer_id,
-            candidates=[RELAY],
-            role=offer.role,
-            config=self.config.session,
-            on_event=lambda event: self._on_peer_event(event, gen),
-            sealer=self._new_sealer(offer),
-            relay_send=relay_send,
-        )
-
-    def _on_relayed(self, msg: RelayIn) -> None:
-        """A datagram the peer relayed through the rendezvous."""
-        punch = self.punch
-        offer = self._offer
-        if not self.config.relay or offer is None or msg.from_ != self.peer_id:
-            self.stats["relay_dropped"] += 1
-            return
-        if punch is None or not punch.relayed:
-            # The peer gave up punching first: follow it onto the relay now.
-            self._start_relay(offer)
-            self._set_state_soon("punching")
-            punch = self.punch
-            assert punch is not None
-        self.stats["relay_in"] += 1
-        punch.datagram_received(msg.payload(), RELAY)
-
-    def _drop_peer(self) -> None:
-        self._punch_gen += 1  # events of the old link are stale from now on
-        if self.punch is not None:
-            self.punch.close()
-        self._retire_punch(self.punch)
-        self.punch = None
-        self.peer_id = None
-        self.peer_public_key = None
-        self._offer = None
-
-    def _on_datagram(self, data: bytes, addr: Address) -> None:
-        for hook in self.datagram_hooks:
-            if hook(data, addr):
-                return
-        if self.punch is not None and self.punch.relayed:
-            # A relayed link runs over the rendezvous only (late direct probes end here).
-            self.stats["udp_dropped_while_relayed"] += 1
-        elif self.punch is not None:
-            self.punch.datagram_received(data, addr)
-        else:
-            self.endpoint.stats["dropped_no_handler"] += 1  # type: ignore[union-attr]
-
-    def _on_peer_event(self, event: ev.Event, gen: int | None = None) -> None:
-        if gen is not None and gen != self._punch_gen:
-            return  # from a link we already dropped
-        if isinstance(event, ev.PeerConnected):
-            relayed = self.punch is not None and self.punch.relayed
-            log.info("connected to %s at %s", self.peer_id, event.address)
-            self._repunch_attempts = 0
-            self.error = None
-            self._set_state_soon("relayed" if relayed else "connected")
-        elif isinstance(event, ev.PathChanged | ev.RttUpdated):
-            self.publish_status()
-        elif isinstance(event, ev.ChatReceived):
-            self.stats["chats_in"] += 1
-            self.publish(
-                {
-                    "type": "chat",
-                    "direction": "in",
-                    "from": self.peer_id,
-                    "id": event.msg_id,
-                    "text": event.text,
-                    "ts": event.sent_at,
-                }
-            )
-        elif isinstance(event, ev.ChatDelivered):
-            self.publish({"type": "chat_delivered", "id": event.msg_id})
-        elif isinstance(event, ev.ChatFailed):
-            self.publish({"type": "chat_failed", "id": event.msg_id, "reason": event.reason})
-        elif isinstance(event, ev.ControlReceived):
-            self._on_control(event.obj)
-        elif isinstance(event, ev.PeerRestarted):
-            log.info("peer %s restarted its session", self.peer_id)
-            self.publish_status()
-        elif isinstance(event, ev.PeerLost | ev.PeerClosed):
-            reason = getattr(event, "reason", "peer closed")
-            log.info("peer %s lost: %s", self.peer_id, reason)
-            offer, punch = self._offer, self.punch
-            if punch is not None and punch.relayed:
-                self._on_relay_lost(event, offer, punch)
-                return
-            if (
-                self.config.relay
-                and offer is not None
-                and isinstance(event, ev.PeerLost)
-                and event.reason == "punch timeout"
-                and self._repunch_attempts == 0
-            ):
-                # Direct punching failed (e.g. symmetric x symmetric): fall back to the relay.
-                self._start_relay(offer)
-                return
-            # Re-punch a link that was up (or is being re-punched) and fell silent: its NAT may
-            # have dropped the mapping.  The rendezvous says when the peer really left.
-            again = (
-                self.config.repunch
-                and offer is not None
-                and isinstance(event, ev.PeerLost)
-                and (
-                    event.reason == "peer timeout"
-                    or (event.reason == "punch timeout" and self._repunch_attempts > 0)
-                )
-            )
-            self._retire_punch(punch)
-            self.punch = None
-            if again and offer is not None:
-                last = punch.session.peer_address if punch is not None else None
-                known = punch.session.candidates if punch is not None else []
-                self._spawn(self._repunch(offer, last, known), "repunch")
-            else:
-                self.peer_id = None
-                self.peer_public_key = None
-                self._offer = None
-                self._spawn(self._after_loss(), "after-loss")
-
-    def _on_relay_lost(
-        self, event: ev.Event, offer: P2PConnectionOffer | None, punch: HolePuncher
-    ) -> None:
-        """A relayed link ended: set it up again after a peer timeout, else give up."""
-        self._retire_punch(punch)
-        self.punch = None
-        if (
-            offer is not None
-            and isinstance(event, ev.PeerLost)
-            and event.reason == "peer timeout"
-            and not self._stopped
-        ):
-            self._spawn(self._rerelay(offer), "rerelay")
-            return
-        self.peer_id = None
-        self.peer_public_key = None
-        self._offer = None
-        self._spawn(self._after_loss(), "after-loss")
-
-    async def _rerelay(self, offer: P2PConnectionOffer) -> None:
-        gen = self._punch_gen
-        await self._set_state("lost")
-        if gen != self._punch_gen or self._offer is not offer or self._stopped:
-            return
-        self._start_relay(offer)
-        await self._set_state("punching")
-
-    async def _after_loss(self) -> None:
-        await self._set_state("lost")
-        # The rendezvous re-pairs us when it learns the peer left; meanwhile we wait.
-        await self._set_state("waiting_for_peer")
-
-    async def _repunch(
-        self, offer: P2PConnectionOffer, last: Address | None, known: list[Address]
-    ) -> None:
-        """Punch the same peer again (both sides do this on their own after a peer timeout)."""
-        gen = self._punch_gen
-        await self._set_state("lost")
-        delay = min(0.5 * 2 ** max(self._repunch_attempts - 1, 0), self.config.repunch_max_delay_s)
-        if self._repunch_attempts > 0:
-            await asyncio.sleep(delay)
-        if gen != self._punch_gen or self._offer is not offer or self._stopped:
-            return  # a new offer or the peer's departure came first
-        self._repunch_attempts += 1
-        candidates: list[Address] = [last] if last is not None else []
-        for c in known:
-            if c not in candidates:
-                candidates.append(c)
-        log.info(
-            "re-punching peer %s (attempt %d) at %s",
-            offer.peer_worker_id,
-            self._repunch_attempts,
-            candidates,
-        )
-        self._start_punch(offer, candidates)
-        await self._set_state("punching")
-
-    # -- control channel (used by benchmarks) -----------------------------------------------------
-
-    control_handlers: dict[str, Callable[[Worker, dict[str, Any]], None]] = {}
+            self._chat_waiters.pop(msg_id, None)
 
     def send_control(self, obj: dict[str, Any]) -> str:
-        if self.punch is not None and self.state == "relayed":
-            raise NotConnected(
-                "the link to the peer is relayed through the rendezvous: benchmarks need a "
-                "direct path"
-            )
-        if self.punch is None or self.state != "connected":
-            raise NotConnected("no peer connected")
-        return self.punch.send_control(obj)
-
-    def _on_control(self, obj: dict[str, Any]) -> None:
-        kind = obj.get("type")
-        handler = self.control_handlers.get(str(kind))
-        if handler is None:
-            self.stats["controls_unknown"] += 1
-            log.debug("dropping control message of unknown type %r", kind)
-            return
-        handler(self, obj)
+        """Send a reliable control message to the peer; needs a direct link (NotConnected)."""
+        msg_id = self.link.send_control(obj, _now(), sent_at=time.time())
+        self._transmit()
+        return msg_id

@@ -66,7 +66,7 @@ class ChatPanel:
         )
         self._bench_task: asyncio.Task[Any] | None = None
         self._render_status(worker.status())
-        self._queue = worker.subscribe()
+        self._queue = worker.ui_subscribe()
         self._task = asyncio.get_running_loop().create_task(self._follow(), name="chat-panel")
 
     # -- display ------------------------------------------------------------------------------
@@ -191,7 +191,7 @@ class ChatPanel:
     def close(self) -> None:
         """Stop following the worker and close the widgets."""
         self._task.cancel()
-        self.worker.unsubscribe(self._queue)
+        self.worker.ui_unsubscribe(self._queue)
         if self._bench_task is not None:
             self._bench_task.cancel()
         with contextlib.suppress(Exception):

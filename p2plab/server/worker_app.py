@@ -79,7 +79,7 @@ def create_worker_app(worker: Worker) -> FastAPI:
             await ws.close(code=1008, reason="origin not allowed")
             return
         await ws.accept()
-        queue = worker.subscribe()
+        queue = worker.ui_subscribe()
         sender = asyncio.create_task(_pump_to_ui(ws, queue))
         try:
             await ws.send_json(worker.status())
@@ -91,7 +91,7 @@ def create_worker_app(worker: Worker) -> FastAPI:
         except WebSocketDisconnect:
             pass
         finally:
-            worker.unsubscribe(queue)
+            worker.ui_unsubscribe(queue)
             sender.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await sender
