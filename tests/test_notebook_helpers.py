@@ -82,12 +82,15 @@ def test_matrix_grid_from_simulator_rows() -> None:
     for r in rows:
         y = 3 if r["same_lan"] else columns.index(r["profile_a"])
         x = columns.index(r["profile_b"])
-        assert codes[y][x] == (2.0 if r["outcome"] == "direct" else 0.0)
-    assert texts[1][2] == "failed" and texts[2][2] == "failed"
+        relayed = r["fallback"] == "relayed"  # the engine fell back to the relay
+        assert codes[y][x] == (2.0 if r["outcome"] == "direct" else 3.0 if relayed else 0.0)
+    # natlab.md: port-restricted x symmetric and symmetric x symmetric need the relay
+    assert texts[1][2] == texts[2][2] == "failed\n→ relay"
+    assert codes[1][2] == codes[2][2] == 3.0
     assert texts[0][0].endswith("s")  # time to connect
     assert codes[3][0] == 2.0  # same-LAN "open": two public hosts
     table = outcome_table(rows)
-    assert table.loc["port-restricted", "symmetric"] == "failed"
+    assert table.loc["port-restricted", "symmetric"] == "failed → relay"
     assert table.loc["symmetric", "open"] == "direct"
 
 

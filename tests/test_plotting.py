@@ -85,13 +85,16 @@ def _legend_texts(fig) -> list[str]:
 
 
 def test_heatmap_has_a_legend_and_explains_its_cells() -> None:
-    fig = plot_matrix(sim_matrix(["open", "symmetric"], same_lan=()))
+    fig = plot_matrix(sim_matrix(["open", "symmetric"], same_lan=(), relay=False))
     texts = _legend_texts(fig)
     assert any(t.startswith("direct") for t in texts)
     assert any(t.startswith("failed") for t in texts)
     assert not any("relay" in t for t in texts)  # none relayed here: no such entry
     explained = " ".join(_texts(fig.axes[0]))
     assert "to connect" in explained and "natlab.md" in explained
+    # With the relay on (the default), symmetric x symmetric falls back: the legend says so.
+    relayed = _legend_texts(plot_matrix(sim_matrix(["open", "symmetric"], same_lan=())))
+    assert any("relay" in t for t in relayed)
 
 
 KERNEL_ROWS = [

@@ -383,6 +383,8 @@ class Nat:
         self._local_ct: dict[tuple[int, Address], float] = {}
         self._next_port = max(behavior.port_range[0], 20000)
         self._next_lan_host = 2
+        #: Until this virtual time the box passes nothing (see :meth:`reboot`).
+        self.down_until = 0.0
 
     def allocate_lan_ip(self) -> str:
         ip = str(self.lan.network_address + self._next_lan_host)
@@ -490,10 +492,34 @@ class Nat:
             return any(ip == remote[0] for ip, _ in m.permits)
         return remote in m.permits
 
+    def flush(self) -> None:
+        """Forget every mapping, permission and conntrack entry at once (a mapping loss)."""
+        self.stats["flushes"] += 1
+        self._by_key.clear()
+        self._by_port.clear()
+        self._local_ct.clear()
+
+    def reboot(self, downtime: float) -> None:
+        """Lose every mapping and pass nothing for ``downtime`` seconds, as a rebooting box does.
+
+        Ports come back as the allocation rule gives them: a ``preserving`` NAT hands the same
+        external ports out again, so peers that punch again find each other where they were.
+        """
+        self.flush()
+        self.down_until = self.net.clock.now + downtime
+
+    def _down(self) -> bool:
+        if self.net.clock.now < self.down_until:
+            self.stats["dropped_down"] += 1
+            return True
+        return False
+
     # -- forwarding ---------------------------------------------------------------------------
 
     def from_lan(self, src: Address, dst: Address, data: bytes) -> None:
         """A datagram from a LAN host reached the NAT."""
+        if self._down():
+            return
         local = self.hosts.get(dst[0])
         if local is not None:
             self.stats["lan_forwarded"] += 1
@@ -513,6 +539,8 @@ class Nat:
 
     def from_wan(self, src: Address, dst: Address, data: bytes) -> None:
         """A datagram for the NAT's public address arrived."""
+        if self._down():
+            return
         now = self.net.clock.now
         m = self._live(self._by_port.get(dst[1]))
         if m is None or not self._permitted(m, src):

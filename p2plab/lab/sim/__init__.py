@@ -1,13 +1,15 @@
 """In-process NAT simulator: the real sans-I/O core over a simulated network, on a virtual clock.
 
 No root, no sockets, no real time: :class:`Simulation` builds hosts, NAT boxes (RFC 4787 mapping,
-filtering, port allocation, mapping timeout, hairpinning; see :mod:`p2plab.lab.simnet`) and a STUN
-server with two addresses, then drives the very code the workers run:
-:class:`~p2plab.core.session.PeerSession` for punching, keep-alives and chat,
-:class:`~p2plab.core.stun.StunTransaction` and
-:class:`~p2plab.core.discovery.Rfc5780Discovery` for STUN discovery and RFC 5780
-classification, and :class:`~p2plab.core.stun_server.StunResponder` as the STUN server.  One
-seed makes a run reproducible.
+filtering, port allocation, mapping timeout, hairpinning; see :mod:`p2plab.lab.simnet`), a STUN
+server with two addresses and a rendezvous, then drives the very code the workers run: whole
+workers (:class:`SimWorker`: the core :class:`~p2plab.core.link.LinkEngine` and its sessions, so
+the relay fallback and re-punching happen because the engine does them),
+:class:`~p2plab.core.session.PeerSession` for bare punching,
+:class:`~p2plab.core.stun.StunTransaction` and :class:`~p2plab.core.discovery.Rfc5780Discovery`
+for STUN discovery and RFC 5780 classification, and
+:class:`~p2plab.core.stun_server.StunResponder` as the STUN server.  One seed makes a run
+reproducible.
 
 ::
 
@@ -19,16 +21,24 @@ seed makes a run reproducible.
     sim.run_for(300)                    # five virtual minutes, a few milliseconds of real time
     sim.probe(a).mapping                # MappingBehavior.ENDPOINT_INDEPENDENT
 
-:func:`sim_matrix` punches every pair of profiles (plus two hosts behind one NAT) and returns
-rows shaped like the kernel lab's matrix.
+    link = sim.pair(a, b)               # two whole workers, paired by the simulated rendezvous
+    link.outcome, link.fallback         # ("direct", "") or ("failed", "relayed")
+    link.a.send_chat("hi"); link.a.states   # [..., "punching", "connected"]
+
+:func:`sim_matrix` pairs two workers for every pair of profiles (plus two hosts behind one NAT)
+and returns rows shaped like the kernel lab's matrix, its ``fallback`` column included.
 
 The package, one concern per module (imports run one way, top to bottom):
 
 * :mod:`~p2plab.lab.sim.stun_server`: the STUN server (two IPs x two ports);
+* :mod:`~p2plab.lab.sim.stun_client`: Binding transactions on one simulated socket;
 * :mod:`~p2plab.lab.sim.peer`: :class:`SimPeer`, the driver of one socket and its core session;
+* :mod:`~p2plab.lab.sim.rendezvous`: :class:`SimRendezvous`, the real pairing rules over JSON;
+* :mod:`~p2plab.lab.sim.worker`: :class:`SimWorker`, the driver of one core link engine;
 * :mod:`~p2plab.lab.sim.probe`: RFC 5780 discovery and the RFC 3489 classic sequence;
-* :mod:`~p2plab.lab.sim.report`: :class:`PunchResult`;
-* :mod:`~p2plab.lab.sim.world`: :class:`Simulation` (topology, clock, profiles, probe, punch);
+* :mod:`~p2plab.lab.sim.report`: :class:`PunchResult`, :class:`LinkResult`;
+* :mod:`~p2plab.lab.sim.world`: :class:`Simulation` (topology, clock, profiles, probe, punch,
+  worker, pair);
 * :mod:`~p2plab.lab.sim.matrix`: :func:`sim_matrix`, :func:`matrix_dataframe`.
 """
 
@@ -36,7 +46,9 @@ from __future__ import annotations
 
 from p2plab.lab.sim.matrix import matrix_dataframe, sim_matrix
 from p2plab.lab.sim.peer import SimPeer
-from p2plab.lab.sim.report import PunchResult
+from p2plab.lab.sim.rendezvous import SimRendezvous
+from p2plab.lab.sim.report import LinkResult, PunchResult
+from p2plab.lab.sim.worker import SimWorker
 from p2plab.lab.sim.world import (
     EXPECTED_OUTCOMES,
     PROFILES,
@@ -55,9 +67,12 @@ __all__ = [
     "STUN_IPS",
     "STUN_PORTS",
     "LinkConfig",
+    "LinkResult",
     "NatBehavior",
     "PunchResult",
     "SimPeer",
+    "SimRendezvous",
+    "SimWorker",
     "Simulation",
     "matrix_dataframe",
     "profile_behavior",

@@ -1,5 +1,6 @@
-"""The simulated matrix: every pair of NAT profiles punched in a fresh simulation, as rows shaped
-like the kernel lab's matrix (:mod:`p2plab.lab.matrix`)."""
+"""The simulated matrix: every pair of NAT profiles, two whole workers (link engine + sessions)
+paired by the simulated rendezvous in a fresh simulation each, as rows shaped like the kernel
+lab's matrix (:mod:`p2plab.lab.matrix`), its ``fallback`` column included."""
 
 from __future__ import annotations
 
@@ -30,15 +31,20 @@ def sim_matrix(
     config: SessionConfig | None = None,
     skew: float = 0.1,
     classify: bool = True,
+    relay: bool = True,
 ) -> list[dict[str, Any]]:
-    """Punch every ordered pair of ``profiles`` (A controlling) in a fresh simulation each.
+    """Pair two workers for every ordered pair of ``profiles`` (A controlling) in a fresh
+    simulation each.
 
     ``same_lan`` adds one row per profile with both hosts behind one NAT of it (for ``open``: both
     on the public segment), by default for every profile in ``profiles``.  Rows carry the
     kernel lab's columns where they apply
-    (``profile_a``, ``profile_b``, ``same_lan``, ``outcome`` (direct/failed), ``connect_s``
-    (virtual), ``path``, the endpoints, both sides' classification (RFC 3489 and RFC 5780),
-    ``expected`` (natlab.md, where it says) and ``seed``.
+    (``profile_a``, ``profile_b``, ``same_lan``, ``outcome`` (direct/failed: direct punching
+    only), ``fallback`` (``relayed`` when the engines fell back to the rendezvous relay and a chat
+    message crossed it exactly once, else empty), ``connect_s`` (virtual), ``path``
+    (public/lan/relayed), the endpoints, the workers' last states, both sides' classification
+    (RFC 3489 and RFC 5780), ``expected`` (natlab.md, where it says) and ``seed``.  ``config`` is
+    the workers' session config; ``relay=False`` turns the engines' relay fallback off.
     """
     # ``skew``: B gets its offer this long after A (as with the real rendezvous and processes).
     # It matters for leaky NATs only: A's first probe then reaches a leaky B before B has sent
@@ -73,7 +79,7 @@ def sim_matrix(
                 row[f"{side}_nat"] = f"{report.mapping.value}/{report.filtering.value}"
                 row[f"{side}_classic"] = report.classic
                 row[f"{side}_classic_rfc5780"] = report.classic_rfc5780
-        result = sim.punch(host_a, host_b, config=config, skew=skew)
+        result = sim.pair(host_a, host_b, session=config, skew=skew, relay=relay)
         row.update(result.to_dict())
         row["expected"] = "direct" if lan else EXPECTED_OUTCOMES.get((prof_a, prof_b))
         row["seed"] = run_seed

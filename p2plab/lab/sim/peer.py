@@ -11,22 +11,15 @@ from typing import Any, Protocol
 from p2plab.config import SessionConfig
 from p2plab.core import events as ev
 from p2plab.core.session import PeerSession
-from p2plab.core.stun import (
-    RetransmissionPolicy,
-    StunTransaction,
-    TransactionState,
-    make_binding_request,
-    parse_message,
-)
-from p2plab.errors import ConfigError, P2PLabError
+from p2plab.core.stun import RetransmissionPolicy, StunTransaction, TransactionState
+from p2plab.errors import ConfigError
+from p2plab.lab.sim.stun_client import SimStunClient, is_stun
 from p2plab.lab.sim.stun_server import SimStunServer
 from p2plab.lab.simnet import Address, Host, Scheduler, SimSocket, TimerHandle
 
 __all__ = ["SimPeer", "SimWorld"]
 
 log = logging.getLogger(__name__)
-
-_SIM_STUN_POLICY = RetransmissionPolicy(rto=0.25, rc=3, rm=4)
 
 
 class SimWorld(Protocol):
@@ -46,10 +39,6 @@ class SimWorld(Protocol):
     def run_until(self, t: float, stop: Callable[[], bool] | None = None) -> bool: ...
 
 
-def _is_stun(data: bytes) -> bool:
-    return len(data) >= 20 and data[0] < 4 and data[4:8] == b"\x21\x12\xa4\x42"
-
-
 class SimPeer:
     """What a worker does on one simulated socket: STUN and one peer session."""
 
@@ -67,9 +56,7 @@ class SimPeer:
         self.started_at: float | None = None
         self.stats: Counter[str] = Counter()
         self._timer: TimerHandle | None = None
-        self._stun: dict[bytes, tuple[StunTransaction, list[TimerHandle]]] = {}
-        #: Where the response of each answered STUN transaction came from, by transaction id.
-        self.stun_sources: dict[bytes, Address] = {}
+        self.stun_client = SimStunClient(sim.clock, sim.rng, sock)
         sock.on_datagram = self._on_datagram
 
     # -- properties -----------------------------------------------------------------------
@@ -77,6 +64,11 @@ class SimPeer:
     @property
     def local_address(self) -> Address:
         return self.socket.address
+
+    @property
+    def stun_sources(self) -> dict[bytes, Address]:
+        """Where the response of each answered STUN transaction came from, by transaction id."""
+        return self.stun_client.sources
 
     @property
     def state(self) -> str:
@@ -103,19 +95,8 @@ class SimPeer:
 
     def _on_datagram(self, data: bytes, addr: Address) -> None:
         now = self.sim.now
-        if _is_stun(data):
-            try:
-                msg = parse_message(data)
-            except P2PLabError:
-                self.stats["stun_malformed"] += 1
-                return
-            entry = self._stun.get(msg.transaction_id)
-            if entry is None or not entry[0].receive(msg, now):
-                self.stats["stun_unmatched"] += 1
-                return
-            self.stun_sources[msg.transaction_id] = addr
-            for handle in entry[1]:
-                handle.cancel()
+        if is_stun(data):
+            self.stun_client.receive(data, addr)
             return
         if self.session is None:
             self.stats["dropped_no_session"] += 1
@@ -134,26 +115,9 @@ class SimPeer:
         policy: RetransmissionPolicy | None = None,
     ) -> StunTransaction:
         """Start a Binding transaction (the core's) and return it; run the sim to finish it."""
-        request = make_binding_request(
-            self.sim.rng.randbytes, change_ip=change_ip, change_port=change_port
+        return self.stun_client.request(
+            server, change_ip=change_ip, change_port=change_port, policy=policy
         )
-        tx = StunTransaction(request, server, policy or _SIM_STUN_POLICY)
-        handles: list[TimerHandle] = []
-        self._stun[tx.transaction_id] = (tx, handles)
-        tx.start(self.sim.now)
-        self._pump_stun(tx, handles)
-        return tx
-
-    def _pump_stun(self, tx: StunTransaction, handles: list[TimerHandle]) -> None:
-        for data, addr in tx.datagrams_to_send(self.sim.now):
-            self.socket.sendto(data, addr)
-        when = tx.get_timer()
-        if when is not None and not tx.done:
-            handles.append(self.sim.clock.call_at(when, self._stun_timer, tx, handles))
-
-    def _stun_timer(self, tx: StunTransaction, handles: list[TimerHandle]) -> None:
-        tx.handle_timer(self.sim.now)
-        self._pump_stun(tx, handles)
 
     def binding(self, server: Address | None = None, **kwargs: Any) -> StunTransaction:
         """Run one Binding transaction to completion (virtual time passes) and return it."""

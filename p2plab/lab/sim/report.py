@@ -1,4 +1,5 @@
-"""What one simulated punch reports: :class:`PunchResult`, with the kernel lab's matrix columns."""
+"""What one simulated run reports, with the kernel lab's matrix columns: :class:`PunchResult` (two
+bare sessions) and :class:`LinkResult` (two whole workers)."""
 
 from __future__ import annotations
 
@@ -6,9 +7,10 @@ from dataclasses import dataclass
 from typing import Any
 
 from p2plab.lab.sim.peer import SimPeer
+from p2plab.lab.sim.worker import SimWorker
 from p2plab.lab.simnet import Address
 
-__all__ = ["PunchResult"]
+__all__ = ["LinkResult", "PunchResult"]
 
 
 @dataclass(frozen=True)
@@ -42,6 +44,54 @@ class PunchResult:
 
         return {
             "outcome": self.outcome,
+            "connect_s": self.connect_time_s,
+            "path": self.path,
+            "a_public": fmt(self.a_public),
+            "b_public": fmt(self.b_public),
+            "a_peer_endpoint": fmt(self.a_sends_to),
+            "b_peer_endpoint": fmt(self.b_sends_to),
+            "a_state": self.a.state,
+            "b_state": self.b.state,
+        }
+
+
+@dataclass(frozen=True)
+class LinkResult:
+    """The outcome of :meth:`Simulation.pair`: two whole workers, paired by the rendezvous."""
+
+    outcome: str
+    """``"direct"`` when both engines reached ``connected``, else ``"failed"`` (direct punching
+    only, as in the kernel lab's matrix)."""
+    fallback: str
+    """``"relayed"`` when punching failed but both engines ended ``relayed`` and a chat message
+    from a reached b exactly once over the relay and was acknowledged; else ``""``."""
+    connect_time_s: float | None
+    """Virtual seconds from the first offer to both connected (None unless direct)."""
+    a: SimWorker
+    """Worker A (registered first, so ``controlling``); it keeps running as the sim runs on."""
+    b: SimWorker
+    """Worker B (``controlled``)."""
+    a_public: Address | None
+    """A's public address as it discovered it (and reported to the rendezvous)."""
+    b_public: Address | None
+    """B's public address."""
+    a_sends_to: Address | None
+    """The address A's link sends to (B's endpoint as A sees it; None when relayed)."""
+    b_sends_to: Address | None
+    """The address B's link sends to."""
+    path: str | None
+    """``"public"`` or ``"lan"`` (which kind of address A reached B on), ``"relayed"`` when the
+    engines fell back to the relay, None when there is no link."""
+
+    def to_dict(self) -> dict[str, Any]:
+        """The kernel lab's matrix columns (:class:`p2plab.lab.matrix.PairResult`) that apply."""
+
+        def fmt(addr: Address | None) -> str | None:
+            return None if addr is None else f"{addr[0]}:{addr[1]}"
+
+        return {
+            "outcome": self.outcome,
+            "fallback": self.fallback,
             "connect_s": self.connect_time_s,
             "path": self.path,
             "a_public": fmt(self.a_public),

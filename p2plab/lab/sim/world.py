@@ -1,5 +1,6 @@
-"""The simulated internet: topology (NATs, hosts, the STUN server), the virtual clock, the NAT
-profiles, and the two things a run does with them: probing and punching."""
+"""The simulated internet: topology (NATs, hosts, the STUN server, the rendezvous), the virtual
+clock, the NAT profiles, and what a run does with them: probing, punching two bare sessions, and
+pairing two whole workers (:class:`~p2plab.lab.sim.worker.SimWorker`)."""
 
 from __future__ import annotations
 
@@ -9,12 +10,16 @@ from dataclasses import replace
 from typing import Any
 
 from p2plab.config import SessionConfig
+from p2plab.core import events as ev
+from p2plab.core.link import LinkConfig as EngineConfig
 from p2plab.core.nat import NatReport
 from p2plab.errors import ConfigError
 from p2plab.lab.sim.peer import SimPeer
 from p2plab.lab.sim.probe import classic_probe, rfc5780_discovery
-from p2plab.lab.sim.report import PunchResult
+from p2plab.lab.sim.rendezvous import SimRendezvous
+from p2plab.lab.sim.report import LinkResult, PunchResult
 from p2plab.lab.sim.stun_server import SimStunServer
+from p2plab.lab.sim.worker import SimWorker
 from p2plab.lab.simnet import (
     ADF,
     ADM,
@@ -106,6 +111,9 @@ class Simulation:
         for ip in STUN_IPS:
             self.net.public[ip] = stun_host
         self.stun = SimStunServer(stun_host, STUN_IPS, STUN_PORTS)
+        self.rendezvous = SimRendezvous(self.clock)
+        self.workers: dict[str, SimWorker] = {}
+        self._rooms = 0
 
     # -- time -----------------------------------------------------------------------------------
 
@@ -289,3 +297,135 @@ class Simulation:
             b_sends_to=pb.peer_address,
             path=path,
         )
+
+    # -- whole workers --------------------------------------------------------------------------
+
+    def worker(
+        self,
+        host: Host,
+        *,
+        name: str | None = None,
+        port: int = 0,
+        config: EngineConfig | None = None,
+        encrypted: bool = True,
+        room: str = "default",
+        signaling_delay: float = 0.02,
+        use_stun: bool = True,
+        start: bool = True,
+    ) -> SimWorker:
+        """A whole worker (link engine + sessions) on a new socket of ``host``, started unless
+        ``start`` is False: it registers with :attr:`rendezvous`, discovers its endpoint over
+        STUN and is paired with the next worker of ``room``.  ``signaling_delay`` is its
+        rendezvous connection's one-way delay."""
+        name = name or host.name
+        while name in self.workers:
+            name = f"{name}'"
+        w = SimWorker(
+            self,
+            host,
+            host.bind(port),
+            name,
+            self.rendezvous,
+            config=config,
+            encrypted=encrypted,
+            room=room,
+            signaling_delay=signaling_delay,
+            use_stun=use_stun,
+        )
+        self.workers[name] = w
+        if start:
+            w.start()
+        return w
+
+    def pair(
+        self,
+        a: Host | SimWorker,
+        b: Host | SimWorker,
+        *,
+        relay: bool = True,
+        config: EngineConfig | None = None,
+        session: SessionConfig | None = None,
+        encrypted: bool = True,
+        skew: float = 0.0,
+        timeout: float | None = None,
+        check_relay_chat: bool = True,
+    ) -> LinkResult:
+        """Run two whole workers on ``a`` and ``b`` until their engines settle.
+
+        A registers first (so the rendezvous makes it ``controlling``); B's rendezvous connection
+        is ``skew`` seconds slower, so B gets its offer that much later.  ``relay`` turns the
+        engines' relay fallback on or off.  When both end ``relayed`` and ``check_relay_chat``,
+        A sends one chat message over the relay; ``fallback`` says ``relayed`` only if B got it
+        exactly once and A saw it acknowledged (the kernel lab's rule).  The workers keep running
+        afterwards as the simulation runs on.
+        """
+        cfg = replace(config or EngineConfig(), relay=relay)
+        if session is not None:
+            cfg = replace(cfg, session=session)
+        self._rooms += 1
+        room = f"pair{self._rooms}"
+        delay = 0.02
+        wa = (
+            a
+            if isinstance(a, SimWorker)
+            else self.worker(a, config=cfg, encrypted=encrypted, room=room, signaling_delay=delay)
+        )
+        wb = (
+            b
+            if isinstance(b, SimWorker)
+            else self.worker(
+                b, config=cfg, encrypted=encrypted, room=room, signaling_delay=delay + skew
+            )
+        )
+        start = self.now
+        punch = cfg.session.punch_timeout
+        limit = timeout if timeout is not None else skew + 3 * punch + 10.0
+
+        def gave_up(w: SimWorker) -> bool:
+            return w.state == "waiting_for_peer" and w.first_time("punching", start) is not None
+
+        def settled() -> bool:
+            states = (wa.state, wb.state)
+            return states in (("connected",) * 2, ("relayed",) * 2) or (gave_up(wa) and gave_up(wb))
+
+        self.run_until(start + limit, stop=settled)
+        offered = [t for w in (wa, wb) if (t := w.first_time("punching", start)) is not None]
+        direct = wa.state == wb.state == "connected"
+        relayed = wa.state == wb.state == "relayed"
+        connect_time = None
+        path = None
+        if direct:
+            ends = [t for w in (wa, wb) if (t := w.first_time("connected", start)) is not None]
+            connect_time = max(ends) - min(offered) if ends and offered else None
+            lan = wb.local_address != wb.public_address
+            path = "lan" if lan and wa.peer_address == wb.local_address else "public"
+        fallback = ""
+        if relayed:
+            path = "relayed"
+            if not check_relay_chat or self._relay_chat_works(wa, wb):
+                fallback = "relayed"
+        return LinkResult(
+            outcome="direct" if direct else "failed",
+            fallback=fallback,
+            connect_time_s=connect_time,
+            a=wa,
+            b=wb,
+            a_public=wa.public_address,
+            b_public=wb.public_address,
+            a_sends_to=None if relayed else wa.peer_address,
+            b_sends_to=None if relayed else wb.peer_address,
+            path=path,
+        )
+
+    def _relay_chat_works(self, wa: SimWorker, wb: SimWorker, timeout: float = 10.0) -> bool:
+        text = f"relay check {self.now:.3f}"
+        msg_id = wa.send_chat(text)
+
+        def delivered() -> bool:
+            return any(
+                isinstance(e, ev.ChatDelivered) and e.msg_id == msg_id
+                for e in wa.events_of(ev.ChatDelivered)
+            )
+
+        self.run_for(timeout, stop=lambda: delivered() and text in wb.chats_received)
+        return delivered() and wb.chats_received.count(text) == 1

@@ -1,0 +1,186 @@
+"""The simulated rendezvous: the real pairing rules and message models over virtual WebSockets.
+
+Pairing is :class:`rendezvous_service_code.registry.Registry` itself (the rendezvous's pure core:
+same room, both encrypting or both not, first come first served, the earlier registered one is
+``controlling``, ``peer_disconnected`` to the peer of a worker that leaves, which is then paired
+again).  Every message crosses as JSON text through the models of :mod:`p2plab.core.signaling`,
+in both directions, so the simulated workers parse what real workers parse.
+
+A connection is a FIFO pipe with a one-way delay (the WebSocket's latency); the WebSocket is not
+routed through the simulated NATs (TCP through a NAT keeps its mapping while it is open), so the
+rendezvous's view of a worker is its NAT's public IP.  ``relay`` messages are passed only between
+the two workers of a pair, and refusals answered as the service does (its per-connection byte
+budget is not modelled).
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+from collections import Counter
+from collections.abc import Sequence
+from typing import Protocol
+
+from pydantic import BaseModel
+
+from p2plab.core.signaling import (
+    ErrorMessage,
+    Register,
+    RelayIn,
+    RelayOut,
+    UpdateUdpEndpoint,
+    dump_message,
+    parse_worker_message,
+)
+from p2plab.errors import RemoteProtocolError
+from p2plab.lab.simnet import Scheduler
+from rendezvous_service_code.registry import Action, CloseConnection, Registry, SendMessage
+
+__all__ = ["RendezvousClient", "SimRendezvous"]
+
+log = logging.getLogger(__name__)
+
+
+class RendezvousClient(Protocol):
+    """The worker end of a simulated rendezvous connection (:class:`SimWorker` is one)."""
+
+    @property
+    def worker_id(self) -> str: ...
+
+    def rendezvous_connected(self) -> None:
+        """The WebSocket is open (the worker now sends ``register``)."""
+
+    def rendezvous_message(self, text: str) -> None:
+        """One JSON message from the rendezvous."""
+
+    def rendezvous_closed(self) -> None:
+        """The rendezvous closed the connection."""
+
+
+class _Connection:
+    def __init__(self, conn_id: str, client: RendezvousClient, observed_ip: str, delay: float):
+        self.conn_id = conn_id
+        self.client = client
+        self.observed_ip = observed_ip
+        self.delay = delay
+        self.open = True
+        self.reported: set[str] = set()  # relay refusal kinds already answered with an error
+
+
+class SimRendezvous:
+    """One rendezvous service on the simulation's clock."""
+
+    def __init__(self, clock: Scheduler, *, relay: bool = True) -> None:
+        self.clock = clock
+        self.relay = relay
+        """Whether ``relay`` messages are passed on (``P2P_RELAY``); else refused with an error."""
+        self.registry = Registry()
+        self.stats: Counter[str] = Counter()
+        self._conns: dict[str, _Connection] = {}
+        self._ids = itertools.count(1)
+
+    def connect(self, client: RendezvousClient, *, observed_ip: str, delay: float = 0.02) -> str:
+        """Open a connection for ``client`` (it learns ``delay`` seconds later); returns its id."""
+        conn = _Connection(f"c{next(self._ids)}", client, observed_ip, delay)
+        self._conns[conn.conn_id] = conn
+        self.clock.call_later(delay, self._opened, conn)
+        return conn.conn_id
+
+    def send(self, conn_id: str, text: str) -> None:
+        """A worker sends one JSON message on its connection (it arrives after the delay)."""
+        conn = self._conns.get(conn_id)
+        if conn is None or not conn.open:
+            self.stats["sent_while_closed"] += 1
+            return
+        self.clock.call_later(conn.delay, self._received, conn, text)
+
+    def disconnect(self, conn_id: str) -> None:
+        """The worker closed its connection (or vanished): its peer hears ``peer_disconnected``."""
+        conn = self._conns.pop(conn_id, None)
+        if conn is None:
+            return
+        conn.open = False
+        self.clock.call_later(conn.delay, self._closed, conn)
+
+    # -- internals ----------------------------------------------------------------------------
+
+    def _opened(self, conn: _Connection) -> None:
+        if conn.open:
+            conn.client.rendezvous_connected()
+
+    def _closed(self, conn: _Connection) -> None:
+        self._carry_out(self.registry.unregister(conn.client.worker_id, conn.conn_id))
+
+    def _received(self, conn: _Connection, text: str) -> None:
+        if not conn.open:
+            return
+        try:
+            msg = parse_worker_message(text)
+        except RemoteProtocolError as exc:
+            self.stats["bad_messages"] += 1
+            self._deliver(conn, ErrorMessage(code="bad_message", message=str(exc)))
+            return
+        wid = conn.client.worker_id
+        if isinstance(msg, Register):
+            actions = self.registry.register(
+                wid,
+                conn.conn_id,
+                room=msg.room,
+                now=self.clock.now,
+                ws_observed_ip=conn.observed_ip,
+                http_public_ip=msg.http_public_ip,
+                public_key=msg.public_key,
+            )
+        elif isinstance(msg, UpdateUdpEndpoint):
+            actions = self.registry.update_udp_endpoint(
+                wid, conn.conn_id, msg.udp_ip, msg.udp_port, msg.local_candidates
+            )
+        else:
+            actions = self._relay(conn, msg)
+        self._carry_out(actions)
+
+    def _relay(self, conn: _Connection, msg: RelayOut) -> list[Action]:
+        # As the service: refusals are counted, and answered with one error per kind on a
+        # connection until a datagram goes through again.
+        wid = conn.client.worker_id
+        if not self.relay:
+            return self._refuse(
+                conn, "disabled", "relay_disabled", "this rendezvous does not relay"
+            )
+        target = self.registry.relay_target(wid, conn.conn_id, msg.to)
+        if target is None:
+            why = f"not paired with {msg.to!r}: relay refused"
+            return self._refuse(conn, "unpaired", "relay_refused", why)
+        conn.reported.clear()
+        self.stats["relayed"] += 1
+        return [
+            SendMessage(msg.to, target, RelayIn.model_validate({"from": wid, "data": msg.data}))
+        ]
+
+    def _refuse(self, conn: _Connection, kind: str, code: str, message: str) -> list[Action]:
+        self.stats["relay_refused"] += 1
+        if kind in conn.reported:
+            return []
+        conn.reported.add(kind)
+        err = ErrorMessage(code=code, message=message)
+        return [SendMessage(conn.client.worker_id, conn.conn_id, err)]
+
+    def _carry_out(self, actions: Sequence[Action]) -> None:
+        for action in actions:
+            conn = self._conns.get(action.conn_id)
+            if conn is None:
+                continue
+            if isinstance(action, CloseConnection):
+                del self._conns[action.conn_id]
+                conn.open = False
+                self.clock.call_later(conn.delay, conn.client.rendezvous_closed)
+            else:
+                self._deliver(conn, action.message)
+
+    def _deliver(self, conn: _Connection, message: BaseModel) -> None:
+        text = dump_message(message)
+        self.clock.call_later(conn.delay, self._arrive, conn, text)
+
+    def _arrive(self, conn: _Connection, text: str) -> None:
+        if conn.open:
+            conn.client.rendezvous_message(text)

@@ -1,0 +1,271 @@
+"""A whole simulated worker: the core :class:`~p2plab.core.link.LinkEngine` on a simulated socket.
+
+:class:`SimWorker` is a driver of the engine and nothing more, following the engine's driver
+contract (:mod:`p2plab.core.link`) the way the asyncio worker does: every input with the virtual
+``now``, then datagrams to the socket, commands to the simulated rendezvous or to discovery,
+events recorded with their virtual time, and one timer on the sim clock.  Whatever the link does
+(punching, the relay fallback, re-punching after a mapping loss, waiting again when the peer
+leaves) it does because the engine decided it.
+
+Discovery is a STUN Binding on the worker's own socket against the simulation's STUN server (the
+core's :class:`~p2plab.core.stun.StunTransaction`), falling back to the address the rendezvous
+observed with the local port, as the worker does.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import Counter
+
+from pydantic import BaseModel
+
+from p2plab.core import events as ev
+from p2plab.core.crypto import Identity
+from p2plab.core.link import (
+    Command,
+    DiscoverEndpoint,
+    LinkConfig,
+    LinkEngine,
+    RelayDatagram,
+    SendToRendezvous,
+)
+from p2plab.core.signaling import (
+    Register,
+    RelayOut,
+    dump_message,
+    encode_relay_data,
+    parse_rendezvous_message,
+)
+from p2plab.core.stun import StunTransaction, TransactionState
+from p2plab.errors import RemoteProtocolError
+from p2plab.lab.sim.peer import SimWorld
+from p2plab.lab.sim.rendezvous import SimRendezvous
+from p2plab.lab.sim.stun_client import SimStunClient, is_stun
+from p2plab.lab.simnet import Address, Host, SimSocket, TimerHandle
+
+__all__ = ["SimWorker"]
+
+log = logging.getLogger(__name__)
+
+
+class SimWorker:
+    """One worker (link engine + its sessions) on one socket of a simulated host."""
+
+    def __init__(
+        self,
+        sim: SimWorld,
+        host: Host,
+        sock: SimSocket,
+        worker_id: str,
+        rendezvous: SimRendezvous,
+        *,
+        config: LinkConfig | None = None,
+        encrypted: bool = True,
+        room: str = "default",
+        signaling_delay: float = 0.02,
+        stun_server: Address | None = None,
+        use_stun: bool = True,
+    ) -> None:
+        self.sim = sim
+        self.host = host
+        self.socket = sock
+        self.rendezvous = rendezvous
+        self.room = room
+        self.signaling_delay = signaling_delay
+        self.stun_server = (stun_server or sim.stun.primary) if use_stun else None
+        identity = Identity.generate(sim.rng.randbytes) if encrypted else None
+        self.engine = LinkEngine(
+            worker_id, config=config, identity=identity, rand_bytes=sim.rng.randbytes
+        )
+        #: Every engine event with the virtual time it came out: ``(t, event)``.
+        self.events: list[tuple[float, ev.Event]] = []
+        self.stats: Counter[str] = Counter()
+        self.conn_id: str | None = None
+        self.stun_client = SimStunClient(sim.clock, sim.rng, sock)
+        self._timer: TimerHandle | None = None
+        sock.on_datagram = self._on_datagram
+
+    # -- what a test reads ----------------------------------------------------------------------
+
+    @property
+    def worker_id(self) -> str:
+        return self.engine.worker_id
+
+    @property
+    def state(self) -> str:
+        """The engine's state (contracts.md's ``state``)."""
+        return self.engine.state
+
+    @property
+    def local_address(self) -> Address:
+        return self.socket.address
+
+    @property
+    def public_address(self) -> Address | None:
+        """The public endpoint the worker discovered (and reported to the rendezvous)."""
+        return self.engine.public_endpoint
+
+    @property
+    def peer_address(self) -> Address | None:
+        """Where the current link sends to (:data:`p2plab.core.link.RELAY` when relayed)."""
+        return self.engine.peer_address
+
+    @property
+    def states(self) -> list[str]:
+        """Every state the engine moved to, in order (from its ``StateChanged`` events)."""
+        return [e.state for _, e in self.events if isinstance(e, ev.StateChanged)]
+
+    @property
+    def chats_received(self) -> list[str]:
+        """Texts of the chat messages received, in order."""
+        return [e.text for _, e in self.events if isinstance(e, ev.ChatReceived)]
+
+    def events_of(self, kind: type[ev.Event]) -> list[ev.Event]:
+        return [e for _, e in self.events if isinstance(e, kind)]
+
+    def first_time(self, state: str, since: float = 0.0) -> float | None:
+        """Virtual time the engine first entered ``state`` at or after ``since``, or None."""
+        for t, e in self.events:
+            if t >= since and isinstance(e, ev.StateChanged) and e.state == state:
+                return t
+        return None
+
+    # -- lifecycle ------------------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Start the engine and connect to the rendezvous (as ``p2plab worker`` does)."""
+        self.engine.start(self.sim.now)
+        self.pump()
+        nat = self.host.nat
+        observed = nat.public_ip if nat is not None else self.host.ip
+        self.conn_id = self.rendezvous.connect(
+            self, observed_ip=observed, delay=self.signaling_delay
+        )
+
+    def send_chat(self, text: str) -> str:
+        """Send a chat message over the current link (direct or relayed); returns its id."""
+        now = self.sim.now
+        msg_id = self.engine.send_chat(text, now, sent_at=now)
+        self.pump()
+        return msg_id
+
+    def leave(self, *, bye: bool = True) -> None:
+        """Stop: BYE to the peer (unless ``bye`` is False: the worker vanishes), close the
+        rendezvous connection (the peer hears ``peer_disconnected``) and the socket."""
+        if not bye:
+            self.socket.close()
+        if self.conn_id is not None:
+            self.rendezvous.disconnect(self.conn_id)
+            self.conn_id = None
+        self.engine.stop(self.sim.now)
+        self.pump()
+        self.socket.close()
+
+    # -- the rendezvous connection (RendezvousClient) -------------------------------------------
+
+    def rendezvous_connected(self) -> None:
+        if self.state == "stopped":
+            return
+        self.engine.rendezvous_up(self.sim.now)
+        self.pump()
+        key = self.engine.identity.public_b64 if self.engine.identity is not None else None
+        self._to_rendezvous(Register(room=self.room, public_key=key))
+
+    def rendezvous_message(self, text: str) -> None:
+        try:
+            msg = parse_rendezvous_message(text)
+        except RemoteProtocolError:
+            self.stats["rendezvous_bad_messages"] += 1
+            return
+        if self.state == "stopped":
+            return
+        self.engine.receive_rendezvous(msg, self.sim.now)
+        self.pump()
+
+    def rendezvous_closed(self) -> None:
+        self.conn_id = None
+        if self.state != "stopped":
+            self.engine.rendezvous_down(self.sim.now)
+            self.pump()
+
+    def _to_rendezvous(self, msg: BaseModel) -> None:
+        if self.conn_id is None:  # the contract: dropped while the rendezvous is down
+            self.stats["rendezvous_down_dropped"] += 1
+            return
+        self.rendezvous.send(self.conn_id, dump_message(msg))
+
+    # -- the driver contract --------------------------------------------------------------------
+
+    def pump(self) -> None:
+        """Datagrams to the socket, commands carried out, events recorded, one timer re-armed."""
+        now = self.sim.now
+        engine = self.engine
+        for data, addr in engine.datagrams_to_send(now):
+            self.socket.sendto(data, addr)
+        while (cmd := engine.next_command()) is not None:
+            self._carry_out(cmd)
+        while (event := engine.next_event()) is not None:
+            self.events.append((now, event))
+            log.debug("%.3f %s: %s", now, self.worker_id, event)
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        when = engine.get_timer()
+        if when is not None:
+            self._timer = self.sim.clock.call_at(when, self._on_timer)
+
+    def _carry_out(self, cmd: Command) -> None:
+        if isinstance(cmd, SendToRendezvous):
+            self._to_rendezvous(cmd.message)
+        elif isinstance(cmd, RelayDatagram):
+            self.stats["relayed_out"] += 1
+            self._to_rendezvous(RelayOut(to=cmd.to, data=encode_relay_data(cmd.data)))
+        elif isinstance(cmd, DiscoverEndpoint):
+            self._discover(cmd.observed_ip)
+        else:  # a command this driver does not know: a newer engine
+            self.stats["unknown_commands"] += 1
+            log.warning("%s: unknown engine command %r", self.worker_id, cmd)
+
+    def _on_timer(self) -> None:
+        self._timer = None
+        self.engine.handle_timer(self.sim.now)
+        self.pump()
+
+    def _on_datagram(self, data: bytes, addr: Address) -> None:
+        if is_stun(data):
+            self.stun_client.receive(data, addr)
+            return
+        self.engine.receive_datagram(data, addr, self.sim.now)
+        self.pump()
+
+    # -- discovery ------------------------------------------------------------------------------
+
+    def _discover(self, observed_ip: str | None) -> None:
+        if self.stun_server is None:
+            # No STUN server: the observed address with the local port (answered on the next
+            # tick so the engine is never re-entered from inside its own pump).
+            self.sim.clock.call_later(0.0, self._discovered_fallback, observed_ip, "no STUN")
+            return
+        self.stun_client.request(self.stun_server, on_done=self._stun_done)
+
+    def _stun_done(self, tx: StunTransaction) -> None:
+        mapped = None
+        if tx.state is TransactionState.SUCCEEDED and tx.response is not None:
+            mapped = tx.response.attributes.get("XOR-MAPPED-ADDRESS")
+        if mapped is None:
+            self._discovered_fallback(self.engine.observed_ip, "STUN discovery failed")
+            return
+        self._discovered((str(mapped[0]), int(mapped[1])), None)
+
+    def _discovered_fallback(self, observed_ip: str | None, why: str) -> None:
+        ip = observed_ip or self.local_address[0]
+        self._discovered((ip, self.local_address[1]), f"{why}: using {ip} and the local port")
+
+    def _discovered(self, public: Address, error: str | None) -> None:
+        if self.state == "stopped":
+            return
+        self.engine.discovered(public, [self.local_address], self.sim.now, error=error)
+        self.pump()
+
+    def __repr__(self) -> str:
+        return f"SimWorker({self.worker_id!r}, {self.local_address}, {self.state})"
