@@ -58,7 +58,7 @@ class _Pinger:
         self.done: asyncio.Future[None] = endpoint.loop.create_future()
 
     def _build(self, seq: int) -> bytes:
-        cb._TAIL.pack_into(self.packet, 8, seq, 0)
+        cb.TAIL.pack_into(self.packet, 8, seq, 0)
         data = bytes(self.packet)
         return self.sealer.seal_datagram(data) if self.sealer is not None else data
 
