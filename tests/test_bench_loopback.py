@@ -18,9 +18,7 @@ from typing import Any
 import pytest
 from websockets.asyncio.client import connect
 
-from p2plab.aio.bench import Benchmark
-from p2plab.aio.bench_state import _BenchState
-from p2plab.aio.bench_ui import stop_benchmark_from_ui
+from p2plab.aio.bench import Benchmark, stop_benchmark_from_ui
 from p2plab.aio.endpoint import mmsg_supported
 from p2plab.aio.worker import Worker, WorkerConfig
 from p2plab.errors import BenchmarkError, NotConnected
@@ -206,14 +204,14 @@ async def test_peer_refuses_a_request_it_cannot_serve_and_says_why() -> None:
     async with two_workers() as (a, b):
         busy = asyncio.create_task(Benchmark(b).run(duration_s=30, payload_size=200, rate_mbps=5))
         try:
-            await until(lambda: _BenchState.of(a).receiving is not None, "b's run to start")
+            await until(lambda: a.benchmark.answering.receiving is not None, "b's run to start")
             # Not a timeout: b answers at once that it is busy.
             with pytest.raises(BenchmarkError, match="already running"):
                 await asyncio.wait_for(
                     Benchmark(a).run(duration_s=0.5, payload_size=200, direction="receive"), T
                 )
         finally:
-            _BenchState.of(b).stop_requested = True
+            Benchmark(b).stop()
             await asyncio.wait_for(busy, T)
 
 
@@ -221,7 +219,7 @@ async def test_stop_from_the_receiving_ui_still_gives_both_ends_a_result() -> No
     async with two_workers() as (a, b):
         q = b.subscribe()
         run = asyncio.create_task(Benchmark(a).run(duration_s=60, payload_size=200, rate_mbps=5))
-        await until(lambda: _BenchState.of(b).receiving is not None, "a's run to start")
+        await until(lambda: b.benchmark.answering.receiving is not None, "a's run to start")
         assert await stop_benchmark_from_ui(b) is None
         r = await asyncio.wait_for(run, T)  # the sender's run returns, with the peer's report
         assert r.role == "sender" and r.duration_s < 60
@@ -425,10 +423,8 @@ async def test_blocking_rtt_against_a_peer_on_another_loop_keeps_chat_flowing(
             async def chat_mid_run() -> None:
                 # Runs on a's loop between blocking chunks, i.e. while the run is going on
                 # (polling: the pinger has no event to wait on).
-                state = getattr(a, "benchmark", None)
-                while state is None or state.pinger is None:
+                while a.benchmark.driving.pinger is None:
                     await asyncio.sleep(0)
-                    state = getattr(a, "benchmark", None)
                 a.send_chat("from a")
                 b_loop.call_soon_threadsafe(b.send_chat, "from b")
 
@@ -444,7 +440,7 @@ async def test_blocking_rtt_against_a_peer_on_another_loop_keeps_chat_flowing(
             assert rtt.busy_poll_us == (1000.0 if wait == "busy-poll" else 0.0)
             assert 0 < rtt.min_ms <= rtt.p50_ms <= rtt.max_ms
             # The responder took the blocking path, and answered every ping.
-            state = b.benchmark
+            state = b.benchmark.answering
             assert state.rtt_task is not None
             await asyncio.wrap_future(
                 asyncio.run_coroutine_threadsafe(asyncio.wait_for(state.rtt_task, T), b_loop)

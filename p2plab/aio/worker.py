@@ -32,7 +32,9 @@ from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import urlsplit
 
+from p2plab.aio.bench.extension import BenchmarkExtension
 from p2plab.aio.endpoint import Address, UdpEndpoint
+from p2plab.aio.extension import Extension
 from p2plab.aio.punch import RELAY, HolePuncher
 from p2plab.aio.rendezvous import Backoff, RendezvousClient
 from p2plab.config import SessionConfig
@@ -141,11 +143,28 @@ def _route_source(host: str) -> str | None:
         return None
 
 
+def _default_extensions() -> list[Extension]:
+    """The extensions a worker gets when none are given: the benchmark."""
+    return [BenchmarkExtension()]
+
+
 class Worker:
     """One p2plab worker.  Use ``async with Worker(config) as w:`` or ``await w.start()``."""
 
-    def __init__(self, config: WorkerConfig) -> None:
+    def __init__(self, config: WorkerConfig, extensions: list[Extension] | None = None) -> None:
         self.config = config
+        self._extensions = list(extensions) if extensions is not None else _default_extensions()
+        names = [ext.name for ext in self._extensions]
+        if len(set(names)) != len(names):
+            raise ConfigError(f"extension names must be unique: {names}")
+        self._control_routes: dict[str, Extension] = {}
+        for ext in self._extensions:
+            for kind in ext.control_types:
+                if kind in self._control_routes:
+                    raise ConfigError(f"control type {kind!r} is claimed by two extensions")
+                self._control_routes[kind] = ext
+        self.event_handlers: list[Callable[[ev.Event], None]] = []
+        """Called with every public event an extension emits (``emit``)."""
         self.worker_id = config.worker_id or str(uuid.uuid4())
         self.state = "starting"
         self.endpoint: UdpEndpoint | None = None
@@ -169,8 +188,8 @@ class Worker:
             "udp_dropped_while_relayed": 0,
             "controls_unknown": 0,
         }
-        self.benchmark: Any = None  # set by p2plab.aio.bench when a run is active
         self.datagram_hooks: list[Callable[[bytes, Address], bool]] = []
+        """Fault injection for tests: each sees a datagram after the extensions; True drops it."""
         self._subscribers: set[asyncio.Queue[dict[str, Any]]] = set()
         self._tasks: list[asyncio.Task[Any]] = []
         self._rendezvous: RendezvousClient | None = None
@@ -193,6 +212,8 @@ class Worker:
         self.endpoint = await UdpEndpoint.bind(self.config.udp_host, self.config.udp_port)
         self._udp_local = self.endpoint.local_address
         self.endpoint.peer_handler = self._on_datagram
+        for ext in self._extensions:
+            ext.attach(self)
         if self.config.http_port is not None:
             from p2plab.server.worker_app import start_http_server
 
@@ -222,6 +243,9 @@ class Worker:
         if self._stopped:
             return
         self._stopped = True
+        for ext in self._extensions:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(ext.close(), 5.0)
         if self.punch is not None:
             self.punch.close()
         if self._http_server is not None:
@@ -401,6 +425,8 @@ class Worker:
         if state != self.state:
             log.info("worker %s: %s -> %s", self.worker_id[:8], self.state, state)
             self.state = state
+            for ext in self._extensions:
+                ext.on_link_changed(state)
         self.publish_status()
         async with self._state_changed:
             self._state_changed.notify_all()
@@ -416,6 +442,8 @@ class Worker:
         if state != self.state:
             log.info("worker %s: %s -> %s", self.worker_id[:8], self.state, state)
             self.state = state
+            for ext in self._extensions:
+                ext.on_link_changed(state)
         asyncio.get_running_loop().create_task(self._set_state(state))
 
     async def wait_for_state(self, *states: str, timeout: float | None = None) -> str:
@@ -742,6 +770,9 @@ class Worker:
         self._offer = None
 
     def _on_datagram(self, data: bytes, addr: Address) -> None:
+        for ext in self._extensions:
+            if ext.on_datagram(data, addr):
+                return
         for hook in self.datagram_hooks:
             if hook(data, addr):
                 return
@@ -884,8 +915,6 @@ class Worker:
 
     # -- control channel (used by benchmarks) -----------------------------------------------------
 
-    control_handlers: dict[str, Callable[[Worker, dict[str, Any]], None]] = {}
-
     def send_control(self, obj: dict[str, Any]) -> str:
         if self.punch is not None and self.state == "relayed":
             raise NotConnected(
@@ -898,9 +927,43 @@ class Worker:
 
     def _on_control(self, obj: dict[str, Any]) -> None:
         kind = obj.get("type")
-        handler = self.control_handlers.get(str(kind))
-        if handler is None:
+        ext = self._control_routes.get(kind) if isinstance(kind, str) else None
+        if ext is None:
             self.stats["controls_unknown"] += 1
             log.debug("dropping control message of unknown type %r", kind)
             return
-        handler(self, obj)
+        ext.on_control(obj)
+
+    # -- extensions (p2plab.aio.extension) --------------------------------------------------------
+
+    def extension(self, name: str) -> Extension | None:
+        """The extension called ``name``, or None."""
+        for ext in self._extensions:
+            if ext.name == name:
+                return ext
+        return None
+
+    @property
+    def benchmark(self) -> BenchmarkExtension:
+        """The benchmark extension: ``await worker.benchmark.run(...)``, ``.rtt(...)``."""
+        ext = self.extension(BenchmarkExtension.name)
+        if not isinstance(ext, BenchmarkExtension):
+            raise ConfigError("this worker was built without the benchmark extension")
+        return ext
+
+    @property
+    def peer_address(self) -> Address | None:
+        """Where the peer link's datagrams go (None without a link)."""
+        return self.punch.peer_address if self.punch is not None else None
+
+    def emit(self, event: ev.Event) -> None:
+        """Hand a public event to every handler in :attr:`event_handlers`."""
+        for handler in list(self.event_handlers):
+            try:
+                handler(event)
+            except Exception:
+                log.exception("event handler failed on %r", event)
+
+    def count(self, name: str, n: int = 1) -> None:
+        """Add ``n`` to the counter ``stats[name]``."""
+        self.stats[name] = self.stats.get(name, 0) + n

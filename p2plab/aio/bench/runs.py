@@ -1,7 +1,7 @@
-"""Benchmark: UDP throughput and RTT over a worker's punched link (issue 4).
+"""The driving end of benchmark runs: UDP throughput and RTT over a worker's punched link.
 
 Runs over the established path: the worker's own socket (so through the NAT mapping the link
-uses), to ``worker.punch.peer_address``.  Coordination rides the session's reliable control
+uses), to ``WorkerHost.peer_address``.  Coordination rides the session's reliable control
 messages, so chat and keep-alives keep flowing during a run::
 
     sender                                   receiver
@@ -15,12 +15,13 @@ messages, so chat and keep-alives keep flowing during a run::
 
 Both ends then hold both views and publish ``benchmark_result`` for both roles; each publishes
 ``benchmark_progress`` once per interval (the sender also relays the receiver's).  This module
-is the driving end (:class:`Benchmark`); the answering end's state is in
-:mod:`p2plab.aio.bench_state`, its receiver's accounting in :mod:`p2plab.aio.bench_receiver`, the
-ping-pong in :mod:`p2plab.aio.bench_rtt`.
+is the driving end (:class:`Driving`, used through :class:`~p2plab.aio.bench.Benchmark` and
+``worker.benchmark``); the answering end is :mod:`p2plab.aio.bench.answering`, its receiver's
+accounting :mod:`p2plab.aio.bench.receiver`, the ping-pong :mod:`p2plab.aio.bench.rtt`, and the
+control messages' waits and retries :mod:`p2plab.core.bench.control`.
 
 Encryption (issue 8).  By default every benchmark datagram (data, ping, pong, credit) is sealed
-whole with the link's sealer (``worker.peer_sealer``, a ChaCha20-Poly1305
+whole with the link's sealer (``WorkerHost.peer_sealer``, a ChaCha20-Poly1305
 :class:`~p2plab.core.crypto.PeerCipher`) and opened by the receiver; datagrams that do not open
 are counted (``auth_failures``) and never enter the accounting.  The UDP payload keeps the size
 asked for (the sealed plaintext is ``SEAL_OVERHEAD`` bytes shorter).  ``Benchmark(worker,
@@ -67,62 +68,62 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Sequence
-from dataclasses import replace
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
-from p2plab.aio.bench_common import (
-    _CREDIT_TIMEOUT_NS,
-    _RTT_BLOCK_S,
-    _RTT_IDLE_S,
-    _RTT_SPIN_MAX_US,
-    _RTT_SPIN_US,
-    _YIELD_NS,
+from p2plab.aio.bench.answering import Answering
+from p2plab.aio.bench.common import (
+    CREDIT_TIMEOUT_NS,
+    RTT_BLOCK_S,
+    RTT_IDLE_S,
+    RTT_SPIN_MAX_US,
+    YIELD_NS,
     BenchSealer,
-    _new_run_id,
-    _now_iso,
-    _open,
-    _overhead,
-    _peer_on_loop,
-    _receiver_row,
-    _same,
-    _sender_row,
+    new_run_id,
+    now_iso,
+    open_sealed,
+    overhead,
+    peer_on_loop,
+    receiver_row,
+    same_address,
+    sender_row,
 )
-from p2plab.aio.bench_rtt import (
-    _Pinger,
-)
-from p2plab.aio.bench_state import _BenchState
-from p2plab.aio.bench_ui import (
-    register_cli,
-    start_benchmark_from_ui,
-    stop_benchmark_from_ui,
-)
+from p2plab.aio.bench.rtt import Pinger
 from p2plab.core import bench as cb
+from p2plab.core.bench.control import BenchControl
 from p2plab.core.crypto import SEAL_OVERHEAD
+from p2plab.core.events import BenchmarkFinished, BenchmarkProgress
 from p2plab.errors import NotConnected, P2PLabError
 from p2plab.results import BenchResult, RttResult
 
 if TYPE_CHECKING:
     from p2plab.aio.endpoint import Address, UdpEndpoint
-    from p2plab.aio.worker import Worker
+    from p2plab.aio.extension import WorkerHost
 
-__all__ = [
-    "BenchResult",
-    "BenchSealer",
-    "Benchmark",
-    "RttResult",
-    "register_cli",
-    "start_benchmark_from_ui",
-    "stop_benchmark_from_ui",
-]
+__all__ = ["Driving", "RunOptions", "Sending"]
 
 log = logging.getLogger(__name__)
 
 
-# -- per-worker state ---------------------------------------------------------------------------
+@dataclass(frozen=True)
+class RunOptions:
+    """How the driving end runs (``Benchmark(worker, ...)``'s keyword arguments)."""
+
+    gso: bool | None = None
+    """None uses UDP GSO where the kernel has it; False forces plain sends."""
+
+    timeout_s: float = 10.0
+    """How long to wait for the peer's answers (``bench_ready``, ``bench_report``)."""
+
+    encrypt: bool | None = None
+    """None seals when the link has an encrypting sealer; True requires one; False never."""
+
+    flow_control: bool = True
+    """Obey the receiver's credit window."""
 
 
-class _Sending:
+class Sending:
     """The sender's side of a run: the credit window, fed by BENCH_CREDIT datagrams."""
 
     def __init__(
@@ -144,9 +145,9 @@ class _Sending:
 
     def on_credit(self, view: memoryview, addr: Address) -> None:
         """Fast handler for BENCH_CREDIT."""
-        if self.window is None or not _same(addr, self.addr):
+        if self.window is None or not same_address(addr, self.addr):
             return
-        pt = _open(self.sealer, view)
+        pt = open_sealed(self.sealer, view)
         if pt is None:
             self.auth_failures += 1
             return
@@ -162,139 +163,173 @@ class _Sending:
             w.set_result(None)
 
 
-# -- the public API ----------------------------------------------------------------------------
-
-
-class Benchmark:
-    """UDP throughput and RTT measurements over ``worker``'s connected peer link."""
+class Driving:
+    """The driving end of a worker's runs; its answers come as events through :meth:`resolve`."""
 
     def __init__(
         self,
-        worker: Worker,
-        *,
-        gso: bool | None = None,
-        timeout_s: float = 10.0,
-        encrypt: bool | None = None,
-        sealer: BenchSealer | None = None,
-        flow_control: bool = True,
+        host: WorkerHost,
+        control: BenchControl,
+        flush: Callable[[], None],
+        answering: Answering,
     ) -> None:
-        """Measure over ``worker``'s link.
+        self.host = host
+        self.control = control
+        self.flush = flush
+        self.answering = answering
+        self.waiters: dict[tuple[str, int], asyncio.Future[dict[str, Any]]] = {}
+        self.sending: asyncio.Task[Any] | None = None
+        """The throughput run this worker sends, if any (one at a time)."""
+        self.stop_requested = False
+        """Set to end the stream of the run being sent (it still collects the report)."""
+        self.pinger: Pinger | None = None
 
-        ``gso``: None uses UDP GSO where the kernel has it; False forces plain sends.
-        ``encrypt``: None seals benchmark datagrams when the link has an encrypting sealer; True
-        requires one (:class:`~p2plab.errors.P2PLabError` otherwise); False is the explicit
-        unencrypted mode.  ``sealer``: use this sealer on this worker instead of the link's (the
-        peer must hold the matching one).  ``flow_control``: obey the receiver's credit window.
-        """
-        self.worker = worker
-        self.gso = gso
-        self.timeout_s = timeout_s
-        self.encrypt = encrypt
-        self.flow_control = flow_control
-        self.state = _BenchState.of(worker)
-        if sealer is not None:
-            self.state.sealer_override = sealer
+    # -- answers from the control protocol ---------------------------------------------------
 
-    def _link(self) -> tuple[UdpEndpoint, Address]:
-        w = self.worker
-        addr = w.punch.peer_address if w.punch is not None else None
-        if w.state == "relayed":
+    def expect(self, kind: str, run_id: int) -> asyncio.Future[dict[str, Any]]:
+        fut: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
+        self.waiters[(kind, run_id)] = fut
+        return fut
+
+    def resolve(self, kind: str, run_id: int, answer: dict[str, Any]) -> None:
+        fut = self.waiters.pop((kind, run_id), None)
+        if fut is not None and not fut.done():
+            fut.set_result(answer)
+
+    def fail(self, kind: str, run_id: int, exc: BaseException) -> None:
+        fut = self.waiters.pop((kind, run_id), None)
+        if fut is not None and not fut.done():
+            fut.set_exception(exc)
+
+    async def _wait(self, fut: asyncio.Future[dict[str, Any]], kind: str, rid: int) -> Any:
+        try:
+            return await fut  # the control protocol ends every wait (answer or timeout)
+        finally:
+            self.waiters.pop((kind, rid), None)
+            if fut.cancelled():  # our caller gave up: so does the protocol
+                self.control.cancel(rid)
+
+    def close(self) -> None:
+        """The worker stops: fail every wait."""
+        for fut in self.waiters.values():
+            if not fut.done():
+                fut.set_exception(NotConnected("the worker stopped"))
+        self.waiters.clear()
+        self.stop_requested = True
+
+    # -- the link ------------------------------------------------------------------------------
+
+    def link(self) -> tuple[UdpEndpoint, Address]:
+        h = self.host
+        addr = h.peer_address
+        if h.state == "relayed":
             raise NotConnected(
                 "the link is relayed through the rendezvous: benchmarks need a direct path"
             )
-        if w.endpoint is None or addr is None or w.state != "connected":
+        if h.endpoint is None or addr is None or h.state != "connected":
             raise NotConnected("no peer connected: a benchmark needs a connected peer")
-        return w.endpoint, addr
+        return h.endpoint, addr
 
-    def _sealer(self) -> BenchSealer | None:
-        """The sealer this run uses (None: unencrypted)."""
-        if self.encrypt is False:
+    def sealer(self, options: RunOptions) -> BenchSealer | None:
+        """The sealer a run uses (None: unencrypted)."""
+        if options.encrypt is False:
             return None
-        sealer = self.state.sealer()
-        if sealer is None and self.encrypt:
+        sealer = self.answering.sealer()
+        if sealer is None and options.encrypt:
             raise P2PLabError("encrypt=True but the link has no encrypting sealer")
         return sealer
 
-    async def _ask(self, obj: dict[str, Any], reply: str, timeout: float) -> dict[str, Any]:
-        fut = self.state.wait_for(reply, int(obj["run_id"]))
-        self.worker.send_control(obj)
-        try:
-            answer = await asyncio.wait_for(fut, timeout)
-        except TimeoutError:
-            raise P2PLabError(
-                f"peer did not answer {obj['type']} with {reply} in {timeout} s"
-            ) from None
-        finally:
-            self.state.waiters.pop((reply, int(obj["run_id"])), None)
-        if answer.get("error"):
-            raise P2PLabError(f"peer refused {obj['type']}: {answer['error']}")
+    def _now(self) -> float:
+        return asyncio.get_running_loop().time()
+
+    async def _start(self, params: dict[str, Any], timeout_s: float) -> dict[str, Any]:
+        """Send bench_start, return the peer's bench_ready (P2PLabError if refused or silent)."""
+        rid = int(params["run_id"])
+        fut = self.expect("bench_ready", rid)
+        self.control.start(params, self._now(), timeout_s)
+        self.flush()
+        answer: dict[str, Any] = await self._wait(fut, "bench_ready", rid)
         return answer
+
+    # -- throughput ----------------------------------------------------------------------------
 
     async def run(
         self,
-        duration_s: float = 5.0,
-        payload_size: int = 1200,
-        rate_mbps: float = 0.0,
-        interval_s: float = 1.0,
-        direction: str = "send",
-        *,
-        run_id: int | None = None,
+        duration_s: float,
+        payload_size: int,
+        rate_mbps: float,
+        interval_s: float,
+        direction: str,
+        run_id: int | None,
+        options: RunOptions,
     ) -> BenchResult:
-        """One throughput run; returns this side's view with the peer's in ``peer_view``.
-
-        ``direction="send"``: we send, the peer counts; ``"receive"``: the peer sends to us.
-        """
         cb.validate_params(payload_size, rate_mbps, duration_s)
         if interval_s <= 0:
             raise ValueError("interval_s must be > 0")
-        self._link()
-        rid = run_id if run_id is not None else _new_run_id()
+        self.link()
+        rid = run_id if run_id is not None else new_run_id()
         if direction == "receive":
-            return await self._receive(rid, duration_s, payload_size, rate_mbps, interval_s)
+            return await self._receive(
+                rid, duration_s, payload_size, rate_mbps, interval_s, options
+            )
         if direction != "send":
             raise ValueError(f"direction must be 'send' or 'receive', got {direction!r}")
         task = asyncio.current_task()
-        if self.state.sending is None or self.state.sending.done():
-            self.state.sending = task
-        return await self._send(rid, duration_s, payload_size, rate_mbps, interval_s)
+        if self.sending is None or self.sending.done():
+            self.sending = task
+        return await self._send(rid, duration_s, payload_size, rate_mbps, interval_s, options)
 
     async def _receive(
-        self, rid: int, duration_s: float, size: int, rate: float, interval_s: float
+        self,
+        rid: int,
+        duration_s: float,
+        size: int,
+        rate: float,
+        interval_s: float,
+        options: RunOptions,
     ) -> BenchResult:
         fut: asyncio.Future[BenchResult] = asyncio.get_running_loop().create_future()
-        self.state.received_results[rid] = fut
-        self.worker.send_control(
+        self.answering.received_results[rid] = fut
+        self.control.request(
             {
-                "type": "bench_request",
                 "run_id": rid,
                 "duration_s": duration_s,
                 "payload_size": size,
                 "rate_mbps": rate,
                 "interval_s": interval_s,
-                "encrypt": self.encrypt,
-                "flow_control": self.flow_control,
-            }
+                "encrypt": options.encrypt,
+                "flow_control": options.flow_control,
+            },
+            self._now(),
+            options.timeout_s,
         )
+        self.flush()
         try:
-            return await asyncio.wait_for(fut, duration_s + 2 * self.timeout_s)
+            return await asyncio.wait_for(fut, duration_s + 2 * options.timeout_s)
         finally:
-            self.state.received_results.pop(rid, None)
+            self.answering.received_results.pop(rid, None)
+            self.control.cancel(rid)
 
     async def _send(
-        self, rid: int, duration_s: float, size: int, rate: float, interval_s: float
+        self,
+        rid: int,
+        duration_s: float,
+        size: int,
+        rate: float,
+        interval_s: float,
+        options: RunOptions,
     ) -> BenchResult:
-        w = self.worker
-        ep, addr = self._link()
-        sealer = self._sealer()
-        overhead = _overhead(sealer)
-        if size - overhead < cb.HEADER_SIZE:
+        h = self.host
+        ep, addr = self.link()
+        sealer = self.sealer(options)
+        extra = overhead(sealer)
+        if size - extra < cb.HEADER_SIZE:
             raise ValueError(
-                f"payload_size must be >= {cb.HEADER_SIZE + overhead} bytes when encrypted"
+                f"payload_size must be >= {cb.HEADER_SIZE + extra} bytes when encrypted"
             )
-        started_at = _now_iso()
-        use_gso = ep.gso if self.gso is None else (self.gso and ep.gso)
-        params = {
-            "type": "bench_start",
+        started_at = now_iso()
+        use_gso = ep.gso if options.gso is None else (options.gso and ep.gso)
+        params: dict[str, Any] = {
             "mode": "throughput",
             "run_id": rid,
             "duration_s": duration_s,
@@ -304,13 +339,13 @@ class Benchmark:
             "started_at": started_at,
             "gso": use_gso,
             "encrypted": sealer is not None,
-            "flow_control": self.flow_control,
+            "flow_control": options.flow_control,
         }
-        ready = await self._ask(params, "bench_ready", self.timeout_s)
-        window = ready.get("window") if self.flow_control else None
-        if self.flow_control and not isinstance(window, int):
+        ready = await self._start(params, options.timeout_s)
+        window = ready.get("window") if options.flow_control else None
+        if options.flow_control and not isinstance(window, int):
             params["flow_control"] = False  # a peer without credit reports
-        sending = _Sending(
+        sending = Sending(
             ep,
             addr,
             rid,
@@ -320,74 +355,74 @@ class Benchmark:
         if sending.window is not None:
             ep.set_fast_handler(cb.BENCH_CREDIT, sending.on_credit)
         sent, send_s = 0, 0.0
-        self.state.stop_requested = False
+        self.stop_requested = False
         try:
             sent, send_s = await self._stream(
-                ep, addr, rid, size, rate, duration_s, interval_s, use_gso, sending
+                ep, rid, size, duration_s, interval_s, use_gso, sending, rate
             )
         finally:
             ep.set_fast_handler(cb.BENCH_CREDIT, None)
             end = {
-                "type": "bench_end",
                 "run_id": rid,
                 "packets_sent": sent,
                 "bytes_sent": sent * size,
                 "duration_s": send_s,
                 "gso": use_gso,
             }
-            try:
-                w.send_control(end)
-            except P2PLabError as exc:
-                log.info("cannot send bench_end: %s", exc)
+            report_fut = self.expect("bench_report", rid)
+            self.control.end(end, self._now(), options.timeout_s + 2 * (h.rtt or 0))
+            self.flush()
         report: cb.ReceiverReport | None = None
         try:
-            reply = await self._ask_wait("bench_report", rid, self.timeout_s + 2 * (w.rtt or 0))
-            report = cb.ReceiverReport.from_dict(reply["report"])
+            reply = await self._wait(report_fut, "bench_report", rid)
+            report = cb.ReceiverReport.from_dict(reply)
         except (P2PLabError, KeyError, TypeError, ValueError) as exc:
             log.warning("run %s: no usable report from the receiver: %s", rid, exc)
         gro = bool(ready.get("gro", False))
-        mine = _sender_row(w, rid, started_at, params, end, report, local=True, gro=gro)
+        mine = sender_row(h, rid, started_at, params, end, report, local=True, gro=gro)
         rows = [mine]
         if report is not None:
-            theirs = _receiver_row(
-                w, rid, started_at, {**params, "sent_mbps": mine.mbps}, report, gro=gro
+            theirs = receiver_row(
+                h, rid, started_at, {**params, "sent_mbps": mine.mbps}, report, gro=gro
             )
-            theirs = replace(theirs, local_worker=w.peer_id or "", peer_worker=w.worker_id)
+            theirs = replace(theirs, local_worker=h.peer_id or "", peer_worker=h.worker_id)
             rows.append(theirs)
             mine = replace(mine, peer_view=theirs)
         for row in rows:
-            w.publish(row.to_message())
+            h.publish(row.to_message())
+        h.emit(BenchmarkFinished(rid, mine.to_dict()))
         return mine
 
-    async def _ask_wait(self, reply: str, rid: int, timeout: float) -> dict[str, Any]:
-        fut = self.state.waiters.get((reply, rid))
-        if fut is None:
-            fut = self.state.wait_for(reply, rid)
-        try:
-            return await asyncio.wait_for(fut, timeout)
-        except TimeoutError:
-            raise P2PLabError(f"no {reply} within {timeout:.1f} s") from None
-        finally:
-            self.state.waiters.pop((reply, rid), None)
+    def _progress(self, rid: int, elapsed_s: float, mbps: float, duration_s: float) -> None:
+        self.host.publish(
+            {
+                "type": "benchmark_progress",
+                "role": "sender",
+                "elapsed_s": round(elapsed_s, 6),
+                "mbps": round(mbps, 3),
+                "lost": 0,
+                "run_id": str(rid),
+                "duration_s": duration_s,
+            }
+        )
+        self.host.emit(BenchmarkProgress(rid, "sender", elapsed_s, mbps, 0))
 
     async def _stream(
         self,
         ep: UdpEndpoint,
-        addr: Address,
         rid: int,
         size: int,
-        rate: float,
         duration_s: float,
         interval_s: float,
         gso: bool,
-        sending: _Sending,
+        sending: Sending,
+        rate: float,
     ) -> tuple[int, float]:
         """Send BENCH_DATA for ``duration_s``; returns (datagrams sent, seconds spent)."""
-        # The report future must exist before bench_end can be answered.
-        self.state.wait_for("bench_report", rid)
+        addr = sending.addr
         sealer = sending.sealer
         window = sending.window
-        plain = size - _overhead(sealer)
+        plain = size - overhead(sealer)
         per_call = min(64, 65507 // size) if gso else 1
         batch = max(1, min(256, (256 * 1024) // size)) if not gso else per_call * 4
         template = cb.make_template(cb.BENCH_DATA, rid, plain, batch)
@@ -410,7 +445,7 @@ class Benchmark:
         iv_sent = 0
         iv_start = t0
         now = t0
-        while now < deadline and not self.state.stop_requested:
+        while now < deadline and not self.stop_requested:
             allow = pacer.allowance((now - t0) / 1e9)
             if allow == 0:
                 wait = pacer.next_time() - (now - t0) / 1e9
@@ -420,7 +455,7 @@ class Benchmark:
             if window is not None:
                 credit = window.allowance(seq)
                 if credit == 0:
-                    if now - sending.last_credit_ns > _CREDIT_TIMEOUT_NS:
+                    if now - sending.last_credit_ns > CREDIT_TIMEOUT_NS:
                         # No credit for long: what is in flight is lost; start afresh.
                         window.update(seq, window.received)
                         sending.last_credit_ns = now
@@ -453,74 +488,46 @@ class Benchmark:
                     break
                 await ep.wait_writable()
                 last_yield = now = clock()
-            elif now - last_yield > _YIELD_NS:
+            elif now - last_yield > YIELD_NS:
                 await asyncio.sleep(0)
                 last_yield = now = clock()
             if now >= next_report:
                 secs = (now - iv_start) / 1e9
-                self.worker.publish(
-                    {
-                        "type": "benchmark_progress",
-                        "role": "sender",
-                        "elapsed_s": round((now - t0) / 1e9, 6),
-                        "mbps": round(iv_sent * size * 8 / secs / 1e6, 3) if secs else 0.0,
-                        "lost": 0,
-                        "run_id": str(rid),
-                        "duration_s": duration_s,
-                    }
-                )
+                mbps = iv_sent * size * 8 / secs / 1e6 if secs else 0.0
+                self._progress(rid, (now - t0) / 1e9, mbps, duration_s)
                 iv_sent, iv_start = 0, now
                 next_report += int(interval_s * 1e9)
         end = clock()
         if iv_sent and end > iv_start:
-            self.worker.publish(
-                {
-                    "type": "benchmark_progress",
-                    "role": "sender",
-                    "elapsed_s": round((end - t0) / 1e9, 6),
-                    "mbps": round(iv_sent * size * 8 / ((end - iv_start) / 1e9) / 1e6, 3),
-                    "lost": 0,
-                    "run_id": str(rid),
-                    "duration_s": duration_s,
-                }
-            )
+            mbps = iv_sent * size * 8 / ((end - iv_start) / 1e9) / 1e6
+            self._progress(rid, (end - t0) / 1e9, mbps, duration_s)
         return seq, (end - t0) / 1e9
+
+    # -- RTT -----------------------------------------------------------------------------------
 
     async def rtt(
         self,
-        count: int = 1000,
-        payload_size: int = 64,
-        timeout_s: float = 1.0,
-        *,
-        blocking: bool = True,
-        busy_poll_us: float = _RTT_SPIN_US,
+        count: int,
+        payload_size: int,
+        timeout_s: float,
+        blocking: bool,
+        busy_poll_us: float,
+        options: RunOptions,
     ) -> RttResult:
-        """Ping-pong ``count`` datagrams one at a time (unanswered in ``timeout_s``: lost).
-
-        ``blocking``: both ends wait for the next datagram on the socket itself (in chunks of
-        at most 50 ms, yielding to the event loop between them), as sockperf does; False waits
-        through the event loop.  Against a peer in this same process both ends use the loop.
-        ``busy_poll_us`` (with ``blocking``): both ends read the socket without sleeping for up
-        to this long after each datagram before they sleep in ``poll(2)``, so a reply that
-        returns within it is measured without the wake-up of a sleeping process (on an idle
-        host that wake-up, not the path, is most of a loopback or LAN round trip).  It keeps a
-        core busy on each end for the length of the run; 0 sleeps at once, like sockperf's
-        default ping-pong (``-F r --nonblocked`` is sockperf's spinning mode).
-        """
         if count < 1:
             raise ValueError("count must be >= 1")
-        if not 0 <= busy_poll_us <= _RTT_SPIN_MAX_US:
-            raise ValueError(f"busy_poll_us must be between 0 and {_RTT_SPIN_MAX_US:g}")
+        if not 0 <= busy_poll_us <= RTT_SPIN_MAX_US:
+            raise ValueError(f"busy_poll_us must be between 0 and {RTT_SPIN_MAX_US:g}")
         cb.validate_params(payload_size, 0, 1)
-        ep, addr = self._link()
-        sealer = self._sealer()
-        if payload_size - _overhead(sealer) < cb.HEADER_SIZE:
+        ep, addr = self.link()
+        sealer = self.sealer(options)
+        if payload_size - overhead(sealer) < cb.HEADER_SIZE:
             raise ValueError(f"payload_size too small for sealed pings: {payload_size}")
-        rid = _new_run_id()
-        started_at = _now_iso()
-        ready = await self._ask(
+        rid = new_run_id()
+        started_at = now_iso()
+        self.stop_requested = False
+        ready = await self._start(
             {
-                "type": "bench_start",
                 "mode": "rtt",
                 "run_id": rid,
                 "payload_size": payload_size,
@@ -528,12 +535,11 @@ class Benchmark:
                 "count": count,
                 "blocking": blocking,
                 "busy_poll_us": busy_poll_us,
-                "idle_s": max(_RTT_IDLE_S, 3 * timeout_s),
+                "idle_s": max(RTT_IDLE_S, 3 * timeout_s),
             },
-            "bench_ready",
-            self.timeout_s,
+            options.timeout_s,
         )
-        blocking = blocking and not _peer_on_loop(ep, addr)
+        blocking = blocking and not peer_on_loop(ep, addr)
         # Busy-polling only counts when both ends do it (a peer that sleeps adds its wake-up).
         try:
             peer_spin_us = float(ready.get("busy_poll_us", 0.0)) if ready.get("blocking") else 0.0
@@ -541,8 +547,8 @@ class Benchmark:
             peer_spin_us = 0.0
         spin_us = min(busy_poll_us, peer_spin_us) if blocking else 0.0
         wait = ("busy-poll" if spin_us else "blocking") if blocking else "event-loop"
-        pinger = _Pinger(ep, addr, rid, count, payload_size, sealer)
-        self.state.pinger = pinger
+        pinger = Pinger(ep, addr, rid, count, payload_size, sealer)
+        self.pinger = pinger
         ep.set_fast_handler(cb.BENCH_PONG, pinger.on_pong)
         done = pinger.done.done
         try:
@@ -550,7 +556,7 @@ class Benchmark:
             last, since = pinger.seq, time.perf_counter()
             while not done():
                 if blocking:
-                    ep.read_blocking(done, min(_RTT_BLOCK_S, timeout_s), spin_us / 1e6)
+                    ep.read_blocking(done, min(RTT_BLOCK_S, timeout_s), spin_us / 1e6)
                     await asyncio.sleep(0)
                     if ep.closed:
                         raise NotConnected("the endpoint closed during an RTT run")
@@ -559,7 +565,7 @@ class Benchmark:
                         await asyncio.wait_for(asyncio.shield(pinger.done), timeout_s)
                     except TimeoutError:
                         pass
-                if done():
+                if done() or self.stop_requested:
                     break
                 now = time.perf_counter()
                 if pinger.seq != last:
@@ -570,8 +576,9 @@ class Benchmark:
                     last, since = pinger.seq, now
         finally:
             ep.set_fast_handler(cb.BENCH_PONG, None)
-            self.state.pinger = None
-            self.state._control({"type": "bench_end", "mode": "rtt", "run_id": rid})
+            self.pinger = None
+            self.control.end({"mode": "rtt", "run_id": rid}, self._now(), 0.0)
+            self.flush()
         samples = [ns / 1e9 for ns in pinger.samples]
         stats = cb.rtt_percentiles(samples)
         return RttResult(
@@ -581,8 +588,8 @@ class Benchmark:
             payload_size=payload_size,
             run_id=str(rid),
             started_at=started_at,
-            local_worker=self.worker.worker_id,
-            peer_worker=self.worker.peer_id or "",
+            local_worker=self.host.worker_id,
+            peer_worker=self.host.peer_id or "",
             encrypted=sealer is not None,
             auth_failures=pinger.auth_failures,
             wait=wait,
@@ -593,12 +600,12 @@ class Benchmark:
 
     async def sweep(
         self,
-        sizes: Sequence[int] = (64, 512, 1200, 8000),
-        duration_s: float = 2.0,
-        rate_mbps: float = 0.0,
-        interval_s: float = 1.0,
-        *,
-        progress: bool = True,
+        sizes: Sequence[int],
+        duration_s: float,
+        rate_mbps: float,
+        interval_s: float,
+        progress: bool,
+        options: RunOptions,
     ) -> list[BenchResult]:
         """One run per payload size, with a tqdm progress bar (a widget in notebooks)."""
         for size in sizes:
@@ -613,7 +620,7 @@ class Benchmark:
             for size in sizes:
                 if bar is not None:
                     bar.set_postfix(size=size)
-                r = await self.run(duration_s, size, rate_mbps, interval_s)
+                r = await self.run(duration_s, size, rate_mbps, interval_s, "send", None, options)
                 results.append(r)
                 if bar is not None:
                     got = r.peer_view.mbps if r.peer_view else 0.0
