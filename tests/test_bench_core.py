@@ -7,8 +7,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from p2plab.core import bench as cb
-from p2plab.core.bench import accounting as cba
 from p2plab.core import wire
+from p2plab.core.bench import accounting as cba
 
 MS = 1_000_000  # ns
 

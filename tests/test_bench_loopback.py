@@ -423,8 +423,11 @@ async def test_blocking_rtt_against_a_peer_on_another_loop_keeps_chat_flowing(
             async def chat_mid_run() -> None:
                 # Runs on a's loop between blocking chunks, i.e. while the run is going on
                 # (polling: the pinger has no event to wait on).
-                while a.benchmark.driving.pinger is None:
+                driving = a.benchmark.driving
+                pinger = driving.pinger
+                while pinger is None:
                     await asyncio.sleep(0)
+                    pinger = driving.pinger
                 a.send_chat("from a")
                 b_loop.call_soon_threadsafe(b.send_chat, "from b")
 
