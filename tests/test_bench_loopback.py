@@ -21,6 +21,7 @@ from websockets.asyncio.client import connect
 from p2plab.aio.bench import Benchmark, stop_benchmark_from_ui
 from p2plab.aio.endpoint import mmsg_supported
 from p2plab.aio.worker import Worker, WorkerConfig
+from p2plab.core.events import BenchmarkFinished, BenchmarkProgress
 from p2plab.errors import BenchmarkError, NotConnected
 from p2plab.results import (
     CSV_COLUMNS,
@@ -466,3 +467,58 @@ async def _wait_text(q: asyncio.Queue[dict[str, Any]], text: str) -> bool:
         m = await asyncio.wait_for(q.get(), T)
         if m["type"] == "chat" and m.get("direction") == "in" and m["text"] == text:
             return True
+
+
+async def test_stop_ends_a_run_early_on_both_ends_with_results() -> None:
+    async with two_workers() as (a, b):
+        qb = b.subscribe()
+        bench = Benchmark(a)
+        assert bench.stop() is False  # nothing runs yet
+        run = asyncio.create_task(bench.run(duration_s=60, payload_size=200, rate_mbps=5))
+        await until(lambda: b.benchmark.answering.receiving is not None, "a's run to start")
+        assert bench.stop() is True
+        r = await asyncio.wait_for(run, T)
+        assert r.role == "sender" and r.duration_s < 60
+        assert r.peer_view is not None and r.peer_view.packets_received == r.packets_sent > 0
+        async with asyncio.timeout(T):  # the receiving end has its result too
+            while True:
+                m = await qb.get()
+                if m["type"] == "benchmark_result" and m["run_id"] == r.run_id:
+                    if m["role"] == "receiver":
+                        assert m["packets_received"] == r.packets_sent
+                        break
+        assert b.benchmark.answering.receiving is None
+
+
+async def test_stop_on_the_receiving_end_of_a_requested_run() -> None:
+    async with two_workers() as (a, b):
+        run = asyncio.create_task(
+            a.benchmark.run(duration_s=60, payload_size=200, rate_mbps=5, direction="receive")
+        )
+        await until(lambda: a.benchmark.answering.receiving is not None, "b's run to start")
+        assert a.benchmark.stop() is True  # asks b, the sender, to end its stream
+        r = await asyncio.wait_for(run, T)
+        assert r.role == "receiver" and r.duration_s < 60
+        assert r.peer_view is not None and r.packets_received == r.peer_view.packets_sent > 0
+        sending = b.benchmark.driving.sending
+        assert sending is not None
+        theirs = await asyncio.wait_for(sending, T)
+        assert theirs.run_id == r.run_id and theirs.packets_sent == r.packets_received
+
+
+async def test_worker_benchmark_is_the_notebook_api_and_emits_events() -> None:
+    async with two_workers() as (a, b):
+        seen: list[Any] = []
+        a.event_handlers.append(seen.append)
+        result = await asyncio.wait_for(
+            a.benchmark.run(duration_s=1, payload_size=1200, rate_mbps=50), T
+        )
+        assert result.peer_view is not None and result.peer_view.packets_received > 0
+        rtt = await asyncio.wait_for(a.benchmark.rtt(count=100), T)
+        assert rtt.received == 100 and rtt.p50_ms <= rtt.p90_ms <= rtt.p99_ms
+        finished = [e for e in seen if isinstance(e, BenchmarkFinished)]
+        assert [e.run_id for e in finished] == [int(result.run_id)]
+        assert finished[0].result["packets_sent"] == result.packets_sent
+        progress = [e for e in seen if isinstance(e, BenchmarkProgress)]
+        assert {e.role for e in progress} == {"sender", "receiver"}
+        assert a.stats["controls_unknown"] == b.stats["controls_unknown"] == 0
