@@ -104,10 +104,6 @@ class BenchmarkExtension(Extension):
         answering = self._answering
         return answering is not None and answering.on_datagram(data, addr)
 
-    def on_link_changed(self, state: str) -> None:
-        if state not in ("connected", "relayed") and self._driving is not None:
-            self._driving.stop_requested = True  # a run in progress ends with what it has
-
     async def close(self) -> None:
         if self._timer is not None:
             self._timer.cancel()
