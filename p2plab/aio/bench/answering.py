@@ -37,6 +37,7 @@ from p2plab.aio.bench.rtt import Responder
 from p2plab.core import bench as cb
 from p2plab.core.bench.control import BenchControl
 from p2plab.core.events import BenchmarkFinished, BenchmarkProgress
+from p2plab.errors import NotConnected
 from p2plab.results import BenchResult
 
 if TYPE_CHECKING:
@@ -199,7 +200,7 @@ class Answering:
             self.host.endpoint.set_fast_handler(cb.BENCH_PING, None)
         for fut in self.received_results.values():
             if not fut.done():
-                fut.cancel()
+                fut.set_exception(NotConnected("the worker stopped"))
 
     async def _tick(self, rec: Receiving) -> None:
         """Publish the receiver's intervals as they close (and relay them to the sender)."""
