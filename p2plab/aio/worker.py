@@ -932,7 +932,11 @@ class Worker:
             self.stats["controls_unknown"] += 1
             log.debug("dropping control message of unknown type %r", kind)
             return
-        ext.on_control(obj)
+        try:
+            ext.on_control(obj)
+        except Exception:  # a peer's message must never raise through the session pump
+            self.count("extension_errors")
+            log.exception("extension %s failed on a %r control message", ext.name, kind)
 
     # -- extensions (p2plab.aio.extension) --------------------------------------------------------
 
