@@ -340,7 +340,7 @@ def build_parser() -> argparse.ArgumentParser:
         register_cli(sub)
 
     try:
-        from p2plab.aio.bench import register_cli as register_bench_cli
+        from p2plab.aio.bench.cli import register_cli as register_bench_cli
     except ImportError:
         pass
     else:

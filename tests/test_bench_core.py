@@ -8,6 +8,7 @@ from hypothesis import strategies as st
 
 from p2plab.core import bench as cb
 from p2plab.core import wire
+from p2plab.core.bench import accounting as cba
 
 MS = 1_000_000  # ns
 
@@ -55,7 +56,7 @@ def test_template_and_vectorised_header_fill_and_parse() -> None:
     for i in range(n):
         h = cb.parse_bench(bytes(buf[i * size : (i + 1) * size]))
         assert h == cb.BenchHeader(cb.BENCH_DATA, 7, 100 + i, 5555)
-    if cb.np is not None:
+    if cba.np is not None:
         kinds, runs, seqs, ts = cb.parse_headers(buf, [i * size for i in range(n)])
         assert kinds.tolist() == [cb.BENCH_DATA] * n
         assert runs.tolist() == [7] * n

@@ -18,11 +18,10 @@ from typing import Any
 import pytest
 from websockets.asyncio.client import connect
 
-from p2plab.aio.bench import Benchmark
-from p2plab.aio.bench_state import _BenchState
-from p2plab.aio.bench_ui import stop_benchmark_from_ui
+from p2plab.aio.bench import Benchmark, stop_benchmark_from_ui
 from p2plab.aio.endpoint import mmsg_supported
 from p2plab.aio.worker import Worker, WorkerConfig
+from p2plab.core.events import BenchmarkFinished, BenchmarkProgress
 from p2plab.errors import BenchmarkError, NotConnected
 from p2plab.results import (
     CSV_COLUMNS,
@@ -206,14 +205,14 @@ async def test_peer_refuses_a_request_it_cannot_serve_and_says_why() -> None:
     async with two_workers() as (a, b):
         busy = asyncio.create_task(Benchmark(b).run(duration_s=30, payload_size=200, rate_mbps=5))
         try:
-            await until(lambda: _BenchState.of(a).receiving is not None, "b's run to start")
+            await until(lambda: a.benchmark.answering.receiving is not None, "b's run to start")
             # Not a timeout: b answers at once that it is busy.
             with pytest.raises(BenchmarkError, match="already running"):
                 await asyncio.wait_for(
                     Benchmark(a).run(duration_s=0.5, payload_size=200, direction="receive"), T
                 )
         finally:
-            _BenchState.of(b).stop_requested = True
+            Benchmark(b).stop()
             await asyncio.wait_for(busy, T)
 
 
@@ -221,7 +220,7 @@ async def test_stop_from_the_receiving_ui_still_gives_both_ends_a_result() -> No
     async with two_workers() as (a, b):
         q = b.ui_subscribe()
         run = asyncio.create_task(Benchmark(a).run(duration_s=60, payload_size=200, rate_mbps=5))
-        await until(lambda: _BenchState.of(b).receiving is not None, "a's run to start")
+        await until(lambda: b.benchmark.answering.receiving is not None, "a's run to start")
         assert await stop_benchmark_from_ui(b) is None
         r = await asyncio.wait_for(run, T)  # the sender's run returns, with the peer's report
         assert r.role == "sender" and r.duration_s < 60
@@ -425,10 +424,11 @@ async def test_blocking_rtt_against_a_peer_on_another_loop_keeps_chat_flowing(
             async def chat_mid_run() -> None:
                 # Runs on a's loop between blocking chunks, i.e. while the run is going on
                 # (polling: the pinger has no event to wait on).
-                state = getattr(a, "benchmark", None)
-                while state is None or state.pinger is None:
+                driving = a.benchmark.driving
+                pinger = driving.pinger
+                while pinger is None:
                     await asyncio.sleep(0)
-                    state = getattr(a, "benchmark", None)
+                    pinger = driving.pinger
                 a.send_chat("from a")
                 b_loop.call_soon_threadsafe(b.send_chat, "from b")
 
@@ -444,7 +444,7 @@ async def test_blocking_rtt_against_a_peer_on_another_loop_keeps_chat_flowing(
             assert rtt.busy_poll_us == (1000.0 if wait == "busy-poll" else 0.0)
             assert 0 < rtt.min_ms <= rtt.p50_ms <= rtt.max_ms
             # The responder took the blocking path, and answered every ping.
-            state = b.benchmark
+            state = b.benchmark.answering
             assert state.rtt_task is not None
             await asyncio.wrap_future(
                 asyncio.run_coroutine_threadsafe(asyncio.wait_for(state.rtt_task, T), b_loop)
@@ -467,3 +467,59 @@ async def _wait_text(q: asyncio.Queue[dict[str, Any]], text: str) -> bool:
         m = await asyncio.wait_for(q.get(), T)
         if m["type"] == "chat" and m.get("direction") == "in" and m["text"] == text:
             return True
+
+
+async def test_stop_ends_a_run_early_on_both_ends_with_results() -> None:
+    async with two_workers() as (a, b):
+        qb = b.ui_subscribe()
+        bench = Benchmark(a)
+        assert bench.stop() is False  # nothing runs yet
+        run = asyncio.create_task(bench.run(duration_s=60, payload_size=200, rate_mbps=5))
+        await until(lambda: b.benchmark.answering.receiving is not None, "a's run to start")
+        assert bench.stop() is True
+        r = await asyncio.wait_for(run, T)
+        assert r.role == "sender" and r.duration_s < 60
+        assert r.peer_view is not None and r.peer_view.packets_received == r.packets_sent > 0
+        async with asyncio.timeout(T):  # the receiving end has its result too
+            while True:
+                m = await qb.get()
+                if m["type"] == "benchmark_result" and m["run_id"] == r.run_id:
+                    if m["role"] == "receiver":
+                        assert m["packets_received"] == r.packets_sent
+                        break
+        assert b.benchmark.answering.receiving is None
+
+
+async def test_stop_on_the_receiving_end_of_a_requested_run() -> None:
+    async with two_workers() as (a, b):
+        run = asyncio.create_task(
+            a.benchmark.run(duration_s=60, payload_size=200, rate_mbps=5, direction="receive")
+        )
+        await until(lambda: a.benchmark.answering.receiving is not None, "b's run to start")
+        assert a.benchmark.stop() is True  # asks b, the sender, to end its stream
+        r = await asyncio.wait_for(run, T)
+        assert r.role == "receiver" and r.duration_s < 60
+        assert r.peer_view is not None and r.packets_received == r.peer_view.packets_sent > 0
+        sending = b.benchmark.driving.sending
+        assert sending is not None
+        theirs = await asyncio.wait_for(sending, T)
+        assert theirs.run_id == r.run_id and theirs.packets_sent == r.packets_received
+
+
+async def test_worker_benchmark_is_the_notebook_api_and_emits_events() -> None:
+    async with two_workers() as (a, b), a.subscribe(BenchmarkProgress, BenchmarkFinished) as sub:
+        result = await asyncio.wait_for(
+            a.benchmark.run(duration_s=1, payload_size=1200, rate_mbps=50), T
+        )
+        assert result.peer_view is not None and result.peer_view.packets_received > 0
+        rtt = await asyncio.wait_for(a.benchmark.rtt(count=100), T)
+        assert rtt.received == 100 and rtt.p50_ms <= rtt.p90_ms <= rtt.p99_ms
+        seen: list[Any] = []
+        while not sub.queue.empty():
+            seen.append(sub.queue.get_nowait())
+        finished = [e for e in seen if isinstance(e, BenchmarkFinished)]
+        assert [e.run_id for e in finished] == [int(result.run_id)]
+        assert finished[0].result["packets_sent"] == result.packets_sent
+        progress = [e for e in seen if isinstance(e, BenchmarkProgress)]
+        assert {e.role for e in progress} == {"sender", "receiver"}
+        assert a.stats["controls_unknown"] == b.stats["controls_unknown"] == 0

@@ -50,18 +50,18 @@ from collections.abc import Callable
 from typing import Any, Protocol
 
 from p2plab.aio.udp_os import (
-    _CMSG_SPACE,
-    _MMSG_FLUSH_BYTES,
-    _U16,
+    CMSG_SPACE,
     MMSG_BATCH,
+    MMSG_FLUSH_BYTES,
     MMSG_RECV_SLOTS,
     SOL_UDP,
+    U16,
     UDP_GRO,
     UDP_MAX_SEGMENTS,
     UDP_SEGMENT,
     Address,
-    _gro_segment,
-    _MmsgIO,
+    MmsgIO,
+    gro_segment,
     gro_supported,
     gso_supported,
     mmsg_supported,
@@ -164,10 +164,10 @@ class UdpEndpoint:
         self._writable: asyncio.Future[None] | None = None
         self.gso = gso_supported(sock)
         """The kernel supports UDP GSO on this socket (``send_segments`` may use it)."""
-        self._mm: _MmsgIO | None = None
+        self._mm: MmsgIO | None = None
         if mmsg and mmsg_supported() and sock.family in (socket.AF_INET, socket.AF_INET6):
             try:
-                self._mm = _MmsgIO(sock, _RECV_SIZE)
+                self._mm = MmsgIO(sock, _RECV_SIZE)
             except (OSError, ValueError, TypeError) as exc:  # pragma: no cover - odd platforms
                 log.debug("sendmmsg/recvmmsg not usable: %s", exc)
         self.mmsg = self._mm is not None
@@ -389,7 +389,7 @@ class UdpEndpoint:
         per = min(UDP_MAX_SEGMENTS, 65507 // size) if gso and self.gso else 1
         try:
             if per > 1:
-                cmsg = [(SOL_UDP, UDP_SEGMENT, _U16.pack(size))]
+                cmsg = [(SOL_UDP, UDP_SEGMENT, U16.pack(size))]
                 while sent < count:
                     n = min(per, count - sent)
                     chunk = mv[sent * size : (sent + n) * size]
@@ -457,7 +457,7 @@ class UdpEndpoint:
         """
         try:
             n, ancdata, flags, addr = self._sock.recvmsg_into(
-                self._one_iov, _CMSG_SPACE if self.gro else 0
+                self._one_iov, CMSG_SPACE if self.gro else 0
             )
         except (BlockingIOError, InterruptedError):
             return
@@ -482,7 +482,7 @@ class UdpEndpoint:
                     stats["handler_errors"] += 1
                     log.exception("fast handler failed for %d bytes from %s", n, peer)
                 return
-        seg = _gro_segment(ancdata, n, stats) if ancdata else n
+        seg = gro_segment(ancdata, n, stats) if ancdata else n
         if n >= 4 and buf[0] == _P2P_MAGIC0 and buf[1] == _P2P_MAGIC1 and buf[3] in self._fast:
             self._fast_dispatch(0, n, seg, peer)
             return
@@ -497,7 +497,7 @@ class UdpEndpoint:
         sock = self._sock
         view = self._view
         limit = _BUF_SIZE - _RECV_SIZE
-        anc = _CMSG_SPACE if self.gro else 0
+        anc = CMSG_SPACE if self.gro else 0
         bulk_types = self._bulk_types
         fast = self._fast
         buf = self._buf
@@ -519,7 +519,7 @@ class UdpEndpoint:
                 if flags & socket.MSG_TRUNC:
                     stats["truncated"] += 1
                     continue
-                seg = _gro_segment(ancdata, n, stats) if ancdata else n
+                seg = gro_segment(ancdata, n, stats) if ancdata else n
                 if (
                     fast
                     and n >= 4
@@ -567,7 +567,7 @@ class UdpEndpoint:
             if reads:
                 self._flush(reads, addrs)
 
-    def _on_readable_mmsg(self, mm: _MmsgIO) -> None:
+    def _on_readable_mmsg(self, mm: MmsgIO) -> None:
         """The reader while a bulk sink is armed: ``recvmmsg`` of up to 64 datagrams per call.
 
         Each message lands in its own 64 KiB slot of the receive buffer (a GRO read fits);
@@ -593,7 +593,7 @@ class UdpEndpoint:
         filled = 0  # bytes in the slots since the last flush: keep the batch cache-sized
         try:
             for _ in range(_MAX_READS_PER_WAKEUP // MMSG_BATCH):
-                if first + MMSG_BATCH > MMSG_RECV_SLOTS or filled > _MMSG_FLUSH_BYTES:
+                if first + MMSG_BATCH > MMSG_RECV_SLOTS or filled > MMSG_FLUSH_BYTES:
                     if reads:
                         self._flush(reads, addrs, view)
                         reads, addrs = [], []

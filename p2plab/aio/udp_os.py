@@ -2,7 +2,7 @@
 
 UDP GSO (``UDP_SEGMENT``) and GRO (``UDP_GRO``) probes, socket buffer sizes (``SO_RCVBUFFORCE``
 as root), and ``sendmmsg(2)``/``recvmmsg(2)`` through ctypes with their mmsghdr, iovec and
-sockaddr arrays built once per socket (:class:`_MmsgIO`).  :mod:`p2plab.aio.endpoint` puts them
+sockaddr arrays built once per socket (:class:`MmsgIO`).  :mod:`p2plab.aio.endpoint` puts them
 together; nothing here knows about datagram types or handlers.
 """
 
@@ -18,15 +18,20 @@ import sys
 from typing import Any
 
 __all__ = [
+    "CMSG_SPACE",
     "MMSG_BATCH",
+    "MMSG_FLUSH_BYTES",
     "MMSG_RECV_SLOTS",
     "SOL_UDP",
     "SO_RCVBUFFORCE",
     "SO_SNDBUFFORCE",
+    "U16",
     "UDP_GRO",
     "UDP_MAX_SEGMENTS",
     "UDP_SEGMENT",
     "Address",
+    "MmsgIO",
+    "gro_segment",
     "gro_supported",
     "gso_supported",
     "mmsg_supported",
@@ -44,8 +49,8 @@ SO_RCVBUFFORCE: int | None = getattr(socket, "SO_RCVBUFFORCE", 33 if _LINUX else
 SO_SNDBUFFORCE: int | None = getattr(socket, "SO_SNDBUFFORCE", 32 if _LINUX else None)
 UDP_MAX_SEGMENTS = 64
 """Most segments one GSO send may carry (the kernel's UDP_MAX_SEGMENTS)."""
-_CMSG_SPACE = socket.CMSG_SPACE(4) if hasattr(socket, "CMSG_SPACE") else 0
-_U16 = struct.Struct("=H")
+CMSG_SPACE = socket.CMSG_SPACE(4) if hasattr(socket, "CMSG_SPACE") else 0
+U16 = struct.Struct("=H")
 _I32 = struct.Struct("=i")
 
 
@@ -78,7 +83,7 @@ MMSG_RECV_SLOTS = 256
 """Receive slots (of 64 KiB: 16 MiB, allocated once a bulk sink is armed): up to this many
 datagrams (or GRO reads) are accounted per batch, which keeps per-batch costs small."""
 _NAME_SIZE = 32  # a sockaddr_in6 (28) rounded up
-_MMSG_FLUSH_BYTES = 2 * 1024 * 1024  # hand a batch over once this much has landed
+MMSG_FLUSH_BYTES = 2 * 1024 * 1024  # hand a batch over once this much has landed
 _MSG_DONTWAIT = getattr(socket, "MSG_DONTWAIT", 0x40)
 
 
@@ -127,7 +132,7 @@ def _sockaddr(addr: Address, family: int) -> bytes:
     )
 
 
-class _MmsgIO:
+class MmsgIO:
     """Pre-built mmsghdr/iovec/sockaddr arrays for one socket (all allocated once).
 
     Sends: every message of a batch points at one destination and at the next ``size`` bytes of
@@ -171,7 +176,7 @@ class _MmsgIO:
         self.r_iov = (_Iovec * n)()
         self.r_msgs = (_Mmsghdr * n)()
         self.r_names = ctypes.create_string_buffer(_NAME_SIZE * n)
-        self.ctrl_size = max(_CMSG_SPACE, 8)
+        self.ctrl_size = max(CMSG_SPACE, 8)
         self.r_ctrl = ctypes.create_string_buffer(self.ctrl_size * n)
         self._pin = (ctypes.c_char * len(self.rbuf)).from_buffer(self.rbuf)  # never resized
         base = ctypes.addressof(self._pin)
@@ -296,11 +301,11 @@ def set_buffer_sizes(sock: socket.socket, rcvbuf: int, sndbuf: int) -> tuple[int
     )
 
 
-def _gro_segment(ancdata: list[tuple[int, int, bytes]], n: int, stats: dict[str, int]) -> int:
+def gro_segment(ancdata: list[tuple[int, int, bytes]], n: int, stats: dict[str, int]) -> int:
     """The segment size of a read from its ``UDP_GRO`` control message (``n``: not merged)."""
     seg = n
     for level, kind, data in ancdata:
         if level == SOL_UDP and kind == UDP_GRO and len(data) >= 2:
-            seg = _I32.unpack(data[:4])[0] if len(data) >= 4 else _U16.unpack(data[:2])[0]
+            seg = _I32.unpack(data[:4])[0] if len(data) >= 4 else U16.unpack(data[:2])[0]
             stats["gro_reads"] += 1
     return seg if seg > 0 else n

@@ -27,10 +27,10 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Coroutine, Iterable
 from contextlib import AbstractAsyncContextManager
-from dataclasses import dataclass
 from typing import Any, TypeVar, overload
 
 from p2plab.aio import discovery
+from p2plab.aio.bench.extension import BenchmarkExtension
 from p2plab.aio.endpoint import Address, UdpEndpoint
 from p2plab.aio.extension import Extension
 from p2plab.aio.hub import EventHub, Subscription, ui_message
@@ -46,7 +46,6 @@ from p2plab.core.link import (
     RelayDatagram,
     SendToRendezvous,
 )
-from p2plab.core.session import PeerSession
 from p2plab.core.signaling import (
     ErrorMessage,
     P2PConnectionOffer,
@@ -55,7 +54,7 @@ from p2plab.core.signaling import (
     Registered,
     RelayIn,
 )
-from p2plab.errors import ChatFailedError, RendezvousError
+from p2plab.errors import ChatFailedError, ConfigError, RendezvousError
 
 __all__ = ["Worker", "WorkerConfig"]
 
@@ -67,28 +66,13 @@ E = TypeVar("E", bound=ev.Event)
 
 
 def _default_extensions() -> list[Extension]:
-    # The lead points this at the benchmark extension (p2plab/aio/bench/) when it lands, so
-    # that a worker built with the defaults answers benchmarks whatever its process imported.
-    return []
-
-
-@dataclass(frozen=True)
-class _LegacyPunch:
-    """``worker.punch`` for the old benchmark code.  legacy: removed when the bench extension
-    lands (use ``peer_address`` / ``peer_sealer``)."""
-
-    session: PeerSession
-    relayed: bool
-    peer_address: Address | None
-    sealer: Any
-    rtt: float | None
+    """What a worker gets when none are given: the benchmark, so a worker built with the defaults
+    answers benchmarks whatever its process imported."""
+    return [BenchmarkExtension()]
 
 
 class Worker:
     """One p2plab worker.  Use ``async with Worker(config) as w:`` or ``await w.start()``."""
-
-    # legacy: removed when the bench extension lands (p2plab.aio.bench_state registers here)
-    control_handlers: dict[str, Callable[[Worker, dict[str, Any]], None]] = {}
 
     def __init__(self, config: WorkerConfig, extensions: Iterable[Extension] | None = None) -> None:
         self.config = config
@@ -114,11 +98,16 @@ class Worker:
         )
         names = [e.name for e in self._extensions]
         if len(set(names)) != len(names):
-            raise ValueError(f"extension names must be unique, got {names}")
+            raise ConfigError(f"extension names must be unique, got {names}")
+        self._control_routes: dict[str, Extension] = {}
+        for ext in self._extensions:
+            for kind in ext.control_types:
+                if kind in self._control_routes:
+                    raise ConfigError(f"control type {kind!r} is claimed by two extensions")
+                self._control_routes[kind] = ext
         self._hub = EventHub()
-        self._legacy_benchmark: Any = None
-        # legacy: removed when the bench extension lands (bench_state inserts its hook here)
         self.datagram_hooks: list[Callable[[bytes, Address], bool]] = []
+        """Fault injection for tests: each sees a datagram after the extensions; True drops it."""
         self._tasks: set[asyncio.Task[Any]] = set()
         self._rendezvous: RendezvousClient | None = None
         self._http_server: Any = None
@@ -258,7 +247,7 @@ class Worker:
         for ext in self._extensions:
             if ext.on_datagram(data, addr):
                 return
-        for hook in self.datagram_hooks:  # legacy: removed when the bench extension lands
+        for hook in self.datagram_hooks:
             if hook(data, addr):
                 return
         if self.link.state != "stopped":  # the hot path: no closure per datagram
@@ -288,17 +277,17 @@ class Worker:
         self._hub.emit(event)
 
     def _on_control(self, obj: dict[str, Any]) -> None:
-        kind = str(obj.get("type"))
-        for ext in self._extensions:
-            if kind in ext.control_types:
-                ext.on_control(obj)
-                return
-        handler = self.control_handlers.get(kind)  # legacy: removed with bench_state
-        if handler is not None:
-            handler(self, obj)
+        kind = obj.get("type")
+        ext = self._control_routes.get(kind) if isinstance(kind, str) else None
+        if ext is None:
+            self.stats["controls_unknown"] += 1
+            log.debug("dropping control message of unknown type %r", kind)
             return
-        self.stats["controls_unknown"] += 1
-        log.debug("dropping control message of unknown type %r", kind)
+        try:
+            ext.on_control(obj)
+        except Exception:  # a peer's message must never raise through the engine pump
+            self.count("extension_errors")
+            log.exception("extension %s failed on a %r control message", ext.name, kind)
 
     # -- rendezvous and discovery ---------------------------------------------------------------
 
@@ -436,25 +425,13 @@ class Worker:
         return sealer if isinstance(sealer, PeerCipher | PlainEnvelope) else None
 
     @property
-    def punch(self) -> _LegacyPunch | None:
-        """legacy: removed when the bench extension lands (use peer_address / peer_sealer)."""
-        session = self.link.session
-        if session is None:
-            return None
-        return _LegacyPunch(
-            session, self.link.relayed, session.peer_address, session.sealer, session.rtt
-        )
-
-    @property
-    def benchmark(self) -> Any:
-        """The benchmark extension (``extension("benchmark")``), or None without one."""
-        ext = self.extension("benchmark")
-        return ext if ext is not None else self._legacy_benchmark
-
-    @benchmark.setter
-    def benchmark(self, value: Any) -> None:
-        # legacy: removed when the bench extension lands (bench_state keeps its state here)
-        self._legacy_benchmark = value
+    def benchmark(self) -> BenchmarkExtension:
+        """The benchmark extension: ``await worker.benchmark.run(...)``, ``.rtt(...)``,
+        ``.stop()``.  Raises ConfigError on a worker built without it."""
+        ext = self.extension(BenchmarkExtension.name)
+        if not isinstance(ext, BenchmarkExtension):
+            raise ConfigError("this worker was built without the benchmark extension")
+        return ext
 
     def extension(self, name: str) -> Extension | None:
         """The extension called ``name``, or None."""

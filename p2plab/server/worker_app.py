@@ -19,6 +19,7 @@ from urllib.parse import urlsplit
 from fastapi import FastAPI, WebSocket, WebSocketDisconnect
 from fastapi.responses import HTMLResponse, JSONResponse
 
+from p2plab.aio.bench import start_benchmark_from_ui, stop_benchmark_from_ui
 from p2plab.errors import P2PLabError
 
 if TYPE_CHECKING:
@@ -124,17 +125,11 @@ async def handle_ui_message(worker: Worker, raw: str) -> dict[str, Any] | None:
             worker.send_chat(text)
             return None
         if kind == "start_benchmark":
-            from p2plab.aio.bench import start_benchmark_from_ui
-
             return await start_benchmark_from_ui(worker, msg)
         if kind == "stop_benchmark":
-            from p2plab.aio.bench import stop_benchmark_from_ui
-
             return await stop_benchmark_from_ui(worker)
         if kind == "status":
             return worker.status()
-    except ImportError:
-        return {"type": "error", "message": f"{kind} is not available in this build"}
     except (P2PLabError, ValueError) as exc:
         return {"type": "error", "message": str(exc)}
     return {"type": "error", "message": f"unknown message type {kind!r}"}

@@ -54,6 +54,7 @@ __all__ = [
     "HEADER_SIZE",
     "MAX_PAYLOAD",
     "MIN_PAYLOAD",
+    "TAIL",
     "BenchHeader",
     "BenchReceiver",
     "CreditWindow",
@@ -89,7 +90,8 @@ MAX_PAYLOAD = 65507
 """Largest UDP payload over IPv4."""
 
 _KINDS = (BENCH_DATA, BENCH_PING, BENCH_PONG, BENCH_CREDIT)
-_TAIL = struct.Struct("!QQ")  # seq, send_ts_ns at offset 8
+TAIL = struct.Struct("!QQ")
+"""seq and send_ts_ns, packed at offset 8 of a benchmark header."""
 _JITTER_R = 15.0 / 16.0
 _NS = 1_000_000_000
 
@@ -163,7 +165,7 @@ def fill_headers(buf: bytearray, size: int, count: int, first_seq: int, send_ts_
         tview[:] = send_ts_ns
         return
     for i in range(count):
-        _TAIL.pack_into(buf, i * size + 8, first_seq + i, send_ts_ns)
+        TAIL.pack_into(buf, i * size + 8, first_seq + i, send_ts_ns)
 
 
 def parse_headers(

@@ -16,43 +16,72 @@ from p2plab.results import BenchResult
 
 if TYPE_CHECKING:
     from p2plab.aio.endpoint import Address, UdpEndpoint
-    from p2plab.aio.worker import Worker
+    from p2plab.aio.extension import WorkerHost
+
+try:  # numpy makes batch accounting vectorised; everything also works without it
+    import numpy
+except ImportError:  # pragma: no cover - exercised only where numpy is missing
+    numpy = None  # type: ignore[assignment]
 
 log = logging.getLogger(__name__)
 
-__all__ = ["BenchSealer"]
+__all__ = [
+    "BODY",
+    "CREDIT_NS",
+    "CREDIT_TIMEOUT_NS",
+    "CREDIT_TIMER_S",
+    "MAX_REPORT_BYTES",
+    "P2P_HEADER",
+    "PATH_MTU_PAYLOAD",
+    "RCVBUF",
+    "RTT_BLOCK_S",
+    "RTT_IDLE_S",
+    "RTT_SPIN_MAX_US",
+    "RTT_SPIN_US",
+    "SKB_OVERHEAD",
+    "YIELD_NS",
+    "BenchSealer",
+    "link_sealer",
+    "new_run_id",
+    "now_iso",
+    "np",
+    "open_sealed",
+    "overhead",
+    "peer_on_loop",
+    "receiver_row",
+    "same_address",
+    "sender_row",
+]
 
 
-_PATH_MTU_PAYLOAD = 1472  # 1500 - IPv4 20 - UDP 8: larger datagrams fragment on Ethernet paths
-_MAX_REPORT_BYTES = 12_000  # the session caps control messages at 16 KiB
-_YIELD_NS = 2_000_000  # a sender yields to the loop at least this often
-_RCVBUF = 32 * 1024 * 1024  # asked for by a receiving endpoint (beyond rmem_max only as root)
-_SKB_OVERHEAD = 1024  # kernel bytes charged per queued datagram beyond its payload (conservative)
-_CREDIT_NS = 2_000_000  # the receiver reports credit at least this often while data arrive
-_CREDIT_TIMER_S = 0.01  # ... and this often from a timer (so a stalled sender hears of it)
-_CREDIT_TIMEOUT_NS = 500_000_000  # no credit this long: the sender writes off what is in flight
-_CONTROL_RETRY_S = 0.02  # a control message refused as "not connected" is retried this often
-_CONTROL_PATIENCE_S = 2.0  # ... for this long
-_RTT_BLOCK_S = 0.05  # RTT runs block on the socket at most this long before yielding to the loop
-_RTT_IDLE_S = 3.0  # a responder stops blocking after this long without a ping (default)
-_RTT_SPIN_US = 1000.0  # RTT runs busy-poll this long after each datagram before sleeping
-_RTT_SPIN_MAX_US = 100_000.0  # the most a peer may ask a responder to spin for
+PATH_MTU_PAYLOAD = 1472  # 1500 - IPv4 20 - UDP 8: larger datagrams fragment on Ethernet paths
+MAX_REPORT_BYTES = 12_000  # the session caps control messages at 16 KiB
+YIELD_NS = 2_000_000  # a sender yields to the loop at least this often
+RCVBUF = 32 * 1024 * 1024  # asked for by a receiving endpoint (beyond rmem_max only as root)
+SKB_OVERHEAD = 1024  # kernel bytes charged per queued datagram beyond its payload (conservative)
+CREDIT_NS = 2_000_000  # the receiver reports credit at least this often while data arrive
+CREDIT_TIMER_S = 0.01  # ... and this often from a timer (so a stalled sender hears of it)
+CREDIT_TIMEOUT_NS = 500_000_000  # no credit this long: the sender writes off what is in flight
+RTT_BLOCK_S = 0.05  # RTT runs block on the socket at most this long before yielding to the loop
+RTT_IDLE_S = 3.0  # a responder stops blocking after this long without a ping (default)
+RTT_SPIN_US = 1000.0  # RTT runs busy-poll this long after each datagram before sleeping
+RTT_SPIN_MAX_US = 100_000.0  # the most a peer may ask a responder to spin for
 
 
-_BODY = struct.Struct("!IQQ")  # run_id, seq, send_ts_ns: a benchmark header after its 4 bytes
-_P2P_HEADER = 4  # the p2p header (magic, version, type) that stays in clear when sealed
+BODY = struct.Struct("!IQQ")  # run_id, seq, send_ts_ns: a benchmark header after its 4 bytes
+P2P_HEADER = 4  # the p2p header (magic, version, type) that stays in clear when sealed
 
 
-def _np() -> Any:
-    """numpy as the core benchmark module found it (None without numpy)."""
-    return getattr(cb, "np", None)
+def np() -> Any:
+    """numpy (None without numpy)."""
+    return numpy
 
 
-def _now_iso() -> str:
+def now_iso() -> str:
     return _dt.datetime.now(_dt.UTC).isoformat(timespec="milliseconds")
 
 
-def _new_run_id() -> int:
+def new_run_id() -> int:
     return int.from_bytes(os.urandom(4), "big") or 1
 
 
@@ -71,11 +100,9 @@ class BenchSealer(Protocol):
         ...
 
 
-def _link_sealer(worker: Worker) -> BenchSealer | None:
+def link_sealer(host: WorkerHost) -> BenchSealer | None:
     """The link's encrypting sealer, if it has one."""
-    sealer = getattr(worker, "peer_sealer", None)
-    if sealer is None:
-        sealer = getattr(getattr(worker.punch, "session", None), "sealer", None)
+    sealer = host.peer_sealer
     if sealer is None or not getattr(sealer, "encrypted", False):
         return None
     if not hasattr(sealer, "seal_datagram") or not hasattr(sealer, "open_datagram"):
@@ -83,7 +110,7 @@ def _link_sealer(worker: Worker) -> BenchSealer | None:
     return sealer  # type: ignore[no-any-return]
 
 
-def _overhead(sealer: BenchSealer | None) -> int:
+def overhead(sealer: BenchSealer | None) -> int:
     """Bytes a sealed datagram carries beyond its plaintext (measured on a dummy datagram)."""
     if sealer is None:
         return 0
@@ -91,14 +118,14 @@ def _overhead(sealer: BenchSealer | None) -> int:
     return len(sealer.seal_datagram(probe)) - len(probe)
 
 
-def _peer_on_loop(ep: UdpEndpoint, addr: Address) -> bool:
+def peer_on_loop(ep: UdpEndpoint, addr: Address) -> bool:
     """True if ``addr`` is an endpoint of this process on ``ep``'s event loop (blocking on the
     socket would then stall the peer itself)."""
     peer = local_endpoint_for(addr)
     return peer is not None and peer.loop is ep.loop
 
 
-def _open(sealer: BenchSealer | None, view: memoryview) -> bytes | memoryview | None:
+def open_sealed(sealer: BenchSealer | None, view: memoryview) -> bytes | memoryview | None:
     """The plaintext of a fast-path bench datagram: opened when the run is sealed, else as is.
 
     None when it fails authentication (the caller counts the drop).
@@ -108,25 +135,25 @@ def _open(sealer: BenchSealer | None, view: memoryview) -> bytes | memoryview | 
     return sealer.open_datagram(bytes(view))
 
 
-def _same(a: Address, b: Address | None) -> bool:
+def same_address(a: Address, b: Address | None) -> bool:
     return b is not None and a[1] == b[1] and a[0] == b[0]
 
 
-def _peer_worker(w: Worker) -> str:
+def _peer_worker(w: WorkerHost) -> str:
     return w.peer_id or ""
 
 
-def _path(w: Worker) -> str | None:
+def _path(w: WorkerHost) -> str | None:
     return w.path  # None (an empty CSV cell) if the link went down during the run
 
 
-def _rtt_ms(w: Worker) -> float | None:
+def _rtt_ms(w: WorkerHost) -> float | None:
     rtt = w.rtt
     return round(rtt * 1000, 3) if rtt is not None else None
 
 
-def _receiver_row(
-    w: Worker,
+def receiver_row(
+    w: WorkerHost,
     run_id: int,
     started_at: str,
     params: dict[str, Any],
@@ -159,17 +186,17 @@ def _receiver_row(
         received_mbps=report.mbps,
         gso=bool(params.get("gso", False)),
         gro=gro,
-        fragmented=size > _PATH_MTU_PAYLOAD,
+        fragmented=size > PATH_MTU_PAYLOAD,
         encrypted=bool(params.get("encrypted", False)),
         auth_failures=report.auth_failures,
         flow_control=bool(params.get("flow_control", False)),
-        note="over the path MTU: IP fragments" if size > _PATH_MTU_PAYLOAD else "",
+        note="over the path MTU: IP fragments" if size > PATH_MTU_PAYLOAD else "",
         intervals=report.intervals,
     )
 
 
-def _sender_row(
-    w: Worker,
+def sender_row(
+    w: WorkerHost,
     run_id: int,
     started_at: str,
     params: dict[str, Any],
@@ -183,7 +210,7 @@ def _sender_row(
     sent = int(end.get("packets_sent", 0))
     send_s = float(end.get("duration_s", 0.0))
     sent_mbps = sent * size * 8 / send_s / 1e6 if send_s > 0 else 0.0
-    note = "over the path MTU: IP fragments" if size > _PATH_MTU_PAYLOAD else ""
+    note = "over the path MTU: IP fragments" if size > PATH_MTU_PAYLOAD else ""
     if report is None:
         note = (note + "; " if note else "") + "no report from the receiver"
     me, peer = (w.worker_id, _peer_worker(w)) if local else (_peer_worker(w), w.worker_id)
@@ -211,7 +238,7 @@ def _sender_row(
         received_mbps=report.mbps if report else 0.0,
         gso=bool(end.get("gso", False)),
         gro=bool(gro),
-        fragmented=size > _PATH_MTU_PAYLOAD,
+        fragmented=size > PATH_MTU_PAYLOAD,
         encrypted=bool(params.get("encrypted", False)),
         auth_failures=report.auth_failures if report else 0,
         flow_control=bool(params.get("flow_control", False)),

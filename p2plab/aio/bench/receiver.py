@@ -9,45 +9,46 @@ import logging
 import time
 from typing import TYPE_CHECKING, Any
 
-from p2plab.aio.bench_common import (
-    _BODY,
-    _CREDIT_NS,
-    _CREDIT_TIMER_S,
-    _P2P_HEADER,
+from p2plab.aio.bench.common import (
+    BODY,
+    CREDIT_NS,
+    CREDIT_TIMER_S,
+    P2P_HEADER,
     BenchSealer,
-    _now_iso,
-    _np,
+    now_iso,
+)
+from p2plab.aio.bench.common import (
+    np as numpy_module,
 )
 from p2plab.core import bench as cb
 from p2plab.core.crypto import SEAL_OVERHEAD
 
 if TYPE_CHECKING:
-    from p2plab.aio.bench_state import _BenchState
-    from p2plab.aio.endpoint import Address
+    from p2plab.aio.endpoint import Address, UdpEndpoint
 
 log = logging.getLogger(__name__)
 
-__all__: list[str] = []
+__all__ = ["Receiving", "account", "account_sealed"]
 
 
-class _Receiving:
+class Receiving:
     """A run this worker receives."""
 
     def __init__(
         self,
-        state: _BenchState,
+        endpoint: UdpEndpoint,
         run_id: int,
         params: dict[str, Any],
         sealer: BenchSealer | None,
         addr: Address | None,
     ) -> None:
-        self.state = state
+        self.endpoint = endpoint
         self.run_id = run_id
         self.params = params
         self.sealer = sealer
         self.addr = addr
         self.rx = cb.BenchReceiver(run_id, interval_s=float(params.get("interval_s", 1.0)))
-        self.started_at = str(params.get("started_at") or _now_iso())
+        self.started_at = str(params.get("started_at") or now_iso())
         self.ticker: asyncio.Task[None] | None = None
         self.credit_timer: asyncio.TimerHandle | None = None
         self.done = False
@@ -60,18 +61,18 @@ class _Receiving:
         self, buf: memoryview, reads: list[tuple[int, int, int, int]]
     ) -> list[tuple[int, int, int]]:
         if self.sealer is not None:
-            left = _account_sealed(self.rx, self.sealer, buf, reads, self.scratch)
+            left = account_sealed(self.rx, self.sealer, buf, reads, self.scratch)
         else:
-            left = _account(self.rx, buf, reads)
+            left = account(self.rx, buf, reads)
         now = time.monotonic_ns()
-        if now - self.last_credit >= _CREDIT_NS:
+        if now - self.last_credit >= CREDIT_NS:
             self.send_credit(now)
         return left
 
     def send_credit(self, now: int | None = None) -> None:
         """Tell the sender how far we have read (a BENCH_CREDIT datagram, sealed if encrypted)."""
-        ep = self.state.worker.endpoint
-        if ep is None or self.addr is None or self.done:
+        ep = self.endpoint
+        if ep.closed or self.addr is None or self.done:
             return
         self.last_credit = time.monotonic_ns() if now is None else now
         data = cb.encode_credit(self.run_id, self.rx.highest + 1, self.rx.packets)
@@ -83,11 +84,10 @@ class _Receiving:
     def credit_tick(self) -> None:
         if self.done:
             return
-        if time.monotonic_ns() - self.last_credit >= _CREDIT_NS:
+        if time.monotonic_ns() - self.last_credit >= CREDIT_NS:
             self.send_credit()
-        loop = self.state.worker.endpoint.loop if self.state.worker.endpoint else None
-        if loop is not None:
-            self.credit_timer = loop.call_later(_CREDIT_TIMER_S, self.credit_tick)
+        if not self.endpoint.closed:
+            self.credit_timer = self.endpoint.loop.call_later(CREDIT_TIMER_S, self.credit_tick)
 
 
 def _segment_spans(np: Any, reads: list[tuple[int, int, int, int]]) -> tuple[Any, Any, Any, Any]:
@@ -109,11 +109,11 @@ def _segment_spans(np: Any, reads: list[tuple[int, int, int, int]]) -> tuple[Any
     return ridx, offs, lens, arr[ridx]
 
 
-def _account(
+def account(
     rx: cb.BenchReceiver, buf: memoryview, reads: list[tuple[int, int, int, int]]
 ) -> list[tuple[int, int, int]]:
     """Bulk sink body: split GRO reads, parse headers, count BENCH_DATA; return the rest."""
-    np = _np()
+    np = numpy_module()
     left: list[tuple[int, int, int]] = []
     if np is None:
         for i, (off, n, seg, arr) in enumerate(reads):
@@ -147,7 +147,7 @@ def _account_sealed_np(
 ) -> list[tuple[int, int, int]]:
     """Sealed bulk sink with numpy: spans and types vectorised, bodies opened into ``scratch``
     (``PeerCipher.open_many_into``), their headers parsed as one array."""
-    np = _np()
+    np = numpy_module()
     ridx, offs, lens, arrs = _segment_spans(np, reads)
     raw = np.frombuffer(buf, dtype=np.uint8)
     data = (lens >= 4) & (raw[np.where(lens >= 4, offs + 3, 0)] == cb.BENCH_DATA)
@@ -159,14 +159,14 @@ def _account_sealed_np(
     count = int(offs.size)
     if count == 0:
         return left
-    stride = max(int(lens.max()) - _P2P_HEADER - SEAL_OVERHEAD, _BODY.size)
+    stride = max(int(lens.max()) - P2P_HEADER - SEAL_OVERHEAD, BODY.size)
     if len(scratch[0]) < stride * count:
         scratch[0] = bytearray(stride * count)
     out = scratch[0]
     starts = offs.tolist()
     oks = open_into(buf, list(zip(starts, (offs + lens).tolist(), strict=True)), out, stride)
     ok = np.array(oks, dtype=bool)
-    ok &= lens - _P2P_HEADER - SEAL_OVERHEAD >= _BODY.size
+    ok &= lens - P2P_HEADER - SEAL_OVERHEAD >= BODY.size
     bodies = np.ndarray(
         shape=(count,),
         dtype=np.dtype([("run", ">u4"), ("seq", ">u8"), ("ts", ">u8")]),
@@ -188,7 +188,7 @@ def _account_sealed_np(
     return left
 
 
-def _account_sealed(
+def account_sealed(
     rx: cb.BenchReceiver,
     sealer: BenchSealer,
     buf: memoryview,
@@ -203,7 +203,7 @@ def _account_sealed(
     sizes: list[int] = []
     arrs: list[int] = []
     open_into = getattr(sealer, "open_many_into", None)
-    if open_into is not None and _np() is not None and scratch is not None:
+    if open_into is not None and numpy_module() is not None and scratch is not None:
         return _account_sealed_np(rx, open_into, buf, reads, scratch)
     open_many = getattr(sealer, "open_many", None)
     if open_many is not None:
@@ -228,9 +228,9 @@ def _account_sealed(
                 span_arrs.append(arr)
         if not spans:
             return left
-        unpack_body = _BODY.unpack_from
+        unpack_body = BODY.unpack_from
         for body, (s, e), arr in zip(open_many(buf, spans), spans, span_arrs, strict=True):
-            if body is None or len(body) < _BODY.size:
+            if body is None or len(body) < BODY.size:
                 rx.auth_failures += 1
                 continue
             run, seq, ts = unpack_body(body)

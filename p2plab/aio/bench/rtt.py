@@ -7,12 +7,7 @@ import logging
 import time
 from typing import TYPE_CHECKING
 
-from p2plab.aio.bench_common import (
-    BenchSealer,
-    _open,
-    _overhead,
-    _same,
-)
+from p2plab.aio.bench.common import BenchSealer, open_sealed, overhead, same_address
 from p2plab.core import bench as cb
 
 if TYPE_CHECKING:
@@ -20,15 +15,15 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-__all__: list[str] = []
+__all__ = ["Pinger", "Responder"]
 
 
-class _Pinger:
+class Pinger:
     """Callback-driven ping-pong: each pong sends the next ping from the reader callback.
 
     The next ping is built and sealed while the current one is in flight, so a pong is answered
     by a ``sendto`` of ready bytes.  Its send time is kept here (the ping's timestamp field is
-    0, which makes pings predictable for :class:`_Responder`'s ready pongs).
+    0, which makes pings predictable for :class:`Responder`'s ready pongs).
     """
 
     def __init__(
@@ -46,7 +41,7 @@ class _Pinger:
         self.run_id = run_id
         self.count = count
         self.sealer = sealer
-        plain = size - _overhead(sealer)
+        plain = size - overhead(sealer)
         self.packet = bytearray(cb.encode_bench(cb.BENCH_PING, run_id, 0, 0, plain))
         self.seq = -1
         self.sent_at = 0
@@ -58,7 +53,7 @@ class _Pinger:
         self.done: asyncio.Future[None] = endpoint.loop.create_future()
 
     def _build(self, seq: int) -> bytes:
-        cb._TAIL.pack_into(self.packet, 8, seq, 0)
+        cb.TAIL.pack_into(self.packet, 8, seq, 0)
         data = bytes(self.packet)
         return self.sealer.seal_datagram(data) if self.sealer is not None else data
 
@@ -85,10 +80,10 @@ class _Pinger:
     def on_pong(self, view: memoryview, addr: Address) -> None:
         """Fast handler for BENCH_PONG."""
         now = time.perf_counter_ns()
-        if not _same(addr, self.addr):
+        if not same_address(addr, self.addr):
             self.foreign += 1
             return
-        pt = _open(self.sealer, view)
+        pt = open_sealed(self.sealer, view)
         if pt is None:
             self.auth_failures += 1
             return
@@ -101,11 +96,11 @@ class _Pinger:
         self.send_next()
 
 
-class _Responder:
+class Responder:
     """Answers one run's pings from the endpoint's fast handler (the pong is sent at once).
 
     After each answer the pong for the next ping (the same ping with the next seq, which is
-    what :class:`_Pinger` sends) is built and sealed ahead; a ping that opens to exactly that
+    what :class:`Pinger` sends) is built and sealed ahead; a ping that opens to exactly that
     gets the ready pong, anything else is answered with a pong built for it.
     """
 
@@ -129,10 +124,10 @@ class _Responder:
         return self.sealer.seal_datagram(bytes(pong)) if self.sealer is not None else bytes(pong)
 
     def __call__(self, view: memoryview, addr: Address) -> None:
-        if not _same(addr, self.addr):
+        if not same_address(addr, self.addr):
             self.dropped += 1
             return
-        ping = _open(self.sealer, view)
+        ping = open_sealed(self.sealer, view)
         if ping is None:
             self.dropped += 1
             return

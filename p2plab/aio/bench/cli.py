@@ -17,11 +17,11 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
-from p2plab.aio.bench import Benchmark
-from p2plab.aio.bench_common import _RTT_SPIN_US
-from p2plab.aio.bench_state import _BenchState
+from p2plab.aio.bench.api import Benchmark, extension_of
+from p2plab.aio.bench.common import RTT_SPIN_US
+from p2plab.aio.worker import Worker, WorkerConfig
 from p2plab.errors import P2PLabError
-from p2plab.results import BenchResult
+from p2plab.results import BenchResult, results_to_json, write_csv
 
 __all__ = ["register_cli"]
 
@@ -50,9 +50,9 @@ def register_cli(subparsers: Any) -> None:
     p.add_argument(
         "--busy-poll-us",
         type=float,
-        default=_RTT_SPIN_US,
+        default=RTT_SPIN_US,
         help="RTT mode: each end reads without sleeping this long after a datagram before it"
-        f" sleeps (0: sleep at once, like sockperf's default; default {_RTT_SPIN_US:g})",
+        f" sleeps (0: sleep at once, like sockperf's default; default {RTT_SPIN_US:g})",
     )
     p.add_argument("--no-gso", action="store_true", help="plain sends even where GSO exists")
     p.add_argument(
@@ -97,9 +97,6 @@ def _table(results: Sequence[BenchResult]) -> str:
 
 
 async def _cmd_bench(args: argparse.Namespace) -> int:
-    from p2plab.aio.worker import Worker, WorkerConfig
-    from p2plab.results import results_to_json, write_csv
-
     config = WorkerConfig(
         rendezvous_url=args.rendezvous,
         stun_servers=tuple(s for v in args.stun for s in v.split(",") if s),
@@ -115,12 +112,12 @@ async def _cmd_bench(args: argparse.Namespace) -> int:
         worker.endpoint.mmsg = False
     try:
         await worker.wait_connected(timeout=args.connect_timeout)
-        state = _BenchState.of(worker)
+        ext = extension_of(worker)
         role = args.role
         if role == "auto":
             role = "send" if worker.worker_id < (worker.peer_id or "") else "receive"
         if role == "receive":
-            done = state.wait_for("bench_finished", 0)
+            done = ext.finished()
             print(f"worker {worker.worker_id}: answering benchmarks", file=sys.stderr, flush=True)
             await done
             return 0

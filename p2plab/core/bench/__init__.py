@@ -1,0 +1,65 @@
+"""The benchmark's sans-I/O core: datagram format and accounting, and the control protocol.
+
+- :mod:`p2plab.core.bench.accounting`: datagram format, sender pacing and credit window, exact
+  receiver accounting (everything ``from p2plab.core.bench import X`` offered before).
+- :mod:`p2plab.core.bench.control`: the control protocol (start, ready, refused, stop, results,
+  retries and timeouts) as a state machine layered on the session.
+"""
+
+from __future__ import annotations
+
+from p2plab.core.bench.accounting import (
+    BENCH_CREDIT,
+    BENCH_DATA,
+    BENCH_PING,
+    BENCH_PONG,
+    HEADER,
+    HEADER_SIZE,
+    MAX_PAYLOAD,
+    MIN_PAYLOAD,
+    TAIL,
+    BenchHeader,
+    BenchReceiver,
+    CreditWindow,
+    IntervalRecord,
+    Pacer,
+    ReceiverReport,
+    encode_bench,
+    encode_credit,
+    fill_headers,
+    make_template,
+    parse_bench,
+    parse_headers,
+    rtt_percentiles,
+    validate_params,
+)
+from p2plab.core.bench.control import CONTROL_TYPES, BenchControl, ControlConfig
+
+__all__ = [
+    "BENCH_CREDIT",
+    "BENCH_DATA",
+    "BENCH_PING",
+    "BENCH_PONG",
+    "CONTROL_TYPES",
+    "HEADER",
+    "HEADER_SIZE",
+    "MAX_PAYLOAD",
+    "MIN_PAYLOAD",
+    "TAIL",
+    "BenchControl",
+    "BenchHeader",
+    "BenchReceiver",
+    "ControlConfig",
+    "CreditWindow",
+    "IntervalRecord",
+    "Pacer",
+    "ReceiverReport",
+    "encode_bench",
+    "encode_credit",
+    "fill_headers",
+    "make_template",
+    "parse_bench",
+    "parse_headers",
+    "rtt_percentiles",
+    "validate_params",
+]
