@@ -8,17 +8,17 @@ runner that prints the actual addresses as one JSON line.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import dataclasses
 import logging
 import socket
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 import uvicorn
 from fastapi import FastAPI
 
+from p2plab.aio.http_server import EmbeddedServer
 from p2plab.core.signaling import MAX_MESSAGE_BYTES
 from p2plab.errors import ConfigError
 
@@ -60,20 +60,6 @@ class ServeAddresses:
         return "ws" + self.url[len("http") :]
 
 
-class _UvicornServer(uvicorn.Server):
-    def __init__(self, config: uvicorn.Config, *, handle_signals: bool) -> None:
-        super().__init__(config)
-        self._handle_signals = handle_signals
-
-    @contextlib.contextmanager
-    def capture_signals(self) -> Iterator[None]:
-        if self._handle_signals:
-            with super().capture_signals():
-                yield
-        else:
-            yield
-
-
 def _bind_tcp(host: str, port: int) -> socket.socket:
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
@@ -93,8 +79,7 @@ class RendezvousServer:
     def __init__(self) -> None:
         self.app: FastAPI | None = None
         self.addresses: ServeAddresses | None = None
-        self._server: _UvicornServer | None = None
-        self._task: asyncio.Task[None] | None = None
+        self._server: EmbeddedServer | None = None
         self._stun: Any = None
 
     @classmethod
@@ -134,14 +119,12 @@ class RendezvousServer:
             timeout_graceful_shutdown=3,
             backlog=backlog,
         )
-        self._server = _UvicornServer(config, handle_signals=handle_signals)
-        self._task = asyncio.create_task(self._server.serve(sockets=[sock]), name="rendezvous")
-        while not self._server.started:
-            if self._task.done():
-                sock.close()
-                self._task.result()  # raises the startup error
-                raise RuntimeError("rendezvous server stopped during startup")
-            await asyncio.sleep(0.01)
+        self._server = EmbeddedServer(config, handle_signals=handle_signals)
+        try:
+            await self._server.start(sock, name="rendezvous")
+        except BaseException:
+            sock.close()
+            raise
         stun_host: str | None = None
         actual_stun_port: int | None = None
         if stun_port is not None:
@@ -181,8 +164,8 @@ class RendezvousServer:
 
     async def wait_closed(self) -> None:
         """Until the HTTP server stops (Ctrl-C when ``handle_signals``, or :meth:`close`)."""
-        if self._task is not None:
-            await asyncio.shield(self._task)
+        if self._server is not None and self._server.task is not None:
+            await asyncio.shield(self._server.task)
 
     async def close(self) -> None:
         """Stop STUN and HTTP (connections are closed, uvicorn shuts down gracefully)."""
@@ -191,18 +174,8 @@ class RendezvousServer:
             res = stun.close()
             if asyncio.iscoroutine(res):
                 await res
-        if self._server is not None and self._task is not None:
-            self._server.should_exit = True
-            done, _ = await asyncio.wait({self._task}, timeout=_CLOSE_TIMEOUT_S)
-            if not done:
-                # uvicorn's graceful shutdown is bounded, its lifespan shutdown is not.
-                logger.warning("rendezvous did not stop in %.0f s; forcing it", _CLOSE_TIMEOUT_S)
-                self._server.force_exit = True
-                self._task.cancel()
-                await asyncio.wait({self._task}, timeout=_CLOSE_TIMEOUT_S)
-            if self._task.done() and not self._task.cancelled():
-                with contextlib.suppress(Exception):
-                    self._task.result()
+        if self._server is not None:
+            await self._server.stop(_CLOSE_TIMEOUT_S)
 
 
 def _first_address(addresses: Any) -> tuple[str, int]:

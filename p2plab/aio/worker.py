@@ -20,7 +20,6 @@ RTTs of tens of microseconds.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import os
 import time
@@ -36,6 +35,7 @@ from p2plab.aio.extension import Extension
 from p2plab.aio.hub import EventHub, Subscription, ui_message
 from p2plab.aio.rendezvous import RendezvousClient
 from p2plab.aio.status import peer_block, security_block
+from p2plab.aio.ui_server import UiServer
 from p2plab.aio.worker_config import WorkerConfig
 from p2plab.core import events as ev
 from p2plab.core.crypto import Identity, PeerCipher, PlainEnvelope
@@ -110,7 +110,7 @@ class Worker:
         """Fault injection for tests: each sees a datagram after the extensions; True drops it."""
         self._tasks: set[asyncio.Task[Any]] = set()
         self._rendezvous: RendezvousClient | None = None
-        self._http_server: Any = None
+        self._ui_server: UiServer | None = None
         self._timer: asyncio.TimerHandle | None = None
         self._timer_at: float | None = None
         self._chat_waiters: dict[str, asyncio.Future[ev.ChatDelivered]] = {}
@@ -125,11 +125,10 @@ class Worker:
         for ext in self._extensions:
             ext.attach(self)
         if self.config.http_port is not None:
-            from p2plab.server.worker_app import start_http_server  # server builds on aio
-
-            self._http_server, self.http_address = await start_http_server(
+            self._ui_server = await UiServer.start(
                 self, self.config.http_host, self.config.http_port
             )
+            self.http_address = self._ui_server.address
         self._rendezvous = RendezvousClient(
             self.config.rendezvous_url,
             self.worker_id,
@@ -165,10 +164,8 @@ class Worker:
         for msg_id, fut in self._chat_waiters.items():
             if not fut.done():
                 fut.set_exception(ChatFailedError(msg_id, "worker stopped"))
-        if self._http_server is not None:
-            self._http_server.should_exit = True
-            with contextlib.suppress(Exception):
-                await asyncio.wait_for(asyncio.shield(self._http_server.p2plab_task), 3)
+        if self._ui_server is not None:
+            await self._ui_server.close()
         tasks = list(self._tasks)
         for task in tasks:
             task.cancel()
@@ -180,8 +177,6 @@ class Worker:
                     log.debug("worker task %s ended with %r", task.get_name(), task.exception())
             for task in stuck:
                 log.warning("worker %s: task %s did not stop", self.worker_id[:8], task.get_name())
-        if self._http_server is not None:
-            self._http_server.p2plab_task.cancel()
         if self.endpoint is not None:
             self.endpoint.close()
 

@@ -1,5 +1,5 @@
 """The UI's benchmark messages (``start_benchmark``, ``stop_benchmark``; called by
-:mod:`p2plab.server.worker_app`)."""
+:mod:`p2plab.aio.ui_server`)."""
 
 from __future__ import annotations
 

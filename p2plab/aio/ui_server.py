@@ -1,5 +1,8 @@
 """The worker's HTTP server: the UI page, ``/health``, ``/status`` and the ``/ui_ws`` WebSocket.
 
+It knows the worker only through :class:`UiWorker` (what the page needs), so the worker can
+start it without the two modules importing each other.
+
 ``/ui_ws`` only accepts the worker's own page: a browser always sends ``Origin``, and a page from
 another origin (a malicious site open in the same browser) must not drive the worker.  Clients
 that send no ``Origin`` (scripts, notebooks, tests) are not browsers and are accepted.
@@ -13,19 +16,19 @@ import json
 import logging
 import socket
 from importlib import resources
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 from urllib.parse import urlsplit
 
+import uvicorn
 from fastapi import FastAPI, WebSocket, WebSocketDisconnect
 from fastapi.responses import HTMLResponse, JSONResponse
 
 from p2plab.aio.bench import start_benchmark_from_ui, stop_benchmark_from_ui
+from p2plab.aio.extension import WorkerHost
+from p2plab.aio.http_server import EmbeddedServer
 from p2plab.errors import P2PLabError
 
-if TYPE_CHECKING:
-    from p2plab.aio.worker import Worker
-
-__all__ = ["create_worker_app", "origin_allowed", "start_http_server"]
+__all__ = ["UiServer", "UiWorker", "create_worker_app", "origin_allowed"]
 
 log = logging.getLogger(__name__)
 
@@ -56,7 +59,27 @@ def origin_allowed(origin: str | None, host: str | None) -> bool:
     return o_host.lower() == h_host.lower() and (o_port or default) == (h_port or default)
 
 
-def create_worker_app(worker: Worker) -> FastAPI:
+class UiWorker(WorkerHost, Protocol):
+    """What the page's server uses of a worker (beyond the extensions' :class:`WorkerHost`)."""
+
+    def status(self) -> dict[str, Any]:
+        """The ``status`` message."""
+        ...
+
+    def send_chat(self, text: str) -> str:
+        """Send a chat message to the peer; returns its id."""
+        ...
+
+    def ui_subscribe(self) -> asyncio.Queue[dict[str, Any]]:
+        """A queue of every UI message from now on."""
+        ...
+
+    def ui_unsubscribe(self, q: asyncio.Queue[dict[str, Any]]) -> None:
+        """Stop feeding ``q``."""
+        ...
+
+
+def create_worker_app(worker: UiWorker) -> FastAPI:
     app = FastAPI(title="p2plab worker", docs_url=None, redoc_url=None, openapi_url=None)
     page = _index_html()
 
@@ -106,7 +129,7 @@ async def _pump_to_ui(ws: WebSocket, queue: asyncio.Queue[dict[str, Any]]) -> No
         await ws.send_json(msg)
 
 
-async def handle_ui_message(worker: Worker, raw: str) -> dict[str, Any] | None:
+async def handle_ui_message(worker: UiWorker, raw: str) -> dict[str, Any] | None:
     """Handle one message from the UI; returns a direct reply (errors) or None."""
     if len(raw) > MAX_UI_MESSAGE:
         return {"type": "error", "message": f"message too large ({len(raw)} bytes)"}
@@ -135,36 +158,43 @@ async def handle_ui_message(worker: Worker, raw: str) -> dict[str, Any] | None:
     return {"type": "error", "message": f"unknown message type {kind!r}"}
 
 
-async def start_http_server(worker: Worker, host: str, port: int) -> tuple[Any, tuple[str, int]]:
-    """Start uvicorn for the worker app in this loop; returns (server, bound address)."""
-    import uvicorn
+class UiServer:
+    """The worker's page served by uvicorn in the current loop (:meth:`start`, :meth:`close`)."""
 
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    try:
-        sock.bind((host, port))
-    except OSError as exc:
-        sock.close()
-        raise P2PLabError(f"cannot serve the worker UI on {host}:{port}: {exc}") from None
-    sock.listen(128)
-    sock.setblocking(False)
-    config = uvicorn.Config(
-        create_worker_app(worker),
-        log_level="warning",
-        lifespan="off",
-        ws_max_size=MAX_UI_MESSAGE * 2,
-    )
-    server = uvicorn.Server(config)
-    # _serve() is serve() without uvicorn's signal capture: the CLI (or the notebook's kernel)
-    # owns SIGINT, not this embedded server.
-    serve = getattr(server, "_serve", server.serve)
-    task = asyncio.get_running_loop().create_task(serve(sockets=[sock]))
-    server.p2plab_task = task
-    while not server.started:
-        if task.done():
-            task.result()
-            raise P2PLabError("worker HTTP server stopped during startup")
-        await asyncio.sleep(0.01)
-    bound = sock.getsockname()
-    return server, (str(bound[0]), int(bound[1]))
+    def __init__(self, server: EmbeddedServer, address: tuple[str, int]) -> None:
+        self.server = server
+        self.address = address
+        """The bound (host, port)."""
+
+    @classmethod
+    async def start(cls, worker: UiWorker, host: str, port: int) -> UiServer:
+        """Bind ``host:port`` (0: a free port) and serve the page; a port in use is a
+        :class:`~p2plab.errors.P2PLabError` naming it."""
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((host, port))
+        except OSError as exc:
+            sock.close()
+            raise P2PLabError(f"cannot serve the worker UI on {host}:{port}: {exc}") from None
+        sock.listen(128)
+        sock.setblocking(False)
+        config = uvicorn.Config(
+            create_worker_app(worker),
+            log_level="warning",
+            lifespan="off",
+            ws_max_size=MAX_UI_MESSAGE * 2,
+        )
+        server = EmbeddedServer(config)  # the CLI or the notebook's kernel owns SIGINT
+        try:
+            await server.start(sock, name="worker-ui")
+        except BaseException:
+            sock.close()
+            raise
+        bound = sock.getsockname()
+        return cls(server, (str(bound[0]), int(bound[1])))
+
+    async def close(self) -> None:
+        """Stop serving (bounded)."""
+        await self.server.stop(3.0)
