@@ -2,6 +2,7 @@
 
 Public API (imported lazily, so ``import p2plab`` stays cheap in notebooks)::
 
+    local_lab, LocalLab       rendezvous + STUN + connected workers on loopback (notebooks)
     Worker, WorkerConfig      a worker: rendezvous, STUN, punching, chat, UI
     StunProbe, NatReport      mapped address and NAT behaviour discovery
     HolePuncher               punches a path to one peer and keeps it alive
@@ -39,6 +40,8 @@ _EXPORTS = {
     "PeerLost": "p2plab.core.events",
     "StateChanged": "p2plab.core.events",
     "ChatFailedError": "p2plab.errors",
+    "LocalLab": "p2plab.notebook.local",
+    "local_lab": "p2plab.notebook.local",
 }
 
 __all__ = [
@@ -51,6 +54,7 @@ __all__ = [
     "ChatFailedError",
     "ChatReceived",
     "HolePuncher",
+    "LocalLab",
     "NatReport",
     "PathChanged",
     "PeerConnected",
@@ -61,6 +65,7 @@ __all__ = [
     "Worker",
     "WorkerConfig",
     "__version__",
+    "local_lab",
 ]
 
 if TYPE_CHECKING:
@@ -82,6 +87,7 @@ if TYPE_CHECKING:
     )
     from p2plab.core.nat import NatReport
     from p2plab.errors import ChatFailedError
+    from p2plab.notebook.local import LocalLab, local_lab
     from p2plab.results import BenchResult
 
 

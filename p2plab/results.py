@@ -192,6 +192,23 @@ class RttResult:
     samples_ms: tuple[float, ...] = field(default=(), compare=False, repr=False)
     """Every RTT sample, milliseconds, in order."""
 
+    # Microseconds read better than milliseconds at loopback and LAN latencies (tens of us);
+    # the columns keep the _ms unit of the CSV contract.
+    @property
+    def p50_us(self) -> float:
+        """Median RTT in microseconds."""
+        return self.p50_ms * 1000.0
+
+    @property
+    def p90_us(self) -> float:
+        """90th percentile in microseconds."""
+        return self.p90_ms * 1000.0
+
+    @property
+    def p99_us(self) -> float:
+        """99th percentile in microseconds."""
+        return self.p99_ms * 1000.0
+
     def to_dict(self, *, samples: bool = False) -> dict[str, Any]:
         """Flat dict (samples only when asked)."""
         out = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "samples_ms"}

@@ -27,6 +27,9 @@ EXPECTED = {
     "PeerConnected",
     "PeerLost",
     "StateChanged",
+    # the notebook-first entry point
+    "LocalLab",
+    "local_lab",
 }
 
 

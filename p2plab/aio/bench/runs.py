@@ -233,7 +233,13 @@ class Driving:
         task = asyncio.current_task()
         if self.sending is None or self.sending.done():
             self.sending = task
-        return await self._send(rid, duration_s, payload_size, rate_mbps, interval_s, options)
+        try:
+            return await self._send(rid, duration_s, payload_size, rate_mbps, interval_s, options)
+        finally:
+            # The caller's task outlives its run: forget it, or closing the extension later
+            # would cancel whatever that task does next (a notebook cell, a script's main).
+            if self.sending is task:
+                self.sending = None
 
     async def _receive(
         self,
