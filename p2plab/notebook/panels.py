@@ -50,7 +50,7 @@ class ChatPanel:
         self.send_button.on_click(lambda _: self.send())
         self.duration = w.BoundedFloatText(value=2.0, min=0.2, max=600, description="seconds")
         self.payload = w.BoundedIntText(value=1200, min=64, max=65507, description="bytes")
-        self.rate = w.BoundedFloatText(value=100.0, min=0, max=100000, description="Mbit/s")
+        self.rate = w.BoundedFloatText(value=0.0, min=0, max=100000, description="Mbit/s")
         self.bench_button = w.Button(description="Run benchmark")
         self.bench_button.on_click(lambda _: self.start_benchmark())
         self.bench_view = w.HTML()
