@@ -53,7 +53,7 @@ A stopped engine drops datagrams and timers; the driver feeds it nothing else bu
 
 Clock and randomness are injected (``now`` on every call, ``rand_bytes`` at construction): the
 same engine runs on real sockets, on the simulator's virtual clock and in memory in the tests
-(``tests/test_core_link.py`` has a complete in-memory driver, ``World``).
+(``tests/core/test_core_link.py`` has a complete in-memory driver, ``World``).
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """Issue 13 item 7: the notebook-first API, run exactly as the issue (and the README) write it.
 
-The same code runs in a notebook cell (top-level ``await``: ``tests/test_notebooks.py`` executes
+The same code runs in a notebook cell (top-level ``await``: ``tests/notebooks/test_notebooks.py`` executes
 ``notebooks/01_quickstart.ipynb``, which uses it) and inside ``asyncio.run`` in a script (the
 second test runs it that way, in a fresh interpreter that imports only ``p2plab``).
 """

@@ -33,7 +33,7 @@ except ImportError:  # pragma: no cover
         udp_count,
     )
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 
 # ---- no root needed ---------------------------------------------------------------------------
 

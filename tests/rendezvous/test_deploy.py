@@ -35,7 +35,7 @@ try:
 except ModuleNotFoundError:  # pystun3 installs a top-level "tests" that can shadow ours
     from conftest import TIMEOUT_UNIT, require  # type: ignore[no-redef]
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 VENV_BIN = Path(sys.executable).parent
 DOCKERFILES = ("Dockerfile.worker", "Dockerfile.rendezvous")
 DEPLOY_SCRIPT = ROOT / "deploy" / "rebuild_and_deploy.sh"

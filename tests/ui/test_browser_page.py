@@ -34,7 +34,7 @@ def browser() -> Iterator[Any]:
     yield from launch_browser()
 
 
-PAGE = Path(__file__).resolve().parent.parent / "web" / "index.html"
+PAGE = Path(__file__).resolve().parents[2] / "web" / "index.html"
 # Requests to this address are answered inside the browser (page.route), never sent anywhere.
 SCRIPTED = "http://127.0.0.1:9"
 OWN_ID = "a1b2c3d4-0000-4000-8000-00000000000a"

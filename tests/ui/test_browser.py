@@ -1,7 +1,7 @@
 """The worker's web UI in headless Chromium, against real rendezvous and worker processes.
 
 Chromium, Playwright and the page helpers are in ``tests/browser_support.py``; the page against a
-scripted worker is in ``tests/test_browser_page.py``.
+scripted worker is in ``tests/ui/test_browser_page.py``.
 """
 
 from __future__ import annotations

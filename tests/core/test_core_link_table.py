@@ -1,10 +1,10 @@
 """Every allowed transition of the link table, made by the engine itself.
 
 For each ``(state, input kind)`` pair of :data:`~p2plab.core.link_table.TRANSITIONS` a recipe
-drives real engines (the in-memory :class:`~tests.test_core_link.World`) into ``state`` and then
-produces an input the engine classifies as that kind.  The test checks that the engine consulted
-the table for exactly that pair and then moved to the table's target.  A pair without a recipe
-fails, so a new row in the table needs a way to reach it.
+drives real engines (the in-memory :class:`~tests.core.test_core_link.World`) into ``state``
+and then produces an input the engine classifies as that kind.  The test checks that the
+engine consulted the table for exactly that pair and then moved to the table's target.  A pair
+without a recipe fails, so a new row in the table needs a way to reach it.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ from p2plab.core.signaling import (
     RelayIn,
     encode_relay_data,
 )
-from tests.test_core_link import FAST, World
+from tests.core.test_core_link import FAST, World
 
 Recipe = Callable[[World, LinkEngine, LinkEngine | None], None]
 DROP_ALL: Callable[[str, str], bool] = lambda src, dst: True  # noqa: E731

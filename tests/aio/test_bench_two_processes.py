@@ -16,7 +16,7 @@ from pathlib import Path
 
 from tests.procs import LOG_DIR, start_rendezvous, wait_until
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 SCRIPT = textwrap.dedent(
     """

@@ -27,7 +27,7 @@ from p2plab.core.wire import (
     parse_datagram,
 )
 from p2plab.errors import RemoteProtocolError, StunError
-from tests.test_crypto import A_LOCAL, B_LOCAL, M_LOCAL, both_connected, sealed_pair, texts
+from tests.core.test_crypto import A_LOCAL, B_LOCAL, M_LOCAL, both_connected, sealed_pair, texts
 
 FUZZ = settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 

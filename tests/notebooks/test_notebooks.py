@@ -19,7 +19,7 @@ import pytest
 
 from tests.conftest import IN_CI, TIMEOUT_UNIT
 
-NOTEBOOKS = Path(__file__).resolve().parent.parent / "notebooks"
+NOTEBOOKS = Path(__file__).resolve().parents[2] / "notebooks"
 ALL = sorted(NOTEBOOKS.glob("*.ipynb"))
 CELL_TIMEOUT = {"03_nat_matrix.ipynb": 600}
 

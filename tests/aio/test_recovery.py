@@ -8,8 +8,8 @@ from typing import Any
 
 from p2plab.aio.worker import Worker
 from p2plab.config import SessionConfig
+from tests.aio.test_hostile import T, config, next_chat, rendezvous
 from tests.conftest import TIMEOUT_UNIT, until
-from tests.test_hostile import T, config, next_chat, rendezvous
 
 FAST_LINK = SessionConfig(keepalive_interval=0.2, peer_timeout=1.0, punch_timeout=1.5)
 
