@@ -231,14 +231,16 @@ class Driving:
         if direction != "send":
             raise ValueError(f"direction must be 'send' or 'receive', got {direction!r}")
         task = asyncio.current_task()
-        if self.sending is None or self.sending.done():
+        borrowed = self.sending is None or self.sending.done()
+        if borrowed:
             self.sending = task
         try:
             return await self._send(rid, duration_s, payload_size, rate_mbps, interval_s, options)
         finally:
-            # The caller's task outlives its run: forget it, or closing the extension later
-            # would cancel whatever that task does next (a notebook cell, a script's main).
-            if self.sending is task:
+            # A caller's task outlives its run: forget it, or closing the extension later would
+            # cancel whatever that task does next (a notebook cell, a script's main).  A task the
+            # extension made for a requested run stays, so its result can still be read.
+            if borrowed and self.sending is task:
                 self.sending = None
 
     async def _receive(
