@@ -276,6 +276,8 @@ class UdpEndpoint:
     # -- the plain reader and the demultiplexer ------------------------------------------------
 
     def _on_readable(self) -> None:
+        """Drain the socket, splitting GRO reads and dispatching each datagram (one copy each);
+        while the fast path is armed, it reads instead (see :mod:`p2plab.aio.fastpath`)."""
         fast = self.fast
         if fast.armed:
             fast.on_readable()
