@@ -2,65 +2,43 @@
 
 The socket is read by our own reader (``loop.add_reader``) that drains it until ``EAGAIN`` in one
 callback: one callback per readable event instead of one per datagram is what keeps the default
-asyncio loop fast (natlab.md).  Datagrams are demultiplexed:
+asyncio loop fast (natlab.md).  On Linux the socket has UDP GRO (``UDP_GRO``) turned on when the
+kernel supports it: one read may then return several coalesced datagrams, and the ``UDP_GRO``
+control message gives their segment size; the reader splits every such read, so every user of
+the socket still sees single datagrams.  Datagrams are demultiplexed (:meth:`UdpEndpoint.dispatch`):
 
 * STUN messages (RFC 8489 section 6: first two bits zero, magic cookie at offset 4) go to the
   listener registered for their transaction id, else to the STUN fallback handler, else are counted
   as ``stun_unmatched`` and dropped;
 * everything else goes to the peer handler (or is counted as ``dropped_no_handler``).
 
-Fast path (natlab.md, issue 4).  The reader receives with ``recvmsg_into`` into one pre-allocated
-buffer.  On Linux the socket has UDP GRO (``UDP_GRO``) turned on when the kernel supports it: one
-read may then return several coalesced datagrams, and the ``UDP_GRO`` control message gives their
-segment size; this reader splits every such read, so every user of the socket still sees single
-datagrams.  A *bulk sink* (:meth:`UdpEndpoint.set_bulk_sink`, used by the benchmark) receives
-reads whose datagrams carry chosen p2p types without a copy or a callback per datagram: reads are
-batched in the buffer and handed over once per drain.  Sends of many equal-sized datagrams go
-through :meth:`UdpEndpoint.send_segments`, with UDP GSO (``UDP_SEGMENT`` as a per-call control
-message, since the socket is not connected) when available.  Both fall back cleanly to plain
-reads and sends when the kernel or platform lacks them.
-
-Batching without GSO (Linux, through ctypes): plain sends of many datagrams go out with
-``sendmmsg(2)``, 64 per call (still one datagram, one skb each: what "plain" means in the
-benchmark), and while a bulk sink is armed the reader uses ``recvmmsg(2)`` into 256 pre-allocated
-64 KiB slots (GRO aware), handing the sink batches that span several calls.  The mmsghdr, iovec
-and sockaddr arrays are built once per socket (:mod:`p2plab.aio.udp_os` holds these OS-level
-pieces: the GSO/GRO probes, buffer sizes and the ctypes mmsg calls).
-``UdpEndpoint(..., mmsg=False)`` (or setting :attr:`UdpEndpoint.mmsg`) keeps one syscall per
-datagram, as does a platform without them.
-
-Latency path.  A *fast handler* (:meth:`UdpEndpoint.set_fast_handler`) gets p2p datagrams of one
-type straight from the read, before any copy or demultiplexing (the benchmark's ping-pong answers
-and sends from there); after such a datagram the reader returns to the loop instead of trying one
-more read that would only say ``EAGAIN`` (the loop's readiness check is level-triggered, so
-nothing queued is missed).
+The data fast path that only the benchmark arms lives in :mod:`p2plab.aio.fastpath`: every
+endpoint owns one :class:`~p2plab.aio.fastpath.FastPath` (:attr:`UdpEndpoint.fast`), handed the
+socket, the stats dict and :meth:`UdpEndpoint.dispatch`.  While it is armed (a bulk sink or a
+fast handler set) the reader hands it the readable events; its batched sends, blocking reads and
+handlers are also reachable through the endpoint's own methods of the same names
+(``set_bulk_sink``, ``set_fast_handler``, ``read_blocking``, ``send_segments``,
+``wait_writable``; ``gso`` and ``mmsg``).  The OS-level pieces (GSO/GRO probes, buffer sizes,
+the ctypes mmsg calls) are in :mod:`p2plab.aio.udp_os`.
 """
 
 from __future__ import annotations
 
 import asyncio
-import errno
 import logging
-import select
 import socket
-import struct
-import time
 import weakref
 from collections.abc import Callable
-from typing import Any, Protocol
+from typing import Any
 
+from p2plab.aio.fastpath import BulkSink, FastHandler, FastPath
 from p2plab.aio.udp_os import (
     CMSG_SPACE,
-    MMSG_BATCH,
-    MMSG_FLUSH_BYTES,
-    MMSG_RECV_SLOTS,
+    MAX_READS_PER_WAKEUP,
+    RECV_SIZE,
     SOL_UDP,
-    U16,
     UDP_GRO,
-    UDP_MAX_SEGMENTS,
-    UDP_SEGMENT,
     Address,
-    MmsgIO,
     gro_segment,
     gro_supported,
     gso_supported,
@@ -71,6 +49,7 @@ from p2plab.aio.udp_os import (
 __all__ = [
     "Address",
     "BulkSink",
+    "DatagramHandler",
     "FastHandler",
     "UdpEndpoint",
     "gro_supported",
@@ -83,29 +62,9 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 DatagramHandler = Callable[[bytes, Address], None]
-FastHandler = Callable[[memoryview, Address], None]
-"""Gets one datagram as a view into the read buffer (valid only during the call)."""
 
 _MAGIC_COOKIE = b"\x21\x12\xa4\x42"
-_RECV_SIZE = 65536  # one read: a datagram, or a GRO batch (at most 64 KiB)
-_MAX_READS_PER_WAKEUP = 2048
-_BUF_SIZE = 4 * 1024 * 1024
 _SOCK_BUF = 4 * 1024 * 1024
-_P2P_MAGIC0, _P2P_MAGIC1 = 0xD7, 0x50
-
-
-class BulkSink(Protocol):
-    """Receives batched reads of chosen p2p datagram types (see :meth:`UdpEndpoint.set_bulk_sink`).
-
-    ``reads`` are ``(offset, nbytes, segment_size, arrival_ns)`` into ``buf``: ``nbytes`` bytes
-    holding datagrams of ``segment_size`` bytes back to back (the last may be shorter).  Return the
-    ``(read_index, start, end)`` spans the sink did not take (datagrams of other types that a GRO
-    batch carried along); the endpoint dispatches them normally.
-    """
-
-    def __call__(
-        self, buf: memoryview, reads: list[tuple[int, int, int, int]]
-    ) -> list[tuple[int, int, int]]: ...
 
 
 def is_stun_datagram(data: bytes) -> bool:
@@ -114,14 +73,6 @@ def is_stun_datagram(data: bytes) -> bool:
 
 
 _ENDPOINTS: weakref.WeakSet[UdpEndpoint] = weakref.WeakSet()
-
-
-def _timeval(seconds: float) -> bytes:
-    """A struct timeval (for SO_RCVTIMEO); at least 1 us unless 0 (0 means no limit)."""
-    if seconds <= 0:
-        return struct.pack("@ll", 0, 0)
-    us = max(1, int(seconds * 1e6))
-    return struct.pack("@ll", us // 1_000_000, us % 1_000_000)
 
 
 def local_endpoint_for(addr: Address) -> UdpEndpoint | None:
@@ -155,28 +106,8 @@ class UdpEndpoint:
     ) -> None:
         self._sock = sock
         self._loop = loop
-        self._buf = bytearray(_BUF_SIZE)
-        self._view = memoryview(self._buf)
-        self._one_iov = [self._view[:_RECV_SIZE]]  # the read buffer of :meth:`_read_one`
-        self._bulk_sink: BulkSink | None = None
-        self._bulk_types: frozenset[int] = frozenset()
-        self._fast: dict[int, FastHandler] = {}
-        self._writable: asyncio.Future[None] | None = None
-        self.gso = gso_supported(sock)
-        """The kernel supports UDP GSO on this socket (``send_segments`` may use it)."""
-        self._mm: MmsgIO | None = None
-        if mmsg and mmsg_supported() and sock.family in (socket.AF_INET, socket.AF_INET6):
-            try:
-                self._mm = MmsgIO(sock, _RECV_SIZE)
-            except (OSError, ValueError, TypeError) as exc:  # pragma: no cover - odd platforms
-                log.debug("sendmmsg/recvmmsg not usable: %s", exc)
-        self.mmsg = self._mm is not None
-        """Batched ``sendmmsg``/``recvmmsg`` are used (plain sends of many datagrams, and reads
-        while a bulk sink is armed); set False to compare with one syscall per datagram."""
-        self.gro = False
-        """UDP GRO is on for this socket (reads may carry several datagrams)."""
-        if gro:
-            self.set_gro(True)
+        self._view = memoryview(bytearray(RECV_SIZE))
+        self._iov = [self._view]  # the plain reader's buffer (the fast path has its own)
         self._stun_listeners: dict[bytes, DatagramHandler] = {}
         self.stun_fallback: DatagramHandler | None = None
         self.peer_handler: DatagramHandler | None = None
@@ -197,8 +128,12 @@ class UdpEndpoint:
             "mmsg_sends": 0,
             "mmsg_reads": 0,
         }
+        self.fast = FastPath(sock, loop, self.stats, self.dispatch, mmsg=mmsg)
+        """The data fast path: bulk sink, fast handlers, blocking reads, batched sends."""
+        self._gro = False
+        if gro:
+            self.set_gro(True)
         self._closed = False
-        self._poller: Any = None
         loop.add_reader(sock.fileno(), self._on_readable)
         _ENDPOINTS.add(self)
 
@@ -222,7 +157,7 @@ class UdpEndpoint:
 
     @property
     def socket(self) -> socket.socket:
-        """The underlying socket (for fast paths such as benchmarks)."""
+        """The underlying socket (for latency paths that send on it directly)."""
         return self._sock
 
     @property
@@ -238,109 +173,81 @@ class UdpEndpoint:
     def closed(self) -> bool:
         return self._closed
 
+    @property
+    def gro(self) -> bool:
+        """UDP GRO is on for this socket (reads may carry several datagrams)."""
+        return self._gro
+
     def set_gro(self, on: bool) -> bool:
         """Turn UDP GRO on or off; returns whether it is on now (False where unsupported)."""
         if not gro_supported(self._sock):
-            self.gro = False
-            return False
-        try:
-            self._sock.setsockopt(SOL_UDP, UDP_GRO, 1 if on else 0)
-        except OSError as exc:
-            log.debug("UDP_GRO not available: %s", exc)
-            self.gro = False
-            return False
-        self.gro = on
+            on = False
+        else:
+            try:
+                self._sock.setsockopt(SOL_UDP, UDP_GRO, 1 if on else 0)
+            except OSError as exc:
+                log.debug("UDP_GRO not available: %s", exc)
+                on = False
+        self._gro = self.fast.gro = on  # both readers ask for the segment size while it is on
         return on
 
-    def set_bulk_sink(self, types: frozenset[int] | set[int], sink: BulkSink | None) -> None:
-        """Hand reads of p2p datagrams whose type is in ``types`` to ``sink`` in batches.
+    @property
+    def gso(self) -> bool:
+        """The kernel supports UDP GSO on this socket (:attr:`FastPath.gso`)."""
+        return self.fast.gso
 
-        ``None`` removes the sink.  Datagrams of other types keep their usual path, in order:
-        pending batched reads are flushed before any other datagram is dispatched.
-        """
-        self._bulk_sink = sink
-        self._bulk_types = frozenset(types) if sink is not None else frozenset()
+    @gso.setter
+    def gso(self, on: bool) -> None:
+        self.fast.gso = on
 
-    def set_fast_handler(self, kind: int, handler: FastHandler | None) -> None:
-        """Hand p2p datagrams of type ``kind`` to ``handler`` straight from the read.
+    @property
+    def mmsg(self) -> bool:
+        """Batched ``sendmmsg``/``recvmmsg`` are used (:attr:`FastPath.mmsg`); set False to
+        compare with one syscall per datagram."""
+        return self.fast.mmsg
 
-        The handler gets a memoryview into the read buffer (copy what it keeps) and the source
-        address; it runs before any other demultiplexing, so it must check the source itself.
-        ``None`` removes it.  Meant for latency-critical single datagrams (ping-pong).
-        """
-        if handler is None:
-            self._fast.pop(kind, None)
-        else:
-            self._fast[kind] = handler
-
-    def read_blocking(
-        self, until: Callable[[], bool], max_block_s: float, spin_s: float = 0.0
-    ) -> None:
-        """Run this endpoint's reader on the calling (loop) thread, blocked in the socket read.
-
-        Returns once ``until()`` is true (checked after every wake-up) or after ``max_block_s``
-        seconds (up to twice that: one read may start just before the limit).  Every datagram
-        read meanwhile takes its usual path (fast handlers, bulk sink, STUN listeners, peer
-        handler), exactly as from the event loop's reader; only the wake-up differs: a blocking
-        ``recvmsg`` on the socket alone (blocking mode and ``SO_RCVTIMEO`` set once per call,
-        non-blocking again on return), as a ping-pong tool does, instead of a trip through the
-        event loop.  The loop is stalled meanwhile, so keep ``max_block_s`` short and yield to
-        the loop between calls (the benchmark's RTT mode uses 50 ms).  While a bulk sink is
-        armed (its batched reader never blocks) it waits in ``poll(2)`` instead.
-
-        ``spin_s`` > 0 busy-polls: after each datagram (and on entry) the socket is read without
-        sleeping for up to ``spin_s`` seconds before falling back to ``poll(2)``, so a reply
-        that comes back within that window is read without the scheduler's wake-up (and the
-        CPU's idle-state exit) in its latency.  It costs a core while it spins.
-        """
-        if self._closed:
-            return
-        sock = self._sock
-        clock = time.perf_counter
-        deadline = clock() + max_block_s
-        if self._bulk_types or spin_s > 0:
-            # The batched reader never blocks (MSG_DONTWAIT), and a spinning one must not: the
-            # socket stays non-blocking and sleeps, if at all, in poll(2).
-            if self._poller is None:
-                self._poller = select.poll()
-                self._poller.register(sock.fileno(), select.POLLIN)
-            poll = self._poller.poll
-            read = self._read_one if spin_s > 0 and not self._bulk_types else self._on_readable
-            while not until() and not self._closed:
-                now = clock()
-                left = deadline - now
-                if left <= 0:
-                    return
-                if spin_s > 0:
-                    # poll(2) with a zero timeout is the cheapest "anything there?" (~0.5 us
-                    # here, a quarter of an empty read through the reader).
-                    spin_end = now + min(spin_s, left)
-                    while not (ready := bool(poll(0))) and clock() < spin_end:
-                        pass
-                    if ready:
-                        read()
-                        continue
-                    left = deadline - clock()
-                    if left <= 0:
-                        return
-                if poll(left * 1000.0):
-                    read()
-            return
-        # Blocking reads that give up after max_block_s each (SO_RCVTIMEO: EAGAIN then), set
-        # once per call: no extra syscall per datagram (a call may so last up to twice as long).
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, _timeval(max_block_s))
-        sock.setblocking(True)
-        try:
-            while not until() and not self._closed and clock() < deadline:
-                self._read_one()  # one datagram per read, so until() is checked after each
-        finally:
-            if not self._closed:
-                sock.setblocking(False)
-                sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, _timeval(0.0))
+    @mmsg.setter
+    def mmsg(self, on: bool) -> None:
+        self.fast.mmsg = on
 
     def set_buffer_sizes(self, rcvbuf: int, sndbuf: int = 0) -> tuple[int, int]:
         """:func:`set_buffer_sizes` on this socket (0 leaves that buffer alone)."""
         return set_buffer_sizes(self._sock, rcvbuf, sndbuf)
+
+    # -- the fast path, through the endpoint (see :mod:`p2plab.aio.fastpath`) ------------------
+
+    def set_bulk_sink(self, types: frozenset[int] | set[int], sink: BulkSink | None) -> None:
+        """:meth:`FastPath.set_bulk_sink`: reads of these p2p types go to ``sink`` in batches."""
+        self.fast.set_bulk_sink(types, sink)
+
+    def set_fast_handler(self, kind: int, handler: FastHandler | None) -> None:
+        """:meth:`FastPath.set_fast_handler`: datagrams of type ``kind`` straight from the read."""
+        self.fast.set_fast_handler(kind, handler)
+
+    def read_blocking(
+        self, until: Callable[[], bool], max_block_s: float, spin_s: float = 0.0
+    ) -> None:
+        """:meth:`FastPath.read_blocking`: read on this thread until ``until()`` or the limit."""
+        self.fast.read_blocking(until, max_block_s, spin_s)
+
+    def send_segments(
+        self,
+        buf: memoryview | bytearray | bytes,
+        size: int,
+        count: int,
+        addr: Address,
+        *,
+        gso: bool = True,
+    ) -> int:
+        """:meth:`FastPath.send_segments`: ``count`` datagrams of ``size`` bytes from ``buf``;
+        returns how many went out (fewer: await :meth:`wait_writable`)."""
+        return self.fast.send_segments(buf, size, count, addr, gso=gso)
+
+    async def wait_writable(self) -> None:
+        """:meth:`FastPath.wait_writable`: until the socket can take more data."""
+        await self.fast.wait_writable()
+
+    # -- STUN listeners and single sends -------------------------------------------------------
 
     def add_stun_listener(self, transaction_id: bytes, handler: DatagramHandler) -> None:
         """Route STUN messages with this 12-byte transaction id to ``handler``."""
@@ -366,371 +273,48 @@ class UdpEndpoint:
         self.stats["bytes_out"] += len(data)
         return True
 
-    def send_segments(
-        self,
-        buf: memoryview | bytearray | bytes,
-        size: int,
-        count: int,
-        addr: Address,
-        *,
-        gso: bool = True,
-    ) -> int:
-        """Send ``count`` datagrams of ``size`` bytes laid out back to back in ``buf``.
-
-        Uses UDP GSO (one ``sendmsg`` per up to 64 datagrams) when ``gso`` and the kernel allow,
-        plain ``sendto`` otherwise.  Returns how many went out; fewer than ``count`` means the
-        socket buffer is full (await :meth:`wait_writable`) or the OS refused (counted).
-        """
-        if self._closed or count <= 0:
-            return 0
-        mv = buf if isinstance(buf, memoryview) else memoryview(buf)
-        sock = self._sock
-        sent = 0
-        per = min(UDP_MAX_SEGMENTS, 65507 // size) if gso and self.gso else 1
-        try:
-            if per > 1:
-                cmsg = [(SOL_UDP, UDP_SEGMENT, U16.pack(size))]
-                while sent < count:
-                    n = min(per, count - sent)
-                    chunk = mv[sent * size : (sent + n) * size]
-                    if n == 1:
-                        sock.sendto(chunk, addr)
-                    else:
-                        sock.sendmsg([chunk], cmsg, 0, addr)
-                        self.stats["gso_sends"] += 1
-                    sent += n
-            else:
-                mm = self._mm if self.mmsg and count > 1 and not mv.readonly else None
-                if mm is not None:
-                    while sent < count:
-                        got = mm.sendmmsg(mv[sent * size :], size, count - sent, addr)
-                        self.stats["mmsg_sends"] += 1
-                        sent += got
-                        if got == 0:
-                            break
-                    count = sent  # what is left waits for writability
-                sendto = sock.sendto
-                while sent < count:
-                    sendto(mv[sent * size : (sent + 1) * size], addr)
-                    sent += 1
-        except (BlockingIOError, InterruptedError):
-            pass
-        except OSError as exc:
-            if exc.errno in (errno.EINVAL, errno.EIO, errno.EMSGSIZE) and per > 1:
-                # GSO refused for this path (segment over the MTU, or no checksum offload):
-                # turn it off for this socket and carry on with plain sends.
-                log.info("UDP GSO refused (%s); falling back to plain sends", exc)
-                self.gso = False
-                return sent + self.send_segments(
-                    mv[sent * size :], size, count - sent, addr, gso=False
-                )
-            self.stats["send_errors"] += 1
-            log.debug("send to %s failed: %s", addr, exc)
-        self.stats["datagrams_out"] += sent
-        self.stats["bytes_out"] += sent * size
-        return sent
-
-    async def wait_writable(self) -> None:
-        """Wait until the socket can take more data (after a short ``send_segments``)."""
-        if self._closed:
-            return
-        if self._writable is None or self._writable.done():
-            fut: asyncio.Future[None] = self._loop.create_future()
-            self._writable = fut
-            fd = self._sock.fileno()
-
-            def ready() -> None:
-                self._loop.remove_writer(fd)
-                if not fut.done():
-                    fut.set_result(None)
-
-            self._loop.add_writer(fd, ready)
-        await asyncio.shield(self._writable)
-
-    def _read_one(self) -> None:
-        """Read one datagram (if any) and deliver it: the reader of :meth:`read_blocking`.
-
-        Only while no bulk sink is armed.  A datagram of a fast type (not GRO-merged) goes
-        straight from the read to its handler, with none of the batching set-up of
-        :meth:`_on_readable` (which costs ~2 us per wake-up here); anything else takes the
-        same route as from there.
-        """
-        try:
-            n, ancdata, flags, addr = self._sock.recvmsg_into(
-                self._one_iov, CMSG_SPACE if self.gro else 0
-            )
-        except (BlockingIOError, InterruptedError):
-            return
-        except OSError as exc:
-            log.debug("recvmsg: %s", exc)
-            return
-        stats = self.stats
-        if flags & socket.MSG_TRUNC:
-            stats["truncated"] += 1
-            return
-        buf = self._buf
-        peer = (addr[0], addr[1])
-        if not ancdata and n >= 4 and buf[0] == _P2P_MAGIC0 and buf[1] == _P2P_MAGIC1:
-            handler = self._fast.get(buf[3])
-            if handler is not None:
-                stats["datagrams_in"] += 1
-                stats["bytes_in"] += n
-                stats["fast_datagrams"] += 1
-                try:
-                    handler(self._view[:n], peer)
-                except Exception:
-                    stats["handler_errors"] += 1
-                    log.exception("fast handler failed for %d bytes from %s", n, peer)
-                return
-        seg = gro_segment(ancdata, n, stats) if ancdata else n
-        if n >= 4 and buf[0] == _P2P_MAGIC0 and buf[1] == _P2P_MAGIC1 and buf[3] in self._fast:
-            self._fast_dispatch(0, n, seg, peer)
-            return
-        view = self._view
-        for start in range(0, n, seg):
-            self._dispatch(bytes(view[start : min(start + seg, n)]), peer)
+    # -- the plain reader and the demultiplexer ------------------------------------------------
 
     def _on_readable(self) -> None:
-        if self._bulk_types and self._mm is not None and self.mmsg:
-            self._on_readable_mmsg(self._mm)
+        """Drain the socket, splitting GRO reads and dispatching each datagram (one copy each);
+        while the fast path is armed, it reads instead (see :mod:`p2plab.aio.fastpath`)."""
+        fast = self.fast
+        if fast.armed:
+            fast.on_readable()
             return
         sock = self._sock
+        iov = self._iov
         view = self._view
-        limit = _BUF_SIZE - _RECV_SIZE
-        anc = CMSG_SPACE if self.gro else 0
-        bulk_types = self._bulk_types
-        fast = self._fast
-        buf = self._buf
-        reads: list[tuple[int, int, int, int]] = []
-        addrs: list[Address] = []
-        pos = 0
+        anc = CMSG_SPACE if self._gro else 0
         stats = self.stats
-        clock = time.monotonic_ns
-        try:
-            for _ in range(_MAX_READS_PER_WAKEUP):
-                try:
-                    n, ancdata, flags, addr = sock.recvmsg_into([view[pos : pos + _RECV_SIZE]], anc)
-                except (BlockingIOError, InterruptedError):
-                    return
-                except OSError as exc:
-                    # ICMP port unreachable surfaces as ECONNREFUSED on Linux: not fatal for UDP.
-                    log.debug("recvmsg: %s", exc)
-                    continue
-                if flags & socket.MSG_TRUNC:
-                    stats["truncated"] += 1
-                    continue
-                seg = gro_segment(ancdata, n, stats) if ancdata else n
-                if (
-                    fast
-                    and n >= 4
-                    and buf[pos] == _P2P_MAGIC0
-                    and buf[pos + 1] == _P2P_MAGIC1
-                    and buf[pos + 3] in fast
-                ):
-                    if reads:
-                        self._flush(reads, addrs)
-                        reads = []
-                        addrs = []
-                    peer = (addr[0], addr[1])
-                    self._fast_dispatch(pos, n, seg, peer)
-                    return  # level-triggered: the loop calls again if more is queued
-                if (
-                    bulk_types
-                    and n >= 4
-                    and buf[pos] == _P2P_MAGIC0
-                    and buf[pos + 1] == _P2P_MAGIC1
-                    and buf[pos + 3] in bulk_types
-                ):
-                    reads.append((pos, n, seg, clock()))
-                    addrs.append((addr[0], addr[1]))
-                    pos += n
-                    if pos > limit:
-                        self._flush(reads, addrs)
-                        reads = []
-                        addrs = []
-                        pos = 0
-                    continue
-                if reads:
-                    # Keep arrival order: batched datagrams go first.  The flush does not touch
-                    # the bytes of this read (they lie after every batched read).
-                    self._flush(reads, addrs)
-                    reads = []
-                    addrs = []
-                peer = (addr[0], addr[1])
-                if seg >= n:
-                    self._dispatch(bytes(view[pos : pos + n]), peer)
-                else:
-                    for start in range(pos, pos + n, seg):
-                        self._dispatch(bytes(view[start : min(start + seg, pos + n)]), peer)
-                pos = 0
-        finally:
-            if reads:
-                self._flush(reads, addrs)
-
-    def _on_readable_mmsg(self, mm: MmsgIO) -> None:
-        """The reader while a bulk sink is armed: ``recvmmsg`` of up to 64 datagrams per call.
-
-        Each message lands in its own 64 KiB slot of the receive buffer (a GRO read fits);
-        reads of the sink's types accumulate over up to ``MMSG_RECV_SLOTS`` slots and go to the
-        sink in one batch (earlier if another datagram must be dispatched first, to keep the
-        order).  Every datagram of one call shares one arrival time (as the datagrams of one GRO
-        read do).
-        """
-        mm.setup_receive()
-        np = mm.np
-        slot = mm.slot
-        buf = mm.rbuf
-        assert buf is not None
-        view = mm.rview
-        heads = mm.rnp
-        stats = self.stats
-        bulk_list = list(self._bulk_types)
-        fast = self._fast
-        trunc = int(socket.MSG_TRUNC)
-        reads: list[tuple[int, int, int, int]] = []
-        addrs: list[Address] = []
-        first = 0
-        filled = 0  # bytes in the slots since the last flush: keep the batch cache-sized
-        try:
-            for _ in range(_MAX_READS_PER_WAKEUP // MMSG_BATCH):
-                if first + MMSG_BATCH > MMSG_RECV_SLOTS or filled > MMSG_FLUSH_BYTES:
-                    if reads:
-                        self._flush(reads, addrs, view)
-                        reads, addrs = [], []
-                    first = filled = 0
-                try:
-                    k = mm.recvmmsg(first)
-                except OSError as exc:
-                    log.debug("recvmmsg: %s", exc)  # e.g. ECONNREFUSED from an ICMP error
-                    continue
-                if k <= 0:
-                    return
-                stats["mmsg_reads"] += 1
-                arrival = time.monotonic_ns()
-                end = first + k
-                lens = mm.r_u32[first:end, 14].tolist()
-                filled += sum(lens)
-                flags = mm.r_u32[first:end, 12].tolist()
-                segs = list(lens)
-                if self.gro:
-                    for i in np.flatnonzero(mm.r_u64[first:end, 5]).tolist():
-                        c = mm.ctrl[first + i]
-                        lvl = int(c[8:12].view(np.int32)[0])
-                        typ = int(c[12:16].view(np.int32)[0])
-                        if lvl == SOL_UDP and typ == UDP_GRO:
-                            seg = int(c[16:20].view(np.int32)[0])
-                            if seg > 0:
-                                segs[i] = seg
-                                stats["gro_reads"] += 1
-                h = heads[first:end, :4]
-                names = mm.names[first:end, :8]
-                if (
-                    not fast
-                    and not any(flags)
-                    and bool((names == names[0]).all())
-                    and bool(
-                        (
-                            (h[:, 0] == _P2P_MAGIC0)
-                            & (h[:, 1] == _P2P_MAGIC1)
-                            & np.isin(h[:, 3], bulk_list)
-                            & (mm.r_u32[first:end, 14] >= 4)
-                        ).all()
-                    )
-                ):
-                    # The common case at full speed: benchmark data only, from one source.
-                    reads.extend(
-                        zip(
-                            range(first * slot, end * slot, slot),
-                            lens,
-                            segs,
-                            [arrival] * k,
-                            strict=True,
-                        )
-                    )
-                    addrs.extend([mm.address(first)] * k)
-                    first = end
-                    continue
-                for i in range(k):
-                    pos = (first + i) * slot
-                    n = lens[i]
-                    if flags[i] & trunc:
-                        stats["truncated"] += 1
-                        continue
-                    addr = mm.address(first + i)
-                    kind = buf[pos + 3] if n >= 4 else -1
-                    is_p2p = n >= 4 and buf[pos] == _P2P_MAGIC0 and buf[pos + 1] == _P2P_MAGIC1
-                    if is_p2p and kind in fast:
-                        if reads:
-                            self._flush(reads, addrs, view)
-                            reads, addrs = [], []
-                        self._fast_dispatch(pos, n, segs[i], addr, view)
-                        continue
-                    if is_p2p and kind in self._bulk_types:
-                        reads.append((pos, n, segs[i], arrival))
-                        addrs.append(addr)
-                        continue
-                    if reads:
-                        self._flush(reads, addrs, view)
-                        reads, addrs = [], []
-                    seg = segs[i]
-                    for start in range(pos, pos + n, seg):
-                        self._dispatch(bytes(buf[start : min(start + seg, pos + n)]), addr)
-                first = end
-        finally:
-            if reads:
-                self._flush(reads, addrs, view)
-
-    def _fast_dispatch(
-        self, pos: int, n: int, seg: int, addr: Address, view: memoryview | None = None
-    ) -> None:
-        view = self._view if view is None else view
-        stats = self.stats
-        for start in range(pos, pos + n, seg):
-            end = min(start + seg, pos + n)
-            handler = self._fast.get(view[start + 3]) if end - start >= 4 else None
-            if handler is None:  # another type inside the same GRO batch
-                self._dispatch(bytes(view[start:end]), addr)
-                continue
-            stats["datagrams_in"] += 1
-            stats["bytes_in"] += end - start
-            stats["fast_datagrams"] += 1
+        dispatch = self.dispatch
+        for _ in range(MAX_READS_PER_WAKEUP):
             try:
-                handler(view[start:end], addr)
-            except Exception:
-                stats["handler_errors"] += 1
-                log.exception("fast handler failed for %d bytes from %s", end - start, addr)
-
-    def _flush(
-        self,
-        reads: list[tuple[int, int, int, int]],
-        addrs: list[Address],
-        view: memoryview | None = None,
-    ) -> None:
-        sink = self._bulk_sink
-        view = self._view if view is None else view
-        if sink is None:  # removed mid-drain: dispatch as usual
-            rest = [(i, off, off + n) for i, (off, n, _, _) in enumerate(reads)]
-            left = [
-                (i, s, min(s + reads[i][2], e))
-                for i, a, e in rest
-                for s in range(a, e, reads[i][2])
-            ]
-        else:
-            try:
-                left = sink(view, reads)
-            except Exception:
-                self.stats["handler_errors"] += 1
-                log.exception("bulk sink failed on %d reads", len(reads))
+                n, ancdata, flags, addr = sock.recvmsg_into(iov, anc)
+            except (BlockingIOError, InterruptedError):
                 return
-        total = sum(-(-n // seg) for _, n, seg, _ in reads)
-        nbytes = sum(n for _, n, _, _ in reads)
-        self.stats["bulk_datagrams"] += total - len(left)
-        self.stats["datagrams_in"] += total - len(left)
-        self.stats["bytes_in"] += nbytes - sum(e - s for _, s, e in left)
-        for i, start, end in left:
-            self._dispatch(bytes(view[start:end]), addrs[i])
+            except OSError as exc:
+                # ICMP port unreachable surfaces as ECONNREFUSED on Linux: not fatal for UDP.
+                log.debug("recvmsg: %s", exc)
+                continue
+            if flags & socket.MSG_TRUNC:
+                stats["truncated"] += 1
+                continue
+            seg = gro_segment(ancdata, n, stats) if ancdata else n
+            peer = (addr[0], addr[1])
+            if seg >= n:
+                dispatch(bytes(view[:n]), peer)
+            else:
+                for start in range(0, n, seg):
+                    dispatch(bytes(view[start : min(start + seg, n)]), peer)
+            if fast.armed:  # a handler armed it (a benchmark starts): it reads the rest
+                fast.on_readable()
+                return
 
-    def _dispatch(self, data: bytes, addr: Address) -> None:
+    def dispatch(self, data: bytes, addr: Address) -> None:
+        """Deliver one datagram (counted in ``datagrams_in``): to the STUN listener of its
+        transaction id, else the STUN fallback, else counted as ``stun_unmatched``; anything
+        that is not STUN to the peer handler, else counted as ``dropped_no_handler``."""
         self.stats["datagrams_in"] += 1
         self.stats["bytes_in"] += len(data)
         try:
@@ -757,11 +341,9 @@ class UdpEndpoint:
         self._closed = True
         try:
             self._loop.remove_reader(self._sock.fileno())
-            self._loop.remove_writer(self._sock.fileno())
         except Exception:  # pragma: no cover - loop already closed
             pass
-        if self._writable is not None and not self._writable.done():
-            self._writable.set_result(None)
+        self.fast.close()  # before the socket: it lets go of the fd and of a writability waiter
         self._sock.close()
 
     async def __aenter__(self) -> UdpEndpoint:

@@ -2,7 +2,8 @@
 
 UDP GSO (``UDP_SEGMENT``) and GRO (``UDP_GRO``) probes, socket buffer sizes (``SO_RCVBUFFORCE``
 as root), and ``sendmmsg(2)``/``recvmmsg(2)`` through ctypes with their mmsghdr, iovec and
-sockaddr arrays built once per socket (:class:`MmsgIO`).  :mod:`p2plab.aio.endpoint` puts them
+sockaddr arrays built once per socket (:class:`MmsgIO`).  :mod:`p2plab.aio.endpoint` (the
+socket and its plain reader) and :mod:`p2plab.aio.fastpath` (batched reads and sends) put them
 together; nothing here knows about datagram types or handlers.
 """
 
@@ -19,9 +20,11 @@ from typing import Any
 
 __all__ = [
     "CMSG_SPACE",
+    "MAX_READS_PER_WAKEUP",
     "MMSG_BATCH",
     "MMSG_FLUSH_BYTES",
     "MMSG_RECV_SLOTS",
+    "RECV_SIZE",
     "SOL_UDP",
     "SO_RCVBUFFORCE",
     "SO_SNDBUFFORCE",
@@ -36,6 +39,7 @@ __all__ = [
     "gso_supported",
     "mmsg_supported",
     "set_buffer_sizes",
+    "timeval",
 ]
 
 Address = tuple[str, int]
@@ -49,6 +53,10 @@ SO_RCVBUFFORCE: int | None = getattr(socket, "SO_RCVBUFFORCE", 33 if _LINUX else
 SO_SNDBUFFORCE: int | None = getattr(socket, "SO_SNDBUFFORCE", 32 if _LINUX else None)
 UDP_MAX_SEGMENTS = 64
 """Most segments one GSO send may carry (the kernel's UDP_MAX_SEGMENTS)."""
+RECV_SIZE = 65536
+"""One read's buffer: a datagram, or a GRO batch (at most 64 KiB)."""
+MAX_READS_PER_WAKEUP = 2048
+"""Most reads a reader makes per readable event before it returns to the loop (fairness)."""
 CMSG_SPACE = socket.CMSG_SPACE(4) if hasattr(socket, "CMSG_SPACE") else 0
 U16 = struct.Struct("=H")
 _I32 = struct.Struct("=i")
@@ -235,6 +243,22 @@ class MmsgIO:
             raise OSError(err, os.strerror(err))
         return int(got)
 
+    def gro_segments(self, first: int, end: int, segs: list[int]) -> int:
+        """Put the ``UDP_GRO`` segment size of each message ``first + i`` (below ``end``) that
+        has one (a GRO read) into ``segs[i]``; returns how many had one."""
+        np = self.np
+        found = 0
+        for i in np.flatnonzero(self.r_u64[first:end, 5]).tolist():
+            c = self.ctrl[first + i]
+            lvl = int(c[8:12].view(np.int32)[0])
+            typ = int(c[12:16].view(np.int32)[0])
+            if lvl == SOL_UDP and typ == UDP_GRO:
+                seg = int(c[16:20].view(np.int32)[0])
+                if seg > 0:
+                    segs[i] = seg
+                    found += 1
+        return found
+
     def address(self, i: int) -> Address:
         raw = self.names[i, : 8 if self.family == socket.AF_INET else 24].tobytes()
         a = self.addr_cache.get(raw)
@@ -299,6 +323,14 @@ def set_buffer_sizes(sock: socket.socket, rcvbuf: int, sndbuf: int) -> tuple[int
         sock.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF),
         sock.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF),
     )
+
+
+def timeval(seconds: float) -> bytes:
+    """A struct timeval (for SO_RCVTIMEO); at least 1 us unless 0 (0 means no limit)."""
+    if seconds <= 0:
+        return struct.pack("@ll", 0, 0)
+    us = max(1, int(seconds * 1e6))
+    return struct.pack("@ll", us // 1_000_000, us % 1_000_000)
 
 
 def gro_segment(ancdata: list[tuple[int, int, bytes]], n: int, stats: dict[str, int]) -> int:

@@ -17,6 +17,7 @@ from typing import Any
 import pytest
 
 from p2plab.aio.endpoint import UdpEndpoint, local_endpoint_for
+from p2plab.aio.fastpath import FastPath
 from p2plab.aio.udp_os import (
     SO_RCVBUFFORCE,
     SOL_UDP,
@@ -244,25 +245,28 @@ class _RefusingGso:
 
 
 async def test_send_segments_falls_back_when_gso_is_refused() -> None:
-    ep = await UdpEndpoint.bind("127.0.0.1", 0)
+    # The fast path on a socket stand-in: it sends on the socket it was handed.
+    real = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    real.setblocking(False)
+    real.bind(("127.0.0.1", 0))
     rx = receiver()
-    real = ep._sock
     fake = _RefusingGso(real)
-    ep._sock = fake  # type: ignore[assignment]
-    ep.gso = True  # claim support so the GSO path is tried
+    stats: dict[str, int] = {}
+    fp = FastPath(fake, asyncio.get_running_loop(), stats, lambda data, addr: None)  # type: ignore[arg-type]
+    fp.gso = True  # claim support so the GSO path is tried
     try:
         size, count = 500, 10
         data = b"".join(p2p(0x20, i, size) for i in range(count))
-        assert ep.send_segments(data, size, count, rx.getsockname()) == count
-        assert fake.refused == 1 and ep.gso is False  # turned off for this socket
+        assert fp.send_segments(data, size, count, rx.getsockname()) == count
+        assert fake.refused == 1 and fp.gso is False  # turned off for this socket
         assert await receive_all(rx, count) == [p2p(0x20, i, size) for i in range(count)]
-        assert ep.send_segments(data, size, count, rx.getsockname()) == count  # plain now
+        assert fp.send_segments(data, size, count, rx.getsockname()) == count  # plain now
         assert fake.refused == 1
         assert await receive_all(rx, count) == [p2p(0x20, i, size) for i in range(count)]
-        assert ep.stats["datagrams_out"] == 2 * count and ep.stats["send_errors"] == 0
+        assert stats["datagrams_out"] == 2 * count and stats["send_errors"] == 0
     finally:
-        ep._sock = real
-        ep.close()
+        fp.close()
+        real.close()
         rx.close()
 
 
@@ -435,3 +439,28 @@ async def test_local_endpoint_for_finds_open_endpoints_of_this_process() -> None
     assert local_endpoint_for(addr) is ep
     ep.close()
     assert local_endpoint_for(addr) is None
+
+
+async def test_a_handler_that_arms_the_fast_path_mid_drain_hands_it_the_rest(
+    pair: tuple[UdpEndpoint, socket.socket],
+) -> None:
+    """A control datagram that starts a run arms the fast path from inside the plain reader:
+    the datagrams queued behind it in the same drain already take the fast path."""
+    ep, tx = pair
+    fast: list[bytes] = []
+    peer: list[bytes] = []
+
+    def on_peer(data: bytes, addr: tuple[str, int]) -> None:
+        peer.append(data)
+        ep.set_fast_handler(0x21, lambda view, a: fast.append(bytes(view)))
+
+    ep.peer_handler = on_peer
+    addr = ep.local_address
+    sent = [p2p(0x01, 0, 64), p2p(0x21, 1, 64), p2p(0x21, 2, 64)]
+    ep.loop.remove_reader(ep.socket.fileno())  # queue them all for one drain
+    for d in sent:
+        tx.sendto(d, addr)
+    ep.loop.add_reader(ep.socket.fileno(), ep._on_readable)
+    await until(lambda: len(fast) == 2)
+    assert peer == [sent[0]] and fast == sent[1:]
+    assert ep.stats["fast_datagrams"] == 2 and ep.stats["datagrams_in"] == 3

@@ -40,7 +40,7 @@ RTT mode sends ``BENCH_PING`` datagrams one at a time.  Both ends handle ping an
 endpoint's *fast handler* (straight from the read, no copy or demultiplexing, no task switch): the
 peer answers a ping with a ``sock.sendto`` from its read, and our next ping leaves from ours when
 the pong arrives.  For the length of a run both ends wait for the next datagram on the socket
-itself (``UdpEndpoint.read_blocking``, on the loop thread, in chunks of at most ``_RTT_BLOCK_S``,
+itself (``UdpEndpoint.read_blocking``, on the loop thread, in chunks of at most ``RTT_BLOCK_S``,
 with a yield to the event loop between chunks), not through the event loop's wake-up for every
 datagram.  By default they busy-poll: after each datagram each end keeps reading without sleeping
 for ``busy_poll_us`` (1 ms) before it sleeps in ``poll(2)``, so a loopback or LAN round trip is
@@ -58,9 +58,9 @@ Data path: the sender fills headers of a pre-built batch in place (numpy), seals
 straight into the send buffer when encrypted (``PeerCipher.seal_many``: one counter range, one
 cipher), sends with UDP GSO when the kernel has it and with ``sendmmsg`` otherwise
 (``UdpEndpoint.send_segments``), paces with a token bucket and loop timers, and waits for
-writability on EAGAIN.  The receiver gets reads in batches from the endpoint (``recvmmsg``, GRO
-aware), opens sealed ones into one scratch buffer (``PeerCipher.open_many_into``) and parses and
-counts them with numpy.
+writability on EAGAIN.  The receiver gets reads in batches from the endpoint's fast path (a bulk
+sink: ``recvmmsg``, GRO aware), opens sealed ones into one scratch buffer
+(``PeerCipher.open_many_into``) and parses and counts them with numpy.
 """
 
 from __future__ import annotations
