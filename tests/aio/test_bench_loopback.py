@@ -475,7 +475,10 @@ async def test_stop_ends_a_run_early_on_both_ends_with_results() -> None:
         bench = Benchmark(a)
         assert bench.stop() is False  # nothing runs yet
         run = asyncio.create_task(bench.run(duration_s=60, payload_size=200, rate_mbps=5))
-        await until(lambda: b.benchmark.answering.receiving is not None, "a's run to start")
+        await until(
+            lambda: (rec := b.benchmark.answering.receiving) is not None and rec.rx.packets > 0,
+            "a's stream to reach b",
+        )
         assert bench.stop() is True
         r = await asyncio.wait_for(run, T)
         assert r.role == "sender" and r.duration_s < 60
@@ -488,6 +491,27 @@ async def test_stop_ends_a_run_early_on_both_ends_with_results() -> None:
                         assert m["packets_received"] == r.packets_sent
                         break
         assert b.benchmark.answering.receiving is None
+
+
+async def test_a_stop_during_the_handshake_is_not_lost() -> None:
+    """stop() between bench_start and bench_ready ends the run at once instead of being lost
+    (the old code reset the stop flag after the handshake and streamed the full 60 s)."""
+    async with two_workers() as (a, _):
+        bench = Benchmark(a)
+        driving = a.benchmark.driving
+        started = asyncio.Event()
+        real_start = driving._start
+
+        async def start_then_stop(*args: Any, **kwargs: Any) -> Any:
+            assert bench.stop() is True  # the run exists, bench_ready has not come yet
+            started.set()
+            return await real_start(*args, **kwargs)
+
+        driving._start = start_then_stop  # type: ignore[method-assign]
+        r = await asyncio.wait_for(bench.run(duration_s=60, payload_size=200, rate_mbps=5), T)
+        assert started.is_set()
+        assert r.duration_s < 60 and r.packets_sent == 0
+        assert r.peer_view is not None and r.peer_view.packets_received == 0
 
 
 async def test_stop_on_the_receiving_end_of_a_requested_run() -> None:

@@ -305,6 +305,9 @@ class Driving:
             "encrypted": sealer is not None,
             "flow_control": options.flow_control,
         }
+        # Reset before the handshake, not after it: a stop() that comes while we wait for
+        # bench_ready must end the run, not be lost (the stream then ends at once).
+        self.stop_requested = False
         ready = await self._start(params, options.timeout_s)
         window = ready.get("window") if options.flow_control else None
         if options.flow_control and not isinstance(window, int):
@@ -319,7 +322,6 @@ class Driving:
         if sending.window is not None:
             ep.set_fast_handler(cb.BENCH_CREDIT, sending.on_credit)
         sent, send_s = 0, 0.0
-        self.stop_requested = False
         try:
             sent, send_s = await stream(
                 ep,
