@@ -298,7 +298,12 @@ async def _cmd_probe(args: argparse.Namespace) -> int:
         while True:
             await asyncio.sleep(2.0)
             waited = time.monotonic() - started
-            print(f"probe: still waiting for answers ({waited:.0f} s)", file=sys.stderr, flush=True)
+            print(
+                f"probe: still testing ({waited:.0f} s; a test nobody answers waits for its "
+                "timeout)",
+                file=sys.stderr,
+                flush=True,
+            )
 
     ticker = asyncio.get_running_loop().create_task(tick())
     try:

@@ -27,6 +27,7 @@ __all__ = [
     "check_free",
     "env_value",
     "fail",
+    "fraction",
     "hostport",
     "non_negative_float",
     "payload_size",
@@ -50,7 +51,8 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
 
     def _get_help_string(self, action: argparse.Action) -> str | None:
         text = action.help or ""
-        if "default" in text.lower() or action.default in (None, False, argparse.SUPPRESS):
+        default = action.default
+        if "default" in text.lower() or default is None or default is False:
             return text
         return super()._get_help_string(action)
 
@@ -106,6 +108,14 @@ def non_negative_float(text: str) -> float:
     value = float(_number(text, float, "a number"))
     if value < 0:
         raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
+    return value
+
+
+def fraction(text: str) -> float:
+    """A fraction, 0..1 (a loss probability)."""
+    value = float(_number(text, float, "a fraction 0..1"))
+    if not 0 <= value <= 1:
+        raise argparse.ArgumentTypeError(f"must be a fraction 0..1, got {text}")
     return value
 
 
