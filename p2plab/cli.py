@@ -382,7 +382,7 @@ def _add_rendezvous(sub: Any) -> None:
     )
     p.add_argument(
         "--max-workers",
-        type=cc.positive_int,
+        type=int,  # Settings says which values it takes, naming MAX_WORKERS too
         default=None,
         help="connections held at once; more are closed with 1013 "
         "(env MAX_WORKERS; default: 20000)",
