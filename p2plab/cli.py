@@ -147,7 +147,7 @@ async def _cmd_rendezvous(args: argparse.Namespace) -> int:
 
 
 def _check_stun_server(args: argparse.Namespace) -> None:
-    if (args.alt_host is None) != (args.alt_port is None) and args.alt_host is None:
+    if args.alt_port is not None and args.alt_host is None:
         args.cmd_parser.error("--alt-port needs --alt-host (the second IP of this host)")
     hosts = [args.host] + ([args.alt_host] if args.alt_host else [])
     ports = [args.port] + ([args.alt_port] if args.alt_port else [])

@@ -100,6 +100,11 @@ def test_a_port_in_use_names_the_protocol_and_the_port(taken_ports: tuple[int, i
             ["worker", "--rendezvous", RV, "--http-host", "127.0.0.1", "--http-port", str(tcp)],
             f"HTTP (UI, --http-port) TCP port {tcp}",
         ),
+        (
+            ["worker", "--rendezvous", RV, "--http-port", "0", "--udp-port", str(udp)],
+            f"UDP (peer traffic, --udp-port) UDP port {udp}",
+        ),
+        (["bench", "--rendezvous", RV, "--udp-port", str(udp)], f"UDP port {udp}"),
     ]
     for args, says in cases:
         line = assert_one_line_usage_error(run(*args), args[0])
