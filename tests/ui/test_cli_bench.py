@@ -73,9 +73,10 @@ def test_when_one_side_dies_mid_run_the_other_ends_with_an_error(
     procs = {"receive": rx, "send": tx}
     survivor_log = tx_log if victim == "receive" else rx_log
     try:
-        # the run is under way (the receiver answered bench_ready) once the sender's progress
-        # bar shows a first interval
+        # the run is under way once both progress bars show a first interval (the receiver's
+        # intervals are published as they close, not only at the end of the run)
         wait_until(lambda: "Mbit/s" in tx_log.read_text(errors="replace"), 30, "sender progress")
+        wait_until(lambda: "Mbit/s" in rx_log.read_text(errors="replace"), 30, "receiver progress")
         os.killpg(procs[victim].pid, signal.SIGKILL)
         survivor = procs["send" if victim == "receive" else "receive"]
         # far less than the 120 s run: it did not wait for the run (or a peer) to end
