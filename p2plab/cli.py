@@ -40,10 +40,6 @@ def _stun_list(values: list[str] | None) -> tuple[str, ...]:
     return tuple(items)
 
 
-def _check_hostport(text: str) -> str:
-    return cc.hostport(text)
-
-
 def _stun_servers(text: str) -> str:
     """``--stun H:P`` (repeatable; ``H:P,H:P`` also works): each entry checked."""
     for item in _stun_list([text]):
