@@ -269,12 +269,17 @@ async def _find_peer(worker: Worker, args: argparse.Namespace) -> None:
         )
     left = None if deadline is None else max(0.1, deadline - loop.time())
     try:
-        await worker.wait_connected(timeout=left)
+        state = await worker.wait_for_state("connected", "relayed", timeout=left)
     except TimeoutError:
         raise P2PLabError(
             f"no peer connected in room {args.room!r} within {args.connect_timeout:g} s "
             f"(--connect-timeout); last state: {worker.state}"
         ) from None
+    if state == "relayed":
+        raise P2PLabError(
+            "the peer is reachable only through the rendezvous's relay (hole punching failed): "
+            "benchmarks need a direct path"
+        )
 
 
 async def _receive(worker: Worker, args: argparse.Namespace) -> list[BenchResult]:
