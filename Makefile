@@ -1,36 +1,45 @@
 # The two commands of the README: `make demo` and `make test`.  Both bootstrap .venv on a
-# fresh machine (Python 3.11+ with venv is all they assume).
+# fresh machine (Python 3.11+ with venv is all they assume).  `make demo` installs only what
+# the demo runs (the package and its runtime dependencies); `make test` adds the dev and
+# notebook extras (pytest, ruff, mypy, Playwright, JupyterLab, pandas, ...).
 PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
-STAMP  := $(VENV)/.installed
+BASE   := $(VENV)/.installed-base
+FULL   := $(VENV)/.installed-full
 
 .PHONY: demo test lint typecheck pytest venv clean lab-clean benchmarks
 
-$(STAMP): pyproject.toml
+$(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
+
+$(BASE): pyproject.toml | $(BIN)/python
+	$(BIN)/pip install --quiet -e .
+	touch $(BASE)
+
+$(FULL): pyproject.toml | $(BIN)/python
 	$(BIN)/pip install --quiet -e '.[dev,notebook]'
-	touch $(STAMP)
+	touch $(BASE) $(FULL)
 
-venv: $(STAMP)
+venv: $(FULL)
 
-demo: $(STAMP)
+demo: $(BASE)
 	$(BIN)/p2plab demo
 
-lint: $(STAMP)
+lint: $(FULL)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 
-typecheck: $(STAMP)
+typecheck: $(FULL)
 	$(BIN)/mypy p2plab/core
 
-pytest: $(STAMP)
+pytest: $(FULL)
 	$(BIN)/pytest -q -ra $(PYTEST_ARGS)
 
 test: lint typecheck pytest
 
-lab-clean: $(STAMP)
+lab-clean: $(BASE)
 	$(BIN)/p2plab lab clean
 
 clean:

@@ -10,14 +10,17 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import errno
 import json
 import logging
 import os
 import signal
 import sys
+import time
 from collections.abc import Callable, Coroutine
 from typing import Any
 
+from p2plab import cli_common as cc
 from p2plab.errors import P2PLabError
 
 __all__ = ["build_parser", "main"]
@@ -30,18 +33,6 @@ def _env(name: str, default: Any = None) -> Any:
     return value if value not in (None, "") else default
 
 
-def _env_int(name: str, default: int | None) -> int | None:
-    value = _env(name)
-    if value is None:
-        return default
-    try:
-        return int(value)
-    except ValueError:
-        raise SystemExit(
-            f"p2plab: environment variable {name} must be an integer, got {value!r}"
-        ) from None
-
-
 def _stun_list(values: list[str] | None) -> tuple[str, ...]:
     items: list[str] = []
     for v in values or []:
@@ -49,15 +40,19 @@ def _stun_list(values: list[str] | None) -> tuple[str, ...]:
     return tuple(items)
 
 
-def _check_hostport(text: str) -> str:
-    host, sep, port = text.rpartition(":")
-    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
-        raise argparse.ArgumentTypeError(f"expected host:port, got {text!r}")
+def _stun_servers(text: str) -> str:
+    """``--stun H:P`` (repeatable; ``H:P,H:P`` also works): each entry checked."""
+    for item in _stun_list([text]):
+        cc.hostport(item)
     return text
 
 
-def _run(coro: Coroutine[Any, Any, int | None]) -> int:
-    """Run ``coro`` with uvloop when present; Ctrl-C and SIGTERM end it cleanly."""
+def _run(coro: Coroutine[Any, Any, int | None], prog: str = "p2plab") -> int:
+    """Run ``coro`` with uvloop when present; Ctrl-C and SIGTERM end it cleanly.
+
+    Exit status: 0 done, 1 a failure at run time (one line on stderr), 2 a command line that
+    cannot be used (checked before this runs; a port taken meanwhile is caught here too).
+    """
 
     async def _main() -> int | None:
         loop = asyncio.get_running_loop()
@@ -82,8 +77,11 @@ def _run(coro: Coroutine[Any, Any, int | None]) -> int:
     try:
         return int(runner(_main()) or 0)
     except P2PLabError as exc:
-        print(f"p2plab: error: {exc}", file=sys.stderr)
-        return 1
+        return cc.fail(prog, str(exc))
+    except OSError as exc:
+        if exc.errno != errno.EADDRINUSE:
+            raise
+        return cc.fail(prog, f"a port is already in use: {exc}", cc.USAGE_ERROR)
 
 
 # -- commands -----------------------------------------------------------------------------------
@@ -116,42 +114,91 @@ def _parse_room_tokens(text: str) -> dict[str, str]:
     return parse_room_tokens(text)
 
 
-def _cmd_rendezvous(args: argparse.Namespace) -> int:
+def _check_rendezvous(args: argparse.Namespace) -> None:
     from p2plab.errors import ConfigError
 
     try:
-        settings = _rendezvous_settings(args)
+        args.settings = _rendezvous_settings(args)
     except ConfigError as exc:  # a bad flag or variable: one line, the usage-error status
-        print(f"p2plab rendezvous: error: {exc}", file=sys.stderr)
-        return 2
-    return _run(_serve_rendezvous(settings))
+        args.cmd_parser.error(str(exc))
+    st = args.settings
+    cc.check_free(
+        args.cmd_parser,
+        [
+            ("rendezvous HTTP (--port)", "TCP", st.host, st.port),
+            ("rendezvous STUN (--stun-port)", "UDP", st.host, st.stun_port),
+        ],
+    )
 
 
-async def _serve_rendezvous(settings: Any) -> int:
+async def _cmd_rendezvous(args: argparse.Namespace) -> int:
     from rendezvous_service_code.server import ServeAddresses, serve
 
     def started(addr: ServeAddresses) -> None:
         stun = f", STUN on udp://{addr.stun_host}:{addr.stun_port}" if addr.stun_port else ""
         print(f"rendezvous on {addr.ws_url}{stun}", file=sys.stderr, flush=True)
 
-    await serve(settings, on_started=started, handle_signals=False)
+    await serve(args.settings, on_started=started, handle_signals=False)
     return 0
+
+
+def _check_stun_server(args: argparse.Namespace) -> None:
+    if args.alt_port is not None and args.alt_host is None:
+        args.cmd_parser.error("--alt-port needs --alt-host (the second IP of this host)")
+    hosts = [args.host] + ([args.alt_host] if args.alt_host else [])
+    ports = [args.port] + ([args.alt_port] if args.alt_port else [])
+    cc.check_free(
+        args.cmd_parser,
+        [("STUN server (--port, --alt-port)", "UDP", h, p) for h in hosts for p in ports],
+    )
 
 
 async def _cmd_stun_server(args: argparse.Namespace) -> int:
-    from p2plab.server.stun_server import run_stun_server
+    from p2plab.server.stun_server import StunServer
 
-    await run_stun_server(args.host, args.port, alt_host=args.alt_host, alt_port=args.alt_port)
+    server = await StunServer.start(args.host, args.port, args.alt_host, args.alt_port)
+    try:
+        listening = ", ".join(f"udp://{ip}:{p}" for ip, p in server.addresses)
+        other = server.other_address
+        alt = "" if other is None else f" (RFC 5780 alternate address {other[0]}:{other[1]})"
+        print(f"STUN server on {listening}{alt}; Ctrl-C stops it", file=sys.stderr, flush=True)
+        await asyncio.Event().wait()
+    finally:
+        server.close()
     return 0
+
+
+def _resolve_worker_env(args: argparse.Namespace) -> None:
+    """Fill the worker's unset flags from the environment (flags win), each value checked."""
+    if getattr(args, "env_resolved", False):
+        return
+    parser = args.cmd_parser
+    from_env: list[tuple[str, str, Any, Any]] = [
+        ("rendezvous", "RENDEZVOUS_URL", cc.rendezvous_url, None),
+        ("udp_port", "INTERNAL_UDP_PORT", cc.port_or_zero, 0),
+        ("http_host", "HTTP_HOST", str, "127.0.0.1"),
+        ("http_port", "PORT", cc.port_or_zero, 8080),
+        ("room", "P2P_ROOM", str, "default"),
+        ("token", "P2P_TOKEN", str, None),
+        ("id", "WORKER_ID", str, None),
+    ]
+    for dest, name, convert, default in from_env:
+        if getattr(args, dest) is None:
+            value = cc.env_value(parser, name, convert)
+            setattr(args, dest, default if value is None else value)
+    if not args.stun:
+        try:
+            args.stun = [_stun_servers(s) for s in _stun_list([_env("STUN_SERVERS", "")])]
+        except argparse.ArgumentTypeError as exc:
+            parser.error(f"environment variable STUN_SERVERS: {exc}")
+    args.env_resolved = True
 
 
 def _worker_config(args: argparse.Namespace) -> Any:
     from p2plab.aio.worker import WorkerConfig
     from p2plab.config import SessionConfig
 
-    stun = _stun_list(args.stun) or _stun_list([_env("STUN_SERVERS", "")])
-    for s in stun:
-        _check_hostport(s)
+    _resolve_worker_env(args)
     timers: dict[str, float] = {}
     if args.keepalive is not None:
         timers["keepalive_interval"] = args.keepalive
@@ -162,8 +209,8 @@ def _worker_config(args: argparse.Namespace) -> Any:
     if args.punch_timeout is not None:
         timers["punch_timeout"] = args.punch_timeout
     return WorkerConfig(
-        rendezvous_url=args.rendezvous,
-        stun_servers=stun,
+        rendezvous_url=args.rendezvous or "",
+        stun_servers=_stun_list(args.stun),
         udp_port=args.udp_port,
         http_host=args.http_host,
         http_port=args.http_port,
@@ -178,24 +225,44 @@ def _worker_config(args: argparse.Namespace) -> Any:
     )
 
 
+def _check_worker(args: argparse.Namespace) -> None:
+    from p2plab.errors import ConfigError
+
+    _resolve_worker_env(args)
+    if not args.rendezvous:
+        args.cmd_parser.error("--rendezvous ws://HOST:PORT (or RENDEZVOUS_URL) is needed")
+    try:
+        config = args.config = _worker_config(args)
+    except ConfigError as exc:
+        args.cmd_parser.error(str(exc))
+    cc.check_free(
+        args.cmd_parser,
+        [
+            ("worker UDP (peer traffic, --udp-port)", "UDP", config.udp_host, config.udp_port),
+            ("worker HTTP (UI, --http-port)", "TCP", config.http_host, config.http_port),
+        ],
+    )
+
+
 async def _cmd_worker(args: argparse.Namespace) -> int:
     from p2plab.aio.worker import Worker
 
-    if not args.rendezvous:
-        raise SystemExit("p2plab worker: --rendezvous ws://HOST:PORT (or RENDEZVOUS_URL) is needed")
-    worker = Worker(_worker_config(args))
+    worker = Worker(args.config)
     await worker.start()
-    print(f"worker {worker.worker_id}: UI at {worker.ui_url}", file=sys.stderr, flush=True)
-    if not worker.config.stun_servers:
-        print(
-            "p2plab worker: no --stun server given; the public UDP endpoint is taken from the "
-            "address the rendezvous observes (fine on one LAN, wrong behind most NATs). "
-            "Give a STUN server, e.g. --stun stun.l.google.com:19302.",
-            file=sys.stderr,
-            flush=True,
-        )
-    events = worker.ui_subscribe() if args.events else None
     try:
+        print(f"worker {worker.worker_id}: UI at {worker.ui_url}", file=sys.stderr, flush=True)
+        if not worker.config.stun_servers:
+            print(
+                "p2plab worker: no --stun server given; the public UDP endpoint is taken from "
+                "the address the rendezvous observes (fine on one LAN, wrong behind most NATs). "
+                "Give a STUN server, e.g. --stun stun.l.google.com:19302.",
+                file=sys.stderr,
+                flush=True,
+            )
+        events = worker.ui_subscribe() if args.events else None
+        problem = await cc.wait_registered(worker, args.rendezvous, args.connect_timeout)
+        if problem is not None:
+            return cc.fail("p2plab worker", problem)
         if events is None:
             await asyncio.Event().wait()
         while True:
@@ -205,23 +272,55 @@ async def _cmd_worker(args: argparse.Namespace) -> int:
         await worker.stop()
 
 
+def _check_probe(args: argparse.Namespace) -> None:
+    args.servers = list(_stun_list(args.stun))
+    if not args.servers:
+        args.cmd_parser.error(
+            "give a STUN server with --stun HOST:PORT (e.g. your own `p2plab stun-server`, "
+            "or a public one such as stun.l.google.com:19302)"
+        )
+
+
 async def _cmd_probe(args: argparse.Namespace) -> int:
     from p2plab.aio.stun import probe_nat
+    from p2plab.probe_text import describe_report
 
-    servers = list(_stun_list(args.stun))
-    if not servers:
-        raise SystemExit(
-            "p2plab probe: give a STUN server with --stun HOST:PORT (e.g. your own "
-            "`p2plab stun-server`, or a public one such as stun.l.google.com:19302)"
-        )
-    report = await probe_nat(servers, classic=not args.no_classic)
-    d = report.to_dict()
+    servers = ", ".join(args.servers)
+    steps = "behaviour tests" + ("" if args.no_classic else " and the RFC 3489 test")
+    print(f"probe: asking {servers} (binding, {steps})...", file=sys.stderr, flush=True)
+    started = time.monotonic()
+
+    async def tick() -> None:
+        while True:
+            await asyncio.sleep(2.0)
+            waited = time.monotonic() - started
+            print(
+                f"probe: still testing ({waited:.0f} s; a test nobody answers waits for its "
+                "timeout)",
+                file=sys.stderr,
+                flush=True,
+            )
+
+    ticker = asyncio.get_running_loop().create_task(tick())
+    try:
+        report = await probe_nat(args.servers, classic=not args.no_classic)
+    finally:
+        ticker.cancel()
+    print(f"probe: done in {time.monotonic() - started:.1f} s", file=sys.stderr, flush=True)
     if args.json:
-        print(json.dumps(d, indent=2))
+        print(json.dumps(report.to_dict(), indent=2))
     else:
-        for key, value in d.items():
-            print(f"{key:>18}: {value}")
+        print(describe_report(report))
     return 0
+
+
+def _check_demo(args: argparse.Namespace) -> None:
+    if args.http_port:
+        ports = [args.http_port, args.http_port + 1]
+        if ports[1] > 65535:
+            args.cmd_parser.error(
+                f"--http-port {args.http_port}: the second UI needs the next port"
+            )
 
 
 async def _cmd_demo(args: argparse.Namespace) -> int:
@@ -232,70 +331,128 @@ async def _cmd_demo(args: argparse.Namespace) -> int:
 
 # -- parser -------------------------------------------------------------------------------------
 
+_TIMERS = "default: from the session config"
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="p2plab", description="NAT traversal lab: rendezvous, STUN, hole punching, benchmarks"
-    )
-    parser.add_argument("-v", "--verbose", action="count", default=0, help="more logging")
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    sub.required = True
 
+def _add_rendezvous(sub: Any) -> None:
     p = sub.add_parser(
         "rendezvous",
         help="run the rendezvous service",
-        description="Flags win over the environment variables named in their help.",
+        description="Flags win over the environment variables named in their help. "
+        "The embedded STUN server and `p2plab stun-server` both default to UDP 3478: on one "
+        "host give them different ports.",
     )
-    p.add_argument("--host", default=None, help="bind address (env HOST; 0.0.0.0)")
-    p.add_argument("--port", type=int, default=None, help="HTTP port (env PORT; 8000)")
+    p.add_argument("--host", default=None, help="bind address (env HOST; default: 0.0.0.0)")
+    p.add_argument(
+        "--port", type=cc.port_or_zero, default=None, help="HTTP port (env PORT; default: 8000)"
+    )
     p.add_argument(
         "--stun-port",
-        type=int,
+        type=cc.port_or_zero,
         default=None,
-        help="also answer STUN on this UDP port, 0: any free port (env STUN_PORT)",
+        help="also answer STUN on this UDP port, 0: any free port "
+        "(env STUN_PORT; default: no STUN)",
     )
-    p.add_argument("--redis", default=None, metavar="URL", help="share state via Redis (REDIS_URL)")
-    p.add_argument("--token", default=None, help="workers must present this token (P2P_TOKEN)")
     p.add_argument(
-        "--admin-token", default=None, help="bearer token for /debug/list_workers (ADMIN_TOKEN)"
+        "--redis",
+        default=None,
+        metavar="URL",
+        help="share state via Redis (env REDIS_URL; default: in memory)",
+    )
+    p.add_argument(
+        "--token",
+        default=None,
+        help="workers must present this token (env P2P_TOKEN; default: none)",
+    )
+    p.add_argument(
+        "--admin-token",
+        default=None,
+        help="bearer token for /debug/list_workers (env ADMIN_TOKEN; default: none)",
     )
     p.add_argument(
         "--room-tokens",
         default=None,
         metavar="ROOM=TOKEN,...",
-        help="per-room tokens, replacing --token in those rooms (env P2P_ROOM_TOKENS)",
+        help="per-room tokens, replacing --token in those rooms "
+        "(env P2P_ROOM_TOKENS; default: none)",
     )
     p.add_argument(
         "--max-workers",
-        type=int,
+        type=int,  # Settings says which values it takes, naming MAX_WORKERS too
         default=None,
-        help="connections held at once; more are closed with 1013 (env MAX_WORKERS; 20000)",
+        help="connections held at once; more are closed with 1013 "
+        "(env MAX_WORKERS; default: 20000)",
     )
     p.add_argument(
         "--no-relay",
         action="store_true",
         help="refuse to relay for pairs that cannot punch (env P2P_RELAY=0)",
     )
-    p.set_defaults(func=_cmd_rendezvous)
+    p.set_defaults(func=_cmd_rendezvous, check=_check_rendezvous, cmd_parser=p)
 
-    p = sub.add_parser("stun-server", help="run a standalone STUN server")
-    p.add_argument("--host", default="0.0.0.0")
-    p.add_argument("--port", type=int, default=3478)
-    p.add_argument("--alt-host", default=None, help="second IP for RFC 5780 behaviour tests")
-    p.add_argument("--alt-port", type=int, default=None, help="second port for RFC 5780 tests")
-    p.set_defaults(func=_cmd_stun_server)
 
-    p = sub.add_parser("worker", help="run one worker (UI on its HTTP port)")
-    p.add_argument("--rendezvous", default=_env("RENDEZVOUS_URL"), metavar="ws://H:P")
-    p.add_argument(
-        "--stun", action="append", metavar="H:P", type=_check_hostport, help="STUN server (repeat)"
+def _add_stun_server(sub: Any) -> None:
+    p = sub.add_parser(
+        "stun-server",
+        help="run a standalone STUN server",
+        description="Its default port, UDP 3478, is also the one the README gives "
+        "`p2plab rendezvous --stun-port`: on one host give the two different ports.",
     )
-    p.add_argument("--udp-port", type=int, default=_env_int("INTERNAL_UDP_PORT", 0))
-    p.add_argument("--http-host", default=_env("HTTP_HOST", "127.0.0.1"))
-    p.add_argument("--http-port", type=int, default=_env_int("PORT", 8080))
-    p.add_argument("--room", default=_env("P2P_ROOM", "default"))
-    p.add_argument("--token", default=_env("P2P_TOKEN"))
-    p.add_argument("--id", default=_env("WORKER_ID"), help="worker id (default: a new UUID)")
+    p.add_argument("--host", default="0.0.0.0", help="bind address")
+    p.add_argument("--port", type=cc.port_or_zero, default=3478, help="UDP port (0: any)")
+    p.add_argument(
+        "--alt-host", default=None, help="second IP for RFC 5780 behaviour tests (default: none)"
+    )
+    p.add_argument(
+        "--alt-port",
+        type=cc.port,
+        default=None,
+        help="second port for RFC 5780 tests (default: none)",
+    )
+    p.set_defaults(func=_cmd_stun_server, check=_check_stun_server, cmd_parser=p)
+
+
+def _add_worker(sub: Any) -> None:
+    p = sub.add_parser(
+        "worker",
+        help="run one worker (UI on its HTTP port)",
+        description="Flags win over the environment variables named in their help. "
+        "The rendezvous URL may be ws://, wss:// or http(s):// (mapped to ws(s)://).",
+    )
+    p.add_argument(
+        "--rendezvous",
+        type=cc.rendezvous_url,
+        default=None,
+        metavar="ws://H:P",
+        help="the rendezvous service (env RENDEZVOUS_URL; default: none, required)",
+    )
+    p.add_argument(
+        "--stun",
+        action="append",
+        metavar="H:P",
+        type=_stun_servers,
+        help="STUN server, repeat for more (env STUN_SERVERS, comma separated; default: none)",
+    )
+    p.add_argument(
+        "--udp-port",
+        type=cc.port_or_zero,
+        default=None,
+        help="peer UDP port, 0: any (env INTERNAL_UDP_PORT; default: 0)",
+    )
+    p.add_argument(
+        "--http-host", default=None, help="UI bind address (env HTTP_HOST; default: 127.0.0.1)"
+    )
+    p.add_argument(
+        "--http-port",
+        type=cc.port_or_zero,
+        default=None,
+        help="UI port, 0: any (env PORT; default: 8080)",
+    )
+    p.add_argument("--room", default=None, help="rendezvous room (env P2P_ROOM; default: default)")
+    p.add_argument(
+        "--token", default=None, help="the rendezvous's token (env P2P_TOKEN; default: none)"
+    )
+    p.add_argument("--id", default=None, help="worker id (env WORKER_ID; default: a new UUID)")
     p.add_argument("--no-nat-report", action="store_true", help="skip RFC 5780 classification")
     p.add_argument(
         "--no-encrypt",
@@ -307,30 +464,78 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="no relay fallback through the rendezvous when punching fails",
     )
-    p.add_argument("--keepalive", type=float, metavar="S", help="keep-alive interval (default 5)")
     p.add_argument(
-        "--peer-timeout", type=float, metavar="S", help="silence before the peer is lost (15)"
+        "--keepalive", type=cc.positive_float, metavar="S", help="keep-alive interval (default: 5)"
     )
     p.add_argument(
-        "--punch-timeout", type=float, metavar="S", help="give up punching after S seconds (10)"
+        "--peer-timeout",
+        type=cc.positive_float,
+        metavar="S",
+        help="silence before the peer is lost (default: 15)",
+    )
+    p.add_argument(
+        "--punch-timeout",
+        type=cc.positive_float,
+        metavar="S",
+        help="give up punching after S seconds (default: 10)",
+    )
+    p.add_argument(
+        "--connect-timeout",
+        type=cc.non_negative_float,
+        default=60.0,
+        metavar="S",
+        help="exit with an error if the rendezvous cannot be reached in S seconds at start "
+        "(0: keep trying)",
     )
     p.add_argument(
         "--events", action="store_true", help="print every status/chat event as a JSON line"
     )
-    p.set_defaults(func=_cmd_worker)
+    p.set_defaults(func=_cmd_worker, check=_check_worker, cmd_parser=p)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = cc.CliParser(
+        prog="p2plab", description="NAT traversal lab: rendezvous, STUN, hole punching, benchmarks"
+    )
+    parser.add_argument(
+        "-v",
+        "--verbose",
+        action="count",
+        default=0,
+        help="more logging: -v INFO, -vv DEBUG (default: warnings only)",
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+    _add_rendezvous(sub)
+    _add_stun_server(sub)
+    _add_worker(sub)
 
     p = sub.add_parser("probe", help="report this host's NAT behaviour")
     p.add_argument(
-        "--stun", action="append", metavar="H:P", type=_check_hostport, help="STUN server (repeat)"
+        "--stun",
+        action="append",
+        metavar="H:P",
+        type=_stun_servers,
+        help="STUN server, repeat for more (default: none, required)",
     )
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     p.add_argument("--no-classic", action="store_true", help="skip the RFC 3489 (pystun3) test")
-    p.set_defaults(func=_cmd_probe)
+    p.set_defaults(func=_cmd_probe, check=_check_probe, cmd_parser=p)
 
     p = sub.add_parser("demo", help="rendezvous + STUN + two workers on loopback")
-    p.add_argument("--duration", type=float, default=None, help="stop after N seconds")
-    p.add_argument("--http-port", type=int, default=8080, help="first UI port (0: any)")
-    p.set_defaults(func=_cmd_demo)
+    p.add_argument(
+        "--duration",
+        type=cc.positive_float,
+        default=None,
+        help="stop after N seconds (default: until Ctrl-C)",
+    )
+    p.add_argument(
+        "--http-port",
+        type=cc.port_or_zero,
+        default=8080,
+        help="first UI port, the second is the next one (0: any; a taken port: any)",
+    )
+    p.set_defaults(func=_cmd_demo, check=_check_demo, cmd_parser=p)
 
     try:
         from p2plab.lab.cli import register_cli
@@ -351,12 +556,17 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    level = logging.WARNING - 10 * min(args.verbose, 2) if args.verbose else logging.INFO
+    # Library logs at WARNING unless asked: what a command prints itself is what the user needs.
+    level = {0: logging.WARNING, 1: logging.INFO}.get(args.verbose, logging.DEBUG)
     logging.basicConfig(
         level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr
     )
-    logging.getLogger("uvicorn.access").setLevel(logging.WARNING)
+    if args.verbose < 2:
+        logging.getLogger("uvicorn.access").setLevel(logging.WARNING)
+    check = getattr(args, "check", None)
+    if check is not None:
+        check(args)  # every value, before anything touches the network (exit 2 on a mistake)
     func = args.func
     if asyncio.iscoroutinefunction(func):
-        return _run(func(args))
+        return _run(func(args), f"p2plab {args.command}")
     return int(func(args) or 0)

@@ -34,6 +34,10 @@ def _port_or_free(preferred: int) -> int:
     return preferred
 
 
+def _hostport(addr: tuple[str, int] | None) -> str:
+    return "?" if addr is None else f"{addr[0]}:{addr[1]}"
+
+
 async def run_demo(duration: float | None = None, http_port: int = 8080) -> int:
     from rendezvous_service_code.main import RendezvousServer
 
@@ -59,8 +63,7 @@ async def run_demo(duration: float | None = None, http_port: int = 8080) -> int:
             await w.start()
             workers.append(w)
         a, b = workers
-        for w, name in ((a, "A"), (b, "B")):
-            print(f"worker {name} {w.worker_id}: {w.ui_url}", flush=True)
+        print(f"workers A {a.worker_id[:8]} and B {b.worker_id[:8]} punching...", flush=True)
         try:
             await asyncio.gather(a.wait_connected(20), b.wait_connected(20))
         except TimeoutError:
@@ -71,10 +74,15 @@ async def run_demo(duration: float | None = None, http_port: int = 8080) -> int:
         rtt = a.rtt
         rtt_text = f"{rtt * 1000:.3f} ms" if rtt is not None else "n/a"
         print(
-            f"connected in {elapsed:.2f} s: A {a.udp_public} <-> B {b.udp_public}, RTT {rtt_text}",
+            f"connected in {elapsed:.2f} s: A {_hostport(a.udp_public)} <-> "
+            f"B {_hostport(b.udp_public)}, RTT {rtt_text}",
             flush=True,
         )
-        print("open the two UI addresses above; Ctrl-C stops the demo", flush=True)
+        # The addresses come last, where the eye lands when the output stops.
+        until = "Ctrl-C" if duration is None else f"{duration:g} s after the start, or Ctrl-C"
+        print(f"The demo runs until {until}. Open the two worker pages:", flush=True)
+        for w, name in ((a, "A"), (b, "B")):
+            print(f"  worker {name}: {w.ui_url}", flush=True)
         if duration is None:
             await asyncio.Event().wait()
         else:

@@ -202,14 +202,17 @@ class RendezvousClient:
                     self._relay_task = None
             self._set_state(False)
             delay = self._backoff.delay(attempt)
-            attempt += 1
-            self.stats["reconnects"] += 1
-            log.info(
-                "rendezvous %s unavailable (%s); retrying in %.1f s",
+            # The first failure of a streak is something the user must see (a wrong address, a
+            # rendezvous not started): a WARNING; the retries after it are routine.
+            log.log(
+                logging.WARNING if attempt == 0 else logging.INFO,
+                "rendezvous %s unavailable (%s); retrying in %.1f s, with backoff",
                 self.url,
                 self.last_error,
                 delay,
             )
+            attempt += 1
+            self.stats["reconnects"] += 1
             await asyncio.sleep(delay)
 
     def _set_state(self, connected: bool) -> None:

@@ -13,6 +13,7 @@ import sys
 import threading
 from typing import Any
 
+from p2plab import cli_common as cc
 from p2plab.errors import P2PLabError
 from p2plab.lab.profiles import EXPECTED_CLASSIC, PROFILES
 
@@ -22,6 +23,9 @@ __all__ = ["main", "register_cli"]
 def _out(text: str = "") -> None:
     sys.stdout.write(text + "\n")
     sys.stdout.flush()
+
+
+_PROFILES_HELP = f"comma-separated NAT profiles (default: all: {','.join(PROFILES)})"
 
 
 def _profiles_arg(value: str) -> list[str]:
@@ -36,10 +40,26 @@ def _profiles_arg(value: str) -> list[str]:
 
 def _add_impairments(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("impairments (on each NAT's WAN, both directions, UDP)")
-    g.add_argument("--loss-a", type=float, default=0.0, metavar="P", help="loss fraction, site A")
-    g.add_argument("--loss-b", type=float, default=0.0, metavar="P", help="loss fraction, site B")
-    g.add_argument("--rate-a-mbit", type=float, default=None, metavar="R", help="tbf rate, site A")
-    g.add_argument("--rate-b-mbit", type=float, default=None, metavar="R", help="tbf rate, site B")
+    g.add_argument(
+        "--loss-a", type=cc.fraction, default=0.0, metavar="P", help="loss fraction, site A"
+    )
+    g.add_argument(
+        "--loss-b", type=cc.fraction, default=0.0, metavar="P", help="loss fraction, site B"
+    )
+    g.add_argument(
+        "--rate-a-mbit",
+        type=cc.positive_float,
+        default=None,
+        metavar="R",
+        help="tbf rate, site A (default: no limit)",
+    )
+    g.add_argument(
+        "--rate-b-mbit",
+        type=cc.positive_float,
+        default=None,
+        metavar="R",
+        help="tbf rate, site B (default: no limit)",
+    )
 
 
 def register_cli(subparsers: Any) -> argparse.ArgumentParser:
@@ -53,8 +73,12 @@ def register_cli(subparsers: Any) -> argparse.ArgumentParser:
     sub.required = True
 
     up = sub.add_parser("up", help="build a lab and keep it until Ctrl-C")
-    up.add_argument("--a", dest="profile_a", default="port-restricted", choices=PROFILES)
-    up.add_argument("--b", dest="profile_b", default="port-restricted", choices=PROFILES)
+    up.add_argument(
+        "--a", dest="profile_a", default="port-restricted", choices=PROFILES, help="site A's NAT"
+    )
+    up.add_argument(
+        "--b", dest="profile_b", default="port-restricted", choices=PROFILES, help="site B's NAT"
+    )
     up.add_argument("--same-lan", action="store_true", help="hosts a and b behind site A's NAT")
     up.add_argument("--no-stun", action="store_true", help="do not start coturn")
     up.add_argument("--json", action="store_true", help="print the lab description as JSON")
@@ -68,15 +92,23 @@ def register_cli(subparsers: Any) -> argparse.ArgumentParser:
     clean.set_defaults(func=cmd_clean)
 
     classify = sub.add_parser("classify", help="classify every profile (pystun3 against coturn)")
-    classify.add_argument("--profiles", type=_profiles_arg, default=list(PROFILES))
-    classify.add_argument("--json", action="store_true")
+    classify.add_argument(
+        "--profiles", type=_profiles_arg, default=list(PROFILES), help=_PROFILES_HELP
+    )
+    classify.add_argument("--json", action="store_true", help="print the results as JSON")
     classify.set_defaults(func=cmd_classify)
 
     matrix = sub.add_parser("matrix", help="punch between every pair of profiles; CSV + heatmap")
-    matrix.add_argument("--profiles", type=_profiles_arg, default=list(PROFILES))
+    matrix.add_argument(
+        "--profiles", type=_profiles_arg, default=list(PROFILES), help=_PROFILES_HELP
+    )
     matrix.add_argument("--out", default="lab-matrix", help="output directory (CSV and PNG)")
-    matrix.add_argument("--timeout", type=float, default=20.0, help="seconds to wait per pair")
-    matrix.add_argument("--jobs", type=int, default=3, help="labs built at the same time")
+    matrix.add_argument(
+        "--timeout", type=cc.positive_float, default=20.0, help="seconds to wait per pair"
+    )
+    matrix.add_argument(
+        "--jobs", type=cc.positive_int, default=3, help="labs built at the same time"
+    )
     matrix.add_argument("--no-same-lan", action="store_true", help="skip the same-LAN row")
     _add_impairments(matrix)
     matrix.set_defaults(func=cmd_matrix)
@@ -174,7 +206,7 @@ def cmd_matrix(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     """Standalone entry point: ``python -m p2plab.lab.cli lab ...`` (or without ``lab``)."""
-    parser = argparse.ArgumentParser(prog="p2plab")
+    parser = cc.CliParser(prog="p2plab")
     sub = parser.add_subparsers(dest="command")
     sub.required = True
     register_cli(sub)

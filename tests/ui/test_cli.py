@@ -56,15 +56,19 @@ def test_bad_input_gives_one_clear_line() -> None:
     res = run("worker")
     assert res.returncode != 0 and "--rendezvous" in res.stderr
     res = run("worker", "--rendezvous", "ws://127.0.0.1:1", "--keepalive", "-1", "--http-port", "0")
-    assert res.returncode == 1 and "keepalive_interval must be > 0" in res.stderr
+    assert res.returncode == 2 and "--keepalive: must be > 0" in res.stderr
     assert "Traceback" not in res.stderr
 
 
 def test_bad_environment_integer_is_reported() -> None:
     import os
 
-    res = run("worker", "--help", env={**os.environ, "PORT": "eighty"})
-    assert res.returncode != 0 and "PORT must be an integer" in res.stderr
+    env = {**os.environ, "PORT": "eighty"}
+    res = run("worker", "--rendezvous", "ws://127.0.0.1:1", env=env)
+    assert res.returncode == 2, res.stderr
+    assert "environment variable PORT: expected a port number, got 'eighty'" in res.stderr
+    assert "Traceback" not in res.stderr
+    assert run("probe", "--help", env=env).returncode == 0  # PORT is the worker's alone
 
 
 async def test_rendezvous_command_honours_room_tokens_cap_and_relay_from_the_environment() -> None:

@@ -207,7 +207,10 @@ class Answering:
         interval = rec.rx.interval_ns / 1e9
         while not rec.done:
             await asyncio.sleep(interval / 4)
-            self._publish_intervals(rec, rec.rx.advance(time.monotonic_ns()))
+            rec.rx.advance(time.monotonic_ns())
+            # every interval closed since the last tick: arriving datagrams close them too
+            # (``receive`` advances the clock), and those are not in ``advance``'s answer here
+            self._publish_intervals(rec, rec.rx.intervals[rec.published :])
 
     def _publish_intervals(self, rec: Receiving, records: Sequence[cb.IntervalRecord]) -> None:
         for iv in records:

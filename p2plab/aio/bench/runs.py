@@ -170,6 +170,7 @@ class Driving:
         for fut in self.waiters.values():
             if not fut.done():
                 fut.set_exception(NotConnected("the worker stopped"))
+                fut.exception()  # a run cancelled before it awaited this: nobody will; no log
         self.waiters.clear()
         self.stop_requested = True
 

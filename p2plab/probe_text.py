@@ -1,0 +1,53 @@
+"""``p2plab probe``'s report in sentences a person reads (``--json`` keeps the full dict)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+__all__ = ["describe_report"]
+
+#: pystun3's name when the mapped address is our own but replies from the server's other
+#: address did not arrive: a filtering firewall, or a server that has no other address.
+_NO_NAT_FIREWALL = "Symmetric UDP Firewall"
+
+
+def _addr(a: Any) -> str:
+    return "unknown" if a is None else f"{a[0]}:{a[1]}"
+
+
+def describe_report(report: Any) -> str:
+    """Readable lines for a :class:`~p2plab.core.nat.NatReport`."""
+    lines = [f"public address: {_addr(report.mapped)} (local {_addr(report.local)})"]
+    if report.behind_nat is False:
+        lines.append(
+            "NAT: none - this host's own address is what the STUN server sees, so peers reach "
+            "it directly (a firewall may still filter)"
+        )
+    elif report.behind_nat:
+        lines.append("NAT: yes - the STUN server sees another address than this host's own")
+    else:
+        lines.append("NAT: unknown (no STUN server answered)")
+    mapping, filtering = report.mapping.value, report.filtering.value
+    lines.append(f"mapping (RFC 5780): {mapping}")
+    lines.append(f"filtering (RFC 5780): {filtering}")
+    if report.hairpin is not None:
+        lines.append(f"hairpinning: {'yes' if report.hairpin else 'no'}")
+    if report.classic is not None:
+        classic = report.classic
+        if report.behind_nat is False and classic == _NO_NAT_FIREWALL:
+            classic += (
+                " (pystun3's name for: no NAT, but no reply from the server's other address "
+                "arrived; a filtering firewall, or a server without a second address)"
+            )
+        lines.append(f"classic type (RFC 3489, pystun3): {classic}")
+    elif report.classic_rfc5780 is not None:
+        lines.append(f"classic type implied by the tests: {report.classic_rfc5780}")
+    for answer in report.servers:
+        server = _addr(answer.server)
+        if answer.ok:
+            rtt = f" in {answer.rtt_s * 1000:.1f} ms" if answer.rtt_s is not None else ""
+            lines.append(f"server {server}: answered{rtt}")
+        else:
+            lines.append(f"server {server}: no answer ({answer.error or 'timeout'})")
+    lines += [f"note: {n}" for n in report.notes]
+    return "\n".join(lines)
