@@ -59,6 +59,9 @@ def test_notebook_runs(path: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPat
 
     monkeypatch.setenv("P2PLAB_RESULTS_DIR", str(tmp_path))
     monkeypatch.setenv("MPLBACKEND", "module://matplotlib_inline.backend_inline")
+    # 03's kernel-lab cell (root): two profiles are enough to run it for real here, one direct
+    # and two relayed pairs plus same-LAN; tests/lab/test_lab_matrix.py runs the whole matrix.
+    monkeypatch.setenv("P2PLAB_KERNEL_PROFILES", "port-restricted,symmetric")
     nb = nbformat.read(path, as_version=4)
     client = NotebookClient(
         nb,

@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from p2plab.cli import _worker_config, build_parser
+from p2plab.cli import _worker_config, build_parser, main
 
 
 def run(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
@@ -21,11 +21,15 @@ def run(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedPr
     )
 
 
-def test_every_contract_command_has_help() -> None:
+def test_every_contract_command_has_help(capsys: pytest.CaptureFixture[str]) -> None:
+    res = run("bench", "--help")  # the real console entry point, once
+    assert res.returncode == 0, res.stderr
+    assert "usage: p2plab bench" in res.stdout
     for cmd in ["rendezvous", "stun-server", "worker", "probe", "demo", "lab", "bench"]:
-        res = run(cmd, "--help")
-        assert res.returncode == 0, res.stderr
-        assert "usage: p2plab" in res.stdout
+        with pytest.raises(SystemExit) as exited:
+            main([cmd, "--help"])
+        assert exited.value.code == 0
+        assert f"usage: p2plab {cmd}" in capsys.readouterr().out
 
 
 def test_worker_flags_win_over_environment(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -15,7 +15,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from p2plab.cli import build_parser
+from p2plab.cli import build_parser, main
 from tests.procs import free_port, start_rendezvous
 
 
@@ -62,10 +62,36 @@ RV = "ws://127.0.0.1:9"  # never contacted: every case fails while parsing
         (["lab", "up", "--loss-a", "2"], {}, "must be a fraction 0..1"),
     ],
 )
-def test_a_mistake_is_one_line_and_exit_2(args: list[str], env: dict[str, str], says: str) -> None:
+def test_a_mistake_is_one_line_and_exit_2(
+    args: list[str],
+    env: dict[str, str],
+    says: str,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    # In this process (main() as the console script calls it): every case fails while the
+    # command line is checked, so nothing else runs; the real process is checked below.
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    with pytest.raises(SystemExit) as exited:
+        main(list(args))
+    res = subprocess.CompletedProcess(args, exited.value.code, "", capsys.readouterr().err)
     command = " ".join(itertools.takewhile(lambda a: not a.startswith("-"), args))
-    line = assert_one_line_usage_error(run(*args, env=env), command)
-    assert says in line
+    assert says in assert_one_line_usage_error(res, command)
+
+
+@pytest.mark.parametrize(
+    ("args", "env", "says"),
+    [
+        (["bench", "--rendezvous", RV, "--size", "10"], {}, "64..65507 bytes, got 10"),
+        (["worker"], {"PORT": "abc", "RENDEZVOUS_URL": RV}, "environment variable PORT"),
+    ],
+)
+def test_a_mistake_in_a_real_process_is_one_line_too(
+    args: list[str], env: dict[str, str], says: str
+) -> None:
+    command = " ".join(itertools.takewhile(lambda a: not a.startswith("-"), args))
+    assert says in assert_one_line_usage_error(run(*args, env=env), command)
 
 
 @pytest.fixture
@@ -83,7 +109,9 @@ def taken_ports() -> Iterator[tuple[int, int]]:
         udp.close()
 
 
-def test_a_port_in_use_names_the_protocol_and_the_port(taken_ports: tuple[int, int]) -> None:
+def test_a_port_in_use_names_the_protocol_and_the_port(
+    taken_ports: tuple[int, int], capsys: pytest.CaptureFixture[str]
+) -> None:
     tcp, udp = taken_ports
     free_tcp = str(free_port())
     cases = [
@@ -106,8 +134,11 @@ def test_a_port_in_use_names_the_protocol_and_the_port(taken_ports: tuple[int, i
         ),
         (["bench", "--rendezvous", RV, "--udp-port", str(udp)], f"UDP port {udp}"),
     ]
-    for args, says in cases:
-        line = assert_one_line_usage_error(run(*args), args[0])
+    for args, says in cases:  # in this process: the ports are checked before anything starts
+        with pytest.raises(SystemExit) as exited:
+            main(args)
+        res = subprocess.CompletedProcess(args, exited.value.code, "", capsys.readouterr().err)
+        line = assert_one_line_usage_error(res, args[0])
         assert says in line and "already in use" in line, line
 
 
