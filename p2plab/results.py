@@ -64,7 +64,8 @@ class BenchResult:
     payload_size: int
     """UDP payload bytes per datagram (benchmark header included, as iperf3's ``-l``)."""
     duration_s: float
-    """Sender: first to last send; receiver: first to last arrival."""
+    """Sender: its send window (just before the first send to just after the last); receiver:
+    first to last arrival."""
     packets_sent: int
     """Datagrams the sender sent."""
     packets_received: int
