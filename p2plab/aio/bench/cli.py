@@ -180,9 +180,12 @@ def _table(results: Sequence[BenchResult]) -> str:
             f"{r.sent_mbps:>10.1f} {r.received_mbps:>10.1f} {r.gso!s:>4} {r.gro!s:>4} "
             f"{r.encrypted!s:>4} {r.short_of_target!s:>5}"
         )
-    # A run that did not reach its target rate says by how much (the note has the numbers).
+    # A run that did not reach its target rate says by how much (the note has the numbers),
+    # once per run however many of its views are in the table.
+    said: set[str] = set()
     for r in results:
-        if r.short_of_target:
+        if r.short_of_target and r.run_id not in said:
+            said.add(r.run_id)
             why = [n for n in r.note.split("; ") if n.startswith("short of target")]
             lines.append(f"{r.payload_size} B: " + (why[0] if why else "short of target"))
     return "\n".join(lines)
