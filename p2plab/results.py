@@ -64,7 +64,8 @@ class BenchResult:
     payload_size: int
     """UDP payload bytes per datagram (benchmark header included, as iperf3's ``-l``)."""
     duration_s: float
-    """Sender: first to last send; receiver: first to last arrival."""
+    """Sender: its send window (just before the first send to just after the last); receiver:
+    first to last arrival."""
     packets_sent: int
     """Datagrams the sender sent."""
     packets_received: int
@@ -80,7 +81,8 @@ class BenchResult:
     jitter_ms: float
     """RFC 3550 section 6.4.1 interarrival jitter at the end of the run, milliseconds."""
     mbps: float
-    """Sender: payload megabits per second sent; receiver: goodput received."""
+    """Sender: payload megabits per second sent; receiver: goodput received (over the longer of
+    its arrival span and the sender's send window, so never above the sending rate)."""
     rtt_ms: float | None
     """The peer link's smoothed RTT at the end of the run (keep-alive based), milliseconds."""
     run_id: str
@@ -100,7 +102,9 @@ class BenchResult:
     sent_mbps: float = 0.0
     """The sender's sending rate (same as ``mbps`` on the sender's row)."""
     received_mbps: float = 0.0
-    """The receiver's goodput (same as ``mbps`` on the receiver's row)."""
+    """The receiver's goodput (same as ``mbps`` on the receiver's row): bytes received over the
+    longer of the first-to-last arrival and the sender's send window, so at most ``sent_mbps``
+    when nothing extra arrived."""
     gso: bool = False
     """The sender used UDP GSO (UDP_SEGMENT)."""
     gro: bool = False
@@ -116,12 +120,22 @@ class BenchResult:
     replayed); never counted as received."""
     flow_control: bool = False
     """The sender obeyed the receiver's credit (feedback) so as not to overrun its socket."""
+    short_of_target: bool = False
+    """The run had a target rate and sent less than 95 % of it
+    (:func:`p2plab.core.bench.short_of_target`); the note says how much it sent."""
     note: str = ""
-    """Free text: warnings (fragmentation, early stop, missing report)."""
+    """Free text: warnings (fragmentation, shortfall, early stop, missing report)."""
     intervals: tuple[IntervalRecord, ...] = field(default=(), compare=False)
     """The receiver's interval records."""
     peer_view: BenchResult | None = field(default=None, compare=False)
     """The same run seen from the other role (both ends hold both views)."""
+
+    # Microseconds read better than milliseconds at loopback and LAN jitter (a few us); the
+    # column keeps the _ms unit of the CSV contract.
+    @property
+    def jitter_us(self) -> float:
+        """RFC 3550 jitter at the end of the run, microseconds."""
+        return self.jitter_ms * 1000.0
 
     def to_dict(self, *, intervals: bool = False) -> dict[str, Any]:
         """A flat dict: the ``benchmark_result`` fields and the run columns, then extras."""

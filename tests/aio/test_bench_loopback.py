@@ -21,6 +21,7 @@ from websockets.asyncio.client import connect
 from p2plab.aio.bench import Benchmark, stop_benchmark_from_ui
 from p2plab.aio.endpoint import mmsg_supported
 from p2plab.aio.worker import Worker, WorkerConfig
+from p2plab.core import bench as cb
 from p2plab.core.events import BenchmarkFinished, BenchmarkProgress
 from p2plab.errors import BenchmarkError, NotConnected
 from p2plab.results import (
@@ -547,3 +548,35 @@ async def test_worker_benchmark_is_the_notebook_api_and_emits_events() -> None:
         progress = [e for e in seen if isinstance(e, BenchmarkProgress)]
         assert {e.role for e in progress} == {"sender", "receiver"}
         assert a.stats["controls_unknown"] == b.stats["controls_unknown"] == 0
+
+
+@pytest.mark.parametrize(("rate", "encrypt"), [(50.0, True), (0.0, True), (50.0, False)])
+async def test_goodput_of_a_lossless_run_is_never_above_what_was_sent(
+    rate: float, encrypt: bool
+) -> None:
+    """Both ends' rows: received_mbps <= sent_mbps (same window), shortfall per the rule."""
+    async with two_workers() as (a, b):
+        qb = b.ui_subscribe()
+        r = await asyncio.wait_for(
+            Benchmark(a, encrypt=encrypt).run(duration_s=0.5, payload_size=1200, rate_mbps=rate),
+            T,
+        )
+        assert r.peer_view is not None
+        b_rows: list[dict[str, Any]] = []
+        while len(b_rows) < 2:
+            m = await asyncio.wait_for(qb.get(), T)
+            if m["type"] == "benchmark_result":
+                b_rows.append(m)
+        rows = [r.to_dict(), r.peer_view.to_dict(), *b_rows]
+        for row in rows:
+            assert row["lost"] == 0 and row["duplicates"] == 0
+            assert row["bytes_received"] == row["packets_sent"] * 1200
+            assert row["received_mbps"] <= row["sent_mbps"]
+            assert row["rate_mbps"] == rate
+            assert row["short_of_target"] is cb.short_of_target(row["sent_mbps"], rate)
+            assert ("short of target" in row["note"]) is row["short_of_target"]
+        assert {row["sent_mbps"] for row in rows} == {r.sent_mbps}
+        assert {row["received_mbps"] for row in rows} == {r.received_mbps}
+        if rate == 0:
+            assert not r.short_of_target
+        assert r.jitter_us == r.jitter_ms * 1000

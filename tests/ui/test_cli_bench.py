@@ -52,9 +52,14 @@ def test_both_sides_print_results_and_the_receiver_honours_csv_and_json(tmp_path
     assert table[0].split()[6:8] == ["jit", "us"], table  # jitter in microseconds
     jitter = table[1].split()[6]
     assert "e" not in jitter and re.fullmatch(r"\d+\.\d", jitter), table
+    # The last column says whether the run fell short of --rate; a short run adds a line why.
+    assert table[0].split()[-1] == "short" and table[1].split()[-1] in ("True", "False"), table
+    assert (table[1].split()[-1] == "True") is any("short of target" in t for t in table[2:])
     assert "run " in tx_log.read_text()  # the progress bar ran on stderr
     (row,) = json.loads(rx_log.with_suffix(".out").read_text())["results"]
     assert row["role"] == "receiver" and row["packets_received"] > 0
+    assert row["received_mbps"] <= row["sent_mbps"]  # the same window (core.bench.rates)
+    assert isinstance(row["short_of_target"], bool)
     with rx_csv.open() as fh:
         (csv_row,) = list(csv.DictReader(fh))
     assert csv_row["role"] == "receiver" and csv_row["run_id"] == row["run_id"]

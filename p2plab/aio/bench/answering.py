@@ -249,7 +249,15 @@ class Answering:
         if rec.done:
             return
         self.disarm()
-        report = rec.rx.report(packets_sent=sent)
+        # Goodput over the same window as the sending rate (core.bench.rates): the sender's
+        # send window comes in bench_end; a missing or absurd one falls back to arrivals only.
+        try:
+            send_s: float | None = float(end.get("duration_s", 0.0))
+        except (TypeError, ValueError):
+            send_s = None
+        if send_s is not None and not 0 < send_s < 1e6:
+            send_s = None
+        report = rec.rx.report(packets_sent=sent, send_window_s=send_s)
         self._publish_intervals(rec, report.intervals[rec.published :])
         d = report.to_dict()
         while len(json.dumps(d)) > MAX_REPORT_BYTES and d["intervals"]:

@@ -170,15 +170,24 @@ def _check_bench(args: argparse.Namespace) -> None:
 def _table(results: Sequence[BenchResult]) -> str:
     head = f"{'size':>6} {'sent':>9} {'recv':>9} {'lost%':>7} {'ooo':>5} {'dup':>4} "
     head += f"{'jit us':>8} {'send Mb/s':>10} {'recv Mb/s':>10} {'gso':>4} {'gro':>4} {'enc':>4}"
+    head += f" {'short':>5}"
     lines = [head]
     for r in results:
         lines.append(
             f"{r.payload_size:>6} {r.packets_sent:>9} {r.packets_received:>9} "
             f"{r.lost_percent:>7.3f} {r.out_of_order:>5} {r.duplicates:>4} "
-            f"{r.jitter_ms * 1000:>8.1f} "
+            f"{r.jitter_us:>8.1f} "
             f"{r.sent_mbps:>10.1f} {r.received_mbps:>10.1f} {r.gso!s:>4} {r.gro!s:>4} "
-            f"{r.encrypted!s:>4}"
+            f"{r.encrypted!s:>4} {r.short_of_target!s:>5}"
         )
+    # A run that did not reach its target rate says by how much (the note has the numbers),
+    # once per run however many of its views are in the table.
+    said: set[str] = set()
+    for r in results:
+        if r.short_of_target and r.run_id not in said:
+            said.add(r.run_id)
+            why = [n for n in r.note.split("; ") if n.startswith("short of target")]
+            lines.append(f"{r.payload_size} B: " + (why[0] if why else "short of target"))
     return "\n".join(lines)
 
 

@@ -152,6 +152,15 @@ def _rtt_ms(w: WorkerHost) -> float | None:
     return round(rtt * 1000, 3) if rtt is not None else None
 
 
+def _notes(size: int, sent_mbps: float, rate: float) -> tuple[str, bool]:
+    """The row's note (fragmentation, shortfall) and whether it fell short of its target."""
+    notes = ["over the path MTU: IP fragments"] if size > PATH_MTU_PAYLOAD else []
+    short = cb.short_of_target(sent_mbps, rate)
+    if short:
+        notes.append(f"short of target: sent {sent_mbps:.1f} of {rate:g} Mbit/s asked")
+    return "; ".join(notes), short
+
+
 def receiver_row(
     w: WorkerHost,
     run_id: int,
@@ -162,6 +171,9 @@ def receiver_row(
     gro: bool,
 ) -> BenchResult:
     size = int(params.get("payload_size", 0))
+    rate = float(params.get("rate_mbps", 0))
+    sent_mbps = float(params.get("sent_mbps", 0.0))
+    note, short = _notes(size, sent_mbps, rate)
     return BenchResult(
         role="receiver",
         payload_size=size,
@@ -180,9 +192,9 @@ def receiver_row(
         local_worker=w.worker_id,
         peer_worker=_peer_worker(w),
         path=_path(w),
-        rate_mbps=float(params.get("rate_mbps", 0)),
+        rate_mbps=rate,
         bytes_received=report.bytes_received,
-        sent_mbps=float(params.get("sent_mbps", 0.0)),
+        sent_mbps=sent_mbps,
         received_mbps=report.mbps,
         gso=bool(params.get("gso", False)),
         gro=gro,
@@ -190,7 +202,8 @@ def receiver_row(
         encrypted=bool(params.get("encrypted", False)),
         auth_failures=report.auth_failures,
         flow_control=bool(params.get("flow_control", False)),
-        note="over the path MTU: IP fragments" if size > PATH_MTU_PAYLOAD else "",
+        short_of_target=short,
+        note=note,
         intervals=report.intervals,
     )
 
@@ -209,8 +222,9 @@ def sender_row(
     size = int(params.get("payload_size", 0))
     sent = int(end.get("packets_sent", 0))
     send_s = float(end.get("duration_s", 0.0))
-    sent_mbps = sent * size * 8 / send_s / 1e6 if send_s > 0 else 0.0
-    note = "over the path MTU: IP fragments" if size > PATH_MTU_PAYLOAD else ""
+    sent_mbps = cb.mbps(sent * size, send_s)
+    rate = float(params.get("rate_mbps", 0))
+    note, short = _notes(size, sent_mbps, rate)
     if report is None:
         note = (note + "; " if note else "") + "no report from the receiver"
     me, peer = (w.worker_id, _peer_worker(w)) if local else (_peer_worker(w), w.worker_id)
@@ -232,7 +246,7 @@ def sender_row(
         local_worker=me,
         peer_worker=peer,
         path=_path(w),
-        rate_mbps=float(params.get("rate_mbps", 0)),
+        rate_mbps=rate,
         bytes_received=report.bytes_received if report else 0,
         sent_mbps=sent_mbps,
         received_mbps=report.mbps if report else 0.0,
@@ -242,6 +256,7 @@ def sender_row(
         encrypted=bool(params.get("encrypted", False)),
         auth_failures=report.auth_failures if report else 0,
         flow_control=bool(params.get("flow_control", False)),
+        short_of_target=short,
         note=note,
         intervals=report.intervals if report else (),
     )

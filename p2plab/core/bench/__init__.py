@@ -2,6 +2,8 @@
 
 - :mod:`p2plab.core.bench.accounting`: datagram format, sender pacing and credit window, exact
   receiver accounting (everything ``from p2plab.core.bench import X`` offered before).
+- :mod:`p2plab.core.bench.rates`: the window goodput is measured over (never above the sending
+  rate) and the rule for a run that fell short of its target rate.
 - :mod:`p2plab.core.bench.control`: the control protocol (start, ready, refused, stop, results,
   retries and timeouts) as a state machine layered on the session.
 """
@@ -34,6 +36,7 @@ from p2plab.core.bench.accounting import (
     validate_params,
 )
 from p2plab.core.bench.control import CONTROL_TYPES, BenchControl, ControlConfig
+from p2plab.core.bench.rates import SHORT_OF_TARGET, goodput_window_s, mbps, short_of_target
 
 __all__ = [
     "BENCH_CREDIT",
@@ -45,6 +48,7 @@ __all__ = [
     "HEADER_SIZE",
     "MAX_PAYLOAD",
     "MIN_PAYLOAD",
+    "SHORT_OF_TARGET",
     "TAIL",
     "BenchControl",
     "BenchHeader",
@@ -57,9 +61,12 @@ __all__ = [
     "encode_bench",
     "encode_credit",
     "fill_headers",
+    "goodput_window_s",
     "make_template",
+    "mbps",
     "parse_bench",
     "parse_headers",
     "rtt_percentiles",
+    "short_of_target",
     "validate_params",
 ]

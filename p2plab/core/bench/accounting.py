@@ -38,6 +38,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from p2plab.core.bench.rates import goodput_window_s
+from p2plab.core.bench.rates import mbps as _mbps
 from p2plab.core.wire import MAGIC, VERSION
 
 try:  # numpy makes batch accounting vectorised; everything also works without it
@@ -343,11 +345,15 @@ class ReceiverReport:
     duration_s: float
     """First to last arrival, seconds."""
     mbps: float
-    """Goodput: payload bits received / duration, megabits per second."""
+    """Goodput: payload bits received / ``window_s``, megabits per second."""
     intervals: tuple[IntervalRecord, ...] = field(default=())
     """One record per interval."""
     auth_failures: int = 0
     """Datagrams of the run that did not open (forged, corrupted, replayed): not counted."""
+    window_s: float = 0.0
+    """Seconds goodput is measured over: the longer of ``duration_s`` and the sender's send
+    window (:func:`p2plab.core.bench.rates.goodput_window_s`), so it never exceeds the sending
+    rate for the same bytes."""
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready dict (intervals as a list of dicts)."""
@@ -363,6 +369,7 @@ class ReceiverReport:
             "jitter_ms": self.jitter_ms,
             "duration_s": self.duration_s,
             "mbps": self.mbps,
+            "window_s": self.window_s,
             "intervals": [r.to_dict() for r in self.intervals],
         }
 
@@ -382,11 +389,8 @@ class ReceiverReport:
             mbps=float(d["mbps"]),
             intervals=tuple(IntervalRecord(**r) for r in d.get("intervals", [])),
             auth_failures=int(d.get("auth_failures", 0)),
+            window_s=float(d.get("window_s", d["duration_s"])),
         )
-
-
-def _mbps(nbytes: int, seconds: float) -> float:
-    return nbytes * 8 / seconds / 1e6 if seconds > 0 else 0.0
 
 
 class BenchReceiver:
@@ -587,11 +591,18 @@ class BenchReceiver:
 
     # -- the end ------------------------------------------------------------------------------
 
-    def report(self, packets_sent: int | None = None, now_ns: int | None = None) -> ReceiverReport:
+    def report(
+        self,
+        packets_sent: int | None = None,
+        now_ns: int | None = None,
+        send_window_s: float | None = None,
+    ) -> ReceiverReport:
         """Close the last interval and return the totals.
 
         ``packets_sent`` comes from the sender's ``bench_end``; without it the highest seq + 1
-        is used (trailing losses then go unseen).
+        is used (trailing losses then go unseen).  ``send_window_s`` (``bench_end.duration_s``,
+        the sender's send window) makes goodput comparable with the sending rate: it is measured
+        over the longer of that window and the first-to-last arrival span.
         """
         if now_ns is not None:
             self.advance(now_ns)
@@ -614,6 +625,7 @@ class BenchReceiver:
             if self.last_arrival is not None and self.first_arrival is not None
             else 0.0
         )
+        window = goodput_window_s(duration, send_window_s)
         return ReceiverReport(
             packets_sent=sent,
             packets_received=self.packets,
@@ -624,9 +636,10 @@ class BenchReceiver:
             duplicates=self.duplicates,
             jitter_ms=self.jitter_ns / 1e6,
             duration_s=duration,
-            mbps=_mbps(self.bytes, duration),
+            mbps=_mbps(self.bytes, window),
             intervals=tuple(self.intervals),
             auth_failures=self.auth_failures,
+            window_s=window,
         )
 
     def _count_seen(self, below: int) -> int:
