@@ -570,3 +570,54 @@ def test_two_real_runs_keep_their_own_series_and_fit_1280_px(
         assert errors == []
     finally:
         context.close()
+
+
+# -- history on reload ----------------------------------------------------------------------------
+
+
+def _chat_ids(page: Any) -> list[str]:
+    return [m.get_attribute("data-id") or "" for m in page.locator(tid("chat-msg")).all()]
+
+
+def _row_keys(page: Any) -> list[tuple[str, str]]:
+    return [(r["run_id"], r["role"]) for r in result_rows(page)]
+
+
+def test_reload_keeps_chat_and_results_without_duplicates(cluster: Cluster, browser: Any) -> None:
+    """The worker replays its recent chat and result rows to a page that connects; a reload
+    shows the same log and table, each message and row once, delivery marks included."""
+    with open_page(browser, cluster.url(cluster.a_http)) as a:
+        wait_linked(a)
+        text = f"kept across a reload {uuid.uuid4().hex[:6]}"
+        box = a.locator(tid("chat-input"))
+        box.fill(text)
+        box.press("Enter")
+        a.wait_for_selector(
+            f'{tid("chat-msg")}[data-direction="out"][data-status="delivered"]', timeout=ms(10)
+        )
+        before_rows = len(result_rows(a))
+        a.fill(tid("bench-size"), "1000")
+        a.fill(tid("bench-rate"), "10")
+        a.fill(tid("bench-duration"), "1")
+        a.click(tid("bench-start"))
+        _wait_rows(a, before_rows + 2, 30)
+        chats, rows = _chat_ids(a), _row_keys(a)
+        assert len(chats) == len(set(chats)) and len(rows) == len(set(rows))
+        texts = [t.inner_text() for t in a.locator(tid("chat-text")).all()]
+        assert texts.count(text) == 1
+
+        a.reload()
+        wait_linked(a)
+        a.wait_for_function(
+            "n => document.querySelectorAll('[data-testid=bench-row]').length >= n",
+            arg=len(rows),
+            timeout=ms(10),
+        )
+        a.wait_for_timeout(500)  # anything replayed twice would have arrived by now
+        assert _chat_ids(a) == chats
+        assert sorted(_row_keys(a)) == sorted(rows)
+        assert [t.inner_text() for t in a.locator(tid("chat-text")).all()] == texts
+        mine = a.locator(f'{tid("chat-msg")}[data-direction="out"]').filter(has_text=text)
+        assert mine.count() == 1
+        assert mine.first.get_attribute("data-status") == "delivered"
+        shot(a, "reload-keeps-history")
