@@ -40,14 +40,14 @@ class LiveChart:
     def add(self, msg: dict[str, Any]) -> None:
         """Take one ``benchmark_progress`` message; a new ``run_id`` starts a new chart."""
         role = msg.get("role")
-        elapsed, mbps = msg.get("elapsed_s"), msg.get("mbps")
-        if role not in self.points or not _number(elapsed) or not _number(mbps):
+        elapsed, mbps = _number(msg.get("elapsed_s")), _number(msg.get("mbps"))
+        if role not in self.points or elapsed is None or mbps is None:
             return
         run_id = str(msg.get("run_id"))
         if run_id != self.run_id:
             self.run_id = run_id
             self.points = {"sender": [], "receiver": []}
-        self.points[str(role)].append((float(elapsed), float(mbps)))
+        self.points[str(role)].append((elapsed, mbps))
         self._schedule()
 
     def finish(self, run_id: str) -> None:
@@ -97,5 +97,8 @@ class LiveChart:
             self._pending = None
 
 
-def _number(x: object) -> bool:
-    return isinstance(x, int | float) and not isinstance(x, bool) and math.isfinite(x)
+def _number(x: object) -> float | None:
+    """``x`` as a finite float, or None (a message's fields are not trusted)."""
+    if isinstance(x, int | float) and not isinstance(x, bool) and math.isfinite(x):
+        return float(x)
+    return None
