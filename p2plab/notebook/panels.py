@@ -52,11 +52,16 @@ class ChatPanel:
         self.log_view = w.HTML(
             layout=w.Layout(height="180px", overflow="auto", border="1px solid #ccc")
         )
-        self.text = w.Text(placeholder="message (Enter sends)", layout=w.Layout(width="70%"))
-        # Enter: the front end sends a "submit" custom message (Text.on_submit, deprecated in
-        # ipywidgets 8, only wraps it).  Observing ``value`` with continuous_update=False would
-        # also send a draft when the box merely loses focus.
-        self.text.on_msg(self._on_text_msg)
+        # Enter sends.  ipywidgets 8 deprecates Text.on_submit, and rightly: its "submit" message
+        # overtakes the value updates the front end holds back while the kernel is busy, so it
+        # sent a stale prefix of what was typed.  With continuous_update=False the value arrives
+        # whole, when Enter commits it (or when the box loses focus, which sends it too).
+        self.text = w.Text(
+            placeholder="message (Enter sends)",
+            continuous_update=False,
+            layout=w.Layout(width="70%"),
+        )
+        self.text.observe(self._on_text_committed, names="value")
         self.send_button = w.Button(description="Send", button_style="primary")
         self.send_button.on_click(lambda _: self.send())
         self.duration = w.BoundedFloatText(value=2.0, min=0.2, max=600, description="seconds")
@@ -127,8 +132,8 @@ class ChatPanel:
 
     # -- chat -----------------------------------------------------------------------------------
 
-    def _on_text_msg(self, _widget: Any, content: Any, _buffers: Any) -> None:
-        if isinstance(content, dict) and content.get("event") == "submit":
+    def _on_text_committed(self, change: dict[str, Any]) -> None:
+        if change.get("new"):  # clearing the box after a send is a change too
             self.send()
 
     def send(self, text: str | None = None) -> str | None:
@@ -248,12 +253,14 @@ class ChatPanel:
                     line["failed"] = str(msg.get("reason") or "failed")
             self._render_log()
         elif kind == "benchmark_progress":
+            self.chart.add(msg)
+            if str(msg.get("run_id")) in self.runs:
+                return  # a late interval of a finished run: its result line stays
             verb = "sent" if msg.get("role") == "sender" else "received"
             self.bench_view.value = html.escape(
                 f"run {msg.get('run_id')}: {_num(msg.get('elapsed_s')):.1f} s, "
                 f"{verb} {_num(msg.get('mbps')):.1f} Mbit/s"
             )
-            self.chart.add(msg)
         elif kind == "benchmark_result":
             self._add_result({k: v for k, v in msg.items() if k != "type"})
         elif kind == "error":

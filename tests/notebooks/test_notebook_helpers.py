@@ -163,11 +163,11 @@ async def test_chat_panel_enter_sends_and_results_are_labelled_by_run_and_direct
     pa = pb = None
     try:
         pa, pb = ChatPanel(lab.a), ChatPanel(lab.b)
-        # typing alone (the value syncing as the user types, or on blur) sends nothing
-        pa.text.value = "sent with Enter"
+        # the box tells the front end to keep what is typed until Enter (or leaving the box)
+        assert pa.text.continuous_update is False
         assert lab.a.stats["chats_out"] == 0
-        # Enter: what the front end sends when the user presses it in the box
-        pa.text._handle_custom_msg({"event": "submit"}, [])
+        # Enter: the front end commits the value, as the comm does (Widget.set_state)
+        pa.text.set_state({"value": "sent with Enter"})
         assert lab.a.stats["chats_out"] == 1 and pa.text.value == ""
         await _until(lambda: pb.lines and pa.lines and pa.lines[0]["delivered"])
         assert pb.transcript() == "<- sent with Enter"
