@@ -253,8 +253,10 @@ class ChatPanel:
                     line["failed"] = str(msg.get("reason") or "failed")
             self._render_log()
         elif kind == "benchmark_progress":
-            self.chart.add(msg)
-            if str(msg.get("run_id")) in self.runs:
+            run_id = str(msg.get("run_id"))
+            if run_id not in self.runs or run_id == self.chart.run_id:
+                self.chart.add(msg)  # an older run's late interval must not take the chart back
+            if run_id in self.runs:
                 return  # a late interval of a finished run: its result line stays
             verb = "sent" if msg.get("role") == "sender" else "received"
             self.bench_view.value = html.escape(

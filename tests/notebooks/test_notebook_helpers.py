@@ -206,6 +206,12 @@ async def test_chat_panel_enter_sends_and_results_are_labelled_by_run_and_direct
         assert pa.chart.points["receiver"], "A received in B's run"
         assert bytes(pa.chart.image.value).startswith(b"\x89PNG")
         assert pa.chart.image.layout.display == ""
+        # a late interval of A's (older) run changes neither the chart nor the result line
+        shown, draws = pa.bench_view.value, pa.chart.draws
+        late_interval = {"type": "benchmark_progress", "role": "receiver", "run_id": ra.run_id}
+        pa.handle({**late_interval, "elapsed_s": 9.0, "mbps": 1.0})
+        assert pa.chart.run_id == rb.run_id and pa.chart.draws == draws
+        assert pa.bench_view.value == shown and shown.startswith(f"run {rb.run_id}")
         # a panel opened later starts with the worker's recent chat and results
         late = ChatPanel(lab.a)
         try:
