@@ -122,6 +122,17 @@ def cluster(browser: Any) -> Iterator[Cluster]:
         c.close()
 
 
+@pytest.fixture
+def fresh_cluster(browser: Any) -> Iterator[Cluster]:
+    """Workers of their own, for a test that needs an empty results table: the shared workers
+    replay their earlier runs to every page that connects."""
+    c = Cluster()
+    try:
+        yield c
+    finally:
+        c.close()
+
+
 def wait_result_or_error(page: Any, timeout: float) -> None:
     """Wait for a result row; an ``error`` from the worker (shown as a toast) fails at once."""
     page.wait_for_selector(f"{tid('bench-row')}, {tid('toast')}", timeout=ms(timeout))
@@ -297,7 +308,8 @@ def test_benchmark_from_page_fills_table_chart_and_csv(cluster: Cluster, browser
             assert rec["started_at"][:4].isdigit() and "T" in rec["started_at"]
 
 
-def test_benchmark_stop_ends_a_long_run_early(cluster: Cluster, browser: Any) -> None:
+def test_benchmark_stop_ends_a_long_run_early(fresh_cluster: Cluster, browser: Any) -> None:
+    cluster = fresh_cluster
     with open_page(browser, cluster.url(cluster.a_http)) as a:
         wait_linked(a)
         a.fill(tid("bench-size"), "800")
@@ -321,7 +333,8 @@ def test_benchmark_stop_ends_a_long_run_early(cluster: Cluster, browser: Any) ->
         a.wait_for_selector(f"{tid('bench-start')}:enabled", timeout=ms(10))
 
 
-def test_benchmark_form_rejects_bad_payload_size(cluster: Cluster, browser: Any) -> None:
+def test_benchmark_form_rejects_bad_payload_size(fresh_cluster: Cluster, browser: Any) -> None:
+    cluster = fresh_cluster
     with open_page(browser, cluster.url(cluster.a_http)) as a:
         wait_linked(a)
         a.fill(tid("bench-size"), "65508")
@@ -501,10 +514,11 @@ def _wait_rows(page: Any, n: int, timeout: float) -> None:
 
 
 def test_two_real_runs_keep_their_own_series_and_fit_1280_px(
-    cluster: Cluster, browser: Any
+    fresh_cluster: Cluster, browser: Any
 ) -> None:
     """A runs, then B runs: A's page keeps A's run (sent and received) until B's starts, then
     shows B's run alone; the table holds both runs by run id and fits a 1280 px window."""
+    cluster = fresh_cluster
     context = browser.new_context(viewport={"width": 1280, "height": 900}, color_scheme="light")
     a = context.new_page()
     b = context.new_page()
