@@ -62,3 +62,40 @@ def test_hub_remembers_what_it_publishes() -> None:
     hub.publish(result(1, "sender"))
     hub.publish({"type": "status"})
     assert [m["type"] for m in hub.ui_history()] == ["chat", "benchmark_result"]
+
+
+def test_ui_ws_sends_status_then_the_history_then_serves_as_before() -> None:
+    from fastapi.testclient import TestClient
+
+    from p2plab.aio.ui_server import create_worker_app
+
+    class Worker:
+        worker_id = "w"
+
+        def __init__(self) -> None:
+            self.hub = EventHub()
+
+        def status(self) -> dict[str, Any]:
+            return {"type": "status", "state": "connected"}
+
+        def ui_subscribe(self) -> Any:
+            return self.hub.ui_subscribe()
+
+        def ui_unsubscribe(self, q: Any) -> None:
+            self.hub.ui_unsubscribe(q)
+
+        def ui_history(self) -> list[dict[str, Any]]:
+            return self.hub.ui_history()
+
+    worker = Worker()
+    worker.hub.publish(chat(1))
+    worker.hub.publish({"type": "chat_delivered", "id": f"{1:016x}"})
+    worker.hub.publish(result(9, "sender"))
+    with TestClient(create_worker_app(worker)) as client:  # type: ignore[arg-type]
+        with client.websocket_connect("/ui_ws") as ws:
+            assert ws.receive_json()["type"] == "status"
+            first = ws.receive_json()
+            assert first["id"] == f"{1:016x}" and first["delivered"] is True
+            assert ws.receive_json() == {"type": "benchmark_result", **result(9, "sender")}
+            ws.send_json({"type": "status"})  # the connection goes on as before
+            assert ws.receive_json()["type"] == "status"
