@@ -11,14 +11,21 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+from collections import OrderedDict, deque
 from collections.abc import AsyncIterator, Iterable
 from typing import Any, Generic, TypeVar
 
 from p2plab.core import events as ev
 
-__all__ = ["EventHub", "Subscription", "ui_message"]
+__all__ = ["CHAT_HISTORY", "RESULT_HISTORY", "EventHub", "Subscription", "UiHistory", "ui_message"]
 
 _QUEUE_LIMIT = 10000
+
+CHAT_HISTORY = 200
+"""How many recent chat messages a page that connects is given."""
+
+RESULT_HISTORY = 50
+"""How many recent ``benchmark_result`` rows a page that connects is given."""
 
 E = TypeVar("E", bound=ev.Event)
 
@@ -50,6 +57,55 @@ def ui_message(event: ev.Event) -> dict[str, Any] | None:
     return None
 
 
+class UiHistory:
+    """The recent chat messages and result rows, replayed to a page that (re)connects.
+
+    Bounded (``chat_limit`` messages, ``result_limit`` rows, oldest dropped) so a long-lived
+    worker does not grow.  A chat message's later fate is folded into it (``delivered: true``) or
+    replayed after it (``chat_failed``), so the page shows the same marks after a reload.
+    """
+
+    def __init__(self, chat_limit: int = CHAT_HISTORY, result_limit: int = RESULT_HISTORY) -> None:
+        self._chat: OrderedDict[str, dict[str, Any]] = OrderedDict()
+        self._failed: dict[str, dict[str, Any]] = {}
+        self._chat_limit = chat_limit
+        self._results: deque[dict[str, Any]] = deque(maxlen=result_limit)
+
+    def remember(self, msg: dict[str, Any]) -> None:
+        """Keep ``msg`` if it is part of the history (chat and results); ignore the rest."""
+        kind = msg.get("type")
+        if kind == "benchmark_result":
+            self._results.append(dict(msg))
+        elif kind == "chat":
+            if msg.get("id") is None:
+                return  # the page tells replayed messages from live ones by id
+            msg_id = str(msg["id"])
+            self._chat[msg_id] = dict(msg)
+            self._chat.move_to_end(msg_id)
+            while len(self._chat) > self._chat_limit:
+                old, _ = self._chat.popitem(last=False)
+                self._failed.pop(old, None)
+        elif kind == "chat_delivered":
+            kept = self._chat.get(str(msg.get("id")))
+            if kept is not None:
+                kept["delivered"] = True
+        elif kind == "chat_failed":
+            msg_id = str(msg.get("id"))
+            if msg_id in self._chat:
+                self._failed[msg_id] = dict(msg)
+
+    def messages(self) -> list[dict[str, Any]]:
+        """The history as UI messages, oldest first: chat (and failures), then result rows."""
+        out: list[dict[str, Any]] = []
+        for msg_id, msg in self._chat.items():
+            out.append(dict(msg))
+            failed = self._failed.get(msg_id)
+            if failed is not None:
+                out.append(dict(failed))
+        out.extend(dict(r) for r in self._results)
+        return out
+
+
 class Subscription(Generic[E]):
     """An async iterator over the public events of some kinds (see :meth:`EventHub.subscribe`)."""
 
@@ -77,6 +133,8 @@ class EventHub:
         self._ui: set[asyncio.Queue[dict[str, Any]]] = set()
         self._subs: set[Subscription[Any]] = set()
         self._state_waiters: list[tuple[frozenset[str], asyncio.Future[str]]] = []
+        self.history = UiHistory()
+        """Recent chat and results, for a page that connects (:meth:`ui_history`)."""
 
     # -- UI messages ------------------------------------------------------------------------------
 
@@ -99,8 +157,13 @@ class EventHub:
         finally:
             self.ui_unsubscribe(q)
 
+    def ui_history(self) -> list[dict[str, Any]]:
+        """Recent chat messages and result rows as UI messages, oldest first."""
+        return self.history.messages()
+
     def publish(self, msg: dict[str, Any]) -> None:
-        """Give a UI message to every UI queue."""
+        """Give a UI message to every UI queue (and keep it if it belongs to the history)."""
+        self.history.remember(msg)
         for q in list(self._ui):
             _put_dropping_oldest(q, msg)
 

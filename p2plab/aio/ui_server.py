@@ -78,6 +78,10 @@ class UiWorker(WorkerHost, Protocol):
         """Stop feeding ``q``."""
         ...
 
+    def ui_history(self) -> list[dict[str, Any]]:
+        """Recent chat messages and result rows, replayed to a page that connects."""
+        ...
+
 
 def create_worker_app(worker: UiWorker) -> FastAPI:
     app = FastAPI(title="p2plab worker", docs_url=None, redoc_url=None, openapi_url=None)
@@ -103,10 +107,16 @@ def create_worker_app(worker: UiWorker) -> FastAPI:
             await ws.close(code=1008, reason="origin not allowed")
             return
         await ws.accept()
+        # Subscribe before taking the history so nothing falls between the two; a message in
+        # both is sent twice and the page drops the repeat (chat by id, results by run and role).
         queue = worker.ui_subscribe()
-        sender = asyncio.create_task(_pump_to_ui(ws, queue))
+        history = worker.ui_history()
+        sender: asyncio.Task[None] | None = None
         try:
             await ws.send_json(worker.status())
+            for msg in history:
+                await ws.send_json(msg)
+            sender = asyncio.create_task(_pump_to_ui(ws, queue))
             while True:
                 raw = await ws.receive_text()
                 reply = await handle_ui_message(worker, raw)
@@ -116,9 +126,10 @@ def create_worker_app(worker: UiWorker) -> FastAPI:
             pass
         finally:
             worker.ui_unsubscribe(queue)
-            sender.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await sender
+            if sender is not None:
+                sender.cancel()
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await sender
 
     return app
 

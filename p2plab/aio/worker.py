@@ -483,6 +483,10 @@ class Worker:
         """Stop feeding a queue from :meth:`ui_subscribe`."""
         self._hub.ui_unsubscribe(q)
 
+    def ui_history(self) -> list[dict[str, Any]]:
+        """The recent chat messages and result rows (bounded) as UI messages, oldest first."""
+        return self._hub.ui_history()
+
     def ui_messages(self) -> AsyncIterator[dict[str, Any]]:
         """Async iterator over UI messages (status, chat, chat_delivered, benchmark_*)."""
         return self._hub.ui_messages()

@@ -152,3 +152,112 @@ async def test_local_lab_as_a_context_manager_and_awaited(
     finally:
         await lab.stop()
     assert lab.workers[0].state == "stopped"
+
+
+# -- the chat panel: Enter, result labels, the live chart (issue 15 item 15) ---------------------
+
+
+@pytest.mark.timeout(90)
+async def test_chat_panel_enter_sends_and_results_are_labelled_by_run_and_direction() -> None:
+    lab = await start_local_lab(connect_timeout=20 * TIMEOUT_UNIT)
+    pa = pb = None
+    try:
+        pa, pb = ChatPanel(lab.a), ChatPanel(lab.b)
+        # the box tells the front end to keep what is typed until Enter (or leaving the box)
+        assert pa.text.continuous_update is False
+        assert lab.a.stats["chats_out"] == 0
+        # Enter: the front end commits the value, as the comm does (Widget.set_state)
+        pa.text.set_state({"value": "sent with Enter"})
+        assert lab.a.stats["chats_out"] == 1 and pa.text.value == ""
+        await _until(lambda: pb.lines and pa.lines and pa.lines[0]["delivered"])
+        assert pb.transcript() == "<- sent with Enter"
+        assert pa.transcript() == "-> sent with Enter (delivered)"
+
+        # A sends to B at 20 Mbit/s, then B sends to A at 10: both panels see both runs
+        pa.duration.value, pa.payload.value, pa.rate.value = 1.5, 1000, 20.0
+        ra = await asyncio.wait_for(pa.start_benchmark(), 30 * TIMEOUT_UNIT)
+        assert ra is not None, pa.errors
+        pb.duration.value, pb.payload.value, pb.rate.value = 0.5, 800, 10.0
+        rb = await asyncio.wait_for(pb.start_benchmark(), 30 * TIMEOUT_UNIT)
+        assert rb is not None, pb.errors
+        both = {"sender", "receiver"}
+        for p in (pa, pb):
+            await _until(lambda p=p: [set(v) for v in p.runs.values()] == [both, both])
+        assert list(pa.runs) == list(pb.runs) == [ra.run_id, rb.run_id]
+        a_new, a_old = pa.result_lines()
+        b_new, b_old = pb.result_lines()
+        assert a_old.startswith(f"run {ra.run_id}, this worker -> peer: 1000 B, target 20.0")
+        assert b_old.startswith(f"run {ra.run_id}, peer -> this worker: 1000 B, target 20.0")
+        assert a_new.startswith(f"run {rb.run_id}, peer -> this worker: 800 B, target 10.0")
+        assert b_new.startswith(f"run {rb.run_id}, this worker -> peer: 800 B, target 10.0")
+        sent = ra.mbps
+        assert f"sent {sent:.1f} Mbit/s" in a_old and f"sent {sent:.1f} Mbit/s" in b_old
+        for line in (a_new, a_old, b_new, b_old):
+            assert "received " in line and "lost " in line and "jitter " in line
+        # both runs are listed, newest first; no raw dicts anywhere
+        for p in (pa, pb):
+            view = p.results_view.value
+            assert view.index(f"run {rb.run_id}") < view.index(f"run {ra.run_id}")
+            for shown in (view, p.bench_view.value, p.log_view.value):
+                assert "{" not in shown and "'" not in shown.replace("style='", "")
+
+        # the live chart followed the runs by run id and ends on the last one
+        assert pa.chart.run_id == rb.run_id and pa.chart.draws >= 2
+        assert pa.chart.points["receiver"], "A received in B's run"
+        assert bytes(pa.chart.image.value).startswith(b"\x89PNG")
+        assert pa.chart.image.layout.display == ""
+        # a late interval of A's (older) run changes neither the chart nor the result line
+        shown, draws = pa.bench_view.value, pa.chart.draws
+        late_interval = {"type": "benchmark_progress", "role": "receiver", "run_id": ra.run_id}
+        pa.handle({**late_interval, "elapsed_s": 9.0, "mbps": 1.0})
+        assert pa.chart.run_id == rb.run_id and pa.chart.draws == draws
+        assert pa.bench_view.value == shown and shown.startswith(f"run {rb.run_id}")
+        # a panel opened later starts with the worker's recent chat and results
+        late = ChatPanel(lab.a)
+        try:
+            assert late.transcript() == pa.transcript()
+            assert late.result_lines() == pa.result_lines()
+        finally:
+            late.close()
+    finally:
+        for p in (pa, pb):
+            if p is not None:
+                p.close()
+        await lab.stop()
+
+
+async def test_live_chart_is_throttled_draws_the_last_points_and_follows_run_ids() -> None:
+    from p2plab.notebook.live_chart import LiveChart
+
+    def progress(run: str, role: str, t: float, mbps: float) -> dict[str, object]:
+        return {
+            "type": "benchmark_progress",
+            "run_id": run,
+            "role": role,
+            "elapsed_s": t,
+            "mbps": mbps,
+        }
+
+    chart = LiveChart(min_interval=3600.0)
+    assert chart.image.layout.display == "none"
+    chart.add(progress("1", "sender", 1.0, 20.0))
+    assert chart.draws == 1 and bytes(chart.image.value).startswith(b"\x89PNG")
+    chart.add(progress("1", "receiver", 2.0, 19.0))
+    chart.add(progress("1", "receiver", 1.0, 18.0))  # late and out of order: same run
+    assert chart.draws == 1  # throttled
+    assert chart.points["receiver"] == [(2.0, 19.0), (1.0, 18.0)]
+    chart.finish("0")  # another run's end does not redraw this one
+    assert chart.draws == 1
+    chart.finish("1")
+    assert chart.draws == 2
+    chart.add(progress("2", "receiver", 1.0, 5.0))  # a new run id starts a new chart
+    assert chart.run_id == "2" and chart.points == {"sender": [], "receiver": [(1.0, 5.0)]}
+    chart.add({"type": "benchmark_progress", "run_id": "2", "role": "x", "mbps": "bad"})
+    assert chart.points["receiver"] == [(1.0, 5.0)]
+    chart.close()
+
+    fast = LiveChart(min_interval=0.0)
+    fast.add(progress("3", "sender", 1.0, 1.0))
+    fast.add(progress("3", "sender", 2.0, 2.0))
+    assert fast.draws == 2
+    fast.close()

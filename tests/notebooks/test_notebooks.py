@@ -58,6 +58,10 @@ def test_notebook_runs(path: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPat
     from nbclient import NotebookClient
 
     monkeypatch.setenv("P2PLAB_RESULTS_DIR", str(tmp_path))
+    monkeypatch.setenv("P2PLAB_NOTEBOOK_CLEANUP", "1")  # 04_chat_panel stops its lab at the end
+    # The kernel runs in notebooks/: import this checkout's p2plab, not whichever one is installed.
+    paths = [str(NOTEBOOKS.parent), *filter(None, [os.environ.get("PYTHONPATH")])]
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(paths))
     monkeypatch.setenv("MPLBACKEND", "module://matplotlib_inline.backend_inline")
     # 03's kernel-lab cell (root): two profiles are enough to run it for real here, one direct
     # and two relayed pairs plus same-LAN; tests/lab/test_lab_matrix.py runs the whole matrix.
@@ -85,6 +89,23 @@ def test_notebook_runs(path: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPat
             o for c in nb.cells for o in c.get("outputs", []) if "image/png" in o.get("data", {})
         ]
         assert len(images) >= 2
+    if path.name.startswith("04_"):
+        texts = [
+            str(o.get("text", "")) + str(o.get("data", {}).get("text/plain", ""))
+            for c in nb.cells
+            for o in c.get("outputs", [])
+        ]
+        widgets = [
+            o
+            for c in nb.cells
+            for o in c.get("outputs", [])
+            if "application/vnd.jupyter.widget-view+json" in o.get("data", {})
+        ]
+        assert len(widgets) >= 2, "the two panels render as widgets"
+        assert any("<- hi B, this is A" in t for t in texts)
+        assert any(t.startswith("run ") and "this worker -> peer" in t for t in texts)
+        assert not any(t.lstrip().startswith(("{", "[{")) for t in texts), "a raw dict is shown"
+        assert any("lab stopped" in t for t in texts), "the guarded clean-up cell did not run"
     if path.name.startswith("03_"):
         assert {"sim_matrix.csv", "sim_matrix.png"} <= set(written)
         if os.geteuid() == 0:

@@ -36,11 +36,10 @@ from tests.procs import (
     Proc,
     free_port,
     get_json,
-    start_rendezvous,
-    start_worker,
     status,
     wait_until,
 )
+from tests.ui.browser_cluster import Cluster
 
 pytestmark = [pytest.mark.browser, pytest.mark.slow]
 
@@ -74,47 +73,19 @@ def browser() -> Iterator[Any]:
     yield from launch_browser()
 
 
-class Cluster:
-    """A rendezvous (with STUN) and two workers A and B connected to each other."""
-
-    def __init__(self) -> None:
-        self.procs: list[Proc] = []
-        self.a_id = str(uuid.uuid4())
-        self.b_id = str(uuid.uuid4())
-        rv, self.rv_port, self.stun_port = start_rendezvous()
-        self.procs.append(rv)
-        self.a, self.a_http = start_worker(
-            self.rv_port, self.stun_port, "ui-worker-a", ["--id", self.a_id]
-        )
-        self.procs.append(self.a)
-        self.b, self.b_http = start_worker(
-            self.rv_port, self.stun_port, "ui-worker-b", ["--id", self.b_id]
-        )
-        self.procs.append(self.b)
-        for port, peer, proc in (
-            (self.a_http, self.b_id, self.a),
-            (self.b_http, self.a_id, self.b),
-        ):
-            wait_until(
-                lambda port=port, peer=peer: (
-                    status(port)["state"] == "connected"
-                    and (status(port)["peer"] or {}).get("worker_id") == peer
-                ),
-                20,
-                f"{proc.name} connected",
-                proc,
-            )
-
-    def url(self, http_port: int) -> str:
-        return f"http://127.0.0.1:{http_port}/"
-
-    def close(self) -> None:
-        for proc in reversed(self.procs):
-            proc.stop()
-
-
 @pytest.fixture(scope="module")
 def cluster(browser: Any) -> Iterator[Cluster]:
+    c = Cluster()
+    try:
+        yield c
+    finally:
+        c.close()
+
+
+@pytest.fixture
+def fresh_cluster(browser: Any) -> Iterator[Cluster]:
+    """Workers of their own, for a test that needs an empty results table: the shared workers
+    replay their earlier runs to every page that connects."""
     c = Cluster()
     try:
         yield c
@@ -297,7 +268,8 @@ def test_benchmark_from_page_fills_table_chart_and_csv(cluster: Cluster, browser
             assert rec["started_at"][:4].isdigit() and "T" in rec["started_at"]
 
 
-def test_benchmark_stop_ends_a_long_run_early(cluster: Cluster, browser: Any) -> None:
+def test_benchmark_stop_ends_a_long_run_early(fresh_cluster: Cluster, browser: Any) -> None:
+    cluster = fresh_cluster
     with open_page(browser, cluster.url(cluster.a_http)) as a:
         wait_linked(a)
         a.fill(tid("bench-size"), "800")
@@ -321,7 +293,8 @@ def test_benchmark_stop_ends_a_long_run_early(cluster: Cluster, browser: Any) ->
         a.wait_for_selector(f"{tid('bench-start')}:enabled", timeout=ms(10))
 
 
-def test_benchmark_form_rejects_bad_payload_size(cluster: Cluster, browser: Any) -> None:
+def test_benchmark_form_rejects_bad_payload_size(fresh_cluster: Cluster, browser: Any) -> None:
+    cluster = fresh_cluster
     with open_page(browser, cluster.url(cluster.a_http)) as a:
         wait_linked(a)
         a.fill(tid("bench-size"), "65508")
@@ -501,10 +474,11 @@ def _wait_rows(page: Any, n: int, timeout: float) -> None:
 
 
 def test_two_real_runs_keep_their_own_series_and_fit_1280_px(
-    cluster: Cluster, browser: Any
+    fresh_cluster: Cluster, browser: Any
 ) -> None:
     """A runs, then B runs: A's page keeps A's run (sent and received) until B's starts, then
     shows B's run alone; the table holds both runs by run id and fits a 1280 px window."""
+    cluster = fresh_cluster
     context = browser.new_context(viewport={"width": 1280, "height": 900}, color_scheme="light")
     a = context.new_page()
     b = context.new_page()
@@ -570,3 +544,54 @@ def test_two_real_runs_keep_their_own_series_and_fit_1280_px(
         assert errors == []
     finally:
         context.close()
+
+
+# -- history on reload ----------------------------------------------------------------------------
+
+
+def _chat_ids(page: Any) -> list[str]:
+    return [m.get_attribute("data-id") or "" for m in page.locator(tid("chat-msg")).all()]
+
+
+def _row_keys(page: Any) -> list[tuple[str, str]]:
+    return [(r["run_id"], r["role"]) for r in result_rows(page)]
+
+
+def test_reload_keeps_chat_and_results_without_duplicates(cluster: Cluster, browser: Any) -> None:
+    """The worker replays its recent chat and result rows to a page that connects; a reload
+    shows the same log and table, each message and row once, delivery marks included."""
+    with open_page(browser, cluster.url(cluster.a_http)) as a:
+        wait_linked(a)
+        text = f"kept across a reload {uuid.uuid4().hex[:6]}"
+        box = a.locator(tid("chat-input"))
+        box.fill(text)
+        box.press("Enter")
+        a.wait_for_selector(
+            f'{tid("chat-msg")}[data-direction="out"][data-status="delivered"]', timeout=ms(10)
+        )
+        before_rows = len(result_rows(a))
+        a.fill(tid("bench-size"), "1000")
+        a.fill(tid("bench-rate"), "10")
+        a.fill(tid("bench-duration"), "1")
+        a.click(tid("bench-start"))
+        _wait_rows(a, before_rows + 2, 30)
+        chats, rows = _chat_ids(a), _row_keys(a)
+        assert len(chats) == len(set(chats)) and len(rows) == len(set(rows))
+        texts = [t.inner_text() for t in a.locator(tid("chat-text")).all()]
+        assert texts.count(text) == 1
+
+        a.reload()
+        wait_linked(a)
+        a.wait_for_function(
+            "n => document.querySelectorAll('[data-testid=bench-row]').length >= n",
+            arg=len(rows),
+            timeout=ms(10),
+        )
+        a.wait_for_timeout(500)  # anything replayed twice would have arrived by now
+        assert _chat_ids(a) == chats
+        assert sorted(_row_keys(a)) == sorted(rows)
+        assert [t.inner_text() for t in a.locator(tid("chat-text")).all()] == texts
+        mine = a.locator(f'{tid("chat-msg")}[data-direction="out"]').filter(has_text=text)
+        assert mine.count() == 1
+        assert mine.first.get_attribute("data-status") == "delivered"
+        shot(a, "reload-keeps-history")
