@@ -38,21 +38,7 @@ class PunchResult:
 
     def to_dict(self) -> dict[str, Any]:
         """The kernel lab's matrix columns (:class:`p2plab.lab.matrix.PairResult`) that apply."""
-
-        def fmt(addr: Address | None) -> str | None:
-            return None if addr is None else f"{addr[0]}:{addr[1]}"
-
-        return {
-            "outcome": self.outcome,
-            "connect_s": self.connect_time_s,
-            "path": self.path,
-            "a_public": fmt(self.a_public),
-            "b_public": fmt(self.b_public),
-            "a_peer_endpoint": fmt(self.a_sends_to),
-            "b_peer_endpoint": fmt(self.b_sends_to),
-            "a_state": self.a.state,
-            "b_state": self.b.state,
-        }
+        return {"outcome": self.outcome, **_link_columns(self)}
 
 
 @dataclass(frozen=True)
@@ -85,19 +71,22 @@ class LinkResult:
 
     def to_dict(self) -> dict[str, Any]:
         """The kernel lab's matrix columns (:class:`p2plab.lab.matrix.PairResult`) that apply."""
+        return {"outcome": self.outcome, "fallback": self.fallback, **_link_columns(self)}
 
-        def fmt(addr: Address | None) -> str | None:
-            return None if addr is None else f"{addr[0]}:{addr[1]}"
 
-        return {
-            "outcome": self.outcome,
-            "fallback": self.fallback,
-            "connect_s": self.connect_time_s,
-            "path": self.path,
-            "a_public": fmt(self.a_public),
-            "b_public": fmt(self.b_public),
-            "a_peer_endpoint": fmt(self.a_sends_to),
-            "b_peer_endpoint": fmt(self.b_sends_to),
-            "a_state": self.a.state,
-            "b_state": self.b.state,
-        }
+def _fmt(addr: Address | None) -> str | None:
+    return None if addr is None else f"{addr[0]}:{addr[1]}"
+
+
+def _link_columns(r: PunchResult | LinkResult) -> dict[str, Any]:
+    """The matrix columns both kinds of result share, after ``outcome`` (and ``fallback``)."""
+    return {
+        "connect_s": r.connect_time_s,
+        "path": r.path,
+        "a_public": _fmt(r.a_public),
+        "b_public": _fmt(r.b_public),
+        "a_peer_endpoint": _fmt(r.a_sends_to),
+        "b_peer_endpoint": _fmt(r.b_sends_to),
+        "a_state": r.a.state,
+        "b_state": r.b.state,
+    }
