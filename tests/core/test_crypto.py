@@ -61,7 +61,7 @@ def test_identity_from_injected_randomness_and_its_fingerprint() -> None:
     assert a.public_bytes == b.public_bytes and len(a.public_bytes) == 32
     assert decode_public_key(a.public_b64) == a.public_bytes
     fp = a.fingerprint
-    assert len(fp.split(" ")) == 4 and all(len(g) == 4 for g in fp.split(" "))
+    assert len(fp.split(" ")) == 16 and all(len(g) == 4 for g in fp.split(" "))
     assert fp == fingerprint(a.public_bytes)
     other = Identity.generate(lambda n: bytes(n - i for i in range(n)))
     assert other.fingerprint != fp

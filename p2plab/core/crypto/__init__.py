@@ -44,7 +44,18 @@ benchmark's batches).
 from __future__ import annotations
 
 from .envelope import PeerCipher, PlainEnvelope
-from .keys import KEY_SIZE, Identity, decode_public_key, fingerprint
+from .keys import (
+    KEY_SIZE,
+    Identity,
+    authentication_string,
+    check_public_key,
+    decode_public_key,
+    fingerprint,
+    parse_peer_key,
+    peer_key_matches,
+    registration_proof,
+    verify_registration_proof,
+)
 from .rules import SEAL_OVERHEAD, TAG_SIZE, AuthenticationFailed, ReplayedDatagram, ReplayWindow
 
 __all__ = [
@@ -57,6 +68,12 @@ __all__ = [
     "PlainEnvelope",
     "ReplayWindow",
     "ReplayedDatagram",
+    "authentication_string",
+    "check_public_key",
     "decode_public_key",
     "fingerprint",
+    "parse_peer_key",
+    "peer_key_matches",
+    "registration_proof",
+    "verify_registration_proof",
 ]
