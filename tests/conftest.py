@@ -71,3 +71,24 @@ def redis_url() -> Iterator[str]:
     finally:
         proc.kill()
         proc.wait()
+
+
+# Under pytest-xdist (`make test` runs the suite in several processes), tests that share a
+# machine-wide resource run one after another in one worker: the kernel lab's namespaces and
+# iptables (each lab has its own prefix, but lab runs measure throughput and loss, which a
+# second lab on the same 2 cores would disturb) and headless Chromium (one browser at a time).
+_XDIST_GROUPS = {
+    "tests/lab/test_lab_": "netns",
+    "tests/lab/test_recovery_lab": "netns",
+    "tests/ui/test_browser": "browser",
+}
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    root = str(config.rootpath) + os.sep
+    for item in items:
+        rel = str(item.path).removeprefix(root).replace(os.sep, "/")
+        for prefix, group in _XDIST_GROUPS.items():
+            if rel.startswith(prefix):
+                item.add_marker(pytest.mark.xdist_group(group))
+                break
