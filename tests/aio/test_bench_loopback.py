@@ -520,7 +520,11 @@ async def test_stop_on_the_receiving_end_of_a_requested_run() -> None:
         run = asyncio.create_task(
             a.benchmark.run(duration_s=60, payload_size=200, rate_mbps=5, direction="receive")
         )
-        await until(lambda: a.benchmark.answering.receiving is not None, "b's run to start")
+        # Stop once datagrams flow (stopping before the first one is another test's case).
+        await until(
+            lambda: (rec := a.benchmark.answering.receiving) is not None and rec.rx.packets > 0,
+            "b's datagrams to arrive",
+        )
         assert a.benchmark.stop() is True  # asks b, the sender, to end its stream
         r = await asyncio.wait_for(run, T)
         assert r.role == "receiver" and r.duration_s < 60

@@ -56,7 +56,7 @@ def test_template_and_vectorised_header_fill_and_parse() -> None:
     for i in range(n):
         h = cb.parse_bench(bytes(buf[i * size : (i + 1) * size]))
         assert h == cb.BenchHeader(cb.BENCH_DATA, 7, 100 + i, 5555)
-    if cba.np is not None:
+    if cba.numpy_or_none() is not None:
         kinds, runs, seqs, ts = cb.parse_headers(buf, [i * size for i in range(n)])
         assert kinds.tolist() == [cb.BENCH_DATA] * n
         assert runs.tolist() == [7] * n

@@ -18,11 +18,6 @@ if TYPE_CHECKING:
     from p2plab.aio.endpoint import Address, UdpEndpoint
     from p2plab.aio.extension import WorkerHost
 
-try:  # numpy makes batch accounting vectorised; everything also works without it
-    import numpy
-except ImportError:  # pragma: no cover - exercised only where numpy is missing
-    numpy = None  # type: ignore[assignment]
-
 log = logging.getLogger(__name__)
 
 __all__ = [
@@ -73,8 +68,8 @@ P2P_HEADER = 4  # the p2p header (magic, version, type) that stays in clear when
 
 
 def np() -> Any:
-    """numpy (None without numpy)."""
-    return numpy
+    """numpy (None without numpy), imported on first use."""
+    return cb.numpy_or_none()
 
 
 def now_iso() -> str:

@@ -42,10 +42,22 @@ from p2plab.core.bench.rates import goodput_window_s
 from p2plab.core.bench.rates import mbps as _mbps
 from p2plab.core.wire import MAGIC, VERSION
 
-try:  # numpy makes batch accounting vectorised; everything also works without it
-    import numpy as np
-except ImportError:  # pragma: no cover - exercised only where numpy is missing
-    np = None  # type: ignore[assignment]
+_numpy_state: list[Any] = []  # [numpy or None] once looked for
+
+
+def numpy_or_none() -> Any:
+    """numpy, imported on first use (it makes batch accounting vectorised; everything also
+    works without it), or None where it is missing.  Lazy so that processes which never run a
+    benchmark (every CLI command, the rendezvous) start without paying for its import."""
+    if not _numpy_state:
+        try:
+            import numpy
+        except ImportError:  # pragma: no cover - exercised only where numpy is missing
+            _numpy_state.append(None)
+        else:
+            _numpy_state.append(numpy)
+    return _numpy_state[0]
+
 
 __all__ = [
     "BENCH_CREDIT",
@@ -67,6 +79,7 @@ __all__ = [
     "encode_credit",
     "fill_headers",
     "make_template",
+    "numpy_or_none",
     "parse_bench",
     "parse_headers",
     "rtt_percentiles",
@@ -160,6 +173,7 @@ def make_template(kind: int, run_id: int, size: int, count: int) -> bytearray:
 
 def fill_headers(buf: bytearray, size: int, count: int, first_seq: int, send_ts_ns: int) -> None:
     """Write seq ``first_seq + i`` and ``send_ts_ns`` into datagram i of a template (vectorised)."""
+    np = numpy_or_none()
     if np is not None and count > 4:
         view = np.ndarray(shape=(count,), dtype=">u8", buffer=buf, offset=8, strides=(size,))
         view[:] = np.arange(first_seq, first_seq + count, dtype=np.uint64)
@@ -178,6 +192,7 @@ def parse_headers(
     Returns numpy arrays ``(kinds, run_ids, seqs, send_ts_ns)``; ``kinds`` is -1 where the magic
     or version is wrong.  Needs numpy (callers fall back to :func:`parse_bench` without it).
     """
+    np = numpy_or_none()
     assert np is not None
     raw = np.frombuffer(buf, dtype=np.uint8)
     offs = np.asarray(offsets, dtype=np.int64)
@@ -511,6 +526,7 @@ class BenchReceiver:
         With numpy the work per batch is a handful of vector operations; the result is the
         same as calling :meth:`receive` for each datagram in order.
         """
+        np = numpy_or_none()
         if np is None:
             for r, s, t, z, a in zip(run_ids, seqs, send_ts_ns, sizes, arrival_ns, strict=True):
                 self.receive(int(r), int(s), int(t), int(z), int(a))
@@ -542,6 +558,7 @@ class BenchReceiver:
             start = end
 
     def _batch(self, seq: Any, ts: Any, size: Any, arr: Any) -> None:
+        np = numpy_or_none()
         assert np is not None
         top = int(seq.max())
         self._grow(top)
@@ -644,6 +661,7 @@ class BenchReceiver:
 
     def _count_seen(self, below: int) -> int:
         full, rest = divmod(below, 8)
+        np = numpy_or_none()
         n = (
             sum(bin(b).count("1") for b in self._seen[:full])
             if np is None
