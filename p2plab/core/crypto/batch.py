@@ -56,21 +56,37 @@ _release_buffer.restype = None
 
 
 def _address(buf: Buffer) -> int:
-    """The address of ``buf``'s first byte.  Python has no other way to tell whether two
-    buffers (views of one bytearray, a read-only view, a numpy array) share memory; the
-    buffer protocol is asked directly (a contiguous buffer, else BufferError)."""
-    view = _PyBuffer()
-    _get_buffer(buf, ctypes.byref(view), 0)  # PyBUF_SIMPLE: read-only buffers too
+    """The address of ``buf``'s first byte (``buf`` is not empty).
+
+    Python has no other way to tell whether two buffers (views of one bytearray, a read-only
+    view, a numpy array) share memory: ask the buffer protocol (a contiguous buffer, else
+    BufferError).  ``from_buffer`` is the quicker call; read-only buffers take the slower one.
+    """
     try:
-        return int(view.buf or 0)
-    finally:
-        _release_buffer(ctypes.byref(view))
+        return ctypes.addressof(ctypes.c_char.from_buffer(buf))
+    except TypeError:  # read-only
+        view = _PyBuffer()
+        _get_buffer(buf, ctypes.byref(view), 0)  # PyBUF_SIMPLE: read-only buffers too
+        try:
+            return int(view.buf or 0)
+        finally:
+            _release_buffer(ctypes.byref(view))
+
+
+def _owner(buf: Buffer) -> object | None:
+    """The bytes or bytearray that owns ``buf``'s memory, when Python can tell without asking
+    for addresses (the common case: cheap); None otherwise (a numpy array, an mmap...)."""
+    obj = buf.obj if isinstance(buf, memoryview) else buf
+    return obj if type(obj) in (bytes, bytearray) else None
 
 
 def _refuse_overlap(src: Buffer, src_len: int, dst: Buffer, dst_len: int, what: str) -> None:
     """ValueError if the first ``src_len`` bytes of ``src`` and ``dst_len`` of ``dst`` overlap."""
     if src_len <= 0 or dst_len <= 0:
         return
+    owner_src, owner_dst = _owner(src), _owner(dst)
+    if owner_src is not None and owner_dst is not None and owner_src is not owner_dst:
+        return  # two objects that each own their memory: disjoint
     s, d = _address(src), _address(dst)
     if s < d + dst_len and d < s + src_len:
         raise ValueError(
