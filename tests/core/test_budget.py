@@ -15,6 +15,7 @@ from p2plab.core import events as ev
 from p2plab.core.crypto import Identity, PeerCipher
 from p2plab.core.session import PeerSession
 from p2plab.core.wire import Chat, Keepalive, MessageType, Probe, Sealer, datagram_type
+from p2plab.errors import ConfigError
 from tests.core_sim import Network, Node, pair
 
 A_LOCAL = ("198.18.0.1", 40000)
@@ -232,3 +233,18 @@ def test_sealed_nat_rebinding_still_moves_the_path_within_the_limit() -> None:
         lambda: sum(isinstance(e, ev.ChatDelivered) for e in a.events) == 20, timeout=10
     )
     assert a.session.stats.get("amplification_limited") == limited  # validated: no limit now
+
+
+@pytest.mark.parametrize(
+    "field",
+    [
+        "max_candidates",
+        "max_prflx_candidates",
+        "probes_per_candidate",
+        "probe_budget",
+        "amplification_factor",
+    ],
+)
+def test_budget_settings_must_be_positive(field: str) -> None:
+    with pytest.raises(ConfigError, match=field):
+        SessionConfig(**{field: 0})
