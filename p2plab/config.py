@@ -40,6 +40,26 @@ class SessionConfig:
     probe_pacing: float = 0.02
     """Stagger between the first probes of successive candidates (ICE's Ta, RFC 8445 14.2)."""
 
+    max_candidates: int = 9
+    """Most candidates probed from one offer: the peer's public endpoint plus the 8 local
+    candidates the signaling allows; the rest are dropped (``candidates_dropped``)."""
+
+    max_prflx_candidates: int = 4
+    """Most peer-reflexive addresses learnt while punching (a symmetric NAT shows one or two)."""
+
+    probes_per_candidate: int = 10
+    """Scheduled probes per candidate while punching (about 5 s of backed-off retries with the
+    defaults); a triggered check answering the peer's probe may go past it."""
+
+    probe_budget: int = 100
+    """Most probes of one punching attempt, triggered checks included; past it probes are
+    withheld and counted (``probe_budget_exhausted``) and the punch timeout decides."""
+
+    amplification_factor: int = 3
+    """To a peer address not yet validated by a probe round trip, send at most this times the
+    bytes of authenticated datagrams received from it (RFC 9000 section 8.1); the rest are
+    withheld and counted (``amplification_limited``)."""
+
     keepalive_interval: float = 5.0
     """Send a keep-alive after this long without sending anything (well under a 30 s NAT
     timeout)."""

@@ -87,7 +87,7 @@ from p2plab.core.signaling import (
     RelayIn,
     UpdateUdpEndpoint,
 )
-from p2plab.errors import NotConnected, P2PLabError
+from p2plab.errors import NotConnected, P2PLabError, RemoteProtocolError
 
 __all__ = [
     "LINK_STATES",
@@ -459,6 +459,12 @@ class LinkEngine:
         if self.identity is not None and self.peer_public_key is not None:
             return PeerCipher(
                 self.identity, self.worker_id, self.peer_id, self.peer_public_key, self._rand_bytes
+            )
+        if self.identity is not None or self.peer_public_key is not None:
+            # Never plaintext while one side encrypts (finding 18): _check_offer refuses such an
+            # offer first; should a path get here anyway, the offer fails, not the encryption.
+            raise RemoteProtocolError(
+                f"peer {self.peer_id}: a key is missing on one side; refusing a plaintext link"
             )
         return PlainEnvelope(self._rand_bytes)  # explicit plaintext mode on both sides
 

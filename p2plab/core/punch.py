@@ -1,15 +1,23 @@
 """Candidate addresses and the probe schedule of hole punching (sans-I/O).
 
-A much reduced ICE (RFC 8445): one local socket, so a "pair" is just a peer address.  Every
-candidate the rendezvous gave us (the peer's public endpoint and its LAN addresses) is probed with
-paced, backed-off retries.  A probe arriving from an address we did not know adds that address as a
-peer-reflexive candidate (RFC 8445 section 7.3.1.3) and triggers an immediate probe to it
-(section 7.3.1.4): behind a symmetric NAT that is the only address that works.  A candidate
-*succeeds* only when a PROBE_ACK echoing one of our nonces comes back from the very address the
-probe went to (the symmetric-path rule of section 7.2.5.2.1).
+A much reduced ICE (RFC 8445): one local socket, so a "pair" is just a peer address.  The
+candidates of the offer (the peer's public endpoint and its LAN addresses, at most
+``max_candidates``) are probed with paced, backed-off retries, each at most
+``probes_per_candidate`` times, and one punching attempt sends at most ``probe_budget`` probes in
+all: whatever the rendezvous or the peer announces, one offer cannot turn the worker into a
+probe cannon (issue 14, finding 11: 238 probes to 17 addresses before).
+
+A probe arriving from an address we did not know adds that address as a peer-reflexive
+candidate (RFC 8445 section 7.3.1.3) and triggers an immediate probe to it (section 7.3.1.4):
+behind a symmetric NAT that is the only address that works.  At most ``max_prflx_candidates``
+are learnt so; a triggered check may go past an address's own budget (it answers the peer's
+probe one for one), never past the attempt's.  A candidate *succeeds* only when a PROBE_ACK
+echoing one of our nonces comes back from the very address the probe went to (the symmetric-path
+rule of section 7.2.5.2.1).
 
 :class:`Checklist` only keeps state and answers "whom to probe now"; the session builds and sends
-the datagrams and decides about nomination.
+the datagrams and decides about nomination.  :class:`AmplificationLimit` is QUIC's
+anti-amplification rule (RFC 9000 section 8.1) for the addresses nobody vouched for.
 """
 
 from __future__ import annotations
@@ -18,11 +26,12 @@ from dataclasses import dataclass, field
 
 from p2plab.config import SessionConfig
 
-__all__ = ["Address", "Candidate", "Checklist"]
+__all__ = ["Address", "AmplificationLimit", "Candidate", "Checklist"]
 
 Address = tuple[str, int]
 
 _MAX_OUTSTANDING_NONCES = 64
+_MAX_TRACKED_ADDRESSES = 64  # unvalidated addresses whose byte counts we keep
 
 
 @dataclass
@@ -51,7 +60,7 @@ class Candidate:
     """Round-trip time of the first successful probe."""
 
     budget: int | None = None
-    """Probes left before this address is given up (None: until the punch timeout)."""
+    """Scheduled probes left before this address is given up (None: no limit of its own)."""
 
 
 @dataclass
@@ -71,31 +80,52 @@ class Checklist:
     candidates: dict[Address, Candidate] = field(default_factory=dict)
     """All candidates, in the order they were learnt."""
 
+    dropped: int = 0
+    """Candidates refused: beyond ``max_candidates`` given, or ``max_prflx_candidates`` learnt."""
+
+    budget_left: int = 0
+    """Probes this punching attempt may still send (``probe_budget`` at the start)."""
+
     _sent: dict[bytes, _Sent] = field(default_factory=dict)
 
     @classmethod
     def start(cls, addresses: list[Address], config: SessionConfig, now: float) -> Checklist:
-        """A checklist probing ``addresses`` in order, paced ``probe_pacing`` apart."""
-        checklist = cls(config)
-        for i, address in enumerate(addresses):
-            if address not in checklist.candidates:
-                checklist.candidates[address] = Candidate(
-                    address=address,
-                    kind="given",
-                    next_probe_at=now + i * config.probe_pacing,
-                    interval=config.probe_interval,
-                )
+        """A checklist probing the first ``max_candidates`` of ``addresses`` in order, paced
+        ``probe_pacing`` apart (the rest are dropped and counted in :attr:`dropped`)."""
+        checklist = cls(config, budget_left=config.probe_budget)
+        for address in addresses:
+            if address in checklist.candidates:
+                continue
+            if len(checklist.candidates) >= config.max_candidates:
+                checklist.dropped += 1
+                continue
+            checklist.candidates[address] = Candidate(
+                address=address,
+                kind="given",
+                next_probe_at=now + len(checklist.candidates) * config.probe_pacing,
+                interval=config.probe_interval,
+                budget=config.probes_per_candidate,
+            )
         return checklist
 
-    def add(self, address: Address, kind: str, now: float) -> tuple[Candidate, bool]:
+    def add(self, address: Address, kind: str, now: float) -> tuple[Candidate | None, bool]:
         """Learn ``address`` (if new) and schedule a triggered probe to it now.
 
-        Returns the candidate and whether it was new.
+        Returns the candidate and whether it was new; ``(None, False)`` when it is new but
+        ``max_prflx_candidates`` were learnt already (counted in :attr:`dropped`).
         """
         cand = self.candidates.get(address)
         if cand is None:
+            learnt = sum(1 for c in self.candidates.values() if c.kind == "prflx")
+            if kind == "prflx" and learnt >= self.config.max_prflx_candidates:
+                self.dropped += 1
+                return None, False
             cand = Candidate(
-                address=address, kind=kind, next_probe_at=now, interval=self.config.probe_interval
+                address=address,
+                kind=kind,
+                next_probe_at=now,
+                interval=self.config.probe_interval,
+                budget=self.config.probes_per_candidate,
             )
             self.candidates[address] = cand
             return cand, True
@@ -103,10 +133,25 @@ class Checklist:
         return cand, False
 
     def trigger(self, address: Address, now: float) -> None:
-        """Probe ``address`` now (a triggered check) unless it already succeeded."""
+        """Probe ``address`` now (a triggered check) unless it already succeeded.
+
+        Past the address's own budget this still sends one probe per trigger: a trigger answers
+        a probe of the peer, so it is one for one with what the peer sent, and the attempt's
+        :attr:`budget_left` bounds it (see :meth:`take_budget`).
+        """
         cand = self.candidates.get(address)
         if cand is not None and not cand.succeeded:
             cand.next_probe_at = min(cand.next_probe_at, now)
+
+    def take_budget(self, cand: Candidate) -> bool:
+        """Spend one probe of the attempt's budget on ``cand``; False (and ``cand`` stops) when
+        the budget is spent.  Only punching spends it: once connected, probes go to a validated
+        address or fall under the :class:`AmplificationLimit`."""
+        if self.budget_left <= 0:
+            cand.next_probe_at = float("inf")
+            return False
+        self.budget_left -= 1
+        return True
 
     def due(self, now: float) -> list[Candidate]:
         """Candidates whose next probe is due."""
@@ -158,7 +203,10 @@ class Checklist:
         """
         cand = self.candidates.get(address)
         if cand is None:
-            cand, _ = self.add(address, "prflx", now)
+            # Not add(): a path check once connected follows an authenticated datagram and is
+            # bounded by the AmplificationLimit, not by the punching cap on learnt addresses.
+            cand = Candidate(address, "prflx", now, self.config.probe_interval)
+            self.candidates[address] = cand
         cand.interval = self.config.probe_interval
         cand.next_probe_at = now
         cand.budget = budget
@@ -178,3 +226,56 @@ class Checklist:
     def succeeded(self) -> list[Candidate]:
         """Candidates that passed a round trip, in the order they were learnt."""
         return [c for c in self.candidates.values() if c.succeeded]
+
+
+@dataclass
+class _PathBytes:
+    received: int = 0
+    sent: int = 0
+
+
+@dataclass
+class AmplificationLimit:
+    """At most ``factor`` times what came from an address may go back to it until it is validated.
+
+    QUIC's rule (RFC 9000 section 8.1).  An address is *validated* by a round trip: a PROBE_ACK
+    echoing one of our random nonces came back from it, so the peer really receives there.
+    Until then the bytes sent there are capped at ``factor`` times the bytes of authenticated
+    datagrams received from it; a captured datagram replayed first from a spoofed source (finding
+    17) buys that much and no more.  Only a bounded number of unvalidated addresses is tracked;
+    forgetting one forgets its credit too, so eviction never lets more out.
+    """
+
+    factor: int
+    """The multiple (3 in QUIC and by default)."""
+
+    validated: set[Address] = field(default_factory=set)
+    """Addresses that passed a round trip: no limit."""
+
+    _paths: dict[Address, _PathBytes] = field(default_factory=dict)
+
+    def validate(self, address: Address) -> None:
+        """``address`` passed a round trip."""
+        self.validated.add(address)
+        self._paths.pop(address, None)
+
+    def received(self, address: Address, size: int) -> None:
+        """An authenticated datagram of ``size`` bytes came from ``address``."""
+        if address in self.validated:
+            return
+        path = self._paths.get(address)
+        if path is None:
+            path = self._paths[address] = _PathBytes()
+            while len(self._paths) > _MAX_TRACKED_ADDRESSES:
+                del self._paths[next(iter(self._paths))]
+        path.received += size
+
+    def allow(self, address: Address, size: int) -> bool:
+        """Whether ``size`` more bytes may go to ``address`` now (if so, they are counted)."""
+        if address in self.validated:
+            return True
+        path = self._paths.get(address)
+        if path is None or path.sent + size > self.factor * path.received:
+            return False
+        path.sent += size
+        return True

@@ -32,6 +32,12 @@ Decisions worth knowing:
   feed the RTT estimate.
 * **BYE** from the peer ends in state ``closed`` with a :class:`PeerClosed` event; our own
   :meth:`close` ends in ``closed`` too, without an event.
+* **Budgets**: punching probes at most ``max_candidates`` offered addresses, each at most
+  ``probes_per_candidate`` times, ``probe_budget`` probes in all (:mod:`p2plab.core.punch`).
+  Anything sent to an address no probe round trip has validated is capped at
+  ``amplification_factor`` times the authenticated bytes received from it, except the offer's
+  own candidates while punching: the rendezvous vouched for those, the peer may not have sent
+  anything yet (that is what punching waits for), and the probe budget bounds them.
 * Bad datagrams never raise: they are dropped and counted in :attr:`PeerSession.stats`.
   Benchmark types (0x20..0x2F) are the I/O layer's: if one reaches the session it is counted
   (``bench_ignored``) and dropped.
@@ -48,7 +54,7 @@ from typing import Any, Literal
 from p2plab.config import SessionConfig
 from p2plab.core import events as ev
 from p2plab.core.crypto import AuthenticationFailed, ReplayedDatagram
-from p2plab.core.punch import Checklist
+from p2plab.core.punch import AmplificationLimit, Checklist
 from p2plab.core.reliable import ReliableStream, RttEstimator
 from p2plab.core.wire import (
     MAX_CHAT_BYTES,
@@ -120,6 +126,9 @@ _STAT_NAMES = (
     "dropped_replayed",
     "unexpected_source",
     "peer_restarts",
+    "candidates_dropped",
+    "probe_budget_exhausted",
+    "amplification_limited",
 )
 
 
@@ -161,6 +170,8 @@ class PeerSession:
             if 0 < a[1] < 65536 and a[0] and a not in usable:
                 usable.append(a)
         self._checklist = Checklist.start(usable, config, now)
+        self.stats["candidates_dropped"] = self._checklist.dropped
+        self._amp = AmplificationLimit(config.amplification_factor)
         self._punch_deadline = now + config.punch_timeout
         self._peer_address: Address | None = None
         self._nominated: Address | None = None  # controlled: what the controlling side chose
@@ -351,6 +362,7 @@ class PeerSession:
                 self.peer_id,
             )
             return
+        self._amp.received(addr, len(data))  # it authenticated: credit for replies there
         take_restart = getattr(self._sealer, "take_peer_restart", None)
         if take_restart is not None and take_restart():
             self._on_peer_restart(now)
@@ -366,7 +378,8 @@ class PeerSession:
         """When :meth:`handle_timer` must next be called, or None."""
         if self._state in ("lost", "closed"):
             return None
-        deadlines = [self._checklist.next_deadline() or _INF]
+        probe_at = self._checklist.next_deadline()
+        deadlines = [_INF if probe_at is None else probe_at]
         if self._state == "punching":
             deadlines.append(self._punch_deadline)
         else:
@@ -402,6 +415,9 @@ class PeerSession:
         return encode_datagram(datagram, self._sealer)
 
     def _send(self, data: bytes, addr: Address, now: float, *, reply: bool = False) -> None:
+        if not self._may_send(addr, len(data)):
+            self.stats["amplification_limited"] += 1
+            return
         self._outbox.append((data, addr))
         self.stats["datagrams_out"] += 1
         self.stats["bytes_out"] += len(data)
@@ -409,6 +425,14 @@ class PeerSession:
             # Replies (acks) do not count as activity for the keep-alive timer, so both ends
             # keep sending their own keep-alives and both measure the RTT.
             self._last_sent = max(self._last_sent, now)
+
+    def _may_send(self, addr: Address, size: int) -> bool:
+        """The anti-amplification rule (see the module docstring for the one exemption)."""
+        if self._state == "punching":
+            cand = self._checklist.candidates.get(addr)
+            if cand is not None and cand.kind == "given":
+                return True
+        return self._amp.allow(addr, size)
 
     def _finish(self, state: State, reason: str) -> None:
         """Enter ``lost``/``closed``: fail every pending message with ``reason``."""
@@ -499,6 +523,9 @@ class PeerSession:
 
     def _send_probes(self, now: float) -> None:
         for cand in self._checklist.due(now):
+            if self._state == "punching" and not self._checklist.take_budget(cand):
+                self.stats["probe_budget_exhausted"] += 1
+                continue
             nominate = (
                 self.role == "controlling"
                 and self._state == "connected"
@@ -556,8 +583,10 @@ class PeerSession:
         )
         self._send(self._encode(ack), addr, now, reply=True)
         if self._state == "punching":
-            _, new = self._checklist.add(addr, "prflx", now)  # triggered check (7.3.1.4)
-            if new:
+            cand, new = self._checklist.add(addr, "prflx", now)  # triggered check (7.3.1.4)
+            if cand is None:
+                self.stats["candidates_dropped"] += 1
+            elif new:
                 self.stats["prflx_learned"] += 1
                 log.debug("learnt peer-reflexive candidate %s", addr)
         if d.nominate and self.role == "controlled":
@@ -572,7 +601,11 @@ class PeerSession:
             elif self._state == "connected" and addr != self._peer_address:
                 self._change_path(addr, now)
         elif cand is None:
-            self._checklist.restart(addr, now, budget=_PATH_CHECK_PROBES)
+            if self._state != "punching":
+                self._checklist.restart(addr, now, budget=_PATH_CHECK_PROBES)
+            elif self._checklist.add(addr, "prflx", now)[0] is None:
+                self.stats["candidates_dropped"] += 1  # the punching cap on learnt addresses
+                return
             self.stats["prflx_learned"] += 1
         else:
             if self._state == "connected" and cand.next_probe_at == _INF:
@@ -588,6 +621,7 @@ class PeerSession:
         self.stats["probe_acks_received"] += 1
         self._last_received = now
         cand, rtt, nominate = match
+        self._amp.validate(cand.address)  # our nonce came back from there: a round trip
         self._rtt.sample(rtt)
         if self._state == "punching":
             if self.role == "controlling":

@@ -149,7 +149,11 @@ def test_punching_survives_heavy_loss() -> None:
 
 def test_probe_schedule_backs_off_up_to_the_ceiling() -> None:
     config = SessionConfig(
-        punch_timeout=8.0, probe_interval=0.1, probe_backoff=2.0, probe_max_interval=1.0
+        punch_timeout=8.0,
+        probe_interval=0.1,
+        probe_backoff=2.0,
+        probe_max_interval=1.0,
+        probes_per_candidate=20,  # the schedule, not the budget (tests/core/test_budget.py)
     )
     net = Network(seed=7)
     a = net.add(

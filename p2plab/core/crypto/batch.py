@@ -7,10 +7,16 @@
 :class:`~p2plab.core.crypto.rules.FastPath` of the established pair when it is the pair's, and
 to the cipher's full :meth:`~BatchPaths.open` otherwise, so the rules are those of
 :mod:`p2plab.core.crypto.rules`, exactly as for one datagram.
+
+Both directions refuse an output buffer that shares memory with the input (``ValueError``):
+sealing in place would overwrite datagrams not yet read, and the result still authenticates,
+carrying the wrong plaintext (issue 14, finding 18).  A slot of ``open_many_into`` that fails
+is zeroed: no unauthenticated (or replayed) bytes are left where the caller reads bodies.
 """
 
 from __future__ import annotations
 
+import ctypes
 from collections.abc import Sequence
 
 from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
@@ -21,6 +27,72 @@ from p2plab.errors import RemoteProtocolError
 from .rules import BODY_AT, NONCE, SEAL_OVERHEAD, SEALED_HEAD, Buffer, FastPath
 
 __all__ = ["BatchPaths"]
+
+
+class _PyBuffer(ctypes.Structure):
+    """CPython's ``Py_buffer`` (stable ABI since 3.11): where a buffer's bytes are."""
+
+    _fields_ = [
+        ("buf", ctypes.c_void_p),
+        ("obj", ctypes.c_void_p),
+        ("len", ctypes.c_ssize_t),
+        ("itemsize", ctypes.c_ssize_t),
+        ("readonly", ctypes.c_int),
+        ("ndim", ctypes.c_int),
+        ("format", ctypes.c_char_p),
+        ("shape", ctypes.c_void_p),
+        ("strides", ctypes.c_void_p),
+        ("suboffsets", ctypes.c_void_p),
+        ("internal", ctypes.c_void_p),
+    ]
+
+
+_get_buffer = ctypes.pythonapi.PyObject_GetBuffer
+_get_buffer.argtypes = [ctypes.py_object, ctypes.POINTER(_PyBuffer), ctypes.c_int]
+_get_buffer.restype = ctypes.c_int
+_release_buffer = ctypes.pythonapi.PyBuffer_Release
+_release_buffer.argtypes = [ctypes.POINTER(_PyBuffer)]
+_release_buffer.restype = None
+
+
+def _address(buf: Buffer) -> int:
+    """The address of ``buf``'s first byte (``buf`` is not empty).
+
+    Python has no other way to tell whether two buffers (views of one bytearray, a read-only
+    view, a numpy array) share memory: ask the buffer protocol (a contiguous buffer, else
+    BufferError).  ``from_buffer`` is the quicker call; read-only buffers take the slower one.
+    """
+    try:
+        return ctypes.addressof(ctypes.c_char.from_buffer(buf))
+    except TypeError:  # read-only
+        view = _PyBuffer()
+        _get_buffer(buf, ctypes.byref(view), 0)  # PyBUF_SIMPLE: read-only buffers too
+        try:
+            return int(view.buf or 0)
+        finally:
+            _release_buffer(ctypes.byref(view))
+
+
+def _owner(buf: Buffer) -> object | None:
+    """The bytes or bytearray that owns ``buf``'s memory, when Python can tell without asking
+    for addresses (the common case: cheap); None otherwise (a numpy array, an mmap...)."""
+    obj = buf.obj if isinstance(buf, memoryview) else buf
+    return obj if type(obj) in (bytes, bytearray) else None
+
+
+def _refuse_overlap(src: Buffer, src_len: int, dst: Buffer, dst_len: int, what: str) -> None:
+    """ValueError if the first ``src_len`` bytes of ``src`` and ``dst_len`` of ``dst`` overlap."""
+    if src_len <= 0 or dst_len <= 0:
+        return
+    owner_src, owner_dst = _owner(src), _owner(dst)
+    if owner_src is not None and owner_dst is not None and owner_src is not owner_dst:
+        return  # two objects that each own their memory: disjoint
+    s, d = _address(src), _address(dst)
+    if s < d + dst_len and d < s + src_len:
+        raise ValueError(
+            f"{what}: the output buffer overlaps the input buffer; pass separate buffers "
+            "(sealing or opening in place would corrupt datagrams not yet read)"
+        )
 
 
 class BatchPaths:
@@ -67,6 +139,7 @@ class BatchPaths:
         out_size = size + SEAL_OVERHEAD
         if len(src) < size * count or len(dst) < out_size * count:
             raise ValueError("buffers too small for the batch")
+        _refuse_overlap(src, size * count, dst, out_size * count, "seal_many")
         sv = memoryview(src)
         dv = memoryview(dst)
         counter = self.reserve_counters(count)
@@ -145,12 +218,16 @@ class BatchPaths:
         The plaintext body of span ``i`` (its length is the span's minus ``HEADER_SIZE +
         SEAL_OVERHEAD``) is written at ``i * stride`` in ``out``; returns, per span, whether it
         opened.  Same rules and counting as :meth:`open`; a run of consecutive counters above
-        the replay window is accepted in one update.  Bodies longer than ``stride`` fail.
+        the replay window is accepted in one update.  Bodies longer than ``stride`` fail.  The
+        slot of a datagram that fails (``stride`` bytes at ``i * stride``) is zeroed: a failed
+        decryption may have written unauthenticated plaintext there.
         """
         mv = memoryview(buf)
         ov = memoryview(out)
         if len(ov) < stride * len(spans):
             raise ValueError("output buffer too small for the batch")
+        _refuse_overlap(mv, len(mv), ov, stride * len(spans), "open_many_into")
+        zeros = bytes(stride)
         oks: list[bool] = []
         append = oks.append
         overhead = HEADER_SIZE + SEAL_OVERHEAD
@@ -160,16 +237,21 @@ class BatchPaths:
             at = i * stride
             if n > stride:  # the caller's buffer, not the datagram, is too small: refuse it
                 self.stats["auth_failures"] += 1
+                ov[at : at + stride] = zeros
                 append(False)
                 continue
             if fast is not None and n >= 0:
                 ok = fast.open_into(mv, start, end, ov[at : at + n])
                 if ok is not None:
+                    if not ok:
+                        ov[at : at + stride] = zeros
                     append(ok)
                     continue
             body = self._open_full(mv, start, end, fast)
             if body is not None:
                 ov[at : at + len(body)] = body
+            else:
+                ov[at : at + stride] = zeros
             append(body is not None)
             fast = self.fast_path()
         if fast is not None:
