@@ -73,6 +73,10 @@ def redis_url() -> Iterator[str]:
         proc.wait()
 
 
+# Kernel-lab files call require_lab() rather than carry markers: give them the `lab` and
+# `root` markers here, so `-m "not lab"` deselects them as pyproject's markers promise.
+_LAB_FILES = ("tests/lab/test_lab_", "tests/lab/test_recovery_lab")
+
 # Under pytest-xdist (`make test` runs the suite in several processes), tests that share a
 # machine-wide resource run one after another in one worker: the kernel lab's namespaces and
 # iptables (each lab has its own prefix, but lab runs measure throughput and loss, which a
@@ -88,6 +92,9 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     root = str(config.rootpath) + os.sep
     for item in items:
         rel = str(item.path).removeprefix(root).replace(os.sep, "/")
+        if rel.startswith(_LAB_FILES):
+            item.add_marker(pytest.mark.lab)
+            item.add_marker(pytest.mark.root)
         for prefix, group in _XDIST_GROUPS.items():
             if rel.startswith(prefix):
                 item.add_marker(pytest.mark.xdist_group(group))
