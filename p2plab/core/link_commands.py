@@ -7,7 +7,7 @@ from typing import Final
 
 from p2plab.config import SessionConfig
 from p2plab.core.session import PeerSession
-from p2plab.core.signaling import UpdateUdpEndpoint
+from p2plab.core.signaling import Register, UpdateUdpEndpoint
 
 __all__ = [
     "RELAY",
@@ -48,6 +48,17 @@ class LinkConfig:
     repunch_max_delay_s: float = 10.0
     """Longest pause between two re-punch attempts."""
 
+    room: str = "default"
+    """The rendezvous room named in ``register``."""
+
+    token: str | None = None
+    """The rendezvous token named in ``register``, if it asks for one."""
+
+    peer_key: bytes | str | None = None
+    """The pinned peer key (``--peer-key``, parsed by
+    :func:`~p2plab.core.crypto.parse_peer_key`: raw key or hex fingerprint); an offer with any
+    other key is refused.  None: any usable key (trust on first use)."""
+
 
 @dataclass(frozen=True)
 class Command:
@@ -58,7 +69,7 @@ class Command:
 class SendToRendezvous(Command):
     """Send ``message`` to the rendezvous (nothing happens if it is down)."""
 
-    message: UpdateUdpEndpoint
+    message: UpdateUdpEndpoint | Register
     """The message to send."""
 
 
