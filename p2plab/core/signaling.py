@@ -91,6 +91,8 @@ class Register(_Model):
     token: str | None = Field(default=None, max_length=256)
     public_key: str | None = Field(default=None, max_length=128)
     proof: str | None = Field(default=None, max_length=64)
+    """Base64 of ``registration_proof(identity, server_key, nonce, worker_id)`` answering the
+    rendezvous's :class:`Challenge`; required when ``public_key`` is given."""
 
 
 class UpdateUdpEndpoint(_Model):
