@@ -185,13 +185,12 @@ class RendezvousClient:
                     )
                     self.connections += 1
                     self._set_state(True)  # the challenge follows; the engine answers it
-                    await self._serve(ws)
+                    why = await self._serve(ws)
                     close = ws.close_code
                     reason = ws.close_reason
                 if close == 1008:
                     raise RendezvousError(f"rendezvous refused this worker: {reason or 'policy'}")
-                if self.last_error is None or close is not None:
-                    self.last_error = f"closed ({close} {reason})"
+                self.last_error = why or f"closed ({close} {reason})"
             except (RendezvousError, ConfigError):
                 self._set_state(False)
                 raise
@@ -232,12 +231,11 @@ class RendezvousClient:
             self.stats["reconnects"] += 1
             await asyncio.sleep(delay)
 
-    async def _serve(self, ws: ClientConnection) -> None:
+    async def _serve(self, ws: ClientConnection) -> str:
         """Read and dispatch messages until the connection closes (ConnectionClosed) or is not
-        registered in time (closed here)."""
+        registered in time (closed here; returns why)."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self._register_timeout_s
-        self.last_error = None
         while True:
             if self.registered:
                 raw = await ws.recv()
@@ -247,12 +245,11 @@ class RendezvousClient:
                         raw = await ws.recv()
                 except TimeoutError:
                     self.stats["register_timeouts"] += 1
-                    self.last_error = (
+                    await ws.close(1002, "not registered in time")
+                    return (
                         f"not registered within {self._register_timeout_s:g} s (no challenge "
                         "or no answer from the rendezvous)"
                     )
-                    await ws.close(1002, "not registered in time")
-                    return
             self.stats["messages_in"] += 1
             try:
                 msg = parse_rendezvous_message(raw)
