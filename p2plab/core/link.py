@@ -53,13 +53,9 @@ rendezvous message with no place in the current state (``rendezvous_unexpected``
 with no link are dropped and counted in :attr:`LinkEngine.stats` before they reach the table.
 A stopped engine drops datagrams and timers; the driver feeds it nothing else but ``stop``.
 
-Trust in peer keys: an offer whose key is unusable (low-order), that names this worker itself,
-or whose key is not the pinned one (``LinkConfig.peer_key``) is refused: counted, an
-``ErrorReported`` event, and the engine stays pairable.  A peer id seen before with another key
-pairs anyway (unless pinned) but says so loudly: :class:`~p2plab.core.events.PeerKeyChanged`
-and :attr:`LinkEngine.peer_key_warning` (:mod:`p2plab.core.known_peers`).  Nothing
-unauthenticated moves the link: a ``relay`` message switches a direct link onto the relay only
-when its payload opens with the pair's keys.
+What the engine believes of the rendezvous and of peer keys (the challenge, refused offers,
+IP-literal candidates, pinned and remembered keys, relay switches only on authenticated data)
+is decided in :mod:`p2plab.core.link_trust`; a refused offer leaves the engine pairable.
 
 Clock and randomness are injected (``now`` on every call, ``rand_bytes`` at construction): the
 same engine runs on real sockets, on the simulator's virtual clock and in memory in the tests
@@ -68,9 +64,6 @@ same engine runs on real sockets, on the simulator's virtual clock and in memory
 
 from __future__ import annotations
 
-import base64
-import binascii
-import ipaddress
 import logging
 from collections import deque
 from collections.abc import Callable, Sequence
@@ -78,17 +71,10 @@ from dataclasses import replace
 from typing import Any, Final
 
 from p2plab.core import events as ev
-from p2plab.core.crypto import (
-    Identity,
-    PeerCipher,
-    PlainEnvelope,
-    decode_public_key,
-    fingerprint,
-    peer_key_matches,
-    registration_proof,
-)
+from p2plab.core.crypto import Identity, PeerCipher, PlainEnvelope
 from p2plab.core.known_peers import KnownPeers
 from p2plab.core.link_commands import (
+    LINK_COUNTERS,
     RELAY,
     SECURITY_COUNTERS,
     Command,
@@ -99,6 +85,14 @@ from p2plab.core.link_commands import (
     session_security_counts,
 )
 from p2plab.core.link_table import LINK_STATES, TRANSITIONS, Input, next_state
+from p2plab.core.link_trust import (
+    RelayGate,
+    answer_challenge,
+    check_offer,
+    key_change,
+    key_change_warning,
+    offer_candidates,
+)
 from p2plab.core.session import PeerSession
 from p2plab.core.signaling import (
     Candidate,
@@ -106,12 +100,11 @@ from p2plab.core.signaling import (
     ErrorMessage,
     P2PConnectionOffer,
     PeerDisconnected,
-    Register,
     Registered,
     RelayIn,
     UpdateUdpEndpoint,
 )
-from p2plab.errors import NotConnected, P2PLabError
+from p2plab.errors import NotConnected, RemoteProtocolError
 
 __all__ = [
     "LINK_STATES",
@@ -132,22 +125,6 @@ Address = ev.Address
 
 _RendezvousMessage = (
     Challenge | Registered | P2PConnectionOffer | PeerDisconnected | ErrorMessage | RelayIn
-)
-
-#: Candidates of one offer used at most (the announced endpoint and LAN addresses): what a
-#: hostile offer can make this worker probe is bounded.
-MAX_OFFER_CANDIDATES: Final = 8
-
-#: Session counters that mean "dropped before or at authentication" (a relayed payload that
-#: moves any of them did not open with the pair's keys).
-_UNAUTHENTICATED_DROPS: Final = (
-    "dropped_after_close",
-    "dropped_unknown_type",
-    "dropped_unauthenticated",
-    "dropped_replayed",
-    "dropped_malformed",
-    "dropped_wrong_peer",
-    "bench_ignored",
 )
 
 
@@ -191,6 +168,7 @@ class LinkEngine:
         """A sentence when a known peer id came back with another key or a pinned key did not
         match (cleared by the next offer accepted without either)."""
         self._challenge_answered = False
+        self._relay_gate = RelayGate()
         self.repunch_attempts = 0
         """Re-punch attempts since the link was last up."""
         self._repunch_at: float | None = None
@@ -200,24 +178,7 @@ class LinkEngine:
         self._commands: deque[Command] = deque()
         self._events: deque[ev.Event] = deque()
         self._security_totals = dict.fromkeys(SECURITY_COUNTERS, 0)
-        self.stats: dict[str, int] = {
-            "offers": 0,
-            "offers_refused": 0,
-            "challenges": 0,
-            "challenges_refused": 0,
-            "peer_key_changes": 0,
-            "candidates_refused": 0,
-            "chats_in": 0,
-            "relay_in": 0,
-            "relay_dropped": 0,
-            "relay_unauthenticated": 0,
-            "relay_switches": 0,
-            "udp_dropped_while_relayed": 0,
-            "udp_dropped_no_link": 0,
-            "peer_disconnected_ignored": 0,
-            "rendezvous_unexpected": 0,
-            "rendezvous_errors": 0,
-        }
+        self.stats: dict[str, int] = dict.fromkeys(LINK_COUNTERS, 0)
         """Counters of the engine's decisions and drops (the worker shows them in ``status``)."""
 
     # -- read-only state ----------------------------------------------------------------------
@@ -400,34 +361,19 @@ class LinkEngine:
             self.stats["rendezvous_unexpected"] += 1
             return
         self.stats["challenges"] += 1
-        proof: str | None = None
-        public_key: str | None = None
-        if self.identity is not None:
-            try:
-                nonce = base64.b64decode(msg.nonce.encode("ascii"), validate=True)
-                server_key = base64.b64decode(msg.server_key.encode("ascii"), validate=True)
-                raw = registration_proof(self.identity, server_key, nonce, self.worker_id)
-            except (binascii.Error, ValueError, P2PLabError) as exc:
-                # No proof, no registration: the driver's register deadline reconnects.
-                self.stats["challenges_refused"] += 1
-                log.warning("unusable challenge from the rendezvous: %s", exc)
-                why = f"rendezvous sent an unusable challenge: {exc}"
-                self._events.append(ev.ErrorReported(why))
-                return
-            proof = base64.b64encode(raw).decode("ascii")
-            public_key = self.identity.public_b64
+        try:
+            register = answer_challenge(
+                msg, self.identity, self.worker_id, room=self.config.room, token=self.config.token
+            )
+        except RemoteProtocolError as exc:
+            # No proof, no registration: the driver's register deadline reconnects.
+            self.stats["challenges_refused"] += 1
+            log.warning("rendezvous: %s", exc)
+            self._events.append(ev.ErrorReported(f"rendezvous sent an {exc}"))
+            return
         self._challenge_answered = True
         self._set_state(next_state(self._state, Input.CHALLENGE))
-        self._commands.append(
-            SendToRendezvous(
-                Register(
-                    room=self.config.room,
-                    token=self.config.token,
-                    public_key=public_key,
-                    proof=proof,
-                )
-            )
-        )
+        self._commands.append(SendToRendezvous(register))
 
     def _on_registered(self, msg: Registered) -> None:
         kind = Input.REGISTERED if self.public_endpoint is not None else Input.REGISTERED_DISCOVER
@@ -469,12 +415,16 @@ class LinkEngine:
             log.info("offer for the current peer %s: keeping the link", self.peer_id)
             self._set_state(next_state(self._state, Input.OFFER_CURRENT))
             return
-        refusal, peer_key = self._check_offer(offer)
+        check = check_offer(offer, self.worker_id, self.identity, self.config.peer_key)
+        refusal, peer_key = check.refusal, check.key
+        if check.warning is not None:
+            self.peer_key_warning = check.warning
         kind = Input.OFFER_REFUSED if refusal else Input.OFFER
         if self._unexpected(kind, offer):  # before discovery: an honest rendezvous cannot
             return
         self._drop_peer(now)
-        candidates = self._offer_candidates(offer) if refusal is None else []
+        candidates, not_ips = offer_candidates(offer)
+        self.stats["candidates_refused"] += not_ips
         if refusal is None and not candidates:
             refusal = f"peer {offer.peer_worker_id} offers no usable address (IP literals only)"
         if refusal is None:
@@ -498,66 +448,17 @@ class LinkEngine:
         self._remember_key(offer.peer_worker_id, peer_key)
         self._set_state(next_state(self._state, Input.OFFER))
 
-    def _offer_candidates(self, offer: P2PConnectionOffer) -> list[Address]:
-        """The offer's addresses to punch: IP literals only (a host name would make the driver
-        resolve it, blocking), without duplicates or port 0, at most MAX_OFFER_CANDIDATES."""
-        out: list[Address] = []
-        announced = [(offer.peer_udp_ip, offer.peer_udp_port)]
-        for ip, port in announced + [(c.ip, c.port) for c in offer.peer_candidates]:
-            if not _is_ip_literal(ip):
-                self.stats["candidates_refused"] += 1
-                continue
-            if port and (ip, port) not in out and len(out) < MAX_OFFER_CANDIDATES:
-                out.append((ip, port))
-        return out
-
     def _remember_key(self, peer_id: str, key: bytes | None) -> None:
         """Trust on first use: remember the key; say loudly when a known id changed its key."""
         self.peer_key_warning = None
-        if key is None:
-            return
-        old = self.known_peers.check(peer_id, key)
-        if old is None:
+        change = key_change(self.known_peers, peer_id, key) if key is not None else None
+        if change is None:
             return
         self.stats["peer_key_changes"] += 1
-        old_fp, new_fp = fingerprint(old), fingerprint(key)
-        self.peer_key_warning = (
-            f"peer {peer_id} came back with another key (was {old_fp[:19]}..., now "
-            f"{new_fp[:19]}...): compare the authentication string with the peer out of band"
-        )
+        self.peer_key_warning = key_change_warning(change)
         log.warning("%s", self.peer_key_warning)
-        self._events.append(ev.PeerKeyChanged(peer_id, old_fp, new_fp))
+        self._events.append(change)
         self._events.append(ev.ErrorReported(self.peer_key_warning))
-
-    def _check_offer(self, offer: P2PConnectionOffer) -> tuple[str | None, bytes | None]:
-        """(refusal or None, the peer's decoded public key or None)."""
-        peer = offer.peer_worker_id
-        if peer == self.worker_id:
-            return "the rendezvous offered this worker to itself: refused", None
-        peer_key: bytes | None = None
-        if offer.peer_public_key is not None:
-            try:
-                peer_key = decode_public_key(offer.peer_public_key)
-            except P2PLabError as exc:
-                return f"peer {peer} sent an unusable public key: {exc}", None
-        pinned = self.config.peer_key
-        if pinned is not None and (peer_key is None or not peer_key_matches(pinned, peer_key)):
-            shown = fingerprint(peer_key)[:19] + "..." if peer_key is not None else "none"
-            self.peer_key_warning = (
-                f"peer {peer} offered key {shown}, not the pinned one: refused (is someone in "
-                "the middle, or did the peer make a new key?)"
-            )
-            return self.peer_key_warning, None
-        if self.identity is not None and peer_key is None:
-            return (
-                f"peer {peer} offers no public key: refusing an unencrypted link (both workers "
-                "must run with encryption disabled to allow plaintext)"
-            ), None
-        if self.identity is None and peer_key is not None:
-            return (
-                f"peer {peer} requires encryption, but this worker runs with encryption disabled"
-            ), None
-        return None, peer_key
 
     def _on_peer_disconnected(self, msg: PeerDisconnected, now: float) -> None:
         if msg.peer_worker_id != self.peer_id or self._state not in _STATES_WITH_PEER:
@@ -589,15 +490,16 @@ class LinkEngine:
         if Input.RELAY_SWITCH not in TRANSITIONS[self._state]:
             self.stats["relay_dropped"] += 1
             return
+        if not self._relay_gate.may_try(now):
+            self.stats["relay_unauthenticated"] += 1
+            return
         try:
             candidate = self._build_session([RELAY], now)
         except Exception:  # no session can be built: nothing to follow
             self.stats["relay_dropped"] += 1
             return
         candidate.receive_datagram(payload, RELAY, now)
-        if candidate.stats.get("datagrams_in") != 1 or any(
-            candidate.stats.get(k, 0) for k in _UNAUTHENTICATED_DROPS
-        ):
+        if not RelayGate.authenticated(candidate):
             self.stats["relay_unauthenticated"] += 1
             return
         target = next_state(self._state, Input.RELAY_SWITCH)
@@ -771,14 +673,6 @@ class LinkEngine:
             log.info("worker %s: %s -> %s", self.worker_id[:8], self._state, state)
             previous, self._state = self._state, state
             self._events.append(ev.StateChanged(state=state, previous=previous))
-
-
-def _is_ip_literal(host: str) -> bool:
-    try:
-        ipaddress.ip_address(host)
-    except ValueError:
-        return False
-    return True
 
 
 #: States in which the engine has a peer (a ``peer_disconnected`` about it ends the link).

@@ -10,6 +10,7 @@ from p2plab.core.session import PeerSession
 from p2plab.core.signaling import Register, UpdateUdpEndpoint
 
 __all__ = [
+    "LINK_COUNTERS",
     "RELAY",
     "SECURITY_COUNTERS",
     "Command",
@@ -24,6 +25,26 @@ __all__ = [
 #: through the rendezvous.  The session is address-agnostic; the port is 1 because the session
 #: ignores candidates with port 0.
 RELAY: Final[tuple[str, int]] = ("relay", 1)
+
+#: The engine's counters of its decisions and drops (``LinkEngine.stats``, shown in ``status``).
+LINK_COUNTERS: Final = (
+    "offers",
+    "offers_refused",
+    "challenges",
+    "challenges_refused",
+    "peer_key_changes",
+    "candidates_refused",
+    "chats_in",
+    "relay_in",
+    "relay_dropped",
+    "relay_unauthenticated",
+    "relay_switches",
+    "udp_dropped_while_relayed",
+    "udp_dropped_no_link",
+    "peer_disconnected_ignored",
+    "rendezvous_unexpected",
+    "rendezvous_errors",
+)
 
 #: The drop counters of ``security()``, summed over every link the engine had.
 SECURITY_COUNTERS: Final = ("auth_failures", "replays", "unexpected_source", "peer_restarts")

@@ -11,13 +11,15 @@ from __future__ import annotations
 
 import base64
 import random
+from typing import Any
 
 import pytest
 
 from p2plab.core import events as ev
 from p2plab.core.crypto import Identity, fingerprint
 from p2plab.core.known_peers import MAX_KNOWN_PEERS, KnownPeers
-from p2plab.core.link import MAX_OFFER_CANDIDATES, LinkConfig, LinkEngine
+from p2plab.core.link import LinkConfig, LinkEngine
+from p2plab.core.link_trust import MAX_OFFER_CANDIDATES, RELAY_SWITCH_TRIES
 from p2plab.core.signaling import (
     Candidate,
     Challenge,
@@ -73,6 +75,34 @@ def test_an_unauthenticated_relay_message_leaves_a_direct_link_alone() -> None:
     assert a.stats["relay_unauthenticated"] == 20 and a.stats["relay_switches"] == 0
     assert w.node(b).of(ev.PeerClosed) == sent_before  # no BYE reached the peer
     assert "relayed" not in w.node(a).states()
+
+
+def test_relay_junk_costs_at_most_a_bucket_of_session_builds(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    w, a, b = connected_pair()
+    built: list[float] = []
+    real = LinkEngine._build_session
+
+    def counting(self: LinkEngine, candidates: list[tuple[str, int]], now: float) -> Any:
+        built.append(now)
+        return real(self, candidates, now)
+
+    monkeypatch.setattr(LinkEngine, "_build_session", counting)
+    junk = RelayIn.model_validate({"from": "b", "data": b64(bytes(60))})
+    for _ in range(1000):  # at one instant: one bucket
+        a.receive_rendezvous(junk, w.now)
+    assert len(built) == RELAY_SWITCH_TRIES
+    for _ in range(10):  # then 1 s of the same flood: refilled at RELAY_SWITCH_TRIES per s
+        w.run(0.1)
+        for _ in range(100):
+            a.receive_rendezvous(junk, w.now)
+    assert RELAY_SWITCH_TRIES < len(built) <= 2 * RELAY_SWITCH_TRIES + 1
+    assert a.stats["relay_unauthenticated"] == 2000 and a.state == "connected"
+    # a genuine one still gets through once the bucket refilled
+    w.run(0.5)
+    a.receive_rendezvous(genuine_relayed_probe(b, a, w.now), w.now)
+    assert a.relayed and a.stats["relay_switches"] == 1
 
 
 def test_a_genuine_relayed_datagram_moves_the_link_onto_the_relay() -> None:
