@@ -110,6 +110,7 @@ class Worker:
         self._timer_at: float | None = None
         self._chat_waiters: dict[str, asyncio.Future[ev.ChatDelivered]] = {}
         self._stopped = False
+        self._known_peers_saved = self.link.known_peers.dumps()
 
     # -- lifecycle ------------------------------------------------------------------------------
 
@@ -258,7 +259,7 @@ class Worker:
         elif isinstance(event, ev.PeerKeyChanged):
             self.publish_status()  # peer_key_warning; the ErrorReported after it shows it too
         if isinstance(event, ev.StateChanged) and event.state == "punching":
-            save_known_peers(self.config.known_peers_file, self.link.known_peers)
+            self._save_known_peers()
         elif isinstance(event, ev.ChatDelivered | ev.ChatFailed):
             waiter = self._chat_waiters.pop(event.msg_id, None)
             if waiter is not None and not waiter.done():
@@ -272,6 +273,13 @@ class Worker:
         if msg is not None:
             self.publish(msg)
         self._hub.emit(event)
+
+    def _save_known_peers(self) -> None:
+        """Write the peer keys remembered to ``known_peers_file`` when they changed."""
+        text = self.link.known_peers.dumps()
+        if self.config.known_peers_file is not None and text != self._known_peers_saved:
+            save_known_peers(self.config.known_peers_file, self.link.known_peers)
+            self._known_peers_saved = text
 
     def _on_control(self, obj: dict[str, Any]) -> None:
         kind = obj.get("type")
