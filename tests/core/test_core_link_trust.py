@@ -248,3 +248,25 @@ def test_plaintext_mode_registers_without_key_or_proof() -> None:
     w = World()
     a = w.add("a", encrypt=False)  # World.challenge checks: no public_key, no proof
     assert w.node(a).registers[-1].proof is None
+
+
+def test_an_error_while_building_the_session_refuses_the_offer(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    w = World()
+    a, b = w.add("a"), w.add("b")
+    real = LinkEngine._new_sealer
+    calls = {"n": 0}
+
+    def failing_once(self: LinkEngine) -> Any:
+        calls["n"] += 1
+        if calls["n"] == 1:
+            raise ValueError("no sealer for you")
+        return real(self)
+
+    monkeypatch.setattr(LinkEngine, "_new_sealer", failing_once)
+    a.receive_rendezvous(offer(b), w.now)
+    w.flush()
+    assert a.state == "waiting_for_peer" and a.session is None and a.peer_id is None
+    assert a.stats["offers_refused"] == 1 and "no sealer for you" in str(a.error)
+    pair_works(w, a, b)
