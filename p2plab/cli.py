@@ -181,6 +181,7 @@ def _resolve_worker_env(args: argparse.Namespace) -> None:
         ("room", "P2P_ROOM", str, "default"),
         ("token", "P2P_TOKEN", str, None),
         ("id", "WORKER_ID", str, None),
+        ("peer_key", "P2P_PEER_KEY", str, None),
     ]
     for dest, name, convert, default in from_env:
         if getattr(args, dest) is None:
@@ -222,6 +223,7 @@ def _worker_config(args: argparse.Namespace) -> Any:
         encrypt=not args.no_encrypt,
         relay=not args.no_relay,
         session=SessionConfig(**timers),
+        peer_key=args.peer_key,
     )
 
 
@@ -233,6 +235,7 @@ def _check_worker(args: argparse.Namespace) -> None:
         args.cmd_parser.error("--rendezvous ws://HOST:PORT (or RENDEZVOUS_URL) is needed")
     try:
         config = args.config = _worker_config(args)
+        config.link_config()  # checks --peer-key: one line, not a traceback at start
     except ConfigError as exc:
         args.cmd_parser.error(str(exc))
     cc.check_free(
@@ -453,6 +456,14 @@ def _add_worker(sub: Any) -> None:
         "--token", default=None, help="the rendezvous's token (env P2P_TOKEN; default: none)"
     )
     p.add_argument("--id", default=None, help="worker id (env WORKER_ID; default: a new UUID)")
+    p.add_argument(
+        "--peer-key",
+        default=None,
+        metavar="KEY",
+        help="pair only with the peer holding this key: its base64 public key or its "
+        "fingerprint, 64 hex digits as its page shows (env P2P_PEER_KEY; default: any key, "
+        "remembered by peer id, a change reported loudly)",
+    )
     p.add_argument("--no-nat-report", action="store_true", help="skip RFC 5780 classification")
     p.add_argument(
         "--no-encrypt",

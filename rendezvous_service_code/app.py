@@ -3,6 +3,12 @@
 Endpoints (contracts.md): ``GET /health``, ``GET /debug/list_workers`` and the WebSocket
 ``/ws/register/{worker_id}``.
 
+Registration proves key possession: the service opens every connection with a ``challenge``
+(a fresh nonce and a fresh ephemeral X25519 key) and a ``register`` that carries a public key
+must carry the matching ``proof`` (:func:`p2plab.core.crypto.registration_proof`), else it is
+closed with 1008 "key proof failed".  A live worker id can then be taken over only by a
+connection proving the same key (a different key, or none, gets 4409).
+
 Relay fallback (optional extension): a worker whose hole punching failed sends its peer
 datagrams as ``{"type": "relay", "to": <peer id>, "data": <base64>}``; the service passes them on
 as ``{"type": "relay", "from": <sender id>, "data": ...}``, only between the two workers of a
@@ -18,22 +24,29 @@ the app in :mod:`.server`.  Nothing here reads the environment.
 from __future__ import annotations
 
 import asyncio
+import base64
+import binascii
 import contextlib
 import hmac
 import itertools
 import logging
+import os
 import re
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
 
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 from fastapi import FastAPI, Request, WebSocket
 from fastapi.responses import JSONResponse
 from starlette.websockets import WebSocketDisconnect
 
+from p2plab.core.crypto import verify_registration_proof
 from p2plab.core.signaling import (
     MAX_MESSAGE_BYTES,
+    Challenge,
     ErrorMessage,
     Register,
     RelayIn,
@@ -158,6 +171,7 @@ class _Stats:
     refused_capacity: int = 0
     register_timeouts: int = 0
     refused_takeover: int = 0
+    refused_proof: int = 0
     relayed: int = 0
     relayed_bytes: int = 0
     relay_refused: int = 0
@@ -210,6 +224,39 @@ def _observed_address(websocket: WebSocket, trust_forwarded: bool) -> tuple[str 
     if client is None:
         return None, None
     return client.host, client.port
+
+
+class _KeyChallenge:
+    """The challenge of one connection: a fresh nonce and a fresh ephemeral server key.
+
+    A ``register`` carrying a public key must answer it with
+    ``registration_proof(identity, server_key, nonce, worker_id)`` (see
+    :func:`p2plab.core.crypto.registration_proof`): only the holder of the private key can, and
+    the nonce and server key are never reused, so neither a public key read elsewhere nor a
+    proof captured from another connection registers.
+    """
+
+    def __init__(self) -> None:
+        self.nonce = os.urandom(32)
+        self.private = X25519PrivateKey.generate()
+        server_key = self.private.public_key().public_bytes(
+            serialization.Encoding.Raw, serialization.PublicFormat.Raw
+        )
+        self.message = Challenge(
+            nonce=base64.b64encode(self.nonce).decode("ascii"),
+            server_key=base64.b64encode(server_key).decode("ascii"),
+        )
+
+    def verify(self, worker_id: str, msg: Register) -> bool:
+        """Whether ``msg`` proves possession of the private key of ``msg.public_key``."""
+        if msg.public_key is None or msg.proof is None:
+            return False
+        try:
+            worker_public = base64.b64decode(msg.public_key.encode("ascii"), validate=True)
+            proof = base64.b64decode(msg.proof.encode("ascii"), validate=True)
+        except (binascii.Error, UnicodeEncodeError, ValueError):
+            return False
+        return verify_registration_proof(self.private, worker_public, self.nonce, worker_id, proof)
 
 
 def _token_ok(expected: str | None, given: str | None) -> bool:
@@ -340,6 +387,8 @@ def create_app(settings: Settings | None = None, *, backend: Backend | None = No
         conn = _Connection(websocket, worker_id, hub.new_conn_id())
         hub.connections[conn.conn_id] = conn
         hub.stats.connections += 1
+        challenge = _KeyChallenge()
+        conn.send_text(dump_message(challenge.message))  # before anything else
         observed_ip, observed_port = _observed_address(websocket, s.trust_forwarded)
         bucket = TokenBucket(
             s.rate_limit_per_s, s.rate_limit_burst, s.abuse_threshold, time.monotonic()
@@ -399,10 +448,16 @@ def create_app(settings: Settings | None = None, *, backend: Backend | None = No
                         logger.info("worker %s: invalid token for room %r", worker_id, msg.room)
                         conn.close(CLOSE_POLICY, "invalid token")
                         break
+                    if msg.public_key is not None and not challenge.verify(worker_id, msg):
+                        # Knowing a worker's public key (it is in every offer) is not owning it.
+                        hub.stats.refused_proof += 1
+                        logger.info("worker %s: key proof failed", worker_id)
+                        conn.close(CLOSE_POLICY, "key proof failed")
+                        break
                     live, known_key = await hub.backend.registered_key(worker_id)
                     if live and known_key is not None and known_key != msg.public_key:
-                        # A reconnecting worker presents the key it registered with; someone
-                        # else who merely knows the id must not take its place in pairing.
+                        # A reconnecting worker proves the key it registered with; someone else
+                        # who merely knows the id (or the key) must not take its place.
                         hub.stats.refused_takeover += 1
                         logger.warning(
                             "worker %s: refusing a second connection with another public key",

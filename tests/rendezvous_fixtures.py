@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import json
+import os
 import uuid
 from collections.abc import AsyncIterator
 from typing import Any
@@ -14,9 +16,10 @@ from websockets.exceptions import ConnectionClosed
 
 from p2plab.aio.rendezvous import Backoff
 from p2plab.aio.worker import WorkerConfig
+from p2plab.core.crypto import Identity, registration_proof
 from rendezvous_service_code.main import RendezvousServer
 
-__all__ = ["TIMEOUT", "WsWorker", "running_rendezvous"]
+__all__ = ["TIMEOUT", "WsWorker", "new_identity", "running_rendezvous"]
 
 #: Generous unit for waits in these tests (never a timing assertion).
 TIMEOUT = 10.0
@@ -32,12 +35,19 @@ async def running_rendezvous(port: int = 0, **options: Any) -> AsyncIterator[Ren
         await server.close()
 
 
+def new_identity() -> Identity:
+    """A fresh worker key pair."""
+    return Identity.generate(os.urandom)
+
+
 class WsWorker:
-    """A minimal worker: registers over the WebSocket and reads messages."""
+    """A minimal worker: reads the rendezvous's challenge, registers, reads messages."""
 
     def __init__(self, ws: ClientConnection, worker_id: str) -> None:
         self.ws = ws
         self.worker_id = worker_id
+        self.challenge: dict[str, Any] | None = None
+        """The ``challenge`` the rendezvous opened with (None if it closed first)."""
 
     @classmethod
     async def connect(
@@ -50,7 +60,22 @@ class WsWorker:
             max_size=None,
             **connect_options,
         )
-        return cls(ws, worker_id)
+        self = cls(ws, worker_id)
+        # The rendezvous speaks first: a challenge, or a close (bad id, full, throttled).
+        with contextlib.suppress(ConnectionClosed):
+            self.challenge = await self.expect("challenge")
+        return self
+
+    def proof(self, identity: Identity, worker_id: str | None = None) -> str:
+        """Base64 answer to this connection's challenge with ``identity``'s key."""
+        assert self.challenge is not None, "the rendezvous sent no challenge"
+        raw = registration_proof(
+            identity,
+            base64.b64decode(self.challenge["server_key"]),
+            base64.b64decode(self.challenge["nonce"]),
+            worker_id or self.worker_id,
+        )
+        return base64.b64encode(raw).decode("ascii")
 
     async def send(self, obj: Any) -> None:
         await self.ws.send(obj if isinstance(obj, (str, bytes)) else json.dumps(obj))
@@ -71,17 +96,19 @@ class WsWorker:
         room: str = "default",
         token: str | None = None,
         http_public_ip: str | None = None,
-        public_key: str | None = None,
+        identity: Identity | None = None,
     ) -> dict[str, Any]:
-        await self.send(
-            {
-                "type": "register",
-                "room": room,
-                "token": token,
-                "http_public_ip": http_public_ip,
-                "public_key": public_key,
-            }
-        )
+        """Register (in plaintext mode without ``identity``, else proving its key)."""
+        msg: dict[str, Any] = {
+            "type": "register",
+            "room": room,
+            "token": token,
+            "http_public_ip": http_public_ip,
+        }
+        if identity is not None:
+            msg["public_key"] = identity.public_b64
+            msg["proof"] = self.proof(identity)
+        await self.send(msg)
         return await self.expect("registered")
 
     async def update_endpoint(

@@ -25,6 +25,7 @@ the ctypes mmsg calls) are in :mod:`p2plab.aio.udp_os`.
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import logging
 import socket
 import weakref
@@ -54,6 +55,7 @@ __all__ = [
     "UdpEndpoint",
     "gro_supported",
     "gso_supported",
+    "is_ip_literal",
     "is_stun_datagram",
     "local_endpoint_for",
     "mmsg_supported",
@@ -65,6 +67,28 @@ DatagramHandler = Callable[[bytes, Address], None]
 
 _MAGIC_COOKIE = b"\x21\x12\xa4\x42"
 _SOCK_BUF = 4 * 1024 * 1024
+
+
+#: Hosts already checked to be IP literals (bounded; cleared when full): the check runs once
+#: per peer address, not once per datagram.
+_LITERALS: set[str] = set()
+_LITERALS_MAX = 4096
+
+
+def is_ip_literal(host: object) -> bool:
+    """Whether ``host`` is an IPv4 or IPv6 address literal (never a name to resolve)."""
+    if host in _LITERALS:
+        return True
+    if not isinstance(host, str):
+        return False
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    if len(_LITERALS) >= _LITERALS_MAX:
+        _LITERALS.clear()
+    _LITERALS.add(host)
+    return True
 
 
 def is_stun_datagram(data: bytes) -> bool:
@@ -117,6 +141,7 @@ class UdpEndpoint:
             "datagrams_out": 0,
             "bytes_out": 0,
             "send_errors": 0,
+            "refused_host_names": 0,
             "stun_unmatched": 0,
             "dropped_no_handler": 0,
             "handler_errors": 0,
@@ -241,6 +266,9 @@ class UdpEndpoint:
     ) -> int:
         """:meth:`FastPath.send_segments`: ``count`` datagrams of ``size`` bytes from ``buf``;
         returns how many went out (fewer: await :meth:`wait_writable`)."""
+        if not is_ip_literal(addr[0]):  # as sendto: never a blocking name lookup
+            self.stats["refused_host_names"] += 1
+            return 0
         return self.fast.send_segments(buf, size, count, addr, gso=gso)
 
     async def wait_writable(self) -> None:
@@ -257,8 +285,17 @@ class UdpEndpoint:
         self._stun_listeners.pop(transaction_id, None)
 
     def sendto(self, data: bytes, addr: Address) -> bool:
-        """Send one datagram; returns False (and counts) if the OS refused it."""
+        """Send one datagram; returns False (and counts) if the OS refused it.
+
+        ``addr`` must be an IP literal: a host name is refused (``refused_host_names``) because
+        ``sendto`` would resolve it with a blocking lookup on the event loop's thread, and a
+        peer or rendezvous chooses these addresses.
+        """
         if self._closed:
+            return False
+        if not is_ip_literal(addr[0]):
+            self.stats["refused_host_names"] += 1
+            log.warning("refusing to send to %r: not an IP address (no name lookups)", addr[0])
             return False
         try:
             self._sock.sendto(data, addr)

@@ -5,6 +5,17 @@ exponential backoff and full jitter (so a rendezvous restart is not met by a thu
 registers again; the worker's peer link, which does not depend on the rendezvous once punched,
 is left alone meanwhile.
 
+Registration: the rendezvous opens with a ``challenge``; the worker's link engine answers it
+with ``register`` and the proof of its key (sent through :meth:`RendezvousClient.send`), and
+``registered`` completes it.  A connection that is not registered within ``register_timeout_s``
+is closed and tried again, so a rendezvous that never challenges or never answers cannot leave
+the worker "registering" for good.
+
+Nothing one message does ends the client: a message that does not parse (bad JSON, a 16,000-deep
+array, a failed validation) is counted in ``bad_messages``, a handler that raises on one is
+counted in ``handler_errors``, and any failure of a connection is followed by a reconnection.
+Only a refusal (close 1008: bad token, failed proof) ends it, with RendezvousError.
+
 When hole punching fails, the worker relays its (sealed) peer datagrams through this connection
 with :meth:`RendezvousClient.send_relay` (the ``relay`` message, an optional extension of the
 contracts).
@@ -24,6 +35,7 @@ from websockets.exceptions import ConnectionClosed, InvalidStatus, InvalidURI
 
 from p2plab.core.signaling import (
     MAX_RELAY_BYTES,
+    Challenge,
     ErrorMessage,
     P2PConnectionOffer,
     PeerDisconnected,
@@ -38,11 +50,13 @@ from p2plab.core.signaling import (
 )
 from p2plab.errors import ConfigError, RemoteProtocolError, RendezvousError
 
-__all__ = ["Backoff", "RendezvousClient"]
+__all__ = ["Backoff", "RendezvousClient", "RendezvousMessage"]
 
 log = logging.getLogger(__name__)
 
-RendezvousMessage = Registered | P2PConnectionOffer | PeerDisconnected | ErrorMessage | RelayIn
+RendezvousMessage = (
+    Challenge | Registered | P2PConnectionOffer | PeerDisconnected | ErrorMessage | RelayIn
+)
 
 #: Relayed datagrams queued for sending before further ones are dropped (a datagram path: late
 #: datagrams are worth little, and the rendezvous rate-limits anyway).
@@ -86,15 +100,17 @@ class RendezvousClient:
         url: str,
         worker_id: str,
         *,
-        make_register: Callable[[], Register],
         on_message: Callable[[RendezvousMessage], Awaitable[None]],
         on_state: Callable[[bool], None] | None = None,
         backoff: Backoff | None = None,
+        register_timeout_s: float = 10.0,
     ) -> None:
         self.url = registration_url(url, worker_id)
         self.worker_id = worker_id
-        self._make_register = make_register
         self._on_message = on_message
+        self._register_timeout_s = register_timeout_s
+        self.registered = False
+        """Whether the current connection got ``registered``."""
         self._on_state = on_state
         self._backoff = backoff or Backoff()
         self._ws: ClientConnection | None = None
@@ -105,6 +121,8 @@ class RendezvousClient:
             "messages_in": 0,
             "messages_out": 0,
             "bad_messages": 0,
+            "handler_errors": 0,
+            "register_timeouts": 0,
             "reconnects": 0,
             "relay_out": 0,
             "relay_out_dropped": 0,
@@ -160,29 +178,22 @@ class RendezvousClient:
             try:
                 async with connect(self.url, open_timeout=10, max_size=2**20) as ws:
                     self._ws = ws
+                    self.registered = False
                     self._relay_queue = asyncio.Queue()
                     self._relay_task = asyncio.get_running_loop().create_task(
                         self._send_relayed(ws, self._relay_queue), name="rendezvous-relay-out"
                     )
                     self.connections += 1
-                    await ws.send(dump_message(self._make_register()))
-                    self.stats["messages_out"] += 1
-                    self._set_state(True)
-                    attempt = 0
-                    async for raw in ws:
-                        self.stats["messages_in"] += 1
-                        try:
-                            msg = parse_rendezvous_message(raw)
-                        except RemoteProtocolError as exc:
-                            self.stats["bad_messages"] += 1
-                            log.warning("dropping bad message from rendezvous: %s", exc)
-                            continue
-                        await self._on_message(msg)
+                    self._set_state(True)  # the challenge follows; the engine answers it
+                    why = await self._serve(ws)
                     close = ws.close_code
                     reason = ws.close_reason
                 if close == 1008:
                     raise RendezvousError(f"rendezvous refused this worker: {reason or 'policy'}")
-                self.last_error = f"closed ({close} {reason})"
+                self.last_error = why or f"closed ({close} {reason})"
+            except (RendezvousError, ConfigError):
+                self._set_state(False)
+                raise
             except (TimeoutError, OSError, ConnectionClosed, InvalidStatus) as exc:
                 if isinstance(exc, ConnectionClosed) and exc.rcvd and exc.rcvd.code == 1008:
                     self._set_state(False)
@@ -194,7 +205,12 @@ class RendezvousClient:
                 raise ConfigError(f"bad rendezvous URL {self.url!r}: {exc}") from None
             except websockets.exceptions.WebSocketException as exc:
                 self.last_error = f"{type(exc).__name__}: {exc}"
+            except Exception as exc:  # a bug or a surprise: reconnect, never end the client
+                self.last_error = f"{type(exc).__name__}: {exc}"
+                log.exception("rendezvous client: unexpected error; reconnecting")
             finally:
+                if self.registered:  # a connection that worked: the next drop starts afresh
+                    attempt = 0
                 self._ws = None
                 self._relay_queue = None
                 if self._relay_task is not None:
@@ -215,8 +231,47 @@ class RendezvousClient:
             self.stats["reconnects"] += 1
             await asyncio.sleep(delay)
 
+    async def _serve(self, ws: ClientConnection) -> str:
+        """Read and dispatch messages until the connection closes (ConnectionClosed) or is not
+        registered in time (closed here; returns why)."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self._register_timeout_s
+        while True:
+            if self.registered:
+                raw = await ws.recv()
+            else:
+                try:
+                    async with asyncio.timeout_at(deadline):
+                        raw = await ws.recv()
+                except TimeoutError:
+                    self.stats["register_timeouts"] += 1
+                    await ws.close(1002, "not registered in time")
+                    return (
+                        f"not registered within {self._register_timeout_s:g} s (no challenge "
+                        "or no answer from the rendezvous)"
+                    )
+            self.stats["messages_in"] += 1
+            try:
+                msg = parse_rendezvous_message(raw)
+            except Exception as exc:  # RemoteProtocolError, and RecursionError on deep JSON
+                self.stats["bad_messages"] += 1
+                log.warning("dropping bad message from rendezvous: %s", _short(exc))
+                continue
+            if isinstance(msg, Registered):
+                self.registered = True
+            try:
+                await self._on_message(msg)
+            except Exception:  # one message never ends the client
+                self.stats["handler_errors"] += 1
+                log.exception("rendezvous client: handling a %r message failed", msg.type)
+
     def _set_state(self, connected: bool) -> None:
         if connected != self.connected:
             self.connected = connected
             if self._on_state is not None:
                 self._on_state(connected)
+
+
+def _short(exc: BaseException) -> str:
+    text = f"{type(exc).__name__}: {exc}" if not isinstance(exc, RemoteProtocolError) else str(exc)
+    return text if len(text) <= 200 else text[:200] + "..."

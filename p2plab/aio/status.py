@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from p2plab.core.crypto import Identity, fingerprint
+from p2plab.core.crypto import Identity, authentication_string, fingerprint
 from p2plab.core.link import RELAY, SECURITY_COUNTERS, LinkEngine
 
 __all__ = ["peer_block", "security_block"]
@@ -25,8 +25,14 @@ def peer_block(link: LinkEngine) -> dict[str, Any] | None:
 
 
 def security_block(link: LinkEngine, identity: Identity | None, encrypt: bool) -> dict[str, Any]:
-    """``status["security"]``: encryption, both fingerprints, drop counters.
+    """``status["security"]``: encryption, both fingerprints, the authentication string, trust
+    in the peer's key, whether the link is relayed, drop counters.
 
+    ``auth_string`` is :func:`~p2plab.core.crypto.authentication_string` of this worker and its
+    current peer (the same on both pages; None without a peer or in plaintext mode).
+    ``peer_key_pinned``: the worker accepts one peer key only (``--peer-key``).
+    ``peer_key_warning``: a sentence when a known peer id came back with another key or an
+    offered key was not the pinned one.  ``relayed``: the link runs over the rendezvous relay.
     Counters are totals over every link the worker had (datagrams dropped because they did not
     authenticate, were replays or stale, or came from an unexpected address).
     """
@@ -34,9 +40,17 @@ def security_block(link: LinkEngine, identity: Identity | None, encrypt: bool) -
     sealer = session.sealer if session is not None else None
     counts = link.security_counts()
     peer_key = link.peer_public_key
+    peer_id = link.peer_id
+    auth = None
+    if identity is not None and peer_key is not None and peer_id is not None:
+        auth = authentication_string(link.worker_id, identity.public_bytes, peer_id, peer_key)
     return {
         "encrypted": bool(getattr(sealer, "encrypted", encrypt)),
         "local_fingerprint": identity.fingerprint if identity else None,
-        "peer_fingerprint": fingerprint(peer_key) if peer_key and link.peer_id else None,
+        "peer_fingerprint": fingerprint(peer_key) if peer_key and peer_id else None,
+        "auth_string": auth,
+        "peer_key_pinned": link.config.peer_key is not None,
+        "peer_key_warning": link.peer_key_warning,
+        "relayed": link.relayed,
         **{k: counts[k] for k in SECURITY_COUNTERS},
     }

@@ -33,8 +33,9 @@ from p2plab.aio.bench.extension import BenchmarkExtension
 from p2plab.aio.endpoint import Address, UdpEndpoint
 from p2plab.aio.extension import Extension
 from p2plab.aio.hub import EventHub, Subscription, ui_message
-from p2plab.aio.rendezvous import RendezvousClient
+from p2plab.aio.rendezvous import RendezvousClient, RendezvousMessage
 from p2plab.aio.status import peer_block, security_block
+from p2plab.aio.trust import load_known_peers, save_known_peers
 from p2plab.aio.ui_server import UiServer
 from p2plab.aio.worker_config import WorkerConfig
 from p2plab.core import events as ev
@@ -46,14 +47,7 @@ from p2plab.core.link import (
     RelayDatagram,
     SendToRendezvous,
 )
-from p2plab.core.signaling import (
-    ErrorMessage,
-    P2PConnectionOffer,
-    PeerDisconnected,
-    Register,
-    Registered,
-    RelayIn,
-)
+from p2plab.core.signaling import Register, Registered
 from p2plab.errors import ChatFailedError, ConfigError, RendezvousError
 
 __all__ = ["Worker", "WorkerConfig"]
@@ -84,6 +78,7 @@ class Worker:
             config=config.link_config(),
             identity=self.identity,
             rand_bytes=os.urandom,
+            known_peers=load_known_peers(config.known_peers_file),
         )
         """The sans-I/O engine this worker drives."""
         self.stats = self.link.stats  # one dict: the engine's counters and the driver's
@@ -115,6 +110,7 @@ class Worker:
         self._timer_at: float | None = None
         self._chat_waiters: dict[str, asyncio.Future[ev.ChatDelivered]] = {}
         self._stopped = False
+        self._known_peers_saved = self.link.known_peers.dumps()
 
     # -- lifecycle ------------------------------------------------------------------------------
 
@@ -132,10 +128,10 @@ class Worker:
         self._rendezvous = RendezvousClient(
             self.config.rendezvous_url,
             self.worker_id,
-            make_register=self._make_register,
             on_message=self._on_rendezvous_message,
             on_state=self._on_rendezvous_state,
             backoff=self.config.backoff,
+            register_timeout_s=self.config.register_timeout_s,
         )
         self._spawn(self._run_rendezvous(), "rendezvous")
         self._feed(self.link.start)
@@ -233,8 +229,11 @@ class Worker:
             if rendezvous is not None:
                 rendezvous.send_relay(cmd.to, cmd.data)
         elif isinstance(cmd, SendToRendezvous):
+            msg = cmd.message
+            if isinstance(msg, Register) and self.http_public_ip is not None:
+                msg = msg.model_copy(update={"http_public_ip": self.http_public_ip})
             if rendezvous is not None:
-                self._spawn(rendezvous.send(cmd.message), "rendezvous-send")
+                self._spawn(rendezvous.send(msg), "rendezvous-send")
         elif isinstance(cmd, DiscoverEndpoint):
             self._spawn(self._discover(cmd.observed_ip), "discover")
 
@@ -257,6 +256,10 @@ class Worker:
                 ext.on_link_changed(event.state)
         elif isinstance(event, ev.PathChanged | ev.RttUpdated | ev.PeerRestarted):
             self.publish_status()
+        elif isinstance(event, ev.PeerKeyChanged):
+            self.publish_status()  # peer_key_warning; the ErrorReported after it shows it too
+        if isinstance(event, ev.StateChanged) and event.state == "punching":
+            self._save_known_peers()
         elif isinstance(event, ev.ChatDelivered | ev.ChatFailed):
             waiter = self._chat_waiters.pop(event.msg_id, None)
             if waiter is not None and not waiter.done():
@@ -270,6 +273,13 @@ class Worker:
         if msg is not None:
             self.publish(msg)
         self._hub.emit(event)
+
+    def _save_known_peers(self) -> None:
+        """Write the peer keys remembered to ``known_peers_file`` when they changed."""
+        text = self.link.known_peers.dumps()
+        if self.config.known_peers_file is not None and text != self._known_peers_saved:
+            save_known_peers(self.config.known_peers_file, self.link.known_peers)
+            self._known_peers_saved = text
 
     def _on_control(self, obj: dict[str, Any]) -> None:
         kind = obj.get("type")
@@ -286,14 +296,6 @@ class Worker:
 
     # -- rendezvous and discovery ---------------------------------------------------------------
 
-    def _make_register(self) -> Register:
-        return Register(
-            http_public_ip=self.http_public_ip,
-            room=self.config.room,
-            token=self.config.token,
-            public_key=self.identity.public_b64 if self.identity else None,
-        )
-
     async def _run_rendezvous(self) -> None:
         assert self._rendezvous is not None
         if self.config.public_ip_url:
@@ -309,9 +311,7 @@ class Worker:
         self._feed(self.link.rendezvous_up if connected else self.link.rendezvous_down)
         self.publish_status()
 
-    async def _on_rendezvous_message(
-        self, msg: Registered | P2PConnectionOffer | PeerDisconnected | ErrorMessage | RelayIn
-    ) -> None:
+    async def _on_rendezvous_message(self, msg: RendezvousMessage) -> None:
         if isinstance(msg, Registered) and self.http_public_ip is None:
             self.http_public_ip = msg.observed_ip
         self._feed(lambda now: self.link.receive_rendezvous(msg, now))

@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 
 from p2plab.aio.rendezvous import Backoff
 from p2plab.config import SessionConfig
+from p2plab.core.crypto import parse_peer_key
 from p2plab.core.link import LinkConfig
 
 __all__ = ["WorkerConfig"]
@@ -57,6 +58,17 @@ class WorkerConfig:
     """When punching fails, carry the (still sealed) peer datagrams through the rendezvous
     (state ``relayed``, ``status()["path"] == "relayed"``): chat, keep-alives and RTT work,
     benchmarks do not.  False keeps the old behaviour (``lost``, then ``waiting_for_peer``)."""
+    # -- trust in peer keys and the rendezvous (issue 14; kept together) --
+    peer_key: str | None = None
+    """Pin the peer (``--peer-key``/``P2P_PEER_KEY``): its base64 public key or its fingerprint
+    (64 hex digits).  Offers with any other key are refused and shown as a warning.  None:
+    trust on first use, remembering keys by peer id (see ``known_peers_file``)."""
+    known_peers_file: str | None = None
+    """A JSON file where the keys of peers seen are remembered across runs (None: in memory
+    only).  A known id that comes back with another key is reported loudly."""
+    register_timeout_s: float = 10.0
+    """A rendezvous connection not registered within this many seconds (no challenge, no
+    ``registered``) is closed and tried again with backoff."""
 
     def link_config(self) -> LinkConfig:
         """The link engine's share of these settings."""
@@ -65,4 +77,7 @@ class WorkerConfig:
             relay=self.relay,
             repunch=self.repunch,
             repunch_max_delay_s=self.repunch_max_delay_s,
+            room=self.room,
+            token=self.token,
+            peer_key=parse_peer_key(self.peer_key) if self.peer_key is not None else None,
         )

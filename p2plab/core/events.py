@@ -25,6 +25,7 @@ __all__ = [
     "PathChanged",
     "PeerClosed",
     "PeerConnected",
+    "PeerKeyChanged",
     "PeerLost",
     "PeerRestarted",
     "RttUpdated",
@@ -191,6 +192,23 @@ class ErrorReported(Event):
 
     message: str
     """A sentence saying what went wrong."""
+
+
+@dataclass(frozen=True)
+class PeerKeyChanged(Event):
+    """A peer id this worker has seen before came back with another public key: either the
+    peer made a new key (a reinstall) or someone (the rendezvous) sits in the middle.  The
+    worker pairs anyway unless its peer key is pinned; the user compares the authentication
+    string out of band."""
+
+    peer_id: str
+    """The peer's worker id."""
+
+    old_fingerprint: str
+    """Fingerprint of the key remembered for that id."""
+
+    new_fingerprint: str
+    """Fingerprint of the key it offers now."""
 
 
 @dataclass(frozen=True)

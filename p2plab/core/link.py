@@ -13,8 +13,8 @@ The driver contract (the asyncio worker, the simulator and the unit tests follow
 
     # inputs, each with the driver's monotonic clock `now`
     engine.rendezvous_up(now) / engine.rendezvous_down(now)
-    engine.receive_rendezvous(msg, now)      # Registered, P2PConnectionOffer, PeerDisconnected,
-                                             # RelayIn, ErrorMessage (already parsed)
+    engine.receive_rendezvous(msg, now)      # Challenge, Registered, P2PConnectionOffer,
+                                             # PeerDisconnected, RelayIn, ErrorMessage (parsed)
     engine.discovered(public, local_candidates, now, error=None)   # answer to DiscoverEndpoint
     engine.rendezvous_refused(reason, now)   # the rendezvous refused us for good
     engine.receive_datagram(data, addr, now) # every UDP datagram of the worker's socket
@@ -32,6 +32,8 @@ Commands (:class:`Command` subclasses, defined with :class:`LinkConfig` in
 :mod:`p2plab.core.link_commands` and re-exported here) are what the engine needs from outside:
 
 - :class:`SendToRendezvous`: send ``message`` on the rendezvous WebSocket (dropped if down).
+  The ``register`` message is one: the engine answers the rendezvous's ``challenge`` with it,
+  carrying the proof that it holds its private key (the driver fills in ``http_public_ip``).
 - :class:`RelayDatagram`: send ``data`` to peer ``to`` as a rendezvous ``relay`` message.  Relayed
   sessions address their datagrams to the pseudo-address :data:`RELAY`; they never appear in
   ``datagrams_to_send``.
@@ -51,6 +53,10 @@ rendezvous message with no place in the current state (``rendezvous_unexpected``
 with no link are dropped and counted in :attr:`LinkEngine.stats` before they reach the table.
 A stopped engine drops datagrams and timers; the driver feeds it nothing else but ``stop``.
 
+What the engine believes of the rendezvous and of peer keys (the challenge, refused offers,
+IP-literal candidates, pinned and remembered keys, relay switches only on authenticated data)
+is decided in :mod:`p2plab.core.link_trust`; a refused offer leaves the engine pairable.
+
 Clock and randomness are injected (``now`` on every call, ``rand_bytes`` at construction): the
 same engine runs on real sockets, on the simulator's virtual clock and in memory in the tests
 (``tests/core/test_core_link.py`` has a complete in-memory driver, ``World``).
@@ -65,8 +71,10 @@ from dataclasses import replace
 from typing import Any, Final
 
 from p2plab.core import events as ev
-from p2plab.core.crypto import Identity, PeerCipher, PlainEnvelope, decode_public_key
+from p2plab.core.crypto import Identity, PeerCipher, PlainEnvelope
+from p2plab.core.known_peers import KnownPeers
 from p2plab.core.link_commands import (
+    LINK_COUNTERS,
     RELAY,
     SECURITY_COUNTERS,
     Command,
@@ -77,9 +85,18 @@ from p2plab.core.link_commands import (
     session_security_counts,
 )
 from p2plab.core.link_table import LINK_STATES, TRANSITIONS, Input, next_state
+from p2plab.core.link_trust import (
+    RelayGate,
+    answer_challenge,
+    check_offer,
+    key_change,
+    key_change_warning,
+    offer_candidates,
+)
 from p2plab.core.session import PeerSession
 from p2plab.core.signaling import (
     Candidate,
+    Challenge,
     ErrorMessage,
     P2PConnectionOffer,
     PeerDisconnected,
@@ -87,7 +104,7 @@ from p2plab.core.signaling import (
     RelayIn,
     UpdateUdpEndpoint,
 )
-from p2plab.errors import NotConnected, P2PLabError, RemoteProtocolError
+from p2plab.errors import NotConnected, RemoteProtocolError
 
 __all__ = [
     "LINK_STATES",
@@ -106,7 +123,9 @@ log = logging.getLogger(__name__)
 
 Address = ev.Address
 
-_RendezvousMessage = Registered | P2PConnectionOffer | PeerDisconnected | ErrorMessage | RelayIn
+_RendezvousMessage = (
+    Challenge | Registered | P2PConnectionOffer | PeerDisconnected | ErrorMessage | RelayIn
+)
 
 
 class LinkEngine:
@@ -119,6 +138,7 @@ class LinkEngine:
         config: LinkConfig | None = None,
         identity: Identity | None = None,
         rand_bytes: Callable[[int], bytes],
+        known_peers: KnownPeers | None = None,
     ) -> None:
         self.worker_id = worker_id
         self.config = config or LinkConfig()
@@ -142,6 +162,13 @@ class LinkEngine:
         """The session of the current link attempt (None between attempts)."""
         self.relayed = False
         """Whether :attr:`session` runs over the rendezvous relay."""
+        self.known_peers = known_peers if known_peers is not None else KnownPeers()
+        """The keys of the peers paired with before, by id (trust on first use)."""
+        self.peer_key_warning: str | None = None
+        """A sentence when a known peer id came back with another key or a pinned key did not
+        match (cleared by the next offer accepted without either)."""
+        self._challenge_answered = False
+        self._relay_gate = RelayGate()
         self.repunch_attempts = 0
         """Re-punch attempts since the link was last up."""
         self._repunch_at: float | None = None
@@ -151,19 +178,7 @@ class LinkEngine:
         self._commands: deque[Command] = deque()
         self._events: deque[ev.Event] = deque()
         self._security_totals = dict.fromkeys(SECURITY_COUNTERS, 0)
-        self.stats: dict[str, int] = {
-            "offers": 0,
-            "offers_refused": 0,
-            "chats_in": 0,
-            "relay_in": 0,
-            "relay_dropped": 0,
-            "relay_switches": 0,
-            "udp_dropped_while_relayed": 0,
-            "udp_dropped_no_link": 0,
-            "peer_disconnected_ignored": 0,
-            "rendezvous_unexpected": 0,
-            "rendezvous_errors": 0,
-        }
+        self.stats: dict[str, int] = dict.fromkeys(LINK_COUNTERS, 0)
         """Counters of the engine's decisions and drops (the worker shows them in ``status``)."""
 
     # -- read-only state ----------------------------------------------------------------------
@@ -201,8 +216,9 @@ class LinkEngine:
         self._set_state(target)
 
     def rendezvous_up(self, now: float) -> None:
-        """The rendezvous WebSocket connected (``registered`` follows)."""
+        """The rendezvous WebSocket connected (its ``challenge`` follows, then ``registered``)."""
         self._set_state(next_state(self._state, Input.RENDEZVOUS_UP))
+        self._challenge_answered = False
 
     def rendezvous_down(self, now: float) -> None:
         """The rendezvous WebSocket dropped; a punched link keeps going without it."""
@@ -219,6 +235,8 @@ class LinkEngine:
         """One parsed message from the rendezvous."""
         if isinstance(msg, RelayIn):
             self._on_relay_in(msg, now)
+        elif isinstance(msg, Challenge):
+            self._on_challenge(msg)
         elif isinstance(msg, Registered):
             self._on_registered(msg)
         elif isinstance(msg, P2PConnectionOffer):
@@ -335,6 +353,28 @@ class LinkEngine:
         log.debug("dropping %r in state %s", what, self._state)
         return True
 
+    def _on_challenge(self, msg: Challenge) -> None:
+        """Answer the rendezvous's challenge with ``register`` and the proof of our key."""
+        if self._unexpected(Input.CHALLENGE, msg):
+            return
+        if self._challenge_answered:  # one per connection: a second one is junk
+            self.stats["rendezvous_unexpected"] += 1
+            return
+        self.stats["challenges"] += 1
+        try:
+            register = answer_challenge(
+                msg, self.identity, self.worker_id, room=self.config.room, token=self.config.token
+            )
+        except RemoteProtocolError as exc:
+            # No proof, no registration: the driver's register deadline reconnects.
+            self.stats["challenges_refused"] += 1
+            log.warning("rendezvous: %s", exc)
+            self._events.append(ev.ErrorReported(f"rendezvous sent an {exc}"))
+            return
+        self._challenge_answered = True
+        self._set_state(next_state(self._state, Input.CHALLENGE))
+        self._commands.append(SendToRendezvous(register))
+
     def _on_registered(self, msg: Registered) -> None:
         kind = Input.REGISTERED if self.public_endpoint is not None else Input.REGISTERED_DISCOVER
         if self._unexpected(kind, msg):
@@ -375,50 +415,50 @@ class LinkEngine:
             log.info("offer for the current peer %s: keeping the link", self.peer_id)
             self._set_state(next_state(self._state, Input.OFFER_CURRENT))
             return
-        refusal, peer_key = self._check_offer(offer)
+        check = check_offer(offer, self.worker_id, self.identity, self.config.peer_key)
+        refusal, peer_key = check.refusal, check.key
+        if check.warning is not None:
+            self.peer_key_warning = check.warning
         kind = Input.OFFER_REFUSED if refusal else Input.OFFER
         if self._unexpected(kind, offer):  # before discovery: an honest rendezvous cannot
             return
-        target = next_state(self._state, kind)
         self._drop_peer(now)
+        candidates, not_ips = offer_candidates(offer)
+        self.stats["candidates_refused"] += not_ips
+        if refusal is None and not candidates:
+            refusal = f"peer {offer.peer_worker_id} offers no usable address (IP literals only)"
+        if refusal is None:
+            self.offer = offer
+            self.peer_id = offer.peer_worker_id
+            self.peer_public_key = peer_key
+            self.repunch_attempts = 0
+            log.info("offer: peer %s at %s (role %s)", offer.peer_worker_id, candidates, offer.role)
+            try:
+                self._new_session(candidates, now, relayed=False)
+            except Exception as exc:  # any failure to build it refuses the offer
+                self._drop_peer(now)
+                refusal = f"peer {offer.peer_worker_id}: cannot set up a session: {exc}"
         if refusal is not None:
             log.warning("%s", refusal)
             self.stats["offers_refused"] += 1
             self.error = refusal
             self._events.append(ev.ErrorReported(refusal))
-            self._set_state(target)
+            self._set_state(next_state(self._state, Input.OFFER_REFUSED))
             return
-        self.offer = offer
-        self.peer_id = offer.peer_worker_id
-        self.peer_public_key = peer_key
-        self.repunch_attempts = 0
-        candidates: list[Address] = [(offer.peer_udp_ip, offer.peer_udp_port)]
-        for c in offer.peer_candidates:
-            if (c.ip, c.port) not in candidates and c.port:
-                candidates.append((c.ip, c.port))
-        log.info("offer: peer %s at %s (role %s)", offer.peer_worker_id, candidates, offer.role)
-        self._new_session(candidates, now, relayed=False)
-        self._set_state(target)
+        self._remember_key(offer.peer_worker_id, peer_key)
+        self._set_state(next_state(self._state, Input.OFFER))
 
-    def _check_offer(self, offer: P2PConnectionOffer) -> tuple[str | None, bytes | None]:
-        """(refusal or None, the peer's decoded public key or None)."""
-        peer = offer.peer_worker_id
-        peer_key: bytes | None = None
-        if offer.peer_public_key is not None:
-            try:
-                peer_key = decode_public_key(offer.peer_public_key)
-            except P2PLabError as exc:
-                return f"peer {peer} sent an unusable public key: {exc}", None
-        if self.identity is not None and peer_key is None:
-            return (
-                f"peer {peer} offers no public key: refusing an unencrypted link (both workers "
-                "must run with encryption disabled to allow plaintext)"
-            ), None
-        if self.identity is None and peer_key is not None:
-            return (
-                f"peer {peer} requires encryption, but this worker runs with encryption disabled"
-            ), None
-        return None, peer_key
+    def _remember_key(self, peer_id: str, key: bytes | None) -> None:
+        """Trust on first use: remember the key; say loudly when a known id changed its key."""
+        self.peer_key_warning = None
+        change = key_change(self.known_peers, peer_id, key) if key is not None else None
+        if change is None:
+            return
+        self.stats["peer_key_changes"] += 1
+        self.peer_key_warning = key_change_warning(change)
+        log.warning("%s", self.peer_key_warning)
+        self._events.append(change)
+        self._events.append(ev.ErrorReported(self.peer_key_warning))
 
     def _on_peer_disconnected(self, msg: PeerDisconnected, now: float) -> None:
         if msg.peer_worker_id != self.peer_id or self._state not in _STATES_WITH_PEER:
@@ -440,17 +480,37 @@ class LinkEngine:
         except ValueError:
             self.stats["relay_dropped"] += 1
             return
-        if self.session is None or not self.relayed:
-            # The peer gave up punching first: follow it onto the relay now.
-            if Input.RELAY_SWITCH not in TRANSITIONS[self._state]:
-                self.stats["relay_dropped"] += 1
-                return
-            target = next_state(self._state, Input.RELAY_SWITCH)
-            self._start_relay(now)
-            self._set_state(target)
-        assert self.session is not None
+        if self.session is not None and self.relayed:
+            self.stats["relay_in"] += 1
+            self.session.receive_datagram(payload, RELAY, now)
+            return
+        # The peer gave up punching first: follow it onto the relay, but only if what came
+        # through the rendezvous opens with the pair's keys.  A fresh relayed session (not yet
+        # ours) takes the payload; anything it drops moves nothing and closes nothing.
+        if Input.RELAY_SWITCH not in TRANSITIONS[self._state]:
+            self.stats["relay_dropped"] += 1
+            return
+        if not self._relay_gate.may_try(now):
+            self.stats["relay_unauthenticated"] += 1
+            return
+        try:
+            candidate = self._build_session([RELAY], now)
+        except Exception:  # no session can be built: nothing to follow
+            self.stats["relay_dropped"] += 1
+            return
+        candidate.receive_datagram(payload, RELAY, now)
+        if not RelayGate.authenticated(candidate):
+            self.stats["relay_unauthenticated"] += 1
+            return
+        target = next_state(self._state, Input.RELAY_SWITCH)
+        log.info("peer %s relays through the rendezvous: following it", self.peer_id)
+        self._retire(now, bye=True)
+        self.stats["relay_switches"] += 1
+        self._repunch_at = None
+        self.relayed = True
+        self.session = candidate
         self.stats["relay_in"] += 1
-        self.session.receive_datagram(payload, RELAY, now)
+        self._set_state(target)
 
     # -- sessions -----------------------------------------------------------------------------
 
@@ -469,10 +529,15 @@ class LinkEngine:
         return PlainEnvelope(self._rand_bytes)  # explicit plaintext mode on both sides
 
     def _new_session(self, candidates: list[Address], now: float, *, relayed: bool) -> None:
-        assert self.offer is not None and self.peer_id is not None
+        session = self._build_session(candidates, now)
         self._repunch_at = None
         self.relayed = relayed
-        self.session = PeerSession(
+        self.session = session
+
+    def _build_session(self, candidates: list[Address], now: float) -> PeerSession:
+        """A session to the current peer (not installed; raises if its sealer cannot be built)."""
+        assert self.offer is not None and self.peer_id is not None
+        return PeerSession(
             local_id=self.worker_id,
             peer_id=self.peer_id,
             role=self.offer.role,

@@ -7,9 +7,10 @@ from typing import Final
 
 from p2plab.config import SessionConfig
 from p2plab.core.session import PeerSession
-from p2plab.core.signaling import UpdateUdpEndpoint
+from p2plab.core.signaling import Register, UpdateUdpEndpoint
 
 __all__ = [
+    "LINK_COUNTERS",
     "RELAY",
     "SECURITY_COUNTERS",
     "Command",
@@ -24,6 +25,26 @@ __all__ = [
 #: through the rendezvous.  The session is address-agnostic; the port is 1 because the session
 #: ignores candidates with port 0.
 RELAY: Final[tuple[str, int]] = ("relay", 1)
+
+#: The engine's counters of its decisions and drops (``LinkEngine.stats``, shown in ``status``).
+LINK_COUNTERS: Final = (
+    "offers",
+    "offers_refused",
+    "challenges",
+    "challenges_refused",
+    "peer_key_changes",
+    "candidates_refused",
+    "chats_in",
+    "relay_in",
+    "relay_dropped",
+    "relay_unauthenticated",
+    "relay_switches",
+    "udp_dropped_while_relayed",
+    "udp_dropped_no_link",
+    "peer_disconnected_ignored",
+    "rendezvous_unexpected",
+    "rendezvous_errors",
+)
 
 #: The drop counters of ``security()``, summed over every link the engine had.
 SECURITY_COUNTERS: Final = ("auth_failures", "replays", "unexpected_source", "peer_restarts")
@@ -48,6 +69,17 @@ class LinkConfig:
     repunch_max_delay_s: float = 10.0
     """Longest pause between two re-punch attempts."""
 
+    room: str = "default"
+    """The rendezvous room named in ``register``."""
+
+    token: str | None = None
+    """The rendezvous token named in ``register``, if it asks for one."""
+
+    peer_key: bytes | str | None = None
+    """The pinned peer key (``--peer-key``, parsed by
+    :func:`~p2plab.core.crypto.parse_peer_key`: raw key or hex fingerprint); an offer with any
+    other key is refused.  None: any usable key (trust on first use)."""
+
 
 @dataclass(frozen=True)
 class Command:
@@ -58,7 +90,7 @@ class Command:
 class SendToRendezvous(Command):
     """Send ``message`` to the rendezvous (nothing happens if it is down)."""
 
-    message: UpdateUdpEndpoint
+    message: UpdateUdpEndpoint | Register
     """The message to send."""
 
 

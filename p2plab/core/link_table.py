@@ -48,6 +48,9 @@ class Input:
     """The driver started the worker (socket bound, rendezvous client running)."""
     RENDEZVOUS_UP: Final = "rendezvous_up"
     """The rendezvous WebSocket connected."""
+    CHALLENGE: Final = "challenge"
+    """The rendezvous's ``challenge`` on a new connection: answered with ``register`` and the
+    proof of key possession (the state stays; ``registered`` moves it)."""
     RENDEZVOUS_DOWN: Final = "rendezvous_down"
     """The rendezvous WebSocket dropped (the client reconnects on its own)."""
     REGISTERED_DISCOVER: Final = "registered_discover"
@@ -103,6 +106,7 @@ TRANSITIONS: Final[dict[str, dict[str, str]]] = {
     },
     "registering": {
         _I.RENDEZVOUS_UP: "registering",
+        _I.CHALLENGE: "registering",
         _I.RENDEZVOUS_DOWN: "registering",  # dropped again before ``registered``
         _I.REGISTERED_DISCOVER: "discovering",
         _I.REGISTERED: "waiting_for_peer",
@@ -120,6 +124,7 @@ TRANSITIONS: Final[dict[str, dict[str, str]]] = {
         # up/registered here: the rendezvous dropped while a link was up, and the link ended
         # before it came back; ``registered`` then reports the endpoint again
         _I.RENDEZVOUS_UP: "waiting_for_peer",
+        _I.CHALLENGE: "waiting_for_peer",
         _I.RENDEZVOUS_DOWN: "registering",
         _I.REGISTERED: "waiting_for_peer",
         _I.OFFER: "punching",
@@ -129,6 +134,7 @@ TRANSITIONS: Final[dict[str, dict[str, str]]] = {
     },
     "punching": {
         _I.RENDEZVOUS_UP: "punching",
+        _I.CHALLENGE: "punching",
         _I.RENDEZVOUS_DOWN: "punching",  # a peer link does not need the rendezvous
         _I.REGISTERED: "punching",
         _I.OFFER: "punching",
@@ -146,6 +152,7 @@ TRANSITIONS: Final[dict[str, dict[str, str]]] = {
     },
     "connected": {
         _I.RENDEZVOUS_UP: "connected",
+        _I.CHALLENGE: "connected",
         _I.RENDEZVOUS_DOWN: "connected",
         _I.REGISTERED: "connected",
         _I.OFFER: "punching",
@@ -160,6 +167,7 @@ TRANSITIONS: Final[dict[str, dict[str, str]]] = {
     },
     "relayed": {
         _I.RENDEZVOUS_UP: "relayed",
+        _I.CHALLENGE: "relayed",
         _I.RENDEZVOUS_DOWN: "relayed",
         _I.REGISTERED: "relayed",
         _I.OFFER: "punching",
@@ -173,6 +181,7 @@ TRANSITIONS: Final[dict[str, dict[str, str]]] = {
     },
     "lost": {
         _I.RENDEZVOUS_UP: "lost",
+        _I.CHALLENGE: "lost",
         _I.RENDEZVOUS_DOWN: "lost",
         _I.REGISTERED: "lost",
         _I.OFFER: "punching",

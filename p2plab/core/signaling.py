@@ -26,6 +26,7 @@ __all__ = [
     "MAX_MESSAGE_BYTES",
     "MAX_RELAY_BYTES",
     "Candidate",
+    "Challenge",
     "ErrorMessage",
     "P2PConnectionOffer",
     "PeerDisconnected",
@@ -89,6 +90,9 @@ class Register(_Model):
     room: str = Field(default="default", min_length=1, max_length=64)
     token: str | None = Field(default=None, max_length=256)
     public_key: str | None = Field(default=None, max_length=128)
+    proof: str | None = Field(default=None, max_length=64)
+    """Base64 of ``registration_proof(identity, server_key, nonce, worker_id)`` answering the
+    rendezvous's :class:`Challenge`; required when ``public_key`` is given."""
 
 
 class UpdateUdpEndpoint(_Model):
@@ -143,6 +147,14 @@ class RelayIn(_Model):
         return decode_relay_data(self.data)
 
 
+class Challenge(_Model):
+    """First message of the rendezvous on a new connection: prove you hold your key."""
+
+    type: Literal["challenge"] = "challenge"
+    nonce: str = Field(min_length=1, max_length=64)
+    server_key: str = Field(min_length=1, max_length=64)
+
+
 class Registered(_Model):
     """The rendezvous's answer to ``register``, with the address it saw."""
 
@@ -181,7 +193,7 @@ class ErrorMessage(_Model):
 
 WorkerToRendezvous = Annotated[Register | UpdateUdpEndpoint | RelayOut, Field(discriminator="type")]
 RendezvousToWorker = Annotated[
-    Registered | P2PConnectionOffer | PeerDisconnected | ErrorMessage | RelayIn,
+    Challenge | Registered | P2PConnectionOffer | PeerDisconnected | ErrorMessage | RelayIn,
     Field(discriminator="type"),
 ]
 
@@ -189,7 +201,7 @@ _worker_adapter: TypeAdapter[Register | UpdateUdpEndpoint | RelayOut] = TypeAdap
     WorkerToRendezvous
 )
 _rendezvous_adapter: TypeAdapter[
-    Registered | P2PConnectionOffer | PeerDisconnected | ErrorMessage | RelayIn
+    Challenge | Registered | P2PConnectionOffer | PeerDisconnected | ErrorMessage | RelayIn
 ] = TypeAdapter(RendezvousToWorker)
 
 
@@ -227,11 +239,11 @@ def parse_worker_message(raw: str | bytes) -> Register | UpdateUdpEndpoint | Rel
 
 def parse_rendezvous_message(
     raw: str | bytes,
-) -> Registered | P2PConnectionOffer | PeerDisconnected | ErrorMessage | RelayIn:
+) -> Challenge | Registered | P2PConnectionOffer | PeerDisconnected | ErrorMessage | RelayIn:
     """Parse a message the rendezvous sent to a worker."""
-    result: Registered | P2PConnectionOffer | PeerDisconnected | ErrorMessage | RelayIn = _validate(
-        _rendezvous_adapter, raw
-    )
+    result: (
+        Challenge | Registered | P2PConnectionOffer | PeerDisconnected | ErrorMessage | RelayIn
+    ) = _validate(_rendezvous_adapter, raw)
     return result
 
 

@@ -125,6 +125,7 @@ async def test_mixed_encryption_settings_are_not_paired_and_refuse_offers(plain_
                 peer_worker_id="rogue",
                 peer_udp_ip="127.0.0.1",
                 peer_udp_port=9,
+                # a usable key (32 zero bytes, low-order, is refused for that reason first)
                 peer_public_key=None if b_encrypts else Identity.generate(os.urandom).public_b64,
             )
             await b._on_rendezvous_message(offer)

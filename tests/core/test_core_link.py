@@ -6,6 +6,7 @@ plays the rendezvous (discovery, pairing, relaying) and jumps the clock from tim
 
 from __future__ import annotations
 
+import base64
 import itertools
 import random
 from collections.abc import Callable
@@ -15,7 +16,7 @@ import pytest
 
 from p2plab.config import SessionConfig
 from p2plab.core import events as ev
-from p2plab.core.crypto import Identity
+from p2plab.core.crypto import Identity, PeerCipher, verify_registration_proof
 from p2plab.core.link import (
     RELAY,
     DiscoverEndpoint,
@@ -25,10 +26,13 @@ from p2plab.core.link import (
     SendToRendezvous,
 )
 from p2plab.core.link_table import LINK_STATES, TRANSITIONS, Input, next_state
+from p2plab.core.session import PeerSession
 from p2plab.core.signaling import (
+    Challenge,
     ErrorMessage,
     P2PConnectionOffer,
     PeerDisconnected,
+    Register,
     Registered,
     RelayIn,
     encode_relay_data,
@@ -53,6 +57,8 @@ class Node:
         self.events: list[ev.Event] = []
         self.stamped: list[tuple[float, ev.Event]] = []
         self.reported: Address | None = None
+        self.registers: list[Register] = []
+        """Every ``register`` the engine sent (in answer to a challenge)."""
 
     def states(self) -> list[str]:
         return [e.state for e in self.events if isinstance(e, ev.StateChanged)]
@@ -91,11 +97,39 @@ class World:
             return node.engine
         self.answer_discovery = upto != "discovering"
         node.engine.rendezvous_up(self.now)
+        self.challenge(node.engine)
         node.engine.receive_rendezvous(
             Registered(worker_id=name, observed_ip="192.0.2.1"), self.now
         )
         self.flush()
         return node.engine
+
+    def challenge(self, engine: LinkEngine) -> Register:
+        """Play the rendezvous's challenge; the engine's ``register`` must carry a valid proof
+        (in plaintext mode: no key and no proof)."""
+        node = self.node(engine)
+        sent = len(node.registers)
+        server = Identity.generate(random.Random(f"server {len(node.registers)}").randbytes)
+        nonce = random.Random(f"nonce {len(node.registers)}").randbytes(32)
+        engine.receive_rendezvous(
+            Challenge(
+                nonce=base64.b64encode(nonce).decode(),
+                server_key=server.public_b64,
+            ),
+            self.now,
+        )
+        self.flush()
+        assert len(node.registers) == sent + 1
+        reg = node.registers[-1]
+        if engine.identity is None:
+            assert reg.public_key is None and reg.proof is None
+        else:
+            assert reg.public_key == engine.identity.public_b64 and reg.proof is not None
+            proof = base64.b64decode(reg.proof)
+            assert verify_registration_proof(
+                server.private_key, engine.identity.public_bytes, nonce, engine.worker_id, proof
+            )
+        return reg
 
     def node(self, engine: LinkEngine) -> Node:
         return self.nodes[engine.worker_id]
@@ -140,6 +174,8 @@ class World:
     def _command(self, node: Node, cmd: object) -> None:
         if isinstance(cmd, DiscoverEndpoint) and self.answer_discovery:
             node.engine.discovered(node.addr, [("10.0.0.2", node.addr[1])], self.now)
+        elif isinstance(cmd, SendToRendezvous) and isinstance(cmd.message, Register):
+            node.registers.append(cmd.message)
         elif isinstance(cmd, SendToRendezvous):
             node.reported = (cmd.message.udp_ip, cmd.message.udp_port)
         elif isinstance(cmd, RelayDatagram) and self.relay_on:
@@ -169,6 +205,32 @@ class World:
                     n.engine.handle_timer(self.now)
             self.flush()
         self.now = end
+
+
+def genuine_relayed_probe(sender: LinkEngine, receiver: LinkEngine, now: float) -> RelayIn:
+    """The first datagram a relayed session of ``sender`` sends ``receiver`` (a sealed probe),
+    as the rendezvous passes it on: what a peer that gave up punching sends first."""
+    assert sender.identity is not None and receiver.identity is not None
+    rand = random.Random(f"relay {sender.worker_id}").randbytes
+    session = PeerSession(
+        local_id=sender.worker_id,
+        peer_id=receiver.worker_id,
+        role="controlling",
+        candidates=[RELAY],
+        config=FAST,
+        now=now,
+        rand_bytes=rand,
+        sealer=PeerCipher(
+            sender.identity,
+            sender.worker_id,
+            receiver.worker_id,
+            receiver.identity.public_bytes,
+            rand,
+        ),
+    )
+    data, addr = session.datagrams_to_send(now)[0]
+    assert addr == RELAY
+    return RelayIn.model_validate({"from": sender.worker_id, "data": encode_relay_data(data)})
 
 
 def connected_pair(

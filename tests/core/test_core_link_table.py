@@ -24,10 +24,8 @@ from p2plab.core.signaling import (
     P2PConnectionOffer,
     PeerDisconnected,
     Registered,
-    RelayIn,
-    encode_relay_data,
 )
-from tests.core.test_core_link import FAST, World
+from tests.core.test_core_link import FAST, World, genuine_relayed_probe
 
 Recipe = Callable[[World, LinkEngine, LinkEngine | None], None]
 DROP_ALL: Callable[[str, str], bool] = lambda src, dst: True  # noqa: E731
@@ -96,8 +94,12 @@ def _offer_current(w: World, a: LinkEngine, b: LinkEngine | None) -> None:
 
 def _relay_in(w: World, a: LinkEngine, b: LinkEngine | None) -> None:
     assert b is not None
-    msg = RelayIn.model_validate({"from": b.worker_id, "data": encode_relay_data(b"junk")})
-    a.receive_rendezvous(msg, w.now)
+    a.receive_rendezvous(genuine_relayed_probe(b, a, w.now), w.now)
+
+
+def _challenge(w: World, a: LinkEngine, b: LinkEngine | None) -> None:
+    a.rendezvous_up(w.now)  # a challenge is the first message on a new connection
+    w.challenge(a)
 
 
 def _peer_left(w: World, a: LinkEngine, b: LinkEngine | None) -> None:
@@ -128,6 +130,7 @@ RECIPES: dict[str, Recipe] = {
     Input.STOP: lambda w, a, b: a.stop(w.now),
     Input.REFUSED: lambda w, a, b: a.rendezvous_refused("bad token", w.now),
     Input.RENDEZVOUS_UP: lambda w, a, b: a.rendezvous_up(w.now),
+    Input.CHALLENGE: _challenge,
     Input.RENDEZVOUS_DOWN: lambda w, a, b: a.rendezvous_down(w.now),
     Input.REGISTERED_DISCOVER: lambda w, a, b: _registered(w, a, public_known=False),
     Input.REGISTERED: lambda w, a, b: _registered(w, a, public_known=True),

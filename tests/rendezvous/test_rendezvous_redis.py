@@ -12,7 +12,7 @@ from collections.abc import AsyncIterator
 import httpx
 
 from rendezvous_service_code.main import RendezvousServer
-from tests.rendezvous_fixtures import TIMEOUT, WsWorker, running_rendezvous
+from tests.rendezvous_fixtures import TIMEOUT, WsWorker, new_identity, running_rendezvous
 
 FAST = {"redis_heartbeat_s": 0.3, "redis_ttl_s": 1.5}
 
@@ -58,8 +58,9 @@ async def test_workers_on_two_instances_get_offers_for_each_other(redis_url: str
     ):
         a = await WsWorker.connect(rv1.ws_url)
         b = await WsWorker.connect(rv2.ws_url)
-        await a.register(public_key="KA")
-        await b.register(public_key="KB")
+        key_a, key_b = new_identity(), new_identity()
+        await a.register(identity=key_a)
+        await b.register(identity=key_b)
         await a.update_endpoint("203.0.113.1", 1111, [("198.18.0.1", 1111)])
         await a.assert_silent()
         await b.update_endpoint("203.0.113.2", 2222)
@@ -71,7 +72,7 @@ async def test_workers_on_two_instances_get_offers_for_each_other(redis_url: str
             {"ip": "203.0.113.1", "port": 1111},
             {"ip": "198.18.0.1", "port": 1111},
         ]
-        assert offer_a["peer_public_key"] == "KB"
+        assert offer_a["peer_public_key"] == key_b.public_b64
         # both instances list both workers
         async with httpx.AsyncClient() as http:
             for rv in (rv1, rv2):
@@ -83,7 +84,7 @@ async def test_workers_on_two_instances_get_offers_for_each_other(redis_url: str
         assert (await b.expect("peer_disconnected"))["peer_worker_id"] == a.worker_id
         # re-registering b's id (with b's key) on the other instance closes the old connection
         b2 = await WsWorker.connect(rv1.ws_url, worker_id=b.worker_id)
-        await b2.register(public_key="KB")
+        await b2.register(identity=key_b)
         assert (await b.wait_closed())[0] == 4000
         await b2.close()
 

@@ -11,7 +11,7 @@ import pytest
 
 from p2plab.core.signaling import MAX_MESSAGE_BYTES, parse_rendezvous_message
 from rendezvous_service_code.main import Settings, create_app
-from tests.rendezvous_fixtures import TIMEOUT, WsWorker, running_rendezvous
+from tests.rendezvous_fixtures import TIMEOUT, WsWorker, new_identity, running_rendezvous
 
 
 async def paired_pair(url: str, room: str = "default") -> tuple[WsWorker, WsWorker]:
@@ -53,8 +53,9 @@ async def test_pairing_offers_both_ways_then_third_waits_then_repairs() -> None:
         a = await WsWorker.connect(rv.ws_url)
         b = await WsWorker.connect(rv.ws_url)
         c = await WsWorker.connect(rv.ws_url)
-        await a.register(public_key="A" * 44)
-        await b.register(public_key="B" * 44)
+        key_a, key_b, key_c = new_identity(), new_identity(), new_identity()
+        await a.register(identity=key_a)
+        await b.register(identity=key_b)
         await a.update_endpoint("203.0.113.1", 1111, [("198.18.0.1", 1111), ("203.0.113.1", 1111)])
         await a.assert_silent()
         await b.update_endpoint("203.0.113.2", 2222, [("198.18.0.2", 2222)])
@@ -68,10 +69,10 @@ async def test_pairing_offers_both_ways_then_third_waits_then_repairs() -> None:
             {"ip": "203.0.113.1", "port": 1111},
             {"ip": "198.18.0.1", "port": 1111},
         ]
-        assert offer_a["peer_public_key"] == "B" * 44
-        assert offer_b["peer_public_key"] == "A" * 44
+        assert offer_a["peer_public_key"] == key_b.public_b64
+        assert offer_b["peer_public_key"] == key_a.public_b64
 
-        await c.register(public_key="C" * 44)
+        await c.register(identity=key_c)
         await c.update_endpoint("203.0.113.3", 3333)
         await c.assert_silent()
 
@@ -179,21 +180,83 @@ async def test_reregister_same_id_replaces_old_connection() -> None:
 async def test_a_live_id_with_a_key_cannot_be_taken_over_by_another_key() -> None:
     async with running_rendezvous() as rv:
         owner = await WsWorker.connect(rv.ws_url)
-        await owner.register(public_key="A" * 43 + "=")
-        for other_key in (None, "B" * 43 + "="):
-            thief = await WsWorker.connect(rv.ws_url, worker_id=owner.worker_id)
-            await thief.send({"type": "register", "public_key": other_key})
-            assert await thief.wait_closed() == (4409, "worker id in use")
-        # the owner is untouched, and its own reconnect (same key) still replaces it
+        key = new_identity()
+        await owner.register(identity=key)
+        other = new_identity()
+        thief = await WsWorker.connect(rv.ws_url, worker_id=owner.worker_id)
+        await thief.send({"type": "register"})  # plaintext, no key
+        assert await thief.wait_closed() == (4409, "worker id in use")
+        thief = await WsWorker.connect(rv.ws_url, worker_id=owner.worker_id)
+        await thief.send(  # its own key, properly proven: still not the owner's
+            {"type": "register", "public_key": other.public_b64, "proof": thief.proof(other)}
+        )
+        assert await thief.wait_closed() == (4409, "worker id in use")
+        # the owner is untouched, and its own reconnect (same key, proven) still replaces it
         async with httpx.AsyncClient() as http:
             listing = (await http.get(f"{rv.url}/debug/list_workers")).json()
             stats = (await http.get(f"{rv.url}/debug/stats")).json()
         assert [x["worker_id"] for x in listing["workers"]] == [owner.worker_id]
         assert stats["refused_takeover"] == 2
         again = await WsWorker.connect(rv.ws_url, worker_id=owner.worker_id)
-        await again.register(public_key="A" * 43 + "=")
+        await again.register(identity=key)
         assert (await owner.wait_closed())[0] == 4000
         await again.close()
+
+
+async def test_the_public_key_alone_takes_over_nothing() -> None:
+    # Finding 5: a worker's public key is in every offer its peers get.  Registering under its
+    # id with that key but without its private key is refused (1008), however the proof is made.
+    async with running_rendezvous() as rv:
+        victim = await WsWorker.connect(rv.ws_url)
+        key = new_identity()
+        await victim.register(identity=key)
+        replayed = victim.proof(key)  # a proof captured from the victim's own connection
+        mallory = new_identity()
+        attempts: list[str | None] = [
+            None,  # no proof at all
+            replayed,  # another connection's nonce and server key
+            "A" * 43 + "=",  # 32 zero bytes
+            "not base64!",
+        ]
+        for proof in attempts:
+            thief = await WsWorker.connect(rv.ws_url, worker_id=victim.worker_id)
+            await thief.send({"type": "register", "public_key": key.public_b64, "proof": proof})
+            assert await thief.wait_closed() == (1008, "key proof failed"), proof
+        # a proof computed with the attacker's own private key for the victim's public key
+        thief = await WsWorker.connect(rv.ws_url, worker_id=victim.worker_id)
+        forged = thief.proof(mallory)
+        await thief.send({"type": "register", "public_key": key.public_b64, "proof": forged})
+        assert await thief.wait_closed() == (1008, "key proof failed")
+        # a proof for the same key but bound to another worker id
+        thief = await WsWorker.connect(rv.ws_url, worker_id=victim.worker_id)
+        elsewhere = thief.proof(key, worker_id="someone-else")
+        await thief.send({"type": "register", "public_key": key.public_b64, "proof": elsewhere})
+        assert await thief.wait_closed() == (1008, "key proof failed")
+        # the victim is still registered on its connection and still gets paired
+        async with httpx.AsyncClient() as http:
+            stats = (await http.get(f"{rv.url}/debug/stats")).json()
+            listing = (await http.get(f"{rv.url}/debug/list_workers")).json()
+        assert stats["refused_proof"] == 6 and stats["registered"] == 1
+        assert listing["workers"][0]["ws_observed_port"] == victim.ws.local_address[1]
+        peer = await WsWorker.connect(rv.ws_url)
+        await peer.register(identity=new_identity())
+        await peer.update_endpoint("203.0.113.2", 2)
+        await victim.update_endpoint("203.0.113.1", 1)
+        assert (await victim.expect("p2p_connection_offer"))["peer_worker_id"] == peer.worker_id
+        await victim.close()
+        await peer.close()
+
+
+async def test_every_connection_gets_a_fresh_challenge_first() -> None:
+    async with running_rendezvous() as rv:
+        seen = set()
+        for _ in range(3):
+            w = await WsWorker.connect(rv.ws_url)
+            assert w.challenge is not None
+            parse_rendezvous_message(json.dumps(w.challenge))
+            seen.add((w.challenge["nonce"], w.challenge["server_key"]))
+            await w.close()
+        assert len({n for n, _ in seen}) == 3 and len({k for _, k in seen}) == 3
 
 
 async def test_global_token_refuses_missing_or_wrong_token() -> None:
@@ -317,6 +380,7 @@ def test_testclient_works_too() -> None:
     with TestClient(create_app()) as client:
         assert client.get("/health").json() == {"status": "ok"}
         with client.websocket_connect("/ws/register/abc") as ws:
+            assert ws.receive_json()["type"] == "challenge"
             ws.send_text(json.dumps({"type": "register"}))
             assert ws.receive_json()["type"] == "registered"
             ws.send_text("{")
@@ -428,10 +492,10 @@ async def test_workers_pair_only_with_the_same_encryption_mode(
     async with running_rendezvous(**opts) as rv:
         ws: dict[str, WsWorker] = {}
         for i, (name, key) in enumerate(
-            [("enc1", "A" * 43 + "="), ("plain1", None), ("enc2", "B" * 43 + "="), ("plain2", None)]
+            [("enc1", new_identity()), ("plain1", None), ("enc2", new_identity()), ("plain2", None)]
         ):
             ws[name] = await WsWorker.connect(rv.ws_url)
-            await ws[name].register(public_key=key)
+            await ws[name].register(identity=key)
             await ws[name].update_endpoint("203.0.113.1", 1000 + i)
             if name == "plain1":  # enc1 and plain1 could not talk: no offer
                 await ws["enc1"].assert_silent()

@@ -11,19 +11,28 @@ routed through the simulated NATs (TCP through a NAT keeps its mapping while it 
 rendezvous's view of a worker is its NAT's public IP.  ``relay`` messages are passed only between
 the two workers of a pair, and refusals answered as the service does (its per-connection byte
 budget is not modelled).
+
+Registration proves key possession as with the service: each connection opens with a
+``challenge`` (a fresh nonce and ephemeral X25519 key), and a ``register`` that carries a public
+key without a valid proof closes the connection (counted ``refused_proof``).
 """
 
 from __future__ import annotations
 
+import base64
+import binascii
 import itertools
 import logging
+import random
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Protocol
 
 from pydantic import BaseModel
 
+from p2plab.core.crypto import Identity, verify_registration_proof
 from p2plab.core.signaling import (
+    Challenge,
     ErrorMessage,
     Register,
     RelayIn,
@@ -65,13 +74,23 @@ class _Connection:
         self.delay = delay
         self.open = True
         self.reported: set[str] = set()  # relay refusal kinds already answered with an error
+        self.server: Identity | None = None  # this connection's ephemeral challenge key
+        self.nonce = b""
 
 
 class SimRendezvous:
     """One rendezvous service on the simulation's clock."""
 
-    def __init__(self, clock: Scheduler, *, relay: bool = True) -> None:
+    def __init__(
+        self,
+        clock: Scheduler,
+        *,
+        relay: bool = True,
+        rand_bytes: Callable[[int], bytes] | None = None,
+    ) -> None:
         self.clock = clock
+        # its own generator: the challenges draw nothing from the workers' or the network's
+        self._rand_bytes = rand_bytes or random.Random("sim rendezvous").randbytes
         self.relay = relay
         """Whether ``relay`` messages are passed on (``P2P_RELAY``); else refused with an error."""
         self.registry = Registry()
@@ -105,8 +124,17 @@ class SimRendezvous:
     # -- internals ----------------------------------------------------------------------------
 
     def _opened(self, conn: _Connection) -> None:
+        if not conn.open:
+            return
+        conn.client.rendezvous_connected()
+        # The challenge comes with the accept (the service sends it first thing).
+        conn.server = Identity.generate(self._rand_bytes)
+        conn.nonce = self._rand_bytes(32)
+        challenge = Challenge(
+            nonce=base64.b64encode(conn.nonce).decode("ascii"), server_key=conn.server.public_b64
+        )
         if conn.open:
-            conn.client.rendezvous_connected()
+            conn.client.rendezvous_message(dump_message(challenge))
 
     def _closed(self, conn: _Connection) -> None:
         self._carry_out(self.registry.unregister(conn.client.worker_id, conn.conn_id))
@@ -122,6 +150,10 @@ class SimRendezvous:
             return
         wid = conn.client.worker_id
         if isinstance(msg, Register):
+            if msg.public_key is not None and not self._proof_ok(conn, msg):
+                self.stats["refused_proof"] += 1
+                self._carry_out([CloseConnection(wid, conn.conn_id, 1008, "key proof failed")])
+                return
             actions = self.registry.register(
                 wid,
                 conn.conn_id,
@@ -138,6 +170,18 @@ class SimRendezvous:
         else:
             actions = self._relay(conn, msg)
         self._carry_out(actions)
+
+    def _proof_ok(self, conn: _Connection, msg: Register) -> bool:
+        if conn.server is None or msg.proof is None or msg.public_key is None:
+            return False
+        try:
+            key = base64.b64decode(msg.public_key, validate=True)
+            proof = base64.b64decode(msg.proof, validate=True)
+        except (binascii.Error, ValueError):
+            return False
+        return verify_registration_proof(
+            conn.server.private_key, key, conn.nonce, conn.client.worker_id, proof
+        )
 
     def _relay(self, conn: _Connection, msg: RelayOut) -> list[Action]:
         # As the service: refusals are counted, and answered with one error per kind on a

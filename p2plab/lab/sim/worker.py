@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import logging
 from collections import Counter
+from dataclasses import replace
 
 from pydantic import BaseModel
 
@@ -30,7 +31,6 @@ from p2plab.core.link import (
     SendToRendezvous,
 )
 from p2plab.core.signaling import (
-    Register,
     RelayOut,
     dump_message,
     encode_relay_data,
@@ -75,7 +75,10 @@ class SimWorker:
         self.stun_server = (stun_server or sim.stun.primary) if use_stun else None
         identity = Identity.generate(sim.rng.randbytes) if encrypted else None
         self.engine = LinkEngine(
-            worker_id, config=config, identity=identity, rand_bytes=sim.rng.randbytes
+            worker_id,
+            config=replace(config or LinkConfig(), room=room),
+            identity=identity,
+            rand_bytes=sim.rng.randbytes,
         )
         #: Every engine event with the virtual time it came out: ``(t, event)``.
         self.events: list[tuple[float, ev.Event]] = []
@@ -167,9 +170,7 @@ class SimWorker:
         if self.state == "stopped":
             return
         self.engine.rendezvous_up(self.sim.now)
-        self.pump()
-        key = self.engine.identity.public_b64 if self.engine.identity is not None else None
-        self._to_rendezvous(Register(room=self.room, public_key=key))
+        self.pump()  # the engine registers when the rendezvous's challenge arrives
 
     def rendezvous_message(self, text: str) -> None:
         try:
