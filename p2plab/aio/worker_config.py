@@ -57,6 +57,13 @@ class WorkerConfig:
     """When punching fails, carry the (still sealed) peer datagrams through the rendezvous
     (state ``relayed``, ``status()["path"] == "relayed"``): chat, keep-alives and RTT work,
     benchmarks do not.  False keeps the old behaviour (``lost``, then ``waiting_for_peer``)."""
+    ui_token: str | None = None
+    """Token of the worker's page (``/``, ``/status``, ``/ui_ws``), as Jupyter's: at least 16
+    characters of A-Z a-z 0-9 . _ ~ -; None generates one when the page starts
+    (:attr:`Worker.ui_url <p2plab.aio.worker.Worker.ui_url>` carries it)."""
+    ui_allowed_hosts: tuple[str, ...] = ()
+    """Host names the page answers to besides localhost, loopback and IP addresses (DNS
+    rebinding guard): ``name``, ``name:port`` or ``.domain`` (e.g. ``.run.app``)."""
 
     def link_config(self) -> LinkConfig:
         """The link engine's share of these settings."""
