@@ -236,15 +236,18 @@ class UiGuardMiddleware:
             return
         self.refused += 1
         code, reason = refused
-        # What was refused is logged without the token or headers beyond the Host/Origin.
-        log.warning(
-            "worker UI: refused %s %s (%s; host %r, origin %r)",
-            scope["type"],
-            scope.get("path"),
-            reason,
-            conn.headers.get("host"),
-            conn.headers.get("origin"),
-        )
+        # Logged at 1, 10, 100, ... refusals: a guesser must not fill the log.  Never the token;
+        # of the headers only Host and Origin.
+        if _is_power_of_ten(self.refused):
+            log.warning(
+                "worker UI: refused %s %s (%s; host %r, origin %r); %d refused so far",
+                scope["type"],
+                scope.get("path"),
+                reason,
+                conn.headers.get("host"),
+                conn.headers.get("origin"),
+                self.refused,
+            )
         if scope["type"] == "websocket":
             # Closing before accepting: the client sees the handshake refused (HTTP 403), and a
             # browser's page script learns nothing but that it failed.
@@ -253,6 +256,12 @@ class UiGuardMiddleware:
             return
         # The page's own address without a token gets a line saying where the token is.
         await _send_refusal(send, code, reason, html=code == 401 and scope.get("path") == "/")
+
+
+def _is_power_of_ten(n: int) -> bool:
+    while n >= 10 and n % 10 == 0:
+        n //= 10
+    return n == 1
 
 
 async def _send_refusal(send: Send, code: int, reason: str, *, html: bool) -> None:

@@ -264,3 +264,14 @@ async def test_worker_prints_a_working_address_with_its_token() -> None:
         assert w2.ui_token != w.ui_token
     finally:
         await w2.stop()
+
+
+async def test_a_guesser_cannot_fill_the_log(ui: Any, caplog: pytest.LogCaptureFixture) -> None:
+    port, _ = ui
+    with caplog.at_level("WARNING", logger="p2plab.aio.ui_auth"):
+        for i in range(12):
+            r = await request(port, f"/status?token=guess-{i:020d}", own(port))
+            assert r.status == 401
+    lines = [r.getMessage() for r in caplog.records if "refused" in r.getMessage()]
+    assert len(lines) == 2 and lines[1].endswith("10 refused so far"), lines
+    assert not any("guess-" in line for line in lines)  # no token, right or wrong, is logged
