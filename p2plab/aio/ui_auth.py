@@ -162,7 +162,7 @@ class UiGuard:
         if not host:
             return False
         name, port = split_host(host)
-        if name in _LOCAL_NAMES:
+        if name in _LOCAL_NAMES or (name and name == split_host(self.bind_host)[0]):
             return True
         if _is_ip(name):
             ip = ipaddress.ip_address(name)

@@ -213,6 +213,9 @@ def test_host_names_the_page_answers_to() -> None:
     for host in (None, "", "evil.example:8080", "192.168.1.5:8080", "localhost.evil.example",
                  "127.0.0.1.nip.io:8080", "[::1"):  # fmt: skip
         assert not loop_bound.host_allowed(host), host
+    # bound to a name: that name is served too
+    assert UiGuard(TOKEN, "Box.lan", 8080).host_allowed("box.lan:8080")
+    assert not UiGuard(TOKEN, "box.lan", 8080).host_allowed("other.lan:8080")
     # bound to every address (the image): any IP literal is this machine, no name can rebind it
     any_bound = UiGuard(TOKEN, "0.0.0.0", 8080)
     assert any_bound.host_allowed("192.168.1.5:8080")
