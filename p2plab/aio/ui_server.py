@@ -13,7 +13,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import logging
 import socket
 from importlib import resources
 from typing import Any, Protocol
@@ -36,7 +35,6 @@ from p2plab.errors import P2PLabError
 
 __all__ = ["UiServer", "UiWorker", "create_worker_app", "origin_allowed"]
 
-log = logging.getLogger(__name__)
 
 MAX_UI_MESSAGE = 64 * 1024
 
