@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import http.server
+import re
 import socket
 import threading
 import uuid
@@ -231,3 +232,32 @@ def test_a_worker_restarted_with_another_token_says_so_on_the_open_page(
             shot(page, "worker-new-token")
     finally:
         c.stop()
+
+
+# -- trust through the real workers (needs the worker's status fields: H3's branch) ------------
+
+
+def test_both_real_pages_show_the_same_authentication_string(
+    cluster: Cluster, browser: Any
+) -> None:
+    """Finding 15: the two pages showed the fingerprints in opposite order.  Now both show one
+    string, computed from the sorted pair of ids and keys, the same at both ends."""
+    a_sec = status(cluster.a_http)["security"]
+    b_sec = status(cluster.b_http)["security"]
+    assert "auth_string" in a_sec, f"the worker sends no security.auth_string: {a_sec}"
+    auth = a_sec["auth_string"]
+    assert re.fullmatch(r"\d{5}( \d{5}){7}", auth), auth
+    assert b_sec["auth_string"] == auth
+    for sec in (a_sec, b_sec):
+        assert sec["peer_key_warning"] is None and sec["relayed"] is False
+        assert sec["peer_key_pinned"] is False
+    shown = []
+    for port in (cluster.a_http, cluster.b_http):
+        with open_page(browser, cluster.url(port)) as page:
+            wait_linked(page)
+            page.wait_for_selector(tid("auth-string"), state="visible", timeout=ms(10))
+            shown.append(page.inner_text(tid("auth-string")))
+            assert not page.is_visible(tid("key-warning"))
+            assert not page.is_visible(tid("relayed-banner"))
+            assert not page.is_visible(tid("peer-key-pinned"))
+    assert shown == [auth, auth]
