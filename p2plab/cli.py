@@ -182,6 +182,8 @@ def _resolve_worker_env(args: argparse.Namespace) -> None:
         ("token", "P2P_TOKEN", str, None),
         ("id", "WORKER_ID", str, None),
         ("peer_key", "P2P_PEER_KEY", str, None),
+        ("ui_token", "UI_TOKEN", str, None),
+        ("ui_allowed_hosts", "UI_ALLOWED_HOSTS", str, ""),
     ]
     for dest, name, convert, default in from_env:
         if getattr(args, dest) is None:
@@ -196,6 +198,7 @@ def _resolve_worker_env(args: argparse.Namespace) -> None:
 
 
 def _worker_config(args: argparse.Namespace) -> Any:
+    from p2plab.aio.ui_auth import check_ui_token, parse_allowed_hosts
     from p2plab.aio.worker import WorkerConfig
     from p2plab.config import SessionConfig
 
@@ -209,6 +212,8 @@ def _worker_config(args: argparse.Namespace) -> Any:
         timers.setdefault("keepalive_interval", min(5.0, args.peer_timeout / 3))
     if args.punch_timeout is not None:
         timers["punch_timeout"] = args.punch_timeout
+    ui_token = None if args.ui_token is None else check_ui_token(args.ui_token)
+    ui_allowed_hosts = parse_allowed_hosts(args.ui_allowed_hosts)
     return WorkerConfig(
         rendezvous_url=args.rendezvous or "",
         stun_servers=_stun_list(args.stun),
@@ -224,6 +229,8 @@ def _worker_config(args: argparse.Namespace) -> Any:
         relay=not args.no_relay,
         session=SessionConfig(**timers),
         peer_key=args.peer_key,
+        ui_token=ui_token,
+        ui_allowed_hosts=ui_allowed_hosts,
     )
 
 
@@ -463,6 +470,20 @@ def _add_worker(sub: Any) -> None:
         help="pair only with the peer holding this key: its base64 public key or its "
         "fingerprint, 64 hex digits as its page shows (env P2P_PEER_KEY; default: any key, "
         "remembered by peer id, a change reported loudly)",
+    )
+    p.add_argument(
+        "--ui-token",
+        default=None,
+        metavar="TOKEN",
+        help="token of the UI page, 16+ characters (env UI_TOKEN, better: a flag shows in ps; "
+        "default: generated, printed in the UI address)",
+    )
+    p.add_argument(
+        "--ui-allowed-hosts",
+        default=None,
+        metavar="H,H",
+        help="host names the UI answers to besides localhost and IP addresses, e.g. a Cloud Run "
+        "name or .run.app (env UI_ALLOWED_HOSTS; default: none)",
     )
     p.add_argument("--no-nat-report", action="store_true", help="skip RFC 5780 classification")
     p.add_argument(

@@ -43,7 +43,7 @@ def shot(page: Any, name: str) -> None:
     page.screenshot(path=str(ARTIFACTS / f"{name}.png"), full_page=True)
 
 
-def launch_browser() -> Iterator[Any]:
+def launch_browser(extra_args: tuple[str, ...] = ()) -> Iterator[Any]:
     """Headless Chromium for a module-scoped ``browser`` fixture (``yield from`` this)."""
     require(os.path.exists(CHROMIUM), f"Chromium at {CHROMIUM}")
     try:
@@ -52,7 +52,8 @@ def launch_browser() -> Iterator[Any]:
         require(False, "the playwright Python package")
         raise
     with sync_playwright() as pw:
-        b = pw.chromium.launch(executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS)
+        args = [*CHROMIUM_ARGS, *extra_args]
+        b = pw.chromium.launch(executable_path=CHROMIUM, headless=True, args=args)
         try:
             yield b
         finally:

@@ -18,6 +18,8 @@ from tests.conftest import TIMEOUT_UNIT
 
 P2PLAB = [sys.executable, "-m", "p2plab"]
 LOG_DIR = Path(__file__).resolve().parent.parent / "test-artifacts" / "logs"
+UI_TOKEN = "p2plab-test-ui-token-0123456789"
+"""The ``--ui-token`` every worker started here serves its page behind."""
 
 
 def free_port(kind: int = socket.SOCK_STREAM) -> int:
@@ -79,9 +81,20 @@ def wait_until(cond: Callable[[], Any], timeout: float, what: str, proc: Proc | 
     raise AssertionError(f"timed out waiting for {what} (last: {last!r}){extra}")
 
 
-def get_json(url: str, timeout: float = 2.0) -> Any:
-    with urllib.request.urlopen(url, timeout=timeout) as resp:
+def get_json(url: str, timeout: float = 2.0, headers: dict[str, str] | None = None) -> Any:
+    request = urllib.request.Request(url, headers=headers or {})
+    with urllib.request.urlopen(request, timeout=timeout) as resp:
         return json.load(resp)
+
+
+def ui_ws_url(http_port: int, token: str = UI_TOKEN) -> str:
+    """The worker's ``/ui_ws`` with its token."""
+    return f"ws://127.0.0.1:{http_port}/ui_ws?token={token}"
+
+
+def ui_page_url(http_port: int, token: str = UI_TOKEN) -> str:
+    """The worker's page with its token, as the worker prints it."""
+    return f"http://127.0.0.1:{http_port}/?token={token}"
 
 
 def start_rendezvous(
@@ -123,6 +136,8 @@ def start_worker(
             "127.0.0.1",
             "--http-port",
             str(http),
+            "--ui-token",
+            UI_TOKEN,
         ]
         + (extra or []),
     )
@@ -136,5 +151,7 @@ def start_worker(
 
 
 def status(http_port: int) -> dict[str, Any]:
-    result: dict[str, Any] = get_json(f"http://127.0.0.1:{http_port}/status")
+    result: dict[str, Any] = get_json(
+        f"http://127.0.0.1:{http_port}/status", headers={"Authorization": f"Bearer {UI_TOKEN}"}
+    )
     return result

@@ -3,9 +3,9 @@
 It knows the worker only through :class:`UiWorker` (what the page needs), so the worker can
 start it without the two modules importing each other.
 
-``/ui_ws`` only accepts the worker's own page: a browser always sends ``Origin``, and a page from
-another origin (a malicious site open in the same browser) must not drive the worker.  Clients
-that send no ``Origin`` (scripts, notebooks, tests) are not browsers and are accepted.
+Everything but ``/health`` needs the worker's UI token and a Host the worker serves, and a
+browser's Origin must be the page's own (:mod:`p2plab.aio.ui_auth`): a page of another site,
+another port, or a rebound DNS name must not drive the worker.
 """
 
 from __future__ import annotations
@@ -13,24 +13,28 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import logging
 import socket
 from importlib import resources
 from typing import Any, Protocol
-from urllib.parse import urlsplit
 
 import uvicorn
-from fastapi import FastAPI, WebSocket, WebSocketDisconnect
+from fastapi import FastAPI, Request, WebSocket, WebSocketDisconnect
 from fastapi.responses import HTMLResponse, JSONResponse
 
 from p2plab.aio.bench import start_benchmark_from_ui, stop_benchmark_from_ui
 from p2plab.aio.extension import WorkerHost
 from p2plab.aio.http_server import EmbeddedServer
+from p2plab.aio.ui_auth import (
+    UiGuard,
+    UiGuardMiddleware,
+    check_ui_token,
+    new_ui_token,
+    origin_allowed,
+)
 from p2plab.errors import P2PLabError
 
 __all__ = ["UiServer", "UiWorker", "create_worker_app", "origin_allowed"]
 
-log = logging.getLogger(__name__)
 
 MAX_UI_MESSAGE = 64 * 1024
 
@@ -40,23 +44,6 @@ def _index_html() -> str:
         return resources.files("p2plab").joinpath("web/index.html").read_text("utf-8")
     except (FileNotFoundError, OSError):  # pragma: no cover - broken install
         return "<!doctype html><title>p2plab</title><p>UI missing from this installation.</p>"
-
-
-def origin_allowed(origin: str | None, host: str | None) -> bool:
-    """Same-origin check for ``/ui_ws``: the Origin's host:port must be the Host we serve."""
-    if origin is None:
-        return True
-    if not host:
-        return False
-    parts = urlsplit(origin)
-    if parts.scheme not in ("http", "https") or not parts.netloc:
-        return False
-    default = "443" if parts.scheme == "https" else "80"
-    o_host, _, o_port = (
-        parts.netloc.rpartition(":") if ":" in parts.netloc else (parts.netloc, "", "")
-    )
-    h_host, _, h_port = host.rpartition(":") if ":" in host else (host, "", "")
-    return o_host.lower() == h_host.lower() and (o_port or default) == (h_port or default)
 
 
 class UiWorker(WorkerHost, Protocol):
@@ -83,13 +70,40 @@ class UiWorker(WorkerHost, Protocol):
         ...
 
 
-def create_worker_app(worker: UiWorker) -> FastAPI:
+# The page loads nothing from elsewhere: no referrer can carry the token out, and no other
+# page may frame it (a click-jacking frame from another port of the same host would be sent the
+# SameSite cookie).
+_PAGE_HEADERS = {
+    "Cache-Control": "no-store",
+    "Referrer-Policy": "no-referrer",
+    "X-Frame-Options": "DENY",
+    "Content-Security-Policy": "frame-ancestors 'none'",
+}
+
+
+def create_worker_app(worker: UiWorker, guard: UiGuard) -> FastAPI:
+    """The page's app; every route but ``/health`` behind ``guard``."""
     app = FastAPI(title="p2plab worker", docs_url=None, redoc_url=None, openapi_url=None)
+    app.add_middleware(UiGuardMiddleware, guard=guard)
     page = _index_html()
 
     @app.get("/", response_class=HTMLResponse)
-    async def index() -> HTMLResponse:
-        return HTMLResponse(page, headers={"Cache-Control": "no-store"})
+    async def index(request: Request) -> HTMLResponse:
+        response = HTMLResponse(page, headers=_PAGE_HEADERS)
+        if guard.token_matches(request.query_params.get("token")):
+            # Opened with ?token=: the page strips it from the address bar, the cookie keeps it
+            # for reloads, new tabs and /ui_ws.  HttpOnly: no script (an injected one included)
+            # reads it; SameSite=Strict: no other site's request carries it.
+            https = request.headers.get("x-forwarded-proto", request.url.scheme) == "https"
+            response.set_cookie(
+                guard.cookie_name,
+                guard.token,
+                httponly=True,
+                samesite="strict",
+                secure=https,
+                path="/",
+            )
+        return response
 
     @app.get("/health")
     async def health() -> dict[str, str]:
@@ -101,11 +115,7 @@ def create_worker_app(worker: UiWorker) -> FastAPI:
 
     @app.websocket("/ui_ws")
     async def ui_ws(ws: WebSocket) -> None:
-        origin = ws.headers.get("origin")
-        if not origin_allowed(origin, ws.headers.get("host")):
-            log.warning("refusing /ui_ws from foreign origin %s", origin)
-            await ws.close(code=1008, reason="origin not allowed")
-            return
+        # The guard checked Host, Origin and the token before this runs.
         await ws.accept()
         # Subscribe before taking the history so nothing falls between the two; a message in
         # both is sent twice and the page drops the repeat (chat by id, results by run and role).
@@ -172,15 +182,32 @@ async def handle_ui_message(worker: UiWorker, raw: str) -> dict[str, Any] | None
 class UiServer:
     """The worker's page served by uvicorn in the current loop (:meth:`start`, :meth:`close`)."""
 
-    def __init__(self, server: EmbeddedServer, address: tuple[str, int]) -> None:
+    def __init__(self, server: EmbeddedServer, address: tuple[str, int], guard: UiGuard) -> None:
         self.server = server
         self.address = address
         """The bound (host, port)."""
+        self.guard = guard
+        """The token and the Host names the page answers to."""
+
+    @property
+    def token(self) -> str:
+        """The UI token (given or generated)."""
+        return self.guard.token
 
     @classmethod
-    async def start(cls, worker: UiWorker, host: str, port: int) -> UiServer:
-        """Bind ``host:port`` (0: a free port) and serve the page; a port in use is a
-        :class:`~p2plab.errors.P2PLabError` naming it."""
+    async def start(
+        cls,
+        worker: UiWorker,
+        host: str,
+        port: int,
+        *,
+        token: str | None = None,
+        allowed_hosts: tuple[str, ...] = (),
+    ) -> UiServer:
+        """Bind ``host:port`` (0: a free port) and serve the page behind ``token`` (None: a
+        generated one); a port in use is a :class:`~p2plab.errors.P2PLabError` naming it, a bad
+        token a :class:`~p2plab.errors.ConfigError`."""
+        token = new_ui_token() if token is None else check_ui_token(token)
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
         sock = socket.socket(family, socket.SOCK_STREAM)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -191,8 +218,10 @@ class UiServer:
             raise P2PLabError(f"cannot serve the worker UI on {host}:{port}: {exc}") from None
         sock.listen(128)
         sock.setblocking(False)
+        bound = sock.getsockname()
+        guard = UiGuard(token, host, int(bound[1]), allowed_hosts)
         config = uvicorn.Config(
-            create_worker_app(worker),
+            create_worker_app(worker, guard),
             log_level="warning",
             lifespan="off",
             ws_max_size=MAX_UI_MESSAGE * 2,
@@ -203,8 +232,7 @@ class UiServer:
         except BaseException:
             sock.close()
             raise
-        bound = sock.getsockname()
-        return cls(server, (str(bound[0]), int(bound[1])))
+        return cls(server, (str(bound[0]), int(bound[1])), guard)
 
     async def close(self) -> None:
         """Stop serving (bounded)."""

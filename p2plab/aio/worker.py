@@ -122,7 +122,11 @@ class Worker:
             ext.attach(self)
         if self.config.http_port is not None:
             self._ui_server = await UiServer.start(
-                self, self.config.http_host, self.config.http_port
+                self,
+                self.config.http_host,
+                self.config.http_port,
+                token=self.config.ui_token,
+                allowed_hosts=self.config.ui_allowed_hosts,
             )
             self.http_address = self._ui_server.address
         self._rendezvous = RendezvousClient(
@@ -387,11 +391,20 @@ class Worker:
 
     @property
     def ui_url(self) -> str | None:
-        if self.http_address is None:
+        """The page's address with its token (``http://127.0.0.1:8080/?token=...``), None
+        without a page."""
+        if self._ui_server is None:
             return None
-        host, port = self.http_address
-        shown = "127.0.0.1" if host in ("0.0.0.0", "") else host
-        return f"http://{shown}:{port}/"
+        host, port = self._ui_server.address
+        shown = {"0.0.0.0": "127.0.0.1", "": "127.0.0.1", "::": "::1"}.get(host, host)
+        if ":" in shown:
+            shown = f"[{shown}]"
+        return f"http://{shown}:{port}/?token={self._ui_server.token}"
+
+    @property
+    def ui_token(self) -> str | None:
+        """The page's token (``WorkerConfig.ui_token`` or generated), None without a page."""
+        return None if self._ui_server is None else self._ui_server.token
 
     @property
     def path(self) -> str | None:

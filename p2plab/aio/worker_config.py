@@ -69,6 +69,13 @@ class WorkerConfig:
     register_timeout_s: float = 10.0
     """A rendezvous connection not registered within this many seconds (no challenge, no
     ``registered``) is closed and tried again with backoff."""
+    ui_token: str | None = None
+    """Token of the worker's page (``/``, ``/status``, ``/ui_ws``), as Jupyter's: at least 16
+    characters of A-Z a-z 0-9 . _ ~ -; None generates one when the page starts
+    (:attr:`Worker.ui_url <p2plab.aio.worker.Worker.ui_url>` carries it)."""
+    ui_allowed_hosts: tuple[str, ...] = ()
+    """Host names the page answers to besides localhost, loopback and IP addresses (DNS
+    rebinding guard): ``name``, ``name:port`` or ``.domain`` (e.g. ``.run.app``)."""
 
     def link_config(self) -> LinkConfig:
         """The link engine's share of these settings."""

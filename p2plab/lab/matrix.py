@@ -18,6 +18,7 @@ import csv
 import dataclasses
 import json
 import logging
+import secrets
 import subprocess
 import sys
 import textwrap
@@ -200,6 +201,13 @@ class PairRun:
         self.readers: dict[str, _EventReader] = {}
         self.t0 = 0.0
         self._logs: list[IO[Any]] = []
+        self.ui_token = secrets.token_urlsafe(24)
+        """The workers' ``--ui-token`` (their pages and ``/ui_ws`` need it)."""
+
+    @property
+    def ui_ws_url(self) -> str:
+        """A worker's ``/ui_ws`` with its token, as seen from inside its host."""
+        return f"ws://127.0.0.1:{WORKER_HTTP_PORT}/ui_ws?token={self.ui_token}"
 
     def _logfile(self, what: str) -> IO[Any] | int:
         if self.log_dir is None:
@@ -225,7 +233,8 @@ class PairRun:
         for host in ("a", "b"):
             argv = ["-m", "p2plab", "worker", "--rendezvous", f"ws://{rv}:{RENDEZVOUS_PORT}"]
             argv += ["--stun", lab.stun_server, "--http-host", "127.0.0.1"]
-            argv += ["--http-port", str(WORKER_HTTP_PORT), "--events", *worker_args]
+            argv += ["--http-port", str(WORKER_HTTP_PORT), "--ui-token", self.ui_token]
+            argv += ["--events", *worker_args]
             proc = lab.python(
                 host,
                 argv,
@@ -261,8 +270,8 @@ class PairRun:
     def chat_exactly_once(self, sender: str, receiver: str, timeout: float = 15.0) -> bool:
         """Send one chat from ``sender``'s worker: acknowledged, and received exactly once."""
         text = f"p2plab matrix probe {time.monotonic_ns()}"
-        url = f"ws://127.0.0.1:{WORKER_HTTP_PORT}/ui_ws"
-        argv = [sys.executable, "-c", textwrap.dedent(_CHAT_PROBE), text, str(timeout), url]
+        argv = [sys.executable, "-c", textwrap.dedent(_CHAT_PROBE), text, str(timeout)]
+        argv.append(self.ui_ws_url)
         try:
             proc = self.lab.run(sender, argv, timeout=timeout + 15)
         except subprocess.TimeoutExpired:

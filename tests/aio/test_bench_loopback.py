@@ -244,9 +244,9 @@ async def test_unknown_control_messages_are_dropped_and_counted() -> None:
 
 async def test_ui_websocket_start_benchmark(tmp_path: Path) -> None:
     async with two_workers(http=True) as (a, _b):
-        assert a.http_address is not None
-        port = a.http_address[1]
-        async with connect(f"ws://127.0.0.1:{port}/ui_ws", open_timeout=T) as ws:
+        assert a.ui_url is not None
+        ws_url = a.ui_url.replace("http://", "ws://").replace("/?token=", "/ui_ws?token=")
+        async with connect(ws_url, open_timeout=T) as ws:
             await ws.send(json.dumps({"type": "start_benchmark", "duration_s": 0.2,
                                       "payload_size": 64000, "rate_mbps": 0}))  # fmt: skip
             await ws.send(json.dumps({"type": "start_benchmark", "duration_s": 1.5,

@@ -10,7 +10,7 @@ import pytest
 import websockets
 
 from tests.conftest import TIMEOUT_UNIT
-from tests.procs import Proc, start_rendezvous, start_worker, status, wait_until
+from tests.procs import Proc, start_rendezvous, start_worker, status, ui_ws_url, wait_until
 
 pytestmark = pytest.mark.slow
 
@@ -50,8 +50,8 @@ async def test_chat_third_worker_waits_and_repairs_after_kill() -> None:
         assert st["peer"]["endpoint"] == status(b_http)["udp_public"]
 
         async with (
-            websockets.connect(f"ws://127.0.0.1:{a_http}/ui_ws") as ws_a,
-            websockets.connect(f"ws://127.0.0.1:{b_http}/ui_ws") as ws_b,
+            websockets.connect(ui_ws_url(a_http)) as ws_a,
+            websockets.connect(ui_ws_url(b_http)) as ws_b,
         ):
             first = json.loads(await ws_a.recv())
             assert first["type"] == "status" and first["worker_id"] == a_id
@@ -102,7 +102,7 @@ async def test_bad_ui_messages_get_errors_and_chat_needs_a_peer() -> None:
         procs.append(rv)
         a, a_http = start_worker(rv_port, stun, "worker-lonely")
         procs.append(a)
-        async with websockets.connect(f"ws://127.0.0.1:{a_http}/ui_ws") as ws:
+        async with websockets.connect(ui_ws_url(a_http)) as ws:
             await _next(ws, lambda m: m["type"] == "status", 5)
             for bad, expect in [
                 ("not json", "not JSON"),
@@ -126,7 +126,7 @@ async def test_foreign_origin_is_refused() -> None:
         procs.append(rv)
         a, a_http = start_worker(rv_port, stun, "worker-origin")
         procs.append(a)
-        url = f"ws://127.0.0.1:{a_http}/ui_ws"
+        url = ui_ws_url(a_http)
         async with websockets.connect(url, origin=f"http://127.0.0.1:{a_http}") as ws:
             assert json.loads(await ws.recv())["type"] == "status"
         with pytest.raises(websockets.exceptions.WebSocketException):

@@ -67,6 +67,7 @@ def test_hub_remembers_what_it_publishes() -> None:
 def test_ui_ws_sends_status_then_the_history_then_serves_as_before() -> None:
     from fastapi.testclient import TestClient
 
+    from p2plab.aio.ui_auth import UiGuard
     from p2plab.aio.ui_server import create_worker_app
 
     class Worker:
@@ -91,7 +92,9 @@ def test_ui_ws_sends_status_then_the_history_then_serves_as_before() -> None:
     worker.hub.publish(chat(1))
     worker.hub.publish({"type": "chat_delivered", "id": f"{1:016x}"})
     worker.hub.publish(result(9, "sender"))
-    with TestClient(create_worker_app(worker)) as client:  # type: ignore[arg-type]
+    guard = UiGuard("history-test-token-0123", "127.0.0.1", 8080, ("testserver",))
+    app = create_worker_app(worker, guard)  # type: ignore[arg-type]
+    with TestClient(app, headers={"Authorization": "Bearer history-test-token-0123"}) as client:
         with client.websocket_connect("/ui_ws") as ws:
             assert ws.receive_json()["type"] == "status"
             first = ws.receive_json()

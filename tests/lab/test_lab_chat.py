@@ -21,10 +21,10 @@ import asyncio, json, sys
 import websockets
 
 async def main():
-    n, limit = int(sys.argv[1]), float(sys.argv[2])
+    n, limit, url = int(sys.argv[1]), float(sys.argv[2]), sys.argv[3]
     got = []
     loop = asyncio.get_running_loop()
-    async with websockets.connect("ws://127.0.0.1:8080/ui_ws") as ws:
+    async with websockets.connect(url) as ws:
         print("ready", flush=True)
         deadline = loop.time() + limit
         settle = None
@@ -50,10 +50,10 @@ import websockets
 
 async def main():
     texts = json.loads(sys.argv[1])
-    limit = float(sys.argv[2])
+    limit, url = float(sys.argv[2]), sys.argv[3]
     delivered, ids = set(), {}
     loop = asyncio.get_running_loop()
-    async with websockets.connect("ws://127.0.0.1:8080/ui_ws") as ws:
+    async with websockets.connect(url) as ws:
         for text in texts:
             await ws.send(json.dumps({"type": "chat", "text": text}))
         deadline = loop.time() + limit
@@ -85,7 +85,7 @@ def test_chat_at_20_percent_loss_arrives_exactly_once() -> None:
             assert run.wait_connected(60 * TIMEOUT_UNIT), (run.status("a"), run.status("b"))
             receiver = lab.python(
                 "b",
-                ["-c", textwrap.dedent(RECEIVER), str(n), str(limit)],
+                ["-c", textwrap.dedent(RECEIVER), str(n), str(limit), run.ui_ws_url],
                 stdout=subprocess.PIPE,
                 text=True,
             )
@@ -93,7 +93,14 @@ def test_chat_at_20_percent_loss_arrives_exactly_once() -> None:
             assert receiver.stdout.readline().strip() == "ready"
             sender = lab.run(
                 "a",
-                [sys.executable, "-c", textwrap.dedent(SENDER), json.dumps(texts), str(limit)],
+                [
+                    sys.executable,
+                    "-c",
+                    textwrap.dedent(SENDER),
+                    json.dumps(texts),
+                    str(limit),
+                    run.ui_ws_url,
+                ],
                 timeout=limit + 30,
             )
             assert sender.returncode == 0, sender.stderr

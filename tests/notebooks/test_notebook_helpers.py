@@ -130,6 +130,17 @@ def test_plots_draw_what_they_are_given() -> None:
     assert [t.get_text() for t in fig.axes[0].get_xticklabels()] == ["open", "symmetric"]
 
 
+def _http_status(url: str) -> int:
+    import urllib.error
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(url, timeout=5) as resp:
+            return int(resp.status)
+    except urllib.error.HTTPError as exc:
+        return exc.code
+
+
 @pytest.mark.timeout(60)
 async def test_local_lab_as_a_context_manager_and_awaited(
     capsys: pytest.CaptureFixture[str],
@@ -143,6 +154,9 @@ async def test_local_lab_as_a_context_manager_and_awaited(
         printed = capsys.readouterr().out
         for w in (a, b):
             assert w.ui_url is not None and w.ui_url in printed
+            # the printed address opens the page; without its token the page stays shut
+            assert await asyncio.to_thread(_http_status, w.ui_url) == 200
+            assert await asyncio.to_thread(_http_status, w.ui_url.split("?")[0]) == 401
     assert a.state == b.state == "stopped"
 
     lab = await local_lab(workers=1)  # a notebook keeps it across cells

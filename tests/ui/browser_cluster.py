@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import uuid
 
-from tests.procs import Proc, start_rendezvous, start_worker, status, wait_until
+from tests.procs import Proc, start_rendezvous, start_worker, status, ui_page_url, wait_until
 
 __all__ = ["Cluster"]
 
@@ -41,7 +41,8 @@ class Cluster:
             )
 
     def url(self, http_port: int) -> str:
-        return f"http://127.0.0.1:{http_port}/"
+        """The worker's page with its token, as the worker prints it."""
+        return ui_page_url(http_port)
 
     def close(self) -> None:
         for proc in reversed(self.procs):

@@ -6,12 +6,9 @@ scripted worker is in ``tests/ui/test_browser_page.py``.
 
 from __future__ import annotations
 
-import contextlib
 import csv
-import http.server
 import io
 import socket
-import threading
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -33,10 +30,12 @@ from tests.browser_support import (
 )
 from tests.conftest import TIMEOUT_UNIT
 from tests.procs import (
+    UI_TOKEN,
     Proc,
     free_port,
     get_json,
     status,
+    ui_page_url,
     wait_until,
 )
 from tests.ui.browser_cluster import Cluster
@@ -304,62 +303,6 @@ def test_benchmark_form_rejects_bad_payload_size(fresh_cluster: Cluster, browser
         assert a.locator(tid("bench-row")).count() == 0
 
 
-# -- origin check -------------------------------------------------------------------------------
-
-
-PROBE_JS = """
-url => new Promise(resolve => {
-  const events = [];
-  let ws;
-  try { ws = new WebSocket(url); } catch (e) { resolve(['throw:' + e]); return; }
-  ws.onopen = () => events.push('open');
-  ws.onmessage = (m) => { events.push('message'); ws.close(); };
-  ws.onerror = () => events.push('error');
-  ws.onclose = (e) => { events.push('close:' + e.code); resolve(events); };
-  setTimeout(() => resolve(events.concat(['timeout'])), 8000);
-})
-"""
-
-
-@contextlib.contextmanager
-def foreign_site() -> Iterator[str]:
-    """A page served from another origin (another port on 127.0.0.1)."""
-
-    class Handler(http.server.BaseHTTPRequestHandler):
-        def do_GET(self) -> None:
-            body = b"<!doctype html><title>another site</title><p>not the worker</p>"
-            self.send_response(200)
-            self.send_header("Content-Type", "text/html; charset=utf-8")
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
-
-        def log_message(self, *args: Any) -> None:
-            pass
-
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
-        yield f"http://127.0.0.1:{server.server_address[1]}/"
-    finally:
-        server.shutdown()
-        server.server_close()
-
-
-def test_page_from_another_origin_cannot_open_ui_ws(cluster: Cluster, browser: Any) -> None:
-    ws_url = f"ws://127.0.0.1:{cluster.a_http}/ui_ws"
-    with foreign_site() as other, open_page(browser, other, own_origin_only=False) as evil:
-        events = evil.evaluate(PROBE_JS, ws_url)
-        assert "open" not in events and "message" not in events, events
-        assert any(e.startswith("close:") for e in events), events
-    # the same script from the worker's own page is let in (so the refusal above was the origin)
-    with open_page(browser, cluster.url(cluster.a_http)) as own:
-        events = own.evaluate(PROBE_JS, ws_url)
-        assert events[:2] == ["open", "message"], events
-    assert status(cluster.a_http)["state"] == "connected"
-
-
 # -- reconnect after a worker restart -------------------------------------------------------------
 
 
@@ -382,6 +325,8 @@ def test_banner_while_worker_is_down_and_recovery_after_restart(
         str(http_port),
         "--id",
         c_id,
+        "--ui-token",
+        UI_TOKEN,
     ]
 
     def start() -> Proc:
@@ -396,7 +341,7 @@ def test_banner_while_worker_is_down_and_recovery_after_restart(
 
     c = start()
     try:
-        with open_page(browser, f"http://127.0.0.1:{http_port}/") as page:
+        with open_page(browser, ui_page_url(http_port)) as page:
             page.wait_for_selector(f'{tid("ws-state")}:text("live")', timeout=ms(10))
             page.wait_for_selector(f'{tid("status-worker-id")}:text("{c_id}")', timeout=ms(10))
             assert not page.is_visible(tid("conn-banner"))

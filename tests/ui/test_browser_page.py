@@ -240,3 +240,96 @@ def test_equal_sent_and_received_lines_both_stay_visible(browser: Any) -> None:
         # this worker sends (the peer asked it to): the relayed receiver intervals do not make
         # the page say it is receiving
         assert "sending" in page.inner_text(tid("bench-status"))
+
+
+# -- trust: the authentication string, a changed key, the relay (issue 14 item 5, finding 15) --
+
+AUTH = "01234 56789 13579 24680 11223 34455 66778 89900"
+LOCAL_FP = " ".join(["a1b2"] * 16)
+PEER_FP = " ".join(["c3d4"] * 16)
+
+
+def secure_status(**security: Any) -> dict[str, Any]:
+    sec = {
+        "encrypted": True,
+        "local_fingerprint": LOCAL_FP,
+        "peer_fingerprint": PEER_FP,
+        "auth_string": AUTH,
+        "peer_key_pinned": False,
+        "peer_key_warning": None,
+        "relayed": False,
+        "auth_failures": 0,
+        "replays": 0,
+        "unexpected_source": 0,
+    }
+    sec.update(security)
+    return {**SCRIPTED_STATUS, "security": sec}
+
+
+def test_the_authentication_string_is_shown_to_compare_and_the_fingerprints_fold_away(
+    browser: Any,
+) -> None:
+    with open_page(browser) as page:
+        w = ScriptedWorker(page)
+        w.send(secure_status())
+        assert page.is_visible(tid("auth-string"))
+        assert page.inner_text(tid("auth-string")) == AUTH
+        assert page.get_attribute(tid("auth-string"), "data-auth") == AUTH
+        assert page.inner_text(tid("auth")).startswith("Compare with your peer:")
+        # the fingerprints are there for who wants them, folded by default
+        assert page.get_attribute(tid("fingerprints-details"), "open") is None
+        assert not page.is_visible(tid("fingerprints"))
+        page.click(f"{tid('fingerprints-details')} summary")
+        assert page.inner_text(tid("fingerprints")).splitlines() == [
+            f"this worker {LOCAL_FP}",
+            f"peer {PEER_FP}",
+        ]
+        assert not page.is_visible(tid("peer-key-pinned"))
+        assert not page.is_visible(tid("key-warning")) and not page.is_visible(
+            tid("relayed-banner")
+        )
+        shot(page, "scripted-auth-string")
+        w.send(secure_status(peer_key_pinned=True))
+        assert page.is_visible(tid("peer-key-pinned"))
+
+
+def test_a_changed_peer_key_and_the_relay_are_loud(browser: Any) -> None:
+    warning = (
+        f"peer {PEER_ID[:8]} came back with another key (was 9f86 d081 ..., now c3d4 c3d4 ...): "
+        "compare the authentication string before you trust this link"
+    )
+    with open_page(browser) as page:
+        w = ScriptedWorker(page)
+        w.send(secure_status(peer_key_warning=warning))
+        banner = page.locator(tid("key-warning"))
+        assert banner.is_visible() and banner.get_attribute("role") == "alert"
+        assert page.inner_text(tid("key-warning-text")) == warning
+        # it comes before everything else on the page
+        tops = page.evaluate(
+            "ids => ids.map(i => document.querySelector(`[data-testid=${i}]`)"
+            ".getBoundingClientRect().top)",
+            ["key-warning", "status-worker-id"],
+        )
+        assert tops[0] < tops[1]
+        shot(page, "scripted-key-warning")
+        w.send(secure_status(relayed=True) | {"state": "relayed", "path": "relayed"})
+        assert not page.is_visible(tid("key-warning"))  # cleared when the worker clears it
+        assert page.is_visible(tid("relayed-banner"))
+        assert "relayed through the rendezvous" in page.inner_text(tid("relayed-banner")).lower()
+        shot(page, "scripted-relayed")
+        w.send(secure_status())
+        assert not page.is_visible(tid("relayed-banner"))
+
+
+def test_a_worker_without_the_trust_fields_shows_none_of_them(browser: Any) -> None:
+    """An older worker (no auth_string, warning or relayed): nothing is made up."""
+    with open_page(browser) as page:
+        w = ScriptedWorker(page)
+        old = {"encrypted": True, "local_fingerprint": LOCAL_FP, "peer_fingerprint": PEER_FP}
+        w.send({**SCRIPTED_STATUS, "security": old})
+        for name in ("auth", "peer-key-pinned", "key-warning", "relayed-banner", "auth-banner"):
+            assert not page.is_visible(tid(name)), name
+        assert page.inner_text(tid("auth-string")) == ""
+        assert PEER_FP in (page.text_content(tid("fingerprints")) or "")
+        w.send({**SCRIPTED_STATUS, "security": {"encrypted": False, "auth_string": None}})
+        assert not page.is_visible(tid("auth"))

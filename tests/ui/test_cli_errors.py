@@ -223,5 +223,8 @@ def test_demo_ends_with_the_two_addresses_and_no_library_logs() -> None:
     assert res.returncode == 0, res.stderr
     last = res.stdout.strip().splitlines()[-2:]
     assert [ln.split(":")[0].strip() for ln in last] == ["worker A", "worker B"], res.stdout
-    assert all(re.search(r"http://127\.0\.0\.1:\d+/", ln) for ln in last), last
+    # each address carries the worker's own generated UI token (issue 14: the page needs it)
+    tokens = [re.search(r"http://127\.0\.0\.1:\d+/\?token=([A-Za-z0-9_-]{32})$", ln) for ln in last]
+    assert all(tokens), last
+    assert tokens[0][1] != tokens[1][1]  # type: ignore[index]
     assert " INFO " not in res.stderr, res.stderr  # library logs at WARNING without -v
