@@ -44,6 +44,7 @@ benchmark's batches).
 from __future__ import annotations
 
 from .envelope import PeerCipher, PlainEnvelope
+from .handshake import HANDSHAKE_OVERHEAD, EpochStore
 from .keys import (
     KEY_SIZE,
     Identity,
@@ -59,10 +60,12 @@ from .keys import (
 from .rules import SEAL_OVERHEAD, TAG_SIZE, AuthenticationFailed, ReplayedDatagram, ReplayWindow
 
 __all__ = [
+    "HANDSHAKE_OVERHEAD",
     "KEY_SIZE",
     "SEAL_OVERHEAD",
     "TAG_SIZE",
     "AuthenticationFailed",
+    "EpochStore",
     "Identity",
     "PeerCipher",
     "PlainEnvelope",
