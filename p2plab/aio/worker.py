@@ -84,6 +84,7 @@ class Worker:
             config=config.link_config(),
             identity=self.identity,
             rand_bytes=os.urandom,
+            wall_ns=time.time_ns,  # session epochs: wall clock, so they grow across restarts
         )
         """The sans-I/O engine this worker drives."""
         self.stats = self.link.stats  # one dict: the engine's counters and the driver's
