@@ -5,19 +5,23 @@ Every way of opening a datagram (:meth:`PeerCipher.open <p2plab.core.crypto.Peer
 applies these rules and only these:
 
 1. **Layout**: ``header(4) | sender_tag(8) | receiver_tag(8) | counter(8) | ciphertext + tag(16)``
-   (:data:`SEAL_OVERHEAD` beyond the plaintext); anything shorter fails authentication.
-2. **Authentication first**: the header and both tags are the associated data, so a forgery is
-   counted as one (``auth_failures``) whatever its tags say.
+   (:data:`SEAL_OVERHEAD` beyond the plaintext; handshake types add the ephemeral key, the epoch
+   and mac1, see :mod:`.handshake`); anything shorter fails authentication.
+2. **Cheap checks, then authentication**: the cipher checks mac1 (handshake types) and the tags
+   of rule 3 before any cryptography, and a data datagram needs a key learnt from its sender
+   session's handshake; what it cannot authenticate counts in ``auth_failures``.  The header and
+   both tags are the associated data.
 3. **Tags** (:class:`TagTracker`): a datagram must name our session tag (only a PROBE may name
    none), and must not come from a sender tag we retired; otherwise it is stale (``replays``).
 4. **Counter**: fresh in the sender tag's :class:`ReplayWindow` (``replays`` otherwise), then
-   accepted; a new sender tag gets a window, and the oldest window beyond four is forgotten and
-   its tag retired (so forgetting it never reopens it to replays).
+   accepted; a new sender tag gets a window, and the least recently used window beyond four
+   (never the confirmed peer's) is forgotten and its tag retired (so forgetting it never reopens
+   it to replays).
 
 :class:`OpenRules` applies 3 and 4 after the cipher authenticated (2).  :class:`FastPath` is the
-same rules specialised to the established session pair (confirmed tags, an existing window): it
-checks layout and pair, authenticates and applies the counter rule, and anything it does not
-take goes to the full rules.  Nothing here seals.
+same rules specialised to the established session pair (confirmed tags, an existing window) and
+data types: it checks layout, type and pair, authenticates and applies the counter rule, and
+anything it does not take goes to the full rules.  Nothing here seals.
 """
 
 from __future__ import annotations
