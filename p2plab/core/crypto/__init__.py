@@ -40,8 +40,8 @@ Datagrams that fail are raised as :class:`AuthenticationFailed` or :class:`Repla
 
 The package: :mod:`.keys` (identity, public keys, fingerprints), :mod:`.rules` (the one set of
 rules that decides whether a sealed datagram is accepted, and its fast path for the established
-pair), :mod:`.handshake` (handshake and data keys, mac1, epochs), :mod:`.envelope` (:class:`PeerCipher`, :class:`PlainEnvelope`) and :mod:`.batch` (the
-benchmark's batches).
+pair), :mod:`.handshake` (handshake and data keys, mac1, epochs), :mod:`.envelope`
+(:class:`PeerCipher`, :class:`PlainEnvelope`) and :mod:`.batch` (the benchmark's batches).
 """
 
 from __future__ import annotations
