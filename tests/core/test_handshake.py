@@ -12,6 +12,7 @@ import random
 
 import pytest
 
+from p2plab.core import events as ev
 from p2plab.core.crypto import (
     AuthenticationFailed,
     EpochStore,
@@ -276,3 +277,51 @@ def test_every_refusal_is_a_remote_protocol_error() -> None:
             mutated = d[:pos] + bytes([d[pos] ^ (1 << rng.randrange(8))]) + d[pos + 1 :]
             with pytest.raises(RemoteProtocolError):
                 parse_datagram(mutated, a if d is wire[1] else b)
+
+
+# -- through the link engine ---------------------------------------------------------------------
+
+
+def test_an_engine_re_paired_with_the_same_peer_refuses_probes_of_the_first_pairing() -> None:
+    """Finding 6 end to end: the engine's EpochStore spans its sessions."""
+    from p2plab.core.signaling import PeerDisconnected
+    from p2plab.core.wire import MessageType, datagram_type
+    from tests.core.test_core_link import World
+
+    w = World()
+    a, b = w.add("a"), w.add("b")
+    probes: list[bytes] = []
+    send = b.datagrams_to_send
+
+    def spy(now: float) -> list[tuple[bytes, tuple[str, int]]]:
+        out = send(now)
+        probes.extend(d for d, _ in out if datagram_type(d) == MessageType.PROBE)
+        return out
+
+    b.datagrams_to_send = spy  # type: ignore[method-assign]
+    w.pair(a, b)
+    w.run(1.0)
+    assert a.state == b.state == "connected" and probes
+    first = a.session.sealer  # type: ignore[union-attr]
+    old = list(probes)
+    # b leaves and comes back: the rendezvous pairs them again, same keys, new sessions.
+    a.receive_rendezvous(PeerDisconnected(peer_worker_id="b"), w.now)
+    w.flush()
+    w.run(1.0)
+    w.pair(a, b)
+    w.run(1.0)
+    assert a.state == b.state == "connected"
+    sealer = a.session.sealer  # type: ignore[union-attr]
+    assert isinstance(sealer, PeerCipher) and isinstance(first, PeerCipher)
+    assert sealer.epoch > first.epoch and sealer._epochs is a.epochs
+    before = dict(sealer.stats)
+    b_addr = w.node(b).addr
+    for d in old:
+        a.receive_datagram(d, b_addr, w.now)
+    w.flush()
+    got = {k: sealer.stats[k] - before[k] for k in before}
+    assert got["replays"] == len(old) and got["opened"] == 0 and got["derivations"] == 0
+    assert a.state == "connected" and a.session is not None and a.session.sealer is sealer
+    b.send_chat("after the replay", w.now)
+    w.flush()
+    assert [e.text for e in w.node(a).of(ev.ChatReceived)][-1] == "after the replay"
