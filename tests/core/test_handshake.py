@@ -325,3 +325,27 @@ def test_an_engine_re_paired_with_the_same_peer_refuses_probes_of_the_first_pair
     b.send_chat("after the replay", w.now)
     w.flush()
     assert [e.text for e in w.node(a).of(ev.ChatReceived)][-1] == "after the replay"
+
+
+def test_an_offer_with_a_low_order_key_is_refused_and_the_engine_pairs_again() -> None:
+    """Item 6: an error building a session is a refusal of that offer, never the end."""
+    import base64
+
+    from p2plab.core.signaling import P2PConnectionOffer
+    from tests.core.test_core_link import World
+
+    w = World()
+    a, b = w.add("a"), w.add("b")
+    # model_construct: as if the shared models let it through (they refuse it too)
+    for raw in (bytes(32), bytes([1]) + bytes(31)):
+        offer = P2PConnectionOffer.model_construct(
+            type="p2p_connection_offer", peer_worker_id="b", peer_udp_ip="192.0.2.1",
+            peer_udp_port=1, peer_candidates=[], role="controlling",
+            peer_public_key=base64.b64encode(raw).decode(),
+        )  # fmt: skip
+        a.receive_rendezvous(offer, w.now)
+        assert a.state == "waiting_for_peer" and a.session is None
+        assert "low-order" in str(a.error)
+    w.pair(a, b)
+    w.run(1.0)
+    assert a.state == b.state == "connected"
