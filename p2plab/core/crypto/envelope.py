@@ -128,6 +128,8 @@ class PeerCipher(BatchPaths):
         self._epochs = epochs
         self.epoch = epochs.issue(epoch, self._tags.local_tag) if epochs else int(epoch)
         """This session's epoch (u64), carried in its handshake datagrams."""
+        if not 0 <= self.epoch < 1 << 64:
+            raise ConfigError(f"epoch must be a u64, got {self.epoch}")
         # The ephemeral private key lives here only, and dies with this session.
         self._ephemeral = X25519PrivateKey.from_private_bytes(rand_bytes(KEY_SIZE))
         self.ephemeral_public = self._ephemeral.public_key().public_bytes(
