@@ -79,6 +79,7 @@ class Worker:
             identity=self.identity,
             rand_bytes=os.urandom,
             known_peers=load_known_peers(config.known_peers_file),
+            wall_ns=time.time_ns,  # session epochs: wall clock, so they grow across restarts
         )
         """The sans-I/O engine this worker drives."""
         self.stats = self.link.stats  # one dict: the engine's counters and the driver's

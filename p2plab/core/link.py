@@ -57,9 +57,10 @@ What the engine believes of the rendezvous and of peer keys (the challenge, refu
 IP-literal candidates, pinned and remembered keys, relay switches only on authenticated data)
 is decided in :mod:`p2plab.core.link_trust`; a refused offer leaves the engine pairable.
 
-Clock and randomness are injected (``now`` on every call, ``rand_bytes`` at construction): the
-same engine runs on real sockets, on the simulator's virtual clock and in memory in the tests
-(``tests/core/test_core_link.py`` has a complete in-memory driver, ``World``).
+Clock and randomness are injected (``now`` on every call, ``rand_bytes`` at construction, and
+``wall_ns``, the wall clock in ns that orders session epochs across restarts, default derived
+from ``now``): the same engine runs on real sockets, on the simulator's virtual clock and in
+memory in the tests (``tests/core/test_core_link.py`` has a complete in-memory driver, ``World``).
 """
 
 from __future__ import annotations
@@ -71,7 +72,7 @@ from dataclasses import replace
 from typing import Any, Final
 
 from p2plab.core import events as ev
-from p2plab.core.crypto import Identity, PeerCipher, PlainEnvelope
+from p2plab.core.crypto import EpochStore, Identity, PeerCipher, PlainEnvelope
 from p2plab.core.known_peers import KnownPeers
 from p2plab.core.link_commands import (
     LINK_COUNTERS,
@@ -139,12 +140,16 @@ class LinkEngine:
         identity: Identity | None = None,
         rand_bytes: Callable[[int], bytes],
         known_peers: KnownPeers | None = None,
+        wall_ns: Callable[[], int] | None = None,
     ) -> None:
         self.worker_id = worker_id
         self.config = config or LinkConfig()
         self.identity = identity
         """This worker's key pair; None is the explicit plaintext mode."""
         self._rand_bytes = rand_bytes
+        self._wall_ns = wall_ns  # session epochs; None: derived from ``now``
+        self.epochs = EpochStore()
+        """Epochs and tags of our sessions and the newest epoch per peer key (replay defence)."""
         self._state = "starting"
         self.observed_ip: str | None = None
         """The address the rendezvous saw us at."""
@@ -514,11 +519,18 @@ class LinkEngine:
 
     # -- sessions -----------------------------------------------------------------------------
 
-    def _new_sealer(self) -> PeerCipher | PlainEnvelope:
+    def _new_sealer(self, now: float) -> PeerCipher | PlainEnvelope:
         assert self.peer_id is not None
         if self.identity is not None and self.peer_public_key is not None:
+            epoch = self._wall_ns() if self._wall_ns is not None else int(now * 1e9)
             return PeerCipher(
-                self.identity, self.worker_id, self.peer_id, self.peer_public_key, self._rand_bytes
+                self.identity,
+                self.worker_id,
+                self.peer_id,
+                self.peer_public_key,
+                self._rand_bytes,
+                epoch=epoch,
+                epochs=self.epochs,
             )
         if self.identity is not None or self.peer_public_key is not None:
             # Never plaintext while one side encrypts (finding 18): _check_offer refuses such an
@@ -545,7 +557,7 @@ class LinkEngine:
             config=self.config.session,
             now=now,
             rand_bytes=self._rand_bytes,
-            sealer=self._new_sealer(),
+            sealer=self._new_sealer(now),
         )
 
     def _start_relay(self, now: float) -> None:

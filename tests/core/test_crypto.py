@@ -16,6 +16,7 @@ from p2plab.core import events as ev
 from p2plab.core.crypto import (
     SEAL_OVERHEAD,
     AuthenticationFailed,
+    EpochStore,
     Identity,
     PeerCipher,
     PlainEnvelope,
@@ -87,31 +88,52 @@ def test_low_order_peer_key_is_refused() -> None:
 
 
 def test_key_derivation_matches_the_documented_construction() -> None:
-    ca, _cb, ia, ib = ciphers(5)
-    header = b"\xd7\x50\x01\x10"
+    import hashlib
+
+    from cryptography.hazmat.primitives import hashes, serialization
+
+    ca, cb, ia, ib = ciphers(5)
+    header = b"\xd7\x50\x01\x01"  # PROBE: a handshake datagram
     sealed = ca.seal(header, b"hello")
     ts, tr, ctr = sealed[:8], sealed[8:16], sealed[16:24]
     assert ts == ca.local_tag and tr == bytes(8) and ctr == bytes(8)
-    import hashlib
-
-    shared = ia.private_key.exchange(ib.private_key.public_key())
+    ss = ia.private_key.exchange(ib.private_key.public_key())
     salt = hashlib.sha256(
         b"p2plab/v1 salt" + b"".join(sorted((ia.public_bytes, ib.public_bytes)))
     ).digest()
-    info = (
-        b"p2plab/v1 datagram"
-        + b"\x00\x05alice\x00\x03bob"
-        + ia.public_bytes
-        + ib.public_bytes
-        + ts
-        + tr
+    ids = b"\x00\x05alice\x00\x03bob"
+    # mac1: keyed BLAKE2s-128 of everything before it, key = BLAKE2s(label | receiver static).
+    mac_key = hashlib.blake2s(b"p2plab/v1 mac1" + ib.public_bytes).digest()
+    assert (
+        sealed[-16:] == hashlib.blake2s(header + sealed[:-16], key=mac_key, digest_size=16).digest()
     )
-    from cryptography.hazmat.primitives import hashes
-
-    key = HKDF(algorithm=hashes.SHA256(), length=32, salt=salt, info=info).derive(shared)
-    plain = ChaCha20Poly1305(key).decrypt(bytes(4) + ctr, sealed[24:], header + ts + tr)
-    assert plain == b"hello"
-    assert len(sealed) == len(b"hello") + SEAL_OVERHEAD
+    # Handshake key: HKDF(ss) per direction, then BLAKE2s keyed with it over the sender tag.
+    info = b"p2plab/v1 handshake" + ids + ia.public_bytes + ib.public_bytes
+    base = HKDF(algorithm=hashes.SHA256(), length=32, salt=salt, info=info).derive(ss)
+    hs = ChaCha20Poly1305(hashlib.blake2s(ts, key=base).digest())
+    plain = hs.decrypt(bytes(4) + ctr, sealed[24:-16], header + ts + tr)
+    assert plain == ca.ephemeral_public + ca.epoch.to_bytes(8, "big") + b"hello"
+    assert len(sealed) == len(b"hello") + SEAL_OVERHEAD + 40 + 16
+    # Data key: HKDF over ss | ee | es | se, bound to ids, static and ephemeral keys and tags.
+    cb.open(header, sealed)
+    ack = cb.seal(b"\xd7\x50\x01\x02", b"ack")
+    ca.open(b"\xd7\x50\x01\x02", ack)
+    chat_header = b"\xd7\x50\x01\x10"
+    data = ca.seal(chat_header, b"secret")
+    ts, tr, ctr = data[:8], data[8:16], data[16:24]
+    assert tr == cb.local_tag
+    pub = serialization.Encoding.Raw, serialization.PublicFormat.Raw
+    ea, eb = ca._ephemeral, cb._ephemeral  # the test plays both ends
+    ee = ea.exchange(eb.public_key())
+    es = ea.exchange(ib.private_key.public_key())
+    se = ia.private_key.exchange(eb.public_key())
+    info = b"p2plab/v1 data" + ids + ia.public_bytes + ib.public_bytes
+    info += ea.public_key().public_bytes(*pub) + eb.public_key().public_bytes(*pub) + ts + tr
+    key = HKDF(algorithm=hashes.SHA256(), length=32, salt=salt, info=info).derive(ss + ee + es + se)
+    assert ChaCha20Poly1305(key).decrypt(bytes(4) + ctr, data[24:], chat_header + ts + tr) == (
+        b"secret"
+    )
+    assert len(data) == len(b"secret") + SEAL_OVERHEAD
 
 
 # -- sealing and opening -----------------------------------------------------------------------
@@ -122,7 +144,8 @@ def test_round_trip_hides_the_text_and_directions_use_different_keys() -> None:
     data = encode_datagram(PROBE, ca)
     assert b"alice" not in data and b"198.18.0.2" not in data
     assert parse_datagram(data, cb) == PROBE
-    # b now knows a's tag; its answer names it, and a learns b's tag
+    # b now knows a's tag and ephemeral key; its answer names it, and a learns b's
+    parse_datagram(encode_datagram(ProbeAck("bob", "alice", b"n" * 8, False, ("h", 1)), cb), ca)
     back = encode_datagram(Chat("bob", "alice", 0, "x", 0.0, "hi"), cb)
     assert back[4 + 8 : 4 + 16] == ca.local_tag
     # a's own sealer cannot open what it sealed (the key of the other direction)
@@ -171,30 +194,40 @@ def test_a_third_party_with_other_keys_cannot_forge() -> None:
 def test_datagrams_for_an_earlier_session_are_stale() -> None:
     r = random.Random(7)
     ia, ib = Identity.generate(r.randbytes), Identity.generate(r.randbytes)
-    a1 = PeerCipher(ia, "alice", "bob", ib.public_bytes, r.randbytes)
+    store = EpochStore()  # alice's link engine: it remembers her earlier sessions
+    a1 = PeerCipher(ia, "alice", "bob", ib.public_bytes, r.randbytes, epoch=1, epochs=store)
     b1 = PeerCipher(ib, "bob", "alice", ia.public_bytes, r.randbytes)
     parse_datagram(encode_datagram(PROBE, a1), b1)
+    parse_datagram(encode_datagram(ProbeAck("bob", "alice", b"n" * 8, False, ("h", 1)), b1), a1)
     old_chat = encode_datagram(Chat("bob", "alice", 0, "x", 0.0, "old"), b1)
     parse_datagram(old_chat, a1)
     # a restarts its session: the chat sealed for a1's tag is stale for a2
-    a2 = PeerCipher(ia, "alice", "bob", ib.public_bytes, r.randbytes)
+    a2 = PeerCipher(ia, "alice", "bob", ib.public_bytes, r.randbytes, epoch=2, epochs=store)
     with pytest.raises(ReplayedDatagram, match="earlier session of ours"):
         parse_datagram(old_chat, a2)
-    assert a2.stats["replays"] == 1
+    assert a2.stats["replays"] == 1 and a2.stats["derivations"] == 2  # no key was tried
+    # A cipher without the engine's memory cannot tell stale from forged: it holds no key for
+    # those tags, so the datagram is refused unauthenticated, still before any cryptography.
+    a3 = PeerCipher(ia, "alice", "bob", ib.public_bytes, r.randbytes)
+    with pytest.raises(AuthenticationFailed, match="no session of ours"):
+        parse_datagram(old_chat, a3)
+    assert a3.stats["unknown_tags"] == 1
 
 
 def test_peer_restart_is_reported_once_and_the_old_tag_is_retired() -> None:
     r = random.Random(8)
     ia, ib = Identity.generate(r.randbytes), Identity.generate(r.randbytes)
     a = PeerCipher(ia, "alice", "bob", ib.public_bytes, r.randbytes)
-    b1 = PeerCipher(ib, "bob", "alice", ia.public_bytes, r.randbytes)
+    bobs = EpochStore()  # bob's link engine, across his two sessions
+    b1 = PeerCipher(ib, "bob", "alice", ia.public_bytes, r.randbytes, epoch=10, epochs=bobs)
     parse_datagram(encode_datagram(PROBE, a), b1)
+    parse_datagram(encode_datagram(ProbeAck("bob", "alice", b"q" * 8, False, ("h", 1)), b1), a)
     parse_datagram(encode_datagram(Chat("bob", "alice", 0, "x", 0.0, "1"), b1), a)
     old = encode_datagram(Chat("bob", "alice", 1, "y", 0.0, "2"), b1)
     assert not a.take_peer_restart()
-    b2 = PeerCipher(ib, "bob", "alice", ia.public_bytes, r.randbytes)
-    # b2 does not know a's tag yet: only a probe may name no tag
-    with pytest.raises(ReplayedDatagram):
+    b2 = PeerCipher(ib, "bob", "alice", ia.public_bytes, r.randbytes, epoch=20, epochs=bobs)
+    # b2 does not know a's tag yet: only a probe may name no tag (and b2 has no data key)
+    with pytest.raises(AuthenticationFailed):
         parse_datagram(encode_datagram(Chat("bob", "alice", 0, "x", 0.0, "z"), b2), a)
     parse_datagram(encode_datagram(Probe("bob", "alice", b"p" * 8, False, ("h", 1)), b2), a)
     assert not a.take_peer_restart()  # a zero-tag probe does not switch a confirmed peer
@@ -225,7 +258,10 @@ def test_whole_datagram_helpers_for_the_benchmark_path() -> None:
     assert cb.open_datagram(sealed) is None  # replay
     assert cb.open_datagram(sealed[:-1] + bytes([sealed[-1] ^ 1])) is None
     assert cb.open_datagram(b"\xd7") is None
-    assert cb.stats["replays"] == 2 and cb.stats["auth_failures"] == 2
+    # ``lone`` named no session of b's: no key exists for it, so it is refused unauthenticated
+    # (before any cryptography), like the corrupted and the truncated one.
+    assert cb.stats["replays"] == 1 and cb.stats["auth_failures"] == 3
+    assert cb.stats["unknown_tags"] == 1
 
 
 def linked_ciphers(seed: int = 1) -> tuple[PeerCipher, PeerCipher]:
@@ -309,7 +345,8 @@ def test_open_many_mixes_the_fast_path_with_first_contact_and_older_sessions() -
     spans = [(0, len(early)), (len(early), len(buf))]
     res = b.open_many(buf, spans)
     assert res[0] is None and res[1] is not None
-    assert b.stats["replays"] == 1  # stale: counted as :meth:`open` counts it
+    # no key for it (it names no session of b's): counted as :meth:`open` counts it
+    assert b.stats["auth_failures"] == 1 and b.stats["unknown_tags"] == 1
     parse_datagram(encode_datagram(ProbeAck("bob", "alice", b"n" * 8, False, ("h", 1)), b), a)
     # Now a batch with an old-session datagram in the middle: only it is refused.
     a_old = PeerCipher(ia, "alice", "bob", ib.public_bytes, r.randbytes)
@@ -663,8 +700,10 @@ def test_every_open_path_applies_the_same_rules_as_open() -> None:
     many = receivers[2].open_many(buf, spans)
     out = bytearray(size * len(stream))
     oks = receivers[3].open_many_into(buf, spans, out, size)
-    into = [bytes(out[i * size : i * size + len(s) - 4 - SEAL_OVERHEAD]) if ok else None
-            for i, (s, ok) in enumerate(zip(stream, oks, strict=True))]  # fmt: skip
+    # (a handshake datagram's body is shorter than its length minus SEAL_OVERHEAD: it carries
+    # the ephemeral key, the epoch and mac1 too, so its length is taken from ``full``)
+    into = [bytes(out[i * size : i * size + len(f or b"")]) if ok else None
+            for i, (f, ok) in enumerate(zip(full, oks, strict=True))]  # fmt: skip
     assert [b is not None for b in full] == [
         True, True, True, True, False, False, True, False, False, True, True, True, True, False,
         True,

@@ -10,12 +10,15 @@ Every datagram on the punched path, probes included, is sealed::
 * ``sender_tag`` is a random 8-byte tag picked by each session when it starts; ``receiver_tag`` is
   the peer session's tag as the sender last learnt it, or eight zero bytes when it knows none yet
   (allowed for PROBE only, the first contact).
-* The key of one direction is ``HKDF-SHA256(ikm = X25519(own private, peer public), salt =
-  SHA-256("p2plab/v1 salt" | the two public keys sorted), info = "p2plab/v1 datagram" | u16
-  length | sender id | u16 length | receiver id (ids in UTF-8) | sender public key | receiver
-  public key | sender_tag | receiver_tag)``: one key per direction, bound to both ids, both keys
-  and both sessions.  Fresh session tags give fresh keys, so a counter that starts again at 0 in
-  a new session never reuses a nonce.
+* Each session draws a fresh ephemeral X25519 key and an ``epoch`` (:mod:`.handshake`).  PROBE
+  and PROBE_ACK carry ``ephemeral public | epoch`` before their body, are sealed with a handshake
+  key from the static-static secret (HKDF once, then a keyed BLAKE2s over the sender tag) and end
+  with a 16-byte ``mac1`` checked before anything else.  Every other type is sealed with a data
+  key per direction: HKDF over ``ss | ee | es | se``, bound to both ids, both static and both
+  ephemeral keys and both tags, so a thief of the static keys opens no past data.  A handshake
+  from an earlier peer session (an epoch not above the newest seen from that key, in the link
+  engine's :class:`~.handshake.EpochStore`) is a replay.  The exact construction is in
+  docs/protocol.md (section 3).
 * The nonce is four zero bytes and the 64-bit big-endian counter (RFC 8439 section 2.8 leaves the
   construction to the protocol; the key is never shared between directions or sessions).  The
   associated data is the 4-byte header and both tags, so nothing outside the ciphertext can be
@@ -37,13 +40,14 @@ Datagrams that fail are raised as :class:`AuthenticationFailed` or :class:`Repla
 
 The package: :mod:`.keys` (identity, public keys, fingerprints), :mod:`.rules` (the one set of
 rules that decides whether a sealed datagram is accepted, and its fast path for the established
-pair), :mod:`.envelope` (:class:`PeerCipher`, :class:`PlainEnvelope`) and :mod:`.batch` (the
-benchmark's batches).
+pair), :mod:`.handshake` (handshake and data keys, mac1, epochs), :mod:`.envelope`
+(:class:`PeerCipher`, :class:`PlainEnvelope`) and :mod:`.batch` (the benchmark's batches).
 """
 
 from __future__ import annotations
 
 from .envelope import PeerCipher, PlainEnvelope
+from .handshake import HANDSHAKE_OVERHEAD, EpochStore
 from .keys import (
     KEY_SIZE,
     Identity,
@@ -59,10 +63,12 @@ from .keys import (
 from .rules import SEAL_OVERHEAD, TAG_SIZE, AuthenticationFailed, ReplayedDatagram, ReplayWindow
 
 __all__ = [
+    "HANDSHAKE_OVERHEAD",
     "KEY_SIZE",
     "SEAL_OVERHEAD",
     "TAG_SIZE",
     "AuthenticationFailed",
+    "EpochStore",
     "Identity",
     "PeerCipher",
     "PlainEnvelope",

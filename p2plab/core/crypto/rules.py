@@ -5,19 +5,23 @@ Every way of opening a datagram (:meth:`PeerCipher.open <p2plab.core.crypto.Peer
 applies these rules and only these:
 
 1. **Layout**: ``header(4) | sender_tag(8) | receiver_tag(8) | counter(8) | ciphertext + tag(16)``
-   (:data:`SEAL_OVERHEAD` beyond the plaintext); anything shorter fails authentication.
-2. **Authentication first**: the header and both tags are the associated data, so a forgery is
-   counted as one (``auth_failures``) whatever its tags say.
+   (:data:`SEAL_OVERHEAD` beyond the plaintext; handshake types add the ephemeral key, the epoch
+   and mac1, see :mod:`.handshake`); anything shorter fails authentication.
+2. **Cheap checks, then authentication**: the cipher checks mac1 (handshake types) and the tags
+   of rule 3 before any cryptography, and a data datagram needs a key learnt from its sender
+   session's handshake; what it cannot authenticate counts in ``auth_failures``.  The header and
+   both tags are the associated data.
 3. **Tags** (:class:`TagTracker`): a datagram must name our session tag (only a PROBE may name
    none), and must not come from a sender tag we retired; otherwise it is stale (``replays``).
 4. **Counter**: fresh in the sender tag's :class:`ReplayWindow` (``replays`` otherwise), then
-   accepted; a new sender tag gets a window, and the oldest window beyond four is forgotten and
-   its tag retired (so forgetting it never reopens it to replays).
+   accepted; a new sender tag gets a window, and the least recently used window beyond four
+   (never the confirmed peer's) is forgotten and its tag retired (so forgetting it never reopens
+   it to replays).
 
 :class:`OpenRules` applies 3 and 4 after the cipher authenticated (2).  :class:`FastPath` is the
-same rules specialised to the established session pair (confirmed tags, an existing window): it
-checks layout and pair, authenticates and applies the counter rule, and anything it does not
-take goes to the full rules.  Nothing here seals.
+same rules specialised to the established session pair (confirmed tags, an existing window) and
+data types: it checks layout, type and pair, authenticates and applies the counter rule, and
+anything it does not take goes to the full rules.  Nothing here seals.
 """
 
 from __future__ import annotations
@@ -38,6 +42,7 @@ __all__ = [
     "BODY_AT",
     "COUNTER_AT",
     "COUNTER_SIZE",
+    "HANDSHAKE_TYPES",
     "MIN_SEALED_DATAGRAM",
     "NONCE",
     "SEALED_HEAD",
@@ -84,10 +89,28 @@ _PROBE = int(MessageType.PROBE)
 _PROBE_ACK = int(MessageType.PROBE_ACK)
 _NONCE_PAD = bytes(4)
 
+HANDSHAKE_TYPES = frozenset({_PROBE, _PROBE_ACK})
+"""The handshake types (PROBE, PROBE_ACK): sealed with the handshake key, never on a fast path."""
+
 
 def new_stats() -> dict[str, int]:
-    """The counters every sealer keeps (``PeerCipher.stats``, ``PlainEnvelope.stats``)."""
-    return {"sealed": 0, "opened": 0, "auth_failures": 0, "replays": 0, "peer_restarts": 0}
+    """The counters every sealer keeps (``PeerCipher.stats``, ``PlainEnvelope.stats``).
+
+    ``auth_failures`` counts every datagram that did not (or could not: no key for its tags)
+    authenticate; among them ``mac1_failures`` (handshake datagrams failing mac1) and
+    ``unknown_tags`` (refused before any cryptography).  ``derivations`` counts key derivations
+    (HKDF), which only the construction and authenticated handshakes cause.
+    """
+    return {
+        "sealed": 0,
+        "opened": 0,
+        "auth_failures": 0,
+        "replays": 0,
+        "peer_restarts": 0,
+        "mac1_failures": 0,
+        "unknown_tags": 0,
+        "derivations": 0,
+    }
 
 
 class AuthenticationFailed(RemoteProtocolError):
@@ -185,8 +208,14 @@ class TagTracker:
             return "from an earlier session of the peer"
         return None
 
-    def accepted(self, sender_tag: bytes, receiver_tag: bytes, stats: dict[str, int]) -> None:
-        """Learn from an accepted datagram: the peer's tag, and whether it restarted."""
+    def accepted(
+        self, sender_tag: bytes, receiver_tag: bytes, stats: dict[str, int], newer: bool = True
+    ) -> None:
+        """Learn from an accepted datagram: the peer's tag, and whether it restarted.
+
+        ``newer`` False: the sender session is not newer than the one we send to (its epoch is
+        lower), so a first contact from it does not take the unconfirmed peer tag over.
+        """
         self.reply_tag = sender_tag
         if receiver_tag == self.local_tag:
             if self.peer_tag is None or not self.confirmed:
@@ -197,7 +226,7 @@ class TagTracker:
                 self.peer_tag = sender_tag
                 self._restarted = True
                 stats["peer_restarts"] += 1
-        elif not self.confirmed:
+        elif not self.confirmed and newer:
             self.peer_tag = sender_tag  # first contact: the newest probing session wins
 
     def take_restart(self) -> bool:
@@ -221,10 +250,18 @@ class OpenRules:
         self.windows: OrderedDict[bytes, ReplayWindow] = OrderedDict()
         """Replay windows by sender tag, least recently used first."""
 
-    def admit(self, kind: int, sender_tag: bytes, receiver_tag: bytes, counter: int | None) -> None:
+    def admit(
+        self,
+        kind: int,
+        sender_tag: bytes,
+        receiver_tag: bytes,
+        counter: int | None,
+        newer: bool = True,
+    ) -> None:
         """Accept an authenticated datagram or raise :class:`ReplayedDatagram` (counted).
 
-        ``counter`` None: no replay window (the plaintext envelope has no counter).
+        ``counter`` None: no replay window (the plaintext envelope has no counter).  ``newer``:
+        see :meth:`TagTracker.accepted`.
         """
         why = self.tags.stale(kind, sender_tag, receiver_tag)
         if why is not None:
@@ -234,16 +271,24 @@ class OpenRules:
             window = self.windows.get(sender_tag)
             if window is None:
                 window = self.windows[sender_tag] = ReplayWindow(self.replay_window)
-                while len(self.windows) > _MAX_WINDOWS:
-                    old, _ = self.windows.popitem(last=False)
-                    self.tags.retire(old)  # forgetting its window must not reopen it to replays
+                if len(self.windows) > _MAX_WINDOWS:
+                    # Forget the least recently used window, never the confirmed peer's: an
+                    # unconfirmed session (a first contact) must not push the live one aside.
+                    live = self.tags.peer_tag if self.tags.confirmed else None
+                    old = next(t for t in self.windows if t != live)
+                    self.forget(old)
             if not window.fresh(counter):
                 self.stats["replays"] += 1
                 raise ReplayedDatagram(f"replayed datagram (counter {counter})")
             window.accept(counter)
             self.windows.move_to_end(sender_tag)
-        self.tags.accepted(sender_tag, receiver_tag, self.stats)
+        self.tags.accepted(sender_tag, receiver_tag, self.stats, newer)
         self.stats["opened"] += 1
+
+    def forget(self, sender_tag: bytes) -> None:
+        """Drop a peer session's window and retire its tag (so forgetting never reopens it)."""
+        self.windows.pop(sender_tag, None)
+        self.tags.retire(sender_tag)
 
     def established(self) -> tuple[bytes, ReplayWindow] | None:
         """The established pair (peer tag, its window) a :class:`FastPath` may take, or None.
@@ -311,7 +356,11 @@ class FastPath:
     def open_datagram(self, data: bytes) -> bytes | Literal[False] | None:
         """A whole datagram opened (header + body), None if refused (counted in ``stats``), or
         False if it is not the pair's.  Everything is written back at once."""
-        if len(data) < MIN_SEALED_DATAGRAM or data[HEADER_SIZE:COUNTER_AT] != self.pair:
+        if (
+            len(data) < MIN_SEALED_DATAGRAM
+            or data[HEADER_SIZE:COUNTER_AT] != self.pair
+            or data[3] in HANDSHAKE_TYPES
+        ):
             return False
         ctr = data[COUNTER_AT:BODY_AT]
         stats = self._rules.stats
@@ -335,7 +384,7 @@ class FastPath:
             return False
         head = view[start : start + COUNTER_AT]
         if head != self._head:
-            if self._head is not None or head[HEADER_SIZE:] != self.pair:
+            if self._head is not None or not self._mine(head):
                 return False
             self._head = bytes(head)
         c = _COUNTER.unpack_from(view, start + COUNTER_AT)[0]
@@ -353,7 +402,7 @@ class FastPath:
             return None
         head = view[start : start + COUNTER_AT]
         if head != self._head:
-            if self._head is not None or head[HEADER_SIZE:] != self.pair:
+            if self._head is not None or not self._mine(head):
                 return None
             self._head = bytes(head)
         c = _COUNTER.unpack_from(view, start + COUNTER_AT)[0]
@@ -363,6 +412,10 @@ class FastPath:
             self.failed += 1
             return False
         return self._counter_ok(c)
+
+    def _mine(self, head: Buffer) -> bool:
+        # The pair's tags, and not a handshake type (those take the full rules).
+        return head[HEADER_SIZE:] == self.pair and head[3] not in HANDSHAKE_TYPES
 
     def _fresh(self, c: int) -> bool:
         # Rule 4, one counter: fresh in the window, then accepted.
