@@ -226,6 +226,7 @@ def genuine_relayed_probe(sender: LinkEngine, receiver: LinkEngine, now: float) 
             receiver.worker_id,
             receiver.identity.public_bytes,
             rand,
+            epoch=int(now * 1e9),  # as the engine's own sessions: later than the direct one's
         ),
     )
     data, addr = session.datagrams_to_send(now)[0]

@@ -258,11 +258,11 @@ def test_an_error_while_building_the_session_refuses_the_offer(
     real = LinkEngine._new_sealer
     calls = {"n": 0}
 
-    def failing_once(self: LinkEngine) -> Any:
+    def failing_once(self: LinkEngine, now: float) -> Any:
         calls["n"] += 1
         if calls["n"] == 1:
             raise ValueError("no sealer for you")
-        return real(self)
+        return real(self, now)
 
     monkeypatch.setattr(LinkEngine, "_new_sealer", failing_once)
     a.receive_rendezvous(offer(b), w.now)

@@ -33,15 +33,15 @@ def _peer_key() -> bytes:
 def test_encrypting_worker_without_the_peer_key_refuses_instead_of_plaintext() -> None:
     engine = _engine(encrypting=True, peer_key=None)
     with pytest.raises(RemoteProtocolError, match="refusing a plaintext link"):
-        engine._new_sealer()
+        engine._new_sealer(0.0)
 
 
 def test_plaintext_worker_given_a_peer_key_refuses_too() -> None:
     engine = _engine(encrypting=False, peer_key=_peer_key())
     with pytest.raises(RemoteProtocolError, match="refusing a plaintext link"):
-        engine._new_sealer()
+        engine._new_sealer(0.0)
 
 
 def test_the_two_consistent_modes_still_build_their_sealers() -> None:
-    assert isinstance(_engine(encrypting=True, peer_key=_peer_key())._new_sealer(), PeerCipher)
-    assert isinstance(_engine(encrypting=False, peer_key=None)._new_sealer(), PlainEnvelope)
+    assert isinstance(_engine(encrypting=True, peer_key=_peer_key())._new_sealer(0.0), PeerCipher)
+    assert isinstance(_engine(encrypting=False, peer_key=None)._new_sealer(0.0), PlainEnvelope)
