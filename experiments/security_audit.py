@@ -1,0 +1,610 @@
+"""Measure issue 14's findings against the code in this checkout, on loopback only.
+
+    python experiments/security_audit.py [--json] [--short] [--only 1,3,5,7,9,13]
+
+One line per finding with the number measured, for docs/security.md's before/after table: run it
+on the old code and on the new one and compare.  Every probe catches its own errors (the APIs
+change under it) and prints ``n/a (<reason>)`` instead of a number.  Everything talks to
+127.0.0.1/127.0.0.2 only; the probes start the servers and the worker process they talk to and
+end them (the worker process by its own id).
+
+Probes:
+
+* 9: the STUN server (``StunServer`` with its defaults): bytes out / bytes in for a bare 20-byte
+  request and the other flavours, worst over a one-address and a four-address server; the share
+  of requests from one source answered at ``--rate`` per second for one second (one source
+  stands in for a spoofed victim address); whether source ports 7, 19, 53, 123 (and 1900,
+  11211) are answered; whether SOFTWARE is sent.
+* 1: ``GET /debug/list_workers`` with no token on a rendezvous started with its defaults.
+* 5: takeover: a second connection registers under the victim's id with the victim's public key
+  (it does not have the private key): is the victim closed?
+* 13: a low-order public key (32 zero bytes) at registration: accepted?
+* 7: the worker UI's ``/status`` with a foreign Host (DNS rebinding) and no token.
+* 3: a worker process (started here) gets an offer naming ``*.invalid`` host names as
+  candidates from a fake rendezvous; the event loop's stall is the worst ``/health`` latency
+  afterwards, and the DNS queries it made are counted.  To keep those queries on this machine it
+  runs in its own network and mount namespace (``unshare``, root) whose resolv.conf names a
+  resolver on 127.0.0.1 that never answers (``timeout:1 attempts:1``): a lookup then costs the
+  worker about a second, as a slow resolver would.  Without root: ``n/a``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import base64
+import contextlib
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:  # measure the code of this checkout, whatever is installed
+    sys.path.insert(0, str(ROOT))
+
+Result = dict[str, Any]
+WAIT = 5.0  # seconds any single exchange may take before the probe gives up on it
+CHALLENGE_WAIT = 0.5  # a rendezvous that sends a challenge sends it at once
+
+
+def _result(finding: int, key: str, value: Any, text: str) -> Result:
+    return {"finding": finding, "key": key, "value": value, "text": text}
+
+
+def _na(finding: int, key: str, reason: str) -> Result:
+    return {"finding": finding, "key": key, "value": None, "text": f"n/a ({reason})"}
+
+
+# --- 9: the STUN server -------------------------------------------------------------------------
+
+
+class _Udp:
+    """A non-blocking UDP socket on loopback that counts what comes back."""
+
+    def __init__(self, host: str = "127.0.0.1", port: int = 0) -> None:
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 << 20)
+        self.sock.bind((host, port))
+        self.sock.setblocking(False)
+        self.received: list[bytes] = []
+        asyncio.get_running_loop().add_reader(self.sock.fileno(), self._read)
+
+    def _read(self) -> None:
+        while True:
+            try:
+                self.received.append(self.sock.recv(4096))
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError:
+                continue
+
+    def close(self) -> None:
+        with contextlib.suppress(Exception):
+            asyncio.get_running_loop().remove_reader(self.sock.fileno())
+        self.sock.close()
+
+
+def _stun_requests() -> dict[str, bytes]:
+    from p2plab.core.stun import make_binding_request
+
+    bare = bytes(make_binding_request(os.urandom, fingerprint=False))
+    with_fp = bytes(make_binding_request(os.urandom))
+    legacy = b"\x00\x01\x00\x00" + os.urandom(16)  # RFC 3489: no magic cookie
+    return {"bare 20 B": bare, "with FINGERPRINT": with_fp, "RFC 3489": legacy}
+
+
+async def _settle(cond: Callable[[], bool], limit: float = 1.0, step: float = 0.01) -> None:
+    """Wait until ``cond()`` or ``limit`` seconds passed."""
+    deadline = time.monotonic() + limit
+    while not cond() and time.monotonic() < deadline:  # noqa: ASYNC110 - polls foreign state
+        await asyncio.sleep(step)
+
+
+async def probe_stun(short: bool, rate: int) -> list[Result]:
+    from p2plab.server.stun_server import StunServer
+
+    out: list[Result] = []
+    try:
+        worst, worst_what, software = 0.0, "", False
+        for alt in (False, True):
+            kw: dict[str, Any] = {"alt_host": "127.0.0.2", "alt_port": 0} if alt else {}
+            server = await StunServer.start("127.0.0.1", 0, **kw)
+            try:
+                for i, (name, data) in enumerate(_stun_requests().items()):
+                    client = _Udp(f"127.0.0.{10 + i + (10 if alt else 0)}")
+                    try:
+                        client.sock.sendto(data, server.primary_address)
+                        await _settle(lambda c=client: bool(c.received))  # type: ignore[misc]
+                        if client.received:
+                            reply = client.received[0]
+                            software = software or b"\x80\x22" in reply[20:]
+                            factor = len(reply) / len(data)
+                            if factor > worst:
+                                where = "4-address" if alt else "1-address"
+                                worst, worst_what = factor, f"{name} to a {where} server"
+                    finally:
+                        client.close()
+            finally:
+                server.close()
+        out.append(
+            _result(9, "stun_amplification", round(worst, 2), f"{worst:.2f}x ({worst_what})")
+        )
+        out.append(_result(9, "stun_software", software, "sent" if software else "not sent"))
+    except Exception as exc:
+        out.append(_na(9, "stun_amplification", f"{type(exc).__name__}: {exc}"))
+
+    try:
+        server = await StunServer.start("127.0.0.1", 0)
+        client = _Udp("127.0.0.3")
+        try:
+            total = rate if not short else rate // 10
+            request = _stun_requests()["bare 20 B"]
+            batch = max(1, rate // 100)  # paced in 10 ms steps
+            sent, start = 0, time.monotonic()
+            while sent < total:
+                for _ in range(min(batch, total - sent)):
+                    client.sock.sendto(request, server.primary_address)
+                    sent += 1
+                await asyncio.sleep(max(0.0, start + sent / rate - time.monotonic()))
+            await _settle(lambda: server.stats.get("datagrams_in", total) >= total, 2.0)
+            await asyncio.sleep(0.1)
+            share = len(client.received) / total
+            out.append(
+                _result(
+                    9,
+                    "stun_flood_answered",
+                    round(share, 4),
+                    f"{100 * share:.1f}% of {total} requests from one source at {rate}/s "
+                    f"answered ({len(client.received)})",
+                )
+            )
+        finally:
+            client.close()
+            server.close()
+    except Exception as exc:
+        out.append(_na(9, "stun_flood_answered", f"{type(exc).__name__}: {exc}"))
+
+    try:
+        server = await StunServer.start("127.0.0.1", 0)
+        clients: dict[int, _Udp] = {}
+        try:
+            for port in (7, 19, 53, 123, 1900, 11211):
+                with contextlib.suppress(OSError):  # not root, or the port is in use here
+                    clients[port] = _Udp("127.0.0.4", port)
+            request = _stun_requests()["with FINGERPRINT"]
+            for client in clients.values():
+                client.sock.sendto(request, server.primary_address)
+            # an ordinary client asked last: once it has its answer, the others had theirs
+            control = _Udp("127.0.0.5")
+            clients[0] = control
+            control.sock.sendto(request, server.primary_address)
+            await _settle(lambda: bool(control.received), 1.0)
+            await asyncio.sleep(0.05)
+        finally:
+            for client in clients.values():
+                client.close()
+            server.close()
+        tried = [p for p in clients if p]
+        answered = [p for p in tried if clients[p].received]
+        if not tried:
+            out.append(_na(9, "stun_reflection_ports", "could not bind any of those ports"))
+        else:
+            text = f"{len(answered)}/{len(tried)} answered (from ports {tried}: {answered})"
+            out.append(_result(9, "stun_reflection_ports", len(answered), text))
+    except Exception as exc:
+        out.append(_na(9, "stun_reflection_ports", f"{type(exc).__name__}: {exc}"))
+    return out
+
+
+# --- 1, 5, 13: the rendezvous -------------------------------------------------------------------
+
+
+async def _recv_json(ws: Any, wait: float) -> dict[str, Any] | None:
+    try:
+        raw = await asyncio.wait_for(ws.recv(), wait)
+    except TimeoutError:
+        return None
+    msg = json.loads(raw)
+    return msg if isinstance(msg, dict) else None
+
+
+async def _register(
+    ws: Any, worker_id: str, public_key: str | None, identity: Any | None
+) -> dict[str, Any] | None:
+    """Register as a worker would, answering a ``challenge`` if the rendezvous sends one
+    (with a real proof when ``identity`` holds the private key, else with a made-up one).
+    Returns the rendezvous's answer to the register (None when the connection closed)."""
+    first = await _recv_json(ws, CHALLENGE_WAIT)
+    reg: dict[str, Any] = {"type": "register", "room": "default"}
+    if public_key is not None:
+        reg["public_key"] = public_key
+    if first is not None and first.get("type") == "challenge":
+        proof = os.urandom(32)
+        if identity is not None:
+            from p2plab.core.crypto import registration_proof
+
+            proof = registration_proof(
+                identity,
+                base64.b64decode(first["server_key"]),
+                base64.b64decode(first["nonce"]),
+                worker_id,
+            )
+        reg["proof"] = base64.b64encode(proof).decode()
+    try:
+        await ws.send(json.dumps(reg))
+        return await _recv_json(ws, WAIT)
+    except Exception:
+        return None
+
+
+async def _closed(ws: Any, wait: float) -> tuple[bool, Any]:
+    """Whether ``ws`` gets closed within ``wait`` s (reading and dropping messages meanwhile)."""
+    deadline = time.monotonic() + wait
+    try:
+        while time.monotonic() < deadline:
+            await asyncio.wait_for(ws.recv(), max(0.01, deadline - time.monotonic()))
+    except TimeoutError:
+        return False, None
+    except Exception:
+        return True, getattr(ws, "close_code", None)
+    return False, None
+
+
+async def probe_rendezvous(only: set[int], short: bool) -> list[Result]:
+    import httpx
+    from websockets.asyncio.client import connect
+
+    from p2plab.core.crypto import Identity
+    from rendezvous_service_code.main import RendezvousServer
+
+    out: list[Result] = []
+    rv = await RendezvousServer.start("127.0.0.1", 0)
+    ws_base = f"ws://127.0.0.1:{rv.http_port}/ws/register"
+    try:
+        victim_id = "victim-" + os.urandom(4).hex()
+        identity = Identity.generate(os.urandom)
+        victim = await connect(f"{ws_base}/{victim_id}", open_timeout=WAIT)
+        try:
+            answer = await _register(victim, victim_id, identity.public_b64, identity)
+            if answer is None or answer.get("type") != "registered":
+                raise RuntimeError(f"the victim could not register: {answer}")
+            if 1 in only:
+                try:
+                    async with httpx.AsyncClient(timeout=WAIT) as http:
+                        resp = await http.get(f"http://127.0.0.1:{rv.http_port}/debug/list_workers")
+                    leaked = identity.public_b64 in resp.text
+                    text = f"HTTP {resp.status_code} without a token" + (
+                        ", victim's key and address in the answer" if leaked else ""
+                    )
+                    out.append(_result(1, "debug_list_workers", resp.status_code, text))
+                except Exception as exc:
+                    out.append(_na(1, "debug_list_workers", f"{type(exc).__name__}: {exc}"))
+            if 5 in only:
+                try:
+                    thief = await connect(f"{ws_base}/{victim_id}", open_timeout=WAIT)
+                    try:
+                        got = await _register(thief, victim_id, identity.public_b64, None)
+                        closed, code = await _closed(victim, 1.0 if short else 2.0)
+                        thief_got = "closed" if got is None else got.get("type")
+                        text = (
+                            f"victim closed ({code})" if closed else "victim kept its connection"
+                        ) + f"; the impostor got: {thief_got}"
+                        out.append(_result(5, "takeover_victim_closed", closed, text))
+                    finally:
+                        await thief.close()
+                except Exception as exc:
+                    out.append(_na(5, "takeover_victim_closed", f"{type(exc).__name__}: {exc}"))
+        finally:
+            await victim.close()
+        if 13 in only:
+            try:
+                zero = base64.b64encode(bytes(32)).decode()
+                wid = "lowkey-" + os.urandom(4).hex()
+                ws = await connect(f"{ws_base}/{wid}", open_timeout=WAIT)
+                try:
+                    got = await _register(ws, wid, zero, None)
+                    accepted = got is not None and got.get("type") == "registered"
+                    what = "accepted" if accepted else f"refused ({got and got.get('type')})"
+                    out.append(
+                        _result(13, "low_order_key_registered", accepted, f"32 zero bytes {what}")
+                    )
+                finally:
+                    await ws.close()
+            except Exception as exc:
+                out.append(_na(13, "low_order_key_registered", f"{type(exc).__name__}: {exc}"))
+    finally:
+        await rv.close()
+    return out
+
+
+# --- 7: the worker UI ---------------------------------------------------------------------------
+
+
+async def probe_ui() -> list[Result]:
+    import httpx
+
+    from p2plab.aio.worker import Worker, WorkerConfig
+    from rendezvous_service_code.main import RendezvousServer
+
+    rv = await RendezvousServer.start("127.0.0.1", 0)
+    worker: Any = None
+    try:
+        config = WorkerConfig(
+            rendezvous_url=f"ws://127.0.0.1:{rv.http_port}",
+            udp_host="127.0.0.1",
+            http_port=0,
+            nat_report=False,
+        )
+        worker = await Worker(config).start()
+        port = worker.http_address[1]
+        async with httpx.AsyncClient(timeout=WAIT) as http:
+            foreign = await http.get(
+                f"http://127.0.0.1:{port}/status", headers={"Host": f"evil.example:{port}"}
+            )
+            plain = await http.get(f"http://127.0.0.1:{port}/status")
+        text = (
+            f"HTTP {foreign.status_code} for Host evil.example and no token "
+            f"(HTTP {plain.status_code} for Host 127.0.0.1 and no token)"
+        )
+        return [_result(7, "ui_status_foreign_host", foreign.status_code, text)]
+    finally:
+        if worker is not None:
+            await worker.stop()
+        await rv.close()
+
+
+# --- 3: host names as candidates ----------------------------------------------------------------
+
+NAMES = ("a.slow.invalid", "b.slow.invalid", "c.slow.invalid", "d.slow.invalid")
+
+
+def _free_tcp_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+async def _fake_rendezvous(ready: asyncio.Event, offer_sent: list[float]) -> Any:
+    from websockets.asyncio.server import serve
+
+    peer_key = base64.b64encode(os.urandom(32)).decode()
+    with contextlib.suppress(Exception):
+        from p2plab.core.crypto import Identity
+
+        peer_key = Identity.generate(os.urandom).public_b64
+
+    async def handler(ws: Any) -> None:
+        worker_id = ws.request.path.rsplit("/", 1)[-1]
+        msg = await _recv_json(ws, CHALLENGE_WAIT)
+        if msg is None:  # a worker that waits for a challenge first
+            nonce, key = os.urandom(32), os.urandom(32)
+            with contextlib.suppress(Exception):
+                from p2plab.core.crypto import Identity
+
+                key = base64.b64decode(Identity.generate(os.urandom).public_b64)
+            challenge = {
+                "type": "challenge",
+                "nonce": base64.b64encode(nonce).decode(),
+                "server_key": base64.b64encode(key).decode(),
+            }
+            await ws.send(json.dumps(challenge))
+            msg = await _recv_json(ws, WAIT)
+        if msg is None or msg.get("type") != "register":
+            return
+        port = ws.remote_address[1]
+        await ws.send(
+            json.dumps(
+                {
+                    "type": "registered",
+                    "worker_id": worker_id,
+                    "observed_ip": "127.0.0.1",
+                    "observed_port": port,
+                }
+            )
+        )
+        await _recv_json(ws, 1.0)  # its update_udp_endpoint, if it sends one
+        offer = {
+            "type": "p2p_connection_offer",
+            "peer_worker_id": "attacker",
+            "peer_udp_ip": NAMES[0],
+            "peer_udp_port": 40000,
+            "peer_candidates": [{"ip": n, "port": 40000} for n in NAMES[1:]],
+            "role": "controlling",
+            "peer_public_key": peer_key,
+        }
+        await ws.send(json.dumps(offer))
+        offer_sent.append(time.monotonic())
+        with contextlib.suppress(Exception):
+            async for _ in ws:
+                pass
+
+    server = await serve(handler, "127.0.0.1", 0)
+    ready.set()
+    return server
+
+
+class _SilentDns(asyncio.DatagramProtocol):
+    """A resolver on 127.0.0.1:53 that counts queries and never answers (a slow one)."""
+
+    def __init__(self) -> None:
+        self.queries = 0
+
+    def datagram_received(self, data: bytes, addr: Any) -> None:
+        self.queries += 1
+
+
+async def _inner_candidates(window: float) -> Result:
+    """Run inside the private namespace: fake resolver, fake rendezvous, the worker, the clock."""
+    loop = asyncio.get_running_loop()
+    dns_transport, dns = await loop.create_datagram_endpoint(
+        _SilentDns, local_addr=("127.0.0.1", 53)
+    )
+    ready, offer_sent = asyncio.Event(), []
+    fake = await _fake_rendezvous(ready, offer_sent)
+    rv_port = fake.sockets[0].getsockname()[1]
+    http_port = _free_tcp_port()
+    env = {k: v for k, v in os.environ.items() if k in ("PATH", "HOME", "LANG", "PYTHONPATH")}
+    env["PYTHONPATH"] = str(ROOT)
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "p2plab",
+        "worker",
+        "--rendezvous",
+        f"ws://127.0.0.1:{rv_port}",
+        "--http-port",
+        str(http_port),
+        "--no-nat-report",
+        "--id",
+        "victim",
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    try:
+        import httpx
+
+        await _settle(lambda: bool(offer_sent) or proc.returncode is not None, 20.0, 0.05)
+        if not offer_sent:
+            return _na(3, "candidate_names_stall_s", "the worker never got to the offer")
+        worst, answered = 0.0, 0
+        end = time.monotonic() + window
+        async with httpx.AsyncClient(timeout=window + 5.0) as http:
+            while time.monotonic() < end:
+                t0 = time.monotonic()
+                with contextlib.suppress(Exception):
+                    await http.get(f"http://127.0.0.1:{http_port}/health")
+                    answered += 1
+                worst = max(worst, time.monotonic() - t0)
+                await asyncio.sleep(0.05)
+        text = (
+            f"worst /health latency {worst:.2f} s in the {window:.0f} s after one offer naming "
+            f"{len(NAMES)} *.invalid hosts; {dns.queries} DNS queries made"
+        )
+        return _result(3, "candidate_names_stall_s", round(worst, 2), text) | {
+            "dns_queries": dns.queries
+        }
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, 9)  # the worker started above, by its own process group
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(proc.wait(), 10)
+        fake.close()
+        dns_transport.close()
+
+
+def probe_candidates(window: float) -> list[Result]:
+    if os.geteuid() != 0 or shutil.which("unshare") is None or shutil.which("ip") is None:
+        return [_na(3, "candidate_names_stall_s", "needs root and unshare for a private resolver")]
+    with tempfile.TemporaryDirectory() as tmp:
+        resolv = Path(tmp, "resolv.conf")
+        resolv.write_text("nameserver 127.0.0.1\noptions timeout:1 attempts:1\n")
+        script = (
+            f"mount --bind {resolv} /etc/resolv.conf && ip link set lo up && "
+            f"exec {sys.executable} {Path(__file__).resolve()} --inner-candidates {window}"
+        )
+        done = subprocess.run(
+            ["unshare", "--mount", "--net", "--", "sh", "-c", script],
+            capture_output=True,
+            text=True,
+            timeout=window + 60,
+        )
+    lines = [ln for ln in done.stdout.splitlines() if ln.startswith("{")]
+    if not lines:
+        tail = (done.stderr.strip().splitlines() or ["no output"])[-1]
+        return [_na(3, "candidate_names_stall_s", tail[:160])]
+    result: Result = json.loads(lines[-1])
+    return [result]
+
+
+# --- the run ------------------------------------------------------------------------------------
+
+
+async def _guarded(
+    name: str, finding: int, make: Callable[[], Awaitable[list[Result]]], limit: float
+) -> list[Result]:
+    try:
+        return await asyncio.wait_for(make(), limit)
+    except Exception as exc:
+        reason = "timed out" if isinstance(exc, TimeoutError) else f"{type(exc).__name__}: {exc}"
+        return [_na(finding, name, reason)]
+
+
+async def _candidates(window: float) -> list[Result]:
+    try:
+        return await asyncio.to_thread(probe_candidates, window)
+    except Exception as exc:
+        return [_na(3, "candidate_names_stall_s", f"{type(exc).__name__}: {exc}")]
+
+
+async def _nothing() -> list[Result]:
+    return []
+
+
+async def run(only: set[int], short: bool, rate: int) -> list[Result]:
+    results: list[Result] = []
+    # Finding 3 runs in its own namespace and process: alongside the others, to save time.
+    candidates = asyncio.ensure_future(_candidates(2.0 if short else 8.0)) if 3 in only else None
+    if 9 in only:
+        results += await _guarded("stun", 9, lambda: probe_stun(short, rate), 30.0)
+    # These two start their own servers on OS-chosen ports: side by side.
+    both = await asyncio.gather(
+        _guarded("rendezvous", 1, lambda: probe_rendezvous(only, short), 30.0)
+        if only & {1, 5, 13}
+        else _nothing(),
+        _guarded("ui_status_foreign_host", 7, probe_ui, 30.0) if 7 in only else _nothing(),
+    )
+    results += both[0] + both[1]
+    if candidates is not None:
+        results += await candidates
+    return sorted(results, key=lambda r: r["finding"])
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--json", action="store_true", help="print one JSON document")
+    parser.add_argument("--short", action="store_true", help="fewer requests, shorter windows")
+    parser.add_argument(
+        "--only", default="1,3,5,7,9,13", help="findings to measure (default: 1,3,5,7,9,13)"
+    )
+    parser.add_argument("--rate", type=int, default=5000, help="STUN flood rate per second")
+    parser.add_argument("--inner-candidates", type=float, default=None, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    import logging
+
+    logging.disable(logging.CRITICAL)  # the probes provoke errors on purpose
+    if args.inner_candidates is not None:
+        try:
+            result = asyncio.run(_inner_candidates(args.inner_candidates))
+        except Exception as exc:
+            result = _na(3, "candidate_names_stall_s", f"{type(exc).__name__}: {exc}")
+        print(json.dumps(result), flush=True)
+        return 0
+    try:
+        only = {int(x) for x in args.only.split(",") if x.strip()}
+    except ValueError:
+        parser.error(f"--only takes finding numbers like 1,3,9, got {args.only!r}")
+    if args.rate < 100:
+        parser.error("--rate must be at least 100")
+    started = time.monotonic()
+    results = asyncio.run(run(only, args.short, args.rate))
+    if args.json:
+        print(json.dumps({"results": results, "seconds": round(time.monotonic() - started, 1)}))
+    else:
+        for r in results:
+            print(f"finding {r['finding']:>2}  {r['key']:<26} {r['text']}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
