@@ -384,3 +384,22 @@ async def test_software_is_opt_in_and_limits_are_checked() -> None:
     for bad in ({"rate_per_s": 0.0}, {"burst": 0.5}, {"max_sources": 0}):
         with pytest.raises(ConfigError, match="STUN"):
             await StunServer.start("127.0.0.1", 0, **bad)  # type: ignore[arg-type]
+
+
+async def test_the_rendezvous_s_embedded_stun_server_is_limited_as_configured() -> None:
+    from rendezvous_service_code.main import RendezvousServer
+
+    rv = await RendezvousServer.start(
+        "127.0.0.1", 0, stun_port=0, stun_rate_per_s=0.001, stun_burst=3
+    )
+    client = RawClient()
+    try:
+        assert rv.stun_port is not None
+        for _ in range(20):
+            client.send(bytes(make_binding_request(random_bytes)), ("127.0.0.1", rv.stun_port))
+        got = await client.silence(0.2 * TIMEOUT_UNIT)
+        assert len(got) == 3  # the burst; the refill gives nothing during the test
+        assert all("SOFTWARE" not in parse_message(d).attributes for d, _ in got)
+    finally:
+        client.close()
+        await rv.close()
