@@ -547,10 +547,6 @@ async def _candidates(window: float) -> list[Result]:
         return [_na(3, "candidate_names_stall_s", f"{type(exc).__name__}: {exc}")]
 
 
-async def _nothing() -> list[Result]:
-    return []
-
-
 async def run(only: set[int], short: bool, rate: int) -> list[Result]:
     results: list[Result] = []
     # Finding 3 runs in its own namespace and process: alongside the others, to save time.
@@ -558,13 +554,13 @@ async def run(only: set[int], short: bool, rate: int) -> list[Result]:
     if 9 in only:
         results += await _guarded("stun", 9, lambda: probe_stun(short, rate), 30.0)
     # These two start their own servers on OS-chosen ports: side by side.
-    both = await asyncio.gather(
-        _guarded("rendezvous", 1, lambda: probe_rendezvous(only, short), 30.0)
-        if only & {1, 5, 13}
-        else _nothing(),
-        _guarded("ui_status_foreign_host", 7, probe_ui, 30.0) if 7 in only else _nothing(),
-    )
-    results += both[0] + both[1]
+    side_by_side = []
+    if only & {1, 5, 13}:
+        side_by_side.append(_guarded("rendezvous", 1, lambda: probe_rendezvous(only, short), 30))
+    if 7 in only:
+        side_by_side.append(_guarded("ui_status_foreign_host", 7, probe_ui, 30.0))
+    for found in await asyncio.gather(*side_by_side):
+        results += found
     if candidates is not None:
         results += await candidates
     return sorted(results, key=lambda r: r["finding"])
