@@ -1,6 +1,6 @@
 """Measure issue 14's findings against the code in this checkout, on loopback only.
 
-    python experiments/security_audit.py [--json] [--short] [--only 1,3,5,7,9,13]
+    python experiments/security_audit.py [--json] [--short] [--only 1,3,5,7,8,9,13]
 
 One line per finding with the number measured, for docs/security.md's before/after table: run it
 on the old code and on the new one and compare.  Every probe catches its own errors (the APIs
@@ -20,12 +20,11 @@ Probes:
   (it does not have the private key): is the victim closed?
 * 13: a low-order public key (32 zero bytes) at registration: accepted?
 * 7: the worker UI's ``/status`` with a foreign Host (DNS rebinding) and no token.
-* 3: a worker process (started here) gets an offer naming ``*.invalid`` host names as
-  candidates from a fake rendezvous; the event loop's stall is the worst ``/health`` latency
-  afterwards, and the DNS queries it made are counted.  To keep those queries on this machine it
-  runs in its own network and mount namespace (``unshare``, root) whose resolv.conf names a
-  resolver on 127.0.0.1 that never answers (``timeout:1 attempts:1``): a lookup then costs the
-  worker about a second, as a slow resolver would.  Without root: ``n/a``.
+* 8: limits per IP: how many of N connections from one IP register (rooms of their own), and
+  how many wrong tokens one IP gets answered "invalid token" per second.
+* 3: a worker process gets an offer naming ``*.invalid`` host names as candidates; the worst
+  ``/health`` latency afterwards and the DNS queries made (``audit_candidates.py``: it runs in
+  a private network namespace with a silent resolver on 127.0.0.1; root, else ``n/a``).
 """
 
 from __future__ import annotations
@@ -36,32 +35,23 @@ import base64
 import contextlib
 import json
 import os
-import shutil
 import socket
-import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import Awaitable, Callable
-from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parent.parent
-if str(ROOT) not in sys.path:  # measure the code of this checkout, whatever is installed
-    sys.path.insert(0, str(ROOT))
-
-Result = dict[str, Any]
-WAIT = 5.0  # seconds any single exchange may take before the probe gives up on it
-CHALLENGE_WAIT = 0.5  # a rendezvous that sends a challenge sends it at once
-
-
-def _result(finding: int, key: str, value: Any, text: str) -> Result:
-    return {"finding": finding, "key": key, "value": value, "text": text}
-
-
-def _na(finding: int, key: str, reason: str) -> Result:
-    return {"finding": finding, "key": key, "value": None, "text": f"n/a ({reason})"}
-
+from audit_candidates import inner_candidates, probe_candidates
+from audit_common import (
+    CHALLENGE_WAIT,
+    WAIT,
+    Result,
+    failed,
+    not_available,
+    recv_json,
+    result,
+    settle,
+)
 
 # --- 9: the STUN server -------------------------------------------------------------------------
 
@@ -101,13 +91,6 @@ def _stun_requests() -> dict[str, bytes]:
     return {"bare 20 B": bare, "with FINGERPRINT": with_fp, "RFC 3489": legacy}
 
 
-async def _settle(cond: Callable[[], bool], limit: float = 1.0, step: float = 0.01) -> None:
-    """Wait until ``cond()`` or ``limit`` seconds passed."""
-    deadline = time.monotonic() + limit
-    while not cond() and time.monotonic() < deadline:  # noqa: ASYNC110 - polls foreign state
-        await asyncio.sleep(step)
-
-
 async def probe_stun(short: bool, rate: int) -> list[Result]:
     from p2plab.server.stun_server import StunServer
 
@@ -122,7 +105,7 @@ async def probe_stun(short: bool, rate: int) -> list[Result]:
                     client = _Udp(f"127.0.0.{10 + i + (10 if alt else 0)}")
                     try:
                         client.sock.sendto(data, server.primary_address)
-                        await _settle(lambda c=client: bool(c.received))  # type: ignore[misc]
+                        await settle(lambda c=client: bool(c.received))  # type: ignore[misc]
                         if client.received:
                             reply = client.received[0]
                             software = software or b"\x80\x22" in reply[20:]
@@ -134,12 +117,10 @@ async def probe_stun(short: bool, rate: int) -> list[Result]:
                         client.close()
             finally:
                 server.close()
-        out.append(
-            _result(9, "stun_amplification", round(worst, 2), f"{worst:.2f}x ({worst_what})")
-        )
-        out.append(_result(9, "stun_software", software, "sent" if software else "not sent"))
+        out.append(result(9, "stun_amplification", round(worst, 2), f"{worst:.2f}x ({worst_what})"))
+        out.append(result(9, "stun_software", software, "sent" if software else "not sent"))
     except Exception as exc:
-        out.append(_na(9, "stun_amplification", f"{type(exc).__name__}: {exc}"))
+        out.append(failed(9, "stun_amplification", exc))
 
     try:
         server = await StunServer.start("127.0.0.1", 0)
@@ -154,11 +135,11 @@ async def probe_stun(short: bool, rate: int) -> list[Result]:
                     client.sock.sendto(request, server.primary_address)
                     sent += 1
                 await asyncio.sleep(max(0.0, start + sent / rate - time.monotonic()))
-            await _settle(lambda: server.stats.get("datagrams_in", total) >= total, 2.0)
+            await settle(lambda: server.stats.get("datagrams_in", total) >= total, 2.0)
             await asyncio.sleep(0.1)
             share = len(client.received) / total
             out.append(
-                _result(
+                result(
                     9,
                     "stun_flood_answered",
                     round(share, 4),
@@ -170,7 +151,7 @@ async def probe_stun(short: bool, rate: int) -> list[Result]:
             client.close()
             server.close()
     except Exception as exc:
-        out.append(_na(9, "stun_flood_answered", f"{type(exc).__name__}: {exc}"))
+        out.append(failed(9, "stun_flood_answered", exc))
 
     try:
         server = await StunServer.start("127.0.0.1", 0)
@@ -186,7 +167,7 @@ async def probe_stun(short: bool, rate: int) -> list[Result]:
             control = _Udp("127.0.0.5")
             clients[0] = control
             control.sock.sendto(request, server.primary_address)
-            await _settle(lambda: bool(control.received), 1.0)
+            await settle(lambda: bool(control.received), 1.0)
             await asyncio.sleep(0.05)
         finally:
             for client in clients.values():
@@ -195,37 +176,38 @@ async def probe_stun(short: bool, rate: int) -> list[Result]:
         tried = [p for p in clients if p]
         answered = [p for p in tried if clients[p].received]
         if not tried:
-            out.append(_na(9, "stun_reflection_ports", "could not bind any of those ports"))
+            out.append(not_available(9, "stun_reflection_ports", "no such port free"))
         else:
             text = f"{len(answered)}/{len(tried)} answered (from ports {tried}: {answered})"
-            out.append(_result(9, "stun_reflection_ports", len(answered), text))
+            out.append(result(9, "stun_reflection_ports", len(answered), text))
     except Exception as exc:
-        out.append(_na(9, "stun_reflection_ports", f"{type(exc).__name__}: {exc}"))
+        out.append(failed(9, "stun_reflection_ports", exc))
     return out
 
 
 # --- 1, 5, 13: the rendezvous -------------------------------------------------------------------
 
 
-async def _recv_json(ws: Any, wait: float) -> dict[str, Any] | None:
-    try:
-        raw = await asyncio.wait_for(ws.recv(), wait)
-    except TimeoutError:
-        return None
-    msg = json.loads(raw)
-    return msg if isinstance(msg, dict) else None
-
-
 async def _register(
-    ws: Any, worker_id: str, public_key: str | None, identity: Any | None
+    ws: Any,
+    worker_id: str,
+    public_key: str | None,
+    identity: Any | None,
+    *,
+    room: str = "default",
+    token: str | None = None,
 ) -> dict[str, Any] | None:
     """Register as a worker would, answering a ``challenge`` if the rendezvous sends one
     (with a real proof when ``identity`` holds the private key, else with a made-up one).
-    Returns the rendezvous's answer to the register (None when the connection closed)."""
-    first = await _recv_json(ws, CHALLENGE_WAIT)
-    reg: dict[str, Any] = {"type": "register", "room": "default"}
+    Returns the rendezvous's answer to the register (None when the connection closed).
+    Without a public key no proof is needed: the register goes out at once."""
+    reg: dict[str, Any] = {"type": "register", "room": room}
+    if token is not None:
+        reg["token"] = token
+    first = None
     if public_key is not None:
         reg["public_key"] = public_key
+        first = await recv_json(ws, CHALLENGE_WAIT)
     if first is not None and first.get("type") == "challenge":
         proof = os.urandom(32)
         if identity is not None:
@@ -240,7 +222,10 @@ async def _register(
         reg["proof"] = base64.b64encode(proof).decode()
     try:
         await ws.send(json.dumps(reg))
-        return await _recv_json(ws, WAIT)
+        while True:
+            answer = await recv_json(ws, WAIT)
+            if answer is None or answer.get("type") != "challenge":
+                return answer
     except Exception:
         return None
 
@@ -284,9 +269,9 @@ async def probe_rendezvous(only: set[int], short: bool) -> list[Result]:
                     text = f"HTTP {resp.status_code} without a token" + (
                         ", victim's key and address in the answer" if leaked else ""
                     )
-                    out.append(_result(1, "debug_list_workers", resp.status_code, text))
+                    out.append(result(1, "debug_list_workers", resp.status_code, text))
                 except Exception as exc:
-                    out.append(_na(1, "debug_list_workers", f"{type(exc).__name__}: {exc}"))
+                    out.append(failed(1, "debug_list_workers", exc))
             if 5 in only:
                 try:
                     thief = await connect(f"{ws_base}/{victim_id}", open_timeout=WAIT)
@@ -297,11 +282,11 @@ async def probe_rendezvous(only: set[int], short: bool) -> list[Result]:
                         text = (
                             f"victim closed ({code})" if closed else "victim kept its connection"
                         ) + f"; the impostor got: {thief_got}"
-                        out.append(_result(5, "takeover_victim_closed", closed, text))
+                        out.append(result(5, "takeover_victim_closed", closed, text))
                     finally:
                         await thief.close()
                 except Exception as exc:
-                    out.append(_na(5, "takeover_victim_closed", f"{type(exc).__name__}: {exc}"))
+                    out.append(failed(5, "takeover_victim_closed", exc))
         finally:
             await victim.close()
         if 13 in only:
@@ -314,12 +299,68 @@ async def probe_rendezvous(only: set[int], short: bool) -> list[Result]:
                     accepted = got is not None and got.get("type") == "registered"
                     what = "accepted" if accepted else f"refused ({got and got.get('type')})"
                     out.append(
-                        _result(13, "low_order_key_registered", accepted, f"32 zero bytes {what}")
+                        result(13, "low_order_key_registered", accepted, f"32 zero bytes {what}")
                     )
                 finally:
                     await ws.close()
             except Exception as exc:
-                out.append(_na(13, "low_order_key_registered", f"{type(exc).__name__}: {exc}"))
+                out.append(failed(13, "low_order_key_registered", exc))
+    finally:
+        await rv.close()
+    return out
+
+
+async def probe_limits(short: bool) -> list[Result]:
+    from websockets.asyncio.client import connect
+
+    from rendezvous_service_code.main import RendezvousServer
+
+    token = "audit-" + os.urandom(8).hex()
+    out: list[Result] = []
+    rv = await RendezvousServer.start("127.0.0.1", 0, token=token)
+    base = f"ws://127.0.0.1:{rv.http_port}/ws/register"
+    opened: list[Any] = []
+    try:
+        total = 100 if short else 300
+
+        async def one(i: int) -> bool:
+            wid = f"many-{i}-" + os.urandom(3).hex()
+            ws = await connect(f"{base}/{wid}", open_timeout=WAIT)
+            opened.append(ws)
+            got = await _register(ws, wid, None, None, room=f"audit-{i}", token=token)
+            return got is not None and got.get("type") == "registered"
+
+        try:
+            done = await asyncio.gather(*(one(i) for i in range(total)), return_exceptions=True)
+            ok = sum(d is True for d in done)
+            text = f"{ok} of {total} connections from one IP registered"
+            out.append(result(8, "registrations_one_ip", ok, text))
+        except Exception as exc:
+            out.append(failed(8, "registrations_one_ip", exc))
+        finally:
+            await asyncio.gather(*(ws.close() for ws in opened), return_exceptions=True)
+        try:
+            window = 0.5 if short else 1.0
+            counts = [0, 0]  # answered "invalid token", tried
+            end = time.monotonic() + window
+
+            async def guesser() -> None:
+                while time.monotonic() < end:
+                    wid = "guess-" + os.urandom(4).hex()
+                    counts[1] += 1
+                    async with connect(f"{base}/{wid}", open_timeout=WAIT) as ws:
+                        await _register(ws, wid, None, None, token=os.urandom(6).hex())
+                        if "token" in str(getattr(ws, "close_reason", "") or ""):
+                            counts[0] += 1
+
+            # eight at a time, as an attacker with a few sockets would
+            await asyncio.gather(*(guesser() for _ in range(8)))
+            answered, tried = counts
+            rate = answered / window
+            text = f"{rate:.0f} wrong tokens/s answered 'invalid token' ({answered} of {tried})"
+            out.append(result(8, "token_guesses_per_s", round(rate), text))
+        except Exception as exc:
+            out.append(failed(8, "token_guesses_per_s", exc))
     finally:
         await rv.close()
     return out
@@ -354,177 +395,11 @@ async def probe_ui() -> list[Result]:
             f"HTTP {foreign.status_code} for Host evil.example and no token "
             f"(HTTP {plain.status_code} for Host 127.0.0.1 and no token)"
         )
-        return [_result(7, "ui_status_foreign_host", foreign.status_code, text)]
+        return [result(7, "ui_status_foreign_host", foreign.status_code, text)]
     finally:
         if worker is not None:
             await worker.stop()
         await rv.close()
-
-
-# --- 3: host names as candidates ----------------------------------------------------------------
-
-NAMES = ("a.slow.invalid", "b.slow.invalid", "c.slow.invalid", "d.slow.invalid")
-
-
-def _free_tcp_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-async def _fake_rendezvous(ready: asyncio.Event, offer_sent: list[float]) -> Any:
-    from websockets.asyncio.server import serve
-
-    peer_key = base64.b64encode(os.urandom(32)).decode()
-    with contextlib.suppress(Exception):
-        from p2plab.core.crypto import Identity
-
-        peer_key = Identity.generate(os.urandom).public_b64
-
-    async def handler(ws: Any) -> None:
-        worker_id = ws.request.path.rsplit("/", 1)[-1]
-        msg = await _recv_json(ws, CHALLENGE_WAIT)
-        if msg is None:  # a worker that waits for a challenge first
-            nonce, key = os.urandom(32), os.urandom(32)
-            with contextlib.suppress(Exception):
-                from p2plab.core.crypto import Identity
-
-                key = base64.b64decode(Identity.generate(os.urandom).public_b64)
-            challenge = {
-                "type": "challenge",
-                "nonce": base64.b64encode(nonce).decode(),
-                "server_key": base64.b64encode(key).decode(),
-            }
-            await ws.send(json.dumps(challenge))
-            msg = await _recv_json(ws, WAIT)
-        if msg is None or msg.get("type") != "register":
-            return
-        port = ws.remote_address[1]
-        await ws.send(
-            json.dumps(
-                {
-                    "type": "registered",
-                    "worker_id": worker_id,
-                    "observed_ip": "127.0.0.1",
-                    "observed_port": port,
-                }
-            )
-        )
-        await _recv_json(ws, 1.0)  # its update_udp_endpoint, if it sends one
-        offer = {
-            "type": "p2p_connection_offer",
-            "peer_worker_id": "attacker",
-            "peer_udp_ip": NAMES[0],
-            "peer_udp_port": 40000,
-            "peer_candidates": [{"ip": n, "port": 40000} for n in NAMES[1:]],
-            "role": "controlling",
-            "peer_public_key": peer_key,
-        }
-        await ws.send(json.dumps(offer))
-        offer_sent.append(time.monotonic())
-        with contextlib.suppress(Exception):
-            async for _ in ws:
-                pass
-
-    server = await serve(handler, "127.0.0.1", 0)
-    ready.set()
-    return server
-
-
-class _SilentDns(asyncio.DatagramProtocol):
-    """A resolver on 127.0.0.1:53 that counts queries and never answers (a slow one)."""
-
-    def __init__(self) -> None:
-        self.queries = 0
-
-    def datagram_received(self, data: bytes, addr: Any) -> None:
-        self.queries += 1
-
-
-async def _inner_candidates(window: float) -> Result:
-    """Run inside the private namespace: fake resolver, fake rendezvous, the worker, the clock."""
-    loop = asyncio.get_running_loop()
-    dns_transport, dns = await loop.create_datagram_endpoint(
-        _SilentDns, local_addr=("127.0.0.1", 53)
-    )
-    ready, offer_sent = asyncio.Event(), []
-    fake = await _fake_rendezvous(ready, offer_sent)
-    rv_port = fake.sockets[0].getsockname()[1]
-    http_port = _free_tcp_port()
-    env = {k: v for k, v in os.environ.items() if k in ("PATH", "HOME", "LANG", "PYTHONPATH")}
-    env["PYTHONPATH"] = str(ROOT)
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "p2plab",
-        "worker",
-        "--rendezvous",
-        f"ws://127.0.0.1:{rv_port}",
-        "--http-port",
-        str(http_port),
-        "--no-nat-report",
-        "--id",
-        "victim",
-        cwd=ROOT,
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        start_new_session=True,
-    )
-    try:
-        import httpx
-
-        await _settle(lambda: bool(offer_sent) or proc.returncode is not None, 20.0, 0.05)
-        if not offer_sent:
-            return _na(3, "candidate_names_stall_s", "the worker never got to the offer")
-        worst, answered = 0.0, 0
-        end = time.monotonic() + window
-        async with httpx.AsyncClient(timeout=window + 5.0) as http:
-            while time.monotonic() < end:
-                t0 = time.monotonic()
-                with contextlib.suppress(Exception):
-                    await http.get(f"http://127.0.0.1:{http_port}/health")
-                    answered += 1
-                worst = max(worst, time.monotonic() - t0)
-                await asyncio.sleep(0.05)
-        text = (
-            f"worst /health latency {worst:.2f} s in the {window:.0f} s after one offer naming "
-            f"{len(NAMES)} *.invalid hosts; {dns.queries} DNS queries made"
-        )
-        return _result(3, "candidate_names_stall_s", round(worst, 2), text) | {
-            "dns_queries": dns.queries
-        }
-    finally:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, 9)  # the worker started above, by its own process group
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(proc.wait(), 10)
-        fake.close()
-        dns_transport.close()
-
-
-def probe_candidates(window: float) -> list[Result]:
-    if os.geteuid() != 0 or shutil.which("unshare") is None or shutil.which("ip") is None:
-        return [_na(3, "candidate_names_stall_s", "needs root and unshare for a private resolver")]
-    with tempfile.TemporaryDirectory() as tmp:
-        resolv = Path(tmp, "resolv.conf")
-        resolv.write_text("nameserver 127.0.0.1\noptions timeout:1 attempts:1\n")
-        script = (
-            f"mount --bind {resolv} /etc/resolv.conf && ip link set lo up && "
-            f"exec {sys.executable} {Path(__file__).resolve()} --inner-candidates {window}"
-        )
-        done = subprocess.run(
-            ["unshare", "--mount", "--net", "--", "sh", "-c", script],
-            capture_output=True,
-            text=True,
-            timeout=window + 60,
-        )
-    lines = [ln for ln in done.stdout.splitlines() if ln.startswith("{")]
-    if not lines:
-        tail = (done.stderr.strip().splitlines() or ["no output"])[-1]
-        return [_na(3, "candidate_names_stall_s", tail[:160])]
-    result: Result = json.loads(lines[-1])
-    return [result]
 
 
 # --- the run ------------------------------------------------------------------------------------
@@ -537,14 +412,14 @@ async def _guarded(
         return await asyncio.wait_for(make(), limit)
     except Exception as exc:
         reason = "timed out" if isinstance(exc, TimeoutError) else f"{type(exc).__name__}: {exc}"
-        return [_na(finding, name, reason)]
+        return [not_available(finding, name, reason)]
 
 
 async def _candidates(window: float) -> list[Result]:
     try:
         return await asyncio.to_thread(probe_candidates, window)
     except Exception as exc:
-        return [_na(3, "candidate_names_stall_s", f"{type(exc).__name__}: {exc}")]
+        return [failed(3, "candidate_names_stall_s", exc)]
 
 
 async def run(only: set[int], short: bool, rate: int) -> list[Result]:
@@ -557,6 +432,8 @@ async def run(only: set[int], short: bool, rate: int) -> list[Result]:
     side_by_side = []
     if only & {1, 5, 13}:
         side_by_side.append(_guarded("rendezvous", 1, lambda: probe_rendezvous(only, short), 30))
+    if 8 in only:
+        side_by_side.append(_guarded("limits", 8, lambda: probe_limits(short), 40.0))
     if 7 in only:
         side_by_side.append(_guarded("ui_status_foreign_host", 7, probe_ui, 30.0))
     for found in await asyncio.gather(*side_by_side):
@@ -571,7 +448,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", action="store_true", help="print one JSON document")
     parser.add_argument("--short", action="store_true", help="fewer requests, shorter windows")
     parser.add_argument(
-        "--only", default="1,3,5,7,9,13", help="findings to measure (default: 1,3,5,7,9,13)"
+        "--only",
+        default="1,3,5,7,8,9,13",
+        help="findings to measure (default: all: 1,3,5,7,8,9,13)",
     )
     parser.add_argument("--rate", type=int, default=5000, help="STUN flood rate per second")
     parser.add_argument("--inner-candidates", type=float, default=None, help=argparse.SUPPRESS)
@@ -581,10 +460,10 @@ def main(argv: list[str] | None = None) -> int:
     logging.disable(logging.CRITICAL)  # the probes provoke errors on purpose
     if args.inner_candidates is not None:
         try:
-            result = asyncio.run(_inner_candidates(args.inner_candidates))
+            line = asyncio.run(inner_candidates(args.inner_candidates))
         except Exception as exc:
-            result = _na(3, "candidate_names_stall_s", f"{type(exc).__name__}: {exc}")
-        print(json.dumps(result), flush=True)
+            line = failed(3, "candidate_names_stall_s", exc)
+        print(json.dumps(line), flush=True)
         return 0
     try:
         only = {int(x) for x in args.only.split(",") if x.strip()}
