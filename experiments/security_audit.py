@@ -188,7 +188,7 @@ async def probe_stun(short: bool, rate: int) -> list[Result]:
 # --- 1, 5, 13: the rendezvous -------------------------------------------------------------------
 
 
-async def _register(
+async def register_worker(
     ws: Any,
     worker_id: str,
     public_key: str | None,
@@ -258,7 +258,7 @@ async def probe_rendezvous(only: set[int], short: bool) -> list[Result]:
         identity = Identity.generate(os.urandom)
         victim = await connect(f"{ws_base}/{victim_id}", open_timeout=WAIT)
         try:
-            answer = await _register(victim, victim_id, identity.public_b64, identity)
+            answer = await register_worker(victim, victim_id, identity.public_b64, identity)
             if answer is None or answer.get("type") != "registered":
                 raise RuntimeError(f"the victim could not register: {answer}")
             if 1 in only:
@@ -276,7 +276,7 @@ async def probe_rendezvous(only: set[int], short: bool) -> list[Result]:
                 try:
                     thief = await connect(f"{ws_base}/{victim_id}", open_timeout=WAIT)
                     try:
-                        got = await _register(thief, victim_id, identity.public_b64, None)
+                        got = await register_worker(thief, victim_id, identity.public_b64, None)
                         closed, code = await _closed(victim, 1.0 if short else 2.0)
                         thief_got = "closed" if got is None else got.get("type")
                         text = (
@@ -295,7 +295,7 @@ async def probe_rendezvous(only: set[int], short: bool) -> list[Result]:
                 wid = "lowkey-" + os.urandom(4).hex()
                 ws = await connect(f"{ws_base}/{wid}", open_timeout=WAIT)
                 try:
-                    got = await _register(ws, wid, zero, None)
+                    got = await register_worker(ws, wid, zero, None)
                     accepted = got is not None and got.get("type") == "registered"
                     what = "accepted" if accepted else f"refused ({got and got.get('type')})"
                     out.append(
@@ -327,7 +327,7 @@ async def probe_limits(short: bool) -> list[Result]:
             wid = f"many-{i}-" + os.urandom(3).hex()
             ws = await connect(f"{base}/{wid}", open_timeout=WAIT)
             opened.append(ws)
-            got = await _register(ws, wid, None, None, room=f"audit-{i}", token=token)
+            got = await register_worker(ws, wid, None, None, room=f"audit-{i}", token=token)
             return got is not None and got.get("type") == "registered"
 
         try:
@@ -349,7 +349,7 @@ async def probe_limits(short: bool) -> list[Result]:
                     wid = "guess-" + os.urandom(4).hex()
                     counts[1] += 1
                     async with connect(f"{base}/{wid}", open_timeout=WAIT) as ws:
-                        await _register(ws, wid, None, None, token=os.urandom(6).hex())
+                        await register_worker(ws, wid, None, None, token=os.urandom(6).hex())
                         if "token" in str(getattr(ws, "close_reason", "") or ""):
                             counts[0] += 1
 

@@ -52,3 +52,60 @@ def test_audit_text_mode_and_bad_arguments() -> None:
     for bad in (["--only", "x"], ["--rate", "5"]):
         wrong = _run(*bad)
         assert wrong.returncode == 2 and "Traceback" not in wrong.stderr
+
+
+async def test_the_takeover_probe_speaks_the_challenge_protocol() -> None:
+    # The rendezvous of issue 14 sends a challenge first (shared decision 1): the audit's victim
+    # must answer it with a proof the rendezvous accepts, and its impostor with one it refuses,
+    # or finding 5's line would measure the probe instead of the rendezvous.
+    import base64
+    import importlib
+    import json
+    import os
+
+    from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
+    from websockets.asyncio.client import connect
+    from websockets.asyncio.server import serve
+
+    from p2plab.core.crypto import Identity, verify_registration_proof
+
+    sys.path.insert(0, str(SCRIPT.parent))
+    try:
+        audit = importlib.import_module("security_audit")
+    finally:
+        sys.path.remove(str(SCRIPT.parent))
+    verdicts: list[bool] = []
+
+    async def rendezvous(ws: object) -> None:
+        server_key = X25519PrivateKey.generate()
+        nonce = os.urandom(32)
+        public = server_key.public_key().public_bytes_raw()
+        await ws.send(  # type: ignore[attr-defined]
+            json.dumps(
+                {
+                    "type": "challenge",
+                    "nonce": base64.b64encode(nonce).decode(),
+                    "server_key": base64.b64encode(public).decode(),
+                }
+            )
+        )
+        reg = json.loads(await ws.recv())  # type: ignore[attr-defined]
+        worker_id = ws.request.path.rsplit("/", 1)[-1]  # type: ignore[attr-defined]
+        ok = verify_registration_proof(
+            server_key,
+            base64.b64decode(reg["public_key"]),
+            nonce,
+            worker_id,
+            base64.b64decode(reg["proof"]),
+        )
+        verdicts.append(ok)
+        await ws.send(json.dumps({"type": "registered" if ok else "error"}))  # type: ignore[attr-defined]
+
+    identity = Identity.generate(os.urandom)
+    async with serve(rendezvous, "127.0.0.1", 0) as server:
+        port = server.sockets[0].getsockname()[1]
+        for holder in (identity, None):
+            async with connect(f"ws://127.0.0.1:{port}/ws/register/w-1") as ws:
+                got = await audit.register_worker(ws, "w-1", identity.public_b64, holder)
+                assert got is not None
+    assert verdicts == [True, False]
