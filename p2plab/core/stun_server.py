@@ -35,12 +35,13 @@ Before answering, two cheap refusals (both counted, nothing is sent):
   the well-known amplifiers above it): a spoofed request "from" a victim's DNS, NTP, chargen or
   memcached port would make us the first leg of a ping-pong or reflection; no STUN client binds
   there (Linux, Windows and macOS pick ephemeral ports from 1024 up, NATs map into that range);
-* a per-source-IP token bucket (:class:`SourceLimiter`, default :data:`DEFAULT_RATE_PER_S` per
-  second, burst :data:`DEFAULT_BURST`), in a table of at most :data:`DEFAULT_MAX_SOURCES` IPs
-  that forgets the least recently seen first (forgetting only ever makes a source's limit fresh
-  again, never shuts out a legitimate client).  A discovery run is 3-6 requests, retransmissions
-  included 10-20, so the burst covers one; a spoofed victim receives at most ``rate`` answers
-  per second from this server.  Time is the driver's ``now`` (sans-I/O).
+* a per-source-IP token bucket (IPv6: per /64; :class:`SourceLimiter`, default
+  :data:`DEFAULT_RATE_PER_S` per second, burst :data:`DEFAULT_BURST`), in a table of at most
+  :data:`DEFAULT_MAX_SOURCES` sources that forgets the least recently seen first (forgetting
+  only ever makes a source's limit fresh again, never shuts out a legitimate client).  A
+  discovery run is 3-6 requests, retransmissions included 10-20, so the burst covers one; a
+  spoofed victim receives at most ``rate`` answers per second from this server.  Time is the
+  driver's ``now`` (sans-I/O).
 
 A RESPONSE-PORT (RFC 5780 section 7.5) redirects the answer to that port of the source (which is
 checked against the reflection ports as well).
@@ -194,6 +195,17 @@ class SourceLimiter:
         return allowed
 
 
+def _source_key(ip: str) -> str:
+    """The rate limit's key for a source: the IPv4 address, or the IPv6 /64 (one host or site
+    holds a whole /64, so per-address buckets would let it rotate through the table)."""
+    if ":" not in ip:
+        return ip
+    try:
+        return str(ipaddress.IPv6Network((ip.partition("%")[0], 64), strict=False))
+    except ValueError:
+        return ip
+
+
 def _is_unspecified(ip: str) -> bool:
     try:
         return ipaddress.ip_address(ip).is_unspecified
@@ -277,7 +289,7 @@ class StunResponder:
             return None
         if self.limiter is not None:
             before = self.limiter.forgotten
-            allowed = self.limiter.allow(source[0], now)
+            allowed = self.limiter.allow(_source_key(source[0]), now)
             self.stats["sources_forgotten"] += self.limiter.forgotten - before
             if not allowed:
                 self.stats["rate_limited"] += 1

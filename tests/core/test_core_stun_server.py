@@ -330,3 +330,15 @@ def test_limiter_survives_a_clock_stepping_back_and_refuses_nonsense() -> None:
     for bad in ((0, 2, 10), (10, 0.5, 10), (10, 2, 0)):
         with pytest.raises(LocalProtocolError):
             SourceLimiter(*bad)
+
+
+def test_ipv6_sources_share_a_bucket_per_64() -> None:
+    # One host holds a whole /64: rotating through its addresses must not reset the limit.
+    six = {(0, 0): ("2001:db8::1", 3478)}
+    responder = StunResponder(six, rate_per_s=1, burst=3)
+    answered = [
+        responder.handle_datagram(_request(), (0, 0), (f"2001:db8:1:2::{i:x}", 40000)) is not None
+        for i in range(1, 11)
+    ]
+    assert answered == [True] * 3 + [False] * 7
+    assert responder.handle_datagram(_request(), (0, 0), ("2001:db8:1:3::1", 40000)) is not None
