@@ -1,4 +1,9 @@
-"""Finding 3 of the security audit: host names as candidates freeze a worker's event loop.
+"""Findings 3 and 10 of the security audit: a worker process against a fake rendezvous.
+
+Finding 10: 16,000 nested JSON arrays from the rendezvous; does the worker register again once
+the rendezvous closes that connection (its rendezvous client lived on)?
+
+Finding 3: host names as candidates freeze a worker's event loop.
 
 A worker process (started here, ended by its process group) gets from a fake rendezvous an
 offer whose address and candidates are ``*.invalid`` names; the stall is the worst ``/health``
@@ -21,6 +26,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -35,7 +41,7 @@ from audit_common import (
     settle,
 )
 
-__all__ = ["inner_candidates", "probe_candidates"]
+__all__ = ["inner_candidates", "probe_candidates", "probe_deep_json"]
 
 #: The script the namespace runs (its --inner-candidates part).
 SCRIPT = Path(__file__).resolve().parent / "security_audit.py"
@@ -49,14 +55,10 @@ def _free_tcp_port() -> int:
         return int(s.getsockname()[1])
 
 
-async def _fake_rendezvous(ready: asyncio.Event, offer_sent: list[float]) -> Any:
+async def _fake_rendezvous(act: Callable[[Any], Awaitable[None]], registers: list[float]) -> Any:
+    """A WebSocket server that registers any worker (with a challenge if it waits for one),
+    notes each registration's time in ``registers``, then lets ``act`` do the attack."""
     from websockets.asyncio.server import serve
-
-    peer_key = base64.b64encode(os.urandom(32)).decode()
-    with contextlib.suppress(Exception):
-        from p2plab.core.crypto import Identity
-
-        peer_key = Identity.generate(os.urandom).public_b64
 
     async def handler(ws: Any) -> None:
         worker_id = ws.request.path.rsplit("/", 1)[-1]
@@ -76,6 +78,7 @@ async def _fake_rendezvous(ready: asyncio.Event, offer_sent: list[float]) -> Any
             msg = await recv_json(ws, WAIT)
         if msg is None or msg.get("type") != "register":
             return
+        registers.append(time.monotonic())
         port = ws.remote_address[1]
         await ws.send(
             json.dumps(
@@ -88,24 +91,51 @@ async def _fake_rendezvous(ready: asyncio.Event, offer_sent: list[float]) -> Any
             )
         )
         await recv_json(ws, 1.0)  # its update_udp_endpoint, if it sends one
-        offer = {
-            "type": "p2p_connection_offer",
-            "peer_worker_id": "attacker",
-            "peer_udp_ip": NAMES[0],
-            "peer_udp_port": 40000,
-            "peer_candidates": [{"ip": n, "port": 40000} for n in NAMES[1:]],
-            "role": "controlling",
-            "peer_public_key": peer_key,
-        }
-        await ws.send(json.dumps(offer))
-        offer_sent.append(time.monotonic())
+        await act(ws)
         with contextlib.suppress(Exception):
             async for _ in ws:
                 pass
 
-    server = await serve(handler, "127.0.0.1", 0)
-    ready.set()
-    return server
+    return await serve(handler, "127.0.0.1", 0)
+
+
+def _peer_key() -> str:
+    with contextlib.suppress(Exception):
+        from p2plab.core.crypto import Identity
+
+        return str(Identity.generate(os.urandom).public_b64)
+    return base64.b64encode(os.urandom(32)).decode()
+
+
+async def _start_worker(rv_port: int, http_port: int) -> asyncio.subprocess.Process:
+    """``p2plab worker`` of this checkout, in a process group of its own (ended by its id)."""
+    env = {k: v for k, v in os.environ.items() if k in ("PATH", "HOME", "LANG", "PYTHONPATH")}
+    env["PYTHONPATH"] = str(ROOT)
+    return await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "p2plab",
+        "worker",
+        "--rendezvous",
+        f"ws://127.0.0.1:{rv_port}",
+        "--http-port",
+        str(http_port),
+        "--no-nat-report",
+        "--id",
+        "victim",
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+
+
+async def _stop_worker(proc: asyncio.subprocess.Process) -> None:
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, 9)  # the worker started here, by its own process group
+    with contextlib.suppress(TimeoutError):
+        await asyncio.wait_for(proc.wait(), 10)
 
 
 class _SilentDns(asyncio.DatagramProtocol):
@@ -124,30 +154,28 @@ async def inner_candidates(window: float) -> Result:
     dns_transport, dns = await loop.create_datagram_endpoint(
         _SilentDns, local_addr=("127.0.0.1", 53)
     )
-    ready, offer_sent = asyncio.Event(), []
-    fake = await _fake_rendezvous(ready, offer_sent)
-    rv_port = fake.sockets[0].getsockname()[1]
+    offer_sent: list[float] = []
+    peer_key = _peer_key()
+
+    async def offer(ws: Any) -> None:
+        await ws.send(
+            json.dumps(
+                {
+                    "type": "p2p_connection_offer",
+                    "peer_worker_id": "attacker",
+                    "peer_udp_ip": NAMES[0],
+                    "peer_udp_port": 40000,
+                    "peer_candidates": [{"ip": n, "port": 40000} for n in NAMES[1:]],
+                    "role": "controlling",
+                    "peer_public_key": peer_key,
+                }
+            )
+        )
+        offer_sent.append(time.monotonic())
+
+    fake = await _fake_rendezvous(offer, [])
     http_port = _free_tcp_port()
-    env = {k: v for k, v in os.environ.items() if k in ("PATH", "HOME", "LANG", "PYTHONPATH")}
-    env["PYTHONPATH"] = str(ROOT)
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "p2plab",
-        "worker",
-        "--rendezvous",
-        f"ws://127.0.0.1:{rv_port}",
-        "--http-port",
-        str(http_port),
-        "--no-nat-report",
-        "--id",
-        "victim",
-        cwd=ROOT,
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        start_new_session=True,
-    )
+    proc = await _start_worker(fake.sockets[0].getsockname()[1], http_port)
     try:
         import httpx
 
@@ -172,10 +200,7 @@ async def inner_candidates(window: float) -> Result:
             "dns_queries": dns.queries
         }
     finally:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, 9)  # the worker started above, by its own process group
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(proc.wait(), 10)
+        await _stop_worker(proc)
         fake.close()
         dns_transport.close()
 
@@ -202,3 +227,37 @@ def probe_candidates(window: float) -> list[Result]:
         return [not_available(3, "candidate_names_stall_s", tail[:160])]
     result: Result = json.loads(lines[-1])
     return [result]
+
+
+async def probe_deep_json(short: bool) -> list[Result]:
+    """Finding 10: 16,000 nested JSON arrays from the rendezvous; does the worker's rendezvous
+    client live on (it registers again once the rendezvous closes the connection)?"""
+    registers: list[float] = []
+    sent: list[float] = []
+
+    async def deep(ws: Any) -> None:
+        if sent:  # only the first connection is attacked
+            return
+        # 16,000 opening brackets fit the 16 KiB message limit; the parser recurses into them
+        # before it can see the JSON is unfinished (RecursionError, not ValueError)
+        await ws.send("[" * 16000)
+        sent.append(time.monotonic())
+        await asyncio.sleep(0.3)
+        await ws.close(1011, "audit: closing after the deep message")
+
+    fake = await _fake_rendezvous(deep, registers)
+    proc = await _start_worker(fake.sockets[0].getsockname()[1], _free_tcp_port())
+    try:
+        await settle(lambda: bool(sent) or proc.returncode is not None, 20.0, 0.05)
+        if not sent:
+            return [not_available(10, "deep_json_client_survives", "the worker never registered")]
+        wait = 3.0 if short else 6.0
+        await settle(lambda: len(registers) >= 2, wait, 0.05)
+        if len(registers) >= 2:
+            text = f"yes: registered again {registers[1] - sent[0]:.1f} s after the deep message"
+        else:
+            text = f"no: never registered again in {wait:.0f} s (its rendezvous client ended)"
+        return [result(10, "deep_json_client_survives", len(registers) >= 2, text)]
+    finally:
+        await _stop_worker(proc)
+        fake.close()

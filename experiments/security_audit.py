@@ -1,6 +1,6 @@
 """Measure issue 14's findings against the code in this checkout, on loopback only.
 
-    python experiments/security_audit.py [--json] [--short] [--only 1,3,5,7,8,9,13]
+    python experiments/security_audit.py [--json] [--short] [--only 1,3,5,7,8,9,10,13]
 
 One line per finding with the number measured, for docs/security.md's before/after table: run it
 on the old code and on the new one and compare.  Every probe catches its own errors (the APIs
@@ -22,6 +22,8 @@ Probes:
 * 7: the worker UI's ``/status`` with a foreign Host (DNS rebinding) and no token.
 * 8: limits per IP: how many of N connections from one IP register (rooms of their own), and
   how many wrong tokens one IP gets answered "invalid token" per second.
+* 10: a worker process gets a 16,000-deep JSON array from a fake rendezvous that then closes
+  the connection: does it register again (``audit_candidates.py``)?
 * 3: a worker process gets an offer naming ``*.invalid`` host names as candidates; the worst
   ``/health`` latency afterwards and the DNS queries made (``audit_candidates.py``: it runs in
   a private network namespace with a silent resolver on 127.0.0.1; root, else ``n/a``).
@@ -41,7 +43,7 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from audit_candidates import inner_candidates, probe_candidates
+from audit_candidates import inner_candidates, probe_candidates, probe_deep_json
 from audit_common import (
     CHALLENGE_WAIT,
     WAIT,
@@ -432,6 +434,8 @@ async def run(only: set[int], short: bool, rate: int) -> list[Result]:
     side_by_side = []
     if only & {1, 5, 13}:
         side_by_side.append(_guarded("rendezvous", 1, lambda: probe_rendezvous(only, short), 30))
+    if 10 in only:
+        side_by_side.append(_guarded("deep_json", 10, lambda: probe_deep_json(short), 40.0))
     if 8 in only:
         side_by_side.append(_guarded("limits", 8, lambda: probe_limits(short), 40.0))
     if 7 in only:
@@ -449,8 +453,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--short", action="store_true", help="fewer requests, shorter windows")
     parser.add_argument(
         "--only",
-        default="1,3,5,7,8,9,13",
-        help="findings to measure (default: all: 1,3,5,7,8,9,13)",
+        default="1,3,5,7,8,9,10,13",
+        help="findings to measure (default: all, 1,3,5,7,8,9,10,13)",
     )
     parser.add_argument("--rate", type=int, default=5000, help="STUN flood rate per second")
     parser.add_argument("--inner-candidates", type=float, default=None, help=argparse.SUPPRESS)
