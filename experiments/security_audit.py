@@ -1,6 +1,6 @@
 """Measure issue 14's findings against the code in this checkout, on loopback only.
 
-    python experiments/security_audit.py [--json] [--short] [--only 1,3,5,7,8,9,10,13]
+    python experiments/security_audit.py [--json] [--short] [--only 1,3,5,7,8,9,10,12,13]
 
 One line per finding with the number measured, for docs/security.md's before/after table: run it
 on the old code and on the new one and compare.  Every probe catches its own errors (the APIs
@@ -22,6 +22,8 @@ Probes:
 * 7: the worker UI's ``/status`` with a foreign Host (DNS rebinding) and no token.
 * 8: limits per IP: how many of N connections from one IP register (rooms of their own), and
   how many wrong tokens one IP gets answered "invalid token" per second.
+* 12: ``/health`` of a rendezvous sharing state through Redis, once that redis-server is
+  killed (200 means it says healthy while registration fails).
 * 10: a worker process gets a 16,000-deep JSON array from a fake rendezvous that then closes
   the connection: does it register again (``audit_candidates.py``)?
 * 3: a worker process gets an offer naming ``*.invalid`` host names as candidates; the worst
@@ -37,7 +39,9 @@ import base64
 import contextlib
 import json
 import os
+import shutil
 import socket
+import subprocess
 import sys
 import time
 from collections.abc import Awaitable, Callable
@@ -368,6 +372,59 @@ async def probe_limits(short: bool) -> list[Result]:
     return out
 
 
+async def _start_redis() -> tuple[asyncio.subprocess.Process, str]:
+    """A redis-server of this machine on a free loopback port (ended by its id by the caller)."""
+    exe = shutil.which("redis-server")
+    if exe is None:
+        raise RuntimeError("no redis-server here")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = int(s.getsockname()[1])
+    proc = await asyncio.create_subprocess_exec(
+        *(exe, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    deadline = time.monotonic() + WAIT
+    while time.monotonic() < deadline:
+        with contextlib.suppress(OSError):
+            reader, writer = await asyncio.open_connection("127.0.0.1", port)
+            writer.write(b"PING\r\n")
+            pong = await asyncio.wait_for(reader.read(16), 1.0)
+            writer.close()
+            if pong.startswith(b"+PONG"):
+                return proc, f"redis://127.0.0.1:{port}/0"
+        await asyncio.sleep(0.05)
+    proc.kill()
+    raise RuntimeError("redis-server did not start")
+
+
+async def probe_redis_outage() -> list[Result]:
+    import httpx
+
+    from rendezvous_service_code.main import RendezvousServer
+
+    redis, url = await _start_redis()
+    rv: Any = None
+    try:
+        rv = await RendezvousServer.start("127.0.0.1", 0, redis_url=url)
+        health = f"http://127.0.0.1:{rv.http_port}/health"
+        async with httpx.AsyncClient(timeout=WAIT) as http:
+            up = (await http.get(health)).status_code
+            redis.kill()  # the redis-server started above, by its own id
+            await redis.wait()
+            down = (await http.get(health)).status_code
+        text = f"HTTP {down} while Redis is down (HTTP {up} while it was up)"
+        return [result(12, "health_during_redis_outage", down, text)]
+    finally:
+        if redis.returncode is None:
+            redis.kill()
+            await redis.wait()
+        if rv is not None:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(rv.close(), WAIT)
+
+
 # --- 7: the worker UI ---------------------------------------------------------------------------
 
 
@@ -430,18 +487,20 @@ async def run(only: set[int], short: bool, rate: int) -> list[Result]:
     candidates = asyncio.ensure_future(_candidates(2.0 if short else 8.0)) if 3 in only else None
     if 9 in only:
         results += await _guarded("stun", 9, lambda: probe_stun(short, rate), 30.0)
-    # These two start their own servers on OS-chosen ports: side by side.
+    # These start their own servers on OS-chosen ports: side by side.
     side_by_side = []
     if only & {1, 5, 13}:
         side_by_side.append(_guarded("rendezvous", 1, lambda: probe_rendezvous(only, short), 30))
     if 10 in only:
         side_by_side.append(_guarded("deep_json", 10, lambda: probe_deep_json(short), 40.0))
-    if 8 in only:
-        side_by_side.append(_guarded("limits", 8, lambda: probe_limits(short), 40.0))
+    if 12 in only:
+        side_by_side.append(_guarded("health_during_redis_outage", 12, probe_redis_outage, 30))
     if 7 in only:
         side_by_side.append(_guarded("ui_status_foreign_host", 7, probe_ui, 30.0))
     for found in await asyncio.gather(*side_by_side):
         results += found
+    if 8 in only:  # alone: its guesses per second count what one client gets through
+        results += await _guarded("limits", 8, lambda: probe_limits(short), 40.0)
     if candidates is not None:
         results += await candidates
     return sorted(results, key=lambda r: r["finding"])
@@ -453,8 +512,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--short", action="store_true", help="fewer requests, shorter windows")
     parser.add_argument(
         "--only",
-        default="1,3,5,7,8,9,10,13",
-        help="findings to measure (default: all, 1,3,5,7,8,9,10,13)",
+        default="1,3,5,7,8,9,10,12,13",
+        help="findings to measure (default: all, 1,3,5,7,8,9,10,12,13)",
     )
     parser.add_argument("--rate", type=int, default=5000, help="STUN flood rate per second")
     parser.add_argument("--inner-candidates", type=float, default=None, help=argparse.SUPPRESS)
@@ -481,7 +540,7 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps({"results": results, "seconds": round(time.monotonic() - started, 1)}))
     else:
         for r in results:
-            print(f"finding {r['finding']:>2}  {r['key']:<26} {r['text']}")
+            print(f"finding {r['finding']:>2}  {r['key']:<28} {r['text']}")
     return 0
 
 
