@@ -156,7 +156,15 @@ def _check_stun_server(args: argparse.Namespace) -> None:
 async def _cmd_stun_server(args: argparse.Namespace) -> int:
     from p2plab.server.stun_server import StunServer
 
-    server = await StunServer.start(args.host, args.port, args.alt_host, args.alt_port)
+    server = await StunServer.start(
+        args.host,
+        args.port,
+        args.alt_host,
+        args.alt_port,
+        software=args.software or None,
+        rate_per_s=args.rate or None,
+        burst=max(1.0, args.burst),
+    )
     try:
         listening = ", ".join(f"udp://{ip}:{p}" for ip, p in server.addresses)
         other = server.other_address
@@ -418,6 +426,23 @@ def _add_stun_server(sub: Any) -> None:
         type=cc.port,
         default=None,
         help="second port for RFC 5780 tests (default: none)",
+    )
+    p.add_argument(
+        "--rate",
+        type=cc.non_negative_float,
+        default=20.0,
+        help="answers per second to one source IP, after its burst; 0: no limit (default: 20)",
+    )
+    p.add_argument(
+        "--burst",
+        type=cc.positive_float,
+        default=40.0,
+        help="answers one source IP may get at once (default: 40)",
+    )
+    p.add_argument(
+        "--software",
+        default=None,
+        help="SOFTWARE attribute text to send (default: none, it only helps scanners)",
     )
     p.set_defaults(func=_cmd_stun_server, check=_check_stun_server, cmd_parser=p)
 

@@ -105,7 +105,8 @@ class RendezvousServer:
         """
         self = cls()
         base = Settings() if settings is None else settings
-        self.app = create_app(dataclasses.replace(base, **changes), backend=backend)
+        settings = dataclasses.replace(base, **changes)
+        self.app = create_app(settings, backend=backend)
         sock = _bind_tcp(host, port)
         http_port = sock.getsockname()[1]
         config = uvicorn.Config(
@@ -131,7 +132,12 @@ class RendezvousServer:
             try:
                 from p2plab.server.stun_server import StunServer
 
-                self._stun = await StunServer.start(host, stun_port)
+                self._stun = await StunServer.start(
+                    host,
+                    stun_port,
+                    rate_per_s=settings.stun_rate_per_s,
+                    burst=settings.stun_burst,
+                )
                 stun_host, actual_stun_port = _first_address(self._stun.addresses)
             except BaseException:
                 await self.close()

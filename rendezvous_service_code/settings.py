@@ -115,6 +115,11 @@ class Settings:
     """Dropped messages beyond the rate after which a connection is closed (1008)."""
     register_timeout_s: float = 30.0
     """Time a new connection has to send ``register`` before it is closed."""
+    stun_rate_per_s: float | None = 20.0
+    """Answers per second the embedded STUN server gives one source IP after its burst; None:
+    no limit (checked when the STUN server starts)."""
+    stun_burst: float = 40.0
+    """Answers the embedded STUN server gives one source IP at once."""
 
     def __post_init__(self) -> None:
         # The same checks whether a value came from a flag, the environment or Python code.

@@ -10,12 +10,41 @@ A server has up to four slots, ``(ip_index, port_index)`` in ``{0, 1} x {0, 1}``
 and/or port (RFC 5780 section 6 needs all four).  A request is answered from the slot it arrived
 on, or, with CHANGE-REQUEST, from the slot whose IP and/or port differ from that one as asked.
 
-Answers carry XOR-MAPPED-ADDRESS, MAPPED-ADDRESS, RESPONSE-ORIGIN, SOFTWARE and FINGERPRINT,
-plus OTHER-ADDRESS and the RFC 3489 CHANGED-ADDRESS when an alternate address exists.  RFC 3489
-clients (no magic cookie, e.g. pystun3) get MAPPED-ADDRESS, SOURCE-ADDRESS and CHANGED-ADDRESS
-only, with their 16-byte transaction id echoed (RFC 8489 section 12 / RFC 5389 section 12.2):
-pystun3 walks attributes without padding, so nothing with an unaligned length is sent to them.
-A RESPONSE-PORT (RFC 5780 section 7.5) redirects the answer to that port of the source.
+Answers are no larger than the request's flavour needs, because a STUN server is a reflector
+(issue 14, finding 9: the old answers were 4.4-5.6x the request, SOFTWARE always included):
+
+* an RFC 5389/8489 request gets XOR-MAPPED-ADDRESS, plus FINGERPRINT only if it carried one;
+* on a server with a second address, OTHER-ADDRESS as well (RFC 5780 section 4.2: test I is a
+  plain Binding request and OTHER-ADDRESS in its answer is how a client learns the server does
+  behaviour discovery), and RESPONSE-ORIGIN only when the request has a CHANGE-REQUEST (any
+  flags, even none), i.e. when it is a discovery request that compares where answers come from;
+* an RFC 3489 client (no magic cookie, e.g. pystun3) gets MAPPED-ADDRESS, plus CHANGED-ADDRESS on
+  a server with a second address (its classic test I needs it), with its 16-byte transaction id
+  echoed (RFC 8489 section 12 / RFC 5389 section 12.2); pystun3 walks attributes without
+  padding, so nothing with an unaligned length is sent to them;
+* SOFTWARE only when the operator opts in (``software="..."``), never in RFC 3489 answers;
+* and as a backstop nothing is sent that is more than :data:`MAX_AMPLIFICATION` times the
+  request's size (counted ``oversize_dropped``; no answer built here reaches it).
+
+Worst cases measured (``experiments/security_audit.py``): 1.6x for a 20-byte request to a
+one-address server, 2.2x to a two-address one (OTHER-ADDRESS), 2.33x for a 420.
+
+Before answering, two cheap refusals (both counted, nothing is sent):
+
+* source ports of UDP reflection services (:data:`REFLECTION_PORTS`: every port below 1024, plus
+  the well-known amplifiers above it): a spoofed request "from" a victim's DNS, NTP, chargen or
+  memcached port would make us the first leg of a ping-pong or reflection; no STUN client binds
+  there (Linux, Windows and macOS pick ephemeral ports from 1024 up, NATs map into that range);
+* a per-source-IP token bucket (IPv6: per /64; :class:`SourceLimiter`, default
+  :data:`DEFAULT_RATE_PER_S` per second, burst :data:`DEFAULT_BURST`), in a table of at most
+  :data:`DEFAULT_MAX_SOURCES` sources that forgets the least recently seen first (forgetting
+  only ever makes a source's limit fresh again, never shuts out a legitimate client).  A
+  discovery run is 3-6 requests, retransmissions included 10-20, so the burst covers one; a
+  spoofed victim receives at most ``rate`` answers per second from this server.  Time is the
+  driver's ``now`` (sans-I/O).
+
+A RESPONSE-PORT (RFC 5780 section 7.5) redirects the answer to that port of the source (which is
+checked against the reflection ports as well).
 
 A CHANGE-REQUEST this server cannot honour (e.g. "change IP" with no alternate IP): RFC 5780
 section 6.1 asks for a 420 (Unknown Attribute) error response listing CHANGE-REQUEST, which is
@@ -31,6 +60,7 @@ raised.
 from __future__ import annotations
 
 import ipaddress
+from collections import OrderedDict
 from collections.abc import Mapping
 from dataclasses import dataclass
 
@@ -45,10 +75,47 @@ from p2plab.core.stun import (
 )
 from p2plab.errors import LocalProtocolError, StunError
 
-__all__ = ["DEFAULT_SOFTWARE", "RESPONDER_COUNTERS", "Slot", "StunReply", "StunResponder"]
+__all__ = [
+    "DEFAULT_BURST",
+    "DEFAULT_MAX_SOURCES",
+    "DEFAULT_RATE_PER_S",
+    "DEFAULT_SOFTWARE",
+    "MAX_AMPLIFICATION",
+    "REFLECTION_PORTS",
+    "RESPONDER_COUNTERS",
+    "Slot",
+    "SourceLimiter",
+    "StunReply",
+    "StunResponder",
+    "is_reflection_port",
+]
 
-#: The SOFTWARE attribute p2plab's STUN servers send unless told otherwise.
+#: A SOFTWARE text an operator may opt in to (``software=DEFAULT_SOFTWARE``); none is sent by
+#: default: it only makes answers bigger and tells a scanner what runs here.
 DEFAULT_SOFTWARE = "p2plab STUN server"
+
+#: Answers per second one source IP gets, after its burst (token bucket refill rate).
+DEFAULT_RATE_PER_S = 20.0
+#: Answers one source IP may get at once (bucket size): a whole discovery run with retries.
+DEFAULT_BURST = 40.0
+#: Source IPs whose buckets are remembered; the least recently seen is forgotten past this.
+DEFAULT_MAX_SOURCES = 10_000
+#: No answer is sent that is more than this many times the request's size (a backstop).
+MAX_AMPLIFICATION = 3.0
+
+#: Source ports above 1023 that belong to well-known UDP reflection/amplification services
+#: (every port below 1024 is refused as well): SSDP 1900, MS-SQL browser 1434, Apple Remote
+#: Desktop 3283, WS-Discovery 3702, mDNS 5353, CoAP 5683, Ubiquiti discovery 10001,
+#: memcached 11211.  The ones below 1024 include echo 7, chargen 19, DNS 53, NTP 123, SNMP 161,
+#: CLDAP 389 and NetBIOS 137.
+REFLECTION_PORTS: frozenset[int] = frozenset({1434, 1900, 3283, 3702, 5353, 5683, 10001, 11211})
+
+
+def is_reflection_port(port: int) -> bool:
+    """True for a source port this server never answers: below 1024 (well-known services,
+    port 0 included) or one of :data:`REFLECTION_PORTS`."""
+    return port < 1024 or port in REFLECTION_PORTS
+
 
 #: ``(ip_index, port_index)``: which of the server's addresses a datagram arrived on or leaves by.
 Slot = tuple[int, int]
@@ -61,6 +128,10 @@ RESPONDER_COUNTERS: tuple[str, ...] = (
     "change_unsupported",
     "malformed_dropped",
     "not_request_dropped",
+    "reflection_port_dropped",
+    "rate_limited",
+    "oversize_dropped",
+    "sources_forgotten",
 )
 
 
@@ -78,6 +149,63 @@ class StunReply:
     """True for an error response (420), False for a Binding success response."""
 
 
+class SourceLimiter:
+    """A token bucket per source IP in a bounded table (least recently seen forgotten first).
+
+    Sans-I/O: every call takes the driver's monotonic ``now`` in seconds.
+    """
+
+    def __init__(
+        self,
+        rate_per_s: float = DEFAULT_RATE_PER_S,
+        burst: float = DEFAULT_BURST,
+        max_sources: int = DEFAULT_MAX_SOURCES,
+    ) -> None:
+        if not rate_per_s > 0 or not burst >= 1 or max_sources < 1:
+            raise LocalProtocolError(
+                f"STUN rate limit needs rate > 0, burst >= 1 and max_sources >= 1, got "
+                f"{rate_per_s}, {burst}, {max_sources}"
+            )
+        self.rate_per_s = float(rate_per_s)
+        self.burst = float(burst)
+        self.max_sources = max_sources
+        #: How many sources were forgotten to make room (the table was full).
+        self.forgotten = 0
+        self._buckets: OrderedDict[str, tuple[float, float]] = OrderedDict()
+
+    def __len__(self) -> int:
+        return len(self._buckets)
+
+    def allow(self, ip: str, now: float) -> bool:
+        """Take one token from ``ip``'s bucket; False when it is empty."""
+        entry = self._buckets.pop(ip, None)
+        if entry is None:
+            if len(self._buckets) >= self.max_sources:
+                self._buckets.popitem(last=False)
+                self.forgotten += 1
+            tokens = self.burst
+        else:
+            tokens, last = entry
+            # max(): a clock that steps back must not take tokens away.
+            tokens = min(self.burst, tokens + max(0.0, now - last) * self.rate_per_s)
+        allowed = tokens >= 1.0
+        if allowed:
+            tokens -= 1.0
+        self._buckets[ip] = (tokens, now)
+        return allowed
+
+
+def _source_key(ip: str) -> str:
+    """The rate limit's key for a source: the IPv4 address, or the IPv6 /64 (one host or site
+    holds a whole /64, so per-address buckets would let it rotate through the table)."""
+    if ":" not in ip:
+        return ip
+    try:
+        return str(ipaddress.IPv6Network((ip.partition("%")[0], 64), strict=False))
+    except ValueError:
+        return ip
+
+
 def _is_unspecified(ip: str) -> bool:
     try:
         return ipaddress.ip_address(ip).is_unspecified
@@ -92,10 +220,20 @@ class StunResponder:
     slot ``(0, 0)`` is required.  An unspecified IP (``0.0.0.0``, ``::``) stands for "the IP the
     request was sent to", which the driver passes as ``local_ip`` (wildcard binds make sense only
     without an alternate IP, so every slot then shares that IP).
+
+    ``software``: the SOFTWARE text to send (opt-in; None sends none).  ``rate_per_s``/``burst``/
+    ``max_sources``: the per-source limit (:class:`SourceLimiter`); ``rate_per_s=None`` turns it
+    off (the simulator, whose virtual clock and shared NAT addresses are not an attack surface).
     """
 
     def __init__(
-        self, addresses: Mapping[Slot, Address], *, software: str | None = DEFAULT_SOFTWARE
+        self,
+        addresses: Mapping[Slot, Address],
+        *,
+        software: str | None = None,
+        rate_per_s: float | None = DEFAULT_RATE_PER_S,
+        burst: float = DEFAULT_BURST,
+        max_sources: int = DEFAULT_MAX_SOURCES,
     ) -> None:
         if (0, 0) not in addresses:
             raise LocalProtocolError("a STUN responder needs the primary slot (0, 0)")
@@ -106,6 +244,8 @@ class StunResponder:
         self.software = software
         #: Counters (:data:`RESPONDER_COUNTERS`): requests seen and datagrams dropped.
         self.stats: dict[str, int] = dict.fromkeys(RESPONDER_COUNTERS, 0)
+        #: The per-source limit, None when off.
+        self.limiter = None if rate_per_s is None else SourceLimiter(rate_per_s, burst, max_sources)
         ips = {slot[0] for slot in self.addresses}
         ports = {slot[1] for slot in self.addresses}
         self._flip = (1 if len(ips) > 1 else 0, 1 if len(ports) > 1 else 0)
@@ -130,12 +270,39 @@ class StunResponder:
     # -- the datagram path ------------------------------------------------------------------------
 
     def handle_datagram(
-        self, data: bytes, slot: Slot, source: Address, local_ip: str | None = None
+        self,
+        data: bytes,
+        slot: Slot,
+        source: Address,
+        local_ip: str | None = None,
+        *,
+        now: float = 0.0,
     ) -> StunReply | None:
         """What to answer to ``data`` from ``source`` that arrived on ``slot`` (sent to
-        ``local_ip``, needed only for wildcard binds); None when nothing is sent."""
+        ``local_ip``, needed only for wildcard binds) at the driver's monotonic time ``now``;
+        None when nothing is sent."""
         if slot not in self.addresses:
             raise LocalProtocolError(f"STUN responder has no slot {slot}")
+        # The cheap refusals first: no parsing for a source we will not answer.
+        if is_reflection_port(source[1]):
+            self.stats["reflection_port_dropped"] += 1
+            return None
+        if self.limiter is not None:
+            before = self.limiter.forgotten
+            allowed = self.limiter.allow(_source_key(source[0]), now)
+            self.stats["sources_forgotten"] += self.limiter.forgotten - before
+            if not allowed:
+                self.stats["rate_limited"] += 1
+                return None
+        reply = self._answer(data, slot, source, local_ip)
+        if reply is not None and len(reply.data) > MAX_AMPLIFICATION * len(data):
+            self.stats["oversize_dropped"] += 1
+            return None
+        return reply
+
+    def _answer(
+        self, data: bytes, slot: Slot, source: Address, local_ip: str | None
+    ) -> StunReply | None:
         try:
             request = parse_message(data)
         except StunError:
@@ -150,7 +317,7 @@ class StunResponder:
 
         unknown = request.unknown_comprehension_required()
         if unknown:
-            return self._error(request, slot, source, unknown)
+            return self._error(request, slot, source, unknown, len(data))
 
         target = slot
         change = request.attributes.get("CHANGE-REQUEST", 0)
@@ -164,12 +331,15 @@ class StunResponder:
                 self.stats["change_unsupported"] += 1
                 if request.legacy:
                     return None
-                return self._error(request, slot, source, (0x0003,))
+                return self._error(request, slot, source, (0x0003,), len(data))
             target = wanted
 
         destination = source
         response_port = request.attributes.get("RESPONSE-PORT")
         if isinstance(response_port, int) and response_port > 0 and not request.legacy:
+            if is_reflection_port(response_port):
+                self.stats["reflection_port_dropped"] += 1
+                return None
             destination = (source[0], response_port)
 
         origin = self.advertised(target, local_ip)
@@ -184,23 +354,19 @@ class StunResponder:
         attrs = response.attributes
         if request.legacy:
             attrs["MAPPED-ADDRESS"] = source
-            attrs["SOURCE-ADDRESS"] = origin
             if other_address is not None:
                 attrs["CHANGED-ADDRESS"] = other_address
         else:
             attrs["XOR-MAPPED-ADDRESS"] = source
-            attrs["MAPPED-ADDRESS"] = source
-            attrs["RESPONSE-ORIGIN"] = origin
             if other_address is not None:
+                # RESPONSE-ORIGIN only serves a client comparing where answers come from.
+                if "CHANGE-REQUEST" in request.attributes:
+                    attrs["RESPONSE-ORIGIN"] = origin
                 attrs["OTHER-ADDRESS"] = other_address
-                attrs["CHANGED-ADDRESS"] = other_address
-            if self.software:
-                attrs["SOFTWARE"] = self.software
-            response.add_fingerprint()
-        return StunReply(bytes(response), target, destination, error=False)
+        return StunReply(self._encode(response, request, len(data)), target, destination, False)
 
     def _error(
-        self, request: Message, slot: Slot, source: Address, unknown: tuple[int, ...]
+        self, request: Message, slot: Slot, source: Address, unknown: tuple[int, ...], size: int
     ) -> StunReply:
         """A 420 (Unknown Attribute) listing ``unknown``, from the arrival slot."""
         response = Message(
@@ -210,8 +376,22 @@ class StunResponder:
             {"ERROR-CODE": (420, "Unknown Attribute"), "UNKNOWN-ATTRIBUTES": unknown},
             magic_cookie=request.magic_cookie,
         )
-        if not request.legacy:
-            if self.software:
-                response.attributes["SOFTWARE"] = self.software
+        return StunReply(self._encode(response, request, size), slot, source, error=True)
+
+    def _encode(self, response: Message, request: Message, request_size: int) -> bytes:
+        """The response's bytes: SOFTWARE (opted in) when it fits under the amplification cap,
+        FINGERPRINT when the request had one; nothing but the mapped address for RFC 3489."""
+        if request.legacy:
+            return bytes(response)
+        if self.software:
+            response.attributes["SOFTWARE"] = self.software
+        if "FINGERPRINT" in request.attributes:
             response.add_fingerprint()
-        return StunReply(bytes(response), slot, source, error=True)
+        data = bytes(response)
+        if "SOFTWARE" in response.attributes and len(data) > MAX_AMPLIFICATION * request_size:
+            # An operator's SOFTWARE must not cost the client its answer: leave it out.
+            del response.attributes["SOFTWARE"]
+            if "FINGERPRINT" in request.attributes:
+                response.add_fingerprint()
+            data = bytes(response)
+        return data

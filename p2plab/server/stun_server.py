@@ -6,6 +6,10 @@ What to answer, from which socket, to where, is decided by the sans-I/O
 :class:`~p2plab.core.stun_server.StunResponder` (which also serves the simulator); this module
 only owns the sockets, learns which address a wildcard socket was reached on (``IP_PKTINFO``)
 and counts what the network did (datagrams in, responses sent, send errors).
+
+Secure defaults (issue 14, finding 9) live in the responder: a per-source-IP rate limit
+(``rate_per_s``/``burst``, 20/s burst 40), no answer to reflection-service source ports, no
+SOFTWARE unless ``software`` is given, answers no larger than the request's flavour needs.
 """
 
 from __future__ import annotations
@@ -16,13 +20,26 @@ import errno
 import ipaddress
 import logging
 import socket
+import time
 from dataclasses import dataclass
 from typing import Any
 
-from p2plab.core.stun_server import DEFAULT_SOFTWARE, StunResponder
-from p2plab.errors import ConfigError
+from p2plab.core.stun_server import (
+    DEFAULT_BURST,
+    DEFAULT_MAX_SOURCES,
+    DEFAULT_RATE_PER_S,
+    DEFAULT_SOFTWARE,
+    StunResponder,
+)
+from p2plab.errors import ConfigError, LocalProtocolError
 
-__all__ = ["DEFAULT_SOFTWARE", "StunServer", "run_stun_server"]
+__all__ = [
+    "DEFAULT_BURST",
+    "DEFAULT_RATE_PER_S",
+    "DEFAULT_SOFTWARE",
+    "StunServer",
+    "run_stun_server",
+]
 
 log = logging.getLogger(__name__)
 
@@ -63,12 +80,10 @@ def _family(host: str) -> socket.AddressFamily:
 class StunServer:
     """A running STUN server; create it with ``await StunServer.start(...)``."""
 
-    def __init__(self, sockets: list[_Socket], software: str | None) -> None:
+    def __init__(self, sockets: list[_Socket], responder: StunResponder) -> None:
         self._sockets = sockets
         self._by_index = {(s.ip_index, s.port_index): s for s in sockets}
-        self.responder = StunResponder(
-            {key: (s.ip, s.port) for key, s in self._by_index.items()}, software=software
-        )
+        self.responder = responder
         self._loop = asyncio.get_running_loop()
         self._closed = False
         self._io: dict[str, int] = dict.fromkeys(_IO_COUNTERS, 0)
@@ -83,10 +98,17 @@ class StunServer:
         alt_host: str | None = None,
         alt_port: int | None = None,
         *,
-        software: str | None = DEFAULT_SOFTWARE,
+        software: str | None = None,
+        rate_per_s: float | None = DEFAULT_RATE_PER_S,
+        burst: float = DEFAULT_BURST,
+        max_sources: int = DEFAULT_MAX_SOURCES,
     ) -> StunServer:
         """Bind the sockets and start answering.  Port 0 (for ``port`` or ``alt_port``) lets the
-        OS choose; the other sockets then reuse the chosen numbers (retrying on clashes)."""
+        OS choose; the other sockets then reuse the chosen numbers (retrying on clashes).
+
+        ``software``: SOFTWARE text to send (opt-in, e.g. :data:`DEFAULT_SOFTWARE`).
+        ``rate_per_s``/``burst``: answers per second and burst per source IP (None: no limit);
+        ``max_sources``: source IPs remembered for that."""
         if alt_host is not None:
             if _is_wildcard(host):
                 raise ConfigError(
@@ -113,7 +135,20 @@ class StunServer:
                     raise
                 last_error = exc
                 continue
-            return cls(sockets, software)
+            by_index = {(s.ip_index, s.port_index): (s.ip, s.port) for s in sockets}
+            try:
+                responder = StunResponder(
+                    by_index,
+                    software=software,
+                    rate_per_s=rate_per_s,
+                    burst=burst,
+                    max_sources=max_sources,
+                )
+            except LocalProtocolError as exc:
+                for s in sockets:
+                    s.sock.close()
+                raise ConfigError(f"STUN server: {exc}") from None
+            return cls(sockets, responder)
         assert last_error is not None
         raise last_error
 
@@ -151,6 +186,10 @@ class StunServer:
             "malformed_dropped": core["malformed_dropped"] + io["handler_errors"],
             "not_request_dropped": core["not_request_dropped"],
             "send_errors": io["send_errors"],
+            "reflection_port_dropped": core["reflection_port_dropped"],
+            "rate_limited": core["rate_limited"],
+            "oversize_dropped": core["oversize_dropped"],
+            "sources_forgotten": core["sources_forgotten"],
         }
 
     @property
@@ -196,7 +235,9 @@ class StunServer:
                 log.exception("STUN server failed on %d bytes from %s", len(data), addr)
 
     def _handle(self, s: _Socket, local_ip: str, data: bytes, addr: Address) -> None:
-        reply = self.responder.handle_datagram(data, (s.ip_index, s.port_index), addr, local_ip)
+        reply = self.responder.handle_datagram(
+            data, (s.ip_index, s.port_index), addr, local_ip, now=time.monotonic()
+        )
         if reply is None:
             return
         try:
@@ -269,10 +310,14 @@ async def run_stun_server(
     alt_host: str | None = None,
     alt_port: int | None = None,
     *,
-    software: str | None = DEFAULT_SOFTWARE,
+    software: str | None = None,
+    rate_per_s: float | None = DEFAULT_RATE_PER_S,
+    burst: float = DEFAULT_BURST,
 ) -> None:
     """Run a STUN server until cancelled; logs where it listens."""
-    server = await StunServer.start(host, port, alt_host, alt_port, software=software)
+    server = await StunServer.start(
+        host, port, alt_host, alt_port, software=software, rate_per_s=rate_per_s, burst=burst
+    )
     try:
         listening = ", ".join(f"{ip}:{p}" for ip, p in server.addresses)
         other = server.other_address

@@ -102,7 +102,7 @@ async def test_mapped_address_from_our_server() -> None:
         assert result.server == server.primary_address
         assert result.rtt_s >= 0
         assert len(result.answers) == 1 and result.answers[0].ok
-        assert result.answers[0].software == "p2plab STUN server"
+        assert result.answers[0].software is None  # no SOFTWARE unless opted in (issue 14)
         assert result.consistent
         assert server.stats["responses"] >= 1
     finally:

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
+import socket
 import struct
 
 import pytest
@@ -40,11 +42,9 @@ async def test_answers_binding_request() -> None:
         assert src == server.primary_address
         assert reply.message_class == Class.RESPONSE
         assert reply.attributes["XOR-MAPPED-ADDRESS"] == client.address
-        assert reply.attributes["MAPPED-ADDRESS"] == client.address
-        assert reply.attributes["RESPONSE-ORIGIN"] == server.primary_address
-        assert reply.attributes["SOFTWARE"]
         assert "FINGERPRINT" in reply.attributes  # parse_message verified it
-        assert "OTHER-ADDRESS" not in reply.attributes
+        # nothing the request's flavour does not need (issue 14, finding 9)
+        assert set(reply.attributes) == {"XOR-MAPPED-ADDRESS", "FINGERPRINT"}
         assert server.stats["requests"] >= 1
         assert server.stats["responses"] >= 1
     finally:
@@ -100,16 +100,13 @@ async def test_change_request_with_alternate_address() -> None:
             CHANGE_IP | CHANGE_PORT: (a2, p2),
         }
         for flags, expected_source in cases.items():
-            request = make_binding_request(
-                random_bytes,
-                change_ip=bool(flags & CHANGE_IP),
-                change_port=bool(flags & CHANGE_PORT),
-            )
+            request = make_binding_request(random_bytes, fingerprint=False)
+            request.attributes["CHANGE-REQUEST"] = flags  # 0 too: a discovery request
+            request.add_fingerprint()
             reply, src = await client.request(request, primary, T)
             assert src == expected_source, flags
             assert reply.attributes["RESPONSE-ORIGIN"] == expected_source
             assert reply.attributes["OTHER-ADDRESS"] == (a2, p2)
-            assert reply.attributes["CHANGED-ADDRESS"] == (a2, p2)
             assert reply.attributes["XOR-MAPPED-ADDRESS"] == client.address
         # a request to the alternate address sees the primary one as "other"
         reply, src = await client.request(make_binding_request(random_bytes), (a2, p2), T)
@@ -162,9 +159,10 @@ async def test_rfc3489_client_gets_plain_attributes_and_its_id_back() -> None:
         assert data[4:20] == tid
         reply = parse_message(data)
         assert reply.legacy
-        assert set(reply.attributes) == {"MAPPED-ADDRESS", "SOURCE-ADDRESS", "CHANGED-ADDRESS"}
+        assert set(reply.attributes) == {"MAPPED-ADDRESS", "CHANGED-ADDRESS"}
         assert reply.attributes["MAPPED-ADDRESS"] == client.address
-        assert reply.attributes["SOURCE-ADDRESS"] == src == server.primary_address
+        assert reply.attributes["CHANGED-ADDRESS"] == server.other_address
+        assert src == server.primary_address
         # every attribute length a multiple of 4 (RFC 3489 parsers do not skip padding)
         pos = 20
         while pos < len(data):
@@ -231,8 +229,13 @@ async def test_wildcard_bind_reports_the_address_it_was_reached_at() -> None:
     client = RawClient()
     try:
         port, alt = server.addresses[0][1], server.addresses[1][1]
+        request = make_binding_request(random_bytes, change_port=True)
+        reply, src = await client.request(request, ("127.0.0.1", port), T)
+        assert src == ("127.0.0.1", alt)
+        assert reply.attributes["RESPONSE-ORIGIN"] == ("127.0.0.1", alt)
+        assert reply.attributes["OTHER-ADDRESS"] == ("127.0.0.1", alt)
         reply, _ = await client.request(make_binding_request(random_bytes), ("127.0.0.1", port), T)
-        assert reply.attributes["RESPONSE-ORIGIN"] == ("127.0.0.1", port)
+        assert "RESPONSE-ORIGIN" not in reply.attributes  # a plain request needs no origin
         assert reply.attributes["OTHER-ADDRESS"] == ("127.0.0.1", alt)
     finally:
         client.close()
@@ -301,3 +304,102 @@ async def test_ipv6_loopback() -> None:
     finally:
         endpoint.close()
         server.close()
+
+
+# --- not a reflector (issue 14, finding 9) -------------------------------------------------------
+
+
+async def test_a_flood_from_one_source_gets_its_burst_not_every_answer() -> None:
+    # Finding 9: every request was answered at any rate.  A refill this slow gives no token
+    # during the test, so exactly the burst is answered, counted by datagrams, not by time.
+    server = await StunServer.start("127.0.0.1", 0, rate_per_s=0.001, burst=5)
+    client = RawClient()
+    other = RawClient("127.0.0.2")
+    try:
+        for _ in range(200):
+            client.send(bytes(make_binding_request(random_bytes)), server.primary_address)
+        for _ in range(200):
+            if server.stats["datagrams_in"] >= 200:
+                break
+            await asyncio.sleep(0.01)
+        got = await client.silence(0.2 * TIMEOUT_UNIT)
+        assert len(got) == 5
+        assert server.stats["datagrams_in"] == 200
+        assert server.stats["responses"] == 5 and server.stats["rate_limited"] == 195
+        # another source IP has its own bucket
+        reply, _ = await other.request(make_binding_request(random_bytes), server.primary_address)
+        assert reply.attributes["XOR-MAPPED-ADDRESS"] == other.address
+    finally:
+        client.close()
+        other.close()
+        server.close()
+
+
+def _bind_reflection_port() -> socket.socket:
+    for port in (11211, 1900, 5353, 10001, 3702):
+        sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        try:
+            sock.bind(("127.0.0.1", port))
+        except OSError:
+            sock.close()
+            continue
+        sock.setblocking(False)
+        return sock
+    pytest.fail("no reflection-service port free on 127.0.0.1 to send from")
+
+
+async def test_requests_from_a_reflection_service_port_are_not_answered() -> None:
+    server = await StunServer.start("127.0.0.1", 0)
+    sock = _bind_reflection_port()
+    client = RawClient()
+    try:
+        sock.sendto(bytes(make_binding_request(random_bytes)), server.primary_address)
+        # a RESPONSE-PORT cannot aim the answer at a service port either
+        request = make_binding_request(random_bytes, fingerprint=False)
+        request.attributes["RESPONSE-PORT"] = 53
+        client.send(bytes(request), server.primary_address)
+        # an ordinary request afterwards is answered, so the two above were processed
+        reply, _ = await client.request(make_binding_request(random_bytes), server.primary_address)
+        assert reply.attributes["XOR-MAPPED-ADDRESS"] == client.address
+        await asyncio.sleep(0.05 * TIMEOUT_UNIT)
+        with pytest.raises(BlockingIOError):
+            sock.recvfrom(2048)
+        assert server.stats["reflection_port_dropped"] == 2
+        assert server.stats["responses"] == 1
+    finally:
+        sock.close()
+        client.close()
+        server.close()
+
+
+async def test_software_is_opt_in_and_limits_are_checked() -> None:
+    server = await StunServer.start("127.0.0.1", 0, software="example 1.0")
+    client = RawClient()
+    try:
+        reply, _ = await client.request(make_binding_request(random_bytes), server.primary_address)
+        assert reply.attributes["SOFTWARE"] == "example 1.0"
+    finally:
+        client.close()
+        server.close()
+    for bad in ({"rate_per_s": 0.0}, {"burst": 0.5}, {"max_sources": 0}):
+        with pytest.raises(ConfigError, match="STUN"):
+            await StunServer.start("127.0.0.1", 0, **bad)  # type: ignore[arg-type]
+
+
+async def test_the_rendezvous_s_embedded_stun_server_is_limited_as_configured() -> None:
+    from rendezvous_service_code.main import RendezvousServer
+
+    rv = await RendezvousServer.start(
+        "127.0.0.1", 0, stun_port=0, stun_rate_per_s=0.001, stun_burst=3
+    )
+    client = RawClient()
+    try:
+        assert rv.stun_port is not None
+        for _ in range(20):
+            client.send(bytes(make_binding_request(random_bytes)), ("127.0.0.1", rv.stun_port))
+        got = await client.silence(0.2 * TIMEOUT_UNIT)
+        assert len(got) == 3  # the burst; the refill gives nothing during the test
+        assert all("SOFTWARE" not in parse_message(d).attributes for d, _ in got)
+    finally:
+        client.close()
+        await rv.close()

@@ -62,6 +62,8 @@ RV = "ws://127.0.0.1:9"  # never contacted: every case fails while parsing
         (["worker", "--rendezvous", "ws://h:99999"], {}, "expected ws://HOST:PORT"),
         (["rendezvous", "--port", "http"], {}, "--port: expected a port number"),
         (["stun-server", "--port", "-1"], {}, "--port: port must be 0..65535"),
+        (["stun-server", "--burst", "0"], {}, "--burst: must be > 0"),
+        (["stun-server", "--rate", "-1"], {}, "--rate: must be >= 0"),
         (["lab", "up", "--loss-a", "2"], {}, "must be a fraction 0..1"),
     ],
 )

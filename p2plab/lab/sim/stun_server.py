@@ -31,6 +31,9 @@ class SimStunServer:
         self.responder = StunResponder(
             {slot: sock.address for slot, sock in self.sockets.items()},
             software=SIM_STUN_SOFTWARE,
+            # No rate limit: virtual time and many simulated peers behind one NAT address
+            # would make it part of the NAT behaviour the simulator measures.
+            rate_per_s=None,
         )
 
     @property
