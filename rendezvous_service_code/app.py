@@ -28,6 +28,7 @@ import base64
 import binascii
 import contextlib
 import hmac
+import ipaddress
 import itertools
 import logging
 import os
@@ -218,8 +219,8 @@ def _observed_address(websocket: WebSocket, trust_forwarded: bool) -> tuple[str 
             # Proxies append the address they saw: the last entry is the one a trusted proxy
             # (Cloud Run's front end) added; earlier entries are whatever the client claimed.
             last = forwarded.split(",")[-1].strip()
-            if last:
-                return last[:64], None
+            with contextlib.suppress(ValueError):
+                return str(ipaddress.ip_address(last)), None  # never a name (issue 14 item 3)
     client = websocket.client
     if client is None:
         return None, None

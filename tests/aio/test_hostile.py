@@ -125,7 +125,7 @@ async def test_mixed_encryption_settings_are_not_paired_and_refuse_offers(plain_
                 peer_worker_id="rogue",
                 peer_udp_ip="127.0.0.1",
                 peer_udp_port=9,
-                peer_public_key=None if b_encrypts else "A" * 43 + "=",
+                peer_public_key=None if b_encrypts else Identity.generate(os.urandom).public_b64,
             )
             await b._on_rendezvous_message(offer)
             words = "offers no public key" if b_encrypts else "encryption disabled"

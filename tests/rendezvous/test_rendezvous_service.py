@@ -372,6 +372,31 @@ async def test_forwarded_header_only_when_trusted() -> None:
         reg = await w.register()
         assert reg["observed_ip"] == "198.51.100.44" and reg["observed_port"] is None
         await w.close()
+        # a trusted proxy's entry that is not an IP literal is not taken (the socket's is)
+        w = await WsWorker.connect(rv.ws_url, additional_headers={"X-Forwarded-For": "a.invalid"})
+        assert (await w.register())["observed_ip"] == "127.0.0.1"
+        await w.close()
+
+
+async def test_host_names_as_candidates_are_refused_and_never_offered() -> None:
+    # Finding 3: names in an offer made the peer's worker resolve them, blocking its loop.
+    async with running_rendezvous() as rv:
+        a = await WsWorker.connect(rv.ws_url)
+        b = await WsWorker.connect(rv.ws_url)
+        await a.register()
+        await b.register()
+        await a.update_endpoint("a.slow.invalid", 1)
+        assert "udp_ip" in (await a.expect("error"))["message"]
+        names = [(f"n{i}.slow.invalid", 1) for i in range(17)]
+        await a.update_endpoint("203.0.113.1", 1, names)
+        assert "local_candidates" in (await a.expect("error"))["message"]
+        await b.update_endpoint("203.0.113.2", 2)
+        await b.assert_silent()  # a never reported a usable endpoint: nobody is offered it
+        await a.update_endpoint("203.0.113.1", 1, [("198.18.0.1", 1)])
+        offer = await b.expect("p2p_connection_offer")
+        assert [c["ip"] for c in offer["peer_candidates"]] == ["203.0.113.1", "198.18.0.1"]
+        await a.close()
+        await b.close()
 
 
 def test_testclient_works_too() -> None:
