@@ -97,7 +97,9 @@ class WsWorker:
         return base64.b64encode(raw).decode("ascii")
 
     async def send(self, obj: Any) -> None:
-        await self.ws.send(obj if isinstance(obj, (str, bytes)) else json.dumps(obj))
+        """Send (nothing if the server closed already: :meth:`wait_closed` says how)."""
+        with contextlib.suppress(ConnectionClosed):
+            await self.ws.send(obj if isinstance(obj, (str, bytes)) else json.dumps(obj))
 
     async def recv(self, wait_s: float = TIMEOUT) -> dict[str, Any]:
         raw = await asyncio.wait_for(self.ws.recv(), wait_s)
