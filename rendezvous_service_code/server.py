@@ -24,7 +24,7 @@ from p2plab.errors import ConfigError
 
 from .app import create_app
 from .backends import Backend
-from .settings import Settings, check_exposure, is_loopback
+from .settings import Settings, check_exposure, exposure_warning
 
 __all__ = ["RendezvousServer", "ServeAddresses", "main", "serve"]
 
@@ -139,12 +139,9 @@ class RendezvousServer:
                 await self.close()
                 raise
         self.addresses = ServeAddresses(host, http_port, stun_host, actual_stun_port)
-        if not is_loopback(host) and not (built.token or built.room_tokens):
-            logger.warning(
-                "OPEN rendezvous on %s (--open): anyone who reaches it can register, pair with "
-                "your workers and use the relay",
-                host or "*",
-            )
+        warning = exposure_warning(host, built)
+        if warning is not None:
+            logger.warning("%s", warning)
         logger.info("rendezvous on %s (WebSocket %s/ws/register/<id>)", self.url, self.ws_url)
         if actual_stun_port is not None:
             logger.info("STUN on udp://%s:%d", stun_host, actual_stun_port)

@@ -28,6 +28,7 @@ __all__ = [
     "LIMIT_FLAGS",
     "Settings",
     "check_exposure",
+    "exposure_warning",
     "is_loopback",
     "limit_flag_help",
     "parse_room_tokens",
@@ -131,6 +132,16 @@ def check_exposure(host: str, settings: Settings) -> None:
         "pair with your workers and use the relay; set --token (P2P_TOKEN) or --room-tokens "
         "(P2P_ROOM_TOKENS), bind --host 127.0.0.1, or pass --open (P2P_OPEN=1) to run open on "
         "purpose"
+    )
+
+
+def exposure_warning(host: str, settings: Settings) -> str | None:
+    """The one warning line for a rendezvous open on purpose beyond loopback, else None."""
+    if is_loopback(host) or settings.token or settings.room_tokens:
+        return None
+    return (
+        f"OPEN rendezvous on {host or '*'} (--open): anyone who reaches it can register, pair "
+        "with your workers and use the relay"
     )
 
 

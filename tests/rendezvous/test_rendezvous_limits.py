@@ -21,7 +21,7 @@ from websockets.exceptions import ConnectionClosed
 from p2plab.errors import ConfigError
 from rendezvous_service_code.limits import PerIpLimits, ip_key
 from rendezvous_service_code.main import RendezvousServer, Settings, create_app
-from rendezvous_service_code.settings import check_exposure, is_loopback
+from rendezvous_service_code.settings import check_exposure, exposure_warning, is_loopback
 from tests.rendezvous_fixtures import WsWorker, debug, new_identity, running_rendezvous
 
 
@@ -42,6 +42,13 @@ def test_beyond_loopback_without_a_token_refuses_to_start(host: str) -> None:
     # a token, room tokens, or --open on purpose: it starts
     for ok in ({"token": "t"}, {"room_tokens": {"lab": "t"}}, {"open": True}):
         assert Settings(host=host, **ok).host == host  # type: ignore[arg-type]
+
+
+def test_open_on_purpose_is_one_warning_line() -> None:
+    text = exposure_warning("0.0.0.0", Settings(host="0.0.0.0", open=True))
+    assert text is not None and "OPEN" in text and "\n" not in text
+    assert exposure_warning("0.0.0.0", Settings(host="0.0.0.0", token="t")) is None
+    assert exposure_warning("127.0.0.1", Settings(open=True)) is None
 
 
 @pytest.mark.parametrize("host", ["127.0.0.1", "127.8.9.1", "::1", "localhost"])
