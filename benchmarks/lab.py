@@ -270,7 +270,9 @@ def main() -> int:
         rv = lab.rendezvous_address
         lab.python(
             "rendezvous",
-            ["-m", "p2plab", "rendezvous", "--host", rv, "--port", str(RENDEZVOUS_PORT)],
+            # --open: the lab network exists only between its namespaces (beyond loopback the
+            # rendezvous refuses to start without a token otherwise).
+            ["-m", "p2plab", "rendezvous", "--host", rv, "--port", str(RENDEZVOUS_PORT), "--open"],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
         )

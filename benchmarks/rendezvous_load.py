@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import base64
 import contextlib
 import gc
 import json
@@ -62,6 +63,8 @@ def percentile(values: list[float], q: float) -> float:
 async def client_main(args: argparse.Namespace) -> dict[str, Any]:
     from websockets.asyncio.client import connect
 
+    from p2plab.core.crypto import Identity, registration_proof
+
     n_pairs = args.pairs
     base = args.pair_offset
     deadline = time.monotonic() + args.max_seconds
@@ -82,7 +85,24 @@ async def client_main(args: argparse.Namespace) -> dict[str, Any]:
                         open_timeout=30,
                         compression=None,
                     )
-                    await ws.send(json.dumps({"type": "register", "room": f"r{pair}"}))
+                    # The rendezvous speaks first: prove the key like a real worker does.
+                    challenge = json.loads(await asyncio.wait_for(ws.recv(), 30))
+                    if challenge.get("type") != "challenge":
+                        raise RuntimeError(challenge)
+                    identity = Identity.generate(os.urandom)
+                    proof = registration_proof(
+                        identity,
+                        base64.b64decode(challenge["server_key"]),
+                        base64.b64decode(challenge["nonce"]),
+                        wid,
+                    )
+                    register = {
+                        "type": "register",
+                        "room": f"r{pair}",
+                        "public_key": identity.public_b64,
+                        "proof": base64.b64encode(proof).decode("ascii"),
+                    }
+                    await ws.send(json.dumps(register))
                     msg = json.loads(await asyncio.wait_for(ws.recv(), 30))
                     if msg.get("type") != "registered":
                         raise RuntimeError(msg)
@@ -207,6 +227,12 @@ def main() -> int:
         n = (limit - 256) // 2 * 2
         print(f"open-files limit {limit}: reducing to {n} workers", file=sys.stderr)
     env = dict(os.environ, PYTHONPATH=str(REPO))
+    # Every client is on 127.0.0.1: lift the per-source-IP limits for this one measurement.
+    server_env = dict(
+        env,
+        MAX_CONNECTIONS_PER_IP=str(n + 100),
+        CONNECTIONS_PER_IP_PER_MIN=str(10 * n + 100),
+    )
     server = subprocess.Popen(
         [
             sys.executable,
@@ -222,7 +248,7 @@ def main() -> int:
             str(n + 100),
         ],
         stdout=subprocess.PIPE,
-        env=env,
+        env=server_env,
         cwd=REPO,
     )
     clients: list[subprocess.Popen[str]] = []

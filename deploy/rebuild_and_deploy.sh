@@ -32,7 +32,15 @@ Settings (environment variables, defaults in brackets):
   ROUTER [p2plab-router]  NAT [p2plab-nat]  NAT_UDP_IDLE_TIMEOUT [120s]
   NAT_MIN_PORTS_PER_VM [128]
   STUN_SERVERS [stun.l.google.com:19302,stun1.l.google.com:19302]
-  INTERNAL_UDP_PORT [40000]  P2P_ROOM [default]  P2P_TOKEN []  ADMIN_TOKEN []
+  INTERNAL_UDP_PORT [40000]  P2P_ROOM [default]
+  P2P_TOKEN [] ADMIN_TOKEN [] UI_TOKEN []  values for the secrets below: stored as a new
+      version when set; when unset, a missing secret is created with a random value
+  P2P_TOKEN_SECRET [p2plab-token]  ADMIN_TOKEN_SECRET [p2plab-admin-token]
+  UI_TOKEN_SECRET [p2plab-ui-token]  Secret Manager secrets passed with --set-secrets
+  RUN_SERVICE_ACCOUNT [] (default: the project's default compute service account) gets
+      read access to those secrets
+  RENDEZVOUS_MAX_WORKERS [1000] connections per rendezvous instance (MAX_WORKERS and Cloud
+      Run --concurrency, at most 1000); memory is sized to it (about 42 KiB per connection)
   REDIS_URL [] (set: the rendezvous scales out and reaches Redis through the VPC)
   RENDEZVOUS_MAX_INSTANCES [1 without REDIS_URL, 3 with it]
   RENDEZVOUS_URL [] (set: use it instead of the deployed rendezvous' URL)
@@ -97,6 +105,22 @@ INTERNAL_UDP_PORT="${INTERNAL_UDP_PORT:-40000}"
 P2P_ROOM="${P2P_ROOM:-default}"
 P2P_TOKEN="${P2P_TOKEN:-}"
 ADMIN_TOKEN="${ADMIN_TOKEN:-}"
+UI_TOKEN="${UI_TOKEN:-}"
+P2P_TOKEN_SECRET="${P2P_TOKEN_SECRET:-p2plab-token}"
+ADMIN_TOKEN_SECRET="${ADMIN_TOKEN_SECRET:-p2plab-admin-token}"
+UI_TOKEN_SECRET="${UI_TOKEN_SECRET:-p2plab-ui-token}"
+RUN_SERVICE_ACCOUNT="${RUN_SERVICE_ACCOUNT:-}"
+RENDEZVOUS_MAX_WORKERS="${RENDEZVOUS_MAX_WORKERS:-1000}"
+if ! [[ "$RENDEZVOUS_MAX_WORKERS" =~ ^[0-9]+$ ]] || ((RENDEZVOUS_MAX_WORKERS < 1 ||
+    RENDEZVOUS_MAX_WORKERS > 1000)); then
+    echo "RENDEZVOUS_MAX_WORKERS must be 1..1000 (Cloud Run's --concurrency limit)" >&2
+    exit 2
+fi
+# Memory for the connection cap: measured ~42 KiB per registered connection plus ~60 MiB for
+# the process (docs/deploy.md, benchmarks/rendezvous_load.py); 48 KiB and 128 MiB leave margin.
+# Rounded up to 256 MiB steps, at least Cloud Run gen2's 512 MiB.
+RENDEZVOUS_MEMORY_MIB=$(((128 + RENDEZVOUS_MAX_WORKERS * 48 / 1024 + 255) / 256 * 256))
+((RENDEZVOUS_MEMORY_MIB < 512)) && RENDEZVOUS_MEMORY_MIB=512
 REDIS_URL="${REDIS_URL:-}"
 RENDEZVOUS_URL="${RENDEZVOUS_URL:-}"
 ALLOW_UNAUTHENTICATED="${ALLOW_UNAUTHENTICATED:-1}"
@@ -137,6 +161,7 @@ exec 3>&1
 SECRETS=()
 [[ -n "$P2P_TOKEN" ]] && SECRETS+=("$P2P_TOKEN")
 [[ -n "$ADMIN_TOKEN" ]] && SECRETS+=("$ADMIN_TOKEN")
+[[ -n "$UI_TOKEN" ]] && SECRETS+=("$UI_TOKEN")
 [[ -n "$REDIS_URL" ]] && SECRETS+=("$REDIS_URL")
 
 print_cmd() {
@@ -187,6 +212,28 @@ env_flag() {
     printf -- '--set-env-vars=^|^%s' "$joined"
 }
 
+# ensure_secret NAME VALUE: the Secret Manager secret NAME, created if missing (with VALUE, or
+# a random token when VALUE is empty); a given VALUE becomes its newest version. Values go
+# through a private temporary file on stdin, never on a command line.
+ensure_secret() {
+    local name="$1" value="$2" tmp
+    if exists gcloud secrets describe "$name" "${GC[@]}"; then
+        [[ -n "$value" ]] || return 0
+        tmp="$(mktemp)"
+        printf '%s' "$value" >"$tmp"
+        run gcloud secrets versions add "$name" --data-file=- "${GC[@]}" <"$tmp"
+    else
+        [[ -n "$value" ]] || value="$(head -c 32 /dev/urandom | base64 | tr -d '\n=' | tr '+/' '-_')"
+        tmp="$(mktemp)"
+        printf '%s' "$value" >"$tmp"
+        run gcloud secrets create "$name" --replication-policy=automatic --data-file=- \
+            "${GC[@]}" <"$tmp"
+    fi
+    rm -f "$tmp"
+    run gcloud secrets add-iam-policy-binding "$name" --member="serviceAccount:${RUN_SA}" \
+        --role=roles/secretmanager.secretAccessor --condition=None "${GC[@]}"
+}
+
 if ((!DRY_RUN)) && ! command -v gcloud >/dev/null 2>&1; then
     echo "gcloud not found: install the Google Cloud SDK, or use --dry-run" >&2
     exit 1
@@ -200,7 +247,22 @@ note "project ${PROJECT_ID}, region ${REGION}, image tag ${IMAGE_TAG}"
 
 note "1. APIs"
 run gcloud services enable run.googleapis.com artifactregistry.googleapis.com \
-    cloudbuild.googleapis.com compute.googleapis.com "${GC[@]}"
+    cloudbuild.googleapis.com compute.googleapis.com secretmanager.googleapis.com "${GC[@]}"
+
+note "1b. secrets: the rendezvous token, the admin token and the worker page token"
+if [[ -z "$RUN_SERVICE_ACCOUNT" ]]; then
+    describe_project=(gcloud projects describe "$PROJECT_ID" --format=value\(projectNumber\))
+    print_cmd "${describe_project[@]}"
+    project_number=""
+    if ((!DRY_RUN)); then
+        project_number="$("${describe_project[@]}" 2>/dev/null || true)"
+    fi
+    RUN_SERVICE_ACCOUNT="${project_number:-PROJECT_NUMBER}-compute@developer.gserviceaccount.com"
+fi
+RUN_SA="$RUN_SERVICE_ACCOUNT"
+ensure_secret "$P2P_TOKEN_SECRET" "$P2P_TOKEN"
+ensure_secret "$ADMIN_TOKEN_SECRET" "$ADMIN_TOKEN"
+ensure_secret "$UI_TOKEN_SECRET" "$UI_TOKEN"
 
 note "2. Artifact Registry repository (created if missing)"
 if ! exists gcloud artifacts repositories describe "$AR_REPO" --location="$REGION" "${GC[@]}"; then
@@ -259,10 +321,11 @@ else
     done
 fi
 
-note "5. rendezvous service"
-rendezvous_env=()
-[[ -n "$P2P_TOKEN" ]] && rendezvous_env+=("P2P_TOKEN=${P2P_TOKEN}")
-[[ -n "$ADMIN_TOKEN" ]] && rendezvous_env+=("ADMIN_TOKEN=${ADMIN_TOKEN}")
+note "5. rendezvous service (tokens from Secret Manager; ${RENDEZVOUS_MAX_WORKERS} connections"
+note "   per instance in ${RENDEZVOUS_MEMORY_MIB} MiB)"
+# TRUST_PROXY_HEADERS: behind Cloud Run's front end the socket's peer is the front end, so the
+# per-IP limits count the client address it appends to X-Forwarded-For.
+rendezvous_env=("MAX_WORKERS=${RENDEZVOUS_MAX_WORKERS}" "TRUST_PROXY_HEADERS=1")
 [[ -n "$REDIS_URL" ]] && rendezvous_env+=("REDIS_URL=${REDIS_URL}")
 rendezvous_flags=(
     --image="$RENDEZVOUS_IMAGE"
@@ -276,13 +339,12 @@ rendezvous_flags=(
     --min-instances=1
     --max-instances="$RENDEZVOUS_MAX_INSTANCES"
     --no-cpu-throttling
-    --concurrency=1000
+    --concurrency="$RENDEZVOUS_MAX_WORKERS"
     --cpu=1
-    --memory=512Mi
+    --memory="${RENDEZVOUS_MEMORY_MIB}Mi"
+    "--set-secrets=P2P_TOKEN=${P2P_TOKEN_SECRET}:latest,ADMIN_TOKEN=${ADMIN_TOKEN_SECRET}:latest"
+    "$(env_flag "${rendezvous_env[@]}")"
 )
-if ((${#rendezvous_env[@]})); then
-    rendezvous_flags+=("$(env_flag "${rendezvous_env[@]}")")
-fi
 if [[ -n "$REDIS_URL" ]]; then
     # Only private ranges (Memorystore) go through the VPC; the workers' WebSockets come in
     # through Cloud Run's front end as usual.
@@ -316,7 +378,6 @@ for r in "${WORKER_REGION_LIST[@]}"; do
         "INTERNAL_UDP_PORT=${INTERNAL_UDP_PORT}"
         "P2P_ROOM=${P2P_ROOM}"
     )
-    [[ -n "$P2P_TOKEN" ]] && worker_env+=("P2P_TOKEN=${P2P_TOKEN}")
     run gcloud run deploy "${WORKER_SERVICE}-${i}" \
         --image="$WORKER_IMAGE" \
         --region="$r" \
@@ -334,16 +395,29 @@ for r in "${WORKER_REGION_LIST[@]}"; do
         --session-affinity \
         --cpu=1 \
         --memory=512Mi \
+        "--set-secrets=P2P_TOKEN=${P2P_TOKEN_SECRET}:latest,UI_TOKEN=${UI_TOKEN_SECRET}:latest" \
         "$(env_flag "${worker_env[@]}")" \
         "${GC[@]}"
     i=$((i + 1))
 done
 
-note "7. where to go"
+note "7. each worker page accepts its Cloud Run host name (UI_ALLOWED_HOSTS); where to go"
 i=1
 for r in "${WORKER_REGION_LIST[@]}"; do
-    run gcloud run services describe "${WORKER_SERVICE}-${i}" --region="$r" \
-        --format=value\(status.url\) "${GC[@]}"
+    describe_worker=(gcloud run services describe "${WORKER_SERVICE}-${i}" --region="$r"
+        --format=value\(status.url\) "${GC[@]}")
+    print_cmd "${describe_worker[@]}"
+    if ((DRY_RUN)); then
+        worker_url="https://${WORKER_SERVICE}-${i}-DRYRUN.${r}.run.app"
+    else
+        worker_url="$("${describe_worker[@]}")"
+    fi
+    worker_host="${worker_url#https://}"
+    run gcloud run services update "${WORKER_SERVICE}-${i}" --region="$r" \
+        "--update-env-vars=UI_ALLOWED_HOSTS=${worker_host%%/*}" "${GC[@]}"
+    note "worker ${i}: ${worker_url}/?token=<page token>"
     i=$((i + 1))
 done
-note "open each worker URL in a browser; the two workers pair through ${RENDEZVOUS_URL}"
+note "open each worker URL in a browser with ?token=<its page token>; the page token is"
+note "  gcloud secrets versions access latest --secret=${UI_TOKEN_SECRET} --project=${PROJECT_ID}"
+note "the two workers pair through ${RENDEZVOUS_URL}"

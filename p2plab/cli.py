@@ -89,7 +89,7 @@ def _run(coro: Coroutine[Any, Any, int | None], prog: str = "p2plab") -> int:
 
 def _rendezvous_settings(args: argparse.Namespace) -> Any:
     """The rendezvous's :class:`Settings`, read once: flags win over the environment."""
-    from rendezvous_service_code.settings import Settings
+    from rendezvous_service_code.settings import LIMIT_FLAGS, Settings
 
     return Settings.load(
         {
@@ -104,6 +104,8 @@ def _rendezvous_settings(args: argparse.Namespace) -> Any:
             ),
             "max_workers": args.max_workers,
             "relay": False if args.no_relay else None,
+            "open": True if args.open else None,
+            **{name: getattr(args, name) for name, *_ in LIMIT_FLAGS},
         }
     )
 
@@ -360,7 +362,12 @@ def _add_rendezvous(sub: Any) -> None:
         "The embedded STUN server and `p2plab stun-server` both default to UDP 3478: on one "
         "host give them different ports.",
     )
-    p.add_argument("--host", default=None, help="bind address (env HOST; default: 0.0.0.0)")
+    p.add_argument(
+        "--host",
+        default=None,
+        help="bind address (env HOST; default: 127.0.0.1); beyond loopback it needs --token, "
+        "--room-tokens or --open",
+    )
     p.add_argument(
         "--port", type=cc.port_or_zero, default=None, help="HTTP port (env PORT; default: 8000)"
     )
@@ -383,9 +390,16 @@ def _add_rendezvous(sub: Any) -> None:
         help="workers must present this token (env P2P_TOKEN; default: none)",
     )
     p.add_argument(
+        "--open",
+        action="store_true",
+        help="serve beyond loopback without any token, on purpose: anyone who reaches it can "
+        "register, pair and relay (env P2P_OPEN=1)",
+    )
+    p.add_argument(
         "--admin-token",
         default=None,
-        help="bearer token for /debug/list_workers (env ADMIN_TOKEN; default: none)",
+        help="bearer token for /debug/list_workers and /debug/stats, which answer 404 without "
+        "one (env ADMIN_TOKEN; default: none)",
     )
     p.add_argument(
         "--room-tokens",
@@ -399,8 +413,15 @@ def _add_rendezvous(sub: Any) -> None:
         type=int,  # Settings says which values it takes, naming MAX_WORKERS too
         default=None,
         help="connections held at once; more are closed with 1013 "
-        "(env MAX_WORKERS; default: 20000)",
+        "(env MAX_WORKERS; default: 10000)",
     )
+    from rendezvous_service_code.settings import LIMIT_FLAGS, limit_flag_help
+
+    limits = p.add_argument_group("limits (per source IP: an IPv6 client counts per /64)")
+    for name, flag, kind, _what in LIMIT_FLAGS:
+        limits.add_argument(
+            flag, dest=name, type=kind, default=None, metavar="N", help=limit_flag_help(name)
+        )
     p.add_argument(
         "--no-relay",
         action="store_true",

@@ -28,6 +28,7 @@ import base64
 import binascii
 import contextlib
 import hmac
+import ipaddress
 import itertools
 import logging
 import os
@@ -58,6 +59,7 @@ from p2plab.core.signaling import (
 from p2plab.errors import RemoteProtocolError
 
 from .backends import Backend, MemoryBackend
+from .limits import PerIpLimits, TokenBucket
 from .registry import Action, CloseConnection, SendMessage
 from .settings import Settings
 
@@ -86,39 +88,6 @@ CLOSE_ID_IN_USE = 4409
 _WORKER_ID_RE = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 #: Messages queued for one connection before it is considered stuck and closed.
 _SEND_QUEUE_LIMIT = 256
-
-
-class TokenBucket:
-    """Per-connection rate limit with an abuse score that decays at the same rate."""
-
-    def __init__(self, rate: float, burst: float, abuse_threshold: float, now: float) -> None:
-        self.rate = rate
-        self.burst = burst
-        self.abuse_threshold = abuse_threshold
-        self.tokens = burst
-        self.abuse = 0.0
-        self.last = now
-        self.dropped = 0
-        self.limited = False  # currently dropping (one error per episode)
-
-    def allow(self, now: float, cost: float = 1.0) -> bool:
-        """Take ``cost`` tokens if there are that many; otherwise count a drop."""
-        elapsed = max(0.0, now - self.last)
-        self.last = now
-        self.tokens = min(self.burst, self.tokens + elapsed * self.rate)
-        self.abuse = max(0.0, self.abuse - elapsed * self.rate)
-        if self.tokens >= cost:
-            self.tokens -= cost
-            self.limited = False
-            return True
-        self.dropped += 1
-        self.abuse += 1.0
-        return False
-
-    @property
-    def abusive(self) -> bool:
-        """Sustained flooding: the connection should be closed."""
-        return self.abuse > self.abuse_threshold
 
 
 class _Connection:
@@ -176,6 +145,11 @@ class _Stats:
     relayed_bytes: int = 0
     relay_refused: int = 0
     relay_rate_limited: int = 0
+    relay_ip_limited: int = 0
+    relay_total_limited: int = 0
+    refused_ip_connections: int = 0
+    refused_ip_rate: int = 0
+    refused_token_throttled: int = 0
 
 
 class _Hub:
@@ -211,15 +185,23 @@ class _Hub:
                 await self.backend.forward(action)
 
 
+def _forwarded_ip(headers: Any) -> str | None:
+    """The client address a trusted proxy put last in X-Forwarded-For, if it is an IP literal."""
+    forwarded = headers.get("x-forwarded-for")
+    if forwarded:
+        # Proxies append the address they saw: the last entry is the one a trusted proxy
+        # (Cloud Run's front end) added; earlier entries are whatever the client claimed.
+        last = forwarded.split(",")[-1].strip()
+        with contextlib.suppress(ValueError):
+            return str(ipaddress.ip_address(last))  # never a name (issue 14 item 3)
+    return None
+
+
 def _observed_address(websocket: WebSocket, trust_forwarded: bool) -> tuple[str | None, int | None]:
     if trust_forwarded:
-        forwarded = websocket.headers.get("x-forwarded-for")
-        if forwarded:
-            # Proxies append the address they saw: the last entry is the one a trusted proxy
-            # (Cloud Run's front end) added; earlier entries are whatever the client claimed.
-            last = forwarded.split(",")[-1].strip()
-            if last:
-                return last[:64], None
+        forwarded = _forwarded_ip(websocket.headers)
+        if forwarded is not None:
+            return forwarded, None
     client = websocket.client
     if client is None:
         return None, None
@@ -238,8 +220,9 @@ class _KeyChallenge:
 
     def __init__(self) -> None:
         self.nonce = os.urandom(32)
-        self.private = X25519PrivateKey.generate()
-        server_key = self.private.public_key().public_bytes(
+        private = X25519PrivateKey.generate()
+        self.private: X25519PrivateKey | None = private
+        server_key = private.public_key().public_bytes(
             serialization.Encoding.Raw, serialization.PublicFormat.Raw
         )
         self.message = Challenge(
@@ -247,9 +230,13 @@ class _KeyChallenge:
             server_key=base64.b64encode(server_key).decode("ascii"),
         )
 
+    def spend(self) -> None:
+        """The challenge was answered: drop its key (it never verifies anything again)."""
+        self.private = None
+
     def verify(self, worker_id: str, msg: Register) -> bool:
         """Whether ``msg`` proves possession of the private key of ``msg.public_key``."""
-        if msg.public_key is None or msg.proof is None:
+        if msg.public_key is None or msg.proof is None or self.private is None:
             return False
         try:
             worker_public = base64.b64decode(msg.public_key.encode("ascii"), validate=True)
@@ -298,21 +285,44 @@ def create_app(settings: Settings | None = None, *, backend: Backend | None = No
     app = FastAPI(title="p2plab rendezvous", lifespan=lifespan)
     app.state.hub = hub
 
+    limits = PerIpLimits(
+        max_connections=s.max_connections_per_ip,
+        connections_per_min=s.connections_per_ip_per_min,
+        token_failures_per_min=s.token_failures_per_ip_per_min,
+        relay_bytes_per_s=s.relay_ip_bytes_per_s,
+        relay_total_bytes_per_s=s.relay_total_bytes_per_s,
+        now=time.monotonic(),
+    )
+    app.state.limits = limits
+
     def admin_denied(request: Request) -> JSONResponse | None:
         if s.admin_token is None:
-            return None
+            # Off unless an operator set a token: these list every worker's addresses and key.
+            return JSONResponse({"detail": "Not Found"}, status_code=404)
+        client = request.client
+        ip = _forwarded_ip(request.headers) if s.trust_forwarded else None
+        ip = ip or (client.host if client is not None else None)
+        now = time.monotonic()
+        if not limits.state(ip, now).token_failures.can(now):
+            hub.stats.refused_token_throttled += 1
+            return JSONResponse({"detail": "too many token failures"}, status_code=429)
         header = request.headers.get("authorization", "")
         scheme, _, given = header.partition(" ")
         if scheme.lower() == "bearer" and _token_ok(s.admin_token, given.strip()):
             return None
+        limits.token_failed(ip, now)
         return JSONResponse(
             {"detail": "admin token required"},
             status_code=401,
             headers={"WWW-Authenticate": "Bearer"},
         )
 
-    @app.get("/health")
-    async def health() -> dict[str, str]:
+    @app.get("/health", response_model=None)
+    async def health() -> JSONResponse | dict[str, str]:
+        reason = await hub.backend.health()
+        if reason is not None:
+            # Registration cannot work: a load balancer should stop sending workers here.
+            return JSONResponse({"status": "unhealthy", "reason": reason}, status_code=503)
         return {"status": "ok"}
 
     @app.get("/debug/list_workers", response_model=None)
@@ -328,7 +338,11 @@ def create_app(settings: Settings | None = None, *, backend: Backend | None = No
         denied = admin_denied(request)
         if denied is not None:
             return denied
-        return {"instance_id": hub.backend.instance_id, **vars(hub.stats)}
+        return {
+            "instance_id": hub.backend.instance_id,
+            "source_ips": len(limits),
+            **vars(hub.stats),
+        }
 
     def expected_token(room: str) -> str | None:
         return s.room_tokens.get(room, s.token)
@@ -337,7 +351,11 @@ def create_app(settings: Settings | None = None, *, backend: Backend | None = No
         conn.send_text(dump_message(ErrorMessage(code=code, message=message)))
 
     async def relay_datagram(
-        conn: _Connection, msg: RelayOut, budget: TokenBucket, reported: set[str]
+        conn: _Connection,
+        msg: RelayOut,
+        budget: TokenBucket,
+        reported: set[str],
+        source_ip: str | None,
     ) -> None:
         """Pass one datagram to the sender's peer; drop (and count) anything else.
 
@@ -351,11 +369,29 @@ def create_app(settings: Settings | None = None, *, backend: Backend | None = No
                 await send_error(conn, "relay_disabled", "this rendezvous does not relay")
             return
         data = msg.payload()
-        if not budget.allow(time.monotonic(), cost=float(len(data))):
+        now = time.monotonic()
+        if not budget.allow(now, cost=float(len(data))):
             hub.stats.relay_rate_limited += 1
             if "rate" not in reported:
                 reported.add("rate")
                 await send_error(conn, "relay_rate_limited", "relay byte budget exceeded; dropped")
+            return
+        # Many connections from one client (2000 pairs carried ~250 Mbit/s: finding 8) share
+        # its address's budget, and everyone shares the instance's.
+        over = limits.relay(source_ip, len(data), now)
+        if over is not None:
+            if over == "ip":
+                hub.stats.relay_ip_limited += 1
+            else:
+                hub.stats.relay_total_limited += 1
+            if "rate" not in reported:
+                reported.add("rate")
+                await send_error(
+                    conn,
+                    "relay_rate_limited",
+                    f"relay byte budget of {'your address' if over == 'ip' else 'the service'} "
+                    "exceeded; dropped",
+                )
             return
         target = await hub.backend.relay_target(conn.worker_id, conn.conn_id, msg.to)
         if target is None:
@@ -384,12 +420,28 @@ def create_app(settings: Settings | None = None, *, backend: Backend | None = No
             logger.warning("refusing worker %s: %d connections", worker_id, s.max_workers)
             await websocket.close(code=CLOSE_TRY_AGAIN, reason="try again later")
             return
+        observed_ip, observed_port = _observed_address(websocket, s.trust_forwarded)
+        refused = limits.admit(observed_ip, time.monotonic())
+        if refused is not None:
+            # One source must not take every slot (one IP took all 300 of --max-workers 300),
+            # churn registrations, or guess tokens at ~800/s.  1013: a worker retries later.
+            if refused == "connections":
+                hub.stats.refused_ip_connections += 1
+                reason = "too many connections from your address"
+            elif refused == "rate":
+                hub.stats.refused_ip_rate += 1
+                reason = "too many new connections from your address; try again later"
+            else:
+                hub.stats.refused_token_throttled += 1
+                reason = "too many token failures from your address; try again later"
+            logger.info("refusing worker %s from %s: %s", worker_id, observed_ip, reason)
+            await websocket.close(code=CLOSE_TRY_AGAIN, reason=reason)
+            return
         conn = _Connection(websocket, worker_id, hub.new_conn_id())
         hub.connections[conn.conn_id] = conn
         hub.stats.connections += 1
         challenge = _KeyChallenge()
         conn.send_text(dump_message(challenge.message))  # before anything else
-        observed_ip, observed_port = _observed_address(websocket, s.trust_forwarded)
         bucket = TokenBucket(
             s.rate_limit_per_s, s.rate_limit_burst, s.abuse_threshold, time.monotonic()
         )
@@ -445,6 +497,7 @@ def create_app(settings: Settings | None = None, *, backend: Backend | None = No
                         continue
                     if not _token_ok(expected_token(msg.room), msg.token):
                         hub.stats.refused_token += 1
+                        limits.token_failed(observed_ip, time.monotonic())
                         logger.info("worker %s: invalid token for room %r", worker_id, msg.room)
                         conn.close(CLOSE_POLICY, "invalid token")
                         break
@@ -466,6 +519,7 @@ def create_app(settings: Settings | None = None, *, backend: Backend | None = No
                         conn.close(CLOSE_ID_IN_USE, "worker id in use")
                         break
                     registered = True
+                    challenge.spend()  # answered: its key need not live as long as the socket
                     hub.stats.registered += 1
                     logger.info(
                         "worker %s registered in room %r from %s:%s",
@@ -491,7 +545,7 @@ def create_app(settings: Settings | None = None, *, backend: Backend | None = No
                         hub.stats.bad_messages += 1
                         await send_error(conn, "bad_message", "send 'register' first")
                         continue
-                    await relay_datagram(conn, msg, relay_budget, relay_reported)
+                    await relay_datagram(conn, msg, relay_budget, relay_reported, observed_ip)
                 elif isinstance(msg, UpdateUdpEndpoint):
                     if not registered:
                         hub.stats.bad_messages += 1
@@ -508,6 +562,7 @@ def create_app(settings: Settings | None = None, *, backend: Backend | None = No
             logger.exception("connection of worker %s failed", worker_id)
         finally:
             hub.connections.pop(conn.conn_id, None)
+            limits.release(observed_ip)
             conn.close(1000, "bye")
             if registered:
                 logger.info("worker %s left", worker_id)

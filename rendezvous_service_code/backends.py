@@ -44,6 +44,10 @@ class Backend(Protocol):
     async def close(self) -> None:
         """Stop background tasks; registrations of this instance are dropped."""
 
+    async def health(self) -> str | None:
+        """None when registration can work, else why not (``/health`` answers 503 with it)."""
+        ...
+
     async def register(
         self,
         worker_id: str,
@@ -104,6 +108,9 @@ class MemoryBackend:
         return None
 
     async def close(self) -> None:
+        return None
+
+    async def health(self) -> str | None:
         return None
 
     async def register(

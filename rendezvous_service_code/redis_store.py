@@ -156,6 +156,8 @@ return {orphan, pair}
 
 
 _CLOSE_STEP_S = 2.0
+#: How long /health waits for Redis to answer a PING.
+_HEALTH_TIMEOUT_S = 2.0
 
 
 def _s(value: Any) -> str:
@@ -268,6 +270,16 @@ class RedisBackend:
                 await asyncio.wait_for(self._pubsub.aclose(), _CLOSE_STEP_S)
         with contextlib.suppress(Exception):
             await asyncio.wait_for(self.redis.aclose(), _CLOSE_STEP_S)
+
+    async def health(self) -> str | None:
+        """None if Redis answers a PING within :data:`_HEALTH_TIMEOUT_S`, else the reason."""
+        try:
+            await asyncio.wait_for(self.redis.ping(), _HEALTH_TIMEOUT_S)
+        except TimeoutError:
+            return f"redis did not answer within {_HEALTH_TIMEOUT_S:g} s"
+        except Exception as exc:  # refused, reset, auth...: registration fails the same way
+            return f"redis unreachable ({type(exc).__name__})"
+        return None
 
     async def _forget_self(self) -> None:
         await self.reap(self.instance_id)

@@ -24,7 +24,7 @@ from p2plab.errors import ConfigError
 
 from .app import create_app
 from .backends import Backend
-from .settings import Settings
+from .settings import Settings, check_exposure, exposure_warning
 
 __all__ = ["RendezvousServer", "ServeAddresses", "main", "serve"]
 
@@ -105,8 +105,9 @@ class RendezvousServer:
         """
         self = cls()
         base = Settings() if settings is None else settings
-        settings = dataclasses.replace(base, **changes)
-        self.app = create_app(settings, backend=backend)
+        built = dataclasses.replace(base, **changes)
+        check_exposure(host, built)  # the address actually bound, whatever settings.host says
+        self.app = create_app(built, backend=backend)
         sock = _bind_tcp(host, port)
         http_port = sock.getsockname()[1]
         config = uvicorn.Config(
@@ -135,14 +136,17 @@ class RendezvousServer:
                 self._stun = await StunServer.start(
                     host,
                     stun_port,
-                    rate_per_s=settings.stun_rate_per_s,
-                    burst=settings.stun_burst,
+                    rate_per_s=built.stun_rate_per_s,
+                    burst=built.stun_burst,
                 )
                 stun_host, actual_stun_port = _first_address(self._stun.addresses)
             except BaseException:
                 await self.close()
                 raise
         self.addresses = ServeAddresses(host, http_port, stun_host, actual_stun_port)
+        warning = exposure_warning(host, built)
+        if warning is not None:
+            logger.warning("%s", warning)
         logger.info("rendezvous on %s (WebSocket %s/ws/register/<id>)", self.url, self.ws_url)
         if actual_stun_port is not None:
             logger.info("STUN on udp://%s:%d", stun_host, actual_stun_port)
@@ -242,6 +246,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--stun-port", type=int, default=None)
     parser.add_argument("--token", default=None)
     parser.add_argument("--admin-token", default=None)
+    parser.add_argument("--open", action="store_true", default=None)
     parser.add_argument("--redis", default=None)
     parser.add_argument("--redis-heartbeat", type=float, default=None)
     parser.add_argument("--redis-ttl", type=float, default=None)
@@ -256,6 +261,7 @@ def main(argv: list[str] | None = None) -> int:
                 "stun_port": args.stun_port,
                 "token": args.token,
                 "admin_token": args.admin_token,
+                "open": args.open,
                 "redis_url": args.redis,
                 "redis_heartbeat_s": args.redis_heartbeat,
                 "redis_ttl_s": args.redis_ttl,

@@ -5,13 +5,17 @@ that are not None) win over environment variables (contracts.md).  Every check l
 ``Settings.__post_init__``, so a value from a flag, the environment or Python code gets the same
 one-line :class:`~p2plab.errors.ConfigError`.
 
-Environment variables: ``HOST``, ``PORT``, ``STUN_PORT``, ``P2P_TOKEN``, ``P2P_ROOM_TOKENS``
-(``room=token,...``), ``ADMIN_TOKEN``, ``REDIS_URL``, ``MAX_WORKERS``, ``P2P_RELAY`` (``0`` turns
-the relay off) and ``TRUST_PROXY_HEADERS``.  An empty variable counts as unset.
+Environment variables: :data:`ENV_VARS` (``HOST``, ``PORT``, ``P2P_TOKEN``, ``P2P_OPEN``, the
+limits...).  An empty variable counts as unset.
+
+Closed unless opened on purpose: on an address other than loopback the service refuses to start
+without a token (``P2P_TOKEN`` or ``P2P_ROOM_TOKENS``) unless ``P2P_OPEN=1`` says that anyone may
+register on purpose (:func:`check_exposure`).
 """
 
 from __future__ import annotations
 
+import ipaddress
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
@@ -19,7 +23,16 @@ from typing import Any
 
 from p2plab.errors import ConfigError
 
-__all__ = ["ENV_VARS", "Settings", "parse_room_tokens"]
+__all__ = [
+    "ENV_VARS",
+    "LIMIT_FLAGS",
+    "Settings",
+    "check_exposure",
+    "exposure_warning",
+    "is_loopback",
+    "limit_flag_help",
+    "parse_room_tokens",
+]
 
 #: Settings field -> the environment variable that sets it.
 ENV_VARS: Mapping[str, str] = {
@@ -33,7 +46,57 @@ ENV_VARS: Mapping[str, str] = {
     "max_workers": "MAX_WORKERS",
     "relay": "P2P_RELAY",
     "trust_forwarded": "TRUST_PROXY_HEADERS",
+    "open": "P2P_OPEN",
+    "max_connections_per_ip": "MAX_CONNECTIONS_PER_IP",
+    "connections_per_ip_per_min": "CONNECTIONS_PER_IP_PER_MIN",
+    "token_failures_per_ip_per_min": "TOKEN_FAILURES_PER_IP_PER_MIN",
+    "register_timeout_s": "REGISTER_TIMEOUT_S",
+    "relay_bytes_per_s": "RELAY_BYTES_PER_S",
+    "relay_ip_bytes_per_s": "RELAY_BYTES_PER_IP_PER_S",
+    "relay_total_bytes_per_s": "RELAY_BYTES_TOTAL_PER_S",
 }
+_INTS = frozenset({"port", "stun_port", "max_workers", "max_connections_per_ip"})
+_FLOATS = frozenset(
+    {
+        "connections_per_ip_per_min",
+        "token_failures_per_ip_per_min",
+        "register_timeout_s",
+        "relay_bytes_per_s",
+        "relay_ip_bytes_per_s",
+        "relay_total_bytes_per_s",
+    }
+)
+_BOOLS = frozenset({"relay", "trust_forwarded", "open"})
+
+#: The limits ``p2plab rendezvous`` takes as flags: (field, flag, type, what it bounds).
+LIMIT_FLAGS: tuple[tuple[str, str, type, str], ...] = (
+    ("max_connections_per_ip", "--max-connections-per-ip", int, "connections held per IP"),
+    (
+        "connections_per_ip_per_min",
+        "--connections-per-ip-per-min",
+        float,
+        "new connections (so registrations) per IP per minute",
+    ),
+    (
+        "token_failures_per_ip_per_min",
+        "--token-failures-per-ip-per-min",
+        float,
+        "refused tokens per IP per minute, then its connections get 1013",
+    ),
+    ("register_timeout_s", "--register-timeout", float, "seconds a connection has to register"),
+    ("relay_bytes_per_s", "--relay-bytes-per-s", float, "relayed bytes/s per connection"),
+    ("relay_ip_bytes_per_s", "--relay-bytes-per-ip", float, "relayed bytes/s per IP"),
+    ("relay_total_bytes_per_s", "--relay-bytes-total", float, "relayed bytes/s in all"),
+)
+
+
+def limit_flag_help(field_name: str) -> str:
+    """The help of one of :data:`LIMIT_FLAGS`: what it bounds, its variable and default."""
+    what = next(w for name, _flag, _kind, w in LIMIT_FLAGS if name == field_name)
+    default = next(f.default for f in fields(Settings) if f.name == field_name)
+    shown = int(default) if isinstance(default, float) and default.is_integer() else default
+    return f"{what} (env {ENV_VARS[field_name]}; default: {shown})"
+
 
 _TRUE = frozenset({"1", "true", "yes", "on"})
 _FALSE = frozenset({"0", "false", "no", "off"})
@@ -49,6 +112,39 @@ def parse_room_tokens(text: str) -> dict[str, str]:
     return out
 
 
+def is_loopback(host: str) -> bool:
+    """Whether binding ``host`` serves this machine only (127.0.0.0/8, ::1, localhost)."""
+    if host.lower() in ("localhost", "localhost.", "ip6-localhost"):
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False  # another name, or "" (every address): not loopback
+
+
+def check_exposure(host: str, settings: Settings) -> None:
+    """Refuse (ConfigError, one line) to serve ``host`` beyond loopback with no token at all,
+    unless ``settings.open`` says so on purpose (issue 14: closed unless opened on purpose)."""
+    if is_loopback(host) or settings.token or settings.room_tokens or settings.open:
+        return
+    raise ConfigError(
+        f"refusing to serve {host or '*'} without a token: anyone who reaches it could register, "
+        "pair with your workers and use the relay; set --token (P2P_TOKEN) or --room-tokens "
+        "(P2P_ROOM_TOKENS), bind --host 127.0.0.1, or pass --open (P2P_OPEN=1) to run open on "
+        "purpose"
+    )
+
+
+def exposure_warning(host: str, settings: Settings) -> str | None:
+    """The one warning line for a rendezvous open on purpose beyond loopback, else None."""
+    if is_loopback(host) or settings.token or settings.room_tokens:
+        return None
+    return (
+        f"OPEN rendezvous on {host or '*'} (--open): anyone who reaches it can register, pair "
+        "with your workers and use the relay"
+    )
+
+
 def _name(field_name: str) -> str:
     """How an error names a setting: the field and, where there is one, its variable."""
     env = ENV_VARS.get(field_name)
@@ -58,12 +154,17 @@ def _name(field_name: str) -> str:
 def _from_text(field_name: str, text: str) -> Any:
     """One environment value converted to the field's type (ConfigError naming the variable)."""
     var = ENV_VARS[field_name]
-    if field_name in ("port", "stun_port", "max_workers"):
+    if field_name in _INTS:
         try:
             return int(text)
         except ValueError:
             raise ConfigError(f"{var} must be an integer, got {text!r}") from None
-    if field_name in ("relay", "trust_forwarded"):
+    if field_name in _FLOATS:
+        try:
+            return float(text)
+        except ValueError:
+            raise ConfigError(f"{var} must be a number, got {text!r}") from None
+    if field_name in _BOOLS:
         word = text.strip().lower()
         if word in _TRUE:
             return True
@@ -79,8 +180,9 @@ def _from_text(field_name: str, text: str) -> Any:
 class Settings:
     """Everything the rendezvous service is configured with (see :meth:`load`)."""
 
-    host: str = "0.0.0.0"
-    """Address the HTTP/WebSocket server binds (``HOST``)."""
+    host: str = "127.0.0.1"
+    """Address the HTTP/WebSocket server binds (``HOST``); beyond loopback it needs a token or
+    ``open`` (:func:`check_exposure`)."""
     port: int = 8000
     """HTTP port, 0 for an OS-chosen one (``PORT``)."""
     stun_port: int | None = None
@@ -90,31 +192,50 @@ class Settings:
     room_tokens: Mapping[str, str] = field(default_factory=dict, hash=False)
     """Per-room tokens replacing ``token`` in those rooms (``P2P_ROOM_TOKENS``); read-only."""
     admin_token: str | None = None
-    """Bearer token that ``/debug/*`` requires, None for open endpoints (``ADMIN_TOKEN``)."""
+    """Bearer token that ``/debug/*`` requires; without one they answer 404 (``ADMIN_TOKEN``)."""
+    open: bool = False
+    """Serve beyond loopback without any token, on purpose (``P2P_OPEN``): anyone may register."""
     redis_url: str | None = None
     """Redis URL: several instances share state through it; None keeps it in memory."""
     redis_heartbeat_s: float = 2.0
     """How often an instance refreshes its liveness key in Redis."""
     redis_ttl_s: float = 10.0
     """How long an instance's workers outlive its last heartbeat in Redis."""
-    max_workers: int = 20000
-    """Connections held at once; more are closed with 1013 (``MAX_WORKERS``)."""
+    max_workers: int = 10000
+    """Connections held at once; more are closed with 1013 (``MAX_WORKERS``).  An idle
+    registered connection costs about 40 KiB (docs/deploy.md): 10,000 fit in 512 MiB."""
+    max_connections_per_ip: int = 20
+    """Connections one source IP (an IPv6 /64) holds at once; more get 1013
+    (``MAX_CONNECTIONS_PER_IP``)."""
+    connections_per_ip_per_min: float = 60.0
+    """New connections, hence registrations, one source IP may open per minute (a burst of as
+    many, then one per 60/N s); more get 1013 (``CONNECTIONS_PER_IP_PER_MIN``)."""
+    token_failures_per_ip_per_min: float = 5.0
+    """Refused tokens one source IP may try per minute; beyond that its new connections get
+    1013 until the allowance refills (``TOKEN_FAILURES_PER_IP_PER_MIN``)."""
     trust_forwarded: bool = False
     """Take the observed address from X-Forwarded-For (``TRUST_PROXY_HEADERS``)."""
     relay: bool = True
     """Relay datagrams between the two workers of a pair that cannot punch (``P2P_RELAY``)."""
     relay_bytes_per_s: float = 32 * 1024
-    """Relayed bytes (decoded) one connection may send per second."""
+    """Relayed bytes (decoded) one connection may send per second (``RELAY_BYTES_PER_S``)."""
     relay_burst_bytes: float = 128 * 1024
     """Relayed bytes one connection may send in a burst."""
+    relay_ip_bytes_per_s: float = 64 * 1024
+    """Relayed bytes all connections of one source IP may send per second, burst 4 s of it
+    (``RELAY_BYTES_PER_IP_PER_S``)."""
+    relay_total_bytes_per_s: float = 2 * 1024 * 1024
+    """Relayed bytes the whole instance passes on per second, burst 4 s of it
+    (``RELAY_BYTES_TOTAL_PER_S``)."""
     rate_limit_per_s: float = 50.0
     """Messages one connection may send per second; excess is dropped."""
     rate_limit_burst: float = 100.0
     """Messages one connection may send in a burst."""
     abuse_threshold: float = 500.0
     """Dropped messages beyond the rate after which a connection is closed (1008)."""
-    register_timeout_s: float = 30.0
-    """Time a new connection has to send ``register`` before it is closed."""
+    register_timeout_s: float = 10.0
+    """Time a new connection has to send ``register`` before it is closed (1008)
+    (``REGISTER_TIMEOUT_S``)."""
     stun_rate_per_s: float | None = 20.0
     """Answers per second the embedded STUN server gives one source IP after its burst; None:
     no limit (checked when the STUN server starts)."""
@@ -128,8 +249,9 @@ class Settings:
             raise ConfigError(f"{_name('port')} must be in 0..65535, got {self.port}")
         if self.stun_port is not None and not 0 <= self.stun_port <= 65535:
             raise ConfigError(f"{_name('stun_port')} must be in 0..65535, got {self.stun_port}")
-        if self.max_workers < 1:
-            raise ConfigError(f"{_name('max_workers')} must be >= 1, got {self.max_workers}")
+        for name in ("max_workers", "max_connections_per_ip"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{_name(name)} must be >= 1, got {getattr(self, name)}")
         for name in (
             "redis_heartbeat_s",
             "redis_ttl_s",
@@ -139,10 +261,15 @@ class Settings:
             "rate_limit_burst",
             "abuse_threshold",
             "register_timeout_s",
+            "connections_per_ip_per_min",
+            "token_failures_per_ip_per_min",
+            "relay_ip_bytes_per_s",
+            "relay_total_bytes_per_s",
         ):
             value = getattr(self, name)
             if not value > 0:
-                raise ConfigError(f"{name} must be > 0, got {value}")
+                raise ConfigError(f"{_name(name)} must be > 0, got {value}")
+        check_exposure(self.host, self)
 
     @classmethod
     def load(

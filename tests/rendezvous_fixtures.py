@@ -11,6 +11,7 @@ import uuid
 from collections.abc import AsyncIterator
 from typing import Any
 
+import httpx
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed
 
@@ -19,15 +20,22 @@ from p2plab.aio.worker import WorkerConfig
 from p2plab.core.crypto import Identity, registration_proof
 from rendezvous_service_code.main import RendezvousServer
 
-__all__ = ["TIMEOUT", "WsWorker", "new_identity", "running_rendezvous"]
+__all__ = ["ADMIN_TOKEN", "TIMEOUT", "WsWorker", "debug", "new_identity", "running_rendezvous"]
 
 #: Generous unit for waits in these tests (never a timing assertion).
 TIMEOUT = 10.0
+#: The admin token of :func:`running_rendezvous` (``/debug/*`` answer 404 without one).
+ADMIN_TOKEN = "test-admin-token"
 
 
 @contextlib.asynccontextmanager
 async def running_rendezvous(port: int = 0, **options: Any) -> AsyncIterator[RendezvousServer]:
-    """A rendezvous on 127.0.0.1 (port 0: OS-chosen), closed afterwards."""
+    """A rendezvous on 127.0.0.1 (port 0: OS-chosen), closed afterwards.
+
+    It has :data:`ADMIN_TOKEN` unless ``admin_token`` is given (read ``/debug/*`` with
+    :func:`debug`).
+    """
+    options.setdefault("admin_token", ADMIN_TOKEN)
     server = await RendezvousServer.start("127.0.0.1", port, **options)
     try:
         yield server
@@ -38,6 +46,17 @@ async def running_rendezvous(port: int = 0, **options: Any) -> AsyncIterator[Ren
 def new_identity() -> Identity:
     """A fresh worker key pair."""
     return Identity.generate(os.urandom)
+
+
+async def debug(rv: RendezvousServer, what: str = "list_workers") -> dict[str, Any]:
+    """``GET /debug/<what>`` with :data:`ADMIN_TOKEN`, as JSON (fails on an error status)."""
+    async with httpx.AsyncClient() as http:
+        resp = await http.get(
+            f"{rv.url}/debug/{what}", headers={"Authorization": f"Bearer {ADMIN_TOKEN}"}
+        )
+    resp.raise_for_status()
+    data: dict[str, Any] = resp.json()
+    return data
 
 
 class WsWorker:
@@ -78,7 +97,9 @@ class WsWorker:
         return base64.b64encode(raw).decode("ascii")
 
     async def send(self, obj: Any) -> None:
-        await self.ws.send(obj if isinstance(obj, (str, bytes)) else json.dumps(obj))
+        """Send (nothing if the server closed already: :meth:`wait_closed` says how)."""
+        with contextlib.suppress(ConnectionClosed):
+            await self.ws.send(obj if isinstance(obj, (str, bytes)) else json.dumps(obj))
 
     async def recv(self, wait_s: float = TIMEOUT) -> dict[str, Any]:
         raw = await asyncio.wait_for(self.ws.recv(), wait_s)

@@ -8,6 +8,7 @@ ignored; unknown types raise :class:`~p2plab.errors.RemoteProtocolError` from
 from __future__ import annotations
 
 import binascii
+import ipaddress
 import json
 from typing import Annotated, Any, Literal
 
@@ -20,9 +21,11 @@ from pydantic import (
     field_validator,
 )
 
+from p2plab.core.crypto.keys import decode_public_key
 from p2plab.errors import RemoteProtocolError
 
 __all__ = [
+    "MAX_LOCAL_CANDIDATES",
     "MAX_MESSAGE_BYTES",
     "MAX_RELAY_BYTES",
     "Candidate",
@@ -50,6 +53,31 @@ MAX_MESSAGE_BYTES = 16 * 1024
 #: datagram is at most about 4.2 KiB).
 MAX_RELAY_BYTES = 8 * 1024
 _MAX_RELAY_B64 = 4 * ((MAX_RELAY_BYTES + 2) // 3)
+#: Most LAN candidates a worker may announce (an offer carries these plus the public endpoint).
+MAX_LOCAL_CANDIDATES = 8
+
+
+def _ip_literal(value: str) -> str:
+    """``value`` if it is an IPv4 or IPv6 literal.  Host names are refused here, in the shared
+    models, so nothing a peer or the rendezvous sends can make either end resolve a name
+    (a blocking lookup froze a worker's loop for ~54 s: issue 14 finding 3)."""
+    try:
+        ipaddress.ip_address(value)
+    except ValueError:
+        raise ValueError(f"not an IP address: {value[:64]!r}") from None
+    return value
+
+
+def _public_key(value: str | None) -> str | None:
+    """``value`` if None or a usable base64 X25519 public key (32 bytes, not a low-order point:
+    issue 14 finding 13)."""
+    if value is None:
+        return None
+    try:
+        decode_public_key(value)
+    except RemoteProtocolError as exc:
+        raise ValueError(str(exc)) from None
+    return value
 
 
 def decode_relay_data(text: str) -> bytes:
@@ -79,7 +107,10 @@ class Candidate(_Model):
     """One transport address a peer may be reached at."""
 
     ip: str = Field(max_length=64)
+    """An IP literal (never a host name)."""
     port: int = Field(ge=0, le=65535)
+
+    _check_ip = field_validator("ip")(_ip_literal)
 
 
 class Register(_Model):
@@ -90,9 +121,12 @@ class Register(_Model):
     room: str = Field(default="default", min_length=1, max_length=64)
     token: str | None = Field(default=None, max_length=256)
     public_key: str | None = Field(default=None, max_length=128)
+    """Base64 X25519 public key (None: plaintext mode); low-order points are refused."""
     proof: str | None = Field(default=None, max_length=64)
     """Base64 of ``registration_proof(identity, server_key, nonce, worker_id)`` answering the
     rendezvous's :class:`Challenge`; required when ``public_key`` is given."""
+
+    _check_key = field_validator("public_key")(_public_key)
 
 
 class UpdateUdpEndpoint(_Model):
@@ -101,7 +135,9 @@ class UpdateUdpEndpoint(_Model):
     type: Literal["update_udp_endpoint"] = "update_udp_endpoint"
     udp_ip: str = Field(max_length=64)
     udp_port: int = Field(ge=0, le=65535)
-    local_candidates: list[Candidate] = Field(default_factory=list, max_length=16)
+    local_candidates: list[Candidate] = Field(default_factory=list, max_length=MAX_LOCAL_CANDIDATES)
+
+    _check_ip = field_validator("udp_ip")(_ip_literal)
 
 
 class RelayOut(_Model):
@@ -169,11 +205,16 @@ class P2PConnectionOffer(_Model):
 
     type: Literal["p2p_connection_offer"] = "p2p_connection_offer"
     peer_worker_id: str
-    peer_udp_ip: str
+    peer_udp_ip: str = Field(max_length=64)
     peer_udp_port: int = Field(ge=0, le=65535)
-    peer_candidates: list[Candidate] = Field(default_factory=list)
+    peer_candidates: list[Candidate] = Field(
+        default_factory=list, max_length=MAX_LOCAL_CANDIDATES + 1
+    )
     role: Literal["controlling", "controlled"] = "controlling"
-    peer_public_key: str | None = None
+    peer_public_key: str | None = Field(default=None, max_length=128)
+
+    _check_ip = field_validator("peer_udp_ip")(_ip_literal)
+    _check_key = field_validator("peer_public_key")(_public_key)
 
 
 class PeerDisconnected(_Model):

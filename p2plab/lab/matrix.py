@@ -223,7 +223,9 @@ class PairRun:
         rv = lab.rendezvous_address
         lab.python(
             "rendezvous",
-            ["-m", "p2plab", "rendezvous", "--host", rv, "--port", str(RENDEZVOUS_PORT)],
+            # --open: the lab network exists only between its namespaces (beyond loopback the
+            # rendezvous refuses to start without a token otherwise).
+            ["-m", "p2plab", "rendezvous", "--host", rv, "--port", str(RENDEZVOUS_PORT), "--open"],
             stdout=self._logfile("rendezvous"),
             stderr=subprocess.STDOUT,
         )

@@ -13,7 +13,6 @@ import socket
 from collections.abc import AsyncIterator
 from typing import Any
 
-import httpx
 import pytest
 from websockets.exceptions import ConnectionClosed
 
@@ -25,7 +24,7 @@ from p2plab.core.wire import Chat, MessageType, Probe, datagram_type, encode_dat
 from p2plab.server.stun_server import StunServer
 from rendezvous_service_code.main import RendezvousServer
 from tests.conftest import TIMEOUT_UNIT, until
-from tests.rendezvous_fixtures import WsWorker, loopback_worker_config, running_rendezvous
+from tests.rendezvous_fixtures import WsWorker, debug, loopback_worker_config, running_rendezvous
 from tests.stun_fixtures import RawClient, random_bytes
 
 T = 10 * TIMEOUT_UNIT
@@ -262,11 +261,7 @@ async def test_random_datagram_flood_at_the_stun_server_does_not_stop_it() -> No
 
 
 async def _debug_workers(rv: RendezvousServer) -> dict[str, Any]:
-    async with httpx.AsyncClient() as client:
-        resp = await client.get(f"http://127.0.0.1:{rv.http_port}/debug/list_workers")
-        resp.raise_for_status()
-        data: dict[str, Any] = resp.json()
-        return data
+    return await debug(rv)
 
 
 async def _closed_code(ws: WsWorker) -> int | None:

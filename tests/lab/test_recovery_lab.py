@@ -125,7 +125,9 @@ def start_pair(lab: Lab) -> tuple[LabWorker, LabWorker]:
     rv = lab.rendezvous_address
     lab.python(
         "rendezvous",
-        ["-m", "p2plab", "rendezvous", "--host", rv, "--port", str(RENDEZVOUS_PORT)],
+        # --open: the lab network exists only between its namespaces (beyond loopback the
+        # rendezvous refuses to start without a token otherwise).
+        ["-m", "p2plab", "rendezvous", "--host", rv, "--port", str(RENDEZVOUS_PORT), "--open"],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )

@@ -407,6 +407,11 @@ def _env_vars(cmd: list[str]) -> dict[str, str]:
     return dict(kv.split("=", 1) for kv in body.split(delim))
 
 
+def _secrets(cmd: list[str]) -> dict[str, str]:
+    flag = next(a for a in cmd if a.startswith("--set-secrets="))
+    return dict(kv.split("=", 1) for kv in flag.split("=", 1)[1].split(","))
+
+
 def test_deploy_script_syntax() -> None:
     proc = subprocess.run(["bash", "-n", str(DEPLOY_SCRIPT)], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
@@ -476,8 +481,62 @@ def test_deploy_dry_run_prints_everything_and_runs_nothing(tmp_path: Path) -> No
         env = _env_vars(w)
         assert env["RENDEZVOUS_URL"].startswith("wss://")
         assert env["STUN_SERVERS"].count(",") >= 1
-        assert env["P2P_TOKEN"] == "<redacted>"
-    assert _env_vars(rendezvous[0])["ADMIN_TOKEN"] == "<redacted>"
+        # tokens come from Secret Manager, never as plain environment values
+        assert "P2P_TOKEN" not in env and "UI_TOKEN" not in env
+        assert _secrets(w) == {
+            "P2P_TOKEN": "p2plab-token:latest",
+            "UI_TOKEN": "p2plab-ui-token:latest",
+        }
+    rv_env = _env_vars(rendezvous[0])
+    assert "P2P_TOKEN" not in rv_env and "ADMIN_TOKEN" not in rv_env
+    assert rv_env["TRUST_PROXY_HEADERS"] == "1" and rv_env["MAX_WORKERS"] == "1000"
+    assert _secrets(rendezvous[0]) == {
+        "P2P_TOKEN": "p2plab-token:latest",
+        "ADMIN_TOKEN": "p2plab-admin-token:latest",
+    }
+    # memory sized to the connection cap (1000 x ~42 KiB + the process fit in 512 MiB)
+    assert "--memory=512Mi" in rendezvous[0] and "--concurrency=1000" in rendezvous[0]
+    # the secrets are created when missing, readable by the services' account
+    assert _find(cmds, "gcloud", "services", "enable")[0].count("secretmanager.googleapis.com")
+    for name in ("p2plab-token", "p2plab-admin-token", "p2plab-ui-token"):
+        assert _find(cmds, "gcloud", "secrets", "create", name)
+        assert _find(cmds, "gcloud", "secrets", "add-iam-policy-binding", name)
+    # each worker page accepts its Cloud Run host name
+    updates = _find(cmds, "gcloud", "run", "services", "update")
+    assert len(updates) == 2 and all(
+        any(a.startswith("--update-env-vars=UI_ALLOWED_HOSTS=p2plab-worker-") for a in u)
+        for u in updates
+    )
+
+
+# 1000 connections x ~42 KiB + ~60 MiB of process: well inside Cloud Run gen2's 512 MiB floor.
+@pytest.mark.parametrize(("cap", "memory"), [("1000", "512Mi"), ("200", "512Mi")])
+def test_deploy_sizes_rendezvous_memory_to_its_connection_cap(
+    tmp_path: Path, cap: str, memory: str
+) -> None:
+    proc, _ = _run_deploy(tmp_path, ["--dry-run"], RENDEZVOUS_MAX_WORKERS=cap)
+    assert proc.returncode == 0, proc.stderr
+    rv = _find(_printed_commands(proc.stdout), "gcloud", "run", "deploy")[0]
+    assert f"--memory={memory}" in rv and f"--concurrency={cap}" in rv
+    assert _env_vars(rv)["MAX_WORKERS"] == cap
+    proc, _ = _run_deploy(tmp_path, ["--dry-run"], RENDEZVOUS_MAX_WORKERS="5000")
+    assert proc.returncode == 2 and "1..1000" in proc.stderr
+
+
+def test_deploy_never_puts_a_token_on_a_command_line(tmp_path: Path) -> None:
+    tokens = {"P2P_TOKEN": "tok-p2p-xyz", "ADMIN_TOKEN": "tok-admin-xyz", "UI_TOKEN": "tok-ui-xyz"}
+    proc, calls = _run_deploy(tmp_path, [], describe_rc=1, WORKER_REGIONS="us-central1", **tokens)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    for value in tokens.values():
+        assert value not in proc.stdout + proc.stderr
+        assert not [c for c in calls if any(value in a for a in c)]
+    created = [c[2] for c in _find(calls, "secrets", "create")]
+    assert created == ["p2plab-token", "p2plab-admin-token", "p2plab-ui-token"]
+    # an existing secret gets the given value as a new version, still off the command line
+    proc, calls = _run_deploy(tmp_path, ["--skip-build"], describe_rc=0, **tokens)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert len(_find(calls, "secrets", "versions", "add")) == 3
+    assert not [c for c in calls if any(v in a for v in tokens.values() for a in c)]
 
 
 def test_deploy_real_run_wires_the_rendezvous_url(tmp_path: Path) -> None:
@@ -621,6 +680,21 @@ def _healthcheck(df: Dockerfile, env: dict[str, str]) -> int:
     return subprocess.run(
         _resolve(df.healthcheck), env=env, capture_output=True, timeout=30
     ).returncode
+
+
+def test_the_rendezvous_image_without_a_token_refuses_to_start() -> None:
+    # The image binds 0.0.0.0: without a token it would be open to anyone (finding 1).  Checked
+    # in-process, from the image's environment, so that a regression cannot bind 0.0.0.0 here.
+    from p2plab.errors import ConfigError
+    from rendezvous_service_code.settings import Settings
+
+    df = parse_dockerfile(ROOT / "Dockerfile.rendezvous")
+    assert df.env["HOST"] == "0.0.0.0" and "P2P_TOKEN" not in df.env
+    assert df.cmd == ["p2plab", "rendezvous"]
+    env = _image_env(df)
+    with pytest.raises(ConfigError, match=r"refusing to serve 0\.0\.0\.0 without a token"):
+        Settings.load(environ=env)
+    assert Settings.load(environ={**env, "P2P_TOKEN": "from-a-secret"}).host == "0.0.0.0"
 
 
 def test_image_commands_run_outside_a_container(tmp_path: Path) -> None:

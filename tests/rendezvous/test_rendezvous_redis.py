@@ -9,10 +9,14 @@ import signal
 import sys
 from collections.abc import AsyncIterator
 
-import httpx
-
 from rendezvous_service_code.main import RendezvousServer
-from tests.rendezvous_fixtures import TIMEOUT, WsWorker, new_identity, running_rendezvous
+from tests.rendezvous_fixtures import (
+    TIMEOUT,
+    WsWorker,
+    debug,
+    new_identity,
+    running_rendezvous,
+)
 
 FAST = {"redis_heartbeat_s": 0.3, "redis_ttl_s": 1.5}
 
@@ -74,11 +78,10 @@ async def test_workers_on_two_instances_get_offers_for_each_other(redis_url: str
         ]
         assert offer_a["peer_public_key"] == key_b.public_b64
         # both instances list both workers
-        async with httpx.AsyncClient() as http:
-            for rv in (rv1, rv2):
-                listing = (await http.get(f"{rv.url}/debug/list_workers")).json()
-                pairs = {w["worker_id"]: w["paired_with"] for w in listing["workers"]}
-                assert pairs == {a.worker_id: b.worker_id, b.worker_id: a.worker_id}
+        for rv in (rv1, rv2):
+            listing = await debug(rv, "list_workers")
+            pairs = {w["worker_id"]: w["paired_with"] for w in listing["workers"]}
+            assert pairs == {a.worker_id: b.worker_id, b.worker_id: a.worker_id}
         # a leaves on instance 1: b on instance 2 hears of it
         await a.close()
         assert (await b.expect("peer_disconnected"))["peer_worker_id"] == a.worker_id
@@ -89,10 +92,14 @@ async def test_workers_on_two_instances_get_offers_for_each_other(redis_url: str
         await b2.close()
 
 
+#: 25 workers per instance, all from 127.0.0.1: above the default per-IP cap of 20.
+MANY = {"max_connections_per_ip": 100}
+
+
 async def test_fifty_workers_across_two_instances_make_25_disjoint_pairs(redis_url: str) -> None:
     async with (
-        running_rendezvous(redis_url=redis_url, **FAST) as rv1,
-        running_rendezvous(redis_url=redis_url, **FAST) as rv2,
+        running_rendezvous(redis_url=redis_url, **FAST, **MANY) as rv1,
+        running_rendezvous(redis_url=redis_url, **FAST, **MANY) as rv2,
     ):
         workers = await asyncio.gather(*(WsWorker.connect(rv.ws_url) for rv in (rv1, rv2) * 25))
 
@@ -161,8 +168,7 @@ async def test_instance_restart_with_same_redis_keeps_no_stale_workers(redis_url
     await server.close()  # graceful stop: its workers are removed from Redis
     await w.wait_closed()
     async with running_rendezvous(redis_url=redis_url, **FAST) as rv:
-        async with httpx.AsyncClient() as http:
-            assert (await http.get(f"{rv.url}/debug/list_workers")).json()["count"] == 0
+        assert (await debug(rv, "list_workers"))["count"] == 0
         v = await WsWorker.connect(rv.ws_url)
         await v.register()
         await v.update_endpoint("203.0.113.2", 2)

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+
+from p2plab.core.crypto import Identity
 from p2plab.core.signaling import (
     Candidate,
     P2PConnectionOffer,
@@ -27,6 +30,10 @@ def offers(actions: list[Action]) -> dict[str, P2PConnectionOffer]:
     return out
 
 
+#: Registered keys are real X25519 public keys (an offer refuses anything else).
+KEYS = {name: Identity.generate(os.urandom).public_b64 for name in ("KA", "KB", "K1", "K2")}
+
+
 def join(reg: Registry, wid: str, port: int, room: str = "default", key: str | None = None):
     first = reg.register(wid, f"c-{wid}", room=room, now=float(port), public_key=key)
     assert [type(a.message) for a in first if isinstance(a, SendMessage)] == [Registered]
@@ -37,9 +44,9 @@ def join(reg: Registry, wid: str, port: int, room: str = "default", key: str | N
 
 def test_two_workers_pair_with_roles_candidates_and_keys() -> None:
     reg = Registry()
-    assert join(reg, "a", 1000, key="KA") == []
+    assert join(reg, "a", 1000, key=KEYS["KA"]) == []
     assert reg.waiting("default") == "a"
-    got = offers(join(reg, "b", 2000, key="KB"))
+    got = offers(join(reg, "b", 2000, key=KEYS["KB"]))
     assert set(got) == {"a", "b"}
     assert got["a"].peer_worker_id == "b" and got["a"].role == "controlling"
     assert got["b"].peer_worker_id == "a" and got["b"].role == "controlled"
@@ -48,7 +55,7 @@ def test_two_workers_pair_with_roles_candidates_and_keys() -> None:
         ("203.0.113.1", 1000),
         ("198.18.0.1", 1000),
     ]
-    assert got["a"].peer_public_key == "KB" and got["b"].peer_public_key == "KA"
+    assert got["a"].peer_public_key == KEYS["KB"] and got["b"].peer_public_key == KEYS["KA"]
     assert reg.get("a").paired_with == "b" and reg.get("b").paired_with == "a"  # type: ignore[union-attr]
 
 
@@ -174,10 +181,10 @@ def test_list_view_has_contract_fields() -> None:
 
 def test_only_workers_of_the_same_encryption_mode_are_paired() -> None:
     reg = Registry()
-    assert join(reg, "enc1", 1000, key="K1") == []
+    assert join(reg, "enc1", 1000, key=KEYS["K1"]) == []
     assert join(reg, "plain1", 2000) == []  # would refuse enc1's offer (and enc1 its)
     assert reg.waiting("default", encrypting=True) == "enc1"
     assert reg.waiting("default", encrypting=False) == "plain1"
-    assert set(offers(join(reg, "enc2", 3000, key="K2"))) == {"enc1", "enc2"}
+    assert set(offers(join(reg, "enc2", 3000, key=KEYS["K2"]))) == {"enc1", "enc2"}
     assert set(offers(join(reg, "plain2", 4000))) == {"plain1", "plain2"}
     assert reg.waiting("default") is None

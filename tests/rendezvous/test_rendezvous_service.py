@@ -11,7 +11,13 @@ import pytest
 
 from p2plab.core.signaling import MAX_MESSAGE_BYTES, parse_rendezvous_message
 from rendezvous_service_code.main import Settings, create_app
-from tests.rendezvous_fixtures import TIMEOUT, WsWorker, new_identity, running_rendezvous
+from tests.rendezvous_fixtures import (
+    TIMEOUT,
+    WsWorker,
+    debug,
+    new_identity,
+    running_rendezvous,
+)
 
 
 async def paired_pair(url: str, room: str = "default") -> tuple[WsWorker, WsWorker]:
@@ -37,8 +43,7 @@ async def test_health_and_registration_reports_observed_address() -> None:
         assert reg["worker_id"] == w.worker_id
         local_ip, local_port = w.ws.local_address[:2]
         assert (reg["observed_ip"], reg["observed_port"]) == (local_ip, local_port)
-        async with httpx.AsyncClient() as http:
-            listing = (await http.get(f"{rv.url}/debug/list_workers")).json()
+        listing = await debug(rv, "list_workers")
         assert listing["count"] == 1
         entry = listing["workers"][0]
         assert entry["worker_id"] == w.worker_id
@@ -170,8 +175,7 @@ async def test_reregister_same_id_replaces_old_connection() -> None:
         await new.register()
         code, _ = await old.wait_closed()
         assert code == 4000
-        async with httpx.AsyncClient() as http:
-            listing = (await http.get(f"{rv.url}/debug/list_workers")).json()
+        listing = await debug(rv, "list_workers")
         assert [x["worker_id"] for x in listing["workers"]] == [old.worker_id]
         assert listing["workers"][0]["ws_observed_port"] == new.ws.local_address[1]
         await new.close()
@@ -192,9 +196,8 @@ async def test_a_live_id_with_a_key_cannot_be_taken_over_by_another_key() -> Non
         )
         assert await thief.wait_closed() == (4409, "worker id in use")
         # the owner is untouched, and its own reconnect (same key, proven) still replaces it
-        async with httpx.AsyncClient() as http:
-            listing = (await http.get(f"{rv.url}/debug/list_workers")).json()
-            stats = (await http.get(f"{rv.url}/debug/stats")).json()
+        listing = await debug(rv, "list_workers")
+        stats = await debug(rv, "stats")
         assert [x["worker_id"] for x in listing["workers"]] == [owner.worker_id]
         assert stats["refused_takeover"] == 2
         again = await WsWorker.connect(rv.ws_url, worker_id=owner.worker_id)
@@ -233,9 +236,8 @@ async def test_the_public_key_alone_takes_over_nothing() -> None:
         await thief.send({"type": "register", "public_key": key.public_b64, "proof": elsewhere})
         assert await thief.wait_closed() == (1008, "key proof failed")
         # the victim is still registered on its connection and still gets paired
-        async with httpx.AsyncClient() as http:
-            stats = (await http.get(f"{rv.url}/debug/stats")).json()
-            listing = (await http.get(f"{rv.url}/debug/list_workers")).json()
+        stats = await debug(rv, "stats")
+        listing = await debug(rv, "list_workers")
         assert stats["refused_proof"] == 6 and stats["registered"] == 1
         assert listing["workers"][0]["ws_observed_port"] == victim.ws.local_address[1]
         peer = await WsWorker.connect(rv.ws_url)
@@ -349,8 +351,7 @@ async def test_rate_limit_drops_with_one_error_then_closes_abuser() -> None:
         # nobody else noticed
         await bystander_b.close()
         assert (await bystander_a.expect("peer_disconnected"))["peer_worker_id"]
-        async with httpx.AsyncClient() as http:
-            listing = (await http.get(f"{rv.url}/debug/list_workers")).json()
+        listing = await debug(rv, "list_workers")
         assert [x["worker_id"] for x in listing["workers"]] == [bystander_a.worker_id]
         await bystander_a.close()
 
@@ -372,6 +373,31 @@ async def test_forwarded_header_only_when_trusted() -> None:
         reg = await w.register()
         assert reg["observed_ip"] == "198.51.100.44" and reg["observed_port"] is None
         await w.close()
+        # a trusted proxy's entry that is not an IP literal is not taken (the socket's is)
+        w = await WsWorker.connect(rv.ws_url, additional_headers={"X-Forwarded-For": "a.invalid"})
+        assert (await w.register())["observed_ip"] == "127.0.0.1"
+        await w.close()
+
+
+async def test_host_names_as_candidates_are_refused_and_never_offered() -> None:
+    # Finding 3: names in an offer made the peer's worker resolve them, blocking its loop.
+    async with running_rendezvous() as rv:
+        a = await WsWorker.connect(rv.ws_url)
+        b = await WsWorker.connect(rv.ws_url)
+        await a.register()
+        await b.register()
+        await a.update_endpoint("a.slow.invalid", 1)
+        assert "udp_ip" in (await a.expect("error"))["message"]
+        names = [(f"n{i}.slow.invalid", 1) for i in range(17)]
+        await a.update_endpoint("203.0.113.1", 1, names)
+        assert "local_candidates" in (await a.expect("error"))["message"]
+        await b.update_endpoint("203.0.113.2", 2)
+        await b.assert_silent()  # a never reported a usable endpoint: nobody is offered it
+        await a.update_endpoint("203.0.113.1", 1, [("198.18.0.1", 1)])
+        offer = await b.expect("p2p_connection_offer")
+        assert [c["ip"] for c in offer["peer_candidates"]] == ["203.0.113.1", "198.18.0.1"]
+        await a.close()
+        await b.close()
 
 
 def test_testclient_works_too() -> None:

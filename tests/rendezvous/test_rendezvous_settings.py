@@ -78,7 +78,7 @@ def test_a_bad_value_is_one_line_naming_the_variable(env: dict[str, str], messag
 
 
 def test_bad_values_from_python_are_checked_too() -> None:
-    with pytest.raises(ConfigError, match="register_timeout_s must be > 0"):
+    with pytest.raises(ConfigError, match=r"register_timeout_s \(REGISTER_TIMEOUT_S\) must be > 0"):
         Settings(register_timeout_s=0)
     with pytest.raises(ConfigError, match="unknown rendezvous setting 'max_worker'"):
         Settings.load({"max_worker": 3}, {})
