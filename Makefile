@@ -34,8 +34,13 @@ lint: $(FULL)
 typecheck: $(FULL)
 	$(BIN)/mypy p2plab/core
 
+# Four test processes on a two-core machine: most tests wait on sockets, timers and child
+# processes, so more processes than cores keeps both cores busy.  The kernel lab's tests and
+# the browser's run one at a time each (tests/conftest.py).  PYTEST_JOBS=0 runs serially.
+PYTEST_JOBS ?= 4
+
 pytest: $(FULL)
-	$(BIN)/pytest -q -ra $(PYTEST_ARGS)
+	$(BIN)/pytest -q -ra -n $(PYTEST_JOBS) $(PYTEST_ARGS)
 
 test: lint typecheck pytest
 

@@ -7,6 +7,7 @@ a slow machine with ``P2PLAB_TIMEOUT_UNIT=2``.
 from __future__ import annotations
 
 import asyncio
+import importlib.util
 import os
 import shutil
 import socket
@@ -73,29 +74,36 @@ def redis_url() -> Iterator[str]:
         proc.wait()
 
 
-# Kernel-lab files call require_lab() rather than carry markers: give them the `lab` and
-# `root` markers here, so `-m "not lab"` deselects them as pyproject's markers promise.
-_LAB_FILES = ("tests/lab/test_lab_", "tests/lab/test_recovery_lab")
-
-# Under pytest-xdist (`make test` runs the suite in several processes), tests that share a
-# machine-wide resource run one after another in one worker: the kernel lab's namespaces and
-# iptables (each lab has its own prefix, but lab runs measure throughput and loss, which a
-# second lab on the same 2 cores would disturb) and headless Chromium (one browser at a time).
-_XDIST_GROUPS = {
+# `make test` runs the suite in several processes (pytest-xdist).  Tests that share a
+# machine-wide resource run one after another in one process: the kernel lab (each lab has its
+# own namespaces, but lab tests measure throughput, loss and punch timing, which a second lab on
+# the same two cores would disturb) and headless Chromium (one browser at a time).  Every other
+# test is scheduled on its own.  (A scheduler rather than xdist_group marks: pytest 9.2 moved
+# the node id that xdist 3.8's loadgroup rewrites, so those marks no longer group anything.)
+_SERIAL_GROUPS = {
     "tests/lab/test_lab_": "netns",
     "tests/lab/test_recovery_lab": "netns",
     "tests/ui/test_browser": "browser",
 }
 
 
-def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    root = str(config.rootpath) + os.sep
-    for item in items:
-        rel = str(item.path).removeprefix(root).replace(os.sep, "/")
-        if rel.startswith(_LAB_FILES):
-            item.add_marker(pytest.mark.lab)
-            item.add_marker(pytest.mark.root)
-        for prefix, group in _XDIST_GROUPS.items():
-            if rel.startswith(prefix):
-                item.add_marker(pytest.mark.xdist_group(group))
-                break
+def _serial_group(nodeid: str) -> str:
+    """The scheduling unit of a test: its group, or the test itself."""
+    for prefix, group in _SERIAL_GROUPS.items():
+        if nodeid.startswith(prefix):
+            return group
+    return nodeid
+
+
+if importlib.util.find_spec("xdist") is not None:
+    from xdist.scheduler import LoadScopeScheduling
+
+    class _GroupScheduling(LoadScopeScheduling):
+        """LoadScope over :func:`_serial_group`: the groups go whole to one worker, largest
+        first, and the rest is balanced test by test."""
+
+        def _split_scope(self, nodeid: str) -> str:
+            return _serial_group(nodeid)
+
+    def pytest_xdist_make_scheduler(config: pytest.Config, log: Any) -> _GroupScheduling:
+        return _GroupScheduling(config, log)

@@ -420,7 +420,7 @@ async def test_blocking_rtt_against_a_peer_on_another_loop_keeps_chat_flowing(
             await asyncio.wrap_future(fut)
             qa = a.ui_subscribe()
             qb = await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(_subscribe(b), b_loop))
-            count = 3000
+            count = 1000  # long enough for chat mid-run; short enough on a busy machine
 
             async def chat_mid_run() -> None:
                 # Runs on a's loop between blocking chunks, i.e. while the run is going on

@@ -7,6 +7,8 @@ import subprocess
 import sys
 import textwrap
 
+import pytest
+
 from p2plab.lab.matrix import PairRun
 from p2plab.lab.netns import Lab
 
@@ -14,6 +16,10 @@ try:  # pystun3 installs a top-level ``tests`` package that can shadow ours
     from tests.lab_fixtures import TIMEOUT_UNIT, require_lab
 except ImportError:  # pragma: no cover
     from lab_fixtures import TIMEOUT_UNIT, require_lab  # type: ignore[no-redef]
+
+
+# Real namespaces and iptables: `-m "not lab"` deselects them; conftest runs them one at a time.
+pytestmark = [pytest.mark.lab, pytest.mark.root]
 
 
 RECEIVER = """

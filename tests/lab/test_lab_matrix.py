@@ -31,6 +31,10 @@ PAIRS: dict[str, LabConfig] = {
 }
 
 
+# Real namespaces and iptables: `-m "not lab"` deselects them; conftest runs them one at a time.
+pytestmark = [pytest.mark.lab, pytest.mark.root]
+
+
 @pytest.fixture(scope="module")
 def outcomes(tmp_path_factory: pytest.TempPathFactory) -> dict[str, PairResult]:
     require_lab()

@@ -38,6 +38,10 @@ REPO = Path(__file__).resolve().parents[2]
 # ---- no root needed ---------------------------------------------------------------------------
 
 
+# Real namespaces and iptables: `-m "not lab"` deselects them; conftest runs them one at a time.
+pytestmark = [pytest.mark.lab, pytest.mark.root]
+
+
 @pytest.mark.parametrize("profile", NAT_PROFILES)
 def test_ruleset_has_input_firewall_except_leaky(profile: str) -> None:
     rules = nat_ruleset(profile, wan_if="W", public_ip="203.0.113.101", private_ip="198.18.1.2")

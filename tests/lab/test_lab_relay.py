@@ -10,6 +10,8 @@ from __future__ import annotations
 import csv
 from pathlib import Path
 
+import pytest
+
 from p2plab.lab.matrix import PairRun, plot_heatmap, run_pair, write_csv
 from p2plab.lab.netns import Lab, LabConfig
 
@@ -17,6 +19,10 @@ try:  # pystun3 installs a top-level ``tests`` package that can shadow ours
     from tests.lab_fixtures import TIMEOUT_UNIT, require_lab
 except ImportError:  # pragma: no cover
     from lab_fixtures import TIMEOUT_UNIT, require_lab  # type: ignore[no-redef]
+
+
+# Real namespaces and iptables: `-m "not lab"` deselects them; conftest runs them one at a time.
+pytestmark = [pytest.mark.lab, pytest.mark.root]
 
 
 def test_symmetric_pair_falls_back_to_the_relay_and_chats_exactly_once() -> None:

@@ -19,6 +19,10 @@ except ImportError:  # pragma: no cover
     from lab_fixtures import TIMEOUT_UNIT, require_lab  # type: ignore[no-redef]
 
 
+# Real namespaces and iptables: `-m "not lab"` deselects them; conftest runs them one at a time.
+pytestmark = [pytest.mark.lab, pytest.mark.root]
+
+
 def _start_own_stun_server(lab: Lab) -> None:
     lab.python(
         "stun",

@@ -56,6 +56,10 @@ asyncio.run(main())
 """
 
 
+# Real namespaces and iptables: `-m "not lab"` deselects them; conftest runs them one at a time.
+pytestmark = [pytest.mark.lab, pytest.mark.root]
+
+
 class LabWorker:
     """One worker process in a lab host; its JSON lines are collected by a thread."""
 
