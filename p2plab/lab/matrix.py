@@ -249,6 +249,15 @@ class PairRun:
             self.readers[host].start()
         return self
 
+    def started(self) -> bool:
+        """Both workers have reported a status (their process is up and running)."""
+        return len(self.readers) == 2 and all(r.status for r in self.readers.values())
+
+    def wait_started(self, timeout: float) -> bool:
+        """Wait until both workers report; False on timeout."""
+        with self.changed:
+            return self.changed.wait_for(self.started, timeout=timeout)
+
     def connected(self) -> bool:
         """Both workers have reported ``connected`` at least once."""
         return all(r.connected_at is not None for r in self.readers.values())
@@ -314,8 +323,13 @@ def run_pair(
     classic: dict[str, str] | None = None,
     log_dir: Path | None = None,
     nat_wait: float = 10.0,
+    startup_timeout: float = 60.0,
 ) -> PairResult:
     """Build one lab, run rendezvous and two workers in it, and report what happened.
+
+    ``timeout`` bounds the wait for the outcome once both workers run (``startup_timeout``
+    bounds their start: on a loaded machine, starting Python processes is what takes long, and
+    it is not what the pair is tested for).
 
     ``classic`` maps profile -> pystun3 type (from :func:`p2plab.lab.netns.classify_profiles`);
     ``nat_wait`` bounds the wait for both workers' own NAT classification once the outcome is
@@ -337,6 +351,8 @@ def run_pair(
         with Lab.from_config(config) as lab:
             name = f"{pa}__{'same-lan' if config.same_lan else pb}"
             run = PairRun(lab, log_dir=log_dir, name=name).start()
+            if not run.wait_started(startup_timeout):
+                raise LabError(f"the workers did not start within {startup_timeout:.0f} s")
             run.wait_settled(timeout)
             # The workers classify their NAT (RFC 5780) alongside punching; give that a moment.
             run.wait_classified(nat_wait)
