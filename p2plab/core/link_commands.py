@@ -7,7 +7,7 @@ from typing import Final
 
 from p2plab.config import SessionConfig
 from p2plab.core.session import PeerSession
-from p2plab.core.signaling import Register, UpdateUdpEndpoint
+from p2plab.core.signaling import ErrorMessage, Register, UpdateUdpEndpoint
 
 __all__ = [
     "LINK_COUNTERS",
@@ -90,7 +90,7 @@ class Command:
 class SendToRendezvous(Command):
     """Send ``message`` to the rendezvous (nothing happens if it is down)."""
 
-    message: UpdateUdpEndpoint | Register
+    message: UpdateUdpEndpoint | Register | ErrorMessage
     """The message to send."""
 
 
