@@ -13,6 +13,7 @@ import random
 from p2plab.config import SessionConfig
 from p2plab.core import events as ev
 from p2plab.core.crypto import Identity, PeerCipher
+from p2plab.core.link_commands import session_security_counts
 from p2plab.core.punch import SourceRateLimit
 from p2plab.core.session import PeerSession
 from p2plab.core.wire import Keepalive, Probe, encode_datagram
@@ -73,6 +74,7 @@ def test_a_thousand_fresh_sessions_from_one_host_cost_at_most_burst_plus_rate() 
     assert reached <= config.new_session_burst + config.new_session_rate * 1
     assert reached >= config.new_session_burst  # the bucket lets a burst through, no fewer
     assert b.session.stats["new_sessions_limited"] == 1000 - reached
+    assert session_security_counts(b.session)["new_sessions_limited"] == 1000 - reached  # status
     # The live session kept working through it, both ways.
     a.session.send_chat("still here", net.now)
     b.session.send_chat("me too", net.now)
