@@ -60,6 +60,14 @@ class SessionConfig:
     bytes of authenticated datagrams received from it (RFC 9000 section 8.1); the rest are
     withheld and counted (``amplification_limited``)."""
 
+    new_session_rate: float = 5.0
+    """Handshake datagrams (PROBE, PROBE_ACK) that would start a new peer session, i.e. whose
+    sender tag the cipher does not know, accepted per second from one source IP; the excess is
+    dropped before any cryptography and counted (``new_sessions_limited``)."""
+
+    new_session_burst: int = 10
+    """How many such datagrams one source IP may send at once (the token bucket's depth)."""
+
     keepalive_interval: float = 5.0
     """Send a keep-alive after this long without sending anything (well under a 30 s NAT
     timeout)."""

@@ -150,6 +150,7 @@ class _Stats:
     refused_ip_connections: int = 0
     refused_ip_rate: int = 0
     refused_token_throttled: int = 0
+    worker_errors: int = 0
 
 
 class _Hub:
@@ -489,6 +490,15 @@ def create_app(settings: Settings | None = None, *, backend: Backend | None = No
                     hub.stats.bad_messages += 1
                     logger.debug("bad message from %s: %s", worker_id, exc)
                     await send_error(conn, "bad_message", str(exc))
+                    continue
+                if isinstance(msg, ErrorMessage):
+                    # A worker refused an offer or could not parse a message: counted and
+                    # logged, never answered (no error ping-pong), never a reason to close; the
+                    # message rate limit above already applied to it.
+                    hub.stats.worker_errors += 1
+                    logger.debug(
+                        "worker %s reports %s: %s", worker_id, msg.code[:64], msg.message[:200]
+                    )
                     continue
                 if isinstance(msg, Register):
                     if registered:

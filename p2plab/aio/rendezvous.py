@@ -12,8 +12,10 @@ is closed and tried again, so a rendezvous that never challenges or never answer
 the worker "registering" for good.
 
 Nothing one message does ends the client: a message that does not parse (bad JSON, a 16,000-deep
-array, a failed validation) is counted in ``bad_messages``, a handler that raises on one is
-counted in ``handler_errors``, and any failure of a connection is followed by a reconnection.
+array, a failed validation) is counted in ``bad_messages`` and answered with an ``error``
+(``bad_message``; at most one per kind of message per second, counted in ``errors_sent``, so
+junk by the thousand gets a handful of answers), a handler that raises on one is counted in
+``handler_errors``, and any failure of a connection is followed by a reconnection.
 Only a refusal (close 1008: bad token, failed proof) ends it, with RendezvousError.
 
 When hole punching fails, the worker relays its (sealed) peer datagrams through this connection
@@ -35,7 +37,9 @@ from websockets.exceptions import ConnectionClosed, InvalidStatus, InvalidURI
 
 from p2plab.core.signaling import (
     MAX_RELAY_BYTES,
+    BadMessage,
     Challenge,
+    ErrorAnswers,
     ErrorMessage,
     P2PConnectionOffer,
     PeerDisconnected,
@@ -121,6 +125,7 @@ class RendezvousClient:
             "messages_in": 0,
             "messages_out": 0,
             "bad_messages": 0,
+            "errors_sent": 0,
             "handler_errors": 0,
             "register_timeouts": 0,
             "reconnects": 0,
@@ -130,7 +135,7 @@ class RendezvousClient:
         self._relay_queue: asyncio.Queue[str] | None = None
         self._relay_task: asyncio.Task[None] | None = None
 
-    async def send(self, msg: UpdateUdpEndpoint | Register) -> bool:
+    async def send(self, msg: UpdateUdpEndpoint | Register | ErrorMessage) -> bool:
         """Send a message if connected; returns False when there is no connection right now."""
         ws = self._ws
         if ws is None:
@@ -236,6 +241,7 @@ class RendezvousClient:
         registered in time (closed here; returns why)."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self._register_timeout_s
+        answers = ErrorAnswers()  # per connection
         while True:
             if self.registered:
                 raw = await ws.recv()
@@ -253,9 +259,14 @@ class RendezvousClient:
             self.stats["messages_in"] += 1
             try:
                 msg = parse_rendezvous_message(raw)
-            except Exception as exc:  # RemoteProtocolError, and RecursionError on deep JSON
+            except Exception as exc:  # BadMessage, or a surprise of the parser
                 self.stats["bad_messages"] += 1
                 log.warning("dropping bad message from rendezvous: %s", _short(exc))
+                kind = exc.kind if isinstance(exc, BadMessage) else "malformed"
+                if answers.allow(kind, loop.time()):
+                    answer = ErrorMessage(code="bad_message", message=_short(exc))
+                    if await self.send(answer):
+                        self.stats["errors_sent"] += 1
                 continue
             if isinstance(msg, Registered):
                 self.registered = True

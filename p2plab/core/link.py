@@ -34,6 +34,7 @@ Commands (:class:`Command` subclasses, defined with :class:`LinkConfig` in
 - :class:`SendToRendezvous`: send ``message`` on the rendezvous WebSocket (dropped if down).
   The ``register`` message is one: the engine answers the rendezvous's ``challenge`` with it,
   carrying the proof that it holds its private key (the driver fills in ``http_public_ip``).
+  So is ``error`` (code ``offer_refused``): a refused offer is answered, not only logged.
 - :class:`RelayDatagram`: send ``data`` to peer ``to`` as a rendezvous ``relay`` message.  Relayed
   sessions address their datagrams to the pseudo-address :data:`RELAY`; they never appear in
   ``datagrams_to_send``.
@@ -127,6 +128,7 @@ Address = ev.Address
 _RendezvousMessage = (
     Challenge | Registered | P2PConnectionOffer | PeerDisconnected | ErrorMessage | RelayIn
 )
+_ERROR_TEXT = 200  # characters of a refusal sent back to the rendezvous (it only logs them)
 
 
 class LinkEngine:
@@ -448,6 +450,10 @@ class LinkEngine:
             self.stats["offers_refused"] += 1
             self.error = refusal
             self._events.append(ev.ErrorReported(refusal))
+            # Answered, not only logged (issue 14 item 8): the rendezvous counts it, and whoever
+            # runs it sees why the pair never formed.
+            answer = ErrorMessage(code="offer_refused", message=refusal[:_ERROR_TEXT])
+            self._commands.append(SendToRendezvous(answer))
             self._set_state(next_state(self._state, Input.OFFER_REFUSED))
             return
         self._remember_key(offer.peer_worker_id, peer_key)

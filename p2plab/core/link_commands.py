@@ -7,7 +7,7 @@ from typing import Final
 
 from p2plab.config import SessionConfig
 from p2plab.core.session import PeerSession
-from p2plab.core.signaling import Register, UpdateUdpEndpoint
+from p2plab.core.signaling import ErrorMessage, Register, UpdateUdpEndpoint
 
 __all__ = [
     "LINK_COUNTERS",
@@ -47,7 +47,13 @@ LINK_COUNTERS: Final = (
 )
 
 #: The drop counters of ``security()``, summed over every link the engine had.
-SECURITY_COUNTERS: Final = ("auth_failures", "replays", "unexpected_source", "peer_restarts")
+SECURITY_COUNTERS: Final = (
+    "auth_failures",
+    "replays",
+    "unexpected_source",
+    "peer_restarts",
+    "new_sessions_limited",
+)
 
 
 @dataclass(frozen=True)
@@ -90,7 +96,7 @@ class Command:
 class SendToRendezvous(Command):
     """Send ``message`` to the rendezvous (nothing happens if it is down)."""
 
-    message: UpdateUdpEndpoint | Register
+    message: UpdateUdpEndpoint | Register | ErrorMessage
     """The message to send."""
 
 
@@ -121,5 +127,6 @@ def session_security_counts(s: PeerSession | None) -> dict[str, int]:
     stats = getattr(s.sealer, "stats", {})
     for k in ("auth_failures", "replays", "peer_restarts"):
         counts[k] = int(stats.get(k, 0))
-    counts["unexpected_source"] = s.stats.get("unexpected_source", 0)
+    for k in ("unexpected_source", "new_sessions_limited"):
+        counts[k] = s.stats.get(k, 0)
     return counts

@@ -17,7 +17,8 @@ rule of section 7.2.5.2.1).
 
 :class:`Checklist` only keeps state and answers "whom to probe now"; the session builds and sends
 the datagrams and decides about nomination.  :class:`AmplificationLimit` is QUIC's
-anti-amplification rule (RFC 9000 section 8.1) for the addresses nobody vouched for.
+anti-amplification rule (RFC 9000 section 8.1) for the addresses nobody vouched for, and
+:class:`SourceRateLimit` caps how often one source may make the cipher try a new peer session.
 """
 
 from __future__ import annotations
@@ -26,12 +27,13 @@ from dataclasses import dataclass, field
 
 from p2plab.config import SessionConfig
 
-__all__ = ["Address", "AmplificationLimit", "Candidate", "Checklist"]
+__all__ = ["Address", "AmplificationLimit", "Candidate", "Checklist", "SourceRateLimit"]
 
 Address = tuple[str, int]
 
 _MAX_OUTSTANDING_NONCES = 64
 _MAX_TRACKED_ADDRESSES = 64  # unvalidated addresses whose byte counts we keep
+_MAX_RATE_SOURCES = 64  # sources whose token buckets we keep (least recently used go first)
 
 
 @dataclass
@@ -279,3 +281,38 @@ class AmplificationLimit:
             return False
         path.sent += size
         return True
+
+
+@dataclass
+class SourceRateLimit:
+    """A token bucket per source: at most ``burst`` at once, then ``rate`` per second.
+
+    Keyed by the source's host, not its port: a port costs an attacker nothing.  Only
+    ``_MAX_RATE_SOURCES`` buckets are kept; the least recently used goes first, so a host that
+    comes back after eviction starts with a full bucket (bounded memory beats perfect memory,
+    and a sender that can use 64 source hosts could use 64 peers' budgets anyway).
+    """
+
+    rate: float
+    """Tokens added per second."""
+
+    burst: int
+    """Bucket depth: what a quiet source may spend at once."""
+
+    _buckets: dict[str, tuple[float, float]] = field(default_factory=dict)  # tokens, updated at
+
+    def allow(self, source: str, now: float) -> bool:
+        """Whether one more event from ``source`` fits at ``now`` (if so, it is counted)."""
+        bucket = self._buckets.pop(source, None)
+        if bucket is None:
+            tokens = float(self.burst)
+            while len(self._buckets) >= _MAX_RATE_SOURCES:
+                del self._buckets[next(iter(self._buckets))]
+        else:
+            tokens, then = bucket
+            tokens = min(float(self.burst), tokens + max(0.0, now - then) * self.rate)
+        allowed = tokens >= 1.0
+        if allowed:
+            tokens -= 1.0
+        self._buckets[source] = (tokens, now)  # re-inserted: most recently used last
+        return allowed

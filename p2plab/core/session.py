@@ -38,6 +38,10 @@ Decisions worth knowing:
   ``amplification_factor`` times the authenticated bytes received from it, except the offer's
   own candidates while punching: the rendezvous vouched for those, the peer may not have sent
   anything yet (that is what punching waits for), and the probe budget bounds them.
+* **New peer sessions** are rate-limited per source host: a handshake datagram whose sender tag
+  the cipher does not know (the only kind that can make it derive keys) passes a token bucket
+  (``new_session_rate`` per second, ``new_session_burst`` at once) before any decryption; the
+  excess is dropped and counted (``new_sessions_limited``).
 * Bad datagrams never raise: they are dropped and counted in :attr:`PeerSession.stats`.
   Benchmark types (0x20..0x2F) are the I/O layer's: if one reaches the session it is counted
   (``bench_ignored``) and dropped.
@@ -54,7 +58,7 @@ from typing import Any, Literal
 from p2plab.config import SessionConfig
 from p2plab.core import events as ev
 from p2plab.core.crypto import AuthenticationFailed, ReplayedDatagram
-from p2plab.core.punch import AmplificationLimit, Checklist
+from p2plab.core.punch import AmplificationLimit, Checklist, SourceRateLimit
 from p2plab.core.reliable import ReliableStream, RttEstimator
 from p2plab.core.wire import (
     MAX_CHAT_BYTES,
@@ -129,6 +133,7 @@ _STAT_NAMES = (
     "candidates_dropped",
     "probe_budget_exhausted",
     "amplification_limited",
+    "new_sessions_limited",
 )
 
 
@@ -172,6 +177,7 @@ class PeerSession:
         self._checklist = Checklist.start(usable, config, now)
         self.stats["candidates_dropped"] = self._checklist.dropped
         self._amp = AmplificationLimit(config.amplification_factor)
+        self._new_sessions = SourceRateLimit(config.new_session_rate, config.new_session_burst)
         self._punch_deadline = now + config.punch_timeout
         self._peer_address: Address | None = None
         self._nominated: Address | None = None  # controlled: what the controlling side chose
@@ -331,6 +337,9 @@ class PeerSession:
             return
         try:
             addr = _norm(addr)
+            if not self._may_try_new_session(data, addr, now):
+                self.stats["new_sessions_limited"] += 1
+                return
             datagram = parse_datagram(data, self._sealer)
         except UnknownDatagramType:
             self.stats["dropped_unknown_type"] += 1
@@ -367,6 +376,18 @@ class PeerSession:
         if take_restart is not None and take_restart():
             self._on_peer_restart(now)
         self._dispatch(datagram, addr, now)
+
+    def _may_try_new_session(self, data: bytes, addr: Address, now: float) -> bool:
+        """The per-source rate limit on handshakes that would start a new peer session.
+
+        Only these cost the cipher more than a lookup (a handshake key, a decryption, four
+        X25519 exchanges and HKDF when they authenticate), so only these are limited, before
+        any of that runs: a live session's own probes, keep-alives and data never touch it.
+        """
+        is_new = getattr(self._sealer, "is_new_peer_session", None)
+        if is_new is None or not is_new(data):
+            return True
+        return self._new_sessions.allow(addr[0], now)
 
     def datagrams_to_send(self, now: float) -> list[tuple[bytes, Address]]:
         """Datagrams to send now, with their destinations (runs due timer work first)."""

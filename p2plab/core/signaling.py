@@ -25,11 +25,14 @@ from p2plab.core.crypto.keys import decode_public_key
 from p2plab.errors import RemoteProtocolError
 
 __all__ = [
+    "ERROR_ANSWER_INTERVAL",
     "MAX_LOCAL_CANDIDATES",
     "MAX_MESSAGE_BYTES",
     "MAX_RELAY_BYTES",
+    "BadMessage",
     "Candidate",
     "Challenge",
+    "ErrorAnswers",
     "ErrorMessage",
     "P2PConnectionOffer",
     "PeerDisconnected",
@@ -55,6 +58,39 @@ MAX_RELAY_BYTES = 8 * 1024
 _MAX_RELAY_B64 = 4 * ((MAX_RELAY_BYTES + 2) // 3)
 #: Most LAN candidates a worker may announce (an offer carries these plus the public endpoint).
 MAX_LOCAL_CANDIDATES = 8
+#: A worker answers at most one ``error`` per kind of bad message per this many seconds.
+ERROR_ANSWER_INTERVAL = 1.0
+
+
+class BadMessage(RemoteProtocolError):
+    """A signaling message that does not parse; ``kind`` says which sort (a bounded set)."""
+
+    def __init__(self, message: str, kind: str) -> None:
+        super().__init__(message)
+        self.kind = kind
+        """The message's ``type`` when it is a known one, ``"unknown_type"`` for a type the
+        receiver does not know, ``"malformed"`` for no JSON object with a string type."""
+
+
+class ErrorAnswers:
+    """When a worker answers a bad message with ``error``: once per kind per interval.
+
+    So a rendezvous (or whoever holds the connection) sending junk by the thousand gets a
+    handful of answers, not a flood; the kinds are a bounded set (:attr:`BadMessage.kind`).
+    """
+
+    def __init__(self, interval: float = ERROR_ANSWER_INTERVAL) -> None:
+        self.interval = interval
+        """Seconds between two answers about the same kind."""
+        self._last: dict[str, float] = {}
+
+    def allow(self, kind: str, now: float) -> bool:
+        """Whether to answer a bad message of ``kind`` at ``now`` (if so, it is remembered)."""
+        last = self._last.get(kind)
+        if last is not None and now - last < self.interval:
+            return False
+        self._last[kind] = now
+        return True
 
 
 def _ip_literal(value: str) -> str:
@@ -225,20 +261,27 @@ class PeerDisconnected(_Model):
 
 
 class ErrorMessage(_Model):
-    """A request could not be handled."""
+    """A request could not be handled.
+
+    Both ways: the rendezvous answers a worker's bad message with it; a worker sends it when it
+    refuses an offer (``offer_refused``) or cannot parse a message (``bad_message``, at most one
+    per kind of message per second).  Nobody answers an ``error`` (no error ping-pong).
+    """
 
     type: Literal["error"] = "error"
     code: str = "bad_message"
     message: str = ""
 
 
-WorkerToRendezvous = Annotated[Register | UpdateUdpEndpoint | RelayOut, Field(discriminator="type")]
+WorkerToRendezvous = Annotated[
+    Register | UpdateUdpEndpoint | RelayOut | ErrorMessage, Field(discriminator="type")
+]
 RendezvousToWorker = Annotated[
     Challenge | Registered | P2PConnectionOffer | PeerDisconnected | ErrorMessage | RelayIn,
     Field(discriminator="type"),
 ]
 
-_worker_adapter: TypeAdapter[Register | UpdateUdpEndpoint | RelayOut] = TypeAdapter(
+_worker_adapter: TypeAdapter[Register | UpdateUdpEndpoint | RelayOut | ErrorMessage] = TypeAdapter(
     WorkerToRendezvous
 )
 _rendezvous_adapter: TypeAdapter[
@@ -248,13 +291,15 @@ _rendezvous_adapter: TypeAdapter[
 
 def _load(raw: str | bytes) -> dict[str, Any]:
     if len(raw) > MAX_MESSAGE_BYTES:
-        raise RemoteProtocolError(f"message too large: {len(raw)} bytes > {MAX_MESSAGE_BYTES}")
+        raise BadMessage(f"message too large: {len(raw)} bytes > {MAX_MESSAGE_BYTES}", "malformed")
     try:
         obj = json.loads(raw)
     except (ValueError, UnicodeDecodeError) as exc:
-        raise RemoteProtocolError(f"message is not JSON: {exc}") from None
+        raise BadMessage(f"message is not JSON: {exc}", "malformed") from None
+    except RecursionError:  # a 16,000-deep array
+        raise BadMessage("message is not JSON: nested too deeply", "malformed") from None
     if not isinstance(obj, dict) or not isinstance(obj.get("type"), str):
-        raise RemoteProtocolError("message must be a JSON object with a string 'type'")
+        raise BadMessage("message must be a JSON object with a string 'type'", "malformed")
     return obj
 
 
@@ -265,23 +310,25 @@ def _validate(adapter: TypeAdapter[Any], raw: str | bytes) -> Any:
     except ValidationError as exc:
         first = exc.errors()[0]
         if first.get("type") == "union_tag_invalid":
-            raise RemoteProtocolError(f"unknown message type {obj['type']!r}") from None
+            raise BadMessage(f"unknown message type {obj['type']!r}", "unknown_type") from None
         where = ".".join(str(p) for p in first.get("loc", ()))
-        raise RemoteProtocolError(
-            f"invalid {obj['type']!r} message: {where}: {first.get('msg')}"
+        raise BadMessage(
+            f"invalid {obj['type']!r} message: {where}: {first.get('msg')}", obj["type"]
         ) from None
 
 
-def parse_worker_message(raw: str | bytes) -> Register | UpdateUdpEndpoint | RelayOut:
-    """Parse a message a worker sent to the rendezvous."""
-    result: Register | UpdateUdpEndpoint | RelayOut = _validate(_worker_adapter, raw)
+def parse_worker_message(
+    raw: str | bytes,
+) -> Register | UpdateUdpEndpoint | RelayOut | ErrorMessage:
+    """Parse a message a worker sent to the rendezvous (raises :class:`BadMessage`)."""
+    result: Register | UpdateUdpEndpoint | RelayOut | ErrorMessage = _validate(_worker_adapter, raw)
     return result
 
 
 def parse_rendezvous_message(
     raw: str | bytes,
 ) -> Challenge | Registered | P2PConnectionOffer | PeerDisconnected | ErrorMessage | RelayIn:
-    """Parse a message the rendezvous sent to a worker."""
+    """Parse a message the rendezvous sent to a worker (raises :class:`BadMessage`)."""
     result: (
         Challenge | Registered | P2PConnectionOffer | PeerDisconnected | ErrorMessage | RelayIn
     ) = _validate(_rendezvous_adapter, raw)

@@ -88,6 +88,9 @@ class FakeRendezvous:
                 )
             )
             reg = json.loads(await ws.recv())
+            while reg.get("type") == "error":  # the worker's answer to junk sent in ``first``
+                conn.received.append(reg)
+                reg = json.loads(await ws.recv())
             assert reg["type"] == "register", reg
             if reg.get("public_key"):
                 ok = verify_registration_proof(
@@ -113,6 +116,10 @@ class FakeRendezvous:
                 if msg.get("type") == "update_udp_endpoint":
                     conn.endpoint = (msg["udp_ip"], msg["udp_port"])
                     conn.registered.set()
+
+    def errors(self, w: Worker) -> list[dict[str, Any]]:
+        """The ``error`` messages worker ``w`` sent on its current connection."""
+        return [m for m in self.conns[w.worker_id].received if m.get("type") == "error"]
 
     async def ready(self, *workers: Worker, timeout: float = 10.0) -> None:
         """Until each worker registered and reported its UDP endpoint."""

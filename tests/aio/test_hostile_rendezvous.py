@@ -234,3 +234,38 @@ async def test_the_endpoint_never_resolves_a_host_name(
         assert [a[0] for a in sent] == ["127.0.0.1", "::1"] and lookups == []
     finally:
         ep.close()
+
+
+async def test_a_refused_offer_and_bad_messages_are_answered_sparingly() -> None:
+    # Issue 14 item 8: an error handling one rendezvous message is counted AND answered; junk by
+    # the hundred gets one answer per kind per second, not a flood of answers.
+    async with fake_rendezvous() as rv, workers(rv, {}, {}) as (a, b):
+        client = a._rendezvous
+        assert client is not None
+        await rv.send(a, rv.offer(a, b, "controlling", peer_worker_id=a.worker_id))
+        await until(lambda: rv.errors(a) != [], "the refusal answered", T)
+        [refused] = rv.errors(a)
+        assert refused["code"] == "offer_refused" and "itself" in refused["message"]
+        loop = asyncio.get_running_loop()
+        start = loop.time()
+        for _ in range(200):
+            await rv.send(a, "not json")
+        await rv.send(a, '{"type": "no_such_type"}')  # another kind: answered on its own
+        await until(lambda: client.stats["bad_messages"] == 201, "the junk counted", T)
+        elapsed = loop.time() - start
+        sent = client.stats["errors_sent"]
+        await until(lambda: len(rv.errors(a)) == 1 + sent, "the answers arrive", T)
+        bad = [e for e in rv.errors(a) if e["code"] == "bad_message"]
+        assert any("unknown message type" in e["message"] for e in bad)
+        not_json = [e for e in bad if "not JSON" in e["message"]]
+        assert 1 <= len(not_json) <= 1 + int(elapsed)  # one per second at most, for 200 messages
+        # The worker never answers the rendezvous's own errors (no error ping-pong) ...
+        before = client.stats["errors_sent"]
+        await rv.send(a, {"type": "error", "code": "bad_message", "message": "yours was bad"})
+        await until(lambda: client.stats["messages_in"] >= 203, "the error read", T)
+        assert client.stats["errors_sent"] == before
+        # ... and still pairs on the same connection.
+        assert client.connections == 1
+        await rv.pair(a, b)
+        await asyncio.gather(a.wait_connected(T), b.wait_connected(T))
+        await chat_works(a, b)

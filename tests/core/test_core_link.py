@@ -59,6 +59,8 @@ class Node:
         self.reported: Address | None = None
         self.registers: list[Register] = []
         """Every ``register`` the engine sent (in answer to a challenge)."""
+        self.errors: list[ErrorMessage] = []
+        """Every ``error`` the engine sent the rendezvous (a refused offer)."""
 
     def states(self) -> list[str]:
         return [e.state for e in self.events if isinstance(e, ev.StateChanged)]
@@ -176,6 +178,8 @@ class World:
             node.engine.discovered(node.addr, [("10.0.0.2", node.addr[1])], self.now)
         elif isinstance(cmd, SendToRendezvous) and isinstance(cmd.message, Register):
             node.registers.append(cmd.message)
+        elif isinstance(cmd, SendToRendezvous) and isinstance(cmd.message, ErrorMessage):
+            node.errors.append(cmd.message)
         elif isinstance(cmd, SendToRendezvous):
             node.reported = (cmd.message.udp_ip, cmd.message.udp_port)
         elif isinstance(cmd, RelayDatagram) and self.relay_on:

@@ -153,6 +153,9 @@ def test_a_refused_offer_is_counted_reported_and_the_next_one_pairs(bad: str) ->
     assert a.stats["offers_refused"] == 1 and a.error is not None
     assert w.node(a).of(ev.ErrorReported)
     assert w.node(a).states().count("punching") == 0
+    # answered, not only logged (issue 14 item 8): one error to the rendezvous, with the reason
+    [answer] = w.node(a).errors
+    assert answer.code == "offer_refused" and answer.message == a.error[:200]
     pair_works(w, a, b)
 
 

@@ -536,3 +536,29 @@ async def test_workers_pair_only_with_the_same_encryption_mode(
             assert offer["peer_worker_id"] == ws[peer].worker_id
         for w in ws.values():
             await w.close()
+
+
+async def test_worker_errors_are_counted_never_answered_and_still_rate_limited() -> None:
+    async with running_rendezvous(
+        rate_limit_per_s=5, rate_limit_burst=10, abuse_threshold=300
+    ) as rv:
+        w = await WsWorker.connect(rv.ws_url)
+        await w.register()
+        refusal = {"type": "error", "code": "offer_refused", "message": "peer x: refused"}
+        for _ in range(5):
+            await w.send(refusal)
+        await w.assert_silent(0.3)  # no answer: an error is never answered with an error
+        assert (await debug(rv, "stats"))["worker_errors"] == 5
+        # the connection stays up and works
+        await w.send("garbage")
+        assert (await w.expect("error"))["code"] == "bad_message"
+        # a flood of errors is rate limited like any other message, then closed
+        try:
+            await asyncio.gather(*[w.send(refusal) for _ in range(2000)])
+        except Exception:
+            pass  # the server may close while we still send
+        code, reason = await w.wait_closed()
+        assert code == 1008 and reason == "rate limit exceeded"
+        stats = await debug(rv, "stats")
+        assert stats["closed_for_abuse"] == 1 and stats["rate_limited"] >= 300
+        assert stats["worker_errors"] < 5 + 2000

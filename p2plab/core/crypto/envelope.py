@@ -184,6 +184,28 @@ class PeerCipher(BatchPaths):
         """True once after the peer was seen restarting its session (a new authentic tag)."""
         return self._tags.take_restart()
 
+    def is_new_peer_session(self, data: bytes) -> bool:
+        """Whether the whole datagram ``data`` would make this cipher try a peer session it does
+        not know: a PROBE or PROBE_ACK with a right mac1, naming a session of ours (or none, on
+        a first PROBE), whose sender tag is neither held nor retired.
+
+        No decryption: a tag lookup and, for an unknown tag only, one mac1.  The session
+        rate-limits these per source before :meth:`open` runs (what follows in :meth:`open` is
+        a handshake key, a decryption and the key derivation).
+        """
+        if len(data) < HEADER_SIZE + HANDSHAKE_OVERHEAD or data[3] not in HANDSHAKE_TYPES:
+            return False
+        data = bytes(data)
+        sender_tag = data[HEADER_SIZE : HEADER_SIZE + TAG_SIZE]
+        if sender_tag in self._peers or sender_tag in self._tags.retired:
+            return False
+        receiver_tag = data[HEADER_SIZE + TAG_SIZE : HEADER_SIZE + 2 * TAG_SIZE]
+        if receiver_tag != self._tags.local_tag and not (
+            receiver_tag == ZERO_TAG and data[3] == _PROBE
+        ):
+            return False  # open() refuses it without cryptography
+        return mac1_ok(self._mac1_recv, data)
+
     # -- keys -------------------------------------------------------------------------------
 
     def _data_send(self, receiver_tag: bytes) -> ChaCha20Poly1305:

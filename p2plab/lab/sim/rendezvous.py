@@ -149,6 +149,10 @@ class SimRendezvous:
             self._deliver(conn, ErrorMessage(code="bad_message", message=str(exc)))
             return
         wid = conn.client.worker_id
+        if isinstance(msg, ErrorMessage):  # as the service: counted, never answered
+            self.stats["worker_errors"] += 1
+            log.debug("worker %s reports %s: %s", wid, msg.code[:64], msg.message[:200])
+            return
         if isinstance(msg, Register):
             if msg.public_key is not None and not self._proof_ok(conn, msg):
                 self.stats["refused_proof"] += 1

@@ -31,6 +31,9 @@ from p2plab.core.link import (
     SendToRendezvous,
 )
 from p2plab.core.signaling import (
+    BadMessage,
+    ErrorAnswers,
+    ErrorMessage,
     RelayOut,
     dump_message,
     encode_relay_data,
@@ -84,6 +87,7 @@ class SimWorker:
         self.events: list[tuple[float, ev.Event]] = []
         self.stats: Counter[str] = Counter()
         self.conn_id: str | None = None
+        self._answers = ErrorAnswers()  # as the asyncio client: bad messages answered, sparingly
         self.stun_client = SimStunClient(sim.clock, sim.rng, sock)
         self._timer: TimerHandle | None = None
         sock.on_datagram = self._on_datagram
@@ -175,8 +179,12 @@ class SimWorker:
     def rendezvous_message(self, text: str) -> None:
         try:
             msg = parse_rendezvous_message(text)
-        except RemoteProtocolError:
+        except RemoteProtocolError as exc:
             self.stats["rendezvous_bad_messages"] += 1
+            kind = exc.kind if isinstance(exc, BadMessage) else "malformed"
+            if self.state != "stopped" and self._answers.allow(kind, self.sim.now):
+                self.stats["rendezvous_errors_sent"] += 1
+                self._to_rendezvous(ErrorMessage(code="bad_message", message=str(exc)[:200]))
             return
         if self.state == "stopped":
             return
