@@ -221,7 +221,11 @@ async def test_stop_from_the_receiving_ui_still_gives_both_ends_a_result() -> No
     async with two_workers() as (a, b):
         q = b.ui_subscribe()
         run = asyncio.create_task(Benchmark(a).run(duration_s=60, payload_size=200, rate_mbps=5))
-        await until(lambda: b.benchmark.answering.receiving is not None, "a's run to start")
+        # Stop once datagrams flow (stopping before the first one is another test's case).
+        await until(
+            lambda: (rec := b.benchmark.answering.receiving) is not None and rec.rx.packets > 0,
+            "a's datagrams to arrive",
+        )
         assert await stop_benchmark_from_ui(b) is None
         r = await asyncio.wait_for(run, T)  # the sender's run returns, with the peer's report
         assert r.role == "sender" and r.duration_s < 60
