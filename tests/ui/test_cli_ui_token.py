@@ -1,6 +1,6 @@
-"""``p2plab worker``'s page token on the command line (issue 14, item 2): a bad token or host
-list is one line, the startup line is a working address with the token, the flag wins over
-``UI_TOKEN``."""
+"""``p2plab worker``'s page token on the command line (issue 14, item 2): the startup line is a
+working address with the token, the flag wins over ``UI_TOKEN`` (a bad token or host list is
+one line: tests/ui/test_cli_errors.py)."""
 
 from __future__ import annotations
 
@@ -9,35 +9,10 @@ import urllib.error
 
 import pytest
 
-from p2plab.cli import _worker_config, build_parser, main
+from p2plab.cli import _worker_config, build_parser
 from tests.procs import Proc, get_json, start_rendezvous, wait_until
 
 RV = "ws://127.0.0.1:9"  # never contacted: every case fails while parsing
-
-
-@pytest.mark.parametrize(
-    ("args", "env", "says"),
-    [
-        (["--ui-token", "short"], {}, "--ui-token (or UI_TOKEN) needs at least 16"),
-        ([], {"UI_TOKEN": "semi;colon-0123456789"}, "--ui-token (or UI_TOKEN)"),
-        (["--ui-allowed-hosts", "https://w.run.app"], {}, "'https://w.run.app' is not a host"),
-        ([], {"UI_ALLOWED_HOSTS": "a.example,b/c"}, "'b/c' is not a host name"),
-    ],
-)
-def test_bad_ui_token_or_hosts_is_one_line(
-    args: list[str],
-    env: dict[str, str],
-    says: str,
-    monkeypatch: pytest.MonkeyPatch,
-    capsys: pytest.CaptureFixture[str],
-) -> None:
-    for name, value in env.items():
-        monkeypatch.setenv(name, value)
-    with pytest.raises(SystemExit) as exited:
-        main(["worker", "--rendezvous", RV, *args])
-    lines = capsys.readouterr().err.strip().splitlines()
-    assert exited.value.code == 2 and len(lines) == 1, lines  # no traceback
-    assert lines[0].startswith("p2plab worker: error: ") and says in lines[0], lines[0]
 
 
 def test_ui_flags_win_over_environment(monkeypatch: pytest.MonkeyPatch) -> None:
