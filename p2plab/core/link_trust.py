@@ -31,6 +31,7 @@ from p2plab.core.crypto import (
     registration_proof,
 )
 from p2plab.core.known_peers import KnownPeers
+from p2plab.core.ratelimit import RateLimiter
 from p2plab.core.session import PeerSession
 from p2plab.core.signaling import Challenge, P2PConnectionOffer, Register
 from p2plab.errors import P2PLabError, RemoteProtocolError
@@ -190,20 +191,11 @@ class RelayGate:
     """Decides whether a relayed payload may move the link onto the relay."""
 
     def __init__(self) -> None:
-        self._tokens = float(RELAY_SWITCH_TRIES)
-        self._at = 0.0
+        self._tries = RateLimiter(RELAY_SWITCH_TRIES, RELAY_SWITCH_TRIES)
 
     def may_try(self, now: float) -> bool:
         """Whether one more payload may be tried in a fresh session (token bucket)."""
-        self._tokens = min(
-            float(RELAY_SWITCH_TRIES),
-            self._tokens + max(0.0, now - self._at) * RELAY_SWITCH_TRIES,
-        )
-        self._at = now
-        if self._tokens < 1.0:
-            return False
-        self._tokens -= 1.0
-        return True
+        return self._tries.allow("", now)
 
     @staticmethod
     def authenticated(fresh: PeerSession) -> bool:

@@ -26,6 +26,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from p2plab.config import SessionConfig
+from p2plab.core.ratelimit import RateLimiter
 
 __all__ = ["Address", "AmplificationLimit", "Candidate", "Checklist", "SourceRateLimit"]
 
@@ -283,36 +284,12 @@ class AmplificationLimit:
         return True
 
 
-@dataclass
-class SourceRateLimit:
-    """A token bucket per source: at most ``burst`` at once, then ``rate`` per second.
+class SourceRateLimit(RateLimiter):
+    """A token bucket per source host: at most ``burst`` at once, then ``rate`` per second.
 
     Keyed by the source's host, not its port: a port costs an attacker nothing.  Only
-    ``_MAX_RATE_SOURCES`` buckets are kept; the least recently used goes first, so a host that
-    comes back after eviction starts with a full bucket (bounded memory beats perfect memory,
-    and a sender that can use 64 source hosts could use 64 peers' budgets anyway).
+    ``_MAX_RATE_SOURCES`` buckets are kept (:class:`~p2plab.core.ratelimit.RateLimiter`).
     """
 
-    rate: float
-    """Tokens added per second."""
-
-    burst: int
-    """Bucket depth: what a quiet source may spend at once."""
-
-    _buckets: dict[str, tuple[float, float]] = field(default_factory=dict)  # tokens, updated at
-
-    def allow(self, source: str, now: float) -> bool:
-        """Whether one more event from ``source`` fits at ``now`` (if so, it is counted)."""
-        bucket = self._buckets.pop(source, None)
-        if bucket is None:
-            tokens = float(self.burst)
-            while len(self._buckets) >= _MAX_RATE_SOURCES:
-                del self._buckets[next(iter(self._buckets))]
-        else:
-            tokens, then = bucket
-            tokens = min(float(self.burst), tokens + max(0.0, now - then) * self.rate)
-        allowed = tokens >= 1.0
-        if allowed:
-            tokens -= 1.0
-        self._buckets[source] = (tokens, now)  # re-inserted: most recently used last
-        return allowed
+    def __init__(self, rate: float, burst: int) -> None:
+        super().__init__(rate, burst, _MAX_RATE_SOURCES)

@@ -60,10 +60,10 @@ raised.
 from __future__ import annotations
 
 import ipaddress
-from collections import OrderedDict
 from collections.abc import Mapping
 from dataclasses import dataclass
 
+from p2plab.core.ratelimit import RateLimiter
 from p2plab.core.stun import (
     CHANGE_IP,
     CHANGE_PORT,
@@ -149,7 +149,7 @@ class StunReply:
     """True for an error response (420), False for a Binding success response."""
 
 
-class SourceLimiter:
+class SourceLimiter(RateLimiter):
     """A token bucket per source IP in a bounded table (least recently seen forgotten first).
 
     Sans-I/O: every call takes the driver's monotonic ``now`` in seconds.
@@ -161,38 +161,7 @@ class SourceLimiter:
         burst: float = DEFAULT_BURST,
         max_sources: int = DEFAULT_MAX_SOURCES,
     ) -> None:
-        if not rate_per_s > 0 or not burst >= 1 or max_sources < 1:
-            raise LocalProtocolError(
-                f"STUN rate limit needs rate > 0, burst >= 1 and max_sources >= 1, got "
-                f"{rate_per_s}, {burst}, {max_sources}"
-            )
-        self.rate_per_s = float(rate_per_s)
-        self.burst = float(burst)
-        self.max_sources = max_sources
-        #: How many sources were forgotten to make room (the table was full).
-        self.forgotten = 0
-        self._buckets: OrderedDict[str, tuple[float, float]] = OrderedDict()
-
-    def __len__(self) -> int:
-        return len(self._buckets)
-
-    def allow(self, ip: str, now: float) -> bool:
-        """Take one token from ``ip``'s bucket; False when it is empty."""
-        entry = self._buckets.pop(ip, None)
-        if entry is None:
-            if len(self._buckets) >= self.max_sources:
-                self._buckets.popitem(last=False)
-                self.forgotten += 1
-            tokens = self.burst
-        else:
-            tokens, last = entry
-            # max(): a clock that steps back must not take tokens away.
-            tokens = min(self.burst, tokens + max(0.0, now - last) * self.rate_per_s)
-        allowed = tokens >= 1.0
-        if allowed:
-            tokens -= 1.0
-        self._buckets[ip] = (tokens, now)
-        return allowed
+        super().__init__(rate_per_s, burst, max_sources)
 
 
 def _source_key(ip: str) -> str:
