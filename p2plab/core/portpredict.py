@@ -21,6 +21,7 @@ predicted candidates after its STUN discovery); it needs no clock or randomness.
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -67,7 +68,7 @@ def predict_ports(
         return PortPrediction(False, None, (), "need the ports of at least two mappings")
     if any(not lo <= p <= hi for p in ports):
         return PortPrediction(False, None, (), "a port lies outside the NAT's port range")
-    steps = [(b - a) % span for a, b in zip(ports, ports[1:], strict=False)]
+    steps = [(b - a) % span for a, b in itertools.pairwise(ports)]
     if all(step == 0 for step in steps):
         return PortPrediction(
             False, None, (), "same port for every mapping: endpoint-independent, nothing to predict"

@@ -410,7 +410,8 @@ class Nat:
         self._next_port = max(behavior.port_range[0], 20000)
         # Its own dice only when asked (port_seed): the existing profiles keep drawing from the
         # simulation's generator, so their runs stay the same for a given seed.
-        self._port_rng = net.rng if behavior.port_seed is None else random.Random(behavior.port_seed)
+        seed = behavior.port_seed
+        self._port_rng = net.rng if seed is None else random.Random(seed)
         self._next_lan_host = 2
         #: Until this virtual time the box passes nothing (see :meth:`reboot`).
         self.down_until = 0.0
