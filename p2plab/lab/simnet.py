@@ -12,8 +12,12 @@ NAT boxes follow RFC 4787's vocabulary:
 * **filtering** (section 5): an inbound datagram passes if the mapping has sent to any remote
   (endpoint-independent), to that remote IP (address-dependent) or to that very remote endpoint
   (address-and-port-dependent);
-* **port allocation** (section 4.2.1): ``preserving`` (the internal port when free), ``sequential``
-  or ``random``;
+* **port allocation** (section 4.2.1), seedable (``port_seed``) within ``port_range``:
+  ``preserve`` (the internal port when free, else a random one: Linux's default MASQUERADE),
+  ``preserving`` (the internal port when free, else the next free one: the historical default of
+  the existing profiles), ``random`` (every mapping a random port: ``--random-fully``),
+  ``sequential`` (the next free port after the last one) and ``sequential-busy`` (sequential, but
+  other hosts' traffic takes a random number of ports, ``busy_gap``, between two of ours);
 * **mapping timeout** (section 4.3), refreshed by outbound traffic (REQ-6) and optionally inbound;
 * **hairpinning** (section 6, REQ-9: the hairpinned datagram carries the sender's external
   address);
@@ -63,7 +67,13 @@ log = logging.getLogger(__name__)
 
 Address = tuple[str, int]
 
-PORT_ALLOCATIONS: tuple[str, ...] = ("preserving", "sequential", "random")
+PORT_ALLOCATIONS: tuple[str, ...] = (
+    "preserving",
+    "preserve",
+    "random",
+    "sequential",
+    "sequential-busy",
+)
 
 EIM = MappingBehavior.ENDPOINT_INDEPENDENT
 ADM = MappingBehavior.ADDRESS_DEPENDENT
@@ -316,7 +326,14 @@ class NatBehavior:
     filtering: FilteringBehavior = APDF
     """Filtering behaviour (RFC 4787 section 5)."""
     port_allocation: str = "preserving"
-    """``preserving``, ``sequential`` or ``random`` (RFC 4787 section 4.2.1)."""
+    """How a new mapping's external port is chosen (RFC 4787 section 4.2.1), one of
+    :data:`PORT_ALLOCATIONS`: ``preserve`` keeps the internal port when it is free, else picks a
+    random one (Linux's default ``MASQUERADE``, natlab.md); ``preserving`` keeps it too, else takes
+    the next free port (what the profiles have always done here; kept so they do not change);
+    ``random`` picks a random free port for every mapping (``--random-fully``); ``sequential``
+    takes the next free port after the last one allocated (starting at 20000, or the range's
+    start if higher); ``sequential-busy`` is sequential, but before each of our mappings other
+    hosts behind the NAT take a random number of ports (``busy_gap``)."""
     mapping_timeout: float = 120.0
     """Seconds a mapping lives without outbound traffic (RFC 4787 REQ-5 asks for >= 120 s)."""
     inbound_refresh: bool = False
@@ -327,7 +344,13 @@ class NatBehavior:
     """No input firewall: unsolicited inbound datagrams leave a conntrack entry that forces the
     host's later datagrams to that sender out of another external port (natlab.md)."""
     port_range: tuple[int, int] = (1024, 65535)
-    """External ports the NAT may allocate (inclusive)."""
+    """External ports the NAT may allocate (inclusive); Linux's default range (natlab.md)."""
+    busy_gap: tuple[int, int] = (0, 10)
+    """``sequential-busy`` only: other hosts' traffic takes between this many ports (inclusive,
+    uniform) between two of our consecutive mappings."""
+    port_seed: int | None = None
+    """Seed of this NAT's own port-allocation dice; None: the simulation's shared generator (as
+    before), so allocation then depends on everything else that drew from it."""
 
     def __post_init__(self) -> None:
         if self.port_allocation not in PORT_ALLOCATIONS:
@@ -344,6 +367,9 @@ class NatBehavior:
         lo, hi = self.port_range
         if not 1 <= lo <= hi <= 65535:
             raise ConfigError(f"bad port_range {self.port_range!r}")
+        gap_lo, gap_hi = self.busy_gap
+        if not 0 <= gap_lo <= gap_hi:
+            raise ConfigError(f"bad busy_gap {self.busy_gap!r}")
 
 
 @dataclass
@@ -382,6 +408,10 @@ class Nat:
         self._by_port: dict[int, _Mapping] = {}
         self._local_ct: dict[tuple[int, Address], float] = {}
         self._next_port = max(behavior.port_range[0], 20000)
+        # Its own dice only when asked (port_seed): the existing profiles keep drawing from the
+        # simulation's generator, so their runs stay the same for a given seed.
+        seed = behavior.port_seed
+        self._port_rng = net.rng if seed is None else random.Random(seed)
         self._next_lan_host = 2
         #: Until this virtual time the box passes nothing (see :meth:`reboot`).
         self.down_until = 0.0
@@ -426,18 +456,29 @@ class Nat:
         lo, hi = self.behavior.port_range
         span = hi - lo + 1
         style = self.behavior.port_allocation
-        if style == "preserving" and internal_port != avoid and lo <= internal_port <= hi:
+        preserve = style in ("preserve", "preserving")
+        if preserve and internal_port != avoid and lo <= internal_port <= hi:
             if not self._port_busy(internal_port):
                 return internal_port
-            self._next_port = internal_port + 1
+            if style == "preserving":
+                self._next_port = internal_port + 1
+        if style == "sequential-busy":
+            # Other subscribers' mappings took these ports since our last one.
+            self._next_port += self._port_rng.randint(*self.behavior.busy_gap)
         for _ in range(span):
-            if style == "random":
-                port = self.net.rng.randint(lo, hi)
+            if style in ("random", "preserve"):
+                port = self._port_rng.randint(lo, hi)
             else:
                 port = lo + (self._next_port - lo) % span
                 self._next_port = port + 1
             if port != avoid and not self._port_busy(port):
                 return port
+        if style in ("random", "preserve"):
+            # As many random draws as ports can all miss the last free ones of a nearly full
+            # range; a free port still exists only if this scan finds it.
+            for port in range(lo, hi + 1):
+                if port != avoid and not self._port_busy(port):
+                    return port
         raise ConfigError(f"{self.name}: out of external ports")
 
     def _key(self, internal: Address, remote: Address) -> tuple[Any, ...]:
