@@ -28,18 +28,9 @@ The driver contract (the asyncio worker, the simulator and the unit tests follow
     while (event := engine.next_event()) is not None: hand it on (UI, subscribers, extensions)
     re-arm ONE timer at engine.get_timer() (None: no timer)
 
-Commands (:class:`Command` subclasses, defined with :class:`LinkConfig` in
-:mod:`p2plab.core.link_commands` and re-exported here) are what the engine needs from outside:
-
-- :class:`SendToRendezvous`: send ``message`` on the rendezvous WebSocket (dropped if down).
-  The ``register`` message is one: the engine answers the rendezvous's ``challenge`` with it,
-  carrying the proof that it holds its private key (the driver fills in ``http_public_ip``).
-  So is ``error`` (code ``offer_refused``): a refused offer is answered, not only logged.
-- :class:`RelayDatagram`: send ``data`` to peer ``to`` as a rendezvous ``relay`` message.  Relayed
-  sessions address their datagrams to the pseudo-address :data:`RELAY`; they never appear in
-  ``datagrams_to_send``.
-- :class:`DiscoverEndpoint`: learn the socket's public endpoint (STUN, else the observed address
-  ``observed_ip`` with the local port), then call :meth:`LinkEngine.discovered`.
+Commands (:class:`SendToRendezvous`, :class:`RelayDatagram`, :class:`DiscoverEndpoint`) are
+what the engine needs from outside; :mod:`p2plab.core.link_commands` defines them (with
+:class:`LinkConfig`) and says what the driver does with each; they are re-exported here.
 
 Events are :mod:`p2plab.core.events` dataclasses: :class:`~p2plab.core.events.StateChanged` for
 every state change (intermediate ones like ``lost`` included), the session's events of the
@@ -70,7 +61,7 @@ import logging
 from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import replace
-from typing import Any, Final
+from typing import Any
 
 from p2plab.core import events as ev
 from p2plab.core.crypto import EpochStore, Identity, PeerCipher, PlainEnvelope
@@ -84,27 +75,28 @@ from p2plab.core.link_commands import (
     LinkConfig,
     RelayDatagram,
     SendToRendezvous,
+    endpoint_update,
     session_security_counts,
 )
-from p2plab.core.link_table import LINK_STATES, TRANSITIONS, Input, next_state
+from p2plab.core.link_recovery import link_down_input, repunch_candidates, repunch_delay
+from p2plab.core.link_table import LINK_STATES, STATES_WITH_PEER, TRANSITIONS, Input, next_state
 from p2plab.core.link_trust import (
     RelayGate,
     answer_challenge,
     check_offer,
     key_change,
     key_change_warning,
+    new_sealer,
     offer_candidates,
 )
 from p2plab.core.session import PeerSession
 from p2plab.core.signaling import (
-    Candidate,
     Challenge,
     ErrorMessage,
     P2PConnectionOffer,
     PeerDisconnected,
     Registered,
     RelayIn,
-    UpdateUdpEndpoint,
 )
 from p2plab.errors import NotConnected, RemoteProtocolError
 
@@ -398,19 +390,9 @@ class LinkEngine:
         self._set_state(target)
 
     def _report_endpoint(self) -> None:
-        if self.public_endpoint is None:
-            return
-        public = self.public_endpoint
-        lan = [a for a in self.local_candidates if a != public][:8]
-        self._commands.append(
-            SendToRendezvous(
-                UpdateUdpEndpoint(
-                    udp_ip=public[0],
-                    udp_port=public[1],
-                    local_candidates=[Candidate(ip=a[0], port=a[1]) for a in lan],
-                )
-            )
-        )
+        if self.public_endpoint is not None:
+            update = endpoint_update(self.public_endpoint, self.local_candidates)
+            self._commands.append(SendToRendezvous(update))
 
     def _on_offer(self, offer: P2PConnectionOffer, now: float) -> None:
         self.stats["offers"] += 1
@@ -472,7 +454,7 @@ class LinkEngine:
         self._events.append(ev.ErrorReported(self.peer_key_warning))
 
     def _on_peer_disconnected(self, msg: PeerDisconnected, now: float) -> None:
-        if msg.peer_worker_id != self.peer_id or self._state not in _STATES_WITH_PEER:
+        if msg.peer_worker_id != self.peer_id or self._state not in STATES_WITH_PEER:
             self.stats["peer_disconnected_ignored"] += 1
             return
         log.info("peer %s left the rendezvous", msg.peer_worker_id)
@@ -501,17 +483,10 @@ class LinkEngine:
         if Input.RELAY_SWITCH not in TRANSITIONS[self._state]:
             self.stats["relay_dropped"] += 1
             return
-        if not self._relay_gate.may_try(now):
-            self.stats["relay_unauthenticated"] += 1
-            return
-        try:
-            candidate = self._build_session([RELAY], now)
-        except Exception:  # no session can be built: nothing to follow
-            self.stats["relay_dropped"] += 1
-            return
-        candidate.receive_datagram(payload, RELAY, now)
-        if not RelayGate.authenticated(candidate):
-            self.stats["relay_unauthenticated"] += 1
+        candidate = self._relay_gate.follow(
+            payload, lambda: self._build_session([RELAY], now), now, self.stats
+        )
+        if candidate is None:
             return
         target = next_state(self._state, Input.RELAY_SWITCH)
         log.info("peer %s relays through the rendezvous: following it", self.peer_id)
@@ -527,24 +502,16 @@ class LinkEngine:
 
     def _new_sealer(self, now: float) -> PeerCipher | PlainEnvelope:
         assert self.peer_id is not None
-        if self.identity is not None and self.peer_public_key is not None:
-            epoch = self._wall_ns() if self._wall_ns is not None else int(now * 1e9)
-            return PeerCipher(
-                self.identity,
-                self.worker_id,
-                self.peer_id,
-                self.peer_public_key,
-                self._rand_bytes,
-                epoch=epoch,
-                epochs=self.epochs,
-            )
-        if self.identity is not None or self.peer_public_key is not None:
-            # Never plaintext while one side encrypts (finding 18): _check_offer refuses such an
-            # offer first; should a path get here anyway, the offer fails, not the encryption.
-            raise RemoteProtocolError(
-                f"peer {self.peer_id}: a key is missing on one side; refusing a plaintext link"
-            )
-        return PlainEnvelope(self._rand_bytes)  # explicit plaintext mode on both sides
+        epoch = self._wall_ns() if self._wall_ns is not None else int(now * 1e9)
+        return new_sealer(
+            self.identity,
+            self.worker_id,
+            self.peer_id,
+            self.peer_public_key,
+            self._rand_bytes,
+            epoch=epoch,
+            epochs=self.epochs,
+        )
 
     def _new_session(self, candidates: list[Address], now: float, *, relayed: bool) -> None:
         session = self._build_session(candidates, now)
@@ -652,38 +619,25 @@ class LinkEngine:
     def _on_link_down(self, s: PeerSession, event: ev.PeerLost | ev.PeerClosed, now: float) -> None:
         reason = event.reason if isinstance(event, ev.PeerLost) else "peer closed"
         log.info("peer %s lost: %s", self.peer_id, reason)
-        if self.relayed:
-            if reason == "peer timeout":  # set the relayed link up again at once
-                self._set_state(next_state(self._state, Input.RELAY_LOST))
-                self._start_relay(now)
-                self._set_state(next_state(self._state, Input.RERELAY))
-            else:
-                self._give_up(now)
+        kind = link_down_input(
+            reason, relayed=self.relayed, attempts=self.repunch_attempts, config=self.config
+        )
+        if kind == Input.LINK_FAILED:
+            self._give_up(now)
             return
-        if self.config.relay and reason == "punch timeout" and self.repunch_attempts == 0:
-            # Direct punching failed (e.g. symmetric x symmetric): fall back to the relay.
-            target = next_state(self._state, Input.RELAY_FALLBACK)
+        target = next_state(self._state, kind)
+        if kind == Input.RELAY_LOST:  # set the relayed link up again at once
+            self._set_state(target)
+            self._start_relay(now)
+            self._set_state(next_state(self._state, Input.RERELAY))
+        elif kind == Input.RELAY_FALLBACK:
             self._start_relay(now)
             self._set_state(target)
-            return
-        if self.config.repunch and (
-            reason == "peer timeout" or (reason == "punch timeout" and self.repunch_attempts > 0)
-        ):
-            # Re-punch a link that was up (or is being re-punched) and fell silent: its NAT may
-            # have dropped the mapping.  The rendezvous says when the peer really left.
-            target = next_state(self._state, Input.LINK_LOST)
-            last = s.peer_address
-            self._repunch_candidates = [last] if last is not None else []
-            for c in s.candidates:
-                if c not in self._repunch_candidates:
-                    self._repunch_candidates.append(c)
+        else:  # LINK_LOST: punch the same peer again, after a backoff
+            self._repunch_candidates = repunch_candidates(s.peer_address, s.candidates)
             self._retire(now, bye=False)
-            n = self.repunch_attempts
-            delay = 0.0 if n == 0 else self.config.repunch_initial_delay_s * 2 ** (n - 1)
-            self._repunch_at = now + min(delay, self.config.repunch_max_delay_s)
+            self._repunch_at = now + repunch_delay(self.repunch_attempts, self.config)
             self._set_state(target)
-            return
-        self._give_up(now)
 
     def _give_up(self, now: float) -> None:
         target = next_state(self._state, Input.LINK_FAILED)
@@ -697,7 +651,3 @@ class LinkEngine:
             log.info("worker %s: %s -> %s", self.worker_id[:8], self._state, state)
             previous, self._state = self._state, state
             self._events.append(ev.StateChanged(state=state, previous=previous))
-
-
-#: States in which the engine has a peer (a ``peer_disconnected`` about it ends the link).
-_STATES_WITH_PEER: Final = frozenset(s for s, row in TRANSITIONS.items() if Input.PEER_LEFT in row)

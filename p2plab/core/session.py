@@ -18,10 +18,9 @@ Decisions worth knowing:
   that echoes its nonce from the address the probe went to, then nominates that address with
   flagged probes; the controlled side connects when the address the controlling side nominated
   (explicitly, or implicitly by sending keep-alives or data from it) has passed its own round trip.
-* **Chat and control** share one reliable, ordered stream (u32 sequence numbers, cumulative plus
-  selective ACKs, RFC 6298 retransmission timer with exponential backoff, Karn's rule for RTT
-  samples): :class:`~p2plab.core.reliable.ReliableStream`, which the session feeds and drives.
-  ``send_chat``/``send_control`` while punching queue the message until connected; after
+* **Chat and control** share one reliable, ordered stream,
+  :class:`~p2plab.core.reliable.ReliableStream`, which the session feeds and drives.  While
+  punching, ``send_chat``/``send_control`` queue the message until connected; after
   ``lost``/``closed`` they raise :class:`~p2plab.errors.NotConnected`.
 * **Giving up** one message breaks the ordered stream (the receiver would wait for it forever), so
   it fails that message and every later one and declares the peer lost (``"delivery failed"``).
@@ -61,7 +60,7 @@ from p2plab.core.reliable import (
     check_chat_text,
     control_payload,
 )
-from p2plab.core.session_intake import Address, norm_address, open_datagram
+from p2plab.core.session_intake import Address, open_datagram, usable_candidates
 from p2plab.core.session_stats import new_session_stats
 from p2plab.core.wire import (
     Ack,
@@ -119,12 +118,7 @@ class PeerSession:
         self._state: State = "punching"
         self.stats: dict[str, int] = new_session_stats()
 
-        usable: list[Address] = []
-        for c in candidates:
-            a = norm_address(c)
-            if 0 < a[1] < 65536 and a[0] and a not in usable:
-                usable.append(a)
-        self._checklist = Checklist.start(usable, config, now)
+        self._checklist = Checklist.start(usable_candidates(candidates), config, now)
         self.stats["candidates_dropped"] = self._checklist.dropped
         self._amp = AmplificationLimit(config.amplification_factor)
         self._new_sessions = SourceRateLimit(config.new_session_rate, config.new_session_burst)
@@ -346,10 +340,8 @@ class PeerSession:
 
     def _may_send(self, addr: Address, size: int) -> bool:
         """The anti-amplification rule (see the module docstring for the one exemption)."""
-        if self._state == "punching":
-            cand = self._checklist.candidates.get(addr)
-            if cand is not None and cand.kind == "given":
-                return True
+        if self._state == "punching" and self._checklist.given(addr):
+            return True
         return self._amp.allow(addr, size)
 
     def _finish(self, state: State, reason: str) -> None:

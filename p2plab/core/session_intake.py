@@ -17,6 +17,7 @@ session's stats (:mod:`p2plab.core.session_stats`), never raised:
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from typing import Any
 
 from p2plab.core.crypto import AuthenticationFailed, ReplayedDatagram
@@ -30,7 +31,7 @@ from p2plab.core.wire import (
     parse_datagram,
 )
 
-__all__ = ["Address", "norm_address", "open_datagram"]
+__all__ = ["Address", "norm_address", "open_datagram", "usable_candidates"]
 
 log = logging.getLogger("p2plab.core.session")  # the session's log, as before the split
 
@@ -38,6 +39,17 @@ log = logging.getLogger("p2plab.core.session")  # the session's log, as before t
 def norm_address(addr: Any) -> Address:
     """``(host, port)`` as ``(str, int)`` (raises on anything that is not a pair)."""
     return (str(addr[0]), int(addr[1]))
+
+
+def usable_candidates(candidates: Sequence[Any]) -> list[Address]:
+    """The offered addresses a session may probe: normalised, a port in 1..65535, a host,
+    no repeats, in the order given."""
+    usable: list[Address] = []
+    for c in candidates:
+        a = norm_address(c)
+        if 0 < a[1] < 65536 and a[0] and a not in usable:
+            usable.append(a)
+    return usable
 
 
 def _may_try_new_session(
