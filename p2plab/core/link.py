@@ -28,18 +28,9 @@ The driver contract (the asyncio worker, the simulator and the unit tests follow
     while (event := engine.next_event()) is not None: hand it on (UI, subscribers, extensions)
     re-arm ONE timer at engine.get_timer() (None: no timer)
 
-Commands (:class:`Command` subclasses, defined with :class:`LinkConfig` in
-:mod:`p2plab.core.link_commands` and re-exported here) are what the engine needs from outside:
-
-- :class:`SendToRendezvous`: send ``message`` on the rendezvous WebSocket (dropped if down).
-  The ``register`` message is one: the engine answers the rendezvous's ``challenge`` with it,
-  carrying the proof that it holds its private key (the driver fills in ``http_public_ip``).
-  So is ``error`` (code ``offer_refused``): a refused offer is answered, not only logged.
-- :class:`RelayDatagram`: send ``data`` to peer ``to`` as a rendezvous ``relay`` message.  Relayed
-  sessions address their datagrams to the pseudo-address :data:`RELAY`; they never appear in
-  ``datagrams_to_send``.
-- :class:`DiscoverEndpoint`: learn the socket's public endpoint (STUN, else the observed address
-  ``observed_ip`` with the local port), then call :meth:`LinkEngine.discovered`.
+Commands (:class:`SendToRendezvous`, :class:`RelayDatagram`, :class:`DiscoverEndpoint`) are
+what the engine needs from outside; :mod:`p2plab.core.link_commands` defines them (with
+:class:`LinkConfig`) and says what the driver does with each; they are re-exported here.
 
 Events are :mod:`p2plab.core.events` dataclasses: :class:`~p2plab.core.events.StateChanged` for
 every state change (intermediate ones like ``lost`` included), the session's events of the
@@ -67,16 +58,13 @@ memory in the tests (``tests/core/test_core_link.py`` has a complete in-memory d
 from __future__ import annotations
 
 import logging
-from collections import deque
 from collections.abc import Callable, Sequence
-from dataclasses import replace
-from typing import Any, Final
+from typing import Any
 
 from p2plab.core import events as ev
-from p2plab.core.crypto import EpochStore, Identity, PeerCipher, PlainEnvelope
+from p2plab.core.crypto import Identity
 from p2plab.core.known_peers import KnownPeers
 from p2plab.core.link_commands import (
-    LINK_COUNTERS,
     RELAY,
     SECURITY_COUNTERS,
     Command,
@@ -84,9 +72,11 @@ from p2plab.core.link_commands import (
     LinkConfig,
     RelayDatagram,
     SendToRendezvous,
+    endpoint_update,
     session_security_counts,
 )
-from p2plab.core.link_table import LINK_STATES, TRANSITIONS, Input, next_state
+from p2plab.core.link_sessions import LinkSessions
+from p2plab.core.link_table import LINK_STATES, STATES_WITH_PEER, TRANSITIONS, Input, next_state
 from p2plab.core.link_trust import (
     RelayGate,
     answer_challenge,
@@ -95,16 +85,13 @@ from p2plab.core.link_trust import (
     key_change_warning,
     offer_candidates,
 )
-from p2plab.core.session import PeerSession
 from p2plab.core.signaling import (
-    Candidate,
     Challenge,
     ErrorMessage,
     P2PConnectionOffer,
     PeerDisconnected,
     Registered,
     RelayIn,
-    UpdateUdpEndpoint,
 )
 from p2plab.errors import NotConnected, RemoteProtocolError
 
@@ -131,8 +118,11 @@ _RendezvousMessage = (
 _ERROR_TEXT = 200  # characters of a refusal sent back to the rendezvous (it only logs them)
 
 
-class LinkEngine:
-    """One worker's link lifecycle (see the module docstring for the driver contract)."""
+class LinkEngine(LinkSessions):
+    """One worker's link lifecycle (see the module docstring for the driver contract).
+
+    This class takes the driver's inputs and the rendezvous's messages; the session of the
+    current link (building, pumping, retiring and recovering it) is :class:`LinkSessions`'s."""
 
     def __init__(
         self,
@@ -144,31 +134,15 @@ class LinkEngine:
         known_peers: KnownPeers | None = None,
         wall_ns: Callable[[], int] | None = None,
     ) -> None:
-        self.worker_id = worker_id
-        self.config = config or LinkConfig()
-        self.identity = identity
-        """This worker's key pair; None is the explicit plaintext mode."""
-        self._rand_bytes = rand_bytes
-        self._wall_ns = wall_ns  # session epochs; None: derived from ``now``
-        self.epochs = EpochStore()
-        """Epochs and tags of our sessions and the newest epoch per peer key (replay defence)."""
-        self._state = "starting"
+        super().__init__(
+            worker_id, config=config, identity=identity, rand_bytes=rand_bytes, wall_ns=wall_ns
+        )
         self.observed_ip: str | None = None
         """The address the rendezvous saw us at."""
         self.public_endpoint: Address | None = None
         """The socket's public UDP endpoint, once discovered."""
         self.local_candidates: list[Address] = []
         """The socket's LAN addresses, reported beside the public endpoint."""
-        self.error: str | None = None
-        """The last error the user should see (cleared when a link comes up)."""
-        self.peer_id: str | None = None
-        self.peer_public_key: bytes | None = None
-        self.offer: P2PConnectionOffer | None = None
-        """The offer of the current peer (kept while re-punching and relaying)."""
-        self.session: PeerSession | None = None
-        """The session of the current link attempt (None between attempts)."""
-        self.relayed = False
-        """Whether :attr:`session` runs over the rendezvous relay."""
         self.known_peers = known_peers if known_peers is not None else KnownPeers()
         """The keys of the peers paired with before, by id (trust on first use)."""
         self.peer_key_warning: str | None = None
@@ -176,17 +150,7 @@ class LinkEngine:
         match (cleared by the next offer accepted without either)."""
         self._challenge_answered = False
         self._relay_gate = RelayGate()
-        self.repunch_attempts = 0
-        """Re-punch attempts since the link was last up."""
-        self._repunch_at: float | None = None
-        self._repunch_candidates: list[Address] = []
         self._discovery_pending = False
-        self._outbox: list[tuple[bytes, Address]] = []
-        self._commands: deque[Command] = deque()
-        self._events: deque[ev.Event] = deque()
-        self._security_totals = dict.fromkeys(SECURITY_COUNTERS, 0)
-        self.stats: dict[str, int] = dict.fromkeys(LINK_COUNTERS, 0)
-        """Counters of the engine's decisions and drops (the worker shows them in ``status``)."""
 
     # -- read-only state ----------------------------------------------------------------------
 
@@ -398,19 +362,9 @@ class LinkEngine:
         self._set_state(target)
 
     def _report_endpoint(self) -> None:
-        if self.public_endpoint is None:
-            return
-        public = self.public_endpoint
-        lan = [a for a in self.local_candidates if a != public][:8]
-        self._commands.append(
-            SendToRendezvous(
-                UpdateUdpEndpoint(
-                    udp_ip=public[0],
-                    udp_port=public[1],
-                    local_candidates=[Candidate(ip=a[0], port=a[1]) for a in lan],
-                )
-            )
-        )
+        if self.public_endpoint is not None:
+            update = endpoint_update(self.public_endpoint, self.local_candidates)
+            self._commands.append(SendToRendezvous(update))
 
     def _on_offer(self, offer: P2PConnectionOffer, now: float) -> None:
         self.stats["offers"] += 1
@@ -472,7 +426,7 @@ class LinkEngine:
         self._events.append(ev.ErrorReported(self.peer_key_warning))
 
     def _on_peer_disconnected(self, msg: PeerDisconnected, now: float) -> None:
-        if msg.peer_worker_id != self.peer_id or self._state not in _STATES_WITH_PEER:
+        if msg.peer_worker_id != self.peer_id or self._state not in STATES_WITH_PEER:
             self.stats["peer_disconnected_ignored"] += 1
             return
         log.info("peer %s left the rendezvous", msg.peer_worker_id)
@@ -501,17 +455,10 @@ class LinkEngine:
         if Input.RELAY_SWITCH not in TRANSITIONS[self._state]:
             self.stats["relay_dropped"] += 1
             return
-        if not self._relay_gate.may_try(now):
-            self.stats["relay_unauthenticated"] += 1
-            return
-        try:
-            candidate = self._build_session([RELAY], now)
-        except Exception:  # no session can be built: nothing to follow
-            self.stats["relay_dropped"] += 1
-            return
-        candidate.receive_datagram(payload, RELAY, now)
-        if not RelayGate.authenticated(candidate):
-            self.stats["relay_unauthenticated"] += 1
+        candidate = self._relay_gate.follow(
+            payload, lambda: self._build_session([RELAY], now), now, self.stats
+        )
+        if candidate is None:
             return
         target = next_state(self._state, Input.RELAY_SWITCH)
         log.info("peer %s relays through the rendezvous: following it", self.peer_id)
@@ -522,182 +469,3 @@ class LinkEngine:
         self.session = candidate
         self.stats["relay_in"] += 1
         self._set_state(target)
-
-    # -- sessions -----------------------------------------------------------------------------
-
-    def _new_sealer(self, now: float) -> PeerCipher | PlainEnvelope:
-        assert self.peer_id is not None
-        if self.identity is not None and self.peer_public_key is not None:
-            epoch = self._wall_ns() if self._wall_ns is not None else int(now * 1e9)
-            return PeerCipher(
-                self.identity,
-                self.worker_id,
-                self.peer_id,
-                self.peer_public_key,
-                self._rand_bytes,
-                epoch=epoch,
-                epochs=self.epochs,
-            )
-        if self.identity is not None or self.peer_public_key is not None:
-            # Never plaintext while one side encrypts (finding 18): _check_offer refuses such an
-            # offer first; should a path get here anyway, the offer fails, not the encryption.
-            raise RemoteProtocolError(
-                f"peer {self.peer_id}: a key is missing on one side; refusing a plaintext link"
-            )
-        return PlainEnvelope(self._rand_bytes)  # explicit plaintext mode on both sides
-
-    def _new_session(self, candidates: list[Address], now: float, *, relayed: bool) -> None:
-        session = self._build_session(candidates, now)
-        self._repunch_at = None
-        self.relayed = relayed
-        self.session = session
-
-    def _build_session(self, candidates: list[Address], now: float) -> PeerSession:
-        """A session to the current peer (not installed; raises if its sealer cannot be built)."""
-        assert self.offer is not None and self.peer_id is not None
-        return PeerSession(
-            local_id=self.worker_id,
-            peer_id=self.peer_id,
-            role=self.offer.role,
-            candidates=candidates,
-            config=self.config.session,
-            now=now,
-            rand_bytes=self._rand_bytes,
-            sealer=self._new_sealer(now),
-        )
-
-    def _start_relay(self, now: float) -> None:
-        """Move the link to the current peer onto the rendezvous relay (a fresh session)."""
-        log.info("punching to %s failed: relaying through the rendezvous", self.peer_id)
-        self._retire(now, bye=True)
-        self.stats["relay_switches"] += 1
-        self._new_session([RELAY], now, relayed=True)
-
-    def _retire(self, now: float, *, bye: bool) -> None:
-        """End the current session: BYE if asked, keep its counters, fail its pending messages."""
-        s = self.session
-        if s is None:
-            return
-        if bye:
-            s.close(now)
-        self._route(s, s.datagrams_to_send(now))
-        while (event := s.next_event()) is not None:
-            if isinstance(event, ev.ChatFailed | ev.ControlFailed):
-                self._events.append(event)
-        for k, v in session_security_counts(s).items():
-            self._security_totals[k] += v
-        self.session = None
-        self.relayed = False
-
-    def _drop_peer(self, now: float) -> None:
-        self._retire(now, bye=True)
-        self._repunch_at = None
-        self.peer_id = None
-        self.peer_public_key = None
-        self.offer = None
-
-    def _repunch(self, now: float) -> None:
-        """Punch the same peer again (both sides do this on their own after a peer timeout)."""
-        target = next_state(self._state, Input.REPUNCH)
-        self._repunch_at = None
-        self.repunch_attempts += 1
-        log.info(
-            "re-punching peer %s (attempt %d) at %s",
-            self.peer_id,
-            self.repunch_attempts,
-            self._repunch_candidates,
-        )
-        self._new_session(self._repunch_candidates, now, relayed=False)
-        self._set_state(target)
-
-    def _route(self, s: PeerSession, datagrams: list[tuple[bytes, Address]]) -> None:
-        for data, addr in datagrams:
-            if addr == RELAY:
-                self._commands.append(RelayDatagram(s.peer_id, data))
-            else:
-                self._outbox.append((data, addr))
-
-    def _pump(self, now: float) -> None:
-        """Collect the session's datagrams and act on its events until it has nothing more."""
-        while (s := self.session) is not None:
-            self._route(s, s.datagrams_to_send(now))
-            events: list[ev.Event] = []
-            while (event := s.next_event()) is not None:
-                events.append(event)
-            if not events:
-                return
-            for event in events:
-                if self.session is s:
-                    self._on_session_event(s, event, now)
-                elif isinstance(event, ev.ChatFailed | ev.ControlFailed):
-                    self._events.append(event)  # of a session just replaced
-
-    def _on_session_event(self, s: PeerSession, event: ev.Event, now: float) -> None:
-        if isinstance(event, ev.PeerConnected):
-            log.info("connected to %s at %s", self.peer_id, event.address)
-            target = next_state(self._state, Input.RELAY_UP if self.relayed else Input.LINK_UP)
-            self.repunch_attempts = 0
-            self.error = None
-            self._set_state(target)
-            self._events.append(event)
-        elif isinstance(event, ev.ChatReceived):
-            self.stats["chats_in"] += 1
-            self._events.append(replace(event, peer_id=s.peer_id))
-        elif isinstance(event, ev.PeerLost | ev.PeerClosed):
-            self._events.append(event)
-            self._on_link_down(s, event, now)
-        else:
-            self._events.append(event)
-
-    def _on_link_down(self, s: PeerSession, event: ev.PeerLost | ev.PeerClosed, now: float) -> None:
-        reason = event.reason if isinstance(event, ev.PeerLost) else "peer closed"
-        log.info("peer %s lost: %s", self.peer_id, reason)
-        if self.relayed:
-            if reason == "peer timeout":  # set the relayed link up again at once
-                self._set_state(next_state(self._state, Input.RELAY_LOST))
-                self._start_relay(now)
-                self._set_state(next_state(self._state, Input.RERELAY))
-            else:
-                self._give_up(now)
-            return
-        if self.config.relay and reason == "punch timeout" and self.repunch_attempts == 0:
-            # Direct punching failed (e.g. symmetric x symmetric): fall back to the relay.
-            target = next_state(self._state, Input.RELAY_FALLBACK)
-            self._start_relay(now)
-            self._set_state(target)
-            return
-        if self.config.repunch and (
-            reason == "peer timeout" or (reason == "punch timeout" and self.repunch_attempts > 0)
-        ):
-            # Re-punch a link that was up (or is being re-punched) and fell silent: its NAT may
-            # have dropped the mapping.  The rendezvous says when the peer really left.
-            target = next_state(self._state, Input.LINK_LOST)
-            last = s.peer_address
-            self._repunch_candidates = [last] if last is not None else []
-            for c in s.candidates:
-                if c not in self._repunch_candidates:
-                    self._repunch_candidates.append(c)
-            self._retire(now, bye=False)
-            n = self.repunch_attempts
-            delay = 0.0 if n == 0 else self.config.repunch_initial_delay_s * 2 ** (n - 1)
-            self._repunch_at = now + min(delay, self.config.repunch_max_delay_s)
-            self._set_state(target)
-            return
-        self._give_up(now)
-
-    def _give_up(self, now: float) -> None:
-        target = next_state(self._state, Input.LINK_FAILED)
-        self._drop_peer(now)
-        self._set_state(target)
-        # The rendezvous re-pairs us when it learns the peer left; meanwhile we wait.
-        self._set_state(next_state(self._state, Input.SETTLED))
-
-    def _set_state(self, state: str) -> None:
-        if state != self._state:
-            log.info("worker %s: %s -> %s", self.worker_id[:8], self._state, state)
-            previous, self._state = self._state, state
-            self._events.append(ev.StateChanged(state=state, previous=previous))
-
-
-#: States in which the engine has a peer (a ``peer_disconnected`` about it ends the link).
-_STATES_WITH_PEER: Final = frozenset(s for s, row in TRANSITIONS.items() if Input.PEER_LEFT in row)

@@ -1,4 +1,17 @@
-"""The link engine's settings and the commands it gives its driver (see :mod:`p2plab.core.link`)."""
+"""The link engine's settings and the commands it gives its driver (see :mod:`p2plab.core.link`).
+
+The driver drains commands with ``engine.next_command()`` after every input:
+
+- :class:`SendToRendezvous`: send ``message`` on the rendezvous WebSocket (dropped if down).
+  The ``register`` message is one: the engine answers the rendezvous's ``challenge`` with it,
+  carrying the proof that it holds its private key (the driver fills in ``http_public_ip``).
+  So is ``error`` (code ``offer_refused``): a refused offer is answered, not only logged.
+- :class:`RelayDatagram`: send ``data`` to peer ``to`` as a rendezvous ``relay`` message.  Relayed
+  sessions address their datagrams to the pseudo-address :data:`RELAY`; they never appear in
+  ``datagrams_to_send``.
+- :class:`DiscoverEndpoint`: learn the socket's public endpoint (STUN, else the observed address
+  ``observed_ip`` with the local port), then call ``engine.discovered``.
+"""
 
 from __future__ import annotations
 
@@ -7,7 +20,7 @@ from typing import Final
 
 from p2plab.config import SessionConfig
 from p2plab.core.session import PeerSession
-from p2plab.core.signaling import ErrorMessage, Register, UpdateUdpEndpoint
+from p2plab.core.signaling import Candidate, ErrorMessage, Register, UpdateUdpEndpoint
 
 __all__ = [
     "LINK_COUNTERS",
@@ -18,6 +31,7 @@ __all__ = [
     "LinkConfig",
     "RelayDatagram",
     "SendToRendezvous",
+    "endpoint_update",
     "session_security_counts",
 ]
 
@@ -117,6 +131,18 @@ class DiscoverEndpoint(Command):
 
     observed_ip: str | None
     """The address the rendezvous saw us at (the fallback when there is no STUN server)."""
+
+
+def endpoint_update(
+    public: tuple[str, int], local_candidates: list[tuple[str, int]]
+) -> UpdateUdpEndpoint:
+    """The ``update_udp_endpoint`` message: the public endpoint and up to 8 LAN addresses."""
+    lan = [a for a in local_candidates if a != public][:8]
+    return UpdateUdpEndpoint(
+        udp_ip=public[0],
+        udp_port=public[1],
+        local_candidates=[Candidate(ip=a[0], port=a[1]) for a in lan],
+    )
 
 
 def session_security_counts(s: PeerSession | None) -> dict[str, int]:

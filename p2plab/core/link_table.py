@@ -25,7 +25,7 @@ from typing import Final
 
 from p2plab.errors import LocalProtocolError
 
-__all__ = ["LINK_STATES", "TRANSITIONS", "Input", "next_state"]
+__all__ = ["LINK_STATES", "STATES_WITH_PEER", "TRANSITIONS", "Input", "next_state"]
 
 #: contracts.md's ``state`` values.
 LINK_STATES: Final = (
@@ -201,6 +201,9 @@ TRANSITIONS: Final[dict[str, dict[str, str]]] = {
 
 assert set(TRANSITIONS) == set(LINK_STATES)
 assert all(t in LINK_STATES for row in TRANSITIONS.values() for t in row.values())
+
+#: States in which the engine has a peer (a ``peer_disconnected`` about it ends the link).
+STATES_WITH_PEER: Final = frozenset(s for s, row in TRANSITIONS.items() if Input.PEER_LEFT in row)
 
 
 def next_state(state: str, kind: str) -> str:

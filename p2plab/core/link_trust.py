@@ -11,6 +11,7 @@ The rendezvous is not trusted with anything it could use against the worker:
   ``sendto`` resolve it, blocking the loop), at most :data:`MAX_OFFER_CANDIDATES` of them.
 - :func:`key_change`: trust on first use; a known peer id that comes back with another key is
   reported (:class:`~p2plab.core.events.PeerKeyChanged`) but paired, unless pinned.
+- :func:`new_sealer`: never plaintext while one side encrypts (finding 18).
 - :class:`RelayGate`: a ``relay`` message moves a link onto the relay only if its payload
   authenticates in a fresh relayed session, and the attempts (an X25519 and an HKDF each) are
   bounded by a token bucket.
@@ -20,17 +21,22 @@ from __future__ import annotations
 
 import base64
 import ipaddress
+from collections.abc import Callable
 from typing import Final
 
 from p2plab.core import events as ev
 from p2plab.core.crypto import (
+    EpochStore,
     Identity,
+    PeerCipher,
+    PlainEnvelope,
     decode_public_key,
     fingerprint,
     peer_key_matches,
     registration_proof,
 )
 from p2plab.core.known_peers import KnownPeers
+from p2plab.core.link_commands import RELAY
 from p2plab.core.ratelimit import RateLimiter
 from p2plab.core.session import PeerSession
 from p2plab.core.signaling import Challenge, P2PConnectionOffer, Register
@@ -46,6 +52,7 @@ __all__ = [
     "is_ip_literal",
     "key_change",
     "key_change_warning",
+    "new_sealer",
     "offer_candidates",
 ]
 
@@ -187,6 +194,31 @@ def key_change_warning(change: ev.PeerKeyChanged) -> str:
     )
 
 
+def new_sealer(
+    identity: Identity | None,
+    worker_id: str,
+    peer_id: str,
+    peer_key: bytes | None,
+    rand_bytes: Callable[[int], bytes],
+    *,
+    epoch: int,
+    epochs: EpochStore,
+) -> PeerCipher | PlainEnvelope:
+    """The sealer of a session to ``peer_id``: a :class:`PeerCipher` when both sides have keys,
+    a :class:`PlainEnvelope` when neither has (the explicit plaintext mode), else it raises."""
+    if identity is not None and peer_key is not None:
+        return PeerCipher(
+            identity, worker_id, peer_id, peer_key, rand_bytes, epoch=epoch, epochs=epochs
+        )
+    if identity is not None or peer_key is not None:
+        # Never plaintext while one side encrypts (finding 18): check_offer refuses such an
+        # offer first; should a path get here anyway, the offer fails, not the encryption.
+        raise RemoteProtocolError(
+            f"peer {peer_id}: a key is missing on one side; refusing a plaintext link"
+        )
+    return PlainEnvelope(rand_bytes)  # explicit plaintext mode on both sides
+
+
 class RelayGate:
     """Decides whether a relayed payload may move the link onto the relay."""
 
@@ -204,3 +236,27 @@ class RelayGate:
         return stats.get("datagrams_in") == 1 and not any(
             stats.get(k, 0) for k in _UNAUTHENTICATED_DROPS
         )
+
+    def follow(
+        self,
+        payload: bytes,
+        build: Callable[[], PeerSession],
+        now: float,
+        stats: dict[str, int],
+    ) -> PeerSession | None:
+        """A fresh relayed session (from ``build``) that took ``payload`` and authenticated it,
+        or None (counted in the engine's ``stats``).  Whatever it drops moves nothing and closes
+        nothing: the session is not the engine's until it is returned."""
+        if not self.may_try(now):
+            stats["relay_unauthenticated"] += 1
+            return None
+        try:
+            candidate = build()
+        except Exception:  # no session can be built: nothing to follow
+            stats["relay_dropped"] += 1
+            return None
+        candidate.receive_datagram(payload, RELAY, now)
+        if not self.authenticated(candidate):
+            stats["relay_unauthenticated"] += 1
+            return None
+        return candidate

@@ -226,6 +226,11 @@ class Checklist:
         when = min((c.next_probe_at for c in self.candidates.values()), default=float("inf"))
         return None if when == float("inf") else when
 
+    def given(self, address: Address) -> bool:
+        """Whether ``address`` is one of the offer's own candidates (not one learnt since)."""
+        cand = self.candidates.get(address)
+        return cand is not None and cand.kind == "given"
+
     def succeeded(self) -> list[Candidate]:
         """Candidates that passed a round trip, in the order they were learnt."""
         return [c for c in self.candidates.values() if c.succeeded]

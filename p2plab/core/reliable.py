@@ -20,13 +20,22 @@ import json
 from collections import deque
 from collections.abc import Callable, MutableMapping
 from dataclasses import dataclass, replace
-from typing import Literal
+from typing import Any, Literal
 
 from p2plab.config import SessionConfig
 from p2plab.core import events as ev
-from p2plab.core.wire import MAX_SELECTIVE_ACKS, Ack, Chat, Control
+from p2plab.core.wire import MAX_CHAT_BYTES, MAX_SELECTIVE_ACKS, Ack, Chat, Control
+from p2plab.errors import ChatTooLong, LocalProtocolError
 
-__all__ = ["CLOCK_GRANULARITY", "Outgoing", "ReliableStream", "RttEstimator"]
+__all__ = [
+    "CLOCK_GRANULARITY",
+    "KeepaliveLog",
+    "Outgoing",
+    "ReliableStream",
+    "RttEstimator",
+    "check_chat_text",
+    "control_payload",
+]
 
 CLOCK_GRANULARITY = 0.001
 """G of RFC 6298 section 2, in seconds."""
@@ -35,6 +44,35 @@ _INF = float("inf")
 _U32 = 1 << 32
 
 MessageKind = Literal["chat", "control"]
+
+
+def check_chat_text(text: str) -> None:
+    """Raise :class:`ChatTooLong` over 4096 bytes of UTF-8, :class:`LocalProtocolError` for text
+    that cannot be UTF-8 (lone surrogates): the stream only carries what the peer can decode."""
+    try:
+        raw = text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise LocalProtocolError(f"chat text is not valid Unicode: {exc}") from None
+    if len(raw) > MAX_CHAT_BYTES:
+        raise ChatTooLong(
+            f"chat message is {len(raw)} bytes of UTF-8; the limit is {MAX_CHAT_BYTES} bytes"
+        )
+
+
+def control_payload(obj: dict[str, Any], limit: int) -> bytes:
+    """``obj`` as compact JSON; :class:`LocalProtocolError` if it is not a JSON-serialisable
+    dict or encodes to more than ``limit`` bytes."""
+    if not isinstance(obj, dict):
+        raise LocalProtocolError(f"a control message must be a dict, got {type(obj).__name__}")
+    try:
+        payload = json.dumps(obj, separators=(",", ":"), allow_nan=False).encode("utf-8")
+    except (TypeError, ValueError) as exc:
+        raise LocalProtocolError(f"control message is not JSON-serialisable: {exc}") from None
+    if len(payload) > limit:
+        raise LocalProtocolError(
+            f"control message is {len(payload)} bytes; the limit is {limit} bytes"
+        )
+    return payload
 
 
 class RttEstimator:
@@ -70,6 +108,34 @@ class RttEstimator:
             return self.config.rto_initial
         rto = self.srtt + max(CLOCK_GRANULARITY, 4 * self.rttvar)
         return min(max(rto, self.config.rto_min), self.config.rto_max)
+
+
+class KeepaliveLog:
+    """When our recent keep-alives went out, by sequence number: each KEEPALIVE_ACK that echoes
+    one is an RTT sample.  Only the last ``remembered`` are kept (an ack older than that, or one
+    we never sent, samples nothing)."""
+
+    def __init__(self, remembered: int = 16) -> None:
+        self._remembered = remembered
+        self._seq = 0
+        self._sent: dict[int, float] = {}
+
+    def sent(self, now: float) -> int:
+        """Record a keep-alive sent at ``now``; returns its sequence number (u32, wrapping)."""
+        seq = self._seq
+        self._seq = (seq + 1) % _U32
+        self._sent[seq] = now
+        while len(self._sent) > self._remembered:
+            del self._sent[next(iter(self._sent))]
+        return seq
+
+    def answered(self, seq: int) -> float | None:
+        """When keep-alive ``seq`` went out (once), or None if we do not know it."""
+        return self._sent.pop(seq, None)
+
+    def clear(self) -> None:
+        """Forget every keep-alive in flight (the peer restarted its session)."""
+        self._sent.clear()
 
 
 @dataclass

@@ -18,10 +18,9 @@ Decisions worth knowing:
   that echoes its nonce from the address the probe went to, then nominates that address with
   flagged probes; the controlled side connects when the address the controlling side nominated
   (explicitly, or implicitly by sending keep-alives or data from it) has passed its own round trip.
-* **Chat and control** share one reliable, ordered stream (u32 sequence numbers, cumulative plus
-  selective ACKs, RFC 6298 retransmission timer with exponential backoff, Karn's rule for RTT
-  samples): :class:`~p2plab.core.reliable.ReliableStream`, which the session feeds and drives.
-  ``send_chat``/``send_control`` while punching queue the message until connected; after
+* **Chat and control** share one reliable, ordered stream,
+  :class:`~p2plab.core.reliable.ReliableStream`, which the session feeds and drives.  While
+  punching, ``send_chat``/``send_control`` queue the message until connected; after
   ``lost``/``closed`` they raise :class:`~p2plab.errors.NotConnected`.
 * **Giving up** one message breaks the ordered stream (the receiver would wait for it forever), so
   it fails that message and every later one and declares the peer lost (``"delivery failed"``).
@@ -38,18 +37,14 @@ Decisions worth knowing:
   ``amplification_factor`` times the authenticated bytes received from it, except the offer's
   own candidates while punching: the rendezvous vouched for those, the peer may not have sent
   anything yet (that is what punching waits for), and the probe budget bounds them.
-* **New peer sessions** are rate-limited per source host: a handshake datagram whose sender tag
-  the cipher does not know (the only kind that can make it derive keys) passes a token bucket
-  (``new_session_rate`` per second, ``new_session_burst`` at once) before any decryption; the
-  excess is dropped and counted (``new_sessions_limited``).
-* Bad datagrams never raise: they are dropped and counted in :attr:`PeerSession.stats`.
-  Benchmark types (0x20..0x2F) are the I/O layer's: if one reaches the session it is counted
-  (``bench_ignored``) and dropped.
+* What of a received datagram reaches the state machine (the per-source limit on new peer
+  sessions, authentication, benchmark types, the pair's ids) is :mod:`p2plab.core.session_intake`;
+  bad datagrams never raise: they are dropped and counted in :attr:`PeerSession.stats`
+  (names in :mod:`p2plab.core.session_stats`).
 """
 
 from __future__ import annotations
 
-import json
 import logging
 from collections import deque
 from collections.abc import Callable
@@ -57,13 +52,18 @@ from typing import Any, Literal
 
 from p2plab.config import SessionConfig
 from p2plab.core import events as ev
-from p2plab.core.crypto import AuthenticationFailed, ReplayedDatagram
 from p2plab.core.punch import AmplificationLimit, Checklist, SourceRateLimit
-from p2plab.core.reliable import ReliableStream, RttEstimator
+from p2plab.core.reliable import (
+    KeepaliveLog,
+    ReliableStream,
+    RttEstimator,
+    check_chat_text,
+    control_payload,
+)
+from p2plab.core.session_intake import Address, open_datagram, usable_candidates
+from p2plab.core.session_stats import new_session_stats
 from p2plab.core.wire import (
-    MAX_CHAT_BYTES,
     Ack,
-    BenchDatagram,
     Bye,
     Chat,
     Control,
@@ -74,71 +74,20 @@ from p2plab.core.wire import (
     ProbeAck,
     Sealer,
     SessionDatagram,
-    UnknownDatagramType,
     encode_datagram,
-    parse_datagram,
 )
-from p2plab.errors import ChatTooLong, ConfigError, LocalProtocolError, NotConnected
+from p2plab.errors import ConfigError, NotConnected
 
 __all__ = ["Address", "PeerSession", "Role", "State"]
 
 log = logging.getLogger(__name__)
 
-Address = tuple[str, int]
 Role = Literal["controlling", "controlled"]
 State = Literal["punching", "connected", "lost", "closed"]
 
 _INF = float("inf")
 _NOMINATION_PROBES = 10  # flagged probes before relying on implicit nomination
 _PATH_CHECK_PROBES = 10  # probes to a new peer address seen once connected
-_KEEPALIVES_REMEMBERED = 16
-_U32 = 1 << 32
-
-_STAT_NAMES = (
-    "datagrams_in",
-    "bytes_in",
-    "datagrams_out",
-    "bytes_out",
-    "dropped_malformed",
-    "dropped_unknown_type",
-    "dropped_wrong_peer",
-    "dropped_not_connected",
-    "dropped_after_close",
-    "dropped_out_of_window",
-    "bench_ignored",
-    "probes_sent",
-    "probes_received",
-    "probe_acks_received",
-    "probe_acks_unmatched",
-    "prflx_learned",
-    "keepalives_sent",
-    "keepalives_received",
-    "keepalive_acks_received",
-    "chats_sent",
-    "chats_received",
-    "controls_sent",
-    "controls_received",
-    "controls_malformed",
-    "acks_sent",
-    "acks_received",
-    "retransmits",
-    "duplicates",
-    "delivered",
-    "failed",
-    "path_changes",
-    "dropped_unauthenticated",
-    "dropped_replayed",
-    "unexpected_source",
-    "peer_restarts",
-    "candidates_dropped",
-    "probe_budget_exhausted",
-    "amplification_limited",
-    "new_sessions_limited",
-)
-
-
-def _norm(addr: Any) -> Address:
-    return (str(addr[0]), int(addr[1]))
 
 
 class PeerSession:
@@ -167,14 +116,9 @@ class PeerSession:
         self._rand_bytes = rand_bytes
         self._sealer = sealer
         self._state: State = "punching"
-        self.stats: dict[str, int] = dict.fromkeys(_STAT_NAMES, 0)
+        self.stats: dict[str, int] = new_session_stats()
 
-        usable: list[Address] = []
-        for c in candidates:
-            a = _norm(c)
-            if 0 < a[1] < 65536 and a[0] and a not in usable:
-                usable.append(a)
-        self._checklist = Checklist.start(usable, config, now)
+        self._checklist = Checklist.start(usable_candidates(candidates), config, now)
         self.stats["candidates_dropped"] = self._checklist.dropped
         self._amp = AmplificationLimit(config.amplification_factor)
         self._new_sessions = SourceRateLimit(config.new_session_rate, config.new_session_burst)
@@ -192,8 +136,7 @@ class PeerSession:
         # liveness
         self._last_sent = now
         self._last_received = now
-        self._ka_seq = 0
-        self._ka_sent: dict[int, float] = {}
+        self._keepalives = KeepaliveLog()
 
         self._stream = ReliableStream(config, self._rtt, self.stats, self._events.append)
         self._ack_pending: Address | None = None  # where the next ACK of the stream goes
@@ -256,14 +199,7 @@ class PeerSession:
         Raises :class:`ChatTooLong` over 4096 bytes of UTF-8 and :class:`NotConnected` once the
         session is ``lost`` or ``closed``.  While punching the message waits for the link.
         """
-        try:
-            raw = text.encode("utf-8")
-        except UnicodeEncodeError as exc:
-            raise LocalProtocolError(f"chat text is not valid Unicode: {exc}") from None
-        if len(raw) > MAX_CHAT_BYTES:
-            raise ChatTooLong(
-                f"chat message is {len(raw)} bytes of UTF-8; the limit is {MAX_CHAT_BYTES} bytes"
-            )
+        check_chat_text(text)
         self._check_open("send a chat message")
         msg_id = self._new_id()
         seq = self._stream.take_seq()
@@ -284,17 +220,7 @@ class PeerSession:
         Raises :class:`LocalProtocolError` if ``obj`` is not a JSON-serialisable dict or encodes
         to more than ``config.max_control_bytes``; :class:`NotConnected` once lost or closed.
         """
-        if not isinstance(obj, dict):
-            raise LocalProtocolError(f"a control message must be a dict, got {type(obj).__name__}")
-        try:
-            payload = json.dumps(obj, separators=(",", ":"), allow_nan=False).encode("utf-8")
-        except (TypeError, ValueError) as exc:
-            raise LocalProtocolError(f"control message is not JSON-serialisable: {exc}") from None
-        if len(payload) > self.config.max_control_bytes:
-            raise LocalProtocolError(
-                f"control message is {len(payload)} bytes; the limit is "
-                f"{self.config.max_control_bytes} bytes"
-            )
+        payload = control_payload(obj, self.config.max_control_bytes)
         self._check_open("send a control message")
         msg_id = self._new_id()
         seq = self._stream.take_seq()
@@ -335,59 +261,24 @@ class PeerSession:
         if self._state in ("lost", "closed"):
             self.stats["dropped_after_close"] += 1
             return
-        try:
-            addr = _norm(addr)
-            if not self._may_try_new_session(data, addr, now):
-                self.stats["new_sessions_limited"] += 1
-                return
-            datagram = parse_datagram(data, self._sealer)
-        except UnknownDatagramType:
-            self.stats["dropped_unknown_type"] += 1
+        opened = open_datagram(
+            data,
+            addr,
+            now,
+            local_id=self.local_id,
+            peer_id=self.peer_id,
+            sealer=self._sealer,
+            new_sessions=self._new_sessions,
+            stats=self.stats,
+        )
+        if opened is None:
             return
-        except AuthenticationFailed as exc:
-            self.stats["dropped_unauthenticated"] += 1
-            log.debug("dropped unauthenticated datagram from %s: %s", addr, exc)
-            return
-        except ReplayedDatagram as exc:
-            self.stats["dropped_replayed"] += 1
-            log.debug("dropped replayed datagram from %s: %s", addr, exc)
-            return
-        except Exception as exc:  # RemoteProtocolError, or a sealer's failure
-            self.stats["dropped_malformed"] += 1
-            log.debug("dropped malformed datagram from %s: %s", addr, exc)
-            return
-        if isinstance(datagram, BenchDatagram):
-            self.stats["bench_ignored"] += 1
-            return
-        assert isinstance(datagram, SessionDatagram)
-        if datagram.sender_id != self.peer_id or datagram.receiver_id != self.local_id:
-            self.stats["dropped_wrong_peer"] += 1
-            log.debug(
-                "dropped datagram %s -> %s from %s (we are %s <- %s)",
-                datagram.sender_id,
-                datagram.receiver_id,
-                addr,
-                self.local_id,
-                self.peer_id,
-            )
-            return
+        datagram, addr = opened
         self._amp.received(addr, len(data))  # it authenticated: credit for replies there
         take_restart = getattr(self._sealer, "take_peer_restart", None)
         if take_restart is not None and take_restart():
             self._on_peer_restart(now)
         self._dispatch(datagram, addr, now)
-
-    def _may_try_new_session(self, data: bytes, addr: Address, now: float) -> bool:
-        """The per-source rate limit on handshakes that would start a new peer session.
-
-        Only these cost the cipher more than a lookup (a handshake key, a decryption, four
-        X25519 exchanges and HKDF when they authenticate), so only these are limited, before
-        any of that runs: a live session's own probes, keep-alives and data never touch it.
-        """
-        is_new = getattr(self._sealer, "is_new_peer_session", None)
-        if is_new is None or not is_new(data):
-            return True
-        return self._new_sessions.allow(addr[0], now)
 
     def datagrams_to_send(self, now: float) -> list[tuple[bytes, Address]]:
         """Datagrams to send now, with their destinations (runs due timer work first)."""
@@ -449,10 +340,8 @@ class PeerSession:
 
     def _may_send(self, addr: Address, size: int) -> bool:
         """The anti-amplification rule (see the module docstring for the one exemption)."""
-        if self._state == "punching":
-            cand = self._checklist.candidates.get(addr)
-            if cand is not None and cand.kind == "given":
-                return True
+        if self._state == "punching" and self._checklist.given(addr):
+            return True
         return self._amp.allow(addr, size)
 
     def _finish(self, state: State, reason: str) -> None:
@@ -477,7 +366,7 @@ class PeerSession:
         self.stats["peer_restarts"] += 1
         log.info("peer %s restarted its session", self.peer_id)
         self._stream.restart()
-        self._ka_sent.clear()
+        self._keepalives.clear()
         if self.role == "controlling" and self._is_connected() and self._peer_address:
             self._nomination_done = False
             self._checklist.restart(self._peer_address, now, budget=_NOMINATION_PROBES)
@@ -572,11 +461,7 @@ class PeerSession:
 
     def _send_keepalive(self, now: float) -> None:
         assert self._peer_address is not None
-        seq = self._ka_seq
-        self._ka_seq = (seq + 1) % _U32
-        self._ka_sent[seq] = now
-        while len(self._ka_sent) > _KEEPALIVES_REMEMBERED:
-            del self._ka_sent[next(iter(self._ka_sent))]
+        seq = self._keepalives.sent(now)
         ka = Keepalive(self.local_id, self.peer_id, seq=seq, timestamp=now)
         self.stats["keepalives_sent"] += 1
         self._send(self._encode(ka), self._peer_address, now)
@@ -698,7 +583,7 @@ class PeerSession:
             reply = KeepaliveAck(self.local_id, self.peer_id, seq=d.seq, timestamp=d.timestamp)
             self._send(self._encode(reply), addr, now, reply=True)
         elif isinstance(d, KeepaliveAck):
-            sent = self._ka_sent.pop(d.seq, None)
+            sent = self._keepalives.answered(d.seq)
             if sent is None:
                 return
             self.stats["keepalive_acks_received"] += 1

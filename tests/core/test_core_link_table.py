@@ -15,6 +15,7 @@ from collections.abc import Callable
 import pytest
 
 import p2plab.core.link as link_module
+import p2plab.core.link_sessions as link_sessions_module
 from p2plab.config import SessionConfig
 from p2plab.core import events as ev
 from p2plab.core.crypto import Identity
@@ -190,7 +191,8 @@ def test_the_engine_makes_every_allowed_transition(
         consulted.append((s, k))
         return original(s, k)
 
-    monkeypatch.setattr(link_module, "next_state", recording)
+    monkeypatch.setattr(link_module, "next_state", recording)  # inputs
+    monkeypatch.setattr(link_sessions_module, "next_state", recording)  # the session's events
     mark = len(w.node(a).events)
     (recipe or RECIPES[kind])(w, a, b)
     w.flush()
