@@ -63,9 +63,10 @@ def test_notebook_runs(path: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPat
     paths = [str(NOTEBOOKS.parent), *filter(None, [os.environ.get("PYTHONPATH")])]
     monkeypatch.setenv("PYTHONPATH", os.pathsep.join(paths))
     monkeypatch.setenv("MPLBACKEND", "module://matplotlib_inline.backend_inline")
-    # 03's kernel-lab cell (root): two profiles are enough to run it for real here, one direct
-    # and two relayed pairs plus same-LAN; tests/lab/test_lab_matrix.py runs the whole matrix.
-    monkeypatch.setenv("P2PLAB_KERNEL_PROFILES", "port-restricted,symmetric")
+    # 03's kernel-lab cell (root): one profile runs every cell for real here (a direct pair and
+    # a same-LAN pair, compared with the simulator); tests/lab/test_lab_matrix.py runs the
+    # matrix, relayed pairs included.
+    monkeypatch.setenv("P2PLAB_KERNEL_PROFILES", "port-restricted")
     nb = nbformat.read(path, as_version=4)
     client = NotebookClient(
         nb,

@@ -60,6 +60,11 @@ RV = "ws://127.0.0.1:9"  # never contacted: every case fails while parsing
         (["worker", "--rendezvous", RV], {"P2P_PEER_KEY": "ab" * 31}, "64-hex-digit fingerprint"),
         (["worker", "--rendezvous", RV, "--peer-key", "A" * 43 + "="], {}, "low-order point"),
         (["worker", "--rendezvous", "ws://h:99999"], {}, "expected ws://HOST:PORT"),
+        (["worker", "--rendezvous", RV, "--stun", "nohostport"], {}, "expected host:port"),
+        (["worker"], {}, "--rendezvous ws://HOST:PORT (or RENDEZVOUS_URL) is needed"),
+        (["worker", "--rendezvous", RV, "--keepalive", "-1"], {}, "--keepalive: must be > 0"),
+        (["worker", "--rendezvous", RV], {"PORT": "eighty"}, "PORT: expected a port number"),
+        (["probe"], {}, "give a STUN server with --stun HOST:PORT"),
         (["worker", "--rendezvous", RV, "--ui-token", "short"], {}, "UI_TOKEN) needs at least 16"),
         (["worker", "--rendezvous", RV], {"UI_TOKEN": "semi;colon-0123456789"}, "--ui-token"),
         (
