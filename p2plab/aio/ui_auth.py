@@ -61,8 +61,11 @@ _WILDCARDS = frozenset({"", "0.0.0.0", "::"})
 
 
 def new_ui_token() -> str:
-    """A fresh UI token: 24 random bytes, URL-safe (as Jupyter's)."""
-    return secrets.token_urlsafe(24)
+    """A fresh UI token: 24 random bytes, URL-safe (as Jupyter's), never starting with ``-``
+    (one in 64 would, and ``--ui-token -abc...`` reads as a missing value and another flag)."""
+    while (token := secrets.token_urlsafe(24)).startswith("-"):
+        pass
+    return token
 
 
 def check_ui_token(token: str) -> str:

@@ -18,7 +18,6 @@ import csv
 import dataclasses
 import json
 import logging
-import secrets
 import subprocess
 import sys
 import textwrap
@@ -30,6 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
+from p2plab.aio.ui_auth import new_ui_token
 from p2plab.errors import LabError
 from p2plab.lab.netns import Lab, LabConfig, classify_profiles
 from p2plab.lab.profiles import PROFILES, expected_outcome, validate_profile
@@ -201,7 +201,7 @@ class PairRun:
         self.readers: dict[str, _EventReader] = {}
         self.t0 = 0.0
         self._logs: list[IO[Any]] = []
-        self.ui_token = secrets.token_urlsafe(24)
+        self.ui_token = new_ui_token()
         """The workers' ``--ui-token`` (their pages and ``/ui_ws`` need it)."""
 
     @property
@@ -235,7 +235,7 @@ class PairRun:
         for host in ("a", "b"):
             argv = ["-m", "p2plab", "worker", "--rendezvous", f"ws://{rv}:{RENDEZVOUS_PORT}"]
             argv += ["--stun", lab.stun_server, "--http-host", "127.0.0.1"]
-            argv += ["--http-port", str(WORKER_HTTP_PORT), "--ui-token", self.ui_token]
+            argv += ["--http-port", str(WORKER_HTTP_PORT), f"--ui-token={self.ui_token}"]
             argv += ["--events", *worker_args]
             proc = lab.python(
                 host,

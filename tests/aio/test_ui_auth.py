@@ -13,6 +13,7 @@ from typing import Any
 import pytest
 import websockets
 
+from p2plab.aio import ui_auth
 from p2plab.aio.hub import EventHub
 from p2plab.aio.ui_auth import UiGuard, parse_allowed_hosts
 from p2plab.aio.ui_server import UiServer
@@ -278,3 +279,11 @@ async def test_a_guesser_cannot_fill_the_log(ui: Any, caplog: pytest.LogCaptureF
     lines = [r.getMessage() for r in caplog.records if "refused" in r.getMessage()]
     assert len(lines) == 2 and lines[1].endswith("10 refused so far"), lines
     assert not any("guess-" in line for line in lines)  # no token, right or wrong, is logged
+
+
+def test_a_generated_token_never_starts_with_a_dash(monkeypatch: pytest.MonkeyPatch) -> None:
+    # One token in 64 would, and `--ui-token -abc...` (the lab passes its workers' tokens on the
+    # command line) reads as a flag without its value: the lab's pair then never started.
+    drawn = iter(["-starts-with-a-dash-0123456789abc", "fine-token-0123456789abcdefghijk"])
+    monkeypatch.setattr(ui_auth.secrets, "token_urlsafe", lambda n: next(drawn))
+    assert ui_auth.new_ui_token() == "fine-token-0123456789abcdefghijk"
