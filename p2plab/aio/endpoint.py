@@ -25,7 +25,6 @@ the ctypes mmsg calls) are in :mod:`p2plab.aio.udp_os`.
 from __future__ import annotations
 
 import asyncio
-import ipaddress
 import logging
 import socket
 import weakref
@@ -46,6 +45,7 @@ from p2plab.aio.udp_os import (
     mmsg_supported,
     set_buffer_sizes,
 )
+from p2plab.core.addresses import is_ip_literal
 
 __all__ = [
     "Address",
@@ -55,7 +55,6 @@ __all__ = [
     "UdpEndpoint",
     "gro_supported",
     "gso_supported",
-    "is_ip_literal",
     "is_stun_datagram",
     "local_endpoint_for",
     "mmsg_supported",
@@ -67,28 +66,6 @@ DatagramHandler = Callable[[bytes, Address], None]
 
 _MAGIC_COOKIE = b"\x21\x12\xa4\x42"
 _SOCK_BUF = 4 * 1024 * 1024
-
-
-#: Hosts already checked to be IP literals (bounded; cleared when full): the check runs once
-#: per peer address, not once per datagram.
-_LITERALS: set[str] = set()
-_LITERALS_MAX = 4096
-
-
-def is_ip_literal(host: object) -> bool:
-    """Whether ``host`` is an IPv4 or IPv6 address literal (never a name to resolve)."""
-    if host in _LITERALS:
-        return True
-    if not isinstance(host, str):
-        return False
-    try:
-        ipaddress.ip_address(host)
-    except ValueError:
-        return False
-    if len(_LITERALS) >= _LITERALS_MAX:
-        _LITERALS.clear()
-    _LITERALS.add(host)
-    return True
 
 
 def is_stun_datagram(data: bytes) -> bool:

@@ -27,6 +27,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from p2plab.aio.endpoint import UdpEndpoint
+from p2plab.core.addresses import is_ip_literal
 from p2plab.core.discovery import (
     BindingOutcome,
     BindingTest,
@@ -170,14 +171,6 @@ class _Driver:
         self._arm()
 
 
-def _is_ip(host: str) -> bool:
-    try:
-        ipaddress.ip_address(host)
-    except ValueError:
-        return False
-    return True
-
-
 class StunProbe:
     """Binding requests from a shared endpoint to one or more STUN servers."""
 
@@ -216,7 +209,7 @@ class StunProbe:
     async def _resolve(self, server: Address) -> Address:
         host, port = server
         family = self.endpoint.socket.family
-        if _is_ip(host):
+        if is_ip_literal(host):
             ip = ipaddress.ip_address(host)
             if (ip.version == 6) != (family == socket.AF_INET6):
                 raise OSError(f"IPv{ip.version} server but the endpoint is not")

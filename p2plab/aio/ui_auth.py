@@ -33,6 +33,7 @@ from urllib.parse import urlsplit
 from starlette.requests import HTTPConnection
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+from p2plab.core.addresses import is_ip_literal
 from p2plab.errors import ConfigError
 
 __all__ = [
@@ -87,7 +88,7 @@ def parse_allowed_hosts(text: str) -> tuple[str, ...]:
         if not entry:
             continue
         name, port = split_host(entry)
-        if not _HOST_RE.fullmatch(entry) and not _is_ip(name):
+        if not _HOST_RE.fullmatch(entry) and not is_ip_literal(name):
             raise ConfigError(
                 f"--ui-allowed-hosts (or UI_ALLOWED_HOSTS): {raw.strip()!r} is not a host name "
                 "(give names like p2plab-worker-1-abc.a.run.app or .run.app, no scheme or path)"
@@ -116,14 +117,6 @@ def split_host(host: str) -> tuple[str, str | None]:
     if name.endswith(".") and not name.startswith("."):
         name = name[:-1]
     return name, port or None
-
-
-def _is_ip(name: str) -> bool:
-    try:
-        ipaddress.ip_address(name)
-    except ValueError:
-        return False
-    return True
 
 
 def origin_allowed(origin: str | None, host: str | None) -> bool:
@@ -167,11 +160,11 @@ class UiGuard:
         name, port = split_host(host)
         if name in _LOCAL_NAMES or (name and name == split_host(self.bind_host)[0]):
             return True
-        if _is_ip(name):
+        if is_ip_literal(name):
             ip = ipaddress.ip_address(name)
             if ip.is_loopback or self.bind_host in _WILDCARDS:
                 return True
-            return _is_ip(self.bind_host) and ip == ipaddress.ip_address(self.bind_host)
+            return is_ip_literal(self.bind_host) and ip == ipaddress.ip_address(self.bind_host)
         for entry in self.allowed_hosts:
             e_name, e_port = split_host(entry)
             if e_port is not None and e_port != port:

@@ -20,11 +20,11 @@ The rendezvous is not trusted with anything it could use against the worker:
 from __future__ import annotations
 
 import base64
-import ipaddress
 from collections.abc import Callable
 from typing import Final
 
 from p2plab.core import events as ev
+from p2plab.core.addresses import is_ip_literal
 from p2plab.core.crypto import (
     EpochStore,
     Identity,
@@ -49,7 +49,6 @@ __all__ = [
     "RelayGate",
     "answer_challenge",
     "check_offer",
-    "is_ip_literal",
     "key_change",
     "key_change_warning",
     "new_sealer",
@@ -77,15 +76,6 @@ _UNAUTHENTICATED_DROPS: Final = (
     "dropped_wrong_peer",
     "bench_ignored",
 )
-
-
-def is_ip_literal(host: str) -> bool:
-    """Whether ``host`` is an IPv4 or IPv6 address (never a name something would resolve)."""
-    try:
-        ipaddress.ip_address(host)
-    except ValueError:
-        return False
-    return True
 
 
 def answer_challenge(

@@ -8,7 +8,6 @@ ignored; unknown types raise :class:`~p2plab.errors.RemoteProtocolError` from
 from __future__ import annotations
 
 import binascii
-import ipaddress
 import json
 from typing import Annotated, Any, Literal
 
@@ -21,6 +20,7 @@ from pydantic import (
     field_validator,
 )
 
+from p2plab.core.addresses import is_ip_literal
 from p2plab.core.crypto.keys import decode_public_key
 from p2plab.errors import RemoteProtocolError
 
@@ -97,10 +97,8 @@ def _ip_literal(value: str) -> str:
     """``value`` if it is an IPv4 or IPv6 literal.  Host names are refused here, in the shared
     models, so nothing a peer or the rendezvous sends can make either end resolve a name
     (a blocking lookup froze a worker's loop for ~54 s: issue 14 finding 3)."""
-    try:
-        ipaddress.ip_address(value)
-    except ValueError:
-        raise ValueError(f"not an IP address: {value[:64]!r}") from None
+    if not is_ip_literal(value):
+        raise ValueError(f"not an IP address: {value[:64]!r}")
     return value
 
 
