@@ -12,11 +12,10 @@ The source IP is the socket's peer, or X-Forwarded-For's last entry behind a tru
 
 from __future__ import annotations
 
-import ipaddress
-
+from p2plab.core.addresses import source_key
 from p2plab.core.signaling import MAX_RELAY_BYTES
 
-__all__ = ["IpState", "PerIpLimits", "TokenBucket", "ip_key"]
+__all__ = ["IpState", "PerIpLimits", "TokenBucket"]
 
 #: Idle per-IP entries are dropped once the table holds this many (bounded memory whatever the
 #: number of sources).
@@ -74,21 +73,6 @@ def _relay_burst(rate: float) -> float:
     return max(4.0 * rate, float(MAX_RELAY_BYTES))
 
 
-def ip_key(ip: str | None) -> str:
-    """The unit limits are counted in: the IPv4 address, or the /64 of an IPv6 one."""
-    if not ip:
-        return "?"
-    try:
-        addr = ipaddress.ip_address(ip.split("%", 1)[0])
-    except ValueError:
-        return ip[:64]
-    if isinstance(addr, ipaddress.IPv6Address):
-        if addr.ipv4_mapped is not None:
-            return str(addr.ipv4_mapped)
-        return str(ipaddress.IPv6Network((addr, 64), strict=False))
-    return str(addr)
-
-
 class IpState:
     """What one source IP holds and has used."""
 
@@ -143,7 +127,7 @@ class PerIpLimits:
         return len(self._ips)
 
     def state(self, ip: str | None, now: float) -> IpState:
-        key = ip_key(ip)
+        key = source_key(ip)
         st = self._ips.get(key)
         if st is None:
             if len(self._ips) >= _PRUNE_AT:
@@ -177,7 +161,7 @@ class PerIpLimits:
 
     def release(self, ip: str | None) -> None:
         """Give back the slot :meth:`admit` took."""
-        st = self._ips.get(ip_key(ip))
+        st = self._ips.get(source_key(ip))
         if st is not None and st.connections > 0:
             st.connections -= 1
 

@@ -63,6 +63,7 @@ import ipaddress
 from collections.abc import Mapping
 from dataclasses import dataclass
 
+from p2plab.core.addresses import source_key
 from p2plab.core.ratelimit import RateLimiter
 from p2plab.core.stun import (
     CHANGE_IP,
@@ -164,17 +165,6 @@ class SourceLimiter(RateLimiter):
         super().__init__(rate_per_s, burst, max_sources)
 
 
-def _source_key(ip: str) -> str:
-    """The rate limit's key for a source: the IPv4 address, or the IPv6 /64 (one host or site
-    holds a whole /64, so per-address buckets would let it rotate through the table)."""
-    if ":" not in ip:
-        return ip
-    try:
-        return str(ipaddress.IPv6Network((ip.partition("%")[0], 64), strict=False))
-    except ValueError:
-        return ip
-
-
 def _is_unspecified(ip: str) -> bool:
     try:
         return ipaddress.ip_address(ip).is_unspecified
@@ -258,7 +248,7 @@ class StunResponder:
             return None
         if self.limiter is not None:
             before = self.limiter.forgotten
-            allowed = self.limiter.allow(_source_key(source[0]), now)
+            allowed = self.limiter.allow(source_key(source[0]), now)
             self.stats["sources_forgotten"] += self.limiter.forgotten - before
             if not allowed:
                 self.stats["rate_limited"] += 1

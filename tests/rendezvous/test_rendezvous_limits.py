@@ -18,8 +18,9 @@ import pytest
 import redis.asyncio as aioredis
 from websockets.exceptions import ConnectionClosed
 
+from p2plab.core.addresses import source_key
 from p2plab.errors import ConfigError
-from rendezvous_service_code.limits import PerIpLimits, ip_key
+from rendezvous_service_code.limits import PerIpLimits
 from rendezvous_service_code.main import RendezvousServer, Settings, create_app
 from rendezvous_service_code.settings import check_exposure, exposure_warning, is_loopback
 from tests.rendezvous_fixtures import WsWorker, debug, new_identity, running_rendezvous
@@ -262,8 +263,12 @@ async def test_the_instance_has_a_total_relay_budget() -> None:
 
 
 def test_limits_count_ipv6_per_64_and_forget_idle_sources() -> None:
-    assert ip_key("2001:db8:1:2:aaaa::1") == ip_key("2001:db8:1:2:bbbb::2") == "2001:db8:1:2::/64"
-    assert ip_key("::ffff:192.0.2.1") == "192.0.2.1" and ip_key("192.0.2.1") == "192.0.2.1"
+    assert (
+        source_key("2001:db8:1:2:aaaa::1")
+        == source_key("2001:db8:1:2:bbbb::2")
+        == "2001:db8:1:2::/64"
+    )
+    assert source_key("::ffff:192.0.2.1") == "192.0.2.1" and source_key("192.0.2.1") == "192.0.2.1"
     lim = PerIpLimits(
         max_connections=1,
         connections_per_min=60,
