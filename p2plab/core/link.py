@@ -67,10 +67,14 @@ from p2plab.core.known_peers import KnownPeers
 from p2plab.core.link_commands import (
     RELAY,
     SECURITY_COUNTERS,
+    AdoptPoolSocket,
+    ClosePool,
     Command,
     DiscoverEndpoint,
     LinkConfig,
+    OpenSocketPool,
     RelayDatagram,
+    SendFromPool,
     SendToRendezvous,
     endpoint_update,
     session_security_counts,
@@ -88,6 +92,7 @@ from p2plab.core.link_trust import (
 from p2plab.core.signaling import (
     Challenge,
     ErrorMessage,
+    NatHint,
     P2PConnectionOffer,
     PeerDisconnected,
     Registered,
@@ -100,11 +105,15 @@ __all__ = [
     "RELAY",
     "SECURITY_COUNTERS",
     "TRANSITIONS",
+    "AdoptPoolSocket",
+    "ClosePool",
     "Command",
     "DiscoverEndpoint",
     "LinkConfig",
     "LinkEngine",
+    "OpenSocketPool",
     "RelayDatagram",
+    "SendFromPool",
     "SendToRendezvous",
 ]
 
@@ -151,6 +160,8 @@ class LinkEngine(LinkSessions):
         self._challenge_answered = False
         self._relay_gate = RelayGate()
         self._discovery_pending = False
+        self.nat_hint: NatHint | None = None
+        """What the driver learnt of this worker's NAT mapping (see :meth:`discovered`)."""
 
     # -- read-only state ----------------------------------------------------------------------
 
@@ -163,6 +174,15 @@ class LinkEngine(LinkSessions):
     def path(self) -> str | None:
         """``"direct"`` while connected, ``"relayed"`` while relayed, else None."""
         return {"connected": "direct", "relayed": "relayed"}.get(self._state)
+
+    @property
+    def method(self) -> str | None:
+        """How the current link was made (contracts.md's ``method``): ``direct``, ``birthday``,
+        ``predicted`` or ``relay``; None without a link."""
+        return {"connected": "direct", "relayed": "relay"}.get(self._state)
+
+    def pool_socket_adopted(self, index: int, now: float) -> None:
+        """The driver carried out :class:`AdoptPoolSocket` (``index`` is the link's socket now)."""
 
     @property
     def peer_address(self) -> Address | None:
@@ -226,11 +246,15 @@ class LinkEngine(LinkSessions):
         local_candidates: Sequence[Address],
         now: float,
         error: str | None = None,
+        nat: NatHint | None = None,
     ) -> None:
         """The answer to :class:`DiscoverEndpoint`: the public endpoint and the LAN addresses.
 
         ``error`` says why discovery fell back (e.g. STUN failed) and is shown to the user.
+        ``nat`` is what the driver learnt of the NAT's mapping (reported to the rendezvous in
+        ``update_udp_endpoint``; it chooses between plain and birthday punching).
         """
+        self.nat_hint = nat
         target = next_state(self._state, Input.DISCOVERED)
         self._discovery_pending = False
         self.public_endpoint = (str(public[0]), int(public[1]))
@@ -243,8 +267,12 @@ class LinkEngine(LinkSessions):
 
     # -- inputs: data plane -------------------------------------------------------------------
 
-    def receive_datagram(self, data: bytes, addr: Address, now: float) -> None:
-        """One datagram from the UDP socket (never raises: junk is dropped and counted)."""
+    def receive_datagram(self, data: bytes, addr: Address, now: float, pool: int = 0) -> None:
+        """One datagram from the link's UDP socket, or from pool socket ``pool`` (1..count,
+        see :class:`OpenSocketPool`).  Never raises: junk is dropped and counted."""
+        if pool:
+            self.stats["udp_dropped_no_link"] += 1  # issue 16: the pool is not driven yet
+            return
         if self.session is None or self._state == "stopped":
             self.stats["udp_dropped_no_link"] += 1
             return
@@ -363,7 +391,7 @@ class LinkEngine(LinkSessions):
 
     def _report_endpoint(self) -> None:
         if self.public_endpoint is not None:
-            update = endpoint_update(self.public_endpoint, self.local_candidates)
+            update = endpoint_update(self.public_endpoint, self.local_candidates, self.nat_hint)
             self._commands.append(SendToRendezvous(update))
 
     def _on_offer(self, offer: P2PConnectionOffer, now: float) -> None:

@@ -11,6 +11,20 @@ The driver drains commands with ``engine.next_command()`` after every input:
   ``datagrams_to_send``.
 - :class:`DiscoverEndpoint`: learn the socket's public endpoint (STUN, else the observed address
   ``observed_ip`` with the local port), then call ``engine.discovered``.
+
+Birthday punching (issue 16) adds a *socket pool* beside the link's socket:
+
+- :class:`OpenSocketPool`: bind ``count`` more UDP sockets on the link socket's local address
+  (port 0), numbered 1..count, and feed every datagram one of them receives to
+  ``engine.receive_datagram(data, addr, now, pool=index)``.  A socket that cannot be bound is
+  left out (the engine never learns of it: it only sends, and it only hears from bound ones).
+- :class:`SendFromPool`: send ``data`` to ``addr`` from pool socket ``index`` (skip it if that
+  socket is gone).
+- :class:`AdoptPoolSocket`: pool socket ``index`` won: make it the link's socket (peer datagrams,
+  STUN refreshes, benchmarks all move to it), close the old link socket and every other pool
+  socket, then call ``engine.pool_socket_adopted(index, now)`` and run the output steps again
+  (until then the engine holds its datagrams, so that none leaves by the old socket).
+- :class:`ClosePool`: close every pool socket (the link stays on its own socket).
 """
 
 from __future__ import annotations
@@ -18,18 +32,22 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Final
 
-from p2plab.config import SessionConfig
+from p2plab.config import BirthdayConfig, SessionConfig
 from p2plab.core.session import PeerSession
-from p2plab.core.signaling import Candidate, ErrorMessage, Register, UpdateUdpEndpoint
+from p2plab.core.signaling import Candidate, ErrorMessage, NatHint, Register, UpdateUdpEndpoint
 
 __all__ = [
     "LINK_COUNTERS",
     "RELAY",
     "SECURITY_COUNTERS",
+    "AdoptPoolSocket",
+    "ClosePool",
     "Command",
     "DiscoverEndpoint",
     "LinkConfig",
+    "OpenSocketPool",
     "RelayDatagram",
+    "SendFromPool",
     "SendToRendezvous",
     "endpoint_update",
     "session_security_counts",
@@ -100,6 +118,9 @@ class LinkConfig:
     :func:`~p2plab.core.crypto.parse_peer_key`: raw key or hex fingerprint); an offer with any
     other key is refused.  None: any usable key (trust on first use)."""
 
+    birthday: BirthdayConfig = field(default_factory=BirthdayConfig)
+    """Birthday punching and predicted ports, for pairs with a hard NAT (issue 16)."""
+
 
 @dataclass(frozen=True)
 class Command:
@@ -133,15 +154,55 @@ class DiscoverEndpoint(Command):
     """The address the rendezvous saw us at (the fallback when there is no STUN server)."""
 
 
+@dataclass(frozen=True)
+class OpenSocketPool(Command):
+    """Bind ``count`` extra UDP sockets (pool sockets 1..count) beside the link's socket."""
+
+    count: int
+    """How many sockets (``BirthdayConfig.sockets``)."""
+
+
+@dataclass(frozen=True)
+class SendFromPool(Command):
+    """Send one datagram from pool socket ``index``."""
+
+    index: int
+    """The pool socket (1..count)."""
+
+    data: bytes
+    """The datagram, exactly as the engine built it."""
+
+    addr: tuple[str, int]
+    """Its destination."""
+
+
+@dataclass(frozen=True)
+class AdoptPoolSocket(Command):
+    """Pool socket ``index`` reached the peer: make it the link's socket and close the rest,
+    then call ``engine.pool_socket_adopted(index, now)``."""
+
+    index: int
+    """The winning pool socket."""
+
+
+@dataclass(frozen=True)
+class ClosePool(Command):
+    """Close every pool socket; the link keeps its own socket."""
+
+
 def endpoint_update(
-    public: tuple[str, int], local_candidates: list[tuple[str, int]]
+    public: tuple[str, int],
+    local_candidates: list[tuple[str, int]],
+    nat: NatHint | None = None,
 ) -> UpdateUdpEndpoint:
-    """The ``update_udp_endpoint`` message: the public endpoint and up to 8 LAN addresses."""
+    """The ``update_udp_endpoint`` message: the public endpoint, up to 8 LAN addresses and what
+    the worker learnt of its NAT's mapping."""
     lan = [a for a in local_candidates if a != public][:8]
     return UpdateUdpEndpoint(
         udp_ip=public[0],
         udp_port=public[1],
         local_candidates=[Candidate(ip=a[0], port=a[1]) for a in lan],
+        nat=nat,
     )
 
 

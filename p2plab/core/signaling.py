@@ -28,12 +28,14 @@ __all__ = [
     "ERROR_ANSWER_INTERVAL",
     "MAX_LOCAL_CANDIDATES",
     "MAX_MESSAGE_BYTES",
+    "MAX_PREDICTED_PORTS",
     "MAX_RELAY_BYTES",
     "BadMessage",
     "Candidate",
     "Challenge",
     "ErrorAnswers",
     "ErrorMessage",
+    "NatHint",
     "P2PConnectionOffer",
     "PeerDisconnected",
     "Register",
@@ -58,6 +60,8 @@ MAX_RELAY_BYTES = 8 * 1024
 _MAX_RELAY_B64 = 4 * ((MAX_RELAY_BYTES + 2) // 3)
 #: Most LAN candidates a worker may announce (an offer carries these plus the public endpoint).
 MAX_LOCAL_CANDIDATES = 8
+#: Most predicted ports a worker may announce (``NatHint.predicted_ports``).
+MAX_PREDICTED_PORTS = 16
 #: A worker answers at most one ``error`` per kind of bad message per this many seconds.
 ERROR_ANSWER_INTERVAL = 1.0
 
@@ -163,6 +167,26 @@ class Register(_Model):
     _check_key = field_validator("public_key")(_public_key)
 
 
+class NatHint(_Model):
+    """What a worker learnt of its own NAT's port mapping, passed on to its peer in the offer.
+
+    It only chooses how the pair punches (plain, birthday, predicted ports; issue 16): the
+    receiver never probes another IP than the peer's announced one, nor more than its own budget.
+    """
+
+    mapping: Literal["endpoint-independent", "endpoint-dependent", "unknown"] = "unknown"
+    """RFC 4787 mapping seen by STUN from the punching socket to two or more destinations."""
+    remaps_on_clash: bool = False
+    """The NAT gives the socket a new port when an unsolicited packet reached its mapping
+    first (natlab.md's "leaky" profile): it maps endpoint-independently but punches as hard."""
+    sequential: bool = False
+    """The mappings seen grew by a constant stride (port prediction applies)."""
+    predicted_ports: list[Annotated[int, Field(ge=1, le=65535)]] = Field(
+        default_factory=list, max_length=MAX_PREDICTED_PORTS
+    )
+    """The ports the NAT will probably give the next mappings, most likely first."""
+
+
 class UpdateUdpEndpoint(_Model):
     """The worker's STUN-learnt UDP endpoint and its LAN candidates."""
 
@@ -170,6 +194,8 @@ class UpdateUdpEndpoint(_Model):
     udp_ip: str = Field(max_length=64)
     udp_port: int = Field(ge=0, le=65535)
     local_candidates: list[Candidate] = Field(default_factory=list, max_length=MAX_LOCAL_CANDIDATES)
+    nat: NatHint | None = None
+    """What the worker learnt of its NAT's mapping (None: it did not test)."""
 
     _check_ip = field_validator("udp_ip")(_ip_literal)
 
@@ -246,6 +272,8 @@ class P2PConnectionOffer(_Model):
     )
     role: Literal["controlling", "controlled"] = "controlling"
     peer_public_key: str | None = Field(default=None, max_length=128)
+    peer_nat: NatHint | None = None
+    """The peer's :class:`NatHint` as it reported it (None: unknown)."""
 
     _check_ip = field_validator("peer_udp_ip")(_ip_literal)
     _check_key = field_validator("peer_public_key")(_public_key)
