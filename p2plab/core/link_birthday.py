@@ -249,6 +249,9 @@ class LinkBirthday(LinkSessions):
                 self._method = self._decide_method(s, event.address)
             self._birthday_stop()
         super()._on_session_event(s, event, now)
+        plan = self.plan
+        if isinstance(event, ev.PeerConnected) and plan is not None and plan.role == "hard-relay":
+            self.error = plan.reason  # the link is up, but the user should still see why relayed
 
     def _retire(self, now: float, *, bye: bool) -> None:
         super()._retire(now, bye=bye)
