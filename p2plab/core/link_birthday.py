@@ -190,6 +190,9 @@ class LinkBirthday(LinkSessions):
 
     def _birthday_timer(self) -> float | None:
         """The next birthday deadline (probe or spray round), or None."""
+        s = self.session
+        if s is None or s.state != "punching" or self.relayed:
+            return None  # nothing would be sent: a deadline would only spin the driver
         when = [
             t
             for t in (

@@ -283,6 +283,9 @@ def test_easy_x_hard_connects_through_birthday_on_the_winning_socket(easy_contro
     assert peer is not None and peer[0] == h.nat.ip
     assert h.nat.inbound(peer[1], (e.nat.ip, e.nat.easy[e.main])) == h.main
     adopted_at = max(s.at for s in w.sent if s.node == "hard" and s.pool == won)
+    dropped = h.engine.stats["pool_dropped"]
+    h.engine.receive_datagram(b"late", peer, w.now, pool=won)  # after adoption: no pool
+    assert h.engine.stats["pool_dropped"] == dropped + 1
     chat_both_ways(w, e, h)
     w.run(3.0)  # keep-alives carry on over the adopted socket
     assert e.engine.state == h.engine.state == "connected"
