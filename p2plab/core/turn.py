@@ -68,6 +68,7 @@ __all__ = [
     "PeerData",
     "PermissionCreated",
     "PermissionFailed",
+    "Refreshed",
     "Released",
     "TurnClient",
     "TurnEvent",
@@ -131,6 +132,14 @@ class AllocationFailed(TurnEvent):
     """One line saying why."""
     code: int | None
     """The server's ERROR-CODE when it refused, else None."""
+
+
+@dataclass(frozen=True)
+class Refreshed(TurnEvent):
+    """A Refresh was answered: the allocation lasts ``lifetime`` more seconds."""
+
+    lifetime: int
+    """Seconds granted from now."""
 
 
 @dataclass(frozen=True)
@@ -341,6 +350,15 @@ class TurnClient:
         self._send_bind(channel, now)
         return channel
 
+    def has_permission(self, peer_ip: str) -> bool:
+        """Whether the server confirmed a permission for ``peer_ip`` (still held)."""
+        return _peer_ip(peer_ip) in self._granted
+
+    def bound_channel(self, peer: Address) -> int | None:
+        """The channel the server confirmed for ``peer``, or None."""
+        channel = self._peer_channel.get((_peer_ip(peer[0]), int(peer[1])))
+        return channel if channel is not None and channel in self._bound else None
+
     def send(self, peer: Address, data: bytes, now: float) -> None:
         """Send ``data`` to ``peer`` through the relay (ChannelData once bound)."""
         self._require_allocated()
@@ -357,6 +375,15 @@ class TurnClient:
         )
         self._out.append(bytes(message))
         self.stats["sent_indication"] += 1
+
+    def refresh(self, now: float) -> None:
+        """Refresh the allocation now (say after :meth:`set_credentials`); the client also
+        refreshes by itself before expiry."""
+        self._require_allocated()
+        if any(r.kind == "refresh" for r in self._requests.values()):
+            return
+        self._refresh_at = None
+        self._start("refresh", Method.REFRESH, self._refresh_attributes(), now)
 
     def release(self, now: float) -> None:
         """Release the allocation (Refresh with LIFETIME 0); ends in :class:`Released`."""
@@ -655,6 +682,7 @@ class TurnClient:
                 self._events.append(Released())
             else:
                 self._set_lifetime(message, now)
+                self._events.append(Refreshed(self.lifetime))
         elif request.kind == "permission" and request.peer_ip is not None:
             if request.peer_ip in self._permissions:
                 first = request.peer_ip not in self._granted

@@ -33,12 +33,11 @@ __all__ = [
 
 #: The TURN port over UDP and TCP (RFC 8656 section 4).
 DEFAULT_TURN_PORT = 3478
-#: How long handed-out credentials stay valid.  Ten minutes: long enough for a worker to
-#: allocate after the offer even when punching takes its whole budget first (tens of seconds), and
-#: an allocation outlives its credentials' expiry anyway only while refreshed by the same worker
-#: (coturn checks the expiry on every authenticated request, refreshes included, so a worker
-#: re-paired later gets fresh ones in its next offer).  Short enough that leaked credentials are
-#: of little use.
+#: How long handed-out credentials stay valid for a new allocation.  Ten minutes: long enough
+#: for a worker to allocate after the offer even when punching takes its whole budget first (tens
+#: of seconds); short enough that leaked credentials are of little use.  It does not cut a relayed
+#: session short: coturn checks the expiry when an allocation is made and then keeps refreshing it
+#: with the key of that session (tests/aio/test_turn_coturn.py shows a refresh after expiry).
 DEFAULT_TURN_TTL_S = 600.0
 #: Longest TURN URL accepted (in settings and in offers).
 MAX_TURN_URL_LENGTH = 256

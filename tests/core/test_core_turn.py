@@ -23,6 +23,7 @@ from p2plab.core.turn import (
     PeerData,
     PermissionCreated,
     PermissionFailed,
+    Refreshed,
     Released,
     TurnClient,
     TurnEvent,
@@ -271,7 +272,7 @@ def test_refresh_a_minute_before_expiry_and_expiry_without_answer() -> None:
     client.handle_timer(539.9)
     assert client.datagrams_to_send(539.9) == []
     client.handle_timer(540.0)
-    assert pump(client, server, 540.0) == []
+    assert pump(client, server, 540.0) == [Refreshed(600)]
     assert server.requests[-1].message_method is Method.REFRESH
     assert client.expires_at == 1140.0 and client.get_timer() == 1080.0
     # From now on the server is gone: retries until the allocation runs out, then it is lost.
