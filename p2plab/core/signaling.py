@@ -22,7 +22,8 @@ from pydantic import (
 
 from p2plab.core.addresses import is_ip_literal
 from p2plab.core.crypto.keys import decode_public_key
-from p2plab.errors import RemoteProtocolError
+from p2plab.core.turn_config import MAX_TURN_URL_LENGTH, parse_turn_url
+from p2plab.errors import ConfigError, RemoteProtocolError
 
 __all__ = [
     "ERROR_ANSWER_INTERVAL",
@@ -30,6 +31,7 @@ __all__ = [
     "MAX_MESSAGE_BYTES",
     "MAX_PREDICTED_PORTS",
     "MAX_RELAY_BYTES",
+    "MAX_TURN_URLS",
     "BadMessage",
     "Candidate",
     "Challenge",
@@ -43,6 +45,7 @@ __all__ = [
     "RelayIn",
     "RelayOut",
     "RendezvousToWorker",
+    "TurnOffer",
     "UpdateUdpEndpoint",
     "WorkerToRendezvous",
     "decode_relay_data",
@@ -62,6 +65,8 @@ _MAX_RELAY_B64 = 4 * ((MAX_RELAY_BYTES + 2) // 3)
 MAX_LOCAL_CANDIDATES = 8
 #: Most predicted ports a worker may announce (``NatHint.predicted_ports``).
 MAX_PREDICTED_PORTS = 16
+#: Most TURN server URLs an offer carries.
+MAX_TURN_URLS = 4
 #: A worker answers at most one ``error`` per kind of bad message per this many seconds.
 ERROR_ANSWER_INTERVAL = 1.0
 
@@ -260,6 +265,41 @@ class Registered(_Model):
     observed_port: int | None = None
 
 
+def _turn_url(value: str) -> str:
+    """``value`` if it is a ``turn:`` URL :func:`parse_turn_url` takes (host names allowed:
+    the worker resolves them off its loop; ``turns:`` refused)."""
+    try:
+        parse_turn_url(value)
+    except ConfigError as exc:
+        raise ValueError(str(exc)) from None
+    return value
+
+
+class TurnOffer(_Model):
+    """TURN servers and short-lived credentials for the worker an offer is sent to (issue 17).
+
+    Made by the rendezvous for that worker only (coturn's REST form: the username names the
+    worker and its expiry, the password is an HMAC of it with the secret the rendezvous shares
+    with coturn); a worker uses them to allocate a relay when no direct pair works.
+    """
+
+    urls: list[Annotated[str, Field(max_length=MAX_TURN_URL_LENGTH)]] = Field(
+        min_length=1, max_length=MAX_TURN_URLS
+    )
+    """``turn:host:port?transport=udp|tcp`` URLs, most preferred first."""
+    username: str = Field(min_length=1, max_length=128)
+    """``"<unix expiry>:<worker id>"``."""
+    password: str = Field(min_length=1, max_length=128)
+    """base64(HMAC-SHA1(secret, username))."""
+    ttl_s: float = Field(gt=0, le=86400)
+    """Seconds the credentials were valid for when the offer was made (for new allocations)."""
+
+    @field_validator("urls")
+    @classmethod
+    def _check_urls(cls, value: list[str]) -> list[str]:
+        return [_turn_url(url) for url in value]
+
+
 class P2PConnectionOffer(_Model):
     """Sent to both workers of a new pair."""
 
@@ -274,6 +314,8 @@ class P2PConnectionOffer(_Model):
     peer_public_key: str | None = Field(default=None, max_length=128)
     peer_nat: NatHint | None = None
     """The peer's :class:`NatHint` as it reported it (None: unknown)."""
+    turn: TurnOffer | None = None
+    """TURN servers and credentials for the receiving worker (None: the rendezvous has none)."""
 
     _check_ip = field_validator("peer_udp_ip")(_ip_literal)
     _check_key = field_validator("peer_public_key")(_public_key)

@@ -1,7 +1,8 @@
 """Our TURN client against Debian's coturn on loopback, with coturn's REST credentials.
 
 Two allocations relay datagrams to each other both ways, as Send/Data indications and as
-ChannelData, over UDP and over TCP to the server; credentials that expired, were made with
+ChannelData, over UDP and over TCP to the server, with credentials made here or handed out
+in a rendezvous's offers; credentials that expired, were made with
 another secret or name another worker are refused; a stranger without a permission gets
 nothing through; an allocation keeps refreshing after its credentials expire (which is why a
 short credential lifetime does not cut a relayed session short).
@@ -10,6 +11,7 @@ short credential lifetime does not cut a relayed session short).
 from __future__ import annotations
 
 import asyncio
+import json
 import shutil
 import socket
 import subprocess
@@ -21,13 +23,20 @@ from pathlib import Path
 import pytest
 
 from p2plab.aio.turn import TurnAllocation, TurnError
+from p2plab.core.signaling import P2PConnectionOffer, parse_rendezvous_message
 from p2plab.core.turn import TurnState
-from p2plab.core.turn_config import TurnServer, turn_credentials
+from p2plab.core.turn_config import TurnServer, parse_turn_url, turn_credentials
 
 try:
     from tests.conftest import TIMEOUT_UNIT, require
+    from tests.rendezvous_fixtures import WsWorker, new_identity, running_rendezvous
 except ImportError:  # pragma: no cover
     from conftest import TIMEOUT_UNIT, require  # type: ignore[no-redef]
+    from rendezvous_fixtures import (  # type: ignore[no-redef]
+        WsWorker,
+        new_identity,
+        running_rendezvous,
+    )
 
 SECRET = "coturn-test-secret"
 LIMIT = 10 * TIMEOUT_UNIT
@@ -198,3 +207,37 @@ async def test_allocation_refreshes_after_its_credentials_expire(coturn: int) ->
         assert a.client.state is TurnState.ALLOCATED
     finally:
         await a.close()
+
+
+async def test_credentials_from_rendezvous_offers_allocate_and_relay(coturn: int) -> None:
+    urls = (f"turn:127.0.0.1:{coturn}?transport=udp", f"turn:127.0.0.1:{coturn}?transport=tcp")
+    async with running_rendezvous(turn_urls=urls, turn_secret=SECRET) as rv:
+        workers = [await WsWorker.connect(rv.ws_url) for _ in range(2)]
+        for i, worker in enumerate(workers):
+            await worker.register(identity=new_identity())
+            await worker.update_endpoint(f"203.0.113.{i + 1}", 1000 + i)
+        offers = []
+        for worker in workers:
+            raw = await worker.expect("p2p_connection_offer")
+            offer = parse_rendezvous_message(json.dumps(raw))
+            assert isinstance(offer, P2PConnectionOffer) and offer.turn is not None
+            offers.append(offer.turn)
+        # Worker 0 over UDP, worker 1 over TCP, each with its own credentials.
+        a = await TurnAllocation.open(
+            parse_turn_url(offers[0].urls[0]), offers[0].username, offers[0].password, timeout=LIMIT
+        )
+        b = await TurnAllocation.open(
+            parse_turn_url(offers[1].urls[1]), offers[1].username, offers[1].password, timeout=LIMIT
+        )
+        try:
+            await a.create_permission(b.relayed[0], LIMIT)
+            await b.bind_channel(a.relayed, LIMIT)
+            a.send(b.relayed, b"udp to tcp")
+            assert await b.recv(LIMIT) == (a.relayed, b"udp to tcp")
+            b.send(a.relayed, b"tcp to udp")
+            assert await a.recv(LIMIT) == (b.relayed, b"tcp to udp")
+        finally:
+            await a.close()
+            await b.close()
+            for worker in workers:
+                await worker.close()
