@@ -484,3 +484,24 @@ def test_bad_turn_urls_are_one_line_errors(url: str, why: str) -> None:
     with pytest.raises(ConfigError, match=why) as info:
         parse_turn_url(url)
     assert "\n" not in str(info.value)
+
+
+def test_a_success_to_the_unauthenticated_first_request_is_not_believed() -> None:
+    client = TurnClient(SERVER, USER, PASSWORD, rand_bytes=counter_bytes())
+    client.allocate(0.0)
+    ((data, _),) = client.datagrams_to_send(0.0)
+    first = parse_message(data)
+    forged = Message(
+        Method.ALLOCATE,
+        Class.RESPONSE,
+        first.transaction_id,
+        {"XOR-RELAYED-ADDRESS": ("198.51.100.66", 9), "LIFETIME": 600},
+    )
+    client.receive(bytes(forged), SERVER, 0.1)
+    assert client.next_event() is None and client.state is TurnState.ALLOCATING
+    assert client.stats["bad_integrity"] == 1
+    # The real exchange still goes through.
+    server = FakeServer()
+    for reply in server.handle(data):
+        client.receive(reply, SERVER, 0.2)
+    assert pump(client, server, 0.2) == [Allocated(RELAYED, MAPPED, 600)]
