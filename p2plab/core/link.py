@@ -94,6 +94,7 @@ from p2plab.core.link_trust import (
     offer_candidates,
 )
 from p2plab.core.signaling import (
+    CandidatesIn,
     Challenge,
     ErrorMessage,
     NatHint,
@@ -101,6 +102,7 @@ from p2plab.core.signaling import (
     PeerDisconnected,
     Registered,
     RelayIn,
+    RendezvousMessage,
 )
 from p2plab.errors import NotConnected, RemoteProtocolError
 
@@ -125,9 +127,6 @@ log = logging.getLogger(__name__)
 
 Address = ev.Address
 
-_RendezvousMessage = (
-    Challenge | Registered | P2PConnectionOffer | PeerDisconnected | ErrorMessage | RelayIn
-)
 _ERROR_TEXT = 200  # characters of a refusal sent back to the rendezvous (it only logs them)
 
 
@@ -217,7 +216,7 @@ class LinkEngine(LinkBirthday):
         self._drop_peer(now)
         self._set_state(target)
 
-    def receive_rendezvous(self, msg: _RendezvousMessage, now: float) -> None:
+    def receive_rendezvous(self, msg: RendezvousMessage, now: float) -> None:
         """One parsed message from the rendezvous."""
         if isinstance(msg, RelayIn):
             self._on_relay_in(msg, now)
@@ -229,6 +228,8 @@ class LinkEngine(LinkBirthday):
             self._on_offer(msg, now)
         elif isinstance(msg, PeerDisconnected):
             self._on_peer_disconnected(msg, now)
+        elif isinstance(msg, CandidatesIn):
+            self.stats["rendezvous_unexpected"] += 1  # issue 17: TURN candidates, not used yet
         elif isinstance(msg, ErrorMessage):
             self.stats["rendezvous_errors"] += 1
             log.warning("rendezvous error: %s: %s", msg.code, msg.message)

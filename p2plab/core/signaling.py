@@ -31,9 +31,12 @@ __all__ = [
     "MAX_MESSAGE_BYTES",
     "MAX_PREDICTED_PORTS",
     "MAX_RELAY_BYTES",
+    "MAX_TRICKLED_CANDIDATES",
     "MAX_TURN_URLS",
     "BadMessage",
     "Candidate",
+    "CandidatesIn",
+    "CandidatesOut",
     "Challenge",
     "ErrorAnswers",
     "ErrorMessage",
@@ -42,11 +45,14 @@ __all__ = [
     "PeerDisconnected",
     "Register",
     "Registered",
+    "RelayCandidate",
     "RelayIn",
     "RelayOut",
+    "RendezvousMessage",
     "RendezvousToWorker",
     "TurnOffer",
     "UpdateUdpEndpoint",
+    "WorkerMessage",
     "WorkerToRendezvous",
     "decode_relay_data",
     "dump_message",
@@ -248,6 +254,43 @@ class RelayIn(_Model):
         return decode_relay_data(self.data)
 
 
+#: Most candidates one ``candidates`` message may carry.
+MAX_TRICKLED_CANDIDATES = 4
+
+
+class RelayCandidate(_Model):
+    """A TURN relayed address of a worker, trickled to its peer after the offer (issue 17)."""
+
+    ip: str = Field(max_length=64)
+    """An IP literal (the XOR-RELAYED-ADDRESS of the worker's allocation)."""
+    port: int = Field(ge=1, le=65535)
+    transport: Literal["udp", "tcp"] = "udp"
+    """How the worker reaches its TURN server (names the path: ``turn-udp`` or ``turn-tcp``)."""
+
+    _check_ip = field_validator("ip")(_ip_literal)
+
+
+class CandidatesOut(_Model):
+    """A worker gives its paired peer more candidates (its TURN relayed addresses).
+
+    Forwarded by the rendezvous only to the worker's current peer, as ``relay`` messages are;
+    the peer probes them like the offer's candidates (sealed, authenticated PROBEs)."""
+
+    type: Literal["candidates"] = "candidates"
+    to: str = Field(min_length=1, max_length=64)
+    candidates: list[RelayCandidate] = Field(min_length=1, max_length=MAX_TRICKLED_CANDIDATES)
+
+
+class CandidatesIn(_Model):
+    """The rendezvous passes on the candidates the paired peer ``from`` sent (see CandidatesOut)."""
+
+    model_config = ConfigDict(extra="ignore", frozen=True, populate_by_name=True)
+
+    type: Literal["candidates"] = "candidates"
+    from_: str = Field(alias="from", min_length=1, max_length=64)
+    candidates: list[RelayCandidate] = Field(min_length=1, max_length=MAX_TRICKLED_CANDIDATES)
+
+
 class Challenge(_Model):
     """First message of the rendezvous on a new connection: prove you hold your key."""
 
@@ -342,19 +385,35 @@ class ErrorMessage(_Model):
 
 
 WorkerToRendezvous = Annotated[
-    Register | UpdateUdpEndpoint | RelayOut | ErrorMessage, Field(discriminator="type")
+    Register | UpdateUdpEndpoint | RelayOut | CandidatesOut | ErrorMessage,
+    Field(discriminator="type"),
 ]
 RendezvousToWorker = Annotated[
-    Challenge | Registered | P2PConnectionOffer | PeerDisconnected | ErrorMessage | RelayIn,
+    Challenge
+    | Registered
+    | P2PConnectionOffer
+    | PeerDisconnected
+    | ErrorMessage
+    | RelayIn
+    | CandidatesIn,
     Field(discriminator="type"),
 ]
 
-_worker_adapter: TypeAdapter[Register | UpdateUdpEndpoint | RelayOut | ErrorMessage] = TypeAdapter(
-    WorkerToRendezvous
+WorkerMessage = Register | UpdateUdpEndpoint | RelayOut | CandidatesOut | ErrorMessage
+"""Any message a worker sends to the rendezvous."""
+RendezvousMessage = (
+    Challenge
+    | Registered
+    | P2PConnectionOffer
+    | PeerDisconnected
+    | ErrorMessage
+    | RelayIn
+    | CandidatesIn
 )
-_rendezvous_adapter: TypeAdapter[
-    Challenge | Registered | P2PConnectionOffer | PeerDisconnected | ErrorMessage | RelayIn
-] = TypeAdapter(RendezvousToWorker)
+"""Any message the rendezvous sends to a worker."""
+
+_worker_adapter: TypeAdapter[WorkerMessage] = TypeAdapter(WorkerToRendezvous)
+_rendezvous_adapter: TypeAdapter[RendezvousMessage] = TypeAdapter(RendezvousToWorker)
 
 
 def _load(raw: str | bytes) -> dict[str, Any]:
@@ -385,21 +444,15 @@ def _validate(adapter: TypeAdapter[Any], raw: str | bytes) -> Any:
         ) from None
 
 
-def parse_worker_message(
-    raw: str | bytes,
-) -> Register | UpdateUdpEndpoint | RelayOut | ErrorMessage:
+def parse_worker_message(raw: str | bytes) -> WorkerMessage:
     """Parse a message a worker sent to the rendezvous (raises :class:`BadMessage`)."""
-    result: Register | UpdateUdpEndpoint | RelayOut | ErrorMessage = _validate(_worker_adapter, raw)
+    result: WorkerMessage = _validate(_worker_adapter, raw)
     return result
 
 
-def parse_rendezvous_message(
-    raw: str | bytes,
-) -> Challenge | Registered | P2PConnectionOffer | PeerDisconnected | ErrorMessage | RelayIn:
+def parse_rendezvous_message(raw: str | bytes) -> RendezvousMessage:
     """Parse a message the rendezvous sent to a worker (raises :class:`BadMessage`)."""
-    result: (
-        Challenge | Registered | P2PConnectionOffer | PeerDisconnected | ErrorMessage | RelayIn
-    ) = _validate(_rendezvous_adapter, raw)
+    result: RendezvousMessage = _validate(_rendezvous_adapter, raw)
     return result
 
 
