@@ -50,6 +50,7 @@ from p2plab.lab.sim.rendezvous import SimRendezvous
 from p2plab.lab.sim.report import LinkResult, PunchResult
 from p2plab.lab.sim.worker import SimWorker
 from p2plab.lab.sim.world import (
+    EXPECTED_METHODS,
     EXPECTED_OUTCOMES,
     PROFILES,
     SIM_PROFILES,
@@ -61,6 +62,7 @@ from p2plab.lab.sim.world import (
 from p2plab.lab.simnet import LinkConfig, NatBehavior
 
 __all__ = [
+    "EXPECTED_METHODS",
     "EXPECTED_OUTCOMES",
     "PROFILES",
     "SIM_PROFILES",
