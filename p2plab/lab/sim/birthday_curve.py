@@ -97,10 +97,12 @@ def first_hits(
 
 
 def curve_points(k: int, port_total: int, points: int = 40, top: float = 0.995) -> list[int]:
-    """About ``points`` probe counts from 1 to where the formula reaches ``top``."""
-    miss = 1.0 - k / port_total
-    n_max = max(2, math.ceil(math.log(1.0 - top) / math.log(miss)))
-    return sorted({max(1, round(n_max * i / points)) for i in range(1, points + 1)})
+    """About ``points`` probe counts where the formula climbs in equal steps from ~2% to ``top``
+    (so the points spread evenly up the curve, the steep part included)."""
+    miss = math.log(1.0 - k / port_total)
+    step = (top - 0.02) / max(1, points - 1)
+    levels = [0.02 + step * i for i in range(points)]
+    return sorted({max(1, math.ceil(math.log(1.0 - p) / miss)) for p in levels})
 
 
 def curve_rows(
