@@ -96,6 +96,10 @@ class Plan:
     expected: float | None = None
     """Expected success of the birthday part with the local budget, None for plain."""
 
+    punch_extension: float = 0.0
+    """Seconds added to the session's punch deadline so that the whole window fits (the probe
+    window, plus the sprayer's delay when the prober is leaky)."""
+
 
 def nat_kind(hint: NatHint | None) -> Literal["easy", "leaky", "hard", "unknown"]:
     """The design's classification of one side's hint."""
@@ -122,17 +126,20 @@ def plan_traversal(own: NatHint | None, peer: NatHint | None, config: BirthdayCo
         return Plan("plain")
     ports = port_count(config)
     one_sided = birthday_success(config.sockets, config.probe_budget, ports)
+    window = config.probe_budget / config.probe_rate
     if me == "easy":
-        return Plan("plain") if other == "easy" else Plan("probe", expected=one_sided)
+        if other == "easy":
+            return Plan("plain")
+        # A leaky peer sprays at once too (only a leaky *prober* needs the sprayer to wait).
+        return Plan("probe", expected=one_sided, punch_extension=window)
     if other == "easy":
-        return Plan("spray", expected=one_sided)
+        return Plan("spray", expected=one_sided, punch_extension=window)
     if me == "leaky" and other == "hard":
-        return Plan("probe", expected=one_sided)
+        # The hard peer sprays only after my window: my probes must have left first.
+        return Plan("probe", expected=one_sided, punch_extension=2 * window)
     if me == "hard" and other == "leaky":
         # The leaky prober's NAT must see its own probes leave before any spray reaches it.
-        return Plan(
-            "spray", spray_delay=config.probe_budget / config.probe_rate, expected=one_sided
-        )
+        return Plan("spray", spray_delay=window, expected=one_sided, punch_extension=2 * window)
     # Both hard (leaky x leaky counts too: neither keeps one port for everyone).
     if config.hard_budget > 0:
         p = hard_pair_success(config.hard_budget, ports)
@@ -140,7 +147,8 @@ def plan_traversal(own: NatHint | None, peer: NatHint | None, config: BirthdayCo
             f"both NATs map per destination: trying {config.hard_budget} probes per side "
             f"(expected success {_pct(p)})"
         )
-        return Plan("hard-try", reason=reason, expected=p)
+        extension = config.hard_budget / config.probe_rate
+        return Plan("hard-try", reason=reason, expected=p, punch_extension=extension)
     p = hard_pair_success(config.probe_budget, ports)
     reason = (
         "both NATs map per destination: expected success with the default budget "
