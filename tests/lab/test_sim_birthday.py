@@ -88,7 +88,7 @@ def test_the_worker_learns_its_nat_hint_over_stun(
     [
         ("port-restricted", "symmetric", 11),
         ("symmetric", "port-restricted", 12),
-        ("leaky", "port-restricted", 13),
+        ("port-restricted", "leaky", 13),
         ("leaky", "symmetric", 14),
     ],
 )
@@ -97,7 +97,9 @@ def test_easy_x_hard_connects_by_birthday_on_the_socket_that_won(
 ) -> None:
     sim = Simulation(seed=seed)
     (a, _), (b, _) = _site(sim, profile_a, "a"), _site(sim, profile_b, "b")
-    result = sim.pair(a, b)
+    # B's offer comes 0.1 s after A's, as from a real rendezvous (with no skew the first
+    # datagrams of port-restricted x leaky cross in flight and plain punching wins the race).
+    result = sim.pair(a, b, skew=0.1)
     assert (result.outcome, result.method, result.path) == ("direct", "birthday", "public")
     assert result.a.engine.method == result.b.engine.method == "birthday"
     sprayers = [w for w in (result.a, result.b) if w.engine.stats["pool_adoptions"]]
@@ -123,6 +125,39 @@ def test_easy_x_hard_connects_by_birthday_on_the_socket_that_won(
     sim.run_for(120.0)  # keep-alives keep the new socket's mapping
     assert result.a.state == result.b.state == "connected"
     _chat(sim, sprayer, prober, "two minutes later")
+
+
+@pytest.mark.parametrize("easy", ["open", "full", "restricted"])
+def test_plain_punching_wins_at_once_when_the_easy_side_lets_the_hard_one_in(easy: str) -> None:
+    """The easy side (controlling) filters by address only or not at all: the hard side's
+    first datagram from its link socket gets in and the link is up in one round trip.  The spray
+    reaches the easy side too, and its answers come back to pool sockets: the hard side must not
+    adopt one of them under a path the controlling side has already nominated (it did, and both
+    sides waited 20 s for a peer timeout and a re-punch)."""
+    sim = Simulation(seed=41)
+    a = sim.add_host(name="a") if easy == "open" else _site(sim, easy, "a")[0]
+    (b, _) = _site(sim, "symmetric", "b")
+    result = sim.pair(a, b, skew=0.1)
+    assert (result.outcome, result.method) == ("direct", "direct")
+    assert result.a.engine.method == result.b.engine.method == "direct"
+    assert result.connect_time_s is not None and result.connect_time_s < 1.0
+    assert result.b.engine.stats["pool_adoptions"] == 0
+    assert result.b.pool == {} and list(result.b.host.sockets.values()) == [result.b.socket]
+    sim.run_for(60.0)
+    assert result.a.state == result.b.state == "connected"
+    assert not any(isinstance(e, ev.PeerLost) for w in (result.a, result.b) for _, e in w.events)
+
+
+@pytest.mark.parametrize("profile", ["symmetric", "leaky"])
+def test_two_hard_hosts_behind_one_nat_still_punch_over_the_lan(profile: str) -> None:
+    """Both hard, but behind the same NAT (one public IP): their LAN addresses work, so the
+    engines punch as before instead of going to the relay at once."""
+    sim = Simulation(seed=42)
+    nat = sim.add_nat(profile)
+    a, b = sim.add_host(behind=nat, name="a"), sim.add_host(behind=nat, name="b")
+    result = sim.pair(a, b, skew=0.1)
+    assert (result.outcome, result.method, result.path) == ("direct", "direct", "lan")
+    assert sim.rendezvous.stats["relayed"] == 0
 
 
 def test_a_sequential_nat_connects_on_a_predicted_port_with_few_probes() -> None:
