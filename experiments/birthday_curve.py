@@ -70,6 +70,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
+    logging.getLogger("p2plab").setLevel(logging.WARNING)  # not every engine's every step
     args.out.mkdir(parents=True, exist_ok=True)
     status = 0
 
