@@ -329,12 +329,14 @@ class Simulation:
         room: str = "default",
         signaling_delay: float = 0.02,
         use_stun: bool = True,
+        nat_test: bool = True,
         start: bool = True,
     ) -> SimWorker:
         """A whole worker (link engine + sessions) on a new socket of ``host``, started unless
         ``start`` is False: it registers with :attr:`rendezvous`, discovers its endpoint over
         STUN and is paired with the next worker of ``room``.  ``signaling_delay`` is its
-        rendezvous connection's one-way delay."""
+        rendezvous connection's one-way delay; ``nat_test`` runs issue 16's NAT test after discovery
+        (off: the engine gets no hint and punches plainly)."""
         name = name or host.name
         while name in self.workers:
             name = f"{name}'"
@@ -349,6 +351,7 @@ class Simulation:
             room=room,
             signaling_delay=signaling_delay,
             use_stun=use_stun,
+            nat_test=nat_test,
         )
         self.workers[name] = w
         if start:
