@@ -228,3 +228,38 @@ def test_the_measured_curve_follows_the_formula_and_a_wrong_one_does_not() -> No
     ]
     for formula in wrong:
         assert _worst_z(hits, ns, formula) > 8.0
+
+
+def test_the_pool_and_the_probes_follow_the_local_config_and_the_peer_ip_only() -> None:
+    """Each side's own BirthdayConfig sizes its pool and budget (the offer carries no numbers);
+    every datagram the prober sends goes to the STUN server, to the offer's candidates, or (its
+    random-port probes) to the hard side's public IP."""
+    sim = Simulation(seed=51)
+    (a, _), (b, nat_b) = _site(sim, "port-restricted", "a"), _site(sim, "symmetric", "b")
+    small = EngineConfig(birthday=BirthdayConfig(sockets=64, probe_budget=4096, probe_rate=400))
+    wa = sim.worker(a, room="r", config=small, start=False)
+    wb = sim.worker(b, room="r", config=small, start=False, signaling_delay=0.12)
+    sent_to: list[tuple[str, int]] = []
+    send = wa.socket.sendto
+
+    def recording(data: bytes, addr: tuple[str, int]) -> None:
+        sent_to.append(addr)
+        send(data, addr)
+
+    wa.socket.sendto = recording  # type: ignore[method-assign]
+    wa.start()
+    wb.start()
+    result = sim.pair(wa, wb)
+    assert (result.outcome, result.method) == ("direct", "birthday")
+    assert wb.stats["pool_sockets_opened"] == 64
+    assert wb.engine.stats["spray_datagrams"] % 64 == 0
+    offer = wa.engine.offer
+    assert offer is not None and offer.peer_udp_ip == nat_b.public_ip
+    given = {c.ip for c in offer.peer_candidates}  # plain punching: the offer's candidates
+    assert {ip for ip, _ in sent_to} <= {*given, *sim.stun.ips}
+    assert {(ip, port) for ip, port in sent_to if ip != nat_b.public_ip and ip in given} <= {
+        (c.ip, c.port) for c in offer.peer_candidates
+    }
+    probed = [addr for addr in sent_to if addr[0] == nat_b.public_ip]
+    assert len(set(probed)) >= wa.engine.stats["birthday_probes"]  # one probe per port
+    assert wa.engine.stats["birthday_probes"] <= 4096
