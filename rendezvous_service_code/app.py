@@ -367,6 +367,7 @@ def create_app(settings: Settings | None = None, *, backend: Backend | None = No
         return {
             "instance_id": hub.backend.instance_id,
             "source_ips": len(limits),
+            "corrupt_nat_hints": hub.backend.corrupt_nat_hints,
             **vars(hub.stats),
         }
 
@@ -588,7 +589,12 @@ def create_app(settings: Settings | None = None, *, backend: Backend | None = No
                         continue
                     await hub.dispatch(
                         await hub.backend.update_udp_endpoint(
-                            worker_id, conn.conn_id, msg.udp_ip, msg.udp_port, msg.local_candidates
+                            worker_id,
+                            conn.conn_id,
+                            msg.udp_ip,
+                            msg.udp_port,
+                            msg.local_candidates,
+                            msg.nat,
                         )
                     )
         except WebSocketDisconnect:

@@ -17,7 +17,7 @@ import logging
 from collections.abc import Callable, Iterable
 from typing import Any, Protocol
 
-from p2plab.core.signaling import Candidate
+from p2plab.core.signaling import Candidate, NatHint
 
 from .registry import Action, Registry
 
@@ -33,6 +33,8 @@ class Backend(Protocol):
     """What the web layer needs from a registration store."""
 
     instance_id: str
+    corrupt_nat_hints: int
+    """Stored NAT hints that did not validate when read back (read as no hint)."""
 
     async def start(self, deliver: Deliver, on_reset: Callable[[], None] | None = None) -> None:
         """Connect and start background tasks; ``deliver`` receives remote actions.
@@ -70,8 +72,9 @@ class Backend(Protocol):
         udp_ip: str,
         udp_port: int,
         local_candidates: Iterable[Candidate],
+        nat: NatHint | None = None,
     ) -> list[Action]:
-        """Store a UDP endpoint and pair the worker if possible."""
+        """Store a UDP endpoint (and the worker's NAT hint) and pair the worker if possible."""
         ...
 
     async def unregister(self, worker_id: str, conn_id: str) -> list[Action]:
@@ -103,6 +106,8 @@ class MemoryBackend:
     def __init__(self, instance_id: str = "local") -> None:
         self.instance_id = instance_id
         self.registry = Registry()
+        # Records never leave this process, so a stored hint is the validated model itself.
+        self.corrupt_nat_hints = 0
 
     async def start(self, deliver: Deliver, on_reset: Callable[[], None] | None = None) -> None:
         return None
@@ -143,9 +148,10 @@ class MemoryBackend:
         udp_ip: str,
         udp_port: int,
         local_candidates: Iterable[Candidate],
+        nat: NatHint | None = None,
     ) -> list[Action]:
         return self.registry.update_udp_endpoint(
-            worker_id, conn_id, udp_ip, udp_port, local_candidates
+            worker_id, conn_id, udp_ip, udp_port, local_candidates, nat
         )
 
     async def unregister(self, worker_id: str, conn_id: str) -> list[Action]:

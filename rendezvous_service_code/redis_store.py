@@ -2,7 +2,8 @@
 
 Layout (all keys under ``prefix``, default ``p2plab:rv:``):
 
-* ``w:<id>``        hash: the worker's record (``conn``, ``inst``, ``room``, ``seq``, endpoint...)
+* ``w:<id>``        hash: the worker's record (``conn``, ``inst``, ``room``, ``seq``, endpoint...;
+  ``nat`` is the worker's NatHint as JSON text, '' for none, validated again when read back)
 * ``waiting:<room>`` the one unpaired encrypting worker with an endpoint waiting in a room;
   ``waitingplain:<room>`` the same for workers without a public key (they pair only together)
 * ``workers``       set of all worker ids; ``instw:<inst>`` the ids held by one instance
@@ -31,6 +32,7 @@ import redis.asyncio as aioredis
 
 from p2plab.core.signaling import (
     Candidate,
+    NatHint,
     PeerDisconnected,
     Registered,
     parse_rendezvous_message,
@@ -121,21 +123,22 @@ local seq = redis.call('INCR', P .. 'seq')
 redis.call('HSET', w, 'worker_id', id, 'conn', ARGV[3], 'inst', ARGV[4], 'room', ARGV[5],
   'seq', seq, 'registered_at', ARGV[6], 'ws_observed_ip', ARGV[7], 'ws_observed_port', ARGV[8],
   'http_public_ip', ARGV[9], 'public_key', ARGV[10], 'udp_ip', '', 'udp_port', '',
-  'local_candidates', '[]', 'paired_with', '')
+  'local_candidates', '[]', 'nat', '', 'paired_with', '')
 redis.call('SADD', P .. 'workers', id)
 redis.call('SADD', P .. 'instw:' .. ARGV[4], id)
 return {old_conn or '', orphan, pair}
 """
 )
 
-# ARGV: prefix, id, conn, udp_ip, udp_port, candidates_json
+# ARGV: prefix, id, conn, udp_ip, udp_port, candidates_json, nat_json ('' = no hint)
 _LUA_UPDATE = (
     _LUA_COMMON
     + """
 local id = ARGV[2]
 local w = P .. 'w:' .. id
 if redis.call('HGET', w, 'conn') ~= ARGV[3] then return {} end
-redis.call('HSET', w, 'udp_ip', ARGV[4], 'udp_port', ARGV[5], 'local_candidates', ARGV[6])
+redis.call('HSET', w, 'udp_ip', ARGV[4], 'udp_port', ARGV[5], 'local_candidates', ARGV[6],
+  'nat', ARGV[7])
 return try_pair(id)
 """
 )
@@ -172,7 +175,24 @@ def _opt(value: str | None) -> str | None:
     return value if value else None
 
 
-def _record(h: dict[str, str]) -> WorkerRecord:
+def _nat_hint(text: str, on_corrupt: Callable[[], None]) -> NatHint | None:
+    """The stored hint, validated again: Redis is shared, and a value written by another
+    version (or by hand) must not reach an offer unchecked nor crash the pairing; a corrupt one
+    reads as no hint (the pair then punches plainly) and is reported through ``on_corrupt``."""
+    if not text:
+        return None
+    try:
+        return NatHint.model_validate_json(text)
+    except ValueError:  # pydantic's ValidationError is a ValueError
+        on_corrupt()
+        return None
+
+
+def _ignore() -> None:
+    return None
+
+
+def _record(h: dict[str, str], on_corrupt: Callable[[], None] = _ignore) -> WorkerRecord:
     port = h.get("ws_observed_port", "")
     udp_port = h.get("udp_port", "")
     try:
@@ -192,14 +212,15 @@ def _record(h: dict[str, str]) -> WorkerRecord:
         udp_ip=_opt(h.get("udp_ip")),
         udp_port=int(udp_port) if udp_port else None,
         local_candidates=cands,
+        nat=_nat_hint(h.get("nat", ""), on_corrupt),
         paired_with=_opt(h.get("paired_with")),
     )
 
 
-def _pair_actions(pair: list[Any]) -> list[Action]:
+def _pair_actions(pair: list[Any], on_corrupt: Callable[[], None] = _ignore) -> list[Action]:
     if not pair:
         return []
-    return offers_for_pair(_record(_hash(pair[0])), _record(_hash(pair[1])))
+    return offers_for_pair(_record(_hash(pair[0]), on_corrupt), _record(_hash(pair[1]), on_corrupt))
 
 
 def _orphan_actions(orphan: list[Any], left: str) -> list[Action]:
@@ -235,9 +256,15 @@ class RedisBackend:
         self._tasks: list[asyncio.Task[None]] = []
         self._pubsub: Any = None
         self.reaped_instances = 0
+        self.corrupt_nat_hints = 0
+        """Stored NAT hints that did not validate when read back (each read as no hint)."""
 
     def _k(self, name: str) -> str:
         return self.prefix + name
+
+    def _corrupt_hint(self) -> None:
+        self.corrupt_nat_hints += 1
+        logger.warning("a stored NAT hint in Redis does not validate; treating it as absent")
 
     def _channel(self, instance_id: str) -> str:
         return self._k(f"chan:{instance_id}")
@@ -321,7 +348,7 @@ class RedisBackend:
                 )
             )
         actions += _orphan_actions(orphan, worker_id)
-        actions += _pair_actions(pair)
+        actions += _pair_actions(pair, self._corrupt_hint)
         actions.append(
             SendMessage(
                 worker_id,
@@ -340,16 +367,18 @@ class RedisBackend:
         udp_ip: str,
         udp_port: int,
         local_candidates: Iterable[Candidate],
+        nat: NatHint | None = None,
     ) -> list[Action]:
         cands = json.dumps([c.model_dump() for c in local_candidates])
+        hint = nat.model_dump_json() if nat is not None else ""
         pair = await self._update(
-            args=[self.prefix, worker_id, conn_id, udp_ip, str(udp_port), cands]
+            args=[self.prefix, worker_id, conn_id, udp_ip, str(udp_port), cands, hint]
         )
-        return _pair_actions(pair)
+        return _pair_actions(pair, self._corrupt_hint)
 
     async def unregister(self, worker_id: str, conn_id: str) -> list[Action]:
         orphan, pair = await self._unregister(args=[self.prefix, worker_id, conn_id])
-        return _orphan_actions(orphan, worker_id) + _pair_actions(pair)
+        return _orphan_actions(orphan, worker_id) + _pair_actions(pair, self._corrupt_hint)
 
     async def registered_key(self, worker_id: str) -> tuple[bool, str | None]:
         conn, key = await self.redis.hmget(self._k(f"w:{worker_id}"), ["conn", "public_key"])
@@ -374,7 +403,9 @@ class RedisBackend:
             for wid in ids:
                 pipe.hgetall(self._k(f"w:{wid}"))
             hashes = await pipe.execute()
-        records = [_record({_s(k): _s(v) for k, v in h.items()}) for h in hashes if h]
+        records = [
+            _record({_s(k): _s(v) for k, v in h.items()}, self._corrupt_hint) for h in hashes if h
+        ]
         return [r.to_public_dict() for r in sorted(records, key=lambda r: r.seq)]
 
     async def forward(self, action: Action) -> None:

@@ -30,6 +30,7 @@ from pydantic import BaseModel
 
 from p2plab.core.signaling import (
     Candidate,
+    NatHint,
     P2PConnectionOffer,
     PeerDisconnected,
     Registered,
@@ -108,6 +109,9 @@ class WorkerRecord:
     """STUN-learnt UDP port."""
     local_candidates: list[Candidate] = field(default_factory=list)
     """LAN candidates the worker reported."""
+    nat: NatHint | None = None
+    """What the worker reported of its NAT's mapping (issue 16), passed on to its peer in the
+    offer as ``peer_nat``; None when it did not test (or the stored copy was unreadable)."""
     paired_with: str | None = None
     """Worker id of the current peer."""
 
@@ -128,6 +132,7 @@ class WorkerRecord:
             "udp_port": self.udp_port,
             "local_candidates": [c.model_dump() for c in self.local_candidates],
             "public_key": self.public_key,
+            "nat": self.nat.model_dump() if self.nat is not None else None,
             "paired_with": self.paired_with,
             "registered_at": self.registered_at,
         }
@@ -160,6 +165,7 @@ def build_offer(peer: WorkerRecord, role: Role) -> P2PConnectionOffer:
         peer_candidates=build_candidates(peer.udp_ip, peer.udp_port, peer.local_candidates),
         role=role,
         peer_public_key=peer.public_key,
+        peer_nat=peer.nat,
     )
 
 
@@ -262,14 +268,18 @@ class Registry:
         udp_ip: str,
         udp_port: int,
         local_candidates: Iterable[Candidate] = (),
+        nat: NatHint | None = None,
     ) -> list[Action]:
-        """Store the worker's UDP endpoint; pair it if it is unpaired and someone waits."""
+        """Store the worker's UDP endpoint (and NAT hint); pair it if it is unpaired and
+        someone waits.  A later update without a hint clears the stored one: the hint describes
+        the endpoint it came with."""
         rec = self._workers.get(worker_id)
         if rec is None or rec.conn_id != conn_id:
             return []
         rec.udp_ip = udp_ip
         rec.udp_port = udp_port
         rec.local_candidates = list(local_candidates)
+        rec.nat = nat
         if rec.paired_with is not None:
             return []  # keep the pair; the peer punches to what it was offered
         return self._try_pair(rec)

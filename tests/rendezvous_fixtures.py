@@ -133,16 +133,21 @@ class WsWorker:
         return await self.expect("registered")
 
     async def update_endpoint(
-        self, ip: str, port: int, candidates: list[tuple[str, int]] | None = None
+        self,
+        ip: str,
+        port: int,
+        candidates: list[tuple[str, int]] | None = None,
+        nat: dict[str, Any] | None = None,
     ) -> None:
-        await self.send(
-            {
-                "type": "update_udp_endpoint",
-                "udp_ip": ip,
-                "udp_port": port,
-                "local_candidates": [{"ip": i, "port": p} for i, p in candidates or []],
-            }
-        )
+        msg: dict[str, Any] = {
+            "type": "update_udp_endpoint",
+            "udp_ip": ip,
+            "udp_port": port,
+            "local_candidates": [{"ip": i, "port": p} for i, p in candidates or []],
+        }
+        if nat is not None:
+            msg["nat"] = nat
+        await self.send(msg)
 
     async def assert_silent(self, seconds: float = 0.3) -> None:
         """Nothing arrives within ``seconds`` (used only to show a worker keeps waiting)."""

@@ -9,6 +9,8 @@ import signal
 import sys
 from collections.abc import AsyncIterator
 
+import redis.asyncio as aioredis
+
 from rendezvous_service_code.main import RendezvousServer
 from tests.rendezvous_fixtures import (
     TIMEOUT,
@@ -178,3 +180,49 @@ async def test_instance_restart_with_same_redis_keeps_no_stale_workers(redis_url
         await v.update_endpoint("203.0.113.2", 2)
         await v.assert_silent()  # nobody stale to be paired with
         await v.close()
+
+
+async def test_nat_hints_cross_instances_and_a_corrupt_stored_one_reads_as_none(
+    redis_url: str,
+) -> None:
+    hint = {
+        "mapping": "endpoint-independent",
+        "remaps_on_clash": True,
+        "sequential": False,
+        "predicted_ports": [],
+    }
+    async with (
+        running_rendezvous(redis_url=redis_url, **STEADY) as rv1,
+        running_rendezvous(redis_url=redis_url, **STEADY) as rv2,
+    ):
+        a = await WsWorker.connect(rv1.ws_url)
+        b = await WsWorker.connect(rv2.ws_url)
+        await a.register()
+        await b.register()
+        await a.update_endpoint("203.0.113.1", 1111, nat=hint)
+        await b.update_endpoint("203.0.113.2", 2222)
+        assert (await b.expect("p2p_connection_offer"))["peer_nat"] == hint
+        assert (await a.expect("p2p_connection_offer"))["peer_nat"] is None
+        # Redis is shared: a stored value another writer corrupted must not crash pairing nor
+        # reach an offer; it reads as no hint and is counted.
+        c = await WsWorker.connect(rv1.ws_url)
+        d = await WsWorker.connect(rv2.ws_url)
+        await c.register()
+        await d.register()
+        await c.update_endpoint("203.0.113.3", 3333, nat=hint)
+        client = aioredis.Redis.from_url(redis_url)
+        try:
+            bad = json.dumps({"mapping": "endpoint-dependent", "predicted_ports": [0] * 40})
+            await client.hset(f"p2plab:rv:w:{c.worker_id}", "nat", bad)
+        finally:
+            await client.aclose()
+        await d.update_endpoint("203.0.113.4", 4444)
+        assert (await d.expect("p2p_connection_offer"))["peer_nat"] is None
+        assert (await c.expect("p2p_connection_offer"))["peer_worker_id"] == d.worker_id
+        assert (await debug(rv2, "stats"))["corrupt_nat_hints"] == 1
+        listing = await debug(rv1, "list_workers")
+        nats = {w["worker_id"]: w["nat"] for w in listing["workers"]}
+        assert nats[a.worker_id] == hint and nats[c.worker_id] is None
+        assert (await debug(rv1, "stats"))["corrupt_nat_hints"] == 1  # its listing read it
+        for w in (a, b, c, d):
+            await w.close()

@@ -7,6 +7,7 @@ import os
 from p2plab.core.crypto import Identity
 from p2plab.core.signaling import (
     Candidate,
+    NatHint,
     P2PConnectionOffer,
     PeerDisconnected,
     Registered,
@@ -188,3 +189,34 @@ def test_only_workers_of_the_same_encryption_mode_are_paired() -> None:
     assert set(offers(join(reg, "enc2", 3000, key=KEYS["K2"]))) == {"enc1", "enc2"}
     assert set(offers(join(reg, "plain2", 4000))) == {"plain1", "plain2"}
     assert reg.waiting("default") is None
+
+
+HARD = NatHint(mapping="endpoint-dependent", sequential=True, predicted_ports=[40001, 40002])
+
+
+def test_a_workers_nat_hint_reaches_its_peers_offer_and_the_listing() -> None:
+    reg = Registry()
+    reg.register("a", "c-a", now=1.0)
+    reg.register("b", "c-b", now=2.0)
+    assert reg.update_udp_endpoint("a", "c-a", "203.0.113.1", 1, [], HARD) == []
+    got = offers(reg.update_udp_endpoint("b", "c-b", "203.0.113.2", 2, []))
+    assert got["b"].peer_nat == HARD  # b learns of a's NAT
+    assert got["a"].peer_nat is None  # b reported none: unknown, plain punching
+    listed = {w.worker_id: w.to_public_dict()["nat"] for w in reg.workers()}
+    assert listed == {"a": HARD.model_dump(), "b": None}
+    # the hint describes the endpoint it came with: a later update without one clears it
+    reg.update_udp_endpoint("a", "c-a", "203.0.113.1", 3, [])
+    assert reg.get("a").nat is None  # type: ignore[union-attr]
+
+
+def test_a_re_paired_worker_gets_the_new_peers_hint() -> None:
+    reg = Registry()
+    easy = NatHint(mapping="endpoint-independent")
+    reg.register("a", "c-a", now=1.0)
+    reg.register("b", "c-b", now=2.0)
+    reg.register("c", "c-c", now=3.0)
+    reg.update_udp_endpoint("a", "c-a", "203.0.113.1", 1, [], easy)
+    reg.update_udp_endpoint("b", "c-b", "203.0.113.2", 2, [], HARD)
+    reg.update_udp_endpoint("c", "c-c", "203.0.113.3", 3, [], easy)  # waits
+    got = offers(reg.unregister("b", "c-b"))
+    assert got["a"].peer_nat == easy and got["c"].peer_nat == easy

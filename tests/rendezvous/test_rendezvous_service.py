@@ -562,3 +562,39 @@ async def test_worker_errors_are_counted_never_answered_and_still_rate_limited()
         stats = await debug(rv, "stats")
         assert stats["closed_for_abuse"] == 1 and stats["rate_limited"] >= 300
         assert stats["worker_errors"] < 5 + 2000
+
+
+async def test_the_nat_hint_is_passed_on_and_a_hostile_one_refused() -> None:
+    # Issue 16: the hint chooses how the peer punches, so what reaches an offer is checked.
+    async with running_rendezvous() as rv:
+        a = await WsWorker.connect(rv.ws_url)
+        b = await WsWorker.connect(rv.ws_url)
+        await a.register()
+        await b.register()
+        too_many = {"mapping": "endpoint-dependent", "predicted_ports": list(range(1, 18))}
+        await a.update_endpoint("203.0.113.1", 1, nat=too_many)
+        assert "predicted_ports" in (await a.expect("error"))["message"]
+        port_zero = {"mapping": "endpoint-dependent", "predicted_ports": [40000, 0]}
+        await a.update_endpoint("203.0.113.1", 1, nat=port_zero)
+        assert "predicted_ports" in (await a.expect("error"))["message"]
+        await a.update_endpoint("203.0.113.1", 1, nat={"mapping": "whatever"})
+        assert "nat" in (await a.expect("error"))["message"]
+        await b.update_endpoint("203.0.113.2", 2)
+        await b.assert_silent()  # a's endpoint never got stored: nobody is offered it
+        # the connection survived all three: a valid hint now pairs and reaches b
+        hint = {"mapping": "endpoint-dependent", "sequential": True, "predicted_ports": [40001]}
+        await a.update_endpoint("203.0.113.1", 1, nat=hint)
+        offer_b = await b.expect("p2p_connection_offer")
+        assert offer_b["peer_nat"] == {
+            "mapping": "endpoint-dependent",
+            "remaps_on_clash": False,
+            "sequential": True,
+            "predicted_ports": [40001],
+        }
+        assert (await a.expect("p2p_connection_offer"))["peer_nat"] is None
+        listing = await debug(rv, "list_workers")
+        nats = {w["worker_id"]: w["nat"] for w in listing["workers"]}
+        assert nats == {a.worker_id: offer_b["peer_nat"], b.worker_id: None}
+        assert (await debug(rv, "stats"))["bad_messages"] == 3
+        await a.close()
+        await b.close()
