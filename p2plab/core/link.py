@@ -276,7 +276,12 @@ class LinkEngine(LinkBirthday):
             # A relayed link runs over the rendezvous only (late direct probes end here).
             self.stats["udp_dropped_while_relayed"] += 1
             return
+        before = self.session.datagrams_accepted
         self.session.receive_datagram(data, addr, now)
+        if self.session.datagrams_accepted > before:
+            # The peer reached the link socket itself: a pool socket must not take the link
+            # away from under a path the peer may already have nominated.
+            self._link_socket_heard = True
         self._pump(now)
 
     def get_timer(self) -> float | None:

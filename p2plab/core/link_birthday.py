@@ -56,6 +56,9 @@ Address = ev.Address
 class LinkBirthday(LinkSessions):
     """The birthday part of the engine (see the module docstring)."""
 
+    public_endpoint: Address | None
+    """The link socket's public UDP endpoint, once discovered (set by the engine)."""
+
     def __init__(
         self,
         worker_id: str,
@@ -79,6 +82,7 @@ class LinkBirthday(LinkSessions):
         self._adopting: int | None = None  # AdoptPoolSocket sent, output held until adopted
         self._adopted: int | None = None  # the pool socket the link runs on
         self._method: str | None = None  # how the current direct link was made
+        self._link_socket_heard = False  # the peer's datagrams reached the link socket
 
     # -- read-only state ----------------------------------------------------------------------
 
@@ -120,6 +124,7 @@ class LinkBirthday(LinkSessions):
             or not 1 <= index <= self._pool
             or self._adopting is not None
             or s.state != "punching"
+            or self._link_socket_heard
         ):
             self.stats["pool_dropped"] += 1
             return
@@ -152,6 +157,10 @@ class LinkBirthday(LinkSessions):
         assert s is not None and offer is not None
         cfg = self.config.birthday
         plan = plan_traversal(self.nat_hint, offer.peer_nat, cfg)
+        own = self.public_endpoint
+        if own is not None and own[0] == offer.peer_udp_ip:
+            plan = Plan("plain")  # one NAT for both: the LAN candidates need no birthday
+        self._link_socket_heard = False
         self.plan = plan
         self._method = None
         self._adopted = None
