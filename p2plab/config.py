@@ -76,6 +76,25 @@ class SessionConfig:
     """Declare the peer lost (``PeerLost(reason="peer timeout")``) after this long without
     hearing from it."""
 
+    upgrade_interval: float = 5.0
+    """While connected on a TURN path, probe the direct candidates (the offer's and the learnt
+    ones, one probe each) this often, and move to the first that answers (issue 17).  Tailscale's
+    magicsock re-pings its direct endpoints every 5 s while a peer is on DERP: a NAT mapping that
+    opens again is used within one round, and one small probe per candidate per round costs
+    nothing next to the relayed traffic."""
+
+    warm_interval: float = 25.0
+    """While connected direct, probe the validated TURN paths this often, so that one is ready
+    when the direct path dies: under the 30 s of a NAT's UDP mapping and far under a TURN
+    permission's 300 s."""
+
+    downgrade_after: float = 7.5
+    """Connected direct and nothing from the peer on that path for this long: the controlling
+    side moves to a validated TURN path and nominates it.  1.5 keep-alive intervals: on an idle
+    link something arrives every keep-alive interval, and the controlled side may have last
+    heard one interval earlier than we did, so its peer timeout (15 s) still comes after our
+    nomination over TURN (7.5 + 5 s + a round trip).  Capped at 0.8 x ``peer_timeout``."""
+
     rto_initial: float = 1.0
     """Retransmission timeout before any RTT sample exists (RFC 6298 section 2.1)."""
 

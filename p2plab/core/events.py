@@ -50,16 +50,27 @@ class PeerConnected(Event):
     rtt: float | None
     """Round-trip time of the probe exchange that validated the path, in seconds."""
 
+    path: str = "direct"
+    """The path's name: ``direct``, ``turn-udp``, ``turn-tcp`` or ``relay``
+    (:mod:`p2plab.core.paths`)."""
+
 
 @dataclass(frozen=True)
 class PathChanged(Event):
-    """The nominated path moved to another peer address (NAT rebinding or re-nomination)."""
+    """The nominated path moved to another peer address (NAT rebinding, re-nomination, an
+    upgrade to direct or a downgrade to TURN)."""
 
     address: Address
     """The new peer address."""
 
     previous: Address | None
     """The peer address used before the change."""
+
+    path: str = "direct"
+    """The new path's name: ``direct``, ``turn-udp``, ``turn-tcp`` or ``relay``."""
+
+    previous_path: str | None = None
+    """The name of the path used before the change."""
 
 
 @dataclass(frozen=True)

@@ -68,19 +68,21 @@ from typing import Any
 from p2plab.core import events as ev
 from p2plab.core.crypto import Identity
 from p2plab.core.known_peers import KnownPeers
-from p2plab.core.link_birthday import LinkBirthday
 from p2plab.core.link_commands import (
     RELAY,
     SECURITY_COUNTERS,
     AdoptPoolSocket,
     ClosePool,
+    CloseTurnTcp,
     Command,
     DiscoverEndpoint,
     LinkConfig,
     OpenSocketPool,
+    OpenTurnTcp,
     RelayDatagram,
     SendFromPool,
     SendToRendezvous,
+    SendTurnTcp,
     endpoint_update,
     session_security_counts,
 )
@@ -93,6 +95,7 @@ from p2plab.core.link_trust import (
     key_change_warning,
     offer_candidates,
 )
+from p2plab.core.link_turn import LinkTurn
 from p2plab.core.signaling import (
     CandidatesIn,
     Challenge,
@@ -113,14 +116,17 @@ __all__ = [
     "TRANSITIONS",
     "AdoptPoolSocket",
     "ClosePool",
+    "CloseTurnTcp",
     "Command",
     "DiscoverEndpoint",
     "LinkConfig",
     "LinkEngine",
     "OpenSocketPool",
+    "OpenTurnTcp",
     "RelayDatagram",
     "SendFromPool",
     "SendToRendezvous",
+    "SendTurnTcp",
 ]
 
 log = logging.getLogger(__name__)
@@ -130,13 +136,14 @@ Address = ev.Address
 _ERROR_TEXT = 200  # characters of a refusal sent back to the rendezvous (it only logs them)
 
 
-class LinkEngine(LinkBirthday):
+class LinkEngine(LinkTurn):
     """One worker's link lifecycle (see the module docstring for the driver contract).
 
     This class takes the driver's inputs and the rendezvous's messages; the session of the
     current link (building, pumping, retiring and recovering it) is :class:`LinkSessions`'s,
     birthday punching and the socket pool (``method``, ``pool_socket_adopted``) are
-    :class:`~p2plab.core.link_birthday.LinkBirthday`'s."""
+    :class:`~p2plab.core.link_birthday.LinkBirthday`'s, the TURN relay (``turn_tcp_*``) is
+    :class:`~p2plab.core.link_turn.LinkTurn`'s."""
 
     def __init__(
         self,
@@ -175,8 +182,14 @@ class LinkEngine(LinkBirthday):
 
     @property
     def path(self) -> str | None:
-        """``"direct"`` while connected, ``"relayed"`` while relayed, else None."""
-        return {"connected": "direct", "relayed": "relayed"}.get(self._state)
+        """contracts.md's ``path``: ``"direct"``, ``"turn-udp"`` or ``"turn-tcp"`` while
+        connected (the session's nominated path, :mod:`p2plab.core.paths`), ``"relay"`` while
+        relayed through the rendezvous, else None."""
+        if self._state == "relayed":
+            return "relay"
+        if self._state == "connected" and self.session is not None:
+            return self.session.path or "direct"
+        return None
 
     @property
     def peer_address(self) -> Address | None:
@@ -229,7 +242,7 @@ class LinkEngine(LinkBirthday):
         elif isinstance(msg, PeerDisconnected):
             self._on_peer_disconnected(msg, now)
         elif isinstance(msg, CandidatesIn):
-            self.stats["rendezvous_unexpected"] += 1  # issue 17: TURN candidates, not used yet
+            self._on_candidates(msg, now)
         elif isinstance(msg, ErrorMessage):
             self.stats["rendezvous_errors"] += 1
             log.warning("rendezvous error: %s: %s", msg.code, msg.message)
@@ -269,6 +282,8 @@ class LinkEngine(LinkBirthday):
         if pool:
             self._pool_datagram(data, addr, now, pool)
             return
+        if self._state != "stopped" and self._turn_datagram(data, addr, now):
+            return  # the TURN server's, for our allocation (its PeerData reach the session)
         if self.session is None or self._state == "stopped":
             self.stats["udp_dropped_no_link"] += 1
             return
@@ -288,7 +303,8 @@ class LinkEngine(LinkBirthday):
         """When :meth:`handle_timer` must next be called (the session's and the engine's own)."""
         if self._state == "stopped":
             return None
-        when = [t for t in (self._repunch_at, self._birthday_timer()) if t is not None]
+        timers = (self._repunch_at, self._birthday_timer(), self._turn_timer())
+        when = [t for t in timers if t is not None]
         if self.session is not None:
             t = self.session.get_timer()
             if t is not None:
@@ -302,7 +318,8 @@ class LinkEngine(LinkBirthday):
         if self.session is not None:
             self.session.handle_timer(now)
             self._birthday_service(now)
-            self._pump(now)
+        self._turn_service(now)
+        self._pump(now)
         if self._repunch_at is not None and now >= self._repunch_at:
             self._repunch(now)
             self._pump(now)
@@ -445,6 +462,7 @@ class LinkEngine(LinkBirthday):
             return
         self._remember_key(offer.peer_worker_id, peer_key)
         self._set_state(next_state(self._state, Input.OFFER))
+        self._turn_begin(now)
         self._birthday_begin(now)
 
     def _remember_key(self, peer_id: str, key: bytes | None) -> None:

@@ -160,6 +160,10 @@ class LinkBirthday(LinkSessions):
         own = self.public_endpoint
         if own is not None and own[0] == offer.peer_udp_ip:
             plan = Plan("plain")  # one NAT for both: the LAN candidates need no birthday
+        if plan.role == "hard-relay" and self._turn_expected():
+            # A TURN relay carries a hard pair at full speed: punch plainly (the LAN, a NAT
+            # kinder than its hint) while it comes up, never the WebSocket relay at once.
+            plan = Plan("plain")
         self._link_socket_heard = False
         self.plan = plan
         self._method = None
@@ -189,6 +193,11 @@ class LinkBirthday(LinkSessions):
             self._spray = SpraySchedule(now, plan.spray_delay, cfg.spray_interval)
             self._spray_to = (offer.peer_udp_ip, offer.peer_udp_port)
         self._birthday_service(now)
+
+    def _turn_expected(self) -> bool:
+        """Whether a TURN relay is being set up for the current offer (the TURN part of the
+        engine, :mod:`p2plab.core.link_turn`, says so)."""
+        return False
 
     def _relay_now(self, now: float) -> None:
         """Both hard: the relayed session at once (no BYE: the peer does the same)."""

@@ -25,6 +25,18 @@ Birthday punching (issue 16) adds a *socket pool* beside the link's socket:
   socket, then call ``engine.pool_socket_adopted(index, now)`` and run the output steps again
   (until then the engine holds its datagrams, so that none leaves by the old socket).
 - :class:`ClosePool`: close every pool socket (the link stays on its own socket).
+
+TURN (issue 17, :mod:`p2plab.core.link_turn`): over UDP the allocation lives on the link's
+socket (its datagrams are in ``datagrams_to_send``, addressed to the TURN server, and the driver
+feeds whatever comes from the server's address to ``receive_datagram`` as usual: its own STUN
+client must not take those).  Over TCP:
+
+- :class:`OpenTurnTcp`: connect to ``host:port`` (resolving a name off the loop), then call
+  ``engine.turn_tcp_connected(now)``, or ``engine.turn_tcp_closed(now, error)`` if it fails;
+  feed every byte received to ``engine.turn_tcp_received(data, now)`` and call
+  ``turn_tcp_closed`` when the connection ends.
+- :class:`SendTurnTcp`: write ``data`` on that connection (drop it if there is none).
+- :class:`CloseTurnTcp`: close it (no ``turn_tcp_closed`` needed afterwards).
 """
 
 from __future__ import annotations
@@ -33,8 +45,16 @@ from dataclasses import dataclass, field
 from typing import Final
 
 from p2plab.config import BirthdayConfig, SessionConfig
+from p2plab.core.paths import RELAY_ADDRESS
 from p2plab.core.session import PeerSession
-from p2plab.core.signaling import Candidate, ErrorMessage, NatHint, Register, UpdateUdpEndpoint
+from p2plab.core.signaling import (
+    Candidate,
+    CandidatesOut,
+    ErrorMessage,
+    NatHint,
+    Register,
+    UpdateUdpEndpoint,
+)
 
 __all__ = [
     "LINK_COUNTERS",
@@ -42,21 +62,24 @@ __all__ = [
     "SECURITY_COUNTERS",
     "AdoptPoolSocket",
     "ClosePool",
+    "CloseTurnTcp",
     "Command",
     "DiscoverEndpoint",
     "LinkConfig",
     "OpenSocketPool",
+    "OpenTurnTcp",
     "RelayDatagram",
     "SendFromPool",
     "SendToRendezvous",
+    "SendTurnTcp",
     "endpoint_update",
     "session_security_counts",
 ]
 
 #: Pseudo-address of the relay path: a session whose only candidate is RELAY talks to its peer
 #: through the rendezvous.  The session is address-agnostic; the port is 1 because the session
-#: ignores candidates with port 0.
-RELAY: Final[tuple[str, int]] = ("relay", 1)
+#: ignores candidates with port 0.  (Defined in :mod:`p2plab.core.paths` with the TURN ones.)
+RELAY: Final[tuple[str, int]] = RELAY_ADDRESS
 
 #: The engine's counters of its decisions and drops (``LinkEngine.stats``, shown in ``status``).
 LINK_COUNTERS: Final = (
@@ -80,6 +103,13 @@ LINK_COUNTERS: Final = (
     "spray_datagrams",
     "pool_dropped",
     "pool_adoptions",
+    "turn_allocations",
+    "turn_failures",
+    "turn_data_in",
+    "turn_dropped",
+    "turn_urls_unusable",
+    "candidates_in",
+    "candidates_in_dropped",
 )
 
 #: The drop counters of ``security()``, summed over every link the engine had.
@@ -125,6 +155,10 @@ class LinkConfig:
     birthday: BirthdayConfig = field(default_factory=BirthdayConfig)
     """Birthday punching and predicted ports, for pairs with a hard NAT (issue 16)."""
 
+    turn: bool = True
+    """Allocate a TURN relay when an offer carries TURN servers (issue 17), in parallel with
+    punching, and trickle its address to the peer."""
+
 
 @dataclass(frozen=True)
 class Command:
@@ -135,7 +169,7 @@ class Command:
 class SendToRendezvous(Command):
     """Send ``message`` to the rendezvous (nothing happens if it is down)."""
 
-    message: UpdateUdpEndpoint | Register | ErrorMessage
+    message: UpdateUdpEndpoint | Register | ErrorMessage | CandidatesOut
     """The message to send."""
 
 
@@ -221,3 +255,27 @@ def session_security_counts(s: PeerSession | None) -> dict[str, int]:
     for k in ("unexpected_source", "new_sessions_limited"):
         counts[k] = s.stats.get(k, 0)
     return counts
+
+
+@dataclass(frozen=True)
+class OpenTurnTcp(Command):
+    """Open the TCP connection to a TURN server (then ``engine.turn_tcp_connected``)."""
+
+    host: str
+    """The server's host from its ``turn:`` URL (a name is resolved by the driver)."""
+
+    port: int
+    """The server's port."""
+
+
+@dataclass(frozen=True)
+class SendTurnTcp(Command):
+    """Write bytes of the TURN stream on the connection :class:`OpenTurnTcp` opened."""
+
+    data: bytes
+    """Stream bytes (framed STUN messages and padded ChannelData)."""
+
+
+@dataclass(frozen=True)
+class CloseTurnTcp(Command):
+    """Close the TURN TCP connection."""

@@ -131,7 +131,7 @@ class LinkSessions:
             return
         if bye:
             s.close(now)
-        self._route(s, s.datagrams_to_send(now))
+        self._route(s, s.datagrams_to_send(now), now)
         while (event := s.next_event()) is not None:
             if isinstance(event, ev.ChatFailed | ev.ControlFailed):
                 self._events.append(event)
@@ -161,7 +161,7 @@ class LinkSessions:
         self._new_session(self._repunch_candidates, now, relayed=False)
         self._set_state(target)
 
-    def _route(self, s: PeerSession, datagrams: list[tuple[bytes, Address]]) -> None:
+    def _route(self, s: PeerSession, datagrams: list[tuple[bytes, Address]], now: float) -> None:
         for data, addr in datagrams:
             if addr == RELAY:
                 self._commands.append(RelayDatagram(s.peer_id, data))
@@ -171,7 +171,7 @@ class LinkSessions:
     def _pump(self, now: float) -> None:
         """Collect the session's datagrams and act on its events until it has nothing more."""
         while (s := self.session) is not None:
-            self._route(s, s.datagrams_to_send(now))
+            self._route(s, s.datagrams_to_send(now), now)
             events: list[ev.Event] = []
             while (event := s.next_event()) is not None:
                 events.append(event)

@@ -45,8 +45,9 @@ class Candidate:
     """Where probes go."""
 
     kind: str
-    """``"given"`` (from the rendezvous), ``"prflx"`` (learnt from a probe's source) or
-    ``"birthday"`` (a random port of the peer's announced IP, :mod:`p2plab.core.birthday`)."""
+    """``"given"`` (from the rendezvous), ``"prflx"`` (learnt from a probe's source),
+    ``"birthday"`` (a random port of the peer's announced IP, :mod:`p2plab.core.birthday`) or
+    ``"relay"`` (the peer's TURN relayed address, trickled after the offer)."""
 
     next_probe_at: float
     """When the next probe to this address is due (``inf`` when not probing)."""
@@ -141,6 +142,26 @@ class Checklist:
         self.birthday[address] = cand
         return cand
 
+    def add_relay(self, address: Address, now: float) -> Candidate:
+        """The peer's TURN relayed address, probed from now on like the offer's candidates
+        (``probes_per_candidate``, outside :attr:`budget_left`: the engine takes at most
+        ``MAX_TRICKLED_CANDIDATES`` of them, and they are the last way through when the
+        attempt's budget went to addresses that never answered)."""
+        self._promote(address)
+        cand = self.candidates.get(address)
+        if cand is None:
+            cand = Candidate(
+                address,
+                "relay",
+                now,
+                self.config.probe_interval,
+                budget=self.config.probes_per_candidate,
+            )
+            self.candidates[address] = cand
+        cand.kind = "relay"
+        cand.next_probe_at = min(cand.next_probe_at, now)
+        return cand
+
     def add(self, address: Address, kind: str, now: float) -> tuple[Candidate | None, bool]:
         """Learn ``address`` (if new) and schedule a triggered probe to it now.
 
@@ -182,7 +203,7 @@ class Checklist:
         the budget is spent.  Only punching spends it: once connected, probes go to a validated
         address or fall under the :class:`AmplificationLimit`.  A birthday candidate (probed
         again: a trigger answering the peer's probe one for one) is outside the budget."""
-        if cand.kind == "birthday":
+        if cand.kind in ("birthday", "relay"):
             return True
         if self.budget_left <= 0:
             cand.next_probe_at = float("inf")
@@ -265,10 +286,11 @@ class Checklist:
         return None if when == float("inf") else when
 
     def given(self, address: Address) -> bool:
-        """Whether ``address`` is one of the offer's own candidates (not one learnt since), or a
-        birthday candidate: a port of the peer's announced IP, within the birthday budget."""
+        """Whether ``address`` is one of the offer's own candidates (not one learnt since), a
+        birthday candidate (a port of the peer's announced IP, within the birthday budget) or
+        the peer's relayed address (trickled through the rendezvous)."""
         cand = self.get(address)
-        return cand is not None and cand.kind in ("given", "birthday")
+        return cand is not None and cand.kind in ("given", "birthday", "relay")
 
     def succeeded(self) -> list[Candidate]:
         """Candidates that passed a round trip, in the order they were learnt."""

@@ -50,6 +50,7 @@ from typing import Any, Literal
 
 from p2plab.config import SessionConfig
 from p2plab.core import events as ev
+from p2plab.core.paths import turn_path
 from p2plab.core.punch import AmplificationLimit, Candidate, Checklist, SourceRateLimit
 from p2plab.core.reliable import (
     KeepaliveLog,
@@ -60,6 +61,7 @@ from p2plab.core.reliable import (
     control_payload,
 )
 from p2plab.core.session_intake import Address, open_datagram, usable_candidates
+from p2plab.core.session_paths import PathBook
 from p2plab.core.session_stats import new_session_stats
 from p2plab.core.wire import (
     Ack,
@@ -130,6 +132,7 @@ class PeerSession(RttReadout):
         self._nominated: Address | None = None  # controlled: what the controlling side chose
         self._nomination_done = False  # controlling: a flagged probe was acknowledged
         self._data_source: Address | None = None  # where the peer's last non-probe came from
+        self._paths = PathBook(config, now)  # path names, upgrade and downgrade (issue 17)
 
         self._outbox: list[tuple[bytes, Address]] = []
         self._events: deque[ev.Event] = deque()
@@ -156,6 +159,16 @@ class PeerSession(RttReadout):
     def peer_address(self) -> Address | None:
         """The peer's address on the nominated path (None until connected)."""
         return self._peer_address
+
+    @property
+    def path(self) -> str | None:
+        """The name of the nominated path (``direct``, ``turn-udp``, ``turn-tcp``, ``relay``;
+        :mod:`p2plab.core.paths`), None until connected."""
+        return self._paths.name(self._peer_address)
+
+    def path_of(self, addr: Address | None) -> str | None:
+        """The path name of the peer address ``addr`` as this session sees it."""
+        return self._paths.name(addr)
 
     @property
     def candidates(self) -> list[Address]:
@@ -258,6 +271,7 @@ class PeerSession(RttReadout):
             return
         datagram, addr = opened
         self.datagrams_accepted += 1
+        self._paths.heard(addr, self._peer_address, now)
         self._amp.received(addr, len(data))  # it authenticated: credit for replies there
         take_restart = getattr(self._sealer, "take_peer_restart", None)
         if take_restart is not None and take_restart():
@@ -282,6 +296,9 @@ class PeerSession(RttReadout):
             deadlines.append(self._last_sent + self.config.keepalive_interval)
             deadlines.append(self._last_received + self.config.peer_timeout)
             deadlines.append(self._stream.next_deadline())
+            controlling = self.role == "controlling"
+            paths = self._paths.deadline(self._peer_address, controlling, self._checklist)
+            deadlines.append(paths)
             if self._ack_pending is not None or self._sendable():
                 deadlines.append(-_INF)
         when = min(deadlines)
@@ -323,8 +340,23 @@ class PeerSession(RttReadout):
         """Move the punch deadline ``seconds`` later (a birthday window must fit in it)."""
         self._punch_deadline += max(0.0, seconds)
 
+    def add_relay_candidate(self, addr: Address, transport: str, now: float) -> bool:
+        """Probe the peer's TURN relayed address ``addr`` (reached by the peer over
+        ``transport``) like the offer's candidates; False once the session is over.
+
+        Connected, it is probed a few times so that a TURN path is validated for a downgrade
+        (:mod:`p2plab.core.session_paths`).  The engine takes at most four per peer."""
+        if self._state in ("lost", "closed"):
+            return False
+        self._paths.relays[addr] = turn_path(transport)
+        cand = self._checklist.add_relay(addr, now)
+        if self._state == "connected" and not cand.succeeded:
+            self._checklist.restart(addr, now, budget=3)
+            cand.kind = "relay"
+        return True
+
     def candidate_kind(self, addr: Address) -> str | None:
-        """``given``, ``prflx`` or ``birthday`` for a known address, else None."""
+        """``given``, ``prflx``, ``birthday`` or ``relay`` for a known address, else None."""
         cand = self._checklist.get(addr)
         return None if cand is None else cand.kind
 
@@ -341,8 +373,10 @@ class PeerSession(RttReadout):
     def _encode(self, datagram: Datagram) -> bytes:
         return encode_datagram(datagram, self._sealer)
 
-    def _send(self, data: bytes, addr: Address, now: float, *, reply: bool = False) -> None:
-        if not self._may_send(addr, len(data)):
+    def _send(
+        self, data: bytes, addr: Address, now: float, *, reply: bool = False, probe: bool = False
+    ) -> None:
+        if not self._may_send(addr, len(data), probe):
             self.stats["amplification_limited"] += 1
             return
         self._outbox.append((data, addr))
@@ -353,9 +387,10 @@ class PeerSession(RttReadout):
             # keep sending their own keep-alives and both measure the RTT.
             self._last_sent = max(self._last_sent, now)
 
-    def _may_send(self, addr: Address, size: int) -> bool:
-        """The anti-amplification rule (see the module docstring for the one exemption)."""
-        if self._state == "punching" and self._checklist.given(addr):
+    def _may_send(self, addr: Address, size: int, probe: bool = False) -> bool:
+        """The anti-amplification rule (see the module docstring for the one exemption; the
+        scheduled probes of upgrade and warm-up rounds to vouched-for addresses are in it)."""
+        if (self._state == "punching" or probe) and self._checklist.given(addr):
             return True
         return self._amp.allow(addr, size)
 
@@ -391,11 +426,12 @@ class PeerSession(RttReadout):
         self._state = "connected"
         self._peer_address = addr
         self._last_received = now
+        self._paths.moved(now)
         self._checklist.stop_all()
         if self.role == "controlling":
             self._checklist.restart(addr, now, budget=_NOMINATION_PROBES)
         log.info("peer %s connected at %s (rtt %s)", self.peer_id, addr, rtt)
-        self._events.append(ev.PeerConnected(addr, rtt))
+        self._events.append(ev.PeerConnected(addr, rtt, path=self._paths.name(addr) or ""))
 
     def _is_connected(self) -> bool:
         # a call, so that type checkers do not keep a narrowed ``_state`` across state changes
@@ -404,12 +440,14 @@ class PeerSession(RttReadout):
     def _change_path(self, addr: Address, now: float) -> None:
         previous = self._peer_address
         self._peer_address = addr
+        self._paths.moved(now)
         self.stats["path_changes"] += 1
         if self.role == "controlling":
             self._nomination_done = False
             self._checklist.restart(addr, now, budget=_NOMINATION_PROBES)
         log.info("peer %s path changed %s -> %s", self.peer_id, previous, addr)
-        self._events.append(ev.PathChanged(addr, previous))
+        name, before = self._paths.name(addr) or "", self._paths.name(previous)
+        self._events.append(ev.PathChanged(addr, previous, path=name, previous_path=before))
 
     # ------------------------------------------------------------------------------------------
     # internals: timers and sending
@@ -426,6 +464,12 @@ class PeerSession(RttReadout):
         if self._state == "connected" and now >= self._last_received + self.config.peer_timeout:
             self._lose("peer timeout")
             return
+        if self._state == "connected":
+            controlling = self.role == "controlling"
+            down = self._paths.service(now, self._peer_address, controlling, self._checklist)
+            if down is not None:
+                log.info("peer %s: nothing on the direct path: moving to %s", self.peer_id, down)
+                self._change_path(down, now)
         self._send_probes(now)
         if self._state != "connected":
             return
@@ -465,7 +509,7 @@ class PeerSession(RttReadout):
         )
         self._checklist.record_probe(cand, nonce, now, nominate)
         self.stats["probes_sent"] += 1
-        self._send(self._encode(probe), cand.address, now)
+        self._send(self._encode(probe), cand.address, now, probe=True)
 
     def _send_ack(self, now: float) -> None:
         addr = self._ack_pending
@@ -566,7 +610,11 @@ class PeerSession(RttReadout):
             return
         self._checklist.stop(cand.address)
         if self.role == "controlling":
-            if self._data_source == cand.address:
+            if self._paths.better(cand.address, self._peer_address):
+                self._change_path(cand.address, now)  # an upgrade (session_paths)
+            elif self._data_source == cand.address and not self._paths.better(
+                self._peer_address, cand.address
+            ):
                 self._change_path(cand.address, now)  # the peer's NAT rebound
         elif self._nominated == cand.address:
             self._change_path(cand.address, now)
@@ -583,13 +631,19 @@ class PeerSession(RttReadout):
         self._data_source = addr
         if addr != self._peer_address:
             cand = self._checklist.get(addr)
+            # Late datagrams of a worse path never move the link back (session_paths).
+            worse = self._paths.better(self._peer_address, addr)
             if self.role == "controlled":
-                self._follow_nomination(addr, now)
+                if not worse:
+                    self._follow_nomination(addr, now)
             elif cand is not None and cand.succeeded:
-                self._change_path(addr, now)
+                if not worse:
+                    self._change_path(addr, now)
             elif cand is None or cand.next_probe_at == _INF:
                 self._checklist.restart(addr, now, budget=_PATH_CHECK_PROBES)
-            if addr != self._peer_address:
+            succeeded = cand is not None and cand.succeeded
+            side = self._paths.side_path(addr, self._peer_address, succeeded)
+            if addr != self._peer_address and not side:
                 # Outside punching, only the nominated path carries traffic: anything else is
                 # at most a hint (a rebinding NAT) that the probe round trip above checks.
                 self.stats["unexpected_source"] += 1

@@ -144,7 +144,7 @@ async def test_failed_punch_falls_back_to_the_relay_and_chat_works() -> None:
             for w, peer in ((a, b), (b, a)):
                 st = w.status()
                 assert st["state"] == "relayed"
-                assert st["path"] == "relayed"
+                assert st["path"] == "relay"
                 assert st["peer"]["worker_id"] == peer.worker_id
                 assert st["peer"]["endpoint"] == "relay"
                 assert st["security"]["encrypted"] is True
@@ -334,7 +334,7 @@ async def test_relay_across_two_rendezvous_instances(redis_url: str) -> None:
         async with blocked_workers(rv1, rv2) as (a, b, _, _):
             await a.wait_for_state("relayed", timeout=T)
             await b.wait_for_state("relayed", timeout=T)
-            assert a.status()["path"] == b.status()["path"] == "relayed"
+            assert a.status()["path"] == b.status()["path"] == "relay"
             await chat_both_ways(a, b)
         assert rv1.app is not None and rv2.app is not None
         # Each instance relayed its own worker's datagrams to the other instance.

@@ -225,7 +225,9 @@ def test_sealed_nat_rebinding_still_moves_the_path_within_the_limit() -> None:
     b.public = new
     net._by_addr[new] = b
     assert net.run_until(lambda: a.session.peer_address == new, timeout=15)
-    assert [e for e in a.events if isinstance(e, ev.PathChanged)] == [ev.PathChanged(new, B_LOCAL)]
+    assert [e for e in a.events if isinstance(e, ev.PathChanged)] == [
+        ev.PathChanged(new, B_LOCAL, previous_path="direct")
+    ]
     limited = a.session.stats.get("amplification_limited")
     for i in range(20):
         a.session.send_chat(f"m{i}", net.now)

@@ -394,7 +394,7 @@ def test_punch_timeout_falls_back_to_the_relay_and_chat_flows_relayed() -> None:
     w.drop = lambda src, dst: True  # no UDP gets through at all
     w.pair(a, b)
     w.run(5.0)
-    assert a.state == b.state == "relayed" and a.path == "relayed"
+    assert a.state == b.state == "relayed" and a.path == "relay"
     assert a.peer_address == RELAY and a.relayed
     assert w.node(a).states()[-2:] == ["punching", "relayed"]
     assert a.stats["relay_switches"] == 1 and a.stats["relay_in"] > 0

@@ -244,7 +244,7 @@ def test_nat_rebinding_moves_the_path() -> None:
     net._by_addr[new] = b
     assert net.run_until(lambda: a.session.peer_address == new, timeout=15)
     assert [e for e in a.events if isinstance(e, ev.PathChanged)] == [
-        ev.PathChanged(new, ("198.51.100.2", 40000))
+        ev.PathChanged(new, ("198.51.100.2", 40000), path="direct", previous_path="direct")
     ]
     assert a.session.state == b.session.state == "connected"
 

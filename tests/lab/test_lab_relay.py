@@ -38,7 +38,7 @@ def test_symmetric_pair_falls_back_to_the_relay_and_chats_exactly_once() -> None
             assert all(r.connected_at is None for r in run.readers.values())
             for st in (a, b):
                 assert st["state"] == "relayed", st
-                assert st["path"] == "relayed"
+                assert st["path"] == "relay"
                 assert st["peer"]["endpoint"] == "relay"
                 assert st["security"]["encrypted"] is True
             assert a["peer"]["worker_id"] == b["worker_id"]

@@ -1,0 +1,140 @@
+"""Which path a :class:`~p2plab.core.session.PeerSession` is on, and when it changes path:
+upgrade to direct and downgrade to TURN (issue 17), sans-I/O.
+
+The session connects on the first pair that passes a round trip, whatever its path (as before:
+a relayed link now beats a perfect one in ten seconds).  Then, by the rank of
+:data:`~p2plab.core.paths.PATH_NAMES` (direct, turn-udp, turn-tcp, relay):
+
+* **Upgrade.** Connected on a TURN path, both sides probe their direct candidates (the offer's
+  and the learnt ones, one probe each) every ``upgrade_interval``: both must send for two NATs'
+  filters to open.  When one answers, the controlling side moves to it and nominates it (the
+  session's path change and its flagged probes); the controlled side follows the nomination.
+* **Downgrade.** Connected direct, both sides probe their TURN candidates every
+  ``warm_interval`` (a validated TURN path stays ready: the NAT mapping towards the TURN server
+  and the server's permission stay open).  When nothing came from the peer on the direct path for
+  ``downgrade_after``, the controlling side moves to the best validated TURN path and nominates
+  it; the controlled side follows the nomination, which arrives over that path.
+* **No flapping.** Traffic from another validated path of the peer (in flight while both sides
+  switch) is taken, authenticated and de-duplicated by the reliable stream as always, but it
+  moves the path only if that path is not worse: the old path's late datagrams never undo a
+  switch.  Only an explicit nomination (or the downgrade above) moves a link to a worse path.
+
+:class:`PathBook` keeps the names of the peer's relayed addresses (the session sees its own
+allocation's paths as pseudo-addresses, :func:`~p2plab.core.paths.turn_address`), when the
+current path was last heard and the schedule of both kinds of probing rounds.
+"""
+
+from __future__ import annotations
+
+from p2plab.config import SessionConfig
+from p2plab.core.paths import DIRECT, TURN_TCP, TURN_UDP, Address, path_name, path_rank
+from p2plab.core.punch import Checklist
+
+__all__ = ["MAX_UPGRADE_PROBES", "PathBook"]
+
+#: Most candidates one upgrade or warm-up round probes (one probe each).
+MAX_UPGRADE_PROBES = 16
+
+_TURN = (TURN_UDP, TURN_TCP)
+
+
+class PathBook:
+    """Path names, the current path's liveness and the upgrade/downgrade schedule."""
+
+    def __init__(self, config: SessionConfig, now: float) -> None:
+        self.config = config
+        self.relays: dict[Address, str] = {}
+        """The peer's relayed addresses (its TURN candidates) and their path names."""
+        self.last_on_path = now
+        """When an authenticated datagram last came from the current path."""
+        self._next_upgrade = now + config.upgrade_interval
+        self._next_warm = now + config.warm_interval
+
+    @property
+    def downgrade_after(self) -> float:
+        """Silence on a direct path before the controlling side moves to TURN."""
+        return min(self.config.downgrade_after, 0.8 * self.config.peer_timeout)
+
+    def name(self, addr: Address | None) -> str | None:
+        """The path name of the peer address ``addr`` (None for None)."""
+        return path_name(addr, self.relays)
+
+    def is_turn(self, addr: Address | None) -> bool:
+        """Whether ``addr`` is a TURN path (ours or the peer's allocation)."""
+        return self.name(addr) in _TURN
+
+    def better(self, a: Address | None, b: Address | None) -> bool:
+        """Whether the path to ``a`` ranks strictly better than the path to ``b``."""
+        name_a, name_b = self.name(a), self.name(b)
+        if name_a is None or name_b is None:
+            return False
+        return path_rank(name_a) < path_rank(name_b)
+
+    def side_path(self, addr: Address, current: Address | None, succeeded: bool) -> bool:
+        """Whether traffic from ``addr`` (not the current path) is taken anyway: a validated
+        path of the peer while one of the two is TURN (the other side is mid-switch)."""
+        return succeeded and (self.is_turn(addr) or self.is_turn(current))
+
+    def heard(self, addr: Address, current: Address | None, now: float) -> None:
+        """An authenticated datagram came from ``addr``."""
+        if addr == current:
+            self.last_on_path = now
+
+    def moved(self, now: float) -> None:
+        """The session connected or changed path: a new path starts its schedule."""
+        self.last_on_path = now
+        self._next_upgrade = now + self.config.upgrade_interval
+        self._next_warm = now + self.config.warm_interval
+
+    def _downgrade_target(self, checklist: Checklist) -> Address | None:
+        """The best validated TURN path, or None."""
+        turns = [c.address for c in checklist.succeeded() if self.is_turn(c.address)]
+        turns.sort(key=lambda a: path_rank(self.name(a) or ""))
+        return turns[0] if turns else None
+
+    def deadline(self, current: Address | None, controlling: bool, checklist: Checklist) -> float:
+        """When :meth:`service` has work next (``inf``: none) for a session connected to
+        ``current``."""
+        name = self.name(current)
+        if name in _TURN:
+            return self._next_upgrade
+        if name != DIRECT:
+            return float("inf")
+        when = self._next_warm
+        if controlling and self._downgrade_target(checklist) is not None:
+            when = min(when, self.last_on_path + self.downgrade_after)
+        return when
+
+    def service(
+        self, now: float, current: Address | None, controlling: bool, checklist: Checklist
+    ) -> Address | None:
+        """Schedule the probing rounds due at ``now`` (in ``checklist``); returns the TURN path
+        the controlling side must move to now (a downgrade), or None."""
+        name = self.name(current)
+        if name in _TURN and now >= self._next_upgrade:
+            self._next_upgrade = now + self.config.upgrade_interval
+            direct = [
+                c.address
+                for c in checklist.candidates.values()
+                if c.address != current
+                and c.kind in ("given", "prflx")
+                and self.name(c.address) == DIRECT
+            ]
+            for addr in direct[:MAX_UPGRADE_PROBES]:
+                checklist.restart(addr, now, budget=1)
+        if name != DIRECT:
+            return None
+        if now >= self._next_warm:
+            self._next_warm = now + self.config.warm_interval
+            # The peer's relayed addresses always (vouched for, at most four); our own
+            # allocation's paths only once validated (the anti-amplification rule).
+            warm = [
+                c.address
+                for c in checklist.candidates.values()
+                if self.is_turn(c.address) and (c.kind == "relay" or c.succeeded)
+            ]
+            for addr in warm[:MAX_UPGRADE_PROBES]:
+                checklist.restart(addr, now, budget=1)
+        if controlling and now >= self.last_on_path + self.downgrade_after:
+            return self._downgrade_target(checklist)
+        return None
