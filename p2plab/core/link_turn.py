@@ -67,9 +67,18 @@ from p2plab.core.turn import (
 from p2plab.core.turn_config import TurnServer, parse_turn_url
 from p2plab.errors import ConfigError, LocalProtocolError
 
-__all__ = ["LinkTurn"]
+__all__ = ["TURN_TCP_GRACE_S", "TURN_UDP_WAIT_S", "LinkTurn"]
 
 log = logging.getLogger("p2plab.core.link")
+
+#: Seconds an allocation over UDP may take before the TCP URL is tried instead.  A TURN server
+#: answers in one round trip (two with the 401 round); if four requests (0.5 + 1 + 2 s of
+#: retransmissions) got nothing back, UDP to the server is blocked, and RFC 8489's 39.5 s would
+#: leave TCP no time before the punch timeout hands the pair to the WebSocket relay.
+TURN_UDP_WAIT_S = 5.0
+#: Seconds added to the punching deadline when the TCP fallback starts while punching: the time
+#: to connect, allocate and trickle.
+TURN_TCP_GRACE_S = 5.0
 
 Address = ev.Address
 
@@ -93,6 +102,7 @@ class LinkTurn(LinkBirthday):
         """The TURN client of the current offer (None: no TURN, or it failed)."""
         self._turn_tcp: TurnServer | None = None  # the TCP fallback, not tried yet
         self._tcp_open = False  # OpenTurnTcp given and not closed
+        self._udp_deadline: float | None = None  # the UDP allocation's last moment
         self._peer_ips: set[str] = set()  # the IPs we gave permissions to
         self._peer_relays: dict[Address, str] = {}  # the peer's relayed addresses -> transport
 
@@ -171,8 +181,9 @@ class LinkTurn(LinkBirthday):
             log.info("peer %s: allocating a TURN relay at %s", self.peer_id, udp.url)
             self.turn = self._client((udp.host, udp.port), "udp")
             self.turn.allocate(now)
+            self._udp_deadline = now + TURN_UDP_WAIT_S
         else:
-            self._turn_tcp_start()
+            self._turn_tcp_start(now)
 
     def _client(self, server: Address, transport: str) -> TurnClient:
         assert self.offer is not None and self.offer.turn is not None
@@ -182,10 +193,14 @@ class LinkTurn(LinkBirthday):
             server, t.username, t.password, rand_bytes=self._rand_bytes, transport=mode
         )
 
-    def _turn_tcp_start(self) -> None:
+    def _turn_tcp_start(self, now: float) -> None:
         server, self._turn_tcp = self._turn_tcp, None
         if server is None:
             return
+        s = self.session
+        if self._udp_deadline is not None and s is not None and s.state == "punching":
+            s.extend_punching(TURN_TCP_GRACE_S)  # UDP failed: give TCP its chance
+        self._udp_deadline = None
         log.info("peer %s: allocating a TURN relay at %s", self.peer_id, server.url)
         self.turn = self._client((server.host, server.port), "tcp")
         self._tcp_open = True
@@ -195,6 +210,7 @@ class LinkTurn(LinkBirthday):
         """Release the allocation (best effort: one Refresh with LIFETIME 0) and forget it."""
         t, self.turn = self.turn, None
         self._turn_tcp = None
+        self._udp_deadline = None
         self._peer_relays = {}
         self._peer_ips = set()
         if t is not None:
@@ -214,11 +230,24 @@ class LinkTurn(LinkBirthday):
         return True
 
     def _turn_timer(self) -> float | None:
-        return self.turn.get_timer() if self.turn is not None else None
+        t = self.turn
+        when = [x for x in (t.get_timer() if t else None, self._udp_deadline) if x is not None]
+        return min(when) if when else None
 
     def _turn_service(self, now: float) -> None:
-        if self.turn is not None:
-            self.turn.handle_timer(now)
+        t = self.turn
+        if t is None:
+            return
+        if self._udp_deadline is not None and now >= self._udp_deadline:
+            if t.transport == "udp" and t.state is TurnState.ALLOCATING:
+                log.info("no answer from the TURN server over UDP: trying TCP")
+                self.stats["turn_failures"] += 1
+                t.release(now)  # nothing was allocated: forget the transaction
+                self.turn = None
+                self._turn_tcp_start(now)
+                return
+            self._udp_deadline = None
+        t.handle_timer(now)
 
     def _on_candidates(self, msg: CandidatesIn, now: float) -> None:
         """The peer's relayed addresses, passed on by the rendezvous."""
@@ -239,6 +268,22 @@ class LinkTurn(LinkBirthday):
             if not self.relayed:
                 log.info("peer %s: relay candidate %s (%s)", self.peer_id, addr, transport)
                 s.add_relay_candidate(addr, transport, now)
+                self._relay_pair(addr, now)
+
+    def _relay_pair(self, addr: Address, now: float) -> None:
+        """Pair the peer's relayed address ``addr`` with our own allocation too (ICE's
+        relay-relay pair): when UDP from the link socket to the TURN servers is blocked and our
+        allocation runs over TCP, that is the only way through.  Its permission is for the
+        peer's TURN server's IP."""
+        t, s = self.turn, self.session
+        if t is None or t.state is not TurnState.ALLOCATED or s is None or self.relayed:
+            return
+        try:
+            t.create_permission(addr[0], now)
+        except LocalProtocolError:
+            return
+        self._peer_ips.add(addr[0])
+        s.add_relay_candidate(turn_address(addr, t.transport), t.transport, now)
 
     # -- overrides of the session plumbing ----------------------------------------------------
 
@@ -248,6 +293,7 @@ class LinkTurn(LinkBirthday):
         if s is not None and not relayed:  # a re-punch keeps the peer's relayed addresses
             for addr, transport in self._peer_relays.items():
                 s.add_relay_candidate(addr, transport, now)
+                self._relay_pair(addr, now)
 
     def _drop_peer(self, now: float) -> None:
         super()._drop_peer(now)
@@ -315,13 +361,14 @@ class LinkTurn(LinkBirthday):
                         self._tcp_open = False
                         self._commands.append(CloseTurnTcp())
                     else:
-                        self._turn_tcp_start()
+                        self._turn_tcp_start(now)
             elif isinstance(event, PermissionFailed):
                 log.info("TURN permission for %s failed: %s", event.peer_ip, event.reason)
         return fed
 
     def _turn_allocated(self, t: TurnClient, event: Allocated, now: float) -> None:
         self.stats["turn_allocations"] += 1
+        self._udp_deadline = None
         log.info("TURN relay allocated: %s (%s)", event.relayed, t.transport)
         for ip in sorted(self._peer_ips):
             try:
@@ -332,6 +379,8 @@ class LinkTurn(LinkBirthday):
             cand = RelayCandidate(ip=event.relayed[0], port=event.relayed[1], transport=t.transport)
             out = CandidatesOut(to=self.peer_id, candidates=[cand])
             self._commands.append(SendToRendezvous(out))
+        for addr in self._peer_relays:
+            self._relay_pair(addr, now)
 
     def _turn_peer_data(self, t: TurnClient, event: PeerData, now: float) -> bool:
         s = self.session
