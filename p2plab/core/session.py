@@ -382,9 +382,10 @@ class PeerSession(RttReadout):
         self._outbox.append((data, addr))
         self.stats["datagrams_out"] += 1
         self.stats["bytes_out"] += len(data)
-        if not reply:
+        if not reply and (self._peer_address is None or addr == self._peer_address):
             # Replies (acks) do not count as activity for the keep-alive timer, so both ends
-            # keep sending their own keep-alives and both measure the RTT.
+            # keep sending their own keep-alives and both measure the RTT; nor does what goes
+            # to another path (upgrade and warm-up probes): the current path needs its own.
             self._last_sent = max(self._last_sent, now)
 
     def _may_send(self, addr: Address, size: int, probe: bool = False) -> bool:
