@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 from collections import OrderedDict, deque
 from collections.abc import AsyncIterator, Iterable
 from typing import Any, Generic, TypeVar
@@ -54,6 +55,14 @@ def ui_message(event: ev.Event) -> dict[str, Any] | None:
         return {"type": "chat_failed", "id": event.msg_id, "reason": event.reason}
     if isinstance(event, ev.ErrorReported):
         return {"type": "error", "message": event.message}
+    if isinstance(event, ev.PathChanged) and event.path != event.previous_path:
+        # The page shows every switch of path (upgrade to direct, downgrade to TURN).
+        return {
+            "type": "path_changed",
+            "path": event.path,
+            "previous": event.previous_path,
+            "ts": time.time(),
+        }
     return None
 
 

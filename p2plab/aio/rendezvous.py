@@ -38,6 +38,7 @@ from websockets.exceptions import ConnectionClosed, InvalidStatus, InvalidURI
 from p2plab.core.signaling import (
     MAX_RELAY_BYTES,
     BadMessage,
+    CandidatesOut,
     ErrorAnswers,
     ErrorMessage,
     Register,
@@ -129,7 +130,7 @@ class RendezvousClient:
         self._relay_queue: asyncio.Queue[str] | None = None
         self._relay_task: asyncio.Task[None] | None = None
 
-    async def send(self, msg: UpdateUdpEndpoint | Register | ErrorMessage) -> bool:
+    async def send(self, msg: UpdateUdpEndpoint | Register | ErrorMessage | CandidatesOut) -> bool:
         """Send a message if connected; returns False when there is no connection right now."""
         ws = self._ws
         if ws is None:

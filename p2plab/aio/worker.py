@@ -36,6 +36,7 @@ from p2plab.aio.hub import EventHub, Subscription, ui_message
 from p2plab.aio.rendezvous import RendezvousClient, RendezvousMessage
 from p2plab.aio.status import peer_block, security_block
 from p2plab.aio.trust import load_known_peers, save_known_peers
+from p2plab.aio.turn_tcp import TurnTcpConnection
 from p2plab.aio.ui_server import UiServer
 from p2plab.aio.worker_config import WorkerConfig
 from p2plab.core import events as ev
@@ -102,6 +103,12 @@ class Worker:
                     raise ConfigError(f"control type {kind!r} is claimed by two extensions")
                 self._control_routes[kind] = ext
         self._hub = EventHub()
+        link = self.link
+        self._turn_tcp = TurnTcpConnection(  # the engine's TURN allocation over TCP (issue 17)
+            on_connected=lambda: self._feed(link.turn_tcp_connected),
+            on_data=lambda data: self._feed(lambda now: link.turn_tcp_received(data, now)),
+            on_closed=lambda err: self._feed(lambda now: link.turn_tcp_closed(now, err)),
+        )
         self.datagram_hooks: list[Callable[[bytes, Address], bool]] = []
         """Fault injection for tests: each sees a datagram after the extensions; True drops it."""
         self._tasks: set[asyncio.Task[Any]] = set()
@@ -119,6 +126,9 @@ class Worker:
         """Bind the UDP socket, attach extensions, start the HTTP server and the rendezvous."""
         self.endpoint = await UdpEndpoint.bind(self.config.udp_host, self.config.udp_port)
         self.endpoint.peer_handler = self._on_datagram
+        # STUN messages no transaction of ours waits for: the TURN server's answers and Data
+        # indications to the engine's TURN client (the engine takes only its server's).
+        self.endpoint.stun_fallback = self._on_datagram
         for ext in self._extensions:
             ext.attach(self)
         if self.config.http_port is not None:
@@ -160,6 +170,7 @@ class Worker:
                 log.exception("extension %r did not close cleanly", ext.name)
         self.link.stop(_now())
         self._transmit()
+        self._turn_tcp.close()
         if self._timer is not None:
             self._timer.cancel()
         for msg_id, fut in self._chat_waiters.items():
@@ -241,6 +252,8 @@ class Worker:
                 self._spawn(rendezvous.send(msg), "rendezvous-send")
         elif isinstance(cmd, DiscoverEndpoint):
             self._spawn(self._discover(cmd.observed_ip), "discover")
+        else:
+            self._turn_tcp.command(cmd)
 
     def _on_datagram(self, data: bytes, addr: Address) -> None:
         for ext in self._extensions:
@@ -409,7 +422,8 @@ class Worker:
 
     @property
     def path(self) -> str | None:
-        """``"direct"`` while connected, ``"relayed"`` while relayed, else None."""
+        """contracts.md's ``path``: ``"direct"``, ``"turn-udp"``, ``"turn-tcp"`` or
+        ``"relay"`` (the rendezvous WebSocket), else None."""
         return self.link.path
 
     @property
@@ -419,8 +433,9 @@ class Worker:
 
     @property
     def peer_address(self) -> Address | None:
-        """Where the peer link's datagrams go (None without a direct link)."""
-        return None if self.link.relayed else self.link.peer_address
+        """Where the peer link's datagrams go (None without a direct link: on a TURN path or
+        the rendezvous relay, the engine carries them)."""
+        return self.link.peer_address if self.link.path == "direct" else None
 
     @property
     def peer_sealer(self) -> PeerCipher | PlainEnvelope | None:
@@ -471,7 +486,7 @@ class Worker:
             "udp_public": f"{public[0]}:{public[1]}" if public else None,
             "nat": self.nat,
             "peer": peer_block(self.link),
-            "path": {"connected": "direct", "relayed": "relayed"}.get(state),
+            "path": self.link.path if state == self.state else None,
             "room": self.config.room,
             "rendezvous": "connected"
             if self._rendezvous and self._rendezvous.connected
