@@ -50,7 +50,6 @@ from typing import Any, Literal
 
 from p2plab.config import SessionConfig
 from p2plab.core import events as ev
-from p2plab.core.paths import turn_path
 from p2plab.core.punch import AmplificationLimit, Candidate, Checklist, SourceRateLimit
 from p2plab.core.reliable import (
     KeepaliveLog,
@@ -61,7 +60,7 @@ from p2plab.core.reliable import (
     control_payload,
 )
 from p2plab.core.session_intake import Address, open_datagram, usable_candidates
-from p2plab.core.session_paths import PathBook
+from p2plab.core.session_paths import PathBook, SessionPaths
 from p2plab.core.session_stats import new_session_stats
 from p2plab.core.wire import (
     Ack,
@@ -91,10 +90,12 @@ _NOMINATION_PROBES = 10  # flagged probes before relying on implicit nomination
 _PATH_CHECK_PROBES = 10  # probes to a new peer address seen once connected
 
 
-class PeerSession(RttReadout):
+class PeerSession(RttReadout, SessionPaths):
     """One peer link: punching, nomination, keep-alives, RTT and a reliable message stream.
 
-    ``rtt``, ``latest_rtt``, ``min_rtt`` and ``rto`` are :class:`RttReadout`'s."""
+    ``rtt``, ``latest_rtt``, ``min_rtt`` and ``rto`` are :class:`RttReadout`'s; ``path``,
+    ``candidates``, the candidates added after the offer and birthday probes are
+    :class:`~p2plab.core.session_paths.SessionPaths`'s."""
 
     def __init__(
         self,
@@ -159,21 +160,6 @@ class PeerSession(RttReadout):
     def peer_address(self) -> Address | None:
         """The peer's address on the nominated path (None until connected)."""
         return self._peer_address
-
-    @property
-    def path(self) -> str | None:
-        """The name of the nominated path (``direct``, ``turn-udp``, ``turn-tcp``, ``relay``;
-        :mod:`p2plab.core.paths`), None until connected."""
-        return self._paths.name(self._peer_address)
-
-    def path_of(self, addr: Address | None) -> str | None:
-        """The path name of the peer address ``addr`` as this session sees it."""
-        return self._paths.name(addr)
-
-    @property
-    def candidates(self) -> list[Address]:
-        """Every peer address known (given and peer-reflexive), in the order learnt."""
-        return list(self._checklist.candidates)
 
     @property
     def sealer(self) -> Sealer | None:
@@ -313,52 +299,6 @@ class PeerSession(RttReadout):
     def next_event(self) -> ev.Event | None:
         """The next event, or None."""
         return self._events.popleft() if self._events else None
-
-    # ------------------------------------------------------------------------------------------
-    # birthday punching (issue 16; the engine's p2plab.core.link_birthday drives these)
-
-    def add_birthday_target(self, addr: Address, now: float) -> bool:
-        """Probe ``addr`` once now as a birthday candidate (False: not punching, or known).
-
-        Outside ``probe_budget`` and ``max_prflx_candidates``: the caller's
-        :class:`~p2plab.core.birthday.RandomPortProber` bounds and paces these."""
-        cand = self._checklist.add_birthday(addr) if self._state == "punching" else None
-        if cand is None:
-            return False
-        self._probe(cand, now, nominate=False)
-        return True
-
-    def spray_probe(self, addr: Address, now: float) -> bytes:
-        """A sealed PROBE to ``addr`` for a pool socket, not recorded (its answer, if any, is an
-        unmatched PROBE_ACK: what counts is that it opens the pool socket's mapping)."""
-        probe = Probe(
-            self.local_id, self.peer_id, nonce=self._rand_bytes(8), nominate=False, target=addr
-        )
-        return self._encode(probe)
-
-    def extend_punching(self, seconds: float) -> None:
-        """Move the punch deadline ``seconds`` later (a birthday window must fit in it)."""
-        self._punch_deadline += max(0.0, seconds)
-
-    def add_relay_candidate(self, addr: Address, transport: str, now: float) -> bool:
-        """Probe the peer's TURN relayed address ``addr`` (reached by the peer over
-        ``transport``) like the offer's candidates; False once the session is over.
-
-        Connected, it is probed a few times so that a TURN path is validated for a downgrade
-        (:mod:`p2plab.core.session_paths`).  The engine takes at most four per peer."""
-        if self._state in ("lost", "closed"):
-            return False
-        self._paths.relays[addr] = turn_path(transport)
-        cand = self._checklist.add_relay(addr, now)
-        if self._state == "connected" and not cand.succeeded:
-            self._checklist.restart(addr, now, budget=3)
-            cand.kind = "relay"
-        return True
-
-    def candidate_kind(self, addr: Address) -> str | None:
-        """``given``, ``prflx``, ``birthday`` or ``relay`` for a known address, else None."""
-        cand = self._checklist.get(addr)
-        return None if cand is None else cand.kind
 
     # ------------------------------------------------------------------------------------------
     # internals: helpers

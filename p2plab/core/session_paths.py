@@ -26,11 +26,22 @@ current path was last heard and the schedule of both kinds of probing rounds.
 
 from __future__ import annotations
 
-from p2plab.config import SessionConfig
-from p2plab.core.paths import DIRECT, TURN_TCP, TURN_UDP, Address, path_name, path_rank
-from p2plab.core.punch import Checklist
+from collections.abc import Callable
 
-__all__ = ["MAX_UPGRADE_PROBES", "PathBook"]
+from p2plab.config import SessionConfig
+from p2plab.core.paths import (
+    DIRECT,
+    TURN_TCP,
+    TURN_UDP,
+    Address,
+    path_name,
+    path_rank,
+    turn_path,
+)
+from p2plab.core.punch import Candidate, Checklist
+from p2plab.core.wire import Datagram, Probe
+
+__all__ = ["MAX_UPGRADE_PROBES", "PathBook", "SessionPaths"]
 
 #: Most candidates one upgrade or warm-up round probes (one probe each).
 MAX_UPGRADE_PROBES = 16
@@ -138,3 +149,85 @@ class PathBook:
         if controlling and now >= self.last_on_path + self.downgrade_after:
             return self._downgrade_target(checklist)
         return None
+
+
+class SessionPaths:
+    """The peer session's paths and the candidates added after the offer (a base of
+    :class:`~p2plab.core.session.PeerSession`, kept here to keep that module short)."""
+
+    _paths: PathBook
+    _checklist: Checklist
+    _peer_address: Address | None
+    _state: str
+    _punch_deadline: float
+    _rand_bytes: Callable[[int], bytes]
+    local_id: str
+    peer_id: str
+
+    def _probe(self, cand: Candidate, now: float, nominate: bool) -> None:
+        raise NotImplementedError  # the session's
+
+    def _encode(self, datagram: Datagram) -> bytes:
+        raise NotImplementedError  # the session's
+
+    @property
+    def path(self) -> str | None:
+        """The name of the nominated path (``direct``, ``turn-udp``, ``turn-tcp``, ``relay``;
+        :mod:`p2plab.core.paths`), None until connected."""
+        return self._paths.name(self._peer_address)
+
+    def path_of(self, addr: Address | None) -> str | None:
+        """The path name of the peer address ``addr`` as this session sees it."""
+        return self._paths.name(addr)
+
+    @property
+    def candidates(self) -> list[Address]:
+        """Every peer address known (given, peer-reflexive, relay), in the order learnt."""
+        return list(self._checklist.candidates)
+
+    def extend_punching(self, seconds: float) -> None:
+        """Move the punch deadline ``seconds`` later (a birthday window, or the TURN TCP
+        fallback, must fit in it)."""
+        self._punch_deadline += max(0.0, seconds)
+
+    def add_relay_candidate(self, addr: Address, transport: str, now: float) -> bool:
+        """Probe the peer's TURN relayed address ``addr`` (reached by the peer over
+        ``transport``; or a pseudo-address of our own allocation) like the offer's candidates;
+        False once the session is over.
+
+        Connected, it is probed a few times so that a TURN path is validated for a downgrade.
+        The engine takes at most ``MAX_TRICKLED_CANDIDATES`` per peer."""
+        if self._state in ("lost", "closed"):
+            return False
+        self._paths.relays[addr] = turn_path(transport)
+        cand = self._checklist.add_relay(addr, now)
+        if self._state == "connected" and not cand.succeeded:
+            self._checklist.restart(addr, now, budget=3)
+            cand.kind = "relay"
+        return True
+
+    def candidate_kind(self, addr: Address) -> str | None:
+        """``given``, ``prflx``, ``birthday`` or ``relay`` for a known address, else None."""
+        cand = self._checklist.get(addr)
+        return None if cand is None else cand.kind
+
+    # -- birthday punching (issue 16; the engine's p2plab.core.link_birthday drives these) ----
+
+    def add_birthday_target(self, addr: Address, now: float) -> bool:
+        """Probe ``addr`` once now as a birthday candidate (False: not punching, or known).
+
+        Outside ``probe_budget`` and ``max_prflx_candidates``: the caller's
+        :class:`~p2plab.core.birthday.RandomPortProber` bounds and paces these."""
+        cand = self._checklist.add_birthday(addr) if self._state == "punching" else None
+        if cand is None:
+            return False
+        self._probe(cand, now, nominate=False)
+        return True
+
+    def spray_probe(self, addr: Address, now: float) -> bytes:
+        """A sealed PROBE to ``addr`` for a pool socket, not recorded (its answer, if any, is an
+        unmatched PROBE_ACK: what counts is that it opens the pool socket's mapping)."""
+        probe = Probe(
+            self.local_id, self.peer_id, nonce=self._rand_bytes(8), nominate=False, target=addr
+        )
+        return self._encode(probe)
