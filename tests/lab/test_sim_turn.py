@@ -27,9 +27,9 @@ from p2plab.lab.sim.turn_server import (
     RELAY_PORTS,
     SIM_TURN_REALM,
     Outgoing,
-    SimTurnServer,
     TurnServerModel,
 )
+from p2plab.lab.sim.world import TURN_IP
 from p2plab.lab.simnet import SimSocket, TimerHandle
 
 SERVER = ("192.0.2.10", 3478)
@@ -306,7 +306,8 @@ class SimTurnDriver:
 
 def test_two_clients_behind_symmetric_nats_relay_through_the_simulated_server() -> None:
     sim = Simulation(seed=5)
-    server = SimTurnServer(sim.add_host(), sim.clock, SECRET, rand_bytes=random.Random(5).randbytes)
+    server = sim.add_turn_server(secret=SECRET)
+    assert server.address == (TURN_IP, 3478) and sim.turn is server
     drivers = []
     for name in ("a", "b"):
         host = sim.add_host(behind=sim.add_nat("symmetric"))
@@ -344,3 +345,14 @@ def test_two_clients_behind_symmetric_nats_relay_through_the_simulated_server() 
     a.flush()
     sim.run_for(1.0)
     assert relayed not in server.host.sockets and server.stats["released"] == 1
+
+
+def test_paired_workers_get_credentials_for_the_simulations_turn_server() -> None:
+    sim = Simulation(seed=6)
+    server = sim.add_turn_server(secret=SECRET, ttl_s=300)
+    a = sim.worker(sim.add_host(name="a", behind=sim.add_nat("symmetric")))
+    b = sim.worker(sim.add_host(name="b", behind=sim.add_nat("port-restricted")))
+    sim.run_for(10.0)
+    assert sim.rendezvous.stats["turn_credentials"] == 2
+    assert sim.rendezvous.turn_urls == [server.url]
+    assert a.state == b.state == "connected"  # nothing else changed for them

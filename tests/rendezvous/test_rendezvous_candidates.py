@@ -120,7 +120,7 @@ async def test_host_names_and_malformed_candidates_never_reach_the_peer() -> Non
 
 
 async def test_candidates_cross_instances_through_redis(redis_url: str) -> None:
-    steady = {"redis_heartbeat_s": 0.3, "redis_ttl_s": 10.0}
+    steady: dict[str, Any] = {"redis_heartbeat_s": 0.3, "redis_ttl_s": 10.0}
     async with (
         running_rendezvous(redis_url=redis_url, **steady) as rv1,
         running_rendezvous(redis_url=redis_url, **steady) as rv2,

@@ -103,22 +103,30 @@ class SimRendezvous:
         turn_secret: str | None = None,
         turn_ttl_s: float = DEFAULT_TURN_TTL_S,
     ) -> None:
-        if bool(turn_urls) != bool(turn_secret):
-            raise ConfigError("the simulated rendezvous needs both TURN URLs and a secret, or none")
         self.clock = clock
         # its own generator: the challenges draw nothing from the workers' or the network's
         self._rand_bytes = rand_bytes or random.Random("sim rendezvous").randbytes
         self.relay = relay
         """Whether ``relay`` messages are passed on (``P2P_RELAY``); else refused with an error."""
-        self.turn_urls = list(turn_urls)
+        self.turn_urls: list[str] = []
         """TURN servers handed out in offers (none: offers carry no ``turn``)."""
         self.turn_ttl_s = turn_ttl_s
         """Seconds the handed-out credentials are valid for."""
-        self._turn_secret = turn_secret
+        self._turn_secret: str | None = None
+        if turn_urls or turn_secret:
+            self.use_turn(turn_urls, turn_secret or "", turn_ttl_s)
         self.registry = Registry()
         self.stats: Counter[str] = Counter()
         self._conns: dict[str, _Connection] = {}
         self._ids = itertools.count(1)
+
+    def use_turn(self, urls: Sequence[str], secret: str, ttl_s: float = DEFAULT_TURN_TTL_S) -> None:
+        """Hand out credentials for ``urls`` made with ``secret`` in the offers from now on."""
+        if not urls or not secret:
+            raise ConfigError("the simulated rendezvous needs both TURN URLs and a secret")
+        self.turn_urls = list(urls)
+        self._turn_secret = secret
+        self.turn_ttl_s = ttl_s
 
     def connect(self, client: RendezvousClient, *, observed_ip: str, delay: float = 0.02) -> str:
         """Open a connection for ``client`` (it learns ``delay`` seconds later); returns its id."""
