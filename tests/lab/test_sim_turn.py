@@ -1,6 +1,7 @@
 """The simulator's TURN server model against the core's TurnClient, in memory on a fake clock:
 allocation with coturn's REST credentials, permissions, Send/Data indications and ChannelData
-both ways, bad and expired credentials, data without a permission, lifetimes and stale nonces."""
+both ways, bad and expired credentials, data without a permission, lifetimes and stale nonces,
+the same over a TCP stream; then the server on the simulated network."""
 
 from __future__ import annotations
 
@@ -20,10 +21,11 @@ from p2plab.core.turn import (
     Released,
     TurnClient,
     TurnEvent,
+    encode_channel_data,
 )
 from p2plab.core.turn_config import turn_credentials
 from p2plab.lab.sim import Simulation
-from p2plab.lab.sim.turn_server import (
+from p2plab.lab.sim.turn_model import (
     RELAY_PORTS,
     SIM_TURN_REALM,
     Outgoing,
@@ -57,19 +59,25 @@ class Harness:
         client_addr: tuple[str, int] = CLIENT,
         model: TurnServerModel | None = None,
         first_tid: int = 1,
+        tcp: bool = False,
     ) -> None:
         self.model = model or TurnServerModel(SERVER, SECRET, rand_bytes=random.Random(1).randbytes)
         username, good = turn_credentials(SECRET, worker, issued_at, ttl)
         self.client_addr = client_addr
+        self.tcp = tcp
         self.client = TurnClient(
-            SERVER, username, password or good, rand_bytes=counter_bytes(first_tid)
+            SERVER,
+            username,
+            password or good,
+            rand_bytes=counter_bytes(first_tid),
+            transport="tcp" if tcp else "udp",
         )
         self.to_peers: list[Outgoing] = []
 
     def deliver(self, out: list[Outgoing], now: float) -> None:
         for item in out:
             if item.destination == self.client_addr:
-                assert item.local == SERVER
+                assert item.local == SERVER and item.stream == self.tcp
                 self.client.receive(item.data, item.local, now)
             else:
                 self.to_peers.append(item)
@@ -81,7 +89,10 @@ class Harness:
                 break
             for data, addr in out:
                 assert addr == SERVER
-                self.deliver(self.model.receive(data, self.client_addr, now), now)
+                if self.tcp:
+                    self.deliver(self.model.receive_stream(data, self.client_addr, now), now)
+                else:
+                    self.deliver(self.model.receive(data, self.client_addr, now), now)
         events = []
         while (event := self.client.next_event()) is not None:
             events.append(event)
@@ -270,6 +281,40 @@ def test_junk_is_dropped_and_counted() -> None:
     [out] = model.receive(bytes(forged), CLIENT, 0.0)
     assert parse_message(out.data).attributes["ERROR-CODE"][0] == 438
     assert model.relayed_addresses() == set()
+
+
+# --- over TCP (RFC 8656 section 7: the client's fallback) -----------------------------------
+
+
+def test_over_tcp_allocate_relay_both_ways_and_the_connection_ends_the_allocation() -> None:
+    h = allocated(tcp=True)
+    relayed = h.client.relayed
+    assert relayed is not None and h.model.allocation_of(CLIENT, tcp=True) == relayed
+    assert h.model.allocation_of(CLIENT) is None  # a UDP client on the same address is another
+    channel = h.client.bind_channel(PEER, 1.0)
+    assert h.pump(1.0) == [ChannelBound(PEER, channel)]
+    h.client.send(PEER, b"odd", 2.0)  # 3 bytes: padded to 4 on the stream, not to the peer
+    h.pump(2.0)
+    assert [(o.data, o.destination, o.stream) for o in h.to_peers] == [(b"odd", PEER, False)]
+    [out] = h.model.receive(b"12345", PEER, 3.0, relayed)
+    assert out.stream and out.data == encode_channel_data(channel, b"12345", pad=True)
+    h.client.receive(out.data, SERVER, 3.0)
+    assert h.client.next_event() == PeerData(PEER, b"12345", channel)
+    # a request split across two reads is framed whole
+    h.client.create_permission("203.0.113.77", 4.0)
+    [(request, _)] = h.client.datagrams_to_send(4.0)
+    assert h.model.receive_stream(request[:7], CLIENT, 4.0) == []
+    h.deliver(h.model.receive_stream(request[7:], CLIENT, 4.0), 4.0)
+    assert h.client.next_event() == PermissionCreated("203.0.113.77")
+    h.model.close_stream(CLIENT)
+    assert h.model.relayed_addresses() == set()
+    assert h.model.receive(b"late", PEER, 5.0, relayed) == []
+
+
+def test_a_tcp_stream_that_stops_framing_is_dropped_with_its_allocation() -> None:
+    h = allocated(tcp=True)
+    assert h.model.receive_stream(b"\xc0\x00\x00\x00", CLIENT, 1.0) == []
+    assert h.model.stats["stream_junk"] == 1 and h.model.relayed_addresses() == set()
 
 
 # --- on the simulated network ---------------------------------------------------------------
