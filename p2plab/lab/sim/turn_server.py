@@ -111,10 +111,12 @@ class SimTurnServer:
             sock = self.host.bind(address[1], address[0])
             sock.on_datagram = self._relay_handler(address)
             self._relays[address] = sock
+        when = self.model.get_timer()
         if self._timer is not None:
+            if when is not None and self._timer.when == max(when, self.clock.now):
+                return  # relayed data changes no expiry: keep the heap free of dead timers
             self._timer.cancel()
             self._timer = None
-        when = self.model.get_timer()
         if when is not None:
             self._timer = self.clock.call_at(max(when, self.clock.now), self._expire)
 
