@@ -56,7 +56,7 @@ class WorkerConfig:
     """Longest pause between two re-punch attempts (they back off from 0.5 s)."""
     relay: bool = True
     """When punching fails, carry the (still sealed) peer datagrams through the rendezvous
-    (state ``relayed``, ``status()["path"] == "relayed"``): chat, keep-alives and RTT work,
+    (state ``relayed``, ``status()["path"] == "relay"``): chat, keep-alives and RTT work,
     benchmarks do not.  False keeps the old behaviour (``lost``, then ``waiting_for_peer``)."""
     # -- trust in peer keys and the rendezvous (issue 14; kept together) --
     peer_key: str | None = None

@@ -20,6 +20,8 @@ The driver contract (the asyncio worker, the simulator and the unit tests follow
     engine.receive_datagram(data, addr, now, pool=0)  # every UDP datagram of the worker's
                                              # socket (pool=i: of pool socket i)
     engine.pool_socket_adopted(index, now)   # AdoptPoolSocket carried out
+    engine.turn_tcp_connected(now) / turn_tcp_received(data, now) / turn_tcp_closed(now, error)
+                                             # the TURN TCP connection of OpenTurnTcp
     engine.handle_timer(now)                 # when get_timer() is due
     engine.send_chat(text, now, sent_at) / engine.send_control(obj, now, sent_at)
     engine.stop(now)
@@ -32,7 +34,8 @@ The driver contract (the asyncio worker, the simulator and the unit tests follow
 
 Commands (:class:`SendToRendezvous`, :class:`RelayDatagram`, :class:`DiscoverEndpoint`, and the
 socket pool's :class:`OpenSocketPool`, :class:`SendFromPool`, :class:`AdoptPoolSocket`,
-:class:`ClosePool` of birthday punching, :mod:`p2plab.core.link_birthday`) are
+:class:`ClosePool` of birthday punching, :mod:`p2plab.core.link_birthday`, and TURN over TCP's
+:class:`OpenTurnTcp`, :class:`SendTurnTcp`, :class:`CloseTurnTcp`, :mod:`p2plab.core.link_turn`) are
 what the engine needs from outside; :mod:`p2plab.core.link_commands` defines them (with
 :class:`LinkConfig`) and says what the driver does with each; they are re-exported here.
 

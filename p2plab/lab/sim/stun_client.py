@@ -66,6 +66,11 @@ class SimStunClient:
         self._pump(tx)
         return tx
 
+    def waiting_for(self, data: bytes) -> bool:
+        """Whether ``data`` (a STUN message) answers one of this client's transactions; the
+        rest (a TURN server's answers to the engine's TURN client) is the engine's."""
+        return len(data) >= 20 and bytes(data[8:20]) in self._pending
+
     def receive(self, data: bytes, addr: Address | None = None) -> None:
         """A STUN datagram arrived on the socket (junk and strays are counted, never raised)."""
         try:

@@ -285,7 +285,7 @@ class SimWorker:
         self.pump()
 
     def _on_datagram(self, data: bytes, addr: Address) -> None:
-        if is_stun(data):
+        if is_stun(data) and self.stun_client.waiting_for(data):
             self.stun_client.receive(data, addr)
             return
         if self.state == "stopped":
