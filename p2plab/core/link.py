@@ -290,10 +290,6 @@ class LinkEngine(LinkTurn):
         if self.session is None or self._state == "stopped":
             self.stats["udp_dropped_no_link"] += 1
             return
-        if self.relayed:
-            # A relayed link runs over the rendezvous only (late direct probes end here).
-            self.stats["udp_dropped_while_relayed"] += 1
-            return
         before = self.session.datagrams_accepted
         self.session.receive_datagram(data, addr, now)
         if self.session.datagrams_accepted > before:
@@ -500,9 +496,12 @@ class LinkEngine(LinkTurn):
         except ValueError:
             self.stats["relay_dropped"] += 1
             return
-        if self.session is not None and self.relayed:
+        s = self.session
+        if s is not None and (self.relayed or s.candidate_kind(RELAY) is not None):
+            # Relayed, or a relayed session that moved to a better path (the peer may still
+            # send over the relay until it follows the nomination): the session decides.
             self.stats["relay_in"] += 1
-            self.session.receive_datagram(payload, RELAY, now)
+            s.receive_datagram(payload, RELAY, now)
             return
         # The peer gave up punching first: follow it onto the relay, but only if what came
         # through the rendezvous opens with the pair's keys.  A fresh relayed session (not yet
@@ -522,5 +521,6 @@ class LinkEngine(LinkTurn):
         self._repunch_at = None
         self.relayed = True
         self.session = candidate
+        self._better_paths(candidate, now, relayed=True)
         self.stats["relay_in"] += 1
         self._set_state(target)

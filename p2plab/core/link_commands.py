@@ -110,6 +110,7 @@ LINK_COUNTERS: Final = (
     "turn_urls_unusable",
     "candidates_in",
     "candidates_in_dropped",
+    "relay_upgrades",
 )
 
 #: The drop counters of ``security()``, summed over every link the engine had.

@@ -218,7 +218,9 @@ class LinkSessions:
             self._start_relay(now)
             self._set_state(target)
         else:  # LINK_LOST: punch the same peer again, after a backoff
-            self._repunch_candidates = repunch_candidates(s.peer_address, s.candidates)
+            known = [c for c in s.candidates if c != RELAY]  # a re-punch is UDP only
+            last = s.peer_address if s.peer_address != RELAY else None
+            self._repunch_candidates = repunch_candidates(last, known)
             self._retire(now, bye=False)
             self._repunch_at = now + repunch_delay(self.repunch_attempts, self.config)
             self._set_state(target)

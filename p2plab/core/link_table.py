@@ -73,6 +73,8 @@ class Input:
     """The first punch timed out and relay is on: a relayed session replaces the direct one."""
     RELAY_SWITCH: Final = "relay_switch"
     """The peer's relayed datagram arrived first: follow it onto the relay."""
+    RELAY_UPGRADE: Final = "relay_upgrade"
+    """The relayed session moved to a TURN or direct path (issue 17's upgrade)."""
     LINK_LOST: Final = "link_lost"
     """A link that was up (or is being re-punched) fell silent; a re-punch is scheduled."""
     REPUNCH: Final = "repunch"
@@ -173,6 +175,7 @@ TRANSITIONS: Final[dict[str, dict[str, str]]] = {
         _I.OFFER: "punching",
         _I.OFFER_CURRENT: "relayed",
         _I.OFFER_REFUSED: "waiting_for_peer",
+        _I.RELAY_UPGRADE: "connected",
         _I.RELAY_LOST: "lost",
         _I.LINK_FAILED: "lost",
         _I.PEER_LEFT: "lost",

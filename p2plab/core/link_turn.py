@@ -48,7 +48,9 @@ from p2plab.core.link_commands import (
     SendToRendezvous,
     SendTurnTcp,
 )
-from p2plab.core.paths import parse_turn_address, turn_address
+from p2plab.core.link_table import Input, next_state
+from p2plab.core.link_trust import offer_candidates
+from p2plab.core.paths import RELAY_PATH, TURN_TCP, TURN_UDP, parse_turn_address, turn_address
 from p2plab.core.session import PeerSession
 from p2plab.core.signaling import (
     MAX_TRICKLED_CANDIDATES,
@@ -113,6 +115,15 @@ class LinkTurn(LinkBirthday):
         """Our allocation's relayed address, once allocated."""
         t = self.turn
         return t.relayed if t is not None and t.state is TurnState.ALLOCATED else None
+
+    @property
+    def method(self) -> str | None:
+        """As :class:`~p2plab.core.link_birthday.LinkBirthday`'s, and ``relay`` on a TURN path
+        too (the path says which relay)."""
+        s = self.session
+        if self._state == "connected" and s is not None and s.path in (TURN_UDP, TURN_TCP):
+            return "relay"
+        return super().method
 
     @property
     def peer_relays(self) -> list[Address]:
@@ -265,10 +276,9 @@ class LinkTurn(LinkBirthday):
             self.stats["candidates_in"] += 1
             transport = "tcp" if c.transport == "tcp" else "udp"
             self._peer_relays[addr] = transport
-            if not self.relayed:
-                log.info("peer %s: relay candidate %s (%s)", self.peer_id, addr, transport)
-                s.add_relay_candidate(addr, transport, now)
-                self._relay_pair(addr, now)
+            log.info("peer %s: relay candidate %s (%s)", self.peer_id, addr, transport)
+            s.add_relay_candidate(addr, transport, now)
+            self._relay_pair(addr, now)
 
     def _relay_pair(self, addr: Address, now: float) -> None:
         """Pair the peer's relayed address ``addr`` with our own allocation too (ICE's
@@ -276,7 +286,7 @@ class LinkTurn(LinkBirthday):
         allocation runs over TCP, that is the only way through.  Its permission is for the
         peer's TURN server's IP."""
         t, s = self.turn, self.session
-        if t is None or t.state is not TurnState.ALLOCATED or s is None or self.relayed:
+        if t is None or t.state is not TurnState.ALLOCATED or s is None:
             return
         try:
             t.create_permission(addr[0], now)
@@ -290,14 +300,38 @@ class LinkTurn(LinkBirthday):
     def _new_session(self, candidates: list[Address], now: float, *, relayed: bool) -> None:
         super()._new_session(candidates, now, relayed=relayed)
         s = self.session
-        if s is not None and not relayed:  # a re-punch keeps the peer's relayed addresses
-            for addr, transport in self._peer_relays.items():
-                s.add_relay_candidate(addr, transport, now)
-                self._relay_pair(addr, now)
+        if s is not None:
+            self._better_paths(s, now, relayed=relayed)
+
+    def _better_paths(self, s: PeerSession, now: float, *, relayed: bool) -> None:
+        """What a new session of the current peer knows besides its own candidates: the peer's
+        relayed addresses (a re-punch keeps them), and on the rendezvous relay the offer's
+        candidates too, which its upgrade rounds probe (:mod:`p2plab.core.session_paths`)."""
+        if relayed and self.offer is not None:
+            s.add_upgrade_candidates(offer_candidates(self.offer)[0])
+        for addr, transport in self._peer_relays.items():
+            s.add_relay_candidate(addr, transport, now)
+            self._relay_pair(addr, now)
 
     def _drop_peer(self, now: float) -> None:
         super()._drop_peer(now)
         self._turn_end(now)
+
+    def _on_session_event(self, s: PeerSession, event: ev.Event, now: float) -> None:
+        if self.relayed and isinstance(event, ev.PeerConnected) and event.path != RELAY_PATH:
+            self.relayed = False  # a relayed session's first round trip was a better path
+        super()._on_session_event(s, event, now)
+        if (
+            self.relayed
+            and self.session is s
+            and isinstance(event, ev.PathChanged)
+            and event.previous_path == RELAY_PATH
+            and event.path != RELAY_PATH
+        ):
+            log.info("peer %s: off the rendezvous relay, now %s", self.peer_id, event.path)
+            self.relayed = False
+            self.stats["relay_upgrades"] += 1
+            self._set_state(next_state(self._state, Input.RELAY_UPGRADE))
 
     def _route(self, s: PeerSession, datagrams: list[tuple[bytes, Address]], now: float) -> None:
         rest: list[tuple[bytes, Address]] = []
@@ -385,7 +419,7 @@ class LinkTurn(LinkBirthday):
     def _turn_peer_data(self, t: TurnClient, event: PeerData, now: float) -> bool:
         s = self.session
         known = event.peer[0] in self._peer_ips or t.bound_channel(event.peer) is not None
-        if s is None or self.relayed or not known:
+        if s is None or not known:
             self.stats["turn_dropped"] += 1
             return False
         self.stats["turn_data_in"] += 1

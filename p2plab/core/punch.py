@@ -162,6 +162,16 @@ class Checklist:
         cand.next_probe_at = min(cand.next_probe_at, now)
         return cand
 
+    def add_dormant(self, address: Address) -> bool:
+        """Know ``address`` as one of the offer's candidates without probing it (a relayed
+        session's upgrade rounds probe it later); False if known or ``max_candidates`` are."""
+        if self.get(address) is not None or len(self.candidates) >= self.config.max_candidates:
+            return False
+        self.candidates[address] = Candidate(
+            address, "given", float("inf"), self.config.probe_interval, budget=0
+        )
+        return True
+
     def add(self, address: Address, kind: str, now: float) -> tuple[Candidate | None, bool]:
         """Learn ``address`` (if new) and schedule a triggered probe to it now.
 

@@ -14,6 +14,10 @@ a relayed link now beats a perfect one in ten seconds).  Then, by the rank of
   and the server's permission stay open).  When nothing came from the peer on the direct path for
   ``downgrade_after``, the controlling side moves to the best validated TURN path and nominates
   it; the controlled side follows the nomination, which arrives over that path.
+* **From the rendezvous relay.** A relayed session also knows the offer's candidates (not
+  probed while it punches over the relay) and the peer's TURN ones: once connected on the relay,
+  its upgrade rounds probe every candidate of a better path (TURN or direct), and the link moves
+  as above.
 * **No flapping.** Traffic from another validated path of the peer (in flight while both sides
   switch) is taken, authenticated and de-duplicated by the reliable stream as always, but it
   moves the path only if that path is not worse: the old path's late datagrams never undo a
@@ -31,6 +35,7 @@ from collections.abc import Callable
 from p2plab.config import SessionConfig
 from p2plab.core.paths import (
     DIRECT,
+    RELAY_PATH,
     TURN_TCP,
     TURN_UDP,
     Address,
@@ -47,6 +52,7 @@ __all__ = ["MAX_UPGRADE_PROBES", "PathBook", "SessionPaths"]
 MAX_UPGRADE_PROBES = 16
 
 _TURN = (TURN_UDP, TURN_TCP)
+_UPGRADABLE = (TURN_UDP, TURN_TCP, RELAY_PATH)  # paths whose sessions look for better ones
 
 
 class PathBook:
@@ -107,7 +113,7 @@ class PathBook:
         """When :meth:`service` has work next (``inf``: none) for a session connected to
         ``current``."""
         name = self.name(current)
-        if name in _TURN:
+        if name in _UPGRADABLE:
             return self._next_upgrade
         if name != DIRECT:
             return float("inf")
@@ -122,16 +128,14 @@ class PathBook:
         """Schedule the probing rounds due at ``now`` (in ``checklist``); returns the TURN path
         the controlling side must move to now (a downgrade), or None."""
         name = self.name(current)
-        if name in _TURN and now >= self._next_upgrade:
+        if name in _UPGRADABLE and now >= self._next_upgrade:
             self._next_upgrade = now + self.config.upgrade_interval
-            direct = [
+            better = [
                 c.address
                 for c in checklist.candidates.values()
-                if c.address != current
-                and c.kind in ("given", "prflx")
-                and self.name(c.address) == DIRECT
+                if c.address != current and self.better(c.address, current)
             ]
-            for addr in direct[:MAX_UPGRADE_PROBES]:
+            for addr in better[:MAX_UPGRADE_PROBES]:
                 checklist.restart(addr, now, budget=1)
         if name != DIRECT:
             return None
@@ -184,6 +188,11 @@ class SessionPaths:
     def candidates(self) -> list[Address]:
         """Every peer address known (given, peer-reflexive, relay), in the order learnt."""
         return list(self._checklist.candidates)
+
+    def add_upgrade_candidates(self, addrs: list[Address]) -> int:
+        """Know the offer's candidates ``addrs`` without probing them now (a session on the
+        rendezvous relay probes them in its upgrade rounds); how many were added."""
+        return sum(1 for a in addrs if self._checklist.add_dormant(a))
 
     def extend_punching(self, seconds: float) -> None:
         """Move the punch deadline ``seconds`` later (a birthday window, or the TURN TCP

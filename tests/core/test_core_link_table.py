@@ -16,6 +16,7 @@ import pytest
 
 import p2plab.core.link as link_module
 import p2plab.core.link_sessions as link_sessions_module
+import p2plab.core.link_turn as link_turn_module
 from p2plab.config import SessionConfig
 from p2plab.core import events as ev
 from p2plab.core.crypto import Identity
@@ -143,6 +144,8 @@ RECIPES: dict[str, Recipe] = {
     Input.RELAY_UP: _run(5.0),
     Input.RELAY_FALLBACK: _run(5.0),
     Input.RELAY_SWITCH: _relay_in,
+    # the path clears: the relayed session's upgrade rounds (5 s) find the direct path
+    Input.RELAY_UPGRADE: _run(12.0, drop=False),
     Input.LINK_LOST: _run(3.0, drop=True, relay=False),
     Input.REPUNCH: _run(1.0),
     Input.RELAY_LOST: _run(1.2, relay=False),
@@ -193,6 +196,7 @@ def test_the_engine_makes_every_allowed_transition(
 
     monkeypatch.setattr(link_module, "next_state", recording)  # inputs
     monkeypatch.setattr(link_sessions_module, "next_state", recording)  # the session's events
+    monkeypatch.setattr(link_turn_module, "next_state", recording)  # path changes (issue 17)
     mark = len(w.node(a).events)
     (recipe or RECIPES[kind])(w, a, b)
     w.flush()

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from p2plab.config import SessionConfig
 from p2plab.core import events as ev
+from p2plab.core.signaling import CandidatesIn
 from tests.core.nat_world import BNode
 from tests.core.turn_world import TurnWorld
 
@@ -120,3 +121,52 @@ def test_upgrade_probing_is_budgeted() -> None:
     rounds = 60 / CFG.upgrade_interval
     assert rounds - 1 <= len(direct) <= rounds + 1
     assert a.engine.path == "turn-udp"
+
+
+# -- off the rendezvous relay ---------------------------------------------------------------------
+
+
+def test_a_pair_on_the_rendezvous_relay_goes_direct_when_the_path_clears() -> None:
+    w = TurnWorld(5)
+    w.block_direct = True
+    a = w.add_node("alice", "easy")
+    b = w.add_node("bob", "easy")
+    w.pair(a, b)  # no TURN in the offers
+    w.run_until(lambda: a.engine.state == b.engine.state == "relayed", 15)
+    assert a.engine.path == b.engine.path == "relay"
+    talk = Talk(w, a, b)
+    talk.run(3)
+    w.block_direct = False
+    talk.run(4 * CFG.upgrade_interval, until=lambda: a.engine.path == b.engine.path == "direct")
+    assert a.engine.state == b.engine.state == "connected"
+    assert a.engine.path == b.engine.path == "direct"
+    assert a.engine.stats["relay_upgrades"] == 1
+    assert ("relay", "direct") in switches(a) and ("relay", "direct") in switches(b)
+    talk.run(3)
+    w.run(10)
+    assert chats(b) == talk.sent["alice"] and chats(a) == talk.sent["bob"]
+    # Benchmarks may run again: a direct link takes control messages.
+    a.engine.send_control({"type": "ping"}, w.now)
+
+
+def test_a_pair_on_the_rendezvous_relay_moves_to_turn_when_candidates_come_late() -> None:
+    w = TurnWorld(6)
+    w.block_direct = True
+    w.forward_candidates = False  # the rendezvous lost them, say
+    a = w.add_node("alice", "hard")
+    b = w.add_node("bob", "hard")
+    w.pair_turn(a, b)
+    w.turn_udp_blocked = True  # nor can they reach each other's allocation for now
+    w.run_until(lambda: a.engine.state == b.engine.state == "relayed", 25)
+    assert a.engine.path == b.engine.path == "relay"
+    w.turn_udp_blocked = False
+    for name, msg in list(w.candidates_out):  # they arrive at last
+        fwd = {"from": name, "candidates": [c.model_dump() for c in msg.candidates]}
+        w.nodes[msg.to].engine.receive_rendezvous(CandidatesIn.model_validate(fwd), w.now)
+    talk = Talk(w, a, b)
+    talk.run(4 * CFG.upgrade_interval, until=lambda: a.engine.path == b.engine.path == "turn-udp")
+    assert a.engine.state == b.engine.state == "connected"
+    assert a.engine.path == b.engine.path == "turn-udp"
+    assert a.engine.method == "relay"  # made through a relay; the path says which
+    w.run(10)
+    assert chats(b) == talk.sent["alice"] and chats(a) == talk.sent["bob"]
