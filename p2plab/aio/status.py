@@ -6,8 +6,9 @@ from typing import Any
 
 from p2plab.core.crypto import Identity, authentication_string, fingerprint
 from p2plab.core.link import RELAY, SECURITY_COUNTERS, LinkEngine
+from p2plab.core.paths import parse_turn_address
 
-__all__ = ["peer_block", "security_block"]
+__all__ = ["peer_block", "security_block", "turn_block"]
 
 
 def peer_block(link: LinkEngine) -> dict[str, Any] | None:
@@ -15,12 +16,31 @@ def peer_block(link: LinkEngine) -> dict[str, Any] | None:
     if link.peer_id is None:
         return None
     addr = link.peer_address
+    turn = parse_turn_address(addr)
+    if turn is not None:  # through our own allocation: the peer as the TURN server sees it
+        addr = turn[1]
     rtt = link.session.rtt if link.session is not None else None
     endpoint = "relay" if addr == RELAY else (f"{addr[0]}:{addr[1]}" if addr else None)
     return {
         "worker_id": link.peer_id,
         "endpoint": endpoint,
         "rtt_ms": round(rtt * 1000, 3) if rtt is not None else None,
+    }
+
+
+def turn_block(link: LinkEngine) -> dict[str, Any] | None:
+    """``status["turn"]`` (issue 17): our allocation (its relayed address, how we reach the
+    server, its state) and the peer's relayed addresses; None when neither exists."""
+    t = link.turn
+    peer = [f"{ip}:{port}" for ip, port in link.peer_relays]
+    if t is None and not peer:
+        return None
+    relayed = link.turn_relayed
+    return {
+        "relayed": f"{relayed[0]}:{relayed[1]}" if relayed else None,
+        "transport": t.transport if t is not None else None,
+        "state": t.state.value if t is not None else None,
+        "peer_relayed": peer,
     }
 
 

@@ -34,7 +34,7 @@ from p2plab.aio.endpoint import Address, UdpEndpoint
 from p2plab.aio.extension import Extension
 from p2plab.aio.hub import EventHub, Subscription, ui_message
 from p2plab.aio.rendezvous import RendezvousClient, RendezvousMessage
-from p2plab.aio.status import peer_block, security_block
+from p2plab.aio.status import peer_block, security_block, turn_block
 from p2plab.aio.trust import load_known_peers, save_known_peers
 from p2plab.aio.turn_tcp import TurnTcpConnection
 from p2plab.aio.ui_server import UiServer
@@ -487,6 +487,7 @@ class Worker:
             "nat": self.nat,
             "peer": peer_block(self.link),
             "path": self.link.path if state == self.state else None,
+            "turn": turn_block(self.link),
             "room": self.config.room,
             "rendezvous": "connected"
             if self._rendezvous and self._rendezvous.connected

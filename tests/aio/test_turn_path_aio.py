@@ -100,6 +100,10 @@ async def test_blocked_direct_path_connects_over_coturn_then_goes_direct(coturn:
             assert a.status()["path"] == b.status()["path"] == "turn-udp"
             assert a.link.turn_relayed is not None and a.link.stats["turn_allocations"] == 1
             assert a.peer_address is None  # the benchmark's direct sends have no address here
+            turn = a.status()["turn"]
+            assert turn["transport"] == "udp" and turn["state"] == "allocated"
+            assert turn["relayed"] is not None and len(turn["peer_relayed"]) == 1
+            assert b.status()["peer"]["endpoint"].startswith("127.0.0.1:")
             await a.chat("over coturn", timeout=T)
             assert (await asyncio.wait_for(anext(b_in), T)).text == "over coturn"
             assert block.dropped > 0  # the direct path really was tried and blocked

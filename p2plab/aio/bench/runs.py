@@ -183,6 +183,11 @@ class Driving:
             raise NotConnected(
                 "the link is relayed through the rendezvous: benchmarks need a direct path"
             )
+        if h.state == "connected" and addr is None and h.path in ("turn-udp", "turn-tcp"):
+            raise NotConnected(
+                f"the link runs through a TURN relay ({h.path}): benchmarks over TURN are not "
+                "supported yet; they run once the link is direct again"
+            )
         if h.endpoint is None or addr is None or h.state != "connected":
             raise NotConnected("no peer connected: a benchmark needs a connected peer")
         return h.endpoint, addr

@@ -31,6 +31,12 @@ async def start_benchmark_from_ui(worker: Any, msg: dict[str, Any]) -> dict[str,
             "benchmarks need a direct path",
         }
     ext = extension_of(worker)
+    if worker.state == "connected" and worker.path in ("turn-udp", "turn-tcp"):
+        return {
+            "type": "error",
+            "message": f"start_benchmark: the link runs through a TURN relay ({worker.path}); "
+            "benchmarks over TURN are not supported yet",
+        }
     if worker.state != "connected" or ext.host.peer_address is None:
         return {"type": "error", "message": "start_benchmark: no peer connected"}
     driving = ext.driving
