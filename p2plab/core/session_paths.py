@@ -89,8 +89,10 @@ class PathBook:
 
     def side_path(self, addr: Address, current: Address | None, succeeded: bool) -> bool:
         """Whether traffic from ``addr`` (not the current path) is taken anyway: a validated
-        path of the peer while one of the two is TURN (the other side is mid-switch)."""
-        return succeeded and (self.is_turn(addr) or self.is_turn(current))
+        path of the peer while one of the two is a relay, TURN or the rendezvous's (the other
+        side is mid-switch).  Between two direct addresses the old rule stays: only the
+        nominated one carries traffic (a rebinding NAT is checked by a round trip first)."""
+        return succeeded and (self.name(addr) != DIRECT or self.name(current) != DIRECT)
 
     def heard(self, addr: Address, current: Address | None, now: float) -> None:
         """An authenticated datagram came from ``addr``."""

@@ -85,6 +85,9 @@ def test_unblocked_goes_direct_then_blocked_goes_back_to_turn_and_chat_is_exact(
     w.run(10)
     assert chats(b) == talk.sent["alice"] and chats(a) == talk.sent["bob"]
     assert not any(isinstance(e, ev.ChatFailed) for e in a.events + b.events)
+    # Switching raised no security counter (late datagrams of the old path are not "unexpected").
+    for n in (a, b):
+        assert set(n.engine.security_counts().values()) == {0}, n.engine.security_counts()
 
 
 def test_a_direct_pair_keeps_a_warm_turn_path_and_never_flaps() -> None:
@@ -145,6 +148,8 @@ def test_a_pair_on_the_rendezvous_relay_goes_direct_when_the_path_clears() -> No
     talk.run(3)
     w.run(10)
     assert chats(b) == talk.sent["alice"] and chats(a) == talk.sent["bob"]
+    for n in (a, b):
+        assert set(n.engine.security_counts().values()) == {0}, n.engine.security_counts()
     # Benchmarks may run again: a direct link takes control messages.
     a.engine.send_control({"type": "ping"}, w.now)
 
