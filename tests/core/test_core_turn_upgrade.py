@@ -66,7 +66,7 @@ def test_unblocked_goes_direct_then_blocked_goes_back_to_turn_and_chat_is_exact(
     t0 = w.now
     talk.run(4 * CFG.upgrade_interval, until=lambda: a.engine.path == b.engine.path == "direct")
     assert a.engine.path == b.engine.path == "direct"
-    assert w.now - t0 <= 2 * CFG.upgrade_interval + 1.0
+    assert w.now - t0 <= CFG.upgrade_interval + 1.0  # one round (a triggered check answers)
     assert switches(a)[-1] == ("turn-udp", "direct") and switches(b)[-1] == ("turn-udp", "direct")
     talk.run(5)
     assert a.engine.path == b.engine.path == "direct"

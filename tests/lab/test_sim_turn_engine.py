@@ -24,3 +24,54 @@ def test_symmetric_pair_connects_through_the_simulated_turn_server() -> None:
     assert got == ["through the simulated coturn"]
     sim.run_for(120)  # refreshes and keep-alives keep it up
     assert wa.state == wb.state == "connected"
+
+
+def test_upgrade_and_downgrade_in_the_simulator() -> None:
+    """UDP between the two sites blocked: the pair starts on TURN, goes direct within 30 s of
+    unblocking (issue 17 item 5) and back to TURN when blocked again, without losing the peer;
+    chat sent all along arrives exactly once and in order."""
+    sim = Simulation(seed=4)
+    sim.add_turn_server()
+    na, nb = sim.add_nat("port-restricted"), sim.add_nat("port-restricted")
+    a, b = sim.add_host(behind=na), sim.add_host(behind=nb)
+    sites = {na.public_ip, nb.public_ip}
+    blocked = [True]
+    route = sim.net.route
+
+    def filtered(src: tuple[str, int], dst: tuple[str, int], data: bytes) -> None:
+        if blocked[0] and {src[0], dst[0]} == sites:
+            return
+        route(src, dst, data)
+
+    sim.net.route = filtered  # type: ignore[method-assign]
+    link = sim.pair(a, b)
+    wa, wb = link.a, link.b
+    assert wa.engine.path == wb.engine.path == "turn-udp"
+    sent: list[str] = []
+
+    def talk(seconds: float, until: object = None) -> None:
+        end = sim.now + seconds
+        while sim.now < end:
+            text = f"m{len(sent)}"
+            wa.send_chat(text)
+            sent.append(text)
+            sim.run_for(0.5)
+            if until is not None and until():  # type: ignore[operator]
+                return
+
+    talk(5)
+    blocked[0] = False
+    t0 = sim.now
+    talk(60, until=lambda: wa.engine.path == wb.engine.path == "direct")
+    assert wa.engine.path == wb.engine.path == "direct"
+    assert sim.now - t0 < 30
+    talk(5)
+    blocked[0] = True
+    talk(30, until=lambda: wa.engine.path == wb.engine.path == "turn-udp")
+    assert wa.engine.path == wb.engine.path == "turn-udp"
+    talk(20)
+    sim.run_for(10)
+    assert wa.state == wb.state == "connected"
+    assert wb.chats_received == sent
+    moves = [(e.previous_path, e.path) for e in wa.events_of(ev.PathChanged)]  # type: ignore[attr-defined]
+    assert moves == [("turn-udp", "direct"), ("direct", "turn-udp")]
