@@ -206,12 +206,12 @@ class LinkTurn(LinkBirthday):
 
     def _turn_tcp_start(self, now: float) -> None:
         server, self._turn_tcp = self._turn_tcp, None
+        udp_failed, self._udp_deadline = self._udp_deadline is not None, None
         if server is None:
             return
         s = self.session
-        if self._udp_deadline is not None and s is not None and s.state == "punching":
+        if udp_failed and s is not None and s.state == "punching":
             s.extend_punching(TURN_TCP_GRACE_S)  # UDP failed: give TCP its chance
-        self._udp_deadline = None
         log.info("peer %s: allocating a TURN relay at %s", self.peer_id, server.url)
         self.turn = self._client((server.host, server.port), "tcp")
         self._tcp_open = True
@@ -242,7 +242,9 @@ class LinkTurn(LinkBirthday):
 
     def _turn_timer(self) -> float | None:
         t = self.turn
-        when = [x for x in (t.get_timer() if t else None, self._udp_deadline) if x is not None]
+        if t is None:
+            return None  # nothing to time: a stale deadline must not spin the driver
+        when = [x for x in (t.get_timer(), self._udp_deadline) if x is not None]
         return min(when) if when else None
 
     def _turn_service(self, now: float) -> None:

@@ -274,3 +274,18 @@ def test_udp_to_the_turn_server_blocked_falls_back_to_tcp_and_connects() -> None
     a.engine.stop(w.now)
     w.flush()
     assert not any(n is a for n in w.tcp_clients.values())  # CloseTurnTcp
+
+
+def test_a_udp_allocation_that_never_answers_without_a_tcp_url_gives_up_quietly() -> None:
+    """No answer over UDP and no TCP URL: the engine forgets TURN (no timer left spinning) and
+    the pair ends where it would without TURN, on the rendezvous relay."""
+    w = TurnWorld(14)
+    w.turn_udp_blocked = True
+    a = w.add_node("alice", "hard")
+    b = w.add_node("bob", "hard")
+    w.pair_turn(a, b)
+    w.run(30)  # would never return if a stale TURN deadline kept the timer in the past
+    assert a.engine.turn is None and a.engine.stats["turn_failures"] == 1
+    assert a.engine.state == "relayed" and a.engine.path == "relay"
+    timer = a.engine.get_timer()
+    assert timer is None or timer > w.now - 1
