@@ -39,7 +39,7 @@ from p2plab.aio.extension import Extension
 from p2plab.aio.hub import EventHub, Subscription, ui_message
 from p2plab.aio.pool import SocketPool
 from p2plab.aio.rendezvous import RendezvousClient, RendezvousMessage
-from p2plab.aio.status import peer_block, security_block
+from p2plab.aio.status import nat_block, peer_block, security_block
 from p2plab.aio.trust import load_known_peers, save_known_peers
 from p2plab.aio.ui_server import UiServer
 from p2plab.aio.worker_config import WorkerConfig
@@ -375,14 +375,24 @@ class Worker:
     async def _discover(self, observed_ip: str | None) -> None:
         """Answer the engine's DiscoverEndpoint: STUN (or the observed address), LAN addresses."""
         assert self.endpoint is not None
+        birthday = self.config.birthday
         found = await discovery.discover_endpoint(
-            self.endpoint, self.config.stun_servers, observed_ip, self.config.stun_timeout_s
+            self.endpoint,
+            self.config.stun_servers,
+            observed_ip,
+            self.config.stun_timeout_s,
+            hint=birthday.enabled,  # without birthday punching nobody needs it: no delay
+            port_range=birthday.port_range,
         )
         self.stun_info = found.stun_info
         lan = discovery.local_candidates(
             self.endpoint.local_address, self.config.rendezvous_url, self.config.stun_servers
         )
-        self._feed(lambda now: self.link.discovered(found.public, lan, now, error=found.error))
+        self._feed(
+            lambda now: self.link.discovered(
+                found.public, lan, now, error=found.error, nat=found.nat
+            )
+        )
         if found.stun_info is not None and self.config.nat_report:
             self._spawn(self._classify(), "nat-report")
 
@@ -520,9 +530,10 @@ class Worker:
             "state": state,
             "udp_local": self.udp_local,
             "udp_public": f"{public[0]}:{public[1]}" if public else None,
-            "nat": self.nat,
+            "nat": nat_block(self.nat, self.link.nat_hint),
             "peer": peer_block(self.link),
             "path": {"connected": "direct", "relayed": "relayed"}.get(state),
+            "method": self.link.method,
             "room": self.config.room,
             "rendezvous": "connected"
             if self._rendezvous and self._rendezvous.connected
