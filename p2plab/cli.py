@@ -302,8 +302,10 @@ def _check_probe(args: argparse.Namespace) -> None:
 
 
 async def _cmd_probe(args: argparse.Namespace) -> int:
+    from p2plab.aio.discovery import probe_hint
+    from p2plab.aio.status import hint_block
     from p2plab.aio.stun import probe_nat
-    from p2plab.probe_text import describe_report
+    from p2plab.probe_text import describe_hint, describe_report
 
     servers = ", ".join(args.servers)
     steps = "behaviour tests" + ("" if args.no_classic else " and the RFC 3489 test")
@@ -324,13 +326,17 @@ async def _cmd_probe(args: argparse.Namespace) -> int:
     ticker = asyncio.get_running_loop().create_task(tick())
     try:
         report = await probe_nat(args.servers, classic=not args.no_classic)
+        # easy or hard for hole punching (issue 16), on a fresh socket: the tests above may
+        # have left the NAT state a "leaky" NAT reacts to
+        hint = hint_block(await probe_hint(args.servers))
     finally:
         ticker.cancel()
     print(f"probe: done in {time.monotonic() - started:.1f} s", file=sys.stderr, flush=True)
     if args.json:
-        print(json.dumps(report.to_dict(), indent=2))
+        print(json.dumps({**report.to_dict(), "nat_hint": hint}, indent=2))
     else:
         print(describe_report(report))
+        print(describe_hint(hint))
     return 0
 
 
