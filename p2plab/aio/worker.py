@@ -280,7 +280,11 @@ class Worker:
         else:
             old, self.endpoint = self.endpoint, new
             new.peer_handler = self._on_datagram
-            if old is not None:
+            if old is not None:  # what was turned off on the old one stays off (bench --no-mmsg)
+                if not old.mmsg:
+                    new.mmsg = False
+                if not old.gro:
+                    new.set_gro(False)
                 old.close()
             log.info("birthday: pool socket %d won; UDP now on %s", index, self.udp_local)
         now = _now()
