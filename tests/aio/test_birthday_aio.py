@@ -1,0 +1,186 @@
+"""Birthday punching between two real workers on loopback (issue 16): an easy side and a hard
+side whose announced endpoint does not answer, so only a random probe that hits one of the hard
+side's pool sockets can make the link.
+
+The hard worker lives on 127.0.0.2 (the easy side's random probes never reach 127.0.0.1, where
+other tests' sockets are), its pool ports come from the kernel's ephemeral range, which is the
+easy side's ``port_range``.  Loopback has no NAT, so the test plays the two NATs' filters: the
+easy worker drops datagrams from addresses it never sent to (port-restricted filtering), and the
+hard worker's own socket hears nothing until a pool socket won (a symmetric NAT's mapping towards
+the peer is not the one STUN saw).  The NAT hints are the ones discovery would have found.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import socket
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from p2plab.aio import discovery
+from p2plab.aio.endpoint import Address
+from p2plab.aio.worker import Worker
+from p2plab.config import BirthdayConfig
+from p2plab.core.signaling import NatHint
+from tests.aio.fake_rendezvous import FakeRendezvous, fake_rendezvous
+from tests.conftest import until
+
+HARD_IP = "127.0.0.2"
+EASY = NatHint(mapping="endpoint-independent")
+HARD = NatHint(mapping="endpoint-dependent")
+T = 20.0
+
+
+def ephemeral_range() -> tuple[int, int]:
+    low, high = Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()
+    return int(low), int(high)
+
+
+def dead_port(host: str) -> int:
+    """A port nothing listens on (bound, then closed)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        s.bind((host, 0))
+        return int(s.getsockname()[1])
+
+
+def is_free(addr: Address) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        try:
+            s.bind(addr)
+        except OSError:
+            return False
+        return True
+
+
+@pytest.fixture
+def hints(monkeypatch: pytest.MonkeyPatch) -> list[bool]:
+    """Discovery answers with the hint a real NAT would have shown (hard on HARD_IP)."""
+    asked: list[bool] = []
+    real = discovery.discover_endpoint
+
+    async def with_hint(endpoint: Any, *args: Any, **kw: Any) -> discovery.Discovery:
+        asked.append(bool(kw.get("hint")))
+        found = await real(endpoint, *args, **kw)
+        nat = HARD if endpoint.local_address[0] == HARD_IP else EASY
+        return dataclasses.replace(found, nat=nat)
+
+    monkeypatch.setattr(discovery, "discover_endpoint", with_hint)
+    return asked
+
+
+@contextlib.asynccontextmanager
+async def pair(rv: FakeRendezvous, **easy_birthday: Any) -> AsyncIterator[tuple[Worker, Worker]]:
+    ports = ephemeral_range()
+    hard = Worker(rv.config(udp_host=HARD_IP, birthday=BirthdayConfig(port_range=ports)))
+    birthday = dict(port_range=ports, probe_budget=4096, probe_rate=1000.0)
+    easy = Worker(rv.config(birthday=BirthdayConfig(**{**birthday, **easy_birthday})))
+    await hard.start()
+    await easy.start()
+    try:
+        await rv.ready(easy, hard, timeout=T)
+        yield easy, hard
+    finally:
+        await easy.stop()
+        await hard.stop()
+
+
+def play_the_nats(easy: Worker, hard: Worker) -> None:
+    """Port-restricted filtering in front of ``easy``; ``hard``'s own socket unreachable."""
+    assert easy.endpoint is not None
+    sent: set[Address] = set()
+    send = easy.endpoint.sendto
+
+    def sendto(data: bytes, addr: Address) -> bool:
+        sent.add((addr[0], addr[1]))
+        return send(data, addr)
+
+    easy.endpoint.sendto = sendto  # type: ignore[method-assign]
+    easy.datagram_hooks.append(lambda data, addr: addr not in sent)
+    first = hard.endpoint
+    hard.datagram_hooks.append(lambda data, addr: hard.endpoint is first)
+
+
+def spy_on_the_pool(hard: Worker) -> list[Address]:
+    """The addresses of every pool socket the hard worker opens."""
+    assert hard.pool is not None
+    opened: list[Address] = []
+    pool = hard.pool
+    open_ = pool.open
+
+    def spying(host: str, count: int) -> int:
+        n = open_(host, count)
+        opened.extend(pool.local_addresses())
+        return n
+
+    pool.open = spying  # type: ignore[method-assign]
+    return opened
+
+
+@pytest.mark.parametrize("prober_role", ["controlling", "controlled"])
+async def test_easy_x_hard_connects_through_a_pool_socket_and_keeps_it(
+    hints: list[bool], prober_role: str
+) -> None:
+    async with fake_rendezvous() as rv, pair(rv) as (easy, hard):
+        assert hints == [True, True]  # birthday on: both asked discovery for the hint
+        announced = [
+            m for m in rv.conns[hard.worker_id].received if m["type"] == "update_udp_endpoint"
+        ]
+        assert announced[-1]["nat"]["mapping"] == "endpoint-dependent"
+        play_the_nats(easy, hard)
+        opened = spy_on_the_pool(hard)
+        assert hard.endpoint is not None
+        first = hard.endpoint.local_address
+        other_role = "controlled" if prober_role == "controlling" else "controlling"
+        dead = dead_port(HARD_IP)
+        await rv.send(
+            easy,
+            rv.offer(
+                easy,
+                hard,
+                prober_role,
+                peer_udp_ip=HARD_IP,
+                peer_udp_port=dead,
+                peer_nat=HARD.model_dump(),
+            ),
+        )
+        await rv.send(hard, rv.offer(hard, easy, other_role, peer_nat=EASY.model_dump()))
+        await easy.wait_connected(timeout=T)
+        await hard.wait_connected(timeout=T)
+
+        assert easy.status()["method"] == "birthday"
+        await until(lambda: hard.status()["method"] == "birthday", "the sprayer's method", T)
+        # the hard worker's socket is the pool socket that won; the rest of the pool is closed
+        assert len(opened) == 256
+        now = hard.endpoint.local_address
+        assert now in opened and now != first
+        assert hard.status()["udp_local"] == f"{now[0]}:{now[1]}"
+        assert hard.pool is not None and len(hard.pool) == 0
+        assert hard.link.stats["pool_adoptions"] == 1
+        assert all(is_free(a) for a in opened if a != now)
+        assert is_free(first)  # the old link socket too
+        assert easy.peer_address == now
+        # the easy side probed only the announced IP, within its budget
+        assert 0 < easy.link.stats["birthday_probes"] <= 4096
+
+        # the link runs on the adopted socket, both ways
+        await easy.chat("through the birthday socket", timeout=T)
+        await hard.chat("and back", timeout=T)
+        assert hard.endpoint.local_address == now
+
+
+async def test_without_birthday_nobody_asks_for_the_hint_nor_opens_a_pool(
+    hints: list[bool],
+) -> None:
+    async with fake_rendezvous() as rv:
+        w = Worker(rv.config(birthday=BirthdayConfig(enabled=False)))
+        await w.start()
+        try:
+            await rv.ready(w, timeout=T)
+            assert hints == [False]
+            assert w.pool is not None and len(w.pool) == 0
+        finally:
+            await w.stop()
