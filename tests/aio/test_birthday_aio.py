@@ -12,8 +12,10 @@ the peer is not the one STUN saw).  The NAT hints are the ones discovery would h
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import dataclasses
+import logging
 import socket
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -23,6 +25,7 @@ import pytest
 
 from p2plab.aio import discovery
 from p2plab.aio.endpoint import Address
+from p2plab.aio.pool import SocketPool
 from p2plab.aio.worker import Worker
 from p2plab.config import BirthdayConfig
 from p2plab.core.signaling import NatHint
@@ -184,3 +187,25 @@ async def test_without_birthday_nobody_asks_for_the_hint_nor_opens_a_pool(
             assert w.pool is not None and len(w.pool) == 0
         finally:
             await w.stop()
+
+
+async def test_a_pool_binds_what_it_can_and_says_so_once(caplog: pytest.LogCaptureFixture) -> None:
+    loop = asyncio.get_running_loop()
+    heard: list[tuple[int, bytes]] = []
+    pool = SocketPool(loop, lambda i, data, addr: heard.append((i, data)))
+    with caplog.at_level(logging.WARNING, logger="p2plab.aio.pool"):
+        assert pool.open("192.0.2.1", 8) == 0  # not an address of this host
+    assert pool.stats["pool_bind_failures"] == 8
+    assert len([r for r in caplog.records if "could not be bound" in r.message]) == 1
+    assert pool.open(HARD_IP, 4) == 4 and len(set(pool.local_addresses())) == 4
+    target = pool.local_addresses()[2]
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        s.bind((HARD_IP, 0))
+        s.sendto(b"junk", target)
+        await until(lambda: heard, "the pool datagram", T)
+        assert heard == [(3, b"junk")]  # numbered 1..count, in the order bound
+        assert pool.sendto(3, b"back", s.getsockname()) and s.recv(16) == b"back"
+        assert not pool.sendto(9, b"none", s.getsockname())  # no such socket: skipped
+    addrs = pool.local_addresses()
+    pool.close()
+    assert len(pool) == 0 and all(is_free(a) for a in addrs)
