@@ -1,4 +1,5 @@
-"""One UDP socket per worker, shared by STUN, punching, the peer link and benchmarks.
+"""One UDP socket per worker, shared by STUN, punching, the peer link and benchmarks (and, in
+their cheap ``pool`` form, the birthday pool's sockets: :mod:`p2plab.aio.pool`).
 
 The socket is read by our own reader (``loop.add_reader``) that drains it until ``EAGAIN`` in one
 callback: one callback per readable event instead of one per datagram is what keeps the default

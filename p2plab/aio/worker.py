@@ -549,6 +549,7 @@ class Worker:
             "stats": {
                 **self.stats,
                 "udp": dict(self.endpoint.stats) if self.endpoint else {},
+                "pool": dict(self.pool.stats) if self.pool else {},
                 "session": dict(session.stats) if session is not None else {},
             },
         }
