@@ -209,3 +209,22 @@ async def test_a_pool_binds_what_it_can_and_says_so_once(caplog: pytest.LogCaptu
     addrs = pool.local_addresses()
     pool.close()
     assert len(pool) == 0 and all(is_free(a) for a in addrs)
+
+
+async def test_junk_and_strangers_on_the_pool_are_dropped_and_adopt_nothing(
+    hints: list[bool],
+) -> None:
+    async with fake_rendezvous() as rv, pair(rv) as (easy, hard):
+        opened = spy_on_the_pool(hard)
+        first = hard.endpoint
+        # only the hard side gets an offer: it sprays, and nobody real answers
+        await rv.send(hard, rv.offer(hard, easy, "controlled", peer_nat=EASY.model_dump()))
+        await until(lambda: len(opened) == 256, "the pool", T)
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as stranger:
+            stranger.bind((HARD_IP, 0))
+            for addr in opened:
+                stranger.sendto(b"\x01" + bytes(60), addr)  # junk, not sealed for this link
+            await until(lambda: hard.link.stats["pool_dropped"] >= 256, "the drops", T)
+        assert hard.link.stats["pool_adoptions"] == 0
+        assert hard.endpoint is first and hard.pool is not None and len(hard.pool) == 256
+        assert hard.status()["method"] is None
