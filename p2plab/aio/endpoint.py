@@ -186,17 +186,23 @@ class UdpEndpoint:
             raise
         return cls(sock, loop, gro=gro, mmsg=mmsg, pool=pool)
 
-    def promote(self) -> UdpEndpoint:
+    def promote(self, like: UdpEndpoint | None = None) -> UdpEndpoint:
         """A full endpoint (buffers, GRO, batched I/O) on this one's socket, with its handlers
         and counters; this one stops reading and is closed, the socket is not.  The worker
         adopts a birthday pool socket this way: its NAT mapping is the one that reached the
-        peer, so the socket itself must live on."""
+        peer, so the socket itself must live on.  ``like``: the endpoint it replaces, whose
+        GRO and batched I/O stay off if they were turned off (``bench --no-mmsg``)."""
         self._closed = True
         self._loop.remove_reader(self._sock.fileno())
         self.fast.close()
         _ENDPOINTS.discard(self)
         set_buffer_sizes(self._sock, _SOCK_BUF, _SOCK_BUF)
-        full = UdpEndpoint(self._sock, self._loop)
+        full = UdpEndpoint(
+            self._sock,
+            self._loop,
+            gro=like is None or like.gro,
+            mmsg=like is None or like.mmsg,
+        )
         for key, value in self.stats.items():
             full.stats[key] = full.stats.get(key, 0) + value
         full.peer_handler = self.peer_handler

@@ -18,6 +18,7 @@ import logging
 from collections.abc import Callable
 
 from p2plab.aio.endpoint import Address, UdpEndpoint
+from p2plab.core.link_commands import ClosePool, Command, OpenSocketPool, SendFromPool
 
 __all__ = ["PoolHandler", "SocketPool"]
 
@@ -82,15 +83,29 @@ class SocketPool:
         ep = self._sockets.get(index)
         return ep is not None and ep.sendto(data, addr)
 
-    def take(self, index: int) -> UdpEndpoint | None:
-        """Pool socket ``index`` as a full endpoint (its handlers are the caller's to set), every
-        other pool socket closed; None if it is gone (the whole pool is closed then too)."""
+    def carry_out(self, cmd: Command, host: str) -> bool:
+        """Do ``cmd`` if it is :class:`OpenSocketPool` (on ``host``), :class:`SendFromPool` or
+        :class:`ClosePool`; returns whether it was one of them."""
+        if isinstance(cmd, SendFromPool):
+            self.sendto(cmd.index, cmd.data, cmd.addr)
+        elif isinstance(cmd, OpenSocketPool):
+            self.open(host, cmd.count)
+        elif isinstance(cmd, ClosePool):
+            self.close()
+        else:
+            return False
+        return True
+
+    def take(self, index: int, like: UdpEndpoint | None = None) -> UdpEndpoint | None:
+        """Pool socket ``index`` as a full endpoint set up ``like`` the one it replaces (its
+        handlers are the caller's to set), every other pool socket closed; None if it is gone
+        (the whole pool is closed then too)."""
         ep = self._sockets.pop(index, None)
         self.close()
         if ep is None:
             return None
         ep.peer_handler = None
-        return ep.promote()
+        return ep.promote(like)
 
     def local_addresses(self) -> list[Address]:
         """Where the open pool sockets are bound (tests and logs)."""

@@ -47,13 +47,10 @@ from p2plab.core import events as ev
 from p2plab.core.crypto import Identity, PeerCipher, PlainEnvelope
 from p2plab.core.link import (
     AdoptPoolSocket,
-    ClosePool,
     Command,
     DiscoverEndpoint,
     LinkEngine,
-    OpenSocketPool,
     RelayDatagram,
-    SendFromPool,
     SendToRendezvous,
 )
 from p2plab.core.signaling import Register, Registered
@@ -259,32 +256,22 @@ class Worker:
                 self._spawn(rendezvous.send(msg), "rendezvous-send")
         elif isinstance(cmd, DiscoverEndpoint):
             self._spawn(self._discover(cmd.observed_ip), "discover")
-        elif isinstance(cmd, SendFromPool):
-            if self.pool is not None:
-                self.pool.sendto(cmd.index, cmd.data, cmd.addr)
-        elif isinstance(cmd, OpenSocketPool):
-            if self.pool is not None and self.endpoint is not None:
-                self.pool.open(self.endpoint.local_address[0], cmd.count)
         elif isinstance(cmd, AdoptPoolSocket):
             self._adopt(cmd.index)
-        elif isinstance(cmd, ClosePool):
-            if self.pool is not None:
-                self.pool.close()
+        elif self.pool is not None and self.endpoint is not None:  # the other pool commands
+            self.pool.carry_out(cmd, self.endpoint.local_address[0])
 
     def _adopt(self, index: int) -> None:
         """Make pool socket ``index`` the link's socket, then let the engine's held datagrams
         out through it (the commands it gives meanwhile are drained by ``_transmit``'s loop)."""
-        new = self.pool.take(index) if self.pool is not None else None
+        old = self.endpoint
+        new = self.pool.take(index, like=old) if self.pool is not None else None
         if new is None:  # closed meanwhile: the engine must not hold its outbox for ever
             log.warning("birthday: pool socket %d is gone; the link stays on its socket", index)
         else:
-            old, self.endpoint = self.endpoint, new
+            self.endpoint = new
             new.peer_handler = self._on_datagram
-            if old is not None:  # what was turned off on the old one stays off (bench --no-mmsg)
-                if not old.mmsg:
-                    new.mmsg = False
-                if not old.gro:
-                    new.set_gro(False)
+            if old is not None:
                 old.close()
             log.info("birthday: pool socket %d won; UDP now on %s", index, self.udp_local)
         now = _now()
