@@ -190,6 +190,9 @@ class LinkBirthday(LinkSessions):
 
     def _birthday_timer(self) -> float | None:
         """The next birthday deadline (probe or spray round), or None."""
+        s = self.session
+        if s is None or s.state != "punching" or self.relayed:
+            return None  # nothing would be sent: a deadline would only spin the driver
         when = [
             t
             for t in (
@@ -249,6 +252,9 @@ class LinkBirthday(LinkSessions):
                 self._method = self._decide_method(s, event.address)
             self._birthday_stop()
         super()._on_session_event(s, event, now)
+        plan = self.plan
+        if isinstance(event, ev.PeerConnected) and plan is not None and plan.role == "hard-relay":
+            self.error = plan.reason  # the link is up, but the user should still see why relayed
 
     def _retire(self, now: float, *, bye: bool) -> None:
         super()._retire(now, bye=bye)
