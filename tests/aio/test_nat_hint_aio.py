@@ -15,7 +15,9 @@ import pytest
 
 from p2plab.aio import discovery
 from p2plab.aio.endpoint import UdpEndpoint
+from p2plab.aio.status import hint_block
 from p2plab.core.stun import Class, Message, Method, parse_message
+from p2plab.server.stun_server import StunServer
 
 Address = tuple[str, int]
 PUBLIC_IP = "203.0.113.5"
@@ -168,3 +170,22 @@ async def test_an_alternate_address_that_never_answers_leaves_the_hint_unknown()
     hint, server = await hint_of("mute-alt")  # each Binding given up after 0.5 s
     assert hint.mapping == "unknown" and not hint.remaps_on_clash
     assert server.requests > 4  # they were retransmitted, then given up
+
+
+async def test_probe_hint_against_our_rfc5780_server_says_easy_without_a_nat() -> None:
+    """``p2plab probe``'s hint with the real STUN server (loopback maps nothing: easy)."""
+    server = await StunServer.start("127.0.0.1", 0, alt_host="127.0.0.2", alt_port=0)
+    try:
+        primary = server.primary_address
+        hint = await discovery.probe_hint([f"{primary[0]}:{primary[1]}"])
+        assert hint_block(hint) == {
+            "difficulty": "easy",
+            "mapping": "endpoint-independent",
+            "remaps_on_clash": False,
+            "sequential": False,
+            "predicted_ports": [],
+        }
+        # the clash test's CHANGE-REQUEST was answered from the alternate address
+        assert server.stats["change_requests"] == 1
+    finally:
+        server.close()
