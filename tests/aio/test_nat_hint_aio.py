@@ -16,8 +16,11 @@ import pytest
 from p2plab.aio import discovery
 from p2plab.aio.endpoint import UdpEndpoint
 from p2plab.aio.status import hint_block
+from p2plab.aio.worker import Worker
 from p2plab.core.stun import Class, Message, Method, parse_message
 from p2plab.server.stun_server import StunServer
+from tests.aio.fake_rendezvous import fake_rendezvous
+from tests.conftest import until
 
 Address = tuple[str, int]
 PUBLIC_IP = "203.0.113.5"
@@ -187,5 +190,28 @@ async def test_probe_hint_against_our_rfc5780_server_says_easy_without_a_nat() -
         }
         # the clash test's CHANGE-REQUEST was answered from the alternate address
         assert server.stats["change_requests"] == 1
+    finally:
+        server.close()
+
+
+async def test_a_worker_announces_its_hint_and_shows_it_in_status() -> None:
+    server = await StunServer.start("127.0.0.1", 0, alt_host="127.0.0.2", alt_port=0)
+    primary = server.primary_address
+    try:
+        async with fake_rendezvous() as rv:
+            w = Worker(rv.config(stun_servers=(f"{primary[0]}:{primary[1]}",), nat_report=True))
+            await w.start()
+            try:
+                await rv.ready(w)
+                update = rv.conns[w.worker_id].received[-1]
+                assert update["type"] == "update_udp_endpoint"
+                assert update["nat"]["mapping"] == "endpoint-independent"
+                await until(lambda: w.status()["nat"] is not None, "the classification")
+                nat = w.status()["nat"]
+                assert nat["mapping"] == "endpoint-independent"  # the classification's keys stay
+                assert nat["hint"]["difficulty"] == "easy"
+                assert w.status()["method"] is None  # no link yet
+            finally:
+                await w.stop()
     finally:
         server.close()
