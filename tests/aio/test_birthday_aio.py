@@ -17,7 +17,7 @@ import contextlib
 import dataclasses
 import logging
 import socket
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -43,11 +43,13 @@ def ephemeral_range() -> tuple[int, int]:
     return int(low), int(high)
 
 
-def dead_port(host: str) -> int:
-    """A port nothing listens on (bound, then closed)."""
+@pytest.fixture
+def dead_port() -> Iterator[int]:
+    """A port on HARD_IP where a socket is bound but never read: nothing answers there, and no
+    pool socket can be given that port (a freed one could be, and would answer)."""
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
-        s.bind((host, 0))
-        return int(s.getsockname()[1])
+        s.bind((HARD_IP, 0))
+        yield int(s.getsockname()[1])
 
 
 def is_free(addr: Address) -> bool:
@@ -59,20 +61,33 @@ def is_free(addr: Address) -> bool:
         return True
 
 
+@dataclasses.dataclass
+class Hints:
+    asked: list[bool] = dataclasses.field(default_factory=list)
+    """Whether each discovery asked for the hint."""
+    sequential: bool = False
+    """The hard NAT allocates in order: its hint predicts the link socket's own port."""
+
+
 @pytest.fixture
-def hints(monkeypatch: pytest.MonkeyPatch) -> list[bool]:
+def hints(monkeypatch: pytest.MonkeyPatch) -> Hints:
     """Discovery answers with the hint a real NAT would have shown (hard on HARD_IP)."""
-    asked: list[bool] = []
+    seen = Hints()
     real = discovery.discover_endpoint
 
     async def with_hint(endpoint: Any, *args: Any, **kw: Any) -> discovery.Discovery:
-        asked.append(bool(kw.get("hint")))
+        seen.asked.append(bool(kw.get("hint")))
         found = await real(endpoint, *args, **kw)
-        nat = HARD if endpoint.local_address[0] == HARD_IP else EASY
+        host, port = endpoint.local_address
+        nat = EASY
+        if host == HARD_IP:
+            nat = HARD
+            if seen.sequential:
+                nat = NatHint(mapping=HARD.mapping, sequential=True, predicted_ports=[port])
         return dataclasses.replace(found, nat=nat)
 
     monkeypatch.setattr(discovery, "discover_endpoint", with_hint)
-    return asked
+    return seen
 
 
 @contextlib.asynccontextmanager
@@ -125,10 +140,10 @@ def spy_on_the_pool(hard: Worker) -> list[Address]:
 
 @pytest.mark.parametrize("prober_role", ["controlling", "controlled"])
 async def test_easy_x_hard_connects_through_a_pool_socket_and_keeps_it(
-    hints: list[bool], prober_role: str
+    hints: Hints, dead_port: int, prober_role: str
 ) -> None:
     async with fake_rendezvous() as rv, pair(rv) as (easy, hard):
-        assert hints == [True, True]  # birthday on: both asked discovery for the hint
+        assert hints.asked == [True, True]  # birthday on: both asked discovery for the hint
         announced = [
             m for m in rv.conns[hard.worker_id].received if m["type"] == "update_udp_endpoint"
         ]
@@ -138,7 +153,6 @@ async def test_easy_x_hard_connects_through_a_pool_socket_and_keeps_it(
         assert hard.endpoint is not None
         first = hard.endpoint.local_address
         other_role = "controlled" if prober_role == "controlling" else "controlling"
-        dead = dead_port(HARD_IP)
         await rv.send(
             easy,
             rv.offer(
@@ -146,7 +160,7 @@ async def test_easy_x_hard_connects_through_a_pool_socket_and_keeps_it(
                 hard,
                 prober_role,
                 peer_udp_ip=HARD_IP,
-                peer_udp_port=dead,
+                peer_udp_port=dead_port,
                 peer_nat=HARD.model_dump(),
             ),
         )
@@ -176,14 +190,14 @@ async def test_easy_x_hard_connects_through_a_pool_socket_and_keeps_it(
 
 
 async def test_without_birthday_nobody_asks_for_the_hint_nor_opens_a_pool(
-    hints: list[bool],
+    hints: Hints,
 ) -> None:
     async with fake_rendezvous() as rv:
         w = Worker(rv.config(birthday=BirthdayConfig(enabled=False)))
         await w.start()
         try:
             await rv.ready(w, timeout=T)
-            assert hints == [False]
+            assert hints.asked == [False]
             assert w.pool is not None and len(w.pool) == 0
         finally:
             await w.stop()
@@ -212,7 +226,7 @@ async def test_a_pool_binds_what_it_can_and_says_so_once(caplog: pytest.LogCaptu
 
 
 async def test_junk_and_strangers_on_the_pool_are_dropped_and_adopt_nothing(
-    hints: list[bool],
+    hints: Hints,
 ) -> None:
     async with fake_rendezvous() as rv, pair(rv) as (easy, hard):
         opened = spy_on_the_pool(hard)
@@ -228,3 +242,37 @@ async def test_junk_and_strangers_on_the_pool_are_dropped_and_adopt_nothing(
         assert hard.link.stats["pool_adoptions"] == 0
         assert hard.endpoint is first and hard.pool is not None and len(hard.pool) == 256
         assert hard.status()["method"] is None
+
+
+async def test_a_predicted_port_wins_on_the_link_socket(hints: Hints, dead_port: int) -> None:
+    """A sequential hard NAT announces the port its link socket will get towards the peer: the
+    prober's first probe goes there, the link comes up on that socket and no pool socket is
+    adopted; both sides say ``predicted``."""
+    hints.sequential = True
+    async with fake_rendezvous() as rv, pair(rv) as (easy, hard):
+        assert hard.endpoint is not None
+        first = hard.endpoint
+        play_the_nats(easy, hard)
+        hard.datagram_hooks.clear()  # the link socket's mapping is the predicted one: open
+        announced = hard.link.nat_hint
+        assert announced is not None and announced.predicted_ports == [first.local_address[1]]
+        await rv.send(
+            easy,
+            rv.offer(
+                easy,
+                hard,
+                "controlling",
+                peer_udp_ip=HARD_IP,
+                peer_udp_port=dead_port,
+                peer_nat=announced.model_dump(),
+            ),
+        )
+        await rv.send(hard, rv.offer(hard, easy, "controlled", peer_nat=EASY.model_dump()))
+        await easy.wait_connected(timeout=T)
+        await hard.wait_connected(timeout=T)
+        assert easy.status()["method"] == "predicted"
+        await until(lambda: hard.status()["method"] == "predicted", "the sprayer's method", T)
+        assert hard.endpoint is first and hard.link.stats["pool_adoptions"] == 0
+        assert easy.peer_address == first.local_address
+        await until(lambda: hard.pool is not None and len(hard.pool) == 0, "the pool closed", T)
+        await easy.chat("on the predicted port", timeout=T)
