@@ -161,6 +161,20 @@ class LinkTurn(LinkBirthday):
         self.turn = None
         self._pump(now)
 
+    def pool_socket_adopted(self, index: int, now: float) -> None:
+        """As :class:`~p2plab.core.link_birthday.LinkBirthday`'s; an allocation over UDP lived
+        on the old link socket, which the driver closed: allocate again on the new one (a TURN
+        server knows its clients by their address; the old allocation expires by itself)."""
+        adopting = self._adopting
+        super().pool_socket_adopted(index, now)
+        t = self.turn
+        if index == adopting and t is not None and t.transport == "udp":
+            log.info("peer %s: TURN allocation again on the adopted socket", self.peer_id)
+            self.turn = self._client(t.server, "udp")
+            self.turn.allocate(now)
+            self._udp_deadline = now + TURN_UDP_WAIT_S
+            self._pump(now)
+
     # -- the engine's hooks -------------------------------------------------------------------
 
     def _turn_expected(self) -> bool:
@@ -279,8 +293,24 @@ class LinkTurn(LinkBirthday):
             transport = "tcp" if c.transport == "tcp" else "udp"
             self._peer_relays[addr] = transport
             log.info("peer %s: relay candidate %s (%s)", self.peer_id, addr, transport)
-            s.add_relay_candidate(addr, transport, now)
-            self._relay_pair(addr, now)
+            if not self._birthday_busy():  # else held: the session learns it when done
+                s.add_relay_candidate(addr, transport, now)
+                self._relay_pair(addr, now)
+
+    def _birthday_busy(self) -> bool:
+        """Whether a birthday attempt runs on the punching session: the TURN candidates wait
+        for it (both sides' plans mirror, so both wait).  A TURN pair validates in a round trip,
+        a birthday one in seconds; connected on TURN, the pool would close and the hard pair
+        would never go direct (upgrade rounds probe from the link socket, not the pool).  If the
+        attempt fails, the rendezvous relay's session takes the TURN candidates and upgrades."""
+        s, plan = self.session, self.plan
+        return (
+            s is not None
+            and s.state == "punching"
+            and not self.relayed
+            and plan is not None
+            and plan.role in ("probe", "spray", "hard-try")
+        )
 
     def _relay_pair(self, addr: Address, now: float) -> None:
         """Pair the peer's relayed address ``addr`` with our own allocation too (ICE's
@@ -288,7 +318,7 @@ class LinkTurn(LinkBirthday):
         allocation runs over TCP, that is the only way through.  Its permission is for the
         peer's TURN server's IP."""
         t, s = self.turn, self.session
-        if t is None or t.state is not TurnState.ALLOCATED or s is None:
+        if t is None or t.state is not TurnState.ALLOCATED or s is None or self._birthday_busy():
             return
         try:
             t.create_permission(addr[0], now)
@@ -322,7 +352,10 @@ class LinkTurn(LinkBirthday):
     def _on_session_event(self, s: PeerSession, event: ev.Event, now: float) -> None:
         if self.relayed and isinstance(event, ev.PeerConnected) and event.path != RELAY_PATH:
             self.relayed = False  # a relayed session's first round trip was a better path
+        held = isinstance(event, ev.PeerConnected) and self._birthday_busy()
         super()._on_session_event(s, event, now)
+        if held and self.session is s:  # the TURN candidates held for birthday punching
+            self._better_paths(s, now, relayed=False)
         if (
             self.relayed
             and self.session is s

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import pytest
 
+from p2plab.config import BirthdayConfig, SessionConfig
 from p2plab.core import events as ev
 from p2plab.core.link import LinkConfig, SendToRendezvous
 from p2plab.core.paths import (
@@ -289,3 +290,42 @@ def test_a_udp_allocation_that_never_answers_without_a_tcp_url_gives_up_quietly(
     assert a.engine.state == "relayed" and a.engine.path == "relay"
     timer = a.engine.get_timer()
     assert timer is None or timer > w.now - 1
+
+
+# -- with birthday punching -----------------------------------------------------------------------
+
+
+def test_an_easy_x_hard_pair_still_goes_direct_by_birthday_and_keeps_turn_ready() -> None:
+    """TURN candidates wait while a birthday attempt runs (a TURN pair would validate first and
+    close the pool for good); the link is made by birthday, and TURN is validated afterwards,
+    on the hard side from the adopted socket (its allocation made again there)."""
+    small = BirthdayConfig(
+        sockets=32,
+        probe_budget=200,
+        probe_rate=100.0,
+        port_range=(20000, 20999),
+        spray_interval=1.0,
+    )
+    cfg = LinkConfig(session=SessionConfig(), birthday=small)
+    w = TurnWorld(3)
+    e = w.add("easy", "easy", NatHint(mapping="endpoint-independent"), cfg)
+    h = w.add("hard", "hard", HARD, cfg)
+    w.pair_turn(e, h)
+    assert e.engine.peer_relays and h.engine.peer_relays  # trickled, and held
+    se = e.engine.session
+    assert se is not None and all(se.candidate_kind(r) is None for r in e.engine.peer_relays)
+    w.run_until(lambda: e.engine.state == h.engine.state == "connected", 10)
+    assert e.engine.method == h.engine.method == "birthday"
+    assert e.engine.path == h.engine.path == "direct"
+    assert h.engine.stats["pool_adoptions"] == 1
+    assert h.engine.stats["turn_allocations"] == 2  # again, on the adopted socket
+    w.run(5)
+    for n in (e, h):
+        s = n.engine.session
+        assert s is not None
+        turn_ok = [c for c in s.candidates if s.path_of(c) == "turn-udp"]
+        assert turn_ok, n.name  # a TURN path to fall back to
+    w.block_direct = True
+    w.run_until(lambda: e.engine.path == h.engine.path == "turn-udp", 15)
+    assert e.engine.path == h.engine.path == "turn-udp"
+    assert e.engine.state == h.engine.state == "connected"
