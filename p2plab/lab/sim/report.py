@@ -65,7 +65,9 @@ class LinkResult:
     only, as in the kernel lab's matrix)."""
     fallback: str
     """``"relayed"`` when punching failed but both engines ended ``relayed`` and a chat message
-    from a reached b exactly once over the relay and was acknowledged; else ``""``."""
+    from a reached b exactly once over the relay and was acknowledged; ``"turn-udp"`` or
+    ``"turn-tcp"`` when they connected through a TURN server (issue 17) and the chat check
+    passed there; else ``""``."""
     connect_time_s: float | None
     """Virtual seconds from the first offer to both connected (None unless direct)."""
     a: SimWorker
@@ -82,7 +84,8 @@ class LinkResult:
     """The address B's link sends to."""
     path: str | None
     """``"public"`` or ``"lan"`` (which kind of address A reached B on), ``"relayed"`` when the
-    engines fell back to the relay, None when there is no link."""
+    engines fell back to the relay, ``"turn-udp"``/``"turn-tcp"`` through TURN, None when there
+    is no link."""
     method: str | None = None
     """How the link was made (:func:`pair_method` of both engines' ``method``): ``direct``,
     ``birthday``, ``predicted`` or ``relay``; None without a link."""

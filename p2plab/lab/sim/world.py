@@ -435,7 +435,10 @@ class Simulation:
 
         self.run_until(start + limit, stop=settled)
         offered = [t for w in (wa, wb) if (t := w.first_time("punching", start)) is not None]
-        direct = wa.state == wb.state == "connected"
+        connected = wa.state == wb.state == "connected"
+        turn_path = wa.engine.path if wa.engine.path in ("turn-udp", "turn-tcp") else None
+        turn = connected and turn_path is not None  # a relay too: not direct punching
+        direct = connected and not turn
         relayed = wa.state == wb.state == "relayed"
         connect_time = None
         path = None
@@ -449,7 +452,12 @@ class Simulation:
             path = "relayed"
             if not check_relay_chat or self._relay_chat_works(wa, wb):
                 fallback = "relayed"
-        method = pair_method(wa.engine.method, wb.engine.method) if direct or relayed else None
+        if turn and turn_path is not None:
+            path = turn_path
+            if not check_relay_chat or self._relay_chat_works(wa, wb):
+                fallback = turn_path
+        linked = direct or relayed or turn
+        method = pair_method(wa.engine.method, wb.engine.method) if linked else None
         probes = sum(w.engine.stats.get("birthday_probes", 0) for w in (wa, wb))
         return LinkResult(
             outcome="direct" if direct else "failed",
@@ -459,8 +467,8 @@ class Simulation:
             b=wb,
             a_public=wa.public_address,
             b_public=wb.public_address,
-            a_sends_to=None if relayed else wa.peer_address,
-            b_sends_to=None if relayed else wb.peer_address,
+            a_sends_to=None if relayed or turn else wa.peer_address,
+            b_sends_to=None if relayed or turn else wb.peer_address,
             path=path,
             method=method,
             birthday_probes=probes,
