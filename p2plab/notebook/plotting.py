@@ -27,7 +27,12 @@ __all__ = [
 
 _PROFILE_ORDER = ("open", "full", "restricted", "port-restricted", "symmetric", "leaky")
 _OUTCOME_CODE = {"failed": 0.0, "error": 1.0, "direct": 2.0, "relayed": 3.0}
-_RELAY_WORDS = ("relay", "relayed")  # the simulator's and the kernel lab's ``fallback`` values
+_RELAY_WORDS = (
+    "relay",
+    "relayed",
+    "turn-udp",
+    "turn-tcp",
+)  # ``fallback`` values: the simulator's, the kernel lab's, TURN (issue 17)
 # One colour per code of matrix_grid, and what it means (the heatmap's legend).
 _OUTCOME_STYLE = (
     (0.0, "#d9534f", "failed: no direct path"),
