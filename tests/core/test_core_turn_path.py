@@ -329,3 +329,24 @@ def test_an_easy_x_hard_pair_still_goes_direct_by_birthday_and_keeps_turn_ready(
     w.run_until(lambda: e.engine.path == h.engine.path == "turn-udp", 15)
     assert e.engine.path == h.engine.path == "turn-udp"
     assert e.engine.state == h.engine.state == "connected"
+
+
+def test_a_turn_tcp_connection_that_drops_forgets_the_allocation() -> None:
+    w = TurnWorld(15)
+    a = w.add_node("alice", "hard")
+    b = w.add_node("bob", "hard")
+    tcp = [f"turn:{TURN_IP}:3478?transport=tcp"]
+    offers = {n.name: {"turn": turn_offer(n.name, tcp)} for n in (a, b)}
+    w.pair_turn(a, b, **offers)
+    w.run_until(lambda: a.engine.state == b.engine.state == "connected", 10)
+    assert a.engine.path == "turn-tcp"
+    a.engine.turn_tcp_closed(w.now, "connection reset")
+    w.flush()
+    assert a.engine.turn is None and a.engine.stats["turn_failures"] == 1
+    a.engine.turn_tcp_received(b"late bytes", w.now)  # nothing to feed: counted, no crash
+    a.engine.turn_tcp_connected(w.now)  # a late callback: ignored
+    assert a.engine.stats["turn_dropped"] >= 1
+    # Alice's own allocation is gone, Bob's still relays: the link moves onto it and stays up.
+    w.run(30)
+    assert a.engine.state == b.engine.state == "connected"
+    assert a.engine.path == "turn-tcp" and a.engine.peer_address == b.engine.turn_relayed
