@@ -58,6 +58,7 @@ from p2plab.core.signaling import (
     CandidatesOut,
     RelayCandidate,
 )
+from p2plab.core.stun import Class, Message, Method
 from p2plab.core.turn import (
     Allocated,
     AllocationFailed,
@@ -69,7 +70,7 @@ from p2plab.core.turn import (
 from p2plab.core.turn_config import TurnServer, parse_turn_url
 from p2plab.errors import ConfigError, LocalProtocolError
 
-__all__ = ["TURN_TCP_GRACE_S", "TURN_UDP_WAIT_S", "LinkTurn"]
+__all__ = ["TURN_KEEPALIVE_S", "TURN_TCP_GRACE_S", "TURN_UDP_WAIT_S", "LinkTurn"]
 
 log = logging.getLogger("p2plab.core.link")
 
@@ -78,6 +79,11 @@ log = logging.getLogger("p2plab.core.link")
 #: retransmissions) got nothing back, UDP to the server is blocked, and RFC 8489's 39.5 s would
 #: leave TCP no time before the punch timeout hands the pair to the WebSocket relay.
 TURN_UDP_WAIT_S = 5.0
+#: Longest silence towards the TURN server over UDP before a STUN Binding indication goes there:
+#: the NAT mapping and filter entry towards the server must outlive a NAT's 30 s UDP timeout
+#: while the link runs direct (the allocation's own refreshes come every few minutes), or the
+#: warm TURN path dies unnoticed; 15 s as ICE's keepalives (RFC 8445 section 11).
+TURN_KEEPALIVE_S = 15.0
 #: Seconds added to the punching deadline when the TCP fallback starts while punching: the time
 #: to connect, allocate and trickle.
 TURN_TCP_GRACE_S = 5.0
@@ -105,6 +111,7 @@ class LinkTurn(LinkBirthday):
         self._turn_tcp: TurnServer | None = None  # the TCP fallback, not tried yet
         self._tcp_open = False  # OpenTurnTcp given and not closed
         self._udp_deadline: float | None = None  # the UDP allocation's last moment
+        self._keepalive_at: float | None = None  # next Binding indication to the server (UDP)
         self._peer_ips: set[str] = set()  # the IPs we gave permissions to
         self._peer_relays: dict[Address, str] = {}  # the peer's relayed addresses -> transport
 
@@ -235,7 +242,7 @@ class LinkTurn(LinkBirthday):
         """Release the allocation (best effort: one Refresh with LIFETIME 0) and forget it."""
         t, self.turn = self.turn, None
         self._turn_tcp = None
-        self._udp_deadline = None
+        self._udp_deadline = self._keepalive_at = None
         self._peer_relays = {}
         self._peer_ips = set()
         if t is not None:
@@ -258,8 +265,12 @@ class LinkTurn(LinkBirthday):
         t = self.turn
         if t is None:
             return None  # nothing to time: a stale deadline must not spin the driver
-        when = [x for x in (t.get_timer(), self._udp_deadline) if x is not None]
+        keepalive = self._keepalive_at if self._keeping_alive(t) else None
+        when = [x for x in (t.get_timer(), self._udp_deadline, keepalive) if x is not None]
         return min(when) if when else None
+
+    def _keeping_alive(self, t: TurnClient) -> bool:
+        return t.transport == "udp" and t.state is TurnState.ALLOCATED
 
     def _turn_service(self, now: float) -> None:
         t = self.turn
@@ -275,6 +286,11 @@ class LinkTurn(LinkBirthday):
                 return
             self._udp_deadline = None
         t.handle_timer(now)
+        at = self._keepalive_at
+        if self._keeping_alive(t) and (at is None or now >= at):
+            ping = Message(Method.BINDING, Class.INDICATION, self._rand_bytes(12))
+            self._outbox.append((bytes(ping), t.server))
+            self._keepalive_at = now + TURN_KEEPALIVE_S
 
     def _on_candidates(self, msg: CandidatesIn, now: float) -> None:
         """The peer's relayed addresses, passed on by the rendezvous."""
@@ -411,6 +427,7 @@ class LinkTurn(LinkBirthday):
                 self._commands.append(SendTurnTcp(data))
             else:
                 self._outbox.append((data, server))
+                self._keepalive_at = now + TURN_KEEPALIVE_S  # the mapping was just used
 
     def _turn_events(self, t: TurnClient, now: float) -> bool:
         """Act on the client's events; True if a datagram went to the session."""

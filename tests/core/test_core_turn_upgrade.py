@@ -5,11 +5,13 @@ once and in order; each switch is a PathChanged event with the path names."""
 
 from __future__ import annotations
 
+import itertools
+
 from p2plab.config import SessionConfig
 from p2plab.core import events as ev
 from p2plab.core.signaling import CandidatesIn
 from tests.core.nat_world import BNode
-from tests.core.turn_world import TurnWorld
+from tests.core.turn_world import TURN, TurnWorld
 
 CFG = SessionConfig()
 
@@ -175,3 +177,20 @@ def test_a_pair_on_the_rendezvous_relay_moves_to_turn_when_candidates_come_late(
     assert a.engine.method == "relay"  # made through a relay; the path says which
     w.run(10)
     assert chats(b) == talk.sent["alice"] and chats(a) == talk.sent["bob"]
+
+
+def test_the_mapping_towards_the_turn_server_is_kept_alive_while_direct() -> None:
+    """Direct and idle for two minutes: something still goes to the TURN server at least every
+    15 s (a NAT's UDP mapping lasts 30 s), so the warm TURN path is there when needed."""
+    w = TurnWorld(7)
+    a = w.add_node("alice", "easy")
+    b = w.add_node("bob", "easy")
+    w.pair_turn(a, b)
+    w.run_until(lambda: a.engine.state == b.engine.state == "connected", 10)
+    assert a.engine.path == "direct"
+    start = w.now
+    w.run(120)
+    times = [start] + [x.at for x in w.sent if x.node == "alice" and x.dst == TURN and x.at > start]
+    gaps = [t1 - t0 for t0, t1 in itertools.pairwise(times)]
+    assert len(times) > 8 and max(gaps) <= 15.0 + 1e-6, gaps
+    assert a.engine.path == "direct"

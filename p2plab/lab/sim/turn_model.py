@@ -252,6 +252,9 @@ class TurnServerModel:
         if message.message_class is Class.INDICATION:
             if message.message_method is Method.SEND:
                 return self._send_indication(message, client)
+            if message.message_method is Method.BINDING:  # a client's NAT keep-alive
+                self.stats["keepalives"] += 1
+                return []
             self.stats["junk"] += 1
             return []
         if message.message_class is not Class.REQUEST:
