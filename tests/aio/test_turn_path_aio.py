@@ -1,7 +1,7 @@
 """Two real workers on loopback whose direct path is blocked connect through Debian's coturn
 (issue 17): the engine allocates on each worker's own UDP socket (and over TCP when asked),
 trickles the relayed address through the rendezvous, and the pair connects on turn-udp (or
-turn-tcp) and chats; unblocked, it goes direct.
+turn-tcp) and chats; unblocked, it goes direct; blocked again, back to TURN.
 
 Loopback has no NAT, so the test plays the block: each worker drops every datagram from the
 other's UDP endpoint (its ``datagram_hooks``), while datagrams from coturn (its listening port
@@ -115,6 +115,14 @@ async def test_blocked_direct_path_connects_over_coturn_then_goes_direct(coturn:
             assert a.status()["path"] == "direct" and a.peer_address is not None
             await a.chat("direct again", timeout=T)
             assert (await asyncio.wait_for(anext(b_in), T)).text == "direct again"
+            # Blocked again: back to TURN (downgrade_after 7.5 s) before the peer timeout.
+            block.on = True
+            change = await asyncio.wait_for(anext(a_paths), T)
+            assert (change.previous_path, change.path) == ("direct", "turn-udp")
+            await until(lambda: a.path == b.path == "turn-udp", "both on TURN again", T)
+            assert a.state == b.state == "connected"
+            await a.chat("over coturn again", timeout=T)
+            assert (await asyncio.wait_for(anext(b_in), T)).text == "over coturn again"
 
 
 async def test_turn_over_tcp_to_coturn_carries_the_pair(coturn: int) -> None:  # noqa: F811
