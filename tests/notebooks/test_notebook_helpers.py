@@ -84,13 +84,15 @@ def test_matrix_grid_from_simulator_rows() -> None:
         x = columns.index(r["profile_b"])
         relayed = r["fallback"] == "relayed"  # the engine fell back to the relay
         assert codes[y][x] == (2.0 if r["outcome"] == "direct" else 3.0 if relayed else 0.0)
-    # natlab.md: port-restricted x symmetric and symmetric x symmetric need the relay
-    assert texts[1][2] == texts[2][2] == "failed\n→ relay"
-    assert codes[1][2] == codes[2][2] == 3.0
+    # symmetric x symmetric needs the relay; port-restricted x symmetric goes direct by
+    # birthday punching (issue 16), with a time to connect like any direct cell
+    assert texts[2][2] == "failed\n→ relay" and codes[2][2] == 3.0
+    assert texts[1][2].endswith("s") and codes[1][2] == 2.0
     assert texts[0][0].endswith("s")  # time to connect
     assert codes[3][0] == 2.0  # same-LAN "open": two public hosts
     table = outcome_table(rows)
-    assert table.loc["port-restricted", "symmetric"] == "failed → relay"
+    assert table.loc["port-restricted", "symmetric"] == "direct"
+    assert table.loc["symmetric", "symmetric"] == "failed → relay"
     assert table.loc["symmetric", "open"] == "direct"
 
 
