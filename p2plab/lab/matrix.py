@@ -120,6 +120,8 @@ class PairResult:
     """Datagrams sent from socket pools (both workers' ``spray_datagrams``); None likewise."""
     run: int = 1
     """Which run of the pair this is (``--repeat``), from 1."""
+    worker_error: str = ""
+    """The workers' status ``error`` (a's, else b's): e.g. why a hard x hard pair relays."""
 
     @property
     def agrees(self) -> bool:
@@ -432,6 +434,7 @@ def run_pair(
                 b_state=str(sb.get("state", "")),
                 fallback=fallback,
                 method=pair_method(sa, sb),
+                worker_error=str(sa.get("error") or sb.get("error") or ""),
                 probes=link_counter([sa, sb], "birthday_probes"),
                 sprays=link_counter([sa, sb], "spray_datagrams"),
             )
