@@ -121,7 +121,8 @@ class PairResult:
     run: int = 1
     """Which run of the pair this is (``--repeat``), from 1."""
     worker_error: str = ""
-    """The workers' status ``error`` (a's, else b's): e.g. why a hard x hard pair relays."""
+    """The workers' status ``error`` (a's, else b's), else the first ``error`` event either
+    worker printed: e.g. why a hard x hard pair went to the relay."""
 
     @property
     def agrees(self) -> bool:
@@ -142,6 +143,9 @@ class _EventReader(threading.Thread):
         self.connected_at: float | None = None
         self.relayed_at: float | None = None
         self.chats_in: list[str] = []
+        self.errors: list[str] = []
+        """The worker's ``error`` events (e.g. why a hard x hard pair went to the relay: the
+        status ``error`` is cleared once the relayed link is up)."""
 
     def run(self) -> None:
         for line in self.stream:
@@ -155,6 +159,10 @@ class _EventReader(threading.Thread):
                 with self.changed:
                     self.chats_in.append(str(msg.get("text")))
                     self.changed.notify_all()
+                continue
+            if msg.get("type") == "error":
+                with self.changed:
+                    self.errors.append(str(msg.get("message", ""))[:300])
                 continue
             if msg.get("type") != "status":
                 continue
@@ -414,6 +422,7 @@ def run_pair(
                 ends = [r.connected_at for r in readers if r.connected_at is not None]
                 starts = [r.first_punching for r in readers if r.first_punching is not None]
                 relayed = not done and run.relayed()
+                errors = [e for r in readers for e in r.errors]
             fallback = "relayed" if relayed and run.chat_exactly_once("a", "b") else ""
             with run.changed:
                 sa, sb = run.status("a"), run.status("b")
@@ -434,7 +443,7 @@ def run_pair(
                 b_state=str(sb.get("state", "")),
                 fallback=fallback,
                 method=pair_method(sa, sb),
-                worker_error=str(sa.get("error") or sb.get("error") or ""),
+                worker_error=str(sa.get("error") or sb.get("error") or next(iter(errors), "")),
                 probes=link_counter([sa, sb], "birthday_probes"),
                 sprays=link_counter([sa, sb], "spray_datagrams"),
             )
