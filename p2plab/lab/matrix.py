@@ -49,6 +49,7 @@ from p2plab.lab.profiles import PROFILES, expected_outcome, validate_profile
 __all__ = [
     "PairResult",
     "PairRun",
+    "hint_text",
     "link_counter",
     "pair_method",
     "plot_heatmap",
@@ -85,7 +86,8 @@ class PairResult:
     punch_s: float | None
     """Seconds from the first ``punching`` state seen until both were connected."""
     a_public: str | None
-    """Host a's public UDP endpoint as its worker learnt it (``udp_public``)."""
+    """Host a's public UDP endpoint as its worker first learnt it (``udp_public``; the one its
+    peer was offered)."""
     b_public: str | None
     """Host b's public UDP endpoint."""
     a_peer_endpoint: str | None
@@ -120,6 +122,14 @@ class PairResult:
     """Datagrams sent from socket pools (both workers' ``spray_datagrams``); None likewise."""
     run: int = 1
     """Which run of the pair this is (``--repeat``), from 1."""
+    a_hint: str = ""
+    """Host a's worker's NAT hint as its status shows it (``status["nat"]["hint"]``):
+    ``easy``, ``hard`` or ``unknown``, plus ``+remaps`` (the leaky clash) and ``+sequential``."""
+    b_hint: str = ""
+    """Host b's worker's NAT hint."""
+    chat: str = ""
+    """With ``check_chat``: ``ok`` when a chat message from a reached b exactly once over the
+    direct link and was acknowledged, ``failed`` otherwise; empty when not checked."""
     worker_error: str = ""
     """The workers' status ``error`` (a's, else b's), else the first ``error`` event either
     worker printed: e.g. why a hard x hard pair went to the relay."""
@@ -143,6 +153,9 @@ class _EventReader(threading.Thread):
         self.connected_at: float | None = None
         self.relayed_at: float | None = None
         self.chats_in: list[str] = []
+        self.first_public: str | None = None
+        """The first public endpoint the worker reported: the one it announced for the offer
+        (a later STUN refresh from an adopted pool socket may show another)."""
         self.errors: list[str] = []
         """The worker's ``error`` events (e.g. why a hard x hard pair went to the relay: the
         status ``error`` is cleared once the relayed link is up)."""
@@ -169,6 +182,8 @@ class _EventReader(threading.Thread):
             now = time.monotonic()
             with self.changed:
                 self.status = msg
+                if self.first_public is None and isinstance(msg.get("udp_public"), str):
+                    self.first_public = msg["udp_public"]
                 state = msg.get("state")
                 if state == "punching" and self.first_punching is None:
                     self.first_punching = now
@@ -205,6 +220,17 @@ def link_counter(statuses: Sequence[dict[str, Any]], name: str) -> int | None:
         if isinstance(st.get("stats"), dict) and isinstance(st["stats"].get(name), int)
     ]
     return sum(values) if values else None
+
+
+def hint_text(status: dict[str, Any]) -> str:
+    """``a_hint``/``b_hint``: the hint's difficulty and its flags, from ``status["nat"]``."""
+    nat = status.get("nat")
+    hint = nat.get("hint") if isinstance(nat, dict) else None
+    if not isinstance(hint, dict):
+        return ""
+    text = str(hint.get("difficulty", ""))
+    text += "+remaps" if hint.get("remaps_on_clash") else ""
+    return text + ("+sequential" if hint.get("sequential") else "")
 
 
 def _peer_endpoint(status: dict[str, Any]) -> str | None:
@@ -381,6 +407,8 @@ def run_pair(
     nat_wait: float = 10.0,
     startup_timeout: float = 60.0,
     run_index: int = 1,
+    worker_args: Sequence[str] = (),
+    check_chat: bool = False,
 ) -> PairResult:
     """Build one lab, run rendezvous and two workers in it, and report what happened.
 
@@ -391,6 +419,8 @@ def run_pair(
     ``classic`` maps profile -> pystun3 type (from :func:`p2plab.lab.netns.classify_profiles`);
     ``nat_wait`` bounds the wait for both workers' own NAT classification once the outcome is
     known.  ``run_index`` numbers the run of a repeated pair (its logs carry it from run 2 on).
+    ``worker_args`` are added to both workers' command lines (e.g. ``--birthday-sockets``).
+    ``check_chat`` sends a chat over a direct link too (the relay's is always checked).
     """
     pa = config.profile_a
     pb = config.profile_a if config.same_lan else config.profile_b
@@ -409,7 +439,7 @@ def run_pair(
         with Lab.from_config(config) as lab:
             name = f"{pa}__{'same-lan' if config.same_lan else pb}"
             name += f".{run_index}" if run_index > 1 else ""
-            run = PairRun(lab, log_dir=log_dir, name=name).start()
+            run = PairRun(lab, log_dir=log_dir, name=name).start(worker_args=worker_args)
             if not run.wait_started(startup_timeout):
                 raise LabError(f"the workers did not start within {startup_timeout:.0f} s")
             run.wait_settled(timeout)
@@ -424,6 +454,9 @@ def run_pair(
                 relayed = not done and run.relayed()
                 errors = [e for r in readers for e in r.errors]
             fallback = "relayed" if relayed and run.chat_exactly_once("a", "b") else ""
+            chat = ""
+            if check_chat and done:
+                chat = "ok" if run.chat_exactly_once("a", "b") else "failed"
             with run.changed:
                 sa, sb = run.status("a"), run.status("b")
             connect_s = max(ends) - run.t0 if done else None
@@ -433,8 +466,8 @@ def run_pair(
                 outcome="direct" if done else "failed",
                 connect_s=None if connect_s is None else round(connect_s, 3),
                 punch_s=None if punch_s is None else round(punch_s, 3),
-                a_public=sa.get("udp_public"),
-                b_public=sb.get("udp_public"),
+                a_public=run.readers["a"].first_public or sa.get("udp_public"),
+                b_public=run.readers["b"].first_public or sb.get("udp_public"),
                 a_peer_endpoint=_peer_endpoint(sa),
                 b_peer_endpoint=_peer_endpoint(sb),
                 a_nat=_nat_text(sa),
@@ -442,7 +475,10 @@ def run_pair(
                 a_state=str(sa.get("state", "")),
                 b_state=str(sb.get("state", "")),
                 fallback=fallback,
+                chat=chat,
                 method=pair_method(sa, sb),
+                a_hint=hint_text(sa),
+                b_hint=hint_text(sb),
                 worker_error=str(sa.get("error") or sb.get("error") or next(iter(errors), "")),
                 probes=link_counter([sa, sb], "birthday_probes"),
                 sprays=link_counter([sa, sb], "spray_datagrams"),

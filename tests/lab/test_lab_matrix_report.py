@@ -124,6 +124,10 @@ def test_method_and_counters_come_from_both_workers_statuses() -> None:
     assert matrix.link_counter([a, b], "birthday_probes") == 412
     assert matrix.link_counter([a, b], "spray_datagrams") == 1024
     assert matrix.link_counter([{}, {"stats": {"x": 1}}], "birthday_probes") is None
+    leaky = {"nat": {"mapping": "endpoint-independent", "hint": {"difficulty": "hard",
+             "remaps_on_clash": True, "sequential": False}}}  # fmt: skip
+    assert matrix.hint_text(leaky) == "hard+remaps"
+    assert matrix.hint_text({"nat": None}) == matrix.hint_text({}) == ""
 
 
 def test_repeat_runs_each_ordered_pair_and_writes_rows_summary_and_heatmap(
