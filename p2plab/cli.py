@@ -105,6 +105,9 @@ def _rendezvous_settings(args: argparse.Namespace) -> Any:
             "max_workers": args.max_workers,
             "relay": False if args.no_relay else None,
             "open": True if args.open else None,
+            "turn_urls": None if args.turn is None else _parse_turn_urls(args.turn),
+            "turn_secret": args.turn_secret,
+            "turn_ttl_s": args.turn_ttl,
             **{name: getattr(args, name) for name, *_ in LIMIT_FLAGS},
         }
     )
@@ -114,6 +117,12 @@ def _parse_room_tokens(text: str) -> dict[str, str]:
     from rendezvous_service_code.settings import parse_room_tokens
 
     return parse_room_tokens(text)
+
+
+def _parse_turn_urls(text: str) -> tuple[str, ...]:
+    from rendezvous_service_code.settings import parse_turn_urls
+
+    return parse_turn_urls(text)
 
 
 def _check_rendezvous(args: argparse.Namespace) -> None:
@@ -426,6 +435,28 @@ def _add_rendezvous(sub: Any) -> None:
         "--no-relay",
         action="store_true",
         help="refuse to relay for pairs that cannot punch (env P2P_RELAY=0)",
+    )
+    turn = p.add_argument_group("TURN (coturn with use-auth-secret)")
+    turn.add_argument(
+        "--turn",
+        default=None,
+        metavar="URL[,URL]",
+        help="TURN servers handed to paired workers, turn:HOST:PORT?transport=udp|tcp, at most "
+        "4 (env TURN_URLS; default: none)",
+    )
+    turn.add_argument(
+        "--turn-secret",
+        default=None,
+        metavar="SECRET",
+        help="coturn's static-auth-secret; each offer carries credentials made with it for the "
+        "receiving worker only (env TURN_SECRET; default: none, required with --turn)",
+    )
+    turn.add_argument(
+        "--turn-ttl",
+        type=float,
+        default=None,
+        metavar="S",
+        help="seconds those credentials allow new allocations (env TURN_TTL_S; default: 600)",
     )
     p.set_defaults(func=_cmd_rendezvous, check=_check_rendezvous, cmd_parser=p)
 

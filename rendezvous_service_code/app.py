@@ -34,7 +34,7 @@ import logging
 import os
 import re
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -49,13 +49,16 @@ from p2plab.core.signaling import (
     MAX_MESSAGE_BYTES,
     Challenge,
     ErrorMessage,
+    P2PConnectionOffer,
     Register,
     RelayIn,
     RelayOut,
+    TurnOffer,
     UpdateUdpEndpoint,
     dump_message,
     parse_worker_message,
 )
+from p2plab.core.turn_config import turn_credentials
 from p2plab.errors import RemoteProtocolError
 
 from .backends import Backend, MemoryBackend
@@ -151,16 +154,22 @@ class _Stats:
     refused_ip_rate: int = 0
     refused_token_throttled: int = 0
     worker_errors: int = 0
+    turn_credentials: int = 0
 
 
 class _Hub:
     """Connections of this instance and delivery of backend actions to them."""
 
-    def __init__(self, backend: Backend) -> None:
+    def __init__(
+        self, backend: Backend, turn_for: Callable[[str], TurnOffer | None] | None = None
+    ) -> None:
         self.backend = backend
         self.connections: dict[str, _Connection] = {}
         self.stats = _Stats()
         self._ids = itertools.count(1)
+        # TURN credentials are made here, by the instance that holds the receiving worker's
+        # connection, at the last moment: an offer forwarded through Redis carries none.
+        self._turn_for = turn_for
 
     def new_conn_id(self) -> str:
         return f"{self.backend.instance_id}/{next(self._ids)}"
@@ -170,7 +179,13 @@ class _Hub:
         if conn is None or conn.worker_id != action.worker_id:
             return False
         if isinstance(action, SendMessage):
-            conn.send_text(dump_message(action.message))
+            message = action.message
+            if isinstance(message, P2PConnectionOffer) and self._turn_for is not None:
+                turn = self._turn_for(action.worker_id)
+                if turn is not None:
+                    message = message.model_copy(update={"turn": turn})
+                    self.stats.turn_credentials += 1
+            conn.send_text(dump_message(message))
         elif isinstance(action, CloseConnection):
             conn.close(action.code, action.reason)
         return True
@@ -273,7 +288,17 @@ def create_app(settings: Settings | None = None, *, backend: Backend | None = No
             )
         else:
             backend = MemoryBackend()
-    hub = _Hub(backend)
+
+    def turn_for(worker_id: str) -> TurnOffer | None:
+        """Credentials for ``worker_id`` only, valid ``turn_ttl_s`` from now (issue 17)."""
+        if not s.turn_urls or not s.turn_secret:
+            return None
+        username, password = turn_credentials(s.turn_secret, worker_id, time.time(), s.turn_ttl_s)
+        return TurnOffer(
+            urls=list(s.turn_urls), username=username, password=password, ttl_s=s.turn_ttl_s
+        )
+
+    hub = _Hub(backend, turn_for)
 
     @contextlib.asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:

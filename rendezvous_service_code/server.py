@@ -24,7 +24,7 @@ from p2plab.errors import ConfigError
 
 from .app import create_app
 from .backends import Backend
-from .settings import Settings, check_exposure, exposure_warning
+from .settings import Settings, check_exposure, exposure_warning, parse_turn_urls
 
 __all__ = ["RendezvousServer", "ServeAddresses", "main", "serve"]
 
@@ -251,6 +251,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--redis-heartbeat", type=float, default=None)
     parser.add_argument("--redis-ttl", type=float, default=None)
     parser.add_argument("--max-workers", type=int, default=None)
+    parser.add_argument("--turn", default=None, help="TURN URLs, comma-separated (TURN_URLS)")
+    parser.add_argument("--turn-secret", default=None, help="coturn's secret (TURN_SECRET)")
     parser.add_argument("--log-level", default="INFO")
     args = parser.parse_args(argv)
     try:
@@ -266,6 +268,8 @@ def main(argv: list[str] | None = None) -> int:
                 "redis_heartbeat_s": args.redis_heartbeat,
                 "redis_ttl_s": args.redis_ttl,
                 "max_workers": args.max_workers,
+                "turn_urls": None if args.turn is None else parse_turn_urls(args.turn),
+                "turn_secret": args.turn_secret,
             }
         )
     except ConfigError as exc:

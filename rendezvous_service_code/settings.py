@@ -21,6 +21,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from typing import Any
 
+from p2plab.core.signaling import MAX_TURN_URLS
+from p2plab.core.turn_config import DEFAULT_TURN_TTL_S, parse_turn_url
 from p2plab.errors import ConfigError
 
 __all__ = [
@@ -32,6 +34,7 @@ __all__ = [
     "is_loopback",
     "limit_flag_help",
     "parse_room_tokens",
+    "parse_turn_urls",
 ]
 
 #: Settings field -> the environment variable that sets it.
@@ -54,6 +57,9 @@ ENV_VARS: Mapping[str, str] = {
     "relay_bytes_per_s": "RELAY_BYTES_PER_S",
     "relay_ip_bytes_per_s": "RELAY_BYTES_PER_IP_PER_S",
     "relay_total_bytes_per_s": "RELAY_BYTES_TOTAL_PER_S",
+    "turn_urls": "TURN_URLS",
+    "turn_secret": "TURN_SECRET",
+    "turn_ttl_s": "TURN_TTL_S",
 }
 _INTS = frozenset({"port", "stun_port", "max_workers", "max_connections_per_ip"})
 _FLOATS = frozenset(
@@ -64,6 +70,7 @@ _FLOATS = frozenset(
         "relay_bytes_per_s",
         "relay_ip_bytes_per_s",
         "relay_total_bytes_per_s",
+        "turn_ttl_s",
     }
 )
 _BOOLS = frozenset({"relay", "trust_forwarded", "open"})
@@ -110,6 +117,12 @@ def parse_room_tokens(text: str) -> dict[str, str]:
         if sep and room and tok:
             out[room] = tok
     return out
+
+
+def parse_turn_urls(text: str) -> tuple[str, ...]:
+    """``("turn:a:3478", ...)`` from ``"turn:a:3478,turn:b:3478?transport=tcp"`` (empty items
+    skipped; each URL is checked by :class:`Settings`)."""
+    return tuple(item.strip() for item in text.split(",") if item.strip())
 
 
 def is_loopback(host: str) -> bool:
@@ -173,6 +186,8 @@ def _from_text(field_name: str, text: str) -> Any:
         raise ConfigError(f"{var} must be one of 1/0, true/false, yes/no, on/off, got {text!r}")
     if field_name == "room_tokens":
         return parse_room_tokens(text)
+    if field_name == "turn_urls":
+        return parse_turn_urls(text)
     return text
 
 
@@ -241,6 +256,16 @@ class Settings:
     no limit (checked when the STUN server starts)."""
     stun_burst: float = 40.0
     """Answers the embedded STUN server gives one source IP at once."""
+    turn_urls: tuple[str, ...] = ()
+    """TURN servers (``turn:host:port?transport=udp|tcp``, at most 4) whose short-lived
+    credentials every offer carries for the worker it goes to (``TURN_URLS``, comma-separated);
+    empty: no TURN."""
+    turn_secret: str | None = field(default=None, repr=False)
+    """The secret shared with coturn's ``use-auth-secret`` (``TURN_SECRET``); required with
+    ``turn_urls``.  Never sent to anyone: workers get credentials made with it."""
+    turn_ttl_s: float = DEFAULT_TURN_TTL_S
+    """Seconds the handed-out credentials allow new allocations (``TURN_TTL_S``); an allocation
+    made in time keeps refreshing after that (see :mod:`p2plab.core.turn_config`)."""
 
     def __post_init__(self) -> None:
         # The same checks whether a value came from a flag, the environment or Python code.
@@ -269,7 +294,33 @@ class Settings:
             value = getattr(self, name)
             if not value > 0:
                 raise ConfigError(f"{_name(name)} must be > 0, got {value}")
+        self._check_turn()
         check_exposure(self.host, self)
+
+    def _check_turn(self) -> None:
+        urls = self.turn_urls
+        if isinstance(urls, str):  # a flag's raw text, or Python code passing one string
+            urls = parse_turn_urls(urls)
+        object.__setattr__(self, "turn_urls", tuple(urls))
+        if len(self.turn_urls) > MAX_TURN_URLS:
+            raise ConfigError(
+                f"{_name('turn_urls')} takes at most {MAX_TURN_URLS} URLs, "
+                f"got {len(self.turn_urls)}"
+            )
+        for url in self.turn_urls:
+            parse_turn_url(url)  # ConfigError, one line naming the URL
+        if self.turn_urls and not self.turn_secret:
+            raise ConfigError(
+                "TURN servers given (--turn / TURN_URLS) without a secret: set --turn-secret "
+                "(TURN_SECRET), the static-auth-secret of coturn's use-auth-secret"
+            )
+        if self.turn_secret and not self.turn_urls:
+            raise ConfigError(
+                "a TURN secret given (--turn-secret / TURN_SECRET) without TURN servers: set "
+                "--turn (TURN_URLS)"
+            )
+        if not 0 < self.turn_ttl_s <= 86400:
+            raise ConfigError(f"{_name('turn_ttl_s')} must be in (0, 86400], got {self.turn_ttl_s}")
 
     @classmethod
     def load(

@@ -38,15 +38,12 @@ from websockets.exceptions import ConnectionClosed, InvalidStatus, InvalidURI
 from p2plab.core.signaling import (
     MAX_RELAY_BYTES,
     BadMessage,
-    Challenge,
     ErrorAnswers,
     ErrorMessage,
-    P2PConnectionOffer,
-    PeerDisconnected,
     Register,
     Registered,
-    RelayIn,
     RelayOut,
+    RendezvousMessage,
     UpdateUdpEndpoint,
     dump_message,
     encode_relay_data,
@@ -58,9 +55,6 @@ __all__ = ["Backoff", "RendezvousClient", "RendezvousMessage"]
 
 log = logging.getLogger(__name__)
 
-RendezvousMessage = (
-    Challenge | Registered | P2PConnectionOffer | PeerDisconnected | ErrorMessage | RelayIn
-)
 
 #: Relayed datagrams queued for sending before further ones are dropped (a datagram path: late
 #: datagrams are worth little, and the rendezvous rate-limits anyway).

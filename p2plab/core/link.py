@@ -17,7 +17,9 @@ The driver contract (the asyncio worker, the simulator and the unit tests follow
                                              # PeerDisconnected, RelayIn, ErrorMessage (parsed)
     engine.discovered(public, local_candidates, now, error=None)   # answer to DiscoverEndpoint
     engine.rendezvous_refused(reason, now)   # the rendezvous refused us for good
-    engine.receive_datagram(data, addr, now) # every UDP datagram of the worker's socket
+    engine.receive_datagram(data, addr, now, pool=0)  # every UDP datagram of the worker's
+                                             # socket (pool=i: of pool socket i)
+    engine.pool_socket_adopted(index, now)   # AdoptPoolSocket carried out
     engine.handle_timer(now)                 # when get_timer() is due
     engine.send_chat(text, now, sent_at) / engine.send_control(obj, now, sent_at)
     engine.stop(now)
@@ -28,7 +30,9 @@ The driver contract (the asyncio worker, the simulator and the unit tests follow
     while (event := engine.next_event()) is not None: hand it on (UI, subscribers, extensions)
     re-arm ONE timer at engine.get_timer() (None: no timer)
 
-Commands (:class:`SendToRendezvous`, :class:`RelayDatagram`, :class:`DiscoverEndpoint`) are
+Commands (:class:`SendToRendezvous`, :class:`RelayDatagram`, :class:`DiscoverEndpoint`, and the
+socket pool's :class:`OpenSocketPool`, :class:`SendFromPool`, :class:`AdoptPoolSocket`,
+:class:`ClosePool` of birthday punching, :mod:`p2plab.core.link_birthday`) are
 what the engine needs from outside; :mod:`p2plab.core.link_commands` defines them (with
 :class:`LinkConfig`) and says what the driver does with each; they are re-exported here.
 
@@ -64,6 +68,7 @@ from typing import Any
 from p2plab.core import events as ev
 from p2plab.core.crypto import Identity
 from p2plab.core.known_peers import KnownPeers
+from p2plab.core.link_birthday import LinkBirthday
 from p2plab.core.link_commands import (
     RELAY,
     SECURITY_COUNTERS,
@@ -79,7 +84,6 @@ from p2plab.core.link_commands import (
     endpoint_update,
     session_security_counts,
 )
-from p2plab.core.link_sessions import LinkSessions
 from p2plab.core.link_table import LINK_STATES, STATES_WITH_PEER, TRANSITIONS, Input, next_state
 from p2plab.core.link_trust import (
     RelayGate,
@@ -90,6 +94,7 @@ from p2plab.core.link_trust import (
     offer_candidates,
 )
 from p2plab.core.signaling import (
+    CandidatesIn,
     Challenge,
     ErrorMessage,
     NatHint,
@@ -97,6 +102,7 @@ from p2plab.core.signaling import (
     PeerDisconnected,
     Registered,
     RelayIn,
+    RendezvousMessage,
 )
 from p2plab.errors import NotConnected, RemoteProtocolError
 
@@ -121,17 +127,16 @@ log = logging.getLogger(__name__)
 
 Address = ev.Address
 
-_RendezvousMessage = (
-    Challenge | Registered | P2PConnectionOffer | PeerDisconnected | ErrorMessage | RelayIn
-)
 _ERROR_TEXT = 200  # characters of a refusal sent back to the rendezvous (it only logs them)
 
 
-class LinkEngine(LinkSessions):
+class LinkEngine(LinkBirthday):
     """One worker's link lifecycle (see the module docstring for the driver contract).
 
     This class takes the driver's inputs and the rendezvous's messages; the session of the
-    current link (building, pumping, retiring and recovering it) is :class:`LinkSessions`'s."""
+    current link (building, pumping, retiring and recovering it) is :class:`LinkSessions`'s,
+    birthday punching and the socket pool (``method``, ``pool_socket_adopted``) are
+    :class:`~p2plab.core.link_birthday.LinkBirthday`'s."""
 
     def __init__(
         self,
@@ -160,8 +165,6 @@ class LinkEngine(LinkSessions):
         self._challenge_answered = False
         self._relay_gate = RelayGate()
         self._discovery_pending = False
-        self.nat_hint: NatHint | None = None
-        """What the driver learnt of this worker's NAT mapping (see :meth:`discovered`)."""
 
     # -- read-only state ----------------------------------------------------------------------
 
@@ -174,15 +177,6 @@ class LinkEngine(LinkSessions):
     def path(self) -> str | None:
         """``"direct"`` while connected, ``"relayed"`` while relayed, else None."""
         return {"connected": "direct", "relayed": "relayed"}.get(self._state)
-
-    @property
-    def method(self) -> str | None:
-        """How the current link was made (contracts.md's ``method``): ``direct``, ``birthday``,
-        ``predicted`` or ``relay``; None without a link."""
-        return {"connected": "direct", "relayed": "relay"}.get(self._state)
-
-    def pool_socket_adopted(self, index: int, now: float) -> None:
-        """The driver carried out :class:`AdoptPoolSocket` (``index`` is the link's socket now)."""
 
     @property
     def peer_address(self) -> Address | None:
@@ -222,7 +216,7 @@ class LinkEngine(LinkSessions):
         self._drop_peer(now)
         self._set_state(target)
 
-    def receive_rendezvous(self, msg: _RendezvousMessage, now: float) -> None:
+    def receive_rendezvous(self, msg: RendezvousMessage, now: float) -> None:
         """One parsed message from the rendezvous."""
         if isinstance(msg, RelayIn):
             self._on_relay_in(msg, now)
@@ -234,6 +228,8 @@ class LinkEngine(LinkSessions):
             self._on_offer(msg, now)
         elif isinstance(msg, PeerDisconnected):
             self._on_peer_disconnected(msg, now)
+        elif isinstance(msg, CandidatesIn):
+            self.stats["rendezvous_unexpected"] += 1  # issue 17: TURN candidates, not used yet
         elif isinstance(msg, ErrorMessage):
             self.stats["rendezvous_errors"] += 1
             log.warning("rendezvous error: %s: %s", msg.code, msg.message)
@@ -271,7 +267,7 @@ class LinkEngine(LinkSessions):
         """One datagram from the link's UDP socket, or from pool socket ``pool`` (1..count,
         see :class:`OpenSocketPool`).  Never raises: junk is dropped and counted."""
         if pool:
-            self.stats["udp_dropped_no_link"] += 1  # issue 16: the pool is not driven yet
+            self._pool_datagram(data, addr, now, pool)
             return
         if self.session is None or self._state == "stopped":
             self.stats["udp_dropped_no_link"] += 1
@@ -280,14 +276,19 @@ class LinkEngine(LinkSessions):
             # A relayed link runs over the rendezvous only (late direct probes end here).
             self.stats["udp_dropped_while_relayed"] += 1
             return
+        before = self.session.datagrams_accepted
         self.session.receive_datagram(data, addr, now)
+        if self.session.datagrams_accepted > before:
+            # The peer reached the link socket itself: a pool socket must not take the link
+            # away from under a path the peer may already have nominated.
+            self._link_socket_heard = True
         self._pump(now)
 
     def get_timer(self) -> float | None:
         """When :meth:`handle_timer` must next be called (the session's and the engine's own)."""
         if self._state == "stopped":
             return None
-        when = [t for t in (self._repunch_at,) if t is not None]
+        when = [t for t in (self._repunch_at, self._birthday_timer()) if t is not None]
         if self.session is not None:
             t = self.session.get_timer()
             if t is not None:
@@ -300,6 +301,7 @@ class LinkEngine(LinkSessions):
             return
         if self.session is not None:
             self.session.handle_timer(now)
+            self._birthday_service(now)
             self._pump(now)
         if self._repunch_at is not None and now >= self._repunch_at:
             self._repunch(now)
@@ -329,8 +331,11 @@ class LinkEngine(LinkSessions):
     # -- outputs ------------------------------------------------------------------------------
 
     def datagrams_to_send(self, now: float) -> list[tuple[bytes, Address]]:
-        """UDP datagrams to send now, with their destinations (never :data:`RELAY`)."""
+        """UDP datagrams to send now, with their destinations (never :data:`RELAY`); none while
+        a pool socket is being adopted (:class:`AdoptPoolSocket`)."""
         self._pump(now)
+        if self._holding():
+            return []
         out, self._outbox = self._outbox, []
         return out
 
@@ -440,6 +445,7 @@ class LinkEngine(LinkSessions):
             return
         self._remember_key(offer.peer_worker_id, peer_key)
         self._set_state(next_state(self._state, Input.OFFER))
+        self._birthday_begin(now)
 
     def _remember_key(self, peer_id: str, key: bytes | None) -> None:
         """Trust on first use: remember the key; say loudly when a known id changed its key."""

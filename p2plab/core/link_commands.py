@@ -76,6 +76,10 @@ LINK_COUNTERS: Final = (
     "peer_disconnected_ignored",
     "rendezvous_unexpected",
     "rendezvous_errors",
+    "birthday_probes",
+    "spray_datagrams",
+    "pool_dropped",
+    "pool_adoptions",
 )
 
 #: The drop counters of ``security()``, summed over every link the engine had.

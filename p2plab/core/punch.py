@@ -45,7 +45,8 @@ class Candidate:
     """Where probes go."""
 
     kind: str
-    """``"given"`` (from the rendezvous) or ``"prflx"`` (learnt from a probe's source)."""
+    """``"given"`` (from the rendezvous), ``"prflx"`` (learnt from a probe's source) or
+    ``"birthday"`` (a random port of the peer's announced IP, :mod:`p2plab.core.birthday`)."""
 
     next_probe_at: float
     """When the next probe to this address is due (``inf`` when not probing)."""
@@ -89,6 +90,11 @@ class Checklist:
     budget_left: int = 0
     """Probes this punching attempt may still send (``probe_budget`` at the start)."""
 
+    birthday: dict[Address, Candidate] = field(default_factory=dict)
+    """Birthday candidates probed once and not heard from: kept apart from :attr:`candidates`
+    so that a thousand of them cost nothing in :meth:`due` and :meth:`next_deadline` (they have
+    nothing scheduled); one that the peer answers or probes moves into :attr:`candidates`."""
+
     _sent: dict[bytes, _Sent] = field(default_factory=dict)
 
     @classmethod
@@ -111,12 +117,37 @@ class Checklist:
             )
         return checklist
 
+    def get(self, address: Address) -> Candidate | None:
+        """The candidate at ``address`` (birthday ones included), or None."""
+        cand = self.candidates.get(address)
+        return cand if cand is not None else self.birthday.get(address)
+
+    def _promote(self, address: Address) -> Candidate | None:
+        """Move a birthday candidate into :attr:`candidates` (it is being probed again)."""
+        cand = self.birthday.pop(address, None)
+        if cand is not None:
+            self.candidates[address] = cand
+        return cand
+
+    def add_birthday(self, address: Address) -> Candidate | None:
+        """A birthday candidate at ``address`` for one probe, sent by the caller at once (see
+        :meth:`record_probe`); None if the address is known already (it is probed anyway).
+
+        Birthday probes are paced and capped by :class:`~p2plab.core.birthday.RandomPortProber`,
+        not by :attr:`budget_left` nor ``max_prflx_candidates``."""
+        if address in self.candidates or address in self.birthday:
+            return None
+        cand = Candidate(address, "birthday", float("inf"), self.config.probe_interval, budget=1)
+        self.birthday[address] = cand
+        return cand
+
     def add(self, address: Address, kind: str, now: float) -> tuple[Candidate | None, bool]:
         """Learn ``address`` (if new) and schedule a triggered probe to it now.
 
         Returns the candidate and whether it was new; ``(None, False)`` when it is new but
         ``max_prflx_candidates`` were learnt already (counted in :attr:`dropped`).
         """
+        self._promote(address)
         cand = self.candidates.get(address)
         if cand is None:
             learnt = sum(1 for c in self.candidates.values() if c.kind == "prflx")
@@ -142,14 +173,17 @@ class Checklist:
         a probe of the peer, so it is one for one with what the peer sent, and the attempt's
         :attr:`budget_left` bounds it (see :meth:`take_budget`).
         """
-        cand = self.candidates.get(address)
+        cand = self.candidates.get(address) or self._promote(address)
         if cand is not None and not cand.succeeded:
             cand.next_probe_at = min(cand.next_probe_at, now)
 
     def take_budget(self, cand: Candidate) -> bool:
         """Spend one probe of the attempt's budget on ``cand``; False (and ``cand`` stops) when
         the budget is spent.  Only punching spends it: once connected, probes go to a validated
-        address or fall under the :class:`AmplificationLimit`."""
+        address or fall under the :class:`AmplificationLimit`.  A birthday candidate (probed
+        again: a trigger answering the peer's probe one for one) is outside the budget."""
+        if cand.kind == "birthday":
+            return True
         if self.budget_left <= 0:
             cand.next_probe_at = float("inf")
             return False
@@ -172,7 +206,10 @@ class Checklist:
             cand.interval * self.config.probe_backoff, self.config.probe_max_interval
         )
         self._sent[nonce] = _Sent(cand.address, now, nominate)
-        while len(self._sent) > _MAX_OUTSTANDING_NONCES * max(1, len(self.candidates)):
+        # Room for a birthday candidate's one nonce each, not 64: a thousand of them would
+        # otherwise let 64,000 nonces pile up.
+        cap = _MAX_OUTSTANDING_NONCES * max(1, len(self.candidates)) + len(self.birthday)
+        while len(self._sent) > cap:
             del self._sent[next(iter(self._sent))]
 
     def match_ack(
@@ -187,7 +224,7 @@ class Checklist:
         if sent is None or sent.address != source:
             return None
         del self._sent[nonce]
-        cand = self.candidates[sent.address]
+        cand = self._promote(sent.address) or self.candidates[sent.address]
         rtt = max(0.0, now - sent.sent_at)
         if not cand.succeeded:
             cand.succeeded = True
@@ -204,6 +241,7 @@ class Checklist:
 
         Used once the link is up: for nomination and to check a new address of the peer.
         """
+        self._promote(address)
         cand = self.candidates.get(address)
         if cand is None:
             # Not add(): a path check once connected follows an authenticated datagram and is
@@ -217,7 +255,7 @@ class Checklist:
 
     def stop(self, address: Address) -> None:
         """Stop probing one address."""
-        cand = self.candidates.get(address)
+        cand = self.get(address)
         if cand is not None:
             cand.next_probe_at = float("inf")
 
@@ -227,9 +265,10 @@ class Checklist:
         return None if when == float("inf") else when
 
     def given(self, address: Address) -> bool:
-        """Whether ``address`` is one of the offer's own candidates (not one learnt since)."""
-        cand = self.candidates.get(address)
-        return cand is not None and cand.kind == "given"
+        """Whether ``address`` is one of the offer's own candidates (not one learnt since), or a
+        birthday candidate: a port of the peer's announced IP, within the birthday budget."""
+        cand = self.get(address)
+        return cand is not None and cand.kind in ("given", "birthday")
 
     def succeeded(self) -> list[Candidate]:
         """Candidates that passed a round trip, in the order they were learnt."""

@@ -33,6 +33,7 @@ __all__ = [
     "Outgoing",
     "ReliableStream",
     "RttEstimator",
+    "RttReadout",
     "check_chat_text",
     "control_payload",
 ]
@@ -108,6 +109,33 @@ class RttEstimator:
             return self.config.rto_initial
         rto = self.srtt + max(CLOCK_GRANULARITY, 4 * self.rttvar)
         return min(max(rto, self.config.rto_min), self.config.rto_max)
+
+
+class RttReadout:
+    """The read-only RTT figures of an object holding an :class:`RttEstimator` as ``_rtt``
+    (the peer session's, kept here to keep :mod:`p2plab.core.session` short)."""
+
+    _rtt: RttEstimator
+
+    @property
+    def rtt(self) -> float | None:
+        """Smoothed RTT (RFC 6298 SRTT) in seconds, None before the first sample."""
+        return self._rtt.srtt
+
+    @property
+    def latest_rtt(self) -> float | None:
+        """The most recent RTT sample."""
+        return self._rtt.latest
+
+    @property
+    def min_rtt(self) -> float | None:
+        """The smallest RTT sample seen."""
+        return self._rtt.min
+
+    @property
+    def rto(self) -> float:
+        """Current retransmission timeout (RFC 6298 section 2), before backoff."""
+        return self._rtt.rto
 
 
 class KeepaliveLog:

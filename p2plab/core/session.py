@@ -31,12 +31,10 @@ Decisions worth knowing:
   feed the RTT estimate.
 * **BYE** from the peer ends in state ``closed`` with a :class:`PeerClosed` event; our own
   :meth:`close` ends in ``closed`` too, without an event.
-* **Budgets**: punching probes at most ``max_candidates`` offered addresses, each at most
-  ``probes_per_candidate`` times, ``probe_budget`` probes in all (:mod:`p2plab.core.punch`).
-  Anything sent to an address no probe round trip has validated is capped at
-  ``amplification_factor`` times the authenticated bytes received from it, except the offer's
-  own candidates while punching: the rendezvous vouched for those, the peer may not have sent
-  anything yet (that is what punching waits for), and the probe budget bounds them.
+* **Budgets** (:mod:`p2plab.core.punch`): ``max_candidates`` offered addresses, each probed at
+  most ``probes_per_candidate`` times, ``probe_budget`` probes in all; anything to an address no
+  round trip validated is capped at ``amplification_factor`` times what came from it, except
+  the offer's own candidates (and birthday ones) while punching: vouched for, and budgeted.
 * What of a received datagram reaches the state machine (the per-source limit on new peer
   sessions, authentication, benchmark types, the pair's ids) is :mod:`p2plab.core.session_intake`;
   bad datagrams never raise: they are dropped and counted in :attr:`PeerSession.stats`
@@ -52,11 +50,12 @@ from typing import Any, Literal
 
 from p2plab.config import SessionConfig
 from p2plab.core import events as ev
-from p2plab.core.punch import AmplificationLimit, Checklist, SourceRateLimit
+from p2plab.core.punch import AmplificationLimit, Candidate, Checklist, SourceRateLimit
 from p2plab.core.reliable import (
     KeepaliveLog,
     ReliableStream,
     RttEstimator,
+    RttReadout,
     check_chat_text,
     control_payload,
 )
@@ -90,8 +89,10 @@ _NOMINATION_PROBES = 10  # flagged probes before relying on implicit nomination
 _PATH_CHECK_PROBES = 10  # probes to a new peer address seen once connected
 
 
-class PeerSession:
-    """One peer link: punching, nomination, keep-alives, RTT and a reliable message stream."""
+class PeerSession(RttReadout):
+    """One peer link: punching, nomination, keep-alives, RTT and a reliable message stream.
+
+    ``rtt``, ``latest_rtt``, ``min_rtt`` and ``rto`` are :class:`RttReadout`'s."""
 
     def __init__(
         self,
@@ -117,6 +118,8 @@ class PeerSession:
         self._sealer = sealer
         self._state: State = "punching"
         self.stats: dict[str, int] = new_session_stats()
+        self.datagrams_accepted = 0
+        """Datagrams that authenticated as the peer's (the engine adopts a pool socket on one)."""
 
         self._checklist = Checklist.start(usable_candidates(candidates), config, now)
         self.stats["candidates_dropped"] = self._checklist.dropped
@@ -153,26 +156,6 @@ class PeerSession:
     def peer_address(self) -> Address | None:
         """The peer's address on the nominated path (None until connected)."""
         return self._peer_address
-
-    @property
-    def rtt(self) -> float | None:
-        """Smoothed RTT (RFC 6298 SRTT) in seconds, None before the first sample."""
-        return self._rtt.srtt
-
-    @property
-    def latest_rtt(self) -> float | None:
-        """The most recent RTT sample."""
-        return self._rtt.latest
-
-    @property
-    def min_rtt(self) -> float | None:
-        """The smallest RTT sample seen."""
-        return self._rtt.min
-
-    @property
-    def rto(self) -> float:
-        """Current retransmission timeout (RFC 6298 section 2), before backoff."""
-        return self._rtt.rto
 
     @property
     def candidates(self) -> list[Address]:
@@ -274,6 +257,7 @@ class PeerSession:
         if opened is None:
             return
         datagram, addr = opened
+        self.datagrams_accepted += 1
         self._amp.received(addr, len(data))  # it authenticated: credit for replies there
         take_restart = getattr(self._sealer, "take_peer_restart", None)
         if take_restart is not None and take_restart():
@@ -312,6 +296,37 @@ class PeerSession:
     def next_event(self) -> ev.Event | None:
         """The next event, or None."""
         return self._events.popleft() if self._events else None
+
+    # ------------------------------------------------------------------------------------------
+    # birthday punching (issue 16; the engine's p2plab.core.link_birthday drives these)
+
+    def add_birthday_target(self, addr: Address, now: float) -> bool:
+        """Probe ``addr`` once now as a birthday candidate (False: not punching, or known).
+
+        Outside ``probe_budget`` and ``max_prflx_candidates``: the caller's
+        :class:`~p2plab.core.birthday.RandomPortProber` bounds and paces these."""
+        cand = self._checklist.add_birthday(addr) if self._state == "punching" else None
+        if cand is None:
+            return False
+        self._probe(cand, now, nominate=False)
+        return True
+
+    def spray_probe(self, addr: Address, now: float) -> bytes:
+        """A sealed PROBE to ``addr`` for a pool socket, not recorded (its answer, if any, is an
+        unmatched PROBE_ACK: what counts is that it opens the pool socket's mapping)."""
+        probe = Probe(
+            self.local_id, self.peer_id, nonce=self._rand_bytes(8), nominate=False, target=addr
+        )
+        return self._encode(probe)
+
+    def extend_punching(self, seconds: float) -> None:
+        """Move the punch deadline ``seconds`` later (a birthday window must fit in it)."""
+        self._punch_deadline += max(0.0, seconds)
+
+    def candidate_kind(self, addr: Address) -> str | None:
+        """``given``, ``prflx`` or ``birthday`` for a known address, else None."""
+        cand = self._checklist.get(addr)
+        return None if cand is None else cand.kind
 
     # ------------------------------------------------------------------------------------------
     # internals: helpers
@@ -441,13 +456,16 @@ class PeerSession:
                 and self._state == "connected"
                 and cand.address == self._peer_address
             )
-            nonce = self._rand_bytes(8)
-            probe = Probe(
-                self.local_id, self.peer_id, nonce=nonce, nominate=nominate, target=cand.address
-            )
-            self._checklist.record_probe(cand, nonce, now, nominate)
-            self.stats["probes_sent"] += 1
-            self._send(self._encode(probe), cand.address, now)
+            self._probe(cand, now, nominate)
+
+    def _probe(self, cand: Candidate, now: float, nominate: bool) -> None:
+        nonce = self._rand_bytes(8)
+        probe = Probe(
+            self.local_id, self.peer_id, nonce=nonce, nominate=nominate, target=cand.address
+        )
+        self._checklist.record_probe(cand, nonce, now, nominate)
+        self.stats["probes_sent"] += 1
+        self._send(self._encode(probe), cand.address, now)
 
     def _send_ack(self, now: float) -> None:
         addr = self._ack_pending
@@ -500,7 +518,7 @@ class PeerSession:
 
     def _follow_nomination(self, addr: Address, now: float) -> None:
         self._nominated = addr
-        cand = self._checklist.candidates.get(addr)
+        cand = self._checklist.get(addr)
         if cand is not None and cand.succeeded:
             if self._state == "punching":
                 self._connect(addr, now, cand.rtt)
@@ -564,7 +582,7 @@ class PeerSession:
                 return
         self._data_source = addr
         if addr != self._peer_address:
-            cand = self._checklist.candidates.get(addr)
+            cand = self._checklist.get(addr)
             if self.role == "controlled":
                 self._follow_nomination(addr, now)
             elif cand is not None and cand.succeeded:

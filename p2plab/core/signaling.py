@@ -22,7 +22,8 @@ from pydantic import (
 
 from p2plab.core.addresses import is_ip_literal
 from p2plab.core.crypto.keys import decode_public_key
-from p2plab.errors import RemoteProtocolError
+from p2plab.core.turn_config import MAX_TURN_URL_LENGTH, parse_turn_url
+from p2plab.errors import ConfigError, RemoteProtocolError
 
 __all__ = [
     "ERROR_ANSWER_INTERVAL",
@@ -30,8 +31,12 @@ __all__ = [
     "MAX_MESSAGE_BYTES",
     "MAX_PREDICTED_PORTS",
     "MAX_RELAY_BYTES",
+    "MAX_TRICKLED_CANDIDATES",
+    "MAX_TURN_URLS",
     "BadMessage",
     "Candidate",
+    "CandidatesIn",
+    "CandidatesOut",
     "Challenge",
     "ErrorAnswers",
     "ErrorMessage",
@@ -40,10 +45,14 @@ __all__ = [
     "PeerDisconnected",
     "Register",
     "Registered",
+    "RelayCandidate",
     "RelayIn",
     "RelayOut",
+    "RendezvousMessage",
     "RendezvousToWorker",
+    "TurnOffer",
     "UpdateUdpEndpoint",
+    "WorkerMessage",
     "WorkerToRendezvous",
     "decode_relay_data",
     "dump_message",
@@ -62,6 +71,8 @@ _MAX_RELAY_B64 = 4 * ((MAX_RELAY_BYTES + 2) // 3)
 MAX_LOCAL_CANDIDATES = 8
 #: Most predicted ports a worker may announce (``NatHint.predicted_ports``).
 MAX_PREDICTED_PORTS = 16
+#: Most TURN server URLs an offer carries.
+MAX_TURN_URLS = 4
 #: A worker answers at most one ``error`` per kind of bad message per this many seconds.
 ERROR_ANSWER_INTERVAL = 1.0
 
@@ -243,6 +254,43 @@ class RelayIn(_Model):
         return decode_relay_data(self.data)
 
 
+#: Most candidates one ``candidates`` message may carry.
+MAX_TRICKLED_CANDIDATES = 4
+
+
+class RelayCandidate(_Model):
+    """A TURN relayed address of a worker, trickled to its peer after the offer (issue 17)."""
+
+    ip: str = Field(max_length=64)
+    """An IP literal (the XOR-RELAYED-ADDRESS of the worker's allocation)."""
+    port: int = Field(ge=1, le=65535)
+    transport: Literal["udp", "tcp"] = "udp"
+    """How the worker reaches its TURN server (names the path: ``turn-udp`` or ``turn-tcp``)."""
+
+    _check_ip = field_validator("ip")(_ip_literal)
+
+
+class CandidatesOut(_Model):
+    """A worker gives its paired peer more candidates (its TURN relayed addresses).
+
+    Forwarded by the rendezvous only to the worker's current peer, as ``relay`` messages are;
+    the peer probes them like the offer's candidates (sealed, authenticated PROBEs)."""
+
+    type: Literal["candidates"] = "candidates"
+    to: str = Field(min_length=1, max_length=64)
+    candidates: list[RelayCandidate] = Field(min_length=1, max_length=MAX_TRICKLED_CANDIDATES)
+
+
+class CandidatesIn(_Model):
+    """The rendezvous passes on the candidates the paired peer ``from`` sent (see CandidatesOut)."""
+
+    model_config = ConfigDict(extra="ignore", frozen=True, populate_by_name=True)
+
+    type: Literal["candidates"] = "candidates"
+    from_: str = Field(alias="from", min_length=1, max_length=64)
+    candidates: list[RelayCandidate] = Field(min_length=1, max_length=MAX_TRICKLED_CANDIDATES)
+
+
 class Challenge(_Model):
     """First message of the rendezvous on a new connection: prove you hold your key."""
 
@@ -260,6 +308,41 @@ class Registered(_Model):
     observed_port: int | None = None
 
 
+def _turn_url(value: str) -> str:
+    """``value`` if it is a ``turn:`` URL :func:`parse_turn_url` takes (host names allowed:
+    the worker resolves them off its loop; ``turns:`` refused)."""
+    try:
+        parse_turn_url(value)
+    except ConfigError as exc:
+        raise ValueError(str(exc)) from None
+    return value
+
+
+class TurnOffer(_Model):
+    """TURN servers and short-lived credentials for the worker an offer is sent to (issue 17).
+
+    Made by the rendezvous for that worker only (coturn's REST form: the username names the
+    worker and its expiry, the password is an HMAC of it with the secret the rendezvous shares
+    with coturn); a worker uses them to allocate a relay when no direct pair works.
+    """
+
+    urls: list[Annotated[str, Field(max_length=MAX_TURN_URL_LENGTH)]] = Field(
+        min_length=1, max_length=MAX_TURN_URLS
+    )
+    """``turn:host:port?transport=udp|tcp`` URLs, most preferred first."""
+    username: str = Field(min_length=1, max_length=128)
+    """``"<unix expiry>:<worker id>"``."""
+    password: str = Field(min_length=1, max_length=128)
+    """base64(HMAC-SHA1(secret, username))."""
+    ttl_s: float = Field(gt=0, le=86400)
+    """Seconds the credentials were valid for when the offer was made (for new allocations)."""
+
+    @field_validator("urls")
+    @classmethod
+    def _check_urls(cls, value: list[str]) -> list[str]:
+        return [_turn_url(url) for url in value]
+
+
 class P2PConnectionOffer(_Model):
     """Sent to both workers of a new pair."""
 
@@ -274,6 +357,8 @@ class P2PConnectionOffer(_Model):
     peer_public_key: str | None = Field(default=None, max_length=128)
     peer_nat: NatHint | None = None
     """The peer's :class:`NatHint` as it reported it (None: unknown)."""
+    turn: TurnOffer | None = None
+    """TURN servers and credentials for the receiving worker (None: the rendezvous has none)."""
 
     _check_ip = field_validator("peer_udp_ip")(_ip_literal)
     _check_key = field_validator("peer_public_key")(_public_key)
@@ -300,19 +385,35 @@ class ErrorMessage(_Model):
 
 
 WorkerToRendezvous = Annotated[
-    Register | UpdateUdpEndpoint | RelayOut | ErrorMessage, Field(discriminator="type")
+    Register | UpdateUdpEndpoint | RelayOut | CandidatesOut | ErrorMessage,
+    Field(discriminator="type"),
 ]
 RendezvousToWorker = Annotated[
-    Challenge | Registered | P2PConnectionOffer | PeerDisconnected | ErrorMessage | RelayIn,
+    Challenge
+    | Registered
+    | P2PConnectionOffer
+    | PeerDisconnected
+    | ErrorMessage
+    | RelayIn
+    | CandidatesIn,
     Field(discriminator="type"),
 ]
 
-_worker_adapter: TypeAdapter[Register | UpdateUdpEndpoint | RelayOut | ErrorMessage] = TypeAdapter(
-    WorkerToRendezvous
+WorkerMessage = Register | UpdateUdpEndpoint | RelayOut | CandidatesOut | ErrorMessage
+"""Any message a worker sends to the rendezvous."""
+RendezvousMessage = (
+    Challenge
+    | Registered
+    | P2PConnectionOffer
+    | PeerDisconnected
+    | ErrorMessage
+    | RelayIn
+    | CandidatesIn
 )
-_rendezvous_adapter: TypeAdapter[
-    Challenge | Registered | P2PConnectionOffer | PeerDisconnected | ErrorMessage | RelayIn
-] = TypeAdapter(RendezvousToWorker)
+"""Any message the rendezvous sends to a worker."""
+
+_worker_adapter: TypeAdapter[WorkerMessage] = TypeAdapter(WorkerToRendezvous)
+_rendezvous_adapter: TypeAdapter[RendezvousMessage] = TypeAdapter(RendezvousToWorker)
 
 
 def _load(raw: str | bytes) -> dict[str, Any]:
@@ -343,21 +444,15 @@ def _validate(adapter: TypeAdapter[Any], raw: str | bytes) -> Any:
         ) from None
 
 
-def parse_worker_message(
-    raw: str | bytes,
-) -> Register | UpdateUdpEndpoint | RelayOut | ErrorMessage:
+def parse_worker_message(raw: str | bytes) -> WorkerMessage:
     """Parse a message a worker sent to the rendezvous (raises :class:`BadMessage`)."""
-    result: Register | UpdateUdpEndpoint | RelayOut | ErrorMessage = _validate(_worker_adapter, raw)
+    result: WorkerMessage = _validate(_worker_adapter, raw)
     return result
 
 
-def parse_rendezvous_message(
-    raw: str | bytes,
-) -> Challenge | Registered | P2PConnectionOffer | PeerDisconnected | ErrorMessage | RelayIn:
+def parse_rendezvous_message(raw: str | bytes) -> RendezvousMessage:
     """Parse a message the rendezvous sent to a worker (raises :class:`BadMessage`)."""
-    result: (
-        Challenge | Registered | P2PConnectionOffer | PeerDisconnected | ErrorMessage | RelayIn
-    ) = _validate(_rendezvous_adapter, raw)
+    result: RendezvousMessage = _validate(_rendezvous_adapter, raw)
     return result
 
 

@@ -1,5 +1,5 @@
-"""Sans-I/O STUN codec (RFC 8489) with the RFC 5780 and RFC 3489 attributes, and the client
-retransmission schedule of RFC 8489 section 6.2.1 as a core timer.
+"""Sans-I/O STUN codec (RFC 8489) with the RFC 5780, RFC 3489 and TURN (RFC 8656) attributes,
+and the client retransmission schedule of RFC 8489 section 6.2.1 as a core timer.
 
 Codec: a table of attributes ``(type, name, pack, unpack)``, a :class:`Message` that serialises
 with ``bytes(msg)``, and :func:`parse_message` that raises :class:`p2plab.errors.StunError` with
@@ -214,6 +214,30 @@ def _unpack_port(data: bytes, xor_key: bytes) -> int:
     return int(struct.unpack("!HH", data)[0])
 
 
+def _pack_transport(value: int, xor_key: bytes) -> bytes:
+    # REQUESTED-TRANSPORT: the IP protocol number then 3 RFFU bytes (RFC 8656 section 18.7).
+    return struct.pack("!B3x", value)
+
+
+def _unpack_transport(data: bytes, xor_key: bytes) -> int:
+    if len(data) != 4:
+        raise ValueError(f"needs 4 bytes, got {len(data)}")
+    return data[0]
+
+
+def _pack_family(value: int, xor_key: bytes) -> bytes:
+    # REQUESTED-ADDRESS-FAMILY: 0x01 IPv4 or 0x02 IPv6 then 3 RFFU bytes (RFC 8656 18.10).
+    return struct.pack("!B3x", value)
+
+
+def _unpack_family(data: bytes, xor_key: bytes) -> int:
+    if len(data) != 4:
+        raise ValueError(f"needs 4 bytes, got {len(data)}")
+    if data[0] not in (1, 2):
+        raise ValueError(f"bad address family 0x{data[0]:02x}")
+    return data[0]
+
+
 def _pack_none(value: None, xor_key: bytes) -> bytes:
     return b""
 
@@ -269,8 +293,18 @@ ATTRIBUTES: tuple[AttributeSpec, ...] = (
     AttributeSpec(0x0008, "MESSAGE-INTEGRITY", _pack_mi, _unpack_mi),
     AttributeSpec(0x0009, "ERROR-CODE", _pack_error_code, _unpack_error_code),
     AttributeSpec(0x000A, "UNKNOWN-ATTRIBUTES", _pack_attribute_list, _unpack_attribute_list),
+    # TURN (RFC 8656 section 18): CHANNEL-NUMBER is a 16-bit number and 2 RFFU bytes, the same
+    # layout as RESPONSE-PORT.
+    AttributeSpec(0x000C, "CHANNEL-NUMBER", _pack_port, _unpack_port),
+    AttributeSpec(0x000D, "LIFETIME", _pack_u32, _unpack_u32),
+    AttributeSpec(0x0012, "XOR-PEER-ADDRESS", _pack_xor_address, _unpack_xor_address),
+    AttributeSpec(0x0013, "DATA", _pack_bytes, _unpack_bytes),
     AttributeSpec(0x0014, "REALM", _pack_string, _unpack_string),
     AttributeSpec(0x0015, "NONCE", _pack_string, _unpack_string),
+    AttributeSpec(0x0016, "XOR-RELAYED-ADDRESS", _pack_xor_address, _unpack_xor_address),
+    AttributeSpec(0x0017, "REQUESTED-ADDRESS-FAMILY", _pack_family, _unpack_family),
+    AttributeSpec(0x0019, "REQUESTED-TRANSPORT", _pack_transport, _unpack_transport),
+    AttributeSpec(0x001A, "DONT-FRAGMENT", _pack_none, _unpack_none),
     AttributeSpec(0x0020, "XOR-MAPPED-ADDRESS", _pack_xor_address, _unpack_xor_address),
     AttributeSpec(0x0024, "PRIORITY", _pack_u32, _unpack_u32),
     AttributeSpec(0x0025, "USE-CANDIDATE", _pack_none, _unpack_none),

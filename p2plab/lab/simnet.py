@@ -555,6 +555,12 @@ class Nat:
             return True
         return False
 
+    def map_outbound(self, internal: Address, remote: Address) -> Address:
+        """The external endpoint a datagram from ``internal`` to ``remote`` would leave by, its
+        mapping made (or refreshed) exactly as :meth:`from_lan` does, but nothing sent: for
+        experiments that open many mappings at once (the birthday curve)."""
+        return (self.public_ip, self._outbound_mapping(internal, remote).external_port)
+
     # -- forwarding ---------------------------------------------------------------------------
 
     def from_lan(self, src: Address, dst: Address, data: bytes) -> None:

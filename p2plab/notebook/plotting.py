@@ -19,6 +19,7 @@ __all__ = [
     "disagreements",
     "matrix_grid",
     "outcome_table",
+    "plot_birthday_curve",
     "plot_loss",
     "plot_matrix",
     "plot_throughput",
@@ -335,3 +336,35 @@ def disagreements(data: Any) -> Disagreements:
     bad = checked[[p != e for p, e in zip(punched, checked["expected"], strict=True)]]
     cols = [c for c in _DISAGREE_COLUMNS if c in bad.columns]
     return Disagreements(frame=bad[cols].reset_index(drop=True), checked=len(checked))
+
+
+def plot_birthday_curve(data: Any, ax: Any = None, *, title: str | None = None) -> Any:
+    """Birthday punching's success rate against the number of probes, one colour per ``k`` (open
+    mappings): the measured points (:func:`p2plab.lab.sim.birthday_curve.curve_rows`) and the
+    formula ``1 - (1 - k/P)**n`` as a line, the largest deviation in the legend."""
+    df = _frame(data)
+    fig, ax = _axes(ax, (7.0, 4.2))
+    colours = ("#1f77b4", "#ff7f0e", "#2ca02c", "#9467bd", "#8c564b")
+    for i, (k, group) in enumerate(df.groupby("k", sort=True)):
+        group = group.sort_values("n")
+        colour = colours[i % len(colours)]
+        worst = float(group["deviation_pp"].abs().max())
+        trials = int(group["trials"].iloc[0])
+        ax.plot(group["n"], 100 * group["formula"], color=colour, linewidth=1.5)
+        ax.plot(
+            group["n"],
+            100 * group["measured"],
+            "o",
+            color=colour,
+            markersize=3.5,
+            label=f"k = {k}: {trials} trials/point, max |dev| {worst:.2f} pp",
+        )
+    ax.set_xscale("log")
+    ax.set_ylim(0, 100)
+    ax.set_xlabel("probes n (random ports of the hard side's IP)")
+    ax.set_ylabel("success (%)")
+    ax.set_title(title or "Birthday punching: measured (points) vs 1 - (1 - k/P)^n (lines)")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(loc="lower right", fontsize=8)
+    fig.tight_layout()
+    return fig

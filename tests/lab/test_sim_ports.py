@@ -65,6 +65,9 @@ def test_profiles_keep_their_allocators() -> None:
         "symmetric": "random",
         "leaky": "preserving",
         "address-dependent": "sequential",
+        # issue 16: symmetric NATs whose ports can be predicted
+        "symmetric-sequential": "sequential",
+        "symmetric-busy": "sequential-busy",
     }
     assert all(b.port_range == (1024, 65535) and b.port_seed is None for b in SIM_PROFILES.values())
     assert set(PORT_ALLOCATIONS) == {

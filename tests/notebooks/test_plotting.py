@@ -13,6 +13,7 @@ from p2plab.notebook import (
     disagreements,
     matrix_grid,
     outcome_table,
+    plot_birthday_curve,
     plot_loss,
     plot_matrix,
     plot_throughput,
@@ -156,3 +157,22 @@ def test_disagreements_lists_the_pairs_that_disagree() -> None:
     ]  # fmt: skip
     assert str(found).startswith("1 of 3 pairs disagree with natlab.md:")
     assert "<table" in found._repr_html_()
+
+
+def test_birthday_curve_draws_the_formula_as_lines_and_the_measurements_as_points() -> None:
+    rows = [
+        {"k": k, "n": n, "trials": 2000, "measured": m, "formula": f, "deviation_pp": 100 * (m - f)}
+        for k, pts in ((64, [(100, 0.10, 0.094), (1000, 0.62, 0.63)]), (256, [(100, 0.34, 0.33)]))
+        for n, m, f in pts
+    ]
+    fig = plot_birthday_curve(rows)
+    ax = fig.axes[0]
+    lines = [ln for ln in ax.get_lines() if ln.get_linestyle() != "None"]
+    points = [ln for ln in ax.get_lines() if ln.get_linestyle() == "None"]
+    assert len(lines) == len(points) == 2  # one formula line and one set of points per k
+    assert list(points[0].get_ydata()) == [10.0, 62.0]  # percent, as measured
+    assert list(lines[0].get_ydata()) == [9.4, 63.0]
+    assert ax.get_ylim() == (0.0, 100.0)
+    legend = [t.get_text() for t in ax.get_legend().get_texts()]
+    assert legend[0] == "k = 64: 2000 trials/point, max |dev| 1.00 pp"
+    assert legend[1].startswith("k = 256:")

@@ -34,12 +34,15 @@ The package, one concern per module (imports run one way, top to bottom):
 * :mod:`~p2plab.lab.sim.stun_client`: Binding transactions on one simulated socket;
 * :mod:`~p2plab.lab.sim.peer`: :class:`SimPeer`, the driver of one socket and its core session;
 * :mod:`~p2plab.lab.sim.rendezvous`: :class:`SimRendezvous`, the real pairing rules over JSON;
-* :mod:`~p2plab.lab.sim.worker`: :class:`SimWorker`, the driver of one core link engine;
+* :mod:`~p2plab.lab.sim.nat_test`: the NAT test a worker runs after discovery (its ``NatHint``);
+* :mod:`~p2plab.lab.sim.worker`: :class:`SimWorker`, the driver of one core link engine (and of
+  its socket pool for birthday punching);
 * :mod:`~p2plab.lab.sim.probe`: RFC 5780 discovery and the RFC 3489 classic sequence;
 * :mod:`~p2plab.lab.sim.report`: :class:`PunchResult`, :class:`LinkResult`;
 * :mod:`~p2plab.lab.sim.world`: :class:`Simulation` (topology, clock, profiles, probe, punch,
   worker, pair);
-* :mod:`~p2plab.lab.sim.matrix`: :func:`sim_matrix`, :func:`matrix_dataframe`.
+* :mod:`~p2plab.lab.sim.matrix`: :func:`sim_matrix`, :func:`matrix_dataframe`;
+* :mod:`~p2plab.lab.sim.birthday_curve`: birthday punching measured against its formula.
 """
 
 from __future__ import annotations
@@ -50,6 +53,7 @@ from p2plab.lab.sim.rendezvous import SimRendezvous
 from p2plab.lab.sim.report import LinkResult, PunchResult
 from p2plab.lab.sim.worker import SimWorker
 from p2plab.lab.sim.world import (
+    EXPECTED_METHODS,
     EXPECTED_OUTCOMES,
     PROFILES,
     SIM_PROFILES,
@@ -61,6 +65,7 @@ from p2plab.lab.sim.world import (
 from p2plab.lab.simnet import LinkConfig, NatBehavior
 
 __all__ = [
+    "EXPECTED_METHODS",
     "EXPECTED_OUTCOMES",
     "PROFILES",
     "SIM_PROFILES",

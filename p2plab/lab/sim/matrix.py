@@ -7,8 +7,9 @@ from __future__ import annotations
 from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any
 
-from p2plab.config import SessionConfig
-from p2plab.lab.sim.world import EXPECTED_OUTCOMES, PROFILES, Simulation
+from p2plab.config import BirthdayConfig, SessionConfig
+from p2plab.core.link import LinkConfig as EngineConfig
+from p2plab.lab.sim.world import EXPECTED_METHODS, EXPECTED_OUTCOMES, PROFILES, Simulation
 from p2plab.lab.simnet import Host
 
 if TYPE_CHECKING:
@@ -32,6 +33,7 @@ def sim_matrix(
     skew: float = 0.1,
     classify: bool = True,
     relay: bool = True,
+    birthday: BirthdayConfig | None = None,
 ) -> list[dict[str, Any]]:
     """Pair two workers for every ordered pair of ``profiles`` (A controlling) in a fresh
     simulation each.
@@ -41,10 +43,14 @@ def sim_matrix(
     kernel lab's columns where they apply
     (``profile_a``, ``profile_b``, ``same_lan``, ``outcome`` (direct/failed: direct punching
     only), ``fallback`` (``relayed`` when the engines fell back to the rendezvous relay and a chat
-    message crossed it exactly once, else empty), ``connect_s`` (virtual), ``path``
-    (public/lan/relayed), the endpoints, the workers' last states, both sides' classification
-    (RFC 3489 and RFC 5780), ``expected`` (natlab.md, where it says) and ``seed``.  ``config`` is
-    the workers' session config; ``relay=False`` turns the engines' relay fallback off.
+    message crossed it exactly once, else empty), ``method`` (direct/birthday/predicted/relay:
+    how the engines made the link), ``connect_s`` (virtual), ``path`` (public/lan/relayed), the
+    endpoints, the workers' last states, both sides' classification (RFC 3489 and RFC 5780),
+    ``expected`` and ``expected_method`` (natlab.md's table with birthday
+    punching, :data:`EXPECTED_OUTCOMES`), ``birthday_probes`` and ``seed``.  ``config`` is
+    the workers' session config; ``relay=False`` turns the engines' relay fallback off;
+    ``birthday`` their birthday punching settings (``BirthdayConfig(enabled=False)``: plain
+    punching only, as before issue 16).
     """
     # ``skew``: B gets its offer this long after A (as with the real rendezvous and processes).
     # It matters for leaky NATs only: A's first probe then reaches a leaky B before B has sent
@@ -79,9 +85,11 @@ def sim_matrix(
                 row[f"{side}_nat"] = f"{report.mapping.value}/{report.filtering.value}"
                 row[f"{side}_classic"] = report.classic
                 row[f"{side}_classic_rfc5780"] = report.classic_rfc5780
-        result = sim.pair(host_a, host_b, session=config, skew=skew, relay=relay)
+        engine = EngineConfig(birthday=birthday or BirthdayConfig())
+        result = sim.pair(host_a, host_b, config=engine, session=config, skew=skew, relay=relay)
         row.update(result.to_dict())
         row["expected"] = "direct" if lan else EXPECTED_OUTCOMES.get((prof_a, prof_b))
+        row["expected_method"] = "direct" if lan else EXPECTED_METHODS.get((prof_a, prof_b))
         row["seed"] = run_seed
         rows.append(row)
     return rows

@@ -169,7 +169,7 @@ class SimRendezvous:
             )
         elif isinstance(msg, UpdateUdpEndpoint):
             actions = self.registry.update_udp_endpoint(
-                wid, conn.conn_id, msg.udp_ip, msg.udp_port, msg.local_candidates
+                wid, conn.conn_id, msg.udp_ip, msg.udp_port, msg.local_candidates, nat=msg.nat
             )
         else:
             actions = self._relay(conn, msg)

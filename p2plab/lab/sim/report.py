@@ -10,7 +10,22 @@ from p2plab.lab.sim.peer import SimPeer
 from p2plab.lab.sim.worker import SimWorker
 from p2plab.lab.simnet import Address
 
-__all__ = ["LinkResult", "PunchResult"]
+__all__ = ["METHODS", "LinkResult", "PunchResult", "pair_method"]
+
+#: The ``method`` column's values (contracts.md), most specific last.
+METHODS = ("direct", "birthday", "predicted", "relay")
+
+
+def pair_method(a: str | None, b: str | None) -> str | None:
+    """The pair's ``method`` from both engines' own (:attr:`LinkEngine.method`).
+
+    The two may differ on a direct link: the prober says ``predicted`` when its winning probe was
+    one of the peer's predicted ports, while the sprayer says ``birthday`` when the winning path
+    reached one of its pool sockets (the ports a sequential NAT gave the pool are the predicted
+    ones).  The more specific word wins: relay > predicted > birthday > direct.
+    """
+    found = [m for m in (a, b) if m in METHODS]
+    return max(found, key=METHODS.index) if found else None
 
 
 @dataclass(frozen=True)
@@ -68,10 +83,21 @@ class LinkResult:
     path: str | None
     """``"public"`` or ``"lan"`` (which kind of address A reached B on), ``"relayed"`` when the
     engines fell back to the relay, None when there is no link."""
+    method: str | None = None
+    """How the link was made (:func:`pair_method` of both engines' ``method``): ``direct``,
+    ``birthday``, ``predicted`` or ``relay``; None without a link."""
+    birthday_probes: int = 0
+    """Random-port (and predicted-port) probes both engines sent (``birthday_probes``)."""
 
     def to_dict(self) -> dict[str, Any]:
         """The kernel lab's matrix columns (:class:`p2plab.lab.matrix.PairResult`) that apply."""
-        return {"outcome": self.outcome, "fallback": self.fallback, **_link_columns(self)}
+        return {
+            "outcome": self.outcome,
+            "fallback": self.fallback,
+            "method": self.method,
+            **_link_columns(self),
+            "birthday_probes": self.birthday_probes,
+        }
 
 
 def _fmt(addr: Address | None) -> str | None:

@@ -9,13 +9,23 @@ leaves) it does because the engine decided it.
 
 Discovery is a STUN Binding on the worker's own socket against the simulation's STUN server (the
 core's :class:`~p2plab.core.stun.StunTransaction`), falling back to the address the rendezvous
-observed with the local port, as the worker does.
+observed with the local port, as the worker does; then the NAT test of issue 16
+(:class:`~p2plab.lab.sim.nat_test.NatHintProbe`: more Bindings to the server's other addresses,
+the leaky test on a socket of its own) gives the :class:`~p2plab.core.signaling.NatHint` passed
+to ``engine.discovered``.
+
+Birthday punching's socket pool (the contract is :mod:`p2plab.core.link_commands`'s docstring):
+``OpenSocketPool`` binds more sockets on the host (port 0) whose datagrams go to the engine with
+their pool index, ``SendFromPool`` sends from one, ``AdoptPoolSocket`` makes one the worker's
+socket (the other pool sockets and the old socket closed, the STUN client moved onto it) and
+tells the engine, ``ClosePool`` closes them all.
 """
 
 from __future__ import annotations
 
 import logging
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import replace
 
 from pydantic import BaseModel
@@ -23,17 +33,22 @@ from pydantic import BaseModel
 from p2plab.core import events as ev
 from p2plab.core.crypto import Identity
 from p2plab.core.link import (
+    AdoptPoolSocket,
+    ClosePool,
     Command,
     DiscoverEndpoint,
     LinkConfig,
     LinkEngine,
+    OpenSocketPool,
     RelayDatagram,
+    SendFromPool,
     SendToRendezvous,
 )
 from p2plab.core.signaling import (
     BadMessage,
     ErrorAnswers,
     ErrorMessage,
+    NatHint,
     RelayOut,
     dump_message,
     encode_relay_data,
@@ -41,6 +56,7 @@ from p2plab.core.signaling import (
 )
 from p2plab.core.stun import StunTransaction, TransactionState
 from p2plab.errors import RemoteProtocolError
+from p2plab.lab.sim.nat_test import NatHintProbe
 from p2plab.lab.sim.peer import SimWorld
 from p2plab.lab.sim.rendezvous import SimRendezvous
 from p2plab.lab.sim.stun_client import SimStunClient, is_stun
@@ -68,6 +84,7 @@ class SimWorker:
         signaling_delay: float = 0.02,
         stun_server: Address | None = None,
         use_stun: bool = True,
+        nat_test: bool = True,
     ) -> None:
         self.sim = sim
         self.host = host
@@ -76,6 +93,13 @@ class SimWorker:
         self.room = room
         self.signaling_delay = signaling_delay
         self.stun_server = (stun_server or sim.stun.primary) if use_stun else None
+        self.nat_test = nat_test
+        """Run the NAT test after discovery (else the engine gets no hint: plain punching)."""
+        self.nat_hint: NatHint | None = None
+        """What the NAT test found (the hint given to the engine), once discovery is done."""
+        #: The open pool sockets by index (1..count), while the engine keeps a pool.
+        self.pool: dict[int, SimSocket] = {}
+        self._adopted = False
         identity = Identity.generate(sim.rng.randbytes) if encrypted else None
         self.engine = LinkEngine(
             worker_id,
@@ -166,6 +190,7 @@ class SimWorker:
             self.conn_id = None
         self.engine.stop(self.sim.now)
         self.pump()
+        self._close_pool()
         self.socket.close()
 
     # -- the rendezvous connection (RendezvousClient) -------------------------------------------
@@ -206,13 +231,20 @@ class SimWorker:
     # -- the driver contract --------------------------------------------------------------------
 
     def pump(self) -> None:
-        """Datagrams to the socket, commands carried out, events recorded, one timer re-armed."""
+        """Datagrams to the socket, commands carried out, events recorded, one timer re-armed.
+
+        After an adoption the output steps run again: the engine held its datagrams until
+        ``pool_socket_adopted``, and they must leave by the new socket."""
         now = self.sim.now
         engine = self.engine
-        for data, addr in engine.datagrams_to_send(now):
-            self.socket.sendto(data, addr)
-        while (cmd := engine.next_command()) is not None:
-            self._carry_out(cmd)
+        again = True
+        while again:
+            self._adopted = False
+            for data, addr in engine.datagrams_to_send(now):
+                self.socket.sendto(data, addr)
+            while (cmd := engine.next_command()) is not None:
+                self._carry_out(cmd)
+            again = self._adopted
         while (event := engine.next_event()) is not None:
             self.events.append((now, event))
             log.debug("%.3f %s: %s", now, self.worker_id, event)
@@ -231,6 +263,18 @@ class SimWorker:
             self._to_rendezvous(RelayOut(to=cmd.to, data=encode_relay_data(cmd.data)))
         elif isinstance(cmd, DiscoverEndpoint):
             self._discover(cmd.observed_ip)
+        elif isinstance(cmd, SendFromPool):
+            sock = self.pool.get(cmd.index)
+            if sock is None:
+                self.stats["pool_send_no_socket"] += 1
+            else:
+                sock.sendto(cmd.data, cmd.addr)
+        elif isinstance(cmd, OpenSocketPool):
+            self._open_pool(cmd.count)
+        elif isinstance(cmd, AdoptPoolSocket):
+            self._adopt(cmd.index)
+        elif isinstance(cmd, ClosePool):
+            self._close_pool()
         else:  # a command this driver does not know: a newer engine
             self.stats["unknown_commands"] += 1
             log.warning("%s: unknown engine command %r", self.worker_id, cmd)
@@ -244,8 +288,51 @@ class SimWorker:
         if is_stun(data):
             self.stun_client.receive(data, addr)
             return
+        if self.state == "stopped":
+            return
         self.engine.receive_datagram(data, addr, self.sim.now)
         self.pump()
+
+    # -- the socket pool (birthday punching) ----------------------------------------------------
+
+    def _open_pool(self, count: int) -> None:
+        self._close_pool()  # one pool at a time: a new attempt starts from fresh mappings
+        ip = self.socket.address[0]
+        for index in range(1, count + 1):
+            sock = self.host.bind(0, ip)
+            sock.on_datagram = self._pool_handler(index)
+            self.pool[index] = sock
+        self.stats["pool_sockets_opened"] += count
+
+    def _pool_handler(self, index: int) -> Callable[[bytes, Address], None]:
+        def on_datagram(data: bytes, addr: Address) -> None:
+            if self.state == "stopped":
+                return
+            self.engine.receive_datagram(data, addr, self.sim.now, pool=index)
+            self.pump()
+
+        return on_datagram
+
+    def _adopt(self, index: int) -> None:
+        sock = self.pool.pop(index, None)
+        if sock is None:  # the engine asked for a socket it never had: a driver/engine bug
+            self.stats["adopt_unknown_socket"] += 1
+            log.warning("%s: adopt of unknown pool socket %d", self.worker_id, index)
+            return
+        old = self.socket
+        self._close_pool()
+        old.close()
+        sock.on_datagram = self._on_datagram
+        self.socket = sock
+        self.stun_client.socket = sock
+        self.stats["pool_adoptions"] += 1
+        self.engine.pool_socket_adopted(index, self.sim.now)
+        self._adopted = True  # pump() runs the output steps again: the held datagrams leave
+
+    def _close_pool(self) -> None:
+        for sock in self.pool.values():
+            sock.close()
+        self.pool.clear()
 
     # -- discovery ------------------------------------------------------------------------------
 
@@ -255,25 +342,41 @@ class SimWorker:
             # tick so the engine is never re-entered from inside its own pump).
             self.sim.clock.call_later(0.0, self._discovered_fallback, observed_ip, "no STUN")
             return
-        self.stun_client.request(self.stun_server, on_done=self._stun_done)
+        if not self.nat_test:
+            self.stun_client.request(self.stun_server, on_done=self._binding_done)
+            return
+        probe = NatHintProbe(
+            self.sim.clock,
+            self.host,
+            self.stun_client,
+            self.stun_server,
+            self._stun_done,
+            port_range=self.engine.config.birthday.port_range,
+        )
+        probe.start()
 
-    def _stun_done(self, tx: StunTransaction) -> None:
+    def _binding_done(self, tx: StunTransaction) -> None:
         mapped = None
         if tx.state is TransactionState.SUCCEEDED and tx.response is not None:
             mapped = tx.response.attributes.get("XOR-MAPPED-ADDRESS")
-        if mapped is None:
+        public = None if mapped is None else (str(mapped[0]), int(mapped[1]))
+        self._stun_done(public, None)
+
+    def _stun_done(self, public: Address | None, hint: NatHint | None) -> None:
+        if public is None:
             self._discovered_fallback(self.engine.observed_ip, "STUN discovery failed")
             return
-        self._discovered((str(mapped[0]), int(mapped[1])), None)
+        self.nat_hint = hint
+        self._discovered(public, None, hint)
 
     def _discovered_fallback(self, observed_ip: str | None, why: str) -> None:
         ip = observed_ip or self.local_address[0]
         self._discovered((ip, self.local_address[1]), f"{why}: using {ip} and the local port")
 
-    def _discovered(self, public: Address, error: str | None) -> None:
+    def _discovered(self, public: Address, error: str | None, hint: NatHint | None = None) -> None:
         if self.state == "stopped":
             return
-        self.engine.discovered(public, [self.local_address], self.sim.now, error=error)
+        self.engine.discovered(public, [self.local_address], self.sim.now, error=error, nat=hint)
         self.pump()
 
     def __repr__(self) -> str:
