@@ -2,7 +2,8 @@
 
 Containers pass the same settings through the environment (PORT, RENDEZVOUS_URL, STUN_SERVERS,
 INTERNAL_UDP_PORT, P2P_ROOM, P2P_TOKEN, ADMIN_TOKEN, REDIS_URL, PUBLIC_IP_URL; and ours: HTTP_HOST,
-HOST, STUN_PORT, WORKER_ID, P2P_ROOM_TOKENS, MAX_WORKERS, P2P_RELAY, TRUST_PROXY_HEADERS; see
+HOST, STUN_PORT, WORKER_ID, P2P_ROOM_TOKENS, MAX_WORKERS, P2P_RELAY, TRUST_PROXY_HEADERS,
+P2P_BIRTHDAY, P2P_BIRTHDAY_SOCKETS, P2P_HARD_NAT_BUDGET; see
 docs/protocol.md); flags win over environment variables.
 """
 
@@ -45,6 +46,14 @@ def _stun_servers(text: str) -> str:
     for item in _stun_list([text]):
         cc.hostport(item)
     return text
+
+
+def _birthday_sockets(text: str) -> int:
+    """``--birthday-sockets``: 1..1024 (BirthdayConfig's limit: file descriptors are finite)."""
+    value = cc.positive_int(text)
+    if value > 1024:
+        raise argparse.ArgumentTypeError(f"must be 1..1024, got {value}")
+    return value
 
 
 def _run(coro: Coroutine[Any, Any, int | None], prog: str = "p2plab") -> int:
@@ -203,11 +212,15 @@ def _resolve_worker_env(args: argparse.Namespace) -> None:
         ("peer_key", "P2P_PEER_KEY", str, None),
         ("ui_token", "UI_TOKEN", str, None),
         ("ui_allowed_hosts", "UI_ALLOWED_HOSTS", str, ""),
+        ("birthday_sockets", "P2P_BIRTHDAY_SOCKETS", _birthday_sockets, 256),
+        ("hard_nat_budget", "P2P_HARD_NAT_BUDGET", cc.non_negative_int, 0),
     ]
     for dest, name, convert, default in from_env:
         if getattr(args, dest) is None:
             value = cc.env_value(parser, name, convert)
             setattr(args, dest, default if value is None else value)
+    if not args.no_birthday:
+        args.no_birthday = cc.env_value(parser, "P2P_BIRTHDAY", cc.on_off) is False
     if not args.stun:
         try:
             args.stun = [_stun_servers(s) for s in _stun_list([_env("STUN_SERVERS", "")])]
@@ -219,7 +232,7 @@ def _resolve_worker_env(args: argparse.Namespace) -> None:
 def _worker_config(args: argparse.Namespace) -> Any:
     from p2plab.aio.ui_auth import check_ui_token, parse_allowed_hosts
     from p2plab.aio.worker import WorkerConfig
-    from p2plab.config import SessionConfig
+    from p2plab.config import BirthdayConfig, SessionConfig
 
     _resolve_worker_env(args)
     timers: dict[str, float] = {}
@@ -250,6 +263,11 @@ def _worker_config(args: argparse.Namespace) -> Any:
         peer_key=args.peer_key,
         ui_token=ui_token,
         ui_allowed_hosts=ui_allowed_hosts,
+        birthday=BirthdayConfig(
+            enabled=not args.no_birthday,
+            sockets=args.birthday_sockets,
+            hard_budget=args.hard_nat_budget,
+        ),
     )
 
 
@@ -311,8 +329,10 @@ def _check_probe(args: argparse.Namespace) -> None:
 
 
 async def _cmd_probe(args: argparse.Namespace) -> int:
+    from p2plab.aio.discovery import probe_hint
+    from p2plab.aio.status import hint_block
     from p2plab.aio.stun import probe_nat
-    from p2plab.probe_text import describe_report
+    from p2plab.probe_text import describe_hint, describe_report
 
     servers = ", ".join(args.servers)
     steps = "behaviour tests" + ("" if args.no_classic else " and the RFC 3489 test")
@@ -333,13 +353,17 @@ async def _cmd_probe(args: argparse.Namespace) -> int:
     ticker = asyncio.get_running_loop().create_task(tick())
     try:
         report = await probe_nat(args.servers, classic=not args.no_classic)
+        # easy or hard for hole punching (issue 16), on a fresh socket: the tests above may
+        # have left the NAT state a "leaky" NAT reacts to
+        hint = hint_block(await probe_hint(args.servers))
     finally:
         ticker.cancel()
     print(f"probe: done in {time.monotonic() - started:.1f} s", file=sys.stderr, flush=True)
     if args.json:
-        print(json.dumps(report.to_dict(), indent=2))
+        print(json.dumps({**report.to_dict(), "nat_hint": hint}, indent=2))
     else:
         print(describe_report(report))
+        print(describe_hint(hint))
     return 0
 
 
@@ -572,6 +596,26 @@ def _add_worker(sub: Any) -> None:
         "--no-relay",
         action="store_true",
         help="no relay fallback through the rendezvous when punching fails",
+    )
+    p.add_argument(
+        "--no-birthday",
+        action="store_true",
+        help="no birthday punching for a hard NAT (plain punching, then the relay; "
+        "env P2P_BIRTHDAY=0)",
+    )
+    p.add_argument(
+        "--birthday-sockets",
+        type=_birthday_sockets,
+        metavar="K",
+        help="sockets a worker behind a hard NAT opens, 1..1024 (env P2P_BIRTHDAY_SOCKETS; "
+        "default: 256)",
+    )
+    p.add_argument(
+        "--hard-nat-budget",
+        type=cc.non_negative_int,
+        metavar="N",
+        help="when both NATs are hard, try N random probes per side before the relay, 0: "
+        "relay at once (env P2P_HARD_NAT_BUDGET; default: 0; 172000 gives 99.9%%)",
     )
     p.add_argument(
         "--keepalive", type=cc.positive_float, metavar="S", help="keep-alive interval (default: 5)"

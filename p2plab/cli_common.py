@@ -126,6 +126,23 @@ def positive_int(text: str) -> int:
     return value
 
 
+def non_negative_int(text: str) -> int:
+    value = int(_number(text, int, "a whole number"))
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
+    return value
+
+
+def on_off(text: str) -> bool:
+    """A switch from the environment: 1/0, true/false, yes/no, on/off."""
+    word = text.strip().lower()
+    if word in ("1", "true", "yes", "on"):
+        return True
+    if word in ("0", "false", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected 1/0, true/false, yes/no or on/off, got {text!r}")
+
+
 def payload_size(text: str) -> int:
     """A UDP payload size the benchmark can send (64..65507 bytes)."""
     value = int(_number(text, int, "a payload size in bytes"))

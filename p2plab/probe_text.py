@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-__all__ = ["describe_report"]
+__all__ = ["describe_hint", "describe_report"]
 
 #: pystun3's name when the mapped address is our own but replies from the server's other
 #: address did not arrive: a filtering firewall, or a server that has no other address.
@@ -13,6 +13,26 @@ _NO_NAT_FIREWALL = "Symmetric UDP Firewall"
 
 def _addr(a: Any) -> str:
     return "unknown" if a is None else f"{a[0]}:{a[1]}"
+
+
+def describe_hint(hint: dict[str, Any]) -> str:
+    """One line for ``probe --json``'s ``nat_hint`` (:func:`p2plab.aio.status.hint_block`)."""
+    difficulty = hint.get("difficulty", "unknown")
+    if difficulty == "easy":
+        why = "one public port for every destination: plain hole punching works"
+    elif hint.get("remaps_on_clash"):
+        why = (
+            "one public port for every destination, but a new one after an unsolicited packet "
+            "(a 'leaky' NAT): birthday punching"
+        )
+    elif hint.get("sequential"):
+        ports = ", ".join(str(p) for p in list(hint.get("predicted_ports") or [])[:3])
+        why = f"a new port per destination, allocated in order (next: {ports}): predicted ports"
+    elif difficulty == "hard":
+        why = "a new random port per destination: birthday punching, or the relay"
+    else:
+        why = "needs two STUN servers, or one with an RFC 5780 alternate address"
+    return f"hole punching: {difficulty} ({why})"
 
 
 def describe_report(report: Any) -> str:

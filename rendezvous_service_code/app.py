@@ -14,7 +14,9 @@ datagrams as ``{"type": "relay", "to": <peer id>, "data": <base64>}``; the servi
 as ``{"type": "relay", "from": <sender id>, "data": ...}``, only between the two workers of a
 pair, at most ``MAX_RELAY_BYTES`` per datagram, and within a per-connection byte budget on top
 of the message rate limit (chat and keep-alives fit; bulk transfer does not).  The datagrams
-are sealed end to end: the service only sees ciphertext.
+are sealed end to end: the service only sees ciphertext.  A worker's ``candidates`` (its TURN
+relayed addresses, issue 17) reach its peer by the same pairing rule, rate-bounded
+(:mod:`.trickle`).
 
 Pairing rules live in :mod:`.registry`; storage in :mod:`.backends` (in memory) or
 :mod:`.redis_store` (several instances through Redis); settings in :mod:`.settings`; running
@@ -47,6 +49,7 @@ from starlette.websockets import WebSocketDisconnect
 from p2plab.core.crypto import verify_registration_proof
 from p2plab.core.signaling import (
     MAX_MESSAGE_BYTES,
+    CandidatesOut,
     Challenge,
     ErrorMessage,
     P2PConnectionOffer,
@@ -65,6 +68,7 @@ from .backends import Backend, MemoryBackend
 from .limits import PerIpLimits, TokenBucket
 from .registry import Action, CloseConnection, SendMessage
 from .settings import Settings
+from .trickle import RefusalKind, TrickleGate
 
 __all__ = [
     "CLOSE_ID_IN_USE",
@@ -155,6 +159,9 @@ class _Stats:
     refused_token_throttled: int = 0
     worker_errors: int = 0
     turn_credentials: int = 0
+    candidates_forwarded: int = 0
+    candidates_refused: int = 0
+    candidates_rate_limited: int = 0
 
 
 class _Hub:
@@ -435,6 +442,31 @@ def create_app(settings: Settings | None = None, *, backend: Backend | None = No
         out = RelayIn.model_validate({"from": conn.worker_id, "data": msg.data})
         await hub.dispatch([SendMessage(msg.to, target, out)])
 
+    async def trickle(
+        conn: _Connection, msg: CandidatesOut, gate: TrickleGate, registered: bool
+    ) -> None:
+        """Pass a worker's candidates to its peer (see :mod:`.trickle`); refusals are counted
+        (``candidates_rate_limited`` apart) and answered once per kind."""
+        kind: RefusalKind
+        if not registered:
+            kind = "unregistered"
+        elif not gate.admit(time.monotonic()):
+            kind = "rate"  # checked before the lookup: a flood costs no Redis round trip
+        else:
+            target = await hub.backend.relay_target(conn.worker_id, conn.conn_id, msg.to)
+            if target is not None:
+                hub.stats.candidates_forwarded += 1
+                await hub.dispatch([gate.forward(conn.worker_id, msg, target)])
+                return
+            kind = "unpaired"
+        if kind == "rate":
+            hub.stats.candidates_rate_limited += 1
+        else:
+            hub.stats.candidates_refused += 1
+        error = gate.refusal(kind, msg.to)
+        if error is not None:
+            conn.send_text(dump_message(error))
+
     @app.websocket("/ws/register/{worker_id}")
     async def ws_register(websocket: WebSocket, worker_id: str) -> None:
         await websocket.accept()
@@ -476,6 +508,7 @@ def create_app(settings: Settings | None = None, *, backend: Backend | None = No
             s.relay_bytes_per_s, s.relay_burst_bytes, float("inf"), time.monotonic()
         )
         relay_reported: set[str] = set()
+        trickle_gate = TrickleGate(time.monotonic())
         registered = False
         try:
             while not conn.closed:
@@ -582,6 +615,8 @@ def create_app(settings: Settings | None = None, *, backend: Backend | None = No
                         await send_error(conn, "bad_message", "send 'register' first")
                         continue
                     await relay_datagram(conn, msg, relay_budget, relay_reported, observed_ip)
+                elif isinstance(msg, CandidatesOut):
+                    await trickle(conn, msg, trickle_gate, registered)
                 elif isinstance(msg, UpdateUdpEndpoint):
                     if not registered:
                         hub.stats.bad_messages += 1

@@ -1,4 +1,5 @@
-"""One UDP socket per worker, shared by STUN, punching, the peer link and benchmarks.
+"""One UDP socket per worker, shared by STUN, punching, the peer link and benchmarks (and, in
+their cheap ``pool`` form, the birthday pool's sockets: :mod:`p2plab.aio.pool`).
 
 The socket is read by our own reader (``loop.add_reader``) that drains it until ``EAGAIN`` in one
 callback: one callback per readable event instead of one per datagram is what keeps the default
@@ -48,6 +49,7 @@ from p2plab.aio.udp_os import (
 from p2plab.core.addresses import is_ip_literal
 
 __all__ = [
+    "POOL_RECV_SIZE",
     "Address",
     "BulkSink",
     "DatagramHandler",
@@ -66,6 +68,8 @@ DatagramHandler = Callable[[bytes, Address], None]
 
 _MAGIC_COOKIE = b"\x21\x12\xa4\x42"
 _SOCK_BUF = 4 * 1024 * 1024
+#: A pool socket's read buffer: it only hears probes (larger datagrams count as ``truncated``).
+POOL_RECV_SIZE = 2048
 
 
 def is_stun_datagram(data: bytes) -> bool:
@@ -104,10 +108,12 @@ class UdpEndpoint:
         *,
         gro: bool = True,
         mmsg: bool = True,
+        pool: bool = False,
     ) -> None:
         self._sock = sock
         self._loop = loop
-        self._view = memoryview(bytearray(RECV_SIZE))
+        recv_size = POOL_RECV_SIZE if pool else RECV_SIZE
+        self._view = memoryview(bytearray(recv_size))
         self._iov = [self._view]  # the plain reader's buffer (the fast path has its own)
         self._stun_listeners: dict[bytes, DatagramHandler] = {}
         self.stun_fallback: DatagramHandler | None = None
@@ -130,10 +136,14 @@ class UdpEndpoint:
             "mmsg_sends": 0,
             "mmsg_reads": 0,
         }
-        self.fast = FastPath(sock, loop, self.stats, self.dispatch, mmsg=mmsg)
+        self.fast = (
+            FastPath(sock, loop, self.stats, self.dispatch, mmsg=False, buffer_size=recv_size)
+            if pool
+            else FastPath(sock, loop, self.stats, self.dispatch, mmsg=mmsg)
+        )
         """The data fast path: bulk sink, fast handlers, blocking reads, batched sends."""
         self._gro = False
-        if gro:
+        if gro and not pool:
             self.set_gro(True)
         self._closed = False
         loop.add_reader(sock.fileno(), self._on_readable)
@@ -145,17 +155,60 @@ class UdpEndpoint:
     ) -> UdpEndpoint:
         """Create and bind the socket (port 0: let the OS choose); ``gro``: use UDP GRO if any;
         ``mmsg``: batch with sendmmsg/recvmmsg where available."""
-        loop = asyncio.get_running_loop()
+        return cls.bind_now(asyncio.get_running_loop(), host, port, gro=gro, mmsg=mmsg)
+
+    @classmethod
+    def bind_now(
+        cls,
+        loop: asyncio.AbstractEventLoop,
+        host: str,
+        port: int = 0,
+        *,
+        gro: bool = True,
+        mmsg: bool = True,
+        pool: bool = False,
+    ) -> UdpEndpoint:
+        """:meth:`bind` without awaiting (raises OSError when the bind fails).
+
+        ``pool``: one socket of a birthday pool (issue 16; hundreds at once, each carrying a
+        few probes): the kernel's default buffers, no GRO, no batched I/O and a one-datagram
+        read buffer.  :meth:`promote` makes the one that wins a full endpoint.
+        """
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
         sock = socket.socket(family, socket.SOCK_DGRAM)
-        set_buffer_sizes(sock, _SOCK_BUF, _SOCK_BUF)
-        sock.setblocking(False)
         try:
+            if not pool:
+                set_buffer_sizes(sock, _SOCK_BUF, _SOCK_BUF)
+            sock.setblocking(False)
             sock.bind((host, port))
         except OSError:
             sock.close()
             raise
-        return cls(sock, loop, gro=gro, mmsg=mmsg)
+        return cls(sock, loop, gro=gro, mmsg=mmsg, pool=pool)
+
+    def promote(self, like: UdpEndpoint | None = None) -> UdpEndpoint:
+        """A full endpoint (buffers, GRO, batched I/O) on this one's socket, with its handlers
+        and counters; this one stops reading and is closed, the socket is not.  The worker
+        adopts a birthday pool socket this way: its NAT mapping is the one that reached the
+        peer, so the socket itself must live on.  ``like``: the endpoint it replaces, whose
+        GRO and batched I/O stay off if they were turned off (``bench --no-mmsg``)."""
+        self._closed = True
+        self._loop.remove_reader(self._sock.fileno())
+        self.fast.close()
+        _ENDPOINTS.discard(self)
+        set_buffer_sizes(self._sock, _SOCK_BUF, _SOCK_BUF)
+        full = UdpEndpoint(
+            self._sock,
+            self._loop,
+            gro=like is None or like.gro,
+            mmsg=like is None or like.mmsg,
+        )
+        for key, value in self.stats.items():
+            full.stats[key] = full.stats.get(key, 0) + value
+        full.peer_handler = self.peer_handler
+        full.stun_fallback = self.stun_fallback
+        full._stun_listeners.update(self._stun_listeners)
+        return full
 
     @property
     def socket(self) -> socket.socket:
@@ -322,7 +375,10 @@ class UdpEndpoint:
                 for start in range(0, n, seg):
                     dispatch(bytes(view[start : min(start + seg, n)]), peer)
             if fast.armed:  # a handler armed it (a benchmark starts): it reads the rest
-                fast.on_readable()
+                if not self._closed:
+                    fast.on_readable()
+                return
+            if self._closed:  # a handler closed it, or promoted it (the new owner reads on)
                 return
 
     def dispatch(self, data: bytes, addr: Address) -> None:

@@ -58,7 +58,8 @@ class WorkerHost(Protocol):
 
     @property
     def endpoint(self) -> UdpEndpoint | None:
-        """The worker's UDP endpoint (the fast data paths use it directly)."""
+        """The worker's UDP endpoint (the fast data paths use it directly).  It changes when
+        birthday punching adopts a pool socket: read it when needed, never keep it."""
         ...
 
     @property

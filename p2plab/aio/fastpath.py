@@ -102,6 +102,7 @@ class FastPath:
         dispatch: Dispatch,
         *,
         mmsg: bool = True,
+        buffer_size: int = _BUF_SIZE,
     ) -> None:
         self._sock = sock
         self._loop = loop
@@ -109,7 +110,9 @@ class FastPath:
         for name in FAST_STATS:
             stats.setdefault(name, 0)
         self.stats = stats
-        self._buf = bytearray(_BUF_SIZE)
+        # ``buffer_size``: a socket that never carries bulk data (a birthday pool's) asks for
+        # little: 256 of them at the full size would touch 1 GiB
+        self._buf = bytearray(buffer_size)
         self._view = memoryview(self._buf)
         self._one_iov = [self._view[:RECV_SIZE]]  # the read buffer of :meth:`_read_one`
         self._bulk_sink: BulkSink | None = None
@@ -376,7 +379,7 @@ class FastPath:
             return
         sock = self._sock
         view = self._view
-        limit = _BUF_SIZE - RECV_SIZE
+        limit = len(self._buf) - RECV_SIZE
         anc = CMSG_SPACE if self.gro else 0
         bulk_types = self._bulk_types
         fast = self._fast

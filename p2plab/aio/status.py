@@ -6,8 +6,32 @@ from typing import Any
 
 from p2plab.core.crypto import Identity, authentication_string, fingerprint
 from p2plab.core.link import RELAY, SECURITY_COUNTERS, LinkEngine
+from p2plab.core.nathint import hint_summary
+from p2plab.core.signaling import NatHint
 
-__all__ = ["peer_block", "security_block"]
+__all__ = ["hint_block", "nat_block", "peer_block", "security_block"]
+
+
+def hint_block(hint: NatHint | None) -> dict[str, Any]:
+    """The NAT hint as ``probe --json`` and ``status["nat"]["hint"]`` show it: ``difficulty``
+    (``easy``, ``hard`` or ``unknown``: how hole punching will go) and the hint's fields."""
+    hint = hint if hint is not None else NatHint()
+    return {
+        "difficulty": hint_summary(hint),
+        "mapping": hint.mapping,
+        "remaps_on_clash": hint.remaps_on_clash,
+        "sequential": hint.sequential,
+        "predicted_ports": list(hint.predicted_ports),
+    }
+
+
+def nat_block(classification: dict[str, Any] | None, hint: NatHint | None) -> dict[str, Any] | None:
+    """``status["nat"]``: the RFC 5780 classification (``mapping``, ``filtering``, ``classic``)
+    with the NAT hint under ``hint``; None until the classification is done (the lab waits for
+    it), so a worker run with ``--no-nat-report`` shows no hint either."""
+    if classification is None:
+        return None
+    return {**classification, "hint": hint_block(hint)}
 
 
 def peer_block(link: LinkEngine) -> dict[str, Any] | None:

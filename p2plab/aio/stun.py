@@ -292,6 +292,15 @@ class StunProbe:
         )
         return _stun_result(answers)
 
+    async def binding_to(
+        self, target: Address, *, change_ip: bool = False, change_port: bool = False
+    ) -> ServerAnswer:
+        """One Binding to ``target`` (an IP literal: e.g. a server's OTHER-ADDRESS), with the
+        probe's retransmission policy; ``change_ip``/``change_port`` ask for the answer from
+        the server's alternate address (RFC 5780 CHANGE-REQUEST)."""
+        outcome = await self._binding(target, target, change_ip=change_ip, change_port=change_port)
+        return outcome.answer
+
     def _local_towards(self, target: Address) -> Address:
         """Our real source address towards ``target`` (connecting a UDP socket sends nothing)."""
         host, port = self.endpoint.local_address

@@ -11,8 +11,12 @@ Features plug in as :class:`~p2plab.aio.extension.Extension` objects handed over
 construction (``Worker(config, extensions=[...])``); the worker is their
 :class:`~p2plab.aio.extension.WorkerHost`.
 
-The UDP endpoint is bound once and never changes: STUN learns the mapping of that very socket,
-and that mapping is what the peer punches towards.  The clock is ``time.monotonic()`` rather
+The UDP endpoint is bound at start: STUN learns the mapping of that very socket, and that
+mapping is what the peer punches towards.  It changes once at most per link attempt, when
+birthday punching (issue 16) wins on a pool socket (:mod:`p2plab.aio.pool`): that socket holds
+the NAT mapping that reached the peer, so it becomes :attr:`Worker.endpoint` (peer handler,
+STUN, benchmarks and ``udp_local`` follow, since they all read the attribute) and the old one
+closes.  Nothing may keep the endpoint of the start.  The clock is ``time.monotonic()`` rather
 than ``loop.time()``: uvloop's loop clock has millisecond resolution, too coarse for loopback
 RTTs of tens of microseconds.
 """
@@ -33,14 +37,16 @@ from p2plab.aio.bench.extension import BenchmarkExtension
 from p2plab.aio.endpoint import Address, UdpEndpoint
 from p2plab.aio.extension import Extension
 from p2plab.aio.hub import EventHub, Subscription, ui_message
+from p2plab.aio.pool import SocketPool
 from p2plab.aio.rendezvous import RendezvousClient, RendezvousMessage
-from p2plab.aio.status import peer_block, security_block
+from p2plab.aio.status import nat_block, peer_block, security_block
 from p2plab.aio.trust import load_known_peers, save_known_peers
 from p2plab.aio.ui_server import UiServer
 from p2plab.aio.worker_config import WorkerConfig
 from p2plab.core import events as ev
 from p2plab.core.crypto import Identity, PeerCipher, PlainEnvelope
 from p2plab.core.link import (
+    AdoptPoolSocket,
     Command,
     DiscoverEndpoint,
     LinkEngine,
@@ -85,6 +91,9 @@ class Worker:
         self.stats = self.link.stats  # one dict: the engine's counters and the driver's
         self.stats.update(chats_out=0, controls_unknown=0)
         self.endpoint: UdpEndpoint | None = None
+        """The link's UDP socket (replaced when a birthday pool socket is adopted)."""
+        self.pool: SocketPool | None = None
+        """The birthday pool sockets (empty unless the engine opened a pool)."""
         self.http_public_ip: str | None = None
         self.nat: dict[str, Any] | None = None
         self.stun_info: dict[str, Any] | None = None
@@ -119,6 +128,7 @@ class Worker:
         """Bind the UDP socket, attach extensions, start the HTTP server and the rendezvous."""
         self.endpoint = await UdpEndpoint.bind(self.config.udp_host, self.config.udp_port)
         self.endpoint.peer_handler = self._on_datagram
+        self.pool = SocketPool(asyncio.get_running_loop(), self._on_pool_datagram)
         for ext in self._extensions:
             ext.attach(self)
         if self.config.http_port is not None:
@@ -178,6 +188,8 @@ class Worker:
                     log.debug("worker task %s ended with %r", task.get_name(), task.exception())
             for task in stuck:
                 log.warning("worker %s: task %s did not stop", self.worker_id[:8], task.get_name())
+        if self.pool is not None:
+            self.pool.close()
         if self.endpoint is not None:
             self.endpoint.close()
 
@@ -204,11 +216,8 @@ class Worker:
 
     def _transmit(self) -> None:
         """Send what the engine says, carry out its commands, drain its events, re-arm the timer."""
-        endpoint = self.endpoint
         now = _now()
-        for data, addr in self.link.datagrams_to_send(now):
-            if endpoint is not None:
-                endpoint.sendto(data, addr)
+        self._send_datagrams(now)
         while (cmd := self.link.next_command()) is not None:
             self._command(cmd)
         while (event := self.link.next_event()) is not None:
@@ -222,6 +231,12 @@ class Worker:
             if when is not None and not self._stopped:
                 loop = asyncio.get_running_loop()
                 self._timer = loop.call_later(max(0.0, when - now), self._on_timer)
+
+    def _send_datagrams(self, now: float) -> None:
+        endpoint = self.endpoint
+        for data, addr in self.link.datagrams_to_send(now):
+            if endpoint is not None:
+                endpoint.sendto(data, addr)
 
     def _on_timer(self) -> None:
         self._timer = None
@@ -241,6 +256,33 @@ class Worker:
                 self._spawn(rendezvous.send(msg), "rendezvous-send")
         elif isinstance(cmd, DiscoverEndpoint):
             self._spawn(self._discover(cmd.observed_ip), "discover")
+        elif isinstance(cmd, AdoptPoolSocket):
+            self._adopt(cmd.index)
+        elif self.pool is not None and self.endpoint is not None:  # the other pool commands
+            self.pool.carry_out(cmd, self.endpoint.local_address[0])
+
+    def _adopt(self, index: int) -> None:
+        """Make pool socket ``index`` the link's socket, then let the engine's held datagrams
+        out through it (the commands it gives meanwhile are drained by ``_transmit``'s loop)."""
+        old = self.endpoint
+        new = self.pool.take(index, like=old) if self.pool is not None else None
+        if new is None:  # closed meanwhile: the engine must not hold its outbox for ever
+            log.warning("birthday: pool socket %d is gone; the link stays on its socket", index)
+        else:
+            self.endpoint = new
+            new.peer_handler = self._on_datagram
+            if old is not None:
+                old.close()
+            log.info("birthday: pool socket %d won; UDP now on %s", index, self.udp_local)
+        now = _now()
+        self.link.pool_socket_adopted(index, now)
+        self._send_datagrams(now)
+        self.publish_status()  # udp_local changed
+
+    def _on_pool_datagram(self, index: int, data: bytes, addr: Address) -> None:
+        if self.link.state != "stopped":
+            self.link.receive_datagram(data, addr, _now(), pool=index)
+            self._transmit()
 
     def _on_datagram(self, data: bytes, addr: Address) -> None:
         for ext in self._extensions:
@@ -324,14 +366,24 @@ class Worker:
     async def _discover(self, observed_ip: str | None) -> None:
         """Answer the engine's DiscoverEndpoint: STUN (or the observed address), LAN addresses."""
         assert self.endpoint is not None
+        birthday = self.config.birthday
         found = await discovery.discover_endpoint(
-            self.endpoint, self.config.stun_servers, observed_ip, self.config.stun_timeout_s
+            self.endpoint,
+            self.config.stun_servers,
+            observed_ip,
+            self.config.stun_timeout_s,
+            hint=birthday.enabled,  # without birthday punching nobody needs it: no delay
+            port_range=birthday.port_range,
         )
         self.stun_info = found.stun_info
         lan = discovery.local_candidates(
             self.endpoint.local_address, self.config.rendezvous_url, self.config.stun_servers
         )
-        self._feed(lambda now: self.link.discovered(found.public, lan, now, error=found.error))
+        self._feed(
+            lambda now: self.link.discovered(
+                found.public, lan, now, error=found.error, nat=found.nat
+            )
+        )
         if found.stun_info is not None and self.config.nat_report:
             self._spawn(self._classify(), "nat-report")
 
@@ -469,9 +521,10 @@ class Worker:
             "state": state,
             "udp_local": self.udp_local,
             "udp_public": f"{public[0]}:{public[1]}" if public else None,
-            "nat": self.nat,
+            "nat": nat_block(self.nat, self.link.nat_hint),
             "peer": peer_block(self.link),
             "path": {"connected": "direct", "relayed": "relayed"}.get(state),
+            "method": self.link.method,
             "room": self.config.room,
             "rendezvous": "connected"
             if self._rendezvous and self._rendezvous.connected
@@ -483,6 +536,7 @@ class Worker:
             "stats": {
                 **self.stats,
                 "udp": dict(self.endpoint.stats) if self.endpoint else {},
+                "pool": dict(self.pool.stats) if self.pool else {},
                 "session": dict(session.stats) if session is not None else {},
             },
         }

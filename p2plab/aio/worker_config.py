@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from p2plab.aio.rendezvous import Backoff
-from p2plab.config import SessionConfig
+from p2plab.config import BirthdayConfig, SessionConfig
 from p2plab.core.crypto import parse_peer_key
 from p2plab.core.link import LinkConfig
 
@@ -76,6 +76,10 @@ class WorkerConfig:
     ui_allowed_hosts: tuple[str, ...] = ()
     """Host names the page answers to besides localhost, loopback and IP addresses (DNS
     rebinding guard): ``name``, ``name:port`` or ``.domain`` (e.g. ``.run.app``)."""
+    birthday: BirthdayConfig = field(default_factory=BirthdayConfig)
+    """Birthday punching and predicted ports for pairs with a hard NAT (issue 16;
+    ``--birthday-sockets``, ``--hard-nat-budget``, ``--no-birthday``).  While enabled, the
+    worker also learns and announces its NAT hint (a few more STUN Bindings at discovery)."""
 
     def link_config(self) -> LinkConfig:
         """The link engine's share of these settings."""
@@ -87,4 +91,5 @@ class WorkerConfig:
             room=self.room,
             token=self.token,
             peer_key=parse_peer_key(self.peer_key) if self.peer_key is not None else None,
+            birthday=self.birthday,
         )

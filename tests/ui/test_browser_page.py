@@ -333,3 +333,21 @@ def test_a_worker_without_the_trust_fields_shows_none_of_them(browser: Any) -> N
         assert PEER_FP in (page.text_content(tid("fingerprints")) or "")
         w.send({**SCRIPTED_STATUS, "security": {"encrypted": False, "auth_string": None}})
         assert not page.is_visible(tid("auth"))
+
+
+def test_the_method_that_made_the_link_shows_next_to_the_path(browser: Any) -> None:
+    """Issue 16: ``method`` (direct, birthday, predicted, relay) and the NAT hint are shown."""
+    with open_page(browser) as page:
+        w = ScriptedWorker(page)
+        assert page.inner_text(tid("method")) == ""  # a worker that does not say: nothing
+        hint = {"difficulty": "hard", "mapping": "endpoint-dependent", "sequential": True}
+        nat = {"mapping": "endpoint-dependent", "filtering": "address-and-port-dependent"}
+        w.send({**SCRIPTED_STATUS, "method": "birthday", "nat": {**nat, "hint": hint}})
+        assert page.inner_text(tid("path")) == "direct"
+        assert page.inner_text(tid("method")) == "method: birthday"
+        assert "punching: hard (ports in order)" in page.inner_text(tid("nat-detail"))
+        shot(page, "scripted-method-birthday")
+        w.send({**SCRIPTED_STATUS, "state": "relayed", "path": "relayed", "method": "relay"})
+        assert page.inner_text(tid("method")) == "method: relay"
+        w.send({**SCRIPTED_STATUS, "state": "waiting_for_peer", "path": None, "method": None})
+        assert page.inner_text(tid("method")) == ""

@@ -52,6 +52,27 @@ def test_worker_flags_win_over_environment(monkeypatch: pytest.MonkeyPatch) -> N
     assert cfg.stun_servers == ("c:3", "d:4") and cfg.encrypt is False and cfg.relay is False
 
 
+def test_birthday_flags_and_environment_reach_the_link_config(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    args = build_parser().parse_args(["worker", "--rendezvous", "ws://h:1"])
+    birthday = _worker_config(args).link_config().birthday
+    assert (birthday.enabled, birthday.sockets, birthday.hard_budget) == (True, 256, 0)
+    monkeypatch.setenv("P2P_BIRTHDAY", "0")
+    monkeypatch.setenv("P2P_BIRTHDAY_SOCKETS", "64")
+    monkeypatch.setenv("P2P_HARD_NAT_BUDGET", "5000")
+    args = build_parser().parse_args(["worker", "--rendezvous", "ws://h:1"])
+    birthday = _worker_config(args).link_config().birthday
+    assert (birthday.enabled, birthday.sockets, birthday.hard_budget) == (False, 64, 5000)
+    monkeypatch.setenv("P2P_BIRTHDAY", "yes")
+    argv = ["worker", "--rendezvous", "ws://h:1", "--birthday-sockets", "1024"]
+    args = build_parser().parse_args([*argv, "--hard-nat-budget", "0"])
+    birthday = _worker_config(args).link_config().birthday
+    assert (birthday.enabled, birthday.sockets, birthday.hard_budget) == (True, 1024, 0)
+    args = build_parser().parse_args([*argv, "--no-birthday"])
+    assert _worker_config(args).link_config().birthday.enabled is False
+
+
 def test_port_in_the_environment_is_the_workers_alone(
     monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -65,6 +65,17 @@ RV = "ws://127.0.0.1:9"  # never contacted: every case fails while parsing
         (["worker", "--rendezvous", RV, "--keepalive", "-1"], {}, "--keepalive: must be > 0"),
         (["worker", "--rendezvous", RV], {"PORT": "eighty"}, "PORT: expected a port number"),
         (["probe"], {}, "give a STUN server with --stun HOST:PORT"),
+        (["worker", "--rendezvous", RV, "--birthday-sockets", "0"], {}, "must be > 0, got 0"),
+        (["worker", "--rendezvous", RV, "--birthday-sockets", "2000"], {}, "1..1024, got 2000"),
+        (["worker", "--rendezvous", RV, "--hard-nat-budget", "-1"], {}, "must be >= 0, got -1"),
+        (["worker", "--rendezvous", RV, "--hard-nat-budget", "1e9"], {}, "a whole number"),
+        (["worker", "--rendezvous", RV], {"P2P_BIRTHDAY": "maybe"}, "P2P_BIRTHDAY: expected 1/0"),
+        (
+            ["worker", "--rendezvous", RV],
+            {"P2P_BIRTHDAY_SOCKETS": "5000"},
+            "SOCKETS: must be 1..1024",
+        ),
+        (["worker", "--rendezvous", RV], {"P2P_HARD_NAT_BUDGET": "lots"}, "P2P_HARD_NAT_BUDGET"),
         (["worker", "--rendezvous", RV, "--ui-token", "short"], {}, "UI_TOKEN) needs at least 16"),
         (["worker", "--rendezvous", RV], {"UI_TOKEN": "semi;colon-0123456789"}, "--ui-token"),
         (
@@ -227,6 +238,8 @@ def test_probe_prints_sentences_progress_and_says_plainly_there_is_no_nat() -> N
     assert "{" not in res.stdout and "'" not in res.stdout.split("\n")[0]  # no Python dicts
     assert re.search(r"^public address: 127\.0\.0\.1:\d+", res.stdout, re.M), res.stdout
     assert "NAT: none" in res.stdout
+    # issue 16: easy or hard for hole punching (one server without an alternate: unknown)
+    assert re.search(r"^hole punching: (easy|unknown) \(", res.stdout, re.M), res.stdout
     classic = next(ln for ln in res.stdout.splitlines() if ln.startswith("classic type"))
     # pystun3's "Symmetric UDP Firewall" on loopback is explained, not left beside "no NAT"
     assert "Symmetric UDP Firewall" not in classic or "no NAT" in classic

@@ -31,6 +31,9 @@ and returns rows shaped like the kernel lab's matrix, its ``fallback`` column in
 The package, one concern per module (imports run one way, top to bottom):
 
 * :mod:`~p2plab.lab.sim.stun_server`: the STUN server (two IPs x two ports);
+* :mod:`~p2plab.lab.sim.turn_model`: a sans-I/O TURN server (coturn's REST credentials);
+* :mod:`~p2plab.lab.sim.turn_server`: that model on a simulated host
+  (:meth:`Simulation.add_turn_server`);
 * :mod:`~p2plab.lab.sim.stun_client`: Binding transactions on one simulated socket;
 * :mod:`~p2plab.lab.sim.peer`: :class:`SimPeer`, the driver of one socket and its core session;
 * :mod:`~p2plab.lab.sim.rendezvous`: :class:`SimRendezvous`, the real pairing rules over JSON;

@@ -10,7 +10,13 @@ A connection is a FIFO pipe with a one-way delay (the WebSocket's latency); the 
 routed through the simulated NATs (TCP through a NAT keeps its mapping while it is open), so the
 rendezvous's view of a worker is its NAT's public IP.  ``relay`` messages are passed only between
 the two workers of a pair, and refusals answered as the service does (its per-connection byte
-budget is not modelled).
+budget is not modelled).  ``candidates`` messages (TURN relayed addresses, issue 17) pass by the
+same rule and the service's own :class:`~rendezvous_service_code.trickle.TrickleGate` (rate bound
+and one error per refusal kind), on the simulation's clock.
+
+Given TURN servers and a secret (``turn_urls``, ``turn_secret``), each offer carries ``turn``
+credentials made for the worker it goes to, as the service makes them; their expiry is on the
+simulation's clock, which is also the clock of :class:`~p2plab.lab.sim.turn_server.SimTurnServer`.
 
 Registration proves key possession as with the service: each connection opens with a
 ``challenge`` (a fresh nonce and ephemeral X25519 key), and a ``register`` that carries a public
@@ -32,18 +38,23 @@ from pydantic import BaseModel
 
 from p2plab.core.crypto import Identity, verify_registration_proof
 from p2plab.core.signaling import (
+    CandidatesOut,
     Challenge,
     ErrorMessage,
+    P2PConnectionOffer,
     Register,
     RelayIn,
     RelayOut,
+    TurnOffer,
     UpdateUdpEndpoint,
     dump_message,
     parse_worker_message,
 )
-from p2plab.errors import RemoteProtocolError
+from p2plab.core.turn_config import DEFAULT_TURN_TTL_S, turn_credentials
+from p2plab.errors import ConfigError, RemoteProtocolError
 from p2plab.lab.simnet import Scheduler
 from rendezvous_service_code.registry import Action, CloseConnection, Registry, SendMessage
+from rendezvous_service_code.trickle import RefusalKind, TrickleGate
 
 __all__ = ["RendezvousClient", "SimRendezvous"]
 
@@ -74,6 +85,7 @@ class _Connection:
         self.delay = delay
         self.open = True
         self.reported: set[str] = set()  # relay refusal kinds already answered with an error
+        self.trickle: TrickleGate | None = None  # made at the first 'candidates' message
         self.server: Identity | None = None  # this connection's ephemeral challenge key
         self.nonce = b""
 
@@ -87,16 +99,34 @@ class SimRendezvous:
         *,
         relay: bool = True,
         rand_bytes: Callable[[int], bytes] | None = None,
+        turn_urls: Sequence[str] = (),
+        turn_secret: str | None = None,
+        turn_ttl_s: float = DEFAULT_TURN_TTL_S,
     ) -> None:
         self.clock = clock
         # its own generator: the challenges draw nothing from the workers' or the network's
         self._rand_bytes = rand_bytes or random.Random("sim rendezvous").randbytes
         self.relay = relay
         """Whether ``relay`` messages are passed on (``P2P_RELAY``); else refused with an error."""
+        self.turn_urls: list[str] = []
+        """TURN servers handed out in offers (none: offers carry no ``turn``)."""
+        self.turn_ttl_s = turn_ttl_s
+        """Seconds the handed-out credentials are valid for."""
+        self._turn_secret: str | None = None
+        if turn_urls or turn_secret:
+            self.use_turn(turn_urls, turn_secret or "", turn_ttl_s)
         self.registry = Registry()
         self.stats: Counter[str] = Counter()
         self._conns: dict[str, _Connection] = {}
         self._ids = itertools.count(1)
+
+    def use_turn(self, urls: Sequence[str], secret: str, ttl_s: float = DEFAULT_TURN_TTL_S) -> None:
+        """Hand out credentials for ``urls`` made with ``secret`` in the offers from now on."""
+        if not urls or not secret:
+            raise ConfigError("the simulated rendezvous needs both TURN URLs and a secret")
+        self.turn_urls = list(urls)
+        self._turn_secret = secret
+        self.turn_ttl_s = ttl_s
 
     def connect(self, client: RendezvousClient, *, observed_ip: str, delay: float = 0.02) -> str:
         """Open a connection for ``client`` (it learns ``delay`` seconds later); returns its id."""
@@ -171,6 +201,8 @@ class SimRendezvous:
             actions = self.registry.update_udp_endpoint(
                 wid, conn.conn_id, msg.udp_ip, msg.udp_port, msg.local_candidates, nat=msg.nat
             )
+        elif isinstance(msg, CandidatesOut):
+            actions = self._trickle(conn, msg)
         else:
             actions = self._relay(conn, msg)
         self._carry_out(actions)
@@ -205,6 +237,41 @@ class SimRendezvous:
             SendMessage(msg.to, target, RelayIn.model_validate({"from": wid, "data": msg.data}))
         ]
 
+    def _trickle(self, conn: _Connection, msg: CandidatesOut) -> list[Action]:
+        # As the service (app.py): registered first, rate-bounded, then the pair check.
+        wid = conn.client.worker_id
+        if conn.trickle is None:
+            conn.trickle = TrickleGate(self.clock.now)
+        gate = conn.trickle
+        record = self.registry.get(wid)
+        if record is None or record.conn_id != conn.conn_id:
+            kind: RefusalKind = "unregistered"
+        elif not gate.admit(self.clock.now):
+            kind = "rate"
+        else:
+            target = self.registry.relay_target(wid, conn.conn_id, msg.to)
+            if target is not None:
+                self.stats["candidates_forwarded"] += 1
+                return [gate.forward(wid, msg, target)]
+            kind = "unpaired"
+        self.stats["candidates_rate_limited" if kind == "rate" else "candidates_refused"] += 1
+        error = gate.refusal(kind, msg.to)
+        return [] if error is None else [SendMessage(wid, conn.conn_id, error)]
+
+    def _turn_offer(self, worker_id: str) -> TurnOffer | None:
+        if not self.turn_urls or not self._turn_secret:
+            return None
+        try:
+            username, password = turn_credentials(
+                self._turn_secret, worker_id, self.clock.now, self.turn_ttl_s
+            )
+        except ConfigError:  # a worker id coturn would misread (a ':' in it): no relay for it
+            self.stats["turn_refused_worker_id"] += 1
+            return None
+        return TurnOffer(
+            urls=self.turn_urls, username=username, password=password, ttl_s=self.turn_ttl_s
+        )
+
     def _refuse(self, conn: _Connection, kind: str, code: str, message: str) -> list[Action]:
         self.stats["relay_refused"] += 1
         if kind in conn.reported:
@@ -223,7 +290,13 @@ class SimRendezvous:
                 conn.open = False
                 self.clock.call_later(conn.delay, conn.client.rendezvous_closed)
             else:
-                self._deliver(conn, action.message)
+                message = action.message
+                if isinstance(message, P2PConnectionOffer):
+                    turn = self._turn_offer(action.worker_id)
+                    if turn is not None:
+                        message = message.model_copy(update={"turn": turn})
+                        self.stats["turn_credentials"] += 1
+                self._deliver(conn, message)
 
     def _deliver(self, conn: _Connection, message: BaseModel) -> None:
         text = dump_message(message)

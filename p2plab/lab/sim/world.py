@@ -19,6 +19,7 @@ from p2plab.lab.sim.probe import classic_probe, rfc5780_discovery
 from p2plab.lab.sim.rendezvous import SimRendezvous
 from p2plab.lab.sim.report import LinkResult, PunchResult, pair_method
 from p2plab.lab.sim.stun_server import SimStunServer
+from p2plab.lab.sim.turn_server import SimTurnServer
 from p2plab.lab.sim.worker import SimWorker
 from p2plab.lab.simnet import (
     ADF,
@@ -42,6 +43,7 @@ __all__ = [
     "SIM_PROFILES",
     "STUN_IPS",
     "STUN_PORTS",
+    "TURN_IP",
     "Simulation",
     "profile_behavior",
 ]
@@ -95,6 +97,8 @@ for _a in PROFILES:
 _PUBLIC_NET = "203.0.113"
 STUN_IPS = (f"{_PUBLIC_NET}.10", f"{_PUBLIC_NET}.11")
 STUN_PORTS = (3478, 3479)
+#: Where :meth:`Simulation.add_turn_server` puts the TURN server (on the public segment).
+TURN_IP = f"{_PUBLIC_NET}.30"
 
 
 def profile_behavior(profile: str | NatBehavior, **overrides: Any) -> NatBehavior:
@@ -130,6 +134,8 @@ class Simulation:
             self.net.public[ip] = stun_host
         self.stun = SimStunServer(stun_host, STUN_IPS, STUN_PORTS)
         self.rendezvous = SimRendezvous(self.clock)
+        self.turn: SimTurnServer | None = None
+        """The TURN server, once :meth:`add_turn_server` made one."""
         self.workers: dict[str, SimWorker] = {}
         self._rooms = 0
 
@@ -315,6 +321,21 @@ class Simulation:
             b_sends_to=pb.peer_address,
             path=path,
         )
+
+    def add_turn_server(
+        self, *, secret: str = "sim-turn-secret", ip: str = TURN_IP, ttl_s: float = 600.0
+    ) -> SimTurnServer:
+        """A TURN server on a public host at ``ip`` (port 3478, UDP), whose credentials the
+        rendezvous hands out in every offer from now on (what workers do with them is the
+        engine's business).  Its limits: :mod:`p2plab.lab.sim.turn_server`."""
+        host = self.add_host(name="turn", ip=ip, link=LinkConfig(delay=0.005))
+        # Its own generator: adding a TURN server must not shift the network's random draws.
+        server = SimTurnServer(
+            host, self.clock, secret, rand_bytes=random.Random(f"turn {self.seed}").randbytes
+        )
+        self.rendezvous.use_turn([server.url], secret, ttl_s)
+        self.turn = server
+        return server
 
     # -- whole workers --------------------------------------------------------------------------
 
