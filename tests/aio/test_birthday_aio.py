@@ -79,12 +79,14 @@ def hints(monkeypatch: pytest.MonkeyPatch) -> Hints:
         seen.asked.append(bool(kw.get("hint")))
         found = await real(endpoint, *args, **kw)
         host, port = endpoint.local_address
-        nat = EASY
+        nat, public = EASY, found.public
         if host == HARD_IP:
-            nat = HARD
+            # Its own public IP, as behind a NAT of its own (two workers behind one public IP
+            # punch plainly over their LAN instead).
+            nat, public = HARD, (HARD_IP, port)
             if seen.sequential:
                 nat = NatHint(mapping=HARD.mapping, sequential=True, predicted_ports=[port])
-        return dataclasses.replace(found, nat=nat)
+        return dataclasses.replace(found, nat=nat, public=public)
 
     monkeypatch.setattr(discovery, "discover_endpoint", with_hint)
     return seen
