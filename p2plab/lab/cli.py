@@ -15,6 +15,7 @@ from typing import Any
 
 from p2plab import cli_common as cc
 from p2plab.errors import P2PLabError
+from p2plab.lab.matrix_report import parse_pairs
 from p2plab.lab.profiles import EXPECTED_CLASSIC, PROFILES
 
 __all__ = ["main", "register_cli"]
@@ -36,6 +37,13 @@ def _profiles_arg(value: str) -> list[str]:
                 f"unknown profile {name!r}; choose from {', '.join(PROFILES)}"
             )
     return names
+
+
+def _pairs_arg(value: str) -> list[tuple[str, str]]:
+    try:
+        return parse_pairs(value)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def _add_impairments(p: argparse.ArgumentParser) -> None:
@@ -102,9 +110,31 @@ def register_cli(subparsers: Any) -> argparse.ArgumentParser:
     matrix.add_argument(
         "--profiles", type=_profiles_arg, default=list(PROFILES), help=_PROFILES_HELP
     )
-    matrix.add_argument("--out", default="lab-matrix", help="output directory (CSV and PNG)")
     matrix.add_argument(
-        "--timeout", type=cc.positive_float, default=20.0, help="seconds to wait per pair"
+        "--pairs",
+        type=_pairs_arg,
+        default=None,
+        metavar="A:B,...",
+        help="run only these ordered pairs (site A's NAT:site B's NAT), no "
+        "same-LAN row; overrides --profiles (default: every pair of --profiles)",
+    )
+    matrix.add_argument(
+        "--repeat",
+        type=cc.positive_int,
+        default=1,
+        metavar="N",
+        help="run each pair N times: one CSV row per run, and summary.csv with the success "
+        "rate, median and max time to connect and the methods per pair",
+    )
+    matrix.add_argument(
+        "--out", default="lab-matrix", help="output directory (CSV, summary CSV and PNG)"
+    )
+    matrix.add_argument(
+        "--timeout",
+        type=cc.positive_float,
+        default=45.0,
+        help="seconds to wait per pair once both workers run (a birthday attempt takes up to "
+        "the punch timeout + 20.5 s)",
     )
     matrix.add_argument(
         "--jobs", type=cc.positive_int, default=3, help="labs built at the same time"

@@ -8,7 +8,12 @@ heatmap) in the output directory, next to one log file per process.
 
 ``outcome`` is about direct hole punching only (``direct``/``failed``, natlab.md's table);
 ``fallback`` records the relay through the rendezvous: ``relayed`` when a failed pair ended
-relayed and a chat message from a reached b exactly once and was acknowledged.
+relayed and a chat message from a reached b exactly once and was acknowledged.  ``method`` is
+what the workers' status says made the link (``direct``, ``birthday``, ``predicted``, ``relay``).
+
+``--repeat N`` runs each pair N times (one row per run) and ``--pairs A:B,...`` runs only those
+ordered pairs; :mod:`p2plab.lab.matrix_report` folds the runs into ``summary.csv`` and draws
+the tables and the heatmap.
 """
 
 from __future__ import annotations
@@ -31,13 +36,24 @@ from typing import IO, Any
 
 from p2plab.aio.ui_auth import new_ui_token
 from p2plab.errors import LabError
+from p2plab.lab.matrix_report import (
+    format_summary,
+    plot_heatmap,
+    print_table,
+    summarize,
+    write_summary_csv,
+)
 from p2plab.lab.netns import Lab, LabConfig, classify_profiles
 from p2plab.lab.profiles import PROFILES, expected_outcome, validate_profile
 
 __all__ = [
     "PairResult",
     "PairRun",
+    "hint_text",
+    "link_counter",
+    "pair_method",
     "plot_heatmap",
+    "print_table",
     "run_from_args",
     "run_matrix",
     "run_pair",
@@ -70,7 +86,8 @@ class PairResult:
     punch_s: float | None
     """Seconds from the first ``punching`` state seen until both were connected."""
     a_public: str | None
-    """Host a's public UDP endpoint as its worker learnt it (``udp_public``)."""
+    """Host a's public UDP endpoint as its worker first learnt it (``udp_public``; the one its
+    peer was offered)."""
     b_public: str | None
     """Host b's public UDP endpoint."""
     a_peer_endpoint: str | None
@@ -95,6 +112,27 @@ class PairResult:
     empty otherwise."""
     error: str = ""
     """What went wrong, for outcome ``error``."""
+    method: str = ""
+    """How the link was made, from the workers' status ``method`` (``direct``, ``birthday``,
+    ``predicted``, ``relay``); ``A/B`` when the two workers disagree, empty when neither said."""
+    probes: int | None = None
+    """Birthday probes the pair sent (both workers' ``birthday_probes`` counters; one side
+    probes); None when the workers do not report the counter."""
+    sprays: int | None = None
+    """Datagrams sent from socket pools (both workers' ``spray_datagrams``); None likewise."""
+    run: int = 1
+    """Which run of the pair this is (``--repeat``), from 1."""
+    a_hint: str = ""
+    """Host a's worker's NAT hint as its status shows it (``status["nat"]["hint"]``):
+    ``easy``, ``hard`` or ``unknown``, plus ``+remaps`` (the leaky clash) and ``+sequential``."""
+    b_hint: str = ""
+    """Host b's worker's NAT hint."""
+    chat: str = ""
+    """With ``check_chat``: ``ok`` when a chat message from a reached b exactly once over the
+    direct link and was acknowledged, ``failed`` otherwise; empty when not checked."""
+    worker_error: str = ""
+    """The workers' status ``error`` (a's, else b's), else the first ``error`` event either
+    worker printed: e.g. why a hard x hard pair went to the relay."""
 
     @property
     def agrees(self) -> bool:
@@ -115,6 +153,12 @@ class _EventReader(threading.Thread):
         self.connected_at: float | None = None
         self.relayed_at: float | None = None
         self.chats_in: list[str] = []
+        self.first_public: str | None = None
+        """The first public endpoint the worker reported: the one it announced for the offer
+        (a later STUN refresh from an adopted pool socket may show another)."""
+        self.errors: list[str] = []
+        """The worker's ``error`` events (e.g. why a hard x hard pair went to the relay: the
+        status ``error`` is cleared once the relayed link is up)."""
 
     def run(self) -> None:
         for line in self.stream:
@@ -129,11 +173,17 @@ class _EventReader(threading.Thread):
                     self.chats_in.append(str(msg.get("text")))
                     self.changed.notify_all()
                 continue
+            if msg.get("type") == "error":
+                with self.changed:
+                    self.errors.append(str(msg.get("message", ""))[:300])
+                continue
             if msg.get("type") != "status":
                 continue
             now = time.monotonic()
             with self.changed:
                 self.status = msg
+                if self.first_public is None and isinstance(msg.get("udp_public"), str):
+                    self.first_public = msg["udp_public"]
                 state = msg.get("state")
                 if state == "punching" and self.first_punching is None:
                     self.first_punching = now
@@ -149,6 +199,38 @@ def _nat_text(status: dict[str, Any]) -> str:
     if not isinstance(nat, dict) or not nat:
         return ""
     return f"{nat.get('mapping')}/{nat.get('filtering')}"
+
+
+def pair_method(sa: dict[str, Any], sb: dict[str, Any]) -> str:
+    """The pair's ``method``: the workers' common one, or ``A/B`` when they disagree (which
+    the engine's rule says must not happen; the table shows it rather than picking one)."""
+    ma, mb = sa.get("method"), sb.get("method")
+    if ma is None and mb is None:
+        return ""
+    if ma == mb:
+        return str(ma)
+    return f"{ma or '-'}/{mb or '-'}"
+
+
+def link_counter(statuses: Sequence[dict[str, Any]], name: str) -> int | None:
+    """The sum of one link counter over the workers that report it (None: no worker does)."""
+    values = [
+        st["stats"][name]
+        for st in statuses
+        if isinstance(st.get("stats"), dict) and isinstance(st["stats"].get(name), int)
+    ]
+    return sum(values) if values else None
+
+
+def hint_text(status: dict[str, Any]) -> str:
+    """``a_hint``/``b_hint``: the hint's difficulty and its flags, from ``status["nat"]``."""
+    nat = status.get("nat")
+    hint = nat.get("hint") if isinstance(nat, dict) else None
+    if not isinstance(hint, dict):
+        return ""
+    text = str(hint.get("difficulty", ""))
+    text += "+remaps" if hint.get("remaps_on_clash") else ""
+    return text + ("+sequential" if hint.get("sequential") else "")
 
 
 def _peer_endpoint(status: dict[str, Any]) -> str | None:
@@ -324,6 +406,9 @@ def run_pair(
     log_dir: Path | None = None,
     nat_wait: float = 10.0,
     startup_timeout: float = 60.0,
+    run_index: int = 1,
+    worker_args: Sequence[str] = (),
+    check_chat: bool = False,
 ) -> PairResult:
     """Build one lab, run rendezvous and two workers in it, and report what happened.
 
@@ -333,7 +418,9 @@ def run_pair(
 
     ``classic`` maps profile -> pystun3 type (from :func:`p2plab.lab.netns.classify_profiles`);
     ``nat_wait`` bounds the wait for both workers' own NAT classification once the outcome is
-    known.
+    known.  ``run_index`` numbers the run of a repeated pair (its logs carry it from run 2 on).
+    ``worker_args`` are added to both workers' command lines (e.g. ``--birthday-sockets``).
+    ``check_chat`` sends a chat over a direct link too (the relay's is always checked).
     """
     pa = config.profile_a
     pb = config.profile_a if config.same_lan else config.profile_b
@@ -345,12 +432,14 @@ def run_pair(
         "expected": expected_outcome(pa, pb, same_lan=config.same_lan),
         "a_classic": classic.get(pa, ""),
         "b_classic": classic.get(pb, ""),
+        "run": run_index,
     }
     run: PairRun | None = None
     try:
         with Lab.from_config(config) as lab:
             name = f"{pa}__{'same-lan' if config.same_lan else pb}"
-            run = PairRun(lab, log_dir=log_dir, name=name).start()
+            name += f".{run_index}" if run_index > 1 else ""
+            run = PairRun(lab, log_dir=log_dir, name=name).start(worker_args=worker_args)
             if not run.wait_started(startup_timeout):
                 raise LabError(f"the workers did not start within {startup_timeout:.0f} s")
             run.wait_settled(timeout)
@@ -363,7 +452,11 @@ def run_pair(
                 ends = [r.connected_at for r in readers if r.connected_at is not None]
                 starts = [r.first_punching for r in readers if r.first_punching is not None]
                 relayed = not done and run.relayed()
+                errors = [e for r in readers for e in r.errors]
             fallback = "relayed" if relayed and run.chat_exactly_once("a", "b") else ""
+            chat = ""
+            if check_chat and done:
+                chat = "ok" if run.chat_exactly_once("a", "b") else "failed"
             with run.changed:
                 sa, sb = run.status("a"), run.status("b")
             connect_s = max(ends) - run.t0 if done else None
@@ -373,8 +466,8 @@ def run_pair(
                 outcome="direct" if done else "failed",
                 connect_s=None if connect_s is None else round(connect_s, 3),
                 punch_s=None if punch_s is None else round(punch_s, 3),
-                a_public=sa.get("udp_public"),
-                b_public=sb.get("udp_public"),
+                a_public=run.readers["a"].first_public or sa.get("udp_public"),
+                b_public=run.readers["b"].first_public or sb.get("udp_public"),
                 a_peer_endpoint=_peer_endpoint(sa),
                 b_peer_endpoint=_peer_endpoint(sb),
                 a_nat=_nat_text(sa),
@@ -382,6 +475,13 @@ def run_pair(
                 a_state=str(sa.get("state", "")),
                 b_state=str(sb.get("state", "")),
                 fallback=fallback,
+                chat=chat,
+                method=pair_method(sa, sb),
+                a_hint=hint_text(sa),
+                b_hint=hint_text(sb),
+                worker_error=str(sa.get("error") or sb.get("error") or next(iter(errors), "")),
+                probes=link_counter([sa, sb], "birthday_probes"),
+                sprays=link_counter([sa, sb], "spray_datagrams"),
             )
     except Exception as exc:  # one broken pair must not end the matrix
         log.exception("pair %s/%s failed to run", pa, pb)
@@ -409,22 +509,31 @@ def run_matrix(
     profiles: Sequence[str] = PROFILES,
     *,
     same_lan: bool = True,
-    timeout: float = 20.0,
+    timeout: float = 45.0,
     jobs: int = 3,
     out_dir: Path | None = None,
     loss_a: float = 0.0,
     loss_b: float = 0.0,
     rate_a_mbit: float | None = None,
     rate_b_mbit: float | None = None,
+    pairs: Sequence[tuple[str, str]] | None = None,
+    repeat: int = 1,
 ) -> list[PairResult]:
     """Run every unordered pair of ``profiles`` (and, with ``same_lan``, each profile's same-LAN
-    case), ``jobs`` labs at a time; write CSV and heatmap into ``out_dir`` when given."""
-    profiles = [validate_profile(p) for p in dict.fromkeys(profiles)]
+    case), or only the ordered ``pairs`` when given (no same-LAN case then), each ``repeat``
+    times, ``jobs`` labs at a time; write CSV (one row per run), summary CSV and heatmap into
+    ``out_dir`` when given."""
+    if pairs is not None:
+        pairs = [(validate_profile(a), validate_profile(b)) for a, b in dict.fromkeys(pairs)]
+        profiles = list(dict.fromkeys(p for pair in pairs for p in pair))
+        same_lan = False
+    else:
+        profiles = [validate_profile(p) for p in dict.fromkeys(profiles)]
+        pairs = [(pa, pb) for i, pa in enumerate(profiles) for pb in profiles[i:]]
     classic = {p: str(r["classic"]) for p, r in classify_profiles(profiles).items()}
-    configs: list[LabConfig] = []
-    for i, pa in enumerate(profiles):
-        for pb in profiles[i:]:
-            configs.append(LabConfig(pa, pb, False, loss_a, loss_b, rate_a_mbit, rate_b_mbit))
+    configs = [
+        LabConfig(pa, pb, False, loss_a, loss_b, rate_a_mbit, rate_b_mbit) for pa, pb in pairs
+    ]
     if same_lan:
         configs += [
             LabConfig(p, p, True, loss_a, loss_b, rate_a_mbit, rate_b_mbit) for p in profiles
@@ -432,17 +541,22 @@ def run_matrix(
     log_dir = out_dir / "logs" if out_dir is not None else None
     # Slow (failing) pairs first, so the pool does not end with one long straggler.
     configs.sort(key=lambda c: expected_outcome(c.profile_a, c.profile_b, c.same_lan) == "direct")
+    runs = [(c, i) for i in range(1, max(1, repeat) + 1) for c in configs]
     with ThreadPoolExecutor(max(1, jobs)) as pool:
         results = list(
             pool.map(
-                lambda c: run_pair(c, timeout=timeout, classic=classic, log_dir=log_dir), configs
+                lambda job: run_pair(
+                    job[0], timeout=timeout, classic=classic, log_dir=log_dir, run_index=job[1]
+                ),
+                runs,
             )
         )
     order = {p: i for i, p in enumerate(profiles)}
-    results.sort(key=lambda r: (r.same_lan, order[r.profile_a], order[r.profile_b]))
+    results.sort(key=lambda r: (r.same_lan, order[r.profile_a], order[r.profile_b], r.run))
     if out_dir is not None:
         out_dir.mkdir(parents=True, exist_ok=True)
         write_csv(results, out_dir / "matrix.csv")
+        write_summary_csv(summarize(results), out_dir / "summary.csv")
         plot_heatmap(results, out_dir / "matrix.png", profiles)
     return results
 
@@ -457,59 +571,9 @@ def write_csv(results: Sequence[PairResult], path: Path) -> None:
             writer.writerow({**dataclasses.asdict(r), "agrees": r.agrees})
 
 
-def plot_heatmap(results: Sequence[PairResult], path: Path, profiles: Sequence[str]) -> None:
-    """Profiles x profiles (plus a same-LAN row): green direct, orange failed but relayed (the
-    fallback through the rendezvous), red failed, grey error; each cell shows the time to
-    connect (or ``failed → relay``), and a ``!`` where the outcome disagrees with natlab.md."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    from matplotlib.colors import ListedColormap
-
-    n = len(profiles)
-    has_same = any(r.same_lan for r in results)
-    rows = n + (1 if has_same else 0)
-    grid = [[float("nan")] * n for _ in range(rows)]
-    text = [[""] * n for _ in range(rows)]
-    code = {"failed": 0.0, "relayed": 1.0, "error": 2.0, "direct": 3.0}
-    idx = {p: i for i, p in enumerate(profiles)}
-    for r in results:
-        label = f"{r.connect_s:.1f}s" if r.connect_s is not None else r.outcome
-        if r.outcome == "failed" and r.fallback:
-            label = "failed\n→ relay"
-        if not r.agrees:
-            label += " !"
-        cells = [(n, idx[r.profile_a])] if r.same_lan else [
-            (idx[r.profile_a], idx[r.profile_b]),
-            (idx[r.profile_b], idx[r.profile_a]),
-        ]  # fmt: skip
-        for y, x in cells:
-            grid[y][x] = code["relayed" if r.outcome == "failed" and r.fallback else r.outcome]
-            text[y][x] = label
-    fig, ax = plt.subplots(figsize=(1.4 * n + 2, 1.0 * rows + 1.5))
-    cmap = ListedColormap(["#d9534f", "#f0ad4e", "#aaaaaa", "#5cb85c"])
-    ax.imshow(grid, cmap=cmap, vmin=0, vmax=3)
-    ax.set_xticks(range(n), list(profiles), rotation=30, ha="right")
-    ylabels = list(profiles) + (["same LAN"] if has_same else [])
-    ax.set_yticks(range(rows), ylabels)
-    ax.set_xlabel("site B profile (same-LAN row: the shared NAT's profile)")
-    ax.set_ylabel("site A profile")
-    for y in range(rows):
-        for x in range(n):
-            if text[y][x]:
-                ax.text(x, y, text[y][x], ha="center", va="center", fontsize=8)
-    ax.set_title(
-        "UDP hole punching in the kernel NAT lab\n"
-        "(green direct, orange failed → relayed, red failed)"
-    )
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-
-
 def run_from_args(args: argparse.Namespace) -> int:
-    """``p2plab lab matrix``: run, write, print a table; exit 1 when a pair disagrees."""
+    """``p2plab lab matrix``: run, write, print a table (and the per-pair summary); exit 1 when
+    a run disagrees with the expected outcome or broke."""
     out = Path(args.out)
     t0 = time.monotonic()
     results = run_matrix(
@@ -522,19 +586,13 @@ def run_from_args(args: argparse.Namespace) -> int:
         loss_b=args.loss_b,
         rate_a_mbit=args.rate_a_mbit,
         rate_b_mbit=args.rate_b_mbit,
+        pairs=args.pairs,
+        repeat=args.repeat,
     )
     w = sys.stdout.write
-    head = f"{'site A':<16} {'site B':<16} {'outcome':<15} {'expected':<8} {'time':>6}"
-    w(head + "  a peer / b peer\n")
-    for r in results:
-        b = "same LAN" if r.same_lan else r.profile_b
-        t = f"{r.connect_s:.1f}s" if r.connect_s is not None else "-"
-        mark = "" if r.agrees else "  <-- disagrees with natlab.md"
-        outcome = f"{r.outcome} → relay" if r.fallback else r.outcome
-        w(
-            f"{r.profile_a:<16} {b:<16} {outcome:<15} {r.expected:<8} {t:>6}  "
-            f"{r.a_peer_endpoint} / {r.b_peer_endpoint}{mark}\n"
-        )
-    w(f"{len(results)} pairs in {time.monotonic() - t0:.0f} s; wrote {out}/matrix.csv and "
-      f"{out}/matrix.png\n")  # fmt: skip
+    w(print_table(results))
+    if args.repeat > 1:
+        w("\n" + format_summary(summarize(results)))
+    w(f"{len(results)} runs in {time.monotonic() - t0:.0f} s; wrote {out}/matrix.csv, "
+      f"{out}/summary.csv and {out}/matrix.png\n")  # fmt: skip
     return 0 if all(r.agrees and r.outcome != "error" for r in results) else 1

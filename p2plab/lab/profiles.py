@@ -146,18 +146,23 @@ def _restore_text(nat: list[str], filt: list[str]) -> str:
 
 
 def expected_outcome(profile_a: str, profile_b: str, same_lan: bool = False) -> str:
-    """What natlab.md's table predicts for punching between the two profiles.
+    """What punching between the two profiles should give, with birthday punching (issue 16).
 
-    ``direct``, ``failed`` (the table says: port prediction or a relay is needed), or ``unknown``
-    (``leaky`` is not in the table).  Two hosts behind one NAT reach each other over the LAN.
+    ``direct`` or ``failed`` (failed: the pair needs the relay).  natlab.md's table, where
+    "needs port prediction or relay" is now a direct link made by birthday punching when one
+    side is hard (symmetric, or leaky, which maps endpoint-independently but punches as hard:
+    its conntrack clash remaps the socket) and the other easy; two hard sides go to the relay
+    (unless a hard-NAT budget is given).  An easy x hard pair succeeds with probability
+    1 - (1 - k/P)^n per attempt (98.3% with the defaults k = 256, n = 1024, P = 64512), not
+    always.  Two hosts behind one NAT reach each other over the LAN.  (``unknown`` is no longer
+    returned; callers may still treat it as "the table does not say".)
     """
     validate_profile(profile_a)
     validate_profile(profile_b)
     if same_lan:
         return "direct"
-    if "leaky" in (profile_a, profile_b):
-        return "unknown"
-    hard = {"port-restricted", "symmetric"}
-    if "symmetric" in (profile_a, profile_b) and {profile_a, profile_b} <= hard:
+    # symmetric x leaky is not hard x hard: the leaky side's own mapping is endpoint-independent
+    # until a stranger hits it, so it probes and the symmetric side sprays after its probes.
+    if profile_a == profile_b and profile_a in ("symmetric", "leaky"):
         return "failed"
     return "direct"
