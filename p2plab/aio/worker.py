@@ -553,7 +553,7 @@ class Worker:
             "stats": {
                 **self.stats,
                 "udp": dict(self.endpoint.stats) if self.endpoint else {},
-                "pool": dict(self.pool.stats) if self.pool else {},
+                "pool": dict(self.pool.stats) if self.pool is not None else {},
                 "session": dict(session.stats) if session is not None else {},
             },
         }

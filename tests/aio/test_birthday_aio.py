@@ -179,6 +179,8 @@ async def test_easy_x_hard_connects_through_a_pool_socket_and_keeps_it(
         assert hard.status()["udp_local"] == f"{now[0]}:{now[1]}"
         assert hard.pool is not None and len(hard.pool) == 0
         assert hard.link.stats["pool_adoptions"] == 1
+        # the pool's counters stay in the status once it is closed (an empty pool is falsy)
+        assert hard.status()["stats"]["pool"]["pool_opened"] == 256
         assert all(is_free(a) for a in opened if a != now)
         assert is_free(first)  # the old link socket too
         assert easy.peer_address == now
