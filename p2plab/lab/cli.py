@@ -110,6 +110,13 @@ def register_cli(subparsers: Any) -> argparse.ArgumentParser:
         "--jobs", type=cc.positive_int, default=3, help="labs built at the same time"
     )
     matrix.add_argument("--no-same-lan", action="store_true", help="skip the same-LAN row")
+    matrix.add_argument(
+        "--turn",
+        action="store_true",
+        help="hand the workers the lab's coturn (TURN over UDP and TCP): pairs that cannot "
+        "punch fall back to turn-udp instead of the rendezvous relay (default: off, the "
+        "table of natlab.md with the WebSocket relay as fallback)",
+    )
     _add_impairments(matrix)
     matrix.set_defaults(func=cmd_matrix)
     return lab

@@ -7,8 +7,15 @@ back to ``relayed``) or the timeout passes.  Results go to ``matrix.csv`` and ``
 heatmap) in the output directory, next to one log file per process.
 
 ``outcome`` is about direct hole punching only (``direct``/``failed``, natlab.md's table);
-``fallback`` records the relay through the rendezvous: ``relayed`` when a failed pair ended
-relayed and a chat message from a reached b exactly once and was acknowledged.
+``fallback`` records the relay that carried a failed pair: ``relayed`` (the rendezvous
+WebSocket) or, in runs with TURN (``turn=True``, ``p2plab lab matrix --turn``), ``turn-udp`` /
+``turn-tcp`` (the lab's coturn), when a chat message from a reached b exactly once and was
+acknowledged there.  ``path`` is the workers' own status ``path`` at the end (``direct``,
+``turn-udp``, ``turn-tcp``, ``relay``).
+
+TURN is off by default: the matrix is natlab.md's hole-punching table and its recorded runs and
+tests pin the rendezvous relay as the fallback; with TURN the fallback column changes meaning,
+so it is a separate, opt-in run.
 """
 
 from __future__ import annotations
@@ -95,6 +102,9 @@ class PairResult:
     empty otherwise."""
     error: str = ""
     """What went wrong, for outcome ``error``."""
+    path: str = ""
+    """The workers' status ``path`` at the end (``direct``, ``turn-udp``, ``turn-tcp``,
+    ``relay``), ``a_path/b_path`` when they disagree; empty when neither had one."""
 
     @property
     def agrees(self) -> bool:
@@ -115,6 +125,8 @@ class _EventReader(threading.Thread):
         self.connected_at: float | None = None
         self.relayed_at: float | None = None
         self.chats_in: list[str] = []
+        self.paths: list[tuple[float, str | None]] = []
+        """(monotonic time, path) each time the status ``path`` changed."""
 
     def run(self) -> None:
         for line in self.stream:
@@ -141,6 +153,9 @@ class _EventReader(threading.Thread):
                     self.connected_at = now
                 if state == "relayed" and self.relayed_at is None:
                     self.relayed_at = now
+                path = msg.get("path")
+                if not self.paths or self.paths[-1][1] != path:
+                    self.paths.append((now, path if isinstance(path, str) else None))
                 self.changed.notify_all()
 
 
@@ -149,6 +164,11 @@ def _nat_text(status: dict[str, Any]) -> str:
     if not isinstance(nat, dict) or not nat:
         return ""
     return f"{nat.get('mapping')}/{nat.get('filtering')}"
+
+
+def _path_text(a: dict[str, Any], b: dict[str, Any]) -> str:
+    pa, pb = a.get("path") or "", b.get("path") or ""
+    return pa if pa == pb else f"{pa}/{pb}"
 
 
 def _peer_endpoint(status: dict[str, Any]) -> str | None:
@@ -217,15 +237,25 @@ class PairRun:
         self._logs.append(f)
         return f
 
-    def start(self, *, worker_args: Sequence[str] = ()) -> PairRun:
-        """Start ``p2plab rendezvous`` and, once it listens, ``p2plab worker --events`` twice."""
+    def start(self, *, worker_args: Sequence[str] = (), turn: bool = False) -> PairRun:
+        """Start ``p2plab rendezvous`` and, once it listens, ``p2plab worker --events`` twice.
+
+        With ``turn`` the rendezvous hands the workers the lab's coturn (UDP and TCP URLs, REST
+        credentials made with the lab's secret) and the workers use it as ICE relay candidates.
+        """
         lab = self.lab
         rv = lab.rendezvous_address
+        # --open: the lab network exists only between its namespaces (beyond loopback the
+        # rendezvous refuses to start without a token otherwise).
+        rv_argv = ["-m", "p2plab", "rendezvous", "--host", rv, "--port", str(RENDEZVOUS_PORT)]
+        rv_argv.append("--open")
+        if turn:
+            if not lab.config.stun:
+                raise LabError("TURN needs the lab's coturn (LabConfig.stun)")
+            rv_argv += ["--turn", ",".join(lab.turn_urls), "--turn-secret", lab.turn_secret]
         lab.python(
             "rendezvous",
-            # --open: the lab network exists only between its namespaces (beyond loopback the
-            # rendezvous refuses to start without a token otherwise).
-            ["-m", "p2plab", "rendezvous", "--host", rv, "--port", str(RENDEZVOUS_PORT), "--open"],
+            rv_argv,
             stdout=self._logfile("rendezvous"),
             stderr=subprocess.STDOUT,
         )
@@ -305,6 +335,21 @@ class PairRun:
                 lambda: all(r.status.get("nat") for r in self.readers.values()), timeout=timeout
             )
 
+    def path(self, host: str) -> str | None:
+        """The status ``path`` of the worker on ``host`` right now."""
+        with self.changed:
+            path = self.readers[host].status.get("path")
+        return path if isinstance(path, str) else None
+
+    def wait_path(self, paths: Sequence[str], timeout: float) -> bool:
+        """Wait until both workers' status ``path`` is one of ``paths``; False on timeout."""
+
+        def both() -> bool:
+            return all(r.status.get("path") in paths for r in self.readers.values())
+
+        with self.changed:
+            return self.changed.wait_for(both, timeout=timeout)
+
     def status(self, host: str) -> dict[str, Any]:
         """The latest ``status`` object of the worker on ``host``."""
         with self.changed:
@@ -324,6 +369,8 @@ def run_pair(
     log_dir: Path | None = None,
     nat_wait: float = 10.0,
     startup_timeout: float = 60.0,
+    turn: bool = False,
+    upgrade_wait: float = 12.0,
 ) -> PairResult:
     """Build one lab, run rendezvous and two workers in it, and report what happened.
 
@@ -334,6 +381,11 @@ def run_pair(
     ``classic`` maps profile -> pystun3 type (from :func:`p2plab.lab.netns.classify_profiles`);
     ``nat_wait`` bounds the wait for both workers' own NAT classification once the outcome is
     known.
+
+    ``turn`` hands the workers the lab's coturn; a pair connected over TURN is ``failed`` (no
+    direct punching) with fallback ``turn-udp``/``turn-tcp`` once chat works there, unless it
+    goes direct within ``upgrade_wait`` seconds (the engine re-probes direct candidates every
+    5 s while on TURN).
     """
     pa = config.profile_a
     pb = config.profile_a if config.same_lan else config.profile_b
@@ -350,20 +402,28 @@ def run_pair(
     try:
         with Lab.from_config(config) as lab:
             name = f"{pa}__{'same-lan' if config.same_lan else pb}"
-            run = PairRun(lab, log_dir=log_dir, name=name).start()
+            run = PairRun(lab, log_dir=log_dir, name=name).start(turn=turn)
             if not run.wait_started(startup_timeout):
                 raise LabError(f"the workers did not start within {startup_timeout:.0f} s")
             run.wait_settled(timeout)
+            if turn and run.connected() and run.path("a") != "direct":
+                run.wait_path(("direct",), min(timeout, upgrade_wait))
             # The workers classify their NAT (RFC 5780) alongside punching; give that a moment.
             run.wait_classified(nat_wait)
             with run.changed:
                 sa, sb = run.status("a"), run.status("b")
-                done = run.connected() and sa.get("state") == sb.get("state") == "connected"
+                connected = run.connected() and sa.get("state") == sb.get("state") == "connected"
+                paths = (sa.get("path"), sb.get("path"))
+                # Connected over coturn is a relay too, not direct punching.
+                turn_path = paths[0] if paths[0] in ("turn-udp", "turn-tcp") else None
+                done = connected and turn_path is None
                 readers = run.readers.values()
                 ends = [r.connected_at for r in readers if r.connected_at is not None]
                 starts = [r.first_punching for r in readers if r.first_punching is not None]
                 relayed = not done and run.relayed()
             fallback = "relayed" if relayed and run.chat_exactly_once("a", "b") else ""
+            if connected and turn_path is not None and run.chat_exactly_once("a", "b"):
+                fallback = turn_path
             with run.changed:
                 sa, sb = run.status("a"), run.status("b")
             connect_s = max(ends) - run.t0 if done else None
@@ -382,6 +442,7 @@ def run_pair(
                 a_state=str(sa.get("state", "")),
                 b_state=str(sb.get("state", "")),
                 fallback=fallback,
+                path=_path_text(sa, sb),
             )
     except Exception as exc:  # one broken pair must not end the matrix
         log.exception("pair %s/%s failed to run", pa, pb)
@@ -416,9 +477,11 @@ def run_matrix(
     loss_b: float = 0.0,
     rate_a_mbit: float | None = None,
     rate_b_mbit: float | None = None,
+    turn: bool = False,
 ) -> list[PairResult]:
     """Run every unordered pair of ``profiles`` (and, with ``same_lan``, each profile's same-LAN
-    case), ``jobs`` labs at a time; write CSV and heatmap into ``out_dir`` when given."""
+    case), ``jobs`` labs at a time; write CSV and heatmap into ``out_dir`` when given.  ``turn``
+    hands every pair the lab's coturn (see :func:`run_pair`)."""
     profiles = [validate_profile(p) for p in dict.fromkeys(profiles)]
     classic = {p: str(r["classic"]) for p, r in classify_profiles(profiles).items()}
     configs: list[LabConfig] = []
@@ -435,7 +498,8 @@ def run_matrix(
     with ThreadPoolExecutor(max(1, jobs)) as pool:
         results = list(
             pool.map(
-                lambda c: run_pair(c, timeout=timeout, classic=classic, log_dir=log_dir), configs
+                lambda c: run_pair(c, timeout=timeout, classic=classic, log_dir=log_dir, turn=turn),
+                configs,
             )
         )
     order = {p: i for i, p in enumerate(profiles)}
@@ -477,7 +541,7 @@ def plot_heatmap(results: Sequence[PairResult], path: Path, profiles: Sequence[s
     for r in results:
         label = f"{r.connect_s:.1f}s" if r.connect_s is not None else r.outcome
         if r.outcome == "failed" and r.fallback:
-            label = "failed\n→ relay"
+            label = "failed\n→ " + ("relay" if r.fallback == "relayed" else r.fallback)
         if not r.agrees:
             label += " !"
         cells = [(n, idx[r.profile_a])] if r.same_lan else [
@@ -522,6 +586,7 @@ def run_from_args(args: argparse.Namespace) -> int:
         loss_b=args.loss_b,
         rate_a_mbit=args.rate_a_mbit,
         rate_b_mbit=args.rate_b_mbit,
+        turn=getattr(args, "turn", False),
     )
     w = sys.stdout.write
     head = f"{'site A':<16} {'site B':<16} {'outcome':<15} {'expected':<8} {'time':>6}"
@@ -530,7 +595,8 @@ def run_from_args(args: argparse.Namespace) -> int:
         b = "same LAN" if r.same_lan else r.profile_b
         t = f"{r.connect_s:.1f}s" if r.connect_s is not None else "-"
         mark = "" if r.agrees else "  <-- disagrees with natlab.md"
-        outcome = f"{r.outcome} → relay" if r.fallback else r.outcome
+        via = "relay" if r.fallback == "relayed" else r.fallback
+        outcome = f"{r.outcome} → {via}" if r.fallback else r.outcome
         w(
             f"{r.profile_a:<16} {b:<16} {outcome:<15} {r.expected:<8} {t:>6}  "
             f"{r.a_peer_endpoint} / {r.b_peer_endpoint}{mark}\n"

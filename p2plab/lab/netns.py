@@ -74,6 +74,10 @@ RENDEZVOUS_IP = f"{PUBLIC_NET}.2"
 STUN_IPS = (f"{PUBLIC_NET}.10", f"{PUBLIC_NET}.11")
 STUN_PORT = 3478
 STUN_ALT_PORT = 3479
+#: coturn's relayed ports (a small range: a lab pair needs two allocations, a few for reconnects).
+TURN_RELAY_PORTS = (49152, 49407)
+#: The realm coturn announces (any fixed name; credentials are the REST kind, bound to worker ids).
+TURN_REALM = "p2plab"
 _NAT_WAN_IP = {"a": f"{PUBLIC_NET}.101", "b": f"{PUBLIC_NET}.102"}
 _OPEN_IP = {"a": f"{PUBLIC_NET}.201", "b": f"{PUBLIC_NET}.202"}
 _LAN_NET = {"a": "198.18.1", "b": "198.18.2"}
@@ -98,7 +102,9 @@ class LabConfig:
     rate_b_mbit: float | None = None
     """Rate limit (tbf) on site B's WAN, each direction, in Mbit/s; None for no limit."""
     stun: bool = True
-    """Start coturn on the STUN host (two addresses, alternate port 3479)."""
+    """Start coturn on the STUN host (two addresses, alternate port 3479).  It also serves TURN
+    (UDP and TCP on port 3478, ``use-auth-secret`` with :attr:`Lab.turn_secret`), which a run
+    uses only when it hands :attr:`Lab.turn_urls` to its rendezvous."""
     prefix: str | None = None
     """Name prefix (``p2l`` + 4 hex digits); random when None."""
 
@@ -277,6 +283,9 @@ class Lab:
         self._procs: list[subprocess.Popen[Any]] = []
         self._closed = False
         self._lock = threading.Lock()
+        self.turn_secret = secrets.token_hex(16)
+        """coturn's ``static-auth-secret`` (fresh per lab); the rendezvous gets it too."""
+        self._udp_blocked = False
 
     # ---- construction
 
@@ -435,18 +444,29 @@ class Lab:
 
     def _start_coturn(self) -> None:
         st = self._hosts["stun"]
-        argv = ["turnserver", "-n", "--stun-only", "--no-cli", "--no-tls", "--no-dtls",
+        # STUN (RFC 5780: two addresses, alternate port) and TURN in one coturn: STUN Binding
+        # needs no credentials even with use-auth-secret, so the NAT classification is unchanged.
+        # Relayed addresses live on the primary address, in a small port range; TCP listens too
+        # (turn-tcp, for sites whose UDP is blocked); no TLS/DTLS, no TCP relaying (RFC 6062).
+        run_dir = _MARKER_DIR / f"{self.prefix}-turn"
+        run_dir.mkdir(parents=True, exist_ok=True)
+        argv = ["turnserver", "-n", "--no-cli", "--no-tls", "--no-dtls", "--no-tcp-relay",
+                "--use-auth-secret", "--static-auth-secret", self.turn_secret,
+                "--realm", TURN_REALM, "--relay-ip", STUN_IPS[0],
+                "--min-port", str(TURN_RELAY_PORTS[0]), "--max-port", str(TURN_RELAY_PORTS[1]),
                 "--listening-port", str(STUN_PORT), "--alt-listening-port", str(STUN_ALT_PORT),
-                "--log-file", "stdout", "--simple-log", "--no-tcp",
+                "--userdb", str(run_dir / "turndb"), "--log-file", "stdout", "--simple-log",
                 "--pidfile", str(_MARKER_DIR / f"{self.prefix}-turnserver.pid")]  # fmt: skip
         for ip in STUN_IPS:
             argv += ["--listening-ip", ip]
         self.popen("stun", argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         want = {f"{ip}:{port}" for ip in STUN_IPS for port in (STUN_PORT, STUN_ALT_PORT)}
+        want_tcp = {f"{STUN_IPS[0]}:{STUN_PORT}"}
         deadline = time.monotonic() + 10.0
         while True:
             out = _run(["ip", "netns", "exec", st.ns, "ss", "-Hlun"], check=False)
-            if want <= set(out.split()):
+            out_tcp = _run(["ip", "netns", "exec", st.ns, "ss", "-Hltn"], check=False)
+            if want <= set(out.split()) and want_tcp <= set(out_tcp.split()):
                 return
             if time.monotonic() > deadline:
                 raise LabError("coturn did not start listening on the STUN host within 10 s")
@@ -475,6 +495,7 @@ class Lab:
             _delete_namespace(ns)
         for name in (f"{self.prefix}.pid", f"{self.prefix}-turnserver.pid"):
             (_MARKER_DIR / name).unlink(missing_ok=True)
+        shutil.rmtree(_MARKER_DIR / f"{self.prefix}-turn", ignore_errors=True)
         _LIVE.discard(self)
         log.debug("lab %s removed", self.prefix)
 
@@ -528,6 +549,12 @@ class Lab:
         return f"{STUN_IPS[0]}:{STUN_PORT}"
 
     @property
+    def turn_urls(self) -> tuple[str, str]:
+        """coturn's TURN URLs (UDP first, then TCP) on the STUN host's primary address."""
+        host = f"{STUN_IPS[0]}:{STUN_PORT}"
+        return (f"turn:{host}?transport=udp", f"turn:{host}?transport=tcp")
+
+    @property
     def rendezvous_address(self) -> str:
         """The rendezvous host's public address."""
         return RENDEZVOUS_IP
@@ -545,7 +572,63 @@ class Lab:
             "same_lan": self.config.same_lan,
             "hosts": {h.name: {"ns": h.ns, "address": h.address} for h in self._hosts.values()},
             "stun": list(STUN_IPS) if self.config.stun else [],
+            "turn": list(self.turn_urls) if self.config.stun else [],
         }
+
+    # ---- blocking UDP between the two sites
+
+    def _site_public_ip(self, site: str) -> str:
+        """The address site ``site``'s traffic shows on the public segment."""
+        return _OPEN_IP[site] if f"nat_{site}" not in self._hosts else _NAT_WAN_IP[site]
+
+    def _block_rules(self) -> list[tuple[str, list[str]]]:
+        """(namespace, rule) pairs that drop UDP between the sites, in both directions.
+
+        On a NAT the rules sit at the top of FORWARD (the destination is still the peer's public
+        address before SNAT; the source is the peer's public address before anything else is
+        decided) and INPUT (unsolicited datagrams the NAT keeps); an ``open`` host gets them in
+        INPUT/OUTPUT.  Only the other site's public address matches, so coturn and the
+        rendezvous stay reachable, and TCP is untouched.
+        """
+        if self.config.same_lan:
+            raise LabError("both hosts share one site: there is nothing between sites to block")
+        rules: list[tuple[str, list[str]]] = []
+        for site, other in (("a", "b"), ("b", "a")):
+            peer_ip = self._site_public_ip(other)
+            if f"nat_{site}" in self._hosts:
+                ns = self._hosts[f"nat_{site}"].ns
+                chains = [("FORWARD", "-d"), ("FORWARD", "-s"), ("INPUT", "-s")]
+            else:
+                ns = self._hosts[site].ns
+                chains = [("OUTPUT", "-d"), ("INPUT", "-s")]
+            for chain, flag in chains:
+                rules.append((ns, [chain, "-p", "udp", flag, peer_ip, "-j", "DROP"]))
+        return rules
+
+    @property
+    def udp_blocked(self) -> bool:
+        """True while UDP between the two sites is dropped (:meth:`block_udp_between_sites`)."""
+        return self._udp_blocked
+
+    def block_udp_between_sites(self) -> None:
+        """Drop every UDP datagram between site A and site B, at runtime (idempotent).
+
+        The sites still reach coturn (STUN and TURN) and the rendezvous: this is the network
+        where only a relay works.  :meth:`unblock_udp_between_sites` undoes it.
+        """
+        if self._udp_blocked:
+            return
+        for ns, rule in self._block_rules():
+            _run(["ip", "netns", "exec", ns, "iptables", "-I", *rule])
+        self._udp_blocked = True
+
+    def unblock_udp_between_sites(self) -> None:
+        """Remove the rules :meth:`block_udp_between_sites` added (idempotent)."""
+        if not self._udp_blocked:
+            return
+        for ns, rule in self._block_rules():
+            _run(["ip", "netns", "exec", ns, "iptables", "-D", *rule], check=False)
+        self._udp_blocked = False
 
     # ---- running things inside
 
