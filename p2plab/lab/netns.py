@@ -285,7 +285,7 @@ class Lab:
         self._lock = threading.Lock()
         self.turn_secret = secrets.token_hex(16)
         """coturn's ``static-auth-secret`` (fresh per lab); the rendezvous gets it too."""
-        self._udp_blocked = False
+        self._blocked: list[tuple[str, list[str]]] = []
 
     # ---- construction
 
@@ -581,54 +581,57 @@ class Lab:
         """The address site ``site``'s traffic shows on the public segment."""
         return _OPEN_IP[site] if f"nat_{site}" not in self._hosts else _NAT_WAN_IP[site]
 
-    def _block_rules(self) -> list[tuple[str, list[str]]]:
+    def _block_rules(self, *, stun_host: bool) -> list[tuple[str, list[str]]]:
         """(namespace, rule) pairs that drop UDP between the sites, in both directions.
 
         On a NAT the rules sit at the top of FORWARD (the destination is still the peer's public
         address before SNAT; the source is the peer's public address before anything else is
         decided) and INPUT (unsolicited datagrams the NAT keeps); an ``open`` host gets them in
-        INPUT/OUTPUT.  Only the other site's public address matches, so coturn and the
-        rendezvous stay reachable, and TCP is untouched.
+        INPUT/OUTPUT.  Only the other site's public address matches (and, with ``stun_host``,
+        the STUN host's two addresses), so the rendezvous stays reachable and TCP is untouched.
         """
         if self.config.same_lan:
             raise LabError("both hosts share one site: there is nothing between sites to block")
         rules: list[tuple[str, list[str]]] = []
         for site, other in (("a", "b"), ("b", "a")):
-            peer_ip = self._site_public_ip(other)
+            targets = [self._site_public_ip(other)]
+            if stun_host:
+                targets += list(STUN_IPS)
             if f"nat_{site}" in self._hosts:
                 ns = self._hosts[f"nat_{site}"].ns
                 chains = [("FORWARD", "-d"), ("FORWARD", "-s"), ("INPUT", "-s")]
             else:
                 ns = self._hosts[site].ns
                 chains = [("OUTPUT", "-d"), ("INPUT", "-s")]
-            for chain, flag in chains:
-                rules.append((ns, [chain, "-p", "udp", flag, peer_ip, "-j", "DROP"]))
+            for ip in targets:
+                for chain, flag in chains:
+                    rules.append((ns, [chain, "-p", "udp", flag, ip, "-j", "DROP"]))
         return rules
 
     @property
     def udp_blocked(self) -> bool:
         """True while UDP between the two sites is dropped (:meth:`block_udp_between_sites`)."""
-        return self._udp_blocked
+        return bool(self._blocked)
 
-    def block_udp_between_sites(self) -> None:
-        """Drop every UDP datagram between site A and site B, at runtime (idempotent).
+    def block_udp_between_sites(self, *, stun_host: bool = False) -> None:
+        """Drop every UDP datagram between site A and site B, at runtime.
 
-        The sites still reach coturn (STUN and TURN) and the rendezvous: this is the network
-        where only a relay works.  :meth:`unblock_udp_between_sites` undoes it.
+        The sites still reach coturn (STUN, TURN over UDP and TCP) and the rendezvous: the
+        network where only a relay works.  With ``stun_host`` UDP to and from the STUN host is
+        dropped too (no STUN, no TURN over UDP): only TURN over TCP and the rendezvous's
+        WebSocket relay are left.  Calling it again replaces the earlier block;
+        :meth:`unblock_udp_between_sites` undoes it.
         """
-        if self._udp_blocked:
-            return
-        for ns, rule in self._block_rules():
+        self.unblock_udp_between_sites()
+        for ns, rule in self._block_rules(stun_host=stun_host):
             _run(["ip", "netns", "exec", ns, "iptables", "-I", *rule])
-        self._udp_blocked = True
+            self._blocked.append((ns, rule))
 
     def unblock_udp_between_sites(self) -> None:
         """Remove the rules :meth:`block_udp_between_sites` added (idempotent)."""
-        if not self._udp_blocked:
-            return
-        for ns, rule in self._block_rules():
+        while self._blocked:
+            ns, rule = self._blocked.pop()
             _run(["ip", "netns", "exec", ns, "iptables", "-D", *rule], check=False)
-        self._udp_blocked = False
 
     # ---- running things inside
 

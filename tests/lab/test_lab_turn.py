@@ -129,3 +129,26 @@ def test_matrix_row_names_the_turn_path() -> None:
     assert r.path == "turn-udp", r
     assert r.fallback == "turn-udp", r  # chat went through coturn
     assert r.a_state == r.b_state == "connected"
+
+
+def test_with_udp_to_coturn_blocked_too_the_pair_connects_over_turn_tcp() -> None:
+    require_lab()
+    with Lab.create("port-restricted", "port-restricted") as lab:
+        # No UDP between the sites nor to the STUN/TURN host: TURN over TCP is what is left
+        # (before the rendezvous's WebSocket relay, which the punch timeout would bring).
+        lab.block_udp_between_sites(stun_host=True)
+        run = PairRun(lab, name="turn-tcp").start(turn=True)
+        try:
+            assert run.wait_settled(40 * TIMEOUT_UNIT), (run.status("a"), run.status("b"))
+            assert run.wait_path(RELAYS, 10 * TIMEOUT_UNIT), (run.path("a"), run.path("b"))
+            a, b = run.status("a"), run.status("b")
+            assert a["path"] == b["path"] == "turn-tcp", (a, b)
+            assert a["turn"]["transport"] == "tcp" and a["turn"]["state"] == "allocated"
+            assert run.chat_exactly_once("a", "b", timeout=20 * TIMEOUT_UNIT)
+            assert "direct" not in _since(run, "a", 0.0) + _since(run, "b", 0.0)
+            connect = max(r.connected_at or 0.0 for r in run.readers.values()) - run.t0
+            log.warning(
+                "UDP to coturn blocked: connected over turn-tcp %.1f s after start", connect
+            )
+        finally:
+            run.close()
