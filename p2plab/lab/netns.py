@@ -38,7 +38,12 @@ from pathlib import Path
 from typing import Any
 
 from p2plab.errors import ConfigError, LabError
-from p2plab.lab.profiles import impairment_rules, nat_ruleset, validate_profile
+from p2plab.lab.profiles import (
+    impairment_rules,
+    nat_ruleset,
+    udp_block_rules,
+    validate_profile,
+)
 
 __all__ = [
     "HOSTS",
@@ -577,35 +582,19 @@ class Lab:
 
     # ---- blocking UDP between the two sites
 
-    def _site_public_ip(self, site: str) -> str:
-        """The address site ``site``'s traffic shows on the public segment."""
-        return _OPEN_IP[site] if f"nat_{site}" not in self._hosts else _NAT_WAN_IP[site]
-
     def _block_rules(self, *, stun_host: bool) -> list[tuple[str, list[str]]]:
-        """(namespace, rule) pairs that drop UDP between the sites, in both directions.
-
-        On a NAT the rules sit at the top of FORWARD (the destination is still the peer's public
-        address before SNAT; the source is the peer's public address before anything else is
-        decided) and INPUT (unsolicited datagrams the NAT keeps); an ``open`` host gets them in
-        INPUT/OUTPUT.  Only the other site's public address matches (and, with ``stun_host``,
-        the STUN host's two addresses), so the rendezvous stays reachable and TCP is untouched.
-        """
+        """(namespace, rule) pairs that drop UDP between the sites (and, with ``stun_host``, to
+        and from the STUN host's addresses), at each site's NAT or ``open`` host."""
         if self.config.same_lan:
             raise LabError("both hosts share one site: there is nothing between sites to block")
         rules: list[tuple[str, list[str]]] = []
         for site, other in (("a", "b"), ("b", "a")):
-            targets = [self._site_public_ip(other)]
-            if stun_host:
-                targets += list(STUN_IPS)
-            if f"nat_{site}" in self._hosts:
-                ns = self._hosts[f"nat_{site}"].ns
-                chains = [("FORWARD", "-d"), ("FORWARD", "-s"), ("INPUT", "-s")]
-            else:
-                ns = self._hosts[site].ns
-                chains = [("OUTPUT", "-d"), ("INPUT", "-s")]
-            for ip in targets:
-                for chain, flag in chains:
-                    rules.append((ns, [chain, "-p", "udp", flag, ip, "-j", "DROP"]))
+            remote = self._hosts.get(f"nat_{other}") or self._hosts[other]
+            targets = [remote.address, *(STUN_IPS if stun_host else ())]
+            gateway = self._hosts.get(f"nat_{site}")
+            ns = gateway.ns if gateway is not None else self._hosts[site].ns
+            for rule in udp_block_rules(nat=gateway is not None, addresses=targets):
+                rules.append((ns, rule))
         return rules
 
     @property
