@@ -105,6 +105,9 @@ class PairResult:
     path: str = ""
     """The workers' status ``path`` at the end (``direct``, ``turn-udp``, ``turn-tcp``,
     ``relay``), ``a_path/b_path`` when they disagree; empty when neither had one."""
+    first_path: str = ""
+    """The first path host a's worker reported (``turn-udp`` then ``path`` ``direct``: the pair
+    connected over TURN and upgraded to direct)."""
 
     @property
     def agrees(self) -> bool:
@@ -443,6 +446,7 @@ def run_pair(
                 b_state=str(sb.get("state", "")),
                 fallback=fallback,
                 path=_path_text(sa, sb),
+                first_path=next((p for _, p in run.readers["a"].paths if p), ""),
             )
     except Exception as exc:  # one broken pair must not end the matrix
         log.exception("pair %s/%s failed to run", pa, pb)
@@ -589,7 +593,8 @@ def run_from_args(args: argparse.Namespace) -> int:
         turn=getattr(args, "turn", False),
     )
     w = sys.stdout.write
-    head = f"{'site A':<16} {'site B':<16} {'outcome':<15} {'expected':<8} {'time':>6}"
+    head = f"{'site A':<16} {'site B':<16} {'outcome':<20} {'expected':<8} {'time':>6}"
+    head += f" {'path':<9}"
     w(head + "  a peer / b peer\n")
     for r in results:
         b = "same LAN" if r.same_lan else r.profile_b
@@ -598,7 +603,7 @@ def run_from_args(args: argparse.Namespace) -> int:
         via = "relay" if r.fallback == "relayed" else r.fallback
         outcome = f"{r.outcome} → {via}" if r.fallback else r.outcome
         w(
-            f"{r.profile_a:<16} {b:<16} {outcome:<15} {r.expected:<8} {t:>6}  "
+            f"{r.profile_a:<16} {b:<16} {outcome:<20} {r.expected:<8} {t:>6} {r.path:<9}  "
             f"{r.a_peer_endpoint} / {r.b_peer_endpoint}{mark}\n"
         )
     w(f"{len(results)} pairs in {time.monotonic() - t0:.0f} s; wrote {out}/matrix.csv and "
