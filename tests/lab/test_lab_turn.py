@@ -21,6 +21,7 @@ import pytest
 
 from p2plab.lab.matrix import PairRun, run_pair
 from p2plab.lab.netns import Lab, LabConfig
+from p2plab.lab.profiles import udp_block_rules
 
 try:  # pystun3 installs a top-level ``tests`` package that can shadow ours
     from tests.lab_fixtures import TIMEOUT_UNIT, require_lab
@@ -152,3 +153,16 @@ def test_with_udp_to_coturn_blocked_too_the_pair_connects_over_turn_tcp() -> Non
             )
         finally:
             run.close()
+
+
+def test_udp_block_rules_match_only_the_given_addresses_and_only_udp() -> None:
+    nat = udp_block_rules(nat=True, addresses=["203.0.113.102"])
+    assert nat == [
+        ["FORWARD", "-p", "udp", "-d", "203.0.113.102", "-j", "DROP"],
+        ["FORWARD", "-p", "udp", "-s", "203.0.113.102", "-j", "DROP"],
+        ["INPUT", "-p", "udp", "-s", "203.0.113.102", "-j", "DROP"],
+    ]
+    host = udp_block_rules(nat=False, addresses=["203.0.113.201", "203.0.113.10"])
+    assert [r[0] for r in host] == ["OUTPUT", "INPUT", "OUTPUT", "INPUT"]
+    assert all(r[1:3] == ["-p", "udp"] and r[-1] == "DROP" for r in host)
+    assert {r[4] for r in host} == {"203.0.113.201", "203.0.113.10"}
