@@ -178,6 +178,26 @@ class FastPath:
             self._fast[kind] = handler
         self.armed = bool(self._bulk_types or self._fast)
 
+    def deliver(self, data: bytes, addr: Address, arrival_ns: int) -> bool:
+        """Hand one datagram that did not come from this socket (a benchmark datagram the
+        engine received through TURN or the relay) to the fast handler or the bulk sink of its
+        type, as if read here; False if neither takes it."""
+        kind = data[3] if len(data) >= 4 else -1
+        handler = self._fast.get(kind)
+        try:
+            if handler is not None:
+                handler(memoryview(data), addr)
+                return True
+            sink = self._bulk_sink
+            if sink is not None and kind in self._bulk_types:
+                n = len(data)
+                return not sink(memoryview(data), [(0, n, n, arrival_ns)])
+        except Exception:
+            self.stats["handler_errors"] += 1
+            log.exception("fast path failed on a delivered datagram from %s", addr)
+            return True
+        return False
+
     def read_blocking(
         self, until: Callable[[], bool], max_block_s: float, spin_s: float = 0.0
     ) -> None:

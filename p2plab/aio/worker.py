@@ -28,12 +28,13 @@ import logging
 import os
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable, Coroutine, Iterable
+from collections.abc import AsyncIterator, Callable, Coroutine, Iterable, Sequence
 from contextlib import AbstractAsyncContextManager
 from typing import Any, TypeVar, overload
 
 from p2plab.aio import discovery
 from p2plab.aio.bench.extension import BenchmarkExtension
+from p2plab.aio.bench.route import deliver
 from p2plab.aio.endpoint import Address, UdpEndpoint
 from p2plab.aio.extension import Extension
 from p2plab.aio.hub import EventHub, Subscription, ui_message
@@ -233,6 +234,8 @@ class Worker:
             self._command(cmd)
         while (event := self.link.next_event()) is not None:
             self._on_event(event)
+        for data, addr in self.link.take_bench_datagrams():
+            self._on_bench_datagram(data, addr)
         when = self.link.get_timer()
         if when != self._timer_at or self._timer is None:
             if self._timer is not None:
@@ -486,9 +489,30 @@ class Worker:
 
     @property
     def peer_address(self) -> Address | None:
-        """Where the peer link's datagrams go (None without a direct link: on a TURN path or
-        the rendezvous relay, the engine carries them)."""
-        return self.link.peer_address if self.link.path == "direct" else None
+        """Where the peer link's datagrams go while connected or relayed, else None: a real UDP
+        address (direct, or the peer's TURN relayed address), or a pseudo-address that only
+        the engine reaches (our TURN allocation, the rendezvous relay: :meth:`send_bench`)."""
+        return self.link.peer_address if self.link.path is not None else None
+
+    def send_bench(self, datagrams: Sequence[bytes], addr: Address) -> int:
+        """Send benchmark datagrams to a pseudo-address of :attr:`peer_address` through the
+        engine (ChannelData via our TURN allocation, or relay messages); returns how many it
+        took (0: that path is gone)."""
+        if self.link.state == "stopped":
+            return 0
+        n = self.link.send_bench(datagrams, addr, _now())
+        self._transmit()
+        return n
+
+    def _on_bench_datagram(self, data: bytes, addr: Address) -> None:
+        """A benchmark datagram the engine received through TURN or the relay: to the armed
+        run, else to the extensions (which count it as late)."""
+        if deliver(self.endpoint, data, addr):
+            return
+        for ext in self._extensions:
+            if ext.on_datagram(data, addr):
+                return
+        self.count("bench_unclaimed")
 
     @property
     def peer_sealer(self) -> PeerCipher | PlainEnvelope | None:
