@@ -61,6 +61,11 @@ class LinkBench(LinkTurn):
         )
         self._bench_in: list[tuple[bytes, Address]] = []
 
+    @property
+    def bench_pending(self) -> bool:
+        """Whether :meth:`take_bench_datagrams` has datagrams for the driver."""
+        return bool(self._bench_in)
+
     def take_bench_datagrams(self) -> list[tuple[bytes, Address]]:
         """Benchmark datagrams that came through TURN or the relay, with their (pseudo-)source
         address, oldest first; the queue is emptied."""

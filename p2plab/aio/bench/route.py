@@ -79,12 +79,14 @@ def relay_clamp(rate_mbps: float, payload_size: int) -> tuple[float, str]:
     )
 
 
-def deliver(ep: UdpEndpoint | None, data: bytes, addr: Address) -> bool:
-    """Hand one benchmark datagram that came through the engine to the run armed on ``ep``
-    (fast handler, else bulk sink); False if no run took it."""
-    if ep is None or len(data) < 4:
-        return False
-    return ep.fast.deliver(data, addr, time.monotonic_ns())
+def deliver(
+    ep: UdpEndpoint | None, datagrams: list[tuple[bytes, Address]]
+) -> list[tuple[bytes, Address]]:
+    """Hand benchmark datagrams that came through the engine to the run armed on ``ep`` (fast
+    handlers, else the bulk sink in one batch); returns those no run took."""
+    if ep is None:
+        return datagrams
+    return ep.fast.deliver(datagrams, time.monotonic_ns())
 
 
 class Routed:
