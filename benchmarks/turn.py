@@ -182,7 +182,7 @@ def main() -> None:
         ("relay", "direct", "relay vs direct"),
     ):
         d = ref[den[8:]]["mbps"] if den.startswith("uclient-") else best[den]
-        print(f"  {num}/{den}: {best[num] / d if d else 0.0:.3f}  ({what})")
+        print(f"  {num}/{den}: {best[num] / d if d else 0.0:.3g}  ({what})")
 
 
 if __name__ == "__main__":
