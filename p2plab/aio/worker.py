@@ -311,6 +311,10 @@ class Worker:
         for hook in self.datagram_hooks:
             if hook(data, addr):
                 return
+        if self.link.bench_channel_data(data, addr):  # a run's data through our allocation
+            if self._bench_drain is None:
+                self._bench_drain = asyncio.get_running_loop().call_soon(self._drain_bench)
+            return
         if self.link.state != "stopped":  # the hot path: no closure per datagram
             self.link.receive_datagram(data, addr, _now())
             self._transmit()

@@ -102,6 +102,33 @@ class LinkBench(LinkTurn):
         self.stats["bench_out"] += len(datagrams)
         return len(datagrams)
 
+    def bench_channel_data(self, data: bytes, addr: Address) -> bool:
+        """Take a benchmark datagram inside ChannelData from our TURN server (over UDP, on a
+        channel we bound) straight into the queue of :meth:`take_bench_datagrams`, without the
+        engine's and the client's per-datagram work (the receive path of a run through our
+        allocation: a few thousand datagrams/s that way, the limit of such a run); False for
+        anything else, which then takes the usual way (``receive_datagram``)."""
+        t = self.turn
+        if (
+            t is None
+            or len(data) < 8
+            or data[0] >> 6 != 1
+            or data[4] != 0xD7
+            or data[5] != 0x50
+            or data[7] not in BENCH_TYPES
+            or t.transport != "udp"
+            or addr != t.server
+            or self.session is None
+        ):
+            return False
+        length = (data[2] << 8) | data[3]
+        peer = t.channel_peer((data[0] << 8) | data[1])
+        if peer is None or 4 + length > len(data):
+            return False
+        self.stats["turn_data_in"] += 1
+        self._bench_queue(data[4 : 4 + length], turn_address(peer, t.transport))
+        return True
+
     def _bench_flush(self, t: TurnClient, now: float) -> None:
         """The client's output at once; over TCP as one stream write (a batch, not one command
         per datagram)."""

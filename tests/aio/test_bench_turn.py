@@ -30,6 +30,9 @@ async def test_benchmark_over_turn_udp_both_ways_and_rtt(coturn: int) -> None:  
             assert r.peer_view.packets_received > 0
             assert r.peer_view.auth_failures == 0 and r.encrypted
             assert receiver.stats.get("bench_unclaimed", 0) == 0
+        # The side behind the pseudo-address got the other's data through its allocation.
+        assert pseudo[0].link.stats["bench_in"] > 0
+        assert pseudo[0].link.stats["bench_dropped"] == 0
         rtt = await Benchmark(pseudo[0]).rtt(count=20, timeout_s=1.0)
         assert rtt.received > 0
         assert block.dropped > 0  # the direct path was blocked all along

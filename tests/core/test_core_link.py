@@ -414,6 +414,10 @@ def test_punch_timeout_falls_back_to_the_relay_and_chat_flows_relayed() -> None:
     assert b.take_bench_datagrams() == []
     assert b.session is not None and b.session.stats["bench_ignored"] == 0
     assert a.stats["bench_out"] == 2 and a.stats["bench_dropped"] == 1
+    # ChannelData is unwrapped only from our TURN server on a bound channel: here no allocation.
+    framed = b"\x40\x00" + len(bench).to_bytes(2, "big") + bench
+    assert not b.bench_channel_data(framed, ("127.0.0.1", 3478))
+    assert b.take_bench_datagrams() == []
 
 
 def test_the_first_relayed_datagram_moves_a_punching_peer_onto_the_relay() -> None:
