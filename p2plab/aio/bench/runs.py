@@ -1,8 +1,10 @@
 """The driving end of benchmark runs: UDP throughput and RTT over a worker's punched link.
 
 Runs over the established path: the worker's own socket (so through the NAT mapping the link
-uses), to ``WorkerHost.peer_address``.  Coordination rides the session's reliable control
-messages, so chat and keep-alives keep flowing during a run::
+uses), to ``WorkerHost.peer_address``; when that is a pseudo-address (a TURN path through our
+own allocation, or the rendezvous relay), through the engine (:mod:`p2plab.aio.bench.route`;
+over the relay paced under its budget).  Every row names the path.  Coordination rides the
+session's reliable control messages, so chat and keep-alives keep flowing during a run::
 
     sender                                   receiver
     bench_start {run_id, params}    ->       arms accounting (bulk sink on the endpoint)
