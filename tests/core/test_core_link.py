@@ -38,6 +38,7 @@ from p2plab.core.signaling import (
     encode_relay_data,
 )
 from p2plab.errors import LocalProtocolError, NotConnected
+from tests.core.engine_clock import run_timers
 
 Address = tuple[str, int]
 E = TypeVar("E", bound=ev.Event)
@@ -189,26 +190,7 @@ class World:
 
     def run(self, seconds: float) -> None:
         """Jump the clock from timer to timer for ``seconds``."""
-        end = self.now + seconds
-        self.flush()
-        while True:
-            timers = [
-                t
-                for n in self.nodes.values()
-                if n.engine.state != "stopped" and (t := n.engine.get_timer()) is not None
-            ]
-            if not timers:
-                break
-            nxt = max(min(timers), self.now)
-            if nxt > end:
-                break
-            self.now = nxt
-            for n in self.nodes.values():
-                t = n.engine.get_timer()
-                if n.engine.state != "stopped" and t is not None and t <= self.now:
-                    n.engine.handle_timer(self.now)
-            self.flush()
-        self.now = end
+        run_timers(self, seconds)
 
 
 def genuine_relayed_probe(sender: LinkEngine, receiver: LinkEngine, now: float) -> RelayIn:
