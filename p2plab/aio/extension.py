@@ -18,6 +18,7 @@ This module imports nothing from the worker, so the import graph runs one way:
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 if TYPE_CHECKING:
@@ -64,7 +65,12 @@ class WorkerHost(Protocol):
 
     @property
     def peer_address(self) -> Address | None:
-        """Where the peer link's datagrams go (None without a direct link)."""
+        """Where the peer link's datagrams go (None without a link): a real UDP address, or a
+        pseudo-address of a path only the engine reaches (:meth:`send_bench`)."""
+        ...
+
+    def send_bench(self, datagrams: Sequence[bytes], addr: Address) -> int:
+        """Send benchmark datagrams to a pseudo-address through the engine; how many it took."""
         ...
 
     @property

@@ -28,12 +28,13 @@ import logging
 import os
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable, Coroutine, Iterable
+from collections.abc import AsyncIterator, Callable, Coroutine, Iterable, Sequence
 from contextlib import AbstractAsyncContextManager
 from typing import Any, TypeVar, overload
 
 from p2plab.aio import discovery
 from p2plab.aio.bench.extension import BenchmarkExtension
+from p2plab.aio.bench.route import deliver
 from p2plab.aio.endpoint import Address, UdpEndpoint
 from p2plab.aio.extension import Extension
 from p2plab.aio.hub import EventHub, Subscription, ui_message
@@ -124,6 +125,7 @@ class Worker:
         self._rendezvous: RendezvousClient | None = None
         self._ui_server: UiServer | None = None
         self._timer: asyncio.TimerHandle | None = None
+        self._bench_drain: asyncio.Handle | None = None  # a scheduled _drain_bench
         self._timer_at: float | None = None
         self._chat_waiters: dict[str, asyncio.Future[ev.ChatDelivered]] = {}
         self._stopped = False
@@ -183,6 +185,8 @@ class Worker:
         self._turn_tcp.close()
         if self._timer is not None:
             self._timer.cancel()
+        if self._bench_drain is not None:
+            self._bench_drain.cancel()
         for msg_id, fut in self._chat_waiters.items():
             if not fut.done():
                 fut.set_exception(ChatFailedError(msg_id, "worker stopped"))
@@ -233,6 +237,8 @@ class Worker:
             self._command(cmd)
         while (event := self.link.next_event()) is not None:
             self._on_event(event)
+        if self.link.bench_pending and self._bench_drain is None:
+            self._bench_drain = asyncio.get_running_loop().call_soon(self._drain_bench)
         when = self.link.get_timer()
         if when != self._timer_at or self._timer is None:
             if self._timer is not None:
@@ -305,6 +311,10 @@ class Worker:
         for hook in self.datagram_hooks:
             if hook(data, addr):
                 return
+        if self.link.bench_channel_data(data, addr):  # a run's data through our allocation
+            if self._bench_drain is None:
+                self._bench_drain = asyncio.get_running_loop().call_soon(self._drain_bench)
+            return
         if self.link.state != "stopped":  # the hot path: no closure per datagram
             self.link.receive_datagram(data, addr, _now())
             self._transmit()
@@ -486,9 +496,30 @@ class Worker:
 
     @property
     def peer_address(self) -> Address | None:
-        """Where the peer link's datagrams go (None without a direct link: on a TURN path or
-        the rendezvous relay, the engine carries them)."""
-        return self.link.peer_address if self.link.path == "direct" else None
+        """Where the peer link's datagrams go while connected or relayed, else None: a real UDP
+        address (direct, or the peer's TURN relayed address), or a pseudo-address that only
+        the engine reaches (our TURN allocation, the rendezvous relay: :meth:`send_bench`)."""
+        return self.link.peer_address if self.link.path is not None else None
+
+    def send_bench(self, datagrams: Sequence[bytes], addr: Address) -> int:
+        """Send benchmark datagrams to a pseudo-address of :attr:`peer_address` through the
+        engine (ChannelData via our TURN allocation, or relay messages); returns how many it
+        took (0: that path is gone)."""
+        if self.link.state == "stopped":
+            return 0
+        n = self.link.send_bench(datagrams, addr, _now())
+        self._transmit()
+        return n
+
+    def _drain_bench(self) -> None:
+        """The benchmark datagrams the engine received through TURN or the relay since the last
+        drain: to the armed run in one batch (a drain is scheduled once per loop iteration,
+        so a burst read from the socket arrives as one batch), the rest to the extensions
+        (which count them as late)."""
+        self._bench_drain = None
+        for data, addr in deliver(self.endpoint, self.link.take_bench_datagrams()):
+            if not any(ext.on_datagram(data, addr) for ext in self._extensions):
+                self.count("bench_unclaimed")
 
     @property
     def peer_sealer(self) -> PeerCipher | PlainEnvelope | None:

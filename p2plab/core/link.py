@@ -71,6 +71,7 @@ from typing import Any
 from p2plab.core import events as ev
 from p2plab.core.crypto import Identity
 from p2plab.core.known_peers import KnownPeers
+from p2plab.core.link_bench import LinkBench, is_bench_datagram
 from p2plab.core.link_commands import (
     RELAY,
     SECURITY_COUNTERS,
@@ -98,7 +99,6 @@ from p2plab.core.link_trust import (
     key_change_warning,
     offer_candidates,
 )
-from p2plab.core.link_turn import LinkTurn
 from p2plab.core.signaling import (
     CandidatesIn,
     Challenge,
@@ -139,7 +139,7 @@ Address = ev.Address
 _ERROR_TEXT = 200  # characters of a refusal sent back to the rendezvous (it only logs them)
 
 
-class LinkEngine(LinkTurn):
+class LinkEngine(LinkBench):
     """One worker's link lifecycle (see the module docstring for the driver contract).
 
     This class takes the driver's inputs and the rendezvous's messages; the session of the
@@ -332,13 +332,8 @@ class LinkEngine(LinkTurn):
         return msg_id
 
     def send_control(self, obj: dict[str, Any], now: float, sent_at: float | None = None) -> str:
-        """Send a reliable control message; needs a direct link (raises NotConnected)."""
-        if self.session is not None and self._state == "relayed":
-            raise NotConnected(
-                "the link to the peer is relayed through the rendezvous: benchmarks need a "
-                "direct path"
-            )
-        if self.session is None or self._state != "connected":
+        """Send a reliable control message over any path (raises NotConnected without one)."""
+        if self.session is None or self._state not in ("connected", "relayed"):
             raise NotConnected("no peer connected")
         msg_id = self.session.send_control(obj, now, sent_at=sent_at)
         self._pump(now)
@@ -498,6 +493,9 @@ class LinkEngine(LinkTurn):
             return
         s = self.session
         if s is not None and (self.relayed or s.candidate_kind(RELAY) is not None):
+            if is_bench_datagram(payload):  # a benchmark over the relay: the driver's
+                self._bench_queue(payload, RELAY)
+                return
             # Relayed, or a relayed session that moved to a better path (the peer may still
             # send over the relay until it follows the nomination): the session decides.
             self.stats["relay_in"] += 1

@@ -111,6 +111,9 @@ LINK_COUNTERS: Final = (
     "candidates_in",
     "candidates_in_dropped",
     "relay_upgrades",
+    "bench_in",
+    "bench_out",
+    "bench_dropped",
 )
 
 #: The drop counters of ``security()``, summed over every link the engine had.

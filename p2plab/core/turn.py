@@ -243,6 +243,10 @@ class TurnClient:
         """Whether the server confirmed a permission for ``peer_ip`` (still held)."""
         return _peer_ip(peer_ip) in self._granted
 
+    def channel_peer(self, channel: int) -> Address | None:
+        """The peer a bound channel number leads to, or None."""
+        return self._channels.get(channel) if channel in self._bound else None
+
     def bound_channel(self, peer: Address) -> int | None:
         """The channel the server confirmed for ``peer``, or None."""
         channel = self._peer_channel.get((_peer_ip(peer[0]), int(peer[1])))

@@ -11,12 +11,15 @@ import json
 import signal
 import sys
 import threading
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from p2plab import cli_common as cc
 from p2plab.errors import P2PLabError
 from p2plab.lab.matrix_report import parse_pairs
 from p2plab.lab.profiles import EXPECTED_CLASSIC, PROFILES
+
+if TYPE_CHECKING:  # netns is imported where a lab is built (the parser must not need root tools)
+    from p2plab.lab.netns import Lab
 
 __all__ = ["main", "register_cli"]
 
@@ -89,6 +92,12 @@ def register_cli(subparsers: Any) -> argparse.ArgumentParser:
     )
     up.add_argument("--same-lan", action="store_true", help="hosts a and b behind site A's NAT")
     up.add_argument("--no-stun", action="store_true", help="do not start coturn")
+    up.add_argument(
+        "--block-udp",
+        action="store_true",
+        help="drop UDP between the two sites from the start (only relays work); SIGUSR1 "
+        "toggles the block while the lab is up",
+    )
     up.add_argument("--json", action="store_true", help="print the lab description as JSON")
     _add_impairments(up)
     up.set_defaults(func=cmd_up)
@@ -140,6 +149,13 @@ def register_cli(subparsers: Any) -> argparse.ArgumentParser:
         "--jobs", type=cc.positive_int, default=3, help="labs built at the same time"
     )
     matrix.add_argument("--no-same-lan", action="store_true", help="skip the same-LAN row")
+    matrix.add_argument(
+        "--turn",
+        action="store_true",
+        help="hand the workers the lab's coturn (TURN over UDP and TCP): pairs that cannot "
+        "punch fall back to turn-udp instead of the rendezvous relay (default: off, the "
+        "table of natlab.md with the WebSocket relay as fallback)",
+    )
     _add_impairments(matrix)
     matrix.set_defaults(func=cmd_matrix)
     return lab
@@ -183,18 +199,37 @@ def cmd_up(args: argparse.Namespace) -> int:
                 _out(f"  {name:<11} {host['address']:<15} ip netns exec {host['ns']} bash")
             if desc["stun"]:
                 _out(f"  STUN (coturn): {lab.stun_server}, alternate {lab.stun_addresses[1]}:3479")
+                _out(f"  TURN (coturn): p2plab rendezvous --turn {','.join(lab.turn_urls)} "
+                     f"--turn-secret {lab.turn_secret}")  # fmt: skip
             _out("Ctrl-C removes the lab.")
         stop = threading.Event()
+        toggle = threading.Event()
         try:
             signal.signal(signal.SIGTERM, lambda *_: stop.set())
+            if not args.same_lan:
+                signal.signal(signal.SIGUSR1, lambda *_: toggle.set())
         except ValueError:  # not the main thread
             pass
+        if args.block_udp and not args.same_lan:
+            toggle.set()
         try:
             while not stop.wait(0.5):
-                pass
+                if toggle.is_set():
+                    toggle.clear()
+                    _toggle_udp_block(lab)
         except KeyboardInterrupt:
             pass
     return 0
+
+
+def _toggle_udp_block(lab: Lab) -> None:
+    """Block UDP between the sites when it flows, lift the block when it is there."""
+    if lab.udp_blocked:
+        lab.unblock_udp_between_sites()
+        _out("UDP between the sites: unblocked")
+    else:
+        lab.block_udp_between_sites()
+        _out("UDP between the sites: blocked")
 
 
 @_guard

@@ -14,6 +14,16 @@ what the workers' status says made the link (``direct``, ``birthday``, ``predict
 ``--repeat N`` runs each pair N times (one row per run) and ``--pairs A:B,...`` runs only those
 ordered pairs; :mod:`p2plab.lab.matrix_report` folds the runs into ``summary.csv`` and draws
 the tables and the heatmap.
+
+``fallback`` records the relay that carried a failed pair: ``relayed`` (the rendezvous
+WebSocket) or, in runs with TURN (``turn=True``, ``p2plab lab matrix --turn``), ``turn-udp`` /
+``turn-tcp`` (the lab's coturn), when a chat message from a reached b exactly once and was
+acknowledged there.  ``path`` is the workers' own status ``path`` at the end (``direct``,
+``turn-udp``, ``turn-tcp``, ``relay``).
+
+TURN is off by default: the matrix is natlab.md's hole-punching table and its recorded runs and
+tests pin the rendezvous relay as the fallback; with TURN the fallback column changes meaning,
+so it is a separate, opt-in run.
 """
 
 from __future__ import annotations
@@ -133,6 +143,12 @@ class PairResult:
     worker_error: str = ""
     """The workers' status ``error`` (a's, else b's), else the first ``error`` event either
     worker printed: e.g. why a hard x hard pair went to the relay."""
+    path: str = ""
+    """The workers' status ``path`` at the end (``direct``, ``turn-udp``, ``turn-tcp``,
+    ``relay``), ``a_path/b_path`` when they disagree; empty when neither had one."""
+    first_path: str = ""
+    """The first path host a's worker reported (``turn-udp`` then ``path`` ``direct``: the pair
+    connected over TURN and upgraded to direct)."""
 
     @property
     def agrees(self) -> bool:
@@ -159,6 +175,8 @@ class _EventReader(threading.Thread):
         self.errors: list[str] = []
         """The worker's ``error`` events (e.g. why a hard x hard pair went to the relay: the
         status ``error`` is cleared once the relayed link is up)."""
+        self.paths: list[tuple[float, str | None]] = []
+        """(monotonic time, path) each time the status ``path`` changed."""
 
     def run(self) -> None:
         for line in self.stream:
@@ -191,6 +209,9 @@ class _EventReader(threading.Thread):
                     self.connected_at = now
                 if state == "relayed" and self.relayed_at is None:
                     self.relayed_at = now
+                path = msg.get("path")
+                if not self.paths or self.paths[-1][1] != path:
+                    self.paths.append((now, path if isinstance(path, str) else None))
                 self.changed.notify_all()
 
 
@@ -231,6 +252,11 @@ def hint_text(status: dict[str, Any]) -> str:
     text = str(hint.get("difficulty", ""))
     text += "+remaps" if hint.get("remaps_on_clash") else ""
     return text + ("+sequential" if hint.get("sequential") else "")
+
+
+def _path_text(a: dict[str, Any], b: dict[str, Any]) -> str:
+    pa, pb = a.get("path") or "", b.get("path") or ""
+    return pa if pa == pb else f"{pa}/{pb}"
 
 
 def _peer_endpoint(status: dict[str, Any]) -> str | None:
@@ -299,15 +325,25 @@ class PairRun:
         self._logs.append(f)
         return f
 
-    def start(self, *, worker_args: Sequence[str] = ()) -> PairRun:
-        """Start ``p2plab rendezvous`` and, once it listens, ``p2plab worker --events`` twice."""
+    def start(self, *, worker_args: Sequence[str] = (), turn: bool = False) -> PairRun:
+        """Start ``p2plab rendezvous`` and, once it listens, ``p2plab worker --events`` twice.
+
+        With ``turn`` the rendezvous hands the workers the lab's coturn (UDP and TCP URLs, REST
+        credentials made with the lab's secret) and the workers use it as ICE relay candidates.
+        """
         lab = self.lab
         rv = lab.rendezvous_address
+        # --open: the lab network exists only between its namespaces (beyond loopback the
+        # rendezvous refuses to start without a token otherwise).
+        rv_argv = ["-m", "p2plab", "rendezvous", "--host", rv, "--port", str(RENDEZVOUS_PORT)]
+        rv_argv.append("--open")
+        if turn:
+            if not lab.config.stun:
+                raise LabError("TURN needs the lab's coturn (LabConfig.stun)")
+            rv_argv += ["--turn", ",".join(lab.turn_urls), "--turn-secret", lab.turn_secret]
         lab.python(
             "rendezvous",
-            # --open: the lab network exists only between its namespaces (beyond loopback the
-            # rendezvous refuses to start without a token otherwise).
-            ["-m", "p2plab", "rendezvous", "--host", rv, "--port", str(RENDEZVOUS_PORT), "--open"],
+            rv_argv,
             stdout=self._logfile("rendezvous"),
             stderr=subprocess.STDOUT,
         )
@@ -387,6 +423,21 @@ class PairRun:
                 lambda: all(r.status.get("nat") for r in self.readers.values()), timeout=timeout
             )
 
+    def path(self, host: str) -> str | None:
+        """The status ``path`` of the worker on ``host`` right now."""
+        with self.changed:
+            path = self.readers[host].status.get("path")
+        return path if isinstance(path, str) else None
+
+    def wait_path(self, paths: Sequence[str], timeout: float) -> bool:
+        """Wait until both workers' status ``path`` is one of ``paths``; False on timeout."""
+
+        def both() -> bool:
+            return all(r.status.get("path") in paths for r in self.readers.values())
+
+        with self.changed:
+            return self.changed.wait_for(both, timeout=timeout)
+
     def status(self, host: str) -> dict[str, Any]:
         """The latest ``status`` object of the worker on ``host``."""
         with self.changed:
@@ -409,6 +460,8 @@ def run_pair(
     run_index: int = 1,
     worker_args: Sequence[str] = (),
     check_chat: bool = False,
+    turn: bool = False,
+    upgrade_wait: float = 12.0,
 ) -> PairResult:
     """Build one lab, run rendezvous and two workers in it, and report what happened.
 
@@ -421,6 +474,11 @@ def run_pair(
     known.  ``run_index`` numbers the run of a repeated pair (its logs carry it from run 2 on).
     ``worker_args`` are added to both workers' command lines (e.g. ``--birthday-sockets``).
     ``check_chat`` sends a chat over a direct link too (the relay's is always checked).
+
+    ``turn`` hands the workers the lab's coturn; a pair connected over TURN is ``failed`` (no
+    direct punching) with fallback ``turn-udp``/``turn-tcp`` once chat works there, unless it
+    goes direct within ``upgrade_wait`` seconds (the engine re-probes direct candidates every
+    5 s while on TURN).
     """
     pa = config.profile_a
     pb = config.profile_a if config.same_lan else config.profile_b
@@ -439,15 +497,21 @@ def run_pair(
         with Lab.from_config(config) as lab:
             name = f"{pa}__{'same-lan' if config.same_lan else pb}"
             name += f".{run_index}" if run_index > 1 else ""
-            run = PairRun(lab, log_dir=log_dir, name=name).start(worker_args=worker_args)
+            run = PairRun(lab, log_dir=log_dir, name=name).start(worker_args=worker_args, turn=turn)
             if not run.wait_started(startup_timeout):
                 raise LabError(f"the workers did not start within {startup_timeout:.0f} s")
             run.wait_settled(timeout)
+            if turn and run.connected() and run.path("a") != "direct":
+                run.wait_path(("direct",), min(timeout, upgrade_wait))
             # The workers classify their NAT (RFC 5780) alongside punching; give that a moment.
             run.wait_classified(nat_wait)
             with run.changed:
                 sa, sb = run.status("a"), run.status("b")
-                done = run.connected() and sa.get("state") == sb.get("state") == "connected"
+                connected = run.connected() and sa.get("state") == sb.get("state") == "connected"
+                paths = (sa.get("path"), sb.get("path"))
+                # Connected over coturn is a relay too, not direct punching.
+                turn_path = paths[0] if paths[0] in ("turn-udp", "turn-tcp") else None
+                done = connected and turn_path is None
                 readers = run.readers.values()
                 ends = [r.connected_at for r in readers if r.connected_at is not None]
                 starts = [r.first_punching for r in readers if r.first_punching is not None]
@@ -457,6 +521,8 @@ def run_pair(
             chat = ""
             if check_chat and done:
                 chat = "ok" if run.chat_exactly_once("a", "b") else "failed"
+            if connected and turn_path is not None and run.chat_exactly_once("a", "b"):
+                fallback = turn_path
             with run.changed:
                 sa, sb = run.status("a"), run.status("b")
             connect_s = max(ends) - run.t0 if done else None
@@ -482,6 +548,8 @@ def run_pair(
                 worker_error=str(sa.get("error") or sb.get("error") or next(iter(errors), "")),
                 probes=link_counter([sa, sb], "birthday_probes"),
                 sprays=link_counter([sa, sb], "spray_datagrams"),
+                path=_path_text(sa, sb),
+                first_path=next((p for _, p in run.readers["a"].paths if p), ""),
             )
     except Exception as exc:  # one broken pair must not end the matrix
         log.exception("pair %s/%s failed to run", pa, pb)
@@ -518,11 +586,13 @@ def run_matrix(
     rate_b_mbit: float | None = None,
     pairs: Sequence[tuple[str, str]] | None = None,
     repeat: int = 1,
+    turn: bool = False,
 ) -> list[PairResult]:
     """Run every unordered pair of ``profiles`` (and, with ``same_lan``, each profile's same-LAN
     case), or only the ordered ``pairs`` when given (no same-LAN case then), each ``repeat``
     times, ``jobs`` labs at a time; write CSV (one row per run), summary CSV and heatmap into
-    ``out_dir`` when given."""
+    ``out_dir`` when given.  ``turn``
+    hands every pair the lab's coturn (see :func:`run_pair`)."""
     if pairs is not None:
         pairs = [(validate_profile(a), validate_profile(b)) for a, b in dict.fromkeys(pairs)]
         profiles = list(dict.fromkeys(p for pair in pairs for p in pair))
@@ -546,7 +616,12 @@ def run_matrix(
         results = list(
             pool.map(
                 lambda job: run_pair(
-                    job[0], timeout=timeout, classic=classic, log_dir=log_dir, run_index=job[1]
+                    job[0],
+                    timeout=timeout,
+                    classic=classic,
+                    log_dir=log_dir,
+                    run_index=job[1],
+                    turn=turn,
                 ),
                 runs,
             )
@@ -588,6 +663,7 @@ def run_from_args(args: argparse.Namespace) -> int:
         rate_b_mbit=args.rate_b_mbit,
         pairs=args.pairs,
         repeat=args.repeat,
+        turn=getattr(args, "turn", False),
     )
     w = sys.stdout.write
     w(print_table(results))

@@ -57,6 +57,8 @@ class RunLike(Protocol):
     @property
     def method(self) -> str: ...
     @property
+    def path(self) -> str: ...
+    @property
     def probes(self) -> int | None: ...
     @property
     def run(self) -> int: ...
@@ -216,7 +218,7 @@ def _cell(runs: Sequence[RunLike]) -> tuple[float, str]:
         r = runs[0]
         label = f"{r.connect_s:.1f}s" if r.connect_s is not None else r.outcome
         if r.outcome == "failed" and r.fallback:
-            label = "failed\n→ relay"
+            label = "failed\n→ " + _via(r.fallback)
         if r.method and r.outcome == "direct" and r.method != "direct":
             label += f"\n{r.method}"
         return code["relayed" if r.outcome == "failed" and r.fallback else r.outcome], label + mark
@@ -287,17 +289,23 @@ def plot_heatmap(results: Sequence[RunLike], path: Path, profiles: Sequence[str]
     plt.close(fig)
 
 
+def _via(fallback: str) -> str:
+    """Where a failed pair fell back to: ``relay`` (the rendezvous), ``turn-udp``, ``turn-tcp``."""
+    return "relay" if fallback == "relayed" else fallback
+
+
 def print_table(results: Sequence[RunLike]) -> str:
     """The per-run table ``p2plab lab matrix`` prints."""
-    head = f"{'site A':<16} {'site B':<16} {'run':>3} {'outcome':<15} {'expected':<8} {'time':>6}"
-    lines = [head + f" {'method':<9}  a peer / b peer\n"]
+    head = f"{'site A':<16} {'site B':<16} {'run':>3} {'outcome':<18} {'expected':<8} {'time':>6}"
+    lines = [head + f" {'method':<9} {'path':<9}  a peer / b peer\n"]
     for r in results:
         b = "same LAN" if r.same_lan else r.profile_b
         t = f"{r.connect_s:.1f}s" if r.connect_s is not None else "-"
         mark = "" if r.agrees else "  <-- disagrees with natlab.md"
-        outcome = f"{r.outcome} → relay" if r.fallback else r.outcome
+        outcome = f"{r.outcome} → {_via(r.fallback)}" if r.fallback else r.outcome
+        path = r.path or "-"
         lines.append(
-            f"{r.profile_a:<16} {b:<16} {r.run:>3} {outcome:<15} {r.expected:<8} {t:>6} "
-            f"{r.method or '-':<9}  {r.a_peer_endpoint} / {r.b_peer_endpoint}{mark}\n"
+            f"{r.profile_a:<16} {b:<16} {r.run:>3} {outcome:<18} {r.expected:<8} {t:>6} "
+            f"{r.method or '-':<9} {path:<9}  {r.a_peer_endpoint} / {r.b_peer_endpoint}{mark}\n"
         )
     return "".join(lines)

@@ -38,7 +38,12 @@ from pathlib import Path
 from typing import Any
 
 from p2plab.errors import ConfigError, LabError
-from p2plab.lab.profiles import impairment_rules, nat_ruleset, validate_profile
+from p2plab.lab.profiles import (
+    impairment_rules,
+    nat_ruleset,
+    udp_block_rules,
+    validate_profile,
+)
 
 __all__ = [
     "HOSTS",
@@ -74,6 +79,10 @@ RENDEZVOUS_IP = f"{PUBLIC_NET}.2"
 STUN_IPS = (f"{PUBLIC_NET}.10", f"{PUBLIC_NET}.11")
 STUN_PORT = 3478
 STUN_ALT_PORT = 3479
+#: coturn's relayed ports (a small range: a lab pair needs two allocations, a few for reconnects).
+TURN_RELAY_PORTS = (49152, 49407)
+#: The realm coturn announces (any fixed name; credentials are the REST kind, bound to worker ids).
+TURN_REALM = "p2plab"
 _NAT_WAN_IP = {"a": f"{PUBLIC_NET}.101", "b": f"{PUBLIC_NET}.102"}
 _OPEN_IP = {"a": f"{PUBLIC_NET}.201", "b": f"{PUBLIC_NET}.202"}
 _LAN_NET = {"a": "198.18.1", "b": "198.18.2"}
@@ -98,7 +107,9 @@ class LabConfig:
     rate_b_mbit: float | None = None
     """Rate limit (tbf) on site B's WAN, each direction, in Mbit/s; None for no limit."""
     stun: bool = True
-    """Start coturn on the STUN host (two addresses, alternate port 3479)."""
+    """Start coturn on the STUN host (two addresses, alternate port 3479).  It also serves TURN
+    (UDP and TCP on port 3478, ``use-auth-secret`` with :attr:`Lab.turn_secret`), which a run
+    uses only when it hands :attr:`Lab.turn_urls` to its rendezvous."""
     prefix: str | None = None
     """Name prefix (``p2l`` + 4 hex digits); random when None."""
 
@@ -277,6 +288,9 @@ class Lab:
         self._procs: list[subprocess.Popen[Any]] = []
         self._closed = False
         self._lock = threading.Lock()
+        self.turn_secret = secrets.token_hex(16)
+        """coturn's ``static-auth-secret`` (fresh per lab); the rendezvous gets it too."""
+        self._blocked: list[tuple[str, list[str]]] = []
 
     # ---- construction
 
@@ -435,18 +449,29 @@ class Lab:
 
     def _start_coturn(self) -> None:
         st = self._hosts["stun"]
-        argv = ["turnserver", "-n", "--stun-only", "--no-cli", "--no-tls", "--no-dtls",
+        # STUN (RFC 5780: two addresses, alternate port) and TURN in one coturn: STUN Binding
+        # needs no credentials even with use-auth-secret, so the NAT classification is unchanged.
+        # Relayed addresses live on the primary address, in a small port range; TCP listens too
+        # (turn-tcp, for sites whose UDP is blocked); no TLS/DTLS, no TCP relaying (RFC 6062).
+        run_dir = _MARKER_DIR / f"{self.prefix}-turn"
+        run_dir.mkdir(parents=True, exist_ok=True)
+        argv = ["turnserver", "-n", "--no-cli", "--no-tls", "--no-dtls", "--no-tcp-relay",
+                "--use-auth-secret", "--static-auth-secret", self.turn_secret,
+                "--realm", TURN_REALM, "--relay-ip", STUN_IPS[0],
+                "--min-port", str(TURN_RELAY_PORTS[0]), "--max-port", str(TURN_RELAY_PORTS[1]),
                 "--listening-port", str(STUN_PORT), "--alt-listening-port", str(STUN_ALT_PORT),
-                "--log-file", "stdout", "--simple-log", "--no-tcp",
+                "--userdb", str(run_dir / "turndb"), "--log-file", "stdout", "--simple-log",
                 "--pidfile", str(_MARKER_DIR / f"{self.prefix}-turnserver.pid")]  # fmt: skip
         for ip in STUN_IPS:
             argv += ["--listening-ip", ip]
         self.popen("stun", argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         want = {f"{ip}:{port}" for ip in STUN_IPS for port in (STUN_PORT, STUN_ALT_PORT)}
+        want_tcp = {f"{STUN_IPS[0]}:{STUN_PORT}"}
         deadline = time.monotonic() + 10.0
         while True:
             out = _run(["ip", "netns", "exec", st.ns, "ss", "-Hlun"], check=False)
-            if want <= set(out.split()):
+            out_tcp = _run(["ip", "netns", "exec", st.ns, "ss", "-Hltn"], check=False)
+            if want <= set(out.split()) and want_tcp <= set(out_tcp.split()):
                 return
             if time.monotonic() > deadline:
                 raise LabError("coturn did not start listening on the STUN host within 10 s")
@@ -475,6 +500,7 @@ class Lab:
             _delete_namespace(ns)
         for name in (f"{self.prefix}.pid", f"{self.prefix}-turnserver.pid"):
             (_MARKER_DIR / name).unlink(missing_ok=True)
+        shutil.rmtree(_MARKER_DIR / f"{self.prefix}-turn", ignore_errors=True)
         _LIVE.discard(self)
         log.debug("lab %s removed", self.prefix)
 
@@ -528,6 +554,12 @@ class Lab:
         return f"{STUN_IPS[0]}:{STUN_PORT}"
 
     @property
+    def turn_urls(self) -> tuple[str, str]:
+        """coturn's TURN URLs (UDP first, then TCP) on the STUN host's primary address."""
+        host = f"{STUN_IPS[0]}:{STUN_PORT}"
+        return (f"turn:{host}?transport=udp", f"turn:{host}?transport=tcp")
+
+    @property
     def rendezvous_address(self) -> str:
         """The rendezvous host's public address."""
         return RENDEZVOUS_IP
@@ -545,7 +577,50 @@ class Lab:
             "same_lan": self.config.same_lan,
             "hosts": {h.name: {"ns": h.ns, "address": h.address} for h in self._hosts.values()},
             "stun": list(STUN_IPS) if self.config.stun else [],
+            "turn": list(self.turn_urls) if self.config.stun else [],
         }
+
+    # ---- blocking UDP between the two sites
+
+    def _block_rules(self, *, stun_host: bool) -> list[tuple[str, list[str]]]:
+        """(namespace, rule) pairs that drop UDP between the sites (and, with ``stun_host``, to
+        and from the STUN host's addresses), at each site's NAT or ``open`` host."""
+        if self.config.same_lan:
+            raise LabError("both hosts share one site: there is nothing between sites to block")
+        rules: list[tuple[str, list[str]]] = []
+        for site, other in (("a", "b"), ("b", "a")):
+            remote = self._hosts.get(f"nat_{other}") or self._hosts[other]
+            targets = [remote.address, *(STUN_IPS if stun_host else ())]
+            gateway = self._hosts.get(f"nat_{site}")
+            ns = gateway.ns if gateway is not None else self._hosts[site].ns
+            for rule in udp_block_rules(nat=gateway is not None, addresses=targets):
+                rules.append((ns, rule))
+        return rules
+
+    @property
+    def udp_blocked(self) -> bool:
+        """True while UDP between the two sites is dropped (:meth:`block_udp_between_sites`)."""
+        return bool(self._blocked)
+
+    def block_udp_between_sites(self, *, stun_host: bool = False) -> None:
+        """Drop every UDP datagram between site A and site B, at runtime.
+
+        The sites still reach coturn (STUN, TURN over UDP and TCP) and the rendezvous: the
+        network where only a relay works.  With ``stun_host`` UDP to and from the STUN host is
+        dropped too (no STUN, no TURN over UDP): only TURN over TCP and the rendezvous's
+        WebSocket relay are left.  Calling it again replaces the earlier block;
+        :meth:`unblock_udp_between_sites` undoes it.
+        """
+        self.unblock_udp_between_sites()
+        for ns, rule in self._block_rules(stun_host=stun_host):
+            _run(["ip", "netns", "exec", ns, "iptables", "-I", *rule])
+            self._blocked.append((ns, rule))
+
+    def unblock_udp_between_sites(self) -> None:
+        """Remove the rules :meth:`block_udp_between_sites` added (idempotent)."""
+        while self._blocked:
+            ns, rule = self._blocked.pop()
+            _run(["ip", "netns", "exec", ns, "iptables", "-D", *rule], check=False)
 
     # ---- running things inside
 

@@ -24,6 +24,8 @@ and netfilter picks a new source port for it.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 from p2plab.errors import ConfigError
 
 __all__ = [
@@ -34,6 +36,7 @@ __all__ = [
     "expected_outcome",
     "impairment_rules",
     "nat_ruleset",
+    "udp_block_rules",
     "validate_profile",
 ]
 
@@ -116,6 +119,24 @@ def nat_ruleset(
         # What real routers have; see the module docstring and natlab.md for why it matters.
         filt.append(f"-A INPUT -i {wan_if} -m conntrack --ctstate NEW -j DROP")
     return _restore_text(nat, filt)
+
+
+def udp_block_rules(*, nat: bool, addresses: Sequence[str]) -> list[list[str]]:
+    """``iptables -I``/``-D`` arguments that drop UDP to and from ``addresses`` at one site.
+
+    On a NAT (``nat``) the rules go in FORWARD, where the destination is still the remote public
+    address (before SNAT) and the source is the remote's public address, and in INPUT for the
+    unsolicited datagrams the NAT itself receives; a host without NAT gets them in OUTPUT/INPUT.
+    Only the given addresses match, so anything else (the rendezvous, TCP) still passes.
+    """
+    chains = (
+        [("FORWARD", "-d"), ("FORWARD", "-s"), ("INPUT", "-s")]
+        if nat
+        else [("OUTPUT", "-d"), ("INPUT", "-s")]
+    )
+    return [
+        [chain, "-p", "udp", flag, ip, "-j", "DROP"] for ip in addresses for chain, flag in chains
+    ]
 
 
 def impairment_rules(interface: str, loss: float) -> str:

@@ -17,6 +17,7 @@ from typing import Any
 import pytest
 
 from p2plab.aio.bench import Benchmark, start_benchmark_from_ui
+from p2plab.aio.bench.route import relay_cap
 from p2plab.aio.endpoint import Address
 from p2plab.aio.worker import Worker, WorkerConfig
 from p2plab.config import SessionConfig
@@ -162,15 +163,23 @@ async def test_failed_punch_falls_back_to_the_relay_and_chat_works() -> None:
             )
             assert a.status()["peer"]["rtt_ms"] is not None
             assert b.status()["peer"]["rtt_ms"] is not None
-            # Benchmarks need a direct path: the worker refuses the control channel clearly.
-            with pytest.raises(NotConnected, match="relayed"):
-                a.send_control({"type": "bench_start"})
-            with pytest.raises(NotConnected, match="need a direct path"):
-                await Benchmark(a).run(duration_s=1, payload_size=1200)
-            refused = await start_benchmark_from_ui(
-                a, {"type": "start_benchmark", "duration_s": 1, "payload_size": 1200}
+            # Benchmarks run over the relay too (issue 17), at a small rate, path "relay".
+            r = await Benchmark(a).run(duration_s=1, payload_size=600, rate_mbps=0.05)
+            assert r.path == "relay" and r.note == ""
+            assert r.peer_view is not None and r.peer_view.path == "relay"
+            assert r.peer_view.packets_received > 0
+            # Faster than the relay's budget: paced under it and said so, never a crash.
+            fast = await Benchmark(a).run(duration_s=0.5, payload_size=600)
+            assert fast.path == "relay" and "relay budget" in fast.note
+            assert fast.rate_mbps == pytest.approx(relay_cap(600))
+            with pytest.raises(ValueError, match="relay carries"):
+                await Benchmark(a).run(duration_s=0.5, payload_size=9000)
+            assert b.stats.get("bench_unclaimed", 0) == 0
+            started = await start_benchmark_from_ui(
+                a, {"type": "start_benchmark", "duration_s": 0.3, "payload_size": 600}
             )
-            assert refused is not None and "relayed" in refused["message"]
+            assert started is None  # no refusal: it runs at the relay's pace
+            await asyncio.sleep(1.5)
         assert rv.app is not None
         stats = rv.app.state.hub.stats
         assert stats.relayed > 0 and stats.relayed_bytes > 0

@@ -44,6 +44,7 @@ from p2plab.core.signaling import (
     UpdateUdpEndpoint,
     encode_relay_data,
 )
+from tests.core.engine_clock import run_timers
 
 Address = tuple[str, int]
 STUN: Address = ("203.0.113.99", 3478)
@@ -266,26 +267,7 @@ class NatWorld:
 
     def run(self, seconds: float) -> None:
         """Jump the clock from timer to timer for ``seconds``."""
-        end = self.now + seconds
-        self.flush()
-        while True:
-            timers = [
-                t
-                for n in self.nodes.values()
-                if n.engine.state != "stopped" and (t := n.engine.get_timer()) is not None
-            ]
-            if not timers:
-                break
-            nxt = max(min(timers), self.now)
-            if nxt > end:
-                break
-            self.now = nxt
-            for n in self.nodes.values():
-                t = n.engine.get_timer()
-                if n.engine.state != "stopped" and t is not None and t <= self.now:
-                    n.engine.handle_timer(self.now)
-            self.flush()
-        self.now = end
+        run_timers(self, seconds)
 
     def run_until(self, cond: object, limit: float) -> None:
         """Run in small steps until ``cond()`` holds (at most ``limit`` seconds)."""

@@ -38,6 +38,7 @@ from p2plab.core.signaling import (
     encode_relay_data,
 )
 from p2plab.errors import LocalProtocolError, NotConnected
+from tests.core.engine_clock import run_timers
 
 Address = tuple[str, int]
 E = TypeVar("E", bound=ev.Event)
@@ -189,26 +190,7 @@ class World:
 
     def run(self, seconds: float) -> None:
         """Jump the clock from timer to timer for ``seconds``."""
-        end = self.now + seconds
-        self.flush()
-        while True:
-            timers = [
-                t
-                for n in self.nodes.values()
-                if n.engine.state != "stopped" and (t := n.engine.get_timer()) is not None
-            ]
-            if not timers:
-                break
-            nxt = max(min(timers), self.now)
-            if nxt > end:
-                break
-            self.now = nxt
-            for n in self.nodes.values():
-                t = n.engine.get_timer()
-                if n.engine.state != "stopped" and t is not None and t <= self.now:
-                    n.engine.handle_timer(self.now)
-            self.flush()
-        self.now = end
+        run_timers(self, seconds)
 
 
 def genuine_relayed_probe(sender: LinkEngine, receiver: LinkEngine, now: float) -> RelayIn:
@@ -402,8 +384,22 @@ def test_punch_timeout_falls_back_to_the_relay_and_chat_flows_relayed() -> None:
     w.run(0.5)
     assert [c.text for c in w.node(b).of(ev.ChatReceived)] == ["via relay"]
     assert msg_id in [d.msg_id for d in w.node(a).of(ev.ChatDelivered)]
-    with pytest.raises(NotConnected, match="relayed through the rendezvous"):
-        a.send_control({"type": "bench_start"}, w.now)
+    # Benchmarks run over the relay too (issue 17): control messages go through, and the
+    # benchmark's datagrams are carried by the engine both ways, not dropped by the session.
+    a.send_control({"type": "bench_start"}, w.now)
+    bench = b"\xd7\x50\x01\x20" + bytes(28)
+    assert a.send_bench([bench, bench], RELAY, w.now) == 2
+    assert a.send_bench([bench], ("turn-udp|192.0.2.9", 4000), w.now) == 0  # no allocation
+    w.run(0.5)
+    assert [c.obj for c in w.node(b).of(ev.ControlReceived)] == [{"type": "bench_start"}]
+    assert b.take_bench_datagrams() == [(bench, RELAY), (bench, RELAY)]
+    assert b.take_bench_datagrams() == []
+    assert b.session is not None and b.session.stats["bench_ignored"] == 0
+    assert a.stats["bench_out"] == 2 and a.stats["bench_dropped"] == 1
+    # ChannelData is unwrapped only from our TURN server on a bound channel: here no allocation.
+    framed = b"\x40\x00" + len(bench).to_bytes(2, "big") + bench
+    assert not b.bench_channel_data(framed, ("127.0.0.1", 3478))
+    assert b.take_bench_datagrams() == []
 
 
 def test_the_first_relayed_datagram_moves_a_punching_peer_onto_the_relay() -> None:

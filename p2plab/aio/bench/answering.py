@@ -33,10 +33,12 @@ from p2plab.aio.bench.common import (
     sender_row,
 )
 from p2plab.aio.bench.receiver import Receiving
+from p2plab.aio.bench.route import Routed, is_pseudo
 from p2plab.aio.bench.rtt import Responder
 from p2plab.core import bench as cb
 from p2plab.core.bench.control import BenchControl
 from p2plab.core.events import BenchmarkFinished, BenchmarkProgress
+from p2plab.core.paths import RELAY_ADDRESS
 from p2plab.errors import NotConnected
 from p2plab.results import BenchResult
 
@@ -125,9 +127,13 @@ class Answering:
             return
         addr = self.host.peer_address
         ready: dict[str, Any] = {"gro": ep.gro, "encrypted": sealer is not None}
+        # Answers to a peer behind a pseudo-address (our TURN allocation, the relay) go
+        # through the engine; over the relay no credits at all (its budget; the run is paced).
+        out: Any = Routed(ep, self.host) if is_pseudo(addr) else ep
         if mode == "throughput":
             self.disarm()
-            rec = Receiving(ep, run_id, obj, sealer, addr)
+            credit_to = None if addr == RELAY_ADDRESS else addr
+            rec = Receiving(out, run_id, obj, sealer, credit_to)
             self.receiving = rec
             rcvbuf, _ = ep.set_buffer_sizes(RCVBUF)
             # The kernel reports twice the size set and charges each datagram its payload plus
@@ -138,7 +144,7 @@ class Answering:
             rec.ticker = loop.create_task(self._tick(rec))
             rec.credit_timer = loop.call_later(CREDIT_TIMER_S, rec.credit_tick)
         elif mode == "rtt" and addr is not None:
-            resp = Responder(ep, addr, run_id, sealer)
+            resp = Responder(out, addr, run_id, sealer)
             self.responder = resp
             ep.set_fast_handler(cb.BENCH_PING, resp)
             try:
@@ -147,7 +153,7 @@ class Answering:
                 spin_us = min(max(float(obj.get("busy_poll_us", 0.0)), 0.0), RTT_SPIN_MAX_US)
             except (TypeError, ValueError):
                 count, idle_s, spin_us = 0, RTT_IDLE_S, 0.0
-            blocking = bool(obj.get("blocking", False)) and count > 0
+            blocking = bool(obj.get("blocking", False)) and count > 0 and out is ep
             if blocking and not peer_on_loop(ep, addr):
                 ready["blocking"] = True
                 ready["busy_poll_us"] = spin_us

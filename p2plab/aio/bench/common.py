@@ -147,9 +147,12 @@ def _rtt_ms(w: WorkerHost) -> float | None:
     return round(rtt * 1000, 3) if rtt is not None else None
 
 
-def _notes(size: int, sent_mbps: float, rate: float) -> tuple[str, bool]:
-    """The row's note (fragmentation, shortfall) and whether it fell short of its target."""
+def _notes(size: int, sent_mbps: float, rate: float, extra: str = "") -> tuple[str, bool]:
+    """The row's note (fragmentation, shortfall, ``extra``: e.g. the relay's budget) and
+    whether it fell short of its target."""
     notes = ["over the path MTU: IP fragments"] if size > PATH_MTU_PAYLOAD else []
+    if extra:
+        notes.append(extra)
     short = cb.short_of_target(sent_mbps, rate)
     if short:
         notes.append(f"short of target: sent {sent_mbps:.1f} of {rate:g} Mbit/s asked")
@@ -168,7 +171,7 @@ def receiver_row(
     size = int(params.get("payload_size", 0))
     rate = float(params.get("rate_mbps", 0))
     sent_mbps = float(params.get("sent_mbps", 0.0))
-    note, short = _notes(size, sent_mbps, rate)
+    note, short = _notes(size, sent_mbps, rate, str(params.get("note") or ""))
     return BenchResult(
         role="receiver",
         payload_size=size,
@@ -219,7 +222,7 @@ def sender_row(
     send_s = float(end.get("duration_s", 0.0))
     sent_mbps = cb.mbps(sent * size, send_s)
     rate = float(params.get("rate_mbps", 0))
-    note, short = _notes(size, sent_mbps, rate)
+    note, short = _notes(size, sent_mbps, rate, str(params.get("note") or ""))
     if report is None:
         note = (note + "; " if note else "") + "no report from the receiver"
     me, peer = (w.worker_id, _peer_worker(w)) if local else (_peer_worker(w), w.worker_id)
