@@ -17,7 +17,8 @@ path, the network shaped so that this path is the one the pair ends on:
 The path each run reports is checked against the one asked for (a mismatch fails the script).
 
 coturn's reference: ``turnutils_uclient`` through the lab's coturn, one client (``-m 1``), ``-n``
-messages of ``-l`` bytes as fast as it sends (``-z 0``), over UDP and with ``-t`` over TCP, two ways:
+messages of ``-l`` bytes as fast as it sends (``-z 0``), over UDP and with ``-t`` over TCP, two
+ways:
 
 * ``echo``: from a to ``turnutils_peer`` in b (``-e`` NAT B, which forwards the peer's port to b,
   as benchmarks/lab.py does for iperf3): between the two sites, but the peer echoes, so every
