@@ -87,6 +87,11 @@ def uclient(port: int, messages: int, size: int, tcp: bool) -> dict[str, float]:
     out = subprocess.run(
         [*cmd, "127.0.0.1"], capture_output=True, text=True, timeout=120, check=False
     ).stdout
+    return parse_uclient(out)
+
+
+def parse_uclient(out: str) -> dict[str, float]:
+    """Goodput per flow and in total (Mbit/s), loss and RTT from turnutils_uclient's output."""
     points = [
         (int(m.group(1)), int(m.group(2)))
         for m in re.finditer(

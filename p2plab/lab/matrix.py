@@ -67,6 +67,7 @@ __all__ = [
     "run_from_args",
     "run_matrix",
     "run_pair",
+    "wait_listening",
     "write_csv",
 ]
 
@@ -289,7 +290,8 @@ asyncio.run(main())
 """
 
 
-def _wait_listening(lab: Lab, host: str, addr: str, timeout: float) -> bool:
+def wait_listening(lab: Lab, host: str, addr: str, timeout: float) -> bool:
+    """Wait until a TCP socket listens on ``addr`` (``ip:port``) in ``host``; False on timeout."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if addr in lab.run(host, ["ss", "-Hltn"]).stdout.split():
@@ -347,7 +349,7 @@ class PairRun:
             stdout=self._logfile("rendezvous"),
             stderr=subprocess.STDOUT,
         )
-        if not _wait_listening(lab, "rendezvous", f"{rv}:{RENDEZVOUS_PORT}", 30.0):
+        if not wait_listening(lab, "rendezvous", f"{rv}:{RENDEZVOUS_PORT}", 30.0):
             raise LabError("the rendezvous did not start listening within 30 s")
         self.t0 = time.monotonic()
         for host in ("a", "b"):

@@ -329,6 +329,10 @@ class Driving:
         # Reset before the handshake, not after it: a stop() that comes while we wait for
         # bench_ready must end the run, not be lost (the stream then ends at once).
         self.stop_requested = False
+        # The path the run measures.  Its datagrams go to the address of that path (ep, addr
+        # above), which the engine stops serving when it switches (up to direct, down to a
+        # relay): the run ends there rather than count the switch as loss or mix two paths.
+        path = h.path
         ready = await self._start(params, options.timeout_s)
         window = ready.get("window") if options.flow_control else None
         if isinstance(window, int) and h.path in (TURN_UDP, TURN_TCP) and not is_pseudo(addr):
@@ -358,7 +362,7 @@ class Driving:
                 use_gso,
                 sending,
                 rate,
-                lambda: self.stop_requested,
+                lambda: self.stop_requested or h.path != path,
                 self._progress,
             )
         finally:
@@ -380,6 +384,11 @@ class Driving:
         except (P2PLabError, KeyError, TypeError, ValueError) as exc:
             log.warning("run %s: no usable report from the receiver: %s", rid, exc)
         gro = bool(ready.get("gro", False))
+        switched = h.path is not None and h.path != path
+        if switched:
+            # A clear result: the figures are those of the run's first path, up to the switch.
+            ended = f"ended early: the path switched from {path} to {h.path} during the run"
+            params["note"] = f"{params['note']}; {ended}" if params["note"] else ended
         mine = sender_row(h, rid, started_at, params, end, report, local=True, gro=gro)
         rows = [mine]
         if report is not None:
@@ -389,6 +398,9 @@ class Driving:
             theirs = replace(theirs, local_worker=h.peer_id or "", peer_worker=h.worker_id)
             rows.append(theirs)
             mine = replace(mine, peer_view=theirs)
+        if switched:  # the rows name the path they measured, not the one the link is on now
+            rows = [replace(r, path=path) for r in rows]
+            mine = replace(mine, path=path, peer_view=rows[-1] if report is not None else None)
         for row in rows:
             h.publish(row.to_message())
         h.emit(BenchmarkFinished(rid, mine.to_dict()))
