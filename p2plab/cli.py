@@ -235,7 +235,7 @@ def _worker_config(args: argparse.Namespace) -> Any:
     from p2plab.config import BirthdayConfig, SessionConfig
 
     _resolve_worker_env(args)
-    timers: dict[str, float] = {}
+    timers: dict[str, Any] = {}  # SessionConfig fields: floats here
     if args.keepalive is not None:
         timers["keepalive_interval"] = args.keepalive
     if args.peer_timeout is not None:
