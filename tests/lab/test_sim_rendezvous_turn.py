@@ -20,7 +20,7 @@ from p2plab.core.signaling import (
 from p2plab.core.turn import Allocated, AllocationFailed, TurnClient
 from p2plab.errors import ConfigError
 from p2plab.lab.sim.rendezvous import SimRendezvous
-from p2plab.lab.sim.turn_server import TurnServerModel
+from p2plab.lab.sim.turn_model import TurnServerModel
 from p2plab.lab.simnet import Scheduler
 from rendezvous_service_code.trickle import CANDIDATES_PER_MIN
 

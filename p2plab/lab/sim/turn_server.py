@@ -14,33 +14,10 @@ from __future__ import annotations
 from collections import Counter
 from collections.abc import Callable
 
-from p2plab.lab.sim.turn_model import (
-    CHANNEL_LIFETIME_S,
-    DEFAULT_LIFETIME_S,
-    MAX_LIFETIME_S,
-    NONCE_LIFETIME_S,
-    PERMISSION_LIFETIME_S,
-    RELAY_PORTS,
-    SIM_TURN_REALM,
-    Outgoing,
-    TurnServerModel,
-    coturn_password,
-)
+from p2plab.lab.sim.turn_model import SIM_TURN_REALM, Outgoing, TurnServerModel
 from p2plab.lab.simnet import Address, Host, Scheduler, SimSocket, TimerHandle
 
-__all__ = [
-    "CHANNEL_LIFETIME_S",
-    "DEFAULT_LIFETIME_S",
-    "MAX_LIFETIME_S",
-    "NONCE_LIFETIME_S",
-    "PERMISSION_LIFETIME_S",
-    "RELAY_PORTS",
-    "SIM_TURN_REALM",
-    "Outgoing",
-    "SimTurnServer",
-    "TurnServerModel",
-    "coturn_password",
-]
+__all__ = ["SimTurnServer"]
 
 
 class SimTurnServer:
