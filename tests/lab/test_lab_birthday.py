@@ -44,23 +44,34 @@ EPHEMERAL = range(32768, 61000)
 def outcomes(tmp_path_factory: pytest.TempPathFactory) -> dict[str, PairResult]:
     require_lab()
     log_dir = tmp_path_factory.mktemp("birthday-logs")
-    with ThreadPoolExecutor(len(PAIRS)) as pool:
-        futures = {
-            name: pool.submit(
-                run_pair,
-                cfg,
-                # leaky x symmetric waits for the prober's whole window (10.24 s) before the
-                # first spray.  The status shows the hints with the RFC 5780 report, which may
-                # come after the link: wait for it.
-                timeout=40 * TIMEOUT_UNIT,
-                log_dir=log_dir,
-                nat_wait=15 * TIMEOUT_UNIT,
-                worker_args=["--birthday-sockets", str(SOCKETS)],
-                check_chat=True,
-            )
-            for name, cfg in PAIRS.items()
-        }
-        return {name: f.result() for name, f in futures.items()}
+    results: dict[str, PairResult] = {}
+    todo = dict(PAIRS)
+    # Plain punching sometimes wins leaky x port-restricted before any birthday probe (natlab.md's
+    # leaky race: 5 of 45 lab runs); that run shows nothing of the birthday path, so such a pair
+    # runs again, at most twice (all three racing: ~0.1%).
+    for attempt in range(1, 4):
+        with ThreadPoolExecutor(len(todo)) as pool:
+            futures = {
+                name: pool.submit(
+                    run_pair,
+                    cfg,
+                    # leaky x symmetric waits for the prober's whole window (10.24 s) before the
+                    # first spray.  The status shows the hints with the RFC 5780 report, which
+                    # may come after the link: wait for it.
+                    timeout=40 * TIMEOUT_UNIT,
+                    log_dir=log_dir,
+                    nat_wait=15 * TIMEOUT_UNIT,
+                    worker_args=["--birthday-sockets", str(SOCKETS)],
+                    check_chat=True,
+                    run_index=attempt,
+                )
+                for name, cfg in todo.items()
+            }
+            results.update({name: f.result() for name, f in futures.items()})
+        todo = {n: PAIRS[n] for n, r in results.items() if r.method == "direct" and "leaky" in n}
+        if not todo:
+            break
+    return results
 
 
 def _host(endpoint: str | None) -> tuple[str, int]:
