@@ -469,7 +469,9 @@ class PortMapper:
         if p is None or p.protocol != "nat-pmp":
             self.stats["portmap_drop_unexpected"] += 1
             return
-        if msg.opcode != natpmp.OP_MAP_UDP or msg.internal_port != self.internal_port:
+        # a short (8-byte) error answer carries no port: zero is fine there
+        echoed = msg.internal_port in (self.internal_port, 0 if msg.result else self.internal_port)
+        if msg.opcode != natpmp.OP_MAP_UDP or not echoed:
             self.stats["portmap_drop_opcode"] += 1
             return
         if msg.result != natpmp.ResultCode.SUCCESS:
