@@ -67,6 +67,8 @@ class PortMapperConfig:
     short: the gateway answered the probe, so silence now means it will not map)."""
     renew_retransmit_max_s: float = 30.0
     """The longest pause between renewal retransmissions (they go on until the lease ends)."""
+    gateway_port: int = natpmp.PORT
+    """The gateway's NAT-PMP/PCP port (5351; tests run their gateway on another one)."""
 
 
 @dataclass(frozen=True)
@@ -230,7 +232,7 @@ class PortMapper:
         if self.state in ("idle", "stopped"):
             self.stats["portmap_drop_unexpected"] += 1
             return
-        if addr != (self.gateway, natpmp.PORT):
+        if addr != (self.gateway, self.config.gateway_port):
             self.stats["portmap_drop_not_gateway"] += 1
             return
         try:
@@ -285,9 +287,9 @@ class PortMapper:
     # -- outputs ---------------------------------------------------------------------------
 
     def datagrams_to_send(self, now: float) -> list[tuple[bytes, Address]]:
-        """Datagrams for the gateway's port 5351."""
+        """Datagrams for the gateway's port 5351 (:attr:`PortMapperConfig.gateway_port`)."""
         out, self._out = self._out, []
-        return [(d, (self.gateway or "", natpmp.PORT)) for d in out]
+        return [(d, (self.gateway or "", self.config.gateway_port)) for d in out]
 
     def next_event(self) -> Event | None:
         """The next :class:`Event`, or None."""
