@@ -42,12 +42,16 @@ from async_upnp_client.ssdp import build_ssdp_search_packet, decode_ssdp_packet
 
 from p2plab.core.portmap import (
     Event,
+    MappingGranted,
+    MappingLost,
     PortMapper,
     PortMapperConfig,
+    ProbeDone,
     UpnpDelete,
     UpnpMap,
     UpnpProbe,
 )
+from p2plab.core.signaling import PortMapping
 from p2plab.errors import ConfigError
 
 __all__ = [
@@ -57,9 +61,12 @@ __all__ = [
     "SSDP_MULTICAST",
     "BoundedRequester",
     "PortMapDriver",
+    "describe_port_mapping",
     "gateway_for_auto",
     "is_loopback_server",
+    "probe_port_mapping",
     "resolve_gateway",
+    "start_for_worker",
 ]
 
 log = logging.getLogger(__name__)
@@ -437,3 +444,87 @@ class _MapperProtocol(asyncio.DatagramProtocol):
     def error_received(self, exc: Exception) -> None:
         # an ICMP port unreachable from a gateway without NAT-PMP: the probe's silence says it
         self.driver.stats["portmap_icmp_errors"] += 1
+
+
+# -- the worker's and the probe's use -----------------------------------------------------------
+
+
+async def start_for_worker(
+    setting: str,
+    rendezvous_url: str,
+    stun_servers: Iterable[str],
+    udp_port: int,
+    on_mapping: Callable[[PortMapping | None], None],
+) -> PortMapDriver | None:
+    """Start mapping the worker's UDP port as ``setting`` says (None: off, loopback, no default
+    route, or no route to the gateway); ``on_mapping`` gets the engine's :class:`PortMapping`
+    on every grant or renewal and None when the mapping is lost."""
+    gateway = resolve_gateway(setting, rendezvous_url, stun_servers)
+    if gateway is None:
+        return None
+
+    def on_event(event: Event, now: float) -> None:
+        if isinstance(event, MappingGranted):
+            on_mapping(
+                PortMapping.model_validate(
+                    {
+                        "protocol": event.protocol,
+                        "ip": event.ip,
+                        "port": event.port,
+                        "lifetime_s": event.lifetime_s,
+                    }
+                )
+            )
+        elif isinstance(event, MappingLost):
+            on_mapping(None)
+
+    driver = PortMapDriver(gateway, udp_port, on_event)
+    try:
+        return await driver.start()
+    except OSError as exc:  # e.g. no route to the gateway: the worker runs without
+        log.warning("port mapping: cannot reach gateway %s: %s", gateway, exc)
+        return None
+
+
+async def probe_port_mapping(
+    setting: str, stun_servers: Iterable[str], timeout_s: float = 3.0
+) -> dict[str, Any] | None:
+    """``probe``'s ``port_mapping`` block: which protocols answer, and the endpoint and lease of
+    a mapping of a throwaway UDP port (deleted before returning); None when off."""
+    gateway = resolve_gateway(setting, "", stun_servers)
+    if gateway is None:
+        return None
+    done = asyncio.Event()
+
+    def on_event(event: Event, now: float) -> None:
+        if isinstance(event, MappingGranted) or (
+            isinstance(event, ProbeDone) and not event.protocols
+        ):
+            done.set()
+
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        sock.bind(("0.0.0.0", 0))
+        driver = PortMapDriver(gateway, sock.getsockname()[1], on_event)
+        try:
+            await driver.start()
+        except OSError as exc:
+            return {"gateway": gateway, "protocols": [], "error": str(exc)}
+        try:
+            await asyncio.wait_for(done.wait(), timeout_s)
+        except TimeoutError:
+            pass
+        report = {"gateway": gateway, **driver.status()}
+        await driver.stop()
+    return report
+
+
+def describe_port_mapping(block: dict[str, Any] | None) -> str:
+    """``probe``'s line, like Tailscale netcheck's ``PortMapping: UPnP, NAT-PMP, PCP``."""
+    if block is None:
+        return "PortMapping: not probed (--port-mapping off, or a STUN server on loopback)"
+    names = {"nat-pmp": "NAT-PMP", "pcp": "PCP", "upnp": "UPnP"}
+    protocols = ", ".join(names.get(p, p) for p in block.get("protocols") or [])
+    line = f"PortMapping: {protocols or 'none'} (gateway {block.get('gateway')})"
+    if block.get("external"):
+        line += f"; mapped {block['external']} for {block.get('lease_s')} s via {block['protocol']}"
+    return line
