@@ -1,11 +1,10 @@
-"""NAT-PMP (RFC 6886) and PCP (RFC 6887) codecs: golden bytes written out from the RFCs' figures,
-miniupnpd's captured answers (tests/core/data/, when present), and fuzzing like the STUN codec."""
+"""NAT-PMP (RFC 6886) and PCP (RFC 6887) codecs: golden bytes written out from the RFCs' figures
+and fuzzing like the STUN codec (miniupnpd's real answers: test_portmap_miniupnpd.py)."""
 
 from __future__ import annotations
 
 import dataclasses
 import ipaddress
-from pathlib import Path
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -15,7 +14,6 @@ from p2plab.core import natpmp, pcp
 from p2plab.errors import PortMapError
 
 FUZZ = settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-DATA = Path(__file__).parent / "data"
 
 # -- NAT-PMP golden bytes (RFC 6886 sections 3.2 and 3.3) -----------------------------------------
 
@@ -145,21 +143,6 @@ def test_pcp_error_response_without_map_data_parses() -> None:
 def test_pcp_malformed_responses_say_why(data: bytes, reason: str) -> None:
     with pytest.raises(PortMapError, match=reason):
         pcp.parse_response(data)
-
-
-# -- miniupnpd's real answers (captured by the lab, copied into tests/core/data) ------------------
-
-
-def _captures() -> list[Path]:
-    return sorted(DATA.glob("miniupnpd-*.bin")) if DATA.is_dir() else []
-
-
-def test_miniupnpd_captures_parse_and_re_serialise() -> None:
-    for path in _captures():
-        data = path.read_bytes()
-        parse = pcp.parse_response if data[:1] == b"\x02" else natpmp.parse_response
-        msg = parse(data)
-        assert bytes(msg) == data, path.name
 
 
 # -- fuzz ---------------------------------------------------------------------------------------
