@@ -354,3 +354,24 @@ def test_auto_never_probes_on_loopback(rendezvous: str, stun: list[str], tmp_pat
     with pytest.raises(ConfigError):
         resolve_gateway("router.example", rendezvous, stun)
     assert is_loopback_server("127.0.0.5:9") and not is_loopback_server("rendezvous.example:80")
+
+
+async def test_upnp_entity_bomb_and_foreign_control_url_are_refused(
+    rig: Rig, igd: tuple[FakeIgd, int]
+) -> None:
+    fake, ssdp_port = igd
+    rig.gateway.mute = True
+    bomb = '<?xml version="1.0"?><!DOCTYPE r [<!ENTITY a "aaaaaaaaaa"><!ENTITY b "&a;&a;&a;">]>'
+    fake.device_xml = bomb + DEVICE_XML.split("?>", 1)[1].replace("fake", "&b;")
+    driver = await rig.driver(ssdp_port=ssdp_port).start()
+    await until(lambda: driver.stats["portmap_upnp_errors"], "the UPnP probe's failure")
+    await driver.stop()
+    # a description whose SCPD lives on another host: never fetched (the library refuses it
+    # itself, and BoundedRequester would), so no WAN service and no UPnP
+    fake.device_xml = DEVICE_XML.replace("<SCPDURL>/scpd.xml", "<SCPDURL>http://127.0.0.2:9/s.xml")
+    rig.events.clear()
+    driver = await rig.driver(ssdp_port=ssdp_port).start()
+    await until(lambda: rig.of(ProbeDone) and not driver._tasks, "the probe's end")
+    assert driver.status()["protocols"] == [] and rig.of(MappingGranted) == []
+    assert fake.actions == []
+    await driver.stop()
