@@ -24,28 +24,9 @@ from p2plab.core import natpmp
 from p2plab.core.portmap import Event, MappingGranted, MappingLost, PortMapperConfig, ProbeDone
 from p2plab.errors import ConfigError
 from tests.conftest import until
-from tests.portmap_gateway import FakeGateway
+from tests.portmap_gateway import FakeGateway, GatewayProtocol
 
 GW = "127.0.0.1"
-
-
-class GatewayProtocol(asyncio.DatagramProtocol):
-    """The FakeGateway behind a UDP socket; ``mute`` drops every request."""
-
-    def __init__(self, gw: FakeGateway) -> None:
-        self.gw = gw
-        self.mute = False
-        self.transport: asyncio.DatagramTransport | None = None
-        self.received: list[tuple[bytes, tuple[str, int]]] = []
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = cast(asyncio.DatagramTransport, transport)
-
-    def datagram_received(self, data: bytes, addr: tuple[str, int]) -> None:
-        self.received.append((data, addr))
-        answer = None if self.mute else self.gw.answer(data, time.monotonic())
-        if answer is not None and self.transport is not None:
-            self.transport.sendto(answer, addr)
 
 
 @dataclass

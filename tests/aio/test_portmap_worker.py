@@ -9,9 +9,8 @@ import time
 
 from p2plab.aio.worker import Worker
 from p2plab.core.signaling import PortMapping
-from tests.aio.test_portmap_aio import GatewayProtocol
 from tests.conftest import until
-from tests.portmap_gateway import FakeGateway
+from tests.portmap_gateway import FakeGateway, GatewayProtocol
 from tests.rendezvous_fixtures import loopback_worker_config, running_rendezvous
 
 
