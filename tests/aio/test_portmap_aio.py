@@ -356,3 +356,27 @@ async def test_upnp_entity_bomb_and_foreign_control_url_are_refused(
     assert driver.status()["protocols"] == [] and rig.of(MappingGranted) == []
     assert fake.actions == []
     await driver.stop()
+
+
+async def test_a_new_gateway_is_probed_and_mapped(rig: Rig) -> None:
+    loop = asyncio.get_running_loop()
+    other = FakeGateway(ext_ip="203.0.113.77", booted_at=time.monotonic())
+    transport, _ = await loop.create_datagram_endpoint(
+        lambda: GatewayProtocol(other), local_addr=("127.0.0.3", rig.port)
+    )
+    current = [GW]
+    driver = await rig.driver().start()
+    driver.watch(lambda: current[0], interval_s=0.02)
+    try:
+        await until(lambda: rig.of(MappingGranted), "the first mapping")
+        await asyncio.sleep(0.1)  # the same gateway: nothing happens
+        assert driver.stats["portmap_network_changes"] == 0
+        current[0] = "127.0.0.3"
+        await until(lambda: len(rig.of(MappingGranted)) == 2, "the new network's mapping")
+        assert MappingLost("network-changed") in rig.events
+        assert rig.events[-1] == MappingGranted("nat-pmp", "203.0.113.77", 40000, 7200)
+        assert driver.stats["portmap_network_changes"] == 1
+    finally:
+        await driver.stop()
+        transport.close()
+    await until(lambda: not other.mappings, "the delete at the new gateway")
