@@ -17,13 +17,11 @@ probe, and a peer that lies about it only mislabels its own link.
 
 from __future__ import annotations
 
-from typing import Any
-
 from p2plab.core.paths import DIRECT
 from p2plab.core.session import PeerSession
 from p2plab.core.signaling import PortMapping
 
-__all__ = ["PORT_MAPPING", "mapping_endpoint", "port_mapping_block", "uses_port_mapping"]
+__all__ = ["PORT_MAPPING", "mapping_endpoint", "uses_port_mapping"]
 
 #: The ``method`` of a link a port mapping made.
 PORT_MAPPING = "port-mapping"
@@ -32,21 +30,6 @@ PORT_MAPPING = "port-mapping"
 def mapping_endpoint(mapping: PortMapping | None) -> tuple[str, int] | None:
     """The external ``(ip, port)`` of ``mapping`` (None for None)."""
     return (mapping.ip, mapping.port) if mapping is not None else None
-
-
-def port_mapping_block(mapping: PortMapping | None) -> dict[str, Any] | None:
-    """The status's ``port_mapping`` block for the mapping the engine announces, in the keys
-    of the port-mapping driver's own report (which the worker shows instead when it runs):
-    ``protocols`` answered (here only the one that mapped), ``protocol``, ``external``
-    endpoint, ``lease_s``; None without a mapping."""
-    if mapping is None:
-        return None
-    return {
-        "protocols": [mapping.protocol],
-        "protocol": mapping.protocol,
-        "external": f"{mapping.ip}:{mapping.port}",
-        "lease_s": mapping.lifetime_s,
-    }
 
 
 def uses_port_mapping(
