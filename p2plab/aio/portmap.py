@@ -395,6 +395,11 @@ class PortMapDriver:
             targets = [(self.gateway, self.ssdp_port)]
             if not ipaddress.ip_address(self.gateway).is_loopback:
                 targets.append(SSDP_MULTICAST)  # routers that answer multicast only
+                sock = transport.get_extra_info("socket")
+                if sock is not None:  # out of the gateway's interface, on the LAN only
+                    iface = socket.inet_aton(self.client_ip)
+                    sock.setsockopt(socket.IPPROTO_IP, socket.IP_MULTICAST_IF, iface)
+                    sock.setsockopt(socket.IPPROTO_IP, socket.IP_MULTICAST_TTL, 2)
             for target in targets:
                 transport.sendto(build_ssdp_search_packet(target, 1, IGD_SEARCH_TARGET), target)
             try:
