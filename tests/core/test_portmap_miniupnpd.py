@@ -9,7 +9,13 @@ from pathlib import Path
 import pytest
 
 from p2plab.core import natpmp, pcp
-from p2plab.core.portmap import MappingGranted, PortMapper, PortMapperConfig, ProbeDone
+from p2plab.core.portmap import (
+    MappingFailed,
+    MappingGranted,
+    PortMapper,
+    PortMapperConfig,
+    ProbeDone,
+)
 from p2plab.errors import PortMapError
 
 DATA = Path(__file__).parent / "data" / "miniupnpd"
@@ -119,5 +125,6 @@ def test_address_mismatch_is_a_refusal_not_a_grant() -> None:
     m.handle_timer(0.25)
     m.next_event()
     m.receive_datagram(cap("pcp_address_mismatch.answer"), (GW, 5351), 0.3)
-    assert m.next_event() is None and m.state == "unavailable"
+    assert m.next_event() == MappingFailed("pcp: result ADDRESS_MISMATCH")
+    assert m.state == "unavailable"
     assert m.error == "pcp: result ADDRESS_MISMATCH" and m.stats["portmap_refused"] == 1
