@@ -24,6 +24,7 @@ import asyncio
 import ipaddress
 import logging
 import os
+import secrets
 import socket
 import time
 from collections import Counter
@@ -36,7 +37,7 @@ import aiohttp
 from async_upnp_client.client import UpnpRequester
 from async_upnp_client.client_factory import UpnpFactory
 from async_upnp_client.const import HttpRequest, HttpResponse
-from async_upnp_client.exceptions import UpnpCommunicationError
+from async_upnp_client.exceptions import UpnpActionResponseError, UpnpCommunicationError
 from async_upnp_client.profiles.igd import IgdDevice
 from async_upnp_client.ssdp import build_ssdp_search_packet, decode_ssdp_packet
 
@@ -428,7 +429,15 @@ class PortMapDriver:
         try:
             if self._igd is None:
                 raise UpnpCommunicationError("no IGD")
-            lifetime = await self._add(cmd, cmd.lifetime_s)
+            try:
+                lifetime = await self._add(cmd, cmd.lifetime_s)
+            except UpnpActionResponseError as exc:
+                if exc.error_code != 718 or cmd.external_port != cmd.internal_port:
+                    raise
+                # ConflictInMappingEntry: another host holds our port number; any other will do
+                self.stats["portmap_upnp_conflicts"] += 1
+                cmd = UpnpMap(cmd.internal_port, 1024 + secrets.randbelow(64512), cmd.lifetime_s)
+                lifetime = await self._add(cmd, cmd.lifetime_s)
             raw = await self._igd.async_get_external_ip_address()
             ip = str(ipaddress.IPv4Address(str(raw)))  # a hostile router's text stops here
             port = cmd.external_port
@@ -456,9 +465,10 @@ class PortMapDriver:
                 **args, lease_duration=timedelta(seconds=lifetime_s)
             )
             return float(lifetime_s)
-        except Exception as exc:
-            if "725" not in str(exc):  # OnlyPermanentLeasesSupported: ask for 0, renew anyway
+        except UpnpActionResponseError as exc:
+            if exc.error_code != 725:  # OnlyPermanentLeasesSupported: ask for 0, renew anyway
                 raise
+            self.stats["portmap_upnp_permanent"] += 1
         await self._igd.async_add_port_mapping(**args, lease_duration=timedelta(0))
         return float(lifetime_s)
 

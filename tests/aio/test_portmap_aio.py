@@ -208,6 +208,17 @@ def _soap(action: str, body: str) -> str:
     )
 
 
+def _fault(code: int) -> str:
+    return (
+        '<?xml version="1.0"?><s:Envelope xmlns:s="http://schemas.xmlsoap.org/soap/envelope/" '
+        's:encodingStyle="http://schemas.xmlsoap.org/soap/encoding/"><s:Body><s:Fault>'
+        "<faultcode>s:Client</faultcode><faultstring>UPnPError</faultstring><detail>"
+        '<UPnPError xmlns="urn:schemas-upnp-org:control-1-0">'
+        f"<errorCode>{code}</errorCode><errorDescription>fault</errorDescription>"
+        "</UPnPError></detail></s:Fault></s:Body></s:Envelope>"
+    )
+
+
 class FakeIgd(asyncio.DatagramProtocol):
     """SSDP on a UDP port and the IGD's HTTP on a TCP port, both on 127.0.0.1."""
 
@@ -217,6 +228,8 @@ class FakeIgd(asyncio.DatagramProtocol):
         self.device_xml = DEVICE_XML
         self.ssdp_extra: list[bytes] = []
         self.actions: list[str] = []
+        self.bodies: list[str] = []
+        self.fail_codes: list[int] = []
         self.transport: asyncio.DatagramTransport | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -242,6 +255,11 @@ class FakeIgd(asyncio.DatagramProtocol):
             return web.Response(text=_scpd(), content_type="text/xml")
         action = request.headers.get("SOAPACTION", "").strip('"').rsplit("#", 1)[-1]
         self.actions.append(action)
+        self.bodies.append(await request.text())
+        if action == "AddPortMapping" and self.fail_codes:
+            return web.Response(
+                status=500, text=_fault(self.fail_codes.pop(0)), content_type="text/xml"
+            )
         body = "<NewExternalIPAddress>203.0.113.9</NewExternalIPAddress>"
         body = body if action == "GetExternalIPAddress" else ""
         return web.Response(text=_soap(action, body), content_type="text/xml")
@@ -285,6 +303,27 @@ async def test_upnp_only_maps_through_the_igd_and_deletes(
     assert fake.actions == ["AddPortMapping", "GetExternalIPAddress"]
     await driver.stop()
     assert fake.actions[-1] == "DeletePortMapping"
+
+
+async def test_upnp_conflict_and_permanent_only_leases_are_worked_around(
+    rig: Rig, igd: tuple[FakeIgd, int]
+) -> None:
+    fake, ssdp_port = igd
+    rig.gateway.mute = True
+    fake.fail_codes = [718, 725]  # our port is taken; then: permanent leases only
+    driver = await rig.driver(ssdp_port=ssdp_port).start()
+    await until(lambda: rig.of(MappingGranted), "a UPnP mapping")
+    granted = rig.of(MappingGranted)[0]
+    assert granted.protocol == "upnp" and granted.port != 5000 and granted.lifetime_s == 7200
+    adds = [b for a, b in zip(fake.actions, fake.bodies, strict=True) if a == "AddPortMapping"]
+    assert len(adds) == 3
+    assert f"<NewExternalPort>{granted.port}</NewExternalPort>" in adds[2]
+    assert "<NewLeaseDuration>0</NewLeaseDuration>" in adds[2]
+    assert (driver.stats["portmap_upnp_conflicts"], driver.stats["portmap_upnp_permanent"]) == (
+        1,
+        1,
+    )
+    await driver.stop()
 
 
 async def test_upnp_oversize_description_is_dropped(rig: Rig, igd: tuple[FakeIgd, int]) -> None:
