@@ -429,6 +429,7 @@ class LinkEngine(LinkFamilies):
             and self._state in ("punching", "connected", "relayed")
         ):
             log.info("offer for the current peer %s: keeping the link", self.peer_id)
+            self._merge_offer(offer, now)
             self._set_state(next_state(self._state, Input.OFFER_CURRENT))
             return
         check = check_offer(offer, self.worker_id, self.identity, self.config.peer_key)
