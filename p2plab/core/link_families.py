@@ -28,10 +28,12 @@ the STUN endpoint only.  So a driver that starts a port-mapping probe calls
 
 from __future__ import annotations
 
+import ipaddress
 import logging
 from collections.abc import Callable
 
 from p2plab.core import events as ev
+from p2plab.core.addresses import is_ip_literal
 from p2plab.core.crypto import Identity
 from p2plab.core.link_bench import LinkBench
 from p2plab.core.link_commands import LinkConfig, SendToRendezvous, endpoint_update
@@ -45,6 +47,7 @@ __all__ = [
     "PORT_MAPPING_WAIT_S",
     "LinkFamilies",
     "mapping_endpoint",
+    "plain_ip",
     "uses_port_mapping",
 ]
 
@@ -58,6 +61,19 @@ PORT_MAPPING = "port-mapping"
 #: Longest the endpoint reports wait for a port-mapping probe (``expect_port_mapping``): the
 #: probe's 250 ms, a request and a retransmission or two.
 PORT_MAPPING_WAIT_S = 1.0
+
+
+def plain_ip(ip: str | None) -> str | None:
+    """``ip`` as the wire carries an address, or None: an IPv4-mapped IPv6 literal (what an
+    older rendezvous listening on ``::`` reports for an IPv4 client) as its IPv4 address, and
+    None for anything that is not a plain IP literal (a name, a scoped address).  The observed
+    address is the endpoint discovery falls back to, and the wire refuses the others."""
+    if ip is None or "%" in ip or not is_ip_literal(ip):
+        return None
+    if ":" in ip:
+        mapped = ipaddress.IPv6Address(ip).ipv4_mapped
+        return str(mapped) if mapped is not None else ip
+    return ip
 
 
 def mapping_endpoint(mapping: PortMapping | None) -> Address | None:
