@@ -1,6 +1,12 @@
 """The simulated internet: topology (NATs, hosts, the STUN server, the rendezvous), the virtual
 clock, the NAT profiles, and what a run does with them: probing, punching two bare sessions, and
-pairing two whole workers (:class:`~p2plab.lab.sim.worker.SimWorker`)."""
+pairing two whole workers (:class:`~p2plab.lab.sim.worker.SimWorker`).
+
+Sites take the kernel lab's specs (:func:`p2plab.lab.site.parse_site`, :meth:`Simulation.add_site`):
+``symmetric+pmp`` is a symmetric NAT whose router offers NAT-PMP and PCP
+(:mod:`~p2plab.lab.sim.portmap_model`), ``symmetric/v6-apdf`` a dual-stack site whose IPv6 sits
+behind a conntrack-only firewall and ``v6-eif`` an IPv6-only one (:mod:`~p2plab.lab.sim.ipv6`).
+The STUN server answers on two IPv6 addresses too."""
 
 from __future__ import annotations
 
@@ -14,7 +20,16 @@ from p2plab.core import events as ev
 from p2plab.core.link import LinkConfig as EngineConfig
 from p2plab.core.nat import NatReport
 from p2plab.errors import ConfigError
+from p2plab.lab.sim.ipv6 import (
+    STUN_IPS6,
+    V6_FIREWALLS,
+    V6_PREFIX,
+    Firewall6,
+    FirewallBehavior,
+    SimNetwork,
+)
 from p2plab.lab.sim.peer import SimPeer
+from p2plab.lab.sim.portmap_model import PortMapConfig, PortMapNat
 from p2plab.lab.sim.probe import classic_probe, rfc5780_discovery
 from p2plab.lab.sim.rendezvous import SimRendezvous
 from p2plab.lab.sim.report import LinkResult, PunchResult, pair_method
@@ -32,9 +47,9 @@ from p2plab.lab.simnet import (
     LinkConfig,
     Nat,
     NatBehavior,
-    Network,
     Scheduler,
 )
+from p2plab.lab.site import parse_site
 
 __all__ = [
     "EXPECTED_METHODS",
@@ -42,6 +57,7 @@ __all__ = [
     "PROFILES",
     "SIM_PROFILES",
     "STUN_IPS",
+    "STUN_IPS6",
     "STUN_PORTS",
     "TURN_IP",
     "Simulation",
@@ -121,18 +137,21 @@ class Simulation:
         self.seed = seed
         self.rng = random.Random(seed)
         self.clock = Scheduler()
-        self.net = Network(self.clock, self.rng)
+        self.net = SimNetwork(self.clock, self.rng)
         self.default_wan = wan or LinkConfig(delay=0.01)
         self.nats: list[Nat] = []
         self.hosts: list[Host] = []
+        self.firewalls6: list[Firewall6] = []
         self._public_next = 201
         self._nat_next = 101
         self._lan_next = 1
         self._probe_ports: dict[str, int] = {}
-        stun_host = Host(self.net, "stun", STUN_IPS, None, LinkConfig(delay=0.005))
-        for ip in STUN_IPS:
+        stun_host = Host(self.net, "stun", STUN_IPS + STUN_IPS6, None, LinkConfig(delay=0.005))
+        for ip in STUN_IPS + STUN_IPS6:
             self.net.public[ip] = stun_host
         self.stun = SimStunServer(stun_host, STUN_IPS, STUN_PORTS)
+        self.stun6 = SimStunServer(stun_host, STUN_IPS6, STUN_PORTS)
+        """The same STUN server over IPv6 (its two IPv6 addresses)."""
         self.rendezvous = SimRendezvous(self.clock)
         self.turn: SimTurnServer | None = None
         """The TURN server, once :meth:`add_turn_server` made one."""
@@ -164,11 +183,13 @@ class Simulation:
         name: str | None = None,
         public_ip: str | None = None,
         wan: LinkConfig | None = None,
+        portmap: PortMapConfig | None = None,
         **overrides: Any,
     ) -> Nat:
         """A NAT box of ``profile`` (a name from :data:`SIM_PROFILES` or a :class:`NatBehavior`).
 
         Keyword ``overrides`` change single fields (``mapping_timeout=30``, ``hairpinning=True``).
+        With ``portmap`` its router offers port mapping (a :class:`PortMapNat`).
         """
         behavior = profile_behavior(profile, **overrides)
         if public_ip is None:
@@ -178,18 +199,60 @@ class Simulation:
             raise ConfigError(f"{public_ip} is already in use")
         lan = ipaddress.IPv4Network(f"198.18.{self._lan_next}.0/24")
         self._lan_next += 1
-        nat = Nat(
+        args = (self.net, name or f"nat{len(self.nats) + 1}", public_ip, lan, behavior)
+        kwargs: dict[str, Any] = {
+            "wan": wan or self.default_wan,
+            "profile": profile if isinstance(profile, str) else None,
+        }
+        if portmap is not None:
+            nat: Nat = PortMapNat(*args, portmap=portmap, seed=self.seed, **kwargs)
+        else:
+            nat = Nat(*args, **kwargs)
+        self.net.public[public_ip] = nat
+        self.nats.append(nat)
+        return nat
+
+    def add_firewall6(
+        self,
+        profile: str | FirewallBehavior = "v6-apdf",
+        *,
+        name: str | None = None,
+        wan: LinkConfig | None = None,
+    ) -> Firewall6:
+        """An IPv6 site's firewall (a name from :data:`~p2plab.lab.sim.ipv6.V6_FIREWALLS` or a
+        :class:`FirewallBehavior`), with a /48 of 2001:db8::/32 of its own."""
+        if isinstance(profile, str):
+            behavior = V6_FIREWALLS.get(profile)
+            if behavior is None:
+                raise ConfigError(
+                    f"unknown IPv6 profile {profile!r}; choose one of {', '.join(V6_FIREWALLS)}"
+                )
+        else:
+            behavior = profile
+        index = len(self.firewalls6) + 1
+        prefix = ipaddress.IPv6Network((int(V6_PREFIX.network_address) + (index << 80), 48))
+        fw = Firewall6(
             self.net,
-            name or f"nat{len(self.nats) + 1}",
-            public_ip,
-            lan,
+            name or f"fw{index}",
+            prefix,
             behavior,
             wan or self.default_wan,
             profile=profile if isinstance(profile, str) else None,
         )
-        self.net.public[public_ip] = nat
-        self.nats.append(nat)
-        return nat
+        self.firewalls6.append(fw)
+        return fw
+
+    def add_site(self, spec: str, name: str) -> Host:
+        """A host at a site of the kernel lab's ``spec`` (``symmetric+pmp``, ``symmetric/v6-apdf``,
+        ``v6-eif``; :func:`~p2plab.lab.site.parse_site`): its NAT (with the router's port
+        mapping), its IPv6 firewall, the host behind both."""
+        site = parse_site(spec)
+        nat = None
+        if site.v4 is not None and site.v4 != "open":
+            portmap = PortMapConfig(protocols=site.protocols) if site.portmap else None
+            nat = self.add_nat(site.v4, name=f"nat_{name}", portmap=portmap)
+        fw = self.add_firewall6(site.v6, name=f"fw_{name}") if site.v6 is not None else None
+        return self.add_host(nat, name=name, fw6=fw, ipv4=site.v4 is not None)
 
     def add_host(
         self,
@@ -198,9 +261,20 @@ class Simulation:
         name: str | None = None,
         ip: str | None = None,
         link: LinkConfig | None = None,
+        fw6: Firewall6 | None = None,
+        ipv4: bool = True,
     ) -> Host:
-        """A host behind ``behind`` (a LAN address), or on the public internet when None."""
+        """A host behind ``behind`` (a LAN address), or on the public internet when None; with
+        ``fw6`` also an IPv6 address behind that firewall (without ``ipv4``: that one only)."""
         name = name or f"h{len(self.hosts) + 1}"
+        if not ipv4:
+            if fw6 is None or behind is not None:
+                raise ConfigError("an IPv6-only host needs fw6 and no NAT")
+            ip6 = fw6.allocate_ip()
+            host = Host(self.net, name, (ip6,), None, link or LinkConfig(delay=0.001))
+            self.net.add_firewall_host(fw6, host, ip6)
+            self.hosts.append(host)
+            return host
         if behind is None:
             if ip is None:
                 ip = f"{_PUBLIC_NET}.{self._public_next}"
@@ -213,6 +287,10 @@ class Simulation:
             ip = ip or behind.allocate_lan_ip()
             host = Host(self.net, name, (ip,), behind, link or LinkConfig(delay=0.001))
             behind.hosts[ip] = host
+        if fw6 is not None:
+            ip6 = fw6.allocate_ip()
+            host.ips = (*host.ips, ip6)
+            self.net.add_firewall_host(fw6, host, ip6)
         self.hosts.append(host)
         return host
 
@@ -352,12 +430,14 @@ class Simulation:
         use_stun: bool = True,
         nat_test: bool = True,
         start: bool = True,
+        port_mapping: bool = True,
     ) -> SimWorker:
         """A whole worker (link engine + sessions) on a new socket of ``host``, started unless
         ``start`` is False: it registers with :attr:`rendezvous`, discovers its endpoint over
         STUN and is paired with the next worker of ``room``.  ``signaling_delay`` is its
         rendezvous connection's one-way delay; ``nat_test`` runs issue 16's NAT test after discovery
-        (off: the engine gets no hint and punches plainly)."""
+        (off: the engine gets no hint and punches plainly); ``port_mapping`` asks the NAT's router
+        for a port when it offers port mapping."""
         name = name or host.name
         while name in self.workers:
             name = f"{name}'"
@@ -373,6 +453,8 @@ class Simulation:
             signaling_delay=signaling_delay,
             use_stun=use_stun,
             nat_test=nat_test,
+            stun_server6=self.stun6.primary,
+            port_mapping=port_mapping,
         )
         self.workers[name] = w
         if start:
