@@ -73,8 +73,9 @@ class SimPortMapClient:
         self.stats: Counter[str] = Counter()
         self._rng = rng
         self._nonce = rng.randbytes(12)
-        self._socket = host.bind(0, internal[0])
-        self._socket.on_datagram = self._on_datagram
+        self.socket = host.bind(0, internal[0])
+        """Its own socket to the gateway (not the link's: answers never reach the engine)."""
+        self.socket.on_datagram = self._on_datagram
         self._external_ip: str | None = None
         self._asked: str | None = None
         self._timers: list[TimerHandle] = []
@@ -86,8 +87,8 @@ class SimPortMapClient:
     def start(self) -> None:
         """Probe all three protocols at once, choose after :data:`PROBE_WAIT_S`."""
         self.answered.clear()
-        self._socket.sendto(bytes([0, 0]), self.gateway)  # NAT-PMP: external address
-        self._socket.sendto(pcp_announce_request(self.internal[0]), self.gateway)
+        self.socket.sendto(bytes([0, 0]), self.gateway)  # NAT-PMP: external address
+        self.socket.sendto(pcp_announce_request(self.internal[0]), self.gateway)
         self._later(self.nat.portmap.upnp_delay_s, self._upnp_discovered)
         self._later(PROBE_WAIT_S, self._choose)
 
@@ -110,7 +111,7 @@ class SimPortMapClient:
             handle.cancel()
         if self.mapping is not None:
             self._request(self.mapping.protocol, lifetime=0)
-        self._socket.close()
+        self.socket.close()
 
     # -- the procedure ----------------------------------------------------------------------
 
@@ -137,11 +138,11 @@ class SimPortMapClient:
         port = self.mapping.port if self.mapping is not None else self.internal[1]
         self.stats[f"requests_{protocol}"] += 1
         if protocol == "nat-pmp":
-            self._socket.sendto(natpmp_map_request(self.internal[1], port, lifetime), self.gateway)
+            self.socket.sendto(natpmp_map_request(self.internal[1], port, lifetime), self.gateway)
         elif protocol == "pcp":
             ip, internal_port = self.internal
             request = pcp_map_request(ip, self._nonce, internal_port, port, lifetime)
-            self._socket.sendto(request, self.gateway)
+            self.socket.sendto(request, self.gateway)
         else:
             self._later(self.nat.portmap.upnp_delay_s, lambda: self._upnp_map(port, lifetime))
         if lifetime:

@@ -32,7 +32,7 @@ from p2plab.lab.sim.peer import SimPeer
 from p2plab.lab.sim.portmap_model import PortMapConfig, PortMapNat
 from p2plab.lab.sim.probe import classic_probe, rfc5780_discovery
 from p2plab.lab.sim.rendezvous import SimRendezvous
-from p2plab.lab.sim.report import LinkResult, PunchResult, pair_method
+from p2plab.lab.sim.report import LinkResult, PunchResult, address_family, pair_method
 from p2plab.lab.sim.stun_server import SimStunServer
 from p2plab.lab.sim.turn_server import SimTurnServer
 from p2plab.lab.sim.worker import SimWorker
@@ -242,16 +242,23 @@ class Simulation:
         self.firewalls6.append(fw)
         return fw
 
-    def add_site(self, spec: str, name: str) -> Host:
+    def add_site(self, spec: str, name: str, *, beside: Host | None = None) -> Host:
         """A host at a site of the kernel lab's ``spec`` (``symmetric+pmp``, ``symmetric/v6-apdf``,
         ``v6-eif``; :func:`~p2plab.lab.site.parse_site`): its NAT (with the router's port
-        mapping), its IPv6 firewall, the host behind both."""
+        mapping), its IPv6 firewall, the host behind both.  ``beside``: a host of that spec's
+        site already made, whose NAT and firewall the new host shares (one LAN)."""
         site = parse_site(spec)
-        nat = None
-        if site.v4 is not None and site.v4 != "open":
+        nat = beside.nat if beside is not None else None
+        if beside is None and site.v4 is not None and site.v4 != "open":
             portmap = PortMapConfig(protocols=site.protocols) if site.portmap else None
             nat = self.add_nat(site.v4, name=f"nat_{name}", portmap=portmap)
-        fw = self.add_firewall6(site.v6, name=f"fw_{name}") if site.v6 is not None else None
+        fw = None
+        if beside is not None:
+            fw = next(
+                (self.net.firewalls6[ip] for ip in beside.ips if ip in self.net.firewalls6), None
+            )
+        elif site.v6 is not None:
+            fw = self.add_firewall6(site.v6, name=f"fw_{name}")
         return self.add_host(nat, name=name, fw6=fw, ipv4=site.v4 is not None)
 
     def add_host(
@@ -541,6 +548,7 @@ class Simulation:
         linked = direct or relayed or turn
         method = pair_method(wa.engine.method, wb.engine.method) if linked else None
         probes = sum(w.engine.stats.get("birthday_probes", 0) for w in (wa, wb))
+        family = address_family(wa.peer_address) if direct else "ipv4" if turn else None
         return LinkResult(
             outcome="direct" if direct else "failed",
             fallback=fallback,
@@ -554,6 +562,7 @@ class Simulation:
             path=path,
             method=method,
             birthday_probes=probes,
+            family=family,
         )
 
     def _relay_chat_works(self, wa: SimWorker, wb: SimWorker, timeout: float = 10.0) -> bool:
