@@ -41,6 +41,7 @@ PORTMAP_V6_SITES: tuple[str, ...] = tuple(dict.fromkeys(s for pair in EXPECTED_S
 
 def expected_row(spec_a: str, spec_b: str, lan: bool = False) -> dict[str, str | None]:
     """``expected``, ``expected_method`` and ``expected_family`` for a pair (None: no claim)."""
+    family: str | None
     if (spec_a, spec_b) in EXPECTED_SITES:
         outcome, method, family = EXPECTED_SITES[(spec_a, spec_b)]
     elif lan:

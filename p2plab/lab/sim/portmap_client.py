@@ -212,7 +212,8 @@ class SimPortMapClient:
             self._report(None)
             return
         self.stats["granted"] += 1
-        self._report(PortMapping(protocol=protocol, ip=ip, port=port, lifetime_s=lifetime))
+        fields = {"protocol": protocol, "ip": ip, "port": port, "lifetime_s": lifetime}
+        self._report(PortMapping.model_validate(fields))
         self._later(lifetime / 2, lambda: self._request(protocol))
 
     def _report(self, mapping: PortMapping | None) -> None:
