@@ -23,6 +23,7 @@ from p2plab.lab.sim.portmap_model import (
     pcp_announce_request,
     pcp_map_request,
 )
+from p2plab.lab.sim.report import LinkResult
 from p2plab.lab.simnet import Address, Host, SimSocket
 
 
@@ -234,19 +235,51 @@ def test_issue_pairs_connect_directly_through_the_mapping(spec_a: str, spec_b: s
     assert (row["expected"], row["expected_method"]) == ("direct", "port-mapping")
 
 
-def test_lease_deleted_mid_link_is_replaced_and_chat_arrives_once() -> None:
-    sim = Simulation(seed=4)
-    a = sim.add_site("symmetric+pmp", "a")
-    b = sim.add_site("symmetric", "b")
-    link = sim.pair(a, b)
-    assert (link.outcome, link.method) == ("direct", "port-mapping")
-    nat = a.nat
+def _mapped_link(seed: int, lease_s: float) -> tuple[Simulation, PortMapNat, LinkResult]:
+    sim = Simulation(seed=seed)
+    nat = sim.add_nat("symmetric", portmap=PortMapConfig(max_lifetime_s=lease_s), name="nat_a")
     assert isinstance(nat, PortMapNat)
-    assert nat.delete_lease(link.a.local_address) is not None
-    sim.run_for(1.0)
-    msg_id = link.b.send_chat("after the lease went")
-    sim.run_for(120.0)
-    assert link.a.chats_received.count("after the lease went") == 1
-    assert any(e.msg_id == msg_id for e in link.b.events_of(ev.ChatDelivered))  # type: ignore[attr-defined]
-    assert nat.responder.lease_for(link.a.local_address, sim.now) is not None  # asked again
-    assert link.a.state == link.b.state == "connected"
+    link = sim.pair(sim.add_host(nat, name="a"), sim.add_site("symmetric", "b"))
+    assert (link.outcome, link.method, link.family) == ("direct", "port-mapping", "ipv4")
+    return sim, nat, link
+
+
+def test_lease_deleted_mid_link_keeps_its_flow_and_is_renewed() -> None:
+    """miniupnpd's delete takes the DNAT rule away; conntrack keeps the running flow."""
+    sim, nat, link = _mapped_link(seed=4, lease_s=120.0)
+    a, b = link.a, link.b
+    lease = nat.delete_lease(a.local_address)
+    assert lease is not None
+    stranger = sim.add_host(name="stranger").bind(7000)
+    stranger.sendto(b"new remote", (nat.public_ip, lease.external_port))
+    b.send_chat("after the lease went")
+    sim.run_for(10.0)
+    assert a.chats_received.count("after the lease went") == 1
+    assert nat.stats["no_mapping"] >= 1  # the stranger found the door shut
+    sim.run_for(60.0)  # the client renews at half the 120 s lease: the same port again
+    renewed = nat.responder.lease_for(a.local_address, sim.now)
+    assert renewed is not None and renewed.external_port == lease.external_port
+    assert a.state == b.state == "connected"
+    assert "lost" not in a.states[a.states.index("connected") :]
+
+
+def test_lease_flushed_mid_link_is_replaced_and_chat_arrives_once() -> None:
+    """A conntrack flush kills the flow too: the link is lost, the worker asks the router again,
+    the engines re-punch to the mapped port, and chat flows exactly once."""
+    sim, nat, link = _mapped_link(seed=4, lease_s=7200.0)
+    a, b = link.a, link.b
+    assert nat.delete_lease(a.local_address, flush=True) is not None
+    during = b.send_chat("during the outage")
+    sim.run_for(60.0)
+    assert a.state == b.state == "connected"
+    assert a.portmap is not None and a.portmap.stats["refreshes"] >= 1
+    assert nat.responder.lease_for(a.local_address, sim.now) is not None
+    after = b.send_chat("after the lease came back")
+    sim.run_for(10.0)
+    assert a.chats_received.count("after the lease came back") == 1
+    assert after in [e.msg_id for e in b.events_of(ev.ChatDelivered)]  # type: ignore[attr-defined]
+    # The one sent into the dead path is never duplicated; the sender is told its fate.
+    assert a.chats_received.count("during the outage") <= 1
+    fates = b.events_of(ev.ChatDelivered) + b.events_of(ev.ChatFailed)
+    assert during in [e.msg_id for e in fates]  # type: ignore[attr-defined]
+    assert b.engine.method == a.engine.method == "port-mapping"

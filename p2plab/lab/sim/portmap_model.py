@@ -13,8 +13,9 @@ What a router running miniupnpd does, as far as a peer-to-peer link can tell:
   filtering* (a DNAT rule), and the replies to a remote that came in that way leave by the leased
   port (conntrack's reply direction); the host's own new flows still go through the NAT's usual
   mapping (MASQUERADE: a symmetric NAT still gives them random ports);
-* leases expire, and :meth:`PortMapNat.delete_lease` removes one mid-link, with the flows that ran
-  through it (what a router reboot or a conntrack flush does).
+* leases expire, and :meth:`PortMapNat.delete_lease` removes one mid-link: new remotes no longer
+  get in, while the flows already running through it live on (conntrack keeps them, idle timer
+  ``mapping_timeout``), unless ``flush`` drops them too (a conntrack flush, a reboot).
 
 The wire codecs here are minimal (the requests a client sends, the answers miniupnpd gives) and sit
 behind :class:`PortMapResponder` only, so the core's codecs (``core/natpmp.py``, ``core/pcp.py``,
@@ -355,6 +356,9 @@ class PortMapNat(Nat):
             random.Random(f"portmap {seed} {self.public_ip}"),
             self.net.clock.now,
         )
+        # Flows of deleted leases that conntrack still holds: (external port, remote) ->
+        # (internal endpoint, idle expiry).
+        self._flows: dict[tuple[int, Address], tuple[Address, float]] = {}
 
     @property
     def portmap(self) -> PortMapConfig:
@@ -366,15 +370,32 @@ class PortMapNat(Nat):
         # (Linux: the DNAT rule and MASQUERADE's port-preserving entry coexist).
         return all(m["external"][1] != port or m["internal"] == internal for m in self.mappings)
 
-    def delete_lease(self, internal: Address) -> Lease | None:
-        """Remove ``internal``'s lease mid-link, with the flows that came in through it (the
-        harsh case: miniupnpd's delete plus a conntrack flush; an expiry does the same)."""
-        return self.responder.delete(internal)
+    def delete_lease(self, internal: Address, *, flush: bool = False) -> Lease | None:
+        """Remove ``internal``'s lease mid-link (miniupnpd's delete: the DNAT rule goes).  The
+        flows that came in through it keep running as conntrack entries until they idle out;
+        ``flush`` drops them as well (``conntrack -F``: the link through the lease dies)."""
+        lease = self.responder.delete(internal)
+        if lease is not None and not flush:
+            until = self.net.clock.now + self.behavior.mapping_timeout
+            for remote in lease.remotes:
+                self._flows[(lease.external_port, remote)] = (lease.internal, until)
+        return lease
+
+    def _flow(self, port: int, remote: Address) -> Address | None:
+        """The internal endpoint of a live orphaned flow (refreshed: it carries traffic)."""
+        entry = self._flows.get((port, remote))
+        now = self.net.clock.now
+        if entry is None or entry[1] <= now:
+            self._flows.pop((port, remote), None)
+            return None
+        self._flows[(port, remote)] = (entry[0], now + self.behavior.mapping_timeout)
+        return entry[0]
 
     def flush(self) -> None:
         """Forget every mapping and every lease (a reboot's table)."""
         super().flush()
         self.responder.reset(self.net.clock.now)
+        self._flows.clear()
 
     def from_lan(self, src: Address, dst: Address, data: bytes) -> None:
         """Requests to the router are answered; replies to a remote that came in through a lease
@@ -396,9 +417,16 @@ class PortMapNat(Nat):
                 self.net.clock.call_later(delay, answer_back)
             return
         lease = self.responder.lease_for(src, now)
-        if lease is not None and dst in lease.remotes:
+        port = lease.external_port if lease is not None and dst in lease.remotes else None
+        if port is None:
+            port = next(
+                (p for (p, r), (i, _) in self._flows.items() if r == dst and i == src), None
+            )
+            if port is not None and self._flow(port, dst) is None:
+                port = None
+        if port is not None:
             self.stats["out_leased"] += 1
-            external = (self.public_ip, lease.external_port)
+            external = (self.public_ip, port)
             self.wan.up.send(len(data), lambda: self.net.route(external, dst, data))
             return
         super().from_lan(src, dst, data)
@@ -408,14 +436,15 @@ class PortMapNat(Nat):
         if self._down():
             return
         lease = self.responder.lease_by_port(dst[1], self.net.clock.now)
-        if lease is None:
+        internal = lease.internal if lease is not None else self._flow(dst[1], src)
+        if internal is None:
             super().from_wan(src, dst, data)
             return
-        host = self.hosts.get(lease.internal[0])
+        host = self.hosts.get(internal[0])
         if host is None:
             self.stats["no_host"] += 1
             return
-        lease.remotes.add(src)
+        if lease is not None:
+            lease.remotes.add(src)
         self.stats["in_leased"] += 1
-        internal = lease.internal
         host.link.down.send(len(data), lambda: host.receive(src, internal, data))
