@@ -213,6 +213,21 @@ class LinkEngine(LinkBench):
             return PORT_MAPPING
         return base
 
+    def _direct_without_birthday(self) -> bool:
+        """A port mapping on either side opens a port to anyone (no birthday needed, nor the
+        relay at once for two hard NATs); IPv6 on both sides needs no NAT traversal at all.
+        Both sides decide alike from what they announced and were offered."""
+        offer = self.offer
+        if offer is None:
+            return False
+        if offer.peer_mapped is not None or self.port_mapping is not None:
+            return True
+        own_v6 = self.endpoint6 is not None or any(":" in a[0] for a in self.local_candidates)
+        peer_v6 = offer.peer_udp6 is not None or any(
+            ":" in str(c.ip) for c in offer.peer_candidates
+        )
+        return own_v6 and peer_v6
+
     @property
     def family(self) -> str | None:
         """``"ipv6"`` or ``"ipv4"``: the address family of the current link's path (of the
