@@ -127,3 +127,19 @@ def test_same_lan_rows_share_the_site() -> None:
     (row,) = rows
     assert row["same_lan"] and (row["outcome"], row["family"]) == ("direct", "ipv6")
     assert row["expected_family"] == "ipv6"
+
+
+def test_ranking_picks_ipv6_when_both_families_would_do() -> None:
+    """port-restricted x port-restricted punches over IPv4 too; the engines still take IPv6."""
+    sim = Simulation(seed=6)
+    a = sim.add_site("port-restricted/v6-eif", "a")
+    b = sim.add_site("port-restricted/v6-apdf", "b")
+    link = sim.pair(a, b)
+    assert (link.outcome, link.family) == ("direct", "ipv6")
+    assert link.a.engine.family == link.b.engine.family == "ipv6"
+    assert link.b.socket6 is not None and link.a.peer_address == link.b.socket6.address
+    link.a.send_chat("over v6")
+    sim.run_for(5.0)
+    assert link.b.chats_received == ["over v6"]
+    fw_b = sim.net.firewalls6[_v6(b)]
+    assert fw_b.stats["in"] > 0 and a.nat is not None and a.nat.stats["in"] < fw_b.stats["in"]
