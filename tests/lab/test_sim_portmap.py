@@ -10,19 +10,12 @@ import random
 import pytest
 
 from p2plab.core import events as ev
+from p2plab.core import natpmp, pcp
+from p2plab.core.signaling import PortMapping
 from p2plab.lab.sim import Simulation
 from p2plab.lab.sim.matrix import EXPECTED_SITES, sim_matrix
 from p2plab.lab.sim.portmap_client import SimPortMapClient
-from p2plab.lab.sim.portmap_model import (
-    PORTMAP_PORT,
-    PortMapConfig,
-    PortMapNat,
-    decode_natpmp_answer,
-    decode_pcp_answer,
-    natpmp_map_request,
-    pcp_announce_request,
-    pcp_map_request,
-)
+from p2plab.lab.sim.portmap_model import PORTMAP_PORT, PortMapConfig, PortMapNat
 from p2plab.lab.sim.report import LinkResult
 from p2plab.lab.simnet import Address, Host, SimSocket
 
@@ -55,44 +48,51 @@ def _ask(sim: Simulation, nat: PortMapNat, sock: SimSocket, request: bytes) -> l
 # -- the router on the wire ---------------------------------------------------------------------
 
 
+def _pmp_map(internal: int, external: int, lifetime: int) -> bytes:
+    return bytes(natpmp.MapRequest(internal, external, lifetime))
+
+
 def test_natpmp_and_pcp_answers_grant_the_suggested_port() -> None:
     sim, nat, host, _ = _site()
     client = host.bind(41000)
-    (answer,) = _ask(sim, nat, client, natpmp_map_request(40000, 40000, 7200))
-    fields = decode_natpmp_answer(answer)
-    assert fields is not None
-    assert (fields["op"], fields["result"], fields["external_port"]) == (1, 0, 40000)
-    assert fields["lifetime_s"] == 7200
-    (address,) = _ask(sim, nat, client, bytes([0, 0]))
-    assert decode_natpmp_answer(address) == {"op": 0, "result": 0, "epoch": 0, "ip": nat.public_ip}
+    (answer,) = _ask(sim, nat, client, _pmp_map(40000, 40000, 7200))
+    assert natpmp.parse_response(answer) == natpmp.MapResponse(1, 0, 0, 40000, 40000, 7200)
+    (address,) = _ask(sim, nat, client, bytes(natpmp.ExternalAddressRequest()))
+    assert natpmp.parse_response(address) == natpmp.ExternalAddressResponse(0, 0, nat.public_ip)
+    (announce,) = _ask(sim, nat, client, bytes(pcp.Request(pcp.ANNOUNCE, 0, host.ip)))
+    assert pcp.parse_response(announce) == pcp.Response(pcp.ANNOUNCE, 0, 0, 0)
     nonce = bytes(range(12))
-    (announce,) = _ask(sim, nat, client, pcp_announce_request(host.ip))
-    assert decode_pcp_answer(announce) == {"op": 0, "result": 0, "lifetime_s": 0, "epoch": 0}
-    (mapped,) = _ask(sim, nat, client, pcp_map_request(host.ip, nonce, 40001, 40001, 30))
-    pcp = decode_pcp_answer(mapped)
-    assert pcp is not None
-    assert (pcp["nonce"], pcp["external_port"], pcp["ip"]) == (nonce, 40001, nat.public_ip)
+    body = pcp.MapData(nonce, pcp.PROTO_UDP, 40001, 40001, "0.0.0.0")
+    (mapped,) = _ask(sim, nat, client, bytes(pcp.Request(pcp.MAP, 30, host.ip, body)))
+    got = pcp.parse_response(mapped)
     # miniupnpd's PCP floor: a 30 s ask gets min_lifetime (120 s).
-    assert pcp["lifetime_s"] == 120
+    want = pcp.MapData(nonce, pcp.PROTO_UDP, 40001, 40001, nat.public_ip)
+    assert got == pcp.Response(pcp.MAP, 0, 120, 0, want)
     assert nat.responder.stats["leases_granted"] == 2
+    # A PCP client that lies about its address is refused (RFC 6887 section 8.3).
+    (lie,) = _ask(sim, nat, client, bytes(pcp.Request(pcp.MAP, 30, "198.18.1.99", body)))
+    assert pcp.parse_response(lie).result == pcp.ResultCode.ADDRESS_MISMATCH
 
 
 def test_a_protocol_not_offered_stays_silent_and_junk_is_counted() -> None:
     sim, nat, host, _ = _site(frozenset({"upnp"}))
     client = host.bind(41000)
-    assert _ask(sim, nat, client, natpmp_map_request(40000, 40000, 7200)) == []
-    assert _ask(sim, nat, client, pcp_announce_request(host.ip)) == []
-    assert _ask(sim, nat, client, b"\x07garbage" * 5) == []
-    assert _ask(sim, nat, client, b"") == []
+    assert _ask(sim, nat, client, _pmp_map(40000, 40000, 7200)) == []
+    assert _ask(sim, nat, client, bytes(pcp.Request(pcp.ANNOUNCE, 0, host.ip))) == []
     stats = nat.responder.stats
-    assert (stats["natpmp_not_offered"], stats["pcp_not_offered"], stats["junk"]) == (1, 1, 2)
+    assert (stats["natpmp_not_offered"], stats["pcp_not_offered"]) == (1, 1)
+    sim, nat, host, _ = _site()
+    client = host.bind(41000)
+    for junk in (b"", b"\x00", b"\x00\x01short", b"\x02" + bytes(22), b"\x07garbage" * 5):
+        assert _ask(sim, nat, client, junk) == []
+    assert nat.responder.stats["junk"] == 5
     assert nat.responder.leases == {}
 
 
 def test_a_lease_forwards_whatever_the_filtering_and_replies_leave_by_it() -> None:
     sim, nat, host, remote = _site()
     sock = host.bind(40000)
-    _ask(sim, nat, host.bind(41000), natpmp_map_request(40000, 40000, 7200))
+    _ask(sim, nat, host.bind(41000), _pmp_map(40000, 40000, 7200))
     inside = _inbox(sock)
     outside_sock = remote.bind(7000)
     outside = _inbox(outside_sock)
@@ -113,10 +113,10 @@ def test_a_lease_forwards_whatever_the_filtering_and_replies_leave_by_it() -> No
 
 
 def test_leases_expire_and_deletion_closes_the_door_until_renewed() -> None:
-    sim, nat, host, remote = _site(min_lifetime_s=60.0)
+    sim, nat, host, remote = _site()
     sock = host.bind(40000)
     client = host.bind(41000)
-    _ask(sim, nat, client, natpmp_map_request(40000, 40000, 60))
+    _ask(sim, nat, client, _pmp_map(40000, 40000, 60))
     inside = _inbox(sock)
     outside = remote.bind(7000)
     sim.run_for(59.0)  # the lease was granted 0.1 s ago, for 60 s
@@ -126,11 +126,11 @@ def test_leases_expire_and_deletion_closes_the_door_until_renewed() -> None:
     sim.run_for(0.5)
     assert [d for d, _ in inside] == [b"alive"]
     assert nat.responder.stats["leases_expired"] == 1
-    _ask(sim, nat, client, natpmp_map_request(40000, 40000, 60))
+    _ask(sim, nat, client, _pmp_map(40000, 40000, 60))
     nat.delete_lease(sock.address)
     outside.sendto(b"deleted", (nat.public_ip, 40000))
     sim.run_for(0.5)
-    _ask(sim, nat, client, natpmp_map_request(40000, 40000, 60))  # renewed: the same port
+    _ask(sim, nat, client, _pmp_map(40000, 40000, 60))  # renewed: the same port
     outside.sendto(b"renewed", (nat.public_ip, 40000))
     sim.run_for(0.5)
     assert [d for d, _ in inside] == [b"alive", b"renewed"]
@@ -141,12 +141,13 @@ def test_a_port_held_by_another_host_is_not_leased() -> None:
     other = sim.add_host(behind=nat)
     other.bind(40000).sendto(b"x", (remote.ip, 7000))  # takes public port 40000 (preserving)
     sim.run_for(0.1)
-    (answer,) = _ask(sim, nat, host.bind(41000), natpmp_map_request(40000, 40000, 7200))
-    fields = decode_natpmp_answer(answer)
-    assert fields is not None and fields["external_port"] not in (0, 40000)
+    (answer,) = _ask(sim, nat, host.bind(41000), _pmp_map(40000, 40000, 7200))
+    granted = natpmp.parse_response(answer)
+    assert isinstance(granted, natpmp.MapResponse)
+    assert granted.external_port not in (0, 40000)
 
 
-# -- the worker's client ------------------------------------------------------------------------
+# -- the worker's client (the core's PortMapper on the simulated network) -----------------------
 
 
 def _client(protocols: frozenset[str]) -> tuple[Simulation, SimPortMapClient, list[object]]:
@@ -155,6 +156,7 @@ def _client(protocols: frozenset[str]) -> tuple[Simulation, SimPortMapClient, li
     client = SimPortMapClient(sim.clock, host, nat, (host.ip, 40000), got.append, random.Random(1))
     client.start()
     sim.run_for(2.0)
+    assert client.settled
     return sim, client, got
 
 
@@ -169,39 +171,58 @@ def _client(protocols: frozenset[str]) -> tuple[Simulation, SimPortMapClient, li
 def test_client_prefers_natpmp_then_pcp_then_upnp(protocols: frozenset[str], chosen: str) -> None:
     _, client, got = _client(protocols)
     assert client.answered == protocols
-    assert len(got) == 1
-    mapping = got[0]
-    assert mapping is not None and mapping.protocol == chosen  # type: ignore[attr-defined]
-    assert (mapping.port, mapping.lifetime_s) == (40000, 7200.0)  # type: ignore[attr-defined]
+    assert got == [
+        PortMapping(protocol=chosen, ip=client.nat.public_ip, port=40000, lifetime_s=7200.0)
+    ]
 
 
-def test_client_reports_none_once_when_nothing_answers() -> None:
+def test_client_settles_with_nothing_when_nothing_answers() -> None:
     _, client, got = _client(frozenset())
-    assert got == [None]
+    assert got == []
     assert client.answered == set()
-    assert client.stats["no_protocol"] == 1
+    assert client.mapper.state == "unavailable"
 
 
 def test_client_renews_at_half_life_and_deletes_on_stop() -> None:
     sim, client, got = _client(frozenset({"nat-pmp"}))
     nat = client.nat
     sim.run_for(3600.0)
-    assert client.stats["requests_nat-pmp"] == 2
+    assert (client.stats["portmap_renewals"], client.stats["portmap_grants"]) == (1, 2)
     assert len(got) == 1  # the same mapping: nothing new to tell the engine
     client.stop()
     sim.run_for(1.0)
     assert nat.responder.leases == {}
 
 
+@pytest.mark.parametrize("protocol", ["pcp", "upnp"])
+def test_client_deletes_its_mapping_on_stop(protocol: str) -> None:
+    sim, client, got = _client(frozenset({protocol}))
+    assert client.nat.responder.lease_for(client.internal, sim.now) is not None
+    client.stop()
+    sim.run_for(1.0)
+    assert client.nat.responder.leases == {}
+    assert got[-1] is None  # the mapper says it is gone: the engine stops offering it
+
+
 def test_client_drops_answers_not_from_the_gateway() -> None:
     sim, client, got = _client(frozenset({"nat-pmp"}))
     intruder = sim.add_host(behind=client.nat)
-    forged = bytes([0, 129, 0, 0, 0, 0, 0, 9]) + (40000).to_bytes(2, "big") + bytes(6)
+    forged = bytes(natpmp.MapResponse(1, 0, 9, 40000, 1234, 7200))
     for _ in range(3):
         intruder.bind(0).sendto(forged, client.socket.address)
     sim.run_for(1.0)
-    assert client.stats["dropped_not_gateway"] == 3
+    assert client.stats["portmap_drop_not_gateway"] == 3
     assert len(got) == 1
+
+
+def test_a_rebooted_router_is_noticed_and_the_mapping_made_again() -> None:
+    sim, client, got = _client(frozenset({"pcp"}))
+    sim.run_for(2000.0)
+    client.nat.reboot(5.0)  # loses every lease, its epoch starts again
+    sim.run_for(3600.0)  # the renewal's answer carries the new epoch
+    assert client.stats["portmap_drop_epoch"] >= 1
+    assert client.nat.responder.lease_for(client.internal, sim.now) is not None
+    assert got[-1] is not None
 
 
 # -- whole workers ------------------------------------------------------------------------------
@@ -236,8 +257,10 @@ def test_issue_pairs_connect_directly_through_the_mapping(spec_a: str, spec_b: s
 
 
 def _mapped_link(seed: int, lease_s: float) -> tuple[Simulation, PortMapNat, LinkResult]:
+    """A symmetric+pcp site whose router grants ``lease_s`` (PCP: its max_lifetime caps it)."""
     sim = Simulation(seed=seed)
-    nat = sim.add_nat("symmetric", portmap=PortMapConfig(max_lifetime_s=lease_s), name="nat_a")
+    config = PortMapConfig(protocols=frozenset({"pcp"}), max_lifetime_s=lease_s)
+    nat = sim.add_nat("symmetric", portmap=config, name="nat_a")
     assert isinstance(nat, PortMapNat)
     link = sim.pair(sim.add_host(nat, name="a"), sim.add_site("symmetric", "b"))
     assert (link.outcome, link.method, link.family) == ("direct", "port-mapping", "ipv4")
@@ -264,16 +287,18 @@ def test_lease_deleted_mid_link_keeps_its_flow_and_is_renewed() -> None:
 
 
 def test_lease_flushed_mid_link_is_replaced_and_chat_arrives_once() -> None:
-    """A conntrack flush kills the flow too: the link is lost, the worker asks the router again,
-    the engines re-punch to the mapped port, and chat flows exactly once."""
-    sim, nat, link = _mapped_link(seed=4, lease_s=7200.0)
+    """A conntrack flush kills the flow too: the link is lost and punching to the mapped port
+    fails until the worker's renewal (half of the 120 s lease) makes the lease again; then the
+    engines re-punch through it, and chat flows exactly once."""
+    sim, nat, link = _mapped_link(seed=4, lease_s=120.0)
     a, b = link.a, link.b
     assert nat.delete_lease(a.local_address, flush=True) is not None
     during = b.send_chat("during the outage")
-    sim.run_for(60.0)
-    assert a.state == b.state == "connected"
-    assert a.portmap is not None and a.portmap.stats["refreshes"] >= 1
+    sim.run_for(90.0)
+    assert "lost" in a.states and a.state == b.state == "connected"
+    assert a.portmap is not None and a.portmap.stats["portmap_renewals"] >= 1
     assert nat.responder.lease_for(a.local_address, sim.now) is not None
+    assert b.engine.method == a.engine.method == "port-mapping"
     after = b.send_chat("after the lease came back")
     sim.run_for(10.0)
     assert a.chats_received.count("after the lease came back") == 1
@@ -282,4 +307,3 @@ def test_lease_flushed_mid_link_is_replaced_and_chat_arrives_once() -> None:
     assert a.chats_received.count("during the outage") <= 1
     fates = b.events_of(ev.ChatDelivered) + b.events_of(ev.ChatFailed)
     assert during in [e.msg_id for e in fates]  # type: ignore[attr-defined]
-    assert b.engine.method == a.engine.method == "port-mapping"

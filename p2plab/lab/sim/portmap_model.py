@@ -17,55 +17,30 @@ What a router running miniupnpd does, as far as a peer-to-peer link can tell:
   get in, while the flows already running through it live on (conntrack keeps them, idle timer
   ``mapping_timeout``), unless ``flush`` drops them too (a conntrack flush, a reboot).
 
-The wire codecs here are minimal (the requests a client sends, the answers miniupnpd gives) and sit
-behind :class:`PortMapResponder` only, so the core's codecs (``core/natpmp.py``, ``core/pcp.py``,
-issue 18's client) can replace them without touching the NAT.  UPnP is not modelled on the wire
-(SSDP and SOAP are TCP/HTTP; the client's driver feeds the library's result to the core):
+The wire is the core's codecs (:mod:`p2plab.core.natpmp`, :mod:`p2plab.core.pcp`), the ones the
+worker's :class:`~p2plab.core.portmap.PortMapper` speaks.  UPnP is not modelled on the wire (SSDP
+and SOAP are TCP/HTTP; the worker's driver feeds the library's result to the core):
 :meth:`PortMapResponder.upnp_add_port_mapping` is the call.
 """
 
 from __future__ import annotations
 
-import ipaddress
 import random
-import struct
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from p2plab.errors import ConfigError
+from p2plab.core import natpmp, pcp
+from p2plab.errors import ConfigError, PortMapError
 from p2plab.lab.simnet import Address, Nat
 
-__all__ = [
-    "PCP_ANNOUNCE",
-    "PCP_MAP",
-    "PORTMAP_PORT",
-    "PROTOCOLS",
-    "Lease",
-    "PortMapConfig",
-    "PortMapNat",
-    "PortMapResponder",
-    "decode_natpmp_answer",
-    "decode_pcp_answer",
-    "natpmp_map_request",
-    "pcp_announce_request",
-    "pcp_map_request",
-]
+__all__ = ["PORTMAP_PORT", "PROTOCOLS", "Lease", "PortMapConfig", "PortMapNat", "PortMapResponder"]
 
 #: The gateway's NAT-PMP and PCP server port (RFC 6886 section 3, RFC 6887 section 19.1).
-PORTMAP_PORT = 5351
+PORTMAP_PORT = natpmp.PORT
 #: The protocols a router may offer, in the client's order of preference (Tailscale's).
 PROTOCOLS: tuple[str, ...] = ("nat-pmp", "pcp", "upnp")
-
-PCP_ANNOUNCE = 0
-PCP_MAP = 1
-_PMP_OP_ADDRESS = 0
-_PMP_OP_MAP_UDP = 1
-_PMP_UNSUPPORTED_OPCODE = 5
-_PCP_UNSUPP_OPCODE = 4
-_PCP_MALFORMED = 3
-_UDP = 17
 
 
 @dataclass(frozen=True)
@@ -75,9 +50,10 @@ class PortMapConfig:
     protocols: frozenset[str] = frozenset({"nat-pmp", "pcp"})
     """The protocols it answers (subset of :data:`PROTOCOLS`); ``+pmp`` is NAT-PMP and PCP."""
     min_lifetime_s: float = 120.0
-    """Shortest lease it grants (miniupnpd's PCP ``min_lifetime``); shorter asks are raised."""
+    """Shortest PCP and UPnP lease it grants (miniupnpd's ``min_lifetime``); shorter asks are
+    raised.  NAT-PMP leases are granted as asked (miniupnpd 2.3.1)."""
     max_lifetime_s: float = 86400.0
-    """Longest lease it grants (miniupnpd's ``max_lifetime``); longer asks are cut."""
+    """Longest PCP and UPnP lease it grants (miniupnpd's ``max_lifetime``); longer are cut."""
     answer_delay_s: float = 0.001
     """The router's time to answer one request (its processing)."""
     upnp_delay_s: float = 0.03
@@ -109,66 +85,6 @@ class Lease:
     """Virtual time it ends unless renewed."""
     remotes: set[Address] = field(default_factory=set)
     """Remote endpoints that came in through it (conntrack: their replies leave by the lease)."""
-
-
-# -- wire: the client's requests (what a test or the sim client sends) --------------------------
-
-
-def natpmp_map_request(internal_port: int, external_port: int, lifetime_s: int) -> bytes:
-    """A NAT-PMP UDP mapping request (RFC 6886 section 3.3)."""
-    return struct.pack("!BBHHHI", 0, _PMP_OP_MAP_UDP, 0, internal_port, external_port, lifetime_s)
-
-
-def pcp_announce_request(client_ip: str) -> bytes:
-    """A PCP ANNOUNCE request (RFC 6887 section 14.1): the header alone."""
-    return _pcp_header(PCP_ANNOUNCE, 0, client_ip)
-
-
-def pcp_map_request(
-    client_ip: str, nonce: bytes, internal_port: int, external_port: int, lifetime_s: int
-) -> bytes:
-    """A PCP MAP request for UDP (RFC 6887 section 11.1), suggesting ``external_port``."""
-    body = nonce + struct.pack("!B3xHH", _UDP, internal_port, external_port) + bytes(16)
-    return _pcp_header(PCP_MAP, lifetime_s, client_ip) + body
-
-
-def _pcp_header(opcode: int, lifetime_s: int, client_ip: str) -> bytes:
-    ip16 = ipaddress.IPv6Address(f"::ffff:{client_ip}").packed
-    return struct.pack("!BBHI", 2, opcode, 0, lifetime_s) + ip16
-
-
-def decode_natpmp_answer(data: bytes) -> dict[str, Any] | None:
-    """A NAT-PMP answer's fields (``op``, ``result``, ``epoch``, and for a mapping
-    ``internal_port``, ``external_port``, ``lifetime_s``; for the address op ``ip``), or None
-    if it is not one."""
-    if len(data) < 8 or data[0] != 0 or data[1] < 128:
-        return None
-    op, result, epoch = data[1] - 128, *struct.unpack("!HI", data[2:8])
-    out: dict[str, Any] = {"op": op, "result": result, "epoch": epoch}
-    if op == _PMP_OP_ADDRESS and len(data) >= 12:
-        out["ip"] = str(ipaddress.IPv4Address(data[8:12]))
-    elif op in (1, 2) and len(data) >= 16:
-        out["internal_port"], out["external_port"], out["lifetime_s"] = struct.unpack(
-            "!HHI", data[8:16]
-        )
-    return out
-
-
-def decode_pcp_answer(data: bytes) -> dict[str, Any] | None:
-    """A PCP answer's fields (``op``, ``result``, ``lifetime_s``, ``epoch``, and for MAP ``nonce``,
-    ``internal_port``, ``external_port``, ``ip``), or None if it is not one."""
-    if len(data) < 24 or data[0] != 2 or not data[1] & 0x80:
-        return None
-    op = data[1] & 0x7F
-    result = data[3]
-    lifetime, epoch = struct.unpack("!II", data[4:12])
-    out: dict[str, Any] = {"op": op, "result": result, "lifetime_s": lifetime, "epoch": epoch}
-    if op == PCP_MAP and len(data) >= 60:
-        out["nonce"] = data[24:36]
-        out["internal_port"], out["external_port"] = struct.unpack("!HH", data[40:44])
-        ip = ipaddress.IPv6Address(data[44:60])
-        out["ip"] = str(ip.ipv4_mapped or ip)
-    return out
 
 
 # -- the router's side ----------------------------------------------------------------------------
@@ -226,13 +142,23 @@ class PortMapResponder:
         return lease
 
     def grant(
-        self, protocol: str, internal: Address, suggested: int, lifetime: float, now: float
+        self,
+        protocol: str,
+        internal: Address,
+        suggested: int,
+        lifetime: float,
+        now: float,
+        *,
+        clamp: bool = True,
     ) -> Lease | None:
-        """Create or renew ``internal``'s lease; None when no port is free or on delete (0 s)."""
+        """Create or renew ``internal``'s lease; None when no port is free or on delete (0 s).
+        ``clamp``: the lifetime is held to ``[min_lifetime_s, max_lifetime_s]``."""
         if lifetime <= 0:
             self.delete(internal)
             return None
-        life = min(max(lifetime, self.config.min_lifetime_s), self.config.max_lifetime_s)
+        life = lifetime
+        if clamp:
+            life = min(max(lifetime, self.config.min_lifetime_s), self.config.max_lifetime_s)
         lease = self.lease_for(internal, now)
         if lease is None:
             port = self._choose_port(internal, suggested, now)
@@ -271,70 +197,66 @@ class PortMapResponder:
 
     def handle_datagram(self, data: bytes, src: Address, now: float) -> bytes | None:
         """A datagram to the gateway's port 5351 from LAN endpoint ``src``: the answer, or None
-        (not offered, or junk: counted)."""
-        if len(data) >= 2 and data[0] == 0:
+        (not offered, or junk: counted).  The core's codecs read and write the wire."""
+        try:
+            if data[:1] == bytes([pcp.VERSION]):
+                if "pcp" not in self.config.protocols:
+                    self.stats["pcp_not_offered"] += 1
+                    return None
+                return self._pcp(pcp.parse_request(data), src, now)
             if "nat-pmp" not in self.config.protocols:
                 self.stats["natpmp_not_offered"] += 1
                 return None
-            return self._natpmp(data, src, now)
-        if len(data) >= 24 and data[0] == 2:
-            if "pcp" not in self.config.protocols:
-                self.stats["pcp_not_offered"] += 1
-                return None
-            return self._pcp(data, src, now)
-        self.stats["junk"] += 1
-        return None
-
-    def _natpmp(self, data: bytes, src: Address, now: float) -> bytes | None:
-        op = data[1]
-        epoch = self.epoch(now)
-        if op == _PMP_OP_ADDRESS and len(data) == 2:
-            self.stats["natpmp_address"] += 1
-            ip = ipaddress.IPv4Address(self.public_ip).packed
-            return struct.pack("!BBHI", 0, 128, 0, epoch) + ip
-        if op == _PMP_OP_MAP_UDP and len(data) == 12:
-            _, _, _, internal_port, suggested, lifetime = struct.unpack("!BBHHHI", data)
-            internal = (src[0], internal_port)
-            lease = self.grant("nat-pmp", internal, suggested or internal_port, lifetime, now)
-            self.stats["natpmp_map"] += 1
-            port = lease.external_port if lease is not None else 0
-            life = int(lease.expires_at - now) if lease is not None else 0
-            return struct.pack("!BBHIHHI", 0, 128 + op, 0, epoch, internal_port, port, life)
-        if op > 2:
-            self.stats["natpmp_unsupported"] += 1
-            return struct.pack("!BBHI", 0, 128 + op, _PMP_UNSUPPORTED_OPCODE, epoch)
-        self.stats["junk"] += 1
-        return None
-
-    def _pcp(self, data: bytes, src: Address, now: float) -> bytes | None:
-        op = data[1] & 0x7F
-        lifetime = struct.unpack("!I", data[4:8])[0]
-        epoch = self.epoch(now)
-        if data[1] & 0x80:
+            return self._natpmp(natpmp.parse_request(data), src, now)
+        except PortMapError:
             self.stats["junk"] += 1
             return None
-        if op == PCP_ANNOUNCE:
-            self.stats["pcp_announce"] += 1
-            return self._pcp_answer(op, 0, 0, epoch, b"")
-        if op != PCP_MAP:
-            self.stats["pcp_unsupported"] += 1
-            return self._pcp_answer(op, _PCP_UNSUPP_OPCODE, 0, epoch, b"")
-        if len(data) < 60 or data[36] != _UDP:
-            self.stats["pcp_malformed"] += 1
-            return self._pcp_answer(op, _PCP_MALFORMED, 0, epoch, b"")
-        nonce = data[24:36]
-        internal_port, suggested = struct.unpack("!HH", data[40:44])
-        lease = self.grant("pcp", (src[0], internal_port), suggested, lifetime, now)
-        self.stats["pcp_map"] += 1
-        port = lease.external_port if lease is not None else 0
-        life = int(lease.expires_at - now) if lease is not None else 0
-        ip16 = ipaddress.IPv6Address(f"::ffff:{self.public_ip}").packed
-        body = nonce + struct.pack("!B3xHH", _UDP, internal_port, port) + ip16
-        return self._pcp_answer(op, 0, life, epoch, body)
 
-    @staticmethod
-    def _pcp_answer(op: int, result: int, life: int, epoch: int, body: bytes) -> bytes:
-        return struct.pack("!BBxBII12x", 2, 0x80 | op, result, life, epoch) + body
+    def _natpmp(self, req: natpmp.Request, src: Address, now: float) -> bytes:
+        epoch = self.epoch(now)
+        if isinstance(req, natpmp.ExternalAddressRequest):
+            self.stats["natpmp_address"] += 1
+            return bytes(natpmp.ExternalAddressResponse(0, epoch, self.public_ip))
+        if req.opcode != natpmp.OP_MAP_UDP:
+            self.stats["natpmp_unsupported"] += 1
+            code = natpmp.ResultCode.UNSUPPORTED_OPCODE
+            return bytes(natpmp.MapResponse(req.opcode, code, epoch, req.internal_port, 0, 0))
+        internal = (src[0], req.internal_port)
+        suggested = req.external_port or req.internal_port
+        # miniupnpd 2.3.1 grants NAT-PMP leases as asked (its max_lifetime caps PCP only).
+        lease = self.grant("nat-pmp", internal, suggested, req.lifetime_s, now, clamp=False)
+        self.stats["natpmp_map"] += 1
+        if lease is None and req.lifetime_s:
+            code = natpmp.ResultCode.OUT_OF_RESOURCES
+            return bytes(natpmp.MapResponse(req.opcode, code, epoch, req.internal_port, 0, 0))
+        port = lease.external_port if lease is not None else 0
+        life = round(lease.expires_at - now) if lease is not None else 0
+        return bytes(natpmp.MapResponse(req.opcode, 0, epoch, req.internal_port, port, life))
+
+    def _pcp(self, req: pcp.Request, src: Address, now: float) -> bytes:
+        epoch = self.epoch(now)
+        if req.opcode == pcp.ANNOUNCE:
+            self.stats["pcp_announce"] += 1
+            return bytes(pcp.Response(pcp.ANNOUNCE, 0, 0, epoch))
+        body = req.map
+        if req.opcode != pcp.MAP or body is None:
+            self.stats["pcp_unsupported"] += 1
+            return bytes(pcp.Response(req.opcode, pcp.ResultCode.UNSUPP_OPCODE, 0, epoch))
+        if req.client_ip != src[0]:  # RFC 6887 section 8.3: the source address is checked
+            self.stats["pcp_address_mismatch"] += 1
+            return bytes(pcp.Response(pcp.MAP, pcp.ResultCode.ADDRESS_MISMATCH, 0, epoch, body))
+        if body.protocol != pcp.PROTO_UDP:
+            self.stats["pcp_unsupported"] += 1
+            return bytes(pcp.Response(pcp.MAP, pcp.ResultCode.UNSUPP_PROTOCOL, 0, epoch, body))
+        lease = self.grant("pcp", (src[0], body.internal_port), body.external_port,
+                           req.lifetime_s, now)  # fmt: skip
+        self.stats["pcp_map"] += 1
+        if lease is None and req.lifetime_s:
+            return bytes(pcp.Response(pcp.MAP, pcp.ResultCode.NO_RESOURCES, 0, epoch, body))
+        port = lease.external_port if lease is not None else body.external_port
+        life = round(lease.expires_at - now) if lease is not None else 0
+        answer = pcp.MapData(body.nonce, pcp.PROTO_UDP, body.internal_port, port, self.public_ip)
+        return bytes(pcp.Response(pcp.MAP, 0, life, epoch, answer))
 
 
 # -- the NAT box --------------------------------------------------------------------------------

@@ -21,16 +21,18 @@ socket (the other pool sockets and the old socket closed, the STUN client moved 
 tells the engine, ``ClosePool`` closes them all.
 
 Port mapping (issue 18): behind a NAT whose router offers it
-(:class:`~p2plab.lab.sim.portmap_model.PortMapNat`), the worker runs
-:class:`~p2plab.lab.sim.portmap_client.SimPortMapClient` from its start for the link socket's port,
-and hands what it gets to ``engine.set_port_mapping``; it asks again at once when the link is
-lost (the lease may be what went).  IPv6 (issue 19): a host with an IPv6 address gets a second
-socket on it (one socket per family, as the asyncio driver does), datagrams leave by the socket
-of their destination's family, and a Binding to the STUN server's IPv6 address gives
-``engine.set_endpoint6``.  Discovery answers the engine (``discovered``) once all of these have
-settled (STUN and the NAT test, STUN over IPv6, the port-mapping probe), mapping and IPv6 endpoint
-first, so the first ``update_udp_endpoint`` already carries them.  An IPv6-only host's link socket
-is its IPv6 one; it discovers over IPv6 and skips the NAT test (there is no NAT).
+(:class:`~p2plab.lab.sim.portmap_model.PortMapNat`), the worker runs the core's ``PortMapper``
+(:class:`~p2plab.lab.sim.portmap_client.SimPortMapClient`) from its start for the link socket's
+port, and hands grants and losses to ``engine.set_port_mapping``, as the asyncio worker does.
+
+IPv6 (issue 19): a host with an IPv6 address gets a second socket on it (one socket per family,
+as the asyncio driver does), datagrams leave by the socket of their destination's family, and a
+Binding to the STUN server's IPv6 address gives ``engine.set_endpoint6``.  An IPv6-only host's
+link socket is its IPv6 one; it discovers over IPv6 and skips the NAT test (there is no NAT).
+
+Discovery answers the engine (``discovered``) once all of these have settled (STUN and the NAT
+test, STUN over IPv6, the port-mapping probe), mapping and IPv6 endpoint first, so the first
+``update_udp_endpoint`` already carries them and the offers made from it too.
 """
 
 from __future__ import annotations
@@ -150,7 +152,13 @@ class SimWorker:
         self.portmap: SimPortMapClient | None = None
         if port_mapping and isinstance(host.nat, PortMapNat) and not v6_only:
             self.portmap = SimPortMapClient(
-                sim.clock, host, host.nat, sock.address, self._on_mapping, sim.rng
+                sim.clock,
+                host,
+                host.nat,
+                sock.address,
+                self._on_mapping,
+                sim.rng,
+                on_settled=self._on_mapping_settled,
             )
         self._pending: set[str] = set()  # what discovery still waits for
         # STUN's answer (public, error, hint), held until the other parts of discovery settle.
@@ -294,13 +302,9 @@ class SimWorker:
             while (cmd := engine.next_command()) is not None:
                 self._carry_out(cmd)
             again = self._adopted
-        lost = False
         while (event := engine.next_event()) is not None:
             self.events.append((now, event))
             log.debug("%.3f %s: %s", now, self.worker_id, event)
-            lost = lost or (isinstance(event, ev.StateChanged) and event.state == "lost")
-        if lost and self.portmap is not None:
-            self.portmap.refresh()
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
@@ -356,9 +360,10 @@ class SimWorker:
             return
         self.engine.set_port_mapping(mapping, self.sim.now)
         self.pump()
-        if not self._mapping_settled:
-            self._mapping_settled = True
-            self._settle("portmap")
+
+    def _on_mapping_settled(self) -> None:
+        self._mapping_settled = True
+        self._settle("portmap")
 
     def _on_timer(self) -> None:
         self._timer = None
