@@ -40,16 +40,31 @@ PORTMAP_V6_SITES: tuple[str, ...] = tuple(dict.fromkeys(s for pair in EXPECTED_S
 
 
 def expected_row(spec_a: str, spec_b: str, lan: bool = False) -> dict[str, str | None]:
-    """``expected``, ``expected_method`` and ``expected_family`` for a pair (None: no claim)."""
+    """``expected``, ``expected_method`` and ``expected_family`` for a pair (None: no claim).
+
+    The kernel lab's rules: two hosts of one site connect directly (over IPv6 when the site has
+    it); :data:`EXPECTED_SITES` for the issues' pairs; a pair whose sites
+    both have IPv6 goes direct over IPv6 (``p2plab.lab.ipv6``'s expected family); sites with no
+    family in common fail (the rendezvous relay carries them); a pair with a port-mapping site
+    goes direct over IPv4 through the mapping (``p2plab.lab.matrix``'s site outcome); other
+    IPv4 pairs follow natlab.md's table with birthday punching."""
+    a, b = parse_site(spec_a), parse_site(spec_b)
     family: str | None
-    if (spec_a, spec_b) in EXPECTED_SITES:
-        outcome, method, family = EXPECTED_SITES[(spec_a, spec_b)]
-    elif lan:
-        v6 = parse_site(spec_a).v4 is None
+    method: str | None
+    if lan:
+        v6 = a.v6 is not None and b.v6 is not None
         outcome, method, family = "direct", "direct", "ipv6" if v6 else "ipv4"
-    elif (spec_a, spec_b) in EXPECTED_OUTCOMES:
-        outcome = EXPECTED_OUTCOMES[(spec_a, spec_b)]
-        method = EXPECTED_METHODS[(spec_a, spec_b)]
+    elif (spec_a, spec_b) in EXPECTED_SITES:
+        outcome, method, family = EXPECTED_SITES[(spec_a, spec_b)]
+    elif a.v6 is not None and b.v6 is not None:
+        outcome, method, family = "direct", "direct", "ipv6"
+    elif a.v4 is None or b.v4 is None:  # no family in common
+        outcome, method, family = "failed", None, None
+    elif a.portmap or b.portmap:
+        outcome, method, family = "direct", "port-mapping", "ipv4"
+    elif (a.v4, b.v4) in EXPECTED_OUTCOMES:  # IPv4 alone (one side may have IPv6 too)
+        outcome = EXPECTED_OUTCOMES[(a.v4, b.v4)]
+        method = EXPECTED_METHODS[(a.v4, b.v4)]
         family = "ipv4" if outcome == "direct" else None
     else:
         return {"expected": None, "expected_method": None, "expected_family": None}
