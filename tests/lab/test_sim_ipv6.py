@@ -143,3 +143,27 @@ def test_ranking_picks_ipv6_when_both_families_would_do() -> None:
     assert link.b.chats_received == ["over v6"]
     fw_b = sim.net.firewalls6[_v6(b)]
     assert fw_b.stats["in"] > 0 and a.nat is not None and a.nat.stats["in"] < fw_b.stats["in"]
+
+
+@pytest.mark.parametrize(
+    ("spec", "filtering", "words"),
+    [
+        ("v6-open", "endpoint-independent", "Open Internet"),
+        ("v6-apdf", "address-and-port-dependent", "Symmetric UDP Firewall"),
+        ("v6-eif", "endpoint-independent", "Open Internet"),
+    ],
+)
+def test_rfc5780_over_ipv6_sees_the_firewall(spec: str, filtering: str, words: str) -> None:
+    sim = Simulation(seed=1)
+    report = sim.probe(sim.add_site(spec, "h"))
+    assert (report.mapping.value, report.filtering.value) == ("endpoint-independent", filtering)
+    assert (report.behind_nat, report.classic_rfc5780, report.classic) == (False, words, None)
+    assert report.mapped == report.local and ":" in report.mapped[0]
+
+
+def test_matrix_classifies_a_dual_stack_site_on_both_families() -> None:
+    (row,) = sim_matrix(pairs=[("symmetric/v6-apdf", "v6-eif")], seed=2)
+    assert row["a_nat"] == "address-and-port-dependent/address-and-port-dependent"
+    assert row["a_filtering6"] == "address-and-port-dependent"
+    assert row["b_nat"] == "endpoint-independent/endpoint-independent"
+    assert (row["outcome"], row["family"]) == ("direct", "ipv6")

@@ -94,9 +94,10 @@ def sim_matrix(
     message crossed it exactly once, else empty), ``method``
     (direct/port-mapping/birthday/predicted/relay: how the engines made the link), ``family``
     (ipv4/ipv6: the direct link's), ``connect_s`` (virtual), ``path`` (public/lan/relayed), the
-    endpoints, the workers' last states, both sides' classification over IPv4 (RFC 3489 and
-    RFC 5780), ``expected``, ``expected_method`` and ``expected_family`` (:func:`expected_row`:
-    natlab.md's table with birthday punching, and :data:`EXPECTED_SITES`),
+    endpoints, the workers' last states, both sides' classification (RFC 3489 and RFC 5780;
+    over IPv6 for an IPv6-only site, and ``a_filtering6``/``b_filtering6`` for a dual-stack
+    one's firewall), ``expected``, ``expected_method`` and ``expected_family``
+    (:func:`expected_row`: the kernel lab's rules and :data:`EXPECTED_SITES`),
     ``birthday_probes`` and ``seed``.  ``config`` is the workers' session config;
     ``relay=False`` turns the engines' relay fallback off; ``birthday`` their birthday punching
     settings (``BirthdayConfig(enabled=False)``: plain punching only, as before issue 16).
@@ -123,14 +124,14 @@ def sim_matrix(
         row: dict[str, Any] = {"profile_a": prof_a, "profile_b": prof_b, "same_lan": lan}
         if classify:
             for side, host in (("a", host_a), ("b", host_b)):
-                if ":" in host.ip:  # IPv6 only: no NAT to classify
-                    continue
-                report = sim.probe(host)
+                report = sim.probe(host)  # IPv4 where the host has it, else IPv6
                 row[f"{side}_mapping"] = report.mapping.value
                 row[f"{side}_filtering"] = report.filtering.value
                 row[f"{side}_nat"] = f"{report.mapping.value}/{report.filtering.value}"
                 row[f"{side}_classic"] = report.classic
                 row[f"{side}_classic_rfc5780"] = report.classic_rfc5780
+                if len(host.ips) > 1:  # dual-stack: the IPv6 firewall's filtering too
+                    row[f"{side}_filtering6"] = sim.probe(host, family="ipv6").filtering.value
         engine = EngineConfig(birthday=birthday or BirthdayConfig())
         result = sim.pair(host_a, host_b, config=engine, session=config, skew=skew, relay=relay)
         row.update(result.to_dict())

@@ -27,6 +27,7 @@ from p2plab.lab.sim.ipv6 import (
     Firewall6,
     FirewallBehavior,
     SimNetwork,
+    is_ipv6,
 )
 from p2plab.lab.sim.peer import SimPeer
 from p2plab.lab.sim.portmap_model import PortMapConfig, PortMapNat
@@ -307,14 +308,15 @@ class Simulation:
 
     # -- STUN and classification ------------------------------------------------------------------
 
-    def _probe_peer(self, host: Host) -> SimPeer:
+    def _probe_peer(self, host: Host, ip: str | None = None) -> SimPeer:
         # Probe sockets live at 50000 and up, away from the 40000s the peers use, and a port is
         # never reused: the NAT may still hold the previous probe's mapping and permissions.
+        ip = ip or host.ip
         port = self._probe_ports.get(host.name, 50000)
-        while (host.ip, port) in host.sockets:
+        while (ip, port) in host.sockets:
             port += 1
         self._probe_ports[host.name] = port + 1
-        return SimPeer(self, host, host.bind(port), f"{host.name}-probe")
+        return SimPeer(self, host, host.bind(port, ip), f"{host.name}-probe")
 
     def classic_probe(self, host: Host) -> str:
         """The RFC 3489 section 10.1 test sequence as pystun3 runs it; returns pystun3's words
@@ -325,22 +327,29 @@ class Simulation:
         finally:
             p.socket.close()
 
-    def probe(self, host: Host, *, classic: bool = True) -> NatReport:
+    def probe(self, host: Host, *, classic: bool = True, family: str | None = None) -> NatReport:
         """RFC 5780 NAT behaviour discovery for ``host`` against the simulated STUN server, on a
         fresh socket: the core's procedure (:class:`~p2plab.core.discovery.Rfc5780Discovery`,
         the one workers run), then with ``classic`` the RFC 3489 sequence on another socket.
+        ``family`` (``ipv4``, ``ipv6``; default: the host's first address's) picks the host's
+        address and the server's; over IPv6 there is no classic sequence (pystun3 has none),
+        and a firewall shows as its filtering with endpoint-independent "mapping" (none).
 
         Filtering tests run first, then the mapping tests on the same socket, which is what
         makes a leaky NAT show its remapping.
         """
-        p = self._probe_peer(host)
+        v6 = is_ipv6(host.ip) if family is None else family == "ipv6"
+        ip = next((a for a in host.ips if is_ipv6(a) == v6), None)
+        if ip is None:
+            raise ConfigError(f"{host.name} has no {'IPv6' if v6 else 'IPv4'} address")
+        p = self._probe_peer(host, ip)
         try:
-            result = rfc5780_discovery(p, [self.stun.primary])
+            result = rfc5780_discovery(p, [(self.stun6 if v6 else self.stun).primary])
         finally:
             p.socket.close()
         if result.mapped is None:
             return replace(result.report(), local=p.local_address)
-        return result.report(self.classic_probe(host) if classic else None)
+        return result.report(self.classic_probe(host) if classic and not v6 else None)
 
     # -- punching -------------------------------------------------------------------------------
 
