@@ -307,3 +307,29 @@ def test_lease_flushed_mid_link_is_replaced_and_chat_arrives_once() -> None:
     assert a.chats_received.count("during the outage") <= 1
     fates = b.events_of(ev.ChatDelivered) + b.events_of(ev.ChatFailed)
     assert during in [e.msg_id for e in fates]  # type: ignore[attr-defined]
+
+
+def test_hostile_requests_never_crash_the_router() -> None:
+    """Mutations of valid requests and random bytes: each is answered or dropped and counted."""
+    _, nat, host, _ = _site(frozenset({"nat-pmp", "pcp", "upnp"}))
+    rng = random.Random(18)
+    body = pcp.MapData(bytes(12), pcp.PROTO_UDP, 40000, 40000, "0.0.0.0")
+    seeds = [
+        _pmp_map(40000, 40000, 7200),
+        bytes(natpmp.ExternalAddressRequest()),
+        bytes(pcp.Request(pcp.MAP, 7200, host.ip, body)),
+        bytes(pcp.Request(pcp.ANNOUNCE, 0, host.ip)),
+    ]
+    src = (host.ip, 41000)
+    answered = 0
+    for i in range(3000):
+        data = bytearray(rng.choice(seeds))
+        for _ in range(rng.randint(1, 4)):
+            data[rng.randrange(len(data))] = rng.randrange(256)
+        if i % 5 == 0:
+            data = bytearray(rng.randbytes(rng.randint(0, 1200)))
+        answered += nat.responder.handle_datagram(bytes(data), src, float(i)) is not None
+    stats = nat.responder.stats
+    assert 0 < answered < 3000 and stats["junk"] > 0
+    # Whatever was granted went to the sender's own address, never elsewhere.
+    assert {lease.internal[0] for lease in nat.responder.leases.values()} <= {host.ip}

@@ -108,6 +108,7 @@ class PortMapResponder:
         self.boot_time = now
         self.leases: dict[Address, Lease] = {}
         """Live (and not yet swept) leases by internal endpoint."""
+        self._by_port: dict[int, Lease] = {}
         self.stats: Counter[str] = Counter()
 
     def epoch(self, now: float) -> int:
@@ -117,17 +118,23 @@ class PortMapResponder:
     def reset(self, now: float) -> None:
         """Forget every lease and restart the epoch (a reboot)."""
         self.leases.clear()
+        self._by_port.clear()
         self.boot_time = now
 
     def lease_by_port(self, port: int, now: float) -> Lease | None:
-        """The live lease holding external ``port``."""
-        for lease in list(self.leases.values()):
-            if lease.expires_at <= now:
-                self.stats["leases_expired"] += 1
-                del self.leases[lease.internal]
-            elif lease.external_port == port:
-                return lease
+        """The live lease holding external ``port`` (an expired one is swept)."""
+        lease = self._by_port.get(port)
+        if lease is None or lease.expires_at > now:
+            return lease
+        self.stats["leases_expired"] += 1
+        self._drop(lease)
         return None
+
+    def _drop(self, lease: Lease) -> None:
+        if self.leases.get(lease.internal) is lease:
+            del self.leases[lease.internal]
+        if self._by_port.get(lease.external_port) is lease:
+            del self._by_port[lease.external_port]
 
     def lease_for(self, internal: Address, now: float) -> Lease | None:
         """The live lease of ``internal``."""
@@ -136,8 +143,9 @@ class PortMapResponder:
 
     def delete(self, internal: Address) -> Lease | None:
         """Remove ``internal``'s lease (an administrator, or the client's delete)."""
-        lease = self.leases.pop(internal, None)
+        lease = self.leases.get(internal)
         if lease is not None:
+            self._drop(lease)
             self.stats["leases_deleted"] += 1
         return lease
 
@@ -161,12 +169,17 @@ class PortMapResponder:
             life = min(max(lifetime, self.config.min_lifetime_s), self.config.max_lifetime_s)
         lease = self.lease_for(internal, now)
         if lease is None:
+            old = self.leases.get(internal)
+            if old is not None:  # expired, not yet swept
+                self.stats["leases_expired"] += 1
+                self._drop(old)
             port = self._choose_port(internal, suggested, now)
             if port is None:
                 self.stats["out_of_ports"] += 1
                 return None
             lease = Lease(protocol, internal, port, now + life)
             self.leases[internal] = lease
+            self._by_port[port] = lease
             self.stats["leases_granted"] += 1
         else:
             lease.expires_at = now + life
