@@ -259,30 +259,64 @@ class PortMapDriver:
         self._timer: asyncio.TimerHandle | None = None
         self._tasks: set[asyncio.Task[Any]] = set()
         self._igd: IgdDevice | None = None
+        self._watch: asyncio.Task[None] | None = None
         self.client_ip = "0.0.0.0"
 
     async def start(self) -> PortMapDriver:
         """Open the socket and probe."""
-        loop = asyncio.get_running_loop()
-        self.client_ip = _local_ip_towards(self.gateway, self.config.gateway_port)
-        transport, _ = await loop.create_datagram_endpoint(
-            lambda: _MapperProtocol(self), local_addr=(self.client_ip, 0)
-        )
-        self._transport = transport
+        await self._open(self.gateway)
         self._feed(
             lambda now: self.mapper.start(now, self.gateway, self.internal_port, self.client_ip)
         )
         return self
 
-    def network_changed(self, gateway: str) -> None:
-        """Probe again (a new gateway, or the same after a change of network)."""
-        self.gateway = gateway
+    async def _open(self, gateway: str) -> None:
+        # bound to the address the kernel sends from towards the gateway: what PCP's client
+        # address field must say, and the address NAT-PMP maps
+        client_ip = _local_ip_towards(gateway, self.config.gateway_port)
+        transport, _ = await asyncio.get_running_loop().create_datagram_endpoint(
+            lambda: _MapperProtocol(self), local_addr=(client_ip, 0)
+        )
+        if self._transport is not None:
+            self._transport.close()
+        self._transport = transport
+        self.gateway, self.client_ip = gateway, client_ip
+
+    async def network_changed(self, gateway: str) -> None:
+        """Probe again: a new gateway, or a new local address towards it (a new socket)."""
         self._igd = None
-        self.client_ip = _local_ip_towards(gateway, self.config.gateway_port)
+        await self._open(gateway)
         self._feed(lambda now: self.mapper.network_changed(now, gateway, self.client_ip))
+
+    def watch(self, gateway_source: Callable[[], str | None], interval_s: float = 5.0) -> None:
+        """Re-probe when ``gateway_source()`` (e.g. :func:`gateway_for_auto`) or our address
+        towards it changes: a re-read of /proc/net/route every ``interval_s``, no traffic."""
+        self._watch = asyncio.get_running_loop().create_task(
+            self._watch_loop(gateway_source, interval_s), name="portmap-watch"
+        )
+
+    async def _watch_loop(
+        self, gateway_source: Callable[[], str | None], interval_s: float
+    ) -> None:
+        while True:
+            await asyncio.sleep(interval_s)
+            gateway = gateway_source()
+            if gateway is None:
+                continue  # no default route for now: keep what we have
+            try:
+                if (gateway, _local_ip_towards(gateway, self.config.gateway_port)) != (
+                    self.gateway,
+                    self.client_ip,
+                ):
+                    self.stats["portmap_network_changes"] += 1
+                    await self.network_changed(gateway)
+            except OSError as exc:
+                log.debug("port mapping: gateway %s unreachable for now: %s", gateway, exc)
 
     async def stop(self, timeout_s: float = 2.0) -> None:
         """Delete the mapping (one datagram, or DeletePortMapping bounded by ``timeout_s``)."""
+        if self._watch is not None:
+            self._watch.cancel()
         for task in list(self._tasks):  # a probe or AddPortMapping in flight is moot now
             task.cancel()
         self._feed(self.mapper.stop)
@@ -480,10 +514,13 @@ async def start_for_worker(
 
     driver = PortMapDriver(gateway, udp_port, on_event)
     try:
-        return await driver.start()
+        await driver.start()
     except OSError as exc:  # e.g. no route to the gateway: the worker runs without
         log.warning("port mapping: cannot reach gateway %s: %s", gateway, exc)
         return None
+    if setting == "auto":
+        driver.watch(gateway_for_auto)  # a new network: probe its gateway
+    return driver
 
 
 async def probe_port_mapping(

@@ -24,28 +24,9 @@ from p2plab.core import natpmp
 from p2plab.core.portmap import Event, MappingGranted, MappingLost, PortMapperConfig, ProbeDone
 from p2plab.errors import ConfigError
 from tests.conftest import until
-from tests.portmap_gateway import FakeGateway
+from tests.portmap_gateway import FakeGateway, GatewayProtocol
 
 GW = "127.0.0.1"
-
-
-class GatewayProtocol(asyncio.DatagramProtocol):
-    """The FakeGateway behind a UDP socket; ``mute`` drops every request."""
-
-    def __init__(self, gw: FakeGateway) -> None:
-        self.gw = gw
-        self.mute = False
-        self.transport: asyncio.DatagramTransport | None = None
-        self.received: list[tuple[bytes, tuple[str, int]]] = []
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = cast(asyncio.DatagramTransport, transport)
-
-    def datagram_received(self, data: bytes, addr: tuple[str, int]) -> None:
-        self.received.append((data, addr))
-        answer = None if self.mute else self.gw.answer(data, time.monotonic())
-        if answer is not None and self.transport is not None:
-            self.transport.sendto(answer, addr)
 
 
 @dataclass
@@ -354,3 +335,48 @@ def test_auto_never_probes_on_loopback(rendezvous: str, stun: list[str], tmp_pat
     with pytest.raises(ConfigError):
         resolve_gateway("router.example", rendezvous, stun)
     assert is_loopback_server("127.0.0.5:9") and not is_loopback_server("rendezvous.example:80")
+
+
+async def test_upnp_entity_bomb_and_foreign_control_url_are_refused(
+    rig: Rig, igd: tuple[FakeIgd, int]
+) -> None:
+    fake, ssdp_port = igd
+    rig.gateway.mute = True
+    bomb = '<?xml version="1.0"?><!DOCTYPE r [<!ENTITY a "aaaaaaaaaa"><!ENTITY b "&a;&a;&a;">]>'
+    fake.device_xml = bomb + DEVICE_XML.split("?>", 1)[1].replace("fake", "&b;")
+    driver = await rig.driver(ssdp_port=ssdp_port).start()
+    await until(lambda: driver.stats["portmap_upnp_errors"], "the UPnP probe's failure")
+    await driver.stop()
+    # a description whose SCPD lives on another host: never fetched (the library refuses it
+    # itself, and BoundedRequester would), so no WAN service and no UPnP
+    fake.device_xml = DEVICE_XML.replace("<SCPDURL>/scpd.xml", "<SCPDURL>http://127.0.0.2:9/s.xml")
+    rig.events.clear()
+    driver = await rig.driver(ssdp_port=ssdp_port).start()
+    await until(lambda: rig.of(ProbeDone) and not driver._tasks, "the probe's end")
+    assert driver.status()["protocols"] == [] and rig.of(MappingGranted) == []
+    assert fake.actions == []
+    await driver.stop()
+
+
+async def test_a_new_gateway_is_probed_and_mapped(rig: Rig) -> None:
+    loop = asyncio.get_running_loop()
+    other = FakeGateway(ext_ip="203.0.113.77", booted_at=time.monotonic())
+    transport, _ = await loop.create_datagram_endpoint(
+        lambda: GatewayProtocol(other), local_addr=("127.0.0.3", rig.port)
+    )
+    current = [GW]
+    driver = await rig.driver().start()
+    driver.watch(lambda: current[0], interval_s=0.02)
+    try:
+        await until(lambda: rig.of(MappingGranted), "the first mapping")
+        await asyncio.sleep(0.1)  # the same gateway: nothing happens
+        assert driver.stats["portmap_network_changes"] == 0
+        current[0] = "127.0.0.3"
+        await until(lambda: len(rig.of(MappingGranted)) == 2, "the new network's mapping")
+        assert MappingLost("network-changed") in rig.events
+        assert rig.events[-1] == MappingGranted("nat-pmp", "203.0.113.77", 40000, 7200)
+        assert driver.stats["portmap_network_changes"] == 1
+    finally:
+        await driver.stop()
+        transport.close()
+    await until(lambda: not other.mappings, "the delete at the new gateway")

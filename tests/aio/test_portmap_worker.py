@@ -7,11 +7,11 @@ import asyncio
 import random
 import time
 
+from p2plab.aio.portmap import probe_port_mapping
 from p2plab.aio.worker import Worker
 from p2plab.core.signaling import PortMapping
-from tests.aio.test_portmap_aio import GatewayProtocol
 from tests.conftest import until
-from tests.portmap_gateway import FakeGateway
+from tests.portmap_gateway import FakeGateway, GatewayProtocol
 from tests.rendezvous_fixtures import loopback_worker_config, running_rendezvous
 
 
@@ -56,3 +56,20 @@ async def test_auto_with_a_loopback_rendezvous_never_probes() -> None:
             assert worker.status()["port_mapping"] is None
         finally:
             await worker.stop()
+
+
+async def test_probe_reports_protocols_endpoint_and_lease_then_deletes() -> None:
+    gw_ip = f"127.{random.randint(64, 250)}.{random.randint(1, 250)}.1"
+    gw = FakeGateway(booted_at=time.monotonic() - 1000)
+    transport, _ = await asyncio.get_running_loop().create_datagram_endpoint(
+        lambda: GatewayProtocol(gw), local_addr=(gw_ip, 5351)
+    )
+    try:
+        block = await probe_port_mapping(gw_ip, ["127.0.0.1:3478"])  # explicit: probes anyway
+        assert block is not None
+        assert (block["gateway"], block["protocols"]) == (gw_ip, ["nat-pmp", "pcp"])
+        assert (block["external"], block["lease_s"]) == ("198.51.100.7:40000", 7200)
+        await until(lambda: not gw.mappings, "the probe's mapping deleted")
+        assert await probe_port_mapping("auto", ["127.0.0.1:3478"]) is None
+    finally:
+        transport.close()

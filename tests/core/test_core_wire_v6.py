@@ -146,3 +146,35 @@ def test_while_the_rendezvous_is_down_the_next_registration_carries_the_change()
     e.receive_rendezvous(Registered(worker_id="a", observed_ip="198.51.100.1"), 2.1)
     (msg,) = updates(e)
     assert msg.mapped == PMP and msg.udp6 is not None and msg.udp6.ip == "2001:db8:1::2"
+
+
+def test_first_report_waits_for_the_port_mapping_probe() -> None:
+    e = registered_engine()
+    e.expect_port_mapping(0.0)
+    e.discovered(("198.51.100.1", 5000), [], 0.1)
+    assert e.state == "waiting_for_peer"
+    assert updates(e) == []  # held: the rendezvous would pair on it, without the mapping
+    assert e.get_timer() == pytest.approx(1.0)
+    e.set_port_mapping(PMP, 0.3)
+    (first,) = updates(e)  # one report, carrying the mapping
+    assert first.mapped == PMP
+    assert e.get_timer() is None
+
+
+def test_a_probe_that_finds_nothing_releases_the_report_at_once_or_by_the_deadline() -> None:
+    e = registered_engine()
+    e.expect_port_mapping(0.0)
+    e.discovered(("198.51.100.1", 5000), [], 0.1)
+    e.set_port_mapping(None, 0.26)  # the probe ended with nothing
+    (first,) = updates(e)
+    assert first.mapped is None
+    f = registered_engine()
+    f.expect_port_mapping(0.0)
+    f.discovered(("198.51.100.1", 5000), [], 0.1)
+    deadline = f.get_timer()
+    assert deadline is not None
+    f.handle_timer(deadline - 0.01)
+    assert updates(f) == []
+    f.handle_timer(deadline)  # the driver never said: reported anyway
+    (late,) = updates(f)
+    assert late.mapped is None
