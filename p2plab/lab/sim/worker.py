@@ -30,9 +30,10 @@ as the asyncio driver does), datagrams leave by the socket of their destination'
 Binding to the STUN server's IPv6 address gives ``engine.set_endpoint6``.  An IPv6-only host's
 link socket is its IPv6 one; it discovers over IPv6 and skips the NAT test (there is no NAT).
 
-Discovery answers the engine (``discovered``) once all of these have settled (STUN and the NAT
-test, STUN over IPv6, the port-mapping probe), mapping and IPv6 endpoint first, so the first
-``update_udp_endpoint`` already carries them and the offers made from it too.
+Discovery answers the engine (``discovered``) once STUN and the NAT test and STUN over IPv6 have
+settled, the IPv6 endpoint first, so that the first ``update_udp_endpoint`` (the one the
+rendezvous pairs on) already carries it; for the mapping the engine itself holds that report
+(``expect_port_mapping``, called when the probe starts, as the asyncio worker does).
 """
 
 from __future__ import annotations
@@ -163,7 +164,6 @@ class SimWorker:
         self._pending: set[str] = set()  # what discovery still waits for
         # STUN's answer (public, error, hint), held until the other parts of discovery settle.
         self._found_v4: tuple[Address, str | None, NatHint | None] | None = None
-        self._mapping_settled = self.portmap is None
         self.endpoint6: Address | None = None
         """What STUN over IPv6 saw (set before discovery answers the engine)."""
 
@@ -219,6 +219,7 @@ class SimWorker:
         self.engine.start(self.sim.now)
         self.pump()
         if self.portmap is not None:
+            self.engine.expect_port_mapping(self.sim.now)  # the first report waits for it
             self.portmap.start()
         nat = self.host.nat
         observed = nat.public_ip if nat is not None else self.host.ip
@@ -362,8 +363,11 @@ class SimWorker:
         self.pump()
 
     def _on_mapping_settled(self) -> None:
-        self._mapping_settled = True
-        self._settle("portmap")
+        # The probe ended: with a mapping, set_port_mapping already ended the engine's wait;
+        # with nothing, say so (None) so that the held endpoint report leaves at once.
+        if self.portmap is not None and self.portmap.mapping is None and self.state != "stopped":
+            self.engine.set_port_mapping(None, self.sim.now)
+            self.pump()
 
     def _on_timer(self) -> None:
         self._timer = None
@@ -425,8 +429,6 @@ class SimWorker:
     def _discover(self, observed_ip: str | None) -> None:
         self._pending = {"v4"}
         self._found_v4 = None
-        if not self._mapping_settled:
-            self._pending.add("portmap")
         if self.socket6 is not None and self.stun_server6 is not None:
             self._pending.add("v6")
             self.stun_client6.request(self.stun_server6, on_done=self._binding6_done)
