@@ -7,15 +7,17 @@ What a router running miniupnpd does, as far as a peer-to-peer link can tell:
   and UPnP IGD (``AddPortMapping`` over SOAP) when those protocols are offered
   (:class:`PortMapConfig`); what is not offered stays silent (a request is counted and dropped);
 * a lease maps the NAT's public IP and an external port to one internal endpoint for a lifetime
-  (clamped to ``[min_lifetime_s, max_lifetime_s]``, as miniupnpd's PCP does); a renewal from the
-  same internal endpoint keeps the port; a lifetime of 0 deletes it;
+  (NAT-PMP's as asked; PCP's and UPnP's clamped to ``[min_lifetime_s, max_lifetime_s]``, as
+  miniupnpd 2.3.1 does); a renewal from the same internal endpoint keeps the port; a lifetime of
+  0 deletes it; a PCP request whose client address is not its source is refused;
 * an inbound datagram to a leased port reaches the internal endpoint *whatever the NAT's
   filtering* (a DNAT rule), and the replies to a remote that came in that way leave by the leased
   port (conntrack's reply direction); the host's own new flows still go through the NAT's usual
   mapping (MASQUERADE: a symmetric NAT still gives them random ports);
 * leases expire, and :meth:`PortMapNat.delete_lease` removes one mid-link: new remotes no longer
   get in, while the flows already running through it live on (conntrack keeps them, idle timer
-  ``mapping_timeout``), unless ``flush`` drops them too (a conntrack flush, a reboot).
+  ``mapping_timeout``; what the kernel lab measured), unless ``flush`` drops them too (a
+  conntrack flush, a reboot).
 
 The wire is the core's codecs (:mod:`p2plab.core.natpmp`, :mod:`p2plab.core.pcp`), the ones the
 worker's :class:`~p2plab.core.portmap.PortMapper` speaks.  UPnP is not modelled on the wire (SSDP
@@ -49,9 +51,10 @@ class PortMapConfig:
 
     protocols: frozenset[str] = frozenset({"nat-pmp", "pcp"})
     """The protocols it answers (subset of :data:`PROTOCOLS`); ``+pmp`` is NAT-PMP and PCP."""
-    min_lifetime_s: float = 120.0
-    """Shortest PCP and UPnP lease it grants (miniupnpd's ``min_lifetime``); shorter asks are
-    raised.  NAT-PMP leases are granted as asked (miniupnpd 2.3.1)."""
+    min_lifetime_s: float = 10.0
+    """Shortest PCP and UPnP lease it grants (miniupnpd's ``min_lifetime``: the kernel lab sets
+    10, miniupnpd's default is 120); shorter asks are raised.  NAT-PMP leases are granted as
+    asked (miniupnpd 2.3.1, measured in the lab: docs/natlab-results.md)."""
     max_lifetime_s: float = 86400.0
     """Longest PCP and UPnP lease it grants (miniupnpd's ``max_lifetime``); longer are cut."""
     answer_delay_s: float = 0.001
