@@ -167,3 +167,35 @@ def test_matrix_classifies_a_dual_stack_site_on_both_families() -> None:
     assert row["a_filtering6"] == "address-and-port-dependent"
     assert row["b_nat"] == "endpoint-independent/endpoint-independent"
     assert (row["outcome"], row["family"]) == ("direct", "ipv6")
+
+
+def test_firewall_timers_are_conntracks_and_the_eif_sets() -> None:
+    """v6-apdf: a flow seen one way lives 30 s; v6-eif: the outbound source stays open to anyone
+    for 300 s, far past conntrack's timers."""
+    sim = Simulation(seed=1)
+    apdf = sim.add_site("v6-apdf", "h1").bind(40000)
+    eif = sim.add_site("v6-eif", "h2").bind(40000)
+    got_apdf, got_eif = _inbox(apdf), _inbox(eif)
+    x, y = _two_remotes(sim)
+    apdf.sendto(b"out", x.address)
+    eif.sendto(b"out", x.address)
+    sim.run_for(29.0)
+    x.sendto(b"at 29 s", apdf.address)
+    sim.run_for(0.5)
+    assert [d for d, _ in got_apdf] == [b"at 29 s"]  # now the flow has seen a reply: 120 s
+    sim.run_for(119.0)
+    x.sendto(b"at 148 s", apdf.address)
+    sim.run_for(0.5)
+    assert [d for d, _ in got_apdf] == [b"at 29 s", b"at 148 s"]
+    apdf.sendto(b"to y", y.address)  # never answered: closed again after 30 s
+    sim.run_for(31.0)
+    y.sendto(b"late", apdf.address)
+    sim.run_for(0.5)
+    assert b"late" not in [d for d, _ in got_apdf]
+    y.sendto(b"stranger at 180 s", eif.address)
+    sim.run_for(0.5)
+    assert [d for d, _ in got_eif] == [b"stranger at 180 s"]
+    sim.run_for(125.0)
+    y.sendto(b"after 300 s", eif.address)
+    sim.run_for(0.5)
+    assert b"after 300 s" not in [d for d, _ in got_eif]

@@ -5,10 +5,12 @@ An IPv6 site has no NAT: its hosts hold global addresses from 2001:db8::/32 and 
 between them and the internet (RFC 6092).  What it lets in is what it saw go out:
 
 * ``v6-open``: everything;
-* ``v6-apdf``: a conntrack-only forward chain: address-and-port-dependent filtering, the idle
-  timer of an established UDP flow (Linux's ``nf_conntrack_udp_timeout_stream``, 120 s);
-* ``v6-eif``: an nftables dynamic set of outbound source ``address . port`` (timeout 300 s)
-  matched on the inbound destination: endpoint-independent filtering (RFC 6092 REC-17).
+* ``v6-apdf``: a conntrack-only forward chain: address-and-port-dependent filtering, with
+  Linux's UDP timers (30 s for a flow seen one way, ``nf_conntrack_udp_timeout``; 120 s once a
+  reply came, ``nf_conntrack_udp_timeout_stream``);
+* ``v6-eif``: that, plus an nftables dynamic set of outbound source ``address . port`` (timeout
+  300 s, refreshed by each outbound datagram) matched on the inbound destination:
+  endpoint-independent filtering (RFC 6092 REC-17).
 
 A dual-stack host has an IPv4 address (behind its site's NAT, or public) and an IPv6 one behind
 its site's firewall, and one access link for both; :class:`SimNetwork` sends each datagram by its
@@ -55,12 +57,17 @@ class FirewallBehavior:
     """RFC 4787 filtering applied to inbound datagrams (no mapping: addresses stay as they are);
     None lets everything in."""
     idle_timeout_s: float = 120.0
-    """Seconds an outbound flow (or, with endpoint-independent filtering, an outbound source)
-    keeps the door open without outbound traffic (RFC 6092 REC-12 asks for >= 120 s)."""
+    """Seconds a flow that has seen a reply stays open without traffic (conntrack's stream
+    timer; RFC 6092 REC-12 asks for >= 120 s)."""
+    unreplied_timeout_s: float = 30.0
+    """Seconds a flow seen outbound only stays open (conntrack's unreplied UDP timer)."""
+    eif_timeout_s: float = 300.0
+    """Endpoint-independent filtering only: seconds an outbound source address and port stays
+    open to anyone after its last outbound datagram (the nftables set's timeout)."""
 
     def __post_init__(self) -> None:
-        if not self.idle_timeout_s > 0:
-            raise ConfigError("idle_timeout_s must be > 0")
+        if min(self.idle_timeout_s, self.unreplied_timeout_s, self.eif_timeout_s) <= 0:
+            raise ConfigError("firewall timers must be > 0")
         if self.filtering is FilteringBehavior.UNKNOWN:
             raise ConfigError("filtering behaviour must be known (or None: open)")
 
@@ -68,8 +75,8 @@ class FirewallBehavior:
 #: The kernel lab's IPv6 firewall profiles (natlab.md "IPv6 in the lab").
 V6_FIREWALLS: dict[str, FirewallBehavior] = {
     "v6-open": FirewallBehavior(filtering=None),
-    "v6-apdf": FirewallBehavior(FilteringBehavior.ADDRESS_AND_PORT_DEPENDENT, 120.0),
-    "v6-eif": FirewallBehavior(EIF, 300.0),
+    "v6-apdf": FirewallBehavior(FilteringBehavior.ADDRESS_AND_PORT_DEPENDENT),
+    "v6-eif": FirewallBehavior(EIF),
 }
 
 
@@ -94,8 +101,9 @@ class Firewall6:
         """The WAN link (its ``link``: ``up`` to the internet, ``down`` from it)."""
         self.hosts: dict[str, Host] = {}
         self.stats: Counter[str] = Counter()
-        # Outbound flows (internal, remote) and outbound sources (internal) -> expiry.
-        self._flows: dict[tuple[Address, Address], float] = {}
+        # Conntrack: flows (internal, remote) -> (expiry, a reply seen); the EIF set: outbound
+        # sources (internal) -> expiry.
+        self._flows: dict[tuple[Address, Address], tuple[float, bool]] = {}
         self._sources: dict[Address, float] = {}
         self._next_host = 0x100
 
@@ -112,17 +120,23 @@ class Firewall6:
         self._sources.clear()
 
     def _open(self, internal: Address, remote: Address) -> bool:
+        """Whether an inbound datagram passes; a conntrack flow it answers is refreshed."""
         now = self.net.clock.now
-        filtering = self.behavior.filtering
-        if filtering is None:
+        b = self.behavior
+        flow = self._flows.get((internal, remote))
+        if flow is not None and flow[0] > now:
+            self._flows[(internal, remote)] = (now + b.idle_timeout_s, True)
             return True
-        if filtering is EIF:
+        if b.filtering is None:
+            return True
+        if b.filtering is EIF:
             return self._sources.get(internal, 0.0) > now
-        if filtering is FilteringBehavior.ADDRESS_DEPENDENT:
+        if b.filtering is FilteringBehavior.ADDRESS_DEPENDENT:
             return any(
-                i == internal and r[0] == remote[0] and t > now for (i, r), t in self._flows.items()
+                i == internal and r[0] == remote[0] and t > now
+                for (i, r), (t, _) in self._flows.items()
             )
-        return self._flows.get((internal, remote), 0.0) > now
+        return False
 
     def from_lan(self, src: Address, dst: Address, data: bytes) -> None:
         """A datagram from a host of the site: it opens (or refreshes) the way back."""
@@ -131,12 +145,15 @@ class Firewall6:
             self.stats["lan_forwarded"] += 1
             local.link.down.send(len(data), lambda: local.receive(src, dst, data))
             return
-        until = self.net.clock.now + self.behavior.idle_timeout_s
-        self._flows[(src, dst)] = until
-        self._sources[src] = until
+        now = self.net.clock.now
+        b = self.behavior
+        flow = self._flows.get((src, dst))
+        replied = flow is not None and flow[0] > now and flow[1]
+        timeout = b.idle_timeout_s if replied else b.unreplied_timeout_s
+        self._flows[(src, dst)] = (now + timeout, replied)
+        self._sources[src] = now + b.eif_timeout_s
         if len(self._flows) > 4096:  # bounded: sweep what has expired
-            now = self.net.clock.now
-            self._flows = {k: t for k, t in self._flows.items() if t > now}
+            self._flows = {k: v for k, v in self._flows.items() if v[0] > now}
             self._sources = {k: t for k, t in self._sources.items() if t > now}
         self.stats["out"] += 1
         self.wan.link.up.send(len(data), lambda: self.net.route(src, dst, data))
