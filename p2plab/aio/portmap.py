@@ -42,6 +42,7 @@ from async_upnp_client.ssdp import build_ssdp_search_packet, decode_ssdp_packet
 
 from p2plab.core.portmap import (
     Event,
+    MappingFailed,
     MappingGranted,
     MappingLost,
     PortMapper,
@@ -394,6 +395,11 @@ class PortMapDriver:
             targets = [(self.gateway, self.ssdp_port)]
             if not ipaddress.ip_address(self.gateway).is_loopback:
                 targets.append(SSDP_MULTICAST)  # routers that answer multicast only
+                sock = transport.get_extra_info("socket")
+                if sock is not None:  # out of the gateway's interface, on the LAN only
+                    iface = socket.inet_aton(self.client_ip)
+                    sock.setsockopt(socket.IPPROTO_IP, socket.IP_MULTICAST_IF, iface)
+                    sock.setsockopt(socket.IPPROTO_IP, socket.IP_MULTICAST_TTL, 2)
             for target in targets:
                 transport.sendto(build_ssdp_search_packet(target, 1, IGD_SEARCH_TARGET), target)
             try:
@@ -492,7 +498,9 @@ async def start_for_worker(
 ) -> PortMapDriver | None:
     """Start mapping the worker's UDP port as ``setting`` says (None: off, loopback, no default
     route, or no route to the gateway); ``on_mapping`` gets the engine's :class:`PortMapping`
-    on every grant or renewal and None when the mapping is lost."""
+    on every grant or renewal, and None when the probe found nothing, every protocol refused or
+    the mapping was lost.  The caller tells its engine ``expect_port_mapping`` when this returns
+    a driver (the first endpoint report waits for the probe)."""
     gateway = resolve_gateway(setting, rendezvous_url, stun_servers)
     if gateway is None:
         return None
@@ -509,8 +517,10 @@ async def start_for_worker(
                     }
                 )
             )
-        elif isinstance(event, MappingLost):
-            on_mapping(None)
+        elif isinstance(event, MappingLost | MappingFailed) or (
+            isinstance(event, ProbeDone) and not event.protocols
+        ):
+            on_mapping(None)  # also ends the engine's wait for the probe (expect_port_mapping)
 
     driver = PortMapDriver(gateway, udp_port, on_event)
     try:

@@ -12,7 +12,7 @@ from p2plab.aio.worker import Worker
 from p2plab.core.signaling import PortMapping
 from tests.conftest import until
 from tests.portmap_gateway import FakeGateway, GatewayProtocol
-from tests.rendezvous_fixtures import loopback_worker_config, running_rendezvous
+from tests.rendezvous_fixtures import debug, loopback_worker_config, running_rendezvous
 
 
 async def test_worker_maps_its_port_announces_it_and_deletes_it_on_stop() -> None:
@@ -35,6 +35,20 @@ async def test_worker_maps_its_port_announces_it_and_deletes_it_on_stop() -> Non
                 )
                 udp_port = worker.endpoint.local_address[1]  # type: ignore[union-attr]
                 assert gw.mappings == {udp_port: (40000, b"")}  # the worker's own socket's port
+                # the rendezvous has it (the first report waited for the probe)
+                mapped = None
+                for _ in range(200):
+                    workers = (await debug(rv))["workers"]
+                    mapped = next((w.get("mapped") for w in workers if w.get("mapped")), None)
+                    if mapped is not None:
+                        break
+                    await asyncio.sleep(0.02)
+                assert mapped == {
+                    "protocol": "nat-pmp",
+                    "ip": "198.51.100.7",
+                    "port": 40000,
+                    "lifetime_s": 7200.0,
+                }
                 block = worker.status()["port_mapping"]
                 assert block["protocols"] == ["nat-pmp", "pcp"]
                 assert (block["external"], block["lease_s"]) == ("198.51.100.7:40000", 7200)

@@ -7,6 +7,7 @@ from hypothesis import strategies as st
 
 from p2plab.core import natpmp, pcp
 from p2plab.core.portmap import (
+    MappingFailed,
     MappingGranted,
     MappingLost,
     PortMapper,
@@ -172,6 +173,16 @@ def test_refused_nat_pmp_falls_back_to_pcp() -> None:
     w.run(0.3)
     assert w.of(MappingGranted) == [MappingGranted("pcp", "198.51.100.7", 40000, 7200)]
     assert w.mapper.stats["portmap_refused"] == 1
+
+
+def test_every_protocol_refusing_is_one_mapping_failed() -> None:
+    w = World(FakeGateway(answers_pcp=False, pmp_result=natpmp.ResultCode.NOT_AUTHORIZED))
+    w.start()
+    w.run(0.3)
+    assert w.of(ProbeDone) == [ProbeDone(("nat-pmp",))]
+    assert w.of(MappingFailed) == [MappingFailed("nat-pmp: result NOT_AUTHORIZED")]
+    assert w.mapper.state == "unavailable" and w.mapper.get_timer() is None
+    assert w.of(MappingGranted) == [] and w.of(MappingLost) == []
 
 
 def test_upnp_only_goes_through_driver_commands() -> None:
