@@ -9,6 +9,7 @@ import json
 
 import pytest
 
+from p2plab.core import events as ev
 from p2plab.core.stun import TransactionState
 from p2plab.lab.sim import Simulation
 from p2plab.lab.sim.ipv6 import STUN_IPS6, V6_PREFIX
@@ -199,3 +200,26 @@ def test_firewall_timers_are_conntracks_and_the_eif_sets() -> None:
     y.sendto(b"after 300 s", eif.address)
     sim.run_for(0.5)
     assert b"after 300 s" not in [d for d, _ in got_eif]
+
+
+def test_an_ipv6_outage_moves_the_link_to_ipv4_and_back() -> None:
+    """Issue 19: a link moves between families like any path change.  Once the engines have
+    warmed the IPv4 path (their first warm-up round, 25 s in), an IPv6 uplink that goes away
+    for a minute costs no peer: the link moves to IPv4, chat crosses once, and it comes back."""
+    sim = Simulation(seed=6)
+    a = sim.add_site("port-restricted/v6-eif", "a")
+    b = sim.add_site("port-restricted/v6-apdf", "b")
+    link = sim.pair(a, b)
+    assert link.family == "ipv6"
+    sim.run_for(60.0)
+    sim.net.firewalls6[_v6(b)].outage(60.0)
+    msg_id = link.a.send_chat("during the outage")
+    sim.run_for(30.0)
+    assert (link.a.engine.family, link.b.engine.family) == ("ipv4", "ipv4")
+    assert link.b.chats_received == ["during the outage"]
+    assert msg_id in [e.msg_id for e in link.a.events_of(ev.ChatDelivered)]  # type: ignore[attr-defined]
+    sim.run_for(90.0)
+    assert (link.a.engine.family, link.b.engine.family) == ("ipv6", "ipv6")
+    assert "lost" not in link.a.states + link.b.states
+    moves = [e.address for e in link.b.events_of(ev.PathChanged)]  # type: ignore[attr-defined]
+    assert [":" in ip for ip, _ in moves] == [False, True]

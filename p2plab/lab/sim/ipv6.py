@@ -106,6 +106,8 @@ class Firewall6:
         self._flows: dict[tuple[Address, Address], tuple[float, bool]] = {}
         self._sources: dict[Address, float] = {}
         self._next_host = 0x100
+        self.down_until = 0.0
+        """Until this virtual time the firewall passes nothing (:meth:`outage`)."""
 
     def allocate_ip(self) -> str:
         """The next host address of the site's prefix."""
@@ -118,6 +120,17 @@ class Firewall6:
         self.stats["flushes"] += 1
         self._flows.clear()
         self._sources.clear()
+
+    def outage(self, seconds: float) -> None:
+        """Pass nothing either way for ``seconds`` (an IPv6 uplink that goes away and comes
+        back; the flows survive, as they do in a router whose upstream only flapped)."""
+        self.down_until = self.net.clock.now + seconds
+
+    def _down(self) -> bool:
+        if self.net.clock.now < self.down_until:
+            self.stats["dropped_down"] += 1
+            return True
+        return False
 
     def _open(self, internal: Address, remote: Address) -> bool:
         """Whether an inbound datagram passes; a conntrack flow it answers is refreshed."""
@@ -140,6 +153,8 @@ class Firewall6:
 
     def from_lan(self, src: Address, dst: Address, data: bytes) -> None:
         """A datagram from a host of the site: it opens (or refreshes) the way back."""
+        if self._down():
+            return
         local = self.hosts.get(dst[0])
         if local is not None:
             self.stats["lan_forwarded"] += 1
@@ -160,6 +175,8 @@ class Firewall6:
 
     def from_wan(self, src: Address, dst: Address, data: bytes) -> None:
         """A datagram from the internet for a host of the site: passed if the filter allows."""
+        if self._down():
+            return
         host = self.hosts.get(dst[0])
         if host is None:
             self.stats["no_host"] += 1

@@ -20,6 +20,7 @@ import random
 from collections.abc import Callable
 
 from p2plab.core.portmap import (
+    MappingFailed,
     MappingGranted,
     MappingLost,
     PortMapper,
@@ -118,8 +119,10 @@ class SimPortMapClient:
                 self._report(PortMapping.model_validate(fields))
             elif isinstance(event, MappingLost):
                 self._report(None)
-            elif isinstance(event, ProbeDone) and not event.protocols:
-                self._settle()
+            elif isinstance(event, MappingFailed) or (
+                isinstance(event, ProbeDone) and not event.protocols
+            ):
+                self._settle()  # the probe ended with nothing to offer
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
