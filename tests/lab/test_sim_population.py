@@ -14,6 +14,7 @@ from p2plab.lab.sim.population import (
     active,
     pair_matrix,
     predict,
+    rate_under,
     sample_sites,
     summarize,
     weighted_rate,
@@ -99,3 +100,35 @@ def test_prediction_matches_the_weighted_matrix_within_sampling_error() -> None:
     assert carried["connected"].all()
     assert set(rows["stage"]) == set(stages)
     assert list(table["stage"]) == [s for s in STAGES if s in stages]
+
+
+def test_rate_under_reweights_measured_class_pairs() -> None:
+    """Moving the preset's shares re-weights what the engine did; a preset that needs a class
+    pair nobody ran gets no answer rather than a guess."""
+    import pandas as pd
+
+    rows = pd.DataFrame(
+        [
+            {"stage": "plain", "site_a": "full", "site_b": "full", "connected": True},
+            {"stage": "plain", "site_a": "full", "site_b": "symmetric", "connected": True},
+            {"stage": "plain", "site_a": "symmetric", "site_b": "full", "connected": True},
+            {"stage": "plain", "site_a": "symmetric", "site_b": "symmetric", "connected": False},
+        ]
+    )
+    base = dict(
+        summary="",
+        no_nat=0.0,
+        filtering={"EIF": 1.0},
+        allocation={"random": 1.0},
+        leaky=0.0,
+        portmap={"none": 1.0},
+        ipv6={"none": 1.0},
+        sources=("t",),
+        assumptions=("t",),
+    )
+    half = Preset(name="half", mapping={"EIM": 0.5, "APDM": 0.5}, **base)
+    assert rate_under(rows, half, "plain") == pytest.approx(0.75)
+    mostly_hard = Preset(name="hard", mapping={"EIM": 0.2, "APDM": 0.8}, **base)
+    assert rate_under(rows, mostly_hard, "plain") == pytest.approx(1 - 0.64)
+    with_adm = Preset(name="adm", mapping={"EIM": 0.5, "ADM": 0.5}, **base)
+    assert rate_under(rows, with_adm, "plain") is None

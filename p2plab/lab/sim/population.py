@@ -51,6 +51,7 @@ __all__ = [
     "active",
     "pair_matrix",
     "predict",
+    "rate_under",
     "run_pair",
     "sample_sites",
     "summarize",
@@ -473,3 +474,38 @@ def weighted_rate(preset: Preset, matrix: dict[tuple[str, str, str], float], sta
         total += w * rate
         weight += w
     return total / weight if weight else 0.0
+
+
+def rate_under(rows: pd.DataFrame, other: Preset, stage: str) -> float | None:
+    """The ``stage`` success rate ``other`` would have, from the runs in ``rows`` (a
+    :func:`predict` result of another preset): each class pair's measured rate (over the
+    features ``stage`` uses, :func:`active`) weighted by ``other``'s probabilities.  None when
+    ``rows`` lacks a class pair ``other`` needs (no run to say what it does).  This is how the
+    notebook asks "which assumption would have to change to agree": plain punching depends on
+    the IPv4 classes only, so moving their shares needs no new engine run."""
+    part = rows[rows["stage"] == stage]
+    measured: dict[tuple[Site, Site], list[int]] = {}
+    for a, b, ok in zip(part["site_a"], part["site_b"], part["connected"], strict=True):
+        key = (active(_parse_key(a), stage), active(_parse_key(b), stage))
+        hit = measured.setdefault(key, [0, 0])
+        hit[0] += int(bool(ok))
+        hit[1] += 1
+    probs: dict[Site, float] = {}
+    for site, p in other.site_probabilities().items():
+        reduced = active(site, stage)
+        probs[reduced] = probs.get(reduced, 0.0) + p
+    total = 0.0
+    for a, pa in probs.items():
+        for b, pb in probs.items():
+            hit = measured.get((a, b))
+            if hit is None:
+                return None
+            total += pa * pb * hit[0] / hit[1]
+    return total
+
+
+def _parse_key(key: str) -> Site:
+    """The :class:`Site` of a key written by :attr:`Site.key`."""
+    head, _, v6 = key.partition("/")
+    v4, _, portmap = head.partition("+")
+    return Site(v4, portmap or None, v6 or None)

@@ -23,7 +23,14 @@ from __future__ import annotations
 from p2plab.errors import ConfigError
 from p2plab.lab.sim.population import Preset
 
-__all__ = ["PRESETS", "preset"]
+__all__ = ["FIELD", "PRESETS", "preset"]
+
+#: Published success rates of hole punching: name -> (rate, +- half-width or None).
+FIELD: dict[str, tuple[float, float | None]] = {
+    "libp2p DCUtR campaign (Trautwein et al. 2025)": (0.70, 0.071),
+    "Ford et al. 2005 (NATs that support UDP punching)": (0.82, None),
+    "Tailscale (traffic that goes direct)": (0.90, None),
+}
 
 _FILTERING_ASSUMED = (
     "filtering of endpoint-independent-mapping NATs (EIF 10%, ADF 20%, APDF 70%): assumption; no "
