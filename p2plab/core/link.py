@@ -17,6 +17,9 @@ The driver contract (the asyncio worker, the simulator and the unit tests follow
                                              # PeerDisconnected, RelayIn, ErrorMessage (parsed)
     engine.discovered(public, local_candidates, now, error=None)   # answer to DiscoverEndpoint
     engine.rendezvous_refused(reason, now)   # the rendezvous refused us for good
+    engine.expect_port_mapping(now)          # a port-mapping probe started (reports wait)
+    engine.set_port_mapping(mapping, now)    # its result, a renewal or a loss (None)
+    engine.set_endpoint6(addr, now)          # the IPv6 endpoint STUN over IPv6 saw (None: none)
     engine.receive_datagram(data, addr, now, pool=0)  # every UDP datagram of the worker's
                                              # socket (pool=i: of pool socket i)
     engine.pool_socket_adopted(index, now)   # AdoptPoolSocket carried out
@@ -43,6 +46,10 @@ Events are :mod:`p2plab.core.events` dataclasses: :class:`~p2plab.core.events.St
 every state change (intermediate ones like ``lost`` included), the session's events of the
 current link (``ChatReceived`` with ``peer_id`` filled in, ``ControlReceived``, ...), and
 :class:`~p2plab.core.events.ErrorReported` for things the user should see.
+
+Port mappings and IPv6 (issues 18 and 19: the ``mapped`` and ``udp6`` reports, ``family``,
+``method`` port-mapping) are :class:`~p2plab.core.link_families.LinkFamilies`'s; addresses are
+plain ``(ip, port)`` 2-tuples in both families.
 
 Inputs are checked against the table; a driver input the table forbids (``start`` twice,
 ``discovered`` while connected, ``rendezvous_up`` while discovering, anything but ``stop``
@@ -71,7 +78,7 @@ from typing import Any
 from p2plab.core import events as ev
 from p2plab.core.crypto import Identity
 from p2plab.core.known_peers import KnownPeers
-from p2plab.core.link_bench import LinkBench, is_bench_datagram
+from p2plab.core.link_bench import is_bench_datagram
 from p2plab.core.link_commands import (
     RELAY,
     SECURITY_COUNTERS,
@@ -87,9 +94,9 @@ from p2plab.core.link_commands import (
     SendFromPool,
     SendToRendezvous,
     SendTurnTcp,
-    endpoint_update,
     session_security_counts,
 )
+from p2plab.core.link_families import LinkFamilies
 from p2plab.core.link_table import LINK_STATES, STATES_WITH_PEER, TRANSITIONS, Input, next_state
 from p2plab.core.link_trust import (
     RelayGate,
@@ -139,7 +146,7 @@ Address = ev.Address
 _ERROR_TEXT = 200  # characters of a refusal sent back to the rendezvous (it only logs them)
 
 
-class LinkEngine(LinkBench):
+class LinkEngine(LinkFamilies):
     """One worker's link lifecycle (see the module docstring for the driver contract).
 
     This class takes the driver's inputs and the rendezvous's messages; the session of the
@@ -220,10 +227,12 @@ class LinkEngine(LinkBench):
         """The rendezvous WebSocket connected (its ``challenge`` follows, then ``registered``)."""
         self._set_state(next_state(self._state, Input.RENDEZVOUS_UP))
         self._challenge_answered = False
+        self._registered = False
 
     def rendezvous_down(self, now: float) -> None:
         """The rendezvous WebSocket dropped; a punched link keeps going without it."""
         self._set_state(next_state(self._state, Input.RENDEZVOUS_DOWN))
+        self._registered = False
 
     def rendezvous_refused(self, reason: str, now: float) -> None:
         """The rendezvous refused this worker for good (e.g. a wrong token)."""
@@ -302,7 +311,12 @@ class LinkEngine(LinkBench):
         """When :meth:`handle_timer` must next be called (the session's and the engine's own)."""
         if self._state == "stopped":
             return None
-        timers = (self._repunch_at, self._birthday_timer(), self._turn_timer())
+        timers = (
+            self._repunch_at,
+            self._birthday_timer(),
+            self._turn_timer(),
+            self._mapping_timer(),
+        )
         when = [t for t in timers if t is not None]
         if self.session is not None:
             t = self.session.get_timer()
@@ -314,6 +328,7 @@ class LinkEngine(LinkBench):
         """Run what is due at ``now``: the session's timers, the re-punch timer."""
         if self._state == "stopped":
             return
+        self._mapping_service(now)
         if self.session is not None:
             self.session.handle_timer(now)
             self._birthday_service(now)
@@ -394,6 +409,7 @@ class LinkEngine(LinkBench):
         kind = Input.REGISTERED if self.public_endpoint is not None else Input.REGISTERED_DISCOVER
         if self._unexpected(kind, msg):
             return
+        self._registered = True
         self.observed_ip = msg.observed_ip
         if self.public_endpoint is None:
             target = next_state(self._state, Input.REGISTERED_DISCOVER)
@@ -404,11 +420,6 @@ class LinkEngine(LinkBench):
             target = next_state(self._state, Input.REGISTERED)
             self._report_endpoint()
         self._set_state(target)
-
-    def _report_endpoint(self) -> None:
-        if self.public_endpoint is not None:
-            update = endpoint_update(self.public_endpoint, self.local_candidates, self.nat_hint)
-            self._commands.append(SendToRendezvous(update))
 
     def _on_offer(self, offer: P2PConnectionOffer, now: float) -> None:
         self.stats["offers"] += 1

@@ -18,6 +18,15 @@ a relayed link now beats a perfect one in ten seconds).  Then, by the rank of
   probed while it punches over the relay) and the peer's TURN ones: once connected on the relay,
   its upgrade rounds probe every candidate of a better path (TURN or direct), and the link moves
   as above.
+* **Between families** (issue 19). Within ``direct``, IPv6 ranks above IPv4
+  (:func:`~p2plab.core.paths.family_rank`): connected direct over IPv4 while the peer offered
+  IPv6 candidates, both sides probe those in the upgrade rounds, and the link moves to IPv6 as
+  it moves from TURN to direct (a ``PathChanged`` whose path stays ``direct``).  Connected
+  direct over IPv6, the peer's direct IPv4 addresses are the first fallback: the warm-up rounds
+  probe them too (the offer's, and validated ones), a warm-up probe from one is checked back at
+  once, and when the IPv6 path falls silent the controlling side moves to the best validated
+  IPv4 one before any TURN path.  Between two direct addresses of one family the first to
+  validate keeps the link (the probing order gave the better-ranked one its head start).
 * **No flapping.** Traffic from another validated path of the peer (in flight while both sides
   switch) is taken, authenticated and de-duplicated by the reliable stream as always, but it
   moves the path only if that path is not worse: the old path's late datagrams never undo a
@@ -39,6 +48,8 @@ from p2plab.core.paths import (
     TURN_TCP,
     TURN_UDP,
     Address,
+    address_family,
+    family_rank,
     path_name,
     path_rank,
     turn_path,
@@ -46,10 +57,12 @@ from p2plab.core.paths import (
 from p2plab.core.punch import Candidate, Checklist
 from p2plab.core.wire import Datagram, Probe
 
-__all__ = ["MAX_UPGRADE_PROBES", "PathBook", "SessionPaths"]
+__all__ = ["MAX_PROBE_TARGETS", "MAX_UPGRADE_PROBES", "PathBook", "SessionPaths"]
 
 #: Most candidates one upgrade or warm-up round probes (one probe each).
 MAX_UPGRADE_PROBES = 16
+#: Most peer source addresses whose probes' targets are remembered (:meth:`PathBook.targeted`).
+MAX_PROBE_TARGETS = 16
 
 _TURN = (TURN_UDP, TURN_TCP)
 _UPGRADABLE = (TURN_UDP, TURN_TCP, RELAY_PATH)  # paths whose sessions look for better ones
@@ -66,6 +79,19 @@ class PathBook:
         """When an authenticated datagram last came from the current path."""
         self._next_upgrade = now + config.upgrade_interval
         self._next_warm = now + config.warm_interval
+        self._targets: dict[Address, Address] = {}  # peer source -> where its probe was sent
+
+    def targeted(self, source: Address, target: Address) -> None:
+        """An authenticated PROBE from ``source`` says the peer sent it to ``target`` (one of our
+        addresses as the peer knows it: our STUN endpoint, a LAN address, our NAT's mapping)."""
+        self._targets.pop(source, None)
+        self._targets[source] = target
+        while len(self._targets) > MAX_PROBE_TARGETS:
+            del self._targets[next(iter(self._targets))]
+
+    def target_of(self, source: Address | None) -> Address | None:
+        """Where the peer's last probe from ``source`` was sent (None: no probe seen)."""
+        return self._targets.get(source) if source is not None else None
 
     @property
     def downgrade_after(self) -> float:
@@ -81,11 +107,51 @@ class PathBook:
         return self.name(addr) in _TURN
 
     def better(self, a: Address | None, b: Address | None) -> bool:
-        """Whether the path to ``a`` ranks strictly better than the path to ``b``."""
+        """Whether the path to ``a`` ranks strictly better than the path to ``b`` (by path
+        name; between two direct ones, IPv6 above IPv4)."""
         name_a, name_b = self.name(a), self.name(b)
         if name_a is None or name_b is None:
             return False
+        if name_a == name_b == DIRECT:
+            return family_rank(a) < family_rank(b)
         return path_rank(name_a) < path_rank(name_b)
+
+    def _upgradable(self, current: Address | None, checklist: Checklist) -> bool:
+        """Whether a session on ``current`` looks for better paths: on TURN or the relay, or
+        direct over IPv4 while the peer offered IPv6 candidates."""
+        name = self.name(current)
+        if name in _UPGRADABLE:
+            return True
+        return (
+            name == DIRECT
+            and address_family(current) == "ipv4"
+            and any(self.better(a, current) for a in checklist.candidates)
+        )
+
+    def fallback(self, addr: Address | None, current: Address | None) -> bool:
+        """Whether ``addr`` is a direct IPv4 path of a session connected direct over IPv6 (the
+        first fallback when IPv6 falls silent)."""
+        return (
+            self.name(current) == DIRECT
+            and self.name(addr) == DIRECT
+            and address_family(current) == "ipv6"
+            and address_family(addr) == "ipv4"
+        )
+
+    def check_back(
+        self, addr: Address, current: Address | None, checklist: Checklist, now: float
+    ) -> None:
+        """A probe of the peer came from ``addr`` (not necessarily ``current``) while connected:
+        if it is the peer's upgrade round on a better path, probe it back at once (one for one),
+        so an upgrade takes one round, not two; the same for its IPv4 warm-up probes while on
+        IPv6, until that path is validated (then the two sides' rounds stop answering)."""
+        cand = checklist.get(addr)
+        idle = cand is None or cand.next_probe_at == float("inf")
+        if self.better(addr, current):
+            if idle:
+                checklist.restart(addr, now, budget=1)
+        elif self.fallback(addr, current) and idle and (cand is None or not cand.succeeded):
+            checklist.restart(addr, now, budget=1)
 
     def side_path(self, addr: Address, current: Address | None, succeeded: bool) -> bool:
         """Whether traffic from ``addr`` (not the current path) is taken anyway: a validated
@@ -105,11 +171,16 @@ class PathBook:
         self._next_upgrade = now + self.config.upgrade_interval
         self._next_warm = now + self.config.warm_interval
 
-    def _downgrade_target(self, checklist: Checklist) -> Address | None:
-        """The best validated TURN path, or None."""
-        turns = [c.address for c in checklist.succeeded() if self.is_turn(c.address)]
-        turns.sort(key=lambda a: path_rank(self.name(a) or ""))
-        return turns[0] if turns else None
+    def _downgrade_target(self, current: Address | None, checklist: Checklist) -> Address | None:
+        """The best validated fallback of ``current``: a direct IPv4 path (only from direct
+        IPv6), then TURN; None if there is none."""
+        ok = [
+            c.address
+            for c in checklist.succeeded()
+            if self.is_turn(c.address) or self.fallback(c.address, current)
+        ]
+        ok.sort(key=lambda a: (path_rank(self.name(a) or ""), family_rank(a)))
+        return ok[0] if ok else None
 
     def deadline(self, current: Address | None, controlling: bool, checklist: Checklist) -> float:
         """When :meth:`service` has work next (``inf``: none) for a session connected to
@@ -120,7 +191,9 @@ class PathBook:
         if name != DIRECT:
             return float("inf")
         when = self._next_warm
-        if controlling and self._downgrade_target(checklist) is not None:
+        if self._upgradable(current, checklist):
+            when = min(when, self._next_upgrade)
+        if controlling and self._downgrade_target(current, checklist) is not None:
             when = min(when, self.last_on_path + self.downgrade_after)
         return when
 
@@ -130,7 +203,7 @@ class PathBook:
         """Schedule the probing rounds due at ``now`` (in ``checklist``); returns the TURN path
         the controlling side must move to now (a downgrade), or None."""
         name = self.name(current)
-        if name in _UPGRADABLE and now >= self._next_upgrade:
+        if now >= self._next_upgrade and self._upgradable(current, checklist):
             self._next_upgrade = now + self.config.upgrade_interval
             better = [
                 c.address
@@ -144,16 +217,18 @@ class PathBook:
         if now >= self._next_warm:
             self._next_warm = now + self.config.warm_interval
             # The peer's relayed addresses always (vouched for, at most four); our own
-            # allocation's paths only once validated (the anti-amplification rule).
+            # allocation's paths only once validated (the anti-amplification rule); on IPv6,
+            # the peer's direct IPv4 addresses it offered or that were validated.
             warm = [
                 c.address
                 for c in checklist.candidates.values()
-                if self.is_turn(c.address) and (c.kind == "relay" or c.succeeded)
+                if (self.is_turn(c.address) and (c.kind == "relay" or c.succeeded))
+                or (self.fallback(c.address, current) and (c.kind == "given" or c.succeeded))
             ]
             for addr in warm[:MAX_UPGRADE_PROBES]:
                 checklist.restart(addr, now, budget=1)
         if controlling and now >= self.last_on_path + self.downgrade_after:
-            return self._downgrade_target(checklist)
+            return self._downgrade_target(current, checklist)
         return None
 
 
@@ -181,6 +256,17 @@ class SessionPaths:
         """The name of the nominated path (``direct``, ``turn-udp``, ``turn-tcp``, ``relay``;
         :mod:`p2plab.core.paths`), None until connected."""
         return self._paths.name(self._peer_address)
+
+    @property
+    def family(self) -> str | None:
+        """``"ipv6"`` or ``"ipv4"``: the family of the nominated path's peer address (None
+        until connected, and on the rendezvous relay)."""
+        return address_family(self._peer_address)
+
+    def probe_target(self, source: Address | None) -> Address | None:
+        """Where the peer sent its last authenticated probe from ``source`` (which of our
+        addresses it reaches us at on that path), or None."""
+        return self._paths.target_of(source)
 
     def path_of(self, addr: Address | None) -> str | None:
         """The path name of the peer address ``addr`` as this session sees it."""
