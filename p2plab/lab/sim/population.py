@@ -37,7 +37,10 @@ from typing import TYPE_CHECKING, Any
 from p2plab.config import BirthdayConfig
 from p2plab.core.link import LinkConfig as EngineConfig
 from p2plab.errors import ConfigError
+from p2plab.lab.sim.portmap_model import PortMapConfig
 from p2plab.lab.sim.world import Simulation
+from p2plab.lab.simnet import Host
+from p2plab.lab.site import PORTMAP_MODIFIERS
 
 if TYPE_CHECKING:
     import pandas as pd  # type: ignore[import-untyped]
@@ -205,16 +208,16 @@ class PairRun:
     """``ipv4``/``ipv6`` of the link when the engine reports it."""
 
 
-#: How a stage builds a site in a simulation and configures the engines; set by the modules
-#: that model port mapping and IPv6 (:func:`register_stage_builder`).
-SiteBuilder = Callable[[Simulation, Site, str, str], Any]
-
-
-def _plain_site(sim: Simulation, site: Site, name: str, stage: str) -> Any:
-    """The site's IPv4 NAT only (port mapping and IPv6 are added by later stages)."""
-    if site.v4 == "open":
-        return sim.add_host(name=name)
-    return sim.add_host(behind=sim.add_nat(site.v4, name=f"nat_{name}"), name=name)
+def build_site(sim: Simulation, site: Site, name: str) -> Host:
+    """``site`` in ``sim``: its NAT (whose router answers the site's port-mapping protocols),
+    its IPv6 firewall and address, the host behind both (the simulator's profile names,
+    which include NAT classes the kernel lab cannot build: sequential allocators, ADM)."""
+    nat = None
+    if site.v4 != "open":
+        portmap = PortMapConfig(protocols=PORTMAP_MODIFIERS[site.portmap]) if site.portmap else None
+        nat = sim.add_nat(site.v4, name=f"nat_{name}", portmap=portmap)
+    fw = sim.add_firewall6(site.v6, name=f"fw_{name}") if site.v6 else None
+    return sim.add_host(nat, name=name, fw6=fw)
 
 
 def _stage_index(stage: str) -> int:
@@ -227,8 +230,9 @@ def run_pair(site_a: Site, site_b: Site, stage: str, seed: int) -> PairRun:
     """Run two whole workers on ``site_a`` x ``site_b`` with the methods of ``stage``."""
     level = _stage_index(stage)
     sim = Simulation(seed=seed)
-    a = _plain_site(sim, site_a, "a", stage)
-    b = _plain_site(sim, site_b, "b", stage)
+    # Only what the stage allows: no port mapping before ``port-mapping``, no IPv6 before ``ipv6``.
+    a = build_site(sim, active(site_a, stage), "a")
+    b = build_site(sim, active(site_b, stage), "b")
     if level >= STAGES.index("turn"):
         sim.add_turn_server()
     birthday = BirthdayConfig(enabled=level >= STAGES.index("birthday"))
