@@ -23,6 +23,7 @@ _EXPORTS = {
     "plot_birthday_curve": "p2plab.notebook.plotting",
     "plot_matrix": "p2plab.notebook.plotting",
     "plot_throughput": "p2plab.notebook.plotting",
+    "plot_population": "p2plab.notebook.plotting",
     "matrix_grid": "p2plab.notebook.plotting",
     "outcome_table": "p2plab.notebook.plotting",
     "disagreements": "p2plab.notebook.plotting",
@@ -40,6 +41,7 @@ __all__ = [
     "plot_birthday_curve",
     "plot_loss",
     "plot_matrix",
+    "plot_population",
     "plot_throughput",
     "start_local_lab",
 ]
@@ -55,6 +57,7 @@ if TYPE_CHECKING:
         plot_birthday_curve,
         plot_loss,
         plot_matrix,
+        plot_population,
         plot_throughput,
     )
 

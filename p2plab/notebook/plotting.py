@@ -22,6 +22,7 @@ __all__ = [
     "plot_birthday_curve",
     "plot_loss",
     "plot_matrix",
+    "plot_population",
     "plot_throughput",
 ]
 
@@ -371,5 +372,51 @@ def plot_birthday_curve(data: Any, ax: Any = None, *, title: str | None = None) 
     ax.set_title(title or "Birthday punching: measured (points) vs 1 - (1 - k/P)^n (lines)")
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(loc="lower right", fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+def plot_population(
+    summary: Any,
+    references: dict[str, tuple[float, float | None]] | None = None,
+    ax: Any = None,
+    *,
+    title: str | None = None,
+) -> Any:
+    """A population study's success rate per stage (each adds a method) with its 95% interval,
+    next to published rates drawn as horizontal lines (a band for a +- range):
+    :func:`p2plab.lab.sim.population.summarize` output and
+    :data:`p2plab.lab.sim.presets.FIELD`."""
+    df = _frame(summary)
+    fig, ax = _axes(ax, (7.5, 4.2))
+    x = list(range(len(df)))
+    rates = [100 * float(r) for r in df["rate"]]
+    # max(0, ...): the Wilson bounds can round past the rate at 0% or 100%
+    below = [max(0.0, 100 * (r - lo)) for r, lo in zip(df["rate"], df["low"], strict=True)]
+    above = [max(0.0, 100 * (hi - r)) for r, hi in zip(df["rate"], df["high"], strict=True)]
+    ax.bar(x, rates, color="#5b8fd9", yerr=[below, above], capsize=4, label="predicted (95% CI)")
+    for i, r in zip(x, rates, strict=True):
+        ax.annotate(
+            f"{r:.1f}%",
+            (i, r),
+            ha="center",
+            va="bottom",
+            fontsize=8,
+            xytext=(0, 6),
+            textcoords="offset points",
+        )
+    colours = ("#d62728", "#2ca02c", "#9467bd", "#8c564b")
+    for i, (name, (rate, half)) in enumerate((references or {}).items()):
+        colour = colours[i % len(colours)]
+        ax.axhline(100 * rate, color=colour, linestyle="--", linewidth=1.2, label=name)
+        if half:
+            ax.axhspan(100 * (rate - half), 100 * (rate + half), color=colour, alpha=0.12)
+    labels = ["plain" if s == "plain" else f"+ {s}" for s in df["stage"]]
+    ax.set_xticks(x, labels)
+    ax.set_ylim(0, 105)
+    ax.set_ylabel("pairs connected (%)")
+    ax.set_title(title or "Predicted success, adding one method at a time")
+    ax.legend(loc="lower right", fontsize=7)
+    ax.grid(True, axis="y", alpha=0.3)
     fig.tight_layout()
     return fig

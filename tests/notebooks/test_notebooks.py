@@ -24,9 +24,10 @@ ALL = sorted(NOTEBOOKS.glob("*.ipynb"))
 CELL_TIMEOUT = {"03_nat_matrix.ipynb": 600}
 
 
-def test_the_four_notebooks_exist() -> None:
+def test_the_five_notebooks_exist() -> None:
     names = [p.name for p in ALL]
-    for prefix in ("01_quickstart", "02_packet_size_sweep", "03_nat_matrix", "04_chat_panel"):
+    prefixes = ("01_quickstart", "02_packet_size_sweep", "03_nat_matrix", "04_chat_panel")
+    for prefix in (*prefixes, "05_population"):
         assert f"{prefix}.ipynb" in names
 
 
@@ -67,6 +68,9 @@ def test_notebook_runs(path: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPat
     # a same-LAN pair, compared with the simulator); tests/lab/test_lab_matrix.py runs the
     # matrix, relayed pairs included.
     monkeypatch.setenv("P2PLAB_KERNEL_PROFILES", "port-restricted")
+    # 05's population: a few hundred pairs, one seed per class pair (10,000 in the experiment).
+    monkeypatch.setenv("P2PLAB_POPULATION_PAIRS", "300")
+    monkeypatch.setenv("P2PLAB_POPULATION_SEEDS", "1")
     nb = nbformat.read(path, as_version=4)
     client = NotebookClient(
         nb,
@@ -107,6 +111,17 @@ def test_notebook_runs(path: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPat
         assert any(t.startswith("run ") and "this worker -> peer" in t for t in texts)
         assert not any(t.lstrip().startswith(("{", "[{")) for t in texts), "a raw dict is shown"
         assert any("lab stopped" in t for t in texts), "the guarded clean-up cell did not run"
+    if path.name.startswith("05_"):
+        presets = ("natcracker", "ford-2005", "libp2p-2025")
+        for name in presets:
+            assert {f"population_{name}.csv", f"population_{name}.png"} <= set(written)
+        texts = [
+            str(o.get("text", "")) + str(o.get("data", {}).get("text/html", ""))
+            for c in nb.cells
+            for o in c.get("outputs", [])
+        ]
+        assert any("libp2p DCUtR campaign" in t and "agrees" in t for t in texts)
+        assert any("needs APDM share" in t or "needs no share" in t for t in texts)
     if path.name.startswith("03_"):
         assert {"sim_matrix.csv", "sim_matrix.png"} <= set(written)
         if os.geteuid() == 0:
