@@ -57,6 +57,7 @@ __all__ = [
     "is_v6",
     "local_candidates6",
     "loopback_only",
+    "probe_ipv6",
     "setup_hosts",
     "split_stun_servers",
 ]
@@ -298,3 +299,69 @@ def ipv6_block(
         "nat66": nat66,
         "stun": discovery6.stun_info if discovery6 is not None else None,
     }
+
+
+async def probe_ipv6(
+    servers: Sequence[str],
+    *,
+    host: str = "::",
+    request_timeout: float = 3.0,
+    rto: float = 0.25,
+    retries: int = 6,
+) -> dict[str, Any]:
+    """``p2plab probe``'s ``ipv6`` block: STUN over IPv6 from a fresh IPv6 socket on ``host``.
+
+    ``tested``: an IPv6 STUN server was given (IPv6 literal, or a name, asked for AAAA) and an
+    IPv6 socket could be bound; ``reachable``: a Binding over IPv6 was answered; ``mapped`` and
+    ``local``: the endpoint the server saw and ours towards it; ``nat66``: they differ (False:
+    no NAT66, the usual case, where only a firewall may filter); ``mapping`` and ``filtering``:
+    the RFC 5780 behaviour tests of :mod:`p2plab.core.nat` over IPv6 (``filtering`` needs a
+    server with an alternate address, else ``unknown`` and a note); ``servers``, ``notes`` and
+    ``error`` as in the IPv4 report.
+    """
+    block: dict[str, Any] = {
+        "tested": False,
+        "reachable": None,
+        "mapped": None,
+        "local": None,
+        "nat66": None,
+        "mapping": "unknown",
+        "filtering": "unknown",
+        "other_address": None,
+        "servers": [],
+        "notes": [],
+        "error": None,
+    }
+    servers6 = split_stun_servers(servers)[1]
+    if not servers6:
+        block["error"] = "no IPv6 STUN server given (an IPv6 literal in brackets, or a name)"
+        return block
+    try:
+        endpoint = await UdpEndpoint.bind(host, 0)
+    except OSError as exc:
+        block["error"] = f"no IPv6 socket: {exc}"
+        return block
+    block["tested"] = True
+    try:
+        probe = StunProbe(
+            endpoint, list(servers6), timeout=request_timeout, rto=rto, retries=retries
+        )
+        report = await probe.nat_report(classic=False, hairpin=False)
+    except P2PLabError as exc:
+        block.update(reachable=False, error=str(exc))
+        return block
+    finally:
+        endpoint.close()
+    d = report.to_dict()
+    block.update(
+        reachable=True,
+        mapped=format_address(report.mapped) if report.mapped else None,
+        local=format_address(report.local) if report.local else None,
+        nat66=report.behind_nat,
+        mapping=d["mapping"],
+        filtering=d["filtering"],
+        other_address=format_address(report.other_address) if report.other_address else None,
+        servers=d["servers"],
+        notes=d["notes"],
+    )
+    return block
