@@ -90,6 +90,7 @@ from p2plab.core.link_commands import (
     endpoint_update,
     session_security_counts,
 )
+from p2plab.core.link_families import PORT_MAPPING, uses_port_mapping
 from p2plab.core.link_table import LINK_STATES, STATES_WITH_PEER, TRANSITIONS, Input, next_state
 from p2plab.core.link_trust import (
     RelayGate,
@@ -199,6 +200,42 @@ class LinkEngine(LinkBench):
         if self._state == "connected" and self.session is not None:
             return self.session.path or "direct"
         return None
+
+    @property
+    def method(self) -> str | None:
+        """How the current link was made (see ``LinkBirthday.method``), or ``port-mapping``
+        when its direct path runs to or from a NAT's mapped port (issue 18; both sides say so,
+        :mod:`p2plab.core.link_families`)."""
+        base = super().method
+        if base not in (None, "relay") and uses_port_mapping(
+            self.session, self.offer.peer_mapped if self.offer else None, self.port_mapping
+        ):
+            return PORT_MAPPING
+        return base
+
+    def _direct_without_birthday(self) -> bool:
+        """A port mapping on either side opens a port to anyone (no birthday needed, nor the
+        relay at once for two hard NATs); IPv6 on both sides needs no NAT traversal at all.
+        Both sides decide alike from what they announced and were offered."""
+        offer = self.offer
+        if offer is None:
+            return False
+        if offer.peer_mapped is not None or self.port_mapping is not None:
+            return True
+        own_v6 = self.endpoint6 is not None or any(":" in a[0] for a in self.local_candidates)
+        peer_v6 = offer.peer_udp6 is not None or any(
+            ":" in str(c.ip) for c in offer.peer_candidates
+        )
+        return own_v6 and peer_v6
+
+    @property
+    def family(self) -> str | None:
+        """``"ipv6"`` or ``"ipv4"``: the address family of the current link's path (of the
+        peer's transport address on a TURN path); None without a link and on the rendezvous
+        relay."""
+        if self._state != "connected" or self.session is None:
+            return None
+        return self.session.family
 
     @property
     def peer_address(self) -> Address | None:
