@@ -342,3 +342,13 @@ def test_cli_ipv6_flag_env_and_bracketed_stun(monkeypatch: pytest.MonkeyPatch) -
     for bad in (["--ipv6", "on"], ["--stun", "2001:db8::1:3478"], ["--stun", "[2001:db8::x]:1"]):
         with pytest.raises(SystemExit):
             parser.parse_args([*base, *bad])
+
+
+def test_rendezvous_url_with_an_ipv6_literal() -> None:
+    parser = cli.build_parser()
+    for url in ("ws://[::1]:8000", "ws://[::1]", "wss://[2001:db8::1]:443/prefix"):
+        args = parser.parse_args(["worker", "--rendezvous", url])
+        assert args.rendezvous == url
+    for bad in ("ws://[::1", "ws://[::1]x", "ws://[zz]:1", "ws://[::1]:", "ws://[::1]:99999"):
+        with pytest.raises(SystemExit):
+            parser.parse_args(["worker", "--rendezvous", bad])
