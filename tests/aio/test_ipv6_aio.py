@@ -295,6 +295,10 @@ def test_ipv6_bind_host_rules() -> None:
         bind("on", "ws://[::1]:8000", [], None)
     with pytest.raises(ConfigError):
         WorkerConfig(rendezvous_url="ws://[::1]:1", ipv6="yes")
+    with pytest.raises(ConfigError):  # never one dual-stack socket
+        WorkerConfig(rendezvous_url="ws://[::1]:1", udp_host="::")
+    with pytest.raises(ConfigError):
+        WorkerConfig(rendezvous_url="ws://[::1]:1", udp6_host="127.0.0.1")
 
 
 def test_host_candidates_are_global_usable_addresses(tmp_path: Path) -> None:
