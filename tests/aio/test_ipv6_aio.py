@@ -21,6 +21,7 @@ import pytest
 from p2plab import cli
 from p2plab.aio import dualstack
 from p2plab.aio.bench import Benchmark
+from p2plab.aio.endpoint import UdpEndpoint, local_endpoint_for
 from p2plab.aio.rendezvous import Backoff
 from p2plab.aio.worker import Worker, WorkerConfig
 from p2plab.errors import ConfigError
@@ -356,3 +357,21 @@ def test_rendezvous_url_with_an_ipv6_literal() -> None:
     for bad in ("ws://[::1", "ws://[::1]x", "ws://[zz]:1", "ws://[::1]:", "ws://[::1]:99999"):
         with pytest.raises(SystemExit):
             parser.parse_args(["worker", "--rendezvous", bad])
+
+
+async def test_local_endpoint_for_tells_the_families_apart() -> None:
+    require(_has_loopback6(), "IPv6 on loopback (::1)")
+    v4 = await UdpEndpoint.bind("0.0.0.0", 0)
+    port = v4.local_address[1]
+    try:
+        assert local_endpoint_for(("127.0.0.1", port)) is v4
+        assert local_endpoint_for(("::1", port)) is None  # not the IPv4 wildcard's
+        v6 = dualstack.bind6(asyncio.get_running_loop(), "::", port)
+        assert v6 is not None and v6.local_address == ("::", port)  # V6ONLY: same number
+        try:
+            assert local_endpoint_for(("::1", port)) is v6
+            assert local_endpoint_for(("127.0.0.1", port)) is v4
+        finally:
+            v6.close()
+    finally:
+        v4.close()
