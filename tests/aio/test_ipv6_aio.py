@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import shutil
 import socket
 import subprocess
+import sys
 import tempfile
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -375,3 +377,31 @@ async def test_local_endpoint_for_tells_the_families_apart() -> None:
             v6.close()
     finally:
         v4.close()
+
+
+async def test_probe_cli_reports_ipv6_in_sentences_and_json() -> None:
+    """``p2plab probe`` with an IPv6 STUN server only: IPv6 tested, IPv4 said not to be."""
+    require(_has_loopback6(), "IPv6 on loopback (::1)")
+    srv = await StunServer.start("::1", 0)
+    server = f"[::1]:{srv.primary_address[1]}"
+
+    async def probe(*extra: str) -> str:
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "p2plab", "probe", "--stun", server, "--no-classic", *extra,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
+        )  # fmt: skip
+        out, err = await asyncio.wait_for(proc.communicate(), 60 * TIMEOUT_UNIT)
+        assert proc.returncode == 0, err.decode()
+        return out.decode()
+
+    try:
+        text, raw = await asyncio.gather(probe(), probe("--json"))
+    finally:
+        srv.close()
+    assert "IPv6: reachable, address [::1]:" in text
+    assert "IPv6 NAT: none" in text and "IPv6 filtering (RFC 5780): unknown" in text
+    report = json.loads(raw)
+    assert report["ipv6"]["reachable"] is True and report["ipv6"]["nat66"] is False
+    assert report["ipv6"]["mapped"] == report["ipv6"]["local"]
+    assert report["mapped"] is None and "no IPv4 STUN server given" in report["notes"][0]
