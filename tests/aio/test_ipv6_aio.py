@@ -292,8 +292,18 @@ def test_split_stun_servers_by_family() -> None:
     assert v6 == ("[2001:db8::1]:3478", "stun.example.org:19302", "[::1]:5000")
 
 
-def test_ipv6_bind_host_rules() -> None:
+def test_ipv6_bind_host_rules(monkeypatch: pytest.MonkeyPatch) -> None:
     bind = dualstack.ipv6_bind_host
+    # beyond loopback: the wildcard when the kernel routes IPv6, no socket (no error) else
+    routes: set[str] = set()
+    monkeypatch.setattr(dualstack, "_routes_to", lambda host: host in routes)
+    assert bind("auto", "ws://192.0.2.1:8000", ["192.0.2.1:3478"], None) is None
+    routes.add("2001:db8::1")  # a default route covers any global address
+    assert bind("auto", "ws://192.0.2.1:8000", ["192.0.2.1:3478"], None) == "::"
+    routes.clear()
+    routes.add("2001:db8:5::7")  # only a route to the rendezvous's network
+    assert bind("auto", "ws://[2001:db8:5::7]:8000", [], None) == "::"
+    assert bind("auto", "ws://[2001:db8:5::7]:8000", [], "2001:db8:5::2") == "2001:db8:5::2"
     assert bind("off", "ws://[::1]:8000", ["[::1]:3478"], None) is None
     # loopback-only: only with ::1 among the hosts, and then on ::1
     assert bind("auto", "ws://127.0.0.1:8000", ["127.0.0.1:3478"], None) is None
