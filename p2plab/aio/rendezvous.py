@@ -30,6 +30,7 @@ import logging
 import random
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from typing import Any
 
 import websockets
 from websockets.asyncio.client import ClientConnection, connect
@@ -62,7 +63,7 @@ log = logging.getLogger(__name__)
 _RELAY_QUEUE_LIMIT = 64
 
 
-def _happy_eyeballs() -> dict[str, float]:
+def _happy_eyeballs() -> dict[str, Any]:
     """A rendezvous name with A and AAAA records: both families, IPv6 first and IPv4 250 ms
     later (RFC 8305 happy eyeballs), so a dead family costs 250 ms, not the connect timeout.
     Only asyncio's own loop takes the argument (uvloop's ``create_connection`` refuses it and
