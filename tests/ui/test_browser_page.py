@@ -389,3 +389,34 @@ def test_both_address_families_show(browser: Any) -> None:
         w.send({**SCRIPTED_STATUS, "ipv6": off, "family": None, "path": None})
         assert page.inner_text(tid("udp-local6")) == "IPv6 off"
         assert page.inner_text(tid("udp-public6")) == "" and page.inner_text(tid("family")) == ""
+
+
+def test_the_routers_port_mapping_shows(browser: Any) -> None:
+    """Issue 18: which protocols answered, the mapped endpoint and the lease; nothing from a
+    worker that does not say (port mapping off or an older worker)."""
+    with open_page(browser) as page:
+        w = ScriptedWorker(page)
+        assert page.inner_text(tid("port-mapping")) == ""
+        pm = {
+            "protocols": ["nat-pmp", "pcp"],
+            "protocol": "nat-pmp",
+            "external": "1.2.3.4:40000",
+            "lease_s": 7200,
+            "expires_in_s": 3599.6,
+            "state": "mapped",
+            "error": None,
+        }
+        w.send({**SCRIPTED_STATUS, "port_mapping": pm, "method": "port-mapping"})
+        assert page.inner_text(tid("port-mapping")) == (
+            "port mapping: NAT-PMP, PCP; mapped 1.2.3.4:40000 via NAT-PMP"
+            " (lease 7200 s, 3600 s left)"
+        )
+        assert page.inner_text(tid("method")) == "method: port-mapping"
+        shot(page, "scripted-port-mapping")
+        refused = {**pm, "protocols": ["upnp"], "external": None, "error": "<b>refused</b>"}
+        w.send({**SCRIPTED_STATUS, "port_mapping": refused})
+        assert page.inner_text(tid("port-mapping")) == "port mapping: UPnP (<b>refused</b>)"
+        w.send({**SCRIPTED_STATUS, "port_mapping": {**refused, "protocols": [], "error": None}})
+        assert page.inner_text(tid("port-mapping")) == "port mapping: no answer"
+        w.send({**SCRIPTED_STATUS, "port_mapping": None})
+        assert page.inner_text(tid("port-mapping")) == ""
