@@ -49,7 +49,9 @@ class LiveChart:
         self._last_draw = -math.inf
         self._pending: asyncio.TimerHandle | None = None
         self._drawing: asyncio.Task[None] | None = None
-        self._again = False  # points came while drawing: draw once more after it
+        # What came while a drawing was under way: None, "soon" (points: a throttled redraw
+        # after it) or "now" (the run ended: its last points drawn right after it).
+        self._next: str | None = None
 
     def add(self, msg: dict[str, Any]) -> None:
         """Take one ``benchmark_progress`` message; a new ``run_id`` starts a new chart."""
@@ -71,7 +73,7 @@ class LiveChart:
 
     def _schedule(self) -> None:
         if self._drawing is not None:
-            self._again = True  # throttled from the end of the drawing under way
+            self._next = self._next or "soon"  # throttled from the end of the one under way
             return
         wait = self._last_draw + self.min_interval - time.monotonic()
         if wait <= 0:
@@ -85,7 +87,7 @@ class LiveChart:
             self._pending.cancel()
             self._pending = None
         if self._drawing is not None:
-            self._again = True
+            self._next = "now"
             return
         points = {role: sorted(pts) for role, pts in self.points.items()}
         self._drawing = asyncio.get_running_loop().create_task(self._draw(self.run_id, points))
@@ -104,12 +106,15 @@ class LiveChart:
             self.image.value = png
             self.image.layout.display = ""
             self.draws += 1
-        if self._again:
-            self._again = False
+        after, self._next = self._next, None
+        if after == "now":
+            self.draw()
+        elif after == "soon":
             self._schedule()
 
     async def idle(self) -> None:
-        """Wait until no drawing is under way (a redraw it asked for included)."""
+        """Wait until no drawing is under way (nor one asked for right after it); a throttled
+        redraw waits on its timer, not here."""
         while self._drawing is not None:
             await asyncio.wait([self._drawing])
 
@@ -118,7 +123,7 @@ class LiveChart:
         if self._pending is not None:
             self._pending.cancel()
             self._pending = None
-        self._again = False
+        self._next = None
         if self._drawing is not None:
             self._drawing.cancel()
             self._drawing = None
