@@ -11,6 +11,7 @@ import csv
 import json
 import os
 import socket
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -145,6 +146,25 @@ async def test_run_with_injected_drops_counts_exactly(
         batched = mmsg and mmsg_supported()
         assert (a.endpoint.stats["mmsg_sends"] > 0) is (batched and not r.gso)
         assert (b.endpoint.stats["mmsg_reads"] > 0) is batched
+
+
+async def test_a_loop_held_past_the_report_wait_still_gets_the_report() -> None:
+    """A blocking call on the event loop (a notebook's chart once held it 14 s) while the report
+    is due: the wait's timer runs late, the report is read after it, and the run has it."""
+    async with two_workers() as (a, b):
+        answering = b.benchmark.answering
+        on_end = answering.on_end
+
+        def held_on_end(run_id: int, obj: dict[str, Any]) -> None:
+            time.sleep(2.0)  # the point: the loop (both workers) is held
+            on_end(run_id, obj)
+
+        answering.on_end = held_on_end  # type: ignore[method-assign]
+        r = await asyncio.wait_for(
+            Benchmark(a, timeout_s=1.0).run(duration_s=0.2, payload_size=1000, rate_mbps=10), T
+        )
+        assert r.peer_view is not None and r.peer_view.packets_received == r.packets_sent
+        assert a.stats["bench_loop_stalls"] == 1
 
 
 async def test_both_ends_publish_both_views_and_chat_flows_during_a_run() -> None:

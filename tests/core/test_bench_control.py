@@ -191,7 +191,7 @@ def test_a_late_timer_is_our_stall_not_the_peers_silence() -> None:
     w.now = 14.5  # the loop was held 4.5 s past the deadline
     w.a.handle_timer(w.now)
     assert drain(w.a) == [] and w.a.stats["stalls"] == 1
-    assert w.a.get_timer() == 15.5
+    assert w.a.get_timer() == 16.5
     w.b.send({"type": "bench_report", "run_id": 4, "report": {"packets_sent": 1}})
     w.pump()  # the answer, read after the late timer
     (report,) = drain(w.a)
@@ -201,7 +201,7 @@ def test_a_late_timer_is_our_stall_not_the_peers_silence() -> None:
     w.now += 11.5
     w.a.handle_timer(w.now)
     assert drain(w.a) == [] and w.a.stats["stalls"] == 2
-    w.now += 1.0
+    w.now += 2.0
     w.a.handle_timer(w.now)
     (failed,) = drain(w.a)
     assert isinstance(failed, RunFailed) and failed.reason == "no bench_report within 10.0 s"

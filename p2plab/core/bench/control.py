@@ -28,10 +28,10 @@ repeat is harmless); a wait that runs past its timeout ends in :class:`RunFailed
 message the link refuses because it is not connected yet (the peer's first messages can arrive
 in the instant before the driver calls itself connected) goes back to the front of the queue
 (:meth:`BenchControl.send_failed`) and is retried every ``send_retry_s`` for ``send_patience_s``.
-A timeout measures the peer's silence while we listened: a wait whose timer runs ``stall_s`` or
-more after its deadline (the driver's event loop was held meanwhile, e.g. by a blocking call in
-a notebook) gets ``stall_grace_s`` more, since its answer may already wait unread in the socket
-(``stats["stalls"]``).
+A timeout measures the peer's silence while we listened: a wait whose timer runs ``stall_s``
+(0.5 s) or more after its deadline (the driver's event loop was held meanwhile, e.g. by a
+blocking call in a notebook) gets ``stall_grace_s`` (2 s) more, since its answer may already
+wait unread in the socket (``stats["stalls"]``).
 Malformed messages from the peer are dropped and counted (``stats["dropped"]``), never raised.
 """
 
@@ -88,12 +88,14 @@ class ControlConfig:
     send_patience_s: float = 2.0
     """... for this long; then the queued messages are dropped (``stats["unsendable"]``)."""
 
-    stall_s: float = 1.0
+    stall_s: float = 0.5
     """A wait's timer that runs this long after its deadline shows the driver did not run
-    meanwhile (its event loop was held): the answer may be waiting unread, so..."""
+    meanwhile (its event loop was held; a healthy one runs a timer within milliseconds): the
+    answer may be waiting unread, so..."""
 
-    stall_grace_s: float = 1.0
-    """... the wait gets this long more, from that late timer, before it fails."""
+    stall_grace_s: float = 2.0
+    """... the wait gets this long more, from that late timer, before it fails (the answering
+    end of a throughput run reports up to 1 s after ``bench_end``, held as long as we were)."""
 
 
 @dataclass(frozen=True)
