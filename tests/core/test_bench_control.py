@@ -182,6 +182,31 @@ def test_missing_report_times_out() -> None:
     assert failed.reason == "no bench_report within 2.0 s"
 
 
+def test_a_late_timer_is_our_stall_not_the_peers_silence() -> None:
+    """A wait's timer that runs long after its deadline (the driver's loop was held): the
+    answer may be waiting unread, so the wait gets stall_grace_s more instead of failing."""
+    w = Wire()
+    w.a.end({"run_id": 4, "packets_sent": 1}, w.now, 10.0)
+    w.pump()
+    w.now = 14.5  # the loop was held 4.5 s past the deadline
+    w.a.handle_timer(w.now)
+    assert drain(w.a) == [] and w.a.stats["stalls"] == 1
+    assert w.a.get_timer() == 16.5
+    w.b.send({"type": "bench_report", "run_id": 4, "report": {"packets_sent": 1}})
+    w.pump()  # the answer, read after the late timer
+    (report,) = drain(w.a)
+    assert isinstance(report, ReportReceived) and w.a.get_timer() is None
+    # without an answer the extended wait fails at its new deadline, on time
+    w.a.end({"run_id": 5, "packets_sent": 1}, w.now, 10.0)
+    w.now += 11.5
+    w.a.handle_timer(w.now)
+    assert drain(w.a) == [] and w.a.stats["stalls"] == 2
+    w.now += 2.0
+    w.a.handle_timer(w.now)
+    (failed,) = drain(w.a)
+    assert isinstance(failed, RunFailed) and failed.reason == "no bench_report within 10.0 s"
+
+
 def test_rtt_end_expects_no_report() -> None:
     w = Wire()
     w.a.end({"run_id": 4, "mode": "rtt"}, w.now, 2.0)

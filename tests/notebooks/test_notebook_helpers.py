@@ -218,6 +218,7 @@ async def test_chat_panel_enter_sends_and_results_are_labelled_by_run_and_direct
                 assert "{" not in shown and "'" not in shown.replace("style='", "")
 
         # the live chart followed the runs by run id and ends on the last one
+        await pa.chart.idle()
         assert pa.chart.run_id == rb.run_id and pa.chart.draws >= 2
         assert pa.chart.points["receiver"], "A received in B's run"
         assert bytes(pa.chart.image.value).startswith(b"\x89PNG")
@@ -257,14 +258,24 @@ async def test_live_chart_is_throttled_draws_the_last_points_and_follows_run_ids
     chart = LiveChart(min_interval=3600.0)
     assert chart.image.layout.display == "none"
     chart.add(progress("1", "sender", 1.0, 20.0))
+    # drawn in a thread: the event loop (the notebook's workers) runs on meanwhile
+    idle = asyncio.ensure_future(chart.idle())
+    turns = 0
+    while not idle.done():
+        turns += 1
+        await asyncio.sleep(0)
+    assert turns > 1
     assert chart.draws == 1 and bytes(chart.image.value).startswith(b"\x89PNG")
     chart.add(progress("1", "receiver", 2.0, 19.0))
     chart.add(progress("1", "receiver", 1.0, 18.0))  # late and out of order: same run
+    await chart.idle()
     assert chart.draws == 1  # throttled
     assert chart.points["receiver"] == [(2.0, 19.0), (1.0, 18.0)]
     chart.finish("0")  # another run's end does not redraw this one
+    await chart.idle()
     assert chart.draws == 1
     chart.finish("1")
+    await chart.idle()
     assert chart.draws == 2
     chart.add(progress("2", "receiver", 1.0, 5.0))  # a new run id starts a new chart
     assert chart.run_id == "2" and chart.points == {"sender": [], "receiver": [(1.0, 5.0)]}
@@ -274,6 +285,7 @@ async def test_live_chart_is_throttled_draws_the_last_points_and_follows_run_ids
 
     fast = LiveChart(min_interval=0.0)
     fast.add(progress("3", "sender", 1.0, 1.0))
-    fast.add(progress("3", "sender", 2.0, 2.0))
+    fast.add(progress("3", "sender", 2.0, 2.0))  # while the first is drawn: once more after it
+    await fast.idle()
     assert fast.draws == 2
     fast.close()

@@ -244,6 +244,9 @@ class Answering:
             self.host.count("bench_bad_controls")
             return
         if rec is None or rec.run_id != run_id or rec.done:
+            # Not the run we receive (a repeat, or one we never armed): no report from here.
+            log.debug("bench_end of run %s ignored (receiving %s)", run_id, rec and rec.run_id)
+            self.host.count("bench_ends_ignored")
             return
         rtt = self.host.rtt or 0.0
         # Datagrams still in flight on the path: wait a little (ordered paths need none).

@@ -133,8 +133,9 @@ class BenchmarkExtension(Extension):
                     log.debug("queueing %s until the link is connected: %s", msg["type"], exc)
                     ctl.send_failed(msgs[i:], _now())
                     break
-                except P2PLabError as exc:
-                    log.info("cannot send %s: %s", msg.get("type"), exc)
+                except P2PLabError as exc:  # e.g. not JSON (NaN): lost, so said loudly
+                    log.warning("cannot send %s: %s", msg.get("type"), exc)
+                    self.host.count("bench_unsendable_controls")
             else:
                 if msgs:
                     ctl.sent_ok()
@@ -156,7 +157,13 @@ class BenchmarkExtension(Extension):
 
     def _on_timer(self) -> None:
         self._timer = None
+        stalls = self.control.stats["stalls"]
         self.control.handle_timer(_now())
+        if self.control.stats["stalls"] != stalls:
+            # The loop was held past a wait's deadline (a blocking call on it): the wait is
+            # extended, but whatever held the loop is worth knowing about.
+            log.warning("benchmark: the event loop was held past a wait's deadline")
+            self.host.count("bench_loop_stalls")
         self.flush()
 
     def _dispatch(self, event: ControlEvent) -> None:

@@ -28,6 +28,10 @@ repeat is harmless); a wait that runs past its timeout ends in :class:`RunFailed
 message the link refuses because it is not connected yet (the peer's first messages can arrive
 in the instant before the driver calls itself connected) goes back to the front of the queue
 (:meth:`BenchControl.send_failed`) and is retried every ``send_retry_s`` for ``send_patience_s``.
+A timeout measures the peer's silence while we listened: a wait whose timer runs ``stall_s``
+(0.5 s) or more after its deadline (the driver's event loop was held meanwhile, e.g. by a
+blocking call in a notebook) gets ``stall_grace_s`` (2 s) more, since its answer may already
+wait unread in the socket (``stats["stalls"]``).
 Malformed messages from the peer are dropped and counted (``stats["dropped"]``), never raised.
 """
 
@@ -83,6 +87,15 @@ class ControlConfig:
 
     send_patience_s: float = 2.0
     """... for this long; then the queued messages are dropped (``stats["unsendable"]``)."""
+
+    stall_s: float = 0.5
+    """A wait's timer that runs this long after its deadline shows the driver did not run
+    meanwhile (its event loop was held; a healthy one runs a timer within milliseconds): the
+    answer may be waiting unread, so..."""
+
+    stall_grace_s: float = 2.0
+    """... the wait gets this long more, from that late timer, before it fails (the answering
+    end of a throughput run reports up to 1 s after ``bench_end``, held as long as we were)."""
 
 
 @dataclass(frozen=True)
@@ -207,9 +220,16 @@ class BenchControl:
 
     def __init__(self, config: ControlConfig | None = None) -> None:
         self.config = config or ControlConfig()
-        self.stats: dict[str, int] = {"dropped": 0, "late": 0, "unsendable": 0, "resent": 0}
+        self.stats: dict[str, int] = {
+            "dropped": 0,
+            "late": 0,
+            "unsendable": 0,
+            "resent": 0,
+            "stalls": 0,
+        }
         """``dropped``: malformed messages; ``late``: answers nobody waits for any more;
-        ``unsendable``: messages given up on; ``resent``: repeated ``bench_start``."""
+        ``unsendable``: messages given up on; ``resent``: repeated ``bench_start``; ``stalls``:
+        waits extended because their timer ran late (``ControlConfig.stall_s``)."""
         self._events: deque[ControlEvent] = deque()
         self._out = _Outbox()
         self._waits: dict[tuple[str, int], _Wait] = {}
@@ -394,7 +414,12 @@ class BenchControl:
             out.blocked = False
         for key, wait in list(self._waits.items()):
             kind, run_id = key
-            if now >= wait.deadline:
+            if now - wait.deadline >= self.config.stall_s:
+                # Due long ago: we were not running, so not reading either (our stall, not
+                # the peer's silence); its answer may be in the socket, read after this timer.
+                wait.deadline = now + self.config.stall_grace_s
+                self.stats["stalls"] += 1
+            elif now >= wait.deadline:
                 del self._waits[key]
                 self._events.append(RunFailed(run_id, kind, _timeout_reason(kind, wait), False))
             elif wait.resend is not None and now >= wait.next_resend:
