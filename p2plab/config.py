@@ -104,11 +104,15 @@ class SessionConfig:
     rto_max: float = 3.0
     """Upper bound of the retransmission timeout after exponential backoff."""
 
-    max_retransmits: int = 12
-    """Give up a reliable message (``ChatFailed``) after this many retransmissions."""
+    max_retransmits: int = 20
+    """Give up a reliable message (``ChatFailed``) after this many retransmissions.  20 with
+    ``chat_give_up_s`` 60: at 20% loss on each NAT a round trip fails 59% of the time, and 12
+    retransmissions within 30 s (the old limits) gave a message up in about 0.4% of chats of 30
+    messages (an in-memory run of the session, 3000 chats); 0.59**21 is 2e-5 per message."""
 
-    chat_give_up_s: float = 30.0
-    """Give up a reliable message (``ChatFailed``) this long after its first transmission."""
+    chat_give_up_s: float = 60.0
+    """Give up a reliable message (``ChatFailed``) this long after its first transmission (a dead
+    link ends sooner: the peer timeout)."""
 
     max_in_flight: int = 64
     """Most reliable messages sent and not yet acknowledged; later ones wait in a queue."""
