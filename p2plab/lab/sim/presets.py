@@ -56,6 +56,14 @@ _IPV6_ASSUMED = (
     "REC-17 asks for EIF, many home routers filter per address and port"
 )
 
+# The assumed shares every preset shares (see the sentences above); a preset states its own
+# mapping split, public hosts and IPv6.
+_FILTERING = {"EIF": 0.10, "ADF": 0.20, "APDF": 0.70}
+_ALLOCATION = {"random": 0.60, "sequential": 0.25, "sequential-busy": 0.15}
+_PORTMAP = {"none": 0.70, "pmp": 0.10, "upnp": 0.15, "all": 0.05}
+_IPV6_2025 = {"none": 0.55, "v6-open": 0.045, "v6-apdf": 0.315, "v6-eif": 0.09}
+_GOOGLE_V6 = "IPv6 availability: Google IPv6 adoption statistics (about 45%, 2025)"
+
 PRESETS: dict[str, Preset] = {
     p.name: p
     for p in (
@@ -64,14 +72,14 @@ PRESETS: dict[str, Preset] = {
             summary="NATs in NATCracker's proportions (2009), every site behind one NAT",
             no_nat=0.0,
             mapping={"EIM": 0.52, "ADM": 0.12, "APDM": 0.36},
-            filtering={"EIF": 0.10, "ADF": 0.20, "APDF": 0.70},
-            allocation={"random": 0.60, "sequential": 0.25, "sequential-busy": 0.15},
+            filtering=_FILTERING,
+            allocation=_ALLOCATION,
             leaky=0.10,
-            portmap={"none": 0.70, "pmp": 0.10, "upnp": 0.15, "all": 0.05},
-            ipv6={"none": 0.55, "v6-open": 0.045, "v6-apdf": 0.315, "v6-eif": 0.09},
+            portmap=_PORTMAP,
+            ipv6=_IPV6_2025,
             sources=(
                 "mapping: NATCracker (Roverso et al., ICCCN 2009), as reported in the issue",
-                "IPv6 availability: Google IPv6 adoption statistics (about 45%, 2025)",
+                _GOOGLE_V6,
             ),
             assumptions=(
                 "no site without a NAT: NATCracker surveyed NATs",
@@ -87,10 +95,10 @@ PRESETS: dict[str, Preset] = {
             summary="Ford et al.'s NATs (2005): 82% translate consistently, 18% symmetric",
             no_nat=0.0,
             mapping={"EIM": 0.82, "ADM": 0.0, "APDM": 0.18},
-            filtering={"EIF": 0.10, "ADF": 0.20, "APDF": 0.70},
-            allocation={"random": 0.60, "sequential": 0.25, "sequential-busy": 0.15},
+            filtering=_FILTERING,
+            allocation=_ALLOCATION,
             leaky=0.10,
-            portmap={"none": 0.70, "pmp": 0.10, "upnp": 0.15, "all": 0.05},
+            portmap=_PORTMAP,
             ipv6={"none": 1.0},
             sources=(
                 "82% of NATs support UDP hole punching: Ford, Srisuresh and Kegel, USENIX ATC "
@@ -112,14 +120,14 @@ PRESETS: dict[str, Preset] = {
             ),
             no_nat=0.10,
             mapping={"EIM": 0.70, "ADM": 0.05, "APDM": 0.25},
-            filtering={"EIF": 0.10, "ADF": 0.20, "APDF": 0.70},
-            allocation={"random": 0.60, "sequential": 0.25, "sequential-busy": 0.15},
+            filtering=_FILTERING,
+            allocation=_ALLOCATION,
             leaky=0.10,
-            portmap={"none": 0.70, "pmp": 0.10, "upnp": 0.15, "all": 0.05},
-            ipv6={"none": 0.55, "v6-open": 0.045, "v6-apdf": 0.315, "v6-eif": 0.09},
+            portmap=_PORTMAP,
+            ipv6=_IPV6_2025,
             sources=(
                 "target: libp2p's campaign, 70% +- 7.1% (Trautwein et al., arXiv:2510.27500)",
-                "IPv6 availability: Google IPv6 adoption statistics (about 45%, 2025)",
+                _GOOGLE_V6,
             ),
             assumptions=(
                 "10% public hosts and the mapping split (EIM 70%, ADM 5%, APDM 25%): "
