@@ -279,8 +279,23 @@ def active(site: Site, stage: str) -> Site:
     return Site(site.v4, portmap, v6)
 
 
+def _flags(stage: str) -> tuple[bool, bool]:
+    """What a stage switches on in the engines and the network besides the sites' features:
+    birthday punching, the TURN server."""
+    level = _stage_index(stage)
+    return (level >= STAGES.index("birthday"), level >= STAGES.index("turn"))
+
+
 def _key(a: Site, b: Site, stage: str, base: int, slot: int) -> _Key:
+    """The run a pair makes at ``stage``, named by the earliest stage that makes the same
+    simulation (same sites once unused features are dropped, same switches): a pair without
+    port mapping runs at ``port-mapping`` exactly as at ``plain``, so it is not run twice."""
     ra, rb = active(a, stage), active(b, stage)
+    for earlier in STAGES[: _stage_index(stage)]:
+        same = active(a, earlier) == ra and active(b, earlier) == rb
+        if same and _flags(earlier) == _flags(stage):
+            stage = earlier
+            break
     return (ra, rb, stage, _slot_seed(base, ra, rb, slot))
 
 
@@ -329,12 +344,14 @@ def predict(
     slots = [rng.randrange(seeds) for _ in pairs]
     done: dict[int, PairRun] = {}
     rows: list[dict[str, Any]] = []
+    results: dict[_Key, PairRun] = {}  # every run so far: a later stage may repeat one
     for stage in order:
         todo = [i for i in range(n) if i not in done]
         keys = {i: _key(pairs[i][0], pairs[i][1], stage, seed, slots[i]) for i in todo}
-        results = _run_all(sorted(set(keys.values()), key=repr), procs)
+        new = sorted(set(keys.values()) - set(results), key=repr)
+        results.update(_run_all(new, procs))
         if progress is not None:
-            progress(stage, len(results), len(results))
+            progress(stage, len(new), len(new))
         for i, (a, b) in enumerate(pairs):
             carried = i in done
             run = done[i] if carried else results[keys[i]]
@@ -443,17 +460,15 @@ def pair_matrix(
     order = [s for s in STAGES if s in set(stages)]
     connected: set[tuple[Site, Site, int]] = set()
     out: dict[tuple[str, str, str], float] = {}
+    results: dict[_Key, PairRun] = {}
     for stage in order:
-        keys = sorted(
-            {
-                _key(a, b, stage, seed, slot)
-                for a, b in classes
-                for slot in range(seeds)
-                if (a, b, slot) not in connected
-            },
-            key=repr,
-        )
-        results = _run_all(keys, procs)
+        keys = {
+            _key(a, b, stage, seed, slot)
+            for a, b in classes
+            for slot in range(seeds)
+            if (a, b, slot) not in connected
+        }
+        results.update(_run_all(sorted(keys - set(results), key=repr), procs))
         for a, b in classes:
             hits = 0
             for slot in range(seeds):
