@@ -38,12 +38,9 @@ from pathlib import Path
 from typing import Any
 
 from p2plab.errors import ConfigError, LabError
-from p2plab.lab.profiles import (
-    impairment_rules,
-    nat_ruleset,
-    udp_block_rules,
-    validate_profile,
-)
+from p2plab.lab.portmap_lab import PORTMAP_PUBLIC_NET, MiniUpnpd, start_miniupnpd
+from p2plab.lab.profiles import impairment_rules, nat_ruleset, udp_block_rules, validate_profile
+from p2plab.lab.site import parse_site
 
 __all__ = [
     "HOSTS",
@@ -93,7 +90,8 @@ class LabConfig:
     """What lab to build."""
 
     profile_a: str = "port-restricted"
-    """NAT profile of site A (see :mod:`p2plab.lab.profiles`)."""
+    """Site spec of site A: a NAT profile (see :mod:`p2plab.lab.profiles`), optionally with a
+    port-mapping modifier (``symmetric+pmp``, see :mod:`p2plab.lab.site`)."""
     profile_b: str = "port-restricted"
     """NAT profile of site B (ignored when ``same_lan``)."""
     same_lan: bool = False
@@ -114,8 +112,8 @@ class LabConfig:
     """Name prefix (``p2l`` + 4 hex digits); random when None."""
 
     def __post_init__(self) -> None:
-        validate_profile(self.profile_a)
-        validate_profile(self.profile_b)
+        parse_site(self.profile_a)
+        parse_site(self.profile_b)
         for loss in (self.loss_a, self.loss_b):
             if not 0.0 <= loss < 1.0:
                 raise ConfigError(f"loss must be in [0, 1), got {loss!r}")
@@ -291,6 +289,14 @@ class Lab:
         self.turn_secret = secrets.token_hex(16)
         """coturn's ``static-auth-secret`` (fresh per lab); the rendezvous gets it too."""
         self._blocked: list[tuple[str, list[str]]] = []
+        specs = [config.profile_a] + ([] if config.same_lan else [config.profile_b])
+        #: The public segment's /24: public-looking only when miniupnpd runs (portmap_lab.py).
+        self.public_net = (
+            PORTMAP_PUBLIC_NET if any(parse_site(s).portmap for s in specs) else PUBLIC_NET
+        )
+        self.stun_ips = (f"{self.public_net}.10", f"{self.public_net}.11")
+        self.miniupnpd: dict[str, MiniUpnpd] = {}
+        """The miniupnpd of each site with a port-mapping modifier."""
 
     # ---- construction
 
@@ -386,24 +392,27 @@ class Lab:
             return peer
 
         rv = self._ns("rv")
-        attach(rv, f"{p}rv", [RENDEZVOUS_IP])
-        self._hosts["rendezvous"] = _Host("rendezvous", rv, RENDEZVOUS_IP)
+        attach(rv, f"{p}rv", [self.rendezvous_address])
+        self._hosts["rendezvous"] = _Host("rendezvous", rv, self.rendezvous_address)
         st = self._ns("stun")
-        attach(st, f"{p}st", list(STUN_IPS))
-        self._hosts["stun"] = _Host("stun", st, STUN_IPS[0])
+        attach(st, f"{p}st", list(self.stun_ips))
+        self._hosts["stun"] = _Host("stun", st, self.stun_ips[0])
 
         cfg = self.config
         sites = [("a", cfg.profile_a, cfg.loss_a, cfg.rate_a_mbit)]
         if not cfg.same_lan:
             sites.append(("b", cfg.profile_b, cfg.loss_b, cfg.rate_b_mbit))
-        for site, profile, loss, rate in sites:
+        for site, spec, loss, rate in sites:
+            # An IPv6-only spec has no IPv4 NAT: its host sits on the public segment like "open".
+            profile, portmap = parse_site(spec).v4 or "open", parse_site(spec).portmap
             members = ["a", "b"] if cfg.same_lan else [site]
             if profile == "open":
                 for host in members:
                     ns = self._ns(host)
                     ifname = f"{p}o{host}"
-                    peer = attach(ns, ifname, [_OPEN_IP[host]])
-                    self._hosts[host] = _Host(host, ns, _OPEN_IP[host], _OPEN_IP[host])
+                    ip = _OPEN_IP[host].replace(PUBLIC_NET, self.public_net)
+                    peer = attach(ns, ifname, [ip])
+                    self._hosts[host] = _Host(host, ns, ip, ip)
                     if loss:
                         _run(["ip", "netns", "exec", ns, "iptables-restore"],
                              input=impairment_rules(ifname, loss))  # fmt: skip
@@ -413,7 +422,7 @@ class Lab:
                 continue
             nat = self._ns(f"nat-{site}")
             wan_if = f"{p}w{site}"
-            wan_ip = _NAT_WAN_IP[site]
+            wan_ip = _NAT_WAN_IP[site].replace(PUBLIC_NET, self.public_net)
             peer = attach(nat, wan_if, [wan_ip])
             lan_br = f"{p}l{site}"
             net = _LAN_NET[site]
@@ -443,6 +452,10 @@ class Lab:
             if rate:
                 self._tbf(nat, wan_if, rate)
                 self._tbf(wan, peer, rate)
+            if portmap:
+                self.miniupnpd[site] = start_miniupnpd(
+                    self, site=site, modifier=portmap, ext_ifname=wan_if, lan_ifname=lan_br,
+                    lan_net=net, run_dir=_MARKER_DIR / f"{p}-portmap")  # fmt: skip
         if cfg.stun:
             self._start_coturn()
         log.debug("lab %s up: %s", self.prefix, self.describe())
@@ -457,16 +470,16 @@ class Lab:
         run_dir.mkdir(parents=True, exist_ok=True)
         argv = ["turnserver", "-n", "--no-cli", "--no-tls", "--no-dtls", "--no-tcp-relay",
                 "--use-auth-secret", "--static-auth-secret", self.turn_secret,
-                "--realm", TURN_REALM, "--relay-ip", STUN_IPS[0],
+                "--realm", TURN_REALM, "--relay-ip", self.stun_ips[0],
                 "--min-port", str(TURN_RELAY_PORTS[0]), "--max-port", str(TURN_RELAY_PORTS[1]),
                 "--listening-port", str(STUN_PORT), "--alt-listening-port", str(STUN_ALT_PORT),
                 "--userdb", str(run_dir / "turndb"), "--log-file", "stdout", "--simple-log",
                 "--pidfile", str(_MARKER_DIR / f"{self.prefix}-turnserver.pid")]  # fmt: skip
-        for ip in STUN_IPS:
+        for ip in self.stun_ips:
             argv += ["--listening-ip", ip]
         self.popen("stun", argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        want = {f"{ip}:{port}" for ip in STUN_IPS for port in (STUN_PORT, STUN_ALT_PORT)}
-        want_tcp = {f"{STUN_IPS[0]}:{STUN_PORT}"}
+        want = {f"{ip}:{port}" for ip in self.stun_ips for port in (STUN_PORT, STUN_ALT_PORT)}
+        want_tcp = {f"{self.stun_ips[0]}:{STUN_PORT}"}
         deadline = time.monotonic() + 10.0
         while True:
             out = _run(["ip", "netns", "exec", st.ns, "ss", "-Hlun"], check=False)
@@ -501,6 +514,7 @@ class Lab:
         for name in (f"{self.prefix}.pid", f"{self.prefix}-turnserver.pid"):
             (_MARKER_DIR / name).unlink(missing_ok=True)
         shutil.rmtree(_MARKER_DIR / f"{self.prefix}-turn", ignore_errors=True)
+        shutil.rmtree(_MARKER_DIR / f"{self.prefix}-portmap", ignore_errors=True)
         _LIVE.discard(self)
         log.debug("lab %s removed", self.prefix)
 
@@ -546,23 +560,23 @@ class Lab:
     @property
     def stun_addresses(self) -> tuple[str, str]:
         """The STUN host's two public addresses (primary first)."""
-        return STUN_IPS
+        return self.stun_ips
 
     @property
     def stun_server(self) -> str:
         """``host:port`` of the primary STUN address."""
-        return f"{STUN_IPS[0]}:{STUN_PORT}"
+        return f"{self.stun_ips[0]}:{STUN_PORT}"
 
     @property
     def turn_urls(self) -> tuple[str, str]:
         """coturn's TURN URLs (UDP first, then TCP) on the STUN host's primary address."""
-        host = f"{STUN_IPS[0]}:{STUN_PORT}"
+        host = f"{self.stun_ips[0]}:{STUN_PORT}"
         return (f"turn:{host}?transport=udp", f"turn:{host}?transport=tcp")
 
     @property
     def rendezvous_address(self) -> str:
         """The rendezvous host's public address."""
-        return RENDEZVOUS_IP
+        return RENDEZVOUS_IP.replace(PUBLIC_NET, self.public_net)
 
     def exec_prefix(self, host: str) -> list[str]:
         """The argv prefix that runs a command inside ``host``'s namespace."""
@@ -576,7 +590,7 @@ class Lab:
             "profile_b": None if self.config.same_lan else self.config.profile_b,
             "same_lan": self.config.same_lan,
             "hosts": {h.name: {"ns": h.ns, "address": h.address} for h in self._hosts.values()},
-            "stun": list(STUN_IPS) if self.config.stun else [],
+            "stun": list(self.stun_ips) if self.config.stun else [],
             "turn": list(self.turn_urls) if self.config.stun else [],
         }
 
@@ -590,7 +604,7 @@ class Lab:
         rules: list[tuple[str, list[str]]] = []
         for site, other in (("a", "b"), ("b", "a")):
             remote = self._hosts.get(f"nat_{other}") or self._hosts[other]
-            targets = [remote.address, *(STUN_IPS if stun_host else ())]
+            targets = [remote.address, *(self.stun_ips if stun_host else ())]
             gateway = self._hosts.get(f"nat_{site}")
             ns = gateway.ns if gateway is not None else self._hosts[site].ns
             for rule in udp_block_rules(nat=gateway is not None, addresses=targets):
@@ -652,7 +666,7 @@ class Lab:
         if not self.config.stun:
             raise LabError("this lab was built without a STUN server")
         argv = [sys.executable, "-m", "p2plab.lab.classic_probe", "--source-ip",
-                self.address(host), "--stun-host", STUN_IPS[0], "--stun-port", str(STUN_PORT),
+                self.address(host), "--stun-host", self.stun_ips[0], "--stun-port", str(STUN_PORT),
                 "--timeout", str(timeout)]  # fmt: skip
         proc = self.run(host, argv, timeout=120)
         if proc.returncode != 0:
