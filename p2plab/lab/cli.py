@@ -17,6 +17,7 @@ from p2plab import cli_common as cc
 from p2plab.errors import P2PLabError
 from p2plab.lab.matrix_report import parse_pairs
 from p2plab.lab.profiles import EXPECTED_CLASSIC, PROFILES
+from p2plab.lab.site import parse_site
 
 if TYPE_CHECKING:  # netns is imported where a lab is built (the parser must not need root tools)
     from p2plab.lab.netns import Lab
@@ -40,6 +41,18 @@ def _profiles_arg(value: str) -> list[str]:
                 f"unknown profile {name!r}; choose from {', '.join(PROFILES)}"
             )
     return names
+
+
+def _site_arg(value: str) -> str:
+    try:  # a site spec (p2plab.lab.site): a NAT profile, optionally with "+pmp" etc.
+        parse_site(value)
+    except P2PLabError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    return value
+
+
+def _sites_arg(value: str) -> list[str]:
+    return [_site_arg(v.strip()) for v in value.split(",") if v.strip()]
 
 
 def _pairs_arg(value: str) -> list[tuple[str, str]]:
@@ -85,10 +98,10 @@ def register_cli(subparsers: Any) -> argparse.ArgumentParser:
 
     up = sub.add_parser("up", help="build a lab and keep it until Ctrl-C")
     up.add_argument(
-        "--a", dest="profile_a", default="port-restricted", choices=PROFILES, help="site A's NAT"
+        "--a", dest="profile_a", default="port-restricted", type=_site_arg, help="site A's NAT"
     )
     up.add_argument(
-        "--b", dest="profile_b", default="port-restricted", choices=PROFILES, help="site B's NAT"
+        "--b", dest="profile_b", default="port-restricted", type=_site_arg, help="site B's NAT"
     )
     up.add_argument("--same-lan", action="store_true", help="hosts a and b behind site A's NAT")
     up.add_argument("--no-stun", action="store_true", help="do not start coturn")
@@ -117,7 +130,10 @@ def register_cli(subparsers: Any) -> argparse.ArgumentParser:
 
     matrix = sub.add_parser("matrix", help="punch between every pair of profiles; CSV + heatmap")
     matrix.add_argument(
-        "--profiles", type=_profiles_arg, default=list(PROFILES), help=_PROFILES_HELP
+        "--profiles",
+        type=_sites_arg,
+        default=list(PROFILES),
+        help=_PROFILES_HELP + "; a port-mapping modifier runs miniupnpd: symmetric+pmp",
     )
     matrix.add_argument(
         "--pairs",

@@ -54,11 +54,13 @@ from p2plab.lab.matrix_report import (
     write_summary_csv,
 )
 from p2plab.lab.netns import Lab, LabConfig, classify_profiles
-from p2plab.lab.profiles import PROFILES, expected_outcome, validate_profile
+from p2plab.lab.profiles import PROFILES, expected_outcome
+from p2plab.lab.site import parse_site
 
 __all__ = [
     "PairResult",
     "PairRun",
+    "expected_site_outcome",
     "hint_text",
     "link_counter",
     "pair_method",
@@ -221,6 +223,16 @@ def _nat_text(status: dict[str, Any]) -> str:
     if not isinstance(nat, dict) or not nat:
         return ""
     return f"{nat.get('mapping')}/{nat.get('filtering')}"
+
+
+def expected_site_outcome(site_a: str, site_b: str, same_lan: bool = False) -> str:
+    """:func:`p2plab.lab.profiles.expected_outcome` for site specs: a pair with a port-mapping
+    site is ``direct`` (issue 18: the mapped side is reachable from anywhere, whatever the other
+    NAT does); otherwise the NAT profiles' table decides."""
+    a, b = parse_site(site_a), parse_site(site_b)
+    if not same_lan and (a.portmap or b.portmap):
+        return "direct"
+    return expected_outcome(a.v4 or "open", b.v4 or "open", same_lan=same_lan)
 
 
 def pair_method(sa: dict[str, Any], sb: dict[str, Any]) -> str:
@@ -489,7 +501,7 @@ def run_pair(
         "profile_a": pa,
         "profile_b": pb,
         "same_lan": config.same_lan,
-        "expected": expected_outcome(pa, pb, same_lan=config.same_lan),
+        "expected": expected_site_outcome(pa, pb, same_lan=config.same_lan),
         "a_classic": classic.get(pa, ""),
         "b_classic": classic.get(pb, ""),
         "run": run_index,
@@ -596,13 +608,17 @@ def run_matrix(
     ``out_dir`` when given.  ``turn``
     hands every pair the lab's coturn (see :func:`run_pair`)."""
     if pairs is not None:
-        pairs = [(validate_profile(a), validate_profile(b)) for a, b in dict.fromkeys(pairs)]
+        pairs = list(dict.fromkeys(pairs))
         profiles = list(dict.fromkeys(p for pair in pairs for p in pair))
         same_lan = False
     else:
-        profiles = [validate_profile(p) for p in dict.fromkeys(profiles)]
+        profiles = list(dict.fromkeys(profiles))
         pairs = [(pa, pb) for i, pa in enumerate(profiles) for pb in profiles[i:]]
-    classic = {p: str(r["classic"]) for p, r in classify_profiles(profiles).items()}
+    # Site specs (symmetric+pmp): pystun3 classifies the NAT profile under the modifier.
+    sites = {p: parse_site(p) for p in profiles}
+    v4s = list(dict.fromkeys(s.v4 for s in sites.values() if s.v4))
+    by_v4 = {p: str(r["classic"]) for p, r in classify_profiles(v4s).items()}
+    classic = {p: by_v4[s.v4] for p, s in sites.items() if s.v4}
     configs = [
         LabConfig(pa, pb, False, loss_a, loss_b, rate_a_mbit, rate_b_mbit) for pa, pb in pairs
     ]
@@ -612,7 +628,9 @@ def run_matrix(
         ]
     log_dir = out_dir / "logs" if out_dir is not None else None
     # Slow (failing) pairs first, so the pool does not end with one long straggler.
-    configs.sort(key=lambda c: expected_outcome(c.profile_a, c.profile_b, c.same_lan) == "direct")
+    configs.sort(
+        key=lambda c: expected_site_outcome(c.profile_a, c.profile_b, c.same_lan) == "direct"
+    )
     runs = [(c, i) for i in range(1, max(1, repeat) + 1) for c in configs]
     with ThreadPoolExecutor(max(1, jobs)) as pool:
         results = list(

@@ -20,7 +20,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
+from p2plab.errors import ConfigError
 from p2plab.lab.profiles import PROFILES
+from p2plab.lab.site import parse_site
 
 __all__ = [
     "PairSummary",
@@ -125,8 +127,12 @@ def parse_pairs(text: str) -> list[tuple[str, str]]:
         if not sep or not a or not b:
             raise ValueError(f"expected PROFILE:PROFILE, got {item!r}")
         for name in (a, b):
-            if name not in PROFILES:
-                raise ValueError(f"unknown profile {name!r}; choose from {', '.join(PROFILES)}")
+            try:  # a site spec: a NAT profile, optionally "+pmp"/"+upnp"/"+all" (issue 18)
+                parse_site(name)
+            except ConfigError as exc:
+                raise ValueError(
+                    f"unknown profile {name!r}; choose from {', '.join(PROFILES)} ({exc})"
+                ) from None
         if (a, b) not in pairs:
             pairs.append((a, b))
     if not pairs:

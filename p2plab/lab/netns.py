@@ -39,7 +39,12 @@ from typing import Any
 
 from p2plab.errors import ConfigError, LabError
 from p2plab.lab.portmap_lab import PORTMAP_PUBLIC_NET, MiniUpnpd, start_miniupnpd
-from p2plab.lab.profiles import impairment_rules, nat_ruleset, udp_block_rules, validate_profile
+from p2plab.lab.profiles import (
+    impairment_rules,
+    nat_ruleset,
+    udp_block_rules,
+    validate_profile,
+)
 from p2plab.lab.site import parse_site
 
 __all__ = [
@@ -90,8 +95,7 @@ class LabConfig:
     """What lab to build."""
 
     profile_a: str = "port-restricted"
-    """Site spec of site A: a NAT profile (see :mod:`p2plab.lab.profiles`), optionally with a
-    port-mapping modifier (``symmetric+pmp``, see :mod:`p2plab.lab.site`)."""
+    """NAT profile of site A (see :mod:`p2plab.lab.profiles`)."""
     profile_b: str = "port-restricted"
     """NAT profile of site B (ignored when ``same_lan``)."""
     same_lan: bool = False
@@ -402,11 +406,10 @@ class Lab:
         sites = [("a", cfg.profile_a, cfg.loss_a, cfg.rate_a_mbit)]
         if not cfg.same_lan:
             sites.append(("b", cfg.profile_b, cfg.loss_b, cfg.rate_b_mbit))
-        for site, spec, loss, rate in sites:
-            # An IPv6-only spec has no IPv4 NAT: its host sits on the public segment like "open".
-            profile, portmap = parse_site(spec).v4 or "open", parse_site(spec).portmap
+        for site, profile, loss, rate in sites:
             members = ["a", "b"] if cfg.same_lan else [site]
-            if profile == "open":
+            spec = parse_site(profile)
+            if spec.v4 == "open":
                 for host in members:
                     ns = self._ns(host)
                     ifname = f"{p}o{host}"
@@ -441,7 +444,7 @@ class Lab:
                 _run(["ip", "-n", ns, "route", "add", "default", "via", f"{net}.1"])
                 self._hosts[host] = _Host(host, ns, lan_ip, lan_ip)
             rules = nat_ruleset(
-                profile,
+                spec.v4 or profile,  # IPv6-only sites (no v4) are issue 19's
                 wan_if=wan_if,
                 public_ip=wan_ip,
                 private_ip=f"{net}.2",
@@ -452,9 +455,9 @@ class Lab:
             if rate:
                 self._tbf(nat, wan_if, rate)
                 self._tbf(wan, peer, rate)
-            if portmap:
+            if spec.portmap:
                 self.miniupnpd[site] = start_miniupnpd(
-                    self, site=site, modifier=portmap, ext_ifname=wan_if, lan_ifname=lan_br,
+                    self, site=site, modifier=spec.portmap, ext_ifname=wan_if, lan_ifname=lan_br,
                     lan_net=net, run_dir=_MARKER_DIR / f"{p}-portmap")  # fmt: skip
         if cfg.stun:
             self._start_coturn()

@@ -19,7 +19,10 @@ from typing import Any
 
 import pytest
 
+from p2plab.cli import build_parser
 from p2plab.errors import ConfigError, LabError
+from p2plab.lab.matrix import expected_site_outcome
+from p2plab.lab.matrix_report import parse_pairs
 from p2plab.lab.netns import PUBLIC_NET, Lab, LabConfig
 from p2plab.lab.portmap_lab import (
     NATPMP_PORT,
@@ -105,6 +108,22 @@ def test_public_prefix_only_for_port_mapping_labs() -> None:
     assert Lab(LabConfig("symmetric", "full+pmp", same_lan=True)).public_net == PUBLIC_NET
     with pytest.raises(ConfigError, match="modifier"):
         LabConfig("symmetric+bogus")
+
+
+def test_matrix_takes_site_specs_and_expects_port_mapping_pairs_direct() -> None:
+    pairs = "symmetric+pmp:symmetric,symmetric+upnp:symmetric,symmetric+pmp:symmetric+pmp"
+    args = build_parser().parse_args(["lab", "matrix", "--pairs", pairs + ",leaky:leaky"])
+    assert args.pairs[0] == ("symmetric+pmp", "symmetric") and len(args.pairs) == 4
+    assert parse_pairs("port-restricted+all:leaky") == [("port-restricted+all", "leaky")]
+    with pytest.raises(ValueError, match="modifier"):
+        parse_pairs("symmetric+nope:leaky")
+    # Two symmetric NATs need the relay, unless one of them maps a port when asked.
+    assert expected_site_outcome("symmetric", "symmetric") == "failed"
+    for a, b in [p.split(":") for p in pairs.split(",")] + [["leaky", "port-restricted+pmp"]]:
+        assert expected_site_outcome(a, b) == "direct"
+    assert build_parser().parse_args(["lab", "up", "--a", "symmetric+all"]).profile_a == (
+        "symmetric+all"
+    )
 
 
 # ---- the kernel lab ---------------------------------------------------------------------------
