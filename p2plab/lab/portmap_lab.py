@@ -86,9 +86,13 @@ def nft_skeleton(table: str = NFT_TABLE) -> str:
     """``nft -f`` input: the chains miniupnpd's nftables backend adds its rules to.
 
     Every base chain has policy accept: filtering stays the NAT profile's job.  The regular
-    chains come first because a jump needs its target to exist.
+    chains come first because a jump needs its target to exist.  The first two lines make it
+    idempotent (nft 1.0.6 has no ``destroy``): a restarted miniupnpd starts from empty chains,
+    like a rebooted router, instead of finding its old rules and a second set of jumps.
     """
-    return f"""table inet {table} {{
+    return f"""table inet {table} {{}}
+delete table inet {table}
+table inet {table} {{
     chain {_FORWARD_CHAIN} {{
     }}
     chain {_PREROUTING_CHAIN} {{
@@ -211,6 +215,7 @@ def start_miniupnpd(
     lan_net: str,
     run_dir: Path,
     min_lifetime: int = 10,
+    max_lifetime: int = 86400,
     timeout: float = 10.0,
 ) -> MiniUpnpd:
     """Install the nft skeleton in ``nat_<site>``, start miniupnpd there, wait until it listens.
@@ -234,6 +239,7 @@ def start_miniupnpd(
             lan_prefix=f"{lan_net}.0/24",
             lease_file=lease_file,
             min_lifetime=min_lifetime,
+            max_lifetime=max_lifetime,
         )
     )
     argv = ["miniupnpd", "-d", "-f", str(conf), "-P", str(run_dir / f"miniupnpd-{site}.pid")]
