@@ -198,7 +198,7 @@ def _secs(value: float | None) -> str:
 def format_summary(summaries: Sequence[PairSummary]) -> str:
     """The printed table: one line per pair."""
     head = (
-        f"{'site A':<16} {'site B':<16} {'direct':>7} {'rate':>6} {'median':>7} {'max':>7}"
+        f"{'site A':<20} {'site B':<20} {'direct':>7} {'rate':>6} {'median':>7} {'max':>7}"
         f" {'punch':>7} {'probes':>7}  methods\n"
     )
     lines = [head]
@@ -207,7 +207,7 @@ def format_summary(summaries: Sequence[PairSummary]) -> str:
         rate = "-" if s.success_rate is None else f"{100 * s.success_rate:.0f}%"
         probes = "-" if s.median_probes is None else f"{s.median_probes:.0f}"
         lines.append(
-            f"{s.profile_a:<16} {b:<16} {f'{s.direct}/{s.runs}':>7} {rate:>6}"
+            f"{s.profile_a:<20} {b:<20} {f'{s.direct}/{s.runs}':>7} {rate:>6}"
             f" {_secs(s.median_connect_s):>7} {_secs(s.max_connect_s):>7}"
             f" {_secs(s.median_punch_s):>7} {probes:>7}  {s.methods}"
             + (f" ({s.errors} broke)" if s.errors else "")
@@ -302,8 +302,8 @@ def _via(fallback: str) -> str:
 
 def print_table(results: Sequence[RunLike]) -> str:
     """The per-run table ``p2plab lab matrix`` prints."""
-    head = f"{'site A':<16} {'site B':<16} {'run':>3} {'outcome':<18} {'expected':<8} {'time':>6}"
-    lines = [head + f" {'method':<9} {'path':<9}  a peer / b peer\n"]
+    head = f"{'site A':<20} {'site B':<20} {'run':>3} {'outcome':<18} {'expected':<8} {'time':>6}"
+    lines = [head + f" {'method':<12} {'path':<9}  a peer / b peer\n"]
     for r in results:
         b = "same LAN" if r.same_lan else r.profile_b
         t = f"{r.connect_s:.1f}s" if r.connect_s is not None else "-"
@@ -311,7 +311,7 @@ def print_table(results: Sequence[RunLike]) -> str:
         outcome = f"{r.outcome} → {_via(r.fallback)}" if r.fallback else r.outcome
         path = r.path or "-"
         lines.append(
-            f"{r.profile_a:<16} {b:<16} {r.run:>3} {outcome:<18} {r.expected:<8} {t:>6} "
-            f"{r.method or '-':<9} {path:<9}  {r.a_peer_endpoint} / {r.b_peer_endpoint}{mark}\n"
+            f"{r.profile_a:<20} {b:<20} {r.run:>3} {outcome:<18} {r.expected:<8} {t:>6} "
+            f"{r.method or '-':<12} {path:<9}  {r.a_peer_endpoint} / {r.b_peer_endpoint}{mark}\n"
         )
     return "".join(lines)
