@@ -3,7 +3,7 @@
 Containers pass the same settings through the environment (PORT, RENDEZVOUS_URL, STUN_SERVERS,
 INTERNAL_UDP_PORT, P2P_ROOM, P2P_TOKEN, ADMIN_TOKEN, REDIS_URL, PUBLIC_IP_URL; and ours: HTTP_HOST,
 HOST, STUN_PORT, WORKER_ID, P2P_ROOM_TOKENS, MAX_WORKERS, P2P_RELAY, TRUST_PROXY_HEADERS,
-P2P_BIRTHDAY, P2P_BIRTHDAY_SOCKETS, P2P_HARD_NAT_BUDGET; see
+P2P_BIRTHDAY, P2P_BIRTHDAY_SOCKETS, P2P_HARD_NAT_BUDGET, P2P_PORT_MAPPING; see
 docs/protocol.md); flags win over environment variables.
 """
 
@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import errno
+import ipaddress
 import json
 import logging
 import os
@@ -46,6 +47,19 @@ def _stun_servers(text: str) -> str:
     for item in _stun_list([text]):
         cc.hostport(item)
     return text
+
+
+def _port_mapping(text: str) -> str:
+    """``--port-mapping``: off, auto or the gateway's IPv4 address."""
+    text = text.strip().lower()
+    if text in ("off", "auto"):
+        return text
+    try:
+        return str(ipaddress.IPv4Address(text))
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"{text!r}: expected off, auto or the gateway's IPv4 address"
+        ) from None
 
 
 def _birthday_sockets(text: str) -> int:
@@ -214,6 +228,7 @@ def _resolve_worker_env(args: argparse.Namespace) -> None:
         ("ui_allowed_hosts", "UI_ALLOWED_HOSTS", str, ""),
         ("birthday_sockets", "P2P_BIRTHDAY_SOCKETS", _birthday_sockets, 256),
         ("hard_nat_budget", "P2P_HARD_NAT_BUDGET", cc.non_negative_int, 0),
+        ("port_mapping", "P2P_PORT_MAPPING", _port_mapping, "auto"),
     ]
     for dest, name, convert, default in from_env:
         if getattr(args, dest) is None:
@@ -268,6 +283,7 @@ def _worker_config(args: argparse.Namespace) -> Any:
             sockets=args.birthday_sockets,
             hard_budget=args.hard_nat_budget,
         ),
+        port_mapping=args.port_mapping,
     )
 
 
@@ -321,6 +337,10 @@ async def _cmd_worker(args: argparse.Namespace) -> int:
 
 def _check_probe(args: argparse.Namespace) -> None:
     args.servers = list(_stun_list(args.stun))
+    if args.port_mapping is None:
+        args.port_mapping = (
+            cc.env_value(args.cmd_parser, "P2P_PORT_MAPPING", _port_mapping) or "auto"
+        )
     if not args.servers:
         args.cmd_parser.error(
             "give a STUN server with --stun HOST:PORT (e.g. your own `p2plab stun-server`, "
@@ -330,6 +350,7 @@ def _check_probe(args: argparse.Namespace) -> None:
 
 async def _cmd_probe(args: argparse.Namespace) -> int:
     from p2plab.aio.discovery import probe_hint
+    from p2plab.aio.portmap import describe_port_mapping, probe_port_mapping
     from p2plab.aio.status import hint_block
     from p2plab.aio.stun import probe_nat
     from p2plab.probe_text import describe_hint, describe_report
@@ -356,14 +377,20 @@ async def _cmd_probe(args: argparse.Namespace) -> int:
         # easy or hard for hole punching (issue 16), on a fresh socket: the tests above may
         # have left the NAT state a "leaky" NAT reacts to
         hint = hint_block(await probe_hint(args.servers))
+        port_mapping = await probe_port_mapping(args.port_mapping, args.servers)
     finally:
         ticker.cancel()
     print(f"probe: done in {time.monotonic() - started:.1f} s", file=sys.stderr, flush=True)
     if args.json:
-        print(json.dumps({**report.to_dict(), "nat_hint": hint}, indent=2))
+        print(
+            json.dumps(
+                {**report.to_dict(), "nat_hint": hint, "port_mapping": port_mapping}, indent=2
+            )
+        )
     else:
         print(describe_report(report))
         print(describe_hint(hint))
+        print(describe_port_mapping(port_mapping))
     return 0
 
 
@@ -617,6 +644,7 @@ def _add_worker(sub: Any) -> None:
         help="when both NATs are hard, try N random probes per side before the relay, 0: "
         "relay at once (env P2P_HARD_NAT_BUDGET; default: 0; 172000 gives 99.9%%)",
     )
+    _add_port_mapping(p)
     p.add_argument(
         "--keepalive", type=cc.positive_float, metavar="S", help="keep-alive interval (default: 5)"
     )
@@ -646,6 +674,17 @@ def _add_worker(sub: Any) -> None:
     p.set_defaults(func=_cmd_worker, check=_check_worker, cmd_parser=p)
 
 
+def _add_port_mapping(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--port-mapping",
+        type=_port_mapping,
+        metavar="off|auto|IP",
+        help="ask the NAT for a port (NAT-PMP, PCP, UPnP): off, auto (the default route's "
+        "gateway; never when the rendezvous or a STUN server is on loopback) or the gateway's "
+        "IPv4 address (env P2P_PORT_MAPPING; default: auto)",
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = cc.CliParser(
         prog="p2plab", description="NAT traversal lab: rendezvous, STUN, hole punching, benchmarks"
@@ -673,6 +712,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     p.add_argument("--no-classic", action="store_true", help="skip the RFC 3489 (pystun3) test")
+    _add_port_mapping(p)
     p.set_defaults(func=_cmd_probe, check=_check_probe, cmd_parser=p)
 
     p = sub.add_parser("demo", help="rendezvous + STUN + two workers on loopback")

@@ -9,6 +9,7 @@
      |    +-- NotConnected      an operation needs a connected peer
      +-- RemoteProtocolError    the peer or a server sent something malformed
      |    +-- StunError         a STUN message could not be parsed / error response
+ |    +-- PortMapError      a NAT-PMP or PCP message could not be parsed
      +-- StunTimeout            no STUN server answered in time
      +-- RendezvousError        the rendezvous service refused or dropped us
      +-- LabError               the kernel NAT lab could not be set up (e.g. not root)
@@ -30,6 +31,7 @@ __all__ = [
     "LocalProtocolError",
     "NotConnected",
     "P2PLabError",
+    "PortMapError",
     "RemoteProtocolError",
     "RendezvousError",
     "StunError",
@@ -63,6 +65,10 @@ class RemoteProtocolError(P2PLabError):
 
 class StunError(RemoteProtocolError):
     """A STUN message could not be parsed, or a server answered with an error."""
+
+
+class PortMapError(RemoteProtocolError):
+    """A NAT-PMP (RFC 6886) or PCP (RFC 6887) message could not be parsed."""
 
 
 class StunTimeout(P2PLabError, TimeoutError):

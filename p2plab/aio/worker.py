@@ -39,6 +39,7 @@ from p2plab.aio.endpoint import Address, UdpEndpoint
 from p2plab.aio.extension import Extension
 from p2plab.aio.hub import EventHub, Subscription, ui_message
 from p2plab.aio.pool import SocketPool
+from p2plab.aio.portmap import PortMapDriver, start_for_worker
 from p2plab.aio.rendezvous import RendezvousClient, RendezvousMessage
 from p2plab.aio.status import nat_block, peer_block, security_block, turn_block
 from p2plab.aio.trust import load_known_peers, save_known_peers
@@ -55,7 +56,7 @@ from p2plab.core.link import (
     RelayDatagram,
     SendToRendezvous,
 )
-from p2plab.core.signaling import Register, Registered
+from p2plab.core.signaling import PortMapping, Register, Registered
 from p2plab.errors import ChatFailedError, ConfigError, RendezvousError
 
 __all__ = ["Worker", "WorkerConfig"]
@@ -130,6 +131,7 @@ class Worker:
         self._chat_waiters: dict[str, asyncio.Future[ev.ChatDelivered]] = {}
         self._stopped = False
         self._known_peers_saved = self.link.known_peers.dumps()
+        self._portmap: PortMapDriver | None = None
 
     # -- lifecycle ------------------------------------------------------------------------------
 
@@ -162,6 +164,13 @@ class Worker:
         )
         self._spawn(self._run_rendezvous(), "rendezvous")
         self._feed(self.link.start)
+        self._portmap = await start_for_worker(
+            self.config.port_mapping,
+            self.config.rendezvous_url,
+            self.config.stun_servers,
+            self.endpoint.local_address[1],
+            self._on_port_mapping,
+        )
         log.info(
             "worker %s: UDP on %s, UI on %s",
             self.worker_id,
@@ -180,6 +189,8 @@ class Worker:
                 await asyncio.wait_for(ext.close(), 5.0)
             except Exception:
                 log.exception("extension %r did not close cleanly", ext.name)
+        if self._portmap is not None:
+            await self._portmap.stop()  # deletes the mapping (bounded)
         self.link.stop(_now())
         self._transmit()
         self._turn_tcp.close()
@@ -318,6 +329,10 @@ class Worker:
         if self.link.state != "stopped":  # the hot path: no closure per datagram
             self.link.receive_datagram(data, addr, _now())
             self._transmit()
+
+    def _on_port_mapping(self, mapping: PortMapping | None) -> None:
+        self._feed(lambda now: self.link.set_port_mapping(mapping, now))
+        self.publish_status()  # the page shows the mapping (or its loss) at once
 
     def _on_event(self, event: ev.Event) -> None:
         """Turn one engine event into UI messages, public events and extension calls."""
@@ -573,6 +588,7 @@ class Worker:
             "path": self.link.path if state == self.state else None,
             "method": self.link.method,
             "turn": turn_block(self.link),
+            "port_mapping": self._portmap.status() if self._portmap is not None else None,
             "room": self.config.room,
             "rendezvous": "connected"
             if self._rendezvous and self._rendezvous.connected
@@ -585,6 +601,7 @@ class Worker:
                 **self.stats,
                 "udp": dict(self.endpoint.stats) if self.endpoint else {},
                 "pool": dict(self.pool.stats) if self.pool is not None else {},
+                "portmap": dict(self._portmap.stats) if self._portmap is not None else {},
                 "session": dict(session.stats) if session is not None else {},
             },
         }

@@ -81,6 +81,13 @@ class WorkerConfig:
     ``--birthday-sockets``, ``--hard-nat-budget``, ``--no-birthday``).  While enabled, the
     worker also learns and announces its NAT hint (a few more STUN Bindings at discovery)."""
 
+    port_mapping: str = "auto"
+    """Ask the NAT for a port for the UDP socket (issue 18; ``--port-mapping``,
+    ``P2P_PORT_MAPPING``): ``off``; ``auto``, the IPv4 default route's gateway, but never when
+    the rendezvous or a STUN server is on loopback (tests and ``make demo`` leave the host's
+    router alone); or the gateway's IPv4 address.  The mapped endpoint is offered to the peer
+    above the STUN one (:mod:`p2plab.aio.portmap`)."""
+
     def link_config(self) -> LinkConfig:
         """The link engine's share of these settings."""
         return LinkConfig(
