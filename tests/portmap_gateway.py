@@ -3,7 +3,10 @@
 
 from __future__ import annotations
 
+import asyncio
+import time
 from dataclasses import dataclass, field
+from typing import cast
 
 from p2plab.core import natpmp, pcp
 from p2plab.errors import PortMapError
@@ -76,3 +79,22 @@ class FakeGateway:
         body = pcp.MapData(m.nonce, m.protocol, m.internal_port, port, self.ext_ip)
         life = min(req.lifetime_s, self.max_lifetime)
         return bytes(pcp.Response(pcp.MAP, 0, life, self.epoch(now), body))
+
+
+class GatewayProtocol(asyncio.DatagramProtocol):
+    """The FakeGateway behind a UDP socket; ``mute`` drops every request."""
+
+    def __init__(self, gw: FakeGateway) -> None:
+        self.gw = gw
+        self.mute = False
+        self.transport: asyncio.DatagramTransport | None = None
+        self.received: list[tuple[bytes, tuple[str, int]]] = []
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.DatagramTransport, transport)
+
+    def datagram_received(self, data: bytes, addr: tuple[str, int]) -> None:
+        self.received.append((data, addr))
+        answer = None if self.mute else self.gw.answer(data, time.monotonic())
+        if answer is not None and self.transport is not None:
+            self.transport.sendto(answer, addr)

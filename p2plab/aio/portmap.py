@@ -24,6 +24,7 @@ import asyncio
 import ipaddress
 import logging
 import os
+import secrets
 import socket
 import time
 from collections import Counter
@@ -36,12 +37,13 @@ import aiohttp
 from async_upnp_client.client import UpnpRequester
 from async_upnp_client.client_factory import UpnpFactory
 from async_upnp_client.const import HttpRequest, HttpResponse
-from async_upnp_client.exceptions import UpnpCommunicationError
+from async_upnp_client.exceptions import UpnpActionResponseError, UpnpCommunicationError
 from async_upnp_client.profiles.igd import IgdDevice
 from async_upnp_client.ssdp import build_ssdp_search_packet, decode_ssdp_packet
 
 from p2plab.core.portmap import (
     Event,
+    MappingFailed,
     MappingGranted,
     MappingLost,
     PortMapper,
@@ -259,30 +261,64 @@ class PortMapDriver:
         self._timer: asyncio.TimerHandle | None = None
         self._tasks: set[asyncio.Task[Any]] = set()
         self._igd: IgdDevice | None = None
+        self._watch: asyncio.Task[None] | None = None
         self.client_ip = "0.0.0.0"
 
     async def start(self) -> PortMapDriver:
         """Open the socket and probe."""
-        loop = asyncio.get_running_loop()
-        self.client_ip = _local_ip_towards(self.gateway, self.config.gateway_port)
-        transport, _ = await loop.create_datagram_endpoint(
-            lambda: _MapperProtocol(self), local_addr=(self.client_ip, 0)
-        )
-        self._transport = transport
+        await self._open(self.gateway)
         self._feed(
             lambda now: self.mapper.start(now, self.gateway, self.internal_port, self.client_ip)
         )
         return self
 
-    def network_changed(self, gateway: str) -> None:
-        """Probe again (a new gateway, or the same after a change of network)."""
-        self.gateway = gateway
+    async def _open(self, gateway: str) -> None:
+        # bound to the address the kernel sends from towards the gateway: what PCP's client
+        # address field must say, and the address NAT-PMP maps
+        client_ip = _local_ip_towards(gateway, self.config.gateway_port)
+        transport, _ = await asyncio.get_running_loop().create_datagram_endpoint(
+            lambda: _MapperProtocol(self), local_addr=(client_ip, 0)
+        )
+        if self._transport is not None:
+            self._transport.close()
+        self._transport = transport
+        self.gateway, self.client_ip = gateway, client_ip
+
+    async def network_changed(self, gateway: str) -> None:
+        """Probe again: a new gateway, or a new local address towards it (a new socket)."""
         self._igd = None
-        self.client_ip = _local_ip_towards(gateway, self.config.gateway_port)
+        await self._open(gateway)
         self._feed(lambda now: self.mapper.network_changed(now, gateway, self.client_ip))
+
+    def watch(self, gateway_source: Callable[[], str | None], interval_s: float = 5.0) -> None:
+        """Re-probe when ``gateway_source()`` (e.g. :func:`gateway_for_auto`) or our address
+        towards it changes: a re-read of /proc/net/route every ``interval_s``, no traffic."""
+        self._watch = asyncio.get_running_loop().create_task(
+            self._watch_loop(gateway_source, interval_s), name="portmap-watch"
+        )
+
+    async def _watch_loop(
+        self, gateway_source: Callable[[], str | None], interval_s: float
+    ) -> None:
+        while True:
+            await asyncio.sleep(interval_s)
+            gateway = gateway_source()
+            if gateway is None:
+                continue  # no default route for now: keep what we have
+            try:
+                if (gateway, _local_ip_towards(gateway, self.config.gateway_port)) != (
+                    self.gateway,
+                    self.client_ip,
+                ):
+                    self.stats["portmap_network_changes"] += 1
+                    await self.network_changed(gateway)
+            except OSError as exc:
+                log.debug("port mapping: gateway %s unreachable for now: %s", gateway, exc)
 
     async def stop(self, timeout_s: float = 2.0) -> None:
         """Delete the mapping (one datagram, or DeletePortMapping bounded by ``timeout_s``)."""
+        if self._watch is not None:
+            self._watch.cancel()
         for task in list(self._tasks):  # a probe or AddPortMapping in flight is moot now
             task.cancel()
         self._feed(self.mapper.stop)
@@ -360,6 +396,11 @@ class PortMapDriver:
             targets = [(self.gateway, self.ssdp_port)]
             if not ipaddress.ip_address(self.gateway).is_loopback:
                 targets.append(SSDP_MULTICAST)  # routers that answer multicast only
+                sock = transport.get_extra_info("socket")
+                if sock is not None:  # out of the gateway's interface, on the LAN only
+                    iface = socket.inet_aton(self.client_ip)
+                    sock.setsockopt(socket.IPPROTO_IP, socket.IP_MULTICAST_IF, iface)
+                    sock.setsockopt(socket.IPPROTO_IP, socket.IP_MULTICAST_TTL, 2)
             for target in targets:
                 transport.sendto(build_ssdp_search_packet(target, 1, IGD_SEARCH_TARGET), target)
             try:
@@ -388,7 +429,15 @@ class PortMapDriver:
         try:
             if self._igd is None:
                 raise UpnpCommunicationError("no IGD")
-            lifetime = await self._add(cmd, cmd.lifetime_s)
+            try:
+                lifetime = await self._add(cmd, cmd.lifetime_s)
+            except UpnpActionResponseError as exc:
+                if exc.error_code != 718 or cmd.external_port != cmd.internal_port:
+                    raise
+                # ConflictInMappingEntry: another host holds our port number; any other will do
+                self.stats["portmap_upnp_conflicts"] += 1
+                cmd = UpnpMap(cmd.internal_port, 1024 + secrets.randbelow(64512), cmd.lifetime_s)
+                lifetime = await self._add(cmd, cmd.lifetime_s)
             raw = await self._igd.async_get_external_ip_address()
             ip = str(ipaddress.IPv4Address(str(raw)))  # a hostile router's text stops here
             port = cmd.external_port
@@ -416,9 +465,10 @@ class PortMapDriver:
                 **args, lease_duration=timedelta(seconds=lifetime_s)
             )
             return float(lifetime_s)
-        except Exception as exc:
-            if "725" not in str(exc):  # OnlyPermanentLeasesSupported: ask for 0, renew anyway
+        except UpnpActionResponseError as exc:
+            if exc.error_code != 725:  # OnlyPermanentLeasesSupported: ask for 0, renew anyway
                 raise
+            self.stats["portmap_upnp_permanent"] += 1
         await self._igd.async_add_port_mapping(**args, lease_duration=timedelta(0))
         return float(lifetime_s)
 
@@ -458,7 +508,9 @@ async def start_for_worker(
 ) -> PortMapDriver | None:
     """Start mapping the worker's UDP port as ``setting`` says (None: off, loopback, no default
     route, or no route to the gateway); ``on_mapping`` gets the engine's :class:`PortMapping`
-    on every grant or renewal and None when the mapping is lost."""
+    on every grant or renewal, and None when the probe found nothing, every protocol refused or
+    the mapping was lost.  The caller tells its engine ``expect_port_mapping`` when this returns
+    a driver (the first endpoint report waits for the probe)."""
     gateway = resolve_gateway(setting, rendezvous_url, stun_servers)
     if gateway is None:
         return None
@@ -475,15 +527,20 @@ async def start_for_worker(
                     }
                 )
             )
-        elif isinstance(event, MappingLost):
-            on_mapping(None)
+        elif isinstance(event, MappingLost | MappingFailed) or (
+            isinstance(event, ProbeDone) and not event.protocols
+        ):
+            on_mapping(None)  # also ends the engine's wait for the probe (expect_port_mapping)
 
     driver = PortMapDriver(gateway, udp_port, on_event)
     try:
-        return await driver.start()
+        await driver.start()
     except OSError as exc:  # e.g. no route to the gateway: the worker runs without
         log.warning("port mapping: cannot reach gateway %s: %s", gateway, exc)
         return None
+    if setting == "auto":
+        driver.watch(gateway_for_auto)  # a new network: probe its gateway
+    return driver
 
 
 async def probe_port_mapping(

@@ -162,8 +162,6 @@ class Worker:
             backoff=self.config.backoff,
             register_timeout_s=self.config.register_timeout_s,
         )
-        self._spawn(self._run_rendezvous(), "rendezvous")
-        self._feed(self.link.start)
         self._portmap = await start_for_worker(
             self.config.port_mapping,
             self.config.rendezvous_url,
@@ -171,6 +169,10 @@ class Worker:
             self.endpoint.local_address[1],
             self._on_port_mapping,
         )
+        self._spawn(self._run_rendezvous(), "rendezvous")
+        self._feed(self.link.start)
+        if self._portmap is not None:  # the first endpoint report waits for the probe
+            self._feed(self.link.expect_port_mapping)
         log.info(
             "worker %s: UDP on %s, UI on %s",
             self.worker_id,

@@ -36,6 +36,7 @@ __all__ = [
     "PROTOCOLS",
     "Command",
     "Event",
+    "MappingFailed",
     "MappingGranted",
     "MappingLost",
     "PortMapper",
@@ -104,6 +105,14 @@ class MappingLost(Event):
 
     reason: str
     """``expired``, ``gateway-rebooted``, ``refused``, ``network-changed`` or ``stopped``."""
+
+
+@dataclass(frozen=True)
+class MappingFailed(Event):
+    """Protocols answered the probe but none granted a mapping (no mapping was held)."""
+
+    reason: str
+    """The last refusal, e.g. ``nat-pmp: result NETWORK_FAILURE``."""
 
 
 @dataclass(frozen=True)
@@ -365,6 +374,8 @@ class PortMapper:
                 self.state = "mapping"
                 self._request(now, protocol, renewing=False)
                 return
+        if self._tried and self.mapping is None:  # everything that answered refused
+            self._events.append(MappingFailed(self.error or "refused"))
         self.state = "unavailable"
 
     # -- map requests ----------------------------------------------------------------------

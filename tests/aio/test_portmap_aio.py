@@ -24,28 +24,9 @@ from p2plab.core import natpmp
 from p2plab.core.portmap import Event, MappingGranted, MappingLost, PortMapperConfig, ProbeDone
 from p2plab.errors import ConfigError
 from tests.conftest import until
-from tests.portmap_gateway import FakeGateway
+from tests.portmap_gateway import FakeGateway, GatewayProtocol
 
 GW = "127.0.0.1"
-
-
-class GatewayProtocol(asyncio.DatagramProtocol):
-    """The FakeGateway behind a UDP socket; ``mute`` drops every request."""
-
-    def __init__(self, gw: FakeGateway) -> None:
-        self.gw = gw
-        self.mute = False
-        self.transport: asyncio.DatagramTransport | None = None
-        self.received: list[tuple[bytes, tuple[str, int]]] = []
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = cast(asyncio.DatagramTransport, transport)
-
-    def datagram_received(self, data: bytes, addr: tuple[str, int]) -> None:
-        self.received.append((data, addr))
-        answer = None if self.mute else self.gw.answer(data, time.monotonic())
-        if answer is not None and self.transport is not None:
-            self.transport.sendto(answer, addr)
 
 
 @dataclass
@@ -227,6 +208,17 @@ def _soap(action: str, body: str) -> str:
     )
 
 
+def _fault(code: int) -> str:
+    return (
+        '<?xml version="1.0"?><s:Envelope xmlns:s="http://schemas.xmlsoap.org/soap/envelope/" '
+        's:encodingStyle="http://schemas.xmlsoap.org/soap/encoding/"><s:Body><s:Fault>'
+        "<faultcode>s:Client</faultcode><faultstring>UPnPError</faultstring><detail>"
+        '<UPnPError xmlns="urn:schemas-upnp-org:control-1-0">'
+        f"<errorCode>{code}</errorCode><errorDescription>fault</errorDescription>"
+        "</UPnPError></detail></s:Fault></s:Body></s:Envelope>"
+    )
+
+
 class FakeIgd(asyncio.DatagramProtocol):
     """SSDP on a UDP port and the IGD's HTTP on a TCP port, both on 127.0.0.1."""
 
@@ -236,6 +228,8 @@ class FakeIgd(asyncio.DatagramProtocol):
         self.device_xml = DEVICE_XML
         self.ssdp_extra: list[bytes] = []
         self.actions: list[str] = []
+        self.bodies: list[str] = []
+        self.fail_codes: list[int] = []
         self.transport: asyncio.DatagramTransport | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -261,6 +255,11 @@ class FakeIgd(asyncio.DatagramProtocol):
             return web.Response(text=_scpd(), content_type="text/xml")
         action = request.headers.get("SOAPACTION", "").strip('"').rsplit("#", 1)[-1]
         self.actions.append(action)
+        self.bodies.append(await request.text())
+        if action == "AddPortMapping" and self.fail_codes:
+            return web.Response(
+                status=500, text=_fault(self.fail_codes.pop(0)), content_type="text/xml"
+            )
         body = "<NewExternalIPAddress>203.0.113.9</NewExternalIPAddress>"
         body = body if action == "GetExternalIPAddress" else ""
         return web.Response(text=_soap(action, body), content_type="text/xml")
@@ -304,6 +303,27 @@ async def test_upnp_only_maps_through_the_igd_and_deletes(
     assert fake.actions == ["AddPortMapping", "GetExternalIPAddress"]
     await driver.stop()
     assert fake.actions[-1] == "DeletePortMapping"
+
+
+async def test_upnp_conflict_and_permanent_only_leases_are_worked_around(
+    rig: Rig, igd: tuple[FakeIgd, int]
+) -> None:
+    fake, ssdp_port = igd
+    rig.gateway.mute = True
+    fake.fail_codes = [718, 725]  # our port is taken; then: permanent leases only
+    driver = await rig.driver(ssdp_port=ssdp_port).start()
+    await until(lambda: rig.of(MappingGranted), "a UPnP mapping")
+    granted = rig.of(MappingGranted)[0]
+    assert granted.protocol == "upnp" and granted.port != 5000 and granted.lifetime_s == 7200
+    adds = [b for a, b in zip(fake.actions, fake.bodies, strict=True) if a == "AddPortMapping"]
+    assert len(adds) == 3
+    assert f"<NewExternalPort>{granted.port}</NewExternalPort>" in adds[2]
+    assert "<NewLeaseDuration>0</NewLeaseDuration>" in adds[2]
+    assert (driver.stats["portmap_upnp_conflicts"], driver.stats["portmap_upnp_permanent"]) == (
+        1,
+        1,
+    )
+    await driver.stop()
 
 
 async def test_upnp_oversize_description_is_dropped(rig: Rig, igd: tuple[FakeIgd, int]) -> None:
@@ -354,3 +374,48 @@ def test_auto_never_probes_on_loopback(rendezvous: str, stun: list[str], tmp_pat
     with pytest.raises(ConfigError):
         resolve_gateway("router.example", rendezvous, stun)
     assert is_loopback_server("127.0.0.5:9") and not is_loopback_server("rendezvous.example:80")
+
+
+async def test_upnp_entity_bomb_and_foreign_control_url_are_refused(
+    rig: Rig, igd: tuple[FakeIgd, int]
+) -> None:
+    fake, ssdp_port = igd
+    rig.gateway.mute = True
+    bomb = '<?xml version="1.0"?><!DOCTYPE r [<!ENTITY a "aaaaaaaaaa"><!ENTITY b "&a;&a;&a;">]>'
+    fake.device_xml = bomb + DEVICE_XML.split("?>", 1)[1].replace("fake", "&b;")
+    driver = await rig.driver(ssdp_port=ssdp_port).start()
+    await until(lambda: driver.stats["portmap_upnp_errors"], "the UPnP probe's failure")
+    await driver.stop()
+    # a description whose SCPD lives on another host: never fetched (the library refuses it
+    # itself, and BoundedRequester would), so no WAN service and no UPnP
+    fake.device_xml = DEVICE_XML.replace("<SCPDURL>/scpd.xml", "<SCPDURL>http://127.0.0.2:9/s.xml")
+    rig.events.clear()
+    driver = await rig.driver(ssdp_port=ssdp_port).start()
+    await until(lambda: rig.of(ProbeDone) and not driver._tasks, "the probe's end")
+    assert driver.status()["protocols"] == [] and rig.of(MappingGranted) == []
+    assert fake.actions == []
+    await driver.stop()
+
+
+async def test_a_new_gateway_is_probed_and_mapped(rig: Rig) -> None:
+    loop = asyncio.get_running_loop()
+    other = FakeGateway(ext_ip="203.0.113.77", booted_at=time.monotonic())
+    transport, _ = await loop.create_datagram_endpoint(
+        lambda: GatewayProtocol(other), local_addr=("127.0.0.3", rig.port)
+    )
+    current = [GW]
+    driver = await rig.driver().start()
+    driver.watch(lambda: current[0], interval_s=0.02)
+    try:
+        await until(lambda: rig.of(MappingGranted), "the first mapping")
+        await asyncio.sleep(0.1)  # the same gateway: nothing happens
+        assert driver.stats["portmap_network_changes"] == 0
+        current[0] = "127.0.0.3"
+        await until(lambda: len(rig.of(MappingGranted)) == 2, "the new network's mapping")
+        assert MappingLost("network-changed") in rig.events
+        assert rig.events[-1] == MappingGranted("nat-pmp", "203.0.113.77", 40000, 7200)
+        assert driver.stats["portmap_network_changes"] == 1
+    finally:
+        await driver.stop()
+        transport.close()
+    await until(lambda: not other.mappings, "the delete at the new gateway")

@@ -7,12 +7,12 @@ import asyncio
 import random
 import time
 
+from p2plab.aio.portmap import probe_port_mapping
 from p2plab.aio.worker import Worker
 from p2plab.core.signaling import PortMapping
-from tests.aio.test_portmap_aio import GatewayProtocol
 from tests.conftest import until
-from tests.portmap_gateway import FakeGateway
-from tests.rendezvous_fixtures import loopback_worker_config, running_rendezvous
+from tests.portmap_gateway import FakeGateway, GatewayProtocol
+from tests.rendezvous_fixtures import debug, loopback_worker_config, running_rendezvous
 
 
 async def test_worker_maps_its_port_announces_it_and_deletes_it_on_stop() -> None:
@@ -35,6 +35,20 @@ async def test_worker_maps_its_port_announces_it_and_deletes_it_on_stop() -> Non
                 )
                 udp_port = worker.endpoint.local_address[1]  # type: ignore[union-attr]
                 assert gw.mappings == {udp_port: (40000, b"")}  # the worker's own socket's port
+                # the rendezvous has it (the first report waited for the probe)
+                mapped = None
+                for _ in range(200):
+                    workers = (await debug(rv))["workers"]
+                    mapped = next((w.get("mapped") for w in workers if w.get("mapped")), None)
+                    if mapped is not None:
+                        break
+                    await asyncio.sleep(0.02)
+                assert mapped == {
+                    "protocol": "nat-pmp",
+                    "ip": "198.51.100.7",
+                    "port": 40000,
+                    "lifetime_s": 7200.0,
+                }
                 block = worker.status()["port_mapping"]
                 assert block["protocols"] == ["nat-pmp", "pcp"]
                 assert (block["external"], block["lease_s"]) == ("198.51.100.7:40000", 7200)
@@ -56,3 +70,20 @@ async def test_auto_with_a_loopback_rendezvous_never_probes() -> None:
             assert worker.status()["port_mapping"] is None
         finally:
             await worker.stop()
+
+
+async def test_probe_reports_protocols_endpoint_and_lease_then_deletes() -> None:
+    gw_ip = f"127.{random.randint(64, 250)}.{random.randint(1, 250)}.1"
+    gw = FakeGateway(booted_at=time.monotonic() - 1000)
+    transport, _ = await asyncio.get_running_loop().create_datagram_endpoint(
+        lambda: GatewayProtocol(gw), local_addr=(gw_ip, 5351)
+    )
+    try:
+        block = await probe_port_mapping(gw_ip, ["127.0.0.1:3478"])  # explicit: probes anyway
+        assert block is not None
+        assert (block["gateway"], block["protocols"]) == (gw_ip, ["nat-pmp", "pcp"])
+        assert (block["external"], block["lease_s"]) == ("198.51.100.7:40000", 7200)
+        await until(lambda: not gw.mappings, "the probe's mapping deleted")
+        assert await probe_port_mapping("auto", ["127.0.0.1:3478"]) is None
+    finally:
+        transport.close()

@@ -7,6 +7,7 @@ from hypothesis import strategies as st
 
 from p2plab.core import natpmp, pcp
 from p2plab.core.portmap import (
+    MappingFailed,
     MappingGranted,
     MappingLost,
     PortMapper,
@@ -174,6 +175,16 @@ def test_refused_nat_pmp_falls_back_to_pcp() -> None:
     assert w.mapper.stats["portmap_refused"] == 1
 
 
+def test_every_protocol_refusing_is_one_mapping_failed() -> None:
+    w = World(FakeGateway(answers_pcp=False, pmp_result=natpmp.ResultCode.NOT_AUTHORIZED))
+    w.start()
+    w.run(0.3)
+    assert w.of(ProbeDone) == [ProbeDone(("nat-pmp",))]
+    assert w.of(MappingFailed) == [MappingFailed("nat-pmp: result NOT_AUTHORIZED")]
+    assert w.mapper.state == "unavailable" and w.mapper.get_timer() is None
+    assert w.of(MappingGranted) == [] and w.of(MappingLost) == []
+
+
 def test_upnp_only_goes_through_driver_commands() -> None:
     w = World(FakeGateway(answers_pmp=False, answers_pcp=False), upnp=True)
     w.start()
@@ -234,3 +245,63 @@ def test_fuzzed_datagrams_from_the_gateway_never_raise_nor_redirect(
         w.mapper.receive_datagram(b"\x02" + d if len(d) % 2 else d, (GW, 5351), w.now)
         w.mapper.receive_datagram(d, ("198.51.100.1", 5351), w.now)
     assert all(a == (GW, 5351) for _, a in w.mapper.datagrams_to_send(w.now))
+
+
+_STEP = st.one_of(
+    st.tuples(st.just("timer"), st.floats(0, 5000)),
+    st.tuples(st.just("datagram"), st.binary(max_size=64)),
+    st.tuples(st.just("answer"), st.integers(0, 3)),
+    st.tuples(st.just("upnp_probed"), st.booleans()),
+    st.tuples(st.just("upnp_result"), st.booleans()),
+    st.tuples(st.just("network"), st.booleans()),
+)
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.lists(_STEP, max_size=25), st.booleans(), st.booleans())
+def test_any_sequence_of_inputs_keeps_the_invariants(
+    steps: list[tuple[str, object]], pmp: bool, pcp_on: bool
+) -> None:
+    """Timers, junk, real answers, UPnP results and network changes in any order: no exception,
+    every datagram goes to the current gateway's port 5351, a mapping is only ever granted by
+    an answer, and stop leaves nothing running."""
+    gw = FakeGateway(answers_pmp=pmp, answers_pcp=pcp_on)
+    m = PortMapper(lambda n: bytes(n))
+    now = 0.0
+    m.start(now, GW, PORT, ME)
+    gateway = GW
+    pending: list[bytes] = []
+    for kind, arg in steps:
+        if kind == "timer":
+            now += float(arg)  # type: ignore[arg-type]
+            m.handle_timer(now)
+        elif kind == "datagram":
+            m.receive_datagram(bytes(arg), (gateway, 5351), now)  # type: ignore[call-overload]
+        elif kind == "answer" and pending:
+            answer = gw.answer(pending.pop(int(arg) % len(pending)), now)  # type: ignore[call-overload]
+            if answer is not None:
+                m.receive_datagram(answer, (gateway, 5351), now)
+        elif kind == "upnp_probed":
+            m.upnp_probed(now, bool(arg))
+        elif kind == "upnp_result":
+            m.upnp_result(now, "203.0.113.9" if arg else None, 5000 if arg else None, 7200)
+        elif kind == "network":
+            gateway = "10.0.0.1" if arg else GW
+            m.network_changed(now, gateway, ME)
+        for data, addr in m.datagrams_to_send(now):
+            assert addr == (gateway, 5351)
+            pending.append(data)
+        while m.next_command() is not None:
+            pass
+        while (event := m.next_event()) is not None:
+            if isinstance(event, MappingGranted):
+                assert event.port > 0 and 2 <= event.lifetime_s <= 604800
+        timer = m.get_timer()
+        if m.state in ("idle", "stopped", "unavailable"):
+            assert timer is None
+        elif m.state != "mapping" or not m._upnp_pending:
+            # only an AddPortMapping in flight has no timer: the driver always answers it
+            assert timer is not None
+    m.stop(now)
+    assert m.get_timer() is None and m.state == "stopped"
+    assert all(addr == (gateway, 5351) for _, addr in m.datagrams_to_send(now))

@@ -26,11 +26,23 @@ reproducible.
     link.a.send_chat("hi"); link.a.states   # [..., "punching", "connected"]
 
 :func:`sim_matrix` pairs two workers for every pair of profiles (plus two hosts behind one NAT)
-and returns rows shaped like the kernel lab's matrix, its ``fallback`` column included.
+and returns rows shaped like the kernel lab's matrix, its ``fallback``, ``method`` and ``family``
+columns included.  Sites take the kernel lab's specs (:meth:`Simulation.add_site`):
+``symmetric+pmp`` (the router answers NAT-PMP and PCP, ``+upnp`` UPnP IGD, ``+all`` all three),
+``symmetric/v6-apdf`` (dual-stack: IPv6 behind a stateful firewall), ``v6-eif`` (IPv6 only)::
+
+    sim = Simulation(seed=1)
+    link = sim.pair(sim.add_site("symmetric+pmp", "a"), sim.add_site("symmetric", "b"))
+    link.method, link.family            # ("port-mapping", "ipv4") once the engine ranks it
 
 The package, one concern per module (imports run one way, top to bottom):
 
-* :mod:`~p2plab.lab.sim.stun_server`: the STUN server (two IPs x two ports);
+* :mod:`~p2plab.lab.sim.stun_server`: the STUN server (two IPs x two ports, per family);
+* :mod:`~p2plab.lab.sim.ipv6`: IPv6 firewalls (filtering without mapping) and the network that
+  routes both families;
+* :mod:`~p2plab.lab.sim.portmap_model`: the router's port mapping (NAT-PMP/PCP on the wire, UPnP
+  as a call, leases) and the NAT that forwards leased ports;
+* :mod:`~p2plab.lab.sim.portmap_client`: a worker's port-mapping client (probe, choose, renew);
 * :mod:`~p2plab.lab.sim.turn_model`: a sans-I/O TURN server (coturn's REST credentials);
 * :mod:`~p2plab.lab.sim.turn_server`: that model on a simulated host
   (:meth:`Simulation.add_turn_server`);
@@ -50,8 +62,10 @@ The package, one concern per module (imports run one way, top to bottom):
 
 from __future__ import annotations
 
-from p2plab.lab.sim.matrix import matrix_dataframe, sim_matrix
+from p2plab.lab.sim.ipv6 import V6_FIREWALLS, FirewallBehavior
+from p2plab.lab.sim.matrix import EXPECTED_SITES, matrix_dataframe, sim_matrix
 from p2plab.lab.sim.peer import SimPeer
+from p2plab.lab.sim.portmap_model import PortMapConfig
 from p2plab.lab.sim.rendezvous import SimRendezvous
 from p2plab.lab.sim.report import LinkResult, PunchResult
 from p2plab.lab.sim.worker import SimWorker
@@ -70,13 +84,17 @@ from p2plab.lab.simnet import LinkConfig, NatBehavior
 __all__ = [
     "EXPECTED_METHODS",
     "EXPECTED_OUTCOMES",
+    "EXPECTED_SITES",
     "PROFILES",
     "SIM_PROFILES",
     "STUN_IPS",
     "STUN_PORTS",
+    "V6_FIREWALLS",
+    "FirewallBehavior",
     "LinkConfig",
     "LinkResult",
     "NatBehavior",
+    "PortMapConfig",
     "PunchResult",
     "SimPeer",
     "SimRendezvous",

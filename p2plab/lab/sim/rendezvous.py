@@ -199,7 +199,14 @@ class SimRendezvous:
             )
         elif isinstance(msg, UpdateUdpEndpoint):
             actions = self.registry.update_udp_endpoint(
-                wid, conn.conn_id, msg.udp_ip, msg.udp_port, msg.local_candidates, nat=msg.nat
+                wid,
+                conn.conn_id,
+                msg.udp_ip,
+                msg.udp_port,
+                msg.local_candidates,
+                nat=msg.nat,
+                mapped=msg.mapped,
+                udp6=msg.udp6,
             )
         elif isinstance(msg, CandidatesOut):
             actions = self._trickle(conn, msg)

@@ -10,10 +10,18 @@ from p2plab.lab.sim.peer import SimPeer
 from p2plab.lab.sim.worker import SimWorker
 from p2plab.lab.simnet import Address
 
-__all__ = ["METHODS", "LinkResult", "PunchResult", "pair_method"]
+__all__ = ["METHODS", "LinkResult", "PunchResult", "address_family", "pair_method"]
 
 #: The ``method`` column's values (contracts.md), most specific last.
-METHODS = ("direct", "birthday", "predicted", "relay")
+METHODS = ("direct", "port-mapping", "birthday", "predicted", "relay")
+
+
+def address_family(addr: Address | None) -> str | None:
+    """``ipv6`` or ``ipv4`` for an address a direct link sends to (the ``family`` column);
+    None for none, or a pseudo-address (the rendezvous relay's)."""
+    if addr is None or not isinstance(addr[0], str) or addr[0] == "relay":
+        return None
+    return "ipv6" if ":" in addr[0] else "ipv4"
 
 
 def pair_method(a: str | None, b: str | None) -> str | None:
@@ -22,7 +30,8 @@ def pair_method(a: str | None, b: str | None) -> str | None:
     The two may differ on a direct link: the prober says ``predicted`` when its winning probe was
     one of the peer's predicted ports, while the sprayer says ``birthday`` when the winning path
     reached one of its pool sockets (the ports a sequential NAT gave the pool are the predicted
-    ones).  The more specific word wins: relay > predicted > birthday > direct.
+    ones); and only one side's NAT may have mapped the port the link runs to.  The more specific
+    word wins: relay > predicted > birthday > port-mapping > direct.
     """
     found = [m for m in (a, b) if m in METHODS]
     return max(found, key=METHODS.index) if found else None
@@ -91,6 +100,9 @@ class LinkResult:
     ``birthday``, ``predicted`` or ``relay``; None without a link."""
     birthday_probes: int = 0
     """Random-port (and predicted-port) probes both engines sent (``birthday_probes``)."""
+    family: str | None = None
+    """The direct link's address family (``ipv4``, ``ipv6``; TURN paths ``ipv4``), None when
+    relayed by the rendezvous or without a link."""
 
     def to_dict(self) -> dict[str, Any]:
         """The kernel lab's matrix columns (:class:`p2plab.lab.matrix.PairResult`) that apply."""
@@ -98,6 +110,7 @@ class LinkResult:
             "outcome": self.outcome,
             "fallback": self.fallback,
             "method": self.method,
+            "family": self.family,
             **_link_columns(self),
             "birthday_probes": self.birthday_probes,
         }

@@ -19,6 +19,21 @@ Birthday punching's socket pool (the contract is :mod:`p2plab.core.link_commands
 their pool index, ``SendFromPool`` sends from one, ``AdoptPoolSocket`` makes one the worker's
 socket (the other pool sockets and the old socket closed, the STUN client moved onto it) and
 tells the engine, ``ClosePool`` closes them all.
+
+Port mapping (issue 18): behind a NAT whose router offers it
+(:class:`~p2plab.lab.sim.portmap_model.PortMapNat`), the worker runs the core's ``PortMapper``
+(:class:`~p2plab.lab.sim.portmap_client.SimPortMapClient`) from its start for the link socket's
+port, and hands grants and losses to ``engine.set_port_mapping``, as the asyncio worker does.
+
+IPv6 (issue 19): a host with an IPv6 address gets a second socket on it (one socket per family,
+as the asyncio driver does), datagrams leave by the socket of their destination's family, and a
+Binding to the STUN server's IPv6 address gives ``engine.set_endpoint6``.  An IPv6-only host's
+link socket is its IPv6 one; it discovers over IPv6 and skips the NAT test (there is no NAT).
+
+Discovery answers the engine (``discovered``) once STUN and the NAT test and STUN over IPv6 have
+settled, the IPv6 endpoint first, so that the first ``update_udp_endpoint`` (the one the
+rendezvous pairs on) already carries it; for the mapping the engine itself holds that report
+(``expect_port_mapping``, called when the probe starts, as the asyncio worker does).
 """
 
 from __future__ import annotations
@@ -49,6 +64,7 @@ from p2plab.core.signaling import (
     ErrorAnswers,
     ErrorMessage,
     NatHint,
+    PortMapping,
     RelayOut,
     dump_message,
     encode_relay_data,
@@ -56,8 +72,11 @@ from p2plab.core.signaling import (
 )
 from p2plab.core.stun import StunTransaction, TransactionState
 from p2plab.errors import RemoteProtocolError
+from p2plab.lab.sim.ipv6 import is_ipv6
 from p2plab.lab.sim.nat_test import NatHintProbe
 from p2plab.lab.sim.peer import SimWorld
+from p2plab.lab.sim.portmap_client import SimPortMapClient
+from p2plab.lab.sim.portmap_model import PortMapNat
 from p2plab.lab.sim.rendezvous import SimRendezvous
 from p2plab.lab.sim.stun_client import SimStunClient, is_stun
 from p2plab.lab.simnet import Address, Host, SimSocket, TimerHandle
@@ -85,6 +104,8 @@ class SimWorker:
         stun_server: Address | None = None,
         use_stun: bool = True,
         nat_test: bool = True,
+        stun_server6: Address | None = None,
+        port_mapping: bool = True,
     ) -> None:
         self.sim = sim
         self.host = host
@@ -92,8 +113,13 @@ class SimWorker:
         self.rendezvous = rendezvous
         self.room = room
         self.signaling_delay = signaling_delay
+        v6_only = is_ipv6(sock.address[0])
+        self.stun_server6 = stun_server6 if use_stun else None
+        """The STUN server's IPv6 address (None: no STUN over IPv6)."""
         self.stun_server = (stun_server or sim.stun.primary) if use_stun else None
-        self.nat_test = nat_test
+        if v6_only:
+            self.stun_server = self.stun_server6
+        self.nat_test = nat_test and not v6_only
         """Run the NAT test after discovery (else the engine gets no hint: plain punching)."""
         self.nat_hint: NatHint | None = None
         """What the NAT test found (the hint given to the engine), once discovery is done."""
@@ -115,6 +141,31 @@ class SimWorker:
         self.stun_client = SimStunClient(sim.clock, sim.rng, sock)
         self._timer: TimerHandle | None = None
         sock.on_datagram = self._on_datagram
+        #: The IPv6 socket of a dual-stack host (same port when free), else None.
+        self.socket6: SimSocket | None = None
+        ip6 = next((ip for ip in host.ips if is_ipv6(ip)), None)
+        if ip6 is not None and not v6_only:
+            port = sock.address[1]
+            self.socket6 = host.bind(0 if (ip6, port) in host.sockets else port, ip6)
+            self.socket6.on_datagram = self._on_datagram6
+        self.stun_client6 = SimStunClient(sim.clock, sim.rng, self.socket6 or sock)
+        #: The port-mapping client, behind a NAT that offers port mapping.
+        self.portmap: SimPortMapClient | None = None
+        if port_mapping and isinstance(host.nat, PortMapNat) and not v6_only:
+            self.portmap = SimPortMapClient(
+                sim.clock,
+                host,
+                host.nat,
+                sock.address,
+                self._on_mapping,
+                sim.rng,
+                on_settled=self._on_mapping_settled,
+            )
+        self._pending: set[str] = set()  # what discovery still waits for
+        # STUN's answer (public, error, hint), held until the other parts of discovery settle.
+        self._found_v4: tuple[Address, str | None, NatHint | None] | None = None
+        self.endpoint6: Address | None = None
+        """What STUN over IPv6 saw (set before discovery answers the engine)."""
 
     # -- what a test reads ----------------------------------------------------------------------
 
@@ -167,6 +218,9 @@ class SimWorker:
         """Start the engine and connect to the rendezvous (as ``p2plab worker`` does)."""
         self.engine.start(self.sim.now)
         self.pump()
+        if self.portmap is not None:
+            self.engine.expect_port_mapping(self.sim.now)  # the first report waits for it
+            self.portmap.start()
         nat = self.host.nat
         observed = nat.public_ip if nat is not None else self.host.ip
         self.conn_id = self.rendezvous.connect(
@@ -191,7 +245,11 @@ class SimWorker:
         self.engine.stop(self.sim.now)
         self.pump()
         self._close_pool()
+        if self.portmap is not None:
+            self.portmap.stop()
         self.socket.close()
+        if self.socket6 is not None:
+            self.socket6.close()
 
     # -- the rendezvous connection (RendezvousClient) -------------------------------------------
 
@@ -241,7 +299,7 @@ class SimWorker:
         while again:
             self._adopted = False
             for data, addr in engine.datagrams_to_send(now):
-                self.socket.sendto(data, addr)
+                self._send(data, addr)
             while (cmd := engine.next_command()) is not None:
                 self._carry_out(cmd)
             again = self._adopted
@@ -278,6 +336,38 @@ class SimWorker:
         else:  # a command this driver does not know: a newer engine
             self.stats["unknown_commands"] += 1
             log.warning("%s: unknown engine command %r", self.worker_id, cmd)
+
+    def _send(self, data: bytes, addr: Address) -> None:
+        """By the socket of the destination's family; none of that family: dropped, counted."""
+        sock = self.socket
+        if is_ipv6(addr[0]) != is_ipv6(sock.address[0]):
+            if self.socket6 is None or not is_ipv6(addr[0]):
+                self.stats["send_no_family"] += 1
+                return
+            sock = self.socket6
+        sock.sendto(data, addr)
+
+    def _on_datagram6(self, data: bytes, addr: Address) -> None:
+        if is_stun(data) and self.stun_client6.waiting_for(data):
+            self.stun_client6.receive(data, addr)
+            return
+        if self.state == "stopped":
+            return
+        self.engine.receive_datagram(data, addr, self.sim.now)
+        self.pump()
+
+    def _on_mapping(self, mapping: PortMapping | None) -> None:
+        if self.state == "stopped":
+            return
+        self.engine.set_port_mapping(mapping, self.sim.now)
+        self.pump()
+
+    def _on_mapping_settled(self) -> None:
+        # The probe ended: with a mapping, set_port_mapping already ended the engine's wait;
+        # with nothing, say so (None) so that the held endpoint report leaves at once.
+        if self.portmap is not None and self.portmap.mapping is None and self.state != "stopped":
+            self.engine.set_port_mapping(None, self.sim.now)
+            self.pump()
 
     def _on_timer(self) -> None:
         self._timer = None
@@ -337,6 +427,11 @@ class SimWorker:
     # -- discovery ------------------------------------------------------------------------------
 
     def _discover(self, observed_ip: str | None) -> None:
+        self._pending = {"v4"}
+        self._found_v4 = None
+        if self.socket6 is not None and self.stun_server6 is not None:
+            self._pending.add("v6")
+            self.stun_client6.request(self.stun_server6, on_done=self._binding6_done)
         if self.stun_server is None:
             # No STUN server: the observed address with the local port (answered on the next
             # tick so the engine is never re-entered from inside its own pump).
@@ -373,10 +468,33 @@ class SimWorker:
         ip = observed_ip or self.local_address[0]
         self._discovered((ip, self.local_address[1]), f"{why}: using {ip} and the local port")
 
+    def _binding6_done(self, tx: StunTransaction) -> None:
+        mapped = None
+        if tx.state is TransactionState.SUCCEEDED and tx.response is not None:
+            mapped = tx.response.attributes.get("XOR-MAPPED-ADDRESS")
+        self.endpoint6 = None if mapped is None else (str(mapped[0]), int(mapped[1]))
+        self._settle("v6")
+
     def _discovered(self, public: Address, error: str | None, hint: NatHint | None = None) -> None:
-        if self.state == "stopped":
+        self._found_v4 = (public, error, hint)
+        self._settle("v4")
+
+    def _settle(self, what: str) -> None:
+        """One part of discovery is done; answer the engine when none is left."""
+        self._pending.discard(what)
+        if self._pending or self.state == "stopped" or self._found_v4 is None:
             return
-        self.engine.discovered(public, [self.local_address], self.sim.now, error=error, nat=hint)
+        public, error, hint = self._found_v4
+        self._found_v4 = None
+        now = self.sim.now
+        v6_only = is_ipv6(self.local_address[0])
+        endpoint6 = public if v6_only else self.endpoint6
+        if endpoint6 is not None:
+            self.engine.set_endpoint6(endpoint6, now)
+        locals_ = [self.local_address]
+        if self.socket6 is not None:
+            locals_.append(self.socket6.address)
+        self.engine.discovered(public, locals_, now, error=error, nat=hint)
         self.pump()
 
     def __repr__(self) -> str:

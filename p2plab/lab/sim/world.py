@@ -1,6 +1,12 @@
 """The simulated internet: topology (NATs, hosts, the STUN server, the rendezvous), the virtual
 clock, the NAT profiles, and what a run does with them: probing, punching two bare sessions, and
-pairing two whole workers (:class:`~p2plab.lab.sim.worker.SimWorker`)."""
+pairing two whole workers (:class:`~p2plab.lab.sim.worker.SimWorker`).
+
+Sites take the kernel lab's specs (:func:`p2plab.lab.site.parse_site`, :meth:`Simulation.add_site`):
+``symmetric+pmp`` is a symmetric NAT whose router offers NAT-PMP and PCP
+(:mod:`~p2plab.lab.sim.portmap_model`), ``symmetric/v6-apdf`` a dual-stack site whose IPv6 sits
+behind a conntrack-only firewall and ``v6-eif`` an IPv6-only one (:mod:`~p2plab.lab.sim.ipv6`).
+The STUN server answers on two IPv6 addresses too."""
 
 from __future__ import annotations
 
@@ -14,10 +20,20 @@ from p2plab.core import events as ev
 from p2plab.core.link import LinkConfig as EngineConfig
 from p2plab.core.nat import NatReport
 from p2plab.errors import ConfigError
+from p2plab.lab.sim.ipv6 import (
+    STUN_IPS6,
+    V6_FIREWALLS,
+    V6_PREFIX,
+    Firewall6,
+    FirewallBehavior,
+    SimNetwork,
+    is_ipv6,
+)
 from p2plab.lab.sim.peer import SimPeer
+from p2plab.lab.sim.portmap_model import PortMapConfig, PortMapNat
 from p2plab.lab.sim.probe import classic_probe, rfc5780_discovery
 from p2plab.lab.sim.rendezvous import SimRendezvous
-from p2plab.lab.sim.report import LinkResult, PunchResult, pair_method
+from p2plab.lab.sim.report import LinkResult, PunchResult, address_family, pair_method
 from p2plab.lab.sim.stun_server import SimStunServer
 from p2plab.lab.sim.turn_server import SimTurnServer
 from p2plab.lab.sim.worker import SimWorker
@@ -32,9 +48,9 @@ from p2plab.lab.simnet import (
     LinkConfig,
     Nat,
     NatBehavior,
-    Network,
     Scheduler,
 )
+from p2plab.lab.site import parse_site
 
 __all__ = [
     "EXPECTED_METHODS",
@@ -42,6 +58,7 @@ __all__ = [
     "PROFILES",
     "SIM_PROFILES",
     "STUN_IPS",
+    "STUN_IPS6",
     "STUN_PORTS",
     "TURN_IP",
     "Simulation",
@@ -121,18 +138,21 @@ class Simulation:
         self.seed = seed
         self.rng = random.Random(seed)
         self.clock = Scheduler()
-        self.net = Network(self.clock, self.rng)
+        self.net = SimNetwork(self.clock, self.rng)
         self.default_wan = wan or LinkConfig(delay=0.01)
         self.nats: list[Nat] = []
         self.hosts: list[Host] = []
+        self.firewalls6: list[Firewall6] = []
         self._public_next = 201
         self._nat_next = 101
         self._lan_next = 1
         self._probe_ports: dict[str, int] = {}
-        stun_host = Host(self.net, "stun", STUN_IPS, None, LinkConfig(delay=0.005))
-        for ip in STUN_IPS:
+        stun_host = Host(self.net, "stun", STUN_IPS + STUN_IPS6, None, LinkConfig(delay=0.005))
+        for ip in STUN_IPS + STUN_IPS6:
             self.net.public[ip] = stun_host
         self.stun = SimStunServer(stun_host, STUN_IPS, STUN_PORTS)
+        self.stun6 = SimStunServer(stun_host, STUN_IPS6, STUN_PORTS)
+        """The same STUN server over IPv6 (its two IPv6 addresses)."""
         self.rendezvous = SimRendezvous(self.clock)
         self.turn: SimTurnServer | None = None
         """The TURN server, once :meth:`add_turn_server` made one."""
@@ -164,11 +184,13 @@ class Simulation:
         name: str | None = None,
         public_ip: str | None = None,
         wan: LinkConfig | None = None,
+        portmap: PortMapConfig | None = None,
         **overrides: Any,
     ) -> Nat:
         """A NAT box of ``profile`` (a name from :data:`SIM_PROFILES` or a :class:`NatBehavior`).
 
         Keyword ``overrides`` change single fields (``mapping_timeout=30``, ``hairpinning=True``).
+        With ``portmap`` its router offers port mapping (a :class:`PortMapNat`).
         """
         behavior = profile_behavior(profile, **overrides)
         if public_ip is None:
@@ -178,18 +200,67 @@ class Simulation:
             raise ConfigError(f"{public_ip} is already in use")
         lan = ipaddress.IPv4Network(f"198.18.{self._lan_next}.0/24")
         self._lan_next += 1
-        nat = Nat(
+        args = (self.net, name or f"nat{len(self.nats) + 1}", public_ip, lan, behavior)
+        kwargs: dict[str, Any] = {
+            "wan": wan or self.default_wan,
+            "profile": profile if isinstance(profile, str) else None,
+        }
+        if portmap is not None:
+            nat: Nat = PortMapNat(*args, portmap=portmap, seed=self.seed, **kwargs)
+        else:
+            nat = Nat(*args, **kwargs)
+        self.net.public[public_ip] = nat
+        self.nats.append(nat)
+        return nat
+
+    def add_firewall6(
+        self,
+        profile: str | FirewallBehavior = "v6-apdf",
+        *,
+        name: str | None = None,
+        wan: LinkConfig | None = None,
+    ) -> Firewall6:
+        """An IPv6 site's firewall (a name from :data:`~p2plab.lab.sim.ipv6.V6_FIREWALLS` or a
+        :class:`FirewallBehavior`), with a /48 of 2001:db8::/32 of its own."""
+        if isinstance(profile, str):
+            behavior = V6_FIREWALLS.get(profile)
+            if behavior is None:
+                raise ConfigError(
+                    f"unknown IPv6 profile {profile!r}; choose one of {', '.join(V6_FIREWALLS)}"
+                )
+        else:
+            behavior = profile
+        index = len(self.firewalls6) + 1
+        prefix = ipaddress.IPv6Network((int(V6_PREFIX.network_address) + (index << 80), 48))
+        fw = Firewall6(
             self.net,
-            name or f"nat{len(self.nats) + 1}",
-            public_ip,
-            lan,
+            name or f"fw{index}",
+            prefix,
             behavior,
             wan or self.default_wan,
             profile=profile if isinstance(profile, str) else None,
         )
-        self.net.public[public_ip] = nat
-        self.nats.append(nat)
-        return nat
+        self.firewalls6.append(fw)
+        return fw
+
+    def add_site(self, spec: str, name: str, *, beside: Host | None = None) -> Host:
+        """A host at a site of the kernel lab's ``spec`` (``symmetric+pmp``, ``symmetric/v6-apdf``,
+        ``v6-eif``; :func:`~p2plab.lab.site.parse_site`): its NAT (with the router's port
+        mapping), its IPv6 firewall, the host behind both.  ``beside``: a host of that spec's
+        site already made, whose NAT and firewall the new host shares (one LAN)."""
+        site = parse_site(spec)
+        nat = beside.nat if beside is not None else None
+        if beside is None and site.v4 is not None and site.v4 != "open":
+            portmap = PortMapConfig(protocols=site.protocols) if site.portmap else None
+            nat = self.add_nat(site.v4, name=f"nat_{name}", portmap=portmap)
+        fw = None
+        if beside is not None:
+            fw = next(
+                (self.net.firewalls6[ip] for ip in beside.ips if ip in self.net.firewalls6), None
+            )
+        elif site.v6 is not None:
+            fw = self.add_firewall6(site.v6, name=f"fw_{name}")
+        return self.add_host(nat, name=name, fw6=fw, ipv4=site.v4 is not None)
 
     def add_host(
         self,
@@ -198,9 +269,20 @@ class Simulation:
         name: str | None = None,
         ip: str | None = None,
         link: LinkConfig | None = None,
+        fw6: Firewall6 | None = None,
+        ipv4: bool = True,
     ) -> Host:
-        """A host behind ``behind`` (a LAN address), or on the public internet when None."""
+        """A host behind ``behind`` (a LAN address), or on the public internet when None; with
+        ``fw6`` also an IPv6 address behind that firewall (without ``ipv4``: that one only)."""
         name = name or f"h{len(self.hosts) + 1}"
+        if not ipv4:
+            if fw6 is None or behind is not None:
+                raise ConfigError("an IPv6-only host needs fw6 and no NAT")
+            ip6 = fw6.allocate_ip()
+            host = Host(self.net, name, (ip6,), None, link or LinkConfig(delay=0.001))
+            self.net.add_firewall_host(fw6, host, ip6)
+            self.hosts.append(host)
+            return host
         if behind is None:
             if ip is None:
                 ip = f"{_PUBLIC_NET}.{self._public_next}"
@@ -213,6 +295,10 @@ class Simulation:
             ip = ip or behind.allocate_lan_ip()
             host = Host(self.net, name, (ip,), behind, link or LinkConfig(delay=0.001))
             behind.hosts[ip] = host
+        if fw6 is not None:
+            ip6 = fw6.allocate_ip()
+            host.ips = (*host.ips, ip6)
+            self.net.add_firewall_host(fw6, host, ip6)
         self.hosts.append(host)
         return host
 
@@ -222,14 +308,15 @@ class Simulation:
 
     # -- STUN and classification ------------------------------------------------------------------
 
-    def _probe_peer(self, host: Host) -> SimPeer:
+    def _probe_peer(self, host: Host, ip: str | None = None) -> SimPeer:
         # Probe sockets live at 50000 and up, away from the 40000s the peers use, and a port is
         # never reused: the NAT may still hold the previous probe's mapping and permissions.
+        ip = ip or host.ip
         port = self._probe_ports.get(host.name, 50000)
-        while (host.ip, port) in host.sockets:
+        while (ip, port) in host.sockets:
             port += 1
         self._probe_ports[host.name] = port + 1
-        return SimPeer(self, host, host.bind(port), f"{host.name}-probe")
+        return SimPeer(self, host, host.bind(port, ip), f"{host.name}-probe")
 
     def classic_probe(self, host: Host) -> str:
         """The RFC 3489 section 10.1 test sequence as pystun3 runs it; returns pystun3's words
@@ -240,22 +327,29 @@ class Simulation:
         finally:
             p.socket.close()
 
-    def probe(self, host: Host, *, classic: bool = True) -> NatReport:
+    def probe(self, host: Host, *, classic: bool = True, family: str | None = None) -> NatReport:
         """RFC 5780 NAT behaviour discovery for ``host`` against the simulated STUN server, on a
         fresh socket: the core's procedure (:class:`~p2plab.core.discovery.Rfc5780Discovery`,
         the one workers run), then with ``classic`` the RFC 3489 sequence on another socket.
+        ``family`` (``ipv4``, ``ipv6``; default: the host's first address's) picks the host's
+        address and the server's; over IPv6 there is no classic sequence (pystun3 has none),
+        and a firewall shows as its filtering with endpoint-independent "mapping" (none).
 
         Filtering tests run first, then the mapping tests on the same socket, which is what
         makes a leaky NAT show its remapping.
         """
-        p = self._probe_peer(host)
+        v6 = is_ipv6(host.ip) if family is None else family == "ipv6"
+        ip = next((a for a in host.ips if is_ipv6(a) == v6), None)
+        if ip is None:
+            raise ConfigError(f"{host.name} has no {'IPv6' if v6 else 'IPv4'} address")
+        p = self._probe_peer(host, ip)
         try:
-            result = rfc5780_discovery(p, [self.stun.primary])
+            result = rfc5780_discovery(p, [(self.stun6 if v6 else self.stun).primary])
         finally:
             p.socket.close()
         if result.mapped is None:
             return replace(result.report(), local=p.local_address)
-        return result.report(self.classic_probe(host) if classic else None)
+        return result.report(self.classic_probe(host) if classic and not v6 else None)
 
     # -- punching -------------------------------------------------------------------------------
 
@@ -352,12 +446,14 @@ class Simulation:
         use_stun: bool = True,
         nat_test: bool = True,
         start: bool = True,
+        port_mapping: bool = True,
     ) -> SimWorker:
         """A whole worker (link engine + sessions) on a new socket of ``host``, started unless
         ``start`` is False: it registers with :attr:`rendezvous`, discovers its endpoint over
         STUN and is paired with the next worker of ``room``.  ``signaling_delay`` is its
         rendezvous connection's one-way delay; ``nat_test`` runs issue 16's NAT test after discovery
-        (off: the engine gets no hint and punches plainly)."""
+        (off: the engine gets no hint and punches plainly); ``port_mapping`` asks the NAT's router
+        for a port when it offers port mapping."""
         name = name or host.name
         while name in self.workers:
             name = f"{name}'"
@@ -373,6 +469,8 @@ class Simulation:
             signaling_delay=signaling_delay,
             use_stun=use_stun,
             nat_test=nat_test,
+            stun_server6=self.stun6.primary,
+            port_mapping=port_mapping,
         )
         self.workers[name] = w
         if start:
@@ -459,6 +557,7 @@ class Simulation:
         linked = direct or relayed or turn
         method = pair_method(wa.engine.method, wb.engine.method) if linked else None
         probes = sum(w.engine.stats.get("birthday_probes", 0) for w in (wa, wb))
+        family = address_family(wa.peer_address) if direct else "ipv4" if turn else None
         return LinkResult(
             outcome="direct" if direct else "failed",
             fallback=fallback,
@@ -472,6 +571,7 @@ class Simulation:
             path=path,
             method=method,
             birthday_probes=probes,
+            family=family,
         )
 
     def _relay_chat_works(self, wa: SimWorker, wb: SimWorker, timeout: float = 10.0) -> bool:
