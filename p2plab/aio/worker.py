@@ -168,6 +168,7 @@ class Worker:
             self.config.stun_servers,
             self.endpoint.local_address[1],
             self._on_port_mapping,
+            lifetime_s=self.config.port_mapping_lifetime_s,
         )
         self._spawn(self._run_rendezvous(), "rendezvous")
         self._feed(self.link.start)
