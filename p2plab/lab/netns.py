@@ -38,12 +38,14 @@ from pathlib import Path
 from typing import Any
 
 from p2plab.errors import ConfigError, LabError
+from p2plab.lab import ipv6
 from p2plab.lab.profiles import (
     impairment_rules,
     nat_ruleset,
     udp_block_rules,
     validate_profile,
 )
+from p2plab.lab.site import parse_site
 
 __all__ = [
     "HOSTS",
@@ -93,9 +95,10 @@ class LabConfig:
     """What lab to build."""
 
     profile_a: str = "port-restricted"
-    """NAT profile of site A (see :mod:`p2plab.lab.profiles`)."""
+    """Site A's spec (:mod:`p2plab.lab.site`): a NAT profile (:mod:`p2plab.lab.profiles`),
+    an IPv6 firewall (``v6-apdf``, :mod:`p2plab.lab.ipv6`) or both (``symmetric/v6-apdf``)."""
     profile_b: str = "port-restricted"
-    """NAT profile of site B (ignored when ``same_lan``)."""
+    """Site B's spec (ignored when ``same_lan``)."""
     same_lan: bool = False
     """Put hosts ``a`` and ``b`` behind the same NAT (site A)."""
     loss_a: float = 0.0
@@ -114,8 +117,8 @@ class LabConfig:
     """Name prefix (``p2l`` + 4 hex digits); random when None."""
 
     def __post_init__(self) -> None:
-        validate_profile(self.profile_a)
-        validate_profile(self.profile_b)
+        parse_site(self.profile_a)
+        parse_site(self.profile_b)
         for loss in (self.loss_a, self.loss_b):
             if not 0.0 <= loss < 1.0:
                 raise ConfigError(f"loss must be in [0, 1), got {loss!r}")
@@ -291,6 +294,10 @@ class Lab:
         self.turn_secret = secrets.token_hex(16)
         """coturn's ``static-auth-secret`` (fresh per lab); the rendezvous gets it too."""
         self._blocked: list[tuple[str, list[str]]] = []
+        specs = [config.profile_a] + ([] if config.same_lan else [config.profile_b])
+        self.v6: ipv6.V6Plan | None = ipv6.V6Plan(self.prefix) if ipv6.has_v6(specs) else None
+        """The IPv6 addressing plan, when a site has an IPv6 profile (None: IPv4 only)."""
+        self._address6: dict[str, str] = {}
 
     # ---- construction
 
@@ -352,6 +359,8 @@ class Lab:
         _run(["ip", "netns", "add", ns])
         self._namespaces.append(ns)
         _run(["ip", "-n", ns, "link", "set", "lo", "up"])
+        if self.v6 is not None:  # before any interface: even link-local addresses skip DAD
+            _run(["ip", "netns", "exec", ns, "sysctl", "-qw", *ipv6.NO_DAD_SYSCTLS])
         return ns
 
     def _veth(self, ns1: str, if1: str, ns2: str, if2: str) -> None:
@@ -391,19 +400,28 @@ class Lab:
         st = self._ns("stun")
         attach(st, f"{p}st", list(STUN_IPS))
         self._hosts["stun"] = _Host("stun", st, STUN_IPS[0])
+        v6, v6_public, v6_steps = self.v6, [rv, st], list[ipv6.Step]()
+        if v6 is not None:
+            v6_steps += ipv6.server_steps(v6, rv=(rv, f"{p}rv"), stun=(st, f"{p}st"))
 
         cfg = self.config
         sites = [("a", cfg.profile_a, cfg.loss_a, cfg.rate_a_mbit)]
         if not cfg.same_lan:
             sites.append(("b", cfg.profile_b, cfg.loss_b, cfg.rate_b_mbit))
+        routed_v6: dict[str, str] = {}  # site -> its router's namespace
         for site, profile, loss, rate in sites:
             members = ["a", "b"] if cfg.same_lan else [site]
-            if profile == "open":
+            spec = parse_site(profile)
+            if spec.v4 == "open":
                 for host in members:
                     ns = self._ns(host)
                     ifname = f"{p}o{host}"
                     peer = attach(ns, ifname, [_OPEN_IP[host]])
                     self._hosts[host] = _Host(host, ns, _OPEN_IP[host], _OPEN_IP[host])
+                    if v6 is not None and spec.v6:
+                        v6_steps += ipv6.open_host_steps(v6, host, spec.v6, ns=ns, ifname=ifname)
+                        self._address6[host] = v6.public(f"open_{host}")
+                        v6_public.append(ns)
                     if loss:
                         _run(["ip", "netns", "exec", ns, "iptables-restore"],
                              input=impairment_rules(ifname, loss))  # fmt: skip
@@ -413,36 +431,55 @@ class Lab:
                 continue
             nat = self._ns(f"nat-{site}")
             wan_if = f"{p}w{site}"
-            wan_ip = _NAT_WAN_IP[site]
-            peer = attach(nat, wan_if, [wan_ip])
+            # An IPv6-only site (spec.v4 None) has no IPv4 at all: its addresses are IPv6 ones.
+            wan_ip = _NAT_WAN_IP[site] if spec.v4 else ipv6.V6Plan(p).public(f"nat_{site}")
+            peer = attach(nat, wan_if, [wan_ip] if spec.v4 else [])
             lan_br = f"{p}l{site}"
             net = _LAN_NET[site]
             _run(["ip", "-n", nat, "link", "add", lan_br, "type", "bridge"])
             _run(["ip", "-n", nat, "link", "set", lan_br, "up"])
-            _run(["ip", "-n", nat, "addr", "add", f"{net}.1/24", "dev", lan_br])
-            _run(["ip", "netns", "exec", nat, "sysctl", "-qw", "net.ipv4.ip_forward=1"])
+            if spec.v4:
+                _run(["ip", "-n", nat, "addr", "add", f"{net}.1/24", "dev", lan_br])
+                _run(["ip", "netns", "exec", nat, "sysctl", "-qw", "net.ipv4.ip_forward=1"])
             self._hosts[f"nat_{site}"] = _Host(f"nat_{site}", nat, wan_ip, f"{net}.1")
             for i, host in enumerate(members):
                 ns = self._ns(host)
                 ifname = f"{p}h{host}"
                 self._veth(ns, ifname, nat, f"{ifname}p")
                 _run(["ip", "-n", nat, "link", "set", f"{ifname}p", "master", lan_br])
-                lan_ip = f"{net}.{2 + i}"
-                _run(["ip", "-n", ns, "addr", "add", f"{lan_ip}/24", "dev", ifname])
-                _run(["ip", "-n", ns, "route", "add", "default", "via", f"{net}.1"])
+                lan_ip = f"{net}.{2 + i}" if spec.v4 else ipv6.V6Plan(p).lan_host(site, i)
+                if spec.v4:
+                    _run(["ip", "-n", ns, "addr", "add", f"{lan_ip}/24", "dev", ifname])
+                    _run(["ip", "-n", ns, "route", "add", "default", "via", f"{net}.1"])
                 self._hosts[host] = _Host(host, ns, lan_ip, lan_ip)
-            rules = nat_ruleset(
-                profile,
-                wan_if=wan_if,
-                public_ip=wan_ip,
-                private_ip=f"{net}.2",
-                loss=loss,
-                recent_name=f"{p}{site}",
-            )
-            _run(["ip", "netns", "exec", nat, "iptables-restore"], input=rules)
+            if v6 is not None and spec.v6:
+                hosts6 = [(self._hosts[h].ns, f"{p}h{h}") for h in members]
+                v6_steps += ipv6.router_site_steps(
+                    v6, site, spec.v6, ns=nat, wan_if=wan_if, lan_if=lan_br, hosts=hosts6
+                )
+                self._address6.update((h, v6.lan_host(site, i)) for i, h in enumerate(members))
+                self._address6[f"nat_{site}"] = v6.public(f"nat_{site}")
+                routed_v6[site] = nat
+                v6_public.append(nat)
+            if spec.v4:
+                rules = nat_ruleset(
+                    spec.v4,
+                    wan_if=wan_if,
+                    public_ip=wan_ip,
+                    private_ip=f"{net}.2",
+                    loss=loss,
+                    recent_name=f"{p}{site}",
+                )
+                _run(["ip", "netns", "exec", nat, "iptables-restore"], input=rules)
             if rate:
                 self._tbf(nat, wan_if, rate)
                 self._tbf(wan, peer, rate)
+        if v6 is not None:
+            for site, router in routed_v6.items():
+                v6_steps += ipv6.lan_route_steps(v6, site, [n for n in v6_public if n != router])
+            for argv, stdin in v6_steps:
+                _run(argv, input=stdin)
+            self._address6.update(rendezvous=v6.public("rendezvous"), stun=v6.public("stun"))
         if cfg.stun:
             self._start_coturn()
         log.debug("lab %s up: %s", self.prefix, self.describe())
@@ -462,10 +499,12 @@ class Lab:
                 "--listening-port", str(STUN_PORT), "--alt-listening-port", str(STUN_ALT_PORT),
                 "--userdb", str(run_dir / "turndb"), "--log-file", "stdout", "--simple-log",
                 "--pidfile", str(_MARKER_DIR / f"{self.prefix}-turnserver.pid")]  # fmt: skip
-        for ip in STUN_IPS:
+        # With IPv6 in the lab coturn listens on two IPv6 addresses too (RFC 5780 over IPv6).
+        ips = [*STUN_IPS, *(self.v6.stun_addresses if self.v6 is not None else ())]
+        for ip in ips:
             argv += ["--listening-ip", ip]
         self.popen("stun", argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        want = {f"{ip}:{port}" for ip in STUN_IPS for port in (STUN_PORT, STUN_ALT_PORT)}
+        want = {ipv6.bracket(ip, port) for ip in ips for port in (STUN_PORT, STUN_ALT_PORT)}
         want_tcp = {f"{STUN_IPS[0]}:{STUN_PORT}"}
         deadline = time.monotonic() + 10.0
         while True:
@@ -536,6 +575,11 @@ class Lab:
     def address(self, host: str) -> str:
         """The address of ``host``: public for the servers and NATs, the LAN address for a and b."""
         return self._host(host).address
+
+    def address6(self, host: str) -> str | None:
+        """``host``'s IPv6 address (a LAN host's own global one: no NAT66), None without IPv6."""
+        self._host(host)
+        return self._address6.get(host)
 
     def profile(self, host: str) -> str:
         """The NAT profile in front of host ``a`` or ``b``."""
