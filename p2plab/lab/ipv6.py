@@ -43,6 +43,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from p2plab.errors import ConfigError
+from p2plab.lab.profiles import expected_outcome
 from p2plab.lab.site import V6_PROFILES, SiteProfile, parse_site
 
 __all__ = [
@@ -270,8 +271,9 @@ def expected_site_outcome(
     IPv6 on both sides goes direct over IPv6 whatever the firewalls (``v6-apdf`` x ``v6-apdf``
     punches like two port-restricted NATs; ``v6-eif`` and ``v6-open`` only help), and the engine
     ranks IPv6 first: so a dual-stack pair whose IPv4 needs a relay (``symmetric/v6-apdf`` twice)
-    is direct over IPv6.  Otherwise IPv4 decides (``v4_outcome``, the IPv4 table's answer for
-    the two IPv4 profiles, computed by the caller); sites with no family in common fail.
+    is direct over IPv6.  Otherwise IPv4 decides: ``v4_outcome`` when given (a caller that knows
+    more, e.g. of port mapping), else the IPv4 table (:func:`p2plab.lab.profiles.expected_outcome`);
+    sites with no family in common fail.
     """
     a, b = _spec(site_a), _spec(site_b)
     if same_lan:
@@ -279,7 +281,7 @@ def expected_site_outcome(
     if a.v6 and b.v6:
         return "direct", "ipv6"
     if a.v4 and b.v4:
-        outcome = v4_outcome or "direct"
+        outcome = v4_outcome or expected_outcome(a.v4, b.v4)
         return outcome, "ipv4" if outcome == "direct" else ""
     return "failed", ""
 

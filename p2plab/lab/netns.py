@@ -619,7 +619,11 @@ class Lab:
             "profile_a": self.config.profile_a,
             "profile_b": None if self.config.same_lan else self.config.profile_b,
             "same_lan": self.config.same_lan,
-            "hosts": {h.name: {"ns": h.ns, "address": h.address} for h in self._hosts.values()},
+            "hosts": {
+                h.name: {"ns": h.ns, "address": h.address}
+                | ({"address6": self._address6.get(h.name)} if self.v6 is not None else {})
+                for h in self._hosts.values()
+            },
             "stun": list(STUN_IPS) if self.config.stun else [],
             "turn": list(self.turn_urls) if self.config.stun else [],
         }
