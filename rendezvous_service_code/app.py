@@ -208,15 +208,29 @@ class _Hub:
                 await self.backend.forward(action)
 
 
+def _plain_ip(host: str) -> str | None:
+    """``host`` as the workers' messages spell an address, or None if it is not an IP literal:
+    an IPv4-mapped IPv6 address (what a ``--host ::`` socket reports for an IPv4 client) as its
+    IPv4 address, so the observed address a worker falls back to passes the wire's checks and
+    per-source limits count one client once; a scoped one (``fe80::1%eth0``) is refused."""
+    if "%" in host:
+        return None
+    try:
+        addr = ipaddress.ip_address(host)
+    except ValueError:
+        return None
+    if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
+        return str(addr.ipv4_mapped)
+    return str(addr)
+
+
 def _forwarded_ip(headers: Any) -> str | None:
     """The client address a trusted proxy put last in X-Forwarded-For, if it is an IP literal."""
     forwarded = headers.get("x-forwarded-for")
     if forwarded:
         # Proxies append the address they saw: the last entry is the one a trusted proxy
         # (Cloud Run's front end) added; earlier entries are whatever the client claimed.
-        last = forwarded.split(",")[-1].strip()
-        with contextlib.suppress(ValueError):
-            return str(ipaddress.ip_address(last))  # never a name (issue 14 item 3)
+        return _plain_ip(forwarded.split(",")[-1].strip())  # never a name (issue 14 item 3)
     return None
 
 
@@ -228,7 +242,7 @@ def _observed_address(websocket: WebSocket, trust_forwarded: bool) -> tuple[str 
     client = websocket.client
     if client is None:
         return None, None
-    return client.host, client.port
+    return _plain_ip(client.host) or client.host, client.port
 
 
 class _KeyChallenge:
@@ -375,6 +389,7 @@ def create_app(settings: Settings | None = None, *, backend: Backend | None = No
             "instance_id": hub.backend.instance_id,
             "source_ips": len(limits),
             "corrupt_nat_hints": hub.backend.corrupt_nat_hints,
+            "corrupt_endpoints": hub.backend.corrupt_endpoints,
             **vars(hub.stats),
         }
 
@@ -630,6 +645,8 @@ def create_app(settings: Settings | None = None, *, backend: Backend | None = No
                             msg.udp_port,
                             msg.local_candidates,
                             msg.nat,
+                            mapped=msg.mapped,
+                            udp6=msg.udp6,
                         )
                     )
         except WebSocketDisconnect:

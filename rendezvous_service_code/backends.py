@@ -17,7 +17,7 @@ import logging
 from collections.abc import Callable, Iterable
 from typing import Any, Protocol
 
-from p2plab.core.signaling import Candidate, NatHint
+from p2plab.core.signaling import Candidate, NatHint, PortMapping
 
 from .registry import Action, Registry
 
@@ -35,6 +35,9 @@ class Backend(Protocol):
     instance_id: str
     corrupt_nat_hints: int
     """Stored NAT hints that did not validate when read back (read as no hint)."""
+    corrupt_endpoints: int
+    """Stored port mappings and IPv6 endpoints that did not validate when read back (each read
+    as none)."""
 
     async def start(self, deliver: Deliver, on_reset: Callable[[], None] | None = None) -> None:
         """Connect and start background tasks; ``deliver`` receives remote actions.
@@ -73,8 +76,12 @@ class Backend(Protocol):
         udp_port: int,
         local_candidates: Iterable[Candidate],
         nat: NatHint | None = None,
+        *,
+        mapped: PortMapping | None = None,
+        udp6: Candidate | None = None,
     ) -> list[Action]:
-        """Store a UDP endpoint (and the worker's NAT hint) and pair the worker if possible."""
+        """Store a UDP endpoint (and the worker's NAT hint, port mapping and IPv6 endpoint) and
+        pair the worker if possible."""
         ...
 
     async def unregister(self, worker_id: str, conn_id: str) -> list[Action]:
@@ -108,6 +115,7 @@ class MemoryBackend:
         self.registry = Registry()
         # Records never leave this process, so a stored hint is the validated model itself.
         self.corrupt_nat_hints = 0
+        self.corrupt_endpoints = 0
 
     async def start(self, deliver: Deliver, on_reset: Callable[[], None] | None = None) -> None:
         return None
@@ -149,9 +157,12 @@ class MemoryBackend:
         udp_port: int,
         local_candidates: Iterable[Candidate],
         nat: NatHint | None = None,
+        *,
+        mapped: PortMapping | None = None,
+        udp6: Candidate | None = None,
     ) -> list[Action]:
         return self.registry.update_udp_endpoint(
-            worker_id, conn_id, udp_ip, udp_port, local_candidates, nat
+            worker_id, conn_id, udp_ip, udp_port, local_candidates, nat, mapped=mapped, udp6=udp6
         )
 
     async def unregister(self, worker_id: str, conn_id: str) -> list[Action]:

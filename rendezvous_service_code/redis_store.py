@@ -3,7 +3,8 @@
 Layout (all keys under ``prefix``, default ``p2plab:rv:``):
 
 * ``w:<id>``        hash: the worker's record (``conn``, ``inst``, ``room``, ``seq``, endpoint...;
-  ``nat`` is the worker's NatHint as JSON text, '' for none, validated again when read back)
+  ``nat`` is the worker's NatHint as JSON text, '' for none, validated again when read back;
+  ``mapped`` its PortMapping and ``udp6`` its IPv6 endpoint, the same way)
 * ``waiting:<room>`` the one unpaired encrypting worker with an endpoint waiting in a room;
   ``waitingplain:<room>`` the same for workers without a public key (they pair only together)
 * ``workers``       set of all worker ids; ``instw:<inst>`` the ids held by one instance
@@ -34,6 +35,7 @@ from p2plab.core.signaling import (
     Candidate,
     NatHint,
     PeerDisconnected,
+    PortMapping,
     Registered,
     parse_rendezvous_message,
 )
@@ -123,14 +125,15 @@ local seq = redis.call('INCR', P .. 'seq')
 redis.call('HSET', w, 'worker_id', id, 'conn', ARGV[3], 'inst', ARGV[4], 'room', ARGV[5],
   'seq', seq, 'registered_at', ARGV[6], 'ws_observed_ip', ARGV[7], 'ws_observed_port', ARGV[8],
   'http_public_ip', ARGV[9], 'public_key', ARGV[10], 'udp_ip', '', 'udp_port', '',
-  'local_candidates', '[]', 'nat', '', 'paired_with', '')
+  'local_candidates', '[]', 'nat', '', 'mapped', '', 'udp6', '', 'paired_with', '')
 redis.call('SADD', P .. 'workers', id)
 redis.call('SADD', P .. 'instw:' .. ARGV[4], id)
 return {old_conn or '', orphan, pair}
 """
 )
 
-# ARGV: prefix, id, conn, udp_ip, udp_port, candidates_json, nat_json ('' = no hint)
+# ARGV: prefix, id, conn, udp_ip, udp_port, candidates_json, nat_json ('' = no hint),
+#       mapped_json, udp6_json ('' = none)
 _LUA_UPDATE = (
     _LUA_COMMON
     + """
@@ -138,7 +141,7 @@ local id = ARGV[2]
 local w = P .. 'w:' .. id
 if redis.call('HGET', w, 'conn') ~= ARGV[3] then return {} end
 redis.call('HSET', w, 'udp_ip', ARGV[4], 'udp_port', ARGV[5], 'local_candidates', ARGV[6],
-  'nat', ARGV[7])
+  'nat', ARGV[7], 'mapped', ARGV[8], 'udp6', ARGV[9])
 return try_pair(id)
 """
 )
@@ -188,11 +191,34 @@ def _nat_hint(text: str, on_corrupt: Callable[[], None]) -> NatHint | None:
         return None
 
 
+def _stored(
+    model: type[PortMapping] | type[Candidate], text: str, on_corrupt: Callable[[], None]
+) -> Any:
+    """A stored port mapping or IPv6 endpoint, validated again like the NAT hint (the same
+    rules as on the wire: IP literals only, no scoped address, a bounded lease); a corrupt
+    one reads as none and is reported through ``on_corrupt``."""
+    if not text:
+        return None
+    try:
+        value = model.model_validate_json(text)
+    except ValueError:
+        on_corrupt()
+        return None
+    if isinstance(value, Candidate) and ":" not in value.ip:  # udp6 is IPv6 only
+        on_corrupt()
+        return None
+    return value
+
+
 def _ignore() -> None:
     return None
 
 
-def _record(h: dict[str, str], on_corrupt: Callable[[], None] = _ignore) -> WorkerRecord:
+def _record(
+    h: dict[str, str],
+    on_corrupt: Callable[[], None] = _ignore,
+    on_corrupt_endpoint: Callable[[], None] = _ignore,
+) -> WorkerRecord:
     port = h.get("ws_observed_port", "")
     udp_port = h.get("udp_port", "")
     try:
@@ -213,14 +239,22 @@ def _record(h: dict[str, str], on_corrupt: Callable[[], None] = _ignore) -> Work
         udp_port=int(udp_port) if udp_port else None,
         local_candidates=cands,
         nat=_nat_hint(h.get("nat", ""), on_corrupt),
+        mapped=_stored(PortMapping, h.get("mapped", ""), on_corrupt_endpoint),
+        udp6=_stored(Candidate, h.get("udp6", ""), on_corrupt_endpoint),
         paired_with=_opt(h.get("paired_with")),
     )
 
 
-def _pair_actions(pair: list[Any], on_corrupt: Callable[[], None] = _ignore) -> list[Action]:
+def _pair_actions(
+    pair: list[Any],
+    on_corrupt: Callable[[], None] = _ignore,
+    on_corrupt_endpoint: Callable[[], None] = _ignore,
+) -> list[Action]:
     if not pair:
         return []
-    return offers_for_pair(_record(_hash(pair[0]), on_corrupt), _record(_hash(pair[1]), on_corrupt))
+    first = _record(_hash(pair[0]), on_corrupt, on_corrupt_endpoint)
+    second = _record(_hash(pair[1]), on_corrupt, on_corrupt_endpoint)
+    return offers_for_pair(first, second)
 
 
 def _orphan_actions(orphan: list[Any], left: str) -> list[Action]:
@@ -257,6 +291,8 @@ class RedisBackend:
         self._pubsub: Any = None
         self.reaped_instances = 0
         self.corrupt_nat_hints = 0
+        self.corrupt_endpoints = 0
+        """Stored port mappings and IPv6 endpoints that did not validate when read back."""
         """Stored NAT hints that did not validate when read back (each read as no hint)."""
 
     def _k(self, name: str) -> str:
@@ -264,6 +300,9 @@ class RedisBackend:
 
     def _corrupt_hint(self) -> None:
         self.corrupt_nat_hints += 1
+
+    def _corrupt_endpoint(self) -> None:
+        self.corrupt_endpoints += 1
         logger.warning("a stored NAT hint in Redis does not validate; treating it as absent")
 
     def _channel(self, instance_id: str) -> str:
@@ -348,7 +387,7 @@ class RedisBackend:
                 )
             )
         actions += _orphan_actions(orphan, worker_id)
-        actions += _pair_actions(pair, self._corrupt_hint)
+        actions += _pair_actions(pair, self._corrupt_hint, self._corrupt_endpoint)
         actions.append(
             SendMessage(
                 worker_id,
@@ -368,17 +407,22 @@ class RedisBackend:
         udp_port: int,
         local_candidates: Iterable[Candidate],
         nat: NatHint | None = None,
+        *,
+        mapped: PortMapping | None = None,
+        udp6: Candidate | None = None,
     ) -> list[Action]:
         cands = json.dumps([c.model_dump() for c in local_candidates])
         hint = nat.model_dump_json() if nat is not None else ""
-        pair = await self._update(
-            args=[self.prefix, worker_id, conn_id, udp_ip, str(udp_port), cands, hint]
-        )
-        return _pair_actions(pair, self._corrupt_hint)
+        mapped_json = mapped.model_dump_json() if mapped is not None else ""
+        udp6_json = udp6.model_dump_json() if udp6 is not None else ""
+        args = [self.prefix, worker_id, conn_id, udp_ip, str(udp_port), cands, hint]
+        pair = await self._update(args=[*args, mapped_json, udp6_json])
+        return _pair_actions(pair, self._corrupt_hint, self._corrupt_endpoint)
 
     async def unregister(self, worker_id: str, conn_id: str) -> list[Action]:
         orphan, pair = await self._unregister(args=[self.prefix, worker_id, conn_id])
-        return _orphan_actions(orphan, worker_id) + _pair_actions(pair, self._corrupt_hint)
+        pairing = _pair_actions(pair, self._corrupt_hint, self._corrupt_endpoint)
+        return _orphan_actions(orphan, worker_id) + pairing
 
     async def registered_key(self, worker_id: str) -> tuple[bool, str | None]:
         conn, key = await self.redis.hmget(self._k(f"w:{worker_id}"), ["conn", "public_key"])
@@ -404,7 +448,11 @@ class RedisBackend:
                 pipe.hgetall(self._k(f"w:{wid}"))
             hashes = await pipe.execute()
         records = [
-            _record({_s(k): _s(v) for k, v in h.items()}, self._corrupt_hint) for h in hashes if h
+            _record(
+                {_s(k): _s(v) for k, v in h.items()}, self._corrupt_hint, self._corrupt_endpoint
+            )
+            for h in hashes
+            if h
         ]
         return [r.to_public_dict() for r in sorted(records, key=lambda r: r.seq)]
 

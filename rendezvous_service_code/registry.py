@@ -33,6 +33,7 @@ from p2plab.core.signaling import (
     NatHint,
     P2PConnectionOffer,
     PeerDisconnected,
+    PortMapping,
     Registered,
 )
 
@@ -112,6 +113,10 @@ class WorkerRecord:
     nat: NatHint | None = None
     """What the worker reported of its NAT's mapping (issue 16), passed on to its peer in the
     offer as ``peer_nat``; None when it did not test (or the stored copy was unreadable)."""
+    mapped: PortMapping | None = None
+    """The port its NAT mapped on request (issue 18), passed on as ``peer_mapped``."""
+    udp6: Candidate | None = None
+    """Its IPv6 STUN endpoint (issue 19), passed on as ``peer_udp6``."""
     paired_with: str | None = None
     """Worker id of the current peer."""
 
@@ -133,6 +138,8 @@ class WorkerRecord:
             "local_candidates": [c.model_dump() for c in self.local_candidates],
             "public_key": self.public_key,
             "nat": self.nat.model_dump() if self.nat is not None else None,
+            "mapped": self.mapped.model_dump() if self.mapped is not None else None,
+            "udp6": self.udp6.model_dump() if self.udp6 is not None else None,
             "paired_with": self.paired_with,
             "registered_at": self.registered_at,
         }
@@ -166,6 +173,8 @@ def build_offer(peer: WorkerRecord, role: Role) -> P2PConnectionOffer:
         role=role,
         peer_public_key=peer.public_key,
         peer_nat=peer.nat,
+        peer_mapped=peer.mapped,
+        peer_udp6=peer.udp6,
     )
 
 
@@ -269,10 +278,13 @@ class Registry:
         udp_port: int,
         local_candidates: Iterable[Candidate] = (),
         nat: NatHint | None = None,
+        *,
+        mapped: PortMapping | None = None,
+        udp6: Candidate | None = None,
     ) -> list[Action]:
-        """Store the worker's UDP endpoint (and NAT hint); pair it if it is unpaired and
-        someone waits.  A later update without a hint clears the stored one: the hint describes
-        the endpoint it came with."""
+        """Store the worker's UDP endpoint (and NAT hint, port mapping, IPv6 endpoint); pair it
+        if it is unpaired and someone waits.  A later update without a hint (mapping, IPv6
+        endpoint) clears the stored one: each describes the endpoint it came with."""
         rec = self._workers.get(worker_id)
         if rec is None or rec.conn_id != conn_id:
             return []
@@ -280,6 +292,8 @@ class Registry:
         rec.udp_port = udp_port
         rec.local_candidates = list(local_candidates)
         rec.nat = nat
+        rec.mapped = mapped
+        rec.udp6 = udp6
         if rec.paired_with is not None:
             return []  # keep the pair; the peer punches to what it was offered
         return self._try_pair(rec)

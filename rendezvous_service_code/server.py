@@ -48,8 +48,11 @@ class ServeAddresses:
 
     @property
     def url(self) -> str:
-        """``http://host:port`` (0.0.0.0 shown as 127.0.0.1 so it can be opened locally)."""
-        host = "127.0.0.1" if self.http_host in ("0.0.0.0", "") else self.http_host
+        """``http://host:port`` (0.0.0.0 shown as 127.0.0.1 and :: as ::1 so it can be opened
+        locally)."""
+        host = {"0.0.0.0": "127.0.0.1", "": "127.0.0.1", "::": "::1"}.get(
+            self.http_host, self.http_host
+        )
         if ":" in host:
             host = f"[{host}]"
         return f"http://{host}:{self.http_port}"
@@ -64,6 +67,10 @@ def _bind_tcp(host: str, port: int) -> socket.socket:
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    if host == "::":
+        # Every address of both families, whatever the host's net.ipv6.bindv6only says; IPv4
+        # clients then show as ::ffff:a.b.c.d, which the app turns back into IPv4 literals.
+        sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
     try:
         sock.bind((host, port))
     except OSError:

@@ -90,6 +90,7 @@ from p2plab.core.link_commands import (
     endpoint_update,
     session_security_counts,
 )
+from p2plab.core.link_families import PORT_MAPPING, uses_port_mapping
 from p2plab.core.link_table import LINK_STATES, STATES_WITH_PEER, TRANSITIONS, Input, next_state
 from p2plab.core.link_trust import (
     RelayGate,
@@ -106,6 +107,7 @@ from p2plab.core.signaling import (
     NatHint,
     P2PConnectionOffer,
     PeerDisconnected,
+    PortMapping,
     Registered,
     RelayIn,
     RendezvousMessage,
@@ -172,7 +174,12 @@ class LinkEngine(LinkBench):
         self.peer_key_warning: str | None = None
         """A sentence when a known peer id came back with another key or a pinned key did not
         match (cleared by the next offer accepted without either)."""
+        self.port_mapping: PortMapping | None = None
+        """The port the NAT mapped for the link's socket on request (``set_port_mapping``)."""
+        self.endpoint6: Address | None = None
+        """The socket's IPv6 endpoint learnt by STUN over IPv6 (``set_endpoint6``)."""
         self._challenge_answered = False
+        self._registered = False  # ``registered`` came on the current rendezvous connection
         self._relay_gate = RelayGate()
         self._discovery_pending = False
 
@@ -193,6 +200,42 @@ class LinkEngine(LinkBench):
         if self._state == "connected" and self.session is not None:
             return self.session.path or "direct"
         return None
+
+    @property
+    def method(self) -> str | None:
+        """How the current link was made (see ``LinkBirthday.method``), or ``port-mapping``
+        when its direct path runs to or from a NAT's mapped port (issue 18; both sides say so,
+        :mod:`p2plab.core.link_families`)."""
+        base = super().method
+        if base not in (None, "relay") and uses_port_mapping(
+            self.session, self.offer.peer_mapped if self.offer else None, self.port_mapping
+        ):
+            return PORT_MAPPING
+        return base
+
+    def _direct_without_birthday(self) -> bool:
+        """A port mapping on either side opens a port to anyone (no birthday needed, nor the
+        relay at once for two hard NATs); IPv6 on both sides needs no NAT traversal at all.
+        Both sides decide alike from what they announced and were offered."""
+        offer = self.offer
+        if offer is None:
+            return False
+        if offer.peer_mapped is not None or self.port_mapping is not None:
+            return True
+        own_v6 = self.endpoint6 is not None or any(":" in a[0] for a in self.local_candidates)
+        peer_v6 = offer.peer_udp6 is not None or any(
+            ":" in str(c.ip) for c in offer.peer_candidates
+        )
+        return own_v6 and peer_v6
+
+    @property
+    def family(self) -> str | None:
+        """``"ipv6"`` or ``"ipv4"``: the address family of the current link's path (of the
+        peer's transport address on a TURN path); None without a link and on the rendezvous
+        relay."""
+        if self._state != "connected" or self.session is None:
+            return None
+        return self.session.family
 
     @property
     def peer_address(self) -> Address | None:
@@ -220,10 +263,34 @@ class LinkEngine(LinkBench):
         """The rendezvous WebSocket connected (its ``challenge`` follows, then ``registered``)."""
         self._set_state(next_state(self._state, Input.RENDEZVOUS_UP))
         self._challenge_answered = False
+        self._registered = False
 
     def rendezvous_down(self, now: float) -> None:
         """The rendezvous WebSocket dropped; a punched link keeps going without it."""
         self._set_state(next_state(self._state, Input.RENDEZVOUS_DOWN))
+        self._registered = False
+
+    def set_port_mapping(self, mapping: PortMapping | None, now: float) -> None:
+        """The port the NAT mapped for the link's socket (NAT-PMP, PCP or UPnP; None: none, or
+        it was lost).  A change is announced to the rendezvous at once when registered, else
+        with the next ``update_udp_endpoint``; a link already up keeps its path."""
+        if self._state == "stopped" or mapping == self.port_mapping:
+            return
+        self.port_mapping = mapping
+        self._announce_change()
+
+    def set_endpoint6(self, addr: Address | None, now: float) -> None:
+        """The socket's IPv6 endpoint as STUN over IPv6 saw it (None: no IPv6 reachability).
+        Announced like :meth:`set_port_mapping`."""
+        if self._state == "stopped":
+            return
+        value = (str(addr[0]), int(addr[1])) if addr is not None else None
+        if value is not None and ":" not in value[0]:
+            raise ValueError(f"set_endpoint6 wants an IPv6 address, got {value[0]!r}")
+        if value == self.endpoint6:
+            return
+        self.endpoint6 = value
+        self._announce_change()
 
     def rendezvous_refused(self, reason: str, now: float) -> None:
         """The rendezvous refused this worker for good (e.g. a wrong token)."""
@@ -394,6 +461,7 @@ class LinkEngine(LinkBench):
         kind = Input.REGISTERED if self.public_endpoint is not None else Input.REGISTERED_DISCOVER
         if self._unexpected(kind, msg):
             return
+        self._registered = True
         self.observed_ip = msg.observed_ip
         if self.public_endpoint is None:
             target = next_state(self._state, Input.REGISTERED_DISCOVER)
@@ -407,8 +475,20 @@ class LinkEngine(LinkBench):
 
     def _report_endpoint(self) -> None:
         if self.public_endpoint is not None:
-            update = endpoint_update(self.public_endpoint, self.local_candidates, self.nat_hint)
+            update = endpoint_update(
+                self.public_endpoint,
+                self.local_candidates,
+                self.nat_hint,
+                mapped=self.port_mapping,
+                udp6=self.endpoint6,
+            )
             self._commands.append(SendToRendezvous(update))
+
+    def _announce_change(self) -> None:
+        """Report the endpoint again after a mapping or IPv6 change, if the rendezvous knows us
+        (before ``registered``, or before discovery ends, the coming report carries it)."""
+        if self._registered and self._state not in ("discovering", "registering"):
+            self._report_endpoint()
 
     def _on_offer(self, offer: P2PConnectionOffer, now: float) -> None:
         self.stats["offers"] += 1

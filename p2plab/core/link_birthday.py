@@ -160,6 +160,8 @@ class LinkBirthday(LinkSessions):
         own = self.public_endpoint
         if own is not None and own[0] == offer.peer_udp_ip:
             plan = Plan("plain")  # one NAT for both: the LAN candidates need no birthday
+        if self._direct_without_birthday():
+            plan = Plan("plain")  # a port mapping or IPv6 on both sides: see the hook
         if plan.role == "hard-relay" and self._turn_expected():
             # A TURN relay carries a hard pair at full speed: punch plainly (the LAN, a NAT
             # kinder than its hint) while it comes up, never the WebSocket relay at once.
@@ -193,6 +195,11 @@ class LinkBirthday(LinkSessions):
             self._spray = SpraySchedule(now, plan.spray_delay, cfg.spray_interval)
             self._spray_to = (offer.peer_udp_ip, offer.peer_udp_port)
         self._birthday_service(now)
+
+    def _direct_without_birthday(self) -> bool:
+        """Whether the offer has a direct way that needs no birthday punching (the engine says
+        so: a NAT's port mapping on either side, or IPv6 on both; issues 18 and 19)."""
+        return False
 
     def _turn_expected(self) -> bool:
         """Whether a TURN relay is being set up for the current offer (the TURN part of the

@@ -52,6 +52,7 @@ from p2plab.core.signaling import (
     CandidatesOut,
     ErrorMessage,
     NatHint,
+    PortMapping,
     Register,
     UpdateUdpEndpoint,
 )
@@ -236,15 +237,21 @@ def endpoint_update(
     public: tuple[str, int],
     local_candidates: list[tuple[str, int]],
     nat: NatHint | None = None,
+    *,
+    mapped: PortMapping | None = None,
+    udp6: tuple[str, int] | None = None,
 ) -> UpdateUdpEndpoint:
-    """The ``update_udp_endpoint`` message: the public endpoint, up to 8 LAN addresses and what
-    the worker learnt of its NAT's mapping."""
-    lan = [a for a in local_candidates if a != public][:8]
+    """The ``update_udp_endpoint`` message: the public endpoint, up to 8 LAN addresses (IPv4
+    and IPv6), what the worker learnt of its NAT's mapping, the port its NAT mapped on request
+    and its IPv6 STUN endpoint."""
+    lan = [a for a in local_candidates if a != public and a != udp6][:8]
     return UpdateUdpEndpoint(
         udp_ip=public[0],
         udp_port=public[1],
         local_candidates=[Candidate(ip=a[0], port=a[1]) for a in lan],
         nat=nat,
+        mapped=mapped,
+        udp6=Candidate(ip=udp6[0], port=udp6[1]) if udp6 is not None else None,
     )
 
 

@@ -8,7 +8,9 @@ The rendezvous is not trusted with anything it could use against the worker:
   unusable key (bad base64, wrong length, low-order point), a key other than the pinned one, or
   a key that does not fit the worker's mode.
 - :func:`offer_candidates`: only IP literals are punched (a host name would make the driver's
-  ``sendto`` resolve it, blocking the loop), at most :data:`MAX_OFFER_CANDIDATES` of them.
+  ``sendto`` resolve it, blocking the loop; a scoped IPv6 one names an interface of the peer's
+  host), at most :data:`MAX_OFFER_CANDIDATES` of them, best ranked first (issue 19: the peer's
+  IPv6 endpoints, its NAT's port mapping, its STUN endpoint, its IPv4 LAN addresses).
 - :func:`key_change`: trust on first use; a known peer id that comes back with another key is
   reported (:class:`~p2plab.core.events.PeerKeyChanged`) but paired, unless pinned.
 - :func:`new_sealer`: never plaintext while one side encrypts (finding 18).
@@ -53,6 +55,8 @@ __all__ = [
     "key_change_warning",
     "new_sealer",
     "offer_candidates",
+    "punchable_ip",
+    "ranked_offer_addresses",
 ]
 
 Address = ev.Address
@@ -153,17 +157,41 @@ def check_offer(
     return OfferCheck(None, key)
 
 
+def ranked_offer_addresses(offer: P2PConnectionOffer) -> list[tuple[object, object]]:
+    """Every address ``offer`` names, best ranked first, unchecked (see :func:`offer_candidates`):
+    the peer's IPv6 STUN endpoint and IPv6 host addresses (no NAT in the way), the port its NAT
+    mapped on request (open to anyone, where the STUN one may need both sides to punch), its
+    STUN endpoint, then its IPv4 LAN addresses (they work only on a shared LAN)."""
+
+    def pair(c: object) -> tuple[object, object]:
+        # getattr: an offer built without validation (tests, fuzzing) reads as refused, not
+        # as an exception
+        return (getattr(c, "ip", None), getattr(c, "port", None))
+
+    given = [pair(c) for c in offer.peer_candidates]
+    v6 = [pair(offer.peer_udp6)] if offer.peer_udp6 is not None else []
+    v6 += [a for a in given if isinstance(a[0], str) and ":" in a[0]]
+    rest = [a for a in given if not (isinstance(a[0], str) and ":" in a[0])]
+    mapped = [pair(offer.peer_mapped)] if offer.peer_mapped is not None else []
+    return [*v6, *mapped, (offer.peer_udp_ip, offer.peer_udp_port), *rest]
+
+
+def punchable_ip(ip: object) -> bool:
+    """Whether ``ip`` may be sent to: an IP literal, and not a scoped IPv6 one."""
+    return is_ip_literal(ip) and isinstance(ip, str) and "%" not in ip
+
+
 def offer_candidates(offer: P2PConnectionOffer) -> tuple[list[Address], int]:
-    """(the offer's addresses to punch, how many were refused as not IP literals): the announced
-    endpoint first, no duplicates, no port 0, at most :data:`MAX_OFFER_CANDIDATES`."""
+    """(the offer's addresses to punch, how many were refused as not IP literals): ranked by
+    :func:`ranked_offer_addresses`, no duplicates, no port 0, at most
+    :data:`MAX_OFFER_CANDIDATES`."""
     out: list[Address] = []
     refused = 0
-    announced = [(offer.peer_udp_ip, offer.peer_udp_port)]
-    for ip, port in announced + [(c.ip, c.port) for c in offer.peer_candidates]:
-        if not is_ip_literal(ip):
+    for ip, port in ranked_offer_addresses(offer):
+        if not punchable_ip(ip) or not isinstance(port, int):
             refused += 1
-        elif port and (ip, port) not in out and len(out) < MAX_OFFER_CANDIDATES:
-            out.append((ip, port))
+        elif port and (str(ip), port) not in out and len(out) < MAX_OFFER_CANDIDATES:
+            out.append((str(ip), port))
     return out, refused
 
 

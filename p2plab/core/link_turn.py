@@ -209,6 +209,9 @@ class LinkTurn(LinkBirthday):
         self._peer_ips = {offer.peer_udp_ip} | {
             c.ip for c in offer.peer_candidates if is_ip_literal(c.ip)
         }
+        mapped = offer.peer_mapped
+        if mapped is not None and is_ip_literal(mapped.ip):
+            self._peer_ips.add(mapped.ip)  # its NAT's port mapping may be another address
         if udp is not None:
             log.info("peer %s: allocating a TURN relay at %s", self.peer_id, udp.url)
             self.turn = self._client((udp.host, udp.port), "udp")
@@ -456,7 +459,10 @@ class LinkTurn(LinkBirthday):
         self.stats["turn_allocations"] += 1
         self._udp_deadline = None
         log.info("TURN relay allocated: %s (%s)", event.relayed, t.transport)
+        relayed_v6 = ":" in str(event.relayed[0])
         for ip in sorted(self._peer_ips):
+            if (":" in ip) != relayed_v6:
+                continue  # a relay of one family reaches peers of that family (RFC 6156)
             try:
                 t.create_permission(ip, now)
             except LocalProtocolError:

@@ -8,6 +8,10 @@ page and result rows (contracts.md), best first:
 * ``turn-tcp``: through a TURN allocation reached over TCP;
 * ``relay``: the rendezvous WebSocket (the last resort, 32 KiB/s).
 
+Within ``direct``, an IPv6 pair ranks above an IPv4 one (issue 19, Tailscale's and libp2p's
+order): :func:`address_family` names the family of a peer address, :func:`family_rank` orders
+them, and :data:`HAPPY_EYEBALLS_DELAY` is how long IPv4 candidates wait behind IPv6 ones.
+
 The peer session is address-agnostic: it probes and nominates addresses.  A datagram that came
 through *our own* allocation (a TURN ``PeerData``) is handed to it from a pseudo-address that
 names the path and the peer's transport address as the TURN server saw it,
@@ -26,12 +30,16 @@ from p2plab.core.addresses import is_ip_literal
 
 __all__ = [
     "DIRECT",
+    "FAMILIES",
+    "HAPPY_EYEBALLS_DELAY",
     "PATH_NAMES",
     "RELAY_ADDRESS",
     "RELAY_PATH",
     "TURN_TCP",
     "TURN_UDP",
     "Address",
+    "address_family",
+    "family_rank",
     "parse_turn_address",
     "path_name",
     "path_rank",
@@ -50,6 +58,15 @@ RELAY_PATH: Final = "relay"
 PATH_NAMES: Final = (DIRECT, TURN_UDP, TURN_TCP, RELAY_PATH)
 
 _SEP = "|"
+
+#: Address families, best first: IPv6 needs no NAT and is tried first (Tailscale ranks IPv6
+#: paths above IPv4 ones; libp2p dials IPv6 first).
+FAMILIES: Final = ("ipv6", "ipv4")
+
+#: Seconds IPv4 candidates wait behind IPv6 ones at the start of punching, when the peer offers
+#: both (libp2p's happy-eyeballs delay; RFC 8305 suggests 250 ms too): long enough that a
+#: working IPv6 pair usually validates first, short enough that a broken one costs little.
+HAPPY_EYEBALLS_DELAY: Final = 0.25
 
 #: Pseudo-address of the rendezvous relay: a session whose only candidate is this talks to its
 #: peer through the rendezvous (``link_commands.RELAY``).  The port is 1 because the session
@@ -84,6 +101,25 @@ def parse_turn_address(addr: object) -> tuple[str, Address] | None:
     if path not in (TURN_UDP, TURN_TCP) or not is_ip_literal(ip) or not 0 < port < 65536:
         return None
     return path, (ip, port)
+
+
+def address_family(addr: Address | None) -> str | None:
+    """``"ipv6"`` or ``"ipv4"``: the family of a peer address (of the peer's transport address
+    for a pseudo-address of our own TURN allocation); None for :data:`RELAY_ADDRESS`, None and
+    anything that is not an IP literal."""
+    if addr is None or addr == RELAY_ADDRESS:
+        return None
+    parsed = parse_turn_address(addr)
+    host = parsed[1][0] if parsed is not None else addr[0]
+    if not isinstance(host, str) or not is_ip_literal(host):
+        return None
+    return "ipv6" if ":" in host else "ipv4"
+
+
+def family_rank(addr: Address | None) -> int:
+    """0 for an IPv6 address, 1 for IPv4, 2 for anything else (see :data:`FAMILIES`)."""
+    family = address_family(addr)
+    return FAMILIES.index(family) if family is not None else len(FAMILIES)
 
 
 def path_name(addr: Address | None, relays: dict[Address, str] | None = None) -> str | None:

@@ -26,6 +26,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from p2plab.config import SessionConfig
+from p2plab.core.paths import HAPPY_EYEBALLS_DELAY, address_family
 from p2plab.core.ratelimit import RateLimiter
 
 __all__ = ["Address", "AmplificationLimit", "Candidate", "Checklist", "SourceRateLimit"]
@@ -101,21 +102,34 @@ class Checklist:
     @classmethod
     def start(cls, addresses: list[Address], config: SessionConfig, now: float) -> Checklist:
         """A checklist probing the first ``max_candidates`` of ``addresses`` in order, paced
-        ``probe_pacing`` apart (the rest are dropped and counted in :attr:`dropped`)."""
+        ``probe_pacing`` apart (the rest are dropped and counted in :attr:`dropped`).
+
+        Happy eyeballs (issue 19): when any of them is IPv6, the IPv4 ones start
+        :data:`~p2plab.core.paths.HAPPY_EYEBALLS_DELAY` later (paced among themselves), so a
+        working IPv6 pair usually validates first and a broken one delays IPv4 by that much only.
+        """
         checklist = cls(config, budget_left=config.probe_budget)
+        kept: list[Address] = []
         for address in addresses:
-            if address in checklist.candidates:
+            if address in kept:
                 continue
-            if len(checklist.candidates) >= config.max_candidates:
+            if len(kept) >= config.max_candidates:
                 checklist.dropped += 1
                 continue
+            kept.append(address)
+        has_v6 = any(address_family(a) == "ipv6" for a in kept)
+        paced = {False: 0, True: 0}  # how many started so far, per wave (waits or not)
+        for address in kept:
+            waits = has_v6 and address_family(address) != "ipv6"
+            delay = HAPPY_EYEBALLS_DELAY if waits else 0.0
             checklist.candidates[address] = Candidate(
                 address=address,
                 kind="given",
-                next_probe_at=now + len(checklist.candidates) * config.probe_pacing,
+                next_probe_at=now + delay + paced[waits] * config.probe_pacing,
                 interval=config.probe_interval,
                 budget=config.probes_per_candidate,
             )
+            paced[waits] += 1
         return checklist
 
     def get(self, address: Address) -> Candidate | None:

@@ -486,6 +486,7 @@ class PeerSession(RttReadout, SessionPaths):
     def _on_probe(self, d: Probe, addr: Address, now: float) -> None:
         self.stats["probes_received"] += 1
         self._last_received = now
+        self._paths.targeted(addr, d.target)  # which of our addresses the peer reached
         # Answer where it really came from (RFC 8445 section 7.3.1.3).
         ack = ProbeAck(
             self.local_id, self.peer_id, nonce=d.nonce, nominate=d.nominate, observed=addr

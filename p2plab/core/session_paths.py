@@ -18,6 +18,12 @@ a relayed link now beats a perfect one in ten seconds).  Then, by the rank of
   probed while it punches over the relay) and the peer's TURN ones: once connected on the relay,
   its upgrade rounds probe every candidate of a better path (TURN or direct), and the link moves
   as above.
+* **Between families** (issue 19). Within ``direct``, IPv6 ranks above IPv4
+  (:func:`~p2plab.core.paths.family_rank`): connected direct over IPv4 while the peer offered
+  IPv6 candidates, both sides probe those in the upgrade rounds, and the link moves to IPv6 as
+  it moves from TURN to direct (a ``PathChanged`` whose path stays ``direct``).  Between two
+  direct addresses of one family the first to validate keeps the link (the probing order gave
+  the better-ranked one its head start).
 * **No flapping.** Traffic from another validated path of the peer (in flight while both sides
   switch) is taken, authenticated and de-duplicated by the reliable stream as always, but it
   moves the path only if that path is not worse: the old path's late datagrams never undo a
@@ -39,6 +45,8 @@ from p2plab.core.paths import (
     TURN_TCP,
     TURN_UDP,
     Address,
+    address_family,
+    family_rank,
     path_name,
     path_rank,
     turn_path,
@@ -46,10 +54,12 @@ from p2plab.core.paths import (
 from p2plab.core.punch import Candidate, Checklist
 from p2plab.core.wire import Datagram, Probe
 
-__all__ = ["MAX_UPGRADE_PROBES", "PathBook", "SessionPaths"]
+__all__ = ["MAX_PROBE_TARGETS", "MAX_UPGRADE_PROBES", "PathBook", "SessionPaths"]
 
 #: Most candidates one upgrade or warm-up round probes (one probe each).
 MAX_UPGRADE_PROBES = 16
+#: Most peer source addresses whose probes' targets are remembered (:meth:`PathBook.targeted`).
+MAX_PROBE_TARGETS = 16
 
 _TURN = (TURN_UDP, TURN_TCP)
 _UPGRADABLE = (TURN_UDP, TURN_TCP, RELAY_PATH)  # paths whose sessions look for better ones
@@ -66,6 +76,19 @@ class PathBook:
         """When an authenticated datagram last came from the current path."""
         self._next_upgrade = now + config.upgrade_interval
         self._next_warm = now + config.warm_interval
+        self._targets: dict[Address, Address] = {}  # peer source -> where its probe was sent
+
+    def targeted(self, source: Address, target: Address) -> None:
+        """An authenticated PROBE from ``source`` says the peer sent it to ``target`` (one of our
+        addresses as the peer knows it: our STUN endpoint, a LAN address, our NAT's mapping)."""
+        self._targets.pop(source, None)
+        self._targets[source] = target
+        while len(self._targets) > MAX_PROBE_TARGETS:
+            del self._targets[next(iter(self._targets))]
+
+    def target_of(self, source: Address | None) -> Address | None:
+        """Where the peer's last probe from ``source`` was sent (None: no probe seen)."""
+        return self._targets.get(source) if source is not None else None
 
     @property
     def downgrade_after(self) -> float:
@@ -81,11 +104,26 @@ class PathBook:
         return self.name(addr) in _TURN
 
     def better(self, a: Address | None, b: Address | None) -> bool:
-        """Whether the path to ``a`` ranks strictly better than the path to ``b``."""
+        """Whether the path to ``a`` ranks strictly better than the path to ``b`` (by path
+        name; between two direct ones, IPv6 above IPv4)."""
         name_a, name_b = self.name(a), self.name(b)
         if name_a is None or name_b is None:
             return False
+        if name_a == name_b == DIRECT:
+            return family_rank(a) < family_rank(b)
         return path_rank(name_a) < path_rank(name_b)
+
+    def _upgradable(self, current: Address | None, checklist: Checklist) -> bool:
+        """Whether a session on ``current`` looks for better paths: on TURN or the relay, or
+        direct over IPv4 while the peer offered IPv6 candidates."""
+        name = self.name(current)
+        if name in _UPGRADABLE:
+            return True
+        return (
+            name == DIRECT
+            and address_family(current) == "ipv4"
+            and any(self.better(a, current) for a in checklist.candidates)
+        )
 
     def side_path(self, addr: Address, current: Address | None, succeeded: bool) -> bool:
         """Whether traffic from ``addr`` (not the current path) is taken anyway: a validated
@@ -120,6 +158,8 @@ class PathBook:
         if name != DIRECT:
             return float("inf")
         when = self._next_warm
+        if self._upgradable(current, checklist):
+            when = min(when, self._next_upgrade)
         if controlling and self._downgrade_target(checklist) is not None:
             when = min(when, self.last_on_path + self.downgrade_after)
         return when
@@ -130,7 +170,7 @@ class PathBook:
         """Schedule the probing rounds due at ``now`` (in ``checklist``); returns the TURN path
         the controlling side must move to now (a downgrade), or None."""
         name = self.name(current)
-        if name in _UPGRADABLE and now >= self._next_upgrade:
+        if now >= self._next_upgrade and self._upgradable(current, checklist):
             self._next_upgrade = now + self.config.upgrade_interval
             better = [
                 c.address
@@ -181,6 +221,17 @@ class SessionPaths:
         """The name of the nominated path (``direct``, ``turn-udp``, ``turn-tcp``, ``relay``;
         :mod:`p2plab.core.paths`), None until connected."""
         return self._paths.name(self._peer_address)
+
+    @property
+    def family(self) -> str | None:
+        """``"ipv6"`` or ``"ipv4"``: the family of the nominated path's peer address (None
+        until connected, and on the rendezvous relay)."""
+        return address_family(self._peer_address)
+
+    def probe_target(self, source: Address | None) -> Address | None:
+        """Where the peer sent its last authenticated probe from ``source`` (which of our
+        addresses it reaches us at on that path), or None."""
+        return self._paths.target_of(source)
 
     def path_of(self, addr: Address | None) -> str | None:
         """The path name of the peer address ``addr`` as this session sees it."""

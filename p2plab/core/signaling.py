@@ -8,6 +8,7 @@ ignored; unknown types raise :class:`~p2plab.errors.RemoteProtocolError` from
 from __future__ import annotations
 
 import binascii
+import ipaddress
 import json
 from typing import Annotated, Any, Literal
 
@@ -28,6 +29,7 @@ from p2plab.errors import ConfigError, RemoteProtocolError
 __all__ = [
     "ERROR_ANSWER_INTERVAL",
     "MAX_LOCAL_CANDIDATES",
+    "MAX_MAPPING_LIFETIME_S",
     "MAX_MESSAGE_BYTES",
     "MAX_PREDICTED_PORTS",
     "MAX_RELAY_BYTES",
@@ -43,6 +45,7 @@ __all__ = [
     "NatHint",
     "P2PConnectionOffer",
     "PeerDisconnected",
+    "PortMapping",
     "Register",
     "Registered",
     "RelayCandidate",
@@ -73,6 +76,9 @@ MAX_LOCAL_CANDIDATES = 8
 MAX_PREDICTED_PORTS = 16
 #: Most TURN server URLs an offer carries.
 MAX_TURN_URLS = 4
+#: Longest port-mapping lease a worker may announce, in seconds (a week: RFC 6886 allows
+#: 2**32 - 1 s, but nothing honest asks for more than hours; an absurd one is refused).
+MAX_MAPPING_LIFETIME_S = 604800.0
 #: A worker answers at most one ``error`` per kind of bad message per this many seconds.
 ERROR_ANSWER_INTERVAL = 1.0
 
@@ -111,9 +117,16 @@ class ErrorAnswers:
 def _ip_literal(value: str) -> str:
     """``value`` if it is an IPv4 or IPv6 literal.  Host names are refused here, in the shared
     models, so nothing a peer or the rendezvous sends can make either end resolve a name
-    (a blocking lookup froze a worker's loop for ~54 s: issue 14 finding 3)."""
-    if not is_ip_literal(value):
+    (a blocking lookup froze a worker's loop for ~54 s: issue 14 finding 3).
+
+    A scoped IPv6 literal (``fe80::1%eth0``) is refused too: the zone names an interface of the
+    sender's host, meaningless (or worse, another interface) on the receiver's.  So is an
+    IPv4-mapped IPv6 one (``::ffff:192.0.2.1``): IPv4 addresses travel as IPv4 literals, or
+    one address would compare unequal to itself across families."""
+    if "%" in value or not is_ip_literal(value):
         raise ValueError(f"not an IP address: {value[:64]!r}")
+    if ":" in value and ipaddress.IPv6Address(value).ipv4_mapped is not None:
+        raise ValueError(f"IPv4-mapped IPv6 address: {value[:64]!r} (send the IPv4 literal)")
     return value
 
 
@@ -178,6 +191,13 @@ class Register(_Model):
     _check_key = field_validator("public_key")(_public_key)
 
 
+def _ipv6_candidate(value: Candidate | None) -> Candidate | None:
+    """``value`` if None or an IPv6 candidate (``udp6`` names the IPv6 endpoint only)."""
+    if value is not None and ":" not in value.ip:
+        raise ValueError(f"not an IPv6 address: {value.ip[:64]!r}")
+    return value
+
+
 class NatHint(_Model):
     """What a worker learnt of its own NAT's port mapping, passed on to its peer in the offer.
 
@@ -198,6 +218,22 @@ class NatHint(_Model):
     """The ports the NAT will probably give the next mappings, most likely first."""
 
 
+class PortMapping(_Model):
+    """A port the worker's NAT opened for its UDP socket when asked (issue 18), announced to the
+    peer as a candidate ranked above the STUN endpoint."""
+
+    protocol: Literal["nat-pmp", "pcp", "upnp"]
+    """Which protocol obtained the mapping (NAT-PMP, PCP or UPnP IGD)."""
+    ip: str = Field(max_length=64)
+    """The mapping's external address (an IP literal)."""
+    port: int = Field(ge=1, le=65535)
+    """The mapping's external port."""
+    lifetime_s: float = Field(gt=0, le=MAX_MAPPING_LIFETIME_S)
+    """The lease the NAT granted, in seconds (the worker renews it at half-life)."""
+
+    _check_ip = field_validator("ip")(_ip_literal)
+
+
 class UpdateUdpEndpoint(_Model):
     """The worker's STUN-learnt UDP endpoint and its LAN candidates."""
 
@@ -205,10 +241,17 @@ class UpdateUdpEndpoint(_Model):
     udp_ip: str = Field(max_length=64)
     udp_port: int = Field(ge=0, le=65535)
     local_candidates: list[Candidate] = Field(default_factory=list, max_length=MAX_LOCAL_CANDIDATES)
+    """LAN addresses of the socket, IPv4 and IPv6 host addresses alike (IP literals)."""
     nat: NatHint | None = None
     """What the worker learnt of its NAT's mapping (None: it did not test)."""
+    mapped: PortMapping | None = None
+    """The port its NAT mapped for it on request (None: no port mapping)."""
+    udp6: Candidate | None = None
+    """Its IPv6 endpoint as STUN over IPv6 saw it (no NAT: the host's own global address);
+    None: no IPv6."""
 
     _check_ip = field_validator("udp_ip")(_ip_literal)
+    _check_udp6 = field_validator("udp6")(_ipv6_candidate)
 
 
 class RelayOut(_Model):
@@ -359,8 +402,13 @@ class P2PConnectionOffer(_Model):
     """The peer's :class:`NatHint` as it reported it (None: unknown)."""
     turn: TurnOffer | None = None
     """TURN servers and credentials for the receiving worker (None: the rendezvous has none)."""
+    peer_mapped: PortMapping | None = None
+    """The peer's port mapping as it reported it (``UpdateUdpEndpoint.mapped``)."""
+    peer_udp6: Candidate | None = None
+    """The peer's IPv6 STUN endpoint as it reported it (``UpdateUdpEndpoint.udp6``)."""
 
     _check_ip = field_validator("peer_udp_ip")(_ip_literal)
+    _check_udp6 = field_validator("peer_udp6")(_ipv6_candidate)
     _check_key = field_validator("peer_public_key")(_public_key)
 
 

@@ -86,9 +86,19 @@ def test_only_ip_literals_travel_as_candidates(bad: str) -> None:
 
 
 def test_ipv4_and_ipv6_literals_pass() -> None:
-    for ip in ("192.0.2.1", "::1", "2001:db8::7", "fe80::1%eth0"):
+    for ip in ("192.0.2.1", "::1", "2001:db8::7", "fe80::1"):
         assert Candidate(ip=ip, port=1).ip == ip
         assert UpdateUdpEndpoint(udp_ip=ip, udp_port=1).udp_ip == ip
+
+
+def test_scoped_and_ipv4_mapped_ipv6_literals_are_refused() -> None:
+    # A zone names an interface of the sender's host (issue 19); an IPv4-mapped address would
+    # make one IPv4 address compare unequal to itself.
+    for ip in ("fe80::1%eth0", "fe80::1%2", "::ffff:192.0.2.1"):
+        with pytest.raises(ValidationError):
+            Candidate(ip=ip, port=1)
+        with pytest.raises(ValidationError):
+            UpdateUdpEndpoint(udp_ip=ip, udp_port=1)
 
 
 def test_at_most_eight_local_candidates() -> None:
