@@ -177,6 +177,10 @@ class UdpEndpoint:
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
         sock = socket.socket(family, socket.SOCK_DGRAM)
         try:
+            if family == socket.AF_INET6:
+                # one socket per family (aio/dualstack.py): never v4-mapped peers, and the
+                # IPv4 socket's port number stays free for it
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
             if not pool:
                 set_buffer_sizes(sock, _SOCK_BUF, _SOCK_BUF)
             sock.setblocking(False)

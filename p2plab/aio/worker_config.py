@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from p2plab.aio.dualstack import check_ipv6_mode
 from p2plab.aio.rendezvous import Backoff
 from p2plab.config import BirthdayConfig, SessionConfig
 from p2plab.core.crypto import parse_peer_key
@@ -76,10 +77,21 @@ class WorkerConfig:
     ui_allowed_hosts: tuple[str, ...] = ()
     """Host names the page answers to besides localhost, loopback and IP addresses (DNS
     rebinding guard): ``name``, ``name:port`` or ``.domain`` (e.g. ``.run.app``)."""
+    ipv6: str = "auto"
+    """IPv6 beside IPv4 (issue 19; ``--ipv6``, ``P2P_IPV6``): ``auto`` binds a second UDP
+    socket, IPv6 only, on the IPv4 socket's port number when free, whenever the host has an
+    IPv6 route (in a loopback-only setup: only when the rendezvous or a STUN server is on
+    ``::1``), and announces IPv6 candidates; ``off`` never opens one
+    (:mod:`p2plab.aio.dualstack`)."""
+    udp6_host: str | None = None
+    """Address the IPv6 socket binds to; None: ``::`` (``::1`` in a loopback-only setup)."""
     birthday: BirthdayConfig = field(default_factory=BirthdayConfig)
     """Birthday punching and predicted ports for pairs with a hard NAT (issue 16;
     ``--birthday-sockets``, ``--hard-nat-budget``, ``--no-birthday``).  While enabled, the
     worker also learns and announces its NAT hint (a few more STUN Bindings at discovery)."""
+
+    def __post_init__(self) -> None:
+        check_ipv6_mode(self.ipv6)
 
     def link_config(self) -> LinkConfig:
         """The link engine's share of these settings."""
