@@ -313,9 +313,11 @@ asyncio.run(main())
 
 def wait_listening(lab: Lab, host: str, addr: str, timeout: float) -> bool:
     """Wait until a TCP socket listens on ``addr`` (``ip:port``) in ``host``; False on timeout."""
+    # ss shows a socket on ``::`` that takes both families (IPV6_V6ONLY off) as ``*:port``.
+    wanted = {addr, "*:" + addr.removeprefix("[::]:")} if addr.startswith("[::]:") else {addr}
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        if addr in lab.run(host, ["ss", "-Hltn"]).stdout.split():  # ``[::]:8000`` for ``::``
+        if wanted & set(lab.run(host, ["ss", "-Hltn"]).stdout.split()):
             return True
         time.sleep(0.05)
     return False
@@ -537,6 +539,7 @@ def run_pair(
         with Lab.from_config(config) as lab:
             name = f"{pa}__{'same-lan' if config.same_lan else pb}"
             name += f".{run_index}" if run_index > 1 else ""
+            name = name.replace("/", "_")  # a dual-stack spec (symmetric/v6-apdf) names a file
             run = PairRun(lab, log_dir=log_dir, name=name).start(worker_args=worker_args, turn=turn)
             if not run.wait_started(startup_timeout):
                 raise LabError(f"the workers did not start within {startup_timeout:.0f} s")
