@@ -15,7 +15,9 @@ from typing import Any
 import pytest
 
 from p2plab.core.stun import Class, make_binding_request, parse_message
+from p2plab.lab.matrix import PairRun
 from p2plab.lab.netns import Lab
+from p2plab.lab.profiles import expected_outcome
 
 try:  # pystun3 installs a top-level ``tests`` package that can shadow ours
     from tests.lab_fixtures import TIMEOUT_UNIT, lab_python, require_lab
@@ -256,3 +258,25 @@ def test_no_lab_ipv6_in_the_host_namespace(lab_dual: Lab) -> None:
         v6.public("rendezvous"),
     )
     assert reached == _v6(lab_dual, "a")
+
+
+def test_dual_stack_workers_go_direct_over_ipv6_where_ipv4_needs_a_relay() -> None:
+    """Real rendezvous and workers: symmetric x symmetric needs the relay over IPv4 (the IPv4
+    table), but both sites have IPv6 behind v6-apdf: the link is direct over IPv6, both workers
+    say so in their status, and chat crosses it exactly once."""
+    require_lab()
+    assert expected_outcome("symmetric", "symmetric") == "failed"
+    with Lab.create("symmetric/v6-apdf", "symmetric/v6-apdf") as lab:
+        run = PairRun(lab, name="v6").start()
+        try:
+            assert run.wait_started(90 * TIMEOUT_UNIT), "the workers did not start"
+            assert run.wait_connected(40 * TIMEOUT_UNIT), (run.status("a"), run.status("b"))
+            for host, peer in (("a", "b"), ("b", "a")):
+                status = run.status(host)
+                assert status["family"] == "ipv6", status
+                assert status["path"] == "direct" and status["state"] == "connected"
+                endpoint = status["peer"]["endpoint"]
+                assert endpoint.startswith(f"[{_v6(lab, peer)}]:"), endpoint
+            assert run.chat_exactly_once("a", "b", timeout=15 * TIMEOUT_UNIT)
+        finally:
+            run.close()
