@@ -8,6 +8,7 @@ import ipaddress
 import json
 import os
 import subprocess
+import sys
 import textwrap
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -15,6 +16,7 @@ from typing import Any
 import pytest
 
 from p2plab.core.stun import Class, make_binding_request, parse_message
+from p2plab.lab.ipv6 import bracket
 from p2plab.lab.matrix import PairRun
 from p2plab.lab.netns import Lab
 from p2plab.lab.profiles import expected_outcome
@@ -104,9 +106,9 @@ QUIET_S = 0.4
 
 @pytest.fixture(scope="module")
 def lab_fw() -> Iterator[Lab]:
-    """Site a behind ``v6-apdf``, site b behind ``v6-eif`` (IPv6 only, no coturn)."""
-    require_lab(coturn=False)
-    with Lab.create("v6-apdf", "v6-eif", stun=False) as lab:
+    """Site a behind ``v6-apdf``, site b behind ``v6-eif`` (IPv6 only), coturn on IPv6."""
+    require_lab()
+    with Lab.create("v6-apdf", "v6-eif") as lab:
         yield lab
 
 
@@ -280,3 +282,19 @@ def test_dual_stack_workers_go_direct_over_ipv6_where_ipv4_needs_a_relay() -> No
             assert run.chat_exactly_once("a", "b", timeout=15 * TIMEOUT_UNIT)
         finally:
             run.close()
+
+
+def test_probe_over_ipv6_classifies_each_firewall_as_its_name_says(lab_fw: Lab) -> None:
+    """``p2plab probe`` against coturn's two IPv6 addresses (RFC 5780 tests over IPv6): no
+    NAT66, endpoint-independent mapping, and the filtering the profile is named after."""
+    v6 = lab_fw.v6
+    assert v6 is not None
+    stun = bracket(v6.stun_addresses[0], lab_fw.stun_port)
+    for host, filtering in (("a", "address-and-port-dependent"), ("b", "endpoint-independent")):
+        argv = [sys.executable, "-m", "p2plab", "probe", "--stun", stun, "--json", "--no-classic"]
+        proc = lab_fw.run(host, argv, timeout=120 * TIMEOUT_UNIT)
+        assert proc.returncode == 0, proc.stderr
+        report = json.loads(proc.stdout)["ipv6"]
+        assert report["reachable"] and not report["nat66"], report
+        assert report["mapped"].startswith(f"[{_v6(lab_fw, host)}]:")
+        assert (report["mapping"], report["filtering"]) == ("endpoint-independent", filtering)
