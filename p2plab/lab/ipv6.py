@@ -64,6 +64,7 @@ __all__ = [
     "route_argv",
     "router_site_steps",
     "server_steps",
+    "switch_argv",
 ]
 
 #: Every IPv6 address the lab uses lies in the documentation prefix (RFC 3849).
@@ -173,6 +174,18 @@ def route_argv(ns: str, destination: str, via: str) -> list[str]:
 def forwarding_argv(ns: str) -> list[str]:
     """argv that makes ``ns`` forward IPv6 (a router; no NAT, the firewall decides)."""
     return ["ip", "netns", "exec", ns, "sysctl", "-qw", "net.ipv6.conf.all.forwarding=1"]
+
+
+def switch_argv(ns: str) -> list[str]:
+    """argv that keeps the LAN bridge in ``ns`` a plain switch for IPv6.
+
+    With ``br_netfilter`` loaded (Docker loads it; its switches are per namespace and on by
+    default) bridged IPv6 goes through the ``forward`` hook, and the firewall's drop policy
+    filtered one LAN host from another (seen here: a datagram between two hosts of one
+    ``v6-apdf`` LAN was dropped).  ``-e``: without the module the key does not exist, which is
+    what this asks for anyway.
+    """
+    return ["ip", "netns", "exec", ns, "sysctl", "-qew", "net.bridge.bridge-nf-call-ip6tables=0"]
 
 
 def _ifname(name: str) -> str:
@@ -320,6 +333,7 @@ def router_site_steps(
         (addr_argv(ns, wan_if, plan.public(f"nat_{site}")), None),
         (addr_argv(ns, lan_if, plan.router_lan(site)), None),
         (forwarding_argv(ns), None),
+        (switch_argv(ns), None),
         (["ip", "netns", "exec", ns, "nft", "-f", "-"],
          firewall_ruleset(profile, wan_if=wan_if, lan_if=lan_if)),
     ]  # fmt: skip

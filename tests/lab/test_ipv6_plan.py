@@ -66,6 +66,7 @@ def test_addresses_skip_dad_and_routes_go_via_the_router() -> None:
     argvs = [" ".join(a) for a, _ in steps]
     assert "ip netns exec r sysctl -qw net.ipv6.conf.all.forwarding=1" in argvs
     assert "ip -n h -6 route add default via 2001:db8:a0b:a::1" in argvs
+    assert "ip netns exec r sysctl -qew net.bridge.bridge-nf-call-ip6tables=0" in argvs
     nft = [text for a, text in steps if "nft" in a]
     assert nft == [firewall_ruleset("v6-apdf", wan_if="w", lan_if="l")]
 

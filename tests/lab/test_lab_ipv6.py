@@ -195,6 +195,17 @@ def test_two_v6_apdf_sites_punch_over_ipv6(lab_dual: Lab, agents: AgentFactory) 
     assert b.recv(5.0) == [(b"through", a_ip, pa)]
 
 
+def test_hosts_of_one_v6_apdf_lan_reach_each_other_unsolicited(agents: AgentFactory) -> None:
+    """The LAN is a switch: the firewall is between the LAN and the WAN only (br_netfilter, if
+    loaded, would otherwise run bridged IPv6 through the forward chain's drop policy)."""
+    require_lab(coturn=False)
+    with Lab.create("v6-apdf", same_lan=True, stun=False) as lab:
+        a, b = agents(lab, "a"), agents(lab, "b")
+        pa, pb = a.bind("::"), b.bind("::")
+        a.send(_v6(lab, "b"), pb, b"lan hello")
+        assert b.recv(5.0) == [(b"lan hello", _v6(lab, "a"), pa)]
+
+
 def _binding(agent: Agent, server: tuple[str, int]) -> dict[str, Any]:
     request = make_binding_request(os.urandom)
     agent.send(*server, bytes(request))
