@@ -222,10 +222,16 @@ def cmd_up(args: argparse.Namespace) -> int:
         else:
             _out(f"lab {lab.prefix} is up (profiles: a={desc['profile_a']} b={desc['profile_b']})")
             for name, host in desc["hosts"].items():
-                six = f"  {host['address6']}" if host.get("address6") else ""
-                _out(f"  {name:<11} {host['address']:<15} ip netns exec {host['ns']} bash{six}")
+                addr = host["address"]
+                if "address6" in host:  # a lab with IPv6: both columns ("-" for none)
+                    four = "-" if ":" in addr else addr
+                    addr = f"{four:<15} {host['address6'] or '-':<22}"
+                _out(f"  {name:<11} {addr:<15} ip netns exec {host['ns']} bash")
             if desc["stun"]:
                 _out(f"  STUN (coturn): {lab.stun_server}, alternate {lab.stun_addresses[1]}:3479")
+                if lab.v6 is not None:
+                    six = lab.v6.stun_addresses
+                    _out(f"  STUN over IPv6: [{six[0]}]:3478, alternate [{six[1]}]:3479")
                 _out(f"  TURN (coturn): p2plab rendezvous --turn {','.join(lab.turn_urls)} "
                      f"--turn-secret {lab.turn_secret}")  # fmt: skip
             _out("Ctrl-C removes the lab.")
