@@ -56,7 +56,6 @@ from p2plab.core.link import (
     RelayDatagram,
     SendToRendezvous,
 )
-from p2plab.core.link_families import port_mapping_block
 from p2plab.core.signaling import Register, Registered
 from p2plab.errors import ChatFailedError, ConfigError, RendezvousError
 
@@ -107,9 +106,6 @@ class Worker:
         self.nat: dict[str, Any] | None = None
         self.stun_info: dict[str, Any] | None = None
         self.http_address: Address | None = None
-        self.port_mapping_report: Callable[[], dict[str, Any]] | None = None
-        """The port-mapping driver's report (its ``status`` method: protocols answered,
-        external endpoint, lease), set when one runs (issue 18); status's ``port_mapping``."""
         self._extensions: list[Extension] = list(
             _default_extensions() if extensions is None else extensions
         )
@@ -624,13 +620,6 @@ class Worker:
         """The ``security`` block of ``status()`` (see :func:`p2plab.aio.status.security_block`)."""
         return security_block(self.link, self.identity, self.config.encrypt)
 
-    def port_mapping_status(self) -> dict[str, Any] | None:
-        """The ``port_mapping`` block of ``status()``: the driver's report when a port-mapping
-        driver runs, else the mapping the engine announces (if any), else None."""
-        if self.port_mapping_report is not None:
-            return self.port_mapping_report()
-        return port_mapping_block(self.link.port_mapping)
-
     def ipv6(self) -> dict[str, Any]:
         """The ``ipv6`` block of ``status()`` (:func:`p2plab.aio.dualstack.ipv6_block`)."""
         ep = self.endpoint6
@@ -670,7 +659,6 @@ class Worker:
             "http_public_ip": self.http_public_ip,
             "stun": self.stun_info,
             "error": self.error,
-            "port_mapping": self.port_mapping_status(),
             "security": self.security(),
             "stats": {
                 **self.stats,

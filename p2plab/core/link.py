@@ -17,6 +17,9 @@ The driver contract (the asyncio worker, the simulator and the unit tests follow
                                              # PeerDisconnected, RelayIn, ErrorMessage (parsed)
     engine.discovered(public, local_candidates, now, error=None)   # answer to DiscoverEndpoint
     engine.rendezvous_refused(reason, now)   # the rendezvous refused us for good
+    engine.expect_port_mapping(now)          # a port-mapping probe started (reports wait)
+    engine.set_port_mapping(mapping, now)    # its result, a renewal or a loss (None)
+    engine.set_endpoint6(addr, now)          # the IPv6 endpoint STUN over IPv6 saw (None: none)
     engine.receive_datagram(data, addr, now, pool=0)  # every UDP datagram of the worker's
                                              # socket (pool=i: of pool socket i)
     engine.pool_socket_adopted(index, now)   # AdoptPoolSocket carried out
@@ -43,6 +46,10 @@ Events are :mod:`p2plab.core.events` dataclasses: :class:`~p2plab.core.events.St
 every state change (intermediate ones like ``lost`` included), the session's events of the
 current link (``ChatReceived`` with ``peer_id`` filled in, ``ControlReceived``, ...), and
 :class:`~p2plab.core.events.ErrorReported` for things the user should see.
+
+Port mappings and IPv6 (issues 18 and 19: the ``mapped`` and ``udp6`` reports, ``family``,
+``method`` port-mapping) are :class:`~p2plab.core.link_families.LinkFamilies`'s; addresses are
+plain ``(ip, port)`` 2-tuples in both families.
 
 Inputs are checked against the table; a driver input the table forbids (``start`` twice,
 ``discovered`` while connected, ``rendezvous_up`` while discovering, anything but ``stop``
@@ -71,7 +78,7 @@ from typing import Any
 from p2plab.core import events as ev
 from p2plab.core.crypto import Identity
 from p2plab.core.known_peers import KnownPeers
-from p2plab.core.link_bench import LinkBench, is_bench_datagram
+from p2plab.core.link_bench import is_bench_datagram
 from p2plab.core.link_commands import (
     RELAY,
     SECURITY_COUNTERS,
@@ -87,10 +94,9 @@ from p2plab.core.link_commands import (
     SendFromPool,
     SendToRendezvous,
     SendTurnTcp,
-    endpoint_update,
     session_security_counts,
 )
-from p2plab.core.link_families import PORT_MAPPING, uses_port_mapping
+from p2plab.core.link_families import LinkFamilies
 from p2plab.core.link_table import LINK_STATES, STATES_WITH_PEER, TRANSITIONS, Input, next_state
 from p2plab.core.link_trust import (
     RelayGate,
@@ -107,7 +113,6 @@ from p2plab.core.signaling import (
     NatHint,
     P2PConnectionOffer,
     PeerDisconnected,
-    PortMapping,
     Registered,
     RelayIn,
     RendezvousMessage,
@@ -141,7 +146,7 @@ Address = ev.Address
 _ERROR_TEXT = 200  # characters of a refusal sent back to the rendezvous (it only logs them)
 
 
-class LinkEngine(LinkBench):
+class LinkEngine(LinkFamilies):
     """One worker's link lifecycle (see the module docstring for the driver contract).
 
     This class takes the driver's inputs and the rendezvous's messages; the session of the
@@ -174,12 +179,7 @@ class LinkEngine(LinkBench):
         self.peer_key_warning: str | None = None
         """A sentence when a known peer id came back with another key or a pinned key did not
         match (cleared by the next offer accepted without either)."""
-        self.port_mapping: PortMapping | None = None
-        """The port the NAT mapped for the link's socket on request (``set_port_mapping``)."""
-        self.endpoint6: Address | None = None
-        """The socket's IPv6 endpoint learnt by STUN over IPv6 (``set_endpoint6``)."""
         self._challenge_answered = False
-        self._registered = False  # ``registered`` came on the current rendezvous connection
         self._relay_gate = RelayGate()
         self._discovery_pending = False
 
@@ -200,42 +200,6 @@ class LinkEngine(LinkBench):
         if self._state == "connected" and self.session is not None:
             return self.session.path or "direct"
         return None
-
-    @property
-    def method(self) -> str | None:
-        """How the current link was made (see ``LinkBirthday.method``), or ``port-mapping``
-        when its direct path runs to or from a NAT's mapped port (issue 18; both sides say so,
-        :mod:`p2plab.core.link_families`)."""
-        base = super().method
-        if base not in (None, "relay") and uses_port_mapping(
-            self.session, self.offer.peer_mapped if self.offer else None, self.port_mapping
-        ):
-            return PORT_MAPPING
-        return base
-
-    def _direct_without_birthday(self) -> bool:
-        """A port mapping on either side opens a port to anyone (no birthday needed, nor the
-        relay at once for two hard NATs); IPv6 on both sides needs no NAT traversal at all.
-        Both sides decide alike from what they announced and were offered."""
-        offer = self.offer
-        if offer is None:
-            return False
-        if offer.peer_mapped is not None or self.port_mapping is not None:
-            return True
-        own_v6 = self.endpoint6 is not None or any(":" in a[0] for a in self.local_candidates)
-        peer_v6 = offer.peer_udp6 is not None or any(
-            ":" in str(c.ip) for c in offer.peer_candidates
-        )
-        return own_v6 and peer_v6
-
-    @property
-    def family(self) -> str | None:
-        """``"ipv6"`` or ``"ipv4"``: the address family of the current link's path (of the
-        peer's transport address on a TURN path); None without a link and on the rendezvous
-        relay."""
-        if self._state != "connected" or self.session is None:
-            return None
-        return self.session.family
 
     @property
     def peer_address(self) -> Address | None:
@@ -269,28 +233,6 @@ class LinkEngine(LinkBench):
         """The rendezvous WebSocket dropped; a punched link keeps going without it."""
         self._set_state(next_state(self._state, Input.RENDEZVOUS_DOWN))
         self._registered = False
-
-    def set_port_mapping(self, mapping: PortMapping | None, now: float) -> None:
-        """The port the NAT mapped for the link's socket (NAT-PMP, PCP or UPnP; None: none, or
-        it was lost).  A change is announced to the rendezvous at once when registered, else
-        with the next ``update_udp_endpoint``; a link already up keeps its path."""
-        if self._state == "stopped" or mapping == self.port_mapping:
-            return
-        self.port_mapping = mapping
-        self._announce_change()
-
-    def set_endpoint6(self, addr: Address | None, now: float) -> None:
-        """The socket's IPv6 endpoint as STUN over IPv6 saw it (None: no IPv6 reachability).
-        Announced like :meth:`set_port_mapping`."""
-        if self._state == "stopped":
-            return
-        value = (str(addr[0]), int(addr[1])) if addr is not None else None
-        if value is not None and ":" not in value[0]:
-            raise ValueError(f"set_endpoint6 wants an IPv6 address, got {value[0]!r}")
-        if value == self.endpoint6:
-            return
-        self.endpoint6 = value
-        self._announce_change()
 
     def rendezvous_refused(self, reason: str, now: float) -> None:
         """The rendezvous refused this worker for good (e.g. a wrong token)."""
@@ -369,7 +311,12 @@ class LinkEngine(LinkBench):
         """When :meth:`handle_timer` must next be called (the session's and the engine's own)."""
         if self._state == "stopped":
             return None
-        timers = (self._repunch_at, self._birthday_timer(), self._turn_timer())
+        timers = (
+            self._repunch_at,
+            self._birthday_timer(),
+            self._turn_timer(),
+            self._mapping_timer(),
+        )
         when = [t for t in timers if t is not None]
         if self.session is not None:
             t = self.session.get_timer()
@@ -381,6 +328,7 @@ class LinkEngine(LinkBench):
         """Run what is due at ``now``: the session's timers, the re-punch timer."""
         if self._state == "stopped":
             return
+        self._mapping_service(now)
         if self.session is not None:
             self.session.handle_timer(now)
             self._birthday_service(now)
@@ -472,23 +420,6 @@ class LinkEngine(LinkBench):
             target = next_state(self._state, Input.REGISTERED)
             self._report_endpoint()
         self._set_state(target)
-
-    def _report_endpoint(self) -> None:
-        if self.public_endpoint is not None:
-            update = endpoint_update(
-                self.public_endpoint,
-                self.local_candidates,
-                self.nat_hint,
-                mapped=self.port_mapping,
-                udp6=self.endpoint6,
-            )
-            self._commands.append(SendToRendezvous(update))
-
-    def _announce_change(self) -> None:
-        """Report the endpoint again after a mapping or IPv6 change, if the rendezvous knows us
-        (before ``registered``, or before discovery ends, the coming report carries it)."""
-        if self._registered and self._state not in ("discovering", "registering"):
-            self._report_endpoint()
 
     def _on_offer(self, offer: P2PConnectionOffer, now: float) -> None:
         self.stats["offers"] += 1

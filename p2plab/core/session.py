@@ -499,12 +499,8 @@ class PeerSession(RttReadout, SessionPaths):
             elif new:
                 self.stats["prflx_learned"] += 1
                 log.debug("learnt peer-reflexive candidate %s", addr)
-        elif self._state == "connected" and self._paths.better(addr, self._peer_address):
-            # The peer's upgrade round came through on a better path: check it back at once
-            # (one for one), so an upgrade takes one round, not two.
-            cand = self._checklist.get(addr)
-            if cand is None or cand.next_probe_at == _INF:
-                self._checklist.restart(addr, now, budget=1)
+        elif self._state == "connected":
+            self._paths.check_back(addr, self._peer_address, self._checklist, now)
         if d.nominate and self.role == "controlled":
             self._follow_nomination(addr, now)
 

@@ -21,9 +21,12 @@ a relayed link now beats a perfect one in ten seconds).  Then, by the rank of
 * **Between families** (issue 19). Within ``direct``, IPv6 ranks above IPv4
   (:func:`~p2plab.core.paths.family_rank`): connected direct over IPv4 while the peer offered
   IPv6 candidates, both sides probe those in the upgrade rounds, and the link moves to IPv6 as
-  it moves from TURN to direct (a ``PathChanged`` whose path stays ``direct``).  Between two
-  direct addresses of one family the first to validate keeps the link (the probing order gave
-  the better-ranked one its head start).
+  it moves from TURN to direct (a ``PathChanged`` whose path stays ``direct``).  Connected
+  direct over IPv6, the peer's direct IPv4 addresses are the first fallback: the warm-up rounds
+  probe them too (the offer's, and validated ones), a warm-up probe from one is checked back at
+  once, and when the IPv6 path falls silent the controlling side moves to the best validated
+  IPv4 one before any TURN path.  Between two direct addresses of one family the first to
+  validate keeps the link (the probing order gave the better-ranked one its head start).
 * **No flapping.** Traffic from another validated path of the peer (in flight while both sides
   switch) is taken, authenticated and de-duplicated by the reliable stream as always, but it
   moves the path only if that path is not worse: the old path's late datagrams never undo a
@@ -125,6 +128,31 @@ class PathBook:
             and any(self.better(a, current) for a in checklist.candidates)
         )
 
+    def fallback(self, addr: Address | None, current: Address | None) -> bool:
+        """Whether ``addr`` is a direct IPv4 path of a session connected direct over IPv6 (the
+        first fallback when IPv6 falls silent)."""
+        return (
+            self.name(current) == DIRECT
+            and self.name(addr) == DIRECT
+            and address_family(current) == "ipv6"
+            and address_family(addr) == "ipv4"
+        )
+
+    def check_back(
+        self, addr: Address, current: Address | None, checklist: Checklist, now: float
+    ) -> None:
+        """A probe of the peer came from ``addr`` (not necessarily ``current``) while connected:
+        if it is the peer's upgrade round on a better path, probe it back at once (one for one),
+        so an upgrade takes one round, not two; the same for its IPv4 warm-up probes while on
+        IPv6, until that path is validated (then the two sides' rounds stop answering)."""
+        cand = checklist.get(addr)
+        idle = cand is None or cand.next_probe_at == float("inf")
+        if self.better(addr, current):
+            if idle:
+                checklist.restart(addr, now, budget=1)
+        elif self.fallback(addr, current) and idle and (cand is None or not cand.succeeded):
+            checklist.restart(addr, now, budget=1)
+
     def side_path(self, addr: Address, current: Address | None, succeeded: bool) -> bool:
         """Whether traffic from ``addr`` (not the current path) is taken anyway: a validated
         path of the peer while one of the two is a relay, TURN or the rendezvous's (the other
@@ -143,11 +171,16 @@ class PathBook:
         self._next_upgrade = now + self.config.upgrade_interval
         self._next_warm = now + self.config.warm_interval
 
-    def _downgrade_target(self, checklist: Checklist) -> Address | None:
-        """The best validated TURN path, or None."""
-        turns = [c.address for c in checklist.succeeded() if self.is_turn(c.address)]
-        turns.sort(key=lambda a: path_rank(self.name(a) or ""))
-        return turns[0] if turns else None
+    def _downgrade_target(self, current: Address | None, checklist: Checklist) -> Address | None:
+        """The best validated fallback of ``current``: a direct IPv4 path (only from direct
+        IPv6), then TURN; None if there is none."""
+        ok = [
+            c.address
+            for c in checklist.succeeded()
+            if self.is_turn(c.address) or self.fallback(c.address, current)
+        ]
+        ok.sort(key=lambda a: (path_rank(self.name(a) or ""), family_rank(a)))
+        return ok[0] if ok else None
 
     def deadline(self, current: Address | None, controlling: bool, checklist: Checklist) -> float:
         """When :meth:`service` has work next (``inf``: none) for a session connected to
@@ -160,7 +193,7 @@ class PathBook:
         when = self._next_warm
         if self._upgradable(current, checklist):
             when = min(when, self._next_upgrade)
-        if controlling and self._downgrade_target(checklist) is not None:
+        if controlling and self._downgrade_target(current, checklist) is not None:
             when = min(when, self.last_on_path + self.downgrade_after)
         return when
 
@@ -184,16 +217,18 @@ class PathBook:
         if now >= self._next_warm:
             self._next_warm = now + self.config.warm_interval
             # The peer's relayed addresses always (vouched for, at most four); our own
-            # allocation's paths only once validated (the anti-amplification rule).
+            # allocation's paths only once validated (the anti-amplification rule); on IPv6,
+            # the peer's direct IPv4 addresses it offered or that were validated.
             warm = [
                 c.address
                 for c in checklist.candidates.values()
-                if self.is_turn(c.address) and (c.kind == "relay" or c.succeeded)
+                if (self.is_turn(c.address) and (c.kind == "relay" or c.succeeded))
+                or (self.fallback(c.address, current) and (c.kind == "given" or c.succeeded))
             ]
             for addr in warm[:MAX_UPGRADE_PROBES]:
                 checklist.restart(addr, now, budget=1)
         if controlling and now >= self.last_on_path + self.downgrade_after:
-            return self._downgrade_target(checklist)
+            return self._downgrade_target(current, checklist)
         return None
 
 

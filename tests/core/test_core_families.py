@@ -236,3 +236,35 @@ def test_a_mapped_endpoint_that_is_not_an_ip_literal_is_refused() -> None:
     assert a.engine.stats["candidates_refused"] == 2
     assert a.engine.state == "punching"
     assert not any(s.dst[0] in ("evil.example", "fe80::1%eth0") for s in w.sent)
+
+
+def test_link_falls_back_from_ipv6_to_ipv4_without_losing_the_peer_and_comes_back() -> None:
+    cfg = SessionConfig(
+        keepalive_interval=0.2,
+        peer_timeout=2.0,
+        punch_timeout=3.0,
+        warm_interval=0.5,
+        upgrade_interval=1.0,
+    )
+    link = LinkConfig(session=cfg, relay=False, turn=False, repunch=False)
+    w = DualWorld()
+    a = w.add("a", "easy", link, v6="2001:db8:1::2", firewall="apdf")
+    b = w.add("b", "easy", link, v6="2001:db8:2::2", firewall="apdf")
+    w.pair(a, b)
+    w.run(1.5)  # connected over IPv6; the warm-up rounds validated IPv4 meanwhile
+    assert connected(w, a, b) and a.engine.family == b.engine.family == "ipv6"
+    a.firewall = b.firewall = "closed"  # IPv6 breaks
+    w.run(2.5)
+    assert connected(w, a, b), (a.engine.state, b.engine.state)
+    assert a.engine.family == b.engine.family == "ipv4"
+    assert not a.of(ev.PeerLost) and not b.of(ev.PeerLost)
+    for n in (a, b):
+        last = [e for e in n.of(ev.PathChanged) if isinstance(e, ev.PathChanged)][-1]
+        assert address_family(last.previous) == "ipv6" and address_family(last.address) == "ipv4"
+    a.engine.send_chat("over v4", w.now)
+    w.run(0.5)
+    assert any(isinstance(e, ev.ChatReceived) and e.text == "over v4" for e in b.events)
+    a.firewall = b.firewall = "apdf"  # IPv6 is back: the upgrade rounds find it
+    w.run(2.5)
+    assert connected(w, a, b) and a.engine.family == b.engine.family == "ipv6"
+    assert not a.of(ev.PeerLost) and not b.of(ev.PeerLost)

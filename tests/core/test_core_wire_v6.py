@@ -9,6 +9,8 @@ import json
 import random
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from p2plab.core.crypto import Identity
 from p2plab.core.link import LinkEngine, SendToRendezvous
@@ -146,3 +148,66 @@ def test_while_the_rendezvous_is_down_the_next_registration_carries_the_change()
     e.receive_rendezvous(Registered(worker_id="a", observed_ip="198.51.100.1"), 2.1)
     (msg,) = updates(e)
     assert msg.mapped == PMP and msg.udp6 is not None and msg.udp6.ip == "2001:db8:1::2"
+
+
+def test_first_report_waits_for_the_port_mapping_probe() -> None:
+    e = registered_engine()
+    e.expect_port_mapping(0.0)
+    e.discovered(("198.51.100.1", 5000), [], 0.1)
+    assert e.state == "waiting_for_peer"
+    assert updates(e) == []  # held: the rendezvous would pair on it, without the mapping
+    assert e.get_timer() == pytest.approx(1.0)
+    e.set_port_mapping(PMP, 0.3)
+    (first,) = updates(e)  # one report, carrying the mapping
+    assert first.mapped == PMP
+    assert e.get_timer() is None
+
+
+def test_a_probe_that_finds_nothing_releases_the_report_at_once_or_by_the_deadline() -> None:
+    e = registered_engine()
+    e.expect_port_mapping(0.0)
+    e.discovered(("198.51.100.1", 5000), [], 0.1)
+    e.set_port_mapping(None, 0.26)  # the probe ended with nothing
+    (first,) = updates(e)
+    assert first.mapped is None
+    f = registered_engine()
+    f.expect_port_mapping(0.0)
+    f.discovered(("198.51.100.1", 5000), [], 0.1)
+    deadline = f.get_timer()
+    assert deadline is not None
+    f.handle_timer(deadline - 0.01)
+    assert updates(f) == []
+    f.handle_timer(deadline)  # the driver never said: reported anyway
+    (late,) = updates(f)
+    assert late.mapped is None
+
+
+_IPS = st.sampled_from(
+    ["203.0.113.7", "2001:db8::1", "fe80::1%eth0", "::ffff:1.2.3.4", "host.example", "", "1.2.3"]
+)
+_SCALARS = st.one_of(
+    st.none(), st.booleans(), st.integers(), st.floats(), st.text(max_size=40), _IPS
+)
+_FIELDS = st.dictionaries(
+    st.sampled_from(["protocol", "ip", "port", "lifetime_s"]),
+    st.one_of(_SCALARS, st.sampled_from(["nat-pmp", "pcp", "upnp"])),
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(mapped=st.one_of(_SCALARS, _FIELDS), udp6=st.one_of(_SCALARS, _FIELDS))
+def test_fuzzed_mapped_and_udp6_parse_or_raise_bad_message_only(
+    mapped: object, udp6: object
+) -> None:
+    raw = json.dumps(update(mapped=mapped, udp6=udp6))
+    try:
+        msg = parse_worker_message(raw)
+    except BadMessage:
+        return
+    assert isinstance(msg, UpdateUdpEndpoint)
+    # whatever got through is usable as is: literals, no zone, a sane lease, udp6 IPv6
+    if msg.mapped is not None:
+        assert "%" not in msg.mapped.ip and 0 < msg.mapped.lifetime_s <= 604800
+        assert 1 <= msg.mapped.port <= 65535
+    if msg.udp6 is not None:
+        assert ":" in msg.udp6.ip and "%" not in msg.udp6.ip
