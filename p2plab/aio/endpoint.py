@@ -86,8 +86,10 @@ def local_endpoint_for(addr: Address) -> UdpEndpoint | None:
     Lets a latency path tell a peer in the same process (and so, usually, on the same event
     loop, where blocking for it would stall it) from a peer elsewhere.
     """
+    family = socket.AF_INET6 if ":" in addr[0] else socket.AF_INET
     for ep in list(_ENDPOINTS):
-        if ep.closed:
+        # a worker's two sockets often share a port number (aio/dualstack.py): the family tells
+        if ep.closed or ep.socket.family != family:
             continue
         try:
             host, port = ep.local_address

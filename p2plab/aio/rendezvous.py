@@ -176,7 +176,11 @@ class RendezvousClient:
         attempt = 0
         while True:
             try:
-                async with connect(self.url, open_timeout=10, max_size=2**20) as ws:
+                # a rendezvous name with A and AAAA records: both families, IPv6 first and
+                # IPv4 250 ms later (RFC 8305 happy eyeballs), so a dead family costs 250 ms
+                async with connect(
+                    self.url, open_timeout=10, max_size=2**20, happy_eyeballs_delay=0.25
+                ) as ws:
                     self._ws = ws
                     self.registered = False
                     self._relay_queue = asyncio.Queue()

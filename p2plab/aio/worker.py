@@ -518,15 +518,16 @@ class Worker:
         address is IPv6, else :attr:`endpoint4` (the benchmark's fast paths send and read on
         it; read it when needed, never keep it: it changes with the path)."""
         v6 = self.endpoint6
-        if v6 is not None and self.family == "ipv6":
+        if v6 is not None and dualstack.family_of(self.peer_address) == "ipv6":
             return v6
-        return self.endpoint4
+        return self.endpoint4  # IPv4, and the pseudo-addresses (TURN, relay): the engine's
 
     @property
     def family(self) -> str | None:
-        """The address family of the link's peer address, ``"ipv4"`` or ``"ipv6"`` (None
-        without a link, or on a pseudo-address: our TURN allocation, the relay)."""
-        return dualstack.family_of(self.peer_address)
+        """contracts.md's ``family`` (the engine's): ``"ipv4"`` or ``"ipv6"``, the address
+        family of the link's path (of the peer's transport address on a TURN path); None
+        without a link and on the rendezvous relay."""
+        return self.link.family
 
     @property
     def rendezvous_connected(self) -> bool:

@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import shutil
 import socket
 import subprocess
+import sys
 import tempfile
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -21,9 +23,13 @@ import pytest
 from p2plab import cli
 from p2plab.aio import dualstack
 from p2plab.aio.bench import Benchmark
+from p2plab.aio.endpoint import UdpEndpoint, local_endpoint_for
 from p2plab.aio.rendezvous import Backoff
+from p2plab.aio.status import format_address
 from p2plab.aio.worker import Worker, WorkerConfig
+from p2plab.config import SessionConfig
 from p2plab.errors import ConfigError
+from p2plab.probe_text import describe_ipv6
 from p2plab.server.stun_server import StunServer
 from rendezvous_service_code.server import RendezvousServer
 from tests.aio.fake_rendezvous import fake_rendezvous
@@ -43,10 +49,11 @@ def _has_loopback6() -> bool:
 
 @contextlib.asynccontextmanager
 async def v6_pair(
-    spy: _UdpSockets | None = None, **kw: Any
+    spy: _UdpSockets | None = None, extra_stun: StunServer | None = None, **kw: Any
 ) -> AsyncIterator[tuple[Worker, Worker, RendezvousServer]]:
-    """A rendezvous (with its STUN server) on ::1 and two workers that know only it; ``spy``
-    starts recording UDP sockets once the rendezvous is up (the workers' only)."""
+    """A rendezvous (with its STUN server) on ::1 and two workers that know it (and
+    ``extra_stun`` too); ``spy`` starts recording UDP sockets once the rendezvous is up (the
+    workers' only)."""
     require(_has_loopback6(), "IPv6 on loopback (::1)")
     rv = await RendezvousServer.start("::1", 0, stun_port=0)
     if spy is not None:
@@ -54,7 +61,10 @@ async def v6_pair(
     cfg: dict[str, Any] = dict(
         rendezvous_url=rv.ws_url,
         udp_host="127.0.0.1",
-        stun_servers=(f"[::1]:{rv.stun_port}",),
+        stun_servers=(
+            f"[::1]:{rv.stun_port}",
+            *([format_address(extra_stun.primary_address)] if extra_stun is not None else []),
+        ),
         nat_report=False,
         backoff=Backoff(initial_s=0.05, maximum_s=0.2),
     )
@@ -282,8 +292,18 @@ def test_split_stun_servers_by_family() -> None:
     assert v6 == ("[2001:db8::1]:3478", "stun.example.org:19302", "[::1]:5000")
 
 
-def test_ipv6_bind_host_rules() -> None:
+def test_ipv6_bind_host_rules(monkeypatch: pytest.MonkeyPatch) -> None:
     bind = dualstack.ipv6_bind_host
+    # beyond loopback: the wildcard when the kernel routes IPv6, no socket (no error) else
+    routes: set[str] = set()
+    monkeypatch.setattr(dualstack, "_routes_to", lambda host: host in routes)
+    assert bind("auto", "ws://192.0.2.1:8000", ["192.0.2.1:3478"], None) is None
+    routes.add("2001:db8::1")  # a default route covers any global address
+    assert bind("auto", "ws://192.0.2.1:8000", ["192.0.2.1:3478"], None) == "::"
+    routes.clear()
+    routes.add("2001:db8:5::7")  # only a route to the rendezvous's network
+    assert bind("auto", "ws://[2001:db8:5::7]:8000", [], None) == "::"
+    assert bind("auto", "ws://[2001:db8:5::7]:8000", [], "2001:db8:5::2") == "2001:db8:5::2"
     assert bind("off", "ws://[::1]:8000", ["[::1]:3478"], None) is None
     # loopback-only: only with ::1 among the hosts, and then on ::1
     assert bind("auto", "ws://127.0.0.1:8000", ["127.0.0.1:3478"], None) is None
@@ -295,6 +315,10 @@ def test_ipv6_bind_host_rules() -> None:
         bind("on", "ws://[::1]:8000", [], None)
     with pytest.raises(ConfigError):
         WorkerConfig(rendezvous_url="ws://[::1]:1", ipv6="yes")
+    with pytest.raises(ConfigError):  # never one dual-stack socket
+        WorkerConfig(rendezvous_url="ws://[::1]:1", udp_host="::")
+    with pytest.raises(ConfigError):
+        WorkerConfig(rendezvous_url="ws://[::1]:1", udp6_host="127.0.0.1")
 
 
 def test_host_candidates_are_global_usable_addresses(tmp_path: Path) -> None:
@@ -342,3 +366,91 @@ def test_cli_ipv6_flag_env_and_bracketed_stun(monkeypatch: pytest.MonkeyPatch) -
     for bad in (["--ipv6", "on"], ["--stun", "2001:db8::1:3478"], ["--stun", "[2001:db8::x]:1"]):
         with pytest.raises(SystemExit):
             parser.parse_args([*base, *bad])
+
+
+def test_rendezvous_url_with_an_ipv6_literal() -> None:
+    parser = cli.build_parser()
+    for url in ("ws://[::1]:8000", "ws://[::1]", "wss://[2001:db8::1]:443/prefix"):
+        args = parser.parse_args(["worker", "--rendezvous", url])
+        assert args.rendezvous == url
+    for bad in ("ws://[::1", "ws://[::1]x", "ws://[zz]:1", "ws://[::1]:", "ws://[::1]:99999"):
+        with pytest.raises(SystemExit):
+            parser.parse_args(["worker", "--rendezvous", bad])
+
+
+async def test_local_endpoint_for_tells_the_families_apart() -> None:
+    require(_has_loopback6(), "IPv6 on loopback (::1)")
+    v4 = await UdpEndpoint.bind("0.0.0.0", 0)
+    port = v4.local_address[1]
+    try:
+        assert local_endpoint_for(("127.0.0.1", port)) is v4
+        assert local_endpoint_for(("::1", port)) is None  # not the IPv4 wildcard's
+        v6 = dualstack.bind6(asyncio.get_running_loop(), "::", port)
+        assert v6 is not None and v6.local_address == ("::", port)  # V6ONLY: same number
+        try:
+            assert local_endpoint_for(("::1", port)) is v6
+            assert local_endpoint_for(("127.0.0.1", port)) is v4
+        finally:
+            v6.close()
+    finally:
+        v4.close()
+
+
+async def test_probe_cli_reports_ipv6_in_sentences_and_json() -> None:
+    """``p2plab probe --json`` with an IPv6 STUN server only: IPv6 tested, IPv4 said not to be
+    (one process: a Python start is most of the cost)."""
+    require(_has_loopback6(), "IPv6 on loopback (::1)")
+    srv = await StunServer.start("::1", 0)
+    server = f"[::1]:{srv.primary_address[1]}"
+
+    async def probe(*extra: str) -> str:
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "p2plab", "probe", "--stun", server, "--no-classic", *extra,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
+        )  # fmt: skip
+        out, err = await asyncio.wait_for(proc.communicate(), 60 * TIMEOUT_UNIT)
+        assert proc.returncode == 0, err.decode()
+        return out.decode()
+
+    try:
+        raw = await probe("--json")
+    finally:
+        srv.close()
+    report = json.loads(raw)
+    assert report["ipv6"]["reachable"] is True and report["ipv6"]["nat66"] is False
+    assert report["ipv6"]["mapped"] == report["ipv6"]["local"]
+    text = describe_ipv6(report["ipv6"])  # what probe prints without --json
+    assert f"IPv6: reachable, address {report['ipv6']['mapped']}" in text
+    assert "IPv6 NAT: none" in text and "IPv6 filtering (RFC 5780): unknown" in text
+    assert report["mapped"] is None and "no IPv4 STUN server given" in report["notes"][0]
+
+
+async def test_ipv6_preferred_and_a_link_whose_ipv6_dies_comes_back_over_ipv4() -> None:
+    """Both families punch; the link runs on IPv6 (ranked first); when IPv6 stops carrying
+    anything the link comes back over IPv4, through the IPv4 socket."""
+    require(_has_loopback6(), "IPv6 on loopback (::1)")
+    stun4 = await StunServer.start("127.0.0.1", 0)
+    timers = SessionConfig(keepalive_interval=0.3, peer_timeout=1.5)
+    try:
+        async with v6_pair(session=timers, extra_stun=stun4) as (a, b, _):
+            await a.wait_connected(T)
+            await b.wait_connected(T)
+            await until(lambda: a.family == b.family == "ipv6", "the link on IPv6", T)
+            assert a.endpoint4 is not None and b.endpoint4 is not None
+            assert a.link.public_endpoint == a.endpoint4.local_address  # IPv4 STUN answered
+            v4_out = a.endpoint4.stats["datagrams_out"]
+
+            def drop_v6(data: bytes, addr: tuple[str, int]) -> bool:
+                return ":" in addr[0]
+
+            a.datagram_hooks.append(drop_v6)
+            b.datagram_hooks.append(drop_v6)
+            await until(lambda: a.family == b.family == "ipv4", "the link back on IPv4", T)
+            await a.wait_connected(T)
+            assert a.status()["peer"]["endpoint"] == f"127.0.0.1:{b.endpoint4.local_address[1]}"
+            assert a.endpoint is a.endpoint4
+            assert a.endpoint4.stats["datagrams_out"] > v4_out
+            await a.chat("over IPv4 again", timeout=T)
+    finally:
+        stun4.close()
