@@ -11,12 +11,18 @@ Features plug in as :class:`~p2plab.aio.extension.Extension` objects handed over
 construction (``Worker(config, extensions=[...])``); the worker is their
 :class:`~p2plab.aio.extension.WorkerHost`.
 
-The UDP endpoint is bound at start: STUN learns the mapping of that very socket, and that
-mapping is what the peer punches towards.  It changes once at most per link attempt, when
-birthday punching (issue 16) wins on a pool socket (:mod:`p2plab.aio.pool`): that socket holds
-the NAT mapping that reached the peer, so it becomes :attr:`Worker.endpoint` (peer handler,
-STUN, benchmarks and ``udp_local`` follow, since they all read the attribute) and the old one
-closes.  Nothing may keep the endpoint of the start.  The clock is ``time.monotonic()`` rather
+The IPv4 UDP endpoint (:attr:`Worker.endpoint4`) is bound at start: STUN learns the mapping of
+that very socket, and that mapping is what the peer punches towards.  It changes once at most
+per link attempt, when birthday punching (issue 16) wins on a pool socket
+(:mod:`p2plab.aio.pool`): that socket holds the NAT mapping that reached the peer, so it becomes
+:attr:`Worker.endpoint4` (peer handler, STUN, benchmarks and ``udp_local`` follow, since they
+all read the attribute) and the old one closes.  Nothing may keep the endpoint of the start.
+
+Beside it, an IPv6-only socket (:attr:`Worker.endpoint6`, issue 19, :mod:`p2plab.aio.dualstack`):
+one socket per family, never a dual-stack one, so the engine sees plain 2-tuples of either
+family.  Both sockets feed the same handler; a datagram of the engine leaves by the socket of
+its address's family; :attr:`Worker.endpoint` is the socket of the link's current family (the
+benchmark's fast paths read it when a run starts).  The clock is ``time.monotonic()`` rather
 than ``loop.time()``: uvloop's loop clock has millisecond resolution, too coarse for loopback
 RTTs of tens of microseconds.
 """

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import uvloop
 
 from p2plab import cli
 from p2plab.aio import dualstack
@@ -454,3 +455,20 @@ async def test_ipv6_preferred_and_a_link_whose_ipv6_dies_comes_back_over_ipv4() 
             await a.chat("over IPv4 again", timeout=T)
     finally:
         stun4.close()
+
+
+def test_the_rendezvous_is_reached_on_uvloop_too() -> None:
+    """The CLI runs on uvloop, whose create_connection takes no happy-eyeballs argument."""
+
+    async def main() -> str:
+        rv = await RendezvousServer.start("127.0.0.1", 0)
+        w = Worker(WorkerConfig(rendezvous_url=rv.ws_url, udp_host="127.0.0.1", nat_report=False))
+        try:
+            await w.start()
+            return await w.wait_for_state("waiting_for_peer", timeout=T)
+        finally:
+            await w.stop()
+            await rv.close()
+
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+        assert runner.run(main()) == "waiting_for_peer"
