@@ -47,6 +47,7 @@ from p2plab.lab.profiles import expected_outcome
 from p2plab.lab.site import V6_PROFILES, SiteProfile, parse_site
 
 __all__ = [
+    "BLOCK_TABLE",
     "EIF_TIMEOUT_S",
     "LAB_SUPERNET",
     "NFT_TABLE",
@@ -54,6 +55,7 @@ __all__ = [
     "Step",
     "V6Plan",
     "addr_argv",
+    "block_ruleset",
     "bracket",
     "expected_site_outcome",
     "firewall_ruleset",
@@ -265,6 +267,30 @@ def firewall_ruleset(
         lines.append("\t}")
     lines += ["}", ""]
     return "\n".join(lines)
+
+
+#: The table :func:`block_ruleset` adds (``nft delete table ip6 p2plab6block`` lifts the block).
+BLOCK_TABLE = "p2plab6block"
+
+
+def block_ruleset(networks: Sequence[str]) -> str:
+    """``nft -f`` input that drops forwarded IPv6 UDP to and from ``networks`` (e.g. the other
+    site's LAN): IPv6 between two sites dies while IPv4 keeps working, so a link has to move
+    between families.  Its own table, before the firewall's (priority -10), so deleting the
+    table is the whole undo."""
+    rules = []
+    for net in networks:
+        text = str(ipaddress.IPv6Network(net))
+        rules += [
+            f"\t\tmeta l4proto udp ip6 saddr {text} drop",
+            f"\t\tmeta l4proto udp ip6 daddr {text} drop",
+        ]
+    head = [
+        f"table ip6 {BLOCK_TABLE} {{",
+        "\tchain forward {",
+        "\t\ttype filter hook forward priority -10; policy accept;",
+    ]
+    return "\n".join([*head, *rules, "\t}", "}", ""])
 
 
 def _spec(site: str | SiteProfile) -> SiteProfile:

@@ -464,6 +464,15 @@ class PairRun:
         with self.changed:
             return self.changed.wait_for(both, timeout=timeout)
 
+    def wait_family(self, family: str, timeout: float) -> bool:
+        """Wait until both workers' status ``family`` is ``family``; False on timeout."""
+
+        def both() -> bool:
+            return all(r.status.get("family") == family for r in self.readers.values())
+
+        with self.changed:
+            return self.changed.wait_for(both, timeout=timeout)
+
     def status(self, host: str) -> dict[str, Any]:
         """The latest ``status`` object of the worker on ``host``."""
         with self.changed:

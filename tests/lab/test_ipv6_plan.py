@@ -12,6 +12,7 @@ from p2plab.lab.ipv6 import (
     LAB_SUPERNET,
     V6Plan,
     addr_argv,
+    block_ruleset,
     bracket,
     expected_site_outcome,
     firewall_ruleset,
@@ -155,3 +156,15 @@ def test_expected_outcome_prefers_ipv6_where_both_have_it(
 def test_bracket() -> None:
     assert bracket("2001:db8::1", 3478) == "[2001:db8::1]:3478"
     assert bracket("203.0.113.1", 3478) == "203.0.113.1:3478"
+
+
+def test_block_ruleset_drops_udp_both_ways_in_its_own_table() -> None:
+    text = block_ruleset(["2001:db8:1:b::/64"])
+    assert text.startswith("table ip6 p2plab6block {")
+    assert _chain(text, "forward") == [
+        "type filter hook forward priority -10; policy accept;",
+        "meta l4proto udp ip6 saddr 2001:db8:1:b::/64 drop",
+        "meta l4proto udp ip6 daddr 2001:db8:1:b::/64 drop",
+    ]
+    with pytest.raises(ValueError):
+        block_ruleset(["203.0.113.0/24"])

@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 
 from p2plab.core.stun import Class, make_binding_request, parse_message
-from p2plab.lab.ipv6 import bracket
+from p2plab.lab.ipv6 import BLOCK_TABLE, block_ruleset, bracket
 from p2plab.lab.matrix import PairRun
 from p2plab.lab.netns import Lab
 from p2plab.lab.profiles import expected_outcome
@@ -309,3 +309,31 @@ def test_probe_over_ipv6_classifies_each_firewall_as_its_name_says(lab_fw: Lab) 
         assert report["reachable"] and not report["nat66"], report
         assert report["mapped"].startswith(f"[{_v6(lab_fw, host)}]:")
         assert (report["mapping"], report["filtering"]) == ("endpoint-independent", filtering)
+
+
+def _families(run: PairRun) -> tuple[object, object]:
+    return (run.status("a").get("family"), run.status("b").get("family"))
+
+
+def test_a_link_moves_to_ipv4_when_ipv6_dies_and_back_when_it_returns() -> None:
+    """Two port-restricted/v6-apdf sites: direct over IPv6; IPv6 UDP between the sites dropped
+    at site a's router -> the link goes on over IPv4 without being lost (chat exactly once);
+    the drop lifted -> back to IPv6."""
+    require_lab()
+    with Lab.create("port-restricted/v6-apdf", "port-restricted/v6-apdf") as lab:
+        assert lab.v6 is not None
+        run = PairRun(lab, name="move").start()
+        try:
+            assert run.wait_started(90 * TIMEOUT_UNIT), "the workers did not start"
+            assert run.wait_connected(40 * TIMEOUT_UNIT)
+            assert run.wait_family("ipv6", 20 * TIMEOUT_UNIT), _families(run)
+            block = block_ruleset([str(lab.v6.lan_net("b"))])
+            lab.run("nat_a", ["nft", "-f", "-"], input=block, check=True)
+            assert run.wait_family("ipv4", 45 * TIMEOUT_UNIT), _families(run)
+            assert {run.status(h)["state"] for h in "ab"} == {"connected"}
+            assert run.chat_exactly_once("a", "b", timeout=15 * TIMEOUT_UNIT)
+            lab.run("nat_a", ["nft", "delete", "table", "ip6", BLOCK_TABLE], check=True)
+            assert run.wait_family("ipv6", 30 * TIMEOUT_UNIT), _families(run)
+            assert run.chat_exactly_once("b", "a", timeout=15 * TIMEOUT_UNIT)
+        finally:
+            run.close()
