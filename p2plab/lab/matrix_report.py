@@ -268,6 +268,8 @@ def _cell(runs: Sequence[RunLike]) -> tuple[float, str]:
     label = f"{len(direct)}/{len(counted)}"
     if times:
         label += f"\n{times[len(times) // 2]:.1f}s"
+    if direct and all(r.family == "ipv6" for r in direct):
+        label += "\nIPv6"
     if len(direct) == len(counted):
         return code["direct"], label + mark
     if direct:
