@@ -273,24 +273,23 @@ def firewall_ruleset(
 BLOCK_TABLE = "p2plab6block"
 
 
-def block_ruleset(networks: Sequence[str]) -> str:
-    """``nft -f`` input that drops forwarded IPv6 UDP to and from ``networks`` (e.g. the other
-    site's LAN): IPv6 between two sites dies while IPv4 keeps working, so a link has to move
-    between families.  Its own table, before the firewall's (priority -10), so deleting the
-    table is the whole undo."""
-    rules = []
-    for net in networks:
-        text = str(ipaddress.IPv6Network(net))
-        rules += [
-            f"\t\tmeta l4proto udp ip6 saddr {text} drop",
-            f"\t\tmeta l4proto udp ip6 daddr {text} drop",
-        ]
-    head = [
-        f"table ip6 {BLOCK_TABLE} {{",
-        "\tchain forward {",
-        "\t\ttype filter hook forward priority -10; policy accept;",
-    ]
-    return "\n".join([*head, *rules, "\t}", "}", ""])
+def block_ruleset(networks: Sequence[str], *, host: bool = False) -> str:
+    """``nft -f`` input that drops IPv6 UDP to and from ``networks`` (e.g. the other site's
+    LAN): IPv6 between two sites dies while IPv4 keeps working, so a link has to move between
+    families.  A router's (the ``forward`` hook) or, with ``host``, a host's own (``input`` and
+    ``output``: the host of an ``open`` site).  Its own table, before the firewall's (priority
+    -10), so deleting the table (``nft delete table ip6 p2plab6block``) is the whole undo."""
+    nets = [str(ipaddress.IPv6Network(net)) for net in networks]
+    hook = "\t\ttype filter hook {} priority -10; policy accept;"
+    lines = [f"table ip6 {BLOCK_TABLE} {{"]
+    chains = (
+        [("input", ["saddr"]), ("output", ["daddr"])] if host else [("forward", ["saddr", "daddr"])]
+    )
+    for chain, fields in chains:
+        lines += [f"\tchain {chain} {{", hook.format(chain)]
+        lines += [f"\t\tmeta l4proto udp ip6 {f} {net} drop" for net in nets for f in fields]
+        lines.append("\t}")
+    return "\n".join([*lines, "}", ""])
 
 
 def _spec(site: str | SiteProfile) -> SiteProfile:

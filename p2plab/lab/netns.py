@@ -298,6 +298,7 @@ class Lab:
         self.v6: ipv6.V6Plan | None = ipv6.V6Plan(self.prefix) if ipv6.has_v6(specs) else None
         """The IPv6 addressing plan, when a site has an IPv6 profile (None: IPv4 only)."""
         self._address6: dict[str, str] = {}
+        self._blocked6: list[str] = []
 
     # ---- construction
 
@@ -639,16 +640,32 @@ class Lab:
         for site, other in (("a", "b"), ("b", "a")):
             remote = self._hosts.get(f"nat_{other}") or self._hosts[other]
             targets = [remote.address, *(STUN_IPS if stun_host else ())]
+            targets = [ip for ip in targets if ":" not in ip]  # IPv6: _block6_rules
             gateway = self._hosts.get(f"nat_{site}")
             ns = gateway.ns if gateway is not None else self._hosts[site].ns
             for rule in udp_block_rules(nat=gateway is not None, addresses=targets):
                 rules.append((ns, rule))
         return rules
 
+    def _block6_rules(self, *, stun_host: bool) -> list[tuple[str, str]]:
+        """(namespace, nft input) pairs that drop IPv6 UDP between the sites (and the STUN
+        host's IPv6 addresses), at each IPv6 site's router or ``open`` host."""
+        v6, out = self.v6, list[tuple[str, str]]()
+        for site, other in (("a", "b"), ("b", "a")):
+            if v6 is None or self._address6.get(site) is None:
+                continue
+            router = f"nat_{site}" in self._address6
+            far = [str(v6.lan_net(other))] if f"nat_{other}" in self._address6 else []
+            far += [f"{self._address6[other]}/128"] if not far and other in self._address6 else []
+            far += [f"{ip}/128" for ip in v6.stun_addresses] if stun_host else []
+            ns = self._hosts[f"nat_{site}" if router else site].ns
+            out += [(ns, ipv6.block_ruleset(far, host=not router))] if far else []
+        return out
+
     @property
     def udp_blocked(self) -> bool:
         """True while UDP between the two sites is dropped (:meth:`block_udp_between_sites`)."""
-        return bool(self._blocked)
+        return bool(self._blocked or self._blocked6)
 
     def block_udp_between_sites(self, *, stun_host: bool = False) -> None:
         """Drop every UDP datagram between site A and site B, at runtime.
@@ -663,12 +680,18 @@ class Lab:
         for ns, rule in self._block_rules(stun_host=stun_host):
             _run(["ip", "netns", "exec", ns, "iptables", "-I", *rule])
             self._blocked.append((ns, rule))
+        for ns, text in self._block6_rules(stun_host=stun_host):  # IPv6 sites: both families
+            _run(["ip", "netns", "exec", ns, "nft", "-f", "-"], input=text)
+            self._blocked6.append(ns)
 
     def unblock_udp_between_sites(self) -> None:
         """Remove the rules :meth:`block_udp_between_sites` added (idempotent)."""
         while self._blocked:
             ns, rule = self._blocked.pop()
             _run(["ip", "netns", "exec", ns, "iptables", "-D", *rule], check=False)
+        while self._blocked6:
+            argv = ["nft", "delete", "table", "ip6", ipv6.BLOCK_TABLE]
+            _run(["ip", "netns", "exec", self._blocked6.pop(), *argv], check=False)
 
     # ---- running things inside
 

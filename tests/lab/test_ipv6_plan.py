@@ -168,3 +168,10 @@ def test_block_ruleset_drops_udp_both_ways_in_its_own_table() -> None:
     ]
     with pytest.raises(ValueError):
         block_ruleset(["203.0.113.0/24"])
+
+
+def test_block_ruleset_for_a_host_without_router() -> None:
+    text = block_ruleset(["2001:db8:1::202/128"], host=True)
+    assert _chain(text, "input")[1:] == ["meta l4proto udp ip6 saddr 2001:db8:1::202/128 drop"]
+    assert _chain(text, "output")[1:] == ["meta l4proto udp ip6 daddr 2001:db8:1::202/128 drop"]
+    assert "chain forward" not in text

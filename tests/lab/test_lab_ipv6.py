@@ -206,6 +206,27 @@ def test_hosts_of_one_v6_apdf_lan_reach_each_other_unsolicited(agents: AgentFact
         assert b.recv(5.0) == [(b"lan hello", _v6(lab, "a"), pa)]
 
 
+def test_blocking_udp_between_sites_blocks_both_families(
+    lab_dual: Lab, agents: AgentFactory
+) -> None:
+    """``block_udp_between_sites`` (the lab where only relays work) drops IPv6 between IPv6
+    sites too, else a dual-stack pair would go direct over IPv6; unblocking lifts both."""
+    a, b = agents(lab_dual, "a"), agents(lab_dual, "b")
+    a_ip, b_ip = _v6(lab_dual, "a"), _v6(lab_dual, "b")
+    pa, pb = a.bind("::"), b.bind("::")
+    a.send(b_ip, pb, b"open a")  # a's firewall is open to b:pb from here on
+    lab_dual.block_udp_between_sites()
+    try:
+        assert lab_dual.udp_blocked
+        b.send(a_ip, pa, b"blocked")
+        assert a.recv(QUIET_S) == []
+    finally:
+        lab_dual.unblock_udp_between_sites()
+    assert not lab_dual.udp_blocked
+    b.send(a_ip, pa, b"unblocked")
+    assert a.recv(5.0) == [(b"unblocked", b_ip, pb)]
+
+
 def _binding(agent: Agent, server: tuple[str, int]) -> dict[str, Any]:
     request = make_binding_request(os.urandom)
     agent.send(*server, bytes(request))
