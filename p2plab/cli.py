@@ -24,7 +24,8 @@ from collections.abc import Callable, Coroutine
 from typing import Any
 
 from p2plab import cli_common as cc
-from p2plab.errors import P2PLabError
+from p2plab.core.stun import parse_server_address
+from p2plab.errors import ConfigError, P2PLabError
 
 __all__ = ["build_parser", "main"]
 
@@ -44,9 +45,18 @@ def _stun_list(values: list[str] | None) -> tuple[str, ...]:
 
 
 def _stun_servers(text: str) -> str:
-    """``--stun H:P`` (repeatable; ``H:P,H:P`` also works): each entry checked."""
+    """``--stun H:P`` (repeatable; ``H:P,H:P`` also works; IPv6 as ``[2001:db8::1]:3478``):
+    each entry checked."""
     for item in _stun_list([text]):
         cc.hostport(item)
+        if item.count(":") > 1 and not item.startswith("["):
+            raise argparse.ArgumentTypeError(
+                f"write an IPv6 STUN server in brackets, [ADDRESS]:PORT, got {item!r}"
+            )
+        try:
+            parse_server_address(item)
+        except ConfigError as exc:
+            raise argparse.ArgumentTypeError(str(exc)) from None
     return text
 
 
@@ -69,6 +79,14 @@ def _lease_seconds(text: str) -> int:
     if not 10 <= value <= 604800:
         raise argparse.ArgumentTypeError(f"must be 10..604800 seconds, got {value}")
     return value
+
+
+def _ipv6_mode(text: str) -> str:
+    """``--ipv6 off|auto`` (:mod:`p2plab.aio.dualstack`)."""
+    word = text.strip().lower()
+    if word not in ("off", "auto"):
+        raise argparse.ArgumentTypeError(f"expected off or auto, got {text!r}")
+    return word
 
 
 def _birthday_sockets(text: str) -> int:
@@ -158,7 +176,6 @@ def _parse_turn_urls(text: str) -> tuple[str, ...]:
 
 
 def _check_rendezvous(args: argparse.Namespace) -> None:
-    from p2plab.errors import ConfigError
 
     try:
         args.settings = _rendezvous_settings(args)
@@ -239,6 +256,7 @@ def _resolve_worker_env(args: argparse.Namespace) -> None:
         ("hard_nat_budget", "P2P_HARD_NAT_BUDGET", cc.non_negative_int, 0),
         ("port_mapping", "P2P_PORT_MAPPING", _port_mapping, "auto"),
         ("port_mapping_lifetime", "P2P_PORT_MAPPING_LIFETIME", _lease_seconds, 7200),
+        ("ipv6", "P2P_IPV6", _ipv6_mode, "auto"),
     ]
     for dest, name, convert, default in from_env:
         if getattr(args, dest) is None:
@@ -295,11 +313,11 @@ def _worker_config(args: argparse.Namespace) -> Any:
         ),
         port_mapping=args.port_mapping,
         port_mapping_lifetime_s=args.port_mapping_lifetime,
+        ipv6=args.ipv6,
     )
 
 
 def _check_worker(args: argparse.Namespace) -> None:
-    from p2plab.errors import ConfigError
 
     _resolve_worker_env(args)
     if not args.rendezvous:
@@ -361,12 +379,15 @@ def _check_probe(args: argparse.Namespace) -> None:
 
 async def _cmd_probe(args: argparse.Namespace) -> int:
     from p2plab.aio.discovery import probe_hint
+    from p2plab.aio.dualstack import probe_ipv6, split_stun_servers
     from p2plab.aio.portmap import describe_port_mapping, probe_port_mapping
     from p2plab.aio.status import hint_block
     from p2plab.aio.stun import probe_nat
-    from p2plab.probe_text import describe_hint, describe_report
+    from p2plab.core.nat import NatReport
+    from p2plab.probe_text import describe_hint, describe_ipv6, describe_report
 
     servers = ", ".join(args.servers)
+    servers4 = list(split_stun_servers(args.servers)[0])
     steps = "behaviour tests" + ("" if args.no_classic else " and the RFC 3489 test")
     print(f"probe: asking {servers} (binding, {steps})...", file=sys.stderr, flush=True)
     started = time.monotonic()
@@ -382,12 +403,19 @@ async def _cmd_probe(args: argparse.Namespace) -> int:
                 flush=True,
             )
 
-    ticker = asyncio.get_running_loop().create_task(tick())
-    try:
-        report = await probe_nat(args.servers, classic=not args.no_classic)
+    async def ipv4() -> tuple[NatReport, dict[str, Any]]:
+        if not servers4:  # IPv6 servers only: nothing to ask over IPv4
+            note = "no IPv4 STUN server given: IPv4 not tested"
+            return NatReport(mapped=None, local=None, notes=(note,)), hint_block(None)
+        report = await probe_nat(servers4, classic=not args.no_classic)
         # easy or hard for hole punching (issue 16), on a fresh socket: the tests above may
         # have left the NAT state a "leaky" NAT reacts to
-        hint = hint_block(await probe_hint(args.servers))
+        return report, hint_block(await probe_hint(servers4))
+
+    ticker = asyncio.get_running_loop().create_task(tick())
+    try:
+        # the families do not share a NAT (IPv6 has none, or its own): tested side by side
+        (report, hint), ipv6 = await asyncio.gather(ipv4(), probe_ipv6(args.servers))
         port_mapping = await probe_port_mapping(args.port_mapping, args.servers)
     finally:
         ticker.cancel()
@@ -395,12 +423,15 @@ async def _cmd_probe(args: argparse.Namespace) -> int:
     if args.json:
         print(
             json.dumps(
-                {**report.to_dict(), "nat_hint": hint, "port_mapping": port_mapping}, indent=2
+                {**report.to_dict(), "nat_hint": hint, "ipv6": ipv6, "port_mapping": port_mapping},
+                indent=2,
             )
         )
     else:
-        print(describe_report(report))
-        print(describe_hint(hint))
+        if servers4:
+            print(describe_report(report))
+            print(describe_hint(hint))
+        print(describe_ipv6(ipv6))
         print(describe_port_mapping(port_mapping))
     return 0
 
@@ -664,6 +695,14 @@ def _add_worker(sub: Any) -> None:
         "see a deleted lease come back (env P2P_PORT_MAPPING_LIFETIME; default: 7200)",
     )
     p.add_argument(
+        "--ipv6",
+        type=_ipv6_mode,
+        default=None,
+        metavar="off|auto",
+        help="auto: a second UDP socket for IPv6 when the host has an IPv6 route, IPv6 "
+        "candidates and STUN over IPv6; off: IPv4 only (env P2P_IPV6; default: auto)",
+    )
+    p.add_argument(
         "--keepalive", type=cc.positive_float, metavar="S", help="keep-alive interval (default: 5)"
     )
     p.add_argument(
@@ -720,13 +759,14 @@ def build_parser() -> argparse.ArgumentParser:
     _add_stun_server(sub)
     _add_worker(sub)
 
-    p = sub.add_parser("probe", help="report this host's NAT behaviour")
+    p = sub.add_parser("probe", help="report this host's NAT behaviour (IPv4 and IPv6)")
     p.add_argument(
         "--stun",
         action="append",
         metavar="H:P",
         type=_stun_servers,
-        help="STUN server, repeat for more (default: none, required)",
+        help="STUN server, repeat for more; [2001:db8::1]:3478 or a name with an AAAA record "
+        "tests IPv6 too (default: none, required)",
     )
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     p.add_argument("--no-classic", action="store_true", help="skip the RFC 3489 (pystun3) test")

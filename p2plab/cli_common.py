@@ -18,6 +18,7 @@ import sys
 from collections.abc import Callable, Sequence
 from typing import Any, NoReturn
 
+from p2plab.core.addresses import is_ip_literal
 from p2plab.core.bench import MAX_PAYLOAD, MIN_PAYLOAD
 
 __all__ = [
@@ -178,7 +179,13 @@ def rendezvous_url(text: str) -> str:
             f"expected ws://HOST:PORT (or wss://, http://, https://), got {text!r}"
         )
     netloc = rest.split("/", 1)[0]
-    host, colon, number = netloc.rpartition(":")
+    if netloc.startswith("["):  # an IPv6 literal: ws://[::1]:8000 (or ws://[::1])
+        host, bracket, after = netloc[1:].partition("]")
+        colon, number = after[:1], after[1:]
+        if not bracket or not is_ip_literal(host) or (after and colon != ":"):
+            raise argparse.ArgumentTypeError(f"expected ws://[IPV6]:PORT, got {text!r}")
+    else:
+        host, colon, number = netloc.rpartition(":")
     if not netloc or (colon and (not host or not number.isdigit() or not 0 < int(number) < 65536)):
         raise argparse.ArgumentTypeError(f"expected ws://HOST:PORT, got {text!r}")
     return text

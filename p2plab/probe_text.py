@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-__all__ = ["describe_hint", "describe_report"]
+__all__ = ["describe_hint", "describe_ipv6", "describe_report"]
 
 #: pystun3's name when the mapped address is our own but replies from the server's other
 #: address did not arrive: a filtering firewall, or a server that has no other address.
@@ -70,4 +70,25 @@ def describe_report(report: Any) -> str:
         else:
             lines.append(f"server {server}: no answer ({answer.error or 'timeout'})")
     lines += [f"note: {n}" for n in report.notes]
+    return "\n".join(lines)
+
+
+def describe_ipv6(block: dict[str, Any]) -> str:
+    """Readable lines for ``probe --json``'s ``ipv6`` (:func:`p2plab.aio.dualstack.probe_ipv6`)."""
+    if not block.get("tested"):
+        return f"IPv6: not tested ({block.get('error') or 'no IPv6 STUN server'})"
+    if not block.get("reachable"):
+        return f"IPv6: unreachable - no STUN server answered over IPv6 ({block.get('error')})"
+    lines = [f"IPv6: reachable, address {block.get('mapped')} (local {block.get('local')})"]
+    if block.get("nat66") is False:
+        lines.append("IPv6 NAT: none - the server sees this host's own address (NAT66: no)")
+    elif block.get("nat66"):
+        lines.append("IPv6 NAT: yes (NAT66) - the server sees another address than this host's")
+    lines.append(f"IPv6 mapping (RFC 5780): {block.get('mapping')}")
+    filtering = block.get("filtering")
+    lines.append(
+        f"IPv6 filtering (RFC 5780): {filtering}"
+        + (" (needs a STUN server with an alternate address)" if filtering == "unknown" else "")
+    )
+    lines += [f"  note: {n}" for n in block.get("notes") or []]
     return "\n".join(lines)

@@ -109,12 +109,16 @@ async def discover_endpoint(
     *,
     hint: bool = False,
     port_range: tuple[int, int] = (1024, 65535),
+    warn: bool = True,
 ) -> Discovery:
     """Learn ``endpoint``'s public mapping with STUN, or fall back to the observed address;
-    with ``hint``, also the :func:`nat_hint` (at most :data:`HINT_BUDGET_S` more)."""
+    with ``hint``, also the :func:`nat_hint` (at most :data:`HINT_BUDGET_S` more).
+    ``warn=False``: no warning without STUN servers (the worker has IPv6 ones only)."""
     local_port = endpoint.local_address[1]
     fallback = (observed_ip or "127.0.0.1", local_port)
     if not stun_servers:
+        if not warn:
+            return Discovery(fallback, None, None)
         log.warning(
             "no STUN server configured (--stun host:port): using the address the rendezvous "
             "observed (%s) with the local port %d. For NATs, configure a STUN server, e.g. "

@@ -86,8 +86,10 @@ def local_endpoint_for(addr: Address) -> UdpEndpoint | None:
     Lets a latency path tell a peer in the same process (and so, usually, on the same event
     loop, where blocking for it would stall it) from a peer elsewhere.
     """
+    family = socket.AF_INET6 if ":" in addr[0] else socket.AF_INET
     for ep in list(_ENDPOINTS):
-        if ep.closed:
+        # a worker's two sockets often share a port number (aio/dualstack.py): the family tells
+        if ep.closed or ep.socket.family != family:
             continue
         try:
             host, port = ep.local_address
@@ -177,6 +179,10 @@ class UdpEndpoint:
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
         sock = socket.socket(family, socket.SOCK_DGRAM)
         try:
+            if family == socket.AF_INET6:
+                # one socket per family (aio/dualstack.py): never v4-mapped peers, and the
+                # IPv4 socket's port number stays free for it
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
             if not pool:
                 set_buffer_sizes(sock, _SOCK_BUF, _SOCK_BUF)
             sock.setblocking(False)

@@ -59,8 +59,9 @@ class WorkerHost(Protocol):
 
     @property
     def endpoint(self) -> UdpEndpoint | None:
-        """The worker's UDP endpoint (the fast data paths use it directly).  It changes when
-        birthday punching adopts a pool socket: read it when needed, never keep it."""
+        """The worker's UDP endpoint of the link's current address family (the fast data
+        paths use it directly).  It changes when birthday punching adopts a pool socket and
+        when the link moves between IPv4 and IPv6: read it when needed, never keep it."""
         ...
 
     @property

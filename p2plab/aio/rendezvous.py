@@ -30,6 +30,7 @@ import logging
 import random
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from typing import Any
 
 import websockets
 from websockets.asyncio.client import ClientConnection, connect
@@ -60,6 +61,15 @@ log = logging.getLogger(__name__)
 #: Relayed datagrams queued for sending before further ones are dropped (a datagram path: late
 #: datagrams are worth little, and the rendezvous rate-limits anyway).
 _RELAY_QUEUE_LIMIT = 64
+
+
+def _happy_eyeballs() -> dict[str, Any]:
+    """A rendezvous name with A and AAAA records: both families, IPv6 first and IPv4 250 ms
+    later (RFC 8305 happy eyeballs), so a dead family costs 250 ms, not the connect timeout.
+    Only asyncio's own loop takes the argument (uvloop's ``create_connection`` refuses it and
+    tries the addresses one after the other)."""
+    loop = asyncio.get_running_loop()
+    return {"happy_eyeballs_delay": 0.25} if isinstance(loop, asyncio.BaseEventLoop) else {}
 
 
 @dataclass(frozen=True)
@@ -176,7 +186,9 @@ class RendezvousClient:
         attempt = 0
         while True:
             try:
-                async with connect(self.url, open_timeout=10, max_size=2**20) as ws:
+                async with connect(
+                    self.url, open_timeout=10, max_size=2**20, **_happy_eyeballs()
+                ) as ws:
                     self._ws = ws
                     self.registered = False
                     self._relay_queue = asyncio.Queue()

@@ -10,7 +10,21 @@ from p2plab.core.nathint import hint_summary
 from p2plab.core.paths import parse_turn_address
 from p2plab.core.signaling import NatHint
 
-__all__ = ["hint_block", "nat_block", "peer_block", "security_block", "turn_block"]
+__all__ = [
+    "format_address",
+    "hint_block",
+    "nat_block",
+    "peer_block",
+    "security_block",
+    "turn_block",
+]
+
+
+def format_address(addr: tuple[str, int]) -> str:
+    """``host:port``, an IPv6 host in brackets (``[2001:db8::1]:5000``, as in a URL): status,
+    the page and the CLI show addresses of both families so (issue 19)."""
+    host, port = addr
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
 def hint_block(hint: NatHint | None) -> dict[str, Any]:
@@ -44,7 +58,7 @@ def peer_block(link: LinkEngine) -> dict[str, Any] | None:
     if turn is not None:  # through our own allocation: the peer as the TURN server sees it
         addr = turn[1]
     rtt = link.session.rtt if link.session is not None else None
-    endpoint = "relay" if addr == RELAY else (f"{addr[0]}:{addr[1]}" if addr else None)
+    endpoint = "relay" if addr == RELAY else (format_address(addr) if addr else None)
     return {
         "worker_id": link.peer_id,
         "endpoint": endpoint,
@@ -56,12 +70,12 @@ def turn_block(link: LinkEngine) -> dict[str, Any] | None:
     """``status["turn"]`` (issue 17): our allocation (its relayed address, how we reach the
     server, its state) and the peer's relayed addresses; None when neither exists."""
     t = link.turn
-    peer = [f"{ip}:{port}" for ip, port in link.peer_relays]
+    peer = [format_address(a) for a in link.peer_relays]
     if t is None and not peer:
         return None
     relayed = link.turn_relayed
     return {
-        "relayed": f"{relayed[0]}:{relayed[1]}" if relayed else None,
+        "relayed": format_address(relayed) if relayed else None,
         "transport": t.transport if t is not None else None,
         "state": t.state.value if t is not None else None,
         "peer_relayed": peer,

@@ -11,12 +11,18 @@ Features plug in as :class:`~p2plab.aio.extension.Extension` objects handed over
 construction (``Worker(config, extensions=[...])``); the worker is their
 :class:`~p2plab.aio.extension.WorkerHost`.
 
-The UDP endpoint is bound at start: STUN learns the mapping of that very socket, and that
-mapping is what the peer punches towards.  It changes once at most per link attempt, when
-birthday punching (issue 16) wins on a pool socket (:mod:`p2plab.aio.pool`): that socket holds
-the NAT mapping that reached the peer, so it becomes :attr:`Worker.endpoint` (peer handler,
-STUN, benchmarks and ``udp_local`` follow, since they all read the attribute) and the old one
-closes.  Nothing may keep the endpoint of the start.  The clock is ``time.monotonic()`` rather
+The IPv4 UDP endpoint (:attr:`Worker.endpoint4`) is bound at start: STUN learns the mapping of
+that very socket, and that mapping is what the peer punches towards.  It changes once at most
+per link attempt, when birthday punching (issue 16) wins on a pool socket
+(:mod:`p2plab.aio.pool`): that socket holds the NAT mapping that reached the peer, so it becomes
+:attr:`Worker.endpoint4` (peer handler, STUN, benchmarks and ``udp_local`` follow, since they
+all read the attribute) and the old one closes.  Nothing may keep the endpoint of the start.
+
+Beside it, an IPv6-only socket (:attr:`Worker.endpoint6`, issue 19, :mod:`p2plab.aio.dualstack`):
+one socket per family, never a dual-stack one, so the engine sees plain 2-tuples of either
+family.  Both sockets feed the same handler; a datagram of the engine leaves by the socket of
+its address's family; :attr:`Worker.endpoint` is the socket of the link's current family (the
+benchmark's fast paths read it when a run starts).  The clock is ``time.monotonic()`` rather
 than ``loop.time()``: uvloop's loop clock has millisecond resolution, too coarse for loopback
 RTTs of tens of microseconds.
 """
@@ -32,16 +38,17 @@ from collections.abc import AsyncIterator, Callable, Coroutine, Iterable, Sequen
 from contextlib import AbstractAsyncContextManager
 from typing import Any, TypeVar, overload
 
-from p2plab.aio import discovery
+from p2plab.aio import discovery, dualstack
 from p2plab.aio.bench.extension import BenchmarkExtension
 from p2plab.aio.bench.route import deliver
+from p2plab.aio.dualstack import Discovery6
 from p2plab.aio.endpoint import Address, UdpEndpoint
 from p2plab.aio.extension import Extension
 from p2plab.aio.hub import EventHub, Subscription, ui_message
 from p2plab.aio.pool import SocketPool
 from p2plab.aio.portmap import PortMapDriver, start_for_worker
 from p2plab.aio.rendezvous import RendezvousClient, RendezvousMessage
-from p2plab.aio.status import nat_block, peer_block, security_block, turn_block
+from p2plab.aio.status import format_address, nat_block, peer_block, security_block, turn_block
 from p2plab.aio.trust import load_known_peers, save_known_peers
 from p2plab.aio.turn_tcp import TurnTcpConnection
 from p2plab.aio.ui_server import UiServer
@@ -93,8 +100,13 @@ class Worker:
         """The sans-I/O engine this worker drives."""
         self.stats = self.link.stats  # one dict: the engine's counters and the driver's
         self.stats.update(chats_out=0, controls_unknown=0)
-        self.endpoint: UdpEndpoint | None = None
-        """The link's UDP socket (replaced when a birthday pool socket is adopted)."""
+        self.endpoint4: UdpEndpoint | None = None
+        """The link's IPv4 UDP socket (replaced when a birthday pool socket is adopted)."""
+        self.endpoint6: UdpEndpoint | None = None
+        """The link's IPv6 UDP socket (issue 19, :mod:`p2plab.aio.dualstack`), None when
+        ``ipv6`` is off or the host has no IPv6."""
+        self.ipv6_discovery: Discovery6 | None = None
+        """What STUN over IPv6 said of :attr:`endpoint6` (None: not asked yet)."""
         self.pool: SocketPool | None = None
         """The birthday pool sockets (empty unless the engine opened a pool)."""
         self.http_public_ip: str | None = None
@@ -137,11 +149,21 @@ class Worker:
 
     async def start(self) -> Worker:
         """Bind the UDP socket, attach extensions, start the HTTP server and the rendezvous."""
-        self.endpoint = await UdpEndpoint.bind(self.config.udp_host, self.config.udp_port)
-        self.endpoint.peer_handler = self._on_datagram
-        # STUN messages no transaction of ours waits for: the TURN server's answers and Data
-        # indications to the engine's TURN client (the engine takes only its server's).
-        self.endpoint.stun_fallback = self._on_datagram
+        config = self.config
+        self.endpoint4 = await UdpEndpoint.bind(config.udp_host, config.udp_port)
+        host6 = dualstack.ipv6_bind_host(
+            config.ipv6, config.rendezvous_url, config.stun_servers, config.udp6_host
+        )
+        if host6 is not None:
+            loop = asyncio.get_running_loop()
+            self.endpoint6 = dualstack.bind6(loop, host6, self.endpoint4.local_address[1])
+        for ep in (self.endpoint4, self.endpoint6):
+            if ep is not None:
+                ep.peer_handler = self._on_datagram
+                # STUN messages no transaction of ours waits for: the TURN server's answers and
+                # Data indications to the engine's TURN client (the engine takes only its
+                # server's).
+                ep.stun_fallback = self._on_datagram
         self.pool = SocketPool(asyncio.get_running_loop(), self._on_pool_datagram)
         for ext in self._extensions:
             ext.attach(self)
@@ -166,7 +188,7 @@ class Worker:
             self.config.port_mapping,
             self.config.rendezvous_url,
             self.config.stun_servers,
-            self.endpoint.local_address[1],
+            self.endpoint4.local_address[1],  # port mapping is IPv4's (issue 18)
             self._on_port_mapping,
             lifetime_s=self.config.port_mapping_lifetime_s,
         )
@@ -219,8 +241,9 @@ class Worker:
                 log.warning("worker %s: task %s did not stop", self.worker_id[:8], task.get_name())
         if self.pool is not None:
             self.pool.close()
-        if self.endpoint is not None:
-            self.endpoint.close()
+        for ep in (self.endpoint4, self.endpoint6):
+            if ep is not None:
+                ep.close()
 
     async def __aenter__(self) -> Worker:
         return await self.start()
@@ -264,10 +287,13 @@ class Worker:
                 self._timer = loop.call_later(max(0.0, when - now), self._on_timer)
 
     def _send_datagrams(self, now: float) -> None:
-        endpoint = self.endpoint
+        v4, v6 = self.endpoint4, self.endpoint6
         for data, addr in self.link.datagrams_to_send(now):
+            endpoint = v6 if ":" in addr[0] else v4  # one socket per family (aio/dualstack.py)
             if endpoint is not None:
                 endpoint.sendto(data, addr)
+            else:
+                self.count("udp_no_socket_for_family")
 
     def _on_timer(self) -> None:
         self._timer = None
@@ -291,18 +317,18 @@ class Worker:
             pass  # TURN over TCP (issue 17)
         elif isinstance(cmd, AdoptPoolSocket):
             self._adopt(cmd.index)
-        elif self.pool is not None and self.endpoint is not None:  # the other pool commands
-            self.pool.carry_out(cmd, self.endpoint.local_address[0])
+        elif self.pool is not None and self.endpoint4 is not None:  # the other pool commands
+            self.pool.carry_out(cmd, self.endpoint4.local_address[0])  # birthday: IPv4 NATs
 
     def _adopt(self, index: int) -> None:
         """Make pool socket ``index`` the link's socket, then let the engine's held datagrams
         out through it (the commands it gives meanwhile are drained by ``_transmit``'s loop)."""
-        old = self.endpoint
+        old = self.endpoint4
         new = self.pool.take(index, like=old) if self.pool is not None else None
         if new is None:  # closed meanwhile: the engine must not hold its outbox for ever
             log.warning("birthday: pool socket %d is gone; the link stays on its socket", index)
         else:
-            self.endpoint = new
+            self.endpoint4 = new
             new.peer_handler = self._on_datagram
             new.stun_fallback = self._on_datagram  # the engine's TURN client moves with it
             if old is not None:
@@ -406,31 +432,55 @@ class Worker:
         self._feed(lambda now: self.link.receive_rendezvous(msg, now))
 
     async def _discover(self, observed_ip: str | None) -> None:
-        """Answer the engine's DiscoverEndpoint: STUN (or the observed address), LAN addresses."""
-        assert self.endpoint is not None
-        birthday = self.config.birthday
-        found = await discovery.discover_endpoint(
-            self.endpoint,
-            self.config.stun_servers,
-            observed_ip,
-            self.config.stun_timeout_s,
-            hint=birthday.enabled,  # without birthday punching nobody needs it: no delay
-            port_range=birthday.port_range,
+        """Answer the engine's DiscoverEndpoint: STUN (or the observed address), LAN addresses;
+        with an IPv6 socket, STUN over IPv6 at the same time (its answer follows with
+        ``set_endpoint6``: IPv6 never delays IPv4) and the IPv6 host candidates."""
+        v4 = self.endpoint4
+        assert v4 is not None
+        config = self.config
+        servers4, servers6 = dualstack.split_stun_servers(config.stun_servers)
+        v6 = self.endpoint6
+        task6 = (
+            asyncio.ensure_future(dualstack.discover6(v6, servers6, config.stun_timeout_s))
+            if v6 is not None
+            else None
         )
-        self.stun_info = found.stun_info
-        lan = discovery.local_candidates(
-            self.endpoint.local_address, self.config.rendezvous_url, self.config.stun_servers
-        )
-        self._feed(
-            lambda now: self.link.discovered(
-                found.public, lan, now, error=found.error, nat=found.nat
+        try:
+            birthday = config.birthday
+            found = await discovery.discover_endpoint(
+                v4,
+                servers4,
+                observed_ip,
+                config.stun_timeout_s,
+                hint=birthday.enabled,  # without birthday punching nobody needs it: no delay
+                port_range=birthday.port_range,
+                warn=not servers6,
             )
-        )
-        if found.stun_info is not None and self.config.nat_report:
-            self._spawn(self._classify(), "nat-report")
+            public = found.public
+            if found.stun_info is None and v6 is not None and dualstack.is_v6(public[0]):
+                # the rendezvous saw us over IPv6: that address is ours on the IPv6 socket
+                public = (public[0], v6.local_address[1])
+            self.stun_info = found.stun_info
+            lan = discovery.local_candidates(v4.local_address, config.rendezvous_url, servers4)
+            if v6 is not None:
+                lan += dualstack.local_candidates6(
+                    v6.local_address, config.rendezvous_url, config.stun_servers
+                )
+            self._feed(
+                lambda now: self.link.discovered(public, lan, now, error=found.error, nat=found.nat)
+            )
+            if found.stun_info is not None and config.nat_report:
+                self._spawn(self._classify(servers4), "nat-report")
+            if task6 is not None:
+                found6 = self.ipv6_discovery = await task6
+                self._feed(lambda now: self.link.set_endpoint6(found6.endpoint, now))
+                self.publish_status()
+        finally:
+            if task6 is not None and not task6.done():
+                task6.cancel()
 
-    async def _classify(self) -> None:
-        nat = await discovery.classify_nat(self.config.udp_host, self.config.stun_servers)
+    async def _classify(self, servers: Sequence[str]) -> None:
+        nat = await discovery.classify_nat(self.config.udp_host, servers)
         if nat is not None:
             self.nat = nat
             self.publish_status()
@@ -474,10 +524,34 @@ class Worker:
 
     @property
     def udp_local(self) -> str:
-        if self.endpoint is None:
+        """The IPv4 socket's local address, ``host:port`` ("" before start)."""
+        if self.endpoint4 is None:
             return ""
-        host, port = self.endpoint.local_address
+        host, port = self.endpoint4.local_address
         return f"{host}:{port}"
+
+    @property
+    def udp_local6(self) -> str | None:
+        """The IPv6 socket's local address, ``[host]:port`` (None without one)."""
+        ep = self.endpoint6
+        return None if ep is None or ep.closed else format_address(ep.local_address)
+
+    @property
+    def endpoint(self) -> UdpEndpoint | None:
+        """The UDP socket of the link's current family: :attr:`endpoint6` while the peer
+        address is IPv6, else :attr:`endpoint4` (the benchmark's fast paths send and read on
+        it; read it when needed, never keep it: it changes with the path)."""
+        v6 = self.endpoint6
+        if v6 is not None and dualstack.family_of(self.peer_address) == "ipv6":
+            return v6
+        return self.endpoint4  # IPv4, and the pseudo-addresses (TURN, relay): the engine's
+
+    @property
+    def family(self) -> str | None:
+        """contracts.md's ``family`` (the engine's): ``"ipv4"`` or ``"ipv6"``, the address
+        family of the link's path (of the peer's transport address on a TURN path); None
+        without a link and on the rendezvous relay."""
+        return self.link.family
 
     @property
     def rendezvous_connected(self) -> bool:
@@ -571,6 +645,16 @@ class Worker:
         """The ``security`` block of ``status()`` (see :func:`p2plab.aio.status.security_block`)."""
         return security_block(self.link, self.identity, self.config.encrypt)
 
+    def ipv6(self) -> dict[str, Any]:
+        """The ``ipv6`` block of ``status()`` (:func:`p2plab.aio.dualstack.ipv6_block`)."""
+        ep = self.endpoint6
+        return dualstack.ipv6_block(
+            ep.local_address if ep is not None and not ep.closed else None,
+            self.link.endpoint6,
+            self.ipv6_discovery,
+            self.link.local_candidates,
+        )
+
     def status(self, *, state: str | None = None) -> dict[str, Any]:
         """The ``status`` message of contracts.md (also served at ``GET /status``).
 
@@ -585,11 +669,13 @@ class Worker:
             "worker_id": self.worker_id,
             "state": state,
             "udp_local": self.udp_local,
-            "udp_public": f"{public[0]}:{public[1]}" if public else None,
+            "udp_public": format_address(public) if public else None,
             "nat": nat_block(self.nat, self.link.nat_hint),
             "peer": peer_block(self.link),
             "path": self.link.path if state == self.state else None,
             "method": self.link.method,
+            "family": self.family if state == self.state else None,
+            "ipv6": self.ipv6(),
             "turn": turn_block(self.link),
             "port_mapping": self._portmap.status() if self._portmap is not None else None,
             "room": self.config.room,
@@ -602,7 +688,8 @@ class Worker:
             "security": self.security(),
             "stats": {
                 **self.stats,
-                "udp": dict(self.endpoint.stats) if self.endpoint else {},
+                "udp": dict(self.endpoint4.stats) if self.endpoint4 else {},
+                "udp6": dict(self.endpoint6.stats) if self.endpoint6 else {},
                 "pool": dict(self.pool.stats) if self.pool is not None else {},
                 "portmap": dict(self._portmap.stats) if self._portmap is not None else {},
                 "session": dict(session.stats) if session is not None else {},

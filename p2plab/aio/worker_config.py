@@ -4,10 +4,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from p2plab.aio.dualstack import check_ipv6_mode, is_v6
 from p2plab.aio.rendezvous import Backoff
 from p2plab.config import BirthdayConfig, SessionConfig
 from p2plab.core.crypto import parse_peer_key
 from p2plab.core.link import LinkConfig
+from p2plab.errors import ConfigError
 
 __all__ = ["WorkerConfig"]
 
@@ -21,7 +23,8 @@ class WorkerConfig:
     stun_servers: tuple[str, ...] = ()
     """STUN servers as ``host:port``; empty means: use the address the rendezvous observed."""
     udp_host: str = "0.0.0.0"
-    """Address the peer UDP socket binds to."""
+    """Address the peer UDP socket binds to: the IPv4 socket (an IPv6 address is refused:
+    the IPv6 socket is a second one, ``udp6_host``)."""
     udp_port: int = 0
     """Port the peer UDP socket binds to (0: chosen by the OS)."""
     http_host: str = "127.0.0.1"
@@ -76,6 +79,14 @@ class WorkerConfig:
     ui_allowed_hosts: tuple[str, ...] = ()
     """Host names the page answers to besides localhost, loopback and IP addresses (DNS
     rebinding guard): ``name``, ``name:port`` or ``.domain`` (e.g. ``.run.app``)."""
+    ipv6: str = "auto"
+    """IPv6 beside IPv4 (issue 19; ``--ipv6``, ``P2P_IPV6``): ``auto`` binds a second UDP
+    socket, IPv6 only, on the IPv4 socket's port number when free, whenever the host has an
+    IPv6 route (in a loopback-only setup: only when the rendezvous or a STUN server is on
+    ``::1``), and announces IPv6 candidates; ``off`` never opens one
+    (:mod:`p2plab.aio.dualstack`)."""
+    udp6_host: str | None = None
+    """Address the IPv6 socket binds to; None: ``::`` (``::1`` in a loopback-only setup)."""
     birthday: BirthdayConfig = field(default_factory=BirthdayConfig)
     """Birthday punching and predicted ports for pairs with a hard NAT (issue 16;
     ``--birthday-sockets``, ``--hard-nat-budget``, ``--no-birthday``).  While enabled, the
@@ -90,6 +101,16 @@ class WorkerConfig:
     port_mapping_lifetime_s: int = 7200
     """The lease asked for (``--port-mapping-lifetime``, ``P2P_PORT_MAPPING_LIFETIME``),
     renewed at half of it: a renewal also re-creates a mapping the router dropped meanwhile."""
+
+    def __post_init__(self) -> None:
+        check_ipv6_mode(self.ipv6)
+        if ":" in self.udp_host:  # one socket per family: never a dual-stack one
+            raise ConfigError(
+                f"udp_host is the IPv4 socket's address, got {self.udp_host!r}; the IPv6 "
+                "socket binds udp6_host (ipv6='auto')"
+            )
+        if self.udp6_host is not None and not is_v6(self.udp6_host):
+            raise ConfigError(f"udp6_host must be an IPv6 address, got {self.udp6_host!r}")
 
     def link_config(self) -> LinkConfig:
         """The link engine's share of these settings."""

@@ -21,7 +21,7 @@ import pytest
 
 from p2plab.cli import build_parser
 from p2plab.errors import ConfigError, LabError
-from p2plab.lab.matrix import expected_site_outcome
+from p2plab.lab.ipv6 import expected_site_outcome
 from p2plab.lab.matrix_report import parse_pairs
 from p2plab.lab.netns import PUBLIC_NET, Lab, LabConfig
 from p2plab.lab.portmap_lab import (
@@ -118,9 +118,9 @@ def test_matrix_takes_site_specs_and_expects_port_mapping_pairs_direct() -> None
     with pytest.raises(ValueError, match="modifier"):
         parse_pairs("symmetric+nope:leaky")
     # Two symmetric NATs need the relay, unless one of them maps a port when asked.
-    assert expected_site_outcome("symmetric", "symmetric") == "failed"
+    assert expected_site_outcome("symmetric", "symmetric") == ("failed", "")
     for a, b in [p.split(":") for p in pairs.split(",")] + [["leaky", "port-restricted+pmp"]]:
-        assert expected_site_outcome(a, b) == "direct"
+        assert expected_site_outcome(a, b) == ("direct", "ipv4")
     assert build_parser().parse_args(["lab", "up", "--a", "symmetric+all"]).profile_a == (
         "symmetric+all"
     )

@@ -351,3 +351,41 @@ def test_the_method_that_made_the_link_shows_next_to_the_path(browser: Any) -> N
         assert page.inner_text(tid("method")) == "method: relay"
         w.send({**SCRIPTED_STATUS, "state": "waiting_for_peer", "path": None, "method": None})
         assert page.inner_text(tid("method")) == ""
+
+
+def test_both_address_families_show(browser: Any) -> None:
+    """Issue 19: the IPv6 socket and endpoint beside the IPv4 ones, and the link's family."""
+    with open_page(browser) as page:
+        w = ScriptedWorker(page)
+        for name in ("udp-local6", "udp-public6", "family"):  # an older worker: nothing
+            assert page.inner_text(tid(name)) == "", name
+        six = {
+            "enabled": True,
+            "socket": "[::]:40000",
+            "endpoint": "[2001:db8::11]:40000",
+            "reachable": True,
+            "candidates": ["[2001:db8::11]:40000"],
+            "nat66": False,
+            "stun": {"server": "[2001:db8::3]:3478", "rtt_ms": 1.2},
+        }
+        peer6 = {"worker_id": PEER_ID, "endpoint": "[2001:db8::12]:40001", "rtt_ms": 0.3}
+        w.send({**SCRIPTED_STATUS, "ipv6": six, "family": "ipv6", "peer": peer6})
+        assert page.inner_text(tid("udp-local")) == "0.0.0.0:40000"
+        assert page.inner_text(tid("udp-local6")) == "IPv6 [::]:40000"
+        assert page.inner_text(tid("udp-public")) == "203.0.113.11:40000"
+        assert page.inner_text(tid("udp-public6")) == "IPv6 [2001:db8::11]:40000"
+        assert page.inner_text(tid("family")) == "over IPv6"
+        assert page.inner_text(tid("peer-endpoint")) == "at [2001:db8::12]:40001"
+        shot(page, "scripted-dual-stack")
+        w.send({**SCRIPTED_STATUS, "ipv6": {**six, "nat66": True}, "family": "ipv4"})
+        assert page.inner_text(tid("udp-public6")) == "IPv6 [2001:db8::11]:40000 (NAT66)"
+        assert page.inner_text(tid("family")) == "over IPv4"
+        nostun = {**six, "endpoint": None, "reachable": None, "stun": None}
+        w.send({**SCRIPTED_STATUS, "ipv6": nostun, "family": "ipv4"})
+        assert page.inner_text(tid("udp-public6")) == "IPv6 [2001:db8::11]:40000 (host)"
+        w.send({**SCRIPTED_STATUS, "ipv6": {**nostun, "reachable": False}})
+        assert page.inner_text(tid("udp-public6")) == "IPv6: no STUN answer"
+        off = {"enabled": False, "socket": None, "endpoint": None, "reachable": None}
+        w.send({**SCRIPTED_STATUS, "ipv6": off, "family": None, "path": None})
+        assert page.inner_text(tid("udp-local6")) == "IPv6 off"
+        assert page.inner_text(tid("udp-public6")) == "" and page.inner_text(tid("family")) == ""

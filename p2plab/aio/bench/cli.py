@@ -25,6 +25,7 @@ from typing import Any, TypeVar
 from p2plab import cli_common as cc
 from p2plab.aio.bench.api import Benchmark, extension_of
 from p2plab.aio.bench.common import RTT_SPIN_US
+from p2plab.aio.dualstack import IPV6_MODES
 from p2plab.aio.worker import Worker, WorkerConfig
 from p2plab.core.events import BenchmarkFinished, BenchmarkProgress
 from p2plab.errors import P2PLabError
@@ -70,6 +71,13 @@ def register_cli(subparsers: Any) -> None:
     p.add_argument("--room", default="default", help="rendezvous room both sides use")
     p.add_argument("--token", default=None, help="the rendezvous's token (default: none)")
     p.add_argument("--udp-port", type=cc.port_or_zero, default=0, help="UDP port, 0: any")
+    p.add_argument(
+        "--ipv6",
+        choices=IPV6_MODES,
+        default="auto",
+        help="auto: an IPv6 socket beside the IPv4 one when the host has an IPv6 route (the "
+        "link may run over IPv6); off: IPv4 only",
+    )
     p.add_argument("--duration", type=_duration, default=5.0, help="seconds per run (up to 3600)")
     p.add_argument(
         "--size", type=cc.payload_size, default=1200, help="UDP payload bytes (64..65507)"
@@ -329,11 +337,13 @@ async def _cmd_bench(args: argparse.Namespace) -> int:
         room=args.room,
         token=args.token,
         nat_report=False,
+        ipv6=args.ipv6,
     )
     worker = Worker(config)
     await worker.start()
-    if args.no_mmsg and worker.endpoint is not None:
-        worker.endpoint.mmsg = False
+    for ep in (worker.endpoint4, worker.endpoint6) if args.no_mmsg else ():
+        if ep is not None:  # the link may run on either family's socket
+            ep.mmsg = False
     try:
         await _find_peer(worker, args)
         role = args.role
