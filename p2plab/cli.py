@@ -3,7 +3,8 @@
 Containers pass the same settings through the environment (PORT, RENDEZVOUS_URL, STUN_SERVERS,
 INTERNAL_UDP_PORT, P2P_ROOM, P2P_TOKEN, ADMIN_TOKEN, REDIS_URL, PUBLIC_IP_URL; and ours: HTTP_HOST,
 HOST, STUN_PORT, WORKER_ID, P2P_ROOM_TOKENS, MAX_WORKERS, P2P_RELAY, TRUST_PROXY_HEADERS,
-P2P_BIRTHDAY, P2P_BIRTHDAY_SOCKETS, P2P_HARD_NAT_BUDGET, P2P_PORT_MAPPING; see
+P2P_BIRTHDAY, P2P_BIRTHDAY_SOCKETS, P2P_HARD_NAT_BUDGET, P2P_PORT_MAPPING,
+P2P_PORT_MAPPING_LIFETIME; see
 docs/protocol.md); flags win over environment variables.
 """
 
@@ -70,6 +71,14 @@ def _port_mapping(text: str) -> str:
         raise argparse.ArgumentTypeError(
             f"{text!r}: expected off, auto or the gateway's IPv4 address"
         ) from None
+
+
+def _lease_seconds(text: str) -> int:
+    """``--port-mapping-lifetime``: 10..604800 s (a week: the wire's limit for a lease)."""
+    value = cc.positive_int(text)
+    if not 10 <= value <= 604800:
+        raise argparse.ArgumentTypeError(f"must be 10..604800 seconds, got {value}")
+    return value
 
 
 def _ipv6_mode(text: str) -> str:
@@ -246,6 +255,7 @@ def _resolve_worker_env(args: argparse.Namespace) -> None:
         ("birthday_sockets", "P2P_BIRTHDAY_SOCKETS", _birthday_sockets, 256),
         ("hard_nat_budget", "P2P_HARD_NAT_BUDGET", cc.non_negative_int, 0),
         ("port_mapping", "P2P_PORT_MAPPING", _port_mapping, "auto"),
+        ("port_mapping_lifetime", "P2P_PORT_MAPPING_LIFETIME", _lease_seconds, 7200),
         ("ipv6", "P2P_IPV6", _ipv6_mode, "auto"),
     ]
     for dest, name, convert, default in from_env:
@@ -302,6 +312,7 @@ def _worker_config(args: argparse.Namespace) -> Any:
             hard_budget=args.hard_nat_budget,
         ),
         port_mapping=args.port_mapping,
+        port_mapping_lifetime_s=args.port_mapping_lifetime,
         ipv6=args.ipv6,
     )
 
@@ -678,6 +689,13 @@ def _add_worker(sub: Any) -> None:
         "relay at once (env P2P_HARD_NAT_BUDGET; default: 0; 172000 gives 99.9%%)",
     )
     _add_port_mapping(p)
+    p.add_argument(
+        "--port-mapping-lifetime",
+        type=_lease_seconds,
+        metavar="S",
+        help="the port-mapping lease to ask for, renewed at half of it; short ones let a lab "
+        "see a deleted lease come back (env P2P_PORT_MAPPING_LIFETIME; default: 7200)",
+    )
     p.add_argument(
         "--ipv6",
         type=_ipv6_mode,

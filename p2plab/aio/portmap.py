@@ -505,6 +505,8 @@ async def start_for_worker(
     stun_servers: Iterable[str],
     udp_port: int,
     on_mapping: Callable[[PortMapping | None], None],
+    *,
+    lifetime_s: int = 7200,
 ) -> PortMapDriver | None:
     """Start mapping the worker's UDP port as ``setting`` says (None: off, loopback, no default
     route, or no route to the gateway); ``on_mapping`` gets the engine's :class:`PortMapping`
@@ -532,7 +534,7 @@ async def start_for_worker(
         ):
             on_mapping(None)  # also ends the engine's wait for the probe (expect_port_mapping)
 
-    driver = PortMapDriver(gateway, udp_port, on_event)
+    driver = PortMapDriver(gateway, udp_port, on_event, config=PortMapperConfig(lifetime_s))
     try:
         await driver.start()
     except OSError as exc:  # e.g. no route to the gateway: the worker runs without

@@ -188,8 +188,9 @@ class Worker:
             self.config.port_mapping,
             self.config.rendezvous_url,
             self.config.stun_servers,
-            self.endpoint.local_address[1],
+            self.endpoint4.local_address[1],  # port mapping is IPv4's (issue 18)
             self._on_port_mapping,
+            lifetime_s=self.config.port_mapping_lifetime_s,
         )
         self._spawn(self._run_rendezvous(), "rendezvous")
         self._feed(self.link.start)

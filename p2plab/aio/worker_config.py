@@ -98,6 +98,9 @@ class WorkerConfig:
     the rendezvous or a STUN server is on loopback (tests and ``make demo`` leave the host's
     router alone); or the gateway's IPv4 address.  The mapped endpoint is offered to the peer
     above the STUN one (:mod:`p2plab.aio.portmap`)."""
+    port_mapping_lifetime_s: int = 7200
+    """The lease asked for (``--port-mapping-lifetime``, ``P2P_PORT_MAPPING_LIFETIME``),
+    renewed at half of it: a renewal also re-creates a mapping the router dropped meanwhile."""
 
     def __post_init__(self) -> None:
         check_ipv6_mode(self.ipv6)

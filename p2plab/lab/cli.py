@@ -14,9 +14,10 @@ import threading
 from typing import TYPE_CHECKING, Any
 
 from p2plab import cli_common as cc
-from p2plab.errors import P2PLabError
+from p2plab.errors import ConfigError, P2PLabError
 from p2plab.lab.matrix_report import parse_pairs
 from p2plab.lab.profiles import EXPECTED_CLASSIC, PROFILES
+from p2plab.lab.site import parse_site
 
 if TYPE_CHECKING:  # netns is imported where a lab is built (the parser must not need root tools)
     from p2plab.lab.netns import Lab
@@ -40,6 +41,24 @@ def _profiles_arg(value: str) -> list[str]:
                 f"unknown profile {name!r}; choose from {', '.join(PROFILES)}"
             )
     return names
+
+
+_SITES_HELP = (
+    "comma-separated site specs: a NAT profile, optionally with a port-mapping router "
+    "(symmetric+pmp, +upnp, +all: miniupnpd), an IPv6 firewall (v6-open, v6-apdf, v6-eif) or "
+    f"both (symmetric/v6-apdf) (default: the NAT profiles: {','.join(PROFILES)})"
+)
+
+
+def _site_arg(value: str) -> str:
+    try:
+        return parse_site(value).spec
+    except ConfigError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _sites_arg(value: str) -> list[str]:
+    return [_site_arg(v) for v in value.split(",") if v.strip()]
 
 
 def _pairs_arg(value: str) -> list[tuple[str, str]]:
@@ -85,10 +104,21 @@ def register_cli(subparsers: Any) -> argparse.ArgumentParser:
 
     up = sub.add_parser("up", help="build a lab and keep it until Ctrl-C")
     up.add_argument(
-        "--a", dest="profile_a", default="port-restricted", choices=PROFILES, help="site A's NAT"
+        "--a",
+        dest="profile_a",
+        default="port-restricted",
+        type=_site_arg,
+        metavar="SPEC",
+        help="site A: a NAT profile (+pmp, +upnp, +all: with miniupnpd), an IPv6 firewall or "
+        "both (symmetric+pmp/v6-apdf)",
     )
     up.add_argument(
-        "--b", dest="profile_b", default="port-restricted", choices=PROFILES, help="site B's NAT"
+        "--b",
+        dest="profile_b",
+        default="port-restricted",
+        type=_site_arg,
+        metavar="SPEC",
+        help="site B (as --a)",
     )
     up.add_argument("--same-lan", action="store_true", help="hosts a and b behind site A's NAT")
     up.add_argument("--no-stun", action="store_true", help="do not start coturn")
@@ -116,15 +146,13 @@ def register_cli(subparsers: Any) -> argparse.ArgumentParser:
     classify.set_defaults(func=cmd_classify)
 
     matrix = sub.add_parser("matrix", help="punch between every pair of profiles; CSV + heatmap")
-    matrix.add_argument(
-        "--profiles", type=_profiles_arg, default=list(PROFILES), help=_PROFILES_HELP
-    )
+    matrix.add_argument("--profiles", type=_sites_arg, default=list(PROFILES), help=_SITES_HELP)
     matrix.add_argument(
         "--pairs",
         type=_pairs_arg,
         default=None,
         metavar="A:B,...",
-        help="run only these ordered pairs (site A's NAT:site B's NAT), no "
+        help="run only these ordered pairs (site A's spec:site B's spec), no "
         "same-LAN row; overrides --profiles (default: every pair of --profiles)",
     )
     matrix.add_argument(
@@ -196,9 +224,16 @@ def cmd_up(args: argparse.Namespace) -> int:
         else:
             _out(f"lab {lab.prefix} is up (profiles: a={desc['profile_a']} b={desc['profile_b']})")
             for name, host in desc["hosts"].items():
-                _out(f"  {name:<11} {host['address']:<15} ip netns exec {host['ns']} bash")
+                addr = host["address"]
+                if "address6" in host:  # a lab with IPv6: both columns ("-" for none)
+                    four = "-" if ":" in addr else addr
+                    addr = f"{four:<15} {host['address6'] or '-':<22}"
+                _out(f"  {name:<11} {addr:<15} ip netns exec {host['ns']} bash")
             if desc["stun"]:
                 _out(f"  STUN (coturn): {lab.stun_server}, alternate {lab.stun_addresses[1]}:3479")
+                if lab.v6 is not None:
+                    six = lab.v6.stun_addresses
+                    _out(f"  STUN over IPv6: [{six[0]}]:3478, alternate [{six[1]}]:3479")
                 _out(f"  TURN (coturn): p2plab rendezvous --turn {','.join(lab.turn_urls)} "
                      f"--turn-secret {lab.turn_secret}")  # fmt: skip
             _out("Ctrl-C removes the lab.")

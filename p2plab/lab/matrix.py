@@ -24,6 +24,11 @@ acknowledged there.  ``path`` is the workers' own status ``path`` at the end (``
 TURN is off by default: the matrix is natlab.md's hole-punching table and its recorded runs and
 tests pin the rendezvous relay as the fallback; with TURN the fallback column changes meaning,
 so it is a separate, opt-in run.
+
+Sites are site specs (:mod:`p2plab.lab.site`, issue 19): with IPv6 in the lab the rendezvous
+listens on both families (``--host ::``), each worker gets the rendezvous and STUN addresses of the
+families its host has, and ``family`` records the family of the direct link (``expected_family``:
+IPv6 wherever both sites have it, :func:`p2plab.lab.ipv6.expected_site_outcome`).
 """
 
 from __future__ import annotations
@@ -46,15 +51,18 @@ from typing import IO, Any
 
 from p2plab.aio.ui_auth import new_ui_token
 from p2plab.errors import LabError
+from p2plab.lab.ipv6 import bracket, expected_site_outcome
 from p2plab.lab.matrix_report import (
     format_summary,
+    pair_family,
     plot_heatmap,
     print_table,
     summarize,
     write_summary_csv,
 )
 from p2plab.lab.netns import Lab, LabConfig, classify_profiles
-from p2plab.lab.profiles import PROFILES, expected_outcome, validate_profile
+from p2plab.lab.profiles import PROFILES
+from p2plab.lab.site import parse_site
 
 __all__ = [
     "PairResult",
@@ -150,11 +158,24 @@ class PairResult:
     first_path: str = ""
     """The first path host a's worker reported (``turn-udp`` then ``path`` ``direct``: the pair
     connected over TURN and upgraded to direct)."""
+    family: str = ""
+    """The address family of the link (``ipv4``, ``ipv6``): the workers' status ``family``, else
+    read off their peer endpoints; ``a/b`` when they disagree, empty without a direct link."""
+    expected_family: str = ""
+    """The family a direct link should have (``ipv6`` when both sites have IPv6)."""
 
     @property
     def agrees(self) -> bool:
-        """True when the outcome is what the table predicts (or the table does not say)."""
-        return self.expected == "unknown" or self.outcome == self.expected
+        """True when the outcome is what the table predicts (or the table does not say), and a
+        direct link runs over the family expected."""
+        if self.expected == "unknown":
+            return True
+        family_ok = (
+            not self.expected_family
+            or self.outcome != "direct"
+            or self.family == self.expected_family
+        )
+        return self.outcome == self.expected and family_ok
 
 
 class _EventReader(threading.Thread):
@@ -292,9 +313,11 @@ asyncio.run(main())
 
 def wait_listening(lab: Lab, host: str, addr: str, timeout: float) -> bool:
     """Wait until a TCP socket listens on ``addr`` (``ip:port``) in ``host``; False on timeout."""
+    # ss shows a socket on ``::`` that takes both families (IPV6_V6ONLY off) as ``*:port``.
+    wanted = {addr, "*:" + addr.removeprefix("[::]:")} if addr.startswith("[::]:") else {addr}
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        if addr in lab.run(host, ["ss", "-Hltn"]).stdout.split():
+        if wanted & set(lab.run(host, ["ss", "-Hltn"]).stdout.split()):
             return True
         time.sleep(0.05)
     return False
@@ -335,9 +358,10 @@ class PairRun:
         """
         lab = self.lab
         rv = lab.rendezvous_address
+        rv_host = rv if lab.v6 is None else "::"  # with IPv6 in the lab: both families
         # --open: the lab network exists only between its namespaces (beyond loopback the
         # rendezvous refuses to start without a token otherwise).
-        rv_argv = ["-m", "p2plab", "rendezvous", "--host", rv, "--port", str(RENDEZVOUS_PORT)]
+        rv_argv = ["-m", "p2plab", "rendezvous", "--host", rv_host, "--port", str(RENDEZVOUS_PORT)]
         rv_argv.append("--open")
         if turn:
             if not lab.config.stun:
@@ -349,12 +373,12 @@ class PairRun:
             stdout=self._logfile("rendezvous"),
             stderr=subprocess.STDOUT,
         )
-        if not wait_listening(lab, "rendezvous", f"{rv}:{RENDEZVOUS_PORT}", 30.0):
+        if not wait_listening(lab, "rendezvous", bracket(rv_host, RENDEZVOUS_PORT), 30.0):
             raise LabError("the rendezvous did not start listening within 30 s")
         self.t0 = time.monotonic()
         for host in ("a", "b"):
-            argv = ["-m", "p2plab", "worker", "--rendezvous", f"ws://{rv}:{RENDEZVOUS_PORT}"]
-            argv += ["--stun", lab.stun_server, "--http-host", "127.0.0.1"]
+            argv = ["-m", "p2plab", "worker", *_server_args(lab, host)]
+            argv += ["--http-host", "127.0.0.1"]
             argv += ["--http-port", str(WORKER_HTTP_PORT), f"--ui-token={self.ui_token}"]
             argv += ["--events", *worker_args]
             proc = lab.python(
@@ -440,6 +464,15 @@ class PairRun:
         with self.changed:
             return self.changed.wait_for(both, timeout=timeout)
 
+    def wait_family(self, family: str, timeout: float) -> bool:
+        """Wait until both workers' status ``family`` is ``family``; False on timeout."""
+
+        def both() -> bool:
+            return all(r.status.get("family") == family for r in self.readers.values())
+
+        with self.changed:
+            return self.changed.wait_for(both, timeout=timeout)
+
     def status(self, host: str) -> dict[str, Any]:
         """The latest ``status`` object of the worker on ``host``."""
         with self.changed:
@@ -449,6 +482,20 @@ class PairRun:
         """Close the log files (the lab stops the processes)."""
         for f in self._logs:
             f.close()
+
+
+def _server_args(lab: Lab, host: str) -> list[str]:
+    """``--rendezvous`` and ``--stun`` for the worker on ``host``: over IPv4 when its site has
+    IPv4 (the rendezvous over IPv6 only for an IPv6-only site), STUN over each family it has."""
+    v6 = lab.address6(host) if lab.v6 is not None else None
+    has_v4 = parse_site(lab.profile(host)).v4 is not None
+    rv = lab.rendezvous_address if has_v4 or lab.v6 is None else lab.v6.public("rendezvous")
+    argv = ["--rendezvous", f"ws://{bracket(rv, RENDEZVOUS_PORT)}"]
+    if has_v4:
+        argv += ["--stun", lab.stun_server]
+    if v6 is not None and lab.v6 is not None:
+        argv += ["--stun", bracket(lab.v6.stun_addresses[0], lab.stun_port)]
+    return argv
 
 
 def run_pair(
@@ -485,13 +532,15 @@ def run_pair(
     pa = config.profile_a
     pb = config.profile_a if config.same_lan else config.profile_b
     classic = classic or {}
+    expected, expected_family = expected_site_outcome(pa, pb, same_lan=config.same_lan)
     base: dict[str, Any] = {
         "profile_a": pa,
         "profile_b": pb,
         "same_lan": config.same_lan,
-        "expected": expected_outcome(pa, pb, same_lan=config.same_lan),
-        "a_classic": classic.get(pa, ""),
-        "b_classic": classic.get(pb, ""),
+        "expected": expected,
+        "expected_family": expected_family,
+        "a_classic": classic.get(parse_site(pa).v4 or "", ""),
+        "b_classic": classic.get(parse_site(pb).v4 or "", ""),
         "run": run_index,
     }
     run: PairRun | None = None
@@ -499,6 +548,7 @@ def run_pair(
         with Lab.from_config(config) as lab:
             name = f"{pa}__{'same-lan' if config.same_lan else pb}"
             name += f".{run_index}" if run_index > 1 else ""
+            name = name.replace("/", "_")  # a dual-stack spec (symmetric/v6-apdf) names a file
             run = PairRun(lab, log_dir=log_dir, name=name).start(worker_args=worker_args, turn=turn)
             if not run.wait_started(startup_timeout):
                 raise LabError(f"the workers did not start within {startup_timeout:.0f} s")
@@ -552,6 +602,7 @@ def run_pair(
                 sprays=link_counter([sa, sb], "spray_datagrams"),
                 path=_path_text(sa, sb),
                 first_path=next((p for _, p in run.readers["a"].paths if p), ""),
+                family=pair_family(sa, sb) if done else "",
             )
     except Exception as exc:  # one broken pair must not end the matrix
         log.exception("pair %s/%s failed to run", pa, pb)
@@ -596,13 +647,15 @@ def run_matrix(
     ``out_dir`` when given.  ``turn``
     hands every pair the lab's coturn (see :func:`run_pair`)."""
     if pairs is not None:
-        pairs = [(validate_profile(a), validate_profile(b)) for a, b in dict.fromkeys(pairs)]
+        pairs = [(parse_site(a).spec, parse_site(b).spec) for a, b in dict.fromkeys(pairs)]
         profiles = list(dict.fromkeys(p for pair in pairs for p in pair))
         same_lan = False
     else:
-        profiles = [validate_profile(p) for p in dict.fromkeys(profiles)]
+        profiles = [parse_site(p).spec for p in dict.fromkeys(profiles)]
         pairs = [(pa, pb) for i, pa in enumerate(profiles) for pb in profiles[i:]]
-    classic = {p: str(r["classic"]) for p, r in classify_profiles(profiles).items()}
+    # pystun3 classifies the sites' IPv4 NATs (it speaks IPv4 only).
+    v4_profiles = [v4 for v4 in dict.fromkeys(parse_site(p).v4 for p in profiles) if v4]
+    classic = {p: str(r["classic"]) for p, r in classify_profiles(v4_profiles).items()}
     configs = [
         LabConfig(pa, pb, False, loss_a, loss_b, rate_a_mbit, rate_b_mbit) for pa, pb in pairs
     ]
@@ -612,7 +665,11 @@ def run_matrix(
         ]
     log_dir = out_dir / "logs" if out_dir is not None else None
     # Slow (failing) pairs first, so the pool does not end with one long straggler.
-    configs.sort(key=lambda c: expected_outcome(c.profile_a, c.profile_b, c.same_lan) == "direct")
+    configs.sort(
+        key=lambda c: (
+            expected_site_outcome(c.profile_a, c.profile_b, same_lan=c.same_lan)[0] == "direct"
+        )
+    )
     runs = [(c, i) for i in range(1, max(1, repeat) + 1) for c in configs]
     with ThreadPoolExecutor(max(1, jobs)) as pool:
         results = list(

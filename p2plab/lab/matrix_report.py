@@ -6,7 +6,9 @@ the runs of each ordered pair into one :class:`PairSummary` (success rate, media
 connect, how the links were made, probes used) for ``summary.csv`` and the printed table.  It
 also parses ``--pairs A:B,C:D``: an ordered pair, because the two sides of an easy x hard pair do
 different things (issue 16: one probes, the other sprays) and host ``a`` is the one that
-registers first (``controlling``).
+registers first (``controlling``).  A pair's sides are site specs (:mod:`p2plab.lab.site`:
+``symmetric``, ``v6-apdf``, ``symmetric/v6-apdf``); ``family`` is the address family of the
+direct link (issue 19).
 """
 
 from __future__ import annotations
@@ -18,14 +20,17 @@ from collections import Counter
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
-from p2plab.lab.profiles import PROFILES
+from p2plab.errors import ConfigError
+from p2plab.lab.site import parse_site
 
 __all__ = [
     "PairSummary",
     "RunLike",
     "format_summary",
+    "link_family",
+    "pair_family",
     "parse_pairs",
     "plot_heatmap",
     "print_table",
@@ -68,6 +73,8 @@ class RunLike(Protocol):
     def a_peer_endpoint(self) -> str | None: ...
     @property
     def b_peer_endpoint(self) -> str | None: ...
+    @property
+    def family(self) -> str: ...
 
 
 @dataclass(frozen=True)
@@ -109,10 +116,13 @@ class PairSummary:
     runs that report the counter."""
     max_probes: int | None
     """Most birthday probes a run sent."""
+    families: str = ""
+    """The address families of the direct links, counted: e.g. ``ipv6:5`` (empty: none)."""
 
 
 def parse_pairs(text: str) -> list[tuple[str, str]]:
-    """``"A:B,C:D"`` -> ``[("A", "B"), ("C", "D")]`` (ordered; duplicates kept once).
+    """``"A:B,C:D"`` -> ``[("A", "B"), ("C", "D")]`` (ordered; duplicates kept once).  A and B
+    are site specs (``symmetric/v6-apdf:v6-eif``: the ``/`` is the spec's, the ``:`` the pair's).
 
     Raises ValueError naming the bad item (an unknown profile, or no ``:``).
     """
@@ -125,13 +135,36 @@ def parse_pairs(text: str) -> list[tuple[str, str]]:
         if not sep or not a or not b:
             raise ValueError(f"expected PROFILE:PROFILE, got {item!r}")
         for name in (a, b):
-            if name not in PROFILES:
-                raise ValueError(f"unknown profile {name!r}; choose from {', '.join(PROFILES)}")
+            try:
+                parse_site(name)
+            except ConfigError as exc:
+                raise ValueError(f"unknown profile {name!r}: {exc}") from None
         if (a, b) not in pairs:
             pairs.append((a, b))
     if not pairs:
         raise ValueError("expected at least one PROFILE:PROFILE")
     return pairs
+
+
+def link_family(status: dict[str, Any]) -> str:
+    """The address family of a worker's link: its status ``family``, else (workers from before
+    issue 19) read off the peer endpoint it reports (``[2001:db8::1]:5000`` or a bare IPv6
+    literal with its port: ``ipv6``; ``203.0.113.1:5000``: ``ipv4``); empty without a direct
+    peer endpoint (relayed, not connected)."""
+    family = status.get("family")
+    if family in ("ipv4", "ipv6"):
+        return str(family)
+    peer = status.get("peer")
+    endpoint = peer.get("endpoint") if isinstance(peer, dict) else None
+    if not isinstance(endpoint, str) or ":" not in endpoint:
+        return ""
+    return "ipv6" if endpoint.startswith("[") or endpoint.count(":") > 1 else "ipv4"
+
+
+def pair_family(sa: dict[str, Any], sb: dict[str, Any]) -> str:
+    """The pair's ``family``: the workers' common one, ``A/B`` when they disagree."""
+    fa, fb = link_family(sa), link_family(sb)
+    return fa if fa == fb else f"{fa or '-'}/{fb or '-'}"
 
 
 def _median(values: Sequence[float]) -> float | None:
@@ -152,6 +185,7 @@ def summarize(results: Iterable[RunLike]) -> list[PairSummary]:
         punch = [r.punch_s for r in direct if r.punch_s is not None]
         probes = [r.probes for r in runs if r.probes is not None]
         methods = Counter(r.method or "-" for r in runs if r.outcome != "error")
+        families = Counter(r.family for r in direct if r.family)
         out.append(
             PairSummary(
                 profile_a=pa,
@@ -170,6 +204,7 @@ def summarize(results: Iterable[RunLike]) -> list[PairSummary]:
                 methods=" ".join(f"{m}:{n}" for m, n in sorted(methods.items())),
                 median_probes=_median([float(p) for p in probes]),
                 max_probes=max(probes) if probes else None,
+                families=" ".join(f"{f}:{n}" for f, n in sorted(families.items())),
             )
         )
     return out
@@ -192,8 +227,8 @@ def _secs(value: float | None) -> str:
 def format_summary(summaries: Sequence[PairSummary]) -> str:
     """The printed table: one line per pair."""
     head = (
-        f"{'site A':<16} {'site B':<16} {'direct':>7} {'rate':>6} {'median':>7} {'max':>7}"
-        f" {'punch':>7} {'probes':>7}  methods\n"
+        f"{'site A':<20} {'site B':<20} {'direct':>7} {'rate':>6} {'median':>7} {'max':>7}"
+        f" {'punch':>7} {'probes':>7}  methods (families)\n"
     )
     lines = [head]
     for s in summaries:
@@ -201,9 +236,10 @@ def format_summary(summaries: Sequence[PairSummary]) -> str:
         rate = "-" if s.success_rate is None else f"{100 * s.success_rate:.0f}%"
         probes = "-" if s.median_probes is None else f"{s.median_probes:.0f}"
         lines.append(
-            f"{s.profile_a:<16} {b:<16} {f'{s.direct}/{s.runs}':>7} {rate:>6}"
+            f"{s.profile_a:<20} {b:<20} {f'{s.direct}/{s.runs}':>7} {rate:>6}"
             f" {_secs(s.median_connect_s):>7} {_secs(s.max_connect_s):>7}"
             f" {_secs(s.median_punch_s):>7} {probes:>7}  {s.methods}"
+            + (f" ({s.families})" if s.families else "")
             + (f" ({s.errors} broke)" if s.errors else "")
             + "\n"
         )
@@ -221,6 +257,8 @@ def _cell(runs: Sequence[RunLike]) -> tuple[float, str]:
             label = "failed\n→ " + _via(r.fallback)
         if r.method and r.outcome == "direct" and r.method != "direct":
             label += f"\n{r.method}"
+        if r.outcome == "direct" and r.family == "ipv6":
+            label += "\nIPv6"
         return code["relayed" if r.outcome == "failed" and r.fallback else r.outcome], label + mark
     direct = [r for r in runs if r.outcome == "direct"]
     counted = [r for r in runs if r.outcome != "error"]
@@ -230,6 +268,8 @@ def _cell(runs: Sequence[RunLike]) -> tuple[float, str]:
     label = f"{len(direct)}/{len(counted)}"
     if times:
         label += f"\n{times[len(times) // 2]:.1f}s"
+    if direct and all(r.family == "ipv6" for r in direct):
+        label += "\nIPv6"
     if len(direct) == len(counted):
         return code["direct"], label + mark
     if direct:
@@ -296,8 +336,8 @@ def _via(fallback: str) -> str:
 
 def print_table(results: Sequence[RunLike]) -> str:
     """The per-run table ``p2plab lab matrix`` prints."""
-    head = f"{'site A':<16} {'site B':<16} {'run':>3} {'outcome':<18} {'expected':<8} {'time':>6}"
-    lines = [head + f" {'method':<9} {'path':<9}  a peer / b peer\n"]
+    head = f"{'site A':<20} {'site B':<20} {'run':>3} {'outcome':<18} {'expected':<8} {'time':>6}"
+    lines = [head + f" {'method':<12} {'path':<9} {'family':<6}  a peer / b peer\n"]
     for r in results:
         b = "same LAN" if r.same_lan else r.profile_b
         t = f"{r.connect_s:.1f}s" if r.connect_s is not None else "-"
@@ -305,7 +345,8 @@ def print_table(results: Sequence[RunLike]) -> str:
         outcome = f"{r.outcome} → {_via(r.fallback)}" if r.fallback else r.outcome
         path = r.path or "-"
         lines.append(
-            f"{r.profile_a:<16} {b:<16} {r.run:>3} {outcome:<18} {r.expected:<8} {t:>6} "
-            f"{r.method or '-':<9} {path:<9}  {r.a_peer_endpoint} / {r.b_peer_endpoint}{mark}\n"
+            f"{r.profile_a:<20} {b:<20} {r.run:>3} {outcome:<18} {r.expected:<8} {t:>6} "
+            f"{r.method or '-':<12} {path:<9} {r.family or '-':<6}  "
+            f"{r.a_peer_endpoint} / {r.b_peer_endpoint}{mark}\n"
         )
     return "".join(lines)

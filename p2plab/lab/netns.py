@@ -38,12 +38,15 @@ from pathlib import Path
 from typing import Any
 
 from p2plab.errors import ConfigError, LabError
+from p2plab.lab import ipv6
+from p2plab.lab.portmap_lab import PORTMAP_PUBLIC_NET, MiniUpnpd, start_miniupnpd
 from p2plab.lab.profiles import (
     impairment_rules,
     nat_ruleset,
     udp_block_rules,
     validate_profile,
 )
+from p2plab.lab.site import parse_site
 
 __all__ = [
     "HOSTS",
@@ -93,9 +96,10 @@ class LabConfig:
     """What lab to build."""
 
     profile_a: str = "port-restricted"
-    """NAT profile of site A (see :mod:`p2plab.lab.profiles`)."""
+    """Site A's spec (:mod:`p2plab.lab.site`): a NAT profile (:mod:`p2plab.lab.profiles`),
+    an IPv6 firewall (``v6-apdf``, :mod:`p2plab.lab.ipv6`) or both (``symmetric/v6-apdf``)."""
     profile_b: str = "port-restricted"
-    """NAT profile of site B (ignored when ``same_lan``)."""
+    """Site B's spec (ignored when ``same_lan``)."""
     same_lan: bool = False
     """Put hosts ``a`` and ``b`` behind the same NAT (site A)."""
     loss_a: float = 0.0
@@ -114,8 +118,8 @@ class LabConfig:
     """Name prefix (``p2l`` + 4 hex digits); random when None."""
 
     def __post_init__(self) -> None:
-        validate_profile(self.profile_a)
-        validate_profile(self.profile_b)
+        parse_site(self.profile_a)
+        parse_site(self.profile_b)
         for loss in (self.loss_a, self.loss_b):
             if not 0.0 <= loss < 1.0:
                 raise ConfigError(f"loss must be in [0, 1), got {loss!r}")
@@ -291,6 +295,18 @@ class Lab:
         self.turn_secret = secrets.token_hex(16)
         """coturn's ``static-auth-secret`` (fresh per lab); the rendezvous gets it too."""
         self._blocked: list[tuple[str, list[str]]] = []
+        specs = [config.profile_a] + ([] if config.same_lan else [config.profile_b])
+        #: The public segment's /24: public-looking only when miniupnpd runs (portmap_lab.py).
+        self.public_net = (
+            PORTMAP_PUBLIC_NET if any(parse_site(s).portmap for s in specs) else PUBLIC_NET
+        )
+        self.stun_ips = (f"{self.public_net}.10", f"{self.public_net}.11")
+        self.miniupnpd: dict[str, MiniUpnpd] = {}
+        """The miniupnpd of each site with a port-mapping modifier."""
+        self.v6: ipv6.V6Plan | None = ipv6.V6Plan(self.prefix) if ipv6.has_v6(specs) else None
+        """The IPv6 addressing plan, when a site has an IPv6 profile (None: IPv4 only)."""
+        self._address6: dict[str, str] = {}
+        self._blocked6: list[str] = []
 
     # ---- construction
 
@@ -352,6 +368,8 @@ class Lab:
         _run(["ip", "netns", "add", ns])
         self._namespaces.append(ns)
         _run(["ip", "-n", ns, "link", "set", "lo", "up"])
+        if self.v6 is not None:  # before any interface: even link-local addresses skip DAD
+            _run(["ip", "netns", "exec", ns, "sysctl", "-qw", *ipv6.NO_DAD_SYSCTLS])
         return ns
 
     def _veth(self, ns1: str, if1: str, ns2: str, if2: str) -> None:
@@ -386,24 +404,34 @@ class Lab:
             return peer
 
         rv = self._ns("rv")
-        attach(rv, f"{p}rv", [RENDEZVOUS_IP])
-        self._hosts["rendezvous"] = _Host("rendezvous", rv, RENDEZVOUS_IP)
+        attach(rv, f"{p}rv", [self.rendezvous_address])
+        self._hosts["rendezvous"] = _Host("rendezvous", rv, self.rendezvous_address)
         st = self._ns("stun")
-        attach(st, f"{p}st", list(STUN_IPS))
-        self._hosts["stun"] = _Host("stun", st, STUN_IPS[0])
+        attach(st, f"{p}st", list(self.stun_ips))
+        self._hosts["stun"] = _Host("stun", st, self.stun_ips[0])
+        v6, v6_public, v6_steps = self.v6, [rv, st], list[ipv6.Step]()
+        if v6 is not None:
+            v6_steps += ipv6.server_steps(v6, rv=(rv, f"{p}rv"), stun=(st, f"{p}st"))
 
         cfg = self.config
         sites = [("a", cfg.profile_a, cfg.loss_a, cfg.rate_a_mbit)]
         if not cfg.same_lan:
             sites.append(("b", cfg.profile_b, cfg.loss_b, cfg.rate_b_mbit))
+        routed_v6: dict[str, str] = {}  # site -> its router's namespace
         for site, profile, loss, rate in sites:
             members = ["a", "b"] if cfg.same_lan else [site]
-            if profile == "open":
+            spec = parse_site(profile)
+            if spec.v4 == "open":
                 for host in members:
                     ns = self._ns(host)
                     ifname = f"{p}o{host}"
-                    peer = attach(ns, ifname, [_OPEN_IP[host]])
-                    self._hosts[host] = _Host(host, ns, _OPEN_IP[host], _OPEN_IP[host])
+                    ip = _OPEN_IP[host].replace(PUBLIC_NET, self.public_net)
+                    peer = attach(ns, ifname, [ip])
+                    self._hosts[host] = _Host(host, ns, ip, ip)
+                    if v6 is not None and spec.v6:
+                        v6_steps += ipv6.open_host_steps(v6, host, spec.v6, ns=ns, ifname=ifname)
+                        self._address6[host] = v6.public(f"open_{host}")
+                        v6_public.append(ns)
                     if loss:
                         _run(["ip", "netns", "exec", ns, "iptables-restore"],
                              input=impairment_rules(ifname, loss))  # fmt: skip
@@ -413,36 +441,63 @@ class Lab:
                 continue
             nat = self._ns(f"nat-{site}")
             wan_if = f"{p}w{site}"
-            wan_ip = _NAT_WAN_IP[site]
-            peer = attach(nat, wan_if, [wan_ip])
+            # An IPv6-only site (spec.v4 None) has no IPv4 at all: its addresses are IPv6 ones.
+            wan_ip = (
+                _NAT_WAN_IP[site].replace(PUBLIC_NET, self.public_net)
+                if spec.v4
+                else ipv6.V6Plan(p).public(f"nat_{site}")
+            )
+            peer = attach(nat, wan_if, [wan_ip] if spec.v4 else [])
             lan_br = f"{p}l{site}"
             net = _LAN_NET[site]
             _run(["ip", "-n", nat, "link", "add", lan_br, "type", "bridge"])
             _run(["ip", "-n", nat, "link", "set", lan_br, "up"])
-            _run(["ip", "-n", nat, "addr", "add", f"{net}.1/24", "dev", lan_br])
-            _run(["ip", "netns", "exec", nat, "sysctl", "-qw", "net.ipv4.ip_forward=1"])
+            if spec.v4:
+                _run(["ip", "-n", nat, "addr", "add", f"{net}.1/24", "dev", lan_br])
+                _run(["ip", "netns", "exec", nat, "sysctl", "-qw", "net.ipv4.ip_forward=1"])
             self._hosts[f"nat_{site}"] = _Host(f"nat_{site}", nat, wan_ip, f"{net}.1")
             for i, host in enumerate(members):
                 ns = self._ns(host)
                 ifname = f"{p}h{host}"
                 self._veth(ns, ifname, nat, f"{ifname}p")
                 _run(["ip", "-n", nat, "link", "set", f"{ifname}p", "master", lan_br])
-                lan_ip = f"{net}.{2 + i}"
-                _run(["ip", "-n", ns, "addr", "add", f"{lan_ip}/24", "dev", ifname])
-                _run(["ip", "-n", ns, "route", "add", "default", "via", f"{net}.1"])
+                lan_ip = f"{net}.{2 + i}" if spec.v4 else ipv6.V6Plan(p).lan_host(site, i)
+                if spec.v4:
+                    _run(["ip", "-n", ns, "addr", "add", f"{lan_ip}/24", "dev", ifname])
+                    _run(["ip", "-n", ns, "route", "add", "default", "via", f"{net}.1"])
                 self._hosts[host] = _Host(host, ns, lan_ip, lan_ip)
-            rules = nat_ruleset(
-                profile,
-                wan_if=wan_if,
-                public_ip=wan_ip,
-                private_ip=f"{net}.2",
-                loss=loss,
-                recent_name=f"{p}{site}",
-            )
-            _run(["ip", "netns", "exec", nat, "iptables-restore"], input=rules)
+            if v6 is not None and spec.v6:
+                hosts6 = [(self._hosts[h].ns, f"{p}h{h}") for h in members]
+                v6_steps += ipv6.router_site_steps(
+                    v6, site, spec.v6, ns=nat, wan_if=wan_if, lan_if=lan_br, hosts=hosts6
+                )
+                self._address6.update((h, v6.lan_host(site, i)) for i, h in enumerate(members))
+                self._address6[f"nat_{site}"] = v6.public(f"nat_{site}")
+                routed_v6[site] = nat
+                v6_public.append(nat)
+            if spec.v4:
+                rules = nat_ruleset(
+                    spec.v4,
+                    wan_if=wan_if,
+                    public_ip=wan_ip,
+                    private_ip=f"{net}.2",
+                    loss=loss,
+                    recent_name=f"{p}{site}",
+                )
+                _run(["ip", "netns", "exec", nat, "iptables-restore"], input=rules)
             if rate:
                 self._tbf(nat, wan_if, rate)
                 self._tbf(wan, peer, rate)
+            if spec.portmap:
+                self.miniupnpd[site] = start_miniupnpd(
+                    self, site=site, modifier=spec.portmap, ext_ifname=wan_if, lan_ifname=lan_br,
+                    lan_net=net, run_dir=_MARKER_DIR / f"{p}-portmap")  # fmt: skip
+        if v6 is not None:
+            for site, router in routed_v6.items():
+                v6_steps += ipv6.lan_route_steps(v6, site, [n for n in v6_public if n != router])
+            for argv, stdin in v6_steps:
+                _run(argv, input=stdin)
+            self._address6.update(rendezvous=v6.public("rendezvous"), stun=v6.public("stun"))
         if cfg.stun:
             self._start_coturn()
         log.debug("lab %s up: %s", self.prefix, self.describe())
@@ -457,16 +512,18 @@ class Lab:
         run_dir.mkdir(parents=True, exist_ok=True)
         argv = ["turnserver", "-n", "--no-cli", "--no-tls", "--no-dtls", "--no-tcp-relay",
                 "--use-auth-secret", "--static-auth-secret", self.turn_secret,
-                "--realm", TURN_REALM, "--relay-ip", STUN_IPS[0],
+                "--realm", TURN_REALM, "--relay-ip", self.stun_ips[0],
                 "--min-port", str(TURN_RELAY_PORTS[0]), "--max-port", str(TURN_RELAY_PORTS[1]),
                 "--listening-port", str(STUN_PORT), "--alt-listening-port", str(STUN_ALT_PORT),
                 "--userdb", str(run_dir / "turndb"), "--log-file", "stdout", "--simple-log",
                 "--pidfile", str(_MARKER_DIR / f"{self.prefix}-turnserver.pid")]  # fmt: skip
-        for ip in STUN_IPS:
+        # With IPv6 in the lab coturn listens on two IPv6 addresses too (RFC 5780 over IPv6).
+        ips = [*self.stun_ips, *(self.v6.stun_addresses if self.v6 is not None else ())]
+        for ip in ips:
             argv += ["--listening-ip", ip]
         self.popen("stun", argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        want = {f"{ip}:{port}" for ip in STUN_IPS for port in (STUN_PORT, STUN_ALT_PORT)}
-        want_tcp = {f"{STUN_IPS[0]}:{STUN_PORT}"}
+        want = {ipv6.bracket(ip, port) for ip in ips for port in (STUN_PORT, STUN_ALT_PORT)}
+        want_tcp = {f"{self.stun_ips[0]}:{STUN_PORT}"}
         deadline = time.monotonic() + 10.0
         while True:
             out = _run(["ip", "netns", "exec", st.ns, "ss", "-Hlun"], check=False)
@@ -501,6 +558,7 @@ class Lab:
         for name in (f"{self.prefix}.pid", f"{self.prefix}-turnserver.pid"):
             (_MARKER_DIR / name).unlink(missing_ok=True)
         shutil.rmtree(_MARKER_DIR / f"{self.prefix}-turn", ignore_errors=True)
+        shutil.rmtree(_MARKER_DIR / f"{self.prefix}-portmap", ignore_errors=True)
         _LIVE.discard(self)
         log.debug("lab %s removed", self.prefix)
 
@@ -537,6 +595,11 @@ class Lab:
         """The address of ``host``: public for the servers and NATs, the LAN address for a and b."""
         return self._host(host).address
 
+    def address6(self, host: str) -> str | None:
+        """``host``'s IPv6 address (a LAN host's own global one: no NAT66), None without IPv6."""
+        self._host(host)
+        return self._address6.get(host)
+
     def profile(self, host: str) -> str:
         """The NAT profile in front of host ``a`` or ``b``."""
         if host == "a" or self.config.same_lan:
@@ -546,23 +609,23 @@ class Lab:
     @property
     def stun_addresses(self) -> tuple[str, str]:
         """The STUN host's two public addresses (primary first)."""
-        return STUN_IPS
+        return self.stun_ips
 
     @property
     def stun_server(self) -> str:
         """``host:port`` of the primary STUN address."""
-        return f"{STUN_IPS[0]}:{STUN_PORT}"
+        return f"{self.stun_ips[0]}:{STUN_PORT}"
 
     @property
     def turn_urls(self) -> tuple[str, str]:
         """coturn's TURN URLs (UDP first, then TCP) on the STUN host's primary address."""
-        host = f"{STUN_IPS[0]}:{STUN_PORT}"
+        host = f"{self.stun_ips[0]}:{STUN_PORT}"
         return (f"turn:{host}?transport=udp", f"turn:{host}?transport=tcp")
 
     @property
     def rendezvous_address(self) -> str:
         """The rendezvous host's public address."""
-        return RENDEZVOUS_IP
+        return RENDEZVOUS_IP.replace(PUBLIC_NET, self.public_net)
 
     def exec_prefix(self, host: str) -> list[str]:
         """The argv prefix that runs a command inside ``host``'s namespace."""
@@ -575,8 +638,12 @@ class Lab:
             "profile_a": self.config.profile_a,
             "profile_b": None if self.config.same_lan else self.config.profile_b,
             "same_lan": self.config.same_lan,
-            "hosts": {h.name: {"ns": h.ns, "address": h.address} for h in self._hosts.values()},
-            "stun": list(STUN_IPS) if self.config.stun else [],
+            "hosts": {
+                h.name: {"ns": h.ns, "address": h.address}
+                | ({"address6": self._address6.get(h.name)} if self.v6 is not None else {})
+                for h in self._hosts.values()
+            },
+            "stun": list(self.stun_ips) if self.config.stun else [],
             "turn": list(self.turn_urls) if self.config.stun else [],
         }
 
@@ -590,17 +657,33 @@ class Lab:
         rules: list[tuple[str, list[str]]] = []
         for site, other in (("a", "b"), ("b", "a")):
             remote = self._hosts.get(f"nat_{other}") or self._hosts[other]
-            targets = [remote.address, *(STUN_IPS if stun_host else ())]
+            targets = [remote.address, *(self.stun_ips if stun_host else ())]
+            targets = [ip for ip in targets if ":" not in ip]  # IPv6: _block6_rules
             gateway = self._hosts.get(f"nat_{site}")
             ns = gateway.ns if gateway is not None else self._hosts[site].ns
             for rule in udp_block_rules(nat=gateway is not None, addresses=targets):
                 rules.append((ns, rule))
         return rules
 
+    def _block6_rules(self, *, stun_host: bool) -> list[tuple[str, str]]:
+        """(namespace, nft input) pairs that drop IPv6 UDP between the sites (and the STUN
+        host's IPv6 addresses), at each IPv6 site's router or ``open`` host."""
+        v6, out = self.v6, list[tuple[str, str]]()
+        for site, other in (("a", "b"), ("b", "a")):
+            if v6 is None or self._address6.get(site) is None:
+                continue
+            router = f"nat_{site}" in self._address6
+            far = [str(v6.lan_net(other))] if f"nat_{other}" in self._address6 else []
+            far += [f"{self._address6[other]}/128"] if not far and other in self._address6 else []
+            far += [f"{ip}/128" for ip in v6.stun_addresses] if stun_host else []
+            ns = self._hosts[f"nat_{site}" if router else site].ns
+            out += [(ns, ipv6.block_ruleset(far, host=not router))] if far else []
+        return out
+
     @property
     def udp_blocked(self) -> bool:
         """True while UDP between the two sites is dropped (:meth:`block_udp_between_sites`)."""
-        return bool(self._blocked)
+        return bool(self._blocked or self._blocked6)
 
     def block_udp_between_sites(self, *, stun_host: bool = False) -> None:
         """Drop every UDP datagram between site A and site B, at runtime.
@@ -615,12 +698,18 @@ class Lab:
         for ns, rule in self._block_rules(stun_host=stun_host):
             _run(["ip", "netns", "exec", ns, "iptables", "-I", *rule])
             self._blocked.append((ns, rule))
+        for ns, text in self._block6_rules(stun_host=stun_host):  # IPv6 sites: both families
+            _run(["ip", "netns", "exec", ns, "nft", "-f", "-"], input=text)
+            self._blocked6.append(ns)
 
     def unblock_udp_between_sites(self) -> None:
         """Remove the rules :meth:`block_udp_between_sites` added (idempotent)."""
         while self._blocked:
             ns, rule = self._blocked.pop()
             _run(["ip", "netns", "exec", ns, "iptables", "-D", *rule], check=False)
+        while self._blocked6:
+            argv = ["nft", "delete", "table", "ip6", ipv6.BLOCK_TABLE]
+            _run(["ip", "netns", "exec", self._blocked6.pop(), *argv], check=False)
 
     # ---- running things inside
 
@@ -652,7 +741,7 @@ class Lab:
         if not self.config.stun:
             raise LabError("this lab was built without a STUN server")
         argv = [sys.executable, "-m", "p2plab.lab.classic_probe", "--source-ip",
-                self.address(host), "--stun-host", STUN_IPS[0], "--stun-port", str(STUN_PORT),
+                self.address(host), "--stun-host", self.stun_ips[0], "--stun-port", str(STUN_PORT),
                 "--timeout", str(timeout)]  # fmt: skip
         proc = self.run(host, argv, timeout=120)
         if proc.returncode != 0:

@@ -36,6 +36,23 @@ def test_bad_values_are_usage_errors(
     assert "P2P_PORT_MAPPING" in capsys.readouterr().err
 
 
+def test_lease_lifetime_flag_and_environment(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    def lifetime(argv: list[str]) -> int:
+        args = build_parser().parse_args(["worker", "--rendezvous", "ws://h:1", *argv])
+        args.cmd_parser = build_parser()
+        return int(_worker_config(args).port_mapping_lifetime_s)
+
+    assert lifetime([]) == 7200
+    assert lifetime(["--port-mapping-lifetime", "20"]) == 20
+    monkeypatch.setenv("P2P_PORT_MAPPING_LIFETIME", "600")
+    assert lifetime([]) == 600
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["worker", "--port-mapping-lifetime", "5"])
+    assert "10..604800" in capsys.readouterr().err
+
+
 def test_probe_line_reads_like_netcheck() -> None:
     block = {
         "gateway": "192.168.1.1",
