@@ -48,6 +48,7 @@ from .registry import (
     CloseConnection,
     SendMessage,
     WorkerRecord,
+    offer_update,
     offers_for_pair,
 )
 
@@ -133,15 +134,28 @@ return {old_conn or '', orphan, pair}
 )
 
 # ARGV: prefix, id, conn, udp_ip, udp_port, candidates_json, nat_json ('' = no hint),
-#       mapped_json, udp6_json ('' = none)
+#       mapped_json, udp6_json ('' = none).  Returns a new pair's two records, or, for a paired
+#       worker whose mapping or IPv6 endpoint changed, {'moved', its record, its peer's}.
 _LUA_UPDATE = (
     _LUA_COMMON
     + """
 local id = ARGV[2]
 local w = P .. 'w:' .. id
 if redis.call('HGET', w, 'conn') ~= ARGV[3] then return {} end
+local old_mapped = redis.call('HGET', w, 'mapped') or ''
+local old_udp6 = redis.call('HGET', w, 'udp6') or ''
 redis.call('HSET', w, 'udp_ip', ARGV[4], 'udp_port', ARGV[5], 'local_candidates', ARGV[6],
   'nat', ARGV[7], 'mapped', ARGV[8], 'udp6', ARGV[9])
+local peer = redis.call('HGET', w, 'paired_with')
+if peer and peer ~= '' then
+  if old_mapped ~= ARGV[8] or old_udp6 ~= ARGV[9] then
+    local pw = P .. 'w:' .. peer
+    if redis.call('HGET', pw, 'paired_with') == id then
+      return {'moved', redis.call('HGETALL', w), redis.call('HGETALL', pw)}
+    end
+  end
+  return {}
+end
 return try_pair(id)
 """
 )
@@ -417,6 +431,10 @@ class RedisBackend:
         udp6_json = udp6.model_dump_json() if udp6 is not None else ""
         args = [self.prefix, worker_id, conn_id, udp_ip, str(udp_port), cands, hint]
         pair = await self._update(args=[*args, mapped_json, udp6_json])
+        if len(pair) == 3 and _s(pair[0]) == "moved":
+            moved = _record(_hash(pair[1]), self._corrupt_hint, self._corrupt_endpoint)
+            peer = _record(_hash(pair[2]), self._corrupt_hint, self._corrupt_endpoint)
+            return offer_update(moved, peer)
         return _pair_actions(pair, self._corrupt_hint, self._corrupt_endpoint)
 
     async def unregister(self, worker_id: str, conn_id: str) -> list[Action]:

@@ -11,7 +11,10 @@ That keeps the rules testable in memory:
   a peer they cannot talk to;
 * when a worker leaves, its peer gets ``peer_disconnected``, becomes unpaired and is paired again
   with the next waiting worker of the room;
-* a worker re-sending ``update_udp_endpoint`` while paired only updates the stored endpoint;
+* a worker re-sending ``update_udp_endpoint`` while paired only updates the stored endpoint,
+  unless its port mapping or IPv6 endpoint changed (a lease replaced at another port): then its
+  peer gets a fresh offer about it (:func:`offer_update`), which the peer's engine merges into
+  the current link (its next re-punch tries the new addresses);
 * a re-register with the same ``worker_id`` replaces the old connection (which is closed), and
   counts as the old one leaving.
 
@@ -46,6 +49,7 @@ __all__ = [
     "WorkerRecord",
     "build_candidates",
     "build_offer",
+    "offer_update",
     "offers_for_pair",
 ]
 
@@ -178,6 +182,13 @@ def build_offer(peer: WorkerRecord, role: Role) -> P2PConnectionOffer:
     )
 
 
+def offer_update(changed: WorkerRecord, peer: WorkerRecord) -> list[Action]:
+    """The fresh offer telling ``peer`` about its partner ``changed`` (same roles as the pair's
+    offers: the earlier registered is ``controlling``)."""
+    role: Role = "controlling" if peer.seq <= changed.seq else "controlled"
+    return [SendMessage(peer.worker_id, peer.conn_id, build_offer(changed, role))]
+
+
 def offers_for_pair(a: WorkerRecord, b: WorkerRecord) -> list[Action]:
     """Both offers of a new pair; the earlier registered worker is ``controlling``."""
     first, second = (a, b) if a.seq <= b.seq else (b, a)
@@ -288,6 +299,7 @@ class Registry:
         rec = self._workers.get(worker_id)
         if rec is None or rec.conn_id != conn_id:
             return []
+        moved = (rec.mapped, rec.udp6) != (mapped, udp6)
         rec.udp_ip = udp_ip
         rec.udp_port = udp_port
         rec.local_candidates = list(local_candidates)
@@ -295,7 +307,10 @@ class Registry:
         rec.mapped = mapped
         rec.udp6 = udp6
         if rec.paired_with is not None:
-            return []  # keep the pair; the peer punches to what it was offered
+            # Keep the pair; the peer punches to what it was offered, and hears of a port
+            # mapping or IPv6 endpoint that changed (it may be the only way in).
+            peer = self._workers.get(rec.paired_with)
+            return offer_update(rec, peer) if moved and peer is not None else []
         return self._try_pair(rec)
 
     def unregister(self, worker_id: str, conn_id: str) -> list[Action]:

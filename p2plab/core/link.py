@@ -96,7 +96,7 @@ from p2plab.core.link_commands import (
     SendTurnTcp,
     session_security_counts,
 )
-from p2plab.core.link_families import LinkFamilies
+from p2plab.core.link_families import LinkFamilies, plain_ip
 from p2plab.core.link_table import LINK_STATES, STATES_WITH_PEER, TRANSITIONS, Input, next_state
 from p2plab.core.link_trust import (
     RelayGate,
@@ -410,12 +410,12 @@ class LinkEngine(LinkFamilies):
         if self._unexpected(kind, msg):
             return
         self._registered = True
-        self.observed_ip = msg.observed_ip
+        self.observed_ip = plain_ip(msg.observed_ip)
         if self.public_endpoint is None:
             target = next_state(self._state, Input.REGISTERED_DISCOVER)
             if not self._discovery_pending:
                 self._discovery_pending = True
-                self._commands.append(DiscoverEndpoint(msg.observed_ip))
+                self._commands.append(DiscoverEndpoint(self.observed_ip))
         else:
             target = next_state(self._state, Input.REGISTERED)
             self._report_endpoint()
@@ -429,6 +429,7 @@ class LinkEngine(LinkFamilies):
             and self._state in ("punching", "connected", "relayed")
         ):
             log.info("offer for the current peer %s: keeping the link", self.peer_id)
+            self._merge_offer(offer, now)
             self._set_state(next_state(self._state, Input.OFFER_CURRENT))
             return
         check = check_offer(offer, self.worker_id, self.identity, self.config.peer_key)

@@ -90,6 +90,7 @@ LINK_COUNTERS: Final = (
     "challenges_refused",
     "peer_key_changes",
     "candidates_refused",
+    "offer_updates",
     "chats_in",
     "relay_in",
     "relay_dropped",

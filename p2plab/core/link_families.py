@@ -28,22 +28,26 @@ the STUN endpoint only.  So a driver that starts a port-mapping probe calls
 
 from __future__ import annotations
 
+import ipaddress
 import logging
 from collections.abc import Callable
 
 from p2plab.core import events as ev
+from p2plab.core.addresses import is_ip_literal
 from p2plab.core.crypto import Identity
 from p2plab.core.link_bench import LinkBench
 from p2plab.core.link_commands import LinkConfig, SendToRendezvous, endpoint_update
+from p2plab.core.link_trust import offer_candidates
 from p2plab.core.paths import DIRECT
 from p2plab.core.session import PeerSession
-from p2plab.core.signaling import PortMapping
+from p2plab.core.signaling import P2PConnectionOffer, PortMapping
 
 __all__ = [
     "PORT_MAPPING",
     "PORT_MAPPING_WAIT_S",
     "LinkFamilies",
     "mapping_endpoint",
+    "plain_ip",
     "uses_port_mapping",
 ]
 
@@ -57,6 +61,19 @@ PORT_MAPPING = "port-mapping"
 #: Longest the endpoint reports wait for a port-mapping probe (``expect_port_mapping``): the
 #: probe's 250 ms, a request and a retransmission or two.
 PORT_MAPPING_WAIT_S = 1.0
+
+
+def plain_ip(ip: str | None) -> str | None:
+    """``ip`` as the wire carries an address, or None: an IPv4-mapped IPv6 literal (what an
+    older rendezvous listening on ``::`` reports for an IPv4 client) as its IPv4 address, and
+    None for anything that is not a plain IP literal (a name, a scoped address).  The observed
+    address is the endpoint discovery falls back to, and the wire refuses the others."""
+    if ip is None or "%" in ip or not is_ip_literal(ip):
+        return None
+    if ":" in ip:
+        mapped = ipaddress.IPv6Address(ip).ipv4_mapped
+        return str(mapped) if mapped is not None else ip
+    return ip
 
 
 def mapping_endpoint(mapping: PortMapping | None) -> Address | None:
@@ -200,6 +217,35 @@ class LinkFamilies(LinkBench):
         (before ``registered``, or before discovery ends, the coming report carries it)."""
         if self._registered and self._state not in ("discovering", "registering"):
             self._report_endpoint()
+
+    def _merge_offer(self, offer: P2PConnectionOffer, now: float) -> None:
+        """A fresh offer about the current peer while its link runs (the rendezvous sends one
+        when the peer's port mapping or IPv6 endpoint changed): the link stays; the peer's new
+        addresses join the session (``add_offer_candidates``) and its mapping counts for
+        ``method``.  The key and the roles stay those of the first
+        offer: an offer that names another key changes nothing (counted)."""
+        old, s = self.offer, self.session
+        if old is None or s is None:
+            return
+        if offer.peer_public_key != old.peer_public_key:
+            self.stats["rendezvous_unexpected"] += 1
+            return
+        self.offer = old.model_copy(
+            update={
+                "peer_udp_ip": offer.peer_udp_ip,
+                "peer_udp_port": offer.peer_udp_port,
+                "peer_candidates": offer.peer_candidates,
+                "peer_mapped": offer.peer_mapped,
+                "peer_udp6": offer.peer_udp6,
+            }
+        )
+        candidates, refused = offer_candidates(self.offer)
+        self.stats["candidates_refused"] += refused
+        self.stats["offer_updates"] += 1
+        if not self.relayed:  # a relayed session's upgrade rounds know the offer's already
+            s.add_offer_candidates(candidates, now)
+        else:
+            s.add_upgrade_candidates(candidates)
 
     def _direct_without_birthday(self) -> bool:
         """A port mapping on either side opens a port to anyone (no birthday needed, nor the

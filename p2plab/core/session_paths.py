@@ -244,6 +244,7 @@ class SessionPaths:
     _rand_bytes: Callable[[int], bytes]
     local_id: str
     peer_id: str
+    config: SessionConfig
 
     def _probe(self, cand: Candidate, now: float, nominate: bool) -> None:
         raise NotImplementedError  # the session's
@@ -281,6 +282,18 @@ class SessionPaths:
         """Know the offer's candidates ``addrs`` without probing them now (a session on the
         rendezvous relay probes them in its upgrade rounds); how many were added."""
         return sum(1 for a in addrs if self._checklist.add_dormant(a))
+
+    def add_offer_candidates(self, addrs: list[Address], now: float) -> int:
+        """The peer's addresses from a fresh offer about it (a port mapping replaced at another
+        port, a new IPv6 endpoint), known from now on as the offer's own: probed at once while
+        punching, else kept for the upgrade rounds and the next re-punch; how many were new."""
+        added = 0
+        for addr in addrs:
+            if self._checklist.add_dormant(addr):
+                added += 1
+                if self._state == "punching":
+                    self._checklist.restart(addr, now, budget=self.config.probes_per_candidate)
+        return added
 
     def extend_punching(self, seconds: float) -> None:
         """Move the punch deadline ``seconds`` later (a birthday window, or the TURN TCP

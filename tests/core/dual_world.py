@@ -13,7 +13,9 @@ tuples; an IPv6 one goes out of the IPv6 socket):
 Discovery answers with the IPv4 socket's mapping towards a STUN server and the node's IPv6
 address as a LAN candidate; the test then plays the driver's ``set_endpoint6`` and
 ``set_port_mapping``.  The fake rendezvous pairs two nodes with offers made of their last
-``update_udp_endpoint``, as the real one does.  Every datagram sent is logged with its time.
+``update_udp_endpoint``, as the real one does, and like it sends a paired node's peer a fresh
+offer when the node's port mapping or IPv6 endpoint changes.  Every datagram sent is logged
+with its time.
 """
 
 from __future__ import annotations
@@ -92,6 +94,7 @@ class DualWorld:
         self.sockets = itertools.count(1)
         self.sent: list[Sent] = []
         self.relay_on = True
+        self.partner: dict[str, tuple[str, str]] = {}  # name -> (peer, the peer's role)
 
     def add(
         self,
@@ -151,6 +154,8 @@ class DualWorld:
     def pair(self, a: DNode, b: DNode) -> None:
         """The fake rendezvous pairs ``a`` (controlling) and ``b``."""
         offers = [(a, self.offer_for(b, "controlling")), (b, self.offer_for(a, "controlled"))]
+        self.partner[a.name] = (b.name, "controlled")
+        self.partner[b.name] = (a.name, "controlling")
         for me, offer in offers:
             me.engine.receive_rendezvous(offer, self.now)
         self.flush()
@@ -210,7 +215,14 @@ class DualWorld:
             lan = [node.v6] if node.v6 is not None else []
             eng.discovered(public, lan, self.now)
         elif isinstance(cmd, SendToRendezvous) and isinstance(cmd.message, UpdateUdpEndpoint):
-            node.reported = cmd.message
+            old, node.reported = node.reported, cmd.message
+            moved = old is not None and (old.mapped, old.udp6) != (
+                cmd.message.mapped,
+                cmd.message.udp6,
+            )
+            if moved and node.name in self.partner:
+                peer, role = self.partner[node.name]
+                self.nodes[peer].engine.receive_rendezvous(self.offer_for(node, role), self.now)
         elif isinstance(cmd, RelayDatagram) and self.relay_on and cmd.to in self.nodes:
             dst = self.nodes[cmd.to]
             msg = RelayIn.model_validate({"from": node.name, "data": encode_relay_data(cmd.data)})

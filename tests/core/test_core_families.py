@@ -268,3 +268,50 @@ def test_link_falls_back_from_ipv6_to_ipv4_without_losing_the_peer_and_comes_bac
     w.run(2.5)
     assert connected(w, a, b) and a.engine.family == b.engine.family == "ipv6"
     assert not a.of(ev.PeerLost) and not b.of(ev.PeerLost)
+
+
+def test_a_mapping_replaced_at_another_port_mid_link_is_found_again_by_the_repunch() -> None:
+    # The harsh case of issue 18's lease test: the NAT dropped the mapping and its flows, and the
+    # new lease has another port; the rendezvous passes it on, and the re-punch reaches it.
+    link = LinkConfig(session=FAST, relay=False, turn=False)
+    w = DualWorld()
+    a = w.add("a", "hard", link)
+    b = w.add("b", "hard", link)
+    w.map_port(a, 41000)
+    w.pair(a, b)
+    w.run(1.0)
+    assert connected(w, a, b) and b.engine.peer_address == ("198.51.100.1", 41000)
+    a.mapping_peers.clear()  # the flows through the old mapping are gone with it
+    w.map_port(a, 42000)  # the driver's new lease, reported to the rendezvous
+    assert b.engine.stats["offer_updates"] == 1
+    assert b.engine.state == "connected"  # the offer about the current peer keeps the link
+    w.run(FAST.peer_timeout + 3.0)
+    assert connected(w, a, b)
+    assert b.engine.peer_address == ("198.51.100.1", 42000)
+    assert a.engine.method == b.engine.method == "port-mapping"
+    a.engine.send_chat("still here", w.now)
+    w.run(0.5)
+    assert any(isinstance(e, ev.ChatReceived) and e.text == "still here" for e in b.events)
+
+
+def test_an_offer_about_the_current_peer_with_another_key_changes_nothing() -> None:
+    w = DualWorld()
+    a = w.add("a", "easy", DIRECT_ONLY)
+    b = w.add("b", "easy", DIRECT_ONLY)
+    w.pair(a, b)
+    w.run(1.0)
+    assert connected(w, a, b)
+    before = a.engine.offer
+    other_key = DualWorld().add("x", "easy", DIRECT_ONLY).engine.identity
+    assert other_key is not None
+    forged = w.offer_for(b, "controlled").model_copy(
+        update={
+            "peer_public_key": other_key.public_b64,
+            "peer_mapped": PortMapping(protocol="upnp", ip="192.0.2.66", port=6666, lifetime_s=9),
+        }
+    )
+    a.engine.receive_rendezvous(forged, w.now)
+    w.flush()
+    assert a.engine.offer is before and a.engine.stats["offer_updates"] == 0
+    assert a.engine.stats["rendezvous_unexpected"] == 1 and a.engine.state == "connected"
+    assert a.engine.session is not None and ("192.0.2.66", 6666) not in a.engine.session.candidates

@@ -13,7 +13,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from p2plab.core.crypto import Identity
-from p2plab.core.link import LinkEngine, SendToRendezvous
+from p2plab.core.link import DiscoverEndpoint, LinkEngine, SendToRendezvous
 from p2plab.core.signaling import (
     BadMessage,
     Candidate,
@@ -211,3 +211,30 @@ def test_fuzzed_mapped_and_udp6_parse_or_raise_bad_message_only(
         assert 1 <= msg.mapped.port <= 65535
     if msg.udp6 is not None:
         assert ":" in msg.udp6.ip and "%" not in msg.udp6.ip
+
+
+@pytest.mark.parametrize(
+    ("observed", "plain"),
+    [
+        ("198.51.100.1", "198.51.100.1"),
+        ("2001:db8::1", "2001:db8::1"),
+        ("::ffff:198.51.100.1", "198.51.100.1"),  # an IPv4 client of a rendezvous on ::
+        ("fe80::1%eth0", None),
+        ("rendezvous.example", None),
+    ],
+)
+def test_the_observed_address_discovery_falls_back_to_is_a_plain_literal(
+    observed: str, plain: str | None
+) -> None:
+    rand = random.Random("a").randbytes
+    e = LinkEngine("a", identity=Identity.generate(rand), rand_bytes=rand)
+    e.start(0.0)
+    e.rendezvous_up(0.0)
+    server = Identity.generate(random.Random("server").randbytes)
+    nonce = base64.b64encode(bytes(32)).decode()
+    e.receive_rendezvous(Challenge(nonce=nonce, server_key=server.public_b64), 0.0)
+    e.next_command()  # the register
+    e.receive_rendezvous(Registered(worker_id="a", observed_ip=observed), 0.0)
+    cmd = e.next_command()
+    assert isinstance(cmd, DiscoverEndpoint) and cmd.observed_ip == plain
+    assert e.observed_ip == plain

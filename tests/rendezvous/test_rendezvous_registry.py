@@ -10,6 +10,7 @@ from p2plab.core.signaling import (
     NatHint,
     P2PConnectionOffer,
     PeerDisconnected,
+    PortMapping,
     Registered,
 )
 from rendezvous_service_code.registry import (
@@ -129,6 +130,21 @@ def test_endpoint_update_while_paired_does_not_repair() -> None:
     assert rec is not None and (rec.udp_ip, rec.udp_port) == ("203.0.113.7", 77)
     assert rec.paired_with == "b"
     assert reg.waiting("default") == "c"
+
+
+def test_a_new_mapping_while_paired_is_offered_to_the_peer_only() -> None:
+    reg = Registry()
+    join(reg, "a", 1)
+    join(reg, "b", 2)
+    mapping = PortMapping(protocol="nat-pmp", ip="203.0.113.7", port=41000, lifetime_s=60)
+    actions = reg.update_udp_endpoint("b", "c-b", "203.0.113.7", 2, [], mapped=mapping)
+    assert len(actions) == 1
+    sent = actions[0]
+    assert isinstance(sent, SendMessage) and sent.worker_id == "a"
+    assert isinstance(sent.message, P2PConnectionOffer)
+    assert sent.message.peer_mapped == mapping and sent.message.role == "controlling"
+    # the same again: nothing new to tell
+    assert reg.update_udp_endpoint("b", "c-b", "203.0.113.7", 2, [], mapped=mapping) == []
 
 
 def test_reregister_replaces_the_old_connection() -> None:

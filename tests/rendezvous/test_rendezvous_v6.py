@@ -142,3 +142,50 @@ async def test_mapping_and_udp6_cross_instances_and_corrupt_stored_ones_read_as_
         assert (await debug(rv2, "stats"))["corrupt_endpoints"] == 2
         for w in (a, b, c, d):
             await w.close()
+
+
+async def test_a_paired_workers_new_mapping_reaches_its_peer_in_a_fresh_offer() -> None:
+    async with running_rendezvous() as rv:
+        a = await WsWorker.connect(rv.ws_url)
+        b = await WsWorker.connect(rv.ws_url)
+        await a.register()
+        await b.register()
+        await a.send(update("198.51.100.1", 5000, mapped=MAPPED))
+        await b.send(update("198.51.100.2", 6000))
+        await a.expect("p2p_connection_offer")
+        await b.expect("p2p_connection_offer")
+        # the same endpoint again: stored, nothing sent (as before)
+        await a.send(update("198.51.100.1", 5000, mapped=MAPPED))
+        await b.assert_silent()
+        # the lease was replaced at another port: the peer hears of it, with a's role unchanged
+        moved = {**MAPPED, "port": 42000}
+        await a.send(update("198.51.100.1", 5000, mapped=moved))
+        again = await b.expect("p2p_connection_offer")
+        assert again["peer_worker_id"] == a.worker_id and again["peer_mapped"] == moved
+        assert again["role"] == "controlled"  # a registered first: it stays controlling
+        await a.assert_silent()
+        for w in (a, b):
+            await w.close()
+
+
+async def test_a_paired_workers_new_udp6_crosses_instances(redis_url: str) -> None:
+    async with (
+        running_rendezvous(redis_url=redis_url, **STEADY) as rv1,
+        running_rendezvous(redis_url=redis_url, **STEADY) as rv2,
+    ):
+        a = await WsWorker.connect(rv1.ws_url)
+        b = await WsWorker.connect(rv2.ws_url)
+        await a.register()
+        await b.register()
+        await a.send(update("198.51.100.1", 1111))
+        await b.send(update("198.51.100.2", 2222))
+        await a.expect("p2p_connection_offer")
+        await b.expect("p2p_connection_offer")
+        await b.send(update("198.51.100.2", 2222))  # unchanged: nothing
+        await a.assert_silent()
+        await b.send(update("198.51.100.2", 2222, udp6=UDP6))
+        again = await a.expect("p2p_connection_offer")
+        assert again["peer_worker_id"] == b.worker_id and again["peer_udp6"] == UDP6
+        assert again["role"] == "controlling"
+        for w in (a, b):
+            await w.close()
