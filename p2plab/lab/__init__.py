@@ -1,7 +1,9 @@
 """NAT laboratories: the kernel lab (network namespaces, root) and, in ``sim``, an in-process one.
 
 ``Lab.create(profile_a, profile_b, ...)`` builds real Linux NATs in network namespaces (see
-:mod:`p2plab.lab.netns`); :mod:`p2plab.lab.profiles` holds the iptables recipes.
+:mod:`p2plab.lab.netns`); :mod:`p2plab.lab.profiles` holds the iptables recipes.  A profile may
+be a site spec (:mod:`p2plab.lab.site`: ``symmetric/v6-apdf``); :mod:`p2plab.lab.ipv6` holds the
+IPv6 addressing plan and the nftables firewalls of the ``v6-*`` profiles (issue 19).
 """
 
 from __future__ import annotations

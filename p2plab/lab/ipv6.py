@@ -203,19 +203,26 @@ def firewall_ruleset(
     wan_if: str,
     lan_if: str | None = None,
     timeout_s: int = EIF_TIMEOUT_S,
+    loss: float = 0.0,
 ) -> str:
     """The ``nft -f`` input for an IPv6 firewall of ``profile`` (one of ``V6_PROFILES``).
 
     With ``lan_if`` it is a router's (hooks ``forward`` and ``input``); without, a host's own
     firewall on its public interface ``wan_if`` (hooks ``input`` and ``output``: the host of an
-    ``open`` IPv4 site, which has no router).
+    ``open`` IPv4 site, which has no router).  ``loss`` drops that fraction of the UDP datagrams
+    crossing ``wan_if``, each way (the IPv4 profiles' ``statistic`` rule, as ``numgen``).
     """
     if profile not in V6_PROFILES:
         raise ConfigError(f"unknown IPv6 profile {profile!r}; choose one of {V6_PROFILES}")
     if not 0 < timeout_s <= 86400:
         raise ConfigError(f"timeout must be 1..86400 s, got {timeout_s!r}")
+    if not 0.0 <= loss < 1.0:
+        raise ConfigError(f"loss must be in [0, 1), got {loss!r}")
     wan = f'"{_ifname(wan_if)}"'
     eif = profile == "v6-eif"
+    drop = f"meta l4proto udp numgen random mod 1000000 < {round(loss * 1_000_000)} drop"
+    lose_in = [f"\t\tiifname {wan} {drop}"] if loss else []
+    lose_out = [f"\t\toifname {wan} {drop}"] if loss else []
     lines = [f"table ip6 {NFT_TABLE} {{"]
     if eif:
         lines += [
@@ -236,6 +243,8 @@ def firewall_ruleset(
         lines += [
             "\tchain forward {",
             f"\t\ttype filter hook forward priority filter; policy {policy};",
+            *lose_in,
+            *lose_out,
         ]
         if eif:
             lines.append(f"\t\tiifname {lan} oifname {wan} {learn}")
@@ -252,14 +261,16 @@ def firewall_ruleset(
             "\t}",
         ]
     else:
-        if eif:
+        if eif or loss:
             lines += [
                 "\tchain output {",
                 "\t\ttype filter hook output priority filter; policy accept;",
-                f"\t\toifname {wan} {learn}",
+                *lose_out,
+                *([f"\t\toifname {wan} {learn}"] if eif else []),
                 "\t}",
             ]
         lines += ["\tchain input {", "\t\ttype filter hook input priority filter; policy accept;"]
+        lines += lose_in
         if profile != "v6-open":
             lines.append("\t\tmeta l4proto ipv6-icmp accept")
             lines += [f"\t\t{rule}" for rule in inbound]
@@ -353,6 +364,7 @@ def router_site_steps(
     wan_if: str,
     lan_if: str,
     hosts: Sequence[tuple[str, str]],
+    loss: float = 0.0,
 ) -> list[Step]:
     """A routed IPv6 site: the router's WAN and LAN addresses, forwarding, the firewall of
     ``profile``, and each LAN host (``hosts``: namespace, ifname, in LAN order) with its
@@ -363,7 +375,7 @@ def router_site_steps(
         (forwarding_argv(ns), None),
         (switch_argv(ns), None),
         (["ip", "netns", "exec", ns, "nft", "-f", "-"],
-         firewall_ruleset(profile, wan_if=wan_if, lan_if=lan_if)),
+         firewall_ruleset(profile, wan_if=wan_if, lan_if=lan_if, loss=loss)),
     ]  # fmt: skip
     for i, (host_ns, ifname) in enumerate(hosts):
         steps.append((addr_argv(host_ns, ifname, plan.lan_host(site, i)), None))
@@ -371,11 +383,14 @@ def router_site_steps(
     return steps
 
 
-def open_host_steps(plan: V6Plan, host: str, profile: str, *, ns: str, ifname: str) -> list[Step]:
+def open_host_steps(
+    plan: V6Plan, host: str, profile: str, *, ns: str, ifname: str, loss: float = 0.0
+) -> list[Step]:
     """A host on the public segment (its IPv4 site is ``open``) with its own firewall."""
+    text = firewall_ruleset(profile, wan_if=ifname, loss=loss)
     return [
         (addr_argv(ns, ifname, plan.public(f"open_{host}")), None),
-        (["ip", "netns", "exec", ns, "nft", "-f", "-"], firewall_ruleset(profile, wan_if=ifname)),
+        (["ip", "netns", "exec", ns, "nft", "-f", "-"], text),
     ]
 
 

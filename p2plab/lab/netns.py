@@ -429,7 +429,9 @@ class Lab:
                     peer = attach(ns, ifname, [ip])
                     self._hosts[host] = _Host(host, ns, ip, ip)
                     if v6 is not None and spec.v6:
-                        v6_steps += ipv6.open_host_steps(v6, host, spec.v6, ns=ns, ifname=ifname)
+                        v6_steps += ipv6.open_host_steps(
+                            v6, host, spec.v6, ns=ns, ifname=ifname, loss=loss
+                        )
                         self._address6[host] = v6.public(f"open_{host}")
                         v6_public.append(ns)
                     if loss:
@@ -455,7 +457,8 @@ class Lab:
             if spec.v4:
                 _run(["ip", "-n", nat, "addr", "add", f"{net}.1/24", "dev", lan_br])
                 _run(["ip", "netns", "exec", nat, "sysctl", "-qw", "net.ipv4.ip_forward=1"])
-            self._hosts[f"nat_{site}"] = _Host(f"nat_{site}", nat, wan_ip, f"{net}.1")
+            lan1 = f"{net}.1" if spec.v4 else ipv6.V6Plan(p).router_lan(site)
+            self._hosts[f"nat_{site}"] = _Host(f"nat_{site}", nat, wan_ip, lan1)
             for i, host in enumerate(members):
                 ns = self._ns(host)
                 ifname = f"{p}h{host}"
@@ -469,7 +472,7 @@ class Lab:
             if v6 is not None and spec.v6:
                 hosts6 = [(self._hosts[h].ns, f"{p}h{h}") for h in members]
                 v6_steps += ipv6.router_site_steps(
-                    v6, site, spec.v6, ns=nat, wan_if=wan_if, lan_if=lan_br, hosts=hosts6
+                    v6, site, spec.v6, ns=nat, wan_if=wan_if, lan_if=lan_br, hosts=hosts6, loss=loss
                 )
                 self._address6.update((h, v6.lan_host(site, i)) for i, h in enumerate(members))
                 self._address6[f"nat_{site}"] = v6.public(f"nat_{site}")

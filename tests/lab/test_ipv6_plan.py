@@ -175,3 +175,19 @@ def test_block_ruleset_for_a_host_without_router() -> None:
     assert _chain(text, "input")[1:] == ["meta l4proto udp ip6 saddr 2001:db8:1::202/128 drop"]
     assert _chain(text, "output")[1:] == ["meta l4proto udp ip6 daddr 2001:db8:1::202/128 drop"]
     assert "chain forward" not in text
+
+
+def test_loss_drops_that_fraction_of_udp_each_way_across_the_wan() -> None:
+    rules = firewall_ruleset("v6-apdf", wan_if="W", lan_if="L", loss=0.25)
+    drop = "meta l4proto udp numgen random mod 1000000 < 250000 drop"
+    assert _chain(rules, "forward")[1:3] == [f'iifname "W" {drop}', f'oifname "W" {drop}']
+    host = firewall_ruleset("v6-open", wan_if="H", loss=0.1)
+    assert _chain(host, "input")[1:] == [
+        'iifname "H" meta l4proto udp numgen random mod 1000000 < 100000 drop'
+    ]
+    assert _chain(host, "output")[1:] == [
+        'oifname "H" meta l4proto udp numgen random mod 1000000 < 100000 drop'
+    ]
+    assert "numgen" not in firewall_ruleset("v6-eif", wan_if="W", lan_if="L")
+    with pytest.raises(ConfigError, match="loss"):
+        firewall_ruleset("v6-open", wan_if="W", loss=1.0)

@@ -178,6 +178,12 @@ def test_v6_eif_lets_any_sender_reach_a_port_that_sent_out(
     b.send(lab_fw.v6.public("stun"), 3478, b"out")  # type: ignore[union-attr]
     rv.send(b_ip, pb, b"stranger")
     assert b.recv(5.0) == [(b"stranger", rv_ip, pr)]
+    # The router remembers b's address . port for 300 s (RFC 6092 REC-12 asks >= 120 s).
+    listed = lab_fw.run("nat_b", ["nft", "-j", "list", "set", "ip6", "p2plab6", "eif_out"])
+    (entry,) = [e for e in json.loads(listed.stdout)["nftables"] if "set" in e]
+    assert entry["set"]["timeout"] == 300
+    members = [el["elem"]["val"]["concat"] for el in entry["set"]["elem"]]
+    assert [b_ip, pb] in members, members
     # ... and only pb: a port that never sent out stays closed to the same sender.
     rv.send(b_ip, pb_quiet, b"closed")
     assert b.recv(QUIET_S, name="quiet") == []
