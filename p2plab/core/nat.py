@@ -167,6 +167,12 @@ def derive_behavior(
     return mapping, filtering, behind_nat
 
 
+def _host_port(addr: Address) -> str:
+    """``host:port``, an IPv6 host in brackets (``[2001:db8::10]:3478``)."""
+    host = f"[{addr[0]}]" if ":" in addr[0] else addr[0]
+    return f"{host}:{addr[1]}"
+
+
 def _address_json(addr: Address | None) -> dict[str, Any] | None:
     return None if addr is None else {"ip": addr[0], "port": addr[1]}
 
@@ -196,7 +202,7 @@ class ServerAnswer:
 
     def to_dict(self) -> dict[str, Any]:
         return {
-            "server": f"{self.server[0]}:{self.server[1]}",
+            "server": _host_port(self.server),
             "ok": self.ok,
             "rtt_ms": None if self.rtt_s is None else round(self.rtt_s * 1000.0, 3),
             "mapped": _address_json(self.mapped),

@@ -314,3 +314,11 @@ def test_misuse_is_a_local_protocol_error() -> None:
     discovery.receive(test, ScriptedNet().answer(test))
     with pytest.raises(LocalProtocolError):  # answered twice
         discovery.receive(test, ScriptedNet().answer(test))
+
+
+def test_a_server_answer_names_an_ipv6_server_in_brackets() -> None:
+    """``probe --json``'s per-server ``server``: an IPv6 host is bracketed, so its port is
+    not read as part of the address (issue 19)."""
+    v6 = ServerAnswer(("2001:db8:1::10", 3478), True).to_dict()
+    v4 = ServerAnswer(("203.0.113.10", 3478), True).to_dict()
+    assert (v6["server"], v4["server"]) == ("[2001:db8:1::10]:3478", "203.0.113.10:3478")
