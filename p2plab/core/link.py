@@ -441,6 +441,7 @@ class LinkEngine(LinkFamilies):
             return
         self._drop_peer(now)
         candidates, not_ips = offer_candidates(offer)
+        candidates = self._reachable(candidates)
         self.stats["candidates_refused"] += not_ips
         if refusal is None and not candidates:
             refusal = f"peer {offer.peer_worker_id} offers no usable address (IP literals only)"

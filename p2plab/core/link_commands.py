@@ -91,6 +91,7 @@ LINK_COUNTERS: Final = (
     "peer_key_changes",
     "candidates_refused",
     "offer_updates",
+    "candidates_other_family",
     "chats_in",
     "relay_in",
     "relay_dropped",

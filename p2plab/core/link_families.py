@@ -124,6 +124,22 @@ class LinkFamilies(LinkBench):
 
     # -- read-only state ----------------------------------------------------------------------
 
+    def _reachable(self, candidates: list[Address]) -> list[Address]:
+        """``candidates`` without the peer's IPv6 addresses when this worker has no IPv6 of its
+        own (no IPv6 endpoint, no IPv6 host candidate): it could not send to them, and their
+        presence would hold its IPv4 probes back by the happy-eyeballs delay for nothing (a
+        symmetric side's birthday spray then won while the other side saw a plain answer, and
+        the two reported different methods).  Counted in ``candidates_other_family``.  A peer
+        with IPv6 only keeps its list: the punch fails as it must and the relay carries the
+        pair (an offer with no address left would be refused instead)."""
+        if self.endpoint6 is not None or any(":" in a[0] for a in self.local_candidates):
+            return candidates
+        kept = [a for a in candidates if ":" not in a[0]]
+        if not kept:
+            return candidates
+        self.stats["candidates_other_family"] += len(candidates) - len(kept)
+        return kept
+
     @property
     def method(self) -> str | None:
         """How the current link was made (see ``LinkBirthday.method``), or ``port-mapping``
@@ -240,6 +256,7 @@ class LinkFamilies(LinkBench):
             }
         )
         candidates, refused = offer_candidates(self.offer)
+        candidates = self._reachable(candidates)
         self.stats["candidates_refused"] += refused
         self.stats["offer_updates"] += 1
         if not self.relayed:  # a relayed session's upgrade rounds know the offer's already

@@ -223,3 +223,18 @@ def test_an_ipv6_outage_moves_the_link_to_ipv4_and_back() -> None:
     assert "lost" not in link.a.states + link.b.states
     moves = [e.address for e in link.b.events_of(ev.PathChanged)]  # type: ignore[attr-defined]
     assert [":" in ip for ip, _ in moves] == [False, True]
+
+
+def test_an_ipv4_only_worker_does_not_wait_for_ipv6_it_cannot_reach() -> None:
+    """``open/v6-apdf`` x ``symmetric``: the IPv4-only side drops the peer's IPv6 addresses
+    (it has no IPv6 to send from) instead of holding its IPv4 probes back by the happy-eyeballs
+    delay; both sides then say the same method (the kernel lab saw direct vs birthday)."""
+    for seed in (1, 2, 3):
+        sim = Simulation(seed=seed)
+        a = sim.add_site("open/v6-apdf", "a")
+        b = sim.add_site("symmetric", "b")
+        r = sim.pair(a, b, skew=0.1)
+        assert r.outcome == "direct"
+        assert r.a.engine.method == r.b.engine.method == "direct"
+        assert r.b.engine.stats["candidates_other_family"] > 0
+        assert r.a.engine.stats["candidates_other_family"] == 0
