@@ -165,7 +165,10 @@ async def test_failed_punch_falls_back_to_the_relay_and_chat_works() -> None:
             assert b.status()["peer"]["rtt_ms"] is not None
             # Benchmarks run over the relay too (issue 17), at a small rate, path "relay".
             r = await Benchmark(a).run(duration_s=1, payload_size=600, rate_mbps=0.05)
-            assert r.path == "relay" and r.note == ""
+            # Under the relay's budget: not clamped (a loaded machine may still fall short of the
+            # 10 datagrams a second and say so: CI once sent 9, "short of target").
+            assert r.path == "relay" and "relay budget" not in r.note
+            assert r.rate_mbps == pytest.approx(0.05)
             assert r.peer_view is not None and r.peer_view.path == "relay"
             assert r.peer_view.packets_received > 0
             # Faster than the relay's budget: paced under it and said so, never a crash.
