@@ -101,3 +101,19 @@ def free_udp_port_pair(hosts: tuple[str, ...] = ("127.0.0.1", "127.0.0.2")) -> i
                 s.close()
         return port
     raise RuntimeError("no free port pair found")
+
+
+def udp_tcp_port(host: str = "127.0.0.1") -> int:
+    """A port free for both UDP and TCP on ``host`` (coturn listens on both)."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    for _ in range(50):
+        with socket.socket(family, socket.SOCK_DGRAM) as udp:
+            udp.bind((host, 0))
+            port = int(udp.getsockname()[1])
+            with socket.socket(family, socket.SOCK_STREAM) as tcp:
+                try:
+                    tcp.bind((host, port))
+                except OSError:
+                    continue
+                return port
+    raise AssertionError(f"no port free for both UDP and TCP on {host}")

@@ -35,6 +35,7 @@ from p2plab.server.stun_server import StunServer
 from rendezvous_service_code.server import RendezvousServer
 from tests.aio.fake_rendezvous import fake_rendezvous
 from tests.conftest import TIMEOUT_UNIT, require, until
+from tests.stun_fixtures import udp_tcp_port
 
 T = 20 * TIMEOUT_UNIT
 
@@ -238,26 +239,12 @@ async def test_probe_ipv6_against_our_stun_server() -> None:
     assert block["tested"] is False and block["reachable"] is None
 
 
-def _coturn_port() -> int:
-    for _ in range(50):
-        with socket.socket(socket.AF_INET6, socket.SOCK_DGRAM) as udp:
-            udp.bind(("::1", 0))
-            port = int(udp.getsockname()[1])
-            with socket.socket(socket.AF_INET6, socket.SOCK_STREAM) as tcp:
-                try:
-                    tcp.bind(("::1", port))
-                except OSError:
-                    continue
-                return port
-    raise AssertionError("no port free for both UDP and TCP on ::1")
-
-
 async def test_stun_over_ipv6_against_coturn() -> None:
     turnserver = shutil.which("turnserver")
     require(turnserver is not None, "coturn (turnserver)")
     require(_has_loopback6(), "IPv6 on loopback (::1)")
     assert turnserver is not None
-    port = _coturn_port()
+    port = udp_tcp_port("::1")
     with tempfile.TemporaryDirectory(prefix="p2plab-turn6-") as tmp:
         cmd = [
             turnserver, "-n", "--listening-ip", "::1", "--listening-port", str(port),

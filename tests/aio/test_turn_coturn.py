@@ -26,6 +26,7 @@ from p2plab.aio.turn import TurnAllocation, TurnError
 from p2plab.core.signaling import P2PConnectionOffer, parse_rendezvous_message
 from p2plab.core.turn import TurnState
 from p2plab.core.turn_config import TurnServer, parse_turn_url, turn_credentials
+from tests.stun_fixtures import udp_tcp_port
 
 try:
     from tests.conftest import TIMEOUT_UNIT, require
@@ -40,21 +41,6 @@ except ImportError:  # pragma: no cover
 
 SECRET = "coturn-test-secret"
 LIMIT = 10 * TIMEOUT_UNIT
-
-
-def _free_port() -> int:
-    """A port free for both UDP and TCP on 127.0.0.1 (coturn listens on both)."""
-    for _ in range(50):
-        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as udp:
-            udp.bind(("127.0.0.1", 0))
-            port = int(udp.getsockname()[1])
-            with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as tcp:
-                try:
-                    tcp.bind(("127.0.0.1", port))
-                except OSError:
-                    continue
-                return port
-    raise AssertionError("no port free for both UDP and TCP")
 
 
 def _tail(log: Path) -> str:
@@ -72,7 +58,7 @@ async def coturn() -> AsyncIterator[int]:
     turnserver = shutil.which("turnserver")
     require(turnserver is not None, "coturn (turnserver)")
     assert turnserver is not None
-    port = _free_port()
+    port = udp_tcp_port()
     with tempfile.TemporaryDirectory(prefix="p2plab-turn-") as tmp:
         log = Path(tmp) / "turnserver.log"
         cmd = [
